@@ -1,7 +1,15 @@
 //! termtune: fine-tune LLMs from a terminal.
 //!
 //! Module groups:
-//! - `config`: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
+//! - [`config`]: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
 //! - `engine`: candle model, LoRA, adapters, generation, training (never imports the UI).
 //! - `data`: datasets, chat templates, label masking, packing (UI-free).
-//! - `cli`, `logging`, `panic`: the edges.
+//! - [`telemetry`]: GPU (NVML) and system readings.
+//! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod fsutil;
+pub mod logging;
+pub mod panic;
+pub mod telemetry;

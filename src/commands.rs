@@ -1,0 +1,296 @@
+//! What each subcommand does. Output for people goes to stdout (results) and stderr (progress,
+//! problems); the detailed log goes to the log file.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use crate::cli::{ChatArgs, CheckArgs, Cli, Command, ExportArgs, TrainArgs};
+use crate::config::{self, Group, Purpose};
+
+/// Exit status for a preset or argument problem (clap uses 2 for usage errors too).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for a feature this build cannot run yet.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        None => not_yet(
+            "the terminal UI",
+            "use `termtune check PRESET.yaml` to validate a preset meanwhile",
+        ),
+        Some(Command::Check(args)) => check(&args),
+        Some(Command::Env) => {
+            print!("{}", env_report());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Train(args)) => train(&args),
+        Some(Command::Chat(args)) => chat(&args),
+        Some(Command::Export(args)) => export(&args),
+    }
+}
+
+fn not_yet(what: &str, meanwhile: &str) -> ExitCode {
+    eprintln!("termtune: {what} is not available in this version yet; {meanwhile}.");
+    ExitCode::from(EXIT_UNAVAILABLE)
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    match config::load(&args.preset, &args.overrides, Purpose::Train) {
+        Ok(loaded) => {
+            print!(
+                "{}",
+                check_report(&args.preset.display().to_string(), &loaded)
+            );
+            if args.preview.is_some() {
+                eprintln!(
+                    "termtune: --preview needs the dataset pipeline, which is not available in this version yet."
+                );
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// The text `termtune check` prints for a valid preset.
+pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
+    let p = &loaded.preset;
+    let mut out = String::new();
+    let _ = writeln!(out, "{name}: valid\n");
+    let _ = writeln!(
+        out,
+        "# resolved configuration (`# default` marks values not set in the file)"
+    );
+    let rows = config::resolved_entries(p);
+    for group in Group::ALL {
+        let in_group: Vec<_> = rows.iter().filter(|r| r.group == group).collect();
+        if in_group.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "### {}", group.header());
+        for row in in_group {
+            let comment = match (&row.note, row.is_default) {
+                (Some(n), true) => format!("  # {n} (default)"),
+                (Some(n), false) => format!("  # {n}"),
+                (None, true) => "  # default".to_string(),
+                (None, false) => String::new(),
+            };
+            let _ = writeln!(out, "{}: {}{comment}", row.key, row.value);
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "# derived");
+    let _ = writeln!(
+        out,
+        "#   examples per optimizer step: {} (batch {} x accumulation {})",
+        p.examples_per_step(),
+        p.per_device_train_batch_size,
+        p.gradient_accumulation_steps
+    );
+    let _ = writeln!(
+        out,
+        "#   tokens per optimizer step: at most {} (x cutoff_len {})",
+        p.max_tokens_per_step(),
+        p.cutoff_len
+    );
+    if p.finetuning_type == config::FinetuningType::Lora {
+        let _ = writeln!(
+            out,
+            "#   LoRA scale: {:.4} (lora_alpha {} / {}{})",
+            p.lora_scale(),
+            p.lora_alpha_resolved(),
+            if p.use_rslora {
+                "sqrt of lora_rank "
+            } else {
+                "lora_rank "
+            },
+            p.lora_rank
+        );
+    }
+    if !loaded.notes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n# no effect in termtune (accepted for LLaMA-Factory compatibility):"
+        );
+        for note in &loaded.notes {
+            let _ = writeln!(out, "#   {}: {}", note.key, note.reason);
+        }
+    }
+    out
+}
+
+fn load_or_report(
+    preset: &std::path::Path,
+    overrides: &[String],
+    purpose: Purpose,
+) -> Result<config::Loaded, ExitCode> {
+    config::load(preset, overrides, purpose).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn train(args: &TrainArgs) -> ExitCode {
+    if let Err(code) = load_or_report(&args.preset, &args.overrides, Purpose::Train) {
+        return code;
+    }
+    not_yet(
+        "training",
+        "the preset is valid (`termtune check` prints it resolved)",
+    )
+}
+
+fn chat(args: &ChatArgs) -> ExitCode {
+    if let Some(preset) = &args.preset
+        && let Err(code) = load_or_report(preset, &[], Purpose::Chat)
+    {
+        return code;
+    }
+    not_yet("chat", "the model engine is being built")
+}
+
+fn export(args: &ExportArgs) -> ExitCode {
+    if let Err(code) = load_or_report(&args.preset, &args.overrides, Purpose::Export) {
+        return code;
+    }
+    not_yet("export", "the preset is valid")
+}
+
+/// `termtune env`: what this build and machine offer.
+pub fn env_report() -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "termtune {}", env!("CARGO_PKG_VERSION"));
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "nvml") {
+        features.push("nvml");
+    }
+    let _ = writeln!(
+        out,
+        "build features: {}",
+        if features.is_empty() {
+            "none (CPU only)".to_string()
+        } else {
+            features.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "compute devices: cpu{}",
+        if cfg!(feature = "cuda") { ", cuda" } else { "" }
+    );
+    let _ = writeln!(out, "cpu features: {}", cpu_features().join(" "));
+    let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let _ = writeln!(
+        out,
+        "threads: {} for compute (RAYON_NUM_THREADS={}), {} logical CPUs available",
+        rayon::current_num_threads(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+        logical
+    );
+    match crate::telemetry::probe_gpus() {
+        crate::telemetry::GpuProbe::Found { driver, gpus } => {
+            let _ = writeln!(out, "nvml: found (driver {driver}), {} GPU(s)", gpus.len());
+            for g in gpus {
+                let _ = writeln!(
+                    out,
+                    "  gpu {}: {} ({:.1} GiB)",
+                    g.index,
+                    g.name,
+                    bytes_to_gib(g.memory_total_bytes)
+                );
+            }
+        }
+        crate::telemetry::GpuProbe::Unavailable(why) => {
+            let _ = writeln!(out, "nvml: {why}");
+        }
+        crate::telemetry::GpuProbe::NotBuilt => {
+            let _ = writeln!(out, "nvml: not in this build (feature `nvml` off)");
+        }
+    }
+    let _ = writeln!(out, "hf cache: {}", hf_hub_cache().display());
+    let offline = std::env::var("HF_HUB_OFFLINE").unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "hf offline: {}",
+        if matches!(
+            offline.to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        ) {
+            "yes (HF_HUB_OFFLINE)"
+        } else {
+            "no"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "termtune cache: {}",
+        crate::fsutil::cache_dir().display()
+    );
+    let _ = writeln!(
+        out,
+        "log file: {}",
+        crate::logging::log_path().map_or_else(
+            || crate::logging::default_log_path().display().to_string(),
+            |p| p.display().to_string()
+        )
+    );
+    out
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn bytes_to_gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (the layout Python's huggingface_hub uses).
+pub fn hf_hub_cache() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
+        return std::path::PathBuf::from(p).join("hub");
+    }
+    crate::fsutil::home_dir()
+        .join(".cache")
+        .join("huggingface")
+        .join("hub")
+}
+
+fn cpu_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($name:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($name) { f.push($name); }
+            )*};
+        }
+        detect!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512bf16"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        f.push("neon");
+    }
+    if f.is_empty() {
+        f.push("(none detected)");
+    }
+    f
+}
