@@ -13,3 +13,4 @@ pub mod fsutil;
 pub mod logging;
 pub mod panic;
 pub mod telemetry;
+pub mod trainer;
