@@ -1,4 +1,6 @@
 //! The training side that does not depend on a particular model: schedules, the optimizer,
-//! and (as they land) the loop, the run folder and checkpoints.
+//! the run folder's logs and checkpoints (and, as they land, the loop itself).
+pub mod checkpoint;
 pub mod optim;
+pub mod runlog;
 pub mod schedule;
