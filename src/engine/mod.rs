@@ -3,10 +3,13 @@
 //!
 //! Keep this file to module declarations and re-exports (several helpers add modules here).
 
+pub mod adapter;
 pub mod arch;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod testing;
 pub mod weights;
 
 pub use arch::{ArchKind, ModelConfig};

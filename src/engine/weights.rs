@@ -193,3 +193,97 @@ pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Model
         dir: dir.to_path_buf(),
     })
 }
+
+/// A tensor flattened to little-endian bytes for the `safetensors` writer.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn raw(t: &Tensor) -> Result<RawTensor> {
+    let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
+    let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+        DType::F32 => (
+            safetensors::Dtype::F32,
+            flat.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F64 => (
+            safetensors::Dtype::F64,
+            flat.to_vec1::<f64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            safetensors::Dtype::BF16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            safetensors::Dtype::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::U32 => (
+            safetensors::Dtype::U32,
+            flat.to_vec1::<u32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::I64 => (
+            safetensors::Dtype::I64,
+            flat.to_vec1::<i64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        other => {
+            return Err(EngineError::Invalid(format!(
+                "cannot save a {other:?} tensor to safetensors"
+            )));
+        }
+    };
+    Ok(RawTensor {
+        dtype,
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+/// Write tensors to a safetensors file with metadata `{"format": "pt"}` (what PyTorch/PEFT write and expect).
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut items: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        items.push((k.clone(), raw(t)?));
+    }
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(items, Some(meta), path).map_err(|e| EngineError::File {
+        path: path.to_path_buf(),
+        why: format!("cannot write safetensors: {e}"),
+    })
+}
