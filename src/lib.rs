@@ -2,13 +2,15 @@
 //!
 //! Module groups:
 //! - [`config`]: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
-//! - `engine`: candle model, LoRA, adapters, generation, training (never imports the UI).
+//! - [`engine`]: candle model, LoRA, adapters, model sources, generation (never imports the UI).
 //! - `data`: datasets, chat templates, label masking, packing (UI-free).
+//! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod engine;
 pub mod fsutil;
 pub mod logging;
 pub mod panic;

@@ -1,0 +1,443 @@
+//! PEFT LoRA adapter files: `adapter_config.json` + `adapter_model.safetensors`, read and written exactly as
+//! HF PEFT does, plus merging adapters into the base (`adapter_name_or_path: a,b` stacking).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::{EngineError, Result};
+use super::model::{LoraPair, LoraSpec, LoraTargets, Model, lora_scale};
+use super::weights::{read_json, save_safetensors};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+/// `adapter_config.json` as PEFT 0.18/0.19 writes it for LoRA (LLAMAFACTORY_NOTES §3). Unknown keys in files
+/// written by newer PEFT versions are ignored on read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// A list of leaf names, or a regex string (PEFT allows both).
+    pub target_modules: Value,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "default_true")]
+    pub inference_mode: bool,
+    #[serde(default = "default_init")]
+    pub init_lora_weights: Value,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub layers_to_transform: Value,
+    #[serde(default)]
+    pub layers_pattern: Value,
+    #[serde(default)]
+    pub exclude_modules: Value,
+    #[serde(default)]
+    pub lora_bias: bool,
+    #[serde(default = "empty_object")]
+    pub loftq_config: Value,
+    #[serde(default)]
+    pub megatron_config: Value,
+    #[serde(default = "default_megatron_core")]
+    pub megatron_core: Value,
+    #[serde(default)]
+    pub layer_replication: Value,
+    #[serde(default)]
+    pub eva_config: Value,
+    #[serde(default)]
+    pub corda_config: Value,
+    #[serde(default)]
+    pub lora_ga_config: Value,
+    #[serde(default)]
+    pub trainable_token_indices: Value,
+    #[serde(default)]
+    pub target_parameters: Value,
+    #[serde(default)]
+    pub use_qalora: bool,
+    #[serde(default = "default_qalora_group")]
+    pub qalora_group_size: usize,
+    #[serde(default)]
+    pub peft_version: Option<String>,
+    #[serde(default)]
+    pub auto_mapping: Value,
+}
+
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_init() -> Value {
+    Value::Bool(true)
+}
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+fn default_megatron_core() -> Value {
+    Value::String("megatron.core".into())
+}
+fn default_qalora_group() -> usize {
+    16
+}
+
+impl AdapterConfig {
+    /// The config PEFT writes for `spec` on `base_model_name_or_path`.
+    pub fn for_spec(spec: &LoraSpec, base_model_name_or_path: &str) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: Some(base_model_name_or_path.into()),
+            revision: None,
+            r: spec.r,
+            lora_alpha: spec.alpha,
+            lora_dropout: f64::from(spec.dropout),
+            target_modules: Value::Array(
+                spec.targets
+                    .leaves()
+                    .into_iter()
+                    .map(Value::String)
+                    .collect(),
+            ),
+            modules_to_save: None,
+            bias: "none".into(),
+            fan_in_fan_out: false,
+            inference_mode: true,
+            init_lora_weights: Value::Bool(true),
+            use_rslora: spec.use_rslora,
+            use_dora: false,
+            rank_pattern: serde_json::Map::new(),
+            alpha_pattern: serde_json::Map::new(),
+            layers_to_transform: Value::Null,
+            layers_pattern: Value::Null,
+            exclude_modules: Value::Null,
+            lora_bias: false,
+            loftq_config: empty_object(),
+            megatron_config: Value::Null,
+            megatron_core: default_megatron_core(),
+            layer_replication: Value::Null,
+            eva_config: Value::Null,
+            corda_config: Value::Null,
+            lora_ga_config: Value::Null,
+            trainable_token_indices: Value::Null,
+            target_parameters: Value::Null,
+            use_qalora: false,
+            qalora_group_size: 16,
+            peft_version: Some("0.17.1".into()),
+            auto_mapping: Value::Null,
+        }
+    }
+
+    /// Scale for a module given its rank (PEFT: alpha/r, or alpha/√r with rsLoRA).
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.lora_alpha, self.r, self.use_rslora)
+    }
+
+    /// Target leaf names when `target_modules` is a list.
+    pub fn target_leaves(&self) -> Option<Vec<String>> {
+        self.target_modules.as_array().map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+    }
+}
+
+/// An adapter read from disk: its config and `(A, B)` per HF module path (`model.layers.0.self_attn.q_proj`).
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    pub pairs: HashMap<String, (Tensor, Tensor)>,
+}
+
+fn adapter_err(dir: &Path, why: impl Into<String>) -> EngineError {
+    EngineError::Adapter {
+        path: dir.to_path_buf(),
+        why: why.into(),
+    }
+}
+
+/// Read a PEFT adapter folder (tensors onto `device`, kept in their stored dtype).
+pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    if !cfg_path.exists() {
+        return Err(adapter_err(
+            dir,
+            format!("missing {CONFIG_FILE}; is this a PEFT LoRA adapter folder?"),
+        ));
+    }
+    let config: AdapterConfig =
+        serde_json::from_value(read_json(&cfg_path)?).map_err(|e| EngineError::Json {
+            context: cfg_path.display().to_string(),
+            source: e,
+        })?;
+    if config.peft_type != "LORA" {
+        return Err(adapter_err(
+            dir,
+            format!(
+                "`peft_type` {:?} is not supported; only LORA",
+                config.peft_type
+            ),
+        ));
+    }
+    if config.use_dora {
+        return Err(adapter_err(
+            dir,
+            "`use_dora: true` adapters are not supported yet",
+        ));
+    }
+    if !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
+        return Err(adapter_err(
+            dir,
+            "`rank_pattern`/`alpha_pattern` are not supported yet",
+        ));
+    }
+    if config
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(adapter_err(
+            dir,
+            "`modules_to_save` (full-weight extra modules) is not supported yet",
+        ));
+    }
+    let w_path = dir.join(WEIGHTS_FILE);
+    if !w_path.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            return Err(EngineError::PickleRefused {
+                path: dir.join("adapter_model.bin"),
+            });
+        }
+        return Err(adapter_err(dir, format!("missing {WEIGHTS_FILE}")));
+    }
+    let tensors = candle_core::safetensors::load(&w_path, device)
+        .map_err(|e| adapter_err(dir, format!("cannot read {WEIGHTS_FILE}: {e}")))?;
+    let mut a_map = HashMap::new();
+    let mut b_map = HashMap::new();
+    for (name, t) in tensors {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return Err(adapter_err(
+                dir,
+                format!("tensor `{name}` does not start with `{PREFIX}`"),
+            ));
+        };
+        // PEFT strips the adapter name on save; accept `.default.` too (written by some older tools).
+        let rest = rest
+            .replace(".lora_A.default.weight", ".lora_A.weight")
+            .replace(".lora_B.default.weight", ".lora_B.weight");
+        if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            a_map.insert(m.to_string(), t);
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            b_map.insert(m.to_string(), t);
+        } else {
+            return Err(adapter_err(
+                dir,
+                format!("tensor `{name}` is not a lora_A/lora_B weight"),
+            ));
+        }
+    }
+    let mut pairs = HashMap::new();
+    for (m, a) in a_map {
+        let b = b_map
+            .remove(&m)
+            .ok_or_else(|| adapter_err(dir, format!("`{m}` has lora_A but no lora_B")))?;
+        pairs.insert(m, (a, b));
+    }
+    if let Some(m) = b_map.keys().next() {
+        return Err(adapter_err(dir, format!("`{m}` has lora_B but no lora_A")));
+    }
+    Ok(Adapter {
+        dir: dir.to_path_buf(),
+        config,
+        pairs,
+    })
+}
+
+impl Adapter {
+    /// Check every pair against the model's linear shapes.
+    fn check(&self, model: &mut Model) -> Result<()> {
+        for (m, (a, b)) in &self.pairs {
+            let lin = model.linear_mut(m).ok_or_else(|| {
+                adapter_err(
+                    &self.dir,
+                    format!("module `{m}` does not exist in the base model"),
+                )
+            })?;
+            let (out, inp) = lin.weight.tensor().dims2()?;
+            let (ra, ia) = a.dims2()?;
+            let (ob, rb) = b.dims2()?;
+            if ia != inp || ob != out || ra != rb {
+                return Err(adapter_err(
+                    &self.dir,
+                    format!(
+                        "`{m}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] weight; adapter for another base?",
+                        a.dims(),
+                        b.dims()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Save the model's trainable LoRA as a PEFT adapter folder (created if needed). LoRA tensors are written in
+/// f32 (as LLaMA-Factory does, trainable params are upcast).
+pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
+    let spec = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid("the model has no trainable LoRA to save".into()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+    let mut tensors = HashMap::new();
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            tensors.insert(
+                format!("{PREFIX}{}.lora_A.weight", lin.name),
+                l.a.as_detached_tensor().to_dtype(DType::F32)?,
+            );
+            tensors.insert(
+                format!("{PREFIX}{}.lora_B.weight", lin.name),
+                l.b.as_detached_tensor().to_dtype(DType::F32)?,
+            );
+        }
+    }
+    save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    let cfg = AdapterConfig::for_spec(spec, base_model_name_or_path);
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| EngineError::Json {
+        context: CONFIG_FILE.into(),
+        source: e,
+    })?;
+    std::fs::write(dir.join(CONFIG_FILE), text + "\n")
+        .map_err(|e| EngineError::io(format!("writing {}", dir.join(CONFIG_FILE).display()), e))
+}
+
+/// Merge an adapter into the frozen base weights: `W ← W + s·B·A` (in f32, stored back in the model dtype).
+pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
+    let dev = model.device.clone();
+    let ad = read_adapter(dir, &dev)?;
+    ad.check(model)?;
+    let scale = ad.config.scale();
+    for (m, (a, b)) in &ad.pairs {
+        let lin = model
+            .linear_mut(m)
+            .ok_or_else(|| adapter_err(dir, format!("module `{m}` missing")))?;
+        let w = lin.weight.detached();
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        match &lin.weight {
+            super::model::Weight::Frozen(_) => lin.weight = super::model::Weight::Frozen(merged),
+            super::model::Weight::Trainable(v) => v.set(&merged)?,
+        }
+    }
+    Ok(())
+}
+
+/// Load an adapter as the model's trainable LoRA (resume training), replacing fresh init. The model must not
+/// already carry a LoRA.
+pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
+    let dev = model.device.clone();
+    let ad = read_adapter(dir, &dev)?;
+    ad.check(model)?;
+    let leaves = ad.config.target_leaves().ok_or_else(|| {
+        adapter_err(
+            dir,
+            "`target_modules` is a regex; only a list of leaf names can be resumed",
+        )
+    })?;
+    let targets = LoraTargets::parse(&leaves.join(","))?;
+    let spec = LoraSpec {
+        r: ad.config.r,
+        alpha: ad.config.lora_alpha,
+        dropout: ad.config.lora_dropout as f32,
+        targets,
+        use_rslora: ad.config.use_rslora,
+        seed: 0,
+    };
+    if model.lora.is_some() {
+        return Err(EngineError::Invalid(
+            "the model already has a trainable LoRA".into(),
+        ));
+    }
+    let dt = model.lora_dtype();
+    let scale = spec.scale();
+    let mut made = Vec::new();
+    for (m, (a, b)) in &ad.pairs {
+        let av = Var::from_tensor(&a.to_dtype(dt)?)?;
+        let bv = Var::from_tensor(&b.to_dtype(dt)?)?;
+        if let Some(lin) = model.linear_mut(m) {
+            lin.lora = Some(LoraPair {
+                a: av.clone(),
+                b: bv.clone(),
+                scale,
+                dropout: spec.dropout,
+            });
+        }
+        made.push((m.clone(), av, bv));
+    }
+    {
+        let mut data = model
+            .lora_vars
+            .data()
+            .lock()
+            .map_err(|_| EngineError::Invalid("lora varmap poisoned".into()))?;
+        for (m, av, bv) in made {
+            data.insert(format!("{PREFIX}{m}.lora_A.weight"), av);
+            data.insert(format!("{PREFIX}{m}.lora_B.weight"), bv);
+        }
+    }
+    model.lora = Some(spec);
+    Ok(())
+}
+
+/// Split LLaMA-Factory's `adapter_name_or_path` (`a,b,c`) into folders.
+pub fn parse_adapter_list(s: &str) -> Vec<PathBuf> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Inference: merge every adapter of the list into the base, in order (as LLaMA-Factory does).
+pub fn merge_adapters(model: &mut Model, dirs: &[PathBuf]) -> Result<()> {
+    for d in dirs {
+        merge_adapter(model, d)?;
+    }
+    Ok(())
+}
+
+/// Training: merge all but the last adapter, resume the last one as the trainable LoRA
+/// (LLaMA-Factory without `create_new_adapter`).
+pub fn load_adapters_for_training(model: &mut Model, dirs: &[PathBuf]) -> Result<()> {
+    if let Some((last, rest)) = dirs.split_last() {
+        merge_adapters(model, rest)?;
+        load_adapter_trainable(model, last)?;
+    }
+    Ok(())
+}

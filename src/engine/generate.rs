@@ -1,0 +1,230 @@
+//! Text generation with a KV cache: greedy or sampled, streamed token by token, cancellable.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokenizers::Tokenizer;
+
+use super::error::{EngineError, Result};
+use super::model::{KvCache, Model};
+
+/// Sampling settings (LLaMA-Factory / transformers names and meanings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    /// ≤ 0 → greedy.
+    pub temperature: f64,
+    /// None or ≥ 1 → disabled.
+    pub top_p: Option<f64>,
+    /// None or 0 → disabled.
+    pub top_k: Option<usize>,
+    /// 1.0 → disabled (applied over prompt + generated tokens, as transformers does).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 512,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: 1.0,
+            seed: 42,
+        }
+    }
+}
+
+impl GenerationParams {
+    fn sampling(&self) -> Sampling {
+        if self.temperature <= 0.0 {
+            return Sampling::ArgMax;
+        }
+        let temperature = self.temperature;
+        let p = self.top_p.filter(|p| *p < 1.0);
+        let k = self.top_k.filter(|k| *k > 0);
+        match (k, p) {
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+            (Some(k), None) => Sampling::TopK { k, temperature },
+            (None, Some(p)) => Sampling::TopP { p, temperature },
+            (None, None) => Sampling::All { temperature },
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop id was produced (not included in the output).
+    Stop(u32),
+    MaxTokens,
+    Cancelled,
+}
+
+/// Generate after `prompt_ids`. `on_token` sees each new id (stop ids excluded) and may break to cancel;
+/// `cancel` is polled between tokens. Returns the new ids and why it stopped.
+pub fn generate(
+    model: &Model,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, StopReason)> {
+    if prompt_ids.is_empty() {
+        return Err(EngineError::Invalid(
+            "generation needs a non-empty prompt".into(),
+        ));
+    }
+    let mut lp = LogitsProcessor::from_sampling(params.seed, params.sampling());
+    let mut cache = KvCache::new(model.layers.len());
+    let mut context: Vec<u32> = prompt_ids.to_vec();
+    let mut out = Vec::new();
+    let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
+    for _ in 0..params.max_new_tokens {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Ok((out, StopReason::Cancelled));
+        }
+        let logits = model.forward_cached(&input, &mut cache, true)?;
+        let mut logits = Model::last_logits(&logits)?.to_dtype(DType::F32)?;
+        if params.repetition_penalty != 1.0 {
+            logits = candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                params.repetition_penalty,
+                &context,
+            )?;
+        }
+        let next = lp.sample(&logits)?;
+        if stop_ids.contains(&next) {
+            return Ok((out, StopReason::Stop(next)));
+        }
+        out.push(next);
+        context.push(next);
+        if on_token(next).is_break() {
+            return Ok((out, StopReason::Cancelled));
+        }
+        input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
+    }
+    Ok((out, StopReason::MaxTokens))
+}
+
+/// Incremental detokeniser: emits text only once it is complete UTF-8 (a multi-byte character split across
+/// byte-level tokens is held back until its last byte arrives). Same offsets scheme as TGI/candle examples.
+pub struct TextStreamer<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl<'a> TextStreamer<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// Add a token; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.tokens.push(id);
+        let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.tokens[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.tokens.len();
+            Ok(Some(delta))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back (e.g. an incomplete character at the end), decoded lossily.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.tokens.len();
+        self.read_offset = self.tokens.len();
+        Ok(full
+            .strip_prefix(prefix.as_str())
+            .filter(|d| !d.is_empty())
+            .map(String::from))
+    }
+}
+
+/// The answer to an already-rendered prompt (what `termtune chat --prompt` prints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatAnswer {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+}
+
+/// Encode a rendered prompt (the chat template already applied, so no extra special tokens are added), generate,
+/// and stream text pieces to `on_text` (return `Break` to stop).
+pub fn chat_completion(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    rendered_prompt: &str,
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<ChatAnswer> {
+    let enc = tokenizer
+        .encode(rendered_prompt, false)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids().to_vec();
+    let mut streamer = TextStreamer::new(tokenizer);
+    let mut text = String::new();
+    let mut err: Option<EngineError> = None;
+    let (tokens, stop) = generate(model, &ids, params, stop_ids, cancel, |id| {
+        match streamer.push(id) {
+            Ok(Some(piece)) => {
+                text.push_str(&piece);
+                on_text(&piece)
+            }
+            Ok(None) => ControlFlow::Continue(()),
+            Err(e) => {
+                err = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if let Some(rest) = streamer.finish()? {
+        text.push_str(&rest);
+        let _ = on_text(&rest);
+    }
+    Ok(ChatAnswer { text, tokens, stop })
+}
+
+/// Stop ids from config.json `eos_token_id` plus `generation_config.json` `eos_token_id`, plus `extra`.
+pub fn stop_ids(model: &Model, generation_config: &serde_json::Value, extra: &[u32]) -> Vec<u32> {
+    let mut ids = model.cfg.eos_token_ids.clone();
+    match generation_config.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => {
+            ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+        }
+        Some(v) => ids.extend(v.as_u64().map(|v| v as u32)),
+        None => {}
+    }
+    ids.extend_from_slice(extra);
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -1,0 +1,18 @@
+//! The engine: a trainable llama-family transformer on candle, LoRA/freeze/full fine-tuning parameters,
+//! PEFT adapter files, and generation. Never imports the UI.
+//!
+//! Keep this file to module declarations and re-exports (several helpers add modules here).
+
+pub mod adapter;
+pub mod arch;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod ops;
+pub mod testing;
+pub mod weights;
+
+pub use arch::{ArchKind, ModelConfig};
+pub use error::EngineError;
+pub use model::{AttnMask, Finetune, KvCache, LoraSpec, LoraTargets, Model};
+pub use weights::ModelFiles;

@@ -1,0 +1,1043 @@
+//! The trainable llama-family decoder (llama, mistral, qwen2, qwen3) with LoRA / freeze / full fine-tuning.
+//!
+//! Two forward paths share the same weights:
+//! - [`Model::forward_hidden`] / [`Model::forward_loss`]: every op has a backward; frozen base linears go through
+//!   [`ops::FrozenLinear`] (dX only); supports causal, padding and packed (block-diagonal) masks.
+//! - [`Model::forward_cached`]: inference with a KV cache, fused candle kernels, detached LoRA weights.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::arch::ModelConfig;
+use super::error::{EngineError, Result};
+use super::ops;
+
+/// Leaf names of the linear layers inside a decoder layer (LoRA targets for `all`).
+pub const LINEAR_LEAVES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which modules get LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraTargets {
+    /// Every linear layer except lm_head (LLaMA-Factory `lora_target: all`).
+    All,
+    /// Leaf names, e.g. `q_proj`, `v_proj`.
+    Names(Vec<String>),
+}
+
+impl LoraTargets {
+    /// Parse LLaMA-Factory's `lora_target` (`all` or a comma list of leaf names).
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s == "all" {
+            return Ok(Self::All);
+        }
+        let mut names = Vec::new();
+        for n in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !LINEAR_LEAVES.contains(&n) {
+                return Err(EngineError::UnknownLoraTarget(n.to_string()));
+            }
+            if !names.iter().any(|x: &String| x == n) {
+                names.push(n.to_string());
+            }
+        }
+        if names.is_empty() {
+            return Err(EngineError::UnknownLoraTarget(String::new()));
+        }
+        Ok(Self::Names(names))
+    }
+
+    pub fn contains(&self, leaf: &str) -> bool {
+        match self {
+            Self::All => LINEAR_LEAVES.contains(&leaf),
+            Self::Names(n) => n.iter().any(|x| x == leaf),
+        }
+    }
+
+    /// The leaf names, in a stable order (for `target_modules`).
+    pub fn leaves(&self) -> Vec<String> {
+        LINEAR_LEAVES
+            .iter()
+            .filter(|l| self.contains(l))
+            .map(|l| (*l).to_string())
+            .collect()
+    }
+}
+
+/// LoRA hyper-parameters (PEFT semantics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: LoraTargets,
+    pub use_rslora: bool,
+    /// Seed for the kaiming-uniform init of A.
+    pub seed: u64,
+}
+
+impl LoraSpec {
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.alpha, self.r, self.use_rslora)
+    }
+}
+
+pub(crate) fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// What is trainable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finetune {
+    /// Nothing trainable (inference).
+    Frozen,
+    Lora(LoraSpec),
+    /// LLaMA-Factory `freeze`: the last n decoder layers are trainable (n < 0: the first |n|).
+    Freeze {
+        trainable_layers: i64,
+    },
+    Full,
+}
+
+/// Attention layout of a batch.
+#[derive(Debug, Clone)]
+pub enum AttnMask {
+    /// Plain causal attention, positions 0..t.
+    Causal,
+    /// Causal + key padding. `attention_mask` (b, t) integer, 1 = token, 0 = padding. Positions 0..t.
+    Padding { attention_mask: Tensor },
+    /// Neat packing: `seq_ids` (b, t) integer, ≥1 names the example a token belongs to, 0 = padding;
+    /// attention is causal and block-diagonal (never across examples). `position_ids` (b, t) restart per example.
+    Packed {
+        seq_ids: Tensor,
+        position_ids: Tensor,
+    },
+}
+
+/// A parameter: frozen plain tensor or trainable Var.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Frozen(Tensor),
+    Trainable(Var),
+}
+
+impl Weight {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Frozen(t) => t,
+            Self::Trainable(v) => v.as_tensor(),
+        }
+    }
+    /// The current value without autograd tracking.
+    pub fn detached(&self) -> Tensor {
+        match self {
+            Self::Frozen(t) => t.clone(),
+            Self::Trainable(v) => v.as_detached_tensor(),
+        }
+    }
+}
+
+/// A LoRA pair on one linear (A: (r, in), B: (out, r)), f32 (f64 when the model is f64).
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A linear layer with optional bias and LoRA.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub weight: Weight,
+    pub bias: Option<Weight>,
+    pub lora: Option<LoraPair>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = match &self.weight {
+            Weight::Frozen(w) => ops::frozen_linear(x, w)?,
+            Weight::Trainable(v) => {
+                let w = if train {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_detached_tensor()
+                };
+                ops::linear(x, &w)?
+            }
+        };
+        if let Some(b) = &self.bias {
+            let b = if train {
+                b.tensor().clone()
+            } else {
+                b.detached()
+            };
+            y = y.broadcast_add(&b)?;
+        }
+        if let Some(l) = &self.lora {
+            let (a, b) = if train {
+                (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+            } else {
+                (l.a.as_detached_tensor(), l.b.as_detached_tensor())
+            };
+            let mut xl = x.to_dtype(a.dtype())?;
+            if train && l.dropout > 0.0 {
+                xl = candle_nn::ops::dropout(&xl, l.dropout)?;
+            }
+            let d = (ops::linear(&ops::linear(&xl, &a)?, &b)? * l.scale)?;
+            let d = d.to_dtype(y.dtype())?;
+            y = (y + d)?;
+        }
+        Ok(y)
+    }
+
+    /// `W0 + s·B·A` (dtype of W0), or W0 when there is no LoRA.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.detached();
+        match &self.lora {
+            None => Ok(w),
+            Some(l) => {
+                let delta =
+                    (l.b.as_detached_tensor().matmul(&l.a.as_detached_tensor())? * l.scale)?;
+                Ok((w.to_dtype(delta.dtype())? + delta)?.to_dtype(w.dtype())?)
+            }
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub input_norm: Weight,
+    pub post_norm: Weight,
+    pub q_norm: Option<Weight>,
+    pub k_norm: Option<Weight>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Layer {
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+/// Which kernels the training path uses (fused CPU kernels with their own backward, or pure candle ops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fused CPU kernels (f32/f64 on CPU); pure ops elsewhere.
+    Fused,
+    /// Pure candle ops everywhere (reference).
+    Pure,
+}
+
+/// Per-layer KV cache for [`Model::forward_cached`].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens already in the cache.
+    pub seq_len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            kv: vec![None; num_layers],
+            seq_len: 0,
+        }
+    }
+    pub fn reset(&mut self) {
+        self.kv.iter_mut().for_each(|x| *x = None);
+        self.seq_len = 0;
+    }
+}
+
+/// The model. Base weights are plain tensors unless trainable (freeze/full); LoRA lives in `lora_vars`.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub device: Device,
+    pub dtype: DType,
+    pub embed: Weight,
+    pub layers: Vec<Layer>,
+    pub norm: Weight,
+    /// None when the embeddings are tied.
+    pub lm_head: Option<Linear>,
+    /// The active (trainable) LoRA, if any.
+    pub lora: Option<LoraSpec>,
+    /// LoRA Vars by PEFT tensor name (f32).
+    pub lora_vars: VarMap,
+    /// Kernels of the training path.
+    pub kernels: Kernels,
+    inv_freq: Tensor,
+    trainable: Vec<(String, Var)>,
+}
+
+struct Loader<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        if t.dims() != shape {
+            return Err(EngineError::TensorShape {
+                name: name.to_string(),
+                found: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t.to_device(self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// kaiming_uniform_(a=√5) on a (r, in) weight as PEFT does for lora_A: U(-1/√in, 1/√in).
+fn kaiming_a(
+    rng: &mut StdRng,
+    r: usize,
+    fan_in: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let data: Vec<f64> = (0..r * fan_in)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    Ok(Tensor::from_vec(data, (r, fan_in), device)?.to_dtype(dtype)?)
+}
+
+impl Model {
+    /// Build from a parsed HF config and HF-named tensors (from a safetensors folder or a GGUF file).
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        finetune: &Finetune,
+    ) -> Result<Self> {
+        let ld = Loader {
+            tensors,
+            dtype,
+            device,
+        };
+        let (h, hd, nh, nkv, ff) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.intermediate_size,
+        );
+        let nl = cfg.num_layers;
+        let trainable_layer = |i: usize| -> bool {
+            match finetune {
+                Finetune::Full => true,
+                Finetune::Freeze {
+                    trainable_layers: n,
+                } => {
+                    let n = *n;
+                    if n >= 0 {
+                        i + (n as usize).min(nl) >= nl
+                    } else {
+                        i < n.unsigned_abs() as usize
+                    }
+                }
+                _ => false,
+            }
+        };
+        let mut trainable: Vec<(String, Var)> = Vec::new();
+        let mut weight = |name: &str, shape: &[usize], train: bool| -> Result<Weight> {
+            let t = ld.get(name, shape)?;
+            if train {
+                let v = Var::from_tensor(&t)?;
+                trainable.push((name.to_string(), v.clone()));
+                Ok(Weight::Trainable(v))
+            } else {
+                Ok(Weight::Frozen(t))
+            }
+        };
+        let full = matches!(finetune, Finetune::Full);
+        let embed = weight("model.embed_tokens.weight", &[cfg.vocab_size, h], full)?;
+        let mut layers = Vec::with_capacity(nl);
+        for i in 0..nl {
+            let tr = trainable_layer(i);
+            let p = format!("model.layers.{i}");
+            let mut lin =
+                |leaf: &str, sub: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                    let name = format!("{p}.{sub}.{leaf}");
+                    let w = weight(&format!("{name}.weight"), &[out, inp], tr)?;
+                    let b = if bias {
+                        Some(weight(&format!("{name}.bias"), &[out], tr)?)
+                    } else {
+                        None
+                    };
+                    Ok(Linear {
+                        name,
+                        weight: w,
+                        bias: b,
+                        lora: None,
+                    })
+                };
+            let q = lin("q_proj", "self_attn", nh * hd, h, cfg.qkv_bias)?;
+            let k = lin("k_proj", "self_attn", nkv * hd, h, cfg.qkv_bias)?;
+            let v = lin("v_proj", "self_attn", nkv * hd, h, cfg.qkv_bias)?;
+            let o = lin("o_proj", "self_attn", h, nh * hd, cfg.o_bias)?;
+            let gate = lin("gate_proj", "mlp", ff, h, cfg.mlp_bias)?;
+            let up = lin("up_proj", "mlp", ff, h, cfg.mlp_bias)?;
+            let down = lin("down_proj", "mlp", h, ff, cfg.mlp_bias)?;
+            let input_norm = weight(&format!("{p}.input_layernorm.weight"), &[h], tr)?;
+            let post_norm = weight(&format!("{p}.post_attention_layernorm.weight"), &[h], tr)?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(weight(&format!("{p}.self_attn.q_norm.weight"), &[hd], tr)?),
+                    Some(weight(&format!("{p}.self_attn.k_norm.weight"), &[hd], tr)?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                input_norm,
+                post_norm,
+                q_norm,
+                k_norm,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = weight("model.norm.weight", &[h], full)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let w = weight("lm_head.weight", &[cfg.vocab_size, h], full)?;
+            Some(Linear {
+                name: "lm_head".into(),
+                weight: w,
+                bias: None,
+                lora: None,
+            })
+        };
+        let inv_freq: Vec<f32> = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        let inv_freq = Tensor::new(inv_freq, device)?;
+        let mut model = Self {
+            cfg,
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            lora: None,
+            lora_vars: VarMap::new(),
+            kernels: Kernels::Fused,
+            inv_freq,
+            trainable,
+        };
+        if let Finetune::Lora(spec) = finetune {
+            model.add_lora(spec)?;
+        }
+        Ok(model)
+    }
+
+    /// Build from a loaded folder ([`super::weights::ModelFiles`]).
+    pub fn from_files(
+        files: &super::weights::ModelFiles,
+        dtype: DType,
+        device: &Device,
+        finetune: &Finetune,
+    ) -> Result<Self> {
+        let cfg = ModelConfig::from_hf_config(&files.config)?;
+        Self::from_tensors(cfg, &files.tensors, dtype, device, finetune)
+    }
+
+    /// dtype of LoRA parameters: f32, or f64 when the model itself is f64 (gradient checks).
+    pub fn lora_dtype(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Attach fresh LoRA pairs (A kaiming-uniform from `spec.seed`, B zero) to the target modules.
+    pub fn add_lora(&mut self, spec: &LoraSpec) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(EngineError::Invalid(
+                "a trainable LoRA is already attached; merge it first".into(),
+            ));
+        }
+        if spec.r == 0 {
+            return Err(EngineError::Invalid("`lora_rank` must be > 0".into()));
+        }
+        let mut rng = StdRng::seed_from_u64(spec.seed);
+        let (dt, dev, scale) = (self.lora_dtype(), self.device.clone(), spec.scale());
+        let mut data = self
+            .lora_vars
+            .data()
+            .lock()
+            .map_err(|_| EngineError::Invalid("lora varmap poisoned".into()))?;
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                let leaf = lin.name.rsplit('.').next().unwrap_or_default();
+                if !spec.targets.contains(leaf) {
+                    continue;
+                }
+                let (out, inp) = lin.weight.tensor().dims2()?;
+                let a = Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?;
+                let b = Var::zeros((out, spec.r), dt, &dev)?;
+                data.insert(
+                    format!("base_model.model.{}.lora_A.weight", lin.name),
+                    a.clone(),
+                );
+                data.insert(
+                    format!("base_model.model.{}.lora_B.weight", lin.name),
+                    b.clone(),
+                );
+                lin.lora = Some(LoraPair {
+                    a,
+                    b,
+                    scale,
+                    dropout: spec.dropout,
+                });
+            }
+        }
+        drop(data);
+        self.lora = Some(spec.clone());
+        Ok(())
+    }
+
+    /// Trainable parameters with their names: PEFT names for LoRA (sorted), HF names for freeze/full.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out = self.trainable.clone();
+        if let Ok(d) = self.lora_vars.data().lock() {
+            let mut l: Vec<(String, Var)> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            l.sort_by(|a, b| a.0.cmp(&b.0));
+            out.extend(l);
+        }
+        out
+    }
+
+    /// Number of trainable and total parameters.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let tr: usize = self
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let mut total = self.embed.tensor().elem_count() + self.norm.tensor().elem_count();
+        if let Some(l) = &self.lm_head {
+            total += l.weight.tensor().elem_count();
+        }
+        for l in &self.layers {
+            total += l.input_norm.tensor().elem_count() + l.post_norm.tensor().elem_count();
+            for lin in l.linears() {
+                total += lin.weight.tensor().elem_count()
+                    + lin.bias.as_ref().map_or(0, |b| b.tensor().elem_count());
+            }
+        }
+        let lora_only: usize = self
+            .lora_vars
+            .data()
+            .lock()
+            .map(|d| d.values().map(|v| v.elem_count()).sum())
+            .unwrap_or(0);
+        (tr, total + lora_only)
+    }
+
+    fn fused(&self, dtype: DType) -> bool {
+        self.kernels == Kernels::Fused
+            && self.device.is_cpu()
+            && matches!(dtype, DType::F32 | DType::F64)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
+        let w = if train {
+            w.tensor().clone()
+        } else {
+            w.detached()
+        };
+        if self.fused(x.dtype()) {
+            Ok(ops::fused::rms_norm(x, &w, self.cfg.rms_norm_eps)?)
+        } else {
+            Ok(ops::rms_norm_pure(x, &w, self.cfg.rms_norm_eps)?)
+        }
+    }
+
+    /// cos/sin tables for positions (b, t) → (b, 1, t, d/2) in `dtype`.
+    fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let half = self.inv_freq.dim(0)?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        let ang = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let cos = ang.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
+        let sin = ang.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
+        Ok((cos, sin))
+    }
+
+    /// Additive attention bias (b, 1, t, t) in `dtype`: 0 where allowed, a large negative elsewhere.
+    /// Allowed: key ≤ query, same example (seq id), key not padding; a query always sees itself (no empty rows).
+    fn mask_bias(&self, b: usize, t: usize, seq: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+        let seq: Option<Vec<Vec<u32>>> = match seq {
+            Some(s) => Some(s.to_dtype(DType::U32)?.to_vec2::<u32>()?),
+            None => None,
+        };
+        let neg = -1e9f32;
+        let bb = if seq.is_some() { b } else { 1 };
+        let mut v = vec![0f32; bb * t * t];
+        for bi in 0..bb {
+            for q in 0..t {
+                for k in 0..t {
+                    let allowed = k == q
+                        || (k < q
+                            && match &seq {
+                                None => true,
+                                Some(s) => s[bi][k] != 0 && s[bi][k] == s[bi][q],
+                            });
+                    if !allowed {
+                        v[(bi * t + q) * t + k] = neg;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, (bb, 1, t, t), &self.device)?.to_dtype(dtype)?)
+    }
+
+    /// Input embeddings for token ids (b, t).
+    fn embed(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let w = if train {
+            self.embed.tensor().clone()
+        } else {
+            self.embed.detached()
+        };
+        Ok(
+            w.index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?,
+        )
+    }
+
+    /// Final hidden states (after the last norm), (b, t, hidden), on the training path (every op differentiable).
+    /// `train` enables dropout and autograd tracking of trainable weights.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let cdt = ops::compute_dtype(self.dtype);
+        let (positions, seq) = match mask {
+            AttnMask::Causal => (
+                Tensor::arange(0u32, t as u32, &self.device)?.reshape((1, t))?,
+                None,
+            ),
+            AttnMask::Padding { attention_mask } => (
+                Tensor::arange(0u32, t as u32, &self.device)?.reshape((1, t))?,
+                Some(attention_mask),
+            ),
+            AttnMask::Packed {
+                seq_ids,
+                position_ids,
+            } => (position_ids.clone(), Some(seq_ids)),
+        };
+        let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
+        let bias = self.mask_bias(b, t, seq, cdt)?;
+        let mut x = self.embed(input_ids, train)?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &cos, &sin, &bias, train)?;
+        }
+        self.rms_norm(&x, &self.norm, train)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let fused = self.fused(self.dtype);
+        let hn = self.rms_norm(x, &l.input_norm, train)?;
+        let q = l.q.forward(&hn, train)?.reshape((b, t, nh, hd))?;
+        let k = l.k.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
+        let v = l.v.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
+        let q = match &l.q_norm {
+            Some(w) => self.rms_norm(&q, w, train)?,
+            None => q,
+        };
+        let k = match &l.k_norm {
+            Some(w) => self.rms_norm(&k, w, train)?,
+            None => k,
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (q, k) = if fused {
+            (
+                ops::fused::rope(&q, cos, sin)?,
+                ops::fused::rope(&k, cos, sin)?,
+            )
+        } else {
+            (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
+        };
+        let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = if fused {
+            ops::fused::masked_softmax(&att, bias)?
+        } else {
+            let cdt = ops::compute_dtype(self.dtype);
+            ops::softmax_pure(&att.to_dtype(cdt)?.broadcast_add(bias)?)?.to_dtype(self.dtype)?
+        };
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x = (x + l.o.forward(&y, train)?)?;
+        let hn = self.rms_norm(&x, &l.post_norm, train)?;
+        let g = l.gate.forward(&hn, train)?;
+        let u = l.up.forward(&hn, train)?;
+        let act = if fused {
+            ops::fused::swiglu(&g, &u)?
+        } else {
+            ops::swiglu_pure(&g, &u)?
+        };
+        Ok((x + l.down.forward(&act, train)?)?)
+    }
+
+    /// lm_head on hidden states of any leading shape → logits in the compute dtype (f32, or f64).
+    pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        let cdt = ops::compute_dtype(self.dtype);
+        let y = match &self.lm_head {
+            Some(l) => l.forward(hidden, train)?,
+            None => match &self.embed {
+                Weight::Frozen(w) => ops::frozen_linear(hidden, w)?,
+                Weight::Trainable(v) => {
+                    let w = if train {
+                        v.as_tensor().clone()
+                    } else {
+                        v.as_detached_tensor()
+                    };
+                    ops::linear(hidden, &w)?
+                }
+            },
+        };
+        Ok(y.to_dtype(cdt)?)
+    }
+
+    /// Full forward → logits (b, t, vocab) in the compute dtype.
+    pub fn forward(&self, input_ids: &Tensor, mask: &AttnMask, train: bool) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, mask, train)?;
+        self.logits(&h, train)
+    }
+
+    /// Masked causal-LM loss. `labels` (b, t) i64 aligned with `input_ids` (HF convention: shifted inside),
+    /// −100 = ignored. Returns (sum of token losses as a scalar tensor, number of counted tokens), so the trainer
+    /// can normalise across gradient accumulation. lm_head runs only on the counted positions.
+    pub fn forward_loss(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.forward_hidden(input_ids, mask, train)?;
+        let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let mut rows = Vec::new();
+        let mut tgt = Vec::new();
+        for (bi, row) in lab.iter().enumerate() {
+            for ti in 0..t.saturating_sub(1) {
+                let y = row[ti + 1];
+                if y == -100 {
+                    continue;
+                }
+                if y < 0 || y as usize >= self.cfg.vocab_size {
+                    return Err(EngineError::Invalid(format!(
+                        "label {y} at ({bi}, {}) is outside the vocabulary (0..{})",
+                        ti + 1,
+                        self.cfg.vocab_size
+                    )));
+                }
+                rows.push((bi * t + ti) as u32);
+                tgt.push(y as u32);
+            }
+        }
+        let n = rows.len();
+        let cdt = ops::compute_dtype(self.dtype);
+        if n == 0 {
+            return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
+        }
+        let idx = Tensor::from_vec(rows, n, &self.device)?;
+        let hs = h
+            .reshape((b * t, self.cfg.hidden_size))?
+            .index_select(&idx, 0)?;
+        let logits = self.logits(&hs, train)?;
+        let targets = Tensor::from_vec(tgt, n, &self.device)?;
+        let loss = if self.fused(cdt) {
+            ops::fused::cross_entropy_sum(&logits, &targets)?
+        } else {
+            ops::nll_sum_pure(&logits, &targets, &Tensor::ones(n, cdt, &self.device)?)?
+        };
+        Ok((loss, n))
+    }
+
+    /// Inference forward with a KV cache: ids (b, t) appended after `cache.seq_len` tokens.
+    /// Returns logits (b, t, vocab) f32 (only the last position when `last_only`). Uses candle's fused kernels
+    /// where the dtype allows, and detached weights (no autograd graph).
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if cache.kv.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let past = cache.seq_len;
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let fast = self.dtype != DType::F64;
+        let positions =
+            Tensor::arange(past as u32, (past + t) as u32, &self.device)?.reshape((1, t))?;
+        let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
+        let (cos2, sin2) = (
+            cos.squeeze(0)?.squeeze(0)?.contiguous()?,
+            sin.squeeze(0)?.squeeze(0)?.contiguous()?,
+        );
+        let eps = c.rms_norm_eps;
+        let norm = |x: &Tensor, w: &Weight| -> Result<Tensor> {
+            let w = w.detached();
+            if fast {
+                Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, eps as f32)?)
+            } else {
+                Ok(ops::rms_norm_pure(x, &w, eps)?)
+            }
+        };
+        let bias = if t > 1 {
+            let mut v = vec![0f32; t * (past + t)];
+            for q in 0..t {
+                for k in (past + q + 1)..(past + t) {
+                    v[q * (past + t) + k] = f32::NEG_INFINITY;
+                }
+            }
+            Some(Tensor::from_vec(v, (1, 1, t, past + t), &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self.embed(ids, false)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let hn = norm(&x, &l.input_norm)?;
+            let q = l.q.forward(&hn, false)?.reshape((b, t, nh, hd))?;
+            let k = l.k.forward(&hn, false)?.reshape((b, t, nkv, hd))?;
+            let v = l.v.forward(&hn, false)?.reshape((b, t, nkv, hd))?;
+            let q = match &l.q_norm {
+                Some(w) => norm(&q, w)?,
+                None => q,
+            };
+            let k = match &l.k_norm {
+                Some(w) => norm(&k, w)?,
+                None => k,
+            };
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let k = k.transpose(1, 2)?.contiguous()?;
+            let v = v.transpose(1, 2)?.contiguous()?;
+            let (q, k) = if fast {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos2, &sin2)?,
+                    candle_nn::rotary_emb::rope(&k, &cos2, &sin2)?,
+                )
+            } else {
+                (
+                    ops::rope_pure(&q, &cos, &sin)?,
+                    ops::rope_pure(&k, &cos, &sin)?,
+                )
+            };
+            let (k, v) = match cache.kv[li].take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            cache.kv[li] = Some((k.clone(), v.clone()));
+            let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let cdt = ops::compute_dtype(self.dtype);
+            let mut att = att.to_dtype(cdt)?;
+            if let Some(bias) = &bias {
+                att = att.broadcast_add(&bias.to_dtype(cdt)?)?;
+            }
+            let att = if fast {
+                candle_nn::ops::softmax_last_dim(&att)?
+            } else {
+                ops::softmax_pure(&att)?
+            };
+            let y = att
+                .to_dtype(self.dtype)?
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            x = (x + l.o.forward(&y, false)?)?;
+            let hn = norm(&x, &l.post_norm)?;
+            let g = l.gate.forward(&hn, false)?;
+            let u = l.up.forward(&hn, false)?;
+            x = (&x + l.down.forward(&(g.silu()? * u)?, false)?)?;
+        }
+        cache.seq_len += t;
+        let x = if last_only {
+            x.i((.., t - 1..t, ..))?
+        } else {
+            x
+        };
+        let x = norm(&x, &self.norm)?;
+        self.logits(&x, false)
+    }
+
+    /// Merge `s·B·A` of the trainable LoRA into the frozen base weights and drop the LoRA Vars.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                if lin.lora.is_some() {
+                    let w = lin.merged_weight()?;
+                    lin.weight = match &lin.weight {
+                        Weight::Frozen(_) => Weight::Frozen(w),
+                        Weight::Trainable(v) => {
+                            v.set(&w)?;
+                            Weight::Trainable(v.clone())
+                        }
+                    };
+                    lin.lora = None;
+                }
+            }
+        }
+        self.lora = None;
+        self.lora_vars = VarMap::new();
+        Ok(())
+    }
+
+    /// HF-named weights with any LoRA merged (`W0 + s·B·A`), for export. Tied embeddings stay tied
+    /// (no `lm_head.weight`).
+    pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        out.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.detached(),
+        );
+        out.insert("model.norm.weight".to_string(), self.norm.detached());
+        if let Some(l) = &self.lm_head {
+            out.insert("lm_head.weight".to_string(), l.merged_weight()?);
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                l.input_norm.detached(),
+            );
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.detached(),
+            );
+            if let Some(w) = &l.q_norm {
+                out.insert(format!("{p}.self_attn.q_norm.weight"), w.detached());
+            }
+            if let Some(w) = &l.k_norm {
+                out.insert(format!("{p}.self_attn.k_norm.weight"), w.detached());
+            }
+            for lin in l.linears() {
+                out.insert(format!("{}.weight", lin.name), lin.merged_weight()?);
+                if let Some(b) = &lin.bias {
+                    out.insert(format!("{}.bias", lin.name), b.detached());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Find a linear by HF module path (e.g. `model.layers.0.self_attn.q_proj`).
+    pub fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        if module == "lm_head" {
+            return self.lm_head.as_mut();
+        }
+        let rest = module.strip_prefix("model.layers.")?;
+        let (idx, _) = rest.split_once('.')?;
+        let idx: usize = idx.parse().ok()?;
+        self.layers
+            .get_mut(idx)?
+            .linears_mut()
+            .into_iter()
+            .find(|l| l.name == module)
+    }
+
+    /// All linears (for adapter save/merge).
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain(self.lm_head.iter())
+    }
+
+    /// Vocabulary size (logit width).
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// Last-position logits as a 1-D f32 vector tensor from a `forward_cached` result.
+    pub fn last_logits(logits: &Tensor) -> Result<Tensor> {
+        let (_, t, _) = logits.dims3()?;
+        Ok(logits.i((0, t - 1))?.to_dtype(DType::F32)?)
+    }
+
+    /// Reduce a (.., vocab) logits tensor to D::Minus1 argmax ids (helper for tests and greedy decoding).
+    pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
+        Ok(logits.argmax(D::Minus1)?)
+    }
+}

@@ -1,0 +1,150 @@
+//! Differentiable building blocks for the training path.
+//!
+//! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward and silently cut the gradient
+//! (CANDLE_NOTES §2), so the training path uses the pure-op versions here, or the fused CPU kernels in
+//! [`fused`] that carry their own backward. [`FrozenLinear`] multiplies by a frozen weight and computes only the
+//! input gradient, so frozen weights never get gradient buffers.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
+
+pub mod fused;
+
+/// Dtype used for statistics (norms, softmax, loss): f32 for half types, else the dtype itself (f64 stays f64).
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// `y = x · Wᵀ` with W frozen: backward yields dX only (no weight gradient, no leaf in the GradStore).
+pub struct FrozenLinear {
+    /// (out, in), plain tensor, same dtype and device as the input.
+    pub w: Tensor,
+}
+
+fn frozen_fwd<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    if !xl.is_contiguous() {
+        candle_core::bail!("frozen-linear: input must be contiguous")
+    }
+    let dims = xl.dims();
+    let Some((&k, rest)) = dims.split_last() else {
+        candle_core::bail!("frozen-linear: scalar input")
+    };
+    let (n, wk) = wl.shape().dims2()?;
+    if wk != k {
+        candle_core::bail!("frozen-linear: input features {k} != weight in-features {wk}")
+    }
+    let m: usize = rest.iter().product();
+    let xl2 = Layout::contiguous_with_offset((m, k), xl.start_offset());
+    let wt = wl.transpose(0, 1)?;
+    let y = x.matmul(w, (1, m, n, k), &xl2, &wt)?;
+    let mut out = rest.to_vec();
+    out.push(n);
+    Ok((y, Shape::from(out)))
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => frozen_fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => frozen_fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = self.w.dim(0)?;
+        let gx = gy.reshape(((), n))?.matmul(&self.w)?.reshape(x.shape())?;
+        Ok(Some(gx))
+    }
+}
+
+/// `x · Wᵀ` for x of any rank ≥ 2 (plain matmul; gradients flow to W when W is tracked).
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let n = w.dim(0)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(n);
+    x.reshape(((), k))?.matmul(&w.t()?)?.reshape(out)
+}
+
+/// Frozen linear: custom dX-only op when the input is tracked, plain matmul otherwise.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
+    } else {
+        linear(x, w)
+    }
+}
+
+/// RMSNorm with the statistics in `compute_dtype`, pure ops (differentiable in x and w).
+pub fn rms_norm_pure(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xc = x.to_dtype(compute_dtype(dt))?;
+    let inv = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    xc.broadcast_div(&inv)?.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dim, pure ops.
+pub fn softmax_pure(x: &Tensor) -> candle_core::Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dim, pure ops.
+pub fn log_softmax_pure(x: &Tensor) -> candle_core::Result<Tensor> {
+    let s = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// HF (half-rotation / neox) RoPE, pure ops. x: (b, h, t, d); cos, sin: broadcastable to (b, h, t, d/2).
+pub fn rope_pure(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let o1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let o2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[o1, o2], D::Minus1)
+}
+
+/// SwiGLU activation `silu(g) * u`, pure ops.
+pub fn swiglu_pure(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    g.silu()? * u
+}
+
+/// Sum over rows of `-log softmax(logits)[target] * weight`, pure ops.
+/// logits (n, v) in a float dtype; targets (n) u32; weights (n) same dtype as logits (0 = ignored row).
+pub fn nll_sum_pure(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let logp = log_softmax_pure(logits)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    (picked * weights)?.sum_all()?.neg()
+}

@@ -1,0 +1,606 @@
+//! Fused CPU kernels with their own backward (rayon-parallel, f32 and f64), for the training path.
+//!
+//! candle's elementwise/broadcast ops run single-threaded and allocate a tensor per op; these kernels do one
+//! parallel pass for forward and one for backward. Each is checked against its pure-op counterpart (values and
+//! gradients) in `tests/engine.rs`. Callers use them only for CPU tensors in f32/f64 (see `Model::fused`).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+type R<T> = candle_core::Result<T>;
+
+fn contig<'a, T>(v: &'a [T], l: &Layout, what: &str) -> R<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Contiguous copy of a tensor's data as f64-or-f32 storage (for op-held side tensors like cos/sin/bias).
+fn held<T: candle_core::WithDType>(t: &Tensor) -> R<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+// ---------------------------------------------------------------------------------------------- RMSNorm
+
+fn rms_rows<T: Float + Send + Sync>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, xr)| {
+            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / T::from(d).unwrap_or(T::one());
+            let r = T::one() / (ms + T::from(eps).unwrap_or(T::zero())).sqrt();
+            for i in 0..d {
+                o[i] = xr[i] * r * w[i];
+            }
+        });
+    out
+}
+
+fn rms_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], gy: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    let dn = T::from(d).unwrap_or(T::one());
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(gy.par_chunks(d)))
+        .for_each(|(o, (xr, gr))| {
+            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / dn;
+            let r = T::one() / (ms + T::from(eps).unwrap_or(T::zero())).sqrt();
+            let mut dot = T::zero();
+            for i in 0..d {
+                dot = dot + gr[i] * w[i] * xr[i];
+            }
+            let c = r * r * r * dot / dn;
+            for i in 0..d {
+                o[i] = r * gr[i] * w[i] - xr[i] * c;
+            }
+        });
+    out
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(rms_rows(
+                contig(x, l1, "rms")?,
+                contig(w, l2, "rms")?,
+                self.eps,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(rms_rows(
+                contig(x, l1, "rms")?,
+                contig(w, l2, "rms")?,
+                self.eps,
+            )),
+            _ => candle_core::bail!("fused-rms-norm: x and w must both be f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let gy = gy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &gy, &RmsNormBwd { eps: self.eps })?;
+        // A frozen norm weight gets no gradient (no buffer); a trainable one gets Σ gy·x·r.
+        let dw = if w.track_op() {
+            let d = w.dim(0)?;
+            let ones = w.ones_like()?;
+            let normed = x.apply_op2_no_bwd(&ones, &RmsNorm { eps: self.eps })?;
+            Some((gy * normed)?.reshape(((), d))?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let n = "rms-bwd";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(rms_bwd_rows(
+                    contig(x, l1, n)?,
+                    contig(w, l2, n)?,
+                    contig(g, l3, n)?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(rms_bwd_rows(
+                    contig(x, l1, n)?,
+                    contig(w, l2, n)?,
+                    contig(g, l3, n)?,
+                    self.eps,
+                ))
+            }
+            _ => candle_core::bail!("fused-rms-norm-bwd: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * w`, fused forward and backward.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?;
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+// ---------------------------------------------------------------------------------------------- RoPE
+
+/// HF half-rotation RoPE on x (b, h, t, d) with cos/sin of shape (bb, 1, t, d/2), bb ∈ {1, b}.
+/// `sign = -1` applies the inverse rotation (used by the backward).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    sign: f64,
+}
+
+fn rope_kernel<T: Float + Send + Sync>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    bb: usize,
+    sign: T,
+) -> Vec<T> {
+    let (_b, h, t, d) = dims;
+    let half = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(row, (o, xr))| {
+            let ti = row % t;
+            let bi = row / (h * t);
+            let base = (if bb == 1 { 0 } else { bi } * t + ti) * half;
+            for i in 0..half {
+                let c = cos[base + i];
+                let s = sin[base + i] * sign;
+                let (x1, x2) = (xr[i], xr[i + half]);
+                o[i] = x1 * c - x2 * s;
+                o[i + half] = x2 * c + x1 * s;
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> R<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let bb = self.cos.dim(0)?;
+        if bb != 1 && bb != dims.0 {
+            candle_core::bail!("fused-rope: cos batch {bb} vs x batch {}", dims.0)
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(rope_kernel(
+                contig(x, l, "rope")?,
+                &held::<f32>(&self.cos)?,
+                &held::<f32>(&self.sin)?,
+                dims,
+                bb,
+                self.sign as f32,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(rope_kernel(
+                contig(x, l, "rope")?,
+                &held::<f64>(&self.cos)?,
+                &held::<f64>(&self.sin)?,
+                dims,
+                bb,
+                self.sign,
+            )),
+            _ => candle_core::bail!("fused-rope: only f32/f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
+        let inv = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            sign: -self.sign,
+        };
+        Ok(Some(gy.contiguous()?.apply_op1_no_bwd(&inv)?))
+    }
+}
+
+/// HF (half-rotation) RoPE, fused. x (b, h, t, d); cos/sin (bb, 1, t, d/2) with bb ∈ {1, b}.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.to_dtype(dt)?,
+        sin: sin.to_dtype(dt)?,
+        sign: 1.0,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------- softmax
+
+/// softmax(x + bias) over the last dim; x (b, h, t, s), bias (bb, 1, t, s) with bb ∈ {1, b}.
+struct MaskedSoftmax {
+    bias: Tensor,
+}
+
+fn softmax_kernel<T: Float + Send + Sync>(
+    x: &[T],
+    bias: &[T],
+    dims: (usize, usize, usize, usize),
+    bb: usize,
+) -> Vec<T> {
+    let (_b, h, t, s) = dims;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(s)
+        .zip(x.par_chunks(s))
+        .enumerate()
+        .for_each(|(row, (o, xr))| {
+            let ti = row % t;
+            let bi = row / (h * t);
+            let br = &bias[(if bb == 1 { 0 } else { bi } * t + ti) * s..][..s];
+            let mut m = T::neg_infinity();
+            for i in 0..s {
+                let v = xr[i] + br[i];
+                o[i] = v;
+                if v > m {
+                    m = v;
+                }
+            }
+            let mut sum = T::zero();
+            for v in o.iter_mut() {
+                *v = (*v - m).exp();
+                sum = sum + *v;
+            }
+            let inv = T::one() / sum;
+            for v in o.iter_mut() {
+                *v = *v * inv;
+            }
+        });
+    out
+}
+
+fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(s)
+        .zip(y.par_chunks(s).zip(g.par_chunks(s)))
+        .for_each(|(o, (yr, gr))| {
+            let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&y, &g)| a + y * g);
+            for i in 0..s {
+                o[i] = yr[i] * (gr[i] - dot);
+            }
+        });
+    out
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> R<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let bb = self.bias.dim(0)?;
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(softmax_kernel(
+                contig(x, l, "softmax")?,
+                &held::<f32>(&self.bias)?,
+                dims,
+                bb,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(softmax_kernel(
+                contig(x, l, "softmax")?,
+                &held::<f64>(&self.bias)?,
+                dims,
+                bb,
+            )),
+            _ => candle_core::bail!("fused-masked-softmax: only f32/f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
+        Ok(Some(
+            y.contiguous()?
+                .apply_op2_no_bwd(&gy.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let s = l1.dims()[l1.dims().len() - 1];
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_bwd_kernel(
+                contig(y, l1, "sm-bwd")?,
+                contig(g, l2, "sm-bwd")?,
+                s,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd_kernel(
+                contig(y, l1, "sm-bwd")?,
+                contig(g, l2, "sm-bwd")?,
+                s,
+            )),
+            _ => candle_core::bail!("fused-softmax-bwd: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `softmax(x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s); bias (bb, 1, t, s).
+pub fn masked_softmax(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(MaskedSoftmax {
+        bias: bias.to_dtype(x.dtype())?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------- SwiGLU
+
+fn sigmoid<T: Float>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(g: &[T], u: &[T]) -> Vec<T> {
+            g.par_iter()
+                .zip(u.par_iter())
+                .map(|(&g, &u)| g * sigmoid(g) * u)
+                .collect()
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
+                CpuStorage::F32(k(contig(g, l1, "swiglu")?, contig(u, l2, "swiglu")?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => {
+                CpuStorage::F64(k(contig(g, l1, "swiglu")?, contig(u, l2, "swiglu")?))
+            }
+            _ => candle_core::bail!("fused-swiglu: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &gy.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(g: &[T], u: &[T], gy: &[T]) -> Vec<T> {
+            let n = g.len();
+            let mut out = vec![T::zero(); 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            dg.par_iter_mut()
+                .zip(du.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, (dg, du))| {
+                    let s = sigmoid(g[i]);
+                    let silu = g[i] * s;
+                    *du = gy[i] * silu;
+                    *dg = gy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
+                });
+            out
+        }
+        let n = "swiglu-bwd";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(y)) => {
+                CpuStorage::F32(k(contig(g, l1, n)?, contig(u, l2, n)?, contig(y, l3, n)?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(y)) => {
+                CpuStorage::F64(k(contig(g, l1, n)?, contig(u, l2, n)?, contig(y, l3, n)?))
+            }
+            _ => candle_core::bail!("fused-swiglu-bwd: dtype mismatch"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// `silu(g) * u`, fused forward and backward.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------- cross-entropy
+
+/// Σ_rows −log softmax(logits)[target]; logits (n, v), targets (n) u32. Backward recomputes the softmax.
+struct CrossEntropy;
+
+fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize) -> T {
+    x.par_chunks(v)
+        .zip(tg.par_iter())
+        .map(|(r, &t)| {
+            let m = r
+                .iter()
+                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+            let lse = r.iter().fold(T::zero(), |a, &b| a + (b - m).exp()).ln() + m;
+            lse - r[t as usize]
+        })
+        .reduce(T::zero, |a, b| a + b)
+}
+
+fn ce_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, scale: T) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v)
+        .zip(x.par_chunks(v).zip(tg.par_iter()))
+        .for_each(|(o, (r, &t))| {
+            let m = r
+                .iter()
+                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+            let mut sum = T::zero();
+            for i in 0..v {
+                o[i] = (r[i] - m).exp();
+                sum = sum + o[i];
+            }
+            let inv = scale / sum;
+            for oi in o.iter_mut() {
+                *oi = *oi * inv;
+            }
+            o[t as usize] = o[t as usize] - scale;
+        });
+    out
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> R<&'a [u32]> {
+    match s {
+        CpuStorage::U32(t) => {
+            let t = contig(t, l, "cross-entropy targets")?;
+            if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
+                candle_core::bail!("cross-entropy: target {bad} out of range for vocab {v}")
+            }
+            Ok(t)
+        }
+        _ => candle_core::bail!("cross-entropy: targets must be u32"),
+    }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let tg = targets_of(s2, l2, v)?;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(vec![ce_fwd(contig(x, l1, "ce")?, tg, v)]),
+            CpuStorage::F64(x) => CpuStorage::F64(vec![ce_fwd(contig(x, l1, "ce")?, tg, v)]),
+            _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
+        };
+        Ok((out, Shape::from(())))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        tg: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let scale = gy.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((
+            Some(x.apply_op2_no_bwd(tg, &CrossEntropyBwd { scale })?),
+            None,
+        ))
+    }
+}
+
+struct CrossEntropyBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let tg = targets_of(s2, l2, v)?;
+        let out = match s1 {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale as f32))
+            }
+            CpuStorage::F64(x) => CpuStorage::F64(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale)),
+            _ => candle_core::bail!("fused-cross-entropy-bwd: only f32/f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Sum of token cross-entropies: logits (n, v) f32/f64, targets (n) u32 (all counted). Fused; the backward
+/// recomputes the softmax instead of keeping an (n, v) log-softmax alive.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
+}
+
+/// Whether a storage is on the CPU (fused kernels only run there).
+pub fn is_cpu(t: &Tensor) -> bool {
+    matches!(&*t.storage_and_layout().0, Storage::Cpu(_))
+}

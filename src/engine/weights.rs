@@ -1,0 +1,289 @@
+//! Loading a local Hugging Face model folder into HF-named tensors.
+//!
+//! The weight source is a plain `HashMap<String, Tensor>` in Hugging Face tensor names and row order, so a GGUF
+//! file converted by `engine::gguf` and a safetensors folder feed the same model builder.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::error::{EngineError, Result};
+
+/// A model as loaded from disk: HF config, HF-named tensors and (when present) tokenizer files.
+pub struct ModelFiles {
+    /// `config.json`.
+    pub config: Value,
+    /// Tensors in HF names, converted to the requested dtype, on the requested device.
+    pub tensors: HashMap<String, Tensor>,
+    /// `tokenizer.json`, when present.
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// `tokenizer_config.json` (chat_template, bos/eos tokens), or `Value::Null`.
+    pub tokenizer_config: Value,
+    /// `generation_config.json`, or `Value::Null`.
+    pub generation_config: Value,
+    /// The folder it came from.
+    pub dir: PathBuf,
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Json {
+        context: path.display().to_string(),
+        source: e,
+    })
+}
+
+fn read_json_opt(path: &Path) -> Result<Value> {
+    if path.exists() {
+        read_json(path)
+    } else {
+        Ok(Value::Null)
+    }
+}
+
+/// The safetensors files of a folder: `model.safetensors.index.json` (sharded) or `model.safetensors`, else any
+/// `*.safetensors`. Pickle checkpoints are refused with a message saying why.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| EngineError::File {
+                path: index.clone(),
+                why: "missing `weight_map` object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for f in map.values() {
+            let f = f.as_str().ok_or_else(|| EngineError::File {
+                path: index.clone(),
+                why: "`weight_map` values must be file names".into(),
+            })?;
+            let p = dir.join(f);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        for p in &files {
+            if !p.exists() {
+                return Err(EngineError::File {
+                    path: p.clone(),
+                    why: "shard listed in the index is missing".into(),
+                });
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut found = Vec::new();
+    let mut pickles = Vec::new();
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(format!("listing {}", dir.display()), e))?;
+    for entry in rd {
+        let p = entry
+            .map_err(|e| EngineError::io(format!("listing {}", dir.display()), e))?
+            .path();
+        match p.extension().and_then(|e| e.to_str()) {
+            Some("safetensors") => found.push(p),
+            Some("bin" | "pt" | "pth") => pickles.push(p),
+            _ => {}
+        }
+    }
+    found.sort();
+    if !found.is_empty() {
+        return Ok(found);
+    }
+    if let Some(p) = pickles.into_iter().next() {
+        return Err(EngineError::PickleRefused { path: p });
+    }
+    Err(EngineError::File {
+        path: dir.to_path_buf(),
+        why: "no model.safetensors, model.safetensors.index.json or *.safetensors found".into(),
+    })
+}
+
+/// Read every tensor of `files` (memory-mapped), converted to `dtype` on `device`.
+pub fn load_safetensors(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    for p in files {
+        if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("bin" | "pt" | "pth")
+        ) {
+            return Err(EngineError::PickleRefused { path: p.clone() });
+        }
+    }
+    // SAFETY (the one audited unsafe block of the crate): memory-mapping a file is unsafe because another
+    // process could modify it while mapped. The mapping is read-only, lives only inside this function, and every
+    // tensor is copied out of it (`load` → `to_dtype`) before the map is dropped, so no reference to the mapped
+    // bytes escapes.
+    #[allow(unsafe_code)]
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(|e| {
+        EngineError::File {
+            path: files.first().cloned().unwrap_or_default(),
+            why: format!("cannot read safetensors: {e}"),
+        }
+    })?;
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        let t = st.load(&name, device)?;
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Load a local Hugging Face folder: config.json, weights, tokenizer files.
+pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<ModelFiles> {
+    if dir.is_file() {
+        if matches!(
+            dir.extension().and_then(|e| e.to_str()),
+            Some("bin" | "pt" | "pth")
+        ) {
+            return Err(EngineError::PickleRefused {
+                path: dir.to_path_buf(),
+            });
+        }
+        return Err(EngineError::File {
+            path: dir.to_path_buf(),
+            why: "expected a model folder (config.json + *.safetensors) or a .gguf file".into(),
+        });
+    }
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(EngineError::File {
+            path: cfg_path,
+            why: "missing; a model folder needs config.json".into(),
+        });
+    }
+    let config = read_json(&cfg_path)?;
+    let files = safetensors_files(dir)?;
+    let tensors = load_safetensors(&files, dtype, device)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| EngineError::File {
+                path: tok_path.clone(),
+                why: format!("cannot parse tokenizer: {e}"),
+            })?,
+        )
+    } else {
+        None
+    };
+    Ok(ModelFiles {
+        config,
+        tensors,
+        tokenizer,
+        tokenizer_config: read_json_opt(&dir.join("tokenizer_config.json"))?,
+        generation_config: read_json_opt(&dir.join("generation_config.json"))?,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// A tensor flattened to little-endian bytes for the `safetensors` writer.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn raw(t: &Tensor) -> Result<RawTensor> {
+    let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
+    let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+        DType::F32 => (
+            safetensors::Dtype::F32,
+            flat.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F64 => (
+            safetensors::Dtype::F64,
+            flat.to_vec1::<f64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            safetensors::Dtype::BF16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            safetensors::Dtype::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::U32 => (
+            safetensors::Dtype::U32,
+            flat.to_vec1::<u32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::I64 => (
+            safetensors::Dtype::I64,
+            flat.to_vec1::<i64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        other => {
+            return Err(EngineError::Invalid(format!(
+                "cannot save a {other:?} tensor to safetensors"
+            )));
+        }
+    };
+    Ok(RawTensor {
+        dtype,
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+/// Write tensors to a safetensors file with metadata `{"format": "pt"}` (what PyTorch/PEFT write and expect).
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut items: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        items.push((k.clone(), raw(t)?));
+    }
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(items, Some(meta), path).map_err(|e| EngineError::File {
+        path: path.to_path_buf(),
+        why: format!("cannot write safetensors: {e}"),
+    })
+}
