@@ -4,6 +4,7 @@
 //! - [`config`]: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
 //! - [`engine`]: candle model, LoRA, adapters, model sources, generation (never imports the UI).
 //! - `data`: datasets, chat templates, label masking, packing (UI-free).
+<<<<<<< HEAD
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
@@ -15,4 +16,11 @@ pub mod fsutil;
 pub mod logging;
 pub mod panic;
 pub mod telemetry;
+pub mod testing;
 pub mod trainer;
+=======
+//! - `cli`, `logging`, `panic`: the edges.
+
+pub mod engine;
+pub mod testing;
+>>>>>>> gguf

