@@ -5,3 +5,5 @@
 //! - `engine`: candle model, LoRA, adapters, generation, training (never imports the UI).
 //! - `data`: datasets, chat templates, label masking, packing (UI-free).
 //! - `cli`, `logging`, `panic`: the edges.
+
+pub mod data;
