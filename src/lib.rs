@@ -3,14 +3,14 @@
 //! Module groups:
 //! - [`config`]: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
 //! - [`engine`]: candle model, LoRA, adapters, model sources, generation (never imports the UI).
-//! - `data`: datasets, chat templates, label masking, packing (UI-free).
-<<<<<<< HEAD
+//! - [`data`]: datasets, chat templates, label masking, packing (UI-free).
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod logging;
@@ -18,9 +18,3 @@ pub mod panic;
 pub mod telemetry;
 pub mod testing;
 pub mod trainer;
-=======
-//! - `cli`, `logging`, `panic`: the edges.
-
-pub mod engine;
-pub mod testing;
->>>>>>> gguf
