@@ -145,12 +145,139 @@ fn train(args: &TrainArgs) -> ExitCode {
 }
 
 fn chat(args: &ChatArgs) -> ExitCode {
-    if let Some(preset) = &args.preset
-        && let Err(code) = load_or_report(preset, &[], Purpose::Chat)
-    {
-        return code;
+    let preset = match chat_preset(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let device = candle_core::Device::Cpu;
+    let mut progress = |p: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = p {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let mut session = match crate::chat::ChatSession::load(&preset, &device, &mut progress) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("termtune: {}", session.info);
+    if let Some(prompt) = &args.prompt {
+        let mut stdout = std::io::stdout();
+        let result = session.answer(prompt, None, |piece| {
+            use std::io::Write as _;
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            std::ops::ControlFlow::Continue(())
+        });
+        println!();
+        return match result {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("termtune: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
-    not_yet("chat", "the model engine is being built")
+    repl(&mut session)
+}
+
+/// The preset for `termtune chat`: the file (if any), then the command-line flags.
+fn chat_preset(args: &ChatArgs) -> Result<config::Preset, ExitCode> {
+    let mut overrides = Vec::new();
+    let mut set = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            overrides.push(format!("{k}={v}"));
+        }
+    };
+    set("model_name_or_path", args.model.clone());
+    set("adapter_name_or_path", args.adapter.clone());
+    set("template", args.template.clone());
+    set("default_system", args.system.clone());
+    set("temperature", args.temperature.map(|t| t.to_string()));
+    set("top_p", args.top_p.map(|t| t.to_string()));
+    set("top_k", args.top_k.map(|t| t.to_string()));
+    set("max_new_tokens", args.max_new_tokens.map(|t| t.to_string()));
+    set(
+        "repetition_penalty",
+        args.repetition_penalty.map(|t| t.to_string()),
+    );
+    set("seed", args.seed.map(|t| t.to_string()));
+    if args.temperature == Some(0.0) {
+        overrides.push("do_sample=false".into());
+    }
+    // Flags win over the file; values are passed as YAML strings so that text flags stay text.
+    let overrides: Vec<String> = overrides
+        .into_iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v))
+                if matches!(
+                    k,
+                    "model_name_or_path" | "adapter_name_or_path" | "template" | "default_system"
+                ) =>
+            {
+                format!("{k}={}", serde_json::Value::String(v.to_string()))
+            }
+            _ => o,
+        })
+        .collect();
+    let result = match &args.preset {
+        Some(path) => config::load(path, &overrides, Purpose::Chat),
+        None => config::parse("", &overrides, Purpose::Chat)
+            .map_err(|issues| config::ConfigErrors { path: None, issues }),
+    };
+    match result {
+        Ok(loaded) => Ok(loaded.preset),
+        Err(errors) => {
+            eprint!("{errors}");
+            if args.preset.is_none() && args.model.is_none() {
+                eprintln!(
+                    "termtune: pass --model (a hub id, a model folder or a .gguf file) or a preset"
+                );
+            }
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+/// The terminal REPL, like `llamafactory-cli chat`: `clear` resets the history, `exit` quits.
+fn repl(session: &mut crate::chat::ChatSession) -> ExitCode {
+    use std::io::{BufRead as _, Write as _};
+    eprintln!("termtune: type a message; `clear` resets the history, `exit` quits.");
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("\nUser: ");
+        let _ = stdout.flush();
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) | Err(_) => return ExitCode::SUCCESS,
+            Ok(_) => {}
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "exit" => return ExitCode::SUCCESS,
+            "clear" => {
+                session.clear();
+                println!("History has been removed.");
+                continue;
+            }
+            _ => {}
+        }
+        print!("Assistant: ");
+        let _ = stdout.flush();
+        let result = session.answer(line, None, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            std::ops::ControlFlow::Continue(())
+        });
+        println!();
+        if let Err(e) = result {
+            eprintln!("termtune: {e}");
+        }
+    }
 }
 
 fn export(args: &ExportArgs) -> ExitCode {
@@ -214,7 +341,13 @@ pub fn env_report() -> String {
             let _ = writeln!(out, "nvml: not in this build (feature `nvml` off)");
         }
     }
-    let _ = writeln!(out, "hf cache: {}", hf_hub_cache().display());
+    let _ = writeln!(
+        out,
+        "hf cache: {}",
+        crate::engine::hub::HubOptions::from_env()
+            .cache_dir
+            .display()
+    );
     let offline = std::env::var("HF_HUB_OFFLINE").unwrap_or_default();
     let _ = writeln!(
         out,
@@ -247,21 +380,6 @@ pub fn env_report() -> String {
 #[allow(clippy::cast_precision_loss)]
 fn bytes_to_gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
-}
-
-/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-/// `~/.cache/huggingface/hub` (the layout Python's huggingface_hub uses).
-pub fn hf_hub_cache() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
-        return p.into();
-    }
-    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
-        return std::path::PathBuf::from(p).join("hub");
-    }
-    crate::fsutil::home_dir()
-        .join(".cache")
-        .join("huggingface")
-        .join("hub")
 }
 
 fn cpu_features() -> Vec<&'static str> {

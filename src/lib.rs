@@ -7,6 +7,7 @@
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod logging;
 pub mod panic;
+pub mod resolve;
 pub mod telemetry;
 pub mod testing;
 pub mod trainer;

@@ -155,6 +155,12 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "with `streaming: true`, `val_size` must be a whole number of examples".into(),
         );
     }
+    if p.mix_strategy == super::preset::MixStrategy::InterleaveOnce {
+        bad(
+            "mix_strategy",
+            "`mix_strategy: interleave_once` is not supported yet; use concat, interleave_under or interleave_over".into(),
+        );
+    }
     if purpose == Purpose::Train && p.datasets().is_empty() {
         bad(
             "dataset",

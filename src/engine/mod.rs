@@ -13,6 +13,7 @@ pub mod hub;
 pub mod mirror;
 pub mod model;
 pub mod ops;
+pub mod source;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
