@@ -24,9 +24,12 @@ pub enum SourceError {
     )]
     Pickle(PathBuf),
     #[error(transparent)]
-    Hub(#[from] HubError),
+    Hub(#[from] Box<HubError>),
     #[error("{hub}\nthe PyPI mirror failed as well: {mirror}")]
-    Mirror { hub: HubError, mirror: MirrorError },
+    Mirror {
+        hub: Box<HubError>,
+        mirror: Box<MirrorError>,
+    },
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error(transparent)]
@@ -124,7 +127,7 @@ pub fn load_model(
             if hub.revision == "main" =>
         {
             let Some(mirror) = mirror_for_hub_id(name_or_path) else {
-                return Err(hub_err.into());
+                return Err(Box::new(hub_err).into());
             };
             progress(SourceProgress::Note(format!(
                 "{name_or_path}: {}",
@@ -134,8 +137,8 @@ pub fn load_model(
             let gguf = mirror
                 .fetch(&mut note)
                 .map_err(|mirror| SourceError::Mirror {
-                    hub: hub_err,
-                    mirror,
+                    hub: Box::new(hub_err),
+                    mirror: Box::new(mirror),
                 })?;
             let files = gguf_files(&gguf, dtype, device)?;
             Ok(LoadedSource {
@@ -147,7 +150,7 @@ pub fn load_model(
                 },
             })
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(Box::new(e).into()),
     }
 }
 
