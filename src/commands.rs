@@ -135,13 +135,10 @@ fn load_or_report(
 }
 
 fn train(args: &TrainArgs) -> ExitCode {
-    if let Err(code) = load_or_report(&args.preset, &args.overrides, Purpose::Train) {
-        return code;
+    match load_or_report(&args.preset, &args.overrides, Purpose::Train) {
+        Ok(loaded) => crate::headless::train(loaded),
+        Err(code) => code,
     }
-    not_yet(
-        "training",
-        "the preset is valid (`termtune check` prints it resolved)",
-    )
 }
 
 fn chat(args: &ChatArgs) -> ExitCode {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod fsutil;
+pub mod headless;
 pub mod logging;
 pub mod panic;
 pub mod resolve;

@@ -122,12 +122,15 @@ pub fn parse(
                 line: l.line(),
                 column: l.column(),
             });
+            let detail = strip_location(&e.to_string());
+            let hint = if detail.contains("duplicate entry") {
+                "each key may appear once; delete the repeated line"
+            } else {
+                "a preset is flat `key: value` lines, one per line, not indented"
+            };
             return Err(vec![ConfigIssue {
                 key: String::new(),
-                message: format!(
-                    "not valid YAML: {}; a preset is flat `key: value` lines, one per line, not indented",
-                    strip_location(&e.to_string())
-                ),
+                message: format!("not valid YAML: {detail}; {hint}"),
                 origin,
             }]);
         }

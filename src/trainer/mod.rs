@@ -1,6 +1,8 @@
-//! The training side that does not depend on a particular model: schedules, the optimizer,
-//! the run folder's logs and checkpoints (and, as they land, the loop itself).
+//! Training: schedules, the optimizer, the run folder's logs and checkpoints, and the loop that
+//! ties them to the engine's model and the data pipeline's batches.
 pub mod checkpoint;
 pub mod optim;
+pub mod protocol;
+pub mod run;
 pub mod runlog;
 pub mod schedule;
