@@ -277,7 +277,7 @@ fn a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
         ],
     );
     let (result, _) = run(&loaded, &[]);
-    let err = result.err().expect("the run must fail");
+    let err = result.expect_err("the run must fail");
     let msg = err.to_string();
     assert!(msg.contains("training stopped"), "{msg}");
     assert!(msg.contains("learning_rate"), "{msg}");
