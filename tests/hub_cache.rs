@@ -385,7 +385,7 @@ fn model_sources_are_classified_and_pickles_refused() {
         .err()
         .unwrap();
     assert!(
-        matches!(err, SourceError::Hub(HubError::NotCached { .. })),
+        matches!(&err, SourceError::Hub(h) if matches!(**h, HubError::NotCached { .. })),
         "{err}"
     );
 }

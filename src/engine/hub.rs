@@ -384,11 +384,11 @@ pub enum SourceError {
     )]
     NotAModel { path: PathBuf },
     #[error(transparent)]
-    Hub(#[from] HubError),
+    Hub(#[from] Box<HubError>),
     #[error("{hub}; the PyPI mirror failed as well: {mirror}")]
     Mirror {
-        hub: HubError,
-        mirror: super::mirror::MirrorError,
+        hub: Box<HubError>,
+        mirror: Box<super::mirror::MirrorError>,
     },
 }
 
@@ -450,7 +450,7 @@ pub fn resolve_model(
             if opts.revision == "main" =>
         {
             let Some(mirror) = super::mirror::mirror_for_hub_id(name) else {
-                return Err(hub.into());
+                return Err(Box::new(hub).into());
             };
             let mut log = |line: &str| {
                 progress(&HubProgress::Note {
@@ -462,9 +462,12 @@ pub fn resolve_model(
                     source: ModelSource::Gguf(p),
                     note: Some(mirror.describe().to_string()),
                 }),
-                Err(m) => Err(SourceError::Mirror { hub, mirror: m }),
+                Err(m) => Err(SourceError::Mirror {
+                    hub: Box::new(hub),
+                    mirror: Box::new(m),
+                }),
             }
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(Box::new(e).into()),
     }
 }
