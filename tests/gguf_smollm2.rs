@@ -224,6 +224,10 @@ fn metadata_summary_is_cheap_and_right() {
     // 49152·576 + 30·(2·576·576 + 2·192·576 + 3·576·1536 + 2·576) + 576).
     assert_eq!(s.parameters, 134_515_008);
     assert_eq!(s.file_size, 98_362_432);
+    assert_eq!(
+        s.describe(),
+        "llama · 134.5M params · Q4_1 · ctx 8192 · chat template"
+    );
 }
 
 /// A plain llama forward (HF conventions: half-rotation RoPE, GQA, SwiGLU, tied lm_head) over the loaded

@@ -103,6 +103,35 @@ pub struct GgufSummary {
     pub supported: bool,
 }
 
+impl GgufSummary {
+    /// One line for the UI: `llama · 134.5M params · Q4_1 · ctx 8192 · chat template`.
+    pub fn describe(&self) -> String {
+        let params = self.parameters as f64;
+        let size = if params >= 1e9 {
+            format!("{:.1}B", params / 1e9)
+        } else {
+            format!("{:.1}M", params / 1e6)
+        };
+        let mut parts = vec![
+            self.architecture.clone(),
+            format!("{size} params"),
+            self.quantization.clone(),
+        ];
+        if let Some(c) = self.context_length {
+            parts.push(format!("ctx {c}"));
+        }
+        parts.push(if self.has_chat_template {
+            "chat template".into()
+        } else {
+            "no chat template".into()
+        });
+        if !self.supported {
+            parts.push("unsupported architecture".into());
+        }
+        parts.join(" · ")
+    }
+}
+
 fn read_content(path: &Path) -> Result<(Content, BufReader<File>), GgufError> {
     let file = File::open(path).map_err(|source| GgufError::Open {
         path: path.to_path_buf(),
@@ -448,7 +477,6 @@ pub fn hf_config(
             cfg.insert(hf.into(), json!(id));
         }
     }
-    cfg.insert("torch_dtype".into(), json!("float32"));
     rope_scaling(&m, &arch, &mut cfg)?;
     Ok(Json::Object(cfg))
 }
