@@ -201,6 +201,13 @@ fn sentencepiece_vocab_becomes_byte_fallback_bpe() {
     assert_eq!(t.decode(&[1, 13, 13, 3], true).unwrap(), "hello hello!");
     let tc = from_gguf_metadata(&md).unwrap().tokenizer_config;
     assert_eq!(tc["add_bos_token"], true);
+
+    // Without the dummy prefix (`add_space_prefix = false`) no ▁ is prepended: "hello" merges to piece 12.
+    let mut md = spm_meta();
+    md.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false));
+    assert_eq!(ids(&md, "hello"), [1, 12]);
+    let t = from_gguf_metadata(&md).unwrap().tokenizer;
+    assert_eq!(t.decode(&[12, 13], true).unwrap(), "hello hello");
     assert_eq!(tc["unk_token"], "<unk>");
 }
 

@@ -216,14 +216,21 @@ pub fn tokenizer_json_from_gguf(md: &HashMap<String, Value>) -> Result<Json, Tok
                 "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                 "vocab": vocab, "merges": merges,
             });
-            let normalizer = json!({"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": "\u{2581}"},
-                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-            ]});
+            // SentencePiece's dummy prefix (`add_dummy_prefix`) unless the GGUF says there is none.
+            let prefix = get_bool_or(md, "tokenizer.ggml.add_space_prefix", true)?;
+            let replace =
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+            let normalizer = if prefix {
+                json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"}, replace,
+                ]})
+            } else {
+                json!({"type": "Sequence", "normalizers": [replace]})
+            };
             let decoder = json!({"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+                {"type": "Strip", "content": " ", "start": usize::from(prefix), "stop": 0},
             ]});
             (model, normalizer, Json::Null, decoder, None)
         }
