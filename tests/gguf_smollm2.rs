@@ -13,7 +13,13 @@ fn model() -> &'static GgufModel {
     static M: OnceLock<GgufModel> = OnceLock::new();
     M.get_or_init(|| {
         let path = termtune::testing::smollm2_gguf();
-        load_gguf(&path, DType::F32, &Device::Cpu).unwrap()
+        let start = std::time::Instant::now();
+        let m = load_gguf(&path, DType::F32, &Device::Cpu).unwrap();
+        eprintln!(
+            "load_gguf (dequantize to f32 + tokenizer): {:?}",
+            start.elapsed()
+        );
+        m
     })
 }
 

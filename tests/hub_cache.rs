@@ -322,6 +322,46 @@ fn download_fills_the_standard_cache_with_progress() {
 }
 
 #[test]
+fn a_cached_snapshot_without_tokenizer_json_is_completed_online() {
+    let cache = tempfile::tempdir().unwrap();
+    let snap = populate(
+        cache.path(),
+        ID,
+        &[("config.json", "{}"), ("model.safetensors", "w")],
+    );
+    // Offline: config + weights are enough.
+    assert_eq!(
+        resolve(ID, &opts(cache.path(), true, &dead_endpoint()), &mut noop).unwrap(),
+        snap
+    );
+    // Online: tokenizer.json is fetched, the cached files are not downloaded again.
+    let endpoint = serve(
+        vec![
+            ("config.json", b"{}".to_vec()),
+            ("tokenizer.json", b"{\"v\": 1}".to_vec()),
+            ("model.safetensors", b"w".to_vec()),
+        ],
+        10,
+    );
+    let mut events = Vec::new();
+    let got = resolve(ID, &opts(cache.path(), false, &endpoint), &mut |p| {
+        events.push(p.clone())
+    })
+    .unwrap();
+    assert_eq!(got, snap);
+    assert_eq!(
+        std::fs::read_to_string(snap.join("tokenizer.json")).unwrap(),
+        "{\"v\": 1}"
+    );
+    assert!(events.contains(&HubProgress::Cached {
+        file: "model.safetensors".into()
+    }));
+    assert!(events.contains(&HubProgress::Done {
+        file: "tokenizer.json".into()
+    }));
+}
+
+#[test]
 fn repository_without_safetensors_is_refused() {
     let endpoint = serve(
         vec![
