@@ -477,6 +477,8 @@ pub fn hf_config(
             cfg.insert(hf.into(), json!(id));
         }
     }
+    // The dtype GGUF weights dequantize to (load_gguf then casts to the requested compute dtype).
+    cfg.insert("torch_dtype".into(), json!("float32"));
     rope_scaling(&m, &arch, &mut cfg)?;
     Ok(Json::Object(cfg))
 }
