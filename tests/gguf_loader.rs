@@ -428,6 +428,36 @@ fn unsupported_architecture_and_unknown_tensors_are_refused() {
         .to_string();
     assert!(msg.contains("blk.0.ssm_conv.weight"), "{msg}");
 
+    // Partial rotary (rope.dimension_count < head size) is refused rather than silently mis-rotated.
+    let path = dir.path().join("partial.gguf");
+    write_tiny(&path, &tiny("llama"));
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, Value)> = ct.metadata.clone().into_iter().collect();
+    md.push(("llama.rope.dimension_count".into(), Value::U32(2)));
+    let tensors: Vec<(String, QTensor)> = ct
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), ct.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let path2 = dir.path().join("partial2.gguf");
+    gguf_file::write(
+        &mut std::fs::File::create(&path2).unwrap(),
+        &md_refs,
+        &t_refs,
+    )
+    .unwrap();
+    let msg = load_gguf(&path2, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("rope.dimension_count") && msg.contains("partial"),
+        "{msg}"
+    );
+
     let path = dir.path().join("not.gguf");
     std::fs::write(&path, b"definitely not gguf").unwrap();
     let msg = load_gguf(&path, DType::F32, &Device::Cpu)

@@ -389,3 +389,22 @@ fn loaded_weights_reproduce_transformers_greedy_continuation() {
     }
     eprintln!("max |logit - transformers| over 8 steps × top 5: {max_diff:e}");
 }
+
+#[test]
+fn tokenizer_alone_from_the_gguf_header() {
+    let path = termtune::testing::smollm2_gguf();
+    let t = termtune::engine::tokenizer::from_gguf_file(&path).unwrap();
+    let m = model();
+    let text = "<|im_start|>user\nSplit 12345 digits, please 🎉<|im_end|>";
+    assert_eq!(
+        t.tokenizer.encode(text, true).unwrap().get_ids(),
+        m.tokenizer.encode(text, true).unwrap().get_ids()
+    );
+    assert_eq!(t.tokenizer_config, m.tokenizer_config);
+    let msg =
+        termtune::engine::tokenizer::from_gguf_file(std::path::Path::new("/nonexistent.gguf"))
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(msg.contains("/nonexistent.gguf"), "{msg}");
+}

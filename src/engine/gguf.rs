@@ -413,6 +413,16 @@ pub fn hf_config(
     let head_dim = m
         .opt_u64(&k("attention.key_length"))?
         .unwrap_or(hidden / n_head);
+    if let Some(rot) = m.opt_u64(&k("rope.dimension_count"))?
+        && rot != head_dim
+    {
+        return Err(GgufError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "`{arch}.rope.dimension_count` = {rot} but the head size is {head_dim}: partial rotary embeddings are not supported"
+            ),
+        });
+    }
     let embd = infos
         .get("token_embd.weight")
         .ok_or_else(|| GgufError::Invalid {

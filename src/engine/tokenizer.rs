@@ -127,6 +127,26 @@ pub fn from_folder(dir: &Path) -> Result<LoadedTokenizer, TokenizerError> {
     })
 }
 
+/// The tokenizer of a GGUF file, reading only its header (no tensors): for previews and dataset work that
+/// need the tokenizer but not the weights.
+pub fn from_gguf_file(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
+    let io = |source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(|e| {
+        TokenizerError::Build {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        }
+    })?;
+    from_gguf_metadata(&ct.metadata).map_err(|e| TokenizerError::Build {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Builds the tokenizer and a `tokenizer_config.json` equivalent from GGUF metadata.
 pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<LoadedTokenizer, TokenizerError> {
     let json = tokenizer_json_from_gguf(md)?;
