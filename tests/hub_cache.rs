@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use termtune::engine::hub::{
     HubError, HubOptions, HubProgress, cached_snapshot, looks_like_hub_id, model_cache_dir, resolve,
@@ -212,6 +213,15 @@ fn environment_follows_huggingface_hub_precedence() {
 /// A loopback server answering the requests hf-hub 0.5 makes: repo info, then per file a `Range: bytes=0-0`
 /// metadata probe (etag, x-repo-commit, content-range) and the ranged download. Serves at most `max` connections.
 fn serve(files: Vec<(&'static str, Vec<u8>)>, max: usize) -> String {
+    serve_logged(files, max, Arc::new(Mutex::new(Vec::new())))
+}
+
+/// [`serve`], recording every request's `Authorization` header (or "none") in `auth`.
+fn serve_logged(
+    files: Vec<(&'static str, Vec<u8>)>,
+    max: usize,
+    auth: Arc<Mutex<Vec<String>>>,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -222,17 +232,22 @@ fn serve(files: Vec<(&'static str, Vec<u8>)>, max: usize) -> String {
             reader.read_line(&mut line).unwrap();
             let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
             let mut range_start = None;
+            let mut authorization = String::from("none");
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
                     break;
                 }
                 let lower = h.to_ascii_lowercase();
+                if lower.starts_with("authorization:") {
+                    authorization = h.trim_end().to_string();
+                }
                 if let Some(r) = lower.strip_prefix("range: bytes=") {
                     let (a, b) = r.trim().split_once('-').unwrap();
                     range_start = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().ok()));
                 }
             }
+            auth.lock().unwrap().push(authorization);
             let (status, headers, body) = if path == format!("/api/models/{ID}/revision/main") {
                 let siblings: Vec<_> = files
                     .iter()
@@ -275,7 +290,8 @@ fn serve(files: Vec<(&'static str, Vec<u8>)>, max: usize) -> String {
 #[test]
 fn download_fills_the_standard_cache_with_progress() {
     let weights = vec![7u8; 300_000];
-    let endpoint = serve(
+    let auth = Arc::new(Mutex::new(Vec::new()));
+    let endpoint = serve_logged(
         vec![
             ("config.json", br#"{"model_type": "qwen2"}"#.to_vec()),
             ("tokenizer.json", b"{}".to_vec()),
@@ -283,13 +299,23 @@ fn download_fills_the_standard_cache_with_progress() {
             ("model.safetensors", weights.clone()),
         ],
         20,
+        auth.clone(),
     );
     let cache = tempfile::tempdir().unwrap();
     let mut events = Vec::new();
-    let snap = resolve(ID, &opts(cache.path(), false, &endpoint), &mut |p| {
-        events.push(p.clone())
-    })
-    .unwrap();
+    let with_token = HubOptions {
+        token: Some("hf_test_token".into()),
+        ..opts(cache.path(), false, &endpoint)
+    };
+    let snap = resolve(ID, &with_token, &mut |p| events.push(p.clone())).unwrap();
+    // HF_TOKEN (HubOptions::token) goes to the Hub on every request as a bearer token.
+    let seen = auth.lock().unwrap().clone();
+    assert!(seen.len() >= 7, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|a| a.eq_ignore_ascii_case("authorization: Bearer hf_test_token")),
+        "{seen:?}"
+    );
     let repo = model_cache_dir(ID, &opts(cache.path(), false, &endpoint));
     assert_eq!(snap, repo.join("snapshots").join(SHA));
     assert_eq!(
