@@ -193,6 +193,11 @@ fn chat_prompt_ids_match_reference() {
             .unwrap()
             .starts_with("The capital of France is Paris.")
     );
+    assert_eq!(g["answer_text"], "The capital of France is Paris.");
+    assert_eq!(
+        g["continuation_until_eos_ids"],
+        serde_json::json!(cont[..8])
+    );
 }
 
 #[test]
