@@ -30,7 +30,7 @@ pub const SUPPORTED_PRE: &[&str] = &[
     "qwen2",
 ];
 
-/// GPT-2's split regex as written by tokenizers' `ByteLevel` pre-tokenizer.
+/// The split regexes of Llama 3's and Qwen2's tokenizer.json (digits in groups of up to 3, or one by one).
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
