@@ -219,6 +219,13 @@ def main():
         "prompt_ids": prompt_ids,
         "continuation_ids": hf_cont,
         "continuation_text": hf_tok.decode(hf_cont),
+        "eos_token_id": hf_tok.eos_token_id,
+        "continuation_until_eos_ids": hf_cont[: hf_cont.index(hf_tok.eos_token_id) + 1]
+        if hf_tok.eos_token_id in hf_cont
+        else hf_cont,
+        "answer_text": hf_tok.decode(
+            hf_cont[: hf_cont.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in hf_cont else hf_cont
+        ),
         "continuation_top_logits": top,
         "llama_cpp_continuation_ids": lc_cont,
         "llama_cpp_continuation_text": hf_tok.decode(lc_cont),

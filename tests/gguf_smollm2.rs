@@ -13,7 +13,13 @@ fn model() -> &'static GgufModel {
     static M: OnceLock<GgufModel> = OnceLock::new();
     M.get_or_init(|| {
         let path = termtune::testing::smollm2_gguf();
-        load_gguf(&path, DType::F32, &Device::Cpu).unwrap()
+        let start = std::time::Instant::now();
+        let m = load_gguf(&path, DType::F32, &Device::Cpu).unwrap();
+        eprintln!(
+            "load_gguf (dequantize to f32 + tokenizer): {:?}",
+            start.elapsed()
+        );
+        m
     })
 }
 
@@ -187,6 +193,11 @@ fn chat_prompt_ids_match_reference() {
             .unwrap()
             .starts_with("The capital of France is Paris.")
     );
+    assert_eq!(g["answer_text"], "The capital of France is Paris.");
+    assert_eq!(
+        g["continuation_until_eos_ids"],
+        serde_json::json!(cont[..8])
+    );
 }
 
 #[test]
@@ -224,4 +235,181 @@ fn metadata_summary_is_cheap_and_right() {
     // 49152·576 + 30·(2·576·576 + 2·192·576 + 3·576·1536 + 2·576) + 576).
     assert_eq!(s.parameters, 134_515_008);
     assert_eq!(s.file_size, 98_362_432);
+    assert_eq!(
+        s.describe(),
+        "llama · 134.5M params · Q4_1 · ctx 8192 · chat template"
+    );
+}
+
+/// A plain llama forward (HF conventions: half-rotation RoPE, GQA, SwiGLU, tied lm_head) over the loaded
+/// tensors, written here only to check that config + tensors + Q/K row order reproduce transformers' logits.
+/// Returns the logits of the last position.
+fn reference_forward(m: &GgufModel, ids: &[u32]) -> Vec<f32> {
+    use candle_core::{D, Tensor};
+    let c = &m.config;
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (n_layers, nh, nkv, hd) = (
+        u("num_hidden_layers"),
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("head_dim"),
+    );
+    let eps = c["rms_norm_eps"].as_f64().unwrap();
+    let theta = c["rope_theta"].as_f64().unwrap();
+    let w = |n: &str| &m.tensors[n];
+    let dev = Device::Cpu;
+    let t = ids.len();
+    let rms = |x: &Tensor, g: &Tensor| {
+        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        x.broadcast_div(&inv).unwrap().broadcast_mul(g).unwrap()
+    };
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / hd as f64)) as f32)
+        .collect();
+    let inv_freq = Tensor::new(inv_freq.as_slice(), &dev).unwrap();
+    let pos = Tensor::arange(0u32, t as u32, &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let ang = pos
+        .unsqueeze(1)
+        .unwrap()
+        .broadcast_mul(&inv_freq.unsqueeze(0).unwrap())
+        .unwrap();
+    let ang = Tensor::cat(&[&ang, &ang], 1).unwrap(); // (t, hd)
+    let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+    let rope = |x: &Tensor| {
+        // x: (heads, t, hd); x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1].
+        let x1 = x.narrow(2, 0, hd / 2).unwrap();
+        let x2 = x.narrow(2, hd / 2, hd / 2).unwrap();
+        let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], 2).unwrap();
+        (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+    };
+    let lin = |x: &Tensor, n: &str| x.matmul(&w(n).t().unwrap()).unwrap();
+    let heads = |x: Tensor, n: usize| {
+        x.reshape((t, n, hd))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+    let ids_t = Tensor::new(ids, &dev).unwrap();
+    let mut x = w("model.embed_tokens.weight")
+        .index_select(&ids_t, 0)
+        .unwrap();
+    for l in 0..n_layers {
+        let p = format!("model.layers.{l}");
+        let h = rms(&x, w(&format!("{p}.input_layernorm.weight")));
+        let q = rope(&heads(lin(&h, &format!("{p}.self_attn.q_proj.weight")), nh));
+        let k = rope(&heads(
+            lin(&h, &format!("{p}.self_attn.k_proj.weight")),
+            nkv,
+        ));
+        let v = heads(lin(&h, &format!("{p}.self_attn.v_proj.weight")), nkv);
+        let rep = |x: Tensor| {
+            x.unsqueeze(1)
+                .unwrap()
+                .broadcast_as((nkv, nh / nkv, t, hd))
+                .unwrap()
+                .reshape((nh, t, hd))
+                .unwrap()
+        };
+        let (k, v) = (rep(k), rep(v));
+        let att = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+        let att = att.broadcast_add(&mask).unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+        let o = att
+            .matmul(&v)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .reshape((t, nh * hd))
+            .unwrap();
+        x = (x + lin(&o, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
+        let h = rms(&x, w(&format!("{p}.post_attention_layernorm.weight")));
+        let g = lin(&h, &format!("{p}.mlp.gate_proj.weight"));
+        let up = lin(&h, &format!("{p}.mlp.up_proj.weight"));
+        let act = (candle_nn::ops::silu(&g).unwrap() * up).unwrap();
+        x = (x + lin(&act, &format!("{p}.mlp.down_proj.weight"))).unwrap();
+    }
+    let last = rms(&x, w("model.norm.weight")).narrow(0, t - 1, 1).unwrap();
+    lin(&last, "model.embed_tokens.weight")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn loaded_weights_reproduce_transformers_greedy_continuation() {
+    let m = model();
+    let g = fixture("smollm2_greedy_reference.json");
+    let as_ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut ids = as_ids(&g["prompt_ids"]);
+    let want = as_ids(&g["continuation_ids"]);
+    let steps = g["continuation_top_logits"].as_array().unwrap();
+    // The first 8 steps: "The capital of France is Paris.<|im_end|>" (the rest is the model babbling past eos).
+    let mut max_diff = 0f32;
+    for (step, want_id) in want.iter().take(8).enumerate() {
+        let logits = reference_forward(m, &ids);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let top5_ids: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+        assert_eq!(top5_ids, as_ids(&steps[step]["top5_ids"]), "step {step}");
+        for (i, wl) in order[..5]
+            .iter()
+            .zip(steps[step]["top5_logits"].as_array().unwrap())
+        {
+            let wl = wl.as_f64().unwrap() as f32;
+            // f32 sums in another order than torch: agree to ~1e-4 relative.
+            assert!(
+                (logits[*i] - wl).abs() < 2e-3,
+                "step {step}: {} vs {wl}",
+                logits[*i]
+            );
+            max_diff = max_diff.max((logits[*i] - wl).abs());
+        }
+        assert_eq!(order[0] as u32, *want_id);
+        ids.push(*want_id);
+    }
+    eprintln!("max |logit - transformers| over 8 steps × top 5: {max_diff:e}");
+}
+
+#[test]
+fn tokenizer_alone_from_the_gguf_header() {
+    let path = termtune::testing::smollm2_gguf();
+    let t = termtune::engine::tokenizer::from_gguf_file(&path).unwrap();
+    let m = model();
+    let text = "<|im_start|>user\nSplit 12345 digits, please 🎉<|im_end|>";
+    assert_eq!(
+        t.tokenizer.encode(text, true).unwrap().get_ids(),
+        m.tokenizer.encode(text, true).unwrap().get_ids()
+    );
+    assert_eq!(t.tokenizer_config, m.tokenizer_config);
+    let msg =
+        termtune::engine::tokenizer::from_gguf_file(std::path::Path::new("/nonexistent.gguf"))
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(msg.contains("/nonexistent.gguf"), "{msg}");
 }

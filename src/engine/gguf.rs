@@ -103,6 +103,35 @@ pub struct GgufSummary {
     pub supported: bool,
 }
 
+impl GgufSummary {
+    /// One line for the UI: `llama · 134.5M params · Q4_1 · ctx 8192 · chat template`.
+    pub fn describe(&self) -> String {
+        let params = self.parameters as f64;
+        let size = if params >= 1e9 {
+            format!("{:.1}B", params / 1e9)
+        } else {
+            format!("{:.1}M", params / 1e6)
+        };
+        let mut parts = vec![
+            self.architecture.clone(),
+            format!("{size} params"),
+            self.quantization.clone(),
+        ];
+        if let Some(c) = self.context_length {
+            parts.push(format!("ctx {c}"));
+        }
+        parts.push(if self.has_chat_template {
+            "chat template".into()
+        } else {
+            "no chat template".into()
+        });
+        if !self.supported {
+            parts.push("unsupported architecture".into());
+        }
+        parts.join(" · ")
+    }
+}
+
 fn read_content(path: &Path) -> Result<(Content, BufReader<File>), GgufError> {
     let file = File::open(path).map_err(|source| GgufError::Open {
         path: path.to_path_buf(),
@@ -384,6 +413,16 @@ pub fn hf_config(
     let head_dim = m
         .opt_u64(&k("attention.key_length"))?
         .unwrap_or(hidden / n_head);
+    if let Some(rot) = m.opt_u64(&k("rope.dimension_count"))?
+        && rot != head_dim
+    {
+        return Err(GgufError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "`{arch}.rope.dimension_count` = {rot} but the head size is {head_dim}: partial rotary embeddings are not supported"
+            ),
+        });
+    }
     let embd = infos
         .get("token_embd.weight")
         .ok_or_else(|| GgufError::Invalid {
@@ -448,6 +487,7 @@ pub fn hf_config(
             cfg.insert(hf.into(), json!(id));
         }
     }
+    // The dtype GGUF weights dequantize to (load_gguf then casts to the requested compute dtype).
     cfg.insert("torch_dtype".into(), json!("float32"));
     rope_scaling(&m, &arch, &mut cfg)?;
     Ok(Json::Object(cfg))
@@ -479,32 +519,33 @@ fn rope_scaling(m: &Meta<'_>, arch: &str, cfg: &mut Map<String, Json>) -> Result
 }
 
 /// Turns llama.cpp's per-frequency rope factors (`rope_freqs.weight`) back into HF's llama3 `rope_scaling` when
-/// they are exactly what the standard Llama 3.1/3.2 parameters give (original context 8192, low 1, high 4, factor =
-/// the largest factor); returns `None` otherwise.
+/// they are exactly what the standard Llama 3.1/3.2 parameters give (original context 8192, low 1, high 4, factor
+/// = the largest factor, or 8/16/32/64 when no frequency reaches it); returns `None` otherwise.
 pub fn llama3_rope_scaling(factors: &[f32], rope_theta: f64, head_dim: usize) -> Option<Json> {
-    let factor = factors.iter().copied().fold(f32::MIN, f32::max) as f64;
-    let (low, high, old_ctx) = (1.0f64, 4.0f64, 8192.0f64);
-    if factors.len() * 2 != head_dim || factor <= 1.0 {
+    if factors.is_empty() || factors.len() * 2 != head_dim {
         return None;
     }
-    let low_wavelen = old_ctx / low;
-    let high_wavelen = old_ctx / high;
-    for (i, &got) in factors.iter().enumerate() {
-        // convert_hf_to_gguf.py computes the frequencies in float32 and the factors in float64.
-        let freq = 1.0f32 / (rope_theta as f32).powf((2 * i) as f32 / head_dim as f32);
-        let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
-        let want = if wavelen < high_wavelen {
-            1.0
-        } else if wavelen > low_wavelen {
-            factor
-        } else {
-            let smooth = (old_ctx / wavelen - low) / (high - low);
-            1.0 / ((1.0 - smooth) / factor + smooth)
-        };
-        if (f64::from(got) - want).abs() > 1e-3 * want {
-            return None;
-        }
-    }
+    let largest = f64::from(factors.iter().copied().fold(f32::MIN, f32::max));
+    let (low, high, old_ctx) = (1.0f64, 4.0f64, 8192.0f64);
+    let fits = |factor: f64| {
+        factors.iter().enumerate().all(|(i, &got)| {
+            // convert_hf_to_gguf.py computes the frequencies in float32 and the factors in float64.
+            let freq = 1.0f32 / (rope_theta as f32).powf((2 * i) as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            let want = if wavelen < old_ctx / high {
+                1.0
+            } else if wavelen > old_ctx / low {
+                factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            (f64::from(got) - want).abs() <= 1e-4 * want
+        })
+    };
+    let factor = [largest, 8.0, 16.0, 32.0, 64.0]
+        .into_iter()
+        .find(|&f| f > 1.0 && fits(f))?;
     Some(json!({
         "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
         "original_max_position_embeddings": old_ctx as u64,

@@ -2,7 +2,8 @@
 //! the standard Python cache layout (`<cache>/models--org--name/{refs/<rev>, snapshots/<sha>/…, blobs/…}`), so
 //! models already downloaded by Python tools are reused and the other way round.
 //!
-//! Cache first: a complete snapshot of the requested revision in the cache is used without any network access.
+//! Cache first: a snapshot of the requested revision with config.json, tokenizer.json and every safetensors file
+//! is used without any network access (offline, config + weights suffice).
 //! Environment (read by [`HubOptions::from_env`]; hf-hub 0.5 itself only reads `HF_HOME` and `HF_ENDPOINT`):
 //! `HF_HUB_CACHE` / `HUGGINGFACE_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME`, `HF_ENDPOINT`, `HF_TOKEN`,
 //! `HF_TOKEN_PATH`, `HF_HUB_OFFLINE` (`1`/`true`/`yes`/`on`: cache only).
@@ -258,7 +259,11 @@ pub fn resolve(
     if !looks_like_hub_id(id) {
         return Err(HubError::BadId { id: id.to_string() });
     }
-    if let Some(snap) = cached_snapshot(id, opts) {
+    // Online, a snapshot without tokenizer.json is completed from the Hub; offline, config + weights are enough
+    // (the model loader then says what is missing).
+    if let Some(snap) = cached_snapshot(id, opts)
+        && (opts.offline || snap.join("tokenizer.json").is_file())
+    {
         return Ok(snap);
     }
     if opts.offline {

