@@ -283,3 +283,115 @@ fn a_folder_of_same_type_files_is_one_dataset() {
         .to_string();
     assert!(m.contains("mixes file types (json, jsonl)"), "{m}");
 }
+
+#[test]
+fn openai_messages_with_tool_calls_and_merged_tool_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = serde_json::json!([
+        {"messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "tool", "content": "22C"},
+            {"role": "assistant", "content": "Sunny, 22C."}
+        ],
+         "tools": [{"name": "get_weather", "description": "d", "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "c"}}, "required": ["city"]}}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    ]);
+    std::fs::write(tmp.path().join("oa.json"), rows.to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("dataset_info.json"),
+        r#"{"oa": {"file_name": "oa.json", "formatting": "openai", "columns": {"messages": "messages", "tools": "tools"}}}"#,
+    )
+    .unwrap();
+    let opts = options(tmp.path(), &["oa"], Some("qwen"), tmp.path());
+    let l = load_examples(&opts).unwrap();
+    let e = &l.train[0];
+    // Expected values follow LLaMA-Factory's OpenAIDatasetConverter (read from its source).
+    assert_eq!(e.system, "S\n", "with tools a system prompt gets a newline");
+    assert_eq!(e.prompt[1].role, Role::Function);
+    assert_eq!(
+        e.prompt[1].content,
+        r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#
+    );
+    assert_eq!(e.prompt[2].role, Role::Observation);
+    assert_eq!(
+        e.prompt[2].content,
+        "sunny\n</tool_response>\n<tool_response>\n22C"
+    );
+    assert!(e.tools.starts_with(r#"[{"name": "get_weather", "#));
+    assert_eq!(
+        l.train[1].system, "detailed thinking off",
+        "LLaMA-Factory's quirk without tools"
+    );
+
+    let enc = termtune::data::Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::chat_config(None, "</s>"),
+    )
+    .unwrap();
+    let p = termtune::data::pipeline::preview(&opts, &enc, 0).unwrap();
+    assert!(
+        p.rendered.contains(
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n"
+        ),
+        "{}",
+        p.rendered
+    );
+    assert!(p.rendered.contains(
+        "<tool_response>\nsunny\n</tool_response>\n<tool_response>\n22C\n</tool_response>"
+    ));
+    // The function call is trained (it is an assistant turn), the tool results are not.
+    let trained: Vec<&str> = p
+        .spans
+        .iter()
+        .filter(|s| s.trained)
+        .map(|s| s.text.as_str())
+        .collect();
+    assert!(
+        trained[0].starts_with("<tool_call>") && trained[1] == "Sunny, 22C.<|im_end|>\n",
+        "{trained:?}"
+    );
+
+    // tool_format overrides the tool format; the function slots become `{{content}}` + eos (qwen: <|im_end|>).
+    let mut opts = opts;
+    opts.tool_format = Some("default".into());
+    let enc = termtune::data::Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::chat_config(None, "</s>"),
+    )
+    .unwrap();
+    let p = termtune::data::pipeline::preview(&opts, &enc, 0).unwrap();
+    assert!(
+        p.rendered
+            .contains("Action: get_weather\nAction Input: {\"city\": \"Paris\"}<|im_end|>"),
+        "{}",
+        p.rendered
+    );
+    assert!(
+        p.rendered.contains("  - city (string, required): c\n"),
+        "{}",
+        p.rendered
+    );
+}
+
+#[test]
+fn length_grouped_order_is_a_seeded_permutation_with_the_longest_first() {
+    let lengths: Vec<usize> = (0..400).map(|i| (i * 37) % 101).collect();
+    let order = termtune::data::pack::epoch_order(&lengths, 4, true, 42, 0);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..400).collect::<Vec<_>>());
+    assert_eq!(lengths[order[0]], 100);
+    assert_eq!(
+        order,
+        termtune::data::pack::epoch_order(&lengths, 4, true, 42, 0)
+    );
+    assert_ne!(
+        order,
+        termtune::data::pack::epoch_order(&lengths, 4, true, 42, 1)
+    );
+}
