@@ -395,3 +395,36 @@ fn length_grouped_order_is_a_seeded_permutation_with_the_longest_first() {
         termtune::data::pack::epoch_order(&lengths, 4, true, 42, 1)
     );
 }
+
+#[test]
+fn alpaca_history_and_system_columns_are_used_and_history_answers_trained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = serde_json::json!([
+        {"instruction": "And 3+3?", "input": "", "output": "6.", "system": "Be terse.", "history": [["What is 2+2?", "4."]]}
+    ]);
+    std::fs::write(tmp.path().join("h.json"), rows.to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("dataset_info.json"),
+        r#"{"h": {"file_name": "h.json", "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}}}"#,
+    )
+    .unwrap();
+    let opts = options(tmp.path(), &["h"], Some("chatml"), tmp.path());
+    let enc = termtune::data::Encoder::new(
+        &opts,
+        &data_util::tokenizer(),
+        &data_util::chat_config(None, "</s>"),
+    )
+    .unwrap();
+    let p = termtune::data::pipeline::preview(&opts, &enc, 0).unwrap();
+    assert_eq!(
+        p.rendered,
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n6.<|im_end|>\n"
+    );
+    let trained: Vec<&str> = p
+        .spans
+        .iter()
+        .filter(|s| s.trained)
+        .map(|s| s.text.as_str())
+        .collect();
+    assert_eq!(trained, vec!["4.<|im_end|>\n", "6.<|im_end|>\n"]);
+}

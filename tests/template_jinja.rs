@@ -188,3 +188,21 @@ fn parse_template_finds_no_default_system_when_the_template_has_none() {
         )]
     );
 }
+
+#[test]
+fn no_template_and_no_chat_template_falls_back_to_empty_with_a_warning() {
+    let enc = Encoder::new(
+        &DataOptions::default(),
+        &tokenizer(),
+        &config(None, "</s>", None),
+    )
+    .unwrap();
+    assert_eq!(enc.template.name, "empty");
+    assert!(
+        enc.warnings
+            .iter()
+            .any(|w| w.contains("no chat_template") && w.contains("`empty`")),
+        "{:?}",
+        enc.warnings
+    );
+}

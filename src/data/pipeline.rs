@@ -342,8 +342,7 @@ pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
             Vec::new()
         }
     } else {
-        let mut eval_counts = RowCounts::default();
-        load_names(&opts.eval_dataset, opts, &mut eval_counts)?
+        load_names(&opts.eval_dataset, opts, &mut counts)?
             .into_iter()
             .flatten()
             .collect()
@@ -555,6 +554,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
     stats.train_examples = train_tok.len();
     stats.eval_examples = eval_tok.len();
     stats.set_lengths(&train_tok);
+    stats.untrained = train_tok.iter().filter(|t| t.trained_tokens() == 0).count();
     let (train, dropped) = to_sequences(enc, &train_tok, opts);
     let (eval, _) = to_sequences(enc, &eval_tok, opts);
     stats.dropped_too_long = dropped;
