@@ -34,7 +34,7 @@ impl CacheKey {
         let mut h = Sha256::new();
         h.update(b"termtune-data-v1\0");
         let relevant = format!(
-            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}|{}|{:?}",
+            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}",
             opts.dataset,
             opts.eval_dataset,
             opts.cutoff_len,
@@ -47,7 +47,7 @@ impl CacheKey {
             opts.mix_strategy,
             opts.interleave_probs,
             opts.default_system,
-            opts.enable_thinking,
+            (opts.enable_thinking, opts.preserve_thinking),
             opts.tool_format,
             opts.seed,
             opts.stage,

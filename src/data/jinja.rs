@@ -332,6 +332,7 @@ pub fn parse_template(jinja: &JinjaTemplate, prefix: &str) -> Result<Template, D
         replace_eos: false,
         replace_jinja_template: false,
         enable_thinking: true,
+        preserve_thinking: false,
     })
 }
 

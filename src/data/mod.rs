@@ -169,6 +169,8 @@ pub struct DataOptions {
     pub default_system: Option<String>,
     /// `enable_thinking` for reasoning templates (default true).
     pub enable_thinking: bool,
+    /// `preserve_thinking`: keep earlier turns' thoughts for reasoning templates (default false).
+    pub preserve_thinking: bool,
     /// `tool_format`: overrides the template's tool format (`default`, `qwen`, `llama3`, `mistral`).
     pub tool_format: Option<String>,
     /// `seed` (default 42).
@@ -206,6 +208,7 @@ impl Default for DataOptions {
             interleave_probs: None,
             default_system: None,
             enable_thinking: true,
+            preserve_thinking: false,
             tool_format: None,
             seed: 42,
             stage: Stage::Sft,

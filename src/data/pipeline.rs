@@ -492,7 +492,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         });
     }
     // Cache key: options, template + tokenizer, registry entries and file contents.
-    let mut key = CacheKey::new(opts, &enc.fingerprint);
+    let mut key = CacheKey::new(opts, &enc.fingerprint());
     let mut names = opts.dataset.clone();
     names.extend(opts.eval_dataset.iter().cloned());
     for attr in resolve_all(&opts.dataset_dir, &names)? {
