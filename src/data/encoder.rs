@@ -135,6 +135,12 @@ impl Encoder {
             template.default_system.clone_from(system);
         }
         template.enable_thinking = opts.enable_thinking;
+        if template.class == super::template::TemplateClass::Reasoning {
+            warnings.push(format!(
+                "template `{}` is a reasoning template (an empty <think> block is added to answers without one); use the `_nothink` variant if the model is not a reasoning model",
+                template.name
+            ));
+        }
         template.preserve_thinking = opts.preserve_thinking;
 
         // Warnings before the tokenizer is changed.

@@ -404,7 +404,7 @@ impl PreparedDataset {
 /// `cutoff_len` as the processors use it: one less when packing (LLaMA-Factory).
 fn effective_cutoff(opts: &DataOptions) -> usize {
     if opts.packing_enabled() {
-        opts.cutoff_len - 1
+        opts.cutoff_len.saturating_sub(1).max(1)
     } else {
         opts.cutoff_len
     }
