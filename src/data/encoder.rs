@@ -88,7 +88,7 @@ impl Encoder {
             })?,
             None => {
                 if let Some(source) = &chat_template {
-                    let j = JinjaTemplate::new(
+                    let mut j = JinjaTemplate::new(
                         source,
                         bos_token.as_deref().unwrap_or(""),
                         eos_token.as_deref().unwrap_or(""),
@@ -100,6 +100,8 @@ impl Encoder {
                         .decode(empty.get_ids(), false)
                         .map_err(|e| DataError::Tokenizer(e.to_string()))?;
                     let t = parse_template(&j, &prefix)?;
+                    // Chat prompts pass `enable_thinking: false` to Qwen3-style templates when asked to.
+                    j.enable_thinking = (!opts.enable_thinking).then_some(false);
                     jinja = Some(j);
                     t
                 } else {
