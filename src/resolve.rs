@@ -39,6 +39,7 @@ pub fn data_options(p: &Preset) -> DataOptions {
         }),
         default_system: p.default_system.clone(),
         enable_thinking: p.enable_thinking,
+        preserve_thinking: p.preserve_thinking,
         tool_format: p.tool_format.clone(),
         seed: p.data_seed_resolved(),
         stage: match p.stage {

@@ -10,6 +10,7 @@ use super::process::{IGNORE_INDEX, TokenizedExample};
 
 /// Counts of reading and converting rows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DatasetStats {
     pub rows_read: usize,
     pub rows_kept: usize,
@@ -25,6 +26,8 @@ pub struct DatasetStats {
     pub tokens_max: usize,
     /// Examples cut by `cutoff_len`.
     pub truncated: usize,
+    /// Examples left with no trained token (the prompt filled `cutoff_len`); LLaMA-Factory keeps them.
+    pub untrained: usize,
     /// Examples dropped by packing because they are longer than `cutoff_len`.
     pub dropped_too_long: usize,
     /// Training sequences after packing (= `train_examples` without packing).
@@ -117,6 +120,13 @@ pub fn format_stats(s: &DatasetStats) -> String {
         s.tokens_mean, s.tokens_p50, s.tokens_p95, s.tokens_max
     );
     let _ = writeln!(out, "truncated by cutoff_len: {}", s.truncated);
+    if s.untrained > 0 {
+        let _ = writeln!(
+            out,
+            "warning: {} examples have no trained token (the prompt fills cutoff_len); raise `cutoff_len`",
+            s.untrained
+        );
+    }
     if s.dropped_too_long > 0 || s.train_sequences != s.train_examples {
         let _ = writeln!(
             out,
