@@ -58,6 +58,9 @@ pub struct CheckArgs {
     /// Also show example N of the training data: raw record, rendered text, trained/masked tokens.
     #[arg(long, value_name = "N")]
     pub preview: Option<usize>,
+    /// Check the preset only: skip loading the tokenizer and the dataset statistics.
+    #[arg(long)]
+    pub no_data: bool,
 }
 
 #[derive(Debug, Args)]

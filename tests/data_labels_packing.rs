@@ -197,7 +197,7 @@ fn sft_pipeline_packs_counts_and_reuses_the_cache() {
     assert!(first.train.iter().all(|q| q.len() == 256));
     assert_eq!(
         s.steps_per_epoch,
-        (s.train_sequences.div_ceil(2) / 2).max(1)
+        s.train_sequences.div_ceil(2).div_ceil(2).max(1)
     );
     assert!(s.tokens_p50 <= s.tokens_p95 && s.tokens_p95 <= s.tokens_max);
     assert!(first.block_diagonal);

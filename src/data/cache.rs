@@ -34,7 +34,7 @@ impl CacheKey {
         let mut h = Sha256::new();
         h.update(b"termtune-data-v1\0");
         let relevant = format!(
-            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}",
+            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
             opts.dataset,
             opts.eval_dataset,
             opts.cutoff_len,
@@ -51,6 +51,7 @@ impl CacheKey {
             opts.tool_format,
             opts.seed,
             opts.stage,
+            opts.placeholders,
         );
         h.update(relevant.as_bytes());
         h.update(b"\0");

@@ -61,6 +61,29 @@ pub struct Example {
     pub location: Location,
 }
 
+impl Example {
+    /// The example with each `(from, to)` substitution applied to every message and the system
+    /// prompt (identity placeholders like `{{name}}`).
+    #[must_use]
+    pub fn filled(mut self, placeholders: &[(String, String)]) -> Example {
+        if placeholders.is_empty() {
+            return self;
+        }
+        let fill = |text: &mut String| {
+            for (from, to) in placeholders {
+                if text.contains(from.as_str()) {
+                    *text = text.replace(from.as_str(), to);
+                }
+            }
+        };
+        for m in self.prompt.iter_mut().chain(self.response.iter_mut()) {
+            fill(&mut m.content);
+        }
+        fill(&mut self.system);
+        self
+    }
+}
+
 fn opt_str(row: &Value, column: &str) -> Result<Option<String>, SkipReason> {
     match row.get(column) {
         None | Some(Value::Null) => Ok(None),

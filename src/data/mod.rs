@@ -189,6 +189,9 @@ pub struct DataOptions {
     pub enable_thinking: bool,
     /// `preserve_thinking`: keep earlier turns' thoughts for reasoning templates (default false).
     pub preserve_thinking: bool,
+    /// Text substitutions applied to every message and system prompt after conversion, e.g.
+    /// `("{{name}}", "Termie")` for the identity dataset (termtune's `identity_name`/`identity_author`).
+    pub placeholders: Vec<(String, String)>,
     /// `tool_format`: overrides the template's tool format (`default`, `qwen`, `llama3`, `mistral`).
     pub tool_format: Option<String>,
     /// `seed` (default 42).
@@ -227,6 +230,7 @@ impl Default for DataOptions {
             default_system: None,
             enable_thinking: true,
             preserve_thinking: false,
+            placeholders: Vec::new(),
             tool_format: None,
             seed: 42,
             stage: Stage::Sft,

@@ -145,11 +145,13 @@ fn load_names(
             .into_par_iter()
             .map(|row| {
                 let row = row?;
-                convert(attr, &row, opts.stage).map_err(|reason| SkipRecord {
-                    file: row.file.clone(),
-                    location: row.location,
-                    reason,
-                })
+                convert(attr, &row, opts.stage)
+                    .map(|e| e.filled(&opts.placeholders))
+                    .map_err(|reason| SkipRecord {
+                        file: row.file.clone(),
+                        location: row.location,
+                        reason,
+                    })
             })
             .collect();
         let mut local = RowCounts::default();
@@ -700,11 +702,13 @@ impl StreamingDataset<'_> {
                     self.taken += 1;
                     self.counts.read += 1;
                     let converted = row.and_then(|row| {
-                        convert(attr, &row, self.opts.stage).map_err(|reason| SkipRecord {
-                            file: row.file.clone(),
-                            location: row.location,
-                            reason,
-                        })
+                        convert(attr, &row, self.opts.stage)
+                            .map(|e| e.filled(&self.opts.placeholders))
+                            .map_err(|reason| SkipRecord {
+                                file: row.file.clone(),
+                                location: row.location,
+                                reason,
+                            })
                     });
                     match converted {
                         Ok(e) => {
@@ -784,7 +788,7 @@ pub fn preview(opts: &DataOptions, enc: &Encoder, index: usize) -> Result<Previe
         p.source = format!("{} {}", row.file.display(), row.location);
         p.raw = row.value.clone();
         let ex = match convert(attr, row, opts.stage) {
-            Ok(e) => e,
+            Ok(e) => e.filled(&opts.placeholders),
             Err(reason) => {
                 p.skipped = Some(reason.to_string());
                 return Ok(p);

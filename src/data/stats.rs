@@ -36,7 +36,7 @@ pub struct DatasetStats {
     pub tokens_per_epoch: usize,
     /// Tokens with a label per epoch.
     pub trained_tokens_per_epoch: usize,
-    /// Optimizer steps per epoch for the batch settings (⌊batches / accumulation⌋, at least 1).
+    /// Optimizer steps per epoch for the batch settings (⌈batches / accumulation⌉, at least 1, as Hugging Face's Trainer).
     pub steps_per_epoch: usize,
     /// Total optimizer steps (`max_steps` if set, else epochs × steps per epoch).
     pub total_steps: usize,
@@ -73,7 +73,8 @@ impl DatasetStats {
         max_steps: Option<usize>,
     ) {
         let batches = self.train_sequences.div_ceil(batch_size.max(1));
-        self.steps_per_epoch = (batches / grad_accum.max(1)).max(1);
+        // Hugging Face's Trainer: the last, partial accumulation still makes an update.
+        self.steps_per_epoch = batches.div_ceil(grad_accum.max(1)).max(1);
         #[allow(
             clippy::cast_precision_loss,
             clippy::cast_possible_truncation,
