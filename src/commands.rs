@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
         Some(Command::Export(args)) => export(&args),
+        Some(Command::Bench(args)) => bench(&args),
     }
 }
 
@@ -315,6 +316,40 @@ fn repl(session: &mut crate::chat::ChatSession) -> ExitCode {
         println!();
         if let Err(e) = result {
             eprintln!("termtune: {e}");
+        }
+    }
+}
+
+fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
+    let python = (!args.no_reference).then(|| {
+        std::env::var_os("TERMTUNE_BENCH_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map_or_else(
+                || std::path::PathBuf::from("python3"),
+                std::path::PathBuf::from,
+            )
+    });
+    let opts = crate::bench::BenchOptions {
+        model: args.model.clone(),
+        dataset: args.dataset.clone(),
+        dataset_dir: args.dataset_dir.clone(),
+        template: args.template.clone(),
+        examples: args.examples,
+        batch_size: args.batch_size,
+        cutoff_len: args.cutoff_len,
+        lora_rank: args.lora_rank,
+        steps: args.steps,
+        warmup: 1,
+        python,
+    };
+    match crate::bench::run(&opts, &mut |line| eprintln!("termtune: {line}")) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("termtune: bench failed: {e}");
+            ExitCode::FAILURE
         }
     }
 }
