@@ -317,6 +317,17 @@ impl Encoder {
             .collect())
     }
 
+    /// `encode_oneturn`: (prompt ids, answer ids) where the answer is the last message.
+    pub fn encode_oneturn(
+        &self,
+        messages: &[Message],
+        system: &str,
+        tools: &str,
+    ) -> Result<TurnIds, SkipReason> {
+        let (p, a) = self.template.oneturn_elements(messages, system, tools)?;
+        Ok((self.slots_to_ids(&p), self.slots_to_ids(&a)))
+    }
+
     /// The rendered text of each (prompt, answer) turn.
     pub fn render_multiturn(
         &self,
