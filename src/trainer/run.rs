@@ -78,6 +78,11 @@ pub fn run_training(
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
     let p = &loaded.preset;
+    if p.streaming {
+        return Err(TrainError::Invalid(
+            "`streaming: true` is not supported by the trainer yet (the data pipeline can stream, the loop cannot); remove it: the dataset is then tokenised once and cached".into(),
+        ));
+    }
     let out_dir = PathBuf::from(&p.output_dir);
     prepare_output_dir(&out_dir, p)?;
 
