@@ -1,0 +1,117 @@
+//! termtune's own model and generation on the real SmolLM2-135M-Instruct GGUF, against an
+//! independent implementation: tests/fixtures/smollm2_greedy_reference.json was made by
+//! `scripts/smollm2_reference.py` with transformers 5.24 + torch 2.15 loading the same GGUF
+//! dequantized to float32 (see the fixture's `note`, `tools` and `command`).
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use candle_core::Device;
+use termtune::chat::ChatSession;
+use termtune::config::{self, Purpose};
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2_greedy_reference.json"),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn greedy_answer_matches_transformers_token_for_token() {
+    let r = reference();
+    let gguf = termtune::testing::smollm2_gguf();
+    let system = r["messages"][0]["content"].as_str().unwrap();
+    let user = r["messages"][1]["content"].as_str().unwrap();
+    let text = format!(
+        "model_name_or_path: {}\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\n",
+        gguf.display(),
+        system
+    );
+    let loaded = config::parse(&text, &[], Purpose::Chat).unwrap();
+    let mut session = ChatSession::load(&loaded.preset, &Device::Cpu, &mut |_| {}).unwrap();
+    // Same prompt text and ids as the reference (the tokenizer's own chat template).
+    assert_eq!(
+        session.rendered_prompt(user).unwrap(),
+        r["prompt_text"].as_str().unwrap()
+    );
+    let answer = session
+        .answer(user, None, |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    let expected = ids(&r, "continuation_until_eos_ids");
+    // The answer stops at eos (id 2), which is not part of the returned tokens.
+    assert_eq!(
+        answer.tokens,
+        expected[..expected.len() - 1],
+        "{}",
+        answer.text
+    );
+    assert_eq!(answer.text, r["answer_text"].as_str().unwrap());
+}
+
+#[test]
+fn chat_prompt_prints_only_the_answer_on_stdout() {
+    let gguf = termtune::testing::smollm2_gguf();
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .args(["chat", "--model"])
+        .arg(&gguf)
+        .args([
+            "--system",
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "The capital of France is Paris.\n"
+    );
+    // What is loaded is said on stderr, never mixed into the answer.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("adapter: none (base model)"), "{stderr}");
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let gguf = termtune::testing::smollm2_gguf();
+    let run = |seed: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+            .args(["chat", "--model"])
+            .arg(&gguf)
+            .args([
+                "--prompt",
+                "Write one sentence about the sea.",
+                "--temperature",
+                "0.9",
+            ])
+            .args(["--top-p", "0.9", "--max-new-tokens", "20", "--seed", seed])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let a = run("7");
+    assert!(!a.trim().is_empty());
+    assert_eq!(a, run("7"));
+}
