@@ -1,0 +1,482 @@
+#![allow(clippy::unwrap_used)]
+//! `termtune export` evidence on the tiny seeded llama (CPU, seconds) and on the real SmolLM2 GGUF: merged
+//! Hugging Face folders give the logits of base + adapter, shards and index are right, refusals write nothing,
+//! GGUF exports load back with the same greedy tokens.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use termtune::config::{self, Preset, Purpose};
+use termtune::engine::hub::HubOptions;
+use termtune::engine::source::load_model;
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::engine::weights::load_hf_folder;
+use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model, adapter};
+use termtune::export::{self, ExportError};
+
+const CPU: Device = Device::Cpu;
+/// Prompt ids for the comparisons (arbitrary ids inside the tiny vocabulary).
+const PROMPT: [u32; 12] = [5, 71, 200, 13, 290, 17, 33, 101, 250, 9, 44, 180];
+
+fn preset(lines: &[String]) -> Preset {
+    config::parse(&lines.join("\n"), &[], Purpose::Export)
+        .map_err(|e| format!("{e:?}"))
+        .unwrap()
+        .preset
+}
+
+/// A tiny base folder and one trained-looking adapter on it (LoRA on q,k,v,o,gate,up,down with seeded non-zero
+/// B). Returns (base dir, adapter dir, base + unmerged adapter model in f32).
+fn base_and_adapter(root: &Path, seed: u64, r: usize) -> (PathBuf, PathBuf, Model) {
+    let base = root.join("base");
+    tiny_llama(&base, 1234, &TinyOpts::default()).unwrap();
+    let files = load_hf_folder(&base, DType::F32, &CPU).unwrap();
+    let spec = LoraSpec {
+        r,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::parse("all").unwrap(),
+        use_rslora: false,
+        seed,
+    };
+    let model = Model::from_files(&files, DType::F32, &CPU, &Finetune::Lora(spec)).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for (name, v) in model.trainable_vars() {
+        if name.ends_with("lora_B.weight") {
+            let (o, r) = v.dims2().unwrap();
+            let data: Vec<f32> = (0..o * r).map(|_| rng.random_range(-0.2..0.2)).collect();
+            v.set(&Tensor::from_vec(data, (o, r), &CPU).unwrap())
+                .unwrap();
+        }
+    }
+    let ad = root.join("adapter");
+    adapter::save_adapter(&model, &ad, "tiny-org/tiny-llama").unwrap();
+    (base, ad, model)
+}
+
+fn logits(model: &Model) -> Tensor {
+    let ids = Tensor::from_vec(PROMPT.to_vec(), (1, PROMPT.len()), &CPU).unwrap();
+    model
+        .forward(&ids, &AttnMask::Causal, false)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Greedy continuation, full forward at every step.
+fn greedy(model: &Model, n: usize) -> Vec<u32> {
+    let mut ids = PROMPT.to_vec();
+    for _ in 0..n {
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &CPU).unwrap();
+        let l = model.forward(&t, &AttnMask::Causal, false).unwrap();
+        let last = l.get(0).unwrap().get(ids.len() - 1).unwrap();
+        ids.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
+    }
+    ids[PROMPT.len()..].to_vec()
+}
+
+fn load_back(path: &Path) -> Model {
+    let hub = HubOptions::from_vars(|_| None);
+    let src = load_model(path.to_str().unwrap(), &hub, DType::F32, &CPU, &mut |_| {}).unwrap();
+    Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Nothing but `keep` in `root` (no `.…termtune-partial…` folder left behind).
+fn assert_only(root: &Path, keep: &[&str]) {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = keep.iter().map(|s| (*s).to_string()).collect();
+    want.sort();
+    assert_eq!(names, want);
+}
+
+#[test]
+fn f32_export_gives_the_logits_of_base_plus_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, reference) = base_and_adapter(tmp.path(), 11, 8);
+    let out = tmp.path().join("merged");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "infer_dtype: float32".into(),
+    ]);
+    let mut lines = Vec::new();
+    let report = export::export(&p, &CPU, &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("merging adapter 1/1")),
+        "{lines:?}"
+    );
+    assert_eq!(report.weights_type, "float32");
+    assert_eq!(
+        report.files,
+        vec![
+            "Modelfile",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    assert_eq!(
+        read_json(&out.join("config.json"))["torch_dtype"],
+        "float32"
+    );
+    // The tokenizer travels byte for byte; the config keeps the chat template and pads left.
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(base.join("tokenizer.json")).unwrap()
+    );
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!(
+        tc["chat_template"],
+        termtune::engine::testing::CHATML_TEMPLATE
+    );
+    assert_eq!(tc["padding_side"], "left");
+    assert_eq!(
+        read_json(&out.join("generation_config.json")),
+        read_json(&base.join("generation_config.json"))
+    );
+
+    let exported = load_back(&out);
+    let diff = max_abs_diff(&logits(&reference), &logits(&exported));
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // The adapter matters: the base alone is far away.
+    let base_model = load_back(&base);
+    assert!(max_abs_diff(&logits(&reference), &logits(&base_model)) > 1e-2);
+
+    // The Ollama Modelfile: ChatML as a Go template, stop tokens, context.
+    let mf = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(mf.contains("FROM .\n"), "{mf}");
+    assert!(
+        mf.contains(
+            "TEMPLATE \"\"\"{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}\"\"\""
+        ),
+        "{mf}"
+    );
+    assert!(mf.contains("PARAMETER stop \"<|im_end|>\""), "{mf}");
+    assert!(mf.contains("PARAMETER num_ctx 512"), "{mf}");
+    assert_only(tmp.path(), &["adapter", "base", "merged"]);
+}
+
+#[test]
+fn shards_and_index_follow_export_size_and_auto_is_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, reference) = base_and_adapter(tmp.path(), 3, 4);
+    let out = tmp.path().join("sharded");
+    // 0.00005 GB = 50 kB per shard; the model is ~190 kB in bf16 (one layer ~74 kB), so at least 4 shards.
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "export_size: 0.00005".into(),
+    ]);
+    let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+    assert_eq!(report.weights_type, "bfloat16");
+    assert_eq!(
+        read_json(&out.join("config.json"))["torch_dtype"],
+        "bfloat16"
+    );
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
+    let n = shards.len();
+    assert!(n >= 4, "{shards:?}");
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(*s, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        assert!(out.join(s).is_file());
+    }
+    assert!(!out.join("model.safetensors").exists());
+    // Every tensor once, in the shard the index names, bf16, and total_size is the sum of their bytes.
+    let mut total = 0u64;
+    for s in &shards {
+        let bytes = std::fs::read(out.join(s)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            assert_eq!(map[&name], *s, "{name}");
+            assert_eq!(view.dtype(), safetensors::Dtype::BF16);
+            total += view.data().len() as u64;
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+    // 2 layers × 9 + embed + norm (tied: no lm_head).
+    assert_eq!(map.len(), 2 * 9 + 2);
+    // Loaded back through the index: exactly base + adapter merged in f32, rounded once to bf16.
+    let files = load_hf_folder(&out, DType::BF16, &CPU).unwrap();
+    let want = reference.merged_tensors().unwrap();
+    assert_eq!(files.tensors.len(), want.len());
+    for (name, t) in &want {
+        let t = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let got = files.tensors[name].to_dtype(DType::F32).unwrap();
+        assert_eq!(max_abs_diff(&t, &got), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn refusals_explain_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, _) = base_and_adapter(tmp.path(), 5, 4);
+
+    // export_dir exists and is not empty: untouched.
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "mine").unwrap();
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", busy.display()),
+    ]);
+    let err = export::export(&p, &CPU, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, ExportError::TargetNotEmpty(_)), "{err}");
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert_only(&busy, &["keep.txt"]);
+
+    // A missing adapter (second of a list): refused before any loading, nothing created.
+    let out = tmp.path().join("never");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!(
+            "adapter_name_or_path: {},{}",
+            ad.display(),
+            tmp.path().join("nope").display()
+        ),
+        format!("export_dir: {}", out.display()),
+    ]);
+    let err = export::export(&p, &CPU, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, ExportError::MissingAdapter { .. }), "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
+    // An adapter for another base (rank fits, shapes do not): fails during the merge; the partial folder is gone.
+    let other = tmp.path().join("other");
+    tiny_llama(
+        &other.join("base"),
+        1,
+        &TinyOpts {
+            hidden_size: 32,
+            num_heads: 2,
+            num_kv_heads: 1,
+            ..TinyOpts::default()
+        },
+    )
+    .unwrap();
+    let p = preset(&[
+        format!("model_name_or_path: {}", other.join("base").display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+    ]);
+    let err = export::export(&p, &CPU, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("another base"), "{err}");
+    assert_only(tmp.path(), &["adapter", "base", "busy", "other"]);
+
+    // Disk space: the rule that refuses before writing.
+    let err = export::space_verdict(Path::new("/x"), 3_000_000_000, 1_000_000_000).unwrap_err();
+    assert!(matches!(err, ExportError::DiskFull { .. }));
+    assert_eq!(
+        err.to_string(),
+        "not enough disk space for the export: it needs about 3.00 GB but /x has 1.00 GB free; free some space or choose another `export_dir`"
+    );
+    assert!(export::space_verdict(Path::new("/x"), 1, 2).is_ok());
+
+    // An empty existing export_dir is fine (replaced by the export).
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", empty.display()),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    assert!(empty.join("model.safetensors").is_file());
+}
+
+#[test]
+fn gguf_export_of_the_tiny_model_loads_back_with_the_same_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, reference) = base_and_adapter(tmp.path(), 21, 8);
+    let want = greedy(&reference, 12);
+    for (ty, tol) in [("f32", 1e-4f32), ("f16", 5e-2), ("q8_0", f32::INFINITY)] {
+        let out = tmp.path().join(format!("gguf-{ty}"));
+        let p = preset(&[
+            format!("model_name_or_path: {}", base.display()),
+            format!("adapter_name_or_path: {}", ad.display()),
+            format!("export_dir: {}", out.display()),
+            "export_format: gguf".into(),
+            format!("export_gguf_type: {ty}"),
+        ]);
+        let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+        let file = format!("model-{ty}.gguf");
+        assert_eq!(report.files, vec!["Modelfile".to_string(), file.clone()]);
+        let mf = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+        assert!(mf.contains(&format!("FROM ./{file}\n")), "{mf}");
+
+        // Metadata llama.cpp needs.
+        let md = export::gguf::read_metadata(&out.join(&file)).unwrap();
+        let s = |k: &str| md[k].to_string().unwrap().clone();
+        assert_eq!(s("general.architecture"), "llama");
+        assert_eq!(s("tokenizer.ggml.model"), "gpt2");
+        assert_eq!(s("tokenizer.ggml.pre"), "gpt-2");
+        assert_eq!(
+            s("tokenizer.chat_template"),
+            termtune::engine::testing::CHATML_TEMPLATE
+        );
+        assert_eq!(md["tokenizer.ggml.tokens"].to_vec().unwrap().len(), 320);
+
+        let loaded = load_back(&out.join(&file));
+        if ty != "q8_0" {
+            let diff = max_abs_diff(&logits(&reference), &logits(&loaded));
+            assert!(diff < tol, "{ty}: max |Δlogit| = {diff}");
+            assert_eq!(greedy(&loaded, 12), want, "{ty}");
+        }
+        // The tokenizer rebuilt from the GGUF metadata tokenizes like the original.
+        let hub = HubOptions::from_vars(|_| None);
+        let src = load_model(
+            out.join(&file).to_str().unwrap(),
+            &hub,
+            DType::F32,
+            &CPU,
+            &mut |_| {},
+        )
+        .unwrap();
+        let orig = termtune::engine::testing::tiny_tokenizer().unwrap();
+        let text = "<|im_start|>user\nthe cat is in the garden<|im_end|>\n";
+        assert_eq!(
+            src.files
+                .tokenizer
+                .unwrap()
+                .encode(text, false)
+                .unwrap()
+                .get_ids(),
+            orig.encode(text, false).unwrap().get_ids()
+        );
+    }
+}
+
+#[test]
+fn adapter_export_copies_the_peft_folder_with_a_model_card() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, _) = base_and_adapter(tmp.path(), 8, 4);
+    let out = tmp.path().join("adapter-out");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "dataset: identity,alpaca_en_demo".into(),
+    ]);
+    let report = export::export_adapter(&p, &mut |_| {}).unwrap();
+    assert_eq!(
+        report.files,
+        vec![
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(ad.join("adapter_model.safetensors")).unwrap()
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for want in [
+        "library_name: peft",
+        "| rank r | 4 |",
+        "| lora_alpha | 16 (scale 4.0000) |",
+        "q_proj",
+        "identity",
+        "AutoPeftModelForCausalLM",
+        "--lora-modules",
+        "convert_lora_to_gguf.py",
+    ] {
+        assert!(card.contains(want), "{want} missing in\n{card}");
+    }
+    // The exported folder is still a PEFT adapter termtune reads.
+    adapter::read_adapter(&out, &CPU).unwrap();
+}
+
+/// The real SmolLM2-135M-Instruct (Q4_1 GGUF): an f16 GGUF export loads back in termtune and answers a chat
+/// prompt with the same greedy tokens as the Q4_1 base (both run in f32 after dequantization).
+#[test]
+fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
+    let gguf = termtune::testing::smollm2_gguf();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smol-f16");
+    let p = preset(&[
+        format!("model_name_or_path: {}", gguf.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+        "export_gguf_type: f16".into(),
+    ]);
+    let mut lines = Vec::new();
+    let start = std::time::Instant::now();
+    let report = export::export(&p, &CPU, &mut |l| lines.push(l.to_string())).unwrap();
+    eprintln!("smollm2 f16 export: {:?}", start.elapsed());
+    assert_eq!(report.dequantized_base.as_deref(), Some("Q4_1"));
+    assert!(lines.iter().any(|l| l.contains("dequantized")), "{lines:?}");
+    let file = out.join("model-f16.gguf");
+    // The tokenizer metadata is the base's, verbatim.
+    let src_md = export::gguf::read_metadata(&gguf).unwrap();
+    let out_md = export::gguf::read_metadata(&file).unwrap();
+    for k in src_md.keys().filter(|k| k.starts_with("tokenizer.")) {
+        assert_eq!(
+            format!("{:?}", out_md[k]),
+            format!("{:?}", src_md[k]),
+            "{k}"
+        );
+    }
+
+    let answer = |path: &Path| -> Vec<u32> {
+        let hub = HubOptions::from_vars(|_| None);
+        let src = load_model(path.to_str().unwrap(), &hub, DType::F32, &CPU, &mut |_| {}).unwrap();
+        let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+        let tok = src.files.tokenizer.unwrap();
+        let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+        let ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+        let params = termtune::engine::generate::GenerationParams {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let (toks, _) =
+            termtune::engine::generate::generate(&model, &ids, &params, &[2], None, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        eprintln!(
+            "{:?}: {:?} {:?}",
+            path.file_name(),
+            toks,
+            tok.decode(&toks, false).unwrap()
+        );
+        toks
+    };
+    let base = answer(&gguf);
+    let exported = answer(&file);
+    assert!(base.len() >= 4);
+    assert_eq!(exported, base);
+}
