@@ -275,7 +275,11 @@ pub fn write_gguf(
         )));
     }
 
-    progress(&format!("writing {}", path.display()));
+    progress(&format!(
+        "writing {}",
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().to_string())
+    ));
     let file = File::create(path)
         .map_err(|e| ExportError::io(format!("creating {}", path.display()), e))?;
     let mut w = BufWriter::new(file);
