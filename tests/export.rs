@@ -557,3 +557,182 @@ fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
         serde_json::json!(exported)
     );
 }
+
+/// A GGUF base exported as a Hugging Face folder: bf16 safetensors, the tokenizer rebuilt from the GGUF metadata
+/// (same ids as the GGUF's), the chat template, and logits of the export equal to the dequantized base rounded to
+/// bf16 (loaded back in f32).
+#[test]
+fn smollm2_gguf_base_exports_as_a_hugging_face_folder() {
+    let gguf = termtune::testing::smollm2_gguf();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smol-hf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", gguf.display()),
+        format!("export_dir: {}", out.display()),
+    ]);
+    let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+    assert_eq!(report.weights_type, "bfloat16");
+    assert_eq!(report.dequantized_base.as_deref(), Some("Q4_1"));
+    let files = load_hf_folder(&out, DType::F32, &CPU).unwrap();
+    assert_eq!(files.config["torch_dtype"], "bfloat16");
+    assert_eq!(files.config["num_hidden_layers"], 30);
+    let tc = &files.tokenizer_config;
+    assert!(
+        tc["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+    let hub = HubOptions::from_vars(|_| None);
+    let src = load_model(gguf.to_str().unwrap(), &hub, DType::F32, &CPU, &mut |_| {}).unwrap();
+    let text = "<|im_start|>user\nHow many r's are in strawberry? 12345<|im_end|>\n";
+    assert_eq!(
+        files
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .encode(text, false)
+            .unwrap()
+            .get_ids(),
+        src.files
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+    );
+    for (name, t) in &src.files.tensors {
+        let want = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_abs_diff(&want, &files.tensors[name]), 0.0, "{name}");
+    }
+    assert_eq!(files.tensors.len(), src.files.tensors.len());
+}
+
+/// Qwen2 (q/k/v biases, no Q/K permutation in GGUF) exports to GGUF and loads back with the logits of base +
+/// adapter.
+#[test]
+fn qwen2_gguf_export_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("qwen");
+    let opts = TinyOpts {
+        arch: termtune::engine::ArchKind::Qwen2,
+        ..TinyOpts::default()
+    };
+    tiny_llama(&base, 99, &opts).unwrap();
+    let files = load_hf_folder(&base, DType::F32, &CPU).unwrap();
+    let reference = Model::from_files(&files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+    let out = tmp.path().join("qwen-gguf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+        "export_gguf_type: f32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let md = export::gguf::read_metadata(&out.join("model-f32.gguf")).unwrap();
+    assert_eq!(md["general.architecture"].to_string().unwrap(), "qwen2");
+    let loaded = load_back(&out.join("model-f32.gguf"));
+    let diff = max_abs_diff(&logits(&reference), &logits(&loaded));
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+}
+
+/// A named LLaMA-Factory template on a tokenizer without a chat template: the export's tokenizer_config gets the
+/// template as Jinja (LLaMA-Factory's `fix_jinja_template`), and that Jinja renders what the slot template encodes.
+#[test]
+fn a_named_template_is_written_as_jinja_and_renders_like_the_slots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_llama(&base, 1234, &TinyOpts::default()).unwrap();
+    // Drop the tokenizer's own template.
+    let cfg_path = base.join("tokenizer_config.json");
+    let mut cfg = read_json(&cfg_path);
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", out.display()),
+        "template: qwen".into(),
+        "infer_dtype: float32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    let jinja = tc["chat_template"].as_str().unwrap();
+    let j = termtune::data::jinja::JinjaTemplate::new(jinja, "", "<|im_end|>").unwrap();
+    let msgs = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]);
+    // What LLaMA-Factory's qwen template encodes for this conversation (format_system/user/assistant of
+    // `register_template(name="qwen")`).
+    assert_eq!(
+        j.render(&msgs, true, None).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Without a system message the template's default system prompt is used.
+    let default = j
+        .render(
+            &serde_json::json!([{"role": "user", "content": "Hi"}]),
+            true,
+            None,
+        )
+        .unwrap();
+    assert!(
+        default.starts_with("<|im_start|>system\nYou are"),
+        "{default}"
+    );
+    let mf = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(mf.contains("SYSTEM \"\"\"You are"), "{mf}");
+}
+
+/// `termtune export PRESET.yaml KEY=VALUE`: the folder on stdout, progress on stderr; a second run is refused.
+#[test]
+fn the_command_line_exports_and_refuses_a_second_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, _) = base_and_adapter(tmp.path(), 4, 4);
+    let out = tmp.path().join("cli-out");
+    let yaml = tmp.path().join("export.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model_name_or_path: {}\nadapter_name_or_path: {}\nexport_dir: {}\n",
+            base.display(),
+            ad.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_termtune"))
+            .arg("export")
+            .arg(&yaml)
+            .arg("infer_dtype=float16")
+            .env("TERMTUNE_CACHE", tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("merging adapter 1/1"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.starts_with(&out.display().to_string()), "{stdout}");
+    assert_eq!(
+        read_json(&out.join("config.json"))["torch_dtype"],
+        "float16"
+    );
+    let second = run();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already exists and is not empty"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+}
