@@ -162,9 +162,39 @@ fn f32_export_gives_the_logits_of_base_plus_adapter() {
         read_json(&base.join("generation_config.json"))
     );
 
+    // `scripts/export_transformers_reference.py` loads this folder with transformers (not in CI).
+    if let Ok(keep) = std::env::var("TERMTUNE_EXPORT_REFERENCE_DIR") {
+        let keep = Path::new(&keep).join("tiny-hf-f32");
+        std::fs::create_dir_all(&keep).unwrap();
+        for f in &report.files {
+            std::fs::copy(out.join(f), keep.join(f)).unwrap();
+        }
+    }
     let exported = load_back(&out);
     let diff = max_abs_diff(&logits(&reference), &logits(&exported));
     assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // transformers on the same folder (scripts/export_transformers_reference.py): same logits.
+    let fixture = read_json(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/export_transformers_reference.json"),
+    );
+    let last: Vec<f32> = logits(&reference)
+        .get(0)
+        .unwrap()
+        .get(PROMPT.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let hf_diff = fixture["last_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&last)
+        .map(|(a, b)| (a.as_f64().unwrap() as f32 - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(fixture["last_logits"].as_array().unwrap().len(), last.len());
+    eprintln!("max |Δlogit| vs transformers = {hf_diff}, vs termtune base + adapter = {diff}");
+    assert!(hf_diff < 1e-4, "max |Δlogit| vs transformers = {hf_diff}");
     // The adapter matters: the base alone is far away.
     let base_model = load_back(&base);
     assert!(max_abs_diff(&logits(&reference), &logits(&base_model)) > 1e-2);
