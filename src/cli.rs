@@ -37,6 +37,41 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the version, build features, CPU features, threads, GPU (NVML) and cache locations.
     Env,
+    /// Measure LoRA training speed and memory, beside PyTorch + PEFT on the same batches.
+    ///
+    /// The reference runs when a Python with torch, transformers and peft is found
+    /// (TERMTUNE_BENCH_PYTHON, else python3); without it termtune's figures are printed alone.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model: hub id, folder or .gguf file.
+    #[arg(long, default_value = "HuggingFaceTB/SmolLM2-135M-Instruct")]
+    pub model: String,
+    /// Dataset names in --dataset-dir's dataset_info.json.
+    #[arg(long, default_value = "identity,demo_instructions")]
+    pub dataset: String,
+    #[arg(long, default_value = "data")]
+    pub dataset_dir: std::path::PathBuf,
+    /// Chat template (default: the tokenizer's own).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Examples taken from each dataset.
+    #[arg(long, default_value_t = 200)]
+    pub examples: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub cutoff_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: u32,
+    /// Measured optimizer steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Skip the PyTorch + PEFT reference.
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +93,9 @@ pub struct CheckArgs {
     /// Also show example N of the training data: raw record, rendered text, trained/masked tokens.
     #[arg(long, value_name = "N")]
     pub preview: Option<usize>,
+    /// Check the preset only: skip loading the tokenizer and the dataset statistics.
+    #[arg(long)]
+    pub no_data: bool,
 }
 
 #[derive(Debug, Args)]

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
         Some(Command::Export(args)) => export(&args),
+        Some(Command::Bench(args)) => bench(&args),
     }
 }
 
@@ -41,13 +42,19 @@ fn check(args: &CheckArgs) -> ExitCode {
                 "{}",
                 check_report(&args.preset.display().to_string(), &loaded)
             );
-            if args.preview.is_some() {
-                eprintln!(
-                    "termtune: --preview needs the dataset pipeline, which is not available in this version yet."
-                );
-                return ExitCode::from(EXIT_UNAVAILABLE);
+            if args.no_data && args.preview.is_none() {
+                return ExitCode::SUCCESS;
             }
-            ExitCode::SUCCESS
+            match dataset_report(&loaded.preset, args.preview) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("termtune: the dataset could not be checked: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
         }
         Err(errors) => {
             eprint!("{errors}");
@@ -121,6 +128,42 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
         }
     }
     out
+}
+
+/// Dataset statistics (and example `preview`) for `termtune check`: tokenises the training data
+/// with the model's tokenizer and template (the tokenised cache makes the next run instant).
+fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, String> {
+    let mut progress = |sp: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = sp {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let mut hub = crate::engine::hub::HubOptions::from_env();
+    hub.revision.clone_from(&p.model_revision);
+    let tok = crate::engine::source::load_tokenizer(&p.model_name_or_path, &hub, &mut progress)
+        .map_err(|e| e.to_string())?;
+    let opts = crate::resolve::data_options(p);
+    let enc = crate::data::Encoder::new(&opts, &tok.tokenizer, &tok.tokenizer_config)
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    for w in &enc.warnings {
+        let _ = writeln!(out, "# warning: {w}");
+    }
+    if opts.dataset.is_empty() {
+        return Ok(out);
+    }
+    let prepared = crate::data::prepare_dataset(&opts, &enc).map_err(|e| e.to_string())?;
+    let _ = writeln!(out, "\n# dataset");
+    out.push_str(&crate::data::stats::format_stats(&prepared.stats));
+    for w in &prepared.warnings {
+        let _ = writeln!(out, "# warning: {w}");
+    }
+    if let Some(index) = preview {
+        let pv = crate::data::pipeline::preview(&opts, &enc, index).map_err(|e| e.to_string())?;
+        let _ = writeln!(out, "\n# preview");
+        out.push_str(&crate::data::stats::format_preview(&pv));
+    }
+    Ok(out)
 }
 
 fn load_or_report(
@@ -273,6 +316,40 @@ fn repl(session: &mut crate::chat::ChatSession) -> ExitCode {
         println!();
         if let Err(e) = result {
             eprintln!("termtune: {e}");
+        }
+    }
+}
+
+fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
+    let python = (!args.no_reference).then(|| {
+        std::env::var_os("TERMTUNE_BENCH_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map_or_else(
+                || std::path::PathBuf::from("python3"),
+                std::path::PathBuf::from,
+            )
+    });
+    let opts = crate::bench::BenchOptions {
+        model: args.model.clone(),
+        dataset: args.dataset.clone(),
+        dataset_dir: args.dataset_dir.clone(),
+        template: args.template.clone(),
+        examples: args.examples,
+        batch_size: args.batch_size,
+        cutoff_len: args.cutoff_len,
+        lora_rank: args.lora_rank,
+        steps: args.steps,
+        warmup: 1,
+        python,
+    };
+    match crate::bench::run(&opts, &mut |line| eprintln!("termtune: {line}")) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("termtune: bench failed: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod commands;

@@ -39,6 +39,8 @@ pub fn data_options(p: &Preset) -> DataOptions {
         }),
         default_system: p.default_system.clone(),
         enable_thinking: p.enable_thinking,
+        preserve_thinking: p.preserve_thinking,
+        placeholders: identity_placeholders(p),
         tool_format: p.tool_format.clone(),
         seed: p.data_seed_resolved(),
         stage: match p.stage {
@@ -56,6 +58,19 @@ pub fn data_options(p: &Preset) -> DataOptions {
         overwrite_cache: p.overwrite_cache,
         tokenized_path: p.tokenized_path.clone().map(Into::into),
     }
+}
+
+/// `{{name}}` / `{{author}}` fillings from `identity_name` / `identity_author` (LLaMA-Factory leaves
+/// the placeholders for the user to edit in the file; termtune takes them from the preset).
+pub fn identity_placeholders(p: &Preset) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    if let Some(name) = &p.identity_name {
+        v.push(("{{name}}".to_string(), name.clone()));
+    }
+    if let Some(author) = &p.identity_author {
+        v.push(("{{author}}".to_string(), author.clone()));
+    }
+    v
 }
 
 /// What is trained, as the engine builds it.

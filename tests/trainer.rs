@@ -124,6 +124,7 @@ fn overfitting_a_small_set_drives_the_loss_down() {
         "all_results.json",
         "training_args.yaml",
         "tokenizer.json",
+        "training_loss.png",
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }

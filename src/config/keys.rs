@@ -751,6 +751,11 @@ pub const KEYS: &[KeySpec] = &[
         "Reasoning templates (qwen3): train on the empty thought block when true.",
     ),
     imp(
+        "preserve_thinking",
+        Dataset,
+        "Reasoning templates: keep earlier turns' thoughts in the history.",
+    ),
+    imp(
         "tool_format",
         Dataset,
         "Tool-call format used to render tools (default: the template's).",
@@ -789,12 +794,6 @@ pub const KEYS: &[KeySpec] = &[
         Dataset,
         "false",
         "separate evaluation per dataset is not supported yet",
-    ),
-    uns(
-        "preserve_thinking",
-        Dataset,
-        "false",
-        "keeping thoughts in history is not supported yet",
     ),
     // ### output
     imp(

@@ -11,7 +11,7 @@ use super::pack::PackedSequence;
 use super::stats::DatasetStats;
 use super::{DataError, DataOptions};
 
-const MAGIC: &[u8; 8] = b"TTDATA01";
+const MAGIC: &[u8; 8] = b"TTDATA02";
 
 /// The default cache folder: `$TERMTUNE_CACHE`, `$XDG_CACHE_HOME/termtune`, or `~/.cache/termtune`,
 /// then `datasets/`.
@@ -34,7 +34,7 @@ impl CacheKey {
         let mut h = Sha256::new();
         h.update(b"termtune-data-v1\0");
         let relevant = format!(
-            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{}|{:?}|{}|{:?}",
+            "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
             opts.dataset,
             opts.eval_dataset,
             opts.cutoff_len,
@@ -47,10 +47,11 @@ impl CacheKey {
             opts.mix_strategy,
             opts.interleave_probs,
             opts.default_system,
-            opts.enable_thinking,
+            (opts.enable_thinking, opts.preserve_thinking),
             opts.tool_format,
             opts.seed,
             opts.stage,
+            opts.placeholders,
         );
         h.update(relevant.as_bytes());
         h.update(b"\0");
@@ -101,6 +102,8 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// Per sequence: length, ids (u32), labels (i32), then the sequence-id runs as (id, length) pairs;
+/// position ids are rebuilt from the runs (they restart per run, 0 on padding).
 fn put_seqs(out: &mut Vec<u8>, seqs: &[PackedSequence]) {
     put_u64(out, seqs.len() as u64);
     for s in seqs {
@@ -109,13 +112,20 @@ fn put_seqs(out: &mut Vec<u8>, seqs: &[PackedSequence]) {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for &v in &s.labels {
+            let v = i32::try_from(v).unwrap_or(i32::MIN);
             out.extend_from_slice(&v.to_le_bytes());
         }
-        for &v in &s.position_ids {
-            out.extend_from_slice(&v.to_le_bytes());
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for &id in &s.sequence_ids {
+            match runs.last_mut() {
+                Some((last, n)) if *last == id => *n += 1,
+                _ => runs.push((id, 1)),
+            }
         }
-        for &v in &s.sequence_ids {
-            out.extend_from_slice(&v.to_le_bytes());
+        put_u64(out, runs.len() as u64);
+        for (id, n) in runs {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
         }
     }
 }
@@ -150,11 +160,11 @@ impl Cursor<'_> {
         )
     }
 
-    fn i64s(&mut self, n: usize) -> Option<Vec<i64>> {
-        let b = self.take(n.checked_mul(8)?)?;
+    fn labels(&mut self, n: usize) -> Option<Vec<i64>> {
+        let b = self.take(n.checked_mul(4)?)?;
         Some(
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            b.chunks_exact(4)
+                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                 .collect(),
         )
     }
@@ -164,11 +174,29 @@ impl Cursor<'_> {
         let mut out = Vec::with_capacity(n.min(1 << 20));
         for _ in 0..n {
             let len = self.len()?;
+            let input_ids = self.u32s(len)?;
+            let labels = self.labels(len)?;
+            let n_runs = self.len()?;
+            let mut sequence_ids = Vec::with_capacity(len);
+            let mut position_ids = Vec::with_capacity(len);
+            for _ in 0..n_runs {
+                let pair = self.u32s(2)?;
+                let (id, n) = (pair[0], pair[1]);
+                sequence_ids.extend(std::iter::repeat_n(id, n as usize));
+                if id == 0 {
+                    position_ids.extend(std::iter::repeat_n(0, n as usize));
+                } else {
+                    position_ids.extend(0..n);
+                }
+            }
+            if sequence_ids.len() != len {
+                return None;
+            }
             out.push(PackedSequence {
-                input_ids: self.u32s(len)?,
-                labels: self.i64s(len)?,
-                position_ids: self.u32s(len)?,
-                sequence_ids: self.u32s(len)?,
+                input_ids,
+                labels,
+                position_ids,
+                sequence_ids,
             });
         }
         Some(out)
@@ -200,7 +228,7 @@ pub fn write(path: &Path, data: &CachedData) -> Result<(), DataError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
     f.write_all(&out).map_err(|e| DataError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
+    drop(f);
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
     Ok(())
 }

@@ -61,6 +61,29 @@ pub struct Example {
     pub location: Location,
 }
 
+impl Example {
+    /// The example with each `(from, to)` substitution applied to every message and the system
+    /// prompt (identity placeholders like `{{name}}`).
+    #[must_use]
+    pub fn filled(mut self, placeholders: &[(String, String)]) -> Example {
+        if placeholders.is_empty() {
+            return self;
+        }
+        let fill = |text: &mut String| {
+            for (from, to) in placeholders {
+                if text.contains(from.as_str()) {
+                    *text = text.replace(from.as_str(), to);
+                }
+            }
+        };
+        for m in self.prompt.iter_mut().chain(self.response.iter_mut()) {
+            fill(&mut m.content);
+        }
+        fill(&mut self.system);
+        self
+    }
+}
+
 fn opt_str(row: &Value, column: &str) -> Result<Option<String>, SkipReason> {
     match row.get(column) {
         None | Some(Value::Null) => Ok(None),
@@ -343,18 +366,22 @@ fn convert_sharegpt(attr: &DatasetAttr, row: &Value, openai: bool) -> Result<Par
     }
     let mut messages: Vec<Message> = aligned.into_iter().map(|(m, _)| m).collect();
 
-    let mut tools = tools_column(row, attr.tools.as_deref())?;
+    let tools = tools_column(row, attr.tools.as_deref())?;
     if openai {
-        // LLaMA-Factory's OpenAIDatasetConverter quirk (read from its source): without tools it appends
-        // "detailed thinking off" to the system prompt unless a thinking switch is already there.
+        // LLaMA-Factory's OpenAIDatasetConverter (read from its source): without tools it sets or appends
+        // "detailed thinking off" unless a thinking switch is already in the system prompt; with tools a
+        // non-empty system prompt gets a trailing newline.
         let short = "detailed thinking off";
-        if tools.is_empty() || tools == "[]" {
-            tools.clear();
-            if system.is_empty() {
+        if system.is_empty() {
+            if tools.is_empty() {
                 system = short.to_string();
-            } else if !system.contains("detailed thinking on") && !system.contains(short) {
+            }
+        } else if tools.is_empty() {
+            if !system.contains("detailed thinking on") && !system.contains(short) {
                 system = format!("{system}\n{short}");
             }
+        } else {
+            system.push('\n');
         }
     }
 

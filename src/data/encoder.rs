@@ -30,8 +30,6 @@ pub struct Encoder {
     pub jinja: Option<JinjaTemplate>,
     /// Warnings for the user (base model with a chat template, missing special tokens, …).
     pub warnings: Vec<String>,
-    /// Identifies template + tokenizer for the tokenised-dataset cache.
-    pub fingerprint: String,
     /// `default_system` of the options; with the tokenizer's Jinja template it is sent as a system message.
     pub default_system_override: Option<String>,
 }
@@ -90,7 +88,7 @@ impl Encoder {
             })?,
             None => {
                 if let Some(source) = &chat_template {
-                    let j = JinjaTemplate::new(
+                    let mut j = JinjaTemplate::new(
                         source,
                         bos_token.as_deref().unwrap_or(""),
                         eos_token.as_deref().unwrap_or(""),
@@ -102,6 +100,8 @@ impl Encoder {
                         .decode(empty.get_ids(), false)
                         .map_err(|e| DataError::Tokenizer(e.to_string()))?;
                     let t = parse_template(&j, &prefix)?;
+                    // Chat prompts pass `enable_thinking: false` to Qwen3-style templates when asked to.
+                    j.enable_thinking = (!opts.enable_thinking).then_some(false);
                     jinja = Some(j);
                     t
                 } else {
@@ -137,6 +137,13 @@ impl Encoder {
             template.default_system.clone_from(system);
         }
         template.enable_thinking = opts.enable_thinking;
+        if template.class == super::template::TemplateClass::Reasoning {
+            warnings.push(format!(
+                "template `{}` is a reasoning template (an empty <think> block is added to answers without one); use the `_nothink` variant if the model is not a reasoning model",
+                template.name
+            ));
+        }
+        template.preserve_thinking = opts.preserve_thinking;
 
         // Warnings before the tokenizer is changed.
         if opts.template.is_some() && !template.is_base_template() && chat_template.is_none() {
@@ -217,14 +224,6 @@ impl Encoder {
             .get("add_bos_token")
             .and_then(Json::as_bool)
             .unwrap_or(false);
-        let fingerprint = format!(
-            "{:?}|{:?}|{:?}|{:?}|{}",
-            template,
-            bos,
-            eos,
-            stop_ids,
-            tok.to_string(false).unwrap_or_default()
-        );
         Ok(Encoder {
             template,
             tokenizer: tok,
@@ -236,9 +235,21 @@ impl Encoder {
             added_tokens,
             jinja,
             warnings,
-            fingerprint,
             default_system_override: opts.default_system.clone(),
         })
+    }
+
+    /// Identifies template + tokenizer (+ special tokens) for the tokenised-dataset cache key.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{:?}|{:?}|{:?}|{:?}|{}|{}",
+            self.template,
+            self.bos,
+            self.eos,
+            self.stop_ids,
+            self.add_bos_token,
+            self.tokenizer.to_string(false).unwrap_or_default()
+        )
     }
 
     /// Tokenises one text piece without special-token post-processing (`add_special_tokens=False`).
@@ -290,16 +301,17 @@ impl Encoder {
         out
     }
 
-    /// `encode_multiturn`: (prompt ids, answer ids) per turn.
+    /// `encode_multiturn`: (prompt ids, answer ids) per turn (see [`Template::multiturn_elements`]).
     pub fn encode_multiturn(
         &self,
         messages: &[Message],
         system: &str,
         tools: &str,
+        discard_history_cot: bool,
     ) -> Result<Vec<TurnIds>, SkipReason> {
         Ok(self
             .template
-            .multiturn_elements(messages, system, tools)?
+            .multiturn_elements(messages, system, tools, discard_history_cot)?
             .iter()
             .map(|(p, a)| (self.slots_to_ids(p), self.slots_to_ids(a)))
             .collect())
@@ -314,7 +326,7 @@ impl Encoder {
     ) -> Result<Vec<(String, String)>, SkipReason> {
         Ok(self
             .template
-            .multiturn_elements(messages, system, tools)?
+            .multiturn_elements(messages, system, tools, false)?
             .iter()
             .map(|(p, a)| (self.slots_to_text(p), self.slots_to_text(a)))
             .collect())

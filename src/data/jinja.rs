@@ -18,6 +18,8 @@ pub struct JinjaTemplate {
     pub source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// Passed to the template as `enable_thinking` (Qwen3-style templates); `None` renders as none.
+    pub enable_thinking: Option<bool>,
 }
 
 impl std::fmt::Debug for JinjaTemplate {
@@ -230,6 +232,7 @@ impl JinjaTemplate {
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            enable_thinking: None,
         })
     }
 
@@ -250,6 +253,7 @@ impl JinjaTemplate {
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
             tools => tools.map(|t| Value::from(Serde(t))),
+            enable_thinking => self.enable_thinking,
         };
         tmpl.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
@@ -332,6 +336,7 @@ pub fn parse_template(jinja: &JinjaTemplate, prefix: &str) -> Result<Template, D
         replace_eos: false,
         replace_jinja_template: false,
         enable_thinking: true,
+        preserve_thinking: false,
     })
 }
 

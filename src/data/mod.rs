@@ -5,6 +5,24 @@
 //! (a [`template::Template`] or the tokenizer's Jinja `chat_template`, per-piece tokenisation) →
 //! [`process`] (labels, `cutoff_len` with `infer_seqlen`) → [`pack`] (knapsack packing, collate, sampler) →
 //! [`stats`] (preview and statistics). [`pipeline::prepare_dataset`] runs it all, with a [`cache`].
+//!
+//! For the engine:
+//! ```no_run
+//! # fn demo(tokenizer: tokenizers::Tokenizer, tokenizer_config: serde_json::Value) -> Result<(), termtune::data::DataError> {
+//! use termtune::data::{DataOptions, Encoder, Message, Role, prepare_dataset};
+//! let opts = DataOptions { dataset: vec!["identity".into()], template: Some("qwen".into()), ..DataOptions::default() };
+//! let enc = Encoder::new(&opts, &tokenizer, &tokenizer_config)?; // warnings in enc.warnings
+//! // enc.added_tokens: new tokens (e.g. a replaced eos) → grow the embeddings; use enc.tokenizer from now on.
+//! let data = prepare_dataset(&opts, &enc)?; // cached on disk; data.stats for the UI
+//! for batch in data.epoch_batches(opts.per_device_train_batch_size, false, opts.seed, 0) {
+//!     // batch.input_ids / labels / position_ids (row-major batch_size × seq_len); with
+//!     // batch.block_diagonal use batch.attention_bias() (neat packing), else a causal + padding mask.
+//! #   let _ = batch;
+//! }
+//! let prompt = enc.chat_prompt(Some("Be terse."), &[Message::new(Role::User, "Hi")])?;
+//! // generate from prompt.ids until a token in prompt.stop_ids
+//! # let _ = prompt; Ok(()) }
+//! ```
 
 pub mod cache;
 pub mod convert;
@@ -169,6 +187,11 @@ pub struct DataOptions {
     pub default_system: Option<String>,
     /// `enable_thinking` for reasoning templates (default true).
     pub enable_thinking: bool,
+    /// `preserve_thinking`: keep earlier turns' thoughts for reasoning templates (default false).
+    pub preserve_thinking: bool,
+    /// Text substitutions applied to every message and system prompt after conversion, e.g.
+    /// `("{{name}}", "Termie")` for the identity dataset (termtune's `identity_name`/`identity_author`).
+    pub placeholders: Vec<(String, String)>,
     /// `tool_format`: overrides the template's tool format (`default`, `qwen`, `llama3`, `mistral`).
     pub tool_format: Option<String>,
     /// `seed` (default 42).
@@ -206,6 +229,8 @@ impl Default for DataOptions {
             interleave_probs: None,
             default_system: None,
             enable_thinking: true,
+            preserve_thinking: false,
+            placeholders: Vec::new(),
             tool_format: None,
             seed: 42,
             stage: Stage::Sft,

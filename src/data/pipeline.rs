@@ -145,11 +145,13 @@ fn load_names(
             .into_par_iter()
             .map(|row| {
                 let row = row?;
-                convert(attr, &row, opts.stage).map_err(|reason| SkipRecord {
-                    file: row.file.clone(),
-                    location: row.location,
-                    reason,
-                })
+                convert(attr, &row, opts.stage)
+                    .map(|e| e.filled(&opts.placeholders))
+                    .map_err(|reason| SkipRecord {
+                        file: row.file.clone(),
+                        location: row.location,
+                        reason,
+                    })
             })
             .collect();
         let mut local = RowCounts::default();
@@ -206,32 +208,43 @@ pub fn mix<T: Clone>(
         return sets.into_iter().flatten().collect();
     }
     let n = sets.len();
+    if probs.is_none_or(|p| p.len() != n) {
+        // Hugging Face `interleave_datasets` without probabilities: whole rounds, `min_len` rounds for
+        // first_exhausted, `max_len` rounds (short sets cycling) for all_exhausted.
+        let lens = sets.iter().map(Vec::len);
+        let rounds = if strategy == MixStrategy::InterleaveUnder {
+            lens.min()
+        } else {
+            lens.max()
+        }
+        .unwrap_or(0);
+        if sets.iter().any(Vec::is_empty) {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(rounds * n);
+        for r in 0..rounds {
+            for s in &sets {
+                out.push(s[r % s.len()].clone());
+            }
+        }
+        return out;
+    }
     let mut pos = vec![0usize; n];
     let mut exhausted = vec![false; n];
     let mut out = Vec::new();
+    let weights = probs.unwrap_or_default();
+    let total: f64 = weights.iter().sum();
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut turn = 0usize;
     loop {
-        let i = match probs {
-            Some(p) if p.len() == n => {
-                let total: f64 = p.iter().sum();
-                let mut x = rng.random::<f64>() * total;
-                let mut pick = n - 1;
-                for (k, w) in p.iter().enumerate() {
-                    if x < *w {
-                        pick = k;
-                        break;
-                    }
-                    x -= w;
-                }
-                pick
+        let mut x = rng.random::<f64>() * total;
+        let mut i = n - 1;
+        for (k, w) in weights.iter().enumerate() {
+            if x < *w {
+                i = k;
+                break;
             }
-            _ => {
-                let i = turn % n;
-                turn += 1;
-                i
-            }
-        };
+            x -= w;
+        }
         if sets[i].is_empty() {
             return out;
         }
@@ -331,8 +344,7 @@ pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
             Vec::new()
         }
     } else {
-        let mut eval_counts = RowCounts::default();
-        load_names(&opts.eval_dataset, opts, &mut eval_counts)?
+        load_names(&opts.eval_dataset, opts, &mut counts)?
             .into_iter()
             .flatten()
             .collect()
@@ -394,7 +406,7 @@ impl PreparedDataset {
 /// `cutoff_len` as the processors use it: one less when packing (LLaMA-Factory).
 fn effective_cutoff(opts: &DataOptions) -> usize {
     if opts.packing_enabled() {
-        opts.cutoff_len - 1
+        opts.cutoff_len.saturating_sub(1).max(1)
     } else {
         opts.cutoff_len
     }
@@ -482,7 +494,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         });
     }
     // Cache key: options, template + tokenizer, registry entries and file contents.
-    let mut key = CacheKey::new(opts, &enc.fingerprint);
+    let mut key = CacheKey::new(opts, &enc.fingerprint());
     let mut names = opts.dataset.clone();
     names.extend(opts.eval_dataset.iter().cloned());
     for attr in resolve_all(&opts.dataset_dir, &names)? {
@@ -544,6 +556,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
     stats.train_examples = train_tok.len();
     stats.eval_examples = eval_tok.len();
     stats.set_lengths(&train_tok);
+    stats.untrained = train_tok.iter().filter(|t| t.trained_tokens() == 0).count();
     let (train, dropped) = to_sequences(enc, &train_tok, opts);
     let (eval, _) = to_sequences(enc, &eval_tok, opts);
     stats.dropped_too_long = dropped;
@@ -689,11 +702,13 @@ impl StreamingDataset<'_> {
                     self.taken += 1;
                     self.counts.read += 1;
                     let converted = row.and_then(|row| {
-                        convert(attr, &row, self.opts.stage).map_err(|reason| SkipRecord {
-                            file: row.file.clone(),
-                            location: row.location,
-                            reason,
-                        })
+                        convert(attr, &row, self.opts.stage)
+                            .map(|e| e.filled(&self.opts.placeholders))
+                            .map_err(|reason| SkipRecord {
+                                file: row.file.clone(),
+                                location: row.location,
+                                reason,
+                            })
                     });
                     match converted {
                         Ok(e) => {
@@ -773,7 +788,7 @@ pub fn preview(opts: &DataOptions, enc: &Encoder, index: usize) -> Result<Previe
         p.source = format!("{} {}", row.file.display(), row.location);
         p.raw = row.value.clone();
         let ex = match convert(attr, row, opts.stage) {
-            Ok(e) => e,
+            Ok(e) => e.filled(&opts.placeholders),
             Err(reason) => {
                 p.skipped = Some(reason.to_string());
                 return Ok(p);

@@ -73,7 +73,9 @@ pub fn encode_supervised(
 ) -> Result<TokenizedExample, SkipReason> {
     let mut messages = ex.prompt.clone();
     messages.extend(ex.response.iter().cloned());
-    let mut pairs = enc.encode_multiturn(&messages, &ex.system, &ex.tools)?;
+    // LLaMA-Factory 0.9.5: with mask_history, earlier thoughts are dropped unless preserve_thinking.
+    let discard_history_cot = opts.mask_history && !enc.template.preserve_thinking;
+    let mut pairs = enc.encode_multiturn(&messages, &ex.system, &ex.tools, discard_history_cot)?;
     let efficient_eos = enc.template.efficient_eos;
     let eos_id = enc.eos.1;
     let full_len: usize =

@@ -10,6 +10,7 @@ use super::process::{IGNORE_INDEX, TokenizedExample};
 
 /// Counts of reading and converting rows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DatasetStats {
     pub rows_read: usize,
     pub rows_kept: usize,
@@ -25,6 +26,8 @@ pub struct DatasetStats {
     pub tokens_max: usize,
     /// Examples cut by `cutoff_len`.
     pub truncated: usize,
+    /// Examples left with no trained token (the prompt filled `cutoff_len`); LLaMA-Factory keeps them.
+    pub untrained: usize,
     /// Examples dropped by packing because they are longer than `cutoff_len`.
     pub dropped_too_long: usize,
     /// Training sequences after packing (= `train_examples` without packing).
@@ -33,7 +36,7 @@ pub struct DatasetStats {
     pub tokens_per_epoch: usize,
     /// Tokens with a label per epoch.
     pub trained_tokens_per_epoch: usize,
-    /// Optimizer steps per epoch for the batch settings (⌊batches / accumulation⌋, at least 1).
+    /// Optimizer steps per epoch for the batch settings (⌈batches / accumulation⌉, at least 1, as Hugging Face's Trainer).
     pub steps_per_epoch: usize,
     /// Total optimizer steps (`max_steps` if set, else epochs × steps per epoch).
     pub total_steps: usize,
@@ -70,7 +73,8 @@ impl DatasetStats {
         max_steps: Option<usize>,
     ) {
         let batches = self.train_sequences.div_ceil(batch_size.max(1));
-        self.steps_per_epoch = (batches / grad_accum.max(1)).max(1);
+        // Hugging Face's Trainer: the last, partial accumulation still makes an update.
+        self.steps_per_epoch = batches.div_ceil(grad_accum.max(1)).max(1);
         #[allow(
             clippy::cast_precision_loss,
             clippy::cast_possible_truncation,
@@ -117,6 +121,13 @@ pub fn format_stats(s: &DatasetStats) -> String {
         s.tokens_mean, s.tokens_p50, s.tokens_p95, s.tokens_max
     );
     let _ = writeln!(out, "truncated by cutoff_len: {}", s.truncated);
+    if s.untrained > 0 {
+        let _ = writeln!(
+            out,
+            "warning: {} examples have no trained token (the prompt fills cutoff_len); raise `cutoff_len`",
+            s.untrained
+        );
+    }
     if s.dropped_too_long > 0 || s.train_sequences != s.train_examples {
         let _ = writeln!(
             out,

@@ -60,6 +60,8 @@ pub struct Template {
     pub replace_eos: bool,
     pub replace_jinja_template: bool,
     pub enable_thinking: bool,
+    /// Keep the thoughts of earlier turns (LLaMA-Factory 0.9.5 `preserve_thinking`).
+    pub preserve_thinking: bool,
 }
 
 /// The optional fields of `register_template`; `None` → LLaMA-Factory's default.
@@ -115,6 +117,7 @@ fn register(name: &str, r: Reg) -> Template {
         replace_eos: r.replace_eos,
         replace_jinja_template: r.replace_jinja_template,
         enable_thinking: true,
+        preserve_thinking: false,
     }
 }
 
@@ -474,21 +477,36 @@ impl Template {
     }
 
     /// `encode_multiturn` as elements: (prompt, answer) pairs, with the reasoning template's empty thought.
+    /// `discard_history_cot` (LLaMA-Factory 0.9.5: `mask_history and not preserve_thinking`) removes the
+    /// thoughts of earlier answers and adds the empty thought to the last answer only.
     pub fn multiturn_elements(
         &self,
         messages: &[Message],
         system: &str,
         tools: &str,
+        discard_history_cot: bool,
     ) -> Result<Vec<TurnSlots>, SkipReason> {
         let mut messages = messages.to_vec();
-        if self.class == TemplateClass::Reasoning && !self.enable_thinking {
+        let reasoning = self.class == TemplateClass::Reasoning;
+        if reasoning && !self.enable_thinking {
             for m in messages.iter_mut().skip(1).step_by(2) {
                 m.content = remove_thought(&m.content, &self.thought_words);
             }
         }
+        let n = messages.len();
+        if reasoning && discard_history_cot {
+            for i in (1..n.saturating_sub(2)).step_by(2) {
+                messages[i].content = remove_thought(&messages[i].content, &self.thought_words);
+            }
+        }
         let mut encoded = self.encode_elements(&messages, system, tools)?;
-        if self.class == TemplateClass::Reasoning {
-            for i in (0..messages.len().saturating_sub(1)).step_by(2) {
+        if reasoning {
+            let turns: Vec<usize> = if discard_history_cot {
+                vec![n.saturating_sub(2)]
+            } else {
+                (0..n.saturating_sub(1)).step_by(2).collect()
+            };
+            for i in turns {
                 if !self.has_thought(&messages[i + 1].content) {
                     if self.enable_thinking {
                         encoded[i + 1].insert(0, Slot::Text(self.empty_thought()));
@@ -516,8 +534,10 @@ impl Template {
         let mut messages = messages.to_vec();
         let n = messages.len();
         if self.class == TemplateClass::Reasoning {
-            for i in (1..n.saturating_sub(2)).step_by(2) {
-                messages[i].content = remove_thought(&messages[i].content, &self.thought_words);
+            if !self.preserve_thinking {
+                for i in (1..n.saturating_sub(2)).step_by(2) {
+                    messages[i].content = remove_thought(&messages[i].content, &self.thought_words);
+                }
             }
             if !self.enable_thinking
                 && let Some(last) = messages.last_mut()

