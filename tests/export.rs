@@ -766,3 +766,62 @@ fn the_command_line_exports_and_refuses_a_second_time() {
         String::from_utf8_lossy(&second.stderr)
     );
 }
+
+/// A tokenizer whose pre-tokenizer names no llama.cpp family: the GGUF export is refused (a wrong
+/// `tokenizer.ggml.pre` would tokenize silently differently) and nothing is written.
+#[test]
+fn gguf_export_refuses_an_unknown_pre_tokenizer_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_llama(&base, 1234, &TinyOpts::default()).unwrap();
+    let tok_path = base.join("tokenizer.json");
+    let mut tok = read_json(&tok_path);
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    std::fs::write(&tok_path, serde_json::to_string(&tok).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+    ]);
+    let err = export::export(&p, &CPU, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.pre"), "{err}");
+    assert!(err.to_string().contains("convert_hf_to_gguf.py"), "{err}");
+    assert_only(tmp.path(), &["base"]);
+}
+
+/// The hub id recorded for a GGUF base: from the GGUF metadata, else from the adapters' `base_model_name_or_path`.
+#[test]
+fn a_gguf_base_is_named_by_its_hub_id_when_known() {
+    use termtune::engine::source::SourceKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, ad, _) = base_and_adapter(tmp.path(), 2, 4);
+    let gguf = termtune::testing::smollm2_gguf();
+    // SmolLM2's GGUF names no source repository; the adapter (saved for "tiny-org/tiny-llama") does.
+    assert_eq!(
+        export::hub_id_for(
+            &SourceKind::Gguf,
+            "x.gguf",
+            Some(&gguf),
+            std::slice::from_ref(&ad)
+        ),
+        "tiny-org/tiny-llama"
+    );
+    assert_eq!(
+        export::hub_id_for(&SourceKind::Gguf, "x.gguf", Some(&gguf), &[]),
+        "x.gguf"
+    );
+    let mirror = SourceKind::Mirror {
+        id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        path: gguf.clone(),
+    };
+    assert_eq!(
+        export::hub_id_for(
+            &mirror,
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            Some(&gguf),
+            &[]
+        ),
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    );
+}
