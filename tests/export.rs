@@ -825,3 +825,21 @@ fn a_gguf_base_is_named_by_its_hub_id_when_known() {
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     );
 }
+
+/// Shards are readable like the other files of the export (the safetensors writer alone makes them owner-only).
+#[cfg(unix)]
+#[test]
+fn weight_files_get_ordinary_permissions() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_llama(&base, 1234, &TinyOpts::default()).unwrap();
+    let out = tmp.path().join("out");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", out.display()),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("model.safetensors"), mode("config.json"));
+}

@@ -148,6 +148,15 @@ pub fn write_folder(
         map.insert("use_cache".into(), json!(true));
     }
     write_json(&dir.join("config.json"), &config)?;
+    // The safetensors writer creates owner-only files; give the shards the permissions of an ordinary file
+    // (config.json's), so that e.g. an Ollama server running as another user can read the export.
+    let perms = std::fs::metadata(dir.join("config.json"))
+        .map_err(|e| ExportError::io(format!("reading {}", dir.display()), e))?
+        .permissions();
+    for v in weight_map_files(dir)? {
+        std::fs::set_permissions(&v, perms.clone())
+            .map_err(|e| ExportError::io(format!("setting permissions of {}", v.display()), e))?;
+    }
 
     // The tokenizer: the source's own tokenizer.json byte for byte when it came from a folder, else the
     // tokenizer termtune built (from GGUF metadata).
@@ -178,6 +187,21 @@ pub fn write_folder(
         &generation_config(&input.files.generation_config, &input.files.config),
     )?;
     Ok(())
+}
+
+fn weight_map_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ExportError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| ExportError::io(format!("listing {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for e in rd {
+        let p = e
+            .map_err(|e| ExportError::io(format!("listing {}", dir.display()), e))?
+            .path();
+        if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
+            out.push(p);
+        }
+    }
+    Ok(out)
 }
 
 fn has_template(cfg: &Json) -> bool {
