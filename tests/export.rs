@@ -722,9 +722,12 @@ fn a_named_template_is_written_as_jinja_and_renders_like_the_slots() {
     assert!(mf.contains("SYSTEM \"\"\"You are"), "{mf}");
 }
 
-/// `termtune export PRESET.yaml KEY=VALUE`: the folder on stdout, progress on stderr; a second run is refused.
+/// `termtune export PRESET.yaml KEY=VALUE` through the real argument parser and command (in process, so the test
+/// does not depend on which build of the binary sits in the target folder): it exports, the override applies,
+/// and a second run is refused with the folder untouched.
 #[test]
 fn the_command_line_exports_and_refuses_a_second_time() {
+    use clap::Parser as _;
     let tmp = tempfile::tempdir().unwrap();
     let (base, ad, _) = base_and_adapter(tmp.path(), 4, 4);
     let out = tmp.path().join("cli-out");
@@ -740,31 +743,40 @@ fn the_command_line_exports_and_refuses_a_second_time() {
     )
     .unwrap();
     let run = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_termtune"))
-            .arg("export")
-            .arg(&yaml)
-            .arg("infer_dtype=float16")
-            .env("TERMTUNE_CACHE", tmp.path().join("cache"))
-            .output()
-            .unwrap()
+        let cli = termtune::cli::Cli::parse_from([
+            "termtune",
+            "export",
+            yaml.to_str().unwrap(),
+            "infer_dtype=float16",
+        ]);
+        termtune::commands::run(cli)
     };
-    let first = run();
-    let stderr = String::from_utf8_lossy(&first.stderr);
-    assert!(first.status.success(), "{stderr}");
-    assert!(stderr.contains("merging adapter 1/1"), "{stderr}");
-    let stdout = String::from_utf8_lossy(&first.stdout);
-    assert!(stdout.starts_with(&out.display().to_string()), "{stdout}");
+    assert_eq!(run(), std::process::ExitCode::SUCCESS);
     assert_eq!(
         read_json(&out.join("config.json"))["torch_dtype"],
         "float16"
     );
-    let second = run();
-    assert!(!second.status.success());
-    assert!(
-        String::from_utf8_lossy(&second.stderr).contains("already exists and is not empty"),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    assert_eq!(run(), std::process::ExitCode::FAILURE);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
     );
+
+    // --adapter-only copies the adapter with its card.
+    let card_dir = tmp.path().join("card");
+    let cli = termtune::cli::Cli::parse_from([
+        "termtune",
+        "export",
+        "--adapter-only",
+        yaml.to_str().unwrap(),
+        &format!("export_dir={}", card_dir.display()),
+    ]);
+    assert_eq!(
+        termtune::commands::run(cli),
+        std::process::ExitCode::SUCCESS
+    );
+    assert!(card_dir.join("README.md").is_file());
 }
 
 /// A tokenizer whose pre-tokenizer names no llama.cpp family: the GGUF export is refused (a wrong
