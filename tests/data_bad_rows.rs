@@ -242,3 +242,36 @@ fn stats_text_lists_reasons_and_first_rows() {
         "{text}"
     );
 }
+
+#[test]
+fn malformed_files_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs: &[&[u8]] = &[
+        b"",
+        b"[",
+        b"[1,",
+        b"[{\"instruction\": \"a\", \"output\": \"b\"",
+        b"{",
+        b"\"just a string\"",
+        b"[[[[[[[[[[]]]]]]]]]]",
+        b"[{\"instruction\": \"a\\\", \"output\": \"b\"}]",
+        b"\xff\xfe\x00[",
+        b"[{}, {\"output\": 1e999}, null, true]",
+        b"{\"conversations\": 5}\n{\"instruction\": {\"x\": 1}}\n",
+    ];
+    std::fs::write(
+        tmp.path().join("dataset_info.json"),
+        r#"{"x": {"file_name": "x.json"}, "s": {"file_name": "x.json", "formatting": "sharegpt"}}"#,
+    )
+    .unwrap();
+    for (i, bytes) in inputs.iter().enumerate() {
+        std::fs::write(tmp.path().join("x.json"), bytes).unwrap();
+        for name in ["x", "s"] {
+            let opts = options(tmp.path(), &[name], Some("chatml"), tmp.path());
+            match load_examples(&opts) {
+                Ok(l) => assert!(!l.train.is_empty(), "input {i}"),
+                Err(e) => assert!(e.to_string().contains("no usable rows"), "input {i}: {e}"),
+            }
+        }
+    }
+}

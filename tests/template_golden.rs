@@ -525,3 +525,14 @@ fn chat_prompt_ends_with_the_generation_prompt_and_knows_stop_ids() {
     let p = enc.chat_prompt(None, &turns[2..]).unwrap();
     assert!(p.text.starts_with(&im("system", QWEN_DEFAULT)));
 }
+
+#[test]
+fn marker_scan_reports_special_markers_only() {
+    use termtune::data::template::find_markers;
+    assert_eq!(
+        find_markers(
+            "<start_of_turn>user\n{{content}}<end_of_turn>\n<|im_start|><tool_response>[INST]<<SYS>>"
+        ),
+        vec!["<start_of_turn>", "<end_of_turn>", "<|im_start|>"]
+    );
+}

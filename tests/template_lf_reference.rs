@@ -1,6 +1,7 @@
 //! Token ids and labels equal LLaMA-Factory's own output (0.9.5 `SupervisedDatasetProcessor`) on
 //! SmolLM2-135M-Instruct's real vocabulary, for 9 templates × 4 conversations (system prompt, alpaca-style,
-//! multi-turn, function call + tool result) × {plain, train_on_prompt, mask_history, cutoff_len 12}.
+//! multi-turn, function call + tool result) × {plain, train_on_prompt, mask_history, cutoff_len 12}, and
+//! preference pairs (`PairwiseDatasetProcessor`) for 4 templates × 2 cutoffs.
 //! The reference is tests/fixtures/data/reference/lf_supervised_smollm2.json, made by
 //! make_lf_reference.py in the same folder (its docstring says how).
 #![allow(clippy::unwrap_used)]
@@ -98,4 +99,57 @@ fn ids_and_labels_match_llamafactory_on_smollm2() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn preference_pairs_match_llamafactory_on_smollm2() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/reference/lf_supervised_smollm2.json");
+    let reference: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let tokenizer = data_util::smollm2_tokenizer();
+    let config = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": "x"});
+    let pw = &reference["pairwise"];
+    let example = Example {
+        prompt: messages(&pw["prompt"]),
+        response: messages(&pw["response"]),
+        system: pw["system"].as_str().unwrap().to_string(),
+        tools: String::new(),
+        kto_tag: None,
+        file: std::sync::Arc::new("ref".into()),
+        location: Location::Row(1),
+    };
+    let cases = pw["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let template = case["template"].as_str().unwrap();
+        let opts = DataOptions {
+            template: Some(template.to_string()),
+            ..DataOptions::default()
+        };
+        let enc = Encoder::new(&opts, &tokenizer, &config).unwrap();
+        let cutoff = usize::try_from(case["cutoff_len"].as_u64().unwrap()).unwrap();
+        let got = termtune::data::process::encode_pairwise(&enc, &example, cutoff).unwrap();
+        let ids = |k: &str| -> Vec<u32> { serde_json::from_value(case[k].clone()).unwrap() };
+        let labels = |k: &str| -> Vec<i64> { serde_json::from_value(case[k].clone()).unwrap() };
+        assert_eq!(
+            got.chosen_input_ids,
+            ids("chosen_input_ids"),
+            "{template}/{cutoff}"
+        );
+        assert_eq!(
+            got.chosen_labels,
+            labels("chosen_labels"),
+            "{template}/{cutoff}"
+        );
+        assert_eq!(
+            got.rejected_input_ids,
+            ids("rejected_input_ids"),
+            "{template}/{cutoff}"
+        );
+        assert_eq!(
+            got.rejected_labels,
+            labels("rejected_labels"),
+            "{template}/{cutoff}"
+        );
+    }
 }

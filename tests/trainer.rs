@@ -304,3 +304,208 @@ fn an_unwritable_output_dir_fails_before_training() {
             .any(|e| matches!(e, TrainEvent::Started { .. }))
     );
 }
+
+/// Training with the trainer's optimizer changes only the adapter: every base weight (embeddings,
+/// norms, every linear) stays bit-identical, and every LoRA tensor moves.
+#[test]
+fn training_changes_only_the_adapter() {
+    use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+    use termtune::trainer::optim::{AdamW, AdamWConfig, Param};
+    let f = fixture(2);
+    let files = termtune::engine::weights::load_hf_folder(
+        &f.root.join("model"),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: LoraTargets::All,
+        use_rslora: false,
+        seed: 1,
+    };
+    let model = Model::from_files(
+        &files,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &Finetune::Lora(spec),
+    )
+    .unwrap();
+    let snapshot = |m: &Model| -> Vec<Vec<f32>> {
+        let mut all = vec![
+            m.embed
+                .tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        ];
+        all.push(
+            m.norm
+                .tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        for l in &m.layers {
+            all.push(
+                l.input_norm
+                    .tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            for lin in l.linears() {
+                all.push(
+                    lin.weight
+                        .tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+            }
+        }
+        all
+    };
+    let base_before = snapshot(&model);
+    let vars = model.trainable_vars();
+    let lora_before: Vec<Vec<f32>> = vars
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let params = vars
+        .iter()
+        .map(|(name, var)| Param {
+            name: name.clone(),
+            var: var.clone(),
+            decay: true,
+        })
+        .collect();
+    let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
+    let x = Tensor::new(&[[5u32, 6, 7, 8, 9, 10, 11, 12]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[[5i64, 6, 7, 8, 9, 10, 11, 12]], &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        let (s, n) = model.forward_loss(&x, &AttnMask::Causal, &y, true).unwrap();
+        let g = (s / n as f64).unwrap().backward().unwrap();
+        opt.step(&g, 1e-2).unwrap();
+    }
+    assert_eq!(base_before, snapshot(&model), "a base weight changed");
+    for ((name, v), before) in vars.iter().zip(&lora_before) {
+        let after = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(&after, before, "{name} did not move");
+    }
+}
+
+#[test]
+fn pretraining_on_raw_text_with_packing_trains() {
+    let f = fixture(2);
+    let texts: Vec<serde_json::Value> = (0..12)
+        .map(|i| serde_json::json!({"text": format!("paragraph {i}: {}", "the quick brown fox ".repeat(i % 5 + 2))}))
+        .collect();
+    std::fs::write(
+        f.root.join("data/text.json"),
+        serde_json::to_string(&texts).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        f.root.join("data/dataset_info.json"),
+        r#"{"toy": {"file_name": "toy.json"}, "text": {"file_name": "text.json", "columns": {"prompt": "text"}}}"#,
+    )
+    .unwrap();
+    let loaded = preset(
+        &f,
+        "pt",
+        &[
+            "stage: pt",
+            "dataset: text",
+            "max_steps: 15",
+            "cutoff_len: 32",
+        ],
+    );
+    assert!(loaded.preset.packing_resolved());
+    let (result, events) = run(&loaded, &[]);
+    assert!(matches!(result.unwrap(), Outcome::Finished(_)));
+    let l = losses(&events);
+    assert!(l[14] < l[0], "{l:?}");
+}
+
+/// The real binary: SIGHUP (an SSH drop) does not stop training; Ctrl-C saves a checkpoint and
+/// exits with 130.
+#[test]
+fn headless_train_survives_sighup_and_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let f = fixture(8);
+    let out = f.root.join("sig");
+    let preset_path = f.root.join("preset.yaml");
+    std::fs::write(
+        &preset_path,
+        format!(
+            "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+             output_dir: {}\nlogging_steps: 1\nsave_steps: 100000\nper_device_train_batch_size: 2\n\
+             max_steps: 100000\nlearning_rate: 1.0e-3\ntokenized_path: {}\n",
+            f.root.join("model").display(),
+            f.root.join("data").display(),
+            out.display(),
+            f.root.join("tokcache").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .arg("train")
+        .arg(&preset_path)
+        .env("TERMTUNE_CACHE", f.root.join("cache"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |needle: &str| -> String {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the run ended before {needle:?}");
+    };
+    wait_for("step 3/");
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("step 20/");
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("checkpoint for step");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let (step, dir) = termtune::trainer::checkpoint::latest_checkpoint(&out).unwrap();
+    assert!(step >= 20);
+    termtune::engine::adapter::read_adapter(&dir, &Device::Cpu).unwrap();
+}

@@ -32,6 +32,9 @@ pub struct Encoder {
     pub warnings: Vec<String>,
     /// `default_system` of the options; with the tokenizer's Jinja template it is sent as a system message.
     pub default_system_override: Option<String>,
+    /// Ids of the pieces that repeat in every example (content-free slots, the default system block),
+    /// tokenised once.
+    static_pieces: std::collections::HashMap<String, Vec<u32>>,
 }
 
 /// (prompt ids, answer ids) of one turn.
@@ -236,7 +239,56 @@ impl Encoder {
             jinja,
             warnings,
             default_system_override: opts.default_system.clone(),
+            static_pieces: std::collections::HashMap::new(),
+        }
+        .with_static_pieces())
+    }
+
+    fn with_static_pieces(mut self) -> Self {
+        let t = &self.template;
+        let mut texts: Vec<String> = [
+            &t.format_user,
+            &t.format_assistant,
+            &t.format_system,
+            &t.format_observation,
+            &t.format_function,
+            &t.format_prefix,
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| match s {
+            Slot::Text(x) if !x.contains("{{content}}") => Some(x.clone()),
+            _ => None,
         })
+        .collect();
+        if !t.default_system.is_empty() {
+            texts.extend(
+                super::template::apply(&t.format_system, &t.default_system)
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        Slot::Text(x) => Some(x),
+                        _ => None,
+                    }),
+            );
+        }
+        texts.push(t.empty_thought());
+        let pieces = texts
+            .into_iter()
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                let ids = self.encode_uncached(&x);
+                (x, ids)
+            })
+            .collect();
+        self.static_pieces = pieces;
+        self
+    }
+
+    fn encode_uncached(&self, text: &str) -> Vec<u32> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
     }
 
     /// Identifies template + tokenizer (+ special tokens) for the tokenised-dataset cache key.
@@ -257,10 +309,10 @@ impl Encoder {
         if text.is_empty() {
             return Vec::new();
         }
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .unwrap_or_default()
+        if let Some(ids) = self.static_pieces.get(text) {
+            return ids.clone();
+        }
+        self.encode_uncached(text)
     }
 
     /// `_convert_elements_to_ids`: each element is tokenised on its own.
@@ -315,6 +367,17 @@ impl Encoder {
             .iter()
             .map(|(p, a)| (self.slots_to_ids(p), self.slots_to_ids(a)))
             .collect())
+    }
+
+    /// `encode_oneturn`: (prompt ids, answer ids) where the answer is the last message.
+    pub fn encode_oneturn(
+        &self,
+        messages: &[Message],
+        system: &str,
+        tools: &str,
+    ) -> Result<TurnIds, SkipReason> {
+        let (p, a) = self.template.oneturn_elements(messages, system, tools)?;
+        Ok((self.slots_to_ids(&p), self.slots_to_ids(&a)))
     }
 
     /// The rendered text of each (prompt, answer) turn.

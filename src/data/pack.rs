@@ -18,6 +18,19 @@ pub struct PackedSequence {
     pub sequence_ids: Vec<u32>,
 }
 
+impl From<TokenizedExample> for PackedSequence {
+    /// A single, unpacked example (moves the ids and labels).
+    fn from(ex: TokenizedExample) -> PackedSequence {
+        let n = ex.input_ids.len();
+        PackedSequence {
+            input_ids: ex.input_ids,
+            labels: ex.labels,
+            position_ids: (0..u32::try_from(n).unwrap_or(u32::MAX)).collect(),
+            sequence_ids: vec![1; n],
+        }
+    }
+}
+
 impl PackedSequence {
     /// A single, unpacked example.
     pub fn single(ex: &TokenizedExample) -> PackedSequence {

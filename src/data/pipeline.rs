@@ -464,12 +464,13 @@ fn tokenize_all(
 
 fn to_sequences(
     enc: &Encoder,
-    examples: &[TokenizedExample],
+    examples: Vec<TokenizedExample>,
     opts: &DataOptions,
 ) -> (Vec<PackedSequence>, usize) {
     if !opts.packing_enabled() {
-        return (examples.iter().map(PackedSequence::single).collect(), 0);
+        return (examples.into_iter().map(PackedSequence::from).collect(), 0);
     }
+    let examples = examples.as_slice();
     let cutoff = effective_cutoff(opts);
     if opts.stage == Stage::Pt && !opts.neat_packing {
         let bos = if enc.add_bos_token {
@@ -557,8 +558,8 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
     stats.eval_examples = eval_tok.len();
     stats.set_lengths(&train_tok);
     stats.untrained = train_tok.iter().filter(|t| t.trained_tokens() == 0).count();
-    let (train, dropped) = to_sequences(enc, &train_tok, opts);
-    let (eval, _) = to_sequences(enc, &eval_tok, opts);
+    let (train, dropped) = to_sequences(enc, train_tok, opts);
+    let (eval, _) = to_sequences(enc, eval_tok, opts);
     stats.dropped_too_long = dropped;
     stats.train_sequences = train.len();
     stats.tokens_per_epoch = train.iter().map(PackedSequence::real_tokens).sum();

@@ -143,6 +143,63 @@ pub fn encode_supervised(
     })
 }
 
+/// A tokenised preference pair (for `rm`/`dpo`): prompt + chosen and prompt + rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairwiseExample {
+    pub chosen_input_ids: Vec<u32>,
+    pub chosen_labels: Vec<i64>,
+    pub rejected_input_ids: Vec<u32>,
+    pub rejected_labels: Vec<i64>,
+}
+
+/// `PairwiseDatasetProcessor._encode_data_example`: the budget is shared by giving the answer the longer
+/// of the two lengths (`infer_seqlen(prompt, max(chosen, rejected), cutoff_len)`).
+pub fn encode_pairwise(
+    enc: &Encoder,
+    ex: &Example,
+    cutoff_len: usize,
+) -> Result<PairwiseExample, SkipReason> {
+    let [chosen, rejected] = ex.response.as_slice() else {
+        return Err(SkipReason::InvalidPair(
+            "need exactly a chosen and a rejected answer".into(),
+        ));
+    };
+    let mut chosen_messages = ex.prompt.clone();
+    chosen_messages.push(chosen.clone());
+    let mut rejected_messages = ex.prompt.clone();
+    rejected_messages.push(rejected.clone());
+    let (prompt_ids, mut chosen_ids) =
+        enc.encode_oneturn(&chosen_messages, &ex.system, &ex.tools)?;
+    let (_, mut rejected_ids) = enc.encode_oneturn(&rejected_messages, &ex.system, &ex.tools)?;
+    if enc.template.efficient_eos {
+        chosen_ids.push(enc.eos.1);
+        rejected_ids.push(enc.eos.1);
+    }
+    let (source_len, target_len) = infer_seqlen(
+        prompt_ids.len(),
+        chosen_ids.len().max(rejected_ids.len()),
+        cutoff_len,
+    );
+    let prompt_ids = &prompt_ids[..source_len];
+    chosen_ids.truncate(target_len);
+    rejected_ids.truncate(target_len);
+    let join = |answer: &[u32]| -> (Vec<u32>, Vec<i64>) {
+        let mut ids = prompt_ids.to_vec();
+        ids.extend_from_slice(answer);
+        let mut labels = vec![IGNORE_INDEX; source_len];
+        labels.extend(answer.iter().map(|&i| i64::from(i)));
+        (ids, labels)
+    };
+    let (chosen_input_ids, chosen_labels) = join(&chosen_ids);
+    let (rejected_input_ids, rejected_labels) = join(&rejected_ids);
+    Ok(PairwiseExample {
+        chosen_input_ids,
+        chosen_labels,
+        rejected_input_ids,
+        rejected_labels,
+    })
+}
+
 /// `PretrainDatasetProcessor`: text + eos. Without packing a bos is prepended when the tokenizer adds one
 /// and the result is cut at `cutoff_len`; with packing the caller concatenates and cuts into blocks.
 /// Labels are the ids, except tokens equal to the pad id (`DataCollatorForLanguageModeling`).

@@ -597,9 +597,9 @@ impl Template {
     }
 }
 
-/// Chat-marker-like substrings of `text`: `<|…|>` and `<word_with_underscore>` / `</…>` (e.g.
-/// `<|im_start|>`, `<start_of_turn>`), the markers that a chat model's tokenizer has as special tokens.
-/// Bracket markers such as `[INST]` are plain text in several tokenizers, so they are not reported.
+/// Chat-marker-like substrings of `text`: `<|…|>` and gemma's `<start_of_turn>`-style turn markers, the
+/// markers that a chat model's tokenizer has as special tokens. Bracket markers such as `[INST]` and tags
+/// such as `<tool_response>` are plain text in several tokenizers, so they are not reported.
 pub fn find_markers(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = text;
@@ -613,7 +613,7 @@ pub fn find_markers(text: &str) -> Vec<String> {
             && inner.ends_with('|')
             && !inner.contains(' ');
         let word =
-            bare.contains('_') && bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            bare.ends_with("_turn") && bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if pipe || word {
             out.push(format!("<{inner}>"));
             rest = &after[len + 1..];

