@@ -136,6 +136,10 @@ pub struct ChatArgs {
 pub struct ExportArgs {
     /// The preset YAML file (model_name_or_path, adapter_name_or_path, export_dir, …).
     pub preset: PathBuf,
+    /// Copy the (last) adapter of `adapter_name_or_path` as a PEFT folder with a model card instead of
+    /// merging it into the base.
+    #[arg(long)]
+    pub adapter_only: bool,
     /// Overrides in LLaMA-Factory's form: KEY=VALUE.
     #[arg(value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,

@@ -355,10 +355,29 @@ fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
 }
 
 fn export(args: &ExportArgs) -> ExitCode {
-    if let Err(code) = load_or_report(&args.preset, &args.overrides, Purpose::Export) {
-        return code;
+    let loaded = match load_or_report(&args.preset, &args.overrides, Purpose::Export) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let mut progress = |line: &str| eprintln!("termtune: {line}");
+    let result = if args.adapter_only {
+        crate::export::export_adapter(&loaded.preset, &mut progress)
+    } else {
+        crate::export::export(&loaded.preset, &candle_core::Device::Cpu, &mut progress)
+    };
+    match result {
+        Ok(report) => {
+            println!("{}", report.dir.display());
+            for f in &report.files {
+                println!("  {f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("termtune: export refused: {e}");
+            ExitCode::FAILURE
+        }
     }
-    not_yet("export", "the preset is valid")
 }
 
 /// `termtune env`: what this build and machine offer.

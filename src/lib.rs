@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod fsutil;
 pub mod headless;
 pub mod logging;
