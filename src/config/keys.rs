@@ -190,10 +190,10 @@ pub const KEYS: &[KeySpec] = &[
         Model,
         "termtune always computes the loss in float32",
     ),
-    imp(
+    noe(
         "disable_gradient_checkpointing",
         Model,
-        "Keep all activations instead of recomputing them per layer: faster, more memory.",
+        "activation recomputation changes memory, never the result; termtune keeps all activations for now",
     ),
     noe("use_reentrant_gc", Model, MACHINERY),
     noe("print_param_status", Model, MACHINERY),

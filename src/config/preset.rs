@@ -155,7 +155,6 @@ pub struct Preset {
     pub infer_dtype: InferDtype,
     pub identity_name: Option<String>,
     pub identity_author: Option<String>,
-    pub disable_gradient_checkpointing: bool,
     // ### method
     pub stage: Stage,
     pub finetuning_type: FinetuningType,
@@ -252,7 +251,6 @@ impl Default for Preset {
             infer_dtype: InferDtype::Auto,
             identity_name: None,
             identity_author: None,
-            disable_gradient_checkpointing: false,
             stage: Stage::Sft,
             finetuning_type: FinetuningType::Lora,
             lora_rank: 8,

@@ -116,10 +116,29 @@ pub fn run_training(
     if let Some(dir) = &p.cache_dir {
         hub.cache_dir = dir.into();
     }
+    let mut last_pct = 0u64;
     let mut progress = |sp: SourceProgress| {
-        if let SourceProgress::Note(line) = sp {
-            emit(TrainEvent::Loading { what: line });
-        }
+        use crate::engine::hub::HubProgress;
+        let what = match sp {
+            SourceProgress::Note(line) => line,
+            SourceProgress::Hub(HubProgress::Start { file, bytes }) => {
+                last_pct = 0;
+                #[allow(clippy::cast_precision_loss)]
+                let mb = bytes as f64 / 1e6;
+                format!("downloading {file} ({mb:.1} MB)")
+            }
+            SourceProgress::Hub(HubProgress::Advance { file, done, total }) => {
+                let pct = done * 100 / total.max(1);
+                if pct < last_pct + 10 {
+                    return;
+                }
+                last_pct = pct;
+                format!("downloading {file}: {pct}%")
+            }
+            SourceProgress::Hub(HubProgress::Done { file }) => format!("downloaded {file}"),
+            SourceProgress::Hub(HubProgress::Cached { .. }) => return,
+        };
+        emit(TrainEvent::Loading { what });
     };
     let LoadedSource {
         files, base_name, ..
