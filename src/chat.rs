@@ -11,7 +11,6 @@ use crate::config::Preset;
 use crate::data::{Encoder, Message, Role};
 use crate::engine::adapter::{merge_adapters, parse_adapter_list};
 use crate::engine::generate::{ChatAnswer, GenerationParams, generate};
-use crate::engine::hub::HubOptions;
 use crate::engine::source::{LoadedSource, SourceKind, SourceProgress, load_model};
 use crate::engine::{Finetune, Model};
 use crate::resolve;
@@ -81,14 +80,7 @@ impl ChatSession {
         progress: &mut dyn FnMut(SourceProgress),
     ) -> Result<ChatSession, ChatError> {
         let dtype = resolve::infer_dtype(preset, device);
-        let mut hub = HubOptions::from_env();
-        hub.revision.clone_from(&preset.model_revision);
-        if let Some(dir) = &preset.cache_dir {
-            hub.cache_dir = dir.into();
-        }
-        if let Some(token) = &preset.hf_hub_token {
-            hub.token = Some(token.clone());
-        }
+        let hub = resolve::hub_options(preset);
         let LoadedSource {
             files,
             kind,

@@ -138,8 +138,7 @@ fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, 
             eprintln!("termtune: {line}");
         }
     };
-    let mut hub = crate::engine::hub::HubOptions::from_env();
-    hub.revision.clone_from(&p.model_revision);
+    let hub = crate::resolve::hub_options(p);
     let tok = crate::engine::source::load_tokenizer(&p.model_name_or_path, &hub, &mut progress)
         .map_err(|e| e.to_string())?;
     let opts = crate::resolve::data_options(p);

@@ -110,6 +110,20 @@ pub fn generation_params(p: &Preset) -> GenerationParams {
     }
 }
 
+/// How to reach the hub for this preset: the environment (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, …),
+/// then the preset's `model_revision`, `cache_dir` and `hf_hub_token`.
+pub fn hub_options(p: &Preset) -> crate::engine::hub::HubOptions {
+    let mut hub = crate::engine::hub::HubOptions::from_env();
+    hub.revision.clone_from(&p.model_revision);
+    if let Some(dir) = &p.cache_dir {
+        hub.cache_dir = dir.into();
+    }
+    if let Some(token) = &p.hf_hub_token {
+        hub.token = Some(token.clone());
+    }
+    hub
+}
+
 /// The compute dtype for training: bf16/fp16 when asked, else f32.
 pub fn train_dtype(p: &Preset) -> DType {
     if p.bf16 || p.pure_bf16 {

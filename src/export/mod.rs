@@ -385,15 +385,7 @@ fn adapter_list(preset: &Preset) -> Result<Vec<PathBuf>, ExportError> {
 }
 
 fn hub_options(preset: &Preset) -> HubOptions {
-    let mut hub = HubOptions::from_env();
-    hub.revision.clone_from(&preset.model_revision);
-    if let Some(dir) = &preset.cache_dir {
-        hub.cache_dir = dir.into();
-    }
-    if let Some(token) = &preset.hf_hub_token {
-        hub.token = Some(token.clone());
-    }
-    hub
+    crate::resolve::hub_options(preset)
 }
 
 fn source_kind_without_loading(name: &str) -> SourceKind {

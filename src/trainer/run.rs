@@ -15,7 +15,6 @@ use crate::data::{self, Batch, Encoder, PreparedDataset};
 use crate::engine::adapter::{
     load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
 };
-use crate::engine::hub::HubOptions;
 use crate::engine::source::{LoadedSource, SourceProgress, load_model};
 use crate::engine::weights::save_safetensors;
 use crate::engine::{AttnMask, Finetune, Model};
@@ -111,11 +110,7 @@ pub fn run_training(
 
     // Model.
     let dtype = resolve::train_dtype(p);
-    let mut hub = HubOptions::from_env();
-    hub.revision.clone_from(&p.model_revision);
-    if let Some(dir) = &p.cache_dir {
-        hub.cache_dir = dir.into();
-    }
+    let hub = resolve::hub_options(p);
     let mut last_pct = 0u64;
     let mut progress = |sp: SourceProgress| {
         use crate::engine::hub::HubProgress;
