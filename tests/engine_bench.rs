@@ -1,0 +1,146 @@
+#![allow(clippy::unwrap_used)]
+//! Benchmark, not a test: forward+backward of a LoRA r8 all-linear step on a SmolLM2-135M-shaped model
+//! (30 layers, d 576, ffn 1536, 9/3 heads, vocab 49152, tied embeddings), random weights, f32 CPU, batch 4 × 256.
+//!
+//! Run: `cargo test --release --test engine_bench -- --ignored --nocapture`
+//! Env: `BENCH_STEPS` (default 3), `BENCH_BATCH` (4), `BENCH_SEQ` (256), `BENCH_KERNELS` (fused|pure|both).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use termtune::engine::model::Kernels;
+use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model, ModelConfig};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn smollm2_shaped() -> (ModelConfig, HashMap<String, Tensor>) {
+    let cfg = ModelConfig::from_hf_config(&serde_json::json!({"model_type":"llama","vocab_size":49152,
+        "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+        "num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000.0,"max_position_embeddings":8192,
+        "tie_word_embeddings":true,"bos_token_id":1,"eos_token_id":2}))
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut rand = |shape: &[usize], std: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-std..std)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let (h, ff, hd) = (576, 1536, 64);
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), rand(&[49152, h], 0.05));
+    t.insert("model.norm.weight".into(), rand(&[h], 1.0).abs().unwrap());
+    for i in 0..30 {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [
+            ("self_attn.q_proj", 9 * hd, h),
+            ("self_attn.k_proj", 3 * hd, h),
+            ("self_attn.v_proj", 3 * hd, h),
+            ("self_attn.o_proj", h, 9 * hd),
+            ("mlp.gate_proj", ff, h),
+            ("mlp.up_proj", ff, h),
+            ("mlp.down_proj", h, ff),
+        ] {
+            t.insert(format!("{p}.{n}.weight"), rand(&[o, inp], 0.04));
+        }
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            rand(&[h], 1.0).abs().unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            rand(&[h], 1.0).abs().unwrap(),
+        );
+    }
+    (cfg, t)
+}
+
+#[test]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+fn bench_lora_step_smollm2_shape() {
+    let (b, s, steps) = (
+        env("BENCH_BATCH", 4),
+        env("BENCH_SEQ", 256),
+        env("BENCH_STEPS", 3),
+    );
+    let (cfg, tensors) = smollm2_shaped();
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::All,
+        use_rslora: false,
+        seed: 0,
+    };
+    let mut model = Model::from_tensors(
+        cfg,
+        &tensors,
+        DType::F32,
+        &Device::Cpu,
+        &Finetune::Lora(spec),
+    )
+    .unwrap();
+    drop(tensors);
+    let (tr, total) = model.param_counts();
+    println!(
+        "params: trainable {tr}, total {total}; threads {}",
+        rayon::current_num_threads()
+    );
+    let mut rng = StdRng::seed_from_u64(1);
+    let ids: Vec<u32> = (0..b * s).map(|_| rng.random_range(0..49152u32)).collect();
+    let input = Tensor::from_vec(ids.clone(), (b, s), &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(
+        ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+        (b, s),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let kernels = std::env::var("BENCH_KERNELS").unwrap_or_else(|_| "fused".into());
+    let sets: Vec<Kernels> = match kernels.as_str() {
+        "pure" => vec![Kernels::Pure],
+        "both" => vec![Kernels::Fused, Kernels::Pure],
+        _ => vec![Kernels::Fused],
+    };
+    for k in sets {
+        model.kernels = k;
+        let mut fwd_total = 0.0;
+        let mut bwd_total = 0.0;
+        for step in 0..=steps {
+            let t0 = Instant::now();
+            let (sum, n) = model
+                .forward_loss(&input, &AttnMask::Causal, &labels, true)
+                .unwrap();
+            let loss = (sum / n as f64).unwrap();
+            let _ = loss.to_scalar::<f32>().unwrap();
+            let t1 = Instant::now();
+            let grads = loss.backward().unwrap();
+            let t2 = Instant::now();
+            drop(grads);
+            drop(loss);
+            let (f, bw) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+            println!(
+                "{k:?} step {step}: forward {f:.2}s backward {bw:.2}s ({:.0} tok/s)",
+                (b * s) as f64 / (f + bw)
+            );
+            if step > 0 {
+                fwd_total += f;
+                bwd_total += bw;
+            }
+        }
+        let n = steps as f64;
+        println!(
+            "{k:?} mean over {steps} steps (after 1 warm-up): forward {:.2}s backward {:.2}s total {:.2}s → {:.0} tokens/s",
+            fwd_total / n,
+            bwd_total / n,
+            (fwd_total + bwd_total) / n,
+            (b * s) as f64 * n / (fwd_total + bwd_total)
+        );
+    }
+}
