@@ -21,6 +21,23 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(String::from)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn smollm2_shaped() -> (ModelConfig, HashMap<String, Tensor>) {
     let cfg = ModelConfig::from_hf_config(&serde_json::json!({"model_type":"llama","vocab_size":49152,
         "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
@@ -142,5 +159,6 @@ fn bench_lora_step_smollm2_shape() {
             (fwd_total + bwd_total) / n,
             (b * s) as f64 * n / (fwd_total + bwd_total)
         );
+        println!("peak RSS so far: {:.0} MiB", peak_rss_mib());
     }
 }

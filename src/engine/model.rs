@@ -731,17 +731,24 @@ impl Model {
         } else {
             (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
         };
-        let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
+        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
         let att = if fused {
-            ops::fused::masked_softmax(&att, bias)?
+            ops::fused::masked_softmax(&att, bias, scale)?
         } else {
             let cdt = ops::compute_dtype(self.dtype);
-            ops::softmax_pure(&att.to_dtype(cdt)?.broadcast_add(bias)?)?.to_dtype(self.dtype)?
+            ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
+                .to_dtype(self.dtype)?
         };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = att
+            .reshape((b, nkv, n_rep * t, t))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x = (x + l.o.forward(&y, train)?)?;
         let hn = self.rms_norm(&x, &l.post_norm, train)?;
         let g = l.gate.forward(&hn, train)?;

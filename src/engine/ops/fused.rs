@@ -253,9 +253,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 
 // ---------------------------------------------------------------------------------------------- softmax
 
-/// softmax(x + bias) over the last dim; x (b, h, t, s), bias (bb, 1, t, s) with bb ∈ {1, b}.
+/// softmax(scale·x + bias) over the last dim; x (b, h, t, s), bias (bb, 1, t, s) with bb ∈ {1, b}.
 struct MaskedSoftmax {
     bias: Tensor,
+    scale: f64,
 }
 
 fn softmax_kernel<T: Float + Send + Sync>(
@@ -263,6 +264,7 @@ fn softmax_kernel<T: Float + Send + Sync>(
     bias: &[T],
     dims: (usize, usize, usize, usize),
     bb: usize,
+    scale: T,
 ) -> Vec<T> {
     let (_b, h, t, s) = dims;
     let mut out = vec![T::zero(); x.len()];
@@ -275,7 +277,7 @@ fn softmax_kernel<T: Float + Send + Sync>(
             let br = &bias[(if bb == 1 { 0 } else { bi } * t + ti) * s..][..s];
             let mut m = T::neg_infinity();
             for i in 0..s {
-                let v = xr[i] + br[i];
+                let v = xr[i] * scale + br[i];
                 o[i] = v;
                 if v > m {
                     m = v;
@@ -294,14 +296,14 @@ fn softmax_kernel<T: Float + Send + Sync>(
     out
 }
 
-fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize) -> Vec<T> {
+fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(s)
         .zip(y.par_chunks(s).zip(g.par_chunks(s)))
         .for_each(|(o, (yr, gr))| {
             let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&y, &g)| a + y * g);
             for i in 0..s {
-                o[i] = yr[i] * (gr[i] - dot);
+                o[i] = scale * yr[i] * (gr[i] - dot);
             }
         });
     out
@@ -320,26 +322,30 @@ impl CustomOp1 for MaskedSoftmax {
                 &held::<f32>(&self.bias)?,
                 dims,
                 bb,
+                self.scale as f32,
             )),
             CpuStorage::F64(x) => CpuStorage::F64(softmax_kernel(
                 contig(x, l, "softmax")?,
                 &held::<f64>(&self.bias)?,
                 dims,
                 bb,
+                self.scale,
             )),
             _ => candle_core::bail!("fused-masked-softmax: only f32/f64"),
         };
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
-        Ok(Some(
-            y.contiguous()?
-                .apply_op2_no_bwd(&gy.contiguous()?, &SoftmaxBwd)?,
-        ))
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(
+            &gy.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
-struct SoftmaxBwd;
+struct SoftmaxBwd {
+    scale: f64,
+}
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -358,11 +364,13 @@ impl CustomOp2 for SoftmaxBwd {
                 contig(y, l1, "sm-bwd")?,
                 contig(g, l2, "sm-bwd")?,
                 s,
+                self.scale as f32,
             )),
             (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd_kernel(
                 contig(y, l1, "sm-bwd")?,
                 contig(g, l2, "sm-bwd")?,
                 s,
+                self.scale,
             )),
             _ => candle_core::bail!("fused-softmax-bwd: dtype mismatch"),
         };
@@ -370,10 +378,12 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// `softmax(x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s); bias (bb, 1, t, s).
-pub fn masked_softmax(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+/// `softmax(scale·x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s);
+/// bias (bb, 1, t, s).
+pub fn masked_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(MaskedSoftmax {
         bias: bias.to_dtype(x.dtype())?,
+        scale,
     })
 }
 
