@@ -1088,3 +1088,59 @@ fn matches_transformers_and_peft_goldens() {
         }
     }
 }
+
+#[test]
+fn chat_model_with_adapter_answers_like_merged_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, _) = build(
+        d.path(),
+        &TinyOpts::default(),
+        DType::F32,
+        &lora("q_proj,v_proj", 4),
+    );
+    randomize_b(&m, 8);
+    let ad = tempfile::tempdir().unwrap();
+    adapter::save_adapter(&m, ad.path(), "tiny").unwrap();
+    let chat =
+        generate::load_chat_model(d.path(), &[ad.path().to_path_buf()], DType::F32, &CPU).unwrap();
+    let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert!(chat.stop_ids.contains(&im_end));
+    let rendered = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n";
+    let params = GenerationParams {
+        max_new_tokens: 5,
+        ..GenerationParams::default()
+    };
+    let got = generate::chat_completion(
+        &chat.model,
+        &chat.tokenizer,
+        rendered,
+        &params,
+        &[],
+        None,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    // Same answer from the unmerged LoRA model (the adapter is applied, not ignored).
+    let want = generate::chat_completion(&m, &chat.tokenizer, rendered, &params, &[], None, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(got.tokens, want.tokens);
+    let (base, _) = build(
+        d.path(),
+        &TinyOpts::default(),
+        DType::F32,
+        &Finetune::Frozen,
+    );
+    let l_base = base
+        .forward(&ids(&[1, 2, 3], 1), &AttnMask::Causal, false)
+        .unwrap();
+    let l_chat = chat
+        .model
+        .forward(&ids(&[1, 2, 3], 1), &AttnMask::Causal, false)
+        .unwrap();
+    assert!(
+        max_abs_diff(&l_base, &l_chat) > 1e-3,
+        "adapter was not merged"
+    );
+}

@@ -162,3 +162,89 @@ fn bench_lora_step_smollm2_shape() {
         println!("peak RSS so far: {:.0} MiB", peak_rss_mib());
     }
 }
+
+/// Per-kernel timing at the benchmark's sizes: fused CustomOp vs pure candle ops, forward + backward.
+#[test]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+fn bench_kernels_fused_vs_pure() {
+    use candle_core::Var;
+    use termtune::engine::ops;
+    let dev = Device::Cpu;
+    let rv = |shape: &[usize]| {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+    };
+    let time = |name: &str, f: &dyn Fn() -> Tensor, x: &Var| {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let y = f();
+            let p = y.ones_like().unwrap();
+            let g = (y * p).unwrap().sum_all().unwrap().backward().unwrap();
+            let _ = g.get(x).unwrap();
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!("{name:<28} {:8.2} ms", best * 1e3);
+    };
+    let x = rv(&[4, 256, 576]);
+    let w = Tensor::ones(576, DType::F32, &dev).unwrap();
+    time(
+        "rms_norm fused",
+        &|| ops::fused::rms_norm(&x, &w, 1e-5).unwrap(),
+        &x,
+    );
+    time(
+        "rms_norm pure",
+        &|| ops::rms_norm_pure(&x, &w, 1e-5).unwrap(),
+        &x,
+    );
+    let q = rv(&[4, 9, 256, 64]);
+    let cos = Tensor::randn(0f32, 1.0, (1, 1, 256, 32), &dev).unwrap();
+    let sin = Tensor::randn(0f32, 1.0, (1, 1, 256, 32), &dev).unwrap();
+    time(
+        "rope fused",
+        &|| ops::fused::rope(&q, &cos, &sin).unwrap(),
+        &q,
+    );
+    time("rope pure", &|| ops::rope_pure(&q, &cos, &sin).unwrap(), &q);
+    let a = rv(&[4, 9, 256, 256]);
+    let bias = Tensor::zeros((1, 1, 256, 256), DType::F32, &dev).unwrap();
+    time(
+        "softmax fused",
+        &|| ops::fused::masked_softmax(&a, &bias, 0.125).unwrap(),
+        &a,
+    );
+    time(
+        "softmax pure",
+        &|| ops::softmax_pure(&(&*a * 0.125).unwrap().broadcast_add(&bias).unwrap()).unwrap(),
+        &a,
+    );
+    let g = rv(&[4, 256, 1536]);
+    let u = Tensor::randn(0f32, 1.0, (4, 256, 1536), &dev).unwrap();
+    time("swiglu fused", &|| ops::fused::swiglu(&g, &u).unwrap(), &g);
+    time("swiglu pure", &|| ops::swiglu_pure(&g, &u).unwrap(), &g);
+    let l = rv(&[1020, 49152]);
+    let tg = Tensor::zeros(1020, DType::U32, &dev).unwrap();
+    let ones = Tensor::ones(1020, DType::F32, &dev).unwrap();
+    time(
+        "cross-entropy fused",
+        &|| ops::fused::cross_entropy_sum(&l, &tg).unwrap(),
+        &l,
+    );
+    time(
+        "cross-entropy pure",
+        &|| ops::nll_sum_pure(&l, &tg, &ones).unwrap(),
+        &l,
+    );
+    let xl = rv(&[1024, 576]);
+    let wl = Tensor::randn(0f32, 0.04, (1536, 576), &dev).unwrap();
+    time(
+        "frozen linear 576→1536",
+        &|| ops::frozen_linear(&xl, &wl).unwrap(),
+        &xl,
+    );
+    time(
+        "plain linear 576→1536",
+        &|| ops::linear(&xl, &wl).unwrap(),
+        &xl,
+    );
+}
