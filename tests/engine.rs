@@ -1144,3 +1144,35 @@ fn chat_model_with_adapter_answers_like_merged_weights() {
         "adapter was not merged"
     );
 }
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 2));
+    let e = m
+        .forward(&ids(&[1, 2, 9999], 1), &AttnMask::Causal, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("9999"), "{e}");
+    let labels = Tensor::new(&[[1i64, 2]], &CPU).unwrap();
+    let e = m
+        .forward_loss(&ids(&[1, 2, 3], 1), &AttnMask::Causal, &labels, true)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("labels"), "{e}");
+    let bad = AttnMask::Padding {
+        attention_mask: Tensor::new(&[[1u32, 1]], &CPU).unwrap(),
+    };
+    assert!(m.forward(&ids(&[1, 2, 3], 1), &bad, false).is_err());
+    let labels = Tensor::new(&[[1i64, 2, 5000]], &CPU).unwrap();
+    let e = m
+        .forward_loss(&ids(&[1, 2, 3], 1), &AttnMask::Causal, &labels, true)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("5000"), "{e}");
+    // All labels ignored: zero loss, zero tokens (the trainer skips it), no error.
+    let labels = Tensor::new(&[[-100i64, -100, -100]], &CPU).unwrap();
+    let (s, n) = m
+        .forward_loss(&ids(&[1, 2, 3], 1), &AttnMask::Causal, &labels, true)
+        .unwrap();
+    assert_eq!((s.to_scalar::<f32>().unwrap(), n), (0.0, 0));
+}

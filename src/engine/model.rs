@@ -651,6 +651,22 @@ impl Model {
     /// Input embeddings for token ids (b, t).
     fn embed(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(EngineError::Invalid(
+                "empty input: a sequence needs at least one token".into(),
+            ));
+        }
+        let max = ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(EngineError::Invalid(format!(
+                "token id {max} is outside the model's vocabulary (vocab_size {}); tokenizer and model do not match",
+                self.cfg.vocab_size
+            )));
+        }
         let w = if train {
             self.embed.tensor().clone()
         } else {
@@ -671,6 +687,26 @@ impl Model {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
+        let check = |name: &str, x: &Tensor| -> Result<()> {
+            if x.dims() != [b, t] {
+                return Err(EngineError::Invalid(format!(
+                    "`{name}` has shape {:?}, expected [{b}, {t}] like input_ids",
+                    x.dims()
+                )));
+            }
+            Ok(())
+        };
+        match mask {
+            AttnMask::Causal => {}
+            AttnMask::Padding { attention_mask } => check("attention_mask", attention_mask)?,
+            AttnMask::Packed {
+                seq_ids,
+                position_ids,
+            } => {
+                check("seq_ids", seq_ids)?;
+                check("position_ids", position_ids)?;
+            }
+        }
         let cdt = ops::compute_dtype(self.dtype);
         let (positions, seq) = match mask {
             AttnMask::Causal => (
@@ -798,6 +834,12 @@ impl Model {
         train: bool,
     ) -> Result<(Tensor, usize)> {
         let (b, t) = input_ids.dims2()?;
+        if labels.dims() != [b, t] {
+            return Err(EngineError::Invalid(format!(
+                "`labels` has shape {:?}, expected [{b}, {t}] like input_ids",
+                labels.dims()
+            )));
+        }
         let h = self.forward_hidden(input_ids, mask, train)?;
         let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut rows = Vec::new();
