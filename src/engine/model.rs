@@ -174,6 +174,27 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_k(x, train, false)
+    }
+
+    /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
+    /// input already in the LoRA dtype).
+    fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora) {
+            if l.dropout == 0.0 && x.dtype() == l.a.dtype() {
+                let op = ops::LoraLinear {
+                    w: w.clone(),
+                    scale: l.scale,
+                };
+                let mut y = x
+                    .contiguous()?
+                    .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b.tensor())?;
+                }
+                return Ok(y);
+            }
+        }
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(x, w)?,
             Weight::Trainable(v) => {
@@ -203,7 +224,8 @@ impl Linear {
             if train && l.dropout > 0.0 {
                 xl = candle_nn::ops::dropout(&xl, l.dropout)?;
             }
-            let d = (ops::linear(&ops::linear(&xl, &a)?, &b)? * l.scale)?;
+            // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
+            let d = ops::linear(&(ops::linear(&xl, &a)? * l.scale)?, &b)?;
             let d = d.to_dtype(y.dtype())?;
             y = (y + d)?;
         }
@@ -745,9 +767,9 @@ impl Model {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let fused = self.fused(self.dtype);
         let hn = self.rms_norm(x, &l.input_norm, train)?;
-        let q = l.q.forward(&hn, train)?.reshape((b, t, nh, hd))?;
-        let k = l.k.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
-        let v = l.v.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
+        let q = l.q.forward_k(&hn, train, fused)?.reshape((b, t, nh, hd))?;
+        let k = l.k.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
+        let v = l.v.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
         let q = match &l.q_norm {
             Some(w) => self.rms_norm(&q, w, train)?,
             None => q,
@@ -785,16 +807,16 @@ impl Model {
             .matmul(&v)?
             .reshape((b, nh, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + l.o.forward(&y, train)?)?;
+        let x = (x + l.o.forward_k(&y, train, fused)?)?;
         let hn = self.rms_norm(&x, &l.post_norm, train)?;
-        let g = l.gate.forward(&hn, train)?;
-        let u = l.up.forward(&hn, train)?;
+        let g = l.gate.forward_k(&hn, train, fused)?;
+        let u = l.up.forward_k(&hn, train, fused)?;
         let act = if fused {
             ops::fused::swiglu(&g, &u)?
         } else {
             ops::swiglu_pure(&g, &u)?
         };
-        Ok((x + l.down.forward(&act, train)?)?)
+        Ok((x + l.down.forward_k(&act, train, fused)?)?)
     }
 
     /// lm_head on hidden states of any leading shape → logits in the compute dtype (f32, or f64).
