@@ -180,20 +180,21 @@ impl Linear {
     /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
     /// input already in the LoRA dtype).
     fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
-        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora) {
-            if l.dropout == 0.0 && x.dtype() == l.a.dtype() {
-                let op = ops::LoraLinear {
-                    w: w.clone(),
-                    scale: l.scale,
-                };
-                let mut y = x
-                    .contiguous()?
-                    .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(b.tensor())?;
-                }
-                return Ok(y);
+        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
+            && l.dropout == 0.0
+            && x.dtype() == l.a.dtype()
+        {
+            let op = ops::LoraLinear {
+                w: w.clone(),
+                scale: l.scale,
+            };
+            let mut y = x
+                .contiguous()?
+                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b.tensor())?;
             }
+            return Ok(y);
         }
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(x, w)?,
