@@ -704,6 +704,27 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     let gf = (f * &p).unwrap().sum_all().unwrap().backward().unwrap();
     let gq = (q * &p).unwrap().sum_all().unwrap().backward().unwrap();
     close(gf.get(&x).unwrap(), gq.get(&x).unwrap(), "softmax dx");
+    // Attention with GQA (6 query heads on 2 kv heads) and a per-batch mask.
+    let (q, k, v) = (
+        r(&[2, 6, 5, 4], 20),
+        r(&[2, 2, 5, 4], 21),
+        r(&[2, 2, 5, 4], 22),
+    );
+    let p = probe(&[2, 6, 5, 4], 23);
+    let f = ops::fused::attention(&q, &k, &v, &bias, 0.5).unwrap();
+    let kr = candle_transformers::utils::repeat_kv(k.as_tensor().clone(), 3).unwrap();
+    let vr = candle_transformers::utils::repeat_kv(v.as_tensor().clone(), 3).unwrap();
+    let att = (q.matmul(&kr.t().unwrap()).unwrap() * 0.5)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+    let qq = ops::softmax_pure(&att).unwrap().matmul(&vr).unwrap();
+    close(&f, &qq, "attention value");
+    let gf = (f * &p).unwrap().sum_all().unwrap().backward().unwrap();
+    let gq = (qq * &p).unwrap().sum_all().unwrap().backward().unwrap();
+    close(gf.get(&q).unwrap(), gq.get(&q).unwrap(), "attention dq");
+    close(gf.get(&k).unwrap(), gq.get(&k).unwrap(), "attention dk");
+    close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), "attention dv");
     // SwiGLU.
     let (g, u) = (r(&[3, 7, 11], 9), r(&[3, 7, 11], 10));
     let p = probe(&[3, 7, 11], 11);

@@ -793,20 +793,21 @@ impl Model {
         // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
         // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
         let n_rep = nh / nkv;
-        let q = q.reshape((b, nkv, n_rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-        let att = if fused {
-            ops::fused::masked_softmax(&att, bias, scale)?
+        let y = if fused {
+            ops::fused::attention(&q, &k, &v, bias, scale)?
         } else {
+            // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+            // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+            let q = q.reshape((b, nkv, n_rep * t, hd))?;
+            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
             let cdt = ops::compute_dtype(self.dtype);
-            ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
-                .to_dtype(self.dtype)?
+            let att = ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
+                .to_dtype(self.dtype)?;
+            att.reshape((b, nkv, n_rep * t, t))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
         };
-        let y = att
-            .reshape((b, nkv, n_rep * t, t))?
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x = (x + l.o.forward_k(&y, train, fused)?)?;
         let hn = self.rms_norm(&x, &l.post_norm, train)?;

@@ -614,3 +614,116 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
 pub fn is_cpu(t: &Tensor) -> bool {
     matches!(&*t.storage_and_layout().0, Storage::Cpu(_))
 }
+
+// ---------------------------------------------------------------------------------------------- attention
+
+/// Scaled dot-product attention with an additive mask and GQA, as one op:
+/// `y = softmax(scale·q·kᵀ + bias)·v`; q (b, nh, t, hd), k and v (b, nkv, t, hd), bias (bb, 1, t, t).
+/// The probabilities are recomputed in the backward instead of being kept in the graph, and no
+/// attention-sized gradient ever enters candle's GradStore.
+struct Attention {
+    bias: Tensor,
+    scale: f64,
+    n_rep: usize,
+}
+
+fn tensor_of(s: &CpuStorage, l: &Layout) -> R<Tensor> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("fused-attention: inputs must be contiguous")
+    }
+    Ok(Tensor::from_storage(
+        Storage::Cpu(s.clone()),
+        l.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+impl Attention {
+    /// Probabilities (b, nh, t, s) for untracked q, k.
+    fn probs(&self, q: &Tensor, k: &Tensor) -> R<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let q2 = q.reshape((b, nkv, self.n_rep * t, hd))?;
+        let sc = q2.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        sc.apply_op1_no_bwd(&MaskedSoftmax {
+            bias: self.bias.clone(),
+            scale: self.scale,
+        })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        if nkv * self.n_rep != nh {
+            candle_core::bail!(
+                "fused-attention: {nh} query heads vs {nkv} kv heads × {}",
+                self.n_rep
+            )
+        }
+        let p = self.probs(&q, &k)?.reshape((b, nkv, self.n_rep * t, s))?;
+        let y = p.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), y.shape().clone())),
+            _ => candle_core::bail!("fused-attention: cpu only"),
+        }
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let rt = self.n_rep * t;
+        let p = self.probs(&q, &k)?;
+        let p2 = p.reshape((b, nkv, rt, s))?;
+        let gy2 = gy.contiguous()?.reshape((b, nkv, rt, hd))?;
+        let dv = p2.t()?.matmul(&gy2)?;
+        let dp = gy2.matmul(&v.t()?)?.reshape((b, nh, t, s))?;
+        let ds = p
+            .apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?
+            .reshape((b, nkv, rt, s))?;
+        let dq = ds.matmul(&k)?.reshape((b, nh, t, hd))?;
+        let dk = ds.t()?.matmul(&q.reshape((b, nkv, rt, hd))?)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` with GQA (query head j·n_rep + r uses kv head j), fused forward and backward.
+/// q (b, nh, t, hd); k, v (b, nkv, s, hd); bias (bb, 1, t, s) with bb ∈ {1, b}.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let op = Attention {
+        bias: bias.to_dtype(q.dtype())?,
+        scale,
+        n_rep,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
