@@ -38,6 +38,18 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time (user + system) of this process in seconds, from /proc/self/stat (clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            // Fields after the command: state is index 0, utime 11, stime 12.
+            Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn smollm2_shaped() -> (ModelConfig, HashMap<String, Tensor>) {
     let cfg = ModelConfig::from_hf_config(&serde_json::json!({"model_type":"llama","vocab_size":49152,
         "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
@@ -129,7 +141,9 @@ fn bench_lora_step_smollm2_shape() {
         model.kernels = k;
         let mut fwd_total = 0.0;
         let mut bwd_total = 0.0;
+        let mut cpu_total = 0.0;
         for step in 0..=steps {
+            let c0 = cpu_seconds();
             let t0 = Instant::now();
             let (sum, n) = model
                 .forward_loss(&input, &AttnMask::Causal, &labels, true)
@@ -142,11 +156,13 @@ fn bench_lora_step_smollm2_shape() {
             drop(grads);
             drop(loss);
             let (f, bw) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+            let cpu = cpu_seconds() - c0;
             println!(
                 "{k:?} step {step}: forward {f:.2}s backward {bw:.2}s ({:.0} tok/s)",
                 (b * s) as f64 / (f + bw)
             );
             if step > 0 {
+                cpu_total += cpu;
                 fwd_total += f;
                 bwd_total += bw;
             }
@@ -158,6 +174,10 @@ fn bench_lora_step_smollm2_shape() {
             bwd_total / n,
             (fwd_total + bwd_total) / n,
             (b * s) as f64 * n / (fwd_total + bwd_total)
+        );
+        println!(
+            "{k:?} mean process CPU time per step: {:.2}s",
+            cpu_total / n
         );
         println!("peak RSS so far: {:.0} MiB", peak_rss_mib());
     }

@@ -25,14 +25,20 @@ model.print_trainable_parameters()
 print("threads", torch.get_num_threads(), "torch", torch.__version__)
 ids = torch.randint(0, 49152, (4, 256))
 tot = 0.0
+cpu_tot = 0.0
 for step in range(steps + 1):
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = model(input_ids=ids, labels=ids)
     t1 = time.perf_counter()
     out.loss.backward()
     t2 = time.perf_counter()
     model.zero_grad(set_to_none=True)
-    print(f"step {step}: forward {t1 - t0:.2f}s backward {t2 - t1:.2f}s ({1024 / (t2 - t0):.0f} tok/s)")
+    cpu = time.process_time() - c0
+    print(f"step {step}: forward {t1 - t0:.2f}s backward {t2 - t1:.2f}s ({1024 / (t2 - t0):.0f} tok/s), "
+          f"process CPU time {cpu:.2f}s")
     if step > 0:
         tot += t2 - t0
-print(f"mean over {steps} steps: {tot / steps:.2f}s -> {1024 * steps / tot:.0f} tokens/s")
+        cpu_tot += cpu
+print(f"mean over {steps} steps: {tot / steps:.2f}s -> {1024 * steps / tot:.0f} tokens/s; "
+      f"CPU time per step {cpu_tot / steps:.2f}s")

@@ -256,19 +256,37 @@ pub fn load_chat_model(
             path: model_dir.join("tokenizer.json"),
             why: "missing; chat needs the model's tokenizer.json".into(),
         })?;
-    let eos_tok = match files.tokenizer_config.get("eos_token") {
-        Some(serde_json::Value::String(s)) => tokenizer.token_to_id(s),
-        Some(v) => v
-            .get("content")
-            .and_then(|c| c.as_str())
-            .and_then(|s| tokenizer.token_to_id(s)),
-        None => None,
-    };
-    let stop_ids = stop_ids(&model, &files.generation_config, eos_tok.as_slice());
-    Ok(ChatModel {
+    Ok(ChatModel::new(
         model,
         tokenizer,
-        stop_ids,
-        tokenizer_config: files.tokenizer_config,
-    })
+        files.tokenizer_config,
+        &files.generation_config,
+    ))
+}
+
+impl ChatModel {
+    /// Assemble from parts (e.g. a GGUF model: `Model::from_tensors` + the tokenizer built from its metadata).
+    /// Stop ids = config + generation_config eos ids + the id of tokenizer_config's `eos_token`.
+    pub fn new(
+        model: Model,
+        tokenizer: Tokenizer,
+        tokenizer_config: serde_json::Value,
+        generation_config: &serde_json::Value,
+    ) -> Self {
+        let eos_tok = match tokenizer_config.get("eos_token") {
+            Some(serde_json::Value::String(s)) => tokenizer.token_to_id(s),
+            Some(v) => v
+                .get("content")
+                .and_then(|c| c.as_str())
+                .and_then(|s| tokenizer.token_to_id(s)),
+            None => None,
+        };
+        let stop_ids = stop_ids(&model, generation_config, eos_tok.as_slice());
+        Self {
+            model,
+            tokenizer,
+            stop_ids,
+            tokenizer_config,
+        }
+    }
 }

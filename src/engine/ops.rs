@@ -250,10 +250,15 @@ impl candle_core::CustomOp3 for LoraLinear {
         let gy2 = gy.reshape(((), n))?;
         let x2 = x.reshape(((), k))?;
         let gb = (gy2.matmul(&b)? * self.scale)?; // (m, r)
-        let dx = (gy2.matmul(&self.w)? + gb.matmul(&a)?)?.reshape(x.shape())?;
+        // An untracked input (e.g. the first layer's normed frozen embeddings) needs no gradient: skip the GEMM.
+        let dx = if x.track_op() {
+            Some((gy2.matmul(&self.w)? + gb.matmul(&a)?)?.reshape(x.shape())?)
+        } else {
+            None
+        };
         let xa = x2.matmul(&a.t()?)?; // (m, r)
         let db = (gy2.t()?.matmul(&xa)? * self.scale)?;
         let da = gb.t()?.matmul(&x2)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, Some(da), Some(db)))
     }
 }

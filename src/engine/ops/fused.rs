@@ -610,11 +610,6 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
 }
 
-/// Whether a storage is on the CPU (fused kernels only run there).
-pub fn is_cpu(t: &Tensor) -> bool {
-    matches!(&*t.storage_and_layout().0, Storage::Cpu(_))
-}
-
 // ---------------------------------------------------------------------------------------------- attention
 
 /// Scaled dot-product attention with an additive mask and GQA, as one op:
