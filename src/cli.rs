@@ -1,0 +1,107 @@
+//! The command line (clap). `main.rs` parses it and calls [`crate::commands::run`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Fine-tune LLMs (LoRA, freeze, full) from a terminal: LLaMA-Factory's presets, datasets and
+/// run folders, PEFT adapters, on candle.
+///
+/// Run without a command to open the terminal UI.
+#[derive(Debug, Parser)]
+#[command(name = "termtune", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Write the log here instead of termtune's cache folder (stdout belongs to the TUI).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train headless from a preset, e.g. `termtune train presets/quickstart.yaml learning_rate=2e-4`.
+    ///
+    /// The preset is LLaMA-Factory's YAML (the same file `llamafactory-cli train` reads). Overrides
+    /// use LLaMA-Factory's command-line form KEY=VALUE and win over the file.
+    Train(TrainArgs),
+    /// Chat with a base model, an adapter or a checkpoint: a REPL, or one answer with --prompt.
+    Chat(ChatArgs),
+    /// Merge adapters into the base and write a Hugging Face folder or a GGUF file.
+    Export(ExportArgs),
+    /// Validate a preset and print the fully resolved configuration.
+    ///
+    /// Every problem is reported at once with file, line and column; keys that have no effect in
+    /// termtune are listed. Exit status 2 when the preset has problems.
+    Check(CheckArgs),
+    /// Show the version, build features, CPU features, threads, GPU (NVML) and cache locations.
+    Env,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The preset YAML file.
+    pub preset: PathBuf,
+    /// Overrides in LLaMA-Factory's form: KEY=VALUE (e.g. lora_rank=16 max_steps=50).
+    #[arg(value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The preset YAML file.
+    pub preset: PathBuf,
+    /// Overrides in LLaMA-Factory's form: KEY=VALUE.
+    #[arg(value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Also show example N of the training data: raw record, rendered text, trained/masked tokens.
+    #[arg(long, value_name = "N")]
+    pub preview: Option<usize>,
+    /// Check the preset only: skip loading the tokenizer and the dataset statistics.
+    #[arg(long)]
+    pub no_data: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// A preset to take the model, adapter, template and generation settings from.
+    pub preset: Option<PathBuf>,
+    /// Base model: hub id, local Hugging Face folder or .gguf file.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Adapter folder(s), comma separated (merged into the base).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Chat template name; default: the tokenizer's own chat template.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Answer this one prompt, print only the answer on stdout and exit.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The preset YAML file (model_name_or_path, adapter_name_or_path, export_dir, …).
+    pub preset: PathBuf,
+    /// Overrides in LLaMA-Factory's form: KEY=VALUE.
+    #[arg(value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}

@@ -1,0 +1,453 @@
+//! What each subcommand does. Output for people goes to stdout (results) and stderr (progress,
+//! problems); the detailed log goes to the log file.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use crate::cli::{ChatArgs, CheckArgs, Cli, Command, ExportArgs, TrainArgs};
+use crate::config::{self, Group, Purpose};
+
+/// Exit status for a preset or argument problem (clap uses 2 for usage errors too).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for a feature this build cannot run yet.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        None => not_yet(
+            "the terminal UI",
+            "use `termtune check PRESET.yaml` to validate a preset meanwhile",
+        ),
+        Some(Command::Check(args)) => check(&args),
+        Some(Command::Env) => {
+            print!("{}", env_report());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Train(args)) => train(&args),
+        Some(Command::Chat(args)) => chat(&args),
+        Some(Command::Export(args)) => export(&args),
+    }
+}
+
+fn not_yet(what: &str, meanwhile: &str) -> ExitCode {
+    eprintln!("termtune: {what} is not available in this version yet; {meanwhile}.");
+    ExitCode::from(EXIT_UNAVAILABLE)
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    match config::load(&args.preset, &args.overrides, Purpose::Train) {
+        Ok(loaded) => {
+            print!(
+                "{}",
+                check_report(&args.preset.display().to_string(), &loaded)
+            );
+            if args.no_data && args.preview.is_none() {
+                return ExitCode::SUCCESS;
+            }
+            match dataset_report(&loaded.preset, args.preview) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("termtune: the dataset could not be checked: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// The text `termtune check` prints for a valid preset.
+pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
+    let p = &loaded.preset;
+    let mut out = String::new();
+    let _ = writeln!(out, "{name}: valid\n");
+    let _ = writeln!(
+        out,
+        "# resolved configuration (`# default` marks values not set in the file)"
+    );
+    let rows = config::resolved_entries(p);
+    for group in Group::ALL {
+        let in_group: Vec<_> = rows.iter().filter(|r| r.group == group).collect();
+        if in_group.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "### {}", group.header());
+        for row in in_group {
+            let comment = match (&row.note, row.is_default) {
+                (Some(n), true) => format!("  # {n} (default)"),
+                (Some(n), false) => format!("  # {n}"),
+                (None, true) => "  # default".to_string(),
+                (None, false) => String::new(),
+            };
+            let _ = writeln!(out, "{}: {}{comment}", row.key, row.value);
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "# derived");
+    let _ = writeln!(
+        out,
+        "#   examples per optimizer step: {} (batch {} x accumulation {})",
+        p.examples_per_step(),
+        p.per_device_train_batch_size,
+        p.gradient_accumulation_steps
+    );
+    let _ = writeln!(
+        out,
+        "#   tokens per optimizer step: at most {} (x cutoff_len {})",
+        p.max_tokens_per_step(),
+        p.cutoff_len
+    );
+    if p.finetuning_type == config::FinetuningType::Lora {
+        let _ = writeln!(
+            out,
+            "#   LoRA scale: {:.4} (lora_alpha {} / {}{})",
+            p.lora_scale(),
+            p.lora_alpha_resolved(),
+            if p.use_rslora {
+                "sqrt of lora_rank "
+            } else {
+                "lora_rank "
+            },
+            p.lora_rank
+        );
+    }
+    if !loaded.notes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n# no effect in termtune (accepted for LLaMA-Factory compatibility):"
+        );
+        for note in &loaded.notes {
+            let _ = writeln!(out, "#   {}: {}", note.key, note.reason);
+        }
+    }
+    out
+}
+
+/// Dataset statistics (and example `preview`) for `termtune check`: tokenises the training data
+/// with the model's tokenizer and template (the tokenised cache makes the next run instant).
+fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, String> {
+    let mut progress = |sp: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = sp {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let mut hub = crate::engine::hub::HubOptions::from_env();
+    hub.revision.clone_from(&p.model_revision);
+    let tok = crate::engine::source::load_tokenizer(&p.model_name_or_path, &hub, &mut progress)
+        .map_err(|e| e.to_string())?;
+    let opts = crate::resolve::data_options(p);
+    let enc = crate::data::Encoder::new(&opts, &tok.tokenizer, &tok.tokenizer_config)
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    for w in &enc.warnings {
+        let _ = writeln!(out, "# warning: {w}");
+    }
+    if opts.dataset.is_empty() {
+        return Ok(out);
+    }
+    let prepared = crate::data::prepare_dataset(&opts, &enc).map_err(|e| e.to_string())?;
+    let _ = writeln!(out, "\n# dataset");
+    out.push_str(&crate::data::stats::format_stats(&prepared.stats));
+    for w in &prepared.warnings {
+        let _ = writeln!(out, "# warning: {w}");
+    }
+    if let Some(index) = preview {
+        let pv = crate::data::pipeline::preview(&opts, &enc, index).map_err(|e| e.to_string())?;
+        let _ = writeln!(out, "\n# preview");
+        out.push_str(&crate::data::stats::format_preview(&pv));
+    }
+    Ok(out)
+}
+
+fn load_or_report(
+    preset: &std::path::Path,
+    overrides: &[String],
+    purpose: Purpose,
+) -> Result<config::Loaded, ExitCode> {
+    config::load(preset, overrides, purpose).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn train(args: &TrainArgs) -> ExitCode {
+    match load_or_report(&args.preset, &args.overrides, Purpose::Train) {
+        Ok(loaded) => crate::headless::train(loaded),
+        Err(code) => code,
+    }
+}
+
+fn chat(args: &ChatArgs) -> ExitCode {
+    let preset = match chat_preset(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let device = candle_core::Device::Cpu;
+    let mut progress = |p: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = p {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let mut session = match crate::chat::ChatSession::load(&preset, &device, &mut progress) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("termtune: {}", session.info);
+    if let Some(prompt) = &args.prompt {
+        let mut stdout = std::io::stdout();
+        let result = session.answer(prompt, None, |piece| {
+            use std::io::Write as _;
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            std::ops::ControlFlow::Continue(())
+        });
+        println!();
+        return match result {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("termtune: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    repl(&mut session)
+}
+
+/// The preset for `termtune chat`: the file (if any), then the command-line flags.
+fn chat_preset(args: &ChatArgs) -> Result<config::Preset, ExitCode> {
+    let mut overrides = Vec::new();
+    let mut set = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            overrides.push(format!("{k}={v}"));
+        }
+    };
+    set("model_name_or_path", args.model.clone());
+    set("adapter_name_or_path", args.adapter.clone());
+    set("template", args.template.clone());
+    set("default_system", args.system.clone());
+    set("temperature", args.temperature.map(|t| t.to_string()));
+    set("top_p", args.top_p.map(|t| t.to_string()));
+    set("top_k", args.top_k.map(|t| t.to_string()));
+    set("max_new_tokens", args.max_new_tokens.map(|t| t.to_string()));
+    set(
+        "repetition_penalty",
+        args.repetition_penalty.map(|t| t.to_string()),
+    );
+    set("seed", args.seed.map(|t| t.to_string()));
+    if args.temperature == Some(0.0) {
+        overrides.push("do_sample=false".into());
+    }
+    // Flags win over the file; values are passed as YAML strings so that text flags stay text.
+    let overrides: Vec<String> = overrides
+        .into_iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v))
+                if matches!(
+                    k,
+                    "model_name_or_path" | "adapter_name_or_path" | "template" | "default_system"
+                ) =>
+            {
+                format!("{k}={}", serde_json::Value::String(v.to_string()))
+            }
+            _ => o,
+        })
+        .collect();
+    let result = match &args.preset {
+        Some(path) => config::load(path, &overrides, Purpose::Chat),
+        None => config::parse("", &overrides, Purpose::Chat)
+            .map_err(|issues| config::ConfigErrors { path: None, issues }),
+    };
+    match result {
+        Ok(loaded) => Ok(loaded.preset),
+        Err(errors) => {
+            eprint!("{errors}");
+            if args.preset.is_none() && args.model.is_none() {
+                eprintln!(
+                    "termtune: pass --model (a hub id, a model folder or a .gguf file) or a preset"
+                );
+            }
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+/// The terminal REPL, like `llamafactory-cli chat`: `clear` resets the history, `exit` quits.
+fn repl(session: &mut crate::chat::ChatSession) -> ExitCode {
+    use std::io::{BufRead as _, Write as _};
+    eprintln!("termtune: type a message; `clear` resets the history, `exit` quits.");
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("\nUser: ");
+        let _ = stdout.flush();
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) | Err(_) => return ExitCode::SUCCESS,
+            Ok(_) => {}
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "exit" => return ExitCode::SUCCESS,
+            "clear" => {
+                session.clear();
+                println!("History has been removed.");
+                continue;
+            }
+            _ => {}
+        }
+        print!("Assistant: ");
+        let _ = stdout.flush();
+        let result = session.answer(line, None, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            std::ops::ControlFlow::Continue(())
+        });
+        println!();
+        if let Err(e) = result {
+            eprintln!("termtune: {e}");
+        }
+    }
+}
+
+fn export(args: &ExportArgs) -> ExitCode {
+    if let Err(code) = load_or_report(&args.preset, &args.overrides, Purpose::Export) {
+        return code;
+    }
+    not_yet("export", "the preset is valid")
+}
+
+/// `termtune env`: what this build and machine offer.
+pub fn env_report() -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "termtune {}", env!("CARGO_PKG_VERSION"));
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "nvml") {
+        features.push("nvml");
+    }
+    let _ = writeln!(
+        out,
+        "build features: {}",
+        if features.is_empty() {
+            "none (CPU only)".to_string()
+        } else {
+            features.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "compute devices: cpu{}",
+        if cfg!(feature = "cuda") { ", cuda" } else { "" }
+    );
+    let _ = writeln!(out, "cpu features: {}", cpu_features().join(" "));
+    let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let _ = writeln!(
+        out,
+        "threads: {} for compute (RAYON_NUM_THREADS={}), {} logical CPUs available",
+        rayon::current_num_threads(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+        logical
+    );
+    match crate::telemetry::probe_gpus() {
+        crate::telemetry::GpuProbe::Found { driver, gpus } => {
+            let _ = writeln!(out, "nvml: found (driver {driver}), {} GPU(s)", gpus.len());
+            for g in gpus {
+                let _ = writeln!(
+                    out,
+                    "  gpu {}: {} ({:.1} GiB)",
+                    g.index,
+                    g.name,
+                    bytes_to_gib(g.memory_total_bytes)
+                );
+            }
+        }
+        crate::telemetry::GpuProbe::Unavailable(why) => {
+            let _ = writeln!(out, "nvml: {why}");
+        }
+        crate::telemetry::GpuProbe::NotBuilt => {
+            let _ = writeln!(out, "nvml: not in this build (feature `nvml` off)");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "hf cache: {}",
+        crate::engine::hub::HubOptions::from_env()
+            .cache_dir
+            .display()
+    );
+    let offline = std::env::var("HF_HUB_OFFLINE").unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "hf offline: {}",
+        if matches!(
+            offline.to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        ) {
+            "yes (HF_HUB_OFFLINE)"
+        } else {
+            "no"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "termtune cache: {}",
+        crate::fsutil::cache_dir().display()
+    );
+    let _ = writeln!(
+        out,
+        "log file: {}",
+        crate::logging::log_path().map_or_else(
+            || crate::logging::default_log_path().display().to_string(),
+            |p| p.display().to_string()
+        )
+    );
+    out
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn bytes_to_gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn cpu_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($name:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($name) { f.push($name); }
+            )*};
+        }
+        detect!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512bf16"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        f.push("neon");
+    }
+    if f.is_empty() {
+        f.push("(none detected)");
+    }
+    f
+}

@@ -1,0 +1,441 @@
+//! The preset: LLaMA-Factory's flat argument names with LLaMA-Factory's (and Hugging Face's) defaults.
+//!
+//! Every field here is an *implemented* key of [`super::keys::KEYS`]; a test keeps the two in step.
+//! What each key does is written once, as the `help` of its [`super::keys::KeySpec`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Training stage (`stage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Pt,
+    #[default]
+    Sft,
+    Rm,
+    Ppo,
+    Dpo,
+    Kto,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Pt => "pt",
+            Stage::Sft => "sft",
+            Stage::Rm => "rm",
+            Stage::Ppo => "ppo",
+            Stage::Dpo => "dpo",
+            Stage::Kto => "kto",
+        }
+    }
+}
+
+/// What is trained (`finetuning_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuningType {
+    #[default]
+    Lora,
+    Oft,
+    Freeze,
+    Full,
+}
+
+impl FinetuningType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinetuningType::Lora => "lora",
+            FinetuningType::Oft => "oft",
+            FinetuningType::Freeze => "freeze",
+            FinetuningType::Full => "full",
+        }
+    }
+}
+
+/// Learning-rate schedule (`lr_scheduler_type`), Hugging Face's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerType {
+    #[default]
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+    Polynomial,
+    Constant,
+    ConstantWithWarmup,
+    InverseSqrt,
+    ReduceLrOnPlateau,
+    CosineWithMinLr,
+    WarmupStableDecay,
+}
+
+impl SchedulerType {
+    /// The schedules termtune computes.
+    pub fn is_supported(self) -> bool {
+        matches!(
+            self,
+            SchedulerType::Linear
+                | SchedulerType::Cosine
+                | SchedulerType::CosineWithRestarts
+                | SchedulerType::Polynomial
+                | SchedulerType::Constant
+                | SchedulerType::ConstantWithWarmup
+        )
+    }
+}
+
+/// How several datasets are combined (`mix_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MixStrategy {
+    #[default]
+    Concat,
+    InterleaveUnder,
+    InterleaveOver,
+    InterleaveOnce,
+}
+
+/// `save_strategy` / `eval_strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalStrategy {
+    No,
+    Steps,
+    Epoch,
+    Best,
+}
+
+/// `infer_dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InferDtype {
+    #[default]
+    Auto,
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+/// `export_format` (termtune only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    #[default]
+    Safetensors,
+    Gguf,
+}
+
+/// `export_gguf_type` (termtune only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum GgufType {
+    #[serde(rename = "f32")]
+    F32,
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+/// A preset, with defaults filled in. `Option` fields are those whose absence means something
+/// (`lora_alpha: None` is 2 x rank, `template: None` is the tokenizer's own template, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Preset {
+    // ### model
+    pub model_name_or_path: String,
+    pub adapter_name_or_path: Option<String>,
+    pub adapter_folder: Option<String>,
+    pub cache_dir: Option<String>,
+    pub model_revision: String,
+    pub hf_hub_token: Option<String>,
+    pub infer_dtype: InferDtype,
+    pub identity_name: Option<String>,
+    pub identity_author: Option<String>,
+    pub disable_gradient_checkpointing: bool,
+    // ### method
+    pub stage: Stage,
+    pub finetuning_type: FinetuningType,
+    pub lora_rank: u32,
+    pub lora_alpha: Option<u32>,
+    pub lora_dropout: f64,
+    pub lora_target: String,
+    pub use_rslora: bool,
+    pub create_new_adapter: bool,
+    pub freeze_trainable_layers: i64,
+    pub freeze_trainable_modules: String,
+    pub freeze_extra_modules: Option<String>,
+    // ### dataset
+    pub dataset: Option<String>,
+    pub eval_dataset: Option<String>,
+    pub dataset_dir: String,
+    pub template: Option<String>,
+    pub cutoff_len: usize,
+    pub max_samples: Option<usize>,
+    pub val_size: f64,
+    pub train_on_prompt: bool,
+    pub mask_history: bool,
+    pub packing: Option<bool>,
+    pub neat_packing: bool,
+    pub streaming: bool,
+    pub buffer_size: usize,
+    pub mix_strategy: MixStrategy,
+    pub interleave_probs: Option<String>,
+    pub default_system: Option<String>,
+    pub enable_thinking: bool,
+    pub preserve_thinking: bool,
+    pub tool_format: Option<String>,
+    pub tokenized_path: Option<String>,
+    pub overwrite_cache: bool,
+    // ### output
+    pub output_dir: String,
+    pub logging_steps: u64,
+    pub save_steps: u64,
+    pub save_strategy: IntervalStrategy,
+    pub save_total_limit: Option<u32>,
+    pub overwrite_output_dir: bool,
+    pub resume_from_checkpoint: Option<String>,
+    // ### train
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub num_train_epochs: f64,
+    pub max_steps: i64,
+    pub lr_scheduler_type: SchedulerType,
+    pub lr_scheduler_kwargs: BTreeMap<String, f64>,
+    pub warmup_ratio: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub optim: String,
+    pub seed: u64,
+    pub data_seed: Option<u64>,
+    pub bf16: bool,
+    pub fp16: bool,
+    pub pure_bf16: bool,
+    pub group_by_length: bool,
+    // ### eval
+    pub eval_strategy: IntervalStrategy,
+    pub eval_steps: Option<u64>,
+    pub per_device_eval_batch_size: usize,
+    // ### generation
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    pub max_length: usize,
+    pub repetition_penalty: f64,
+    pub skip_special_tokens: bool,
+    // ### export
+    pub export_dir: Option<String>,
+    pub export_size: f64,
+    pub export_format: ExportFormat,
+    pub export_gguf_type: GgufType,
+}
+
+impl Default for Preset {
+    fn default() -> Self {
+        Preset {
+            model_name_or_path: String::new(),
+            adapter_name_or_path: None,
+            adapter_folder: None,
+            cache_dir: None,
+            model_revision: "main".into(),
+            hf_hub_token: None,
+            infer_dtype: InferDtype::Auto,
+            identity_name: None,
+            identity_author: None,
+            disable_gradient_checkpointing: false,
+            stage: Stage::Sft,
+            finetuning_type: FinetuningType::Lora,
+            lora_rank: 8,
+            lora_alpha: None,
+            lora_dropout: 0.0,
+            lora_target: "all".into(),
+            use_rslora: false,
+            create_new_adapter: false,
+            freeze_trainable_layers: 2,
+            freeze_trainable_modules: "all".into(),
+            freeze_extra_modules: None,
+            dataset: None,
+            eval_dataset: None,
+            dataset_dir: "data".into(),
+            template: None,
+            cutoff_len: 2048,
+            max_samples: None,
+            val_size: 0.0,
+            train_on_prompt: false,
+            mask_history: false,
+            packing: None,
+            neat_packing: false,
+            streaming: false,
+            buffer_size: 16384,
+            mix_strategy: MixStrategy::Concat,
+            interleave_probs: None,
+            default_system: None,
+            enable_thinking: true,
+            preserve_thinking: false,
+            tool_format: None,
+            tokenized_path: None,
+            overwrite_cache: false,
+            output_dir: "trainer_output".into(),
+            logging_steps: 500,
+            save_steps: 500,
+            save_strategy: IntervalStrategy::Steps,
+            save_total_limit: None,
+            overwrite_output_dir: false,
+            resume_from_checkpoint: None,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: SchedulerType::Linear,
+            lr_scheduler_kwargs: BTreeMap::new(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            optim: "adamw_torch".into(),
+            seed: 42,
+            data_seed: None,
+            bf16: false,
+            fp16: false,
+            pure_bf16: false,
+            group_by_length: false,
+            eval_strategy: IntervalStrategy::No,
+            eval_steps: None,
+            per_device_eval_batch_size: 8,
+            do_sample: true,
+            temperature: 0.95,
+            top_p: 0.7,
+            top_k: 50,
+            max_new_tokens: 1024,
+            max_length: 1024,
+            repetition_penalty: 1.0,
+            skip_special_tokens: true,
+            export_dir: None,
+            export_size: 5.0,
+            export_format: ExportFormat::Safetensors,
+            export_gguf_type: GgufType::F16,
+        }
+    }
+}
+
+/// Which modules get LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraTarget {
+    /// Every linear layer except `lm_head`.
+    All,
+    /// Leaf module names (`q_proj`, `v_proj`, …).
+    Modules(Vec<String>),
+}
+
+/// Validation split (`val_size`): LLaMA-Factory reads a value above 1 as a count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValSize {
+    None,
+    Fraction(f64),
+    Count(usize),
+}
+
+/// Splits a comma list, trimming blanks and dropping empty items.
+pub fn comma_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl Preset {
+    /// `lora_alpha`, resolved: 2 x rank when unset (LLaMA-Factory).
+    pub fn lora_alpha_resolved(&self) -> u32 {
+        self.lora_alpha.unwrap_or(self.lora_rank * 2)
+    }
+
+    /// The LoRA scale applied to B·A: alpha/r, or alpha/sqrt(r) with `use_rslora`.
+    pub fn lora_scale(&self) -> f64 {
+        let alpha = f64::from(self.lora_alpha_resolved());
+        let r = f64::from(self.lora_rank.max(1));
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    pub fn lora_targets(&self) -> LoraTarget {
+        let items = comma_list(&self.lora_target);
+        if items.is_empty() || items.iter().any(|t| t == "all") {
+            LoraTarget::All
+        } else {
+            LoraTarget::Modules(items)
+        }
+    }
+
+    /// `packing`, resolved: on for `pt` when unset; `neat_packing` implies it.
+    pub fn packing_resolved(&self) -> bool {
+        self.neat_packing || self.packing.unwrap_or(self.stage == Stage::Pt)
+    }
+
+    pub fn val_size_resolved(&self) -> ValSize {
+        if self.val_size <= 0.0 {
+            ValSize::None
+        } else if self.val_size < 1.0 {
+            ValSize::Fraction(self.val_size)
+        } else {
+            // Validation rejects non-integral counts; the cast only truncates a checked value.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            ValSize::Count(self.val_size as usize)
+        }
+    }
+
+    /// `eval_steps`, resolved: `logging_steps` when unset (Hugging Face).
+    pub fn eval_steps_resolved(&self) -> u64 {
+        self.eval_steps.unwrap_or(self.logging_steps)
+    }
+
+    pub fn datasets(&self) -> Vec<String> {
+        self.dataset.as_deref().map(comma_list).unwrap_or_default()
+    }
+
+    pub fn eval_datasets(&self) -> Vec<String> {
+        self.eval_dataset
+            .as_deref()
+            .map(comma_list)
+            .unwrap_or_default()
+    }
+
+    pub fn adapters(&self) -> Vec<String> {
+        self.adapter_name_or_path
+            .as_deref()
+            .map(comma_list)
+            .unwrap_or_default()
+    }
+
+    /// Seed for the data order: `data_seed`, else `seed`.
+    pub fn data_seed_resolved(&self) -> u64 {
+        self.data_seed.unwrap_or(self.seed)
+    }
+
+    /// Examples per optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// At most this many tokens per optimizer step (batch x accumulation x cutoff).
+    pub fn max_tokens_per_step(&self) -> usize {
+        self.examples_per_step() * self.cutoff_len
+    }
+}

@@ -1,0 +1,336 @@
+//! Value and cross-field rules, as LLaMA-Factory's `__post_init__`s and `parser.py` apply them.
+//! Every rule adds to one list: all problems are reported at once.
+
+use super::preset::{FinetuningType, IntervalStrategy, Preset, Stage, comma_list};
+use super::{ConfigIssue, Origin};
+
+/// What the preset is about to be used for: some keys are needed only to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Train,
+    Chat,
+    Export,
+}
+
+/// Optimizers that are AdamW with decoupled weight decay, which termtune implements.
+const ADAMW_NAMES: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf"];
+
+/// Every problem of `p` for `purpose`. Issues carry the key; [`super::parse`] adds its location.
+pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
+    let mut out = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        out.push(ConfigIssue {
+            key: key.to_string(),
+            message,
+            origin: Origin::Preset,
+        });
+    };
+
+    if p.model_name_or_path.trim().is_empty() {
+        bad(
+            "model_name_or_path",
+            "`model_name_or_path` is required: a hub id (HuggingFaceTB/SmolLM2-135M-Instruct), a local folder or a .gguf file".into(),
+        );
+    }
+
+    // ### method
+    if !matches!(p.stage, Stage::Sft | Stage::Pt) {
+        bad(
+            "stage",
+            format!(
+                "`stage: {}` is not supported yet; termtune trains `sft` and `pt`",
+                p.stage.as_str()
+            ),
+        );
+    }
+    if p.finetuning_type == FinetuningType::Oft {
+        bad(
+            "finetuning_type",
+            "`finetuning_type: oft` is not supported yet; use lora, freeze or full".into(),
+        );
+    }
+    let lora = p.finetuning_type == FinetuningType::Lora;
+    if p.lora_rank == 0 {
+        bad("lora_rank", "`lora_rank` must be at least 1".into());
+    }
+    if p.lora_alpha == Some(0) {
+        bad(
+            "lora_alpha",
+            "`lora_alpha` must be at least 1 (remove it for the default 2 x lora_rank)".into(),
+        );
+    }
+    if !(0.0..1.0).contains(&p.lora_dropout) {
+        bad(
+            "lora_dropout",
+            format!("`lora_dropout` must be in [0, 1), got {}", p.lora_dropout),
+        );
+    }
+    let targets = comma_list(&p.lora_target);
+    if targets.is_empty() {
+        bad(
+            "lora_target",
+            "`lora_target` is empty; use `all` or module names like q_proj,v_proj".into(),
+        );
+    }
+    for t in &targets {
+        if !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bad(
+                "lora_target",
+                format!(
+                    "`lora_target`: {t:?} is not a module name (write names like q_proj,v_proj, comma separated)"
+                ),
+            );
+        }
+        if t == "lm_head" {
+            bad(
+                "lora_target",
+                "`lora_target`: LoRA on lm_head is not supported; leave it out".into(),
+            );
+        }
+    }
+    if p.use_rslora && !lora {
+        bad(
+            "use_rslora",
+            "`use_rslora` is only valid for LoRA training (finetuning_type: lora)".into(),
+        );
+    }
+    if p.adapter_name_or_path.is_some() && !lora {
+        bad(
+            "adapter_name_or_path",
+            "`adapter_name_or_path` is only valid with `finetuning_type: lora`".into(),
+        );
+    }
+    if p.finetuning_type == FinetuningType::Freeze && p.freeze_trainable_layers == 0 {
+        bad(
+            "freeze_trainable_layers",
+            "`freeze_trainable_layers` must not be 0 (n > 0: the last n layers, n < 0: the first n)".into(),
+        );
+    }
+
+    // ### dataset
+    for (key, on) in [
+        ("neat_packing", p.neat_packing),
+        ("train_on_prompt", p.train_on_prompt),
+        ("mask_history", p.mask_history),
+    ] {
+        if on && p.stage != Stage::Sft {
+            bad(key, format!("`{key}` is only valid for `stage: sft`"));
+        }
+    }
+    if p.mask_history && p.train_on_prompt {
+        bad(
+            "mask_history",
+            "`mask_history` is incompatible with `train_on_prompt`; set one of them to false"
+                .into(),
+        );
+    }
+    if p.cutoff_len == 0 {
+        bad("cutoff_len", "`cutoff_len` must be at least 1".into());
+    }
+    if p.max_samples == Some(0) {
+        bad(
+            "max_samples",
+            "`max_samples` must be at least 1 (remove it to use every example)".into(),
+        );
+    }
+    if p.val_size < 0.0 || (p.val_size >= 1.0 && p.val_size.fract() != 0.0) {
+        bad(
+            "val_size",
+            format!(
+                "`val_size` must be a fraction in [0, 1) or a whole number of examples, got {}",
+                p.val_size
+            ),
+        );
+    }
+    if p.streaming && p.max_steps <= 0 {
+        bad(
+            "streaming",
+            "`streaming: true` needs `max_steps` (the number of examples is unknown in advance)"
+                .into(),
+        );
+    }
+    if p.streaming && p.val_size > 0.0 && p.val_size < 1.0 {
+        bad(
+            "val_size",
+            "with `streaming: true`, `val_size` must be a whole number of examples".into(),
+        );
+    }
+    if p.mix_strategy == super::preset::MixStrategy::InterleaveOnce {
+        bad(
+            "mix_strategy",
+            "`mix_strategy: interleave_once` is not supported yet; use concat, interleave_under or interleave_over".into(),
+        );
+    }
+    if purpose == Purpose::Train && p.datasets().is_empty() {
+        bad(
+            "dataset",
+            "`dataset` is required to train: names from dataset_dir/dataset_info.json, comma separated".into(),
+        );
+    }
+
+    // ### output / train
+    if p.logging_steps == 0 {
+        bad("logging_steps", "`logging_steps` must be at least 1".into());
+    }
+    if p.save_steps == 0 {
+        bad("save_steps", "`save_steps` must be at least 1".into());
+    }
+    if p.save_total_limit == Some(0) {
+        bad(
+            "save_total_limit",
+            "`save_total_limit` must be at least 1 (remove it to keep every checkpoint)".into(),
+        );
+    }
+    if p.save_strategy == IntervalStrategy::Best {
+        bad(
+            "save_strategy",
+            "`save_strategy: best` is not supported yet; use steps, epoch or no".into(),
+        );
+    }
+    if p.per_device_train_batch_size == 0 {
+        bad(
+            "per_device_train_batch_size",
+            "`per_device_train_batch_size` must be at least 1".into(),
+        );
+    }
+    if p.per_device_eval_batch_size == 0 {
+        bad(
+            "per_device_eval_batch_size",
+            "`per_device_eval_batch_size` must be at least 1".into(),
+        );
+    }
+    if p.gradient_accumulation_steps == 0 {
+        bad(
+            "gradient_accumulation_steps",
+            "`gradient_accumulation_steps` must be at least 1".into(),
+        );
+    }
+    if p.learning_rate.is_nan() || p.learning_rate <= 0.0 {
+        bad(
+            "learning_rate",
+            format!("`learning_rate` must be > 0, got {}", p.learning_rate),
+        );
+    }
+    if p.max_steps <= 0 && (p.num_train_epochs.is_nan() || p.num_train_epochs <= 0.0) {
+        bad(
+            "num_train_epochs",
+            "`num_train_epochs` must be > 0 (or set `max_steps`)".into(),
+        );
+    }
+    if !p.lr_scheduler_type.is_supported() {
+        bad(
+            "lr_scheduler_type",
+            "this `lr_scheduler_type` is not supported yet; use linear, cosine, cosine_with_restarts, polynomial, constant or constant_with_warmup".into(),
+        );
+    }
+    for k in p.lr_scheduler_kwargs.keys() {
+        if !matches!(k.as_str(), "num_cycles" | "power" | "lr_end") {
+            bad(
+                "lr_scheduler_kwargs",
+                format!(
+                    "`lr_scheduler_kwargs`: unknown setting `{k}`; termtune reads num_cycles, power and lr_end"
+                ),
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&p.warmup_ratio) {
+        bad(
+            "warmup_ratio",
+            format!("`warmup_ratio` must be in [0, 1], got {}", p.warmup_ratio),
+        );
+    }
+    if p.weight_decay < 0.0 {
+        bad("weight_decay", "`weight_decay` must be ≥ 0".into());
+    }
+    for (key, v) in [("adam_beta1", p.adam_beta1), ("adam_beta2", p.adam_beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            bad(key, format!("`{key}` must be in [0, 1), got {v}"));
+        }
+    }
+    if p.adam_epsilon <= 0.0 {
+        bad("adam_epsilon", "`adam_epsilon` must be > 0".into());
+    }
+    if p.max_grad_norm < 0.0 {
+        bad(
+            "max_grad_norm",
+            "`max_grad_norm` must be ≥ 0 (0 disables clipping)".into(),
+        );
+    }
+    if !ADAMW_NAMES.contains(&p.optim.as_str()) {
+        bad(
+            "optim",
+            format!(
+                "`optim: {}` is not supported yet; termtune's optimizer is AdamW (adamw_torch)",
+                p.optim
+            ),
+        );
+    }
+    if p.bf16 && p.fp16 {
+        bad("fp16", "`bf16` and `fp16` cannot both be true".into());
+    }
+    if p.pure_bf16 && p.fp16 {
+        bad(
+            "pure_bf16",
+            "`pure_bf16` and `fp16` cannot both be true".into(),
+        );
+    }
+
+    // ### eval
+    if p.eval_strategy == IntervalStrategy::Best {
+        bad(
+            "eval_strategy",
+            "`eval_strategy: best` is not valid; use no, steps or epoch".into(),
+        );
+    }
+    let has_val = p.val_size > 0.0 || !p.eval_datasets().is_empty();
+    if p.eval_strategy != IntervalStrategy::No && !has_val && purpose == Purpose::Train {
+        bad(
+            "eval_strategy",
+            "`eval_strategy` asks for evaluation but there is no validation split: set `val_size` or `eval_dataset`".into(),
+        );
+    }
+    if p.eval_steps == Some(0) {
+        bad("eval_steps", "`eval_steps` must be at least 1".into());
+    }
+
+    // ### generation
+    if p.temperature < 0.0 {
+        bad(
+            "temperature",
+            "`temperature` must be ≥ 0 (0 is greedy)".into(),
+        );
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        bad(
+            "top_p",
+            format!("`top_p` must be in (0, 1], got {}", p.top_p),
+        );
+    }
+    if p.repetition_penalty <= 0.0 {
+        bad(
+            "repetition_penalty",
+            "`repetition_penalty` must be > 0 (1.0 disables it)".into(),
+        );
+    }
+    if p.max_new_tokens == 0 {
+        bad(
+            "max_new_tokens",
+            "`max_new_tokens` must be at least 1".into(),
+        );
+    }
+
+    // ### export
+    if p.export_size.is_nan() || p.export_size <= 0.0 {
+        bad(
+            "export_size",
+            "`export_size` (GB per shard) must be > 0".into(),
+        );
+    }
+    if purpose == Purpose::Export && p.export_dir.is_none() {
+        bad(
+            "export_dir",
+            "`export_dir` is required to export: the folder to write the merged model to".into(),
+        );
+    }
+    out
+}

@@ -1,0 +1,307 @@
+//! Packing (LLaMA-Factory's `greedy_knapsack` + `PackedSupervisedDatasetProcessor`, and the `pt`
+//! concatenate-and-cut), batches (padding collate, block-diagonal attention) and the epoch sampler.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use super::process::{IGNORE_INDEX, TokenizedExample, pretrain_labels};
+
+/// One training sequence: a single example, or several packed ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedSequence {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// Restart at 0 for every packed example; 0 on padding.
+    pub position_ids: Vec<u32>,
+    /// 1, 2, 3… per packed example, 0 on padding (LLaMA-Factory's neat-packing attention mask values).
+    pub sequence_ids: Vec<u32>,
+}
+
+impl PackedSequence {
+    /// A single, unpacked example.
+    pub fn single(ex: &TokenizedExample) -> PackedSequence {
+        let n = ex.input_ids.len();
+        PackedSequence {
+            input_ids: ex.input_ids.clone(),
+            labels: ex.labels.clone(),
+            position_ids: (0..u32::try_from(n).unwrap_or(u32::MAX)).collect(),
+            sequence_ids: vec![1; n],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// Tokens that are not padding.
+    pub fn real_tokens(&self) -> usize {
+        self.sequence_ids.iter().filter(|&&s| s != 0).count()
+    }
+}
+
+/// `greedy_knapsack(numbers, capacity)`: groups lengths so each group sums to ≤ `capacity`. Returns
+/// groups of lengths in the order LLaMA-Factory picks them (ascending sort, then the largest that fits).
+pub fn greedy_knapsack(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut numbers = lengths.to_vec();
+    numbers.sort_unstable();
+    let mut knapsacks = Vec::new();
+    while !numbers.is_empty() {
+        let mut current = Vec::new();
+        let mut remaining = capacity;
+        loop {
+            // bisect.bisect(numbers, remaining) - 1
+            let index = numbers.partition_point(|&n| n <= remaining);
+            if index == 0 {
+                break;
+            }
+            let n = numbers.remove(index - 1);
+            remaining -= n;
+            current.push(n);
+        }
+        if current.is_empty() {
+            // Only lengths > capacity are left; the caller drops those before packing.
+            break;
+        }
+        knapsacks.push(current);
+    }
+    knapsacks
+}
+
+/// Result of packing supervised examples.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Packed {
+    pub sequences: Vec<PackedSequence>,
+    /// Examples longer than the capacity, dropped ("Dropped lengthy example").
+    pub dropped_too_long: usize,
+}
+
+/// Packs supervised examples into sequences of exactly `cutoff_len + 1` tokens (`cutoff_len` here is
+/// the already-reduced one, LLaMA-Factory's `cutoff_len - 1`), padding with `pad_id`.
+pub fn pack_supervised(examples: &[TokenizedExample], cutoff_len: usize, pad_id: u32) -> Packed {
+    let mut lengths = Vec::new();
+    let mut length2indexes: std::collections::HashMap<usize, Vec<usize>> =
+        std::collections::HashMap::new();
+    let mut kept: Vec<&TokenizedExample> = Vec::new();
+    let mut dropped = 0;
+    for ex in examples {
+        let length = ex.input_ids.len();
+        if length > cutoff_len {
+            dropped += 1;
+            continue;
+        }
+        lengths.push(length);
+        length2indexes.entry(length).or_default().push(kept.len());
+        kept.push(ex);
+    }
+    let mut sequences = Vec::new();
+    for knapsack in greedy_knapsack(&lengths, cutoff_len) {
+        let mut seq = PackedSequence {
+            input_ids: Vec::with_capacity(cutoff_len + 1),
+            labels: Vec::with_capacity(cutoff_len + 1),
+            position_ids: Vec::with_capacity(cutoff_len + 1),
+            sequence_ids: Vec::with_capacity(cutoff_len + 1),
+        };
+        for (i, length) in knapsack.iter().enumerate() {
+            let Some(index) = length2indexes.get_mut(length).and_then(Vec::pop) else {
+                continue;
+            };
+            let ex = kept[index];
+            seq.input_ids.extend_from_slice(&ex.input_ids);
+            seq.labels.extend_from_slice(&ex.labels);
+            seq.position_ids
+                .extend(0..u32::try_from(ex.input_ids.len()).unwrap_or(u32::MAX));
+            seq.sequence_ids.extend(std::iter::repeat_n(
+                u32::try_from(i + 1).unwrap_or(u32::MAX),
+                ex.input_ids.len(),
+            ));
+        }
+        let pad = (cutoff_len + 1).saturating_sub(seq.input_ids.len());
+        seq.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+        seq.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        seq.position_ids.extend(std::iter::repeat_n(0, pad));
+        seq.sequence_ids.extend(std::iter::repeat_n(0, pad));
+        sequences.push(seq);
+    }
+    Packed {
+        sequences,
+        dropped_too_long: dropped,
+    }
+}
+
+/// `pt` packing: concatenate all texts and cut into blocks of `block_size` (the remainder is dropped);
+/// with `bos` the first token of every block becomes the bos id. Every block is one sequence (plain
+/// causal attention across documents, as in LLaMA-Factory's pretraining).
+pub fn pack_pretrain(
+    examples: &[TokenizedExample],
+    block_size: usize,
+    bos: Option<u32>,
+    pad_id: u32,
+) -> Vec<PackedSequence> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let all: Vec<u32> = examples
+        .iter()
+        .flat_map(|e| e.input_ids.iter().copied())
+        .collect();
+    let total = (all.len() / block_size) * block_size;
+    all[..total]
+        .chunks(block_size)
+        .map(|chunk| {
+            let mut ids = chunk.to_vec();
+            if let (Some(b), Some(first)) = (bos, ids.first_mut()) {
+                *first = b;
+            }
+            let labels = pretrain_labels(&ids, pad_id);
+            PackedSequence {
+                position_ids: (0..u32::try_from(ids.len()).unwrap_or(u32::MAX)).collect(),
+                sequence_ids: vec![1; ids.len()],
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect()
+}
+
+/// A padded batch, row-major `batch_size × seq_len` (plain data; the engine makes tensors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u8>,
+    pub position_ids: Vec<u32>,
+    /// Which packed example a token belongs to (0 = padding).
+    pub sequence_ids: Vec<u32>,
+    /// True with neat packing: attention must stay inside one sequence id (block-diagonal causal mask).
+    pub block_diagonal: bool,
+}
+
+impl Batch {
+    /// Whether token `i` of row `b` may attend to token `j` (causal; with `block_diagonal` only inside the
+    /// same packed example; padding never attends or is attended).
+    pub fn may_attend(&self, b: usize, i: usize, j: usize) -> bool {
+        let row = b * self.seq_len;
+        if j > i || self.attention_mask[row + i] == 0 || self.attention_mask[row + j] == 0 {
+            return false;
+        }
+        !self.block_diagonal || self.sequence_ids[row + i] == self.sequence_ids[row + j]
+    }
+
+    /// The additive attention bias, `batch_size × seq_len × seq_len`: 0 where allowed, −∞ elsewhere.
+    /// A fully padded query row gets 0 at j = 0 so softmax stays finite (its loss is masked anyway).
+    pub fn attention_bias(&self) -> Vec<f32> {
+        let t = self.seq_len;
+        let mut out = vec![f32::NEG_INFINITY; self.batch_size * t * t];
+        for b in 0..self.batch_size {
+            for i in 0..t {
+                let base = (b * t + i) * t;
+                let mut any = false;
+                for j in 0..=i {
+                    if self.may_attend(b, i, j) {
+                        out[base + j] = 0.0;
+                        any = true;
+                    }
+                }
+                if !any {
+                    out[base] = 0.0;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Pads sequences to the longest in the batch (right padding: `pad_id`, label −100, mask 0).
+pub fn collate(items: &[&PackedSequence], pad_id: u32, block_diagonal: bool) -> Batch {
+    let seq_len = items.iter().map(|s| s.len()).max().unwrap_or(0);
+    let n = items.len() * seq_len;
+    let mut batch = Batch {
+        batch_size: items.len(),
+        seq_len,
+        input_ids: Vec::with_capacity(n),
+        labels: Vec::with_capacity(n),
+        attention_mask: Vec::with_capacity(n),
+        position_ids: Vec::with_capacity(n),
+        sequence_ids: Vec::with_capacity(n),
+        block_diagonal,
+    };
+    for s in items {
+        let pad = seq_len - s.len();
+        batch.input_ids.extend_from_slice(&s.input_ids);
+        batch.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+        batch.labels.extend_from_slice(&s.labels);
+        batch.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        batch
+            .attention_mask
+            .extend(s.sequence_ids.iter().map(|&id| u8::from(id != 0)));
+        batch.attention_mask.extend(std::iter::repeat_n(0, pad));
+        batch.position_ids.extend_from_slice(&s.position_ids);
+        batch.position_ids.extend(std::iter::repeat_n(0, pad));
+        batch.sequence_ids.extend_from_slice(&s.sequence_ids);
+        batch.sequence_ids.extend(std::iter::repeat_n(0, pad));
+    }
+    batch
+}
+
+/// The order of sequence indexes for `epoch`: a seeded shuffle (seed + epoch), or with `group_by_length`
+/// Hugging Face's `LengthGroupedSampler` (megabatches of 50 batches sorted by length, longest first).
+pub fn epoch_order(
+    lengths: &[usize],
+    batch_size: usize,
+    group_by_length: bool,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(epoch));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    if !group_by_length || lengths.is_empty() {
+        return order;
+    }
+    let batch_size = batch_size.max(1);
+    let mega = (batch_size * 50)
+        .min((lengths.len() / (batch_size * 4)).max(1) * batch_size)
+        .max(batch_size);
+    let mut megabatches: Vec<Vec<usize>> = order.chunks(mega).map(<[usize]>::to_vec).collect();
+    for mb in &mut megabatches {
+        mb.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+    }
+    // Put the longest element first so an out-of-memory shows at step 1.
+    if let Some((mi, _)) = megabatches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, mb)| mb.first().map(|&x| (i, lengths[x])))
+        .max_by_key(|&(_, l)| l)
+        && mi != 0
+        && !megabatches[0].is_empty()
+    {
+        let (a, b) = megabatches.split_at_mut(mi);
+        std::mem::swap(&mut a[0][0], &mut b[0][0]);
+    }
+    megabatches.into_iter().flatten().collect()
+}
+
+/// Batches of one epoch, in `order`.
+pub fn epoch_batches(
+    seqs: &[PackedSequence],
+    order: &[usize],
+    batch_size: usize,
+    pad_id: u32,
+    block_diagonal: bool,
+) -> Vec<Batch> {
+    order
+        .chunks(batch_size.max(1))
+        .map(|chunk| {
+            let items: Vec<&PackedSequence> = chunk.iter().filter_map(|&i| seqs.get(i)).collect();
+            collate(&items, pad_id, block_diagonal)
+        })
+        .collect()
+}

@@ -1,0 +1,238 @@
+//! `termtune train`: the training engine on its own thread, its events printed for a person
+//! (a progress line on a terminal, plain log lines otherwise), Ctrl-C handled gracefully, and the
+//! terminal's hang-up ignored so an SSH drop does not kill a run.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::config::Loaded;
+use crate::trainer::protocol::{StepMetrics, TrainCommand, TrainEvent};
+use crate::trainer::run::{Outcome, run_training};
+use crate::trainer::runlog::format_duration;
+
+/// Exit status after Ctrl-C (128 + SIGINT), as shells expect.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Writes a line to stderr, ignoring failures (after an SSH hang-up stderr may be gone; the run
+/// must go on and the log file still records everything).
+fn say(line: &str) {
+    let mut e = std::io::stderr();
+    let _ = writeln!(e, "{line}");
+}
+
+/// Runs `loaded` to the end and reports; returns the process exit status.
+pub fn train(loaded: Loaded) -> ExitCode {
+    let interrupts = Arc::new(AtomicUsize::new(0));
+    install_signal_handlers(&interrupts);
+
+    let (cmd_tx, cmd_rx) = mpsc::channel::<TrainCommand>();
+    let (ev_tx, ev_rx) = mpsc::channel::<TrainEvent>();
+    let handle = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let device = candle_core::Device::Cpu;
+            let result = run_training(&loaded, &device, &cmd_rx, &mut |ev| {
+                let _ = ev_tx.send(ev);
+            });
+            if let Err(e) = &result {
+                tracing::error!("training failed: {e}");
+                let _ = ev_tx.send(TrainEvent::Failed(e.to_string()));
+            }
+            result
+        });
+    let handle = match handle {
+        Ok(h) => h,
+        Err(e) => {
+            say(&format!("termtune: cannot start the engine thread: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let mut printer = Printer {
+        tty,
+        line_open: false,
+    };
+    let mut asked_stop = false;
+    loop {
+        let n = interrupts.load(Ordering::SeqCst);
+        if n >= 2 {
+            printer.end_line();
+            say(
+                "termtune: interrupted twice: abandoning the current step; the last checkpoint is kept",
+            );
+            return ExitCode::from(EXIT_INTERRUPTED);
+        }
+        if n == 1 && !asked_stop {
+            asked_stop = true;
+            printer.end_line();
+            say(
+                "termtune: Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to abandon)",
+            );
+            let _ = cmd_tx.send(TrainCommand::Stop { save: true });
+        }
+        match ev_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(ev) => printer.event(&ev),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    printer.end_line();
+    match handle.join() {
+        Ok(Ok(Outcome::Finished(_))) => ExitCode::SUCCESS,
+        Ok(Ok(Outcome::Stopped(_))) => {
+            if asked_stop {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(Err(_)) => ExitCode::FAILURE,
+        Err(_) => {
+            say("termtune: the engine thread panicked; see the log file");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGINT/SIGTERM count as interrupts; SIGHUP (the SSH connection dropped) is only logged, so
+/// training goes on writing its log and checkpoints.
+fn install_signal_handlers(interrupts: &Arc<AtomicUsize>) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let counter = Arc::clone(interrupts);
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        tracing::warn!("cannot install signal handlers; Ctrl-C will stop the process at once");
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::warn!(
+                        "SIGHUP (terminal closed): training continues; follow it in trainer_log.jsonl"
+                    );
+                } else {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+}
+
+struct Printer {
+    tty: bool,
+    line_open: bool,
+}
+
+impl Printer {
+    fn end_line(&mut self) {
+        if self.line_open {
+            say("");
+            self.line_open = false;
+        }
+    }
+
+    fn event(&mut self, ev: &TrainEvent) {
+        match ev {
+            TrainEvent::StepFinished(m) => self.step(m),
+            other => {
+                self.end_line();
+                if let Some(line) = describe(other) {
+                    say(&line);
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        let text = format!(
+            "step {}/{} | loss {:.4} | lr {:.2e} | grad {:.3} | {:.0} tok/s | epoch {:.2} | {} < {}",
+            m.step,
+            m.total_steps,
+            m.loss,
+            m.lr,
+            m.grad_norm,
+            m.tokens_per_sec,
+            m.epoch,
+            format_duration(m.elapsed.as_secs_f64()),
+            format_duration(m.eta.as_secs_f64()),
+        );
+        if self.tty {
+            #[allow(clippy::cast_precision_loss)]
+            let frac = m.step as f64 / m.total_steps.max(1) as f64;
+            let width = 20usize;
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let filled = ((frac * width as f64).round() as usize).min(width);
+            let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+            let mut e = std::io::stderr();
+            let _ = write!(e, "\r\x1b[2K[{bar}] {text}");
+            let _ = e.flush();
+            self.line_open = true;
+        } else {
+            say(&text);
+        }
+    }
+}
+
+/// The line printed for a non-step event.
+fn describe(ev: &TrainEvent) -> Option<String> {
+    Some(match ev {
+        TrainEvent::Loading { what } => format!("termtune: {what}"),
+        TrainEvent::Warning(w) => format!("termtune: warning: {w}"),
+        TrainEvent::Resuming {
+            checkpoint,
+            step,
+            why,
+        } => format!(
+            "termtune: resuming from {} (step {step}): {why}",
+            checkpoint.display()
+        ),
+        TrainEvent::Started {
+            total_steps,
+            examples,
+            eval_examples,
+            trainable_params,
+            total_params,
+            start_step,
+        } => {
+            #[allow(clippy::cast_precision_loss)]
+            let pct = *trainable_params as f64 / (*total_params).max(1) as f64 * 100.0;
+            format!(
+                "termtune: training {total_steps} steps on {examples} examples ({eval_examples} for evaluation); trainable params {trainable_params} of {total_params} ({pct:.3}%){}",
+                if *start_step > 0 {
+                    format!("; starting at step {start_step}")
+                } else {
+                    String::new()
+                }
+            )
+        }
+        TrainEvent::StepFinished(_) => return None,
+        TrainEvent::EvalFinished { step, eval_loss } => {
+            format!("termtune: eval at step {step}: eval_loss {eval_loss:.4}")
+        }
+        TrainEvent::CheckpointSaved { step, dir } => {
+            format!(
+                "termtune: checkpoint for step {step} saved to {}",
+                dir.display()
+            )
+        }
+        TrainEvent::Paused => "termtune: paused".into(),
+        TrainEvent::Resumed => "termtune: resumed".into(),
+        TrainEvent::Finished(s) => format!(
+            "termtune: done: {} steps in {}, {:.1} tokens/s; final loss {}{}; output in {}",
+            s.steps,
+            format_duration(s.elapsed.as_secs_f64()),
+            s.tokens_per_sec,
+            s.final_loss
+                .map_or_else(|| "n/a".into(), |l| format!("{l:.4}")),
+            s.eval_loss
+                .map_or_else(String::new, |l| format!(", eval loss {l:.4}")),
+            s.output_dir.display()
+        ),
+        TrainEvent::Failed(msg) => format!("termtune: training failed: {msg}"),
+    })
+}

@@ -1,0 +1,863 @@
+//! One training run, start to finish: load, tokenise, train with accumulation / clipping / schedule,
+//! evaluate, checkpoint, resume, and write LLaMA-Factory's run folder. The caller owns the thread;
+//! commands arrive on a channel between optimizer steps, events leave through a callback.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{self, FinetuningType, IntervalStrategy, Loaded, Preset};
+use crate::data::{self, Batch, Encoder, PreparedDataset};
+use crate::engine::adapter::{
+    load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
+};
+use crate::engine::hub::HubOptions;
+use crate::engine::source::{LoadedSource, SourceProgress, load_model};
+use crate::engine::weights::save_safetensors;
+use crate::engine::{AttnMask, Finetune, Model};
+use crate::resolve;
+
+use super::checkpoint::{PendingCheckpoint, latest_checkpoint, rotate};
+use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm};
+use super::protocol::{RunSummary, StepMetrics, TrainCommand, TrainEvent};
+use super::runlog::{
+    HistoryEntry, LogLine, ResumeState, TrainerState, append_log_line, format_duration, round_to,
+};
+use super::schedule::{Schedule, total_steps, updates_per_epoch};
+
+/// Why a run stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("output_dir {path}: {why}")]
+    OutputDir { path: PathBuf, why: String },
+    #[error(transparent)]
+    Source(#[from] crate::engine::source::SourceError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Optim(#[from] super::optim::OptimError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the loss became {value} at step {step}; training stopped without applying that update{kept}. Lower `learning_rate`, keep `max_grad_norm` at 1.0, or check the data"
+    )]
+    NonFinite { step: u64, value: f64, kept: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let context = context.into();
+    move |source| TrainError::Io { context, source }
+}
+
+/// How the run ended, for the caller's exit status.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished(RunSummary),
+    /// Stopped on request (`Stop`), with or without a final checkpoint.
+    Stopped(RunSummary),
+}
+
+/// Runs `loaded.preset` to the end (or until a `Stop` command), on `device`.
+pub fn run_training(
+    loaded: &Loaded,
+    device: &Device,
+    commands: &Receiver<TrainCommand>,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
+    let p = &loaded.preset;
+    let out_dir = PathBuf::from(&p.output_dir);
+    prepare_output_dir(&out_dir, p)?;
+
+    // Resume point: explicit, or the newest complete checkpoint of output_dir (LLaMA-Factory).
+    let resume = match (&p.resume_from_checkpoint, p.overwrite_output_dir) {
+        (Some(path), _) => {
+            let dir = PathBuf::from(path);
+            let state = TrainerState::load(&dir.join("trainer_state.json"))
+                .map_err(io_err(format!("resume_from_checkpoint {}", dir.display())))?;
+            Some((dir, state, "resume_from_checkpoint".to_string()))
+        }
+        (None, false) => match latest_checkpoint(&out_dir) {
+            Some((_, dir)) => {
+                let state = TrainerState::load(&dir.join("trainer_state.json"))
+                    .map_err(io_err(format!("reading {}", dir.display())))?;
+                Some((
+                    dir,
+                    state,
+                    "the newest complete checkpoint in output_dir (set overwrite_output_dir: true to start afresh)".to_string(),
+                ))
+            }
+            None => None,
+        },
+        (None, true) => None,
+    };
+
+    // Model.
+    let dtype = resolve::train_dtype(p);
+    let mut hub = HubOptions::from_env();
+    hub.revision.clone_from(&p.model_revision);
+    if let Some(dir) = &p.cache_dir {
+        hub.cache_dir = dir.into();
+    }
+    let mut progress = |sp: SourceProgress| {
+        if let SourceProgress::Note(line) = sp {
+            emit(TrainEvent::Loading { what: line });
+        }
+    };
+    let LoadedSource {
+        files, base_name, ..
+    } = load_model(&p.model_name_or_path, &hub, dtype, device, &mut progress)?;
+    let tokenizer = files.tokenizer.clone().ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "{}: no tokenizer.json; copy the base model's tokenizer files into the folder",
+            p.model_name_or_path
+        ))
+    })?;
+    let model = build_model(
+        p,
+        &files,
+        dtype,
+        device,
+        resume.as_ref().map(|r| r.0.as_path()),
+    )?;
+
+    // Data.
+    emit(TrainEvent::Loading {
+        what: "tokenising the dataset".into(),
+    });
+    let opts = resolve::data_options(p);
+    let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+    if !encoder.added_tokens.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "template `{}` needs tokens the tokenizer lacks ({}); resizing the vocabulary is not supported yet: use the model's own template",
+            p.template.as_deref().unwrap_or("(tokenizer)"),
+            encoder.added_tokens.join(", ")
+        )));
+    }
+    for w in &encoder.warnings {
+        emit(TrainEvent::Warning(w.clone()));
+    }
+    let dataset = data::prepare_dataset(&opts, &encoder)?;
+    for w in &dataset.warnings {
+        emit(TrainEvent::Warning(w.clone()));
+    }
+    if dataset.train.is_empty() {
+        return Err(TrainError::Invalid(
+            "the dataset has no usable training examples after tokenisation".into(),
+        ));
+    }
+
+    let mut trainer = Trainer::new(loaded, model, dataset, base_name, out_dir, &encoder)?;
+    if let Some((dir, state, why)) = resume {
+        trainer.restore(&dir, &state)?;
+        emit(TrainEvent::Resuming {
+            checkpoint: dir,
+            step: state.global_step,
+            why,
+        });
+    }
+    trainer.run(commands, emit)
+}
+
+/// Creates `output_dir` and proves it writable before any work is done; refuses to overwrite a
+/// finished run unless asked (LLaMA-Factory's rule).
+fn prepare_output_dir(out: &Path, p: &Preset) -> Result<(), TrainError> {
+    let err = |why: String| TrainError::OutputDir {
+        path: out.to_path_buf(),
+        why,
+    };
+    std::fs::create_dir_all(out).map_err(|e| err(format!("cannot create it: {e}")))?;
+    let probe = out.join(".termtune-write-test");
+    std::fs::write(&probe, vec![0u8; 64 * 1024])
+        .map_err(|e| err(format!("not writable (full disk or no permission): {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    let finished =
+        out.join("adapter_model.safetensors").exists() || out.join("model.safetensors").exists();
+    if finished
+        && latest_checkpoint(out).is_none()
+        && p.resume_from_checkpoint.is_none()
+        && !p.overwrite_output_dir
+    {
+        return Err(err(
+            "already holds a finished run and no checkpoint to resume; set `overwrite_output_dir: true` or pick another output_dir".into(),
+        ));
+    }
+    if p.overwrite_output_dir {
+        let _ = std::fs::remove_file(out.join("trainer_log.jsonl"));
+    }
+    Ok(())
+}
+
+/// The model with its trainable part: fresh LoRA, adapters to continue, or freeze/full. When
+/// resuming, the checkpoint's weights replace the fresh ones.
+fn build_model(
+    p: &Preset,
+    files: &crate::engine::ModelFiles,
+    dtype: DType,
+    device: &Device,
+    resume_dir: Option<&Path>,
+) -> Result<Model, TrainError> {
+    let adapters = p
+        .adapter_name_or_path
+        .as_deref()
+        .map(parse_adapter_list)
+        .unwrap_or_default();
+    let lora = p.finetuning_type == FinetuningType::Lora;
+    let model = if lora {
+        let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
+        match (resume_dir, adapters.as_slice()) {
+            (Some(dir), _) => {
+                // The checkpoint holds the adapter being trained; earlier adapters were merged.
+                if adapters.len() > 1 || (p.create_new_adapter && !adapters.is_empty()) {
+                    let merged = if p.create_new_adapter {
+                        &adapters[..]
+                    } else {
+                        &adapters[..adapters.len() - 1]
+                    };
+                    merge_adapters(&mut m, merged)?;
+                }
+                load_adapters_for_training(&mut m, &[dir.to_path_buf()])?;
+            }
+            (None, []) => m.add_lora(&resolve::lora_spec(p)?)?,
+            (None, list) if p.create_new_adapter => {
+                merge_adapters(&mut m, list)?;
+                m.add_lora(&resolve::lora_spec(p)?)?;
+            }
+            (None, list) => load_adapters_for_training(&mut m, list)?,
+        }
+        m
+    } else {
+        let m = Model::from_files(files, dtype, device, &resolve::finetune(p)?)?;
+        if let Some(dir) = resume_dir {
+            let path = dir.join("model.safetensors");
+            let tensors = candle_core::safetensors::load(&path, device)?;
+            for (name, var) in m.trainable_vars() {
+                let t = tensors.get(&name).ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "{}: tensor {name} is missing; the checkpoint belongs to another model",
+                        path.display()
+                    ))
+                })?;
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+        }
+        m
+    };
+    Ok(model)
+}
+
+/// The state of a run between steps.
+struct Trainer<'a> {
+    loaded: &'a Loaded,
+    p: &'a Preset,
+    model: Model,
+    data: PreparedDataset,
+    base_name: String,
+    out: PathBuf,
+    opt: AdamW,
+    schedule: Schedule,
+    total_steps: u64,
+    updates_per_epoch: u64,
+    step: u64,
+    tokens_seen: u64,
+    elapsed_before: Duration,
+    history: Vec<HistoryEntry>,
+    /// Losses since the last log line (Hugging Face logs their mean).
+    pending_losses: Vec<f64>,
+    last_eval: Option<f64>,
+    tokenizer_files: TokenizerFiles,
+}
+
+/// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
+struct TokenizerFiles {
+    tokenizer_json: Option<String>,
+    tokenizer_config: serde_json::Value,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        loaded: &'a Loaded,
+        model: Model,
+        data: PreparedDataset,
+        base_name: String,
+        out: PathBuf,
+        encoder: &Encoder,
+    ) -> Result<Self, TrainError> {
+        let p = &loaded.preset;
+        let params: Vec<Param> = model
+            .trainable_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                // Hugging Face exempts biases and norm weights from weight decay.
+                let decay = !(name.ends_with(".bias") || name.contains("norm"));
+                Param { name, var, decay }
+            })
+            .collect();
+        if params.is_empty() {
+            return Err(TrainError::Invalid(
+                "nothing to train: the model has no trainable parameters".into(),
+            ));
+        }
+        let opt = AdamW::new(
+            params,
+            AdamWConfig {
+                beta1: p.adam_beta1,
+                beta2: p.adam_beta2,
+                eps: p.adam_epsilon,
+                weight_decay: p.weight_decay,
+            },
+        )?;
+        let n = data.train.len();
+        let total = total_steps(
+            n,
+            p.per_device_train_batch_size,
+            p.gradient_accumulation_steps,
+            p.num_train_epochs,
+            p.max_steps,
+        );
+        let upe = updates_per_epoch(
+            n,
+            p.per_device_train_batch_size,
+            p.gradient_accumulation_steps,
+        );
+        let tokenizer_files = TokenizerFiles {
+            tokenizer_json: encoder.tokenizer.to_string(false).ok(),
+            tokenizer_config: tokenizer_config_with_template(encoder),
+        };
+        Ok(Trainer {
+            loaded,
+            p,
+            model,
+            data,
+            base_name,
+            out,
+            opt,
+            schedule: Schedule::from_preset(p, total),
+            total_steps: total,
+            updates_per_epoch: upe,
+            step: 0,
+            tokens_seen: 0,
+            elapsed_before: Duration::ZERO,
+            history: Vec::new(),
+            pending_losses: Vec::new(),
+            last_eval: None,
+            tokenizer_files,
+        })
+    }
+
+    fn restore(&mut self, dir: &Path, state: &TrainerState) -> Result<(), TrainError> {
+        self.opt.load(&dir.join("optimizer.safetensors"))?;
+        self.step = state.global_step;
+        self.tokens_seen = state.num_input_tokens_seen;
+        self.elapsed_before = Duration::from_secs_f64(state.termtune.elapsed_secs.max(0.0));
+        self.history.clone_from(&state.log_history);
+        self.last_eval = state.log_history.iter().rev().find_map(|h| h.eval_loss);
+        Ok(())
+    }
+
+    /// The micro-batches of optimizer step `step` (0-based): the data order is a pure function of
+    /// the seed and the epoch, so a resumed run sees exactly the batches it would have seen.
+    fn step_batches(&self, step: u64) -> Vec<Batch> {
+        let epoch = step / self.updates_per_epoch;
+        let within = step % self.updates_per_epoch;
+        let batches = self.data.epoch_batches(
+            self.p.per_device_train_batch_size,
+            self.p.group_by_length,
+            self.p.data_seed_resolved(),
+            epoch,
+        );
+        let ga = self.p.gradient_accumulation_steps as u64;
+        #[allow(clippy::cast_possible_truncation)]
+        let start = (within * ga) as usize;
+        #[allow(clippy::cast_possible_truncation)]
+        let end = ((within + 1) * ga) as usize;
+        batches.into_iter().skip(start).take(end - start).collect()
+    }
+
+    fn run(
+        mut self,
+        commands: &Receiver<TrainCommand>,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Outcome, TrainError> {
+        let (trainable, total) = self.model.param_counts();
+        emit(TrainEvent::Started {
+            total_steps: self.total_steps,
+            examples: self.data.train.len(),
+            eval_examples: self.data.eval.len(),
+            trainable_params: trainable,
+            total_params: total,
+            start_step: self.step,
+        });
+        config::save(
+            self.loaded,
+            &self.out.join("training_args.yaml"),
+            Some("the resolved preset of this run: `termtune train training_args.yaml` runs it again"),
+        )
+        .map_err(io_err("writing training_args.yaml"))?;
+
+        let started = Instant::now();
+        let start_step = self.step;
+        let mut paused = false;
+        let mut stop: Option<bool> = None;
+        let mut save_now = false;
+        while self.step < self.total_steps {
+            // Commands between optimizer steps; block while paused.
+            loop {
+                let cmd = if paused {
+                    match commands.recv() {
+                        Ok(c) => Some(c),
+                        Err(_) => Some(TrainCommand::Stop { save: true }),
+                    }
+                } else {
+                    match commands.try_recv() {
+                        Ok(c) => Some(c),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => None,
+                    }
+                };
+                match cmd {
+                    Some(TrainCommand::Pause) if !paused => {
+                        paused = true;
+                        emit(TrainEvent::Paused);
+                    }
+                    Some(TrainCommand::Resume) if paused => {
+                        paused = false;
+                        emit(TrainEvent::Resumed);
+                    }
+                    Some(TrainCommand::SaveCheckpoint) => save_now = true,
+                    Some(TrainCommand::Stop { save }) => {
+                        stop = Some(save);
+                        paused = false;
+                    }
+                    Some(TrainCommand::Pause | TrainCommand::Resume) | None => {}
+                }
+                if !paused {
+                    break;
+                }
+            }
+            if save_now {
+                save_now = false;
+                let dir = self.save_checkpoint()?;
+                emit(TrainEvent::CheckpointSaved {
+                    step: self.step,
+                    dir,
+                });
+            }
+            if let Some(save) = stop {
+                if save && self.step > start_step {
+                    let dir = self.save_checkpoint()?;
+                    emit(TrainEvent::CheckpointSaved {
+                        step: self.step,
+                        dir,
+                    });
+                }
+                let summary = self.summary(started, true);
+                return Ok(Outcome::Stopped(summary));
+            }
+
+            let metrics = self.train_step(started)?;
+            let step = metrics.step;
+            emit(TrainEvent::StepFinished(metrics.clone()));
+            self.pending_losses.push(metrics.loss);
+
+            let mut eval_loss = None;
+            let eval_due = match self.p.eval_strategy {
+                IntervalStrategy::Steps => step % self.p.eval_steps_resolved() == 0,
+                IntervalStrategy::Epoch => step % self.updates_per_epoch == 0,
+                _ => false,
+            } || (step == self.total_steps && !self.data.eval.is_empty());
+            if eval_due && !self.data.eval.is_empty() {
+                let l = self.evaluate()?;
+                self.last_eval = Some(l);
+                eval_loss = Some(l);
+                emit(TrainEvent::EvalFinished { step, eval_loss: l });
+            }
+            let log_due = step % self.p.logging_steps == 0 || step == self.total_steps;
+            if log_due || eval_loss.is_some() {
+                self.log(&metrics, eval_loss, log_due)?;
+            }
+            let save_due = match self.p.save_strategy {
+                IntervalStrategy::Steps => step % self.p.save_steps == 0,
+                IntervalStrategy::Epoch => step % self.updates_per_epoch == 0,
+                _ => false,
+            };
+            if save_due && step < self.total_steps {
+                let dir = self.save_checkpoint()?;
+                emit(TrainEvent::CheckpointSaved { step, dir });
+            }
+        }
+        self.save_final()?;
+        if let Ok(log) = super::runlog::read_log(&self.out)
+            && let Err(e) = super::plot::plot_loss(&log, &self.out.join("training_loss.png"))
+        {
+            emit(TrainEvent::Warning(format!(
+                "training_loss.png was not drawn: {e}"
+            )));
+        }
+        let summary = self.summary(started, false);
+        self.write_results(&summary)?;
+        emit(TrainEvent::Finished(summary.clone()));
+        Ok(Outcome::Finished(summary))
+    }
+
+    /// One optimizer update: forward + backward over the accumulated micro-batches with the loss
+    /// normalised by the label tokens of the whole accumulated batch, clip, AdamW, schedule.
+    fn train_step(&mut self, started: Instant) -> Result<StepMetrics, TrainError> {
+        let t0 = Instant::now();
+        let batches = self.step_batches(self.step);
+        let mut grads: Option<GradStore> = None;
+        let mut loss_sum = 0.0f64;
+        let mut label_tokens = 0usize;
+        let mut real_tokens = 0u64;
+        let mut examples = 0usize;
+        for batch in &batches {
+            let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
+            let (loss, n) = self.model.forward_loss(&ids, &mask, &labels, true)?;
+            real_tokens += batch
+                .attention_mask
+                .iter()
+                .map(|&m| u64::from(m))
+                .sum::<u64>();
+            examples += batch.batch_size;
+            if n == 0 {
+                continue;
+            }
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            label_tokens += n;
+            let g = loss.to_dtype(DType::F32)?.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => {
+                    for p in self.opt.params() {
+                        if let Some(gi) = g.get(p.var.as_tensor()) {
+                            let sum = match acc.get(p.var.as_tensor()) {
+                                Some(prev) => (prev + gi)?,
+                                None => gi.clone(),
+                            };
+                            acc.insert(p.var.as_tensor(), sum);
+                        }
+                    }
+                }
+            }
+        }
+        let step_no = self.step + 1;
+        #[allow(clippy::cast_precision_loss)]
+        let loss = if label_tokens > 0 {
+            loss_sum / label_tokens as f64
+        } else {
+            0.0
+        };
+        if !loss.is_finite() {
+            let kept = latest_checkpoint(&self.out).map_or_else(
+                || "; no checkpoint had been written yet".to_string(),
+                |(s, d)| format!("; the last good checkpoint is {} (step {s})", d.display()),
+            );
+            return Err(TrainError::NonFinite {
+                step: step_no,
+                value: loss,
+                kept,
+            });
+        }
+        let mut grad_norm = 0.0;
+        if let Some(mut g) = grads {
+            #[allow(clippy::cast_precision_loss)]
+            let inv = 1.0 / label_tokens as f64;
+            for p in self.opt.params() {
+                if let Some(gi) = g.remove(p.var.as_tensor()) {
+                    g.insert(p.var.as_tensor(), (gi * inv)?);
+                }
+            }
+            grad_norm = clip_grad_norm(&mut g, self.opt.params(), self.p.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step_no,
+                    value: grad_norm,
+                    kept: " (the gradient norm overflowed)".into(),
+                });
+            }
+            let lr = self.schedule.lr_at(self.step);
+            self.opt.step(&g, lr)?;
+        }
+        self.step = step_no;
+        self.tokens_seen += real_tokens;
+        let step_time = t0.elapsed();
+        let elapsed = self.elapsed_before + started.elapsed();
+        let done_here = self.step.max(1);
+        #[allow(clippy::cast_precision_loss)]
+        let per_step = elapsed.as_secs_f64() / done_here as f64;
+        #[allow(clippy::cast_precision_loss)]
+        let eta = Duration::from_secs_f64(per_step * (self.total_steps - self.step) as f64);
+        let secs = step_time.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        Ok(StepMetrics {
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch: self.step as f64 / self.updates_per_epoch as f64,
+            loss,
+            lr: self.schedule.lr_at(self.step),
+            grad_norm,
+            tokens: real_tokens,
+            label_tokens: label_tokens as u64,
+            tokens_seen: self.tokens_seen,
+            step_time,
+            elapsed,
+            eta,
+            tokens_per_sec: real_tokens as f64 / secs,
+            samples_per_sec: examples as f64 / secs,
+        })
+    }
+
+    /// Mean loss per label token over the validation split.
+    fn evaluate(&self) -> Result<f64, TrainError> {
+        let mut sum = 0.0;
+        let mut n = 0usize;
+        for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
+            let (ids, labels, mask) = batch_tensors(&batch, &self.model.device)?;
+            let (loss, count) = self.model.forward_loss(&ids, &mask, &labels, false)?;
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            n += count;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(if n == 0 { 0.0 } else { sum / n as f64 })
+    }
+
+    fn log(
+        &mut self,
+        m: &StepMetrics,
+        eval_loss: Option<f64>,
+        with_loss: bool,
+    ) -> Result<(), TrainError> {
+        #[allow(clippy::cast_precision_loss)]
+        let mean_loss = (!self.pending_losses.is_empty() && with_loss)
+            .then(|| self.pending_losses.iter().sum::<f64>() / self.pending_losses.len() as f64);
+        if with_loss {
+            self.pending_losses.clear();
+        }
+        let elapsed = m.elapsed.as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let line = LogLine {
+            current_steps: m.step,
+            total_steps: m.total_steps,
+            loss: mean_loss.map(|l| round_to(l, 4)),
+            eval_loss: eval_loss.map(|l| round_to(l, 4)),
+            lr: Some(m.lr),
+            epoch: round_to(m.epoch, 2),
+            percentage: round_to(m.step as f64 / m.total_steps as f64 * 100.0, 2),
+            elapsed_time: format_duration(elapsed),
+            remaining_time: format_duration(m.eta.as_secs_f64()),
+            throughput: Some(round_to(m.tokens_seen as f64 / elapsed.max(1e-9), 2)),
+            total_tokens: Some(m.tokens_seen),
+            grad_norm: Some(round_to(m.grad_norm, 4)),
+            rss_gib: peak_rss_gib(),
+            vram_allocated: None,
+        };
+        append_log_line(&self.out, &line).map_err(io_err("writing trainer_log.jsonl"))?;
+        self.history.push(HistoryEntry {
+            step: m.step,
+            epoch: round_to(m.epoch, 4),
+            loss: line.loss,
+            eval_loss: line.eval_loss,
+            learning_rate: Some(m.lr),
+            grad_norm: Some(m.grad_norm),
+            num_input_tokens_seen: Some(m.tokens_seen),
+        });
+        Ok(())
+    }
+
+    fn trainer_state(&self) -> TrainerState {
+        #[allow(clippy::cast_precision_loss)]
+        TrainerState {
+            best_metric: None,
+            best_model_checkpoint: None,
+            epoch: self.step as f64 / self.updates_per_epoch as f64,
+            eval_steps: self.p.eval_steps_resolved(),
+            global_step: self.step,
+            is_hyper_param_search: false,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            log_history: self.history.clone(),
+            logging_steps: self.p.logging_steps,
+            max_steps: self.total_steps,
+            num_input_tokens_seen: self.tokens_seen,
+            num_train_epochs: self.p.num_train_epochs,
+            save_steps: self.p.save_steps,
+            total_flos: 0.0,
+            train_batch_size: self.p.per_device_train_batch_size,
+            trial_name: None,
+            trial_params: None,
+            termtune: ResumeState {
+                micro_batches_done: self.step * self.p.gradient_accumulation_steps as u64,
+                elapsed_secs: self.elapsed_before.as_secs_f64(),
+                dropout_seed: self.p.seed,
+            },
+        }
+    }
+
+    /// Writes the trained weights (PEFT adapter, or the full model for freeze/full) into `dir`.
+    fn write_weights(&self, dir: &Path) -> Result<(), TrainError> {
+        if self.model.lora.is_some() {
+            save_adapter(&self.model, dir, &self.base_name)?;
+        } else {
+            let tensors: HashMap<String, Tensor> = self.model.merged_tensors()?;
+            save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+        }
+        if let Some(tok) = &self.tokenizer_files.tokenizer_json {
+            std::fs::write(dir.join("tokenizer.json"), tok)
+                .map_err(io_err("writing tokenizer.json"))?;
+        }
+        let cfg = serde_json::to_string_pretty(&self.tokenizer_files.tokenizer_config)
+            .unwrap_or_else(|_| "{}".into());
+        std::fs::write(dir.join("tokenizer_config.json"), cfg)
+            .map_err(io_err("writing tokenizer_config.json"))?;
+        Ok(())
+    }
+
+    fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let pending = PendingCheckpoint::begin(&self.out, self.step)
+            .map_err(io_err(format!("starting checkpoint-{}", self.step)))?;
+        self.write_weights(pending.dir())?;
+        self.opt
+            .save(&pending.dir().join("optimizer.safetensors"))?;
+        let sched = serde_json::json!({
+            "lr_scheduler_type": format!("{:?}", self.schedule.kind),
+            "learning_rate": self.schedule.peak_lr,
+            "total_steps": self.schedule.total_steps,
+            "warmup_steps": self.schedule.warmup_steps,
+            "last_step": self.step,
+        });
+        std::fs::write(
+            pending.dir().join("scheduler.json"),
+            serde_json::to_string_pretty(&sched).unwrap_or_default(),
+        )
+        .map_err(io_err("writing scheduler.json"))?;
+        let mut state = self.trainer_state();
+        state.termtune.elapsed_secs = state.termtune.elapsed_secs.max(0.0);
+        state
+            .save(&pending.dir().join("trainer_state.json"))
+            .map_err(io_err("writing trainer_state.json"))?;
+        let dir = pending
+            .commit()
+            .map_err(io_err(format!("finishing checkpoint-{}", self.step)))?;
+        if let Some(limit) = self.p.save_total_limit {
+            rotate(&self.out, limit).map_err(io_err("removing old checkpoints"))?;
+        }
+        Ok(dir)
+    }
+
+    fn save_final(&self) -> Result<(), TrainError> {
+        self.write_weights(&self.out)?;
+        self.trainer_state()
+            .save(&self.out.join("trainer_state.json"))
+            .map_err(io_err("writing trainer_state.json"))
+    }
+
+    fn summary(&self, started: Instant, stopped_early: bool) -> RunSummary {
+        let elapsed = self.elapsed_before + started.elapsed();
+        #[allow(clippy::cast_precision_loss)]
+        RunSummary {
+            steps: self.step,
+            final_loss: self.history.iter().rev().find_map(|h| h.loss),
+            eval_loss: self.last_eval,
+            elapsed,
+            tokens_seen: self.tokens_seen,
+            tokens_per_sec: self.tokens_seen as f64 / elapsed.as_secs_f64().max(1e-9),
+            output_dir: self.out.clone(),
+            stopped_early,
+        }
+    }
+
+    fn write_results(&self, s: &RunSummary) -> Result<(), TrainError> {
+        let losses: Vec<f64> = self.history.iter().filter_map(|h| h.loss).collect();
+        #[allow(clippy::cast_precision_loss)]
+        let train_loss = if losses.is_empty() {
+            0.0
+        } else {
+            losses.iter().sum::<f64>() / losses.len() as f64
+        };
+        let secs = s.elapsed.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        let train = serde_json::json!({
+            "epoch": round_to(self.step as f64 / self.updates_per_epoch as f64, 4),
+            "num_input_tokens_seen": self.tokens_seen,
+            "total_flos": 0.0,
+            "train_loss": train_loss,
+            "train_runtime": round_to(secs, 4),
+            "train_samples_per_second": round_to(self.data.train.len() as f64 * self.p.num_train_epochs / secs, 3),
+            "train_steps_per_second": round_to(self.step as f64 / secs, 3),
+            "train_tokens_per_second": round_to(s.tokens_per_sec, 3),
+        });
+        let mut all = train.clone();
+        if let (Some(e), Some(obj)) = (s.eval_loss, all.as_object_mut()) {
+            obj.insert("eval_loss".into(), serde_json::json!(e));
+            std::fs::write(
+                self.out.join("eval_results.json"),
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"epoch": train["epoch"], "eval_loss": e}),
+                )
+                .unwrap_or_default(),
+            )
+            .map_err(io_err("writing eval_results.json"))?;
+        }
+        for (name, v) in [("train_results.json", &train), ("all_results.json", &all)] {
+            std::fs::write(
+                self.out.join(name),
+                serde_json::to_string_pretty(v).unwrap_or_default(),
+            )
+            .map_err(io_err(format!("writing {name}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The tokenizer config saved with adapters: the original, with the chat template in use written
+/// in (so PEFT/vLLM users chat with the same template the adapter was trained with).
+fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
+    let mut cfg = serde_json::json!({});
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.insert("eos_token".into(), serde_json::json!(encoder.eos.0));
+        if let Some((bos, _)) = &encoder.bos {
+            obj.insert("bos_token".into(), serde_json::json!(bos));
+        }
+        obj.insert("padding_side".into(), serde_json::json!("right"));
+    }
+    cfg
+}
+
+/// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
+pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, AttnMask), TrainError> {
+    let shape = (b.batch_size, b.seq_len);
+    let ids = Tensor::from_vec(b.input_ids.clone(), shape, device)?;
+    let labels = Tensor::from_vec(b.labels.clone(), shape, device)?;
+    let mask = if b.block_diagonal {
+        AttnMask::Packed {
+            seq_ids: Tensor::from_vec(b.sequence_ids.clone(), shape, device)?,
+            position_ids: Tensor::from_vec(b.position_ids.clone(), shape, device)?,
+        }
+    } else {
+        let m: Vec<u32> = b.attention_mask.iter().map(|&x| u32::from(x)).collect();
+        AttnMask::Padding {
+            attention_mask: Tensor::from_vec(m, shape, device)?,
+        }
+    };
+    Ok((ids, labels, mask))
+}
+
+/// Peak resident memory of this process so far, in GiB (Linux `VmHWM`).
+pub fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(round_to(kib / (1024.0 * 1024.0), 3))
+}

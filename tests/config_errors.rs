@@ -1,0 +1,236 @@
+//! One broken preset per rule in tests/fixtures/presets/, run through the real binary
+//! (`termtune check`), asserting the message a user sees (bottom's invalid_config_tests pattern).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+fn check(fixture: &str) -> (i32, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/presets")
+        .join(fixture);
+    assert!(path.exists(), "missing fixture {}", path.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .arg("check")
+        .arg(&path)
+        .env(
+            "TERMTUNE_CACHE",
+            std::env::temp_dir().join("termtune-test-cache"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// (fixture, expected fragments of stderr)
+const CASES: &[(&str, &[&str])] = &[
+    (
+        "invalid_unknown_key.yaml",
+        &[
+            "invalid_unknown_key.yaml:3:15:",
+            "unknown key `learning_rat`",
+            "did you mean `learning_rate`?",
+        ],
+    ),
+    (
+        "invalid_type.yaml",
+        &[
+            "invalid_type.yaml:3:12:",
+            "`lora_rank`",
+            "expected a whole number",
+            "\"eight\"",
+        ],
+    ),
+    (
+        "invalid_yaml_syntax.yaml",
+        &["invalid_yaml_syntax.yaml:3:", "not valid YAML"],
+    ),
+    (
+        "invalid_not_mapping.yaml",
+        &["a preset is a mapping of `key: value` lines, found a list"],
+    ),
+    (
+        "invalid_unsupported_key.yaml",
+        &[
+            "invalid_unsupported_key.yaml:3:11:",
+            "`use_dora: true` is not supported yet",
+            "DoRA",
+            "remove the key (or set it to false)",
+        ],
+    ),
+    (
+        "invalid_quantization.yaml",
+        &[
+            ":3:19:",
+            "`quantization_bit: 4` is not supported yet",
+            "QLoRA",
+        ],
+    ),
+    (
+        "invalid_stage.yaml",
+        &[":2:8:", "`stage: dpo` is not supported yet", "sft", "pt"],
+    ),
+    (
+        "invalid_enum_value.yaml",
+        &[
+            ":3:20:",
+            "`lr_scheduler_type`",
+            "unknown variant `cosin`",
+            "cosine",
+        ],
+    ),
+    (
+        "invalid_missing_model.yaml",
+        &["`model_name_or_path` is required"],
+    ),
+    (
+        "invalid_missing_dataset.yaml",
+        &["`dataset` is required to train"],
+    ),
+    (
+        "invalid_mask_history_with_train_on_prompt.yaml",
+        &[
+            ":3:",
+            "`mask_history` is incompatible with `train_on_prompt`",
+        ],
+    ),
+    (
+        "invalid_neat_packing_not_sft.yaml",
+        &[":4:", "`neat_packing` is only valid for `stage: sft`"],
+    ),
+    (
+        "invalid_rslora_without_lora.yaml",
+        &[":4:", "`use_rslora` is only valid for LoRA training"],
+    ),
+    (
+        "invalid_adapter_without_lora.yaml",
+        &[
+            ":2:",
+            "`adapter_name_or_path` is only valid with `finetuning_type: lora`",
+        ],
+    ),
+    (
+        "invalid_streaming_without_max_steps.yaml",
+        &[":4:", "`streaming: true` needs `max_steps`"],
+    ),
+    (
+        "invalid_eval_without_split.yaml",
+        &[":3:", "no validation split", "`val_size` or `eval_dataset`"],
+    ),
+    (
+        "invalid_lora_dropout.yaml",
+        &[":3:", "`lora_dropout` must be in [0, 1), got 1.5"],
+    ),
+    (
+        "invalid_val_size.yaml",
+        &[
+            ":3:",
+            "`val_size` must be a fraction in [0, 1) or a whole number",
+        ],
+    ),
+    (
+        "invalid_optimizer.yaml",
+        &[
+            ":3:",
+            "`optim: paged_adamw_8bit` is not supported yet",
+            "AdamW",
+        ],
+    ),
+    (
+        "invalid_bf16_and_fp16.yaml",
+        &[":4:", "`bf16` and `fp16` cannot both be true"],
+    ),
+    (
+        "invalid_lora_target.yaml",
+        &[":3:", "\"v-proj\" is not a module name"],
+    ),
+];
+
+#[test]
+fn each_broken_preset_gets_its_message() {
+    let mut failures = Vec::new();
+    for (fixture, expected) in CASES {
+        let (code, stderr) = check(fixture);
+        if code != 2 {
+            failures.push(format!("{fixture}: exit {code}, expected 2\n{stderr}"));
+        }
+        for fragment in *expected {
+            if !stderr.contains(fragment) {
+                failures.push(format!("{fixture}: missing {fragment:?} in:\n{stderr}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_fixture_is_covered() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/presets");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name == "invalid_many_problems.yaml" {
+            continue;
+        }
+        assert!(
+            CASES.iter().any(|(f, _)| *f == name),
+            "fixture {name} has no case"
+        );
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_file_order() {
+    let (code, stderr) = check("invalid_many_problems.yaml");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("5 problems"), "{stderr}");
+    let expected_in_order = [
+        ":4:12: `lora_rank` must be at least 1",
+        ":5:16: `learning_rate` must be > 0",
+        ":6:30: `per_device_train_batch_size`: wrong type",
+        ":7:15: `warmup_ratio` must be in [0, 1]",
+        ":8:19: unknown key `lr_sheduler_type`; did you mean `lr_scheduler_type`?",
+    ];
+    let mut at = 0;
+    for fragment in expected_in_order {
+        let found = stderr[at..].find(fragment);
+        assert!(
+            found.is_some(),
+            "{fragment:?} not found (in order) in:\n{stderr}"
+        );
+        at += found.unwrap();
+    }
+}
+
+#[test]
+fn missing_preset_file_names_the_path() {
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .args(["check", "no/such/preset.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no/such/preset.yaml"), "{stderr}");
+    assert!(stderr.contains("cannot read the preset"), "{stderr}");
+}
+
+#[test]
+fn overrides_are_checked_like_file_keys() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/quickstart.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .arg("check")
+        .arg(&path)
+        .args(["lora_rank=0", "learnin_rate=1e-4", "learning_rate=2e-4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("command line: `lora_rank` must be at least 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("command line: unknown key `learnin_rate`; did you mean `learning_rate`?"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,240 @@
+//! Every shipped preset parses and validates; LLaMA-Factory-style files load with only
+//! "no effect" notes; load -> save -> load is the identity.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use termtune::config::{self, Purpose};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_preset_validates_for_training() {
+    let files = yaml_files(&root().join("presets"));
+    assert!(
+        files.len() >= 5,
+        "expected the shipped presets, found {files:?}"
+    );
+    for f in files {
+        let loaded = config::load(&f, &[], Purpose::Train).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            loaded.notes.is_empty(),
+            "{}: {:?}",
+            f.display(),
+            loaded.notes
+        );
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            text.starts_with("# "),
+            "{} must open with a comment saying what it is for",
+            f.display()
+        );
+        assert!(
+            text.contains("Derived:"),
+            "{} must state its derived numbers",
+            f.display()
+        );
+        assert!(
+            text.contains("Memory:"),
+            "{} must state its rough memory",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn quickstart_uses_smollm2_and_the_products_demo_data() {
+    let loaded =
+        config::load(&root().join("presets/quickstart.yaml"), &[], Purpose::Train).unwrap();
+    let p = &loaded.preset;
+    assert_eq!(p.model_name_or_path, "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(p.lora_rank, 8);
+    assert_eq!(p.finetuning_type, config::FinetuningType::Lora);
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("data/dataset_info.json")).unwrap(),
+    )
+    .unwrap();
+    for name in p.datasets() {
+        assert!(
+            info.get(&name).is_some(),
+            "dataset {name} is not in data/dataset_info.json"
+        );
+    }
+}
+
+#[test]
+fn llamafactory_example_files_load_with_only_no_effect_notes() {
+    for f in yaml_files(&root().join("tests/fixtures/lf_examples")) {
+        let loaded = config::load(&f, &[], Purpose::Train).unwrap_or_else(|e| panic!("{e}"));
+        let noted: Vec<&str> = loaded.notes.iter().map(|n| n.key.as_str()).collect();
+        for key in ["do_train", "preprocessing_num_workers"] {
+            assert!(
+                noted.contains(&key),
+                "{}: {key} should be noted as no effect: {noted:?}",
+                f.display()
+            );
+        }
+    }
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/llama3_lora_sft.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    let p = &loaded.preset;
+    assert_eq!(p.template.as_deref(), Some("llama3"));
+    assert_eq!(p.datasets(), ["identity", "alpaca_en_demo"]);
+    assert!((p.learning_rate - 1e-4).abs() < 1e-12);
+    assert_eq!(p.lora_alpha_resolved(), 16);
+    assert_eq!(p.gradient_accumulation_steps, 8);
+    assert_eq!(p.lr_scheduler_type, config::SchedulerType::Cosine);
+    assert!(p.bf16);
+    assert_eq!(p.val_size_resolved(), config::ValSize::Fraction(0.1));
+    assert_eq!(p.eval_steps_resolved(), 500);
+}
+
+#[test]
+fn load_save_load_is_the_identity() {
+    let mut files = yaml_files(&root().join("presets"));
+    files.extend(yaml_files(&root().join("tests/fixtures/lf_examples")));
+    let dir = tempfile::tempdir().unwrap();
+    for f in files {
+        let first = config::load(&f, &[], Purpose::Train).unwrap();
+        let saved = dir.path().join("saved.yaml");
+        config::save(&first, &saved, Some("saved by the round-trip test")).unwrap();
+        let second = config::load(&saved, &[], Purpose::Train).unwrap_or_else(|e| {
+            panic!(
+                "{}: reloading the saved file failed: {e}\n{}",
+                f.display(),
+                std::fs::read_to_string(&saved).unwrap()
+            )
+        });
+        assert_eq!(first.preset, second.preset, "{}", f.display());
+        assert_eq!(first.passthrough, second.passthrough, "{}", f.display());
+        // And saving again gives the same text.
+        let again = dir.path().join("again.yaml");
+        config::save(&second, &again, Some("saved by the round-trip test")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&saved).unwrap(),
+            std::fs::read_to_string(&again).unwrap()
+        );
+    }
+}
+
+#[test]
+fn saved_preset_is_grouped_like_llamafactory() {
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/llama3_lora_sft.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    let text = config::to_yaml(&loaded);
+    let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("### ")).collect();
+    assert_eq!(
+        headers,
+        [
+            "### model",
+            "### method",
+            "### dataset",
+            "### output",
+            "### train",
+            "### eval"
+        ]
+    );
+    assert!(text.contains("learning_rate: 1.0e-4\n"), "{text}");
+    assert!(
+        text.contains("dataset: identity,alpaca_en_demo\n"),
+        "{text}"
+    );
+    assert!(text.contains("preprocessing_num_workers: 16\n"), "{text}");
+    // Keys with no value are not written (LLaMA-Factory's WebUI strips them too).
+    assert!(!text.contains("resume_from_checkpoint"), "{text}");
+}
+
+#[test]
+fn overrides_win_over_the_file_and_parse_as_yaml_scalars() {
+    let loaded = config::load(
+        &root().join("presets/quickstart.yaml"),
+        &[
+            "learning_rate=2e-4".into(),
+            "lora_rank=16".into(),
+            "bf16=true".into(),
+            "template=".into(),
+        ],
+        Purpose::Train,
+    )
+    .unwrap();
+    let p = &loaded.preset;
+    assert!((p.learning_rate - 2e-4).abs() < 1e-15);
+    assert_eq!(p.lora_rank, 16);
+    assert_eq!(p.lora_alpha_resolved(), 32);
+    assert!(p.bf16);
+    assert_eq!(p.template, None);
+}
+
+#[test]
+fn numbers_written_as_strings_are_accepted() {
+    let loaded = config::parse(
+        "model_name_or_path: m\ndataset: d\nlearning_rate: \"1e-4\"\nlora_rank: '4'\n",
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert!((loaded.preset.learning_rate - 1e-4).abs() < 1e-15);
+    assert_eq!(loaded.preset.lora_rank, 4);
+}
+
+#[test]
+fn chat_presets_need_no_dataset() {
+    let loaded = config::parse(
+        "model_name_or_path: m\ntemplate: llama3\n",
+        &[],
+        Purpose::Chat,
+    );
+    assert!(loaded.is_ok(), "{loaded:?}");
+    let train = config::parse(
+        "model_name_or_path: m\ntemplate: llama3\n",
+        &[],
+        Purpose::Train,
+    );
+    assert!(train.is_err());
+}
+
+#[test]
+fn readme_key_table_matches_the_code() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let table = config::keys_markdown_table();
+    assert!(
+        readme.contains(&table),
+        "README.md's key table is out of date; replace it with:\n{table}"
+    );
+}
+
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+    let quick_start = readme.split("## Quick start").nth(1).unwrap();
+    let test_line = quick_start
+        .lines()
+        .find(|l| l.starts_with("cargo test"))
+        .expect("the Quick start has a test command");
+    let command = test_line.split('#').next().unwrap().trim();
+    assert!(
+        ci.lines().any(|l| l.trim() == command),
+        ".ci/run must run `{command}`"
+    );
+}

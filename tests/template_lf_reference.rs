@@ -1,0 +1,101 @@
+//! Token ids and labels equal LLaMA-Factory's own output (0.9.5 `SupervisedDatasetProcessor`) on
+//! SmolLM2-135M-Instruct's real vocabulary, for 9 templates × 4 conversations (system prompt, alpaca-style,
+//! multi-turn, function call + tool result) × {plain, train_on_prompt, mask_history, cutoff_len 12}.
+//! The reference is tests/fixtures/data/reference/lf_supervised_smollm2.json, made by
+//! make_lf_reference.py in the same folder (its docstring says how).
+#![allow(clippy::unwrap_used)]
+
+#[path = "data_util/mod.rs"]
+mod data_util;
+
+use serde_json::{Value, json};
+use termtune::data::convert::{Example, Message, Role};
+use termtune::data::process::{MaskOptions, encode_supervised};
+use termtune::data::reader::Location;
+use termtune::data::{DataOptions, Encoder};
+
+fn messages(v: &Value) -> Vec<Message> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                "function" => Role::Function,
+                "observation" => Role::Observation,
+                other => panic!("role {other}"),
+            };
+            Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn ids_and_labels_match_llamafactory_on_smollm2() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/reference/lf_supervised_smollm2.json");
+    let reference: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let tokenizer = data_util::smollm2_tokenizer();
+    let chat_template = data_util::gguf_chat_template(&data_util::smollm2_gguf());
+    // SmolLM2's tokenizer_config.json special tokens.
+    let config = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                        "unk_token": "<|endoftext|>", "chat_template": chat_template});
+    let cases = reference["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 136);
+    let mut failures = Vec::new();
+    for case in cases {
+        let template = case["template"].as_str().unwrap();
+        let ex_name = case["example"].as_str().unwrap();
+        let ex = &reference["examples"][ex_name];
+        let opts = DataOptions {
+            template: Some(template.to_string()),
+            ..DataOptions::default()
+        };
+        let enc = Encoder::new(&opts, &tokenizer, &config).unwrap();
+        let example = Example {
+            prompt: messages(&ex["prompt"]),
+            response: messages(&ex["response"]),
+            system: ex["system"].as_str().unwrap().to_string(),
+            tools: ex["tools"].as_str().unwrap().to_string(),
+            kto_tag: None,
+            file: std::sync::Arc::new("ref".into()),
+            location: Location::Row(1),
+        };
+        let mask = MaskOptions {
+            cutoff_len: usize::try_from(case["cutoff_len"].as_u64().unwrap()).unwrap(),
+            train_on_prompt: case["train_on_prompt"].as_bool().unwrap(),
+            mask_history: case["mask_history"].as_bool().unwrap(),
+        };
+        let got = encode_supervised(&enc, &example, mask).unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let want_labels: Vec<i64> = serde_json::from_value(case["labels"].clone()).unwrap();
+        assert_eq!(enc.eos.0, case["eos_token"].as_str().unwrap(), "{template}");
+        assert_eq!(
+            u64::from(enc.eos.1),
+            case["eos_token_id"].as_u64().unwrap(),
+            "{template}"
+        );
+        assert_eq!(
+            enc.tokenizer.get_vocab_size(true) as u64,
+            case["vocab_size"].as_u64().unwrap(),
+            "{template}: tokens added by the template fix"
+        );
+        if got.input_ids != want_ids || got.labels != want_labels {
+            failures.push(format!(
+                "{template}/{ex_name}/{mask:?}:\n  got  {:?}\n  want {:?}\n  got labels  {:?}\n  want labels {:?}",
+                enc.tokenizer.decode(&got.input_ids, false).unwrap(),
+                case["text"].as_str().unwrap(),
+                got.labels,
+                want_labels
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

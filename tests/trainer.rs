@@ -1,0 +1,306 @@
+//! The training loop on a tiny seeded random llama (seconds): overfitting, accumulation
+//! equivalence, exact resume, fault handling and the event sequence.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use candle_core::{Device, Tensor};
+use termtune::config::{self, Purpose};
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::trainer::protocol::{TrainCommand, TrainEvent};
+use termtune::trainer::run::{Outcome, TrainError, run_training};
+use termtune::trainer::runlog::read_log;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn fixture(rows: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let examples: Vec<serde_json::Value> = (0..rows)
+        .map(|i| {
+            serde_json::json!({
+                "instruction": format!("say {} {}", i, "abc".repeat(i % 3 + 1)),
+                "input": "",
+                "output": format!("ok {} {}", i * 7, "xyz".repeat(i % 4 + 1)),
+            })
+        })
+        .collect();
+    std::fs::write(
+        data.join("toy.json"),
+        serde_json::to_string(&examples).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    Fixture { _dir: dir, root }
+}
+
+fn preset(f: &Fixture, out: &str, extra: &[&str]) -> config::Loaded {
+    let text = format!(
+        "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
+         gradient_accumulation_steps: 1\nlearning_rate: 1.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\n\
+         tokenized_path: {}\nseed: 3\n",
+        f.root.join("model").display(),
+        f.root.join("data").display(),
+        f.root.join(out).display(),
+        f.root.join("tokcache").display(),
+    );
+    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
+    config::parse(&text, &overrides, Purpose::Train).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn run(
+    loaded: &config::Loaded,
+    commands: &[(u64, TrainCommand)],
+) -> (Result<Outcome, TrainError>, Vec<TrainEvent>) {
+    let (tx, rx) = mpsc::channel();
+    let mut events = Vec::new();
+    let mut pending: Vec<(u64, TrainCommand)> = commands.to_vec();
+    let result = run_training(loaded, &Device::Cpu, &rx, &mut |ev| {
+        if let TrainEvent::StepFinished(m) = &ev {
+            pending.retain(|(at, cmd)| {
+                if *at == m.step {
+                    tx.send(cmd.clone()).unwrap();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        events.push(ev);
+    });
+    (result, events)
+}
+
+fn losses(events: &[TrainEvent]) -> Vec<f64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::StepFinished(m) => Some(m.loss),
+            _ => None,
+        })
+        .collect()
+}
+
+fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(k, t): (String, Tensor)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn overfitting_a_small_set_drives_the_loss_down() {
+    let f = fixture(2);
+    let loaded = preset(&f, "run", &["max_steps: 40", "lora_rank: 8"]);
+    let (result, events) = run(&loaded, &[]);
+    assert!(matches!(result.unwrap(), Outcome::Finished(_)));
+    let l = losses(&events);
+    assert_eq!(l.len(), 40);
+    assert!(l[39] < 0.5 * l[0], "loss {} -> {}", l[0], l[39]);
+    // The run folder as LLaMA-Factory writes it.
+    let out = f.root.join("run");
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_log.jsonl",
+        "trainer_state.json",
+        "train_results.json",
+        "all_results.json",
+        "training_args.yaml",
+        "tokenizer.json",
+        "training_loss.png",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let log = read_log(&out).unwrap();
+    assert_eq!(log.len(), 40);
+    assert_eq!(log[39].current_steps, 40);
+    assert_eq!(log[39].percentage, 100.0);
+    // training_args.yaml runs again.
+    assert!(config::load(&out.join("training_args.yaml"), &[], Purpose::Train).is_ok());
+}
+
+#[test]
+fn the_event_sequence_of_a_run() {
+    let f = fixture(6);
+    let loaded = preset(&f, "run", &["max_steps: 3", "save_steps: 2"]);
+    let (result, events) = run(&loaded, &[]);
+    result.unwrap();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| match e {
+            TrainEvent::Loading { .. } => "loading",
+            TrainEvent::Warning(_) => "warning",
+            TrainEvent::Resuming { .. } => "resuming",
+            TrainEvent::Started { .. } => "started",
+            TrainEvent::StepFinished(_) => "step",
+            TrainEvent::EvalFinished { .. } => "eval",
+            TrainEvent::CheckpointSaved { .. } => "checkpoint",
+            TrainEvent::Paused => "paused",
+            TrainEvent::Resumed => "resumed",
+            TrainEvent::Finished(_) => "finished",
+            TrainEvent::Failed(_) => "failed",
+        })
+        .filter(|k| *k != "loading" && *k != "warning")
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "step", "step", "checkpoint", "step", "finished"]
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Loading { .. }))
+    );
+}
+
+#[test]
+fn accumulating_four_micro_batches_equals_one_batch_of_four() {
+    let f = fixture(4);
+    let a = preset(
+        &f,
+        "a",
+        &[
+            "max_steps: 1",
+            "per_device_train_batch_size: 4",
+            "gradient_accumulation_steps: 1",
+        ],
+    );
+    let b = preset(
+        &f,
+        "b",
+        &[
+            "max_steps: 1",
+            "per_device_train_batch_size: 1",
+            "gradient_accumulation_steps: 4",
+        ],
+    );
+    let (ra, ea) = run(&a, &[]);
+    let (rb, eb) = run(&b, &[]);
+    ra.unwrap();
+    rb.unwrap();
+    let (la, lb) = (losses(&ea)[0], losses(&eb)[0]);
+    assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
+    let (wa, wb) = (adapter(&f.root.join("a")), adapter(&f.root.join("b")));
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let max = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max < 1e-5, "{na}: {max}");
+    }
+}
+
+#[test]
+fn resume_matches_the_uninterrupted_run() {
+    let f = fixture(10);
+    let straight = preset(
+        &f,
+        "straight",
+        &[
+            "max_steps: 4",
+            "lr_scheduler_type: cosine",
+            "warmup_steps: 1",
+        ],
+    );
+    let (r, e_straight) = run(&straight, &[]);
+    r.unwrap();
+
+    let split = preset(
+        &f,
+        "split",
+        &[
+            "max_steps: 4",
+            "lr_scheduler_type: cosine",
+            "warmup_steps: 1",
+        ],
+    );
+    let (r, e_first) = run(&split, &[(2, TrainCommand::Stop { save: true })]);
+    assert!(matches!(r.unwrap(), Outcome::Stopped(_)));
+    assert!(
+        f.root
+            .join("split/checkpoint-2/trainer_state.json")
+            .exists()
+    );
+    // Same preset again: resumes from output_dir's newest checkpoint automatically.
+    let (r, e_second) = run(&split, &[]);
+    assert!(matches!(r.unwrap(), Outcome::Finished(_)));
+    assert!(
+        e_second
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Resuming { step: 2, .. }))
+    );
+
+    let mut resumed = losses(&e_first);
+    resumed.extend(losses(&e_second));
+    let straight_losses = losses(&e_straight);
+    assert_eq!(resumed.len(), 4);
+    for (a, b) in straight_losses.iter().zip(&resumed) {
+        assert!((a - b).abs() < 1e-6, "{straight_losses:?} vs {resumed:?}");
+    }
+    let (wa, wb) = (
+        adapter(&f.root.join("straight")),
+        adapter(&f.root.join("split")),
+    );
+    assert_eq!(wa, wb, "final adapters differ");
+}
+
+#[test]
+fn a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
+    let f = fixture(6);
+    // An absurd learning rate blows the weights up within a few steps.
+    let loaded = preset(
+        &f,
+        "boom",
+        &[
+            "max_steps: 30",
+            "save_steps: 1",
+            "learning_rate: 1.0e+30",
+            "max_grad_norm: 0.0",
+        ],
+    );
+    let (result, _) = run(&loaded, &[]);
+    let err = result.expect_err("the run must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("training stopped"), "{msg}");
+    assert!(msg.contains("learning_rate"), "{msg}");
+    let (step, dir) =
+        termtune::trainer::checkpoint::latest_checkpoint(&f.root.join("boom")).unwrap();
+    assert!(step >= 1);
+    // The kept checkpoint is a loadable PEFT adapter.
+    termtune::engine::adapter::read_adapter(&dir, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn an_unwritable_output_dir_fails_before_training() {
+    let f = fixture(2);
+    let blocker = f.root.join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let loaded = preset(&f, "file/run", &["max_steps: 1"]);
+    let (result, events) = run(&loaded, &[]);
+    let msg = result.err().unwrap().to_string();
+    assert!(msg.contains("output_dir"), "{msg}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Started { .. }))
+    );
+}
