@@ -458,6 +458,14 @@ fn only_lora_tensors_get_gradients_and_all_of_them_nonzero() {
         assert!(g.get(l.input_norm.tensor()).is_none());
     }
     assert!(g.get(m.embed.tensor()).is_none());
+    // Gradients must be plain values: a gradient that still tracks the forward graph would keep it alive in the
+    // optimizer state (one leaked graph per step).
+    for (n, v) in &vars {
+        assert!(
+            !g.get(v).unwrap().track_op(),
+            "{n}: gradient carries an autograd graph"
+        );
+    }
     // At init B = 0, so dA = 0 exactly (as in PEFT); B gets a non-zero gradient. After one SGD step, all do.
     for (n, v) in &vars {
         let norm = g

@@ -23,13 +23,14 @@ fn env(name: &str, default: usize) -> usize {
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// A `/proc/self/status` memory line (`VmRSS:`, `VmHWM:`), in MiB.
+fn status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(String::from)
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(String::from))
         .and_then(|l| {
             l.split_whitespace()
                 .nth(1)
@@ -267,4 +268,66 @@ fn bench_kernels_fused_vs_pure() {
         &|| ops::linear(&xl, &wl).unwrap(),
         &xl,
     );
+}
+
+/// Memory over repeated steps with padded batches of varying length (leak check), fused vs pure kernels.
+#[test]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+fn bench_memory_over_steps() {
+    let (cfg, tensors) = smollm2_shaped();
+    let spec = LoraSpec {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        targets: LoraTargets::All,
+        use_rslora: false,
+        seed: 0,
+    };
+    let mut model = Model::from_tensors(
+        cfg,
+        &tensors,
+        DType::F32,
+        &Device::Cpu,
+        &Finetune::Lora(spec),
+    )
+    .unwrap();
+    drop(tensors);
+    let kernels = std::env::var("BENCH_KERNELS").unwrap_or_else(|_| "fused".into());
+    model.kernels = if kernels == "pure" {
+        Kernels::Pure
+    } else {
+        Kernels::Fused
+    };
+    for step in 0..env("BENCH_STEPS", 6) {
+        let fixed_t = env("BENCH_T", 0);
+        let (b, t) = (
+            8,
+            if fixed_t > 0 {
+                fixed_t
+            } else {
+                64 + (step * 13) % 64
+            },
+        );
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 49000) as u32).collect();
+        let input = Tensor::from_vec(ids.clone(), (b, t), &Device::Cpu).unwrap();
+        let am: Vec<u32> = (0..b * t)
+            .map(|i| u32::from(i % t < t - (i / t) * 3))
+            .collect();
+        let mask = AttnMask::Padding {
+            attention_mask: Tensor::from_vec(am, (b, t), &Device::Cpu).unwrap(),
+        };
+        let labels = Tensor::from_vec(
+            ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (sum, n) = model.forward_loss(&input, &mask, &labels, true).unwrap();
+        let g = (sum / n as f64).unwrap().backward().unwrap();
+        drop(g);
+        println!(
+            "{kernels} step {step} t {t}: RSS {:.0} MiB",
+            status_mib("VmRSS:")
+        );
+    }
 }

@@ -245,13 +245,16 @@ impl candle_core::CustomOp3 for LoraLinear {
         _y: &Tensor,
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b) = (a.detach(), b.detach());
+        // Detach everything: a gradient built from the tracked x would carry the whole forward graph into the
+        // GradStore and from there into the optimizer state (a leak of one graph per step).
+        let tracked_x = x.track_op();
+        let (x, a, b, gy) = (x.detach(), a.detach(), b.detach(), gy.detach());
         let (n, k) = self.w.dims2()?;
         let gy2 = gy.reshape(((), n))?;
         let x2 = x.reshape(((), k))?;
         let gb = (gy2.matmul(&b)? * self.scale)?; // (m, r)
         // An untracked input (e.g. the first layer's normed frozen embeddings) needs no gradient: skip the GEMM.
-        let dx = if x.track_op() {
+        let dx = if tracked_x {
             Some((gy2.matmul(&self.w)? + gb.matmul(&a)?)?.reshape(x.shape())?)
         } else {
             None
