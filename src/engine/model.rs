@@ -174,6 +174,28 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_k(x, train, false)
+    }
+
+    /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
+    /// input already in the LoRA dtype).
+    fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
+            && l.dropout == 0.0
+            && x.dtype() == l.a.dtype()
+        {
+            let op = ops::LoraLinear {
+                w: w.clone(),
+                scale: l.scale,
+            };
+            let mut y = x
+                .contiguous()?
+                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b.tensor())?;
+            }
+            return Ok(y);
+        }
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(x, w)?,
             Weight::Trainable(v) => {
@@ -203,7 +225,8 @@ impl Linear {
             if train && l.dropout > 0.0 {
                 xl = candle_nn::ops::dropout(&xl, l.dropout)?;
             }
-            let d = (ops::linear(&ops::linear(&xl, &a)?, &b)? * l.scale)?;
+            // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
+            let d = ops::linear(&(ops::linear(&xl, &a)? * l.scale)?, &b)?;
             let d = d.to_dtype(y.dtype())?;
             y = (y + d)?;
         }
@@ -651,6 +674,22 @@ impl Model {
     /// Input embeddings for token ids (b, t).
     fn embed(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(EngineError::Invalid(
+                "empty input: a sequence needs at least one token".into(),
+            ));
+        }
+        let max = ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(EngineError::Invalid(format!(
+                "token id {max} is outside the model's vocabulary (vocab_size {}); tokenizer and model do not match",
+                self.cfg.vocab_size
+            )));
+        }
         let w = if train {
             self.embed.tensor().clone()
         } else {
@@ -671,6 +710,26 @@ impl Model {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
+        let check = |name: &str, x: &Tensor| -> Result<()> {
+            if x.dims() != [b, t] {
+                return Err(EngineError::Invalid(format!(
+                    "`{name}` has shape {:?}, expected [{b}, {t}] like input_ids",
+                    x.dims()
+                )));
+            }
+            Ok(())
+        };
+        match mask {
+            AttnMask::Causal => {}
+            AttnMask::Padding { attention_mask } => check("attention_mask", attention_mask)?,
+            AttnMask::Packed {
+                seq_ids,
+                position_ids,
+            } => {
+                check("seq_ids", seq_ids)?;
+                check("position_ids", position_ids)?;
+            }
+        }
         let cdt = ops::compute_dtype(self.dtype);
         let (positions, seq) = match mask {
             AttnMask::Causal => (
@@ -709,9 +768,9 @@ impl Model {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let fused = self.fused(self.dtype);
         let hn = self.rms_norm(x, &l.input_norm, train)?;
-        let q = l.q.forward(&hn, train)?.reshape((b, t, nh, hd))?;
-        let k = l.k.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
-        let v = l.v.forward(&hn, train)?.reshape((b, t, nkv, hd))?;
+        let q = l.q.forward_k(&hn, train, fused)?.reshape((b, t, nh, hd))?;
+        let k = l.k.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
+        let v = l.v.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
         let q = match &l.q_norm {
             Some(w) => self.rms_norm(&q, w, train)?,
             None => q,
@@ -731,27 +790,35 @@ impl Model {
         } else {
             (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
         };
-        let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
+        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+        let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = if fused {
-            ops::fused::masked_softmax(&att, bias)?
+        let y = if fused {
+            ops::fused::attention(&q, &k, &v, bias, scale)?
         } else {
+            // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+            // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+            let q = q.reshape((b, nkv, n_rep * t, hd))?;
+            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
             let cdt = ops::compute_dtype(self.dtype);
-            ops::softmax_pure(&att.to_dtype(cdt)?.broadcast_add(bias)?)?.to_dtype(self.dtype)?
+            let att = ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
+                .to_dtype(self.dtype)?;
+            att.reshape((b, nkv, n_rep * t, t))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
         };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + l.o.forward(&y, train)?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x = (x + l.o.forward_k(&y, train, fused)?)?;
         let hn = self.rms_norm(&x, &l.post_norm, train)?;
-        let g = l.gate.forward(&hn, train)?;
-        let u = l.up.forward(&hn, train)?;
+        let g = l.gate.forward_k(&hn, train, fused)?;
+        let u = l.up.forward_k(&hn, train, fused)?;
         let act = if fused {
             ops::fused::swiglu(&g, &u)?
         } else {
             ops::swiglu_pure(&g, &u)?
         };
-        Ok((x + l.down.forward(&act, train)?)?)
+        Ok((x + l.down.forward_k(&act, train, fused)?)?)
     }
 
     /// lm_head on hidden states of any leading shape → logits in the compute dtype (f32, or f64).
@@ -791,6 +858,12 @@ impl Model {
         train: bool,
     ) -> Result<(Tensor, usize)> {
         let (b, t) = input_ids.dims2()?;
+        if labels.dims() != [b, t] {
+            return Err(EngineError::Invalid(format!(
+                "`labels` has shape {:?}, expected [{b}, {t}] like input_ids",
+                labels.dims()
+            )));
+        }
         let h = self.forward_hidden(input_ids, mask, train)?;
         let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut rows = Vec::new();

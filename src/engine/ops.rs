@@ -148,3 +148,120 @@ pub fn nll_sum_pure(
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     (picked * weights)?.sum_all()?.neg()
 }
+
+/// `y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` as one op: W0 frozen (held), A (r, in) and B (out, r) are the op's tracked
+/// arguments. The graph keeps only x (not the base output, the LoRA output and their sum), and the backward
+/// returns dX, dA, dB with no gradient for W0. Used on the training path when LoRA dropout is 0.
+pub struct LoraLinear {
+    /// (out, in), frozen.
+    pub w: Tensor,
+    pub scale: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lora_fwd<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+    a: &S,
+    al: &Layout,
+    b: &S,
+    bl: &Layout,
+    scale: f64,
+) -> candle_core::Result<(S, Shape)> {
+    if !xl.is_contiguous() {
+        candle_core::bail!("lora-linear: input must be contiguous")
+    }
+    let dims = xl.dims();
+    let Some((&k, rest)) = dims.split_last() else {
+        candle_core::bail!("lora-linear: scalar input")
+    };
+    let (n, wk) = wl.shape().dims2()?;
+    let (r, ak) = al.shape().dims2()?;
+    let (bn, br) = bl.shape().dims2()?;
+    if wk != k || ak != k || bn != n || br != r {
+        candle_core::bail!(
+            "lora-linear: shapes x[..,{k}] W[{n},{wk}] A[{r},{ak}] B[{bn},{br}] do not fit"
+        )
+    }
+    let m: usize = rest.iter().product();
+    let xl2 = Layout::contiguous_with_offset((m, k), xl.start_offset());
+    let y0 = x.matmul(w, (1, m, n, k), &xl2, &wl.transpose(0, 1)?)?;
+    let xa = x.matmul(a, (1, m, r, k), &xl2, &al.transpose(0, 1)?)?;
+    let lr = Layout::contiguous((m, r));
+    let xa = xa.affine(&lr, scale, 0.0)?;
+    let d = xa.matmul(b, (1, m, n, r), &lr, &bl.transpose(0, 1)?)?;
+    let lo = Layout::contiguous((m, n));
+    let y = y0.binary_impl::<candle_core::op::Add>(&d, &lo, &lo)?;
+    let mut out = rest.to_vec();
+    out.push(n);
+    Ok((y, Shape::from(out)))
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => lora_fwd(s1, l1, w, wl, s2, l2, s3, l3, self.scale),
+            _ => candle_core::bail!("lora-linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => lora_fwd(s1, l1, w, wl, s2, l2, s3, l3, self.scale),
+            _ => candle_core::bail!("lora-linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detach everything: a gradient built from the tracked x would carry the whole forward graph into the
+        // GradStore and from there into the optimizer state (a leak of one graph per step).
+        let tracked_x = x.track_op();
+        let (x, a, b, gy) = (x.detach(), a.detach(), b.detach(), gy.detach());
+        let (n, k) = self.w.dims2()?;
+        let gy2 = gy.reshape(((), n))?;
+        let x2 = x.reshape(((), k))?;
+        let gb = (gy2.matmul(&b)? * self.scale)?; // (m, r)
+        // An untracked input (e.g. the first layer's normed frozen embeddings) needs no gradient: skip the GEMM.
+        let dx = if tracked_x {
+            Some((gy2.matmul(&self.w)? + gb.matmul(&a)?)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let xa = x2.matmul(&a.t()?)?; // (m, r)
+        let db = (gy2.t()?.matmul(&xa)? * self.scale)?;
+        let da = gb.t()?.matmul(&x2)?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}

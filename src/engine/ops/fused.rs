@@ -253,9 +253,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 
 // ---------------------------------------------------------------------------------------------- softmax
 
-/// softmax(x + bias) over the last dim; x (b, h, t, s), bias (bb, 1, t, s) with bb ∈ {1, b}.
+/// softmax(scale·x + bias) over the last dim; x (b, h, t, s), bias (bb, 1, t, s) with bb ∈ {1, b}.
 struct MaskedSoftmax {
     bias: Tensor,
+    scale: f64,
 }
 
 fn softmax_kernel<T: Float + Send + Sync>(
@@ -263,6 +264,7 @@ fn softmax_kernel<T: Float + Send + Sync>(
     bias: &[T],
     dims: (usize, usize, usize, usize),
     bb: usize,
+    scale: T,
 ) -> Vec<T> {
     let (_b, h, t, s) = dims;
     let mut out = vec![T::zero(); x.len()];
@@ -275,7 +277,7 @@ fn softmax_kernel<T: Float + Send + Sync>(
             let br = &bias[(if bb == 1 { 0 } else { bi } * t + ti) * s..][..s];
             let mut m = T::neg_infinity();
             for i in 0..s {
-                let v = xr[i] + br[i];
+                let v = xr[i] * scale + br[i];
                 o[i] = v;
                 if v > m {
                     m = v;
@@ -294,14 +296,14 @@ fn softmax_kernel<T: Float + Send + Sync>(
     out
 }
 
-fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize) -> Vec<T> {
+fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(s)
         .zip(y.par_chunks(s).zip(g.par_chunks(s)))
         .for_each(|(o, (yr, gr))| {
             let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&y, &g)| a + y * g);
             for i in 0..s {
-                o[i] = yr[i] * (gr[i] - dot);
+                o[i] = scale * yr[i] * (gr[i] - dot);
             }
         });
     out
@@ -320,26 +322,30 @@ impl CustomOp1 for MaskedSoftmax {
                 &held::<f32>(&self.bias)?,
                 dims,
                 bb,
+                self.scale as f32,
             )),
             CpuStorage::F64(x) => CpuStorage::F64(softmax_kernel(
                 contig(x, l, "softmax")?,
                 &held::<f64>(&self.bias)?,
                 dims,
                 bb,
+                self.scale,
             )),
             _ => candle_core::bail!("fused-masked-softmax: only f32/f64"),
         };
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
-        Ok(Some(
-            y.contiguous()?
-                .apply_op2_no_bwd(&gy.contiguous()?, &SoftmaxBwd)?,
-        ))
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(
+            &gy.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
-struct SoftmaxBwd;
+struct SoftmaxBwd {
+    scale: f64,
+}
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -358,11 +364,13 @@ impl CustomOp2 for SoftmaxBwd {
                 contig(y, l1, "sm-bwd")?,
                 contig(g, l2, "sm-bwd")?,
                 s,
+                self.scale as f32,
             )),
             (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd_kernel(
                 contig(y, l1, "sm-bwd")?,
                 contig(g, l2, "sm-bwd")?,
                 s,
+                self.scale,
             )),
             _ => candle_core::bail!("fused-softmax-bwd: dtype mismatch"),
         };
@@ -370,10 +378,12 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// `softmax(x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s); bias (bb, 1, t, s).
-pub fn masked_softmax(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+/// `softmax(scale·x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s);
+/// bias (bb, 1, t, s).
+pub fn masked_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(MaskedSoftmax {
         bias: bias.to_dtype(x.dtype())?,
+        scale,
     })
 }
 
@@ -600,7 +610,115 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
 }
 
-/// Whether a storage is on the CPU (fused kernels only run there).
-pub fn is_cpu(t: &Tensor) -> bool {
-    matches!(&*t.storage_and_layout().0, Storage::Cpu(_))
+// ---------------------------------------------------------------------------------------------- attention
+
+/// Scaled dot-product attention with an additive mask and GQA, as one op:
+/// `y = softmax(scale·q·kᵀ + bias)·v`; q (b, nh, t, hd), k and v (b, nkv, t, hd), bias (bb, 1, t, t).
+/// The probabilities are recomputed in the backward instead of being kept in the graph, and no
+/// attention-sized gradient ever enters candle's GradStore.
+struct Attention {
+    bias: Tensor,
+    scale: f64,
+    n_rep: usize,
+}
+
+fn tensor_of(s: &CpuStorage, l: &Layout) -> R<Tensor> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("fused-attention: inputs must be contiguous")
+    }
+    Ok(Tensor::from_storage(
+        Storage::Cpu(s.clone()),
+        l.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+impl Attention {
+    /// Probabilities (b, nh, t, s) for untracked q, k.
+    fn probs(&self, q: &Tensor, k: &Tensor) -> R<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let q2 = q.reshape((b, nkv, self.n_rep * t, hd))?;
+        let sc = q2.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        sc.apply_op1_no_bwd(&MaskedSoftmax {
+            bias: self.bias.clone(),
+            scale: self.scale,
+        })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        if nkv * self.n_rep != nh {
+            candle_core::bail!(
+                "fused-attention: {nh} query heads vs {nkv} kv heads × {}",
+                self.n_rep
+            )
+        }
+        let p = self.probs(&q, &k)?.reshape((b, nkv, self.n_rep * t, s))?;
+        let y = p.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), y.shape().clone())),
+            _ => candle_core::bail!("fused-attention: cpu only"),
+        }
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let rt = self.n_rep * t;
+        let p = self.probs(&q, &k)?;
+        let p2 = p.reshape((b, nkv, rt, s))?;
+        let gy2 = gy.contiguous()?.reshape((b, nkv, rt, hd))?;
+        let dv = p2.t()?.matmul(&gy2)?;
+        let dp = gy2.matmul(&v.t()?)?.reshape((b, nh, t, s))?;
+        let ds = p
+            .apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?
+            .reshape((b, nkv, rt, s))?;
+        let dq = ds.matmul(&k)?.reshape((b, nh, t, hd))?;
+        let dk = ds.t()?.matmul(&q.reshape((b, nkv, rt, hd))?)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` with GQA (query head j·n_rep + r uses kv head j), fused forward and backward.
+/// q (b, nh, t, hd); k, v (b, nkv, s, hd); bias (bb, 1, t, s) with bb ∈ {1, b}.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let op = Attention {
+        bias: bias.to_dtype(q.dtype())?,
+        scale,
+        n_rep,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
