@@ -443,15 +443,17 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "freeze: the last n decoder layers are trained (negative: the first n).",
     ),
-    imp(
+    uns(
         "freeze_trainable_modules",
         Method,
-        "freeze: which parts of those layers are trained (all, or names like mlp,self_attn).",
+        "all",
+        "choosing parts of the trainable layers is not supported yet: freeze trains whole layers",
     ),
-    imp(
+    uns(
         "freeze_extra_modules",
         Method,
-        "freeze: modules outside the layers that are trained too (e.g. embed_tokens,norm).",
+        "null",
+        "training modules outside the layers (embed_tokens, norm) is not supported yet",
     ),
     noe(
         "deepspeed",

@@ -165,8 +165,6 @@ pub struct Preset {
     pub use_rslora: bool,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
-    pub freeze_trainable_modules: String,
-    pub freeze_extra_modules: Option<String>,
     // ### dataset
     pub dataset: Option<String>,
     pub eval_dataset: Option<String>,
@@ -260,8 +258,6 @@ impl Default for Preset {
             use_rslora: false,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
-            freeze_trainable_modules: "all".into(),
-            freeze_extra_modules: None,
             dataset: None,
             eval_dataset: None,
             dataset_dir: "data".into(),
