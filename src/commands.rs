@@ -14,10 +14,7 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        None => not_yet(
-            "the terminal UI",
-            "use `termtune check PRESET.yaml` to validate a preset meanwhile",
-        ),
+        None => tui(cli.preset.clone(), cli.theme.clone()),
         Some(Command::Check(args)) => check(&args),
         Some(Command::Env) => {
             print!("{}", env_report());
@@ -26,6 +23,23 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
         Some(Command::Export(args)) => export(&args),
+    }
+}
+
+/// The preset the TUI opens when none is named.
+pub const DEFAULT_PRESET: &str = "presets/quickstart.yaml";
+
+fn tui(preset: Option<std::path::PathBuf>, theme: Option<String>) -> ExitCode {
+    let options = crate::tui::Options {
+        preset: Some(preset.unwrap_or_else(|| DEFAULT_PRESET.into())),
+        theme,
+    };
+    match crate::tui::run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+pub mod app;
 pub mod chat;
 pub mod cli;
 pub mod commands;
@@ -21,3 +22,5 @@ pub mod resolve;
 pub mod telemetry;
 pub mod testing;
 pub mod trainer;
+pub mod tui;
+pub mod ui;

@@ -1,0 +1,59 @@
+//! What goes into [`super::App::update`] ([`Msg`]) and what comes out ([`Effect`]).
+
+use std::path::PathBuf;
+
+use crossterm::event::KeyEvent;
+
+use crate::config::{Loaded, Preset};
+use crate::data::stats::Preview;
+use crate::telemetry::TelemetrySample;
+use crate::trainer::protocol::{TrainCommand, TrainEvent};
+use crate::trainer::runlog::LogLine;
+
+/// An input to the app: a key, time, or a fact from a background thread or an effect.
+#[derive(Debug, Clone)]
+pub enum Msg {
+    Key(KeyEvent),
+    /// The terminal was resized (a redraw is due).
+    Resize,
+    /// A frame tick.
+    Tick,
+    Engine(TrainEvent),
+    /// The engine thread ended (after its last event).
+    EngineExited,
+    Telemetry(TelemetrySample),
+    /// A preset file's text was read (after load or save).
+    PresetLoaded {
+        path: PathBuf,
+        text: String,
+    },
+    /// Loading or saving a preset failed.
+    PresetFailed(String),
+    /// The preset files the picker offers.
+    PresetList(Vec<PathBuf>),
+    /// A finished run's folder was read.
+    RunFolder(Result<(PathBuf, Vec<LogLine>), String>),
+    /// A dataset example was prepared for the preview.
+    Preview(Result<Box<Preview>, String>),
+}
+
+/// A side effect for the terminal loop to perform (`update` never does I/O).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start the engine thread on this preset.
+    StartRun(Box<Loaded>),
+    /// Send a command to the running engine.
+    Engine(TrainCommand),
+    /// Write the preset (then read it back as [`Msg::PresetLoaded`]).
+    SavePreset { loaded: Box<Loaded>, path: PathBuf },
+    /// Read a preset file (answered by [`Msg::PresetLoaded`] or [`Msg::PresetFailed`]).
+    LoadPreset(PathBuf),
+    /// List the preset files (answered by [`Msg::PresetList`]).
+    ListPresets,
+    /// Read `trainer_log.jsonl` of a run folder (answered by [`Msg::RunFolder`]).
+    OpenRunFolder(PathBuf),
+    /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
+    LoadPreview { preset: Box<Preset>, index: usize },
+    /// Leave: restore the terminal and exit.
+    Quit,
+}

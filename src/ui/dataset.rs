@@ -1,0 +1,84 @@
+//! The Dataset pane: the dataset keys' form and the preview of one example (raw record, rendered
+//! text, tokens coloured trained/masked).
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+
+use super::{Theme, form};
+use crate::app::App;
+
+pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let [left, right] = if area.width >= 120 {
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area)
+    } else {
+        Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(area)
+    };
+    form::render(frame, left, app, theme, "Dataset · data, template, lengths");
+    render_preview(frame, right, app, theme);
+}
+
+fn render_preview(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let p = &app.preview;
+    let title = format!(" preview · example {} (v loads, [ ] pages) ", p.index);
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme.border)
+        .title(Span::styled(title, theme.title));
+    let mut lines: Vec<Line> = Vec::new();
+    if p.loading {
+        lines.push(Line::styled(
+            "loading the tokenizer and the dataset…",
+            theme.muted,
+        ));
+    }
+    if let Some(e) = &p.error {
+        lines.push(Line::styled(e.clone(), theme.danger));
+    }
+    match &p.data {
+        None if !p.loading && p.error.is_none() => {
+            lines.push(Line::styled(
+                "press v to preview an example as the model sees it",
+                theme.muted,
+            ));
+        }
+        None => {}
+        Some(d) => {
+            let trained: usize = d
+                .spans
+                .iter()
+                .filter(|s| s.trained)
+                .map(|s| s.end - s.start)
+                .sum();
+            lines.push(Line::from(vec![
+                Span::styled(format!("{} · ", d.source), theme.muted),
+                Span::styled(
+                    format!("{} tokens, {trained} trained", d.input_ids.len()),
+                    theme.base,
+                ),
+            ]));
+            if let Some(why) = &d.skipped {
+                lines.push(Line::styled(format!("skipped: {why}"), theme.warning));
+            }
+            let raw = serde_json::to_string(&d.raw).unwrap_or_default();
+            lines.push(Line::styled(format!("raw: {raw}"), theme.muted));
+            let mut spans = vec![Span::styled("tokens: ", theme.muted)];
+            for s in &d.spans {
+                let style = if s.trained {
+                    theme.token_trained
+                } else {
+                    theme.token_masked
+                };
+                spans.push(Span::styled(s.text.replace('\n', "⏎"), style));
+            }
+            lines.push(Line::from(spans));
+        }
+    }
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(block),
+        area,
+    );
+}
