@@ -28,6 +28,7 @@ pub enum Action {
     Edit,
     Toggle,
     ResetField,
+    ClearField,
     ToggleLogScale,
     OpenRunFolder,
     PreviewNext,
@@ -112,6 +113,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
     b(C::Overlay, K::Enter, NONE, A::Confirm, "choose", true),
     b(C::Editing, K::Enter, NONE, A::Confirm, "apply", true),
     b(C::Editing, K::Esc, NONE, A::Cancel, "cancel edit", true),
+    b(C::Editing, K::Char('u'), CTRL, A::ClearField, "clear", true),
     // Global.
     b(C::Global, K::Char('q'), NONE, A::Quit, "quit", true),
     b(C::Global, K::Char('c'), CTRL, A::Quit, "quit", false),

@@ -348,6 +348,10 @@ impl App {
             return match action {
                 Some(Action::Confirm) => self.finish_edit(true),
                 Some(Action::Cancel) => self.finish_edit(false),
+                Some(Action::ClearField) => {
+                    self.clear_field();
+                    Vec::new()
+                }
                 _ => {
                     self.type_into_field(key);
                     Vec::new()
@@ -369,6 +373,17 @@ impl App {
             let k = ed.key;
             let text = ed.area.lines().join("");
             self.form.set(k, &text);
+        }
+    }
+
+    fn clear_field(&mut self) {
+        let Some(ed) = self.editing.as_mut() else {
+            return;
+        };
+        ed.area = TextArea::default();
+        if !ed.save_as {
+            let k = ed.key;
+            self.form.set(k, "");
         }
     }
 
@@ -523,7 +538,7 @@ impl App {
                 }
                 Vec::new()
             }
-            Action::Confirm | Action::Deny | Action::Cancel => Vec::new(),
+            Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
         }
     }
 

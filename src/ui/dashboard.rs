@@ -62,10 +62,14 @@ pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 }
 
 fn panel<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
-    Block::default()
+    let block = Block::default()
         .borders(Borders::ALL)
-        .border_style(theme.border)
-        .title(Span::styled(format!(" {title} "), theme.title))
+        .border_style(theme.border);
+    if title.is_empty() {
+        block
+    } else {
+        block.title(Span::styled(format!(" {title} "), theme.title))
+    }
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -416,8 +420,8 @@ fn render_cpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         Line::styled(
             clip(
                 &format!(
-                    "CPU {:.0}% · us {:.0}% of {}",
-                    s.system_cpu_percent, s.process_cpu_percent, s.cpu_count
+                    "CPU {:.0}% ({} cores) · us {:.0}%",
+                    s.system_cpu_percent, s.cpu_count, s.process_cpu_percent
                 ),
                 width,
             ),
