@@ -281,10 +281,17 @@ impl App {
             Msg::Resize => Vec::new(),
             Msg::Tick => Vec::new(),
             Msg::Engine(ev) => {
+                let was_active = self.run.phase.is_active();
                 self.run.on_event(&ev);
+                if was_active && !self.run.phase.is_active() {
+                    self.status = None;
+                }
                 Vec::new()
             }
             Msg::EngineExited => {
+                if self.run.phase.is_active() {
+                    self.status = None;
+                }
                 self.run.on_engine_exit();
                 if self.quitting {
                     vec![Effect::Quit]

@@ -252,7 +252,11 @@ impl RunState {
 
     /// The engine thread ended. Without a final event first, that is a failure.
     pub fn on_engine_exit(&mut self) {
-        if self.phase.is_active() {
+        // A stop on request ends without a `Finished` event.
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            self.phase = Phase::Stopped;
+            self.note("stopped");
+        } else if self.phase.is_active() {
             let msg = "the engine stopped unexpectedly; see the log file".to_string();
             self.note(msg.clone());
             self.phase = Phase::Failed(msg);
@@ -345,7 +349,7 @@ mod tests {
             tokens_seen: 100 * i,
             step_time: Duration::from_millis(100),
             elapsed: Duration::from_secs(i),
-            eta: Duration::from_secs(10 - i),
+            eta: Duration::from_secs(10u64.saturating_sub(i)),
             tokens_per_sec: 1000.0,
             samples_per_sec: 10.0,
         })
@@ -368,6 +372,15 @@ mod tests {
         }
         assert_eq!(r.points.len(), MAX_POINTS);
         assert_eq!(r.points[0].step, 5);
+    }
+
+    #[test]
+    fn a_requested_stop_ends_as_stopped() {
+        let mut r = RunState::default();
+        r.start(PathBuf::from("out"));
+        r.phase = Phase::Stopping { save: true };
+        r.on_engine_exit();
+        assert_eq!(r.phase, Phase::Stopped);
     }
 
     #[test]

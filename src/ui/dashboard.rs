@@ -166,12 +166,16 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         hi += 0.5;
     }
     let pad = (hi - lo) * 0.05;
-    lo -= pad;
+    let floor = if lo >= 0.0 && !run.log_scale {
+        0.0
+    } else {
+        f64::NEG_INFINITY
+    };
+    lo = (lo - pad).max(floor);
     hi += pad;
+    // x runs to the last step seen (the gauge shows the total), so a long run stays readable.
     let x0 = raw.first().map_or(0.0, |p| p.0);
-    let x1 = (run.total_steps as f64)
-        .max(raw.last().map_or(1.0, |p| p.0))
-        .max(x0 + 1.0);
+    let x1 = raw.last().map_or(1.0, |p| p.0).max(x0 + 1.0);
     let fmt_y = |y: f64| {
         if run.log_scale {
             format!("{:.3}", 10f64.powf(y))
