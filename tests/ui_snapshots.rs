@@ -49,7 +49,7 @@ fn snap(name: &str, app: &App) {
 fn step(i: u64, total: u64) -> TrainEvent {
     #[allow(clippy::cast_precision_loss)]
     let x = i as f64;
-    let wobble = if i % 2 == 0 { 0.08 } else { -0.08 };
+    let wobble = if i.is_multiple_of(2) { 0.08 } else { -0.08 };
     TrainEvent::StepFinished(StepMetrics {
         step: i,
         total_steps: total,
@@ -117,7 +117,7 @@ fn running(steps: u64) -> App {
     }));
     for i in 1..=steps {
         app.update(Msg::Engine(step(i, 40)));
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             #[allow(clippy::cast_precision_loss)]
             app.update(Msg::Engine(TrainEvent::EvalFinished {
                 step: i,
