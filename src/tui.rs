@@ -186,6 +186,12 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                     };
                     let _ = tx.send(msg);
                 }
+                Effect::ListDatasets(dir) => {
+                    let msg = crate::data::registry::load_registry(&dir)
+                        .map(|m| m.keys().cloned().collect())
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send(Msg::Datasets(msg));
+                }
                 Effect::LoadPreset(path) => {
                     let _ = tx.send(read_preset(&path));
                 }

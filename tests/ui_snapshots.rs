@@ -175,9 +175,32 @@ fn editing_a_field_shows_the_problem_as_you_type() {
 }
 
 #[test]
+fn dataset_entries_checklist() {
+    let mut a = app();
+    let fx = a.update(key('2'));
+    assert!(
+        fx.contains(&termtune::app::Effect::ListDatasets(PathBuf::from("data"))),
+        "{fx:?}"
+    );
+    // The names of data/dataset_info.json, in its order.
+    a.update(Msg::Datasets(Ok(vec![
+        "identity".into(),
+        "demo_instructions".into(),
+        "demo_chat".into(),
+        "demo_text".into(),
+    ])));
+    a.update(code(KeyCode::Right));
+    a.update(code(KeyCode::Right));
+    a.update(key(' ')); // tick demo_chat
+    assert_eq!(a.form.value("dataset"), "demo_instructions,demo_chat");
+    snap("dataset_entries", &a);
+}
+
+#[test]
 fn dataset_preview() {
     let mut a = app();
     a.update(key('2'));
+    a.focus_key("template");
     // The spans are what `data::stats::spans` makes of a chatml example: the prompt masked, the
     // answer and its end token trained (written by hand for a stable snapshot).
     let spans = vec![

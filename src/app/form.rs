@@ -22,6 +22,8 @@ pub enum FieldKind {
     Select(&'static [&'static str]),
     /// Any subset of a fixed list, written comma separated.
     Checklist(&'static [&'static str]),
+    /// Dataset names: a checklist over `dataset_dir/dataset_info.json`, or typed.
+    Datasets,
 }
 
 const STAGES: &[&str] = &["sft", "pt", "rm", "ppo", "dpo", "kto"];
@@ -89,6 +91,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
         "export_gguf_type" => FieldKind::Select(GGUF_TYPE),
         "template" => FieldKind::Select(TEMPLATES),
         "lora_target" => FieldKind::Checklist(LORA_TARGETS),
+        "dataset" | "eval_dataset" => FieldKind::Datasets,
         _ => match default {
             Value::Bool(_) => FieldKind::Toggle,
             Value::Number(_) => FieldKind::Number,
@@ -266,7 +269,10 @@ impl Form {
                     return format!("{k}=");
                 }
                 match self.kind(k) {
-                    FieldKind::Text | FieldKind::Select(_) | FieldKind::Checklist(_) => {
+                    FieldKind::Text
+                    | FieldKind::Select(_)
+                    | FieldKind::Checklist(_)
+                    | FieldKind::Datasets => {
                         format!("{k}={}", serde_json::Value::String(v.clone()))
                     }
                     FieldKind::Number | FieldKind::Toggle => format!("{k}={v}"),
@@ -333,6 +339,17 @@ pub fn cycle(options: &[&str], current: &str, back: bool) -> String {
         (None, true) => n - 1,
     };
     options[next].to_string()
+}
+
+/// Toggles `item` in a comma-separated list of names.
+pub fn toggle_name(list: &str, item: &str) -> String {
+    let mut items: Vec<String> = config::comma_list(list);
+    if let Some(i) = items.iter().position(|x| x == item) {
+        items.remove(i);
+    } else {
+        items.push(item.to_string());
+    }
+    items.join(",")
 }
 
 /// Toggles `item` in a comma-separated list (`all` is exclusive of the named modules).

@@ -172,6 +172,8 @@ pub struct App {
     pub device: String,
     /// Quit asked during a run: leave once the engine has exited.
     pub quitting: bool,
+    /// The entries of `dataset_dir/dataset_info.json` (None until read).
+    pub dataset_entries: Option<Result<Vec<String>, String>>,
     /// The log file, named in the error panel.
     pub log_path: Option<String>,
     dirty: bool,
@@ -196,6 +198,7 @@ impl App {
             device: "cpu".into(),
             quitting: false,
             log_path: None,
+            dataset_entries: None,
             dirty: true,
         };
         app.announce_problems();
@@ -332,6 +335,10 @@ impl App {
                 }
                 Vec::new()
             }
+            Msg::Datasets(result) => {
+                self.dataset_entries = Some(result);
+                Vec::new()
+            }
             Msg::Preview(result) => {
                 self.preview.loading = false;
                 match result {
@@ -407,6 +414,9 @@ impl App {
         }
         if apply {
             self.form.set(ed.key, &text);
+            if ed.key == "dataset_dir" {
+                return vec![self.list_datasets()];
+            }
             if let Some(issue) = self.form.issue(ed.key) {
                 let m = issue.message.clone();
                 self.complain(m);
@@ -434,6 +444,21 @@ impl App {
     }
 
     fn act(&mut self, action: Action) -> Vec<Effect> {
+        let tab_before = self.tab;
+        let mut effects = self.act_inner(action);
+        if self.tab == Tab::Dataset && tab_before != Tab::Dataset {
+            effects.push(self.list_datasets());
+        }
+        effects
+    }
+
+    /// Asks for the dataset registry of the current `dataset_dir`.
+    fn list_datasets(&self) -> Effect {
+        let dir = self.form.value("dataset_dir");
+        Effect::ListDatasets(PathBuf::from(if dir.is_empty() { "data" } else { &dir }))
+    }
+
+    fn act_inner(&mut self, action: Action) -> Vec<Effect> {
         match &self.overlay {
             Overlay::Confirm(q) => {
                 let q = *q;
@@ -725,7 +750,7 @@ impl App {
         };
         let value = self.form.value(key);
         match (self.form.kind(key), action) {
-            (FieldKind::Text | FieldKind::Number, Action::Edit) => {
+            (FieldKind::Text | FieldKind::Number | FieldKind::Datasets, Action::Edit) => {
                 self.start_edit(key, false, &value);
             }
             (FieldKind::Toggle, Action::Edit | Action::Toggle | Action::Left | Action::Right) => {
@@ -749,7 +774,27 @@ impl App {
                     self.form.set(key, &form::toggle_item(&value, item));
                 }
             }
+            (FieldKind::Datasets, Action::Left) => {
+                self.check_cursor = self.check_cursor.saturating_sub(1);
+            }
+            (FieldKind::Datasets, Action::Right) => {
+                let n = self.entries().len();
+                self.check_cursor = (self.check_cursor + 1).min(n.saturating_sub(1));
+            }
+            (FieldKind::Datasets, Action::Toggle) => {
+                if let Some(name) = self.entries().get(self.check_cursor).cloned() {
+                    self.form.set(key, &form::toggle_name(&value, &name));
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// The dataset registry's entry names (empty when not read or unreadable).
+    pub fn entries(&self) -> Vec<String> {
+        match &self.dataset_entries {
+            Some(Ok(v)) => v.clone(),
+            _ => Vec::new(),
         }
     }
 }

@@ -33,6 +33,8 @@ pub enum Msg {
     PresetList(Vec<PathBuf>),
     /// A finished run's folder was read.
     RunFolder(Result<(PathBuf, Vec<LogLine>), String>),
+    /// The entries of `dataset_dir/dataset_info.json`.
+    Datasets(Result<Vec<String>, String>),
     /// A dataset example was prepared for the preview.
     Preview(Result<Box<Preview>, String>),
 }
@@ -54,6 +56,8 @@ pub enum Effect {
     OpenRunFolder(PathBuf),
     /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
     LoadPreview { preset: Box<Preset>, index: usize },
+    /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
+    ListDatasets(PathBuf),
     /// Leave: restore the terminal and exit.
     Quit,
 }

@@ -16,7 +16,55 @@ pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(area)
     };
     form::render(frame, left, app, theme, "Dataset · data, template, lengths");
-    render_preview(frame, right, app, theme);
+    match app.focused_key() {
+        Some(key @ ("dataset" | "eval_dataset")) => render_entries(frame, right, app, theme, key),
+        _ => render_preview(frame, right, app, theme),
+    }
+}
+
+/// The entries of dataset_info.json as a checklist for the focused `dataset` field.
+fn render_entries(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, key: &str) {
+    let dir = app.form.value("dataset_dir");
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme.border)
+        .title(Span::styled(
+            format!(" {dir}/dataset_info.json (←/→ move, Space ticks) "),
+            theme.title,
+        ));
+    let chosen = crate::config::comma_list(&app.form.value(key));
+    let lines: Vec<Line> = match &app.dataset_entries {
+        None => vec![Line::styled("reading the dataset registry…", theme.muted)],
+        Some(Err(e)) => vec![Line::styled(e.clone(), theme.danger)],
+        Some(Ok(names)) if names.is_empty() => {
+            vec![Line::styled("no entries in dataset_info.json", theme.muted)]
+        }
+        Some(Ok(names)) => names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mark = if chosen.iter().any(|c| c == n) {
+                    "x"
+                } else {
+                    " "
+                };
+                let style = if i == app.check_cursor {
+                    theme.field_focused
+                } else if mark == "x" {
+                    theme.field_edited
+                } else {
+                    theme.field_value
+                };
+                Line::styled(format!("[{mark}] {n}"), style)
+            })
+            .collect(),
+    };
+    let height = usize::from(area.height.saturating_sub(2));
+    let skip = (app.check_cursor + 1).saturating_sub(height);
+    frame.render_widget(
+        Paragraph::new(lines.into_iter().skip(skip).collect::<Vec<_>>()).block(block),
+        area,
+    );
 }
 
 fn render_preview(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {

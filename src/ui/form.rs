@@ -143,7 +143,7 @@ fn display_value(kind: &FieldKind, value: &str, focused: bool, check_cursor: usi
                 .collect::<Vec<_>>()
                 .join(" ")
         }
-        FieldKind::Text | FieldKind::Number => {
+        FieldKind::Text | FieldKind::Number | FieldKind::Datasets => {
             if value.is_empty() {
                 "(unset)".into()
             } else {
@@ -164,6 +164,7 @@ pub(super) fn render_footer(frame: &mut Frame, area: Rect, app: &App, theme: &Th
         FieldKind::Toggle => "Space toggles",
         FieldKind::Select(_) => "←/→ choose",
         FieldKind::Checklist(_) => "←/→ move, Space ticks",
+        FieldKind::Datasets => "←/→ move, Space ticks an entry, Enter types names",
     };
     let saved = app.form.saved_value(key);
     let mut lines = vec![Line::from(vec![
