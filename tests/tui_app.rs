@@ -214,3 +214,34 @@ fn the_dirty_flag_drives_redraws() {
     a.update(Msg::Tick);
     assert!(a.take_dirty());
 }
+
+#[test]
+fn the_model_field_says_what_it_resolves_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    termtune::engine::testing::tiny_llama(
+        &model,
+        7,
+        &termtune::engine::testing::TinyOpts::default(),
+    )
+    .unwrap();
+    let info = termtune::tui::describe_model(&model.display().to_string()).unwrap();
+    assert!(info.starts_with("folder: llama · 2 layers"), "{info}");
+    let missing = termtune::tui::describe_model("no/such/dir/x").unwrap_err();
+    assert!(missing.contains("no such file or folder"), "{missing}");
+    assert!(termtune::tui::describe_model("").is_err());
+    // The app asks for it at start and again when the field is edited.
+    let mut a = app();
+    assert!(a.initial_effects().contains(&Effect::ProbeModel(
+        "HuggingFaceTB/SmolLM2-135M-Instruct".into()
+    )));
+    a.update(code(KeyCode::Enter));
+    a.update(ctrl('u'));
+    for c in "m.gguf".chars() {
+        a.update(key(c));
+    }
+    assert_eq!(
+        a.update(code(KeyCode::Enter)),
+        vec![Effect::ProbeModel("m.gguf".into())]
+    );
+}

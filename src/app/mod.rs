@@ -172,6 +172,8 @@ pub struct App {
     pub device: String,
     /// Quit asked during a run: leave once the engine has exited.
     pub quitting: bool,
+    /// What the model field resolved to: (name probed, description or problem).
+    pub model_info: Option<(String, Result<String, String>)>,
     /// The entries of `dataset_dir/dataset_info.json` (None until read).
     pub dataset_entries: Option<Result<Vec<String>, String>>,
     /// The log file, named in the error panel.
@@ -199,6 +201,7 @@ impl App {
             quitting: false,
             log_path: None,
             dataset_entries: None,
+            model_info: None,
             dirty: true,
         };
         app.announce_problems();
@@ -311,7 +314,7 @@ impl App {
                 self.status = None;
                 self.say(format!("preset {}", path.display()));
                 self.announce_problems();
-                Vec::new()
+                self.initial_effects()
             }
             Msg::PresetFailed(e) => {
                 self.complain(e);
@@ -333,6 +336,10 @@ impl App {
                     }
                     Err(e) => self.complain(e),
                 }
+                Vec::new()
+            }
+            Msg::ModelInfo { name, info } => {
+                self.model_info = Some((name, info));
                 Vec::new()
             }
             Msg::Datasets(result) => {
@@ -417,6 +424,9 @@ impl App {
             if ed.key == "dataset_dir" {
                 return vec![self.list_datasets()];
             }
+            if ed.key == "model_name_or_path" {
+                return vec![self.probe_model()];
+            }
             if let Some(issue) = self.form.issue(ed.key) {
                 let m = issue.message.clone();
                 self.complain(m);
@@ -450,6 +460,15 @@ impl App {
             effects.push(self.list_datasets());
         }
         effects
+    }
+
+    /// The effects to run once at start: resolve the model, read the dataset registry.
+    pub fn initial_effects(&self) -> Vec<Effect> {
+        vec![self.probe_model(), self.list_datasets()]
+    }
+
+    fn probe_model(&self) -> Effect {
+        Effect::ProbeModel(self.form.value("model_name_or_path"))
     }
 
     /// Asks for the dataset registry of the current `dataset_dir`.

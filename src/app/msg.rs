@@ -33,6 +33,11 @@ pub enum Msg {
     PresetList(Vec<PathBuf>),
     /// A finished run's folder was read.
     RunFolder(Result<(PathBuf, Vec<LogLine>), String>),
+    /// What `model_name_or_path` resolves to (the name probed, then a description or why not).
+    ModelInfo {
+        name: String,
+        info: Result<String, String>,
+    },
     /// The entries of `dataset_dir/dataset_info.json`.
     Datasets(Result<Vec<String>, String>),
     /// A dataset example was prepared for the preview.
@@ -56,6 +61,9 @@ pub enum Effect {
     OpenRunFolder(PathBuf),
     /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
     LoadPreview { preset: Box<Preset>, index: usize },
+    /// Describe what this `model_name_or_path` resolves to, without loading weights (answered
+    /// by [`Msg::ModelInfo`]).
+    ProbeModel(String),
     /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
     ListDatasets(PathBuf),
     /// Leave: restore the terminal and exit.

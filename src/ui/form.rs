@@ -14,6 +14,14 @@ const LABEL_WIDTH: usize = 30;
 /// Renders the current tab's form in `area` with `title`.
 pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, title: &str) {
     let [list, footer] = Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
+    let list = if app.tab == crate::app::Tab::Model {
+        let [info, rest] =
+            Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(list);
+        render_model_info(frame, info, app, theme);
+        rest
+    } else {
+        list
+    };
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(theme.border_focused)
@@ -190,6 +198,20 @@ pub(super) fn render_footer(frame: &mut Frame, area: Rect, app: &App, theme: &Th
         .border_style(theme.border);
     frame.render_widget(
         Paragraph::new(lines).wrap(Wrap { trim: true }).block(block),
+        area,
+    );
+}
+
+/// What `model_name_or_path` resolved to (architecture, size, context, chat template).
+fn render_model_info(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let current = app.form.value("model_name_or_path");
+    let (text, style) = match &app.model_info {
+        Some((name, Ok(info))) if *name == current => (format!("→ {info}"), theme.ok),
+        Some((name, Err(e))) if *name == current => (format!("✗ {e}"), theme.danger),
+        _ => ("→ resolving the model…".to_string(), theme.muted),
+    };
+    frame.render_widget(
+        Line::styled(clip(&text, usize::from(area.width)), style),
         area,
     );
 }
