@@ -130,18 +130,24 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     let mut engine: Option<Engine> = None;
     let fallback = Theme::default();
     let mut pending: Vec<Effect> = app.initial_effects();
+    let mut terminal_gone = false;
+    watch_signals(tx.clone());
 
     loop {
         let msg = tokio::select! {
-            ev = input.next() => match ev {
+            ev = input.next(), if !terminal_gone => match ev {
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => Msg::Key(k),
                 Some(Ok(Event::Resize(..))) => Msg::Resize,
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(TuiError::Terminal(e)),
-                None => Msg::Key(crossterm::event::KeyEvent::new(
-                    crossterm::event::KeyCode::Char('q'),
-                    crossterm::event::KeyModifiers::NONE,
-                )),
+                Some(Err(e)) => {
+                    tracing::warn!("terminal input failed: {e}; stopping");
+                    terminal_gone = true;
+                    Msg::Terminate
+                }
+                None => {
+                    terminal_gone = true;
+                    Msg::Terminate
+                }
             },
             Some(m) = rx.recv() => m,
             _ = frames.tick() => Msg::Tick,
@@ -237,11 +243,36 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 }
             }
         }
-        if tick && app.take_dirty() {
+        if tick && !terminal_gone && app.take_dirty() {
             let theme = themes.get(app.theme_index).unwrap_or(&fallback);
-            terminal.draw(|f| ui::render(f, app, theme))?;
+            if let Err(e) = terminal.draw(|f| ui::render(f, app, theme)) {
+                // The terminal went away (SSH dropped): stop the run with a checkpoint, quietly.
+                tracing::warn!("cannot draw: {e}; stopping");
+                terminal_gone = true;
+                pending.extend(app.update(Msg::Terminate));
+            }
         }
     }
+}
+
+/// SIGHUP (the SSH connection dropped) and SIGTERM become [`Msg::Terminate`]: a running training
+/// stops after its step with a checkpoint, then termtune exits.
+fn watch_signals(tx: UnboundedSender<Msg>) {
+    use signal_hook::consts::{SIGHUP, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM]) else {
+        tracing::warn!("cannot install signal handlers; a hang-up ends termtune at once");
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                tracing::warn!("signal {sig}: stopping (with a checkpoint if training)");
+                if tx.send(Msg::Terminate).is_err() {
+                    break;
+                }
+            }
+        });
 }
 
 fn read_preset(path: &Path) -> Msg {

@@ -245,3 +245,18 @@ fn the_model_field_says_what_it_resolves_to() {
         vec![Effect::ProbeModel("m.gguf".into())]
     );
 }
+
+#[test]
+fn a_hang_up_during_a_run_stops_with_a_checkpoint_then_quits() {
+    let mut a = app();
+    started(&mut a);
+    assert_eq!(
+        a.update(Msg::Terminate),
+        vec![Effect::Engine(TrainCommand::Stop { save: true })]
+    );
+    // A second signal does not abandon the checkpoint.
+    assert!(a.update(Msg::Terminate).is_empty());
+    assert_eq!(a.update(Msg::EngineExited), vec![Effect::Quit]);
+    let mut idle = app();
+    assert_eq!(idle.update(Msg::Terminate), vec![Effect::Quit]);
+}

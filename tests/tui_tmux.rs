@@ -210,3 +210,64 @@ fn train_stop_with_checkpoint_and_quit_in_tmux() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let preset = fixture(root);
+    let tmux = Tmux {
+        socket: format!("termtune-hup-{}", std::process::id()),
+        session: "tt".into(),
+    };
+    let bin = env!("CARGO_BIN_EXE_termtune");
+    let shell_cmd = format!(
+        "TERM=xterm-256color exec {bin} --log-file {} {}",
+        root.join("app.log").display(),
+        preset.display()
+    );
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "tt",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &shell_cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    tmux.keys(&["s"]);
+    tmux.wait_for("a few steps", 120, |s| {
+        step_on_screen(s).is_some_and(|n| n >= 3)
+    });
+    // Closing the session hangs up the terminal (SIGHUP), as a dropped SSH connection does.
+    assert!(tmux.cmd(&["kill-session", "-t", "tt"]).status.success());
+    let out_dir = root.join("out");
+    let start = Instant::now();
+    let checkpoint = loop {
+        let found = std::fs::read_dir(&out_dir).ok().and_then(|entries| {
+            entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+                    && p.join("adapter_model.safetensors").is_file()
+            })
+        });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint after the hang-up; log:\n{}",
+            std::fs::read_to_string(root.join("app.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(checkpoint.join("trainer_state.json").is_file());
+}

@@ -273,7 +273,12 @@ impl Form {
                     | FieldKind::Select(_)
                     | FieldKind::Checklist(_)
                     | FieldKind::Datasets => {
-                        format!("{k}={}", serde_json::Value::String(v.clone()))
+                        // Plain when YAML reads it back as this very string; quoted otherwise
+                        // (`true`, `1e-3`, `a: b` would change type or fail).
+                        match serde_norway::from_str::<Value>(v) {
+                            Ok(Value::String(s)) if s == *v => format!("{k}={v}"),
+                            _ => format!("{k}={}", serde_json::Value::String(v.clone())),
+                        }
                     }
                     FieldKind::Number | FieldKind::Toggle => format!("{k}={v}"),
                 }
@@ -387,6 +392,8 @@ mod tests {
     #[test]
     fn text_edits_stay_text() {
         let mut f = Form::new(None, "model_name_or_path: m\ndataset: d\n");
+        f.set("model_name_or_path", "org/name");
+        assert_eq!(f.overrides(), vec!["model_name_or_path=org/name"]);
         f.set("model_name_or_path", "true");
         assert_eq!(f.overrides(), vec![r#"model_name_or_path="true""#]);
         assert_eq!(f.loaded.as_ref().unwrap().preset.model_name_or_path, "true");

@@ -286,6 +286,18 @@ impl App {
             Msg::Key(key) => self.on_key(key),
             Msg::Resize => Vec::new(),
             Msg::Tick => Vec::new(),
+            Msg::Terminate => {
+                if self.run.phase.is_active() {
+                    if self.quitting {
+                        return Vec::new();
+                    }
+                    self.quitting = true;
+                    self.run.phase = Phase::Stopping { save: true };
+                    vec![Effect::Engine(TrainCommand::Stop { save: true })]
+                } else {
+                    vec![Effect::Quit]
+                }
+            }
             Msg::Engine(ev) => {
                 let was_active = self.run.phase.is_active();
                 self.run.on_event(&ev);

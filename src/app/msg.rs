@@ -18,6 +18,8 @@ pub enum Msg {
     Resize,
     /// A frame tick.
     Tick,
+    /// The terminal is gone or SIGHUP/SIGTERM arrived: stop any run with a checkpoint and exit.
+    Terminate,
     Engine(TrainEvent),
     /// The engine thread ended (after its last event).
     EngineExited,
