@@ -229,13 +229,21 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                     };
                     let _ = tx.send(msg);
                 }
-                Effect::LoadPreview { preset, index } => {
+                Effect::LoadPreview {
+                    preset,
+                    index,
+                    stats,
+                } => {
                     let worker_tx = tx.clone();
                     let spawned =
                         std::thread::Builder::new()
                             .name("preview".into())
                             .spawn(move || {
-                                let _ = worker_tx.send(Msg::Preview(preview(&preset, index)));
+                                let (msg, stats_msg) = preview(&preset, index, stats);
+                                let _ = worker_tx.send(msg);
+                                if let Some(m) = stats_msg {
+                                    let _ = worker_tx.send(m);
+                                }
                             });
                     if let Err(e) = spawned {
                         let _ = tx.send(Msg::Preview(Err(format!("cannot start: {e}"))));
@@ -343,11 +351,34 @@ fn spawn_engine(loaded: config::Loaded, tx: UnboundedSender<Msg>) -> std::io::Re
     })
 }
 
-/// Example `index` of the preset's dataset, as the model sees it (loads the tokenizer).
-fn preview(
+/// Example `index` of the preset's dataset as the model sees it, and with `stats` the whole
+/// dataset's statistics (tokenised through the same cache training uses).
+fn preview(preset: &config::Preset, index: usize, stats: bool) -> (Msg, Option<Msg>) {
+    match encoder_for(preset) {
+        Err(e) => (
+            Msg::Preview(Err(e.clone())),
+            stats.then(|| Msg::DatasetStats(Err(e))),
+        ),
+        Ok((opts, enc)) => {
+            let p = crate::data::pipeline::preview(&opts, &enc, index)
+                .map(Box::new)
+                .map_err(|e| e.to_string());
+            let s = stats.then(|| {
+                Msg::DatasetStats(
+                    crate::data::pipeline::prepare_dataset(&opts, &enc)
+                        .map(|d| Box::new(d.stats))
+                        .map_err(|e| e.to_string()),
+                )
+            });
+            (Msg::Preview(p), s)
+        }
+    }
+}
+
+/// The data options and encoder of a preset (loads the model source for its tokenizer).
+fn encoder_for(
     preset: &config::Preset,
-    index: usize,
-) -> Result<Box<crate::data::stats::Preview>, String> {
+) -> Result<(crate::data::DataOptions, crate::data::Encoder), String> {
     let device = candle_core::Device::Cpu;
     let mut hub = crate::engine::hub::HubOptions::from_env();
     hub.revision.clone_from(&preset.model_revision);
@@ -371,9 +402,7 @@ fn preview(
     let opts = crate::resolve::data_options(preset);
     let enc = crate::data::Encoder::new(&opts, &tokenizer, &source.files.tokenizer_config)
         .map_err(|e| e.to_string())?;
-    crate::data::pipeline::preview(&opts, &enc, index)
-        .map(Box::new)
-        .map_err(|e| e.to_string())
+    Ok((opts, enc))
 }
 
 /// What a model source is, from its metadata only (no weights loaded, no network): a GGUF

@@ -245,6 +245,23 @@ fn dataset_preview() {
         labels: vec![],
         spans,
     }))));
+    // Hand-written statistics shaped like the quickstart's (160 rows / (batch 4 x accumulation 2)
+    // = 20 steps); the token lengths are round numbers, not measured.
+    a.update(Msg::DatasetStats(Ok(Box::new(
+        termtune::data::stats::DatasetStats {
+            rows_read: 160,
+            rows_kept: 160,
+            train_examples: 160,
+            tokens_mean: 98.0,
+            tokens_p50: 95,
+            tokens_p95: 140,
+            tokens_max: 180,
+            train_sequences: 160,
+            steps_per_epoch: 20,
+            total_steps: 20,
+            ..Default::default()
+        },
+    ))));
     snap("dataset_preview", &a);
 }
 

@@ -142,6 +142,7 @@ pub struct PreviewState {
     pub loading: bool,
     pub data: Option<Box<Preview>>,
     pub error: Option<String>,
+    pub stats: Option<Result<Box<crate::data::stats::DatasetStats>, String>>,
 }
 
 /// A one-line message in the status bar.
@@ -352,6 +353,10 @@ impl App {
             }
             Msg::ModelInfo { name, info } => {
                 self.model_info = Some((name, info));
+                Vec::new()
+            }
+            Msg::DatasetStats(result) => {
+                self.preview.stats = Some(result);
                 Vec::new()
             }
             Msg::Datasets(result) => {
@@ -584,9 +589,11 @@ impl App {
                     }
                 }
             }
-            Action::LoadPreview => self.request_preview(self.preview.index),
-            Action::PreviewNext => self.request_preview(self.preview.index + 1),
-            Action::PreviewPrev => self.request_preview(self.preview.index.saturating_sub(1)),
+            Action::LoadPreview => self.request_preview(self.preview.index, true),
+            Action::PreviewNext => self.request_preview(self.preview.index + 1, false),
+            Action::PreviewPrev => {
+                self.request_preview(self.preview.index.saturating_sub(1), false)
+            }
             Action::Up | Action::Down | Action::PageUp | Action::PageDown => {
                 self.move_focus(action);
                 Vec::new()
@@ -738,7 +745,7 @@ impl App {
         }
     }
 
-    fn request_preview(&mut self, index: usize) -> Vec<Effect> {
+    fn request_preview(&mut self, index: usize, stats: bool) -> Vec<Effect> {
         if self.preview.loading {
             return Vec::new();
         }
@@ -748,9 +755,13 @@ impl App {
         };
         self.preview.index = index;
         self.preview.loading = true;
+        if stats {
+            self.preview.stats = None;
+        }
         vec![Effect::LoadPreview {
             preset: Box::new(loaded.preset.clone()),
             index,
+            stats,
         }]
     }
 

@@ -42,6 +42,8 @@ pub enum Msg {
     },
     /// The entries of `dataset_dir/dataset_info.json`.
     Datasets(Result<Vec<String>, String>),
+    /// Statistics of the whole dataset (rows, lengths, truncation, steps per epoch).
+    DatasetStats(Result<Box<crate::data::stats::DatasetStats>, String>),
     /// A dataset example was prepared for the preview.
     Preview(Result<Box<Preview>, String>),
 }
@@ -62,7 +64,12 @@ pub enum Effect {
     /// Read `trainer_log.jsonl` of a run folder (answered by [`Msg::RunFolder`]).
     OpenRunFolder(PathBuf),
     /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
-    LoadPreview { preset: Box<Preset>, index: usize },
+    /// With `stats`, also answered by [`Msg::DatasetStats`] for the whole dataset.
+    LoadPreview {
+        preset: Box<Preset>,
+        index: usize,
+        stats: bool,
+    },
     /// Describe what this `model_name_or_path` resolves to, without loading weights (answered
     /// by [`Msg::ModelInfo`]).
     ProbeModel(String),

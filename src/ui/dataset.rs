@@ -84,6 +84,34 @@ fn render_preview(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     if let Some(e) = &p.error {
         lines.push(Line::styled(e.clone(), theme.danger));
     }
+    match &p.stats {
+        Some(Ok(s)) => {
+            lines.push(Line::styled(
+                format!(
+                    "rows {} kept, {} skipped · {} train / {} eval · {} steps/epoch, {} total",
+                    s.rows_kept,
+                    s.skipped_total(),
+                    s.train_examples,
+                    s.eval_examples,
+                    s.steps_per_epoch,
+                    s.total_steps
+                ),
+                theme.base,
+            ));
+            lines.push(Line::styled(
+                format!(
+                    "tokens/example mean {:.0}, p50 {}, p95 {}, max {} · truncated {}",
+                    s.tokens_mean, s.tokens_p50, s.tokens_p95, s.tokens_max, s.truncated
+                ),
+                theme.base,
+            ));
+        }
+        Some(Err(e)) => lines.push(Line::styled(format!("statistics: {e}"), theme.danger)),
+        None if p.data.is_some() => {
+            lines.push(Line::styled("computing statistics…", theme.muted));
+        }
+        None => {}
+    }
     match &p.data {
         None if !p.loading && p.error.is_none() => {
             lines.push(Line::styled(
