@@ -14,6 +14,14 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
+    /// The preset the terminal UI opens (default: presets/quickstart.yaml).
+    #[arg(value_name = "PRESET")]
+    pub preset: Option<PathBuf>,
+
+    /// Terminal UI theme: default, light, high-contrast, or a theme YAML file.
+    #[arg(long, global = true, value_name = "NAME|FILE")]
+    pub theme: Option<String>,
+
     /// Write the log here instead of termtune's cache folder (stdout belongs to the TUI).
     #[arg(long, global = true, value_name = "FILE")]
     pub log_file: Option<PathBuf>,

@@ -9,15 +9,10 @@ use crate::config::{self, Group, Purpose};
 
 /// Exit status for a preset or argument problem (clap uses 2 for usage errors too).
 pub const EXIT_CONFIG: u8 = 2;
-/// Exit status for a feature this build cannot run yet.
-pub const EXIT_UNAVAILABLE: u8 = 3;
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        None => not_yet(
-            "the terminal UI",
-            "use `termtune check PRESET.yaml` to validate a preset meanwhile",
-        ),
+        None => tui(cli.preset.clone(), cli.theme.clone()),
         Some(Command::Check(args)) => check(&args),
         Some(Command::Env) => {
             print!("{}", env_report());
@@ -30,9 +25,21 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn not_yet(what: &str, meanwhile: &str) -> ExitCode {
-    eprintln!("termtune: {what} is not available in this version yet; {meanwhile}.");
-    ExitCode::from(EXIT_UNAVAILABLE)
+/// The preset the TUI opens when none is named.
+pub const DEFAULT_PRESET: &str = "presets/quickstart.yaml";
+
+fn tui(preset: Option<std::path::PathBuf>, theme: Option<String>) -> ExitCode {
+    let options = crate::tui::Options {
+        preset: Some(preset.unwrap_or_else(|| DEFAULT_PRESET.into())),
+        theme,
+    };
+    match crate::tui::run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(args: &CheckArgs) -> ExitCode {

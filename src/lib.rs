@@ -5,8 +5,11 @@
 //! - [`engine`]: candle model, LoRA, adapters, model sources, generation (never imports the UI).
 //! - [`data`]: datasets, chat templates, label masking, packing (UI-free).
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
+//! - [`chat`], [`export`], [`bench`]: what users do with a model besides training.
+//! - [`app`], [`ui`], [`tui`]: the terminal UI (state + update, pure rendering, the event loop).
 //! - [`telemetry`]: GPU (NVML) and system readings.
-//! - [`cli`], [`commands`], [`logging`], [`panic`]: the edges.
+//! - [`cli`], [`commands`], [`headless`], [`logging`], [`panic`]: the edges.
+pub mod app;
 pub mod bench;
 pub mod chat;
 pub mod cli;
@@ -23,3 +26,5 @@ pub mod resolve;
 pub mod telemetry;
 pub mod testing;
 pub mod trainer;
+pub mod tui;
+pub mod ui;

@@ -1,0 +1,842 @@
+//! The TUI's state and its only mutator, [`App::update`]: `Msg` in, `Effect`s out, no I/O, no
+//! clock. Rendering (`crate::ui`) reads `&App`.
+
+pub mod form;
+pub mod keymap;
+pub mod msg;
+pub mod run;
+
+use std::path::PathBuf;
+
+use crossterm::event::KeyEvent;
+use ratatui_textarea::TextArea;
+
+use crate::config::Group;
+use crate::data::stats::Preview;
+use crate::trainer::protocol::TrainCommand;
+pub use form::{Field, FieldKind, Form};
+pub use keymap::{Action, Context, Keymap};
+pub use msg::{Effect, Msg};
+pub use run::{Phase, RunState};
+
+/// The tabs, in order (keys 1–7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tab {
+    Model,
+    Dataset,
+    Method,
+    Training,
+    Run,
+    Chat,
+    Export,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 7] = [
+        Tab::Model,
+        Tab::Dataset,
+        Tab::Method,
+        Tab::Training,
+        Tab::Run,
+        Tab::Chat,
+        Tab::Export,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Model => "Model",
+            Tab::Dataset => "Dataset",
+            Tab::Method => "LoRA / Method",
+            Tab::Training => "Training",
+            Tab::Run => "Run",
+            Tab::Chat => "Chat",
+            Tab::Export => "Export",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Tab::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+
+    /// The preset groups a form tab edits (none for the Run dashboard).
+    pub fn groups(self) -> &'static [Group] {
+        match self {
+            Tab::Model => &[Group::Model],
+            Tab::Dataset => &[Group::Dataset],
+            Tab::Method => &[Group::Method],
+            Tab::Training => &[Group::Output, Group::Train, Group::Eval],
+            Tab::Run => &[],
+            Tab::Chat => &[Group::Generation],
+            Tab::Export => &[Group::Export],
+        }
+    }
+
+    /// The keys the tab's form shows.
+    pub fn keys(self) -> Vec<&'static str> {
+        form::keys_of(self.groups())
+    }
+
+    /// The tab whose form holds `key`.
+    pub fn of_key(key: &str) -> Option<Tab> {
+        Tab::ALL.into_iter().find(|t| t.keys().contains(&key))
+    }
+}
+
+/// A question the user must answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    /// Quit while a run is active: save a checkpoint first?
+    QuitDuringRun,
+    /// Stop the run: save a checkpoint?
+    StopRun,
+    /// Quit with unsaved preset edits.
+    DiscardChanges,
+}
+
+impl Question {
+    pub fn text(self) -> &'static str {
+        match self {
+            Question::QuitDuringRun => {
+                "A run is in progress. Save a checkpoint before quitting? (y: save and quit, n: quit without saving, Esc: keep training)"
+            }
+            Question::StopRun => {
+                "Stop the run. Save a checkpoint? (y: save and stop, n: stop without saving, Esc: keep training)"
+            }
+            Question::DiscardChanges => {
+                "The preset has unsaved edits. Quit anyway? (y: quit, n/Esc: stay; Ctrl-s saves)"
+            }
+        }
+    }
+}
+
+/// What covers the panes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Overlay {
+    None,
+    Help {
+        scroll: usize,
+    },
+    Command,
+    Picker {
+        items: Vec<PathBuf>,
+        selected: usize,
+    },
+    Confirm(Question),
+}
+
+/// A text field being edited.
+#[derive(Debug, Clone)]
+pub struct Editing {
+    pub key: &'static str,
+    pub area: TextArea<'static>,
+    /// The edit before editing began (restored on Esc).
+    pub before: Option<String>,
+    /// Editing the save-as path rather than a preset key.
+    pub save_as: bool,
+}
+
+/// The Dataset pane's preview.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreviewState {
+    pub index: usize,
+    pub loading: bool,
+    pub data: Option<Box<Preview>>,
+    pub error: Option<String>,
+    pub stats: Option<Result<Box<crate::data::stats::DatasetStats>, String>>,
+}
+
+/// A one-line message in the status bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub text: String,
+    pub error: bool,
+}
+
+/// The whole UI state.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub tab: Tab,
+    /// The focused field of each form tab.
+    pub cursors: [usize; 7],
+    /// The focused option of a checklist field.
+    pub check_cursor: usize,
+    pub form: Form,
+    pub run: RunState,
+    pub overlay: Overlay,
+    pub editing: Option<Editing>,
+    pub keymap: Keymap,
+    pub theme_names: Vec<String>,
+    pub theme_index: usize,
+    pub status: Option<Status>,
+    pub preview: PreviewState,
+    /// The device the engine trains on, for the status bar.
+    pub device: String,
+    /// Quit asked during a run: leave once the engine has exited.
+    pub quitting: bool,
+    /// What the model field resolved to: (name probed, description or problem).
+    pub model_info: Option<(String, Result<String, String>)>,
+    /// The entries of `dataset_dir/dataset_info.json` (None until read).
+    pub dataset_entries: Option<Result<Vec<String>, String>>,
+    /// The log file, named in the error panel.
+    pub log_path: Option<String>,
+    dirty: bool,
+}
+
+impl App {
+    /// The app on a preset (its file path and text).
+    pub fn new(path: Option<PathBuf>, text: &str) -> Self {
+        let mut app = Self {
+            tab: Tab::Model,
+            cursors: [0; 7],
+            check_cursor: 0,
+            form: Form::new(path, text),
+            run: RunState::default(),
+            overlay: Overlay::None,
+            editing: None,
+            keymap: Keymap::default(),
+            theme_names: vec!["default".into()],
+            theme_index: 0,
+            status: None,
+            preview: PreviewState::default(),
+            device: "cpu".into(),
+            quitting: false,
+            log_path: None,
+            dataset_entries: None,
+            model_info: None,
+            dirty: true,
+        };
+        app.announce_problems();
+        app
+    }
+
+    /// True once after any change: the loop redraws only then.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::replace(&mut self.dirty, false)
+    }
+
+    fn say(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: false,
+        });
+    }
+
+    fn complain(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: true,
+        });
+    }
+
+    fn announce_problems(&mut self) {
+        let n = self.form.issues.len();
+        if n > 0 {
+            let first = self.form.issues[0].message.clone();
+            self.complain(format!(
+                "{n} problem{} in the preset; first: {first}",
+                if n == 1 { "" } else { "s" }
+            ));
+        }
+    }
+
+    /// The keymap contexts in force, most specific first.
+    pub fn contexts(&self) -> Vec<Context> {
+        if self.editing.is_some() {
+            return vec![Context::Editing];
+        }
+        match self.overlay {
+            Overlay::Confirm(_) => return vec![Context::Confirm],
+            Overlay::None => {}
+            _ => return vec![Context::Overlay],
+        }
+        match self.tab {
+            Tab::Run => vec![Context::Run, Context::Global],
+            Tab::Dataset => vec![Context::Dataset, Context::Form, Context::Global],
+            _ => vec![Context::Form, Context::Global],
+        }
+    }
+
+    /// The keys of the current tab's form.
+    pub fn keys(&self) -> Vec<&'static str> {
+        self.tab.keys()
+    }
+
+    /// The focused field of the current tab.
+    pub fn focused_key(&self) -> Option<&'static str> {
+        let keys = self.keys();
+        keys.get(self.cursors[self.tab.index()].min(keys.len().saturating_sub(1)))
+            .copied()
+    }
+
+    /// Moves the focus to `key` (switching tab).
+    pub fn focus_key(&mut self, key: &str) {
+        if let Some(tab) = Tab::of_key(key) {
+            self.tab = tab;
+            if let Some(i) = tab.keys().iter().position(|k| *k == key) {
+                self.cursors[tab.index()] = i;
+            }
+        }
+    }
+
+    /// The one state transition.
+    pub fn update(&mut self, msg: Msg) -> Vec<Effect> {
+        if !matches!(msg, Msg::Tick) {
+            self.dirty = true;
+        }
+        match msg {
+            Msg::Key(key) => self.on_key(key),
+            Msg::Resize => Vec::new(),
+            Msg::Tick => Vec::new(),
+            Msg::Terminate => {
+                if self.run.phase.is_active() {
+                    if self.quitting {
+                        return Vec::new();
+                    }
+                    self.quitting = true;
+                    self.run.phase = Phase::Stopping { save: true };
+                    vec![Effect::Engine(TrainCommand::Stop { save: true })]
+                } else {
+                    vec![Effect::Quit]
+                }
+            }
+            Msg::Engine(ev) => {
+                let was_active = self.run.phase.is_active();
+                self.run.on_event(&ev);
+                if was_active && !self.run.phase.is_active() {
+                    self.status = None;
+                }
+                Vec::new()
+            }
+            Msg::EngineExited => {
+                if self.run.phase.is_active() {
+                    self.status = None;
+                }
+                self.run.on_engine_exit();
+                if self.quitting {
+                    vec![Effect::Quit]
+                } else {
+                    Vec::new()
+                }
+            }
+            Msg::Telemetry(s) => {
+                self.run.on_telemetry(&s);
+                Vec::new()
+            }
+            Msg::PresetLoaded { path, text } => {
+                self.form = Form::new(Some(path.clone()), &text);
+                self.status = None;
+                self.say(format!("preset {}", path.display()));
+                self.announce_problems();
+                self.initial_effects()
+            }
+            Msg::PresetFailed(e) => {
+                self.complain(e);
+                Vec::new()
+            }
+            Msg::PresetList(items) => {
+                if items.is_empty() {
+                    self.complain("no presets found in presets/ or the user presets folder");
+                } else {
+                    self.overlay = Overlay::Picker { items, selected: 0 };
+                }
+                Vec::new()
+            }
+            Msg::RunFolder(result) => {
+                match result {
+                    Ok((dir, lines)) => {
+                        self.run.load_folder(dir, &lines);
+                        self.tab = Tab::Run;
+                    }
+                    Err(e) => self.complain(e),
+                }
+                Vec::new()
+            }
+            Msg::ModelInfo { name, info } => {
+                self.model_info = Some((name, info));
+                Vec::new()
+            }
+            Msg::DatasetStats(result) => {
+                self.preview.stats = Some(result);
+                Vec::new()
+            }
+            Msg::Datasets(result) => {
+                self.dataset_entries = Some(result);
+                Vec::new()
+            }
+            Msg::Preview(result) => {
+                self.preview.loading = false;
+                match result {
+                    Ok(p) => {
+                        self.preview.error = None;
+                        self.preview.data = Some(p);
+                    }
+                    Err(e) => {
+                        self.preview.error = Some(e);
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn on_key(&mut self, key: KeyEvent) -> Vec<Effect> {
+        let contexts = self.contexts();
+        let action = self.keymap.resolve(&contexts, &key);
+        if self.editing.is_some() {
+            return match action {
+                Some(Action::Confirm) => self.finish_edit(true),
+                Some(Action::Cancel) => self.finish_edit(false),
+                Some(Action::ClearField) => {
+                    self.clear_field();
+                    Vec::new()
+                }
+                _ => {
+                    self.type_into_field(key);
+                    Vec::new()
+                }
+            };
+        }
+        match action {
+            Some(a) => self.act(a),
+            None => Vec::new(),
+        }
+    }
+
+    fn type_into_field(&mut self, key: KeyEvent) {
+        let Some(ed) = self.editing.as_mut() else {
+            return;
+        };
+        ed.area.input(crossterm::event::Event::Key(key));
+        if !ed.save_as {
+            let k = ed.key;
+            let text = ed.area.lines().join("");
+            self.form.set(k, &text);
+        }
+    }
+
+    fn clear_field(&mut self) {
+        let Some(ed) = self.editing.as_mut() else {
+            return;
+        };
+        ed.area = TextArea::default();
+        if !ed.save_as {
+            let k = ed.key;
+            self.form.set(k, "");
+        }
+    }
+
+    fn finish_edit(&mut self, apply: bool) -> Vec<Effect> {
+        let Some(ed) = self.editing.take() else {
+            return Vec::new();
+        };
+        let text = ed.area.lines().join("");
+        if ed.save_as {
+            if apply && !text.trim().is_empty() {
+                return self.save_to(PathBuf::from(text.trim()));
+            }
+            return Vec::new();
+        }
+        if apply {
+            self.form.set(ed.key, &text);
+            if ed.key == "dataset_dir" {
+                return vec![self.list_datasets()];
+            }
+            if ed.key == "model_name_or_path" {
+                return vec![self.probe_model()];
+            }
+            if let Some(issue) = self.form.issue(ed.key) {
+                let m = issue.message.clone();
+                self.complain(m);
+            } else {
+                self.status = None;
+            }
+        } else {
+            match ed.before {
+                Some(b) => self.form.set(ed.key, &b),
+                None => self.form.reset(ed.key),
+            }
+        }
+        Vec::new()
+    }
+
+    fn start_edit(&mut self, key: &'static str, save_as: bool, initial: &str) {
+        let mut area = TextArea::new(vec![initial.to_string()]);
+        area.move_cursor(ratatui_textarea::CursorMove::End);
+        self.editing = Some(Editing {
+            key,
+            area,
+            before: self.form.edits.get(key).cloned(),
+            save_as,
+        });
+    }
+
+    fn act(&mut self, action: Action) -> Vec<Effect> {
+        let tab_before = self.tab;
+        let mut effects = self.act_inner(action);
+        if self.tab == Tab::Dataset && tab_before != Tab::Dataset {
+            effects.push(self.list_datasets());
+        }
+        effects
+    }
+
+    /// The effects to run once at start: resolve the model, read the dataset registry.
+    pub fn initial_effects(&self) -> Vec<Effect> {
+        vec![self.probe_model(), self.list_datasets()]
+    }
+
+    fn probe_model(&self) -> Effect {
+        Effect::ProbeModel(self.form.value("model_name_or_path"))
+    }
+
+    /// Asks for the dataset registry of the current `dataset_dir`.
+    fn list_datasets(&self) -> Effect {
+        let dir = self.form.value("dataset_dir");
+        Effect::ListDatasets(PathBuf::from(if dir.is_empty() { "data" } else { &dir }))
+    }
+
+    fn act_inner(&mut self, action: Action) -> Vec<Effect> {
+        match &self.overlay {
+            Overlay::Confirm(q) => {
+                let q = *q;
+                self.overlay = Overlay::None;
+                return self.answer(q, action);
+            }
+            Overlay::None => {}
+            _ => return self.overlay_action(action),
+        }
+        match action {
+            Action::Quit => self.quit(),
+            Action::NextTab => {
+                self.tab = Tab::ALL[(self.tab.index() + 1) % Tab::ALL.len()];
+                Vec::new()
+            }
+            Action::PrevTab => {
+                self.tab = Tab::ALL[(self.tab.index() + Tab::ALL.len() - 1) % Tab::ALL.len()];
+                Vec::new()
+            }
+            Action::GoTab(i) => {
+                if let Some(t) = Tab::ALL.get(i) {
+                    self.tab = *t;
+                }
+                Vec::new()
+            }
+            Action::ToggleHelp => {
+                self.overlay = Overlay::Help { scroll: 0 };
+                Vec::new()
+            }
+            Action::ShowCommand => {
+                self.overlay = Overlay::Command;
+                Vec::new()
+            }
+            Action::CycleTheme => {
+                self.theme_index = (self.theme_index + 1) % self.theme_names.len().max(1);
+                let name = self
+                    .theme_names
+                    .get(self.theme_index)
+                    .cloned()
+                    .unwrap_or_default();
+                self.say(format!("theme: {name}"));
+                Vec::new()
+            }
+            Action::StartRun => self.start(),
+            Action::PauseResume => self.pause_resume(),
+            Action::StopRun => {
+                if self.run.phase.is_active() {
+                    if !matches!(self.run.phase, Phase::Stopping { .. }) {
+                        self.overlay = Overlay::Confirm(Question::StopRun);
+                    }
+                } else {
+                    self.say("no run in progress");
+                }
+                Vec::new()
+            }
+            Action::SavePreset => match self.form.path.clone() {
+                Some(p) => self.save_to(p),
+                None => {
+                    self.start_edit("", true, "presets/my-preset.yaml");
+                    Vec::new()
+                }
+            },
+            Action::SavePresetAs => {
+                let initial = self.form.path.as_ref().map_or_else(
+                    || "presets/my-preset.yaml".into(),
+                    |p| p.display().to_string(),
+                );
+                self.start_edit("", true, &initial);
+                Vec::new()
+            }
+            Action::LoadPreset => vec![Effect::ListPresets],
+            Action::ToggleLogScale => {
+                self.run.log_scale = !self.run.log_scale;
+                Vec::new()
+            }
+            Action::OpenRunFolder => {
+                let dir = self
+                    .form
+                    .loaded
+                    .as_ref()
+                    .map(|l| PathBuf::from(&l.preset.output_dir))
+                    .or_else(|| self.run.output_dir.clone());
+                match dir {
+                    Some(d) if !self.run.phase.is_active() => vec![Effect::OpenRunFolder(d)],
+                    Some(_) => {
+                        self.say("a run is in progress; its curves are already shown");
+                        Vec::new()
+                    }
+                    None => {
+                        self.complain("set output_dir (Training tab) to open a run folder");
+                        Vec::new()
+                    }
+                }
+            }
+            Action::LoadPreview => self.request_preview(self.preview.index, true),
+            Action::PreviewNext => self.request_preview(self.preview.index + 1, false),
+            Action::PreviewPrev => {
+                self.request_preview(self.preview.index.saturating_sub(1), false)
+            }
+            Action::Up | Action::Down | Action::PageUp | Action::PageDown => {
+                self.move_focus(action);
+                Vec::new()
+            }
+            Action::Left | Action::Right | Action::Toggle | Action::Edit => {
+                self.field_action(action);
+                Vec::new()
+            }
+            Action::ResetField => {
+                if let Some(k) = self.focused_key() {
+                    self.form.reset(k);
+                }
+                Vec::new()
+            }
+            Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
+        }
+    }
+
+    fn overlay_action(&mut self, action: Action) -> Vec<Effect> {
+        match (&mut self.overlay, action) {
+            (_, Action::Cancel) => {
+                self.overlay = Overlay::None;
+                Vec::new()
+            }
+            (Overlay::Help { scroll }, Action::Down) => {
+                *scroll += 1;
+                Vec::new()
+            }
+            (Overlay::Help { scroll }, Action::Up) => {
+                *scroll = scroll.saturating_sub(1);
+                Vec::new()
+            }
+            (Overlay::Picker { items, selected }, Action::Down) => {
+                *selected = (*selected + 1).min(items.len().saturating_sub(1));
+                Vec::new()
+            }
+            (Overlay::Picker { selected, .. }, Action::Up) => {
+                *selected = selected.saturating_sub(1);
+                Vec::new()
+            }
+            (Overlay::Picker { items, selected }, Action::Confirm) => {
+                let path = items.get(*selected).cloned();
+                self.overlay = Overlay::None;
+                path.map(Effect::LoadPreset).into_iter().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn answer(&mut self, q: Question, action: Action) -> Vec<Effect> {
+        let yes = action == Action::Confirm;
+        let no = action == Action::Deny;
+        match q {
+            Question::QuitDuringRun | Question::StopRun if yes || no => {
+                let save = yes;
+                if q == Question::QuitDuringRun {
+                    self.quitting = true;
+                }
+                self.run.phase = Phase::Stopping { save };
+                self.say(if save {
+                    "stopping after this step and saving a checkpoint…"
+                } else {
+                    "stopping after this step…"
+                });
+                vec![Effect::Engine(TrainCommand::Stop { save })]
+            }
+            Question::DiscardChanges if yes => vec![Effect::Quit],
+            _ => Vec::new(),
+        }
+    }
+
+    fn quit(&mut self) -> Vec<Effect> {
+        if self.quitting {
+            // Asked again while waiting for the engine: abandon the checkpoint.
+            self.complain("quitting without waiting for a checkpoint…");
+            return vec![Effect::Engine(TrainCommand::Stop { save: false })];
+        }
+        if self.run.phase.is_active() {
+            self.overlay = Overlay::Confirm(Question::QuitDuringRun);
+            Vec::new()
+        } else if self.form.is_dirty() {
+            self.overlay = Overlay::Confirm(Question::DiscardChanges);
+            Vec::new()
+        } else {
+            vec![Effect::Quit]
+        }
+    }
+
+    fn start(&mut self) -> Vec<Effect> {
+        if self.run.phase.is_active() {
+            self.say("a run is already in progress (p pauses, x stops)");
+            return Vec::new();
+        }
+        let Some(loaded) = self.form.loaded.clone() else {
+            let first = self.form.issues.first().cloned();
+            if let Some(issue) = first {
+                if !issue.key.is_empty() {
+                    self.focus_key(&issue.key);
+                }
+                let n = self.form.issues.len();
+                self.complain(format!(
+                    "cannot start: {}{}",
+                    issue.message,
+                    if n > 1 {
+                        format!(" (and {} more)", n - 1)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            return Vec::new();
+        };
+        self.run.start(PathBuf::from(&loaded.preset.output_dir));
+        self.tab = Tab::Run;
+        self.status = None;
+        vec![Effect::StartRun(Box::new(loaded))]
+    }
+
+    fn pause_resume(&mut self) -> Vec<Effect> {
+        match self.run.phase {
+            Phase::Running => {
+                self.say("pausing after this step…");
+                vec![Effect::Engine(TrainCommand::Pause)]
+            }
+            Phase::Paused => vec![Effect::Engine(TrainCommand::Resume)],
+            _ => {
+                self.say("no running run to pause");
+                Vec::new()
+            }
+        }
+    }
+
+    fn save_to(&mut self, path: PathBuf) -> Vec<Effect> {
+        match self.form.loaded.clone() {
+            Some(loaded) => vec![Effect::SavePreset {
+                loaded: Box::new(loaded),
+                path,
+            }],
+            None => {
+                let first = self
+                    .form
+                    .issues
+                    .first()
+                    .map(|i| i.message.clone())
+                    .unwrap_or_default();
+                self.complain(format!("not saved: fix the preset first: {first}"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn request_preview(&mut self, index: usize, stats: bool) -> Vec<Effect> {
+        if self.preview.loading {
+            return Vec::new();
+        }
+        let Some(loaded) = self.form.loaded.as_ref() else {
+            self.complain("the preview needs a preset without problems");
+            return Vec::new();
+        };
+        self.preview.index = index;
+        self.preview.loading = true;
+        if stats {
+            self.preview.stats = None;
+        }
+        vec![Effect::LoadPreview {
+            preset: Box::new(loaded.preset.clone()),
+            index,
+            stats,
+        }]
+    }
+
+    fn move_focus(&mut self, action: Action) {
+        if self.tab == Tab::Run {
+            match action {
+                Action::Up => self.run.log_scroll += 1,
+                Action::Down => self.run.log_scroll = self.run.log_scroll.saturating_sub(1),
+                _ => {}
+            }
+            return;
+        }
+        let n = self.keys().len();
+        let c = &mut self.cursors[self.tab.index()];
+        *c = match action {
+            Action::Up => c.saturating_sub(1),
+            Action::Down => (*c + 1).min(n.saturating_sub(1)),
+            Action::PageUp => c.saturating_sub(10),
+            Action::PageDown => (*c + 10).min(n.saturating_sub(1)),
+            _ => *c,
+        };
+        self.check_cursor = 0;
+    }
+
+    fn field_action(&mut self, action: Action) {
+        let Some(key) = self.focused_key() else {
+            return;
+        };
+        let value = self.form.value(key);
+        match (self.form.kind(key), action) {
+            (FieldKind::Text | FieldKind::Number | FieldKind::Datasets, Action::Edit) => {
+                self.start_edit(key, false, &value);
+            }
+            (FieldKind::Toggle, Action::Edit | Action::Toggle | Action::Left | Action::Right) => {
+                let next = if value == "true" { "false" } else { "true" };
+                self.form.set(key, next);
+            }
+            (FieldKind::Select(options), Action::Edit | Action::Toggle | Action::Right) => {
+                self.form.set(key, &form::cycle(options, &value, false));
+            }
+            (FieldKind::Select(options), Action::Left) => {
+                self.form.set(key, &form::cycle(options, &value, true));
+            }
+            (FieldKind::Checklist(_), Action::Left) => {
+                self.check_cursor = self.check_cursor.saturating_sub(1);
+            }
+            (FieldKind::Checklist(options), Action::Right) => {
+                self.check_cursor = (self.check_cursor + 1).min(options.len().saturating_sub(1));
+            }
+            (FieldKind::Checklist(options), Action::Edit | Action::Toggle) => {
+                if let Some(item) = options.get(self.check_cursor) {
+                    self.form.set(key, &form::toggle_item(&value, item));
+                }
+            }
+            (FieldKind::Datasets, Action::Left) => {
+                self.check_cursor = self.check_cursor.saturating_sub(1);
+            }
+            (FieldKind::Datasets, Action::Right) => {
+                let n = self.entries().len();
+                self.check_cursor = (self.check_cursor + 1).min(n.saturating_sub(1));
+            }
+            (FieldKind::Datasets, Action::Toggle) => {
+                if let Some(name) = self.entries().get(self.check_cursor).cloned() {
+                    self.form.set(key, &form::toggle_name(&value, &name));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The dataset registry's entry names (empty when not read or unreadable).
+    pub fn entries(&self) -> Vec<String> {
+        match &self.dataset_entries {
+            Some(Ok(v)) => v.clone(),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! What goes into [`super::App::update`] ([`Msg`]) and what comes out ([`Effect`]).
+
+use std::path::PathBuf;
+
+use crossterm::event::KeyEvent;
+
+use crate::config::{Loaded, Preset};
+use crate::data::stats::Preview;
+use crate::telemetry::TelemetrySample;
+use crate::trainer::protocol::{TrainCommand, TrainEvent};
+use crate::trainer::runlog::LogLine;
+
+/// An input to the app: a key, time, or a fact from a background thread or an effect.
+#[derive(Debug, Clone)]
+pub enum Msg {
+    Key(KeyEvent),
+    /// The terminal was resized (a redraw is due).
+    Resize,
+    /// A frame tick.
+    Tick,
+    /// The terminal is gone or SIGHUP/SIGTERM arrived: stop any run with a checkpoint and exit.
+    Terminate,
+    Engine(TrainEvent),
+    /// The engine thread ended (after its last event).
+    EngineExited,
+    Telemetry(TelemetrySample),
+    /// A preset file's text was read (after load or save).
+    PresetLoaded {
+        path: PathBuf,
+        text: String,
+    },
+    /// Loading or saving a preset failed.
+    PresetFailed(String),
+    /// The preset files the picker offers.
+    PresetList(Vec<PathBuf>),
+    /// A finished run's folder was read.
+    RunFolder(Result<(PathBuf, Vec<LogLine>), String>),
+    /// What `model_name_or_path` resolves to (the name probed, then a description or why not).
+    ModelInfo {
+        name: String,
+        info: Result<String, String>,
+    },
+    /// The entries of `dataset_dir/dataset_info.json`.
+    Datasets(Result<Vec<String>, String>),
+    /// Statistics of the whole dataset (rows, lengths, truncation, steps per epoch).
+    DatasetStats(Result<Box<crate::data::stats::DatasetStats>, String>),
+    /// A dataset example was prepared for the preview.
+    Preview(Result<Box<Preview>, String>),
+}
+
+/// A side effect for the terminal loop to perform (`update` never does I/O).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start the engine thread on this preset.
+    StartRun(Box<Loaded>),
+    /// Send a command to the running engine.
+    Engine(TrainCommand),
+    /// Write the preset (then read it back as [`Msg::PresetLoaded`]).
+    SavePreset { loaded: Box<Loaded>, path: PathBuf },
+    /// Read a preset file (answered by [`Msg::PresetLoaded`] or [`Msg::PresetFailed`]).
+    LoadPreset(PathBuf),
+    /// List the preset files (answered by [`Msg::PresetList`]).
+    ListPresets,
+    /// Read `trainer_log.jsonl` of a run folder (answered by [`Msg::RunFolder`]).
+    OpenRunFolder(PathBuf),
+    /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
+    /// With `stats`, also answered by [`Msg::DatasetStats`] for the whole dataset.
+    LoadPreview {
+        preset: Box<Preset>,
+        index: usize,
+        stats: bool,
+    },
+    /// Describe what this `model_name_or_path` resolves to, without loading weights (answered
+    /// by [`Msg::ModelInfo`]).
+    ProbeModel(String),
+    /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
+    ListDatasets(PathBuf),
+    /// Leave: restore the terminal and exit.
+    Quit,
+}

@@ -1,0 +1,393 @@
+//! The Run dashboard's state: the run's phase, its metric history (bounded), evaluation points,
+//! the event log and the telemetry history. Pure: fed by `TrainEvent`s and telemetry samples.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use crate::telemetry::{GpuReading, SystemSample, TelemetrySample};
+use crate::trainer::protocol::{StepMetrics, TrainEvent};
+use crate::trainer::runlog::{LogLine, format_duration};
+
+/// Points kept per series; older ones are dropped (a long run keeps its last 20 000 steps).
+pub const MAX_POINTS: usize = 20_000;
+/// Telemetry samples kept (at 1 Hz: two minutes).
+pub const MAX_SAMPLES: usize = 120;
+/// Event log lines kept.
+pub const MAX_LOG: usize = 500;
+/// Smoothing of the loss curve (TensorBoard's 0.9 would lag too much on 20-step runs).
+pub const EMA_SMOOTHING: f64 = 0.8;
+
+/// Where the run is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Nothing started (or a finished run's folder is shown).
+    Idle,
+    /// The engine is loading (model, data); the text says what.
+    Loading(String),
+    Running,
+    Paused,
+    /// Stop asked; waiting for the engine (saving a checkpoint when `save`).
+    Stopping {
+        save: bool,
+    },
+    Finished,
+    Stopped,
+    Failed(String),
+}
+
+impl Phase {
+    /// The engine thread is alive and owns a run.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            Phase::Loading(_) | Phase::Running | Phase::Paused | Phase::Stopping { .. }
+        )
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Phase::Idle => "idle".into(),
+            Phase::Loading(_) => "loading".into(),
+            Phase::Running => "running".into(),
+            Phase::Paused => "paused".into(),
+            Phase::Stopping { save: true } => "stopping (saving checkpoint)".into(),
+            Phase::Stopping { save: false } => "stopping".into(),
+            Phase::Finished => "finished".into(),
+            Phase::Stopped => "stopped".into(),
+            Phase::Failed(_) => "failed".into(),
+        }
+    }
+}
+
+/// One optimizer step as the charts use it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub step: u64,
+    pub loss: f64,
+    pub smoothed: f64,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
+}
+
+/// The dashboard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    pub phase: Phase,
+    pub total_steps: u64,
+    pub points: VecDeque<Point>,
+    pub evals: Vec<(u64, f64)>,
+    pub last: Option<StepMetrics>,
+    pub log: VecDeque<String>,
+    /// Lines scrolled up from the newest.
+    pub log_scroll: usize,
+    pub log_scale: bool,
+    pub output_dir: Option<PathBuf>,
+    /// A finished run's folder is shown instead of a live run.
+    pub from_folder: Option<PathBuf>,
+    pub last_checkpoint: Option<(u64, PathBuf)>,
+    pub gpu: Option<GpuReading>,
+    /// Per GPU: memory used (bytes) history.
+    pub gpu_memory_history: Vec<VecDeque<u64>>,
+    pub system: Option<SystemSample>,
+    pub cpu_history: VecDeque<u64>,
+    pub rss_history: VecDeque<u64>,
+    pub trainable: Option<(usize, usize)>,
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Idle,
+            total_steps: 0,
+            points: VecDeque::new(),
+            evals: Vec::new(),
+            last: None,
+            log: VecDeque::new(),
+            log_scroll: 0,
+            log_scale: false,
+            output_dir: None,
+            from_folder: None,
+            last_checkpoint: None,
+            gpu: None,
+            gpu_memory_history: Vec::new(),
+            system: None,
+            cpu_history: VecDeque::new(),
+            rss_history: VecDeque::new(),
+            trainable: None,
+        }
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
+    if q.len() == cap {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+impl RunState {
+    /// A fresh dashboard for a run writing to `output_dir`; keeps telemetry history.
+    pub fn start(&mut self, output_dir: PathBuf) {
+        let keep = std::mem::take(self);
+        *self = Self {
+            phase: Phase::Loading("starting the engine".into()),
+            output_dir: Some(output_dir),
+            log_scale: keep.log_scale,
+            gpu: keep.gpu,
+            gpu_memory_history: keep.gpu_memory_history,
+            system: keep.system,
+            cpu_history: keep.cpu_history,
+            rss_history: keep.rss_history,
+            ..Self::default()
+        };
+        self.note("starting: the engine loads the model and the dataset");
+    }
+
+    pub fn note(&mut self, line: impl Into<String>) {
+        push_bounded(&mut self.log, line.into(), MAX_LOG);
+    }
+
+    fn push_point(&mut self, step: u64, loss: f64, lr: f64, grad: Option<f64>, tps: Option<f64>) {
+        let smoothed = match self.points.back() {
+            Some(p) if loss.is_finite() => {
+                EMA_SMOOTHING * p.smoothed + (1.0 - EMA_SMOOTHING) * loss
+            }
+            _ => loss,
+        };
+        push_bounded(
+            &mut self.points,
+            Point {
+                step,
+                loss,
+                smoothed,
+                lr,
+                grad_norm: grad,
+                tokens_per_sec: tps,
+            },
+            MAX_POINTS,
+        );
+    }
+
+    /// Applies one engine event.
+    pub fn on_event(&mut self, ev: &TrainEvent) {
+        match ev {
+            TrainEvent::Loading { what } => {
+                if !matches!(self.phase, Phase::Stopping { .. }) {
+                    self.phase = Phase::Loading(what.clone());
+                }
+                self.note(what.clone());
+            }
+            TrainEvent::Warning(w) => self.note(format!("warning: {w}")),
+            TrainEvent::Resuming {
+                checkpoint, step, ..
+            } => self.note(format!(
+                "resuming from {} (step {step})",
+                checkpoint.display()
+            )),
+            TrainEvent::Started {
+                total_steps,
+                examples,
+                trainable_params,
+                total_params,
+                ..
+            } => {
+                self.total_steps = *total_steps;
+                self.trainable = Some((*trainable_params, *total_params));
+                if !matches!(self.phase, Phase::Stopping { .. }) {
+                    self.phase = Phase::Running;
+                }
+                self.note(format!(
+                    "training {total_steps} steps on {examples} examples; {trainable_params} trainable parameters"
+                ));
+            }
+            TrainEvent::StepFinished(m) => {
+                self.total_steps = m.total_steps;
+                self.push_point(
+                    m.step,
+                    m.loss,
+                    m.lr,
+                    Some(m.grad_norm),
+                    Some(m.tokens_per_sec),
+                );
+                self.last = Some(m.clone());
+            }
+            TrainEvent::EvalFinished { step, eval_loss } => {
+                self.evals.push((*step, *eval_loss));
+                self.note(format!("eval at step {step}: eval_loss {eval_loss:.4}"));
+            }
+            TrainEvent::CheckpointSaved { step, dir } => {
+                self.last_checkpoint = Some((*step, dir.clone()));
+                self.note(format!("checkpoint saved: {}", dir.display()));
+            }
+            TrainEvent::Paused => {
+                self.phase = Phase::Paused;
+                self.note("paused");
+            }
+            TrainEvent::Resumed => {
+                self.phase = Phase::Running;
+                self.note("resumed");
+            }
+            TrainEvent::Finished(s) => {
+                self.phase = if s.stopped_early {
+                    Phase::Stopped
+                } else {
+                    Phase::Finished
+                };
+                self.note(format!(
+                    "{}: {} steps in {}, {:.1} tokens/s; output in {}",
+                    if s.stopped_early { "stopped" } else { "done" },
+                    s.steps,
+                    format_duration(s.elapsed.as_secs_f64()),
+                    s.tokens_per_sec,
+                    s.output_dir.display()
+                ));
+            }
+            TrainEvent::Failed(msg) => {
+                self.phase = Phase::Failed(msg.clone());
+                self.note(format!("failed: {msg}"));
+            }
+        }
+    }
+
+    /// The engine thread ended. Without a final event first, that is a failure.
+    pub fn on_engine_exit(&mut self) {
+        // A stop on request ends without a `Finished` event.
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            self.phase = Phase::Stopped;
+            self.note("stopped");
+        } else if self.phase.is_active() {
+            let msg = "the engine stopped unexpectedly; see the log file".to_string();
+            self.note(msg.clone());
+            self.phase = Phase::Failed(msg);
+        }
+    }
+
+    pub fn on_telemetry(&mut self, s: &TelemetrySample) {
+        if let GpuReading::Gpus(gpus) = &s.gpu {
+            self.gpu_memory_history
+                .resize_with(gpus.len(), VecDeque::new);
+            for (h, g) in self.gpu_memory_history.iter_mut().zip(gpus) {
+                push_bounded(h, g.memory_used_bytes, MAX_SAMPLES);
+            }
+        }
+        self.gpu = Some(s.gpu.clone());
+        if let Some(sys) = &s.system {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            push_bounded(
+                &mut self.cpu_history,
+                sys.system_cpu_percent.max(0.0).round() as u64,
+                MAX_SAMPLES,
+            );
+            push_bounded(&mut self.rss_history, sys.process_rss_bytes, MAX_SAMPLES);
+            self.system = Some(sys.clone());
+        }
+    }
+
+    /// Shows a finished run from its `trainer_log.jsonl`.
+    pub fn load_folder(&mut self, dir: PathBuf, lines: &[LogLine]) {
+        let keep_log_scale = self.log_scale;
+        let gpu = self.gpu.take();
+        let system = self.system.take();
+        *self = Self {
+            log_scale: keep_log_scale,
+            gpu,
+            system,
+            ..Self::default()
+        };
+        for l in lines {
+            self.total_steps = self.total_steps.max(l.total_steps);
+            if let Some(loss) = l.loss {
+                self.push_point(
+                    l.current_steps,
+                    loss,
+                    l.lr.unwrap_or(0.0),
+                    l.grad_norm,
+                    l.throughput,
+                );
+            }
+            if let Some(e) = l.eval_loss {
+                self.evals.push((l.current_steps, e));
+            }
+        }
+        let last_step = lines.last().map_or(0, |l| l.current_steps);
+        self.note(format!(
+            "opened {}: {} log lines, last step {last_step} of {}",
+            dir.display(),
+            lines.len(),
+            self.total_steps
+        ));
+        self.output_dir = Some(dir.clone());
+        self.from_folder = Some(dir);
+    }
+
+    /// The step shown as progress.
+    pub fn step(&self) -> u64 {
+        self.last
+            .as_ref()
+            .map(|m| m.step)
+            .or_else(|| self.points.back().map(|p| p.step))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn step(i: u64, loss: f64) -> TrainEvent {
+        TrainEvent::StepFinished(StepMetrics {
+            step: i,
+            total_steps: 10,
+            epoch: 0.1,
+            loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens: 100,
+            label_tokens: 50,
+            tokens_seen: 100 * i,
+            step_time: Duration::from_millis(100),
+            elapsed: Duration::from_secs(i),
+            eta: Duration::from_secs(10u64.saturating_sub(i)),
+            tokens_per_sec: 1000.0,
+            samples_per_sec: 10.0,
+        })
+    }
+
+    #[test]
+    fn ema_follows_the_loss() {
+        let mut r = RunState::default();
+        r.on_event(&step(1, 2.0));
+        r.on_event(&step(2, 1.0));
+        // 0.8 * 2.0 + 0.2 * 1.0
+        assert!((r.points[1].smoothed - 1.8).abs() < 1e-12);
+    }
+
+    #[test]
+    fn series_are_bounded() {
+        let mut r = RunState::default();
+        for i in 0..(MAX_POINTS as u64 + 5) {
+            r.on_event(&step(i, 1.0));
+        }
+        assert_eq!(r.points.len(), MAX_POINTS);
+        assert_eq!(r.points[0].step, 5);
+    }
+
+    #[test]
+    fn a_requested_stop_ends_as_stopped() {
+        let mut r = RunState::default();
+        r.start(PathBuf::from("out"));
+        r.phase = Phase::Stopping { save: true };
+        r.on_engine_exit();
+        assert_eq!(r.phase, Phase::Stopped);
+    }
+
+    #[test]
+    fn engine_exit_without_final_event_is_a_failure() {
+        let mut r = RunState::default();
+        r.start(PathBuf::from("out"));
+        r.on_engine_exit();
+        assert!(matches!(r.phase, Phase::Failed(_)));
+    }
+}

@@ -1,0 +1,494 @@
+//! The Run dashboard: progress, loss chart, lr / grad-norm sparklines, throughput, GPU and
+//! CPU/RAM panels, and the event log.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::symbols::Marker;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{
+    Axis, Block, Borders, Chart, Dataset, Gauge, GraphType, Paragraph, Sparkline, Wrap,
+};
+
+use super::{Theme, clip, gib};
+use crate::app::{App, Phase};
+use crate::telemetry::GpuReading;
+use crate::trainer::runlog::format_duration;
+
+pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let run = &app.run;
+    let [top, middle, bottom] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Min(8),
+        Constraint::Length(if area.height >= 30 { 10 } else { 7 }),
+    ])
+    .areas(area);
+    render_progress(frame, top, app, theme);
+    if let Phase::Failed(msg) = &run.phase {
+        let [chart, err] =
+            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
+                .areas(middle);
+        render_chart(frame, chart, app, theme);
+        let mut lines = vec![
+            Line::styled("the run failed", theme.danger),
+            Line::styled(msg.clone(), theme.base),
+        ];
+        if let Some(log) = &app.log_path {
+            lines.push(Line::styled(format!("log: {log}"), theme.muted));
+        }
+        frame.render_widget(
+            Paragraph::new(lines).wrap(Wrap { trim: true }).block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .border_style(theme.danger)
+                    .title(Span::styled(" error ", theme.danger)),
+            ),
+            err,
+        );
+    } else {
+        let [chart, side] =
+            Layout::horizontal([Constraint::Min(40), Constraint::Length(30)]).areas(middle);
+        render_chart(frame, chart, app, theme);
+        render_side(frame, side, app, theme);
+    }
+    let [gpu, cpu, log] = Layout::horizontal([
+        Constraint::Percentage(30),
+        Constraint::Percentage(28),
+        Constraint::Percentage(42),
+    ])
+    .areas(bottom);
+    render_gpu(frame, gpu, app, theme);
+    render_cpu(frame, cpu, app, theme);
+    render_log(frame, log, app, theme);
+}
+
+fn panel<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme.border);
+    if title.is_empty() {
+        block
+    } else {
+        block.title(Span::styled(format!(" {title} "), theme.title))
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn render_progress(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let run = &app.run;
+    let step = run.step();
+    let total = run.total_steps;
+    let ratio = if total == 0 {
+        0.0
+    } else {
+        (step as f64 / total as f64).clamp(0.0, 1.0)
+    };
+    let mut label = format!("step {step}/{total}");
+    if let Some(m) = &run.last {
+        label.push_str(&format!(
+            " · epoch {:.2} · {} < {}",
+            m.epoch,
+            format_duration(m.elapsed.as_secs_f64()),
+            format_duration(m.eta.as_secs_f64())
+        ));
+    }
+    let title = match (&run.phase, &run.from_folder) {
+        (Phase::Idle, Some(dir)) => format!("run folder {}", dir.display()),
+        (Phase::Idle, None) => "no run yet: s starts, o opens output_dir".to_string(),
+        (Phase::Loading(what), _) => format!("loading: {what}"),
+        (p, _) => p.label(),
+    };
+    let width = usize::from(area.width.saturating_sub(4));
+    let gauge = Gauge::default()
+        .block(panel("", theme).title(Span::styled(
+            format!(" {} ", clip(&title, width)),
+            match run.phase {
+                Phase::Failed(_) => theme.danger,
+                Phase::Finished => theme.ok,
+                _ => theme.title,
+            },
+        )))
+        .gauge_style(theme.gauge)
+        .ratio(ratio)
+        .label(label);
+    frame.render_widget(gauge, area);
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let run = &app.run;
+    let y_of = |v: f64| {
+        if run.log_scale {
+            v.max(1e-8).log10()
+        } else {
+            v
+        }
+    };
+    let raw: Vec<(f64, f64)> = run
+        .points
+        .iter()
+        .filter(|p| p.loss.is_finite())
+        .map(|p| (p.step as f64, y_of(p.loss)))
+        .collect();
+    let smooth: Vec<(f64, f64)> = run
+        .points
+        .iter()
+        .filter(|p| p.smoothed.is_finite())
+        .map(|p| (p.step as f64, y_of(p.smoothed)))
+        .collect();
+    let evals: Vec<(f64, f64)> = run
+        .evals
+        .iter()
+        .map(|(s, l)| (*s as f64, y_of(*l)))
+        .collect();
+    let title = if run.log_scale {
+        "loss (log scale; g: linear)"
+    } else {
+        "loss (g: log scale)"
+    };
+    let block = panel(title, theme);
+    if raw.is_empty() {
+        frame.render_widget(
+            Paragraph::new(Line::styled(
+                "the loss curve appears after the first step",
+                theme.muted,
+            ))
+            .block(block),
+            area,
+        );
+        return;
+    }
+    let ys = raw.iter().chain(&evals).map(|p| p.1);
+    let (mut lo, mut hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+        (a.min(y), b.max(y))
+    });
+    if (hi - lo).abs() < 1e-9 {
+        lo -= 0.5;
+        hi += 0.5;
+    }
+    let pad = (hi - lo) * 0.05;
+    let floor = if lo >= 0.0 && !run.log_scale {
+        0.0
+    } else {
+        f64::NEG_INFINITY
+    };
+    lo = (lo - pad).max(floor);
+    hi += pad;
+    // x runs to the last step seen (the gauge shows the total), so a long run stays readable.
+    let x0 = raw.first().map_or(0.0, |p| p.0);
+    let x1 = raw.last().map_or(1.0, |p| p.0).max(x0 + 1.0);
+    let fmt_y = |y: f64| {
+        if run.log_scale {
+            format!("{:.3}", 10f64.powf(y))
+        } else {
+            format!("{y:.3}")
+        }
+    };
+    let mut datasets = vec![
+        Dataset::default()
+            .name("raw")
+            .marker(Marker::Braille)
+            .graph_type(GraphType::Line)
+            .style(theme.loss_train)
+            .data(&raw),
+        Dataset::default()
+            .name("smoothed")
+            .marker(Marker::Braille)
+            .graph_type(GraphType::Line)
+            .style(theme.loss_smooth)
+            .data(&smooth),
+    ];
+    if !evals.is_empty() {
+        datasets.push(
+            Dataset::default()
+                .name("eval")
+                .marker(Marker::Dot)
+                .graph_type(GraphType::Scatter)
+                .style(theme.loss_eval)
+                .data(&evals),
+        );
+    }
+    let chart = Chart::new(datasets)
+        .block(block)
+        .x_axis(
+            Axis::default()
+                .style(theme.muted)
+                .bounds([x0, x1])
+                .labels([format!("{x0:.0}"), format!("step {x1:.0}")]),
+        )
+        .y_axis(
+            Axis::default()
+                .style(theme.muted)
+                .bounds([lo, hi])
+                .labels([fmt_y(lo), fmt_y(hi)]),
+        );
+    frame.render_widget(chart, area);
+}
+
+/// Scales a series into u64 bars for a sparkline (last `width` points).
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+fn bars(values: &[f64], width: usize) -> Vec<u64> {
+    let tail = &values[values.len().saturating_sub(width)..];
+    let max = tail.iter().copied().fold(0.0f64, f64::max);
+    if max <= 0.0 {
+        return vec![0; tail.len()];
+    }
+    tail.iter()
+        .map(|v| ((v / max) * 1000.0).max(0.0) as u64)
+        .collect()
+}
+
+fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let run = &app.run;
+    let [lr, grad, speed] = Layout::vertical([
+        Constraint::Length(4),
+        Constraint::Length(4),
+        Constraint::Min(3),
+    ])
+    .areas(area);
+    let width = usize::from(area.width.saturating_sub(2));
+    let lrs: Vec<f64> = run.points.iter().map(|p| p.lr).collect();
+    let grads: Vec<f64> = run.points.iter().filter_map(|p| p.grad_norm).collect();
+    let last_lr = lrs
+        .last()
+        .map_or_else(|| "–".into(), |v| format!("{v:.2e}"));
+    let last_grad = grads
+        .last()
+        .map_or_else(|| "–".into(), |v| format!("{v:.3}"));
+    frame.render_widget(
+        Sparkline::default()
+            .block(panel(&format!("lr {last_lr}"), theme))
+            .style(theme.lr)
+            .data(bars(&lrs, width)),
+        lr,
+    );
+    frame.render_widget(
+        Sparkline::default()
+            .block(panel(&format!("grad norm {last_grad}"), theme))
+            .style(theme.grad_norm)
+            .data(bars(&grads, width)),
+        grad,
+    );
+    let mut lines = Vec::new();
+    if let Some(m) = &run.last {
+        lines.push(Line::from(vec![
+            Span::styled("loss ", theme.muted),
+            Span::styled(format!("{:.4}", m.loss), theme.loss_smooth),
+        ]));
+        lines.push(Line::styled(
+            format!(
+                "{:.0} tok/s · {:.2} samples/s",
+                m.tokens_per_sec, m.samples_per_sec
+            ),
+            theme.base,
+        ));
+        lines.push(Line::styled(
+            format!("{} tokens seen", m.tokens_seen),
+            theme.muted,
+        ));
+    } else if let Some(p) = run.points.back() {
+        lines.push(Line::styled(format!("loss {:.4}", p.loss), theme.base));
+        if let Some(t) = p.tokens_per_sec {
+            lines.push(Line::styled(format!("{t:.0} tok/s"), theme.base));
+        }
+    } else {
+        lines.push(Line::styled("no steps yet", theme.muted));
+    }
+    if let Some((step, _)) = &run.last_checkpoint {
+        lines.push(Line::styled(format!("checkpoint @ step {step}"), theme.ok));
+    }
+    if let Some((_, eval)) = run.evals.last() {
+        lines.push(Line::styled(
+            format!("eval loss {eval:.4}"),
+            theme.loss_eval,
+        ));
+    }
+    frame.render_widget(
+        Paragraph::new(lines).block(panel("throughput", theme)),
+        speed,
+    );
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let block = panel("GPU", theme);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let width = usize::from(inner.width);
+    match &app.run.gpu {
+        None => frame.render_widget(
+            Paragraph::new(Line::styled("waiting for the first reading", theme.muted)),
+            inner,
+        ),
+        Some(GpuReading::Unavailable(reason)) => frame.render_widget(
+            Paragraph::new(vec![
+                Line::styled("GPU: n/a", theme.warning),
+                Line::styled(reason.clone(), theme.muted),
+            ])
+            .wrap(Wrap { trim: true }),
+            inner,
+        ),
+        Some(GpuReading::Gpus(gpus)) => {
+            let per = if gpus.len() <= 1 { inner.height } else { 3 };
+            for (i, g) in gpus.iter().enumerate() {
+                let y = inner.y + u16::try_from(i).unwrap_or(u16::MAX).saturating_mul(per);
+                if y >= inner.bottom() {
+                    break;
+                }
+                let h = per.min(inner.bottom() - y);
+                let r = Rect::new(inner.x, y, inner.width, h);
+                let ratio = if g.memory_total_bytes == 0 {
+                    0.0
+                } else {
+                    (g.memory_used_bytes as f64 / g.memory_total_bytes as f64).clamp(0.0, 1.0)
+                };
+                let mut facts = Vec::new();
+                if let Some(u) = g.utilization_percent {
+                    facts.push(format!("{u}%"));
+                }
+                if let Some(t) = g.temperature_c {
+                    facts.push(format!("{t}°C"));
+                }
+                if let Some(w) = g.power_watts {
+                    match g.power_limit_watts {
+                        Some(l) => facts.push(format!("{w:.0}/{l:.0} W")),
+                        None => facts.push(format!("{w:.0} W")),
+                    }
+                }
+                let rows = Layout::vertical([
+                    Constraint::Length(1),
+                    Constraint::Length(1),
+                    Constraint::Length(1),
+                    Constraint::Min(0),
+                ])
+                .split(r);
+                frame.render_widget(
+                    Line::styled(clip(&format!("{} {}", g.index, g.name), width), theme.base),
+                    rows[0],
+                );
+                frame.render_widget(
+                    Gauge::default()
+                        .gauge_style(theme.gauge)
+                        .ratio(ratio)
+                        .label(format!(
+                            "{} / {}",
+                            gib(g.memory_used_bytes),
+                            gib(g.memory_total_bytes)
+                        )),
+                    rows[1],
+                );
+                frame.render_widget(
+                    Line::styled(clip(&facts.join(" · "), width), theme.muted),
+                    rows[2],
+                );
+                if let Some(hist) = app.run.gpu_memory_history.get(i) {
+                    let data: Vec<u64> = hist.iter().copied().collect();
+                    let tail = &data[data.len().saturating_sub(width)..];
+                    frame.render_widget(
+                        Sparkline::default()
+                            .style(theme.lr)
+                            .max(g.memory_total_bytes.max(1))
+                            .data(tail),
+                        rows[3],
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn render_cpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let block = panel("CPU / RAM", theme);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let Some(s) = &app.run.system else {
+        frame.render_widget(
+            Paragraph::new(Line::styled("waiting for the first reading", theme.muted)),
+            inner,
+        );
+        return;
+    };
+    let rows = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ])
+    .split(inner);
+    let width = usize::from(inner.width);
+    frame.render_widget(
+        Line::styled(
+            clip(
+                &format!(
+                    "CPU {:.0}% ({} cores) · us {:.0}%",
+                    s.system_cpu_percent, s.cpu_count, s.process_cpu_percent
+                ),
+                width,
+            ),
+            theme.base,
+        ),
+        rows[0],
+    );
+    frame.render_widget(
+        Line::styled(
+            clip(&format!("RSS {}", gib(s.process_rss_bytes)), width),
+            theme.base,
+        ),
+        rows[1],
+    );
+    let ratio = if s.memory_total_bytes == 0 {
+        0.0
+    } else {
+        (s.memory_used_bytes as f64 / s.memory_total_bytes as f64).clamp(0.0, 1.0)
+    };
+    frame.render_widget(
+        Gauge::default()
+            .gauge_style(theme.gauge)
+            .ratio(ratio)
+            .label(format!(
+                "{} / {}",
+                gib(s.memory_used_bytes),
+                gib(s.memory_total_bytes)
+            )),
+        rows[2],
+    );
+    let data: Vec<u64> = app.run.cpu_history.iter().copied().collect();
+    let tail = &data[data.len().saturating_sub(width)..];
+    frame.render_widget(
+        Sparkline::default().style(theme.lr).max(100).data(tail),
+        rows[3],
+    );
+}
+
+fn render_log(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let block = panel("events", theme);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let h = usize::from(inner.height);
+    let log = &app.run.log;
+    let end = log.len().saturating_sub(app.run.log_scroll.min(log.len()));
+    let start = end.saturating_sub(h);
+    let width = usize::from(inner.width);
+    let lines: Vec<Line> = log
+        .iter()
+        .skip(start)
+        .take(end - start)
+        .map(|l| {
+            let style = if l.starts_with("failed") {
+                theme.danger
+            } else if l.starts_with("warning") {
+                theme.warning
+            } else if l.starts_with("checkpoint") {
+                theme.ok
+            } else {
+                theme.base
+            };
+            Line::styled(clip(l, width), style)
+        })
+        .collect();
+    frame.render_widget(Paragraph::new(lines), inner);
+}

@@ -1,0 +1,217 @@
+//! A form pane: one line per field (label, value, marker), its problem on the line below, and the
+//! focused field's help in a footer.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+
+use super::{Theme, clip};
+use crate::app::{App, FieldKind};
+
+const LABEL_WIDTH: usize = 30;
+
+/// Renders the current tab's form in `area` with `title`.
+pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, title: &str) {
+    let [list, footer] = Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
+    let list = if app.tab == crate::app::Tab::Model {
+        let [info, rest] =
+            Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(list);
+        render_model_info(frame, info, app, theme);
+        rest
+    } else {
+        list
+    };
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme.border_focused)
+        .title(Span::styled(format!(" {title} "), theme.title));
+    let inner = block.inner(list);
+    frame.render_widget(block, list);
+    render_fields(frame, inner, app, theme);
+    render_footer(frame, footer, app, theme);
+}
+
+/// The field lines of the current tab, scrolled so the focused field shows.
+pub(super) fn render_fields(frame: &mut Frame, inner: Rect, app: &App, theme: &Theme) {
+    let keys = app.keys();
+    if keys.is_empty() || inner.height == 0 {
+        return;
+    }
+    let focused = app.cursors[app.tab.index()].min(keys.len() - 1);
+    let width = usize::from(inner.width);
+    // Build (field index, line) pairs: each field one line, plus one for its problem.
+    let mut lines: Vec<(usize, Line)> = Vec::new();
+    let mut focus_row = 0;
+    for (i, key) in keys.iter().enumerate() {
+        let f = app.form.field(key);
+        if i == focused {
+            focus_row = lines.len();
+        }
+        let value_width = width.saturating_sub(LABEL_WIDTH + 3);
+        let value = display_value(&f.kind, &f.value, i == focused, app.check_cursor);
+        let value_style = if f.issue.is_some() {
+            theme.danger
+        } else if f.edited {
+            theme.field_edited
+        } else if f.is_default {
+            theme.field_default
+        } else {
+            theme.field_value
+        };
+        let label_style = if i == focused {
+            theme.field_focused
+        } else {
+            theme.field_label
+        };
+        let marker = if f.issue.is_some() {
+            "✗"
+        } else if f.edited {
+            "•"
+        } else {
+            " "
+        };
+        lines.push((
+            i,
+            Line::from(vec![
+                Span::styled(
+                    format!("{:<LABEL_WIDTH$}", clip(f.key, LABEL_WIDTH)),
+                    label_style,
+                ),
+                Span::styled(format!(" {marker} "), value_style),
+                Span::styled(clip(&value, value_width), value_style),
+            ]),
+        ));
+        if let Some(issue) = &f.issue {
+            lines.push((
+                i,
+                Line::styled(clip(&format!("    ✗ {issue}"), width), theme.danger),
+            ));
+        }
+    }
+    let height = usize::from(inner.height);
+    let skip = (focus_row + 2).saturating_sub(height);
+    let shown: Vec<Line> = lines
+        .iter()
+        .skip(skip)
+        .take(height)
+        .map(|(_, l)| l.clone())
+        .collect();
+    frame.render_widget(Paragraph::new(shown), inner);
+    // The text field being edited sits over the value cell.
+    if let Some(ed) = &app.editing
+        && !ed.save_as
+        && focus_row >= skip
+        && focus_row - skip < height
+    {
+        let x = inner.x + u16::try_from(LABEL_WIDTH + 3).unwrap_or(0);
+        let y = inner.y + u16::try_from(focus_row - skip).unwrap_or(0);
+        if x < inner.right() {
+            let r = Rect::new(x, y, inner.right() - x, 1);
+            frame.render_widget(&ed.area, r);
+        }
+    }
+}
+
+/// How a value shows: toggles as [x]/[ ], selects with arrows, checklists with every option.
+fn display_value(kind: &FieldKind, value: &str, focused: bool, check_cursor: usize) -> String {
+    match kind {
+        FieldKind::Toggle => {
+            if value == "true" {
+                "[x]".into()
+            } else {
+                "[ ]".into()
+            }
+        }
+        FieldKind::Select(_) => {
+            let v = if value.is_empty() { "(auto)" } else { value };
+            if focused {
+                format!("◀ {v} ▶")
+            } else {
+                v.to_string()
+            }
+        }
+        FieldKind::Checklist(options) => {
+            let chosen = crate::config::comma_list(value);
+            options
+                .iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let mark = if chosen.iter().any(|c| c == o) {
+                        "x"
+                    } else {
+                        " "
+                    };
+                    if focused && i == check_cursor {
+                        format!(">[{mark}]{o}")
+                    } else {
+                        format!("[{mark}]{o}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        FieldKind::Text | FieldKind::Number | FieldKind::Datasets => {
+            if value.is_empty() {
+                "(unset)".into()
+            } else {
+                value.to_string()
+            }
+        }
+    }
+}
+
+/// The focused field's help, default and problem.
+pub(super) fn render_footer(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let Some(key) = app.focused_key() else {
+        return;
+    };
+    let f = app.form.field(key);
+    let how = match f.kind {
+        FieldKind::Text | FieldKind::Number => "Enter edits",
+        FieldKind::Toggle => "Space toggles",
+        FieldKind::Select(_) => "←/→ choose",
+        FieldKind::Checklist(_) => "←/→ move, Space ticks",
+        FieldKind::Datasets => "←/→ move, Space ticks an entry, Enter types names",
+    };
+    let saved = app.form.saved_value(key);
+    let mut lines = vec![Line::from(vec![
+        Span::styled(format!("{key}: "), theme.title),
+        Span::styled(f.help, theme.base),
+    ])];
+    match &f.issue {
+        Some(issue) => lines.push(Line::styled(format!("✗ {issue}"), theme.danger)),
+        None => lines.push(Line::from(vec![
+            Span::styled(
+                format!(
+                    "{}: {} · ",
+                    if f.is_default { "default" } else { "saved" },
+                    if saved.is_empty() { "(unset)" } else { &saved }
+                ),
+                theme.muted,
+            ),
+            Span::styled(how, theme.muted),
+        ])),
+    }
+    let block = Block::default()
+        .borders(Borders::TOP)
+        .border_style(theme.border);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: true }).block(block),
+        area,
+    );
+}
+
+/// What `model_name_or_path` resolved to (architecture, size, context, chat template).
+fn render_model_info(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let current = app.form.value("model_name_or_path");
+    let (text, style) = match &app.model_info {
+        Some((name, Ok(info))) if *name == current => (format!("→ {info}"), theme.ok),
+        Some((name, Err(e))) if *name == current => (format!("✗ {e}"), theme.danger),
+        _ => ("→ resolving the model…".to_string(), theme.muted),
+    };
+    frame.render_widget(
+        Line::styled(clip(&text, usize::from(area.width)), style),
+        area,
+    );
+}

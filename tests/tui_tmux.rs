@@ -1,0 +1,273 @@
+//! End to end: the real `termtune` binary in a detached tmux session at 80×24, driven with
+//! `send-keys` and read with `capture-pane`, on a tiny random llama (CPU, seconds): open a preset,
+//! start training, watch the step counter and the loss move, stop with a checkpoint, quit, and
+//! check that the terminal is restored and the checkpoint is on disk.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+
+struct Tmux {
+    socket: String,
+    session: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux is needed by this test: apt-get install -y tmux")
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.session];
+        args.extend_from_slice(keys);
+        assert!(self.cmd(&args).status.success());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+
+    fn screen(&self) -> String {
+        let out = self.cmd(&["capture-pane", "-p", "-t", &self.session]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until `pred` holds for the screen; panics with the screen after `secs`.
+    fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+/// "step N/" on the status bar → N.
+fn step_on_screen(screen: &str) -> Option<u64> {
+    let i = screen.find("step ")?;
+    let rest = &screen[i + 5..];
+    let end = rest.find('/')?;
+    rest[..end].trim().parse().ok()
+}
+
+/// The loss value shown in the throughput panel.
+fn loss_on_screen(screen: &str) -> Option<String> {
+    let i = screen
+        .find("loss 0")
+        .or_else(|| screen.find("loss 1"))
+        .or_else(|| screen.find("loss 2"))
+        .or_else(|| screen.find("loss 3"))
+        .or_else(|| screen.find("loss 4"))
+        .or_else(|| screen.find("loss 5"))
+        .or_else(|| screen.find("loss 6"))?;
+    Some(screen[i + 5..].chars().take(6).collect())
+}
+
+fn fixture(root: &Path) -> PathBuf {
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let examples: Vec<serde_json::Value> = (0..64)
+        .map(|i| {
+            serde_json::json!({
+                "instruction": format!("say {i} {}", "abc".repeat(i % 3 + 1)),
+                "input": "",
+                "output": format!("ok {} {}", i * 7, "xyz".repeat(i % 4 + 1)),
+            })
+        })
+        .collect();
+    std::fs::write(
+        data.join("toy.json"),
+        serde_json::to_string(&examples).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    // Enough steps that the run is still going when the test stops it (a step takes milliseconds).
+    let preset = format!(
+        "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 100000\nper_device_train_batch_size: 2\n\
+         gradient_accumulation_steps: 1\nlearning_rate: 1.0e-2\nlora_rank: 4\n\
+         lr_scheduler_type: constant\nmax_steps: 100000\ntokenized_path: {}\nseed: 3\n",
+        root.join("model").display(),
+        data.display(),
+        root.join("out").display(),
+        root.join("tokcache").display(),
+    );
+    let path = root.join("tiny.yaml");
+    std::fs::write(&path, preset).unwrap();
+    path
+}
+
+#[test]
+fn train_stop_with_checkpoint_and_quit_in_tmux() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let preset = fixture(root);
+    let tmux = Tmux {
+        socket: format!("termtune-test-{}", std::process::id()),
+        session: "tt".into(),
+    };
+    let bin = env!("CARGO_BIN_EXE_termtune");
+    let shell_cmd = format!(
+        "TERM=xterm-256color {bin} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+        root.join("app.log").display(),
+        preset.display()
+    );
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "tt",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &shell_cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let s = tmux.wait_for("the Model tab with the model resolved", 30, |s| {
+        s.contains("model_name_or_path") && s.contains("folder: llama")
+    });
+    assert!(s.contains("tiny.yaml"), "{s}");
+    assert_eq!(
+        tmux.cmd(&["display", "-p", "-t", "tt", "#{alternate_on}"])
+            .stdout,
+        b"1\n",
+        "the TUI runs on the alternate screen"
+    );
+
+    tmux.keys(&["s"]);
+    let s = tmux.wait_for("a few steps", 120, |s| {
+        step_on_screen(s).is_some_and(|n| n >= 3)
+    });
+    let first_step = step_on_screen(&s).unwrap();
+    let first_loss = loss_on_screen(&s);
+    let s = tmux.wait_for("the step counter to move", 60, |s| {
+        step_on_screen(s).is_some_and(|n| n >= first_step + 5)
+    });
+    let later_loss = loss_on_screen(&s);
+    assert!(later_loss.is_some(), "no loss shown:\n{s}");
+    assert_ne!(first_loss, later_loss, "the loss did not change:\n{s}");
+
+    tmux.keys(&["x"]);
+    tmux.wait_for("the stop question", 10, |s| {
+        s.contains("Save a checkpoint?")
+    });
+    tmux.keys(&["y"]);
+    let s = tmux.wait_for("the run to stop", 60, |s| {
+        s.contains("│ stopped") && s.contains("checkpoint saved")
+    });
+    let stopped_at = step_on_screen(&s).unwrap();
+
+    tmux.keys(&["q"]);
+    let s = tmux.wait_for("termtune to exit", 30, |s| s.contains("TERMTUNE_EXIT="));
+    assert!(s.contains("TERMTUNE_EXIT=0"), "{s}");
+    // Restored: back on the normal screen, no TUI left on it.
+    assert_eq!(
+        tmux.cmd(&["display", "-p", "-t", "tt", "#{alternate_on}"])
+            .stdout,
+        b"0\n"
+    );
+    assert!(!s.contains("model_name_or_path"), "{s}");
+    let out = tmux.cmd(&["display", "-p", "-t", "tt", "#{cursor_flag}"]);
+    assert_eq!(out.stdout, b"1\n", "the cursor is shown again");
+
+    let ckpt = root.join("out").join(format!("checkpoint-{stopped_at}"));
+    assert!(
+        ckpt.join("adapter_model.safetensors").is_file(),
+        "no checkpoint at {}; out/ has {:?}",
+        ckpt.display(),
+        std::fs::read_dir(root.join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let preset = fixture(root);
+    let tmux = Tmux {
+        socket: format!("termtune-hup-{}", std::process::id()),
+        session: "tt".into(),
+    };
+    let bin = env!("CARGO_BIN_EXE_termtune");
+    let shell_cmd = format!(
+        "TERM=xterm-256color exec {bin} --log-file {} {}",
+        root.join("app.log").display(),
+        preset.display()
+    );
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "tt",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &shell_cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    tmux.keys(&["s"]);
+    tmux.wait_for("a few steps", 120, |s| {
+        step_on_screen(s).is_some_and(|n| n >= 3)
+    });
+    // Closing the session hangs up the terminal (SIGHUP), as a dropped SSH connection does.
+    assert!(tmux.cmd(&["kill-session", "-t", "tt"]).status.success());
+    let out_dir = root.join("out");
+    let start = Instant::now();
+    let checkpoint = loop {
+        let found = std::fs::read_dir(&out_dir).ok().and_then(|entries| {
+            entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+                    && p.join("adapter_model.safetensors").is_file()
+            })
+        });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint after the hang-up; log:\n{}",
+            std::fs::read_to_string(root.join("app.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(checkpoint.join("trainer_state.json").is_file());
+}

