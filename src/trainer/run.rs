@@ -108,6 +108,11 @@ pub fn run_training(
         (None, true) => None,
     };
 
+    // The dataset names are checked before the (slow) model load, so a typo fails in a second.
+    let opts = resolve::data_options(p);
+    data::registry::resolve_all(&opts.dataset_dir, &opts.dataset)?;
+    data::registry::resolve_all(&opts.dataset_dir, &opts.eval_dataset)?;
+
     // Model.
     let dtype = resolve::train_dtype(p);
     let hub = resolve::hub_options(p);
@@ -156,7 +161,6 @@ pub fn run_training(
     emit(TrainEvent::Loading {
         what: "tokenising the dataset".into(),
     });
-    let opts = resolve::data_options(p);
     let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
     if !encoder.added_tokens.is_empty() {
         return Err(TrainError::Invalid(format!(
