@@ -120,36 +120,46 @@ fn fixture(root: &Path) -> PathBuf {
     path
 }
 
+impl Tmux {
+    /// A new detached 80×24 session named `tt` on its own socket, running `shell_cmd`.
+    fn start(socket_prefix: &str, shell_cmd: &str) -> Tmux {
+        let tmux = Tmux {
+            socket: format!("{socket_prefix}-{}", std::process::id()),
+            session: "tt".into(),
+        };
+        let out = tmux.cmd(&[
+            "new-session",
+            "-d",
+            "-s",
+            "tt",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            shell_cmd,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tmux
+    }
+}
+
 #[test]
 fn train_stop_with_checkpoint_and_quit_in_tmux() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let preset = fixture(root);
-    let tmux = Tmux {
-        socket: format!("termtune-test-{}", std::process::id()),
-        session: "tt".into(),
-    };
-    let bin = env!("CARGO_BIN_EXE_termtune");
-    let shell_cmd = format!(
-        "TERM=xterm-256color {bin} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
-        root.join("app.log").display(),
-        preset.display()
-    );
-    let out = tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "tt",
-        "-x",
-        "80",
-        "-y",
-        "24",
-        &shell_cmd,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let tmux = Tmux::start(
+        "termtune-test",
+        &format!(
+            "TERM=xterm-256color {} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+            env!("CARGO_BIN_EXE_termtune"),
+            root.join("app.log").display(),
+            preset.display()
+        ),
     );
 
     let s = tmux.wait_for("the Model tab with the model resolved", 30, |s| {
@@ -216,31 +226,14 @@ fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let preset = fixture(root);
-    let tmux = Tmux {
-        socket: format!("termtune-hup-{}", std::process::id()),
-        session: "tt".into(),
-    };
-    let bin = env!("CARGO_BIN_EXE_termtune");
-    let shell_cmd = format!(
-        "TERM=xterm-256color exec {bin} --log-file {} {}",
-        root.join("app.log").display(),
-        preset.display()
-    );
-    let out = tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "tt",
-        "-x",
-        "80",
-        "-y",
-        "24",
-        &shell_cmd,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let tmux = Tmux::start(
+        "termtune-hup",
+        &format!(
+            "TERM=xterm-256color exec {} --log-file {} {}",
+            env!("CARGO_BIN_EXE_termtune"),
+            root.join("app.log").display(),
+            preset.display()
+        ),
     );
     tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
     tmux.keys(&["s"]);

@@ -46,26 +46,13 @@ const INTERVAL: &[&str] = &["no", "steps", "epoch"];
 const INFER_DTYPE: &[&str] = &["auto", "float32", "float16", "bfloat16"];
 const EXPORT_FORMAT: &[&str] = &["safetensors", "gguf"];
 const GGUF_TYPE: &[&str] = &["f32", "f16", "q8_0"];
-/// Chat templates: the tokenizer's own (empty), then termtune's built-ins.
-const TEMPLATES: &[&str] = &[
-    "",
-    "alpaca",
-    "chatml",
-    "default",
-    "empty",
-    "gemma",
-    "llama2",
-    "llama3",
-    "mistral",
-    "phi4",
-    "qwen",
-    "qwen3",
-    "qwen3_nothink",
-    "smollm",
-    "smollm2",
-    "vicuna",
-    "zephyr",
-];
+/// Chat templates: the tokenizer's own (empty), then the data pipeline's built-ins (one list, so the
+/// form can never offer a template the encoder does not know).
+static TEMPLATES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    std::iter::once("")
+        .chain(crate::data::template::BUILTIN_NAMES.iter().copied())
+        .collect()
+});
 /// LoRA target modules of the llama family (`all` = every linear layer).
 pub const LORA_TARGETS: &[&str] = &[
     "all",
@@ -89,7 +76,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
         "infer_dtype" => FieldKind::Select(INFER_DTYPE),
         "export_format" => FieldKind::Select(EXPORT_FORMAT),
         "export_gguf_type" => FieldKind::Select(GGUF_TYPE),
-        "template" => FieldKind::Select(TEMPLATES),
+        "template" => FieldKind::Select(TEMPLATES.as_slice()),
         "lora_target" => FieldKind::Checklist(LORA_TARGETS),
         "dataset" | "eval_dataset" => FieldKind::Datasets,
         _ => match default {
