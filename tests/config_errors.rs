@@ -1,6 +1,5 @@
 //! One broken preset per rule in tests/fixtures/presets/, run through the real binary
 //! (`termtune check`), asserting the message a user sees (bottom's invalid_config_tests pattern).
-#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::Command;

@@ -1,9 +1,7 @@
 //! Bad data never stops silently and never crashes: one fixture per skip reason
 //! (tests/fixtures/data/, each = good row(s) + one bad row) with the message users see.
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use data_util::{chat_config, fixtures_dir, options, tokenizer};
 use termtune::data::pipeline::load_examples;

@@ -1,11 +1,9 @@
 //! Throughput benchmark (not a timed test; `#[ignore]`d): tokenise a generated 100 000-row alpaca file
 //! with SmolLM2's vocabulary and merges (from the GGUF metadata) under the `smollm2` template, then
 //! reload it from the cache. Run with
-//! `cargo test --test data_bench -- --ignored --nocapture`.
-#![allow(clippy::unwrap_used)]
+//! `cargo test --test integration data_bench -- --ignored --nocapture`.
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use std::io::Write;
 use std::time::Instant;

@@ -1,9 +1,7 @@
 //! Every local text-only dataset of LLaMA-Factory's demo `dataset_info.json` loads with its row count;
 //! registry errors name the file and the fix.
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use data_util::{lf_data_dir, options};
 use termtune::data::pipeline::load_examples;

@@ -1,9 +1,7 @@
 //! Label masking (train_on_prompt, mask_history, cutoff_len with infer_seqlen), packing (knapsack,
 //! neat-packing mask never crosses examples, position ids restart), batches, cache, pt, streaming, preview.
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use data_util::{chat_config, decode, encoder, lf_data_dir, options, tokenizer, trained_runs};
 use termtune::data::convert::{Example, Message, Role};

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! Engine evidence on a tiny seeded random model (CPU, seconds): loaders, gradient checks, LoRA identities,
 //! PEFT adapter round trip, KV cache, masks, fused-vs-pure kernels, generation.
 
@@ -970,7 +969,7 @@ fn bf16_training_path_runs_and_tracks_f32() {
 
 /// Writes tiny models + adapters + our logits/loss/gradients for `tests/engine_reference.py`, which recomputes
 /// them with transformers + PEFT (the independent implementation). Run:
-/// `ENGINE_REF_DIR=/tmp/ref cargo test --test engine -- --ignored dump_reference_fixture`
+/// `ENGINE_REF_DIR=/tmp/ref cargo test --test integration engine::dump_reference_fixture -- --ignored`
 #[test]
 #[ignore = "writes a fixture for tests/engine_reference.py"]
 fn dump_reference_fixture() {

@@ -1,8 +1,7 @@
-#![allow(clippy::unwrap_used)]
 //! Benchmark, not a test: forward+backward of a LoRA r8 all-linear step on a SmolLM2-135M-shaped model
 //! (30 layers, d 576, ffn 1536, 9/3 heads, vocab 49152, tied embeddings), random weights, f32 CPU, batch 4 × 256.
 //!
-//! Run: `cargo test --release --test engine_bench -- --ignored --nocapture`
+//! Run: `cargo test --release --test integration engine_bench -- --ignored --nocapture`
 //! Env: `BENCH_STEPS` (default 3), `BENCH_BATCH` (4), `BENCH_SEQ` (256), `BENCH_KERNELS` (fused|pure|both).
 
 use std::collections::HashMap;

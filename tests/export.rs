@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! `termtune export` evidence on the tiny seeded llama (CPU, seconds) and on the real SmolLM2 GGUF: merged
 //! Hugging Face folders give the logits of base + adapter, shards and index are right, refusals write nothing,
 //! GGUF exports load back with the same greedy tokens.

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! The GGUF loader on small synthetic files (written with candle's GGUF writer), the Q/K row permutation, and the
 //! equivalence of (HF rows + half-rotation RoPE) with (llama.cpp rows + interleaved RoPE).
 

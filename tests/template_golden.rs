@@ -4,10 +4,8 @@
 //! (`register_template(...)`, commit 00577a8 as read in the code index) and checked against the table of
 //! exact renderings in shared/LLAMAFACTORY_NOTES.md §1c. The trained text is the decoded run of labelled
 //! tokens: for every template only the assistant text and the template's end token(s) are trained.
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use data_util::{decode, encoder, trained_runs};
 use termtune::data::convert::{Example, Message, Role};

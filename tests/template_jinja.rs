@@ -1,10 +1,8 @@
 //! The tokenizer's own Jinja chat_template: Hugging Face semantics in minijinja, LLaMA-Factory's
 //! `parse_template`, and the evidence that SmolLM2's own template renders like the built-in chatml /
 //! smollm2 templates.
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use data_util::{config, decode, tokenizer, trained_runs};
 use serde_json::json;

@@ -4,10 +4,8 @@
 //! preference pairs (`PairwiseDatasetProcessor`) for 4 templates × 2 cutoffs.
 //! The reference is tests/fixtures/data/reference/lf_supervised_smollm2.json, made by
 //! make_lf_reference.py in the same folder (its docstring says how).
-#![allow(clippy::unwrap_used)]
 
-#[path = "data_util/mod.rs"]
-mod data_util;
+use crate::data_util;
 
 use serde_json::{Value, json};
 use termtune::data::convert::{Example, Message, Role};

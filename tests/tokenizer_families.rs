@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! GGUF tokenizers of every supported family against independent implementations, on small vocabularies trained
 //! by scripts/tokenizer_families_reference.py (byte-level BPE: llama.cpp per `tokenizer.ggml.pre`; SentencePiece
 //! BPE with byte fallback: sentencepiece itself). Fixtures: tests/fixtures/toy_{bpe,spm}.gguf and

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! Tokenizers built from toy GGUF metadata: one per `tokenizer.ggml.pre` family, special tokens, bos handling,
 //! refusals, and loading the same tokenizer back from a folder.
 

@@ -1,6 +1,5 @@
 //! The training loop on a tiny seeded random llama (seconds): overfitting, accumulation
 //! equivalence, exact resume, fault handling and the event sequence.
-#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

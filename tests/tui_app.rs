@@ -1,5 +1,4 @@
 //! `App::update` without a terminal: keys go through the real keymap, effects are asserted.
-#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 

@@ -2,7 +2,6 @@
 //! `send-keys` and read with `capture-pane`, on a tiny random llama (CPU, seconds): open a preset,
 //! start training, watch the step counter and the loss move, stop with a checkpoint, quit, and
 //! check that the terminal is restored and the checkpoint is on disk.
-#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,6 @@
 //! Every pane rendered to a ratatui `TestBackend` at 80×24 and 120×40, state fed through `Msg`s
 //! and real key presses (the keymap), compared with the committed insta snapshots
 //! (tests/snapshots/). Review changes with `cargo insta review`.
-#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::time::Duration;

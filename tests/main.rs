@@ -1,0 +1,33 @@
+//! All integration tests, linked into one test binary: each `tests/*.rs` is a module here.
+//!
+//! One binary instead of one per file: with candle statically linked, every test binary is
+//! tens of megabytes, and linking two dozen of them cost CI minutes and gigabytes of disk.
+//! Run one file's tests with its module name as the filter, e.g. `cargo test --test integration trainer::`.
+#![allow(clippy::unwrap_used)]
+
+mod data_util;
+
+mod chat_smollm2;
+mod config_errors;
+mod data_bad_rows;
+mod data_bench;
+mod data_datasets;
+mod data_labels_packing;
+mod engine;
+mod engine_bench;
+mod export;
+mod gguf_loader;
+mod gguf_mirror;
+mod gguf_smollm2;
+mod hub_cache;
+mod identity_smollm2;
+mod presets;
+mod template_golden;
+mod template_jinja;
+mod template_lf_reference;
+mod tokenizer_families;
+mod tokenizer_gguf;
+mod trainer;
+mod tui_app;
+mod tui_tmux;
+mod ui_snapshots;
