@@ -8,6 +8,7 @@
 mod data_util;
 
 mod chat_smollm2;
+mod chat_worker;
 mod config_errors;
 mod data_bad_rows;
 mod data_bench;

@@ -1,5 +1,11 @@
 //! A chat session: a base model (plus merged adapters), a template, a conversation. Used by
-//! `termtune chat` (REPL and `--prompt`) and, later, the TUI's chat pane through the engine thread.
+//! `termtune chat` (REPL and `--prompt`) and, through the [`worker`] thread, the TUI's chat pane.
+//!
+//! [`targets`] lists what a run folder offers to chat with (final adapter, checkpoints) and reads an
+//! adapter folder's header facts (r, alpha, targets, step) without loading a model.
+
+pub mod targets;
+pub mod worker;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -147,11 +153,22 @@ impl ChatSession {
         &mut self,
         user: &str,
         cancel: Option<&AtomicBool>,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<ChatAnswer, ChatError> {
+        self.answer_counted(user, cancel, on_text).map(|(a, _)| a)
+    }
+
+    /// [`ChatSession::answer`], also returning the number of prompt tokens the model read.
+    pub fn answer_counted(
+        &mut self,
+        user: &str,
+        cancel: Option<&AtomicBool>,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(ChatAnswer, usize), ChatError> {
         let mut turns = self.history.clone();
         turns.push(Message::new(Role::User, user));
         let prompt = self.encoder.chat_prompt(self.system.as_deref(), &turns)?;
+        let prompt_tokens = prompt.ids.len();
         let tokenizer = &self.encoder.tokenizer;
         let mut streamer = crate::engine::generate::TextStreamer::new(tokenizer);
         let mut text = String::new();
@@ -184,6 +201,6 @@ impl ChatSession {
         self.history = turns;
         self.history
             .push(Message::new(Role::Assistant, text.trim()));
-        Ok(ChatAnswer { text, tokens, stop })
+        Ok((ChatAnswer { text, tokens, stop }, prompt_tokens))
     }
 }

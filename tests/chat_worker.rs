@@ -1,0 +1,227 @@
+//! The chat worker thread on the tiny seeded model: load the base, stream an answer, switch to a
+//! trained adapter (its B ≠ 0) and get a different greedy answer, compare two slots, regenerate,
+//! clear, stop, and a bad adapter folder reported as an event (never a panic).
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::Device;
+use termtune::chat::targets::{ChatTarget, list_targets};
+use termtune::chat::worker::{AnswerStats, ChatCommand, ChatEvent, ChatHandle, LoadedTarget};
+use termtune::config::{self, Preset, Purpose};
+use termtune::engine::generate::{GenerationParams, StopReason};
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::trainer::run::{Outcome, run_training};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Trains 7 steps of a rank-4 LoRA on the tiny model (checkpoints at 3 and 6, final at 7); returns the chat
+/// preset (greedy) and the run folder.
+fn trained(root: &Path) -> (Preset, std::path::PathBuf) {
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let rows: Vec<serde_json::Value> = (0..4)
+        .map(|i| serde_json::json!({"instruction": format!("say {i}"), "input": "", "output": "ok the cat and the hat"}))
+        .collect();
+    std::fs::write(data.join("toy.json"), serde_json::to_string(&rows).unwrap()).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    let out = root.join("run");
+    let text = format!(
+        "model_name_or_path: {m}\ndataset: toy\ndataset_dir: {d}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {o}\nlogging_steps: 1\nsave_steps: 3\nper_device_train_batch_size: 2\n\
+         learning_rate: 2.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\nmax_steps: 7\nseed: 3\n\
+         tokenized_path: {t}\n",
+        m = root.join("model").display(),
+        d = data.display(),
+        o = out.display(),
+        t = root.join("tok").display(),
+    );
+    let loaded = config::parse(&text, &[], Purpose::Train).unwrap();
+    let (_tx, rx) = mpsc::channel();
+    let outcome = run_training(&loaded, &Device::Cpu, &rx, &mut |_| {}).unwrap();
+    assert!(matches!(outcome, Outcome::Finished(_)));
+    let chat = format!(
+        "model_name_or_path: {}\ntemplate: chatml\ndo_sample: false\nmax_new_tokens: 12\n",
+        root.join("model").display()
+    );
+    let p = config::parse(&chat, &[], Purpose::Chat).unwrap().preset;
+    (p, out)
+}
+
+struct Worker {
+    handle: ChatHandle,
+    events: mpsc::Receiver<ChatEvent>,
+}
+
+impl Worker {
+    fn start() -> Self {
+        let (tx, rx) = mpsc::channel();
+        let handle = ChatHandle::spawn(Device::Cpu, move |ev| tx.send(ev).is_ok()).unwrap();
+        Self { handle, events: rx }
+    }
+
+    fn next(&self) -> ChatEvent {
+        self.events
+            .recv_timeout(WAIT)
+            .expect("the worker went quiet")
+    }
+
+    fn load(
+        &self,
+        slot: usize,
+        preset: &Preset,
+        target: ChatTarget,
+    ) -> Result<LoadedTarget, String> {
+        self.handle.send(ChatCommand::Load {
+            slot,
+            preset: Box::new(preset.clone()),
+            target,
+        });
+        loop {
+            match self.next() {
+                ChatEvent::Loading { .. } => {}
+                ChatEvent::Loaded { slot: s, info } if s == slot => return Ok(info),
+                ChatEvent::Failed { slot: s, message } if s == slot => return Err(message),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Streamed text and final numbers of the next answer of `slot`.
+    fn answer(&self, slot: usize) -> (String, AnswerStats) {
+        let mut text = String::new();
+        loop {
+            match self.next() {
+                ChatEvent::Token { slot: s, text: t } if s == slot => text.push_str(&t),
+                ChatEvent::Done { slot: s, stats } if s == slot => return (text, stats),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn send(&self, slot: usize, user: &str, params: &GenerationParams) -> (String, AnswerStats) {
+        self.handle.send(ChatCommand::Send {
+            slot,
+            user: user.into(),
+            system: None,
+            params: params.clone(),
+        });
+        self.answer(slot)
+    }
+}
+
+#[test]
+fn the_worker_streams_switches_to_an_adapter_compares_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (preset, out) = trained(dir.path());
+    let params = termtune::resolve::generation_params(&preset);
+    assert_eq!(params.temperature, 0.0, "greedy");
+    let w = Worker::start();
+
+    // Base model: the header says no adapter; tokens stream, then Done with the counts.
+    let info = w.load(0, &preset, ChatTarget::Base).unwrap();
+    assert!(info.adapter.is_none());
+    assert_eq!(info.template, "chatml");
+    let (base, stats) = w.send(0, "say 1", &params);
+    assert!(stats.tokens > 0 && stats.prompt_tokens > 0, "{stats:?}");
+    assert!(!base.is_empty());
+
+    // The picker's list: base, final adapter, checkpoints newest first.
+    let targets = list_targets(&out);
+    let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(targets.len(), 4, "{labels:?}");
+    assert!(labels[2].starts_with("checkpoint-6") && labels[3].starts_with("checkpoint-3"));
+
+    // Switch the same slot to the final adapter, without restarting anything.
+    let info = w
+        .load(0, &preset, ChatTarget::Adapter(out.clone()))
+        .unwrap();
+    let a = info.adapter.unwrap();
+    assert_eq!((a.r, a.alpha, a.step), (4, 8.0, Some(7)), "{a:?}");
+    let (tuned, _) = w.send(0, "say 1", &params);
+    assert_ne!(
+        base, tuned,
+        "a trained adapter (B ≠ 0) changes the greedy answer"
+    );
+
+    // Regenerate drops the answer and asks again: greedy, so the same text.
+    w.handle.send(ChatCommand::Regenerate {
+        slot: 0,
+        system: None,
+        params: params.clone(),
+    });
+    assert_eq!(w.answer(0).0, tuned);
+
+    // Compare: slot 1 on the base model; after Clear both answer the first question afresh.
+    w.load(1, &preset, ChatTarget::Base).unwrap();
+    w.handle.send(ChatCommand::Clear);
+    assert_eq!(w.send(0, "say 1", &params).0, tuned);
+    assert_eq!(w.send(1, "say 1", &params).0, base);
+
+    // A checkpoint's step comes from its trainer_state.json.
+    let info = w
+        .load(1, &preset, ChatTarget::Adapter(out.join("checkpoint-3")))
+        .unwrap();
+    assert_eq!(info.adapter.unwrap().step, Some(3));
+
+    // Stop cancels the answer in progress and the one queued behind it.
+    let long = GenerationParams {
+        max_new_tokens: 5000,
+        ..params.clone()
+    };
+    for slot in [0, 1] {
+        w.handle.send(ChatCommand::Send {
+            slot,
+            user: "say 2".into(),
+            system: None,
+            params: long.clone(),
+        });
+    }
+    w.handle.send(ChatCommand::Stop);
+    for slot in [0, 1] {
+        let (_, stats) = w.answer(slot);
+        assert_eq!(stats.stop, StopReason::Cancelled, "slot {slot}: {stats:?}");
+        assert!(stats.tokens < 5000);
+    }
+
+    // A bad folder is an event naming the problem; the slot is then empty.
+    let err = w
+        .load(1, &preset, ChatTarget::Adapter(dir.path().join("nope")))
+        .unwrap_err();
+    assert!(err.contains("no such folder"), "{err}");
+    let err = w.load(1, &preset, ChatTarget::Adapter(dir.path().join("data")));
+    assert!(err.unwrap_err().contains("adapter_config.json"));
+    w.handle.send(ChatCommand::RenderPrompt {
+        slot: 1,
+        user: "hi".into(),
+        system: None,
+    });
+    assert!(matches!(w.next(), ChatEvent::Failed { slot: 1, .. }));
+
+    // The exact prompt of slot 0 (chatml, with the system prompt given).
+    w.handle.send(ChatCommand::RenderPrompt {
+        slot: 0,
+        user: "hi".into(),
+        system: Some("be brief".into()),
+    });
+    match w.next() {
+        ChatEvent::Prompt { slot: 0, text } => {
+            assert!(
+                text.starts_with("<|im_start|>system\nbe brief<|im_end|>\n"),
+                "{text}"
+            );
+            assert!(
+                text.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+                "{text}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    w.handle.shutdown();
+}
