@@ -128,6 +128,7 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     let mut frames = tokio::time::interval(Duration::from_millis(1000 / FRAME_RATE_HZ));
     frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut engine: Option<Engine> = None;
+    let mut chat: Option<crate::chat::worker::ChatHandle> = None;
     let fallback = Theme::default();
     let mut pending: Vec<Effect> = app.initial_effects();
     let mut terminal_gone = false;
@@ -162,6 +163,10 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
         for effect in std::mem::take(&mut pending) {
             match effect {
                 Effect::Quit => {
+                    if let Some(c) = chat.take() {
+                        // Stop any answer; a model still loading is left to finish on its own.
+                        c.send(crate::chat::worker::ChatCommand::Stop);
+                    }
                     if let Some(e) = engine.take() {
                         // The app quits only after EngineExited; a dropped channel reads as Stop.
                         drop(e.commands);
@@ -182,6 +187,34 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                     if let Some(e) = &engine {
                         let _ = e.commands.send(cmd);
                     }
+                }
+                Effect::Chat(cmd) => {
+                    if chat.is_none() {
+                        let chat_tx = tx.clone();
+                        match crate::chat::worker::ChatHandle::spawn(
+                            candle_core::Device::Cpu,
+                            move |ev| chat_tx.send(Msg::Chat(ev)).is_ok(),
+                        ) {
+                            Ok(h) => chat = Some(h),
+                            Err(e) => {
+                                let _ = tx.send(Msg::PresetFailed(format!(
+                                    "cannot start the chat thread: {e}"
+                                )));
+                            }
+                        }
+                    }
+                    if let Some(c) = &chat {
+                        c.send(cmd);
+                    }
+                }
+                Effect::ListChatTargets(dir) => {
+                    let _ = tx.send(Msg::ChatTargets(crate::chat::targets::list_targets(&dir)));
+                }
+                Effect::CopyToClipboard(text) => {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(ui::chat::osc52(&text).as_bytes());
+                    let _ = out.flush();
                 }
                 Effect::SavePreset { loaded, path } => {
                     let header = "saved by termtune (LLaMA-Factory keys; runs with `termtune train` and `llamafactory-cli train`)";

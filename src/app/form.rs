@@ -273,6 +273,11 @@ impl Form {
             .collect()
     }
 
+    /// The preset (file ← edits) validated for `purpose` (chat and export need no dataset).
+    pub fn parse_for(&self, purpose: Purpose) -> Result<Loaded, Vec<ConfigIssue>> {
+        config::parse(&self.base_text, &self.overrides(), purpose)
+    }
+
     /// Rebuilds the candidate preset from the file text and the edits.
     pub fn revalidate(&mut self) {
         match config::parse(&self.base_text, &self.overrides(), Purpose::Train) {

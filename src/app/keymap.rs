@@ -37,6 +37,22 @@ pub enum Action {
     Confirm,
     Deny,
     Cancel,
+    // The Chat pane.
+    ChatSend,
+    ChatNewline,
+    ChatFocusInput,
+    ChatLeave,
+    ChatSettings,
+    ChatStop,
+    ChatRegenerate,
+    ChatClear,
+    ChatCopy,
+    ChatPrompt,
+    ChatCompare,
+    ChatPickTarget,
+    ChatPickCompare,
+    ChatAdapterPath,
+    ChatSystem,
 }
 
 /// Where the keyboard is: decides which bindings apply.
@@ -56,6 +72,12 @@ pub enum Context {
     Confirm,
     /// A list or text overlay (help, preset picker, command).
     Overlay,
+    /// The Chat pane outside its message input.
+    Chat,
+    /// Typing a chat message: only these keys are taken, the rest type.
+    ChatInput,
+    /// The Chat pane's generation settings (in addition to the form keys).
+    ChatSettings,
 }
 
 /// One binding.
@@ -92,6 +114,7 @@ const fn b(
 const NONE: KeyModifiers = KeyModifiers::NONE;
 const CTRL: KeyModifiers = KeyModifiers::CONTROL;
 const SHIFT: KeyModifiers = KeyModifiers::SHIFT;
+const ALT: KeyModifiers = KeyModifiers::ALT;
 
 use Action as A;
 use Context as C;
@@ -321,6 +344,158 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
     ),
     b(C::Run, K::Up, NONE, A::Up, "scroll log", false),
     b(C::Run, K::Down, NONE, A::Down, "scroll log", false),
+    // Chat: typing a message. Ctrl-j and Alt-Enter both reach termtune through tmux and SSH
+    // (Shift-Enter does not: most terminals send it as a plain Enter).
+    b(C::ChatInput, K::Enter, NONE, A::ChatSend, "send", true),
+    b(
+        C::ChatInput,
+        K::Char('j'),
+        CTRL,
+        A::ChatNewline,
+        "new line",
+        true,
+    ),
+    b(
+        C::ChatInput,
+        K::Enter,
+        ALT,
+        A::ChatNewline,
+        "new line",
+        false,
+    ),
+    b(
+        C::ChatInput,
+        K::Char('x'),
+        CTRL,
+        A::ChatStop,
+        "stop answer",
+        true,
+    ),
+    b(
+        C::ChatInput,
+        K::Esc,
+        NONE,
+        A::ChatLeave,
+        "leave input (keys)",
+        true,
+    ),
+    b(C::ChatInput, K::Tab, NONE, A::NextTab, "next tab", false),
+    b(
+        C::ChatInput,
+        K::BackTab,
+        SHIFT,
+        A::PrevTab,
+        "previous tab",
+        false,
+    ),
+    b(C::ChatInput, K::Char('c'), CTRL, A::Quit, "quit", false),
+    // Chat: outside the input.
+    b(C::Chat, K::Char('i'), NONE, A::ChatFocusInput, "type", true),
+    b(C::Chat, K::Enter, NONE, A::ChatFocusInput, "type", false),
+    b(
+        C::Chat,
+        K::Char('x'),
+        NONE,
+        A::ChatStop,
+        "stop answer",
+        true,
+    ),
+    b(
+        C::Chat,
+        K::Char('r'),
+        NONE,
+        A::ChatRegenerate,
+        "regenerate",
+        true,
+    ),
+    b(C::Chat, K::Char('n'), NONE, A::ChatClear, "new chat", true),
+    b(
+        C::Chat,
+        K::Char('o'),
+        NONE,
+        A::ChatPickTarget,
+        "load model/adapter",
+        true,
+    ),
+    b(
+        C::Chat,
+        K::Char('a'),
+        NONE,
+        A::ChatAdapterPath,
+        "adapter path",
+        false,
+    ),
+    b(
+        C::Chat,
+        K::Char('m'),
+        NONE,
+        A::ChatCompare,
+        "compare A/B",
+        true,
+    ),
+    b(
+        C::Chat,
+        K::Char('b'),
+        NONE,
+        A::ChatPickCompare,
+        "pick B (compare)",
+        false,
+    ),
+    b(
+        C::Chat,
+        K::Char('y'),
+        NONE,
+        A::ChatCopy,
+        "copy answer",
+        true,
+    ),
+    b(
+        C::Chat,
+        K::Char('v'),
+        NONE,
+        A::ChatPrompt,
+        "rendered prompt",
+        false,
+    ),
+    b(
+        C::Chat,
+        K::Char('e'),
+        NONE,
+        A::ChatSystem,
+        "system prompt",
+        false,
+    ),
+    b(
+        C::Chat,
+        K::Char('g'),
+        NONE,
+        A::ChatSettings,
+        "generation settings",
+        false,
+    ),
+    b(C::Chat, K::Up, NONE, A::Up, "scroll up", false),
+    b(C::Chat, K::Down, NONE, A::Down, "scroll down", false),
+    b(C::Chat, K::Char('k'), NONE, A::Up, "scroll up", false),
+    b(C::Chat, K::Char('j'), NONE, A::Down, "scroll down", false),
+    b(C::Chat, K::PageUp, NONE, A::PageUp, "page up", false),
+    b(C::Chat, K::PageDown, NONE, A::PageDown, "page down", false),
+    // Chat: generation settings.
+    b(
+        C::ChatSettings,
+        K::Esc,
+        NONE,
+        A::ChatSettings,
+        "back to chat",
+        true,
+    ),
+    b(
+        C::ChatSettings,
+        K::Char('g'),
+        NONE,
+        A::ChatSettings,
+        "back to chat",
+        false,
+    ),
 ];
 
 /// The key table.
@@ -400,6 +575,8 @@ pub fn key_label(code: KeyCode, modifiers: KeyModifiers) -> String {
     };
     if modifiers.contains(KeyModifiers::CONTROL) {
         format!("Ctrl-{base}")
+    } else if modifiers.contains(KeyModifiers::ALT) {
+        format!("Alt-{base}")
     } else {
         base
     }

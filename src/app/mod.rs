@@ -1,6 +1,7 @@
 //! The TUI's state and its only mutator, [`App::update`]: `Msg` in, `Effect`s out, no I/O, no
 //! clock. Rendering (`crate::ui`) reads `&App`.
 
+pub mod chat;
 pub mod form;
 pub mod keymap;
 pub mod msg;
@@ -179,6 +180,8 @@ pub struct App {
     pub dataset_entries: Option<Result<Vec<String>, String>>,
     /// The log file, named in the error panel.
     pub log_path: Option<String>,
+    /// The Chat pane.
+    pub chat: chat::ChatState,
     dirty: bool,
 }
 
@@ -203,6 +206,7 @@ impl App {
             log_path: None,
             dataset_entries: None,
             model_info: None,
+            chat: chat::ChatState::default(),
             dirty: true,
         };
         app.announce_problems();
@@ -250,6 +254,7 @@ impl App {
             _ => return vec![Context::Overlay],
         }
         match self.tab {
+            Tab::Chat => self.chat_contexts(),
             Tab::Run => vec![Context::Run, Context::Global],
             Tab::Dataset => vec![Context::Dataset, Context::Form, Context::Global],
             _ => vec![Context::Form, Context::Global],
@@ -355,6 +360,16 @@ impl App {
                 self.model_info = Some((name, info));
                 Vec::new()
             }
+            Msg::Chat(ev) => {
+                if let Some(message) = self.chat.on_event(ev) {
+                    self.complain(message);
+                }
+                Vec::new()
+            }
+            Msg::ChatTargets(items) => {
+                self.on_chat_targets(items);
+                Vec::new()
+            }
             Msg::DatasetStats(result) => {
                 self.preview.stats = Some(result);
                 Vec::new()
@@ -395,6 +410,9 @@ impl App {
                     Vec::new()
                 }
             };
+        }
+        if let Some(effects) = self.chat_key(key, action) {
+            return effects;
         }
         match action {
             Some(a) => self.act(a),
@@ -504,6 +522,9 @@ impl App {
             Overlay::None => {}
             _ => return self.overlay_action(action),
         }
+        if let Some(effects) = self.chat_action(action) {
+            return effects;
+        }
         match action {
             Action::Quit => self.quit(),
             Action::NextTab => {
@@ -609,6 +630,21 @@ impl App {
                 Vec::new()
             }
             Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
+            Action::ChatSend
+            | Action::ChatNewline
+            | Action::ChatFocusInput
+            | Action::ChatLeave
+            | Action::ChatSettings
+            | Action::ChatStop
+            | Action::ChatRegenerate
+            | Action::ChatClear
+            | Action::ChatCopy
+            | Action::ChatPrompt
+            | Action::ChatCompare
+            | Action::ChatPickTarget
+            | Action::ChatPickCompare
+            | Action::ChatAdapterPath
+            | Action::ChatSystem => Vec::new(),
         }
     }
 

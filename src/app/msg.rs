@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use crossterm::event::KeyEvent;
 
+use crate::chat::targets::TargetEntry;
+use crate::chat::worker::{ChatCommand, ChatEvent};
 use crate::config::{Loaded, Preset};
 use crate::data::stats::Preview;
 use crate::telemetry::TelemetrySample;
@@ -46,6 +48,10 @@ pub enum Msg {
     DatasetStats(Result<Box<crate::data::stats::DatasetStats>, String>),
     /// A dataset example was prepared for the preview.
     Preview(Result<Box<Preview>, String>),
+    /// A fact from the chat worker.
+    Chat(ChatEvent),
+    /// What the run folder offers to chat with (answer to [`Effect::ListChatTargets`]).
+    ChatTargets(Vec<TargetEntry>),
 }
 
 /// A side effect for the terminal loop to perform (`update` never does I/O).
@@ -75,6 +81,14 @@ pub enum Effect {
     ProbeModel(String),
     /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
     ListDatasets(PathBuf),
+    /// Send a command to the chat worker (started on first use).
+    Chat(ChatCommand),
+    /// List base, final adapter and checkpoints of this `output_dir` (answered by
+    /// [`Msg::ChatTargets`]).
+    ListChatTargets(PathBuf),
+    /// Put text on the clipboard with the OSC 52 escape (works over SSH; tmux needs
+    /// `set-clipboard on`).
+    CopyToClipboard(String),
     /// Leave: restore the terminal and exit.
     Quit,
 }

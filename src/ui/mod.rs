@@ -3,6 +3,7 @@
 //! Layout: a tab line, the pane, a status bar (preset, run state, device, message) and a help bar
 //! built from the keymap. Below 80×24 a "terminal too small" message replaces everything.
 
+pub mod chat;
 mod dashboard;
 mod dataset;
 mod form;
@@ -43,6 +44,7 @@ pub fn render(frame: &mut Frame, app: &App, theme: &Theme) {
     match app.tab {
         Tab::Run => dashboard::render(frame, body, app, theme),
         Tab::Dataset => dataset::render(frame, body, app, theme),
+        Tab::Chat => chat::render(frame, body, app, theme),
         _ => form::render(frame, body, app, theme, pane_title(app.tab)),
     }
     render_status(frame, status, app, theme);
@@ -210,6 +212,9 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 (Context::Form, "forms"),
                 (Context::Dataset, "dataset"),
                 (Context::Run, "run dashboard"),
+                (Context::ChatInput, "chat: typing a message"),
+                (Context::Chat, "chat: outside the input (Esc)"),
+                (Context::ChatSettings, "chat: generation settings (g)"),
                 (Context::Editing, "editing a field"),
                 (Context::Confirm, "questions"),
                 (Context::Overlay, "pop-ups"),
