@@ -462,6 +462,26 @@ mod chat {
     }
 
     #[test]
+    fn turning_compare_on_starts_both_conversations_afresh() {
+        let mut a = chat_app();
+        a.update(base_loaded(0));
+        a.update(key('i'));
+        type_text(&mut a, "q1");
+        a.update(code(KeyCode::Enter));
+        a.update(done(0));
+        a.update(code(KeyCode::Esc));
+        let fx = a.update(key('m'));
+        assert!(
+            matches!(
+                chat_cmds(&fx).as_slice(),
+                [ChatCommand::Clear, ChatCommand::Load { slot: 1, .. }]
+            ),
+            "{fx:?}"
+        );
+        assert!(a.chat.slots[0].turns.is_empty());
+    }
+
+    #[test]
     fn the_picker_loads_a_checkpoint_or_a_typed_folder() {
         let mut a = chat_app();
         let fx = a.update(key('o'));

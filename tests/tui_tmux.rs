@@ -264,15 +264,45 @@ fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
     assert!(checkpoint.join("trainer_state.json").is_file());
 }
 
+/// The tiny model with a LoRA trained 7 steps to answer "ok the cat and the hat" (run folder
+/// `run/`: the final adapter and checkpoint-5), and a greedy chat preset on it.
+fn chat_fixture(root: &Path) -> PathBuf {
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let rows: Vec<serde_json::Value> = (0..4)
+        .map(|i| serde_json::json!({"instruction": format!("say {i}"), "input": "", "output": "ok the cat and the hat"}))
+        .collect();
+    std::fs::write(data.join("toy.json"), serde_json::to_string(&rows).unwrap()).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    let text = format!(
+        "model_name_or_path: {m}\ndataset: toy\ndataset_dir: {d}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {o}\nlogging_steps: 1\nsave_steps: 5\nper_device_train_batch_size: 2\n\
+         learning_rate: 2.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\nmax_steps: 7\nseed: 3\n\
+         tokenized_path: {t}\ndo_sample: false\nmax_new_tokens: 16\n",
+        m = root.join("model").display(),
+        d = data.display(),
+        o = root.join("run").display(),
+        t = root.join("tok").display(),
+    );
+    let loaded = termtune::config::parse(&text, &[], termtune::config::Purpose::Train).unwrap();
+    let (_tx, rx) = std::sync::mpsc::channel();
+    termtune::trainer::run::run_training(&loaded, &candle_core::Device::Cpu, &rx, &mut |_| {})
+        .unwrap();
+    let path = root.join("chat.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn chat_with_the_tiny_model_in_tmux() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let preset = fixture(root);
-    // Short greedy answers: the generation keys are the preset's.
-    let mut text = std::fs::read_to_string(&preset).unwrap();
-    text.push_str("do_sample: false\nmax_new_tokens: 16\n");
-    std::fs::write(&preset, text).unwrap();
+    let preset = chat_fixture(root);
     let tmux = Tmux::start(
         "termtune-chat",
         &format!(
@@ -285,6 +315,16 @@ fn chat_with_the_tiny_model_in_tmux() {
     tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
     tmux.keys(&["6"]);
     tmux.wait_for("the Chat pane", 10, |s| s.contains("nothing loaded yet"));
+    // The picker lists the run folder: base, final adapter, checkpoint-5.
+    tmux.keys(&["o"]);
+    tmux.wait_for("the picker", 10, |s| {
+        s.contains("final adapter (step 7)") && s.contains("checkpoint-5")
+    });
+    tmux.keys(&["Down"]);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the adapter in the header", 60, |s| {
+        s.contains("A ▸ adapter") && s.contains("step 7 · r 4")
+    });
     tmux.keys(&["i"]);
     tmux.keys(&["-l", "hello"]);
     // Ctrl-j adds a line in the input (it reaches the app through tmux as Ctrl-j).
@@ -297,12 +337,25 @@ fn chat_with_the_tiny_model_in_tmux() {
     );
     tmux.keys(&["Enter"]);
     let s = tmux.wait_for("the answer and its numbers", 120, |s| s.contains("tok/s"));
-    assert!(s.contains("A ▸ base model, no adapter"), "{s}");
     assert!(s.contains("you › hello"), "{s}");
-    assert!(s.contains("model › "), "{s}");
+    assert!(
+        s.contains("model › ok the cat"),
+        "the adapter's answer:\n{s}"
+    );
     assert!(s.contains(" tokens · "), "{s}");
-    // Leave the input, then quit (the preset is unchanged, so no question).
+    // Leave the input and copy the answer: OSC 52 reaches tmux, which (with set-clipboard on)
+    // keeps it as a paste buffer.
+    assert!(
+        tmux.cmd(&["set", "-g", "set-clipboard", "on"])
+            .status
+            .success()
+    );
     tmux.keys(&["Escape"]);
+    tmux.keys(&["y"]);
+    tmux.wait_for("the copy message", 10, |s| s.contains("copied via OSC 52"));
+    let buffer = String::from_utf8(tmux.cmd(&["show-buffer"]).stdout).unwrap();
+    assert!(buffer.starts_with("ok the cat"), "clipboard: {buffer:?}");
+    // Quit (the preset is unchanged, so no question).
     tmux.keys(&["q"]);
     let s = tmux.wait_for("termtune to exit", 30, |s| s.contains("TERMTUNE_EXIT="));
     assert!(s.contains("TERMTUNE_EXIT=0"), "{s}");

@@ -412,7 +412,7 @@ impl App {
             }
             Action::ChatCopy => match self.chat.last_answer().map(String::from) {
                 Some(text) => {
-                    self.say("copied the last answer (OSC 52: works over SSH; in tmux needs `set -g set-clipboard on`)");
+                    self.say("copied via OSC 52 (also over SSH; tmux: set -g set-clipboard on)");
                     vec![Effect::CopyToClipboard(text)]
                 }
                 None => {
@@ -435,12 +435,23 @@ impl App {
             Action::ChatCompare => {
                 self.chat.compare = !self.chat.compare;
                 if self.chat.compare {
-                    self.say(
-                        "compare: A and B answer each message one after the other (b picks B)",
-                    );
-                    if self.chat.slots[1].status == SlotStatus::Empty {
-                        return Some(self.load_target(1, ChatTarget::Base));
+                    let mut effects = Vec::new();
+                    if self.chat.slots.iter().any(|s| !s.turns.is_empty()) {
+                        // The same prompt for both: start both conversations afresh.
+                        if self.chat.generating() {
+                            effects.push(Effect::Chat(ChatCommand::Stop));
+                        }
+                        for s in &mut self.chat.slots {
+                            s.turns.clear();
+                            s.generating = false;
+                        }
+                        effects.push(Effect::Chat(ChatCommand::Clear));
                     }
+                    self.say("compare (new chat): A and B answer each message in turn; b picks B");
+                    if self.chat.slots[1].status == SlotStatus::Empty {
+                        effects.extend(self.load_target(1, ChatTarget::Base));
+                    }
+                    return Some(effects);
                 } else {
                     self.say("compare off: messages go to A only");
                 }

@@ -392,14 +392,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
     // Chat: outside the input.
     b(C::Chat, K::Char('i'), NONE, A::ChatFocusInput, "type", true),
     b(C::Chat, K::Enter, NONE, A::ChatFocusInput, "type", false),
-    b(
-        C::Chat,
-        K::Char('x'),
-        NONE,
-        A::ChatStop,
-        "stop answer",
-        true,
-    ),
+    b(C::Chat, K::Char('x'), NONE, A::ChatStop, "stop", true),
     b(
         C::Chat,
         K::Char('r'),
@@ -409,14 +402,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         true,
     ),
     b(C::Chat, K::Char('n'), NONE, A::ChatClear, "new chat", true),
-    b(
-        C::Chat,
-        K::Char('o'),
-        NONE,
-        A::ChatPickTarget,
-        "load model/adapter",
-        true,
-    ),
+    b(C::Chat, K::Char('o'), NONE, A::ChatPickTarget, "load", true),
     b(
         C::Chat,
         K::Char('a'),
@@ -425,14 +411,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         "adapter path",
         false,
     ),
-    b(
-        C::Chat,
-        K::Char('m'),
-        NONE,
-        A::ChatCompare,
-        "compare A/B",
-        true,
-    ),
+    b(C::Chat, K::Char('m'), NONE, A::ChatCompare, "compare", true),
     b(
         C::Chat,
         K::Char('b'),
@@ -441,14 +420,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         "pick B (compare)",
         false,
     ),
-    b(
-        C::Chat,
-        K::Char('y'),
-        NONE,
-        A::ChatCopy,
-        "copy answer",
-        true,
-    ),
+    b(C::Chat, K::Char('y'), NONE, A::ChatCopy, "copy", true),
     b(
         C::Chat,
         K::Char('v'),
