@@ -16,9 +16,8 @@ use termtune::trainer::run::{Outcome, run_training};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Trains 7 steps of a rank-4 LoRA on the tiny model (checkpoints at 3 and 6, final at 7); returns the chat
-/// preset (greedy) and the run folder.
-fn trained(root: &Path) -> (Preset, std::path::PathBuf) {
+/// The tiny model and a toy dataset whose answers are all "ok the cat and the hat".
+fn fixture(root: &Path) {
     tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -31,27 +30,41 @@ fn trained(root: &Path) -> (Preset, std::path::PathBuf) {
         r#"{"toy": {"file_name": "toy.json"}}"#,
     )
     .unwrap();
-    let out = root.join("run");
+}
+
+/// The training preset of a rank-4 LoRA on the fixture, into `root/out`.
+fn train_preset(root: &Path, out: &str, max_steps: u64, save_steps: u64) -> config::Loaded {
     let text = format!(
         "model_name_or_path: {m}\ndataset: toy\ndataset_dir: {d}\ntemplate: chatml\ncutoff_len: 64\n\
-         output_dir: {o}\nlogging_steps: 1\nsave_steps: 3\nper_device_train_batch_size: 2\n\
-         learning_rate: 2.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\nmax_steps: 7\nseed: 3\n\
+         output_dir: {o}\nlogging_steps: 1\nsave_steps: {save_steps}\nper_device_train_batch_size: 2\n\
+         learning_rate: 2.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\nmax_steps: {max_steps}\nseed: 3\n\
          tokenized_path: {t}\n",
         m = root.join("model").display(),
-        d = data.display(),
-        o = out.display(),
+        d = root.join("data").display(),
+        o = root.join(out).display(),
         t = root.join("tok").display(),
     );
-    let loaded = config::parse(&text, &[], Purpose::Train).unwrap();
-    let (_tx, rx) = mpsc::channel();
-    let outcome = run_training(&loaded, &Device::Cpu, &rx, &mut |_| {}).unwrap();
-    assert!(matches!(outcome, Outcome::Finished(_)));
+    config::parse(&text, &[], Purpose::Train).unwrap()
+}
+
+/// The greedy chat preset on the fixture's model.
+fn chat_preset(root: &Path) -> Preset {
     let chat = format!(
         "model_name_or_path: {}\ntemplate: chatml\ndo_sample: false\nmax_new_tokens: 12\n",
         root.join("model").display()
     );
-    let p = config::parse(&chat, &[], Purpose::Chat).unwrap().preset;
-    (p, out)
+    config::parse(&chat, &[], Purpose::Chat).unwrap().preset
+}
+
+/// Trains 7 steps (checkpoints at 3 and 6, final at 7); returns the chat preset (greedy) and the
+/// run folder.
+fn trained(root: &Path) -> (Preset, std::path::PathBuf) {
+    fixture(root);
+    let loaded = train_preset(root, "run", 7, 3);
+    let (_tx, rx) = mpsc::channel();
+    let outcome = run_training(&loaded, &Device::Cpu, &rx, &mut |_| {}).unwrap();
+    assert!(matches!(outcome, Outcome::Finished(_)));
+    (chat_preset(root), root.join("run"))
 }
 
 struct Worker {
@@ -224,4 +237,61 @@ fn the_worker_streams_switches_to_an_adapter_compares_and_stops() {
         other => panic!("unexpected {other:?}"),
     }
     w.handle.shutdown();
+}
+
+#[test]
+fn chatting_with_the_latest_checkpoint_during_a_run_leaves_the_run_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fixture(root);
+    let (_tx, rx) = mpsc::channel();
+    let alone = train_preset(root, "alone", 40, 4);
+    run_training(&alone, &Device::Cpu, &rx, &mut |_| {}).unwrap();
+
+    // The same run again, on its own thread, while the chat loads its newest complete checkpoint
+    // from disk and answers, over and over, until the run ends.
+    let shared = train_preset(root, "shared", 40, 4);
+    let trainer = std::thread::spawn(move || {
+        let (_tx, rx) = mpsc::channel();
+        run_training(&shared, &Device::Cpu, &rx, &mut |_| {}).unwrap()
+    });
+    let preset = chat_preset(root);
+    let params = termtune::resolve::generation_params(&preset);
+    let w = Worker::start();
+    let mut chats_during_run = 0;
+    let mut last_step = None;
+    while !trainer.is_finished() {
+        let newest = list_targets(&root.join("shared"))
+            .into_iter()
+            .find(|t| t.label.starts_with("checkpoint-"));
+        if let Some(t) = newest {
+            let info = w.load(0, &preset, t.target).unwrap();
+            last_step = info.adapter.and_then(|a| a.step);
+            let (_, stats) = w.send(0, "say 1", &params);
+            assert!(stats.tokens > 0);
+            if !trainer.is_finished() {
+                chats_during_run += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(trainer.join().unwrap(), Outcome::Finished(_)));
+    assert!(
+        chats_during_run > 0 && last_step.is_some(),
+        "the chat never overlapped the run"
+    );
+    eprintln!(
+        "{chats_during_run} answers from checkpoints during the run (last at step {last_step:?})"
+    );
+    // Bit-identical final adapters and logs: the chat never touched the trainer's state.
+    let read = |out: &str| std::fs::read(root.join(out).join("adapter_model.safetensors")).unwrap();
+    assert!(read("alone") == read("shared"), "final adapters differ");
+    let losses = |out: &str| -> Vec<f64> {
+        termtune::trainer::runlog::read_log(&root.join(out))
+            .unwrap()
+            .iter()
+            .map(|l| l.loss.unwrap())
+            .collect()
+    };
+    assert_eq!(losses("alone"), losses("shared"));
 }
