@@ -525,4 +525,32 @@ mod chat {
         a.update(key('g'));
         snap("chat_settings_failed_load", &a);
     }
+
+    #[test]
+    fn a_full_chat_pane_never_panics_at_any_size() {
+        let mut a = running(2);
+        a.update(key('6'));
+        a.update(key('m'));
+        a.update(loaded(0, Some(("saves/quickstart/checkpoint-20", 20))));
+        a.update(loaded(1, None));
+        a.update(key('i'));
+        send(&mut a, &"a long question ".repeat(20));
+        a.update(token(0, &"word ".repeat(200)));
+        a.update(token(1, "x"));
+        a.update(code(KeyCode::Esc));
+        for focus in ['g', 'v'] {
+            a.update(key(focus));
+            for (w, h) in [
+                (80, 24),
+                (81, 25),
+                (100, 30),
+                (120, 24),
+                (200, 60),
+                (79, 23),
+                (1, 1),
+            ] {
+                draw(&a, w, h);
+            }
+        }
+    }
 }
