@@ -544,7 +544,7 @@ impl App {
                     target,
                 }));
                 self.say(format!(
-                    "nothing loaded in {}: loading the preset's model first (o picks an adapter or checkpoint)",
+                    "{}: loading the preset's model first (o picks an adapter or checkpoint)",
                     slot_name(slot)
                 ));
             }

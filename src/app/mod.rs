@@ -361,6 +361,15 @@ impl App {
                 Vec::new()
             }
             Msg::Chat(ev) => {
+                let settled = matches!(
+                    ev,
+                    crate::chat::worker::ChatEvent::Loaded { .. }
+                        | crate::chat::worker::ChatEvent::Done { .. }
+                );
+                if settled && self.status.as_ref().is_some_and(|s| !s.error) {
+                    // "loading…", "stopping…" are over.
+                    self.status = None;
+                }
                 if let Some(message) = self.chat.on_event(ev) {
                     self.complain(message);
                 }
