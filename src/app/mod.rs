@@ -74,7 +74,12 @@ impl Tab {
 
     /// The keys the tab's form shows.
     pub fn keys(self) -> Vec<&'static str> {
-        form::keys_of(self.groups())
+        let mut keys = form::keys_of(self.groups());
+        if self == Tab::Chat {
+            // The sampling seed is the preset's `seed` (as `termtune chat --seed` sets it).
+            keys.push("seed");
+        }
+        keys
     }
 
     /// The tab whose form holds `key`.

@@ -61,10 +61,17 @@ pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 /// The line about a run sharing the machine, when one is active.
 fn run_warning(app: &App) -> Option<Line<'static>> {
     let text = match app.run.phase {
-        Phase::Paused => "the run is paused: answers get the whole machine (p resumes the run)",
-        _ if app.run.phase.is_active() => {
-            "a run is training: chat and run share the CPU, both slower · p pauses the run"
+        Phase::Paused => {
+            "the run is paused: answers get the whole machine (p resumes the run)".to_string()
         }
+        _ if app.run.phase.is_active() && app.device == "cpu" => {
+            "a run is training: chat and run share the CPU, both slower · p pauses the run"
+                .to_string()
+        }
+        _ if app.run.phase.is_active() => format!(
+            "a run is training on {}: the chat holds its own copy of the model · p pauses the run",
+            app.device
+        ),
         _ => return None,
     };
     Some(Line::raw(format!("⚠ {text}")))
@@ -359,7 +366,20 @@ fn render_settings(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         ));
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    super::form::render_fields(frame, inner, app, theme);
+    let [fields, help] = Layout::vertical([
+        Constraint::Min(1),
+        Constraint::Length(if focused { 4 } else { 0 }),
+    ])
+    .areas(inner);
+    super::form::render_fields(frame, fields, app, theme);
+    if let Some(key) = app.focused_key().filter(|_| focused) {
+        let f = app.form.field(key);
+        let mut lines = vec![Line::styled(format!("{key}: {}", f.help), theme.muted)];
+        if let Some(issue) = f.issue {
+            lines.insert(0, Line::styled(issue, theme.danger));
+        }
+        frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), help);
+    }
 }
 
 fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
