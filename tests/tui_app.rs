@@ -517,8 +517,16 @@ mod chat {
             SlotStatus::Failed("x: no such folder".into())
         );
         assert!(a.status.as_ref().unwrap().error);
-        // The last row types a path.
+        // After the list: type a run folder (listed in turn), or an adapter folder.
         a.update(key('o'));
+        a.update(Msg::ChatTargets(vec![]));
+        a.update(code(KeyCode::Down));
+        a.update(code(KeyCode::Enter));
+        type_text(&mut a, "saves/other-run");
+        assert_eq!(
+            a.update(code(KeyCode::Enter)),
+            vec![Effect::ListChatTargets(PathBuf::from("saves/other-run"))]
+        );
         a.update(Msg::ChatTargets(vec![]));
         a.update(code(KeyCode::Enter));
         type_text(&mut a, "my/adapter");

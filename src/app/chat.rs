@@ -31,8 +31,20 @@ pub enum ChatFocus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineEdit {
     System,
-    AdapterPath { slot: usize },
+    AdapterPath {
+        slot: usize,
+    },
+    /// Another run's `output_dir`, whose adapter and checkpoints the picker then lists.
+    RunFolder {
+        slot: usize,
+    },
 }
+
+/// Rows the picker shows after the listed targets: type an adapter folder, type a run folder.
+pub const PICKER_EXTRA_ROWS: [&str; 2] = [
+    "other adapter folder… (type its path)",
+    "another run's output_dir… (list its checkpoints)",
+];
 
 /// One question and its answer in a slot.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -274,6 +286,13 @@ impl App {
                 }
                 self.load_target(slot, ChatTarget::Adapter(PathBuf::from(text)))
             }
+            LineEdit::RunFolder { slot } => {
+                if text.is_empty() {
+                    return Vec::new();
+                }
+                self.chat.picking = Some(slot);
+                vec![Effect::ListChatTargets(PathBuf::from(text))]
+            }
         }
     }
 
@@ -333,20 +352,33 @@ impl App {
             return None;
         }
         if let Some(p) = self.chat.picker.as_mut() {
-            let n = p.items.len() + 1;
+            let n = p.items.len() + PICKER_EXTRA_ROWS.len();
             match action {
                 Action::Up => p.selected = p.selected.saturating_sub(1),
                 Action::Down => p.selected = (p.selected + 1).min(n - 1),
                 Action::Cancel => self.chat.picker = None,
                 Action::Confirm => {
-                    let (slot, item) = (p.slot, p.items.get(p.selected).cloned());
+                    let (slot, selected) = (p.slot, p.selected);
+                    let item = p.items.get(selected).cloned();
+                    let typed_adapter = selected == p.items.len();
                     self.chat.picker = None;
                     return Some(match item {
                         Some(e) => self.load_target(slot, e.target),
                         None => {
+                            let (kind, hint) = if typed_adapter {
+                                (
+                                    LineEdit::AdapterPath { slot },
+                                    "an adapter folder (adapter_config.json + adapter_model.safetensors)",
+                                )
+                            } else {
+                                (
+                                    LineEdit::RunFolder { slot },
+                                    "a run's output_dir (holding checkpoint-N folders)",
+                                )
+                            };
                             let mut area = TextArea::default();
-                            area.set_placeholder_text("an adapter folder (adapter_config.json + adapter_model.safetensors)");
-                            self.chat.line_edit = Some((LineEdit::AdapterPath { slot }, area));
+                            area.set_placeholder_text(hint);
+                            self.chat.line_edit = Some((kind, area));
                             Vec::new()
                         }
                     });

@@ -10,7 +10,9 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
 use super::{Theme, boxed, centered, clip};
 use crate::app::App;
-use crate::app::chat::{ChatFocus, ChatSlot, LineEdit, SlotStatus, Turn, slot_name};
+use crate::app::chat::{
+    ChatFocus, ChatSlot, LineEdit, PICKER_EXTRA_ROWS, SlotStatus, Turn, slot_name,
+};
 use crate::app::run::Phase;
 use crate::engine::generate::StopReason;
 
@@ -385,7 +387,7 @@ fn render_settings(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let c = &app.chat;
     if let Some(p) = &c.picker {
-        let rows = p.items.len() + 1;
+        let rows = p.items.len() + PICKER_EXTRA_ROWS.len();
         let h = u16::try_from(rows + 2).unwrap_or(u16::MAX);
         let r = centered(area, area.width.saturating_sub(4).min(100), h);
         frame.render_widget(Clear, r);
@@ -394,9 +396,7 @@ fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             .items
             .iter()
             .map(|e| e.label.clone())
-            .chain(std::iter::once(
-                "other adapter folder… (type a path)".to_string(),
-            ))
+            .chain(PICKER_EXTRA_ROWS.iter().map(ToString::to_string))
             .enumerate()
             .map(|(i, label)| {
                 let style = if i == p.selected {
@@ -439,6 +439,10 @@ fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             LineEdit::System => "system prompt (Enter sets, Esc cancels)".to_string(),
             LineEdit::AdapterPath { slot } => format!(
                 "adapter folder for {} (Enter loads, Esc cancels)",
+                slot_name(*slot)
+            ),
+            LineEdit::RunFolder { slot } => format!(
+                "run folder to pick from for {} (Enter lists it, Esc cancels)",
                 slot_name(*slot)
             ),
         };
