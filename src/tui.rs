@@ -48,6 +48,7 @@ struct TerminalGuard;
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
         crate::panic::set_terminal_active(false);
+        let _ = crossterm::execute!(std::io::stdout(), crossterm::event::DisableBracketedPaste);
         ratatui::restore();
     }
 }
@@ -80,6 +81,8 @@ pub fn run(options: &Options) -> Result<(), TuiError> {
     crossterm::terminal::enable_raw_mode()?;
     let guard = TerminalGuard;
     crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen)?;
+    // Pasted text arrives as one event (a pasted newline must not send a chat message).
+    let _ = crossterm::execute!(std::io::stdout(), crossterm::event::EnableBracketedPaste);
     crate::panic::set_terminal_active(true);
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     terminal.clear()?;
@@ -139,6 +142,7 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
             ev = input.next(), if !terminal_gone => match ev {
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => Msg::Key(k),
                 Some(Ok(Event::Resize(..))) => Msg::Resize,
+                Some(Ok(Event::Paste(text))) => Msg::Paste(text),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     tracing::warn!("terminal input failed: {e}; stopping");

@@ -462,6 +462,22 @@ mod chat {
     }
 
     #[test]
+    fn a_pasted_newline_never_sends() {
+        let mut a = chat_app();
+        a.update(base_loaded(0));
+        let fx = a.update(Msg::Paste("line one\r\nline two\n".into()));
+        assert!(fx.is_empty());
+        assert_eq!(a.chat.focus, ChatFocus::Input, "a paste starts typing");
+        assert_eq!(a.chat.input.lines(), ["line one", "line two", ""]);
+        // Into a one-line field, newlines become spaces.
+        a.update(code(KeyCode::Esc));
+        a.update(key('e'));
+        a.update(Msg::Paste("be\nbrief".into()));
+        a.update(code(KeyCode::Enter));
+        assert_eq!(a.chat_system().as_deref(), Some("be brief"));
+    }
+
+    #[test]
     fn turning_compare_on_starts_both_conversations_afresh() {
         let mut a = chat_app();
         a.update(base_loaded(0));

@@ -343,6 +343,25 @@ fn chat_with_the_tiny_model_in_tmux() {
         "the adapter's answer:\n{s}"
     );
     assert!(s.contains(" tokens · "), "{s}");
+    // A bracketed paste with a newline fills the input and sends nothing.
+    assert!(
+        tmux.cmd(&["set-buffer", "-b", "p", "pasted one\npasted two"])
+            .status
+            .success()
+    );
+    assert!(
+        tmux.cmd(&["paste-buffer", "-p", "-b", "p", "-t", "tt"])
+            .status
+            .success()
+    );
+    let s = tmux.wait_for("the pasted lines in the input", 10, |s| {
+        s.contains("│pasted one") && s.contains("│pasted two")
+    });
+    assert_eq!(
+        s.matches("you › ").count(),
+        1,
+        "the paste sent nothing:\n{s}"
+    );
     // Leave the input and copy the answer: OSC 52 reaches tmux, which (with set-clipboard on)
     // keeps it as a paste buffer.
     assert!(

@@ -269,6 +269,28 @@ impl App {
         None
     }
 
+    /// Pasted text: into the form field or one-line field being edited (newlines become
+    /// spaces), or into the chat message (newlines kept: a paste never sends).
+    pub(super) fn paste(&mut self, text: &str) {
+        let one_line = text.replace("\r\n", " ").replace(['\n', '\r'], " ");
+        if let Some(ed) = self.editing.as_mut() {
+            ed.area.insert_str(&one_line);
+            if !ed.save_as {
+                let (k, v) = (ed.key, ed.area.lines().join(""));
+                self.form.set(k, &v);
+            }
+        } else if self.tab == Tab::Chat && self.overlay == Overlay::None {
+            if let Some((_, area)) = self.chat.line_edit.as_mut() {
+                area.insert_str(&one_line);
+            } else if self.chat.picker.is_none() && self.chat.prompt_view.is_none() {
+                self.chat.focus = ChatFocus::Input;
+                self.chat
+                    .input
+                    .insert_str(text.replace("\r\n", "\n").replace('\r', "\n"));
+            }
+        }
+    }
+
     fn finish_line_edit(&mut self, kind: LineEdit, text: &str) -> Vec<Effect> {
         match kind {
             LineEdit::System => {

@@ -296,6 +296,10 @@ impl App {
         match msg {
             Msg::Key(key) => self.on_key(key),
             Msg::Resize => Vec::new(),
+            Msg::Paste(text) => {
+                self.paste(&text);
+                Vec::new()
+            }
             Msg::Tick => Vec::new(),
             Msg::Terminate => {
                 if self.run.phase.is_active() {

@@ -18,6 +18,8 @@ pub enum Msg {
     Key(KeyEvent),
     /// The terminal was resized (a redraw is due).
     Resize,
+    /// Text pasted into the terminal (bracketed paste): typed into the field being edited.
+    Paste(String),
     /// A frame tick.
     Tick,
     /// The terminal is gone or SIGHUP/SIGTERM arrived: stop any run with a checkpoint and exit.
