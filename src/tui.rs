@@ -6,10 +6,14 @@ use std::io::Stdout;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crossterm::event::{Event, EventStream, KeyEventKind};
+use crossterm::event::{
+    DisableMouseCapture, EnableMouseCapture, Event, EventStream, KeyEventKind, MouseButton,
+    MouseEvent, MouseEventKind,
+};
 use futures::StreamExt;
 use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
+use ratatui::layout::Rect;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::app::{App, Effect, Msg};
@@ -47,9 +51,33 @@ struct TerminalGuard;
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
+        release_mouse();
         crate::panic::set_terminal_active(false);
         ratatui::restore();
     }
+}
+
+/// Mouse reporting is on (so every exit path turns it off exactly once).
+static MOUSE_CAPTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns mouse reporting off if it is on (idempotent: the guard, the panic hook and a normal
+/// exit may all call it).
+fn release_mouse() {
+    if MOUSE_CAPTURED.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture);
+    }
+}
+
+/// Wraps the panic hook so a panic on the UI thread turns mouse reporting off before the
+/// terminal is restored and the report printed (`ratatui::restore` does not do it).
+fn hook_mouse_release() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            release_mouse();
+        }
+        previous(info);
+    }));
 }
 
 /// Opens the TUI and runs it until the user quits.
@@ -81,6 +109,11 @@ pub fn run(options: &Options) -> Result<(), TuiError> {
     let guard = TerminalGuard;
     crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen)?;
     crate::panic::set_terminal_active(true);
+    hook_mouse_release();
+    // Mouse is optional: click tabs and fields, wheel scrolls. Without it the keys do it all.
+    if crossterm::execute!(std::io::stdout(), EnableMouseCapture).is_ok() {
+        MOUSE_CAPTURED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     terminal.clear()?;
     let result = runtime.block_on(event_loop(&mut terminal, &mut app, &themes));
@@ -138,6 +171,13 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
             ev = input.next(), if !terminal_gone => match ev {
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => Msg::Key(k),
                 Some(Ok(Event::Resize(..))) => Msg::Resize,
+                Some(Ok(Event::Mouse(m))) => match terminal.size() {
+                    Ok(size) => match mouse_msg(app, Rect::new(0, 0, size.width, size.height), m) {
+                        Some(msg) => msg,
+                        None => continue,
+                    },
+                    Err(_) => continue,
+                },
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     tracing::warn!("terminal input failed: {e}; stopping");
@@ -178,6 +218,26 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                         let _ = tx.send(Msg::EngineExited);
                     }
                 },
+                Effect::Export(request) => {
+                    let worker_tx = tx.clone();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("export".into())
+                            .spawn(move || {
+                                crate::export::job::run(
+                                    &request,
+                                    &candle_core::Device::Cpu,
+                                    &mut |ev| {
+                                        let _ = worker_tx.send(Msg::Export(ev));
+                                    },
+                                );
+                            });
+                    if let Err(e) = spawned {
+                        let _ = tx.send(Msg::Export(crate::export::job::ExportEvent::Failed(
+                            format!("cannot start the export thread: {e}"),
+                        )));
+                    }
+                }
                 Effect::Engine(cmd) => {
                     if let Some(e) = &engine {
                         let _ = e.commands.send(cmd);
@@ -260,6 +320,23 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 pending.extend(app.update(Msg::Terminate));
             }
         }
+    }
+}
+
+/// A mouse event as a message: a left click or a wheel notch on what is drawn under it.
+fn mouse_msg(app: &App, area: Rect, m: MouseEvent) -> Option<Msg> {
+    let target = || ui::mouse::target_at(app, area, m.column, m.row);
+    match m.kind {
+        MouseEventKind::Down(MouseButton::Left) => Some(Msg::Click(target())),
+        MouseEventKind::ScrollDown => Some(Msg::Wheel {
+            target: target(),
+            down: true,
+        }),
+        MouseEventKind::ScrollUp => Some(Msg::Wheel {
+            target: target(),
+            down: false,
+        }),
+        _ => None,
     }
 }
 

@@ -1,8 +1,10 @@
 //! The TUI's state and its only mutator, [`App::update`]: `Msg` in, `Effect`s out, no I/O, no
 //! clock. Rendering (`crate::ui`) reads `&App`.
 
+pub mod export;
 pub mod form;
 pub mod keymap;
+pub mod mouse;
 pub mod msg;
 pub mod run;
 
@@ -14,8 +16,10 @@ use ratatui_textarea::TextArea;
 use crate::config::Group;
 use crate::data::stats::Preview;
 use crate::trainer::protocol::TrainCommand;
+pub use export::{ExportPhase, ExportState};
 pub use form::{Field, FieldKind, Form};
 pub use keymap::{Action, Context, Keymap};
+pub use mouse::Target;
 pub use msg::{Effect, Msg};
 pub use run::{Phase, RunState};
 
@@ -91,6 +95,8 @@ pub enum Question {
     StopRun,
     /// Quit with unsaved preset edits.
     DiscardChanges,
+    /// Write the export (the dialog names the folder: [`App::export_question`]).
+    StartExport,
 }
 
 impl Question {
@@ -105,6 +111,7 @@ impl Question {
             Question::DiscardChanges => {
                 "The preset has unsaved edits. Quit anyway? (y: quit, n/Esc: stay; Ctrl-s saves)"
             }
+            Question::StartExport => "Write the export? (y: export, n/Esc: cancel)",
         }
     }
 }
@@ -179,6 +186,8 @@ pub struct App {
     pub dataset_entries: Option<Result<Vec<String>, String>>,
     /// The log file, named in the error panel.
     pub log_path: Option<String>,
+    /// The Export pane.
+    pub export: ExportState,
     dirty: bool,
 }
 
@@ -203,6 +212,7 @@ impl App {
             log_path: None,
             dataset_entries: None,
             model_info: None,
+            export: ExportState::default(),
             dirty: true,
         };
         app.announce_problems();
@@ -252,6 +262,7 @@ impl App {
         match self.tab {
             Tab::Run => vec![Context::Run, Context::Global],
             Tab::Dataset => vec![Context::Dataset, Context::Form, Context::Global],
+            Tab::Export => vec![Context::Export, Context::Form, Context::Global],
             _ => vec![Context::Form, Context::Global],
         }
     }
@@ -288,6 +299,10 @@ impl App {
             Msg::Resize => Vec::new(),
             Msg::Tick => Vec::new(),
             Msg::Terminate => {
+                if self.export.is_running() && !self.run.phase.is_active() {
+                    self.export.quit_when_done = true;
+                    return Vec::new();
+                }
                 if self.run.phase.is_active() {
                     if self.quitting {
                         return Vec::new();
@@ -363,6 +378,9 @@ impl App {
                 self.dataset_entries = Some(result);
                 Vec::new()
             }
+            Msg::Export(ev) => self.on_export(ev),
+            Msg::Click(target) => self.on_click(target),
+            Msg::Wheel { target, down } => self.on_wheel(target, down),
             Msg::Preview(result) => {
                 self.preview.loading = false;
                 match result {
@@ -608,6 +626,19 @@ impl App {
                 }
                 Vec::new()
             }
+            Action::StartExport => self.start_export(),
+            Action::ToggleExportMode => {
+                self.toggle_export_mode();
+                Vec::new()
+            }
+            Action::UseLatestCheckpoint => {
+                self.use_latest_checkpoint();
+                Vec::new()
+            }
+            Action::ScrollUp | Action::ScrollDown => {
+                self.scroll_export(action == Action::ScrollUp, 10);
+                Vec::new()
+            }
             Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
         }
     }
@@ -661,6 +692,7 @@ impl App {
                 vec![Effect::Engine(TrainCommand::Stop { save })]
             }
             Question::DiscardChanges if yes => vec![Effect::Quit],
+            Question::StartExport => self.answer_export(yes),
             _ => Vec::new(),
         }
     }
@@ -670,6 +702,9 @@ impl App {
             // Asked again while waiting for the engine: abandon the checkpoint.
             self.complain("quitting without waiting for a checkpoint…");
             return vec![Effect::Engine(TrainCommand::Stop { save: false })];
+        }
+        if let Some(effects) = self.quit_during_export() {
+            return effects;
         }
         if self.run.phase.is_active() {
             self.overlay = Overlay::Confirm(Question::QuitDuringRun);

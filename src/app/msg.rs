@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use crossterm::event::KeyEvent;
 
+use super::Target;
 use crate::config::{Loaded, Preset};
 use crate::data::stats::Preview;
+use crate::export::job::{ExportEvent, ExportRequest};
 use crate::telemetry::TelemetrySample;
 use crate::trainer::protocol::{TrainCommand, TrainEvent};
 use crate::trainer::runlog::LogLine;
@@ -46,6 +48,15 @@ pub enum Msg {
     DatasetStats(Result<Box<crate::data::stats::DatasetStats>, String>),
     /// A dataset example was prepared for the preview.
     Preview(Result<Box<Preview>, String>),
+    /// A fact from the export thread (progress, then the report or the refusal).
+    Export(ExportEvent),
+    /// A left click on what `ui::mouse::target_at` found under the pointer.
+    Click(Target),
+    /// One mouse-wheel notch over a target (`down`: towards newer lines / later fields).
+    Wheel {
+        target: Target,
+        down: bool,
+    },
 }
 
 /// A side effect for the terminal loop to perform (`update` never does I/O).
@@ -75,6 +86,8 @@ pub enum Effect {
     ProbeModel(String),
     /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
     ListDatasets(PathBuf),
+    /// Run this export on a background thread (answered by [`Msg::Export`] events).
+    Export(Box<ExportRequest>),
     /// Leave: restore the terminal and exit.
     Quit,
 }

@@ -8,6 +8,7 @@
 pub mod card;
 pub mod gguf;
 pub mod hf;
+pub mod job;
 pub mod ollama;
 
 use std::path::{Path, PathBuf};
