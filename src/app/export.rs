@@ -83,11 +83,11 @@ pub fn describe_output(
         format!("merged model as one GGUF file ({gguf_type}) + Ollama Modelfile")
     } else {
         let dtype = if infer_dtype.is_empty() || infer_dtype == "auto" {
-            "the base's dtype (auto; 32-bit becomes bfloat16)".to_string()
+            "auto (the base's; 32-bit → bfloat16)".to_string()
         } else {
             infer_dtype.to_string()
         };
-        format!("merged model: Hugging Face folder in {dtype} + Ollama Modelfile")
+        format!("merged HF safetensors folder in {dtype} + Ollama Modelfile")
     }
 }
 
@@ -231,7 +231,6 @@ impl App {
             }
             ExportEvent::Failed(message) => {
                 self.complain(format!("export refused: {message}"));
-                self.export.note(format!("refused: {message}"));
                 self.export.phase = ExportPhase::Failed(message);
             }
         }

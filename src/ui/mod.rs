@@ -264,10 +264,14 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             );
         }
         Overlay::Command => {
-            let r = centered(area, area.width.saturating_sub(4), 10);
+            let export = app.tab == Tab::Export;
+            let r = centered(
+                area,
+                area.width.saturating_sub(4),
+                if export { 13 } else { 10 },
+            );
             frame.render_widget(Clear, r);
             let mut lines = Vec::new();
-            let export = app.tab == Tab::Export;
             let commands = if export {
                 app.form.export_commands(app.export.adapter_only)
             } else {
