@@ -173,6 +173,35 @@ fn the_wheel_scrolls_help_forms_logs() {
 }
 
 #[test]
+fn the_wheel_moves_through_the_dataset_entries() {
+    let mut a = app();
+    a.update(key('2'));
+    a.update(Msg::Datasets(Ok(vec![
+        "identity".into(),
+        "demo_instructions".into(),
+        "demo_chat".into(),
+    ])));
+    a.focus_key("dataset");
+    // At 80×24 the entries list is the lower part of the Dataset pane.
+    let t = target_at(&a, SCREEN, 20, 17);
+    assert_eq!(t, Target::DatasetEntries);
+    a.update(Msg::Wheel {
+        target: t,
+        down: true,
+    });
+    a.update(Msg::Wheel {
+        target: t,
+        down: true,
+    });
+    assert_eq!(a.check_cursor, 2);
+    a.update(Msg::Wheel {
+        target: t,
+        down: false,
+    });
+    assert_eq!(a.check_cursor, 1);
+}
+
+#[test]
 fn a_too_small_terminal_has_no_targets() {
     let a = app();
     assert_eq!(target_at(&a, Rect::new(0, 0, 60, 20), 5, 0), Target::Other);

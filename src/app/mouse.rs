@@ -17,6 +17,8 @@ pub enum Target {
     RunLog,
     /// The Export pane's progress and report.
     ExportLog,
+    /// The Dataset pane's list of `dataset_info.json` entries (shown for a focused dataset field).
+    DatasetEntries,
     /// Anything else (status bar, help bar, borders).
     Other,
 }
@@ -74,6 +76,9 @@ impl App {
                 };
             }
             Target::ExportLog => self.scroll_export(!down, WHEEL_LINES),
+            Target::DatasetEntries => {
+                self.field_action(if down { Action::Right } else { Action::Left });
+            }
             Target::Field(_) | Target::Form if self.tab != Tab::Run => {
                 self.move_focus(if down { Action::Down } else { Action::Up });
             }

@@ -31,7 +31,13 @@ pub fn target_at(app: &App, area: Rect, column: u16, row: u16) -> Target {
             }
         }
         Tab::Dataset => {
-            let [left, _] = dataset::split(body);
+            let [left, right] = dataset::split(body);
+            if right.contains(at) {
+                return match app.focused_key() {
+                    Some("dataset" | "eval_dataset") => Target::DatasetEntries,
+                    _ => Target::Other,
+                };
+            }
             let a = form::areas(app, left);
             in_form(app, a.fields, a.list, at)
         }
