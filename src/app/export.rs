@@ -83,11 +83,11 @@ pub fn describe_output(
         format!("merged model as one GGUF file ({gguf_type}) + Ollama Modelfile")
     } else {
         let dtype = if infer_dtype.is_empty() || infer_dtype == "auto" {
-            "auto (the base's; 32-bit → bfloat16)".to_string()
+            "dtype auto (base's; f32→bf16)".to_string()
         } else {
             infer_dtype.to_string()
         };
-        format!("merged HF safetensors folder in {dtype} + Ollama Modelfile")
+        format!("merged HF folder, {dtype} + Ollama Modelfile")
     }
 }
 
