@@ -4,6 +4,8 @@
 
 use std::io::Stdout;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossterm::event::{
@@ -161,6 +163,8 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     let mut frames = tokio::time::interval(Duration::from_millis(1000 / FRAME_RATE_HZ));
     frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut engine: Option<Engine> = None;
+    // The cancel flag of the latest export thread.
+    let mut export_cancel: Option<Arc<AtomicBool>> = None;
     let fallback = Theme::default();
     let mut pending: Vec<Effect> = app.initial_effects();
     let mut terminal_gone = false;
@@ -220,22 +224,26 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 },
                 Effect::Export(request) => {
                     let worker_tx = tx.clone();
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    export_cancel = Some(cancel.clone());
                     let spawned =
                         std::thread::Builder::new()
                             .name("export".into())
                             .spawn(move || {
-                                crate::export::job::run(
-                                    &request,
-                                    &candle_core::Device::Cpu,
-                                    &mut |ev| {
-                                        let _ = worker_tx.send(Msg::Export(ev));
-                                    },
-                                );
+                                let device = candle_core::Device::Cpu;
+                                crate::export::job::run(&request, &device, &cancel, &mut |ev| {
+                                    let _ = worker_tx.send(Msg::Export(ev));
+                                });
                             });
                     if let Err(e) = spawned {
                         let _ = tx.send(Msg::Export(crate::export::job::ExportEvent::Failed(
                             format!("cannot start the export thread: {e}"),
                         )));
+                    }
+                }
+                Effect::CancelExport => {
+                    if let Some(c) = &export_cancel {
+                        c.store(true, Ordering::SeqCst);
                     }
                 }
                 Effect::Engine(cmd) => {

@@ -5,6 +5,7 @@
 //! adapter exports alone; a second export into the same folder is refused and leaves nothing.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use candle_core::{DType, Device, Tensor};
@@ -68,7 +69,9 @@ fn confirm_export(a: &mut App) -> ExportRequest {
 /// Runs the export as the TUI's thread does and feeds its events to the app.
 fn run_export(a: &mut App, request: &ExportRequest) -> Vec<ExportEvent> {
     let mut events = Vec::new();
-    job::run(request, &CPU, &mut |ev| events.push(ev));
+    job::run(request, &CPU, &AtomicBool::new(false), &mut |ev| {
+        events.push(ev)
+    });
     for ev in &events {
         a.update(Msg::Export(ev.clone()));
     }
@@ -245,6 +248,40 @@ fn export_from_the_tui_during_and_after_a_real_run() {
         .collect();
     assert_eq!(before, after);
     assert_eq!(a.tab, Tab::Export);
+
+    // A cancel (x) while the model is being merged: the export stops at its next step, nothing
+    // is left, the pane says so.
+    a.form
+        .set("export_dir", &root.join("cancelled").display().to_string());
+    a.update(key('m'));
+    assert!(!a.export.adapter_only);
+    let request = confirm_export(&mut a);
+    let cancel = AtomicBool::new(false);
+    let mut events = Vec::new();
+    job::run(&request, &CPU, &cancel, &mut |ev| {
+        if matches!(&ev, ExportEvent::Progress(l) if l.starts_with("merging adapter")) {
+            // What the TUI does on x: the app asks for it, the loop sets the flag.
+            assert_eq!(a.update(key('x')), vec![Effect::CancelExport]);
+            cancel.store(true, Ordering::SeqCst);
+        }
+        events.push(ev);
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ExportEvent::Progress(l) if l.starts_with("merging adapter"))),
+        "{events:?}"
+    );
+    assert_eq!(events.last(), Some(&ExportEvent::Cancelled));
+    for ev in events {
+        a.update(Msg::Export(ev));
+    }
+    assert_eq!(a.export.phase, ExportPhase::Cancelled);
+    let after_cancel: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after_cancel, "a cancelled export leaves nothing");
 }
 
 // ---- Pure `update` tests of the pane (no export runs). ----
@@ -325,26 +362,58 @@ fn adapter_only_needs_an_adapter() {
     assert_eq!(a.overlay, Overlay::None);
 }
 
-#[test]
-fn quit_during_an_export_waits_for_it_and_a_second_quit_leaves() {
+fn exporting() -> App {
     let mut a = quickstart();
     a.form.set("export_dir", "out/merged");
     a.update(key('7'));
     a.update(key('e'));
     a.update(key('y'));
+    assert!(a.export.is_running());
+    a
+}
+
+#[test]
+fn quit_during_an_export_asks_then_cancels_it_and_leaves_when_it_stopped() {
+    let mut a = exporting();
     assert!(a.update(key('q')).is_empty());
+    assert_eq!(a.overlay, Overlay::Confirm(Question::QuitDuringExport));
+    // n: keep exporting.
+    assert!(a.update(key('n')).is_empty());
+    assert!(!a.export.quit_when_done);
+    a.update(key('q'));
+    assert_eq!(a.update(key('y')), vec![Effect::CancelExport]);
     assert!(a.export.quit_when_done);
     assert_eq!(
-        a.update(Msg::Export(ExportEvent::Failed("disk full".into()))),
+        a.update(Msg::Export(ExportEvent::Cancelled)),
         vec![Effect::Quit]
     );
-    let mut b = quickstart();
-    b.form.set("export_dir", "out/merged");
-    b.update(key('7'));
-    b.update(key('e'));
-    b.update(key('y'));
+    // Waiting for the cancel, a second q leaves at once.
+    let mut b = exporting();
     b.update(key('q'));
+    b.update(key('y'));
     assert_eq!(b.update(key('q')), vec![Effect::Quit]);
+    // A hang-up cancels and leaves when the export has stopped.
+    let mut c = exporting();
+    assert_eq!(c.update(Msg::Terminate), vec![Effect::CancelExport]);
+    assert!(c.update(Msg::Terminate).is_empty());
+    assert_eq!(
+        c.update(Msg::Export(ExportEvent::Cancelled)),
+        vec![Effect::Quit]
+    );
+}
+
+#[test]
+fn x_cancels_a_running_export_once() {
+    let mut a = exporting();
+    assert_eq!(a.update(key('x')), vec![Effect::CancelExport]);
+    assert!(a.export.cancelling);
+    assert!(a.update(key('x')).is_empty());
+    a.update(Msg::Export(ExportEvent::Cancelled));
+    assert_eq!(a.export.phase, ExportPhase::Cancelled);
+    assert!(!a.export.cancelling);
+    // Without an export, x on the Export pane is the usual stop (nothing runs: nothing to stop).
+    assert!(a.update(key('x')).is_empty());
+    assert_eq!(a.overlay, Overlay::None);
 }
 
 #[test]

@@ -444,6 +444,16 @@ fn export_pane_states() {
     )));
     snap("export_refused", &a);
 
+    // Cancelled with x while running.
+    let mut a = export_app();
+    a.update(key('e'));
+    a.update(key('y'));
+    export_progress(&mut a);
+    a.update(key('x'));
+    snap("export_cancelling", &a);
+    a.update(Msg::Export(ExportEvent::Cancelled));
+    snap("export_cancelled", &a);
+
     // "show as command" on the Export tab.
     let mut a = export_app();
     a.update(key('c'));

@@ -26,6 +26,8 @@ pub enum ExportPhase {
     Running,
     Finished(Box<ExportReport>),
     Failed(String),
+    /// Cancelled on request; nothing was written.
+    Cancelled,
 }
 
 /// The Export pane.
@@ -42,6 +44,8 @@ pub struct ExportState {
     pub pending: Option<ExportRequest>,
     /// Quit asked during an export: leave once it has ended.
     pub quit_when_done: bool,
+    /// Cancel asked; the export stops at its next step.
+    pub cancelling: bool,
 }
 
 impl Default for ExportState {
@@ -53,6 +57,7 @@ impl Default for ExportState {
             scroll: 0,
             pending: None,
             quit_when_done: false,
+            cancelling: false,
         }
     }
 }
@@ -184,6 +189,7 @@ impl App {
         }
         let dir = request.preset.export_dir.clone().unwrap_or_default();
         self.export.phase = ExportPhase::Running;
+        self.export.cancelling = false;
         self.export.lines.clear();
         self.export.scroll = 0;
         self.export.note(format!("exporting to {dir}"));
@@ -233,7 +239,12 @@ impl App {
                 self.complain(format!("export refused: {message}"));
                 self.export.phase = ExportPhase::Failed(message);
             }
+            ExportEvent::Cancelled => {
+                self.say("export cancelled; nothing was written to export_dir");
+                self.export.phase = ExportPhase::Cancelled;
+            }
         }
+        self.export.cancelling = false;
         self.export.scroll = 0;
         if self.export.quit_when_done && !self.run.phase.is_active() {
             return vec![Effect::Quit];
@@ -276,19 +287,40 @@ impl App {
         };
     }
 
-    /// `q` while an export runs: the first asks to wait, the second leaves at once.
-    pub(super) fn quit_during_export(&mut self) -> Option<Vec<Effect>> {
+    /// `x` on the Export pane: cancel a running export (it stops at its next step and removes
+    /// what it wrote); without one, `x` stops a run as everywhere else.
+    pub(super) fn cancel_export(&mut self) -> Vec<Effect> {
         if !self.export.is_running() {
+            return self.act_inner(super::Action::StopRun);
+        }
+        if self.export.cancelling {
+            self.say("cancelling: the export stops after its current step…");
+            return Vec::new();
+        }
+        self.export.cancelling = true;
+        self.say("cancelling the export after its current step…");
+        vec![Effect::CancelExport]
+    }
+
+    /// `q` while an export runs (and no training): ask whether to cancel it and quit. While
+    /// waiting for the cancel, `q` again leaves at once.
+    pub(super) fn quit_during_export(&mut self) -> Option<Vec<Effect>> {
+        if !self.export.is_running() || self.run.phase.is_active() {
             return None;
         }
         if self.export.quit_when_done {
             return Some(vec![Effect::Quit]);
         }
-        self.export.quit_when_done = true;
-        self.complain(
-            "quitting when the export ends (q again quits now and leaves a hidden .NAME.termtune-partial-PID folder next to export_dir)",
-        );
+        self.overlay = Overlay::Confirm(Question::QuitDuringExport);
         Some(Vec::new())
+    }
+
+    /// Quit confirmed (or the terminal went away) during an export: cancel it, leave when it ends.
+    pub(super) fn cancel_export_and_quit(&mut self) -> Vec<Effect> {
+        self.export.quit_when_done = true;
+        self.export.cancelling = true;
+        self.say("cancelling the export, then quitting…");
+        vec![Effect::CancelExport]
     }
 }
 

@@ -39,6 +39,8 @@ pub enum Action {
     Cancel,
     /// Export the current form (asks to confirm the target folder first).
     StartExport,
+    /// Cancel the running export (without one: stop the run, like `StopRun`).
+    CancelExport,
     /// Switch the export between a merged model and the adapter alone.
     ToggleExportMode,
     /// Point `adapter_name_or_path` at the run's latest saved checkpoint.
@@ -348,6 +350,14 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         A::ToggleExportMode,
         "merged/adapter",
         true,
+    ),
+    b(
+        C::Export,
+        K::Char('x'),
+        NONE,
+        A::CancelExport,
+        "cancel export / stop run",
+        false,
     ),
     b(
         C::Export,

@@ -97,6 +97,8 @@ pub enum Question {
     DiscardChanges,
     /// Write the export (the dialog names the folder: [`App::export_question`]).
     StartExport,
+    /// Quit while an export is writing: cancel it?
+    QuitDuringExport,
 }
 
 impl Question {
@@ -112,6 +114,9 @@ impl Question {
                 "The preset has unsaved edits. Quit anyway? (y: quit, n/Esc: stay; Ctrl-s saves)"
             }
             Question::StartExport => "Write the export? (y: export, n/Esc: cancel)",
+            Question::QuitDuringExport => {
+                "An export is being written. Cancel it and quit? Nothing partial is kept. (y: cancel and quit, n/Esc: keep exporting)"
+            }
         }
     }
 }
@@ -300,8 +305,10 @@ impl App {
             Msg::Tick => Vec::new(),
             Msg::Terminate => {
                 if self.export.is_running() && !self.run.phase.is_active() {
-                    self.export.quit_when_done = true;
-                    return Vec::new();
+                    if self.export.quit_when_done {
+                        return Vec::new();
+                    }
+                    return self.cancel_export_and_quit();
                 }
                 if self.run.phase.is_active() {
                     if self.quitting {
@@ -627,6 +634,7 @@ impl App {
                 Vec::new()
             }
             Action::StartExport => self.start_export(),
+            Action::CancelExport => self.cancel_export(),
             Action::ToggleExportMode => {
                 self.toggle_export_mode();
                 Vec::new()
@@ -693,6 +701,7 @@ impl App {
             }
             Question::DiscardChanges if yes => vec![Effect::Quit],
             Question::StartExport => self.answer_export(yes),
+            Question::QuitDuringExport if yes => self.cancel_export_and_quit(),
             _ => Vec::new(),
         }
     }

@@ -88,6 +88,8 @@ pub enum Effect {
     ListDatasets(PathBuf),
     /// Run this export on a background thread (answered by [`Msg::Export`] events).
     Export(Box<ExportRequest>),
+    /// Ask the running export to stop at its next step (answered by `ExportEvent::Cancelled`).
+    CancelExport,
     /// Leave: restore the terminal and exit.
     Quit,
 }

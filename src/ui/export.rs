@@ -66,7 +66,9 @@ fn render_log(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             " export · e starts · m merged/adapter · c shows the command ",
             theme.title,
         ),
-        ExportPhase::Running => (" export: running… ", theme.warning),
+        ExportPhase::Running if state.cancelling => (" export: cancelling… ", theme.warning),
+        ExportPhase::Running => (" export: running… (x cancels) ", theme.warning),
+        ExportPhase::Cancelled => (" export: cancelled ", theme.warning),
         ExportPhase::Finished(_) => (" export: done ", theme.ok),
         ExportPhase::Failed(_) => (" export: refused ", theme.danger),
     };
@@ -158,6 +160,10 @@ fn head_lines<'a>(app: &App, theme: &'a Theme) -> Vec<Line<'a>> {
             ));
             out
         }
+        ExportPhase::Cancelled => vec![Line::styled(
+            "cancelled: nothing was written to export_dir (what had been written was removed)",
+            theme.warning,
+        )],
         ExportPhase::Failed(msg) => vec![
             Line::styled(format!("✗ {msg}"), theme.danger),
             Line::styled(
