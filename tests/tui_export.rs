@@ -403,6 +403,29 @@ fn quit_during_an_export_asks_then_cancels_it_and_leaves_when_it_stopped() {
 }
 
 #[test]
+fn quitting_during_a_run_and_an_export_stops_both_before_leaving() {
+    let mut a = exporting();
+    a.update(key('s'));
+    a.update(Msg::Engine(TrainEvent::Started {
+        total_steps: 10,
+        examples: 80,
+        eval_examples: 0,
+        trainable_params: 1,
+        total_params: 2,
+        start_step: 0,
+    }));
+    // The run's question comes first (save a checkpoint?), then the export is cancelled.
+    a.update(key('q'));
+    assert_eq!(a.overlay, Overlay::Confirm(Question::QuitDuringRun));
+    a.update(key('y'));
+    assert_eq!(a.update(Msg::EngineExited), vec![Effect::CancelExport]);
+    assert_eq!(
+        a.update(Msg::Export(ExportEvent::Cancelled)),
+        vec![Effect::Quit]
+    );
+}
+
+#[test]
 fn x_cancels_a_running_export_once() {
     let mut a = exporting();
     assert_eq!(a.update(key('x')), vec![Effect::CancelExport]);

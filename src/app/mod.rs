@@ -334,7 +334,10 @@ impl App {
                     self.status = None;
                 }
                 self.run.on_engine_exit();
-                if self.quitting {
+                if self.quitting && self.export.is_running() {
+                    // The run has stopped; an export still writing is cancelled, then we leave.
+                    self.cancel_export_and_quit()
+                } else if self.quitting {
                     vec![Effect::Quit]
                 } else {
                     Vec::new()
