@@ -151,7 +151,12 @@ impl App {
         let adapters = preset
             .adapter_name_or_path
             .as_deref()
-            .map(crate::engine::adapter::parse_adapter_list)
+            .map(|list| {
+                crate::config::comma_list(list)
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default();
         if self.export.adapter_only && adapters.is_empty() {
             self.focus_key("adapter_name_or_path");
