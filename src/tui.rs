@@ -4,12 +4,18 @@
 
 use std::io::Stdout;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crossterm::event::{Event, EventStream, KeyEventKind};
+use crossterm::event::{
+    DisableMouseCapture, EnableMouseCapture, Event, EventStream, KeyEventKind, MouseButton,
+    MouseEvent, MouseEventKind,
+};
 use futures::StreamExt;
 use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
+use ratatui::layout::Rect;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::app::{App, Effect, Msg};
@@ -47,10 +53,34 @@ struct TerminalGuard;
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
+        release_mouse();
         crate::panic::set_terminal_active(false);
         let _ = crossterm::execute!(std::io::stdout(), crossterm::event::DisableBracketedPaste);
         ratatui::restore();
     }
+}
+
+/// Mouse reporting is on (so every exit path turns it off exactly once).
+static MOUSE_CAPTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns mouse reporting off if it is on (idempotent: the guard, the panic hook and a normal
+/// exit may all call it).
+fn release_mouse() {
+    if MOUSE_CAPTURED.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture);
+    }
+}
+
+/// Wraps the panic hook so a panic on the UI thread turns mouse reporting off before the
+/// terminal is restored and the report printed (`ratatui::restore` does not do it).
+fn hook_mouse_release() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            release_mouse();
+        }
+        previous(info);
+    }));
 }
 
 /// Opens the TUI and runs it until the user quits.
@@ -84,6 +114,11 @@ pub fn run(options: &Options) -> Result<(), TuiError> {
     // Pasted text arrives as one event (a pasted newline must not send a chat message).
     let _ = crossterm::execute!(std::io::stdout(), crossterm::event::EnableBracketedPaste);
     crate::panic::set_terminal_active(true);
+    hook_mouse_release();
+    // Mouse is optional: click tabs and fields, wheel scrolls. Without it the keys do it all.
+    if crossterm::execute!(std::io::stdout(), EnableMouseCapture).is_ok() {
+        MOUSE_CAPTURED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     terminal.clear()?;
     let result = runtime.block_on(event_loop(&mut terminal, &mut app, &themes));
@@ -132,6 +167,8 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut engine: Option<Engine> = None;
     let mut chat: Option<crate::chat::worker::ChatHandle> = None;
+    // The cancel flag of the latest export thread.
+    let mut export_cancel: Option<Arc<AtomicBool>> = None;
     let fallback = Theme::default();
     let mut pending: Vec<Effect> = app.initial_effects();
     let mut terminal_gone = false;
@@ -143,6 +180,13 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => Msg::Key(k),
                 Some(Ok(Event::Resize(..))) => Msg::Resize,
                 Some(Ok(Event::Paste(text))) => Msg::Paste(text),
+                Some(Ok(Event::Mouse(m))) => match terminal.size() {
+                    Ok(size) => match mouse_msg(app, Rect::new(0, 0, size.width, size.height), m) {
+                        Some(msg) => msg,
+                        None => continue,
+                    },
+                    Err(_) => continue,
+                },
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     tracing::warn!("terminal input failed: {e}; stopping");
@@ -187,6 +231,30 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                         let _ = tx.send(Msg::EngineExited);
                     }
                 },
+                Effect::Export(request) => {
+                    let worker_tx = tx.clone();
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    export_cancel = Some(cancel.clone());
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("export".into())
+                            .spawn(move || {
+                                let device = candle_core::Device::Cpu;
+                                crate::export::job::run(&request, &device, &cancel, &mut |ev| {
+                                    let _ = worker_tx.send(Msg::Export(ev));
+                                });
+                            });
+                    if let Err(e) = spawned {
+                        let _ = tx.send(Msg::Export(crate::export::job::ExportEvent::Failed(
+                            format!("cannot start the export thread: {e}"),
+                        )));
+                    }
+                }
+                Effect::CancelExport => {
+                    if let Some(c) = &export_cancel {
+                        c.store(true, Ordering::SeqCst);
+                    }
+                }
                 Effect::Engine(cmd) => {
                     if let Some(e) = &engine {
                         let _ = e.commands.send(cmd);
@@ -297,6 +365,23 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 pending.extend(app.update(Msg::Terminate));
             }
         }
+    }
+}
+
+/// A mouse event as a message: a left click or a wheel notch on what is drawn under it.
+fn mouse_msg(app: &App, area: Rect, m: MouseEvent) -> Option<Msg> {
+    let target = || ui::mouse::target_at(app, area, m.column, m.row);
+    match m.kind {
+        MouseEventKind::Down(MouseButton::Left) => Some(Msg::Click(target())),
+        MouseEventKind::ScrollDown => Some(Msg::Wheel {
+            target: target(),
+            down: true,
+        }),
+        MouseEventKind::ScrollUp => Some(Msg::Wheel {
+            target: target(),
+            down: false,
+        }),
+        _ => None,
     }
 }
 

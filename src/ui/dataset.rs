@@ -10,15 +10,20 @@ use super::{Theme, form};
 use crate::app::App;
 
 pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
-    let [left, right] = if area.width >= 120 {
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area)
-    } else {
-        Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(area)
-    };
+    let [left, right] = split(area);
     form::render(frame, left, app, theme, "Dataset · data, template, lengths");
     match app.focused_key() {
         Some(key @ ("dataset" | "eval_dataset")) => render_entries(frame, right, app, theme, key),
         _ => render_preview(frame, right, app, theme),
+    }
+}
+
+/// The form (left or top) and the entries/preview (right or bottom); the mouse hit test uses it.
+pub(super) fn split(area: Rect) -> [Rect; 2] {
+    if area.width >= 120 {
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area)
+    } else {
+        Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(area)
     }
 }
 

@@ -13,23 +13,77 @@ const LABEL_WIDTH: usize = 30;
 
 /// Renders the current tab's form in `area` with `title`.
 pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, title: &str) {
-    let [list, footer] = Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
-    let list = if app.tab == crate::app::Tab::Model {
-        let [info, rest] =
-            Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(list);
+    let areas = areas(app, area);
+    if let Some(info) = areas.info {
         render_model_info(frame, info, app, theme);
-        rest
-    } else {
-        list
-    };
+    }
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(theme.border_focused)
         .title(Span::styled(format!(" {title} "), theme.title));
-    let inner = block.inner(list);
-    frame.render_widget(block, list);
-    render_fields(frame, inner, app, theme);
-    render_footer(frame, footer, app, theme);
+    frame.render_widget(block, areas.list);
+    render_fields(frame, areas.fields, app, theme);
+    render_footer(frame, areas.footer, app, theme);
+}
+
+/// Where a form pane draws: the model line (Model tab), the field box, its inside, the footer.
+/// The mouse hit test uses the same rectangles.
+pub(super) struct FormAreas {
+    pub info: Option<Rect>,
+    pub list: Rect,
+    pub fields: Rect,
+    pub footer: Rect,
+}
+
+pub(super) fn areas(app: &App, area: Rect) -> FormAreas {
+    let [list, footer] = Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
+    let (info, list) = if app.tab == crate::app::Tab::Model {
+        let [info, rest] =
+            Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(list);
+        (Some(info), rest)
+    } else {
+        (None, list)
+    };
+    FormAreas {
+        info,
+        list,
+        fields: Block::default().borders(Borders::ALL).inner(list),
+        footer,
+    }
+}
+
+/// The field index of each line of the field list (a field's line and its problem line), and
+/// the line of the focused field.
+fn rows(app: &App) -> (Vec<usize>, usize) {
+    let keys = app.keys();
+    let focused = app.cursors[app.tab.index()].min(keys.len().saturating_sub(1));
+    let mut rows = Vec::new();
+    let mut focus_row = 0;
+    for (i, key) in keys.iter().enumerate() {
+        if i == focused {
+            focus_row = rows.len();
+        }
+        rows.push(i);
+        if app.form.issue(key).is_some() {
+            rows.push(i);
+        }
+    }
+    (rows, focus_row)
+}
+
+/// Lines scrolled off the top so the focused field shows in `height` lines.
+fn first_row(focus_row: usize, height: usize) -> usize {
+    (focus_row + 2).saturating_sub(height)
+}
+
+/// The field drawn at terminal row `y` of the field list `inner` (as [`render_fields`] lays it).
+pub(super) fn field_at(app: &App, inner: Rect, y: u16) -> Option<usize> {
+    if y < inner.y || y >= inner.bottom() {
+        return None;
+    }
+    let (rows, focus_row) = rows(app);
+    let skip = first_row(focus_row, usize::from(inner.height));
+    rows.get(skip + usize::from(y - inner.y)).copied()
 }
 
 /// The field lines of the current tab, scrolled so the focused field shows.
@@ -90,7 +144,8 @@ pub(super) fn render_fields(frame: &mut Frame, inner: Rect, app: &App, theme: &T
         }
     }
     let height = usize::from(inner.height);
-    let skip = (focus_row + 2).saturating_sub(height);
+    debug_assert_eq!(rows(app).1, focus_row);
+    let skip = first_row(focus_row, height);
     let shown: Vec<Line> = lines
         .iter()
         .skip(skip)

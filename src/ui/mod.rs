@@ -6,7 +6,9 @@
 pub mod chat;
 mod dashboard;
 mod dataset;
+mod export;
 mod form;
+pub mod mouse;
 pub mod theme;
 
 use ratatui::Frame;
@@ -15,7 +17,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
 use crate::app::keymap::key_label;
-use crate::app::{App, Context, Overlay, Phase, Tab};
+use crate::app::{App, Context, Overlay, Phase, Question, Tab};
 pub use theme::Theme;
 
 /// The smallest terminal the full UI is laid out for.
@@ -29,27 +31,38 @@ pub fn render(frame: &mut Frame, app: &App, theme: &Theme) {
         return;
     }
     frame.render_widget(Block::default().style(theme.base), area);
-    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+    let Some([tabs, body, status, help]) = screen_areas(area) else {
         too_small(frame, area, theme);
         return;
-    }
-    let [tabs, body, status, help] = Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Min(1),
-        Constraint::Length(1),
-        Constraint::Length(1),
-    ])
-    .areas(area);
+    };
     render_tabs(frame, tabs, app, theme);
     match app.tab {
         Tab::Run => dashboard::render(frame, body, app, theme),
         Tab::Dataset => dataset::render(frame, body, app, theme),
         Tab::Chat => chat::render(frame, body, app, theme),
+        Tab::Export => export::render(frame, body, app, theme),
         _ => form::render(frame, body, app, theme, pane_title(app.tab)),
     }
     render_status(frame, status, app, theme);
     render_help_bar(frame, help, app, theme);
     render_overlay(frame, body, app, theme);
+}
+
+/// The tab line, the pane, the status bar and the help bar; `None` below the minimum size.
+/// Rendering and the mouse hit test both lay the screen out with this.
+pub(crate) fn screen_areas(area: Rect) -> Option<[Rect; 4]> {
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        return None;
+    }
+    Some(
+        Layout::vertical([
+            Constraint::Length(1),
+            Constraint::Min(1),
+            Constraint::Length(1),
+            Constraint::Length(1),
+        ])
+        .areas(area),
+    )
 }
 
 fn pane_title(tab: Tab) -> &'static str {
@@ -87,9 +100,19 @@ fn too_small(frame: &mut Frame, area: Rect, theme: &Theme) {
 }
 
 fn render_tabs(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let spans: Vec<Span> = tab_spans(app, area.width, theme)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    frame.render_widget(Line::from(spans), area);
+}
+
+/// The spans of the tab line, each with the tab it belongs to (the mouse hit test reads their
+/// widths).
+pub(crate) fn tab_spans<'a>(app: &App, width: u16, theme: &Theme) -> Vec<(Span<'a>, Option<Tab>)> {
     let mut spans = Vec::new();
-    if area.width >= 100 {
-        spans.push(Span::styled(" termtune ", theme.title));
+    if width >= 100 {
+        spans.push((Span::styled(" termtune ", theme.title), None));
     }
     for (i, tab) in Tab::ALL.iter().enumerate() {
         let style = if *tab == app.tab {
@@ -106,12 +129,15 @@ fn render_tabs(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             .iter()
             .filter(|k| app.form.issue(k).is_some())
             .count();
-        spans.push(Span::styled(label, style));
+        spans.push((Span::styled(label, style), Some(*tab)));
         if problems > 0 {
-            spans.push(Span::styled(format!("!{problems}"), theme.danger));
+            spans.push((
+                Span::styled(format!("!{problems}"), theme.danger),
+                Some(*tab),
+            ));
         }
     }
-    frame.render_widget(Line::from(spans), area);
+    spans
 }
 
 fn render_status(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
@@ -158,13 +184,15 @@ fn render_status(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 
 fn render_help_bar(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let contexts = app.contexts();
+    let bar = app.keymap.fit_bar(&contexts, usize::from(area.width));
     let mut spans = Vec::new();
-    for b in app.keymap.bar(&contexts) {
+    let more = bar.more.map(|m| (m, crate::app::keymap::MORE_LABEL));
+    for (b, desc) in bar.hints.iter().map(|b| (*b, b.desc)).chain(more) {
         spans.push(Span::styled(
             format!(" {}", key_label(b.code, b.modifiers)),
             theme.help_key,
         ));
-        spans.push(Span::styled(format!(" {} ", b.desc), theme.help_desc));
+        spans.push(Span::styled(format!(" {desc} "), theme.help_desc));
     }
     frame.render_widget(Line::from(spans), area);
 }
@@ -215,6 +243,7 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 (Context::ChatInput, "chat: typing a message"),
                 (Context::Chat, "chat: outside the input (Esc)"),
                 (Context::ChatSettings, "chat: generation settings (g)"),
+                (Context::Export, "export pane"),
                 (Context::Editing, "editing a field"),
                 (Context::Confirm, "questions"),
                 (Context::Overlay, "pop-ups"),
@@ -240,16 +269,32 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             );
         }
         Overlay::Command => {
-            let r = centered(area, area.width.saturating_sub(4), 10);
+            let export = app.tab == Tab::Export;
+            let r = centered(
+                area,
+                area.width.saturating_sub(4),
+                if export { 13 } else { 10 },
+            );
             frame.render_widget(Clear, r);
             let mut lines = Vec::new();
-            for c in app.form.commands() {
+            let commands = if export {
+                app.form.export_commands(app.export.adapter_only)
+            } else {
+                app.form.commands()
+            };
+            for c in commands {
                 lines.push(Line::styled(c, theme.field_value));
                 lines.push(Line::raw(""));
             }
             if app.form.is_dirty() {
                 lines.push(Line::styled(
                     "the KEY=VALUE arguments are this preset's unsaved edits",
+                    theme.muted,
+                ));
+            }
+            if export {
+                lines.push(Line::styled(
+                    "llamafactory-cli export writes a merged safetensors folder only: export_format: gguf and --adapter-only are termtune's",
                     theme.muted,
                 ));
             }
@@ -284,13 +329,18 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             );
         }
         Overlay::Confirm(q) => {
-            let r = centered(area, 64, 6);
+            let h = if *q == Question::StartExport { 9 } else { 6 };
+            let r = centered(area, 64, h);
             frame.render_widget(Clear, r);
             frame.render_widget(
-                Paragraph::new(q.text())
-                    .wrap(Wrap { trim: true })
-                    .style(theme.base)
-                    .block(boxed("confirm", theme)),
+                Paragraph::new(if *q == Question::StartExport {
+                    app.export_question()
+                } else {
+                    q.text().to_string()
+                })
+                .wrap(Wrap { trim: true })
+                .style(theme.base)
+                .block(boxed("confirm", theme)),
                 r,
             );
         }
