@@ -613,10 +613,10 @@ impl App {
                 let target = preset
                     .adapter_name_or_path
                     .as_deref()
-                    .map(crate::engine::adapter::parse_adapter_list)
+                    .map(crate::config::comma_list)
                     .filter(|l| l.len() == 1)
                     .and_then(|mut l| l.pop())
-                    .map_or(ChatTarget::Base, ChatTarget::Adapter);
+                    .map_or(ChatTarget::Base, |a| ChatTarget::Adapter(PathBuf::from(a)));
                 s.status = SlotStatus::Loading("loading…".into());
                 s.turns.clear();
                 effects.push(Effect::Chat(ChatCommand::Load {

@@ -21,7 +21,7 @@ use super::targets::{AdapterInfo, ChatTarget, describe_adapter};
 use super::{ChatError, ChatSession};
 use crate::config::Preset;
 use crate::data::{Message, Role};
-use crate::engine::generate::{GenerationParams, StopReason};
+pub use crate::engine::generate::{GenerationParams, StopReason};
 use crate::engine::source::{SourceKind, SourceProgress};
 
 /// How many models can be loaded at once (A and B of the compare view).

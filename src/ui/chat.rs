@@ -14,7 +14,7 @@ use crate::app::chat::{
     ChatFocus, ChatSlot, LineEdit, PICKER_EXTRA_ROWS, SlotStatus, Turn, slot_name,
 };
 use crate::app::run::Phase;
-use crate::engine::generate::StopReason;
+use crate::chat::worker::StopReason;
 
 /// Width of the generation settings column.
 const SETTINGS_WIDTH: u16 = 46;
