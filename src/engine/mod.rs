@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod layer;
 pub mod mirror;
 pub mod model;
 pub mod ops;

@@ -610,6 +610,24 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
 }
 
+/// The summed cross-entropy of `logits` (n, v) against `targets` (n) u32 and, when `grad`, its gradient with
+/// respect to the logits (softmax − one-hot), both without a graph (for the chunked lm_head loss).
+pub fn cross_entropy_sum_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let x = logits.detach().contiguous()?;
+    let tg = targets.to_dtype(DType::U32)?.contiguous()?;
+    let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy)?;
+    let d = if grad {
+        Some(x.apply_op2_no_bwd(&tg, &CrossEntropyBwd { scale: 1.0 })?)
+    } else {
+        None
+    };
+    Ok((loss, d))
+}
+
 // ---------------------------------------------------------------------------------------------- attention
 
 /// Scaled dot-product attention with an additive mask and GQA, as one op:
