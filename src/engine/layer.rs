@@ -330,9 +330,10 @@ impl CustomOp1 for HeadLoss {
     }
 }
 
-/// Rows of logits computed at once by [`head_loss_chunked`]: about 64 MiB of f32 logits.
+/// Rows of logits computed at once by [`head_loss_chunked`]: about 24 MiB of f32 logits (under glibc's largest
+/// mmap threshold, 32 MiB, so the chunk buffers are reused from the heap instead of being mapped and zeroed anew).
 pub fn head_chunk_rows(vocab: usize) -> usize {
-    ((16usize << 20) / vocab.max(1)).max(1)
+    ((6usize << 20) / vocab.max(1)).max(1)
 }
 
 /// Σ over rows of `−log softmax(hs · wᵀ)[target]`, with `hs` (n, hidden), `w` (vocab, hidden) frozen, targets
@@ -352,7 +353,7 @@ pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize)
         let tg = Tensor::new(&targets[start..start + len], hs.device())?;
         let logits = ops::linear(&h, w)?;
         let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, need_grad)?;
-        loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        loss += l;
         if let Some(d) = dlogits {
             grads.push(d.matmul(w)?);
         }
