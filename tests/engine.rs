@@ -1249,7 +1249,7 @@ fn loss_and_grads(
 }
 
 #[test]
-fn checkpointing_and_chunked_head_loss_match_the_plain_path() {
+fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
     // f64: the paths differ only by float rounding, so the tolerance can be tight.
     let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
     let mask = AttnMask::Padding {
@@ -1284,19 +1284,22 @@ fn checkpointing_and_chunked_head_loss_match_the_plain_path() {
                 randomize_b(&m, 5 + fi as u64);
                 m.checkpointing = false;
                 m.head_chunk_rows = None;
+                m.unpad = false;
                 let (l0, g0) = loss_and_grads(&m, &input, &mask, &labels);
                 assert!(!g0.is_empty());
-                for (ckpt, chunk) in [
-                    (true, None),
-                    (false, Some(3)),
-                    (true, Some(1)),
-                    (true, Some(1000)),
+                for (ckpt, chunk, unpad) in [
+                    (true, None, false),
+                    (false, Some(3), false),
+                    (false, None, true),
+                    (true, Some(1), true),
+                    (true, Some(1000), true),
                 ] {
                     m.checkpointing = ckpt;
                     m.head_chunk_rows = chunk;
+                    m.unpad = unpad;
                     let (l1, g1) = loss_and_grads(&m, &input, &mask, &labels);
                     let what = format!(
-                        "{:?} {ft:?} {kernels:?} ckpt {ckpt} chunk {chunk:?}",
+                        "{:?} {ft:?} {kernels:?} ckpt {ckpt} chunk {chunk:?} unpad {unpad}",
                         opts.arch
                     );
                     assert!((l0 - l1).abs() < 1e-12, "{what}: loss {l0} vs {l1}");
@@ -1313,7 +1316,7 @@ fn checkpointing_and_chunked_head_loss_match_the_plain_path() {
             }
         }
     }
-    assert_eq!(compared, 5 * 5 * 2 * 4);
+    assert_eq!(compared, 5 * 5 * 2 * 5);
 }
 
 #[test]

@@ -33,6 +33,47 @@ pub struct LayerCtx {
     pub fused: bool,
 }
 
+/// Padding removed from a right- or left-padded batch: the layer runs its linears, norms and MLP on the N real
+/// tokens only, as a (1, N, hidden) tensor, and scatters q, k, v into the padded (b, t) layout just for attention
+/// (padding slots point at row 0; the mask hides them as keys and their outputs are never gathered back).
+#[derive(Debug, Clone)]
+pub struct Unpad {
+    /// (N) u32: padded position (bi·t + ti) of each real token.
+    pub real: Tensor,
+    /// (b·t) u32: packed row of each padded position (0 for padding).
+    pub padded: Tensor,
+    pub b: usize,
+    pub t: usize,
+}
+
+impl Unpad {
+    /// From a (b, t) 0/1 attention mask; `None` when nothing is padding.
+    pub fn from_mask(mask: &[Vec<u32>], device: &candle_core::Device) -> Result<Option<Self>> {
+        let b = mask.len();
+        let t = mask.first().map_or(0, Vec::len);
+        let mut real = Vec::new();
+        let mut padded = vec![0u32; b * t];
+        for (bi, row) in mask.iter().enumerate() {
+            for (ti, &m) in row.iter().enumerate() {
+                if m != 0 {
+                    padded[bi * t + ti] = real.len() as u32;
+                    real.push((bi * t + ti) as u32);
+                }
+            }
+        }
+        if real.len() == b * t || real.is_empty() {
+            return Ok(None);
+        }
+        let n = real.len();
+        Ok(Some(Self {
+            real: Tensor::from_vec(real, n, device)?,
+            padded: Tensor::from_vec(padded, b * t, device)?,
+            b,
+            t,
+        }))
+    }
+}
+
 fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
     let w = if train {
         w.tensor().clone()
@@ -46,8 +87,10 @@ fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tenso
     }
 }
 
-/// One decoder layer: x (b, t, hidden) → (b, t, hidden). `cos`/`sin` (bb, 1, t, hd/2), `bias` (bb, 1, t, t).
-/// `train`: trainable weights are tracked (else detached) and LoRA dropout is active.
+/// One decoder layer: x (b, t, hidden) → (b, t, hidden), or (1, N, hidden) → (1, N, hidden) with `pad`.
+/// `cos`/`sin` (bb, 1, t, hd/2), `bias` (bb, 1, t, t). `train`: trainable weights are tracked (else detached)
+/// and LoRA dropout is active.
+#[allow(clippy::too_many_arguments)]
 pub fn layer_forward(
     ctx: &LayerCtx,
     l: &Layer,
@@ -55,15 +98,31 @@ pub fn layer_forward(
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
+    pad: Option<&Unpad>,
     train: bool,
 ) -> Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
+    let (b, t) = match pad {
+        Some(p) => (p.b, p.t),
+        None => {
+            let (b, t, _) = x.dims3()?;
+            (b, t)
+        }
+    };
     let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
     let fused = ctx.fused;
+    let heads = |z: Tensor, n: usize| -> Result<Tensor> {
+        Ok(match pad {
+            None => z.reshape((b, t, n, hd))?,
+            Some(p) => z
+                .reshape(((), n * hd))?
+                .index_select(&p.padded, 0)?
+                .reshape((b, t, n, hd))?,
+        })
+    };
     let hn = rms_norm(ctx, x, &l.input_norm, train)?;
-    let q = l.q.forward_k(&hn, train, fused)?.reshape((b, t, nh, hd))?;
-    let k = l.k.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
-    let v = l.v.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
+    let q = heads(l.q.forward_k(&hn, train, fused)?, nh)?;
+    let k = heads(l.k.forward_k(&hn, train, fused)?, nkv)?;
+    let v = heads(l.v.forward_k(&hn, train, fused)?, nkv)?;
     let q = match &l.q_norm {
         Some(w) => rms_norm(ctx, &q, w, train)?,
         None => q,
@@ -100,6 +159,13 @@ pub fn layer_forward(
             .reshape((b, nh, t, hd))?
     };
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let y = match pad {
+        None => y,
+        Some(p) => y
+            .reshape((b * t, nh * hd))?
+            .index_select(&p.real, 0)?
+            .unsqueeze(0)?,
+    };
     let x = (x + l.o.forward_k(&y, train, fused)?)?;
     let hn = rms_norm(ctx, &x, &l.post_norm, train)?;
     let g = l.gate.forward_k(&hn, train, fused)?;
@@ -183,6 +249,7 @@ struct CheckpointedLayer {
     cos: Tensor,
     sin: Tensor,
     bias: Tensor,
+    pad: Option<Unpad>,
 }
 
 impl CustomOp2 for CheckpointedLayer {
@@ -206,6 +273,7 @@ impl CustomOp2 for CheckpointedLayer {
             &self.cos,
             &self.sin,
             &self.bias,
+            self.pad.as_ref(),
             false,
         )
         .map_err(wrap)?;
@@ -229,6 +297,7 @@ impl CustomOp2 for CheckpointedLayer {
             &self.cos,
             &self.sin,
             &self.bias,
+            self.pad.as_ref(),
             true,
         )
         .map_err(wrap)?;
@@ -266,14 +335,15 @@ pub fn checkpointed_layer(
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
+    pad: Option<&Unpad>,
 ) -> Result<Tensor> {
     let vars = layer_vars(l);
     if !x.device().is_cpu() || !can_checkpoint(l) {
-        return layer_forward(ctx, l, x, cos, sin, bias, true);
+        return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
     }
     if vars.is_empty() && !x.track_op() {
         // Nothing upstream or inside needs a gradient: no graph at all.
-        return layer_forward(ctx, l, x, cos, sin, bias, false);
+        return layer_forward(ctx, l, x, cos, sin, bias, pad, false);
     }
     // One flat tensor of every trainable value, f32 unless all Vars share another dtype.
     let fdt = match vars.first() {
@@ -296,6 +366,7 @@ pub fn checkpointed_layer(
         cos: cos.clone(),
         sin: sin.clone(),
         bias: bias.clone(),
+        pad: pad.cloned(),
     };
     Ok(x.contiguous()?.apply_op2(&flat, op)?)
 }

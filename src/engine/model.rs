@@ -336,6 +336,9 @@ pub struct Model {
     /// lm_head + loss over chunks of this many labelled rows (logits never materialise for all rows);
     /// `None` computes all rows at once. Applies when the head weight is frozen and the fused kernels run.
     pub head_chunk_rows: Option<usize>,
+    /// Run padded batches (`AttnMask::Padding`) without their padding: linears, norms and the MLP see only the
+    /// real tokens; attention runs per example in the padded layout. Same result, less work.
+    pub unpad: bool,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -509,6 +512,7 @@ impl Model {
             lora_vars: VarMap::new(),
             kernels: Kernels::Fused,
             checkpointing: false,
+            unpad: true,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab)),
             inv_freq,
             trainable,
@@ -720,6 +724,18 @@ impl Model {
         mask: &AttnMask,
         train: bool,
     ) -> Result<Tensor> {
+        Ok(self.hidden(input_ids, mask, train, false)?.0)
+    }
+
+    /// [`Self::forward_hidden`]; with `unpad` and a padded batch, the output is (1, N, hidden) over the N real
+    /// tokens (row order: batch-major), and the second value maps padded position bi·t + ti to its row.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        train: bool,
+        unpad: bool,
+    ) -> Result<(Tensor, Option<Vec<Option<usize>>>)> {
         let (b, t) = input_ids.dims2()?;
         let check = |name: &str, x: &Tensor| -> Result<()> {
             if x.dims() != [b, t] {
@@ -758,16 +774,39 @@ impl Model {
         };
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
         let bias = self.mask_bias(b, t, seq, cdt)?;
+        let pad = match (unpad, mask) {
+            (true, AttnMask::Padding { attention_mask }) => layer::Unpad::from_mask(
+                &attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+                &self.device,
+            )?,
+            _ => None,
+        };
         let mut x = self.embed(input_ids, train)?;
+        if let Some(p) = &pad {
+            x = x
+                .reshape((b * t, self.cfg.hidden_size))?
+                .index_select(&p.real, 0)?
+                .unsqueeze(0)?;
+        }
         let ctx = self.layer_ctx();
         for layer in &self.layers {
             x = if train && self.checkpointing {
-                layer::checkpointed_layer(&ctx, layer, &x, &cos, &sin, &bias)?
+                layer::checkpointed_layer(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref())?
             } else {
-                layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, train)?
+                layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref(), train)?
             };
         }
-        self.rms_norm(&x, &self.norm, train)
+        let rows = match &pad {
+            None => None,
+            Some(p) => {
+                let mut map = vec![None; b * t];
+                for (row, pos) in p.real.to_vec1::<u32>()?.into_iter().enumerate() {
+                    map[pos as usize] = Some(row);
+                }
+                Some(map)
+            }
+        };
+        Ok((self.rms_norm(&x, &self.norm, train)?, rows))
     }
 
     /// The per-layer settings the decoder layer needs (small, `Copy`: also held by the checkpoint op).
@@ -840,7 +879,6 @@ impl Model {
                 labels.dims()
             )));
         }
-        let h = self.forward_hidden(input_ids, mask, train)?;
         let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut rows = Vec::new();
         let mut tgt = Vec::new();
@@ -866,9 +904,23 @@ impl Model {
         if n == 0 {
             return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
         }
+        let (h, packed) = self.hidden(input_ids, mask, train, self.unpad)?;
+        // With padding removed, a labelled position must be a real token (it always is for right or left
+        // padding); otherwise run again on the padded layout.
+        let (h, rows) = match packed {
+            None => (h, rows),
+            Some(map) => match rows
+                .iter()
+                .map(|&r| map[r as usize].map(|x| x as u32))
+                .collect::<Option<Vec<u32>>>()
+            {
+                Some(mapped) => (h, mapped),
+                None => (self.hidden(input_ids, mask, train, false)?.0, rows),
+            },
+        };
         let idx = Tensor::from_vec(rows, n, &self.device)?;
         let hs = h
-            .reshape((b * t, self.cfg.hidden_size))?
+            .reshape(((), self.cfg.hidden_size))?
             .index_select(&idx, 0)?;
         if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
             && self.fused(cdt)
