@@ -182,6 +182,14 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
     Ok(report(opts, threads, &settings, &reference))
 }
 
+/// CPU time (user + system) of this process, from /proc/self/stat (clock ticks of 1/100 s).
+fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command: state is field 0, utime 11, stime 12.
+    Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / 100.0)
+}
+
 /// Warm-up and measured steps of LoRA training on `batches` with a fresh AdamW.
 fn measure(
     model: &Model,
@@ -203,6 +211,7 @@ fn measure(
     let mut times = Vec::new();
     for (i, b) in batches.iter().enumerate() {
         let (ids, labels, mask) = batch_tensors(b, device).map_err(|e| e.to_string())?;
+        let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         let (loss, n) = model
             .forward_loss(&ids, &mask, &labels, true)
@@ -219,8 +228,9 @@ fn measure(
         opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
         let t3 = Instant::now();
         let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
+        let cpu = process_cpu_seconds().zip(c0).map_or(f64::NAN, |(a, b)| a - b);
         note(&format!(
-            "termtune (gradient checkpointing {}) step {}/{}: {:.2} s ({} real tokens of {})",
+            "termtune (gradient checkpointing {}) step {}/{}: {:.2} s, process CPU {cpu:.2} s ({} real tokens of {})",
             if checkpointing { "on" } else { "off" },
             i + 1,
             batches.len(),
