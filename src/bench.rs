@@ -228,7 +228,9 @@ fn measure(
         opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
         let t3 = Instant::now();
         let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
-        let cpu = process_cpu_seconds().zip(c0).map_or(f64::NAN, |(a, b)| a - b);
+        let cpu = process_cpu_seconds()
+            .zip(c0)
+            .map_or(f64::NAN, |(a, b)| a - b);
         note(&format!(
             "termtune (gradient checkpointing {}) step {}/{}: {:.2} s, process CPU {cpu:.2} s ({} real tokens of {})",
             if checkpointing { "on" } else { "off" },

@@ -23,6 +23,11 @@ pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
+/// candle allocates a fresh buffer for every op result; with glibc each large one was mapped, page-faulted and
+/// zeroed anew (about 14% of a training step in perf). mimalloc reuses freed pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;
 pub use generate::{ChatModel, GenerationParams, StopReason};
