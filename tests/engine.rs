@@ -1285,21 +1285,25 @@ fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
                 m.checkpointing = false;
                 m.head_chunk_rows = None;
                 m.unpad = false;
+                m.manual_backward = false;
                 let (l0, g0) = loss_and_grads(&m, &input, &mask, &labels);
                 assert!(!g0.is_empty());
-                for (ckpt, chunk, unpad) in [
-                    (true, None, false),
-                    (false, Some(3), false),
-                    (false, None, true),
-                    (true, Some(1), true),
-                    (true, Some(1000), true),
+                for (ckpt, chunk, unpad, manual) in [
+                    (true, None, false, false),
+                    (false, Some(3), false, false),
+                    (false, None, true, false),
+                    (false, None, false, true),
+                    (true, None, false, true),
+                    (true, Some(1), true, true),
+                    (false, Some(1000), true, true),
                 ] {
                     m.checkpointing = ckpt;
                     m.head_chunk_rows = chunk;
                     m.unpad = unpad;
+                    m.manual_backward = manual;
                     let (l1, g1) = loss_and_grads(&m, &input, &mask, &labels);
                     let what = format!(
-                        "{:?} {ft:?} {kernels:?} ckpt {ckpt} chunk {chunk:?} unpad {unpad}",
+                        "{:?} {ft:?} {kernels:?} ckpt {ckpt} chunk {chunk:?} unpad {unpad} manual {manual}",
                         opts.arch
                     );
                     assert!((l0 - l1).abs() < 1e-12, "{what}: loss {l0} vs {l1}");
@@ -1316,7 +1320,7 @@ fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
             }
         }
     }
-    assert_eq!(compared, 5 * 5 * 2 * 5);
+    assert_eq!(compared, 5 * 5 * 2 * 7);
 }
 
 #[test]

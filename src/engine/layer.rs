@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
 use super::error::Result;
-use super::model::{Layer, Weight};
+use super::model::{Layer, Linear, Weight};
 use super::ops;
 
 type R<T> = candle_core::Result<T>;
@@ -241,6 +241,206 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+// ---------------------------------------------------------------------------------------------- hand-written backward
+
+/// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA without dropout
+/// allowed), frozen norms, no q/k norm, fused CPU kernels, LoRA in the model dtype. Other layers backpropagate
+/// through a recomputed candle graph.
+pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
+    ctx.fused
+        && l.q_norm.is_none()
+        && l.k_norm.is_none()
+        && matches!(l.input_norm, Weight::Frozen(_))
+        && matches!(l.post_norm, Weight::Frozen(_))
+        && l.linears().iter().all(|lin| {
+            matches!(lin.weight, Weight::Frozen(_))
+                && lin
+                    .bias
+                    .as_ref()
+                    .is_none_or(|b| matches!(b, Weight::Frozen(_)))
+                && lin.lora.as_ref().is_none_or(|p| {
+                    p.dropout == 0.0 && p.a.dtype() == ctx.dtype && p.b.dtype() == ctx.dtype
+                })
+        })
+}
+
+/// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) (+ bias) on 2-D x, graph-free; also returns x·Aᵀ for the backward.
+fn lin_fwd(lin: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let w = lin.weight.detached();
+    let mut y = x.matmul(&w.t()?)?;
+    let mut xa = None;
+    if let Some(p) = &lin.lora {
+        let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
+        let xa_ = x.matmul(&a.t()?)?;
+        let d = (&xa_ * p.scale)?.matmul(&b.t()?)?;
+        y = ops::fused::add_untracked(&y, &d)?;
+        xa = Some(xa_);
+    }
+    if let Some(bias) = &lin.bias {
+        y = y.broadcast_add(&bias.detached())?;
+    }
+    Ok((y, xa))
+}
+
+/// (dX, LoRA (dA, dB)) of [`lin_fwd`] for the incoming gradient `gy` (m, n).
+fn lin_bwd(
+    lin: &Linear,
+    x: &Tensor,
+    xa: Option<&Tensor>,
+    gy: &Tensor,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let w = lin.weight.detached();
+    let dx = gy.matmul(&w)?;
+    match (&lin.lora, xa) {
+        (Some(p), Some(xa)) => {
+            let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
+            let gb = (gy.matmul(&b)? * p.scale)?;
+            let dx = ops::fused::add_untracked(&dx, &gb.matmul(&a)?)?;
+            let db = (gy.t()?.matmul(xa)? * p.scale)?;
+            let da = gb.t()?.matmul(x)?;
+            Ok((dx, Some((da, db))))
+        }
+        _ => Ok((dx, None)),
+    }
+}
+
+/// Activations kept between the forward and the hand-written backward (all 2-D (rows, features) except the
+/// attention inputs, (b, heads, t, hd)).
+struct Saved {
+    x: Tensor,
+    hn1: Tensor,
+    xa: [Option<Tensor>; 7],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    x2: Tensor,
+    hn2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    act: Tensor,
+}
+
+impl CheckpointedLayer {
+    fn manual_forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        let (ctx, l) = (&self.ctx, &self.layer);
+        let dims = x.dims().to_vec();
+        let hsz = dims[dims.len() - 1];
+        let m = x.elem_count() / hsz;
+        let (b, t) = match &self.pad {
+            Some(p) => (p.b, p.t),
+            None => (dims[0], dims[1]),
+        };
+        let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
+        let x = x.reshape((m, hsz))?;
+        let hn1 = ops::fused::rms_norm(&x, &l.input_norm.detached(), ctx.eps)?;
+        let (q, xa_q) = lin_fwd(&l.q, &hn1)?;
+        let (k, xa_k) = lin_fwd(&l.k, &hn1)?;
+        let (v, xa_v) = lin_fwd(&l.v, &hn1)?;
+        let heads = |z: Tensor, n: usize| -> Result<Tensor> {
+            let z = match &self.pad {
+                None => z,
+                Some(p) => z.index_select(&p.padded, 0)?,
+            };
+            Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = ops::fused::rope(&heads(q, nh)?, &self.cos, &self.sin)?;
+        let k = ops::fused::rope(&heads(k, nkv)?, &self.cos, &self.sin)?;
+        let v = heads(v, nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = ops::fused::attention(&q, &k, &v, &self.bias, scale)?;
+        let y = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let y = match &self.pad {
+            None => y,
+            Some(p) => y.index_select(&p.real, 0)?,
+        };
+        let (o, xa_o) = lin_fwd(&l.o, &y)?;
+        let x2 = ops::fused::add_untracked(&x, &o)?;
+        let hn2 = ops::fused::rms_norm(&x2, &l.post_norm.detached(), ctx.eps)?;
+        let (g, xa_g) = lin_fwd(&l.gate, &hn2)?;
+        let (u, xa_u) = lin_fwd(&l.up, &hn2)?;
+        let act = ops::fused::swiglu(&g, &u)?;
+        let (d, xa_d) = lin_fwd(&l.down, &act)?;
+        let out = ops::fused::add_untracked(&x2, &d)?.reshape(dims)?;
+        let saved = Saved {
+            x,
+            hn1,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            q,
+            k,
+            v,
+            y,
+            x2,
+            hn2,
+            g,
+            u,
+            act,
+        };
+        Ok((out, saved))
+    }
+
+    /// dX and the LoRA gradients (in [`layer_vars`] order) for the incoming gradient `gy`.
+    fn manual_backward(&self, sv: &Saved, gy: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (ctx, l) = (&self.ctx, &self.layer);
+        let (m, hsz) = sv.x.dims2()?;
+        let (b, nh, t, hd) = sv.q.dims4()?;
+        let nkv = sv.k.dim(1)?;
+        let add = ops::fused::add_untracked;
+        let gy = gy.reshape((m, hsz))?;
+        let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
+        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy)?;
+        lora[6] = gd;
+        let (dg, du) = ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)?;
+        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg)?;
+        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du)?;
+        lora[4] = gg;
+        lora[5] = gu;
+        let d_hn2 = add(&dh_g, &dh_u)?;
+        let dx2 = add(
+            &gy,
+            &ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)?,
+        )?;
+        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2)?;
+        lora[3] = go;
+        let dy = match &self.pad {
+            None => dy,
+            Some(p) => Tensor::zeros((b * t, nh * hd), dy.dtype(), dy.device())?
+                .index_add(&p.real, &dy, 0)?,
+        };
+        let dy = dy.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (dq, dk, dv) =
+            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, scale, &dy)?;
+        let dq = ops::fused::rope_backward(&dq, &self.cos, &self.sin)?;
+        let dk = ops::fused::rope_backward(&dk, &self.cos, &self.sin)?;
+        let rows = |d: Tensor, n: usize| -> Result<Tensor> {
+            let d = d.transpose(1, 2)?.reshape((b * t, n * hd))?;
+            Ok(match &self.pad {
+                None => d,
+                Some(p) => Tensor::zeros((m, n * hd), d.dtype(), d.device())?
+                    .index_add(&p.padded, &d, 0)?,
+            })
+        };
+        let (dh_q, gq) = lin_bwd(&l.q, &sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?)?;
+        let (dh_k, gk) = lin_bwd(&l.k, &sv.hn1, sv.xa[1].as_ref(), &rows(dk, nkv)?)?;
+        let (dh_v, gv) = lin_bwd(&l.v, &sv.hn1, sv.xa[2].as_ref(), &rows(dv, nkv)?)?;
+        lora[0] = gq;
+        lora[1] = gk;
+        lora[2] = gv;
+        let d_hn1 = add(&add(&dh_q, &dh_k)?, &dh_v)?;
+        let dx = add(
+            &dx2,
+            &ops::fused::rms_norm_backward(&sv.x, &l.input_norm.detached(), &d_hn1, ctx.eps)?,
+        )?;
+        let mut grads = Vec::new();
+        for (da, db) in lora.into_iter().flatten() {
+            grads.push(da);
+            grads.push(db);
+        }
+        Ok((dx, grads))
+    }
+}
+
 /// The checkpointed layer as a candle op: arguments (hidden, flat trainable params).
 struct CheckpointedLayer {
     ctx: LayerCtx,
@@ -250,6 +450,11 @@ struct CheckpointedLayer {
     sin: Tensor,
     bias: Tensor,
     pad: Option<Unpad>,
+    /// Use the hand-written backward ([`manual_ok`]).
+    manual: bool,
+    /// Keep the activations from the forward for the backward (no recomputation; checkpointing off).
+    keep: bool,
+    saved: std::sync::Mutex<Option<Saved>>,
 }
 
 impl CustomOp2 for CheckpointedLayer {
@@ -264,8 +469,19 @@ impl CustomOp2 for CheckpointedLayer {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        // Untracked input and detached weights: no graph is recorded, nothing but the output survives.
+        // Untracked input and detached weights: no graph is recorded, nothing but the output survives
+        // (and, with `keep`, the activations the hand-written backward needs).
         let x = cpu_tensor(s1, l1)?;
+        if self.manual {
+            let (y, saved) = self.manual_forward(&x).map_err(wrap)?;
+            if self.keep {
+                match self.saved.lock() {
+                    Ok(mut g) => *g = Some(saved),
+                    Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+                }
+            }
+            return Ok((cpu_storage(&y)?, y.shape().clone()));
+        }
         let y = layer_forward(
             &self.ctx,
             &self.layer,
@@ -287,6 +503,30 @@ impl CustomOp2 for CheckpointedLayer {
         _y: &Tensor,
         gy: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        if self.manual {
+            let kept = match self.saved.lock() {
+                Ok(mut g) => g.take(),
+                Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+            };
+            let saved = match kept {
+                Some(s) => s,
+                None => self.manual_forward(&x.detach()).map_err(wrap)?.1,
+            };
+            let (dx, grads) = self.manual_backward(&saved, &gy.detach()).map_err(wrap)?;
+            drop(saved);
+            let dx = dx.reshape(x.dims())?;
+            let dflat = if grads.is_empty() {
+                None
+            } else {
+                let fdt = flat.dtype();
+                let parts = grads
+                    .iter()
+                    .map(|g| g.flatten_all()?.to_dtype(fdt))
+                    .collect::<R<Vec<_>>>()?;
+                Some(Tensor::cat(&parts, 0)?)
+            };
+            return Ok((Some(dx), dflat));
+        }
         // Recompute the layer with tracking from its saved input, then backpropagate `Σ y·gy` through this
         // local graph: its gradient at y is exactly gy, so the gradients at x and at the Vars are the layer's.
         let xin = Var::from_tensor(&x.detach())?;
@@ -325,8 +565,10 @@ impl CustomOp2 for CheckpointedLayer {
     }
 }
 
-/// A decoder layer with activation checkpointing (see the module doc). Falls back to the plain tracked
-/// forward when the layer cannot be checkpointed (LoRA dropout) or is not on the CPU.
+/// A decoder layer as one op (see the module doc): `keep` false recomputes the layer in the backward (activation
+/// checkpointing), `keep` true keeps the activations (needs `manual`); `manual` uses the hand-written backward
+/// where [`manual_ok`]. Falls back to the plain tracked forward when the layer cannot be checkpointed (LoRA
+/// dropout), is not on the CPU, or `keep` is asked without the hand-written backward.
 #[allow(clippy::too_many_arguments)]
 pub fn checkpointed_layer(
     ctx: &LayerCtx,
@@ -336,9 +578,12 @@ pub fn checkpointed_layer(
     sin: &Tensor,
     bias: &Tensor,
     pad: Option<&Unpad>,
+    manual: bool,
+    keep: bool,
 ) -> Result<Tensor> {
     let vars = layer_vars(l);
-    if !x.device().is_cpu() || !can_checkpoint(l) {
+    let manual = manual && x.device().is_cpu() && manual_ok(ctx, l);
+    if !x.device().is_cpu() || !can_checkpoint(l) || (keep && !manual) {
         return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
     }
     if vars.is_empty() && !x.track_op() {
@@ -367,6 +612,9 @@ pub fn checkpointed_layer(
         sin: sin.clone(),
         bias: bias.clone(),
         pad: pad.cloned(),
+        manual,
+        keep,
+        saved: std::sync::Mutex::new(None),
     };
     Ok(x.contiguous()?.apply_op2(&flat, op)?)
 }

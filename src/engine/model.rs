@@ -339,6 +339,9 @@ pub struct Model {
     /// Run padded batches (`AttnMask::Padding`) without their padding: linears, norms and the MLP see only the
     /// real tokens; attention runs per example in the padded layout. Same result, less work.
     pub unpad: bool,
+    /// Backpropagate decoder layers with the hand-written backward where it applies ([`layer::manual_ok`])
+    /// instead of candle's graph (same values; no per-op gradient buffers, zero-fills and accumulation adds).
+    pub manual_backward: bool,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -513,6 +516,7 @@ impl Model {
             kernels: Kernels::Fused,
             checkpointing: false,
             unpad: true,
+            manual_backward: true,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab)),
             inv_freq,
             trainable,
@@ -790,8 +794,22 @@ impl Model {
         }
         let ctx = self.layer_ctx();
         for layer in &self.layers {
-            x = if train && self.checkpointing {
-                layer::checkpointed_layer(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref())?
+            // The layer op: with checkpointing (recompute in the backward), or without it when the hand-written
+            // backward covers the layer (activations kept); else candle's graph through the plain forward.
+            let manual = self.manual_backward && layer::manual_ok(&ctx, layer);
+            x = if train && (self.checkpointing || manual) {
+                let keep = !self.checkpointing;
+                layer::checkpointed_layer(
+                    &ctx,
+                    layer,
+                    &x,
+                    &cos,
+                    &sin,
+                    &bias,
+                    pad.as_ref(),
+                    manual,
+                    keep,
+                )?
             } else {
                 layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref(), train)?
             };

@@ -815,3 +815,111 @@ pub fn attention(
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
+
+// ---------------------------------------------------------------------------------------------- backward pieces
+// Graph-free building blocks for the hand-written decoder-layer backward (`engine::layer`).
+
+/// dX of [`rms_norm`] for a frozen weight.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&w, &gy.contiguous()?, &RmsNormBwd { eps })
+}
+
+/// dX of [`rope`] (the inverse rotation of the gradient).
+pub fn rope_backward(gy: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dt = gy.dtype();
+    gy.contiguous()?.apply_op1_no_bwd(&Rope {
+        cos: cos.to_dtype(dt)?,
+        sin: sin.to_dtype(dt)?,
+        sign: -1.0,
+    })
+}
+
+/// (dG, dU) of [`swiglu`].
+pub fn swiglu_backward(
+    g: &Tensor,
+    u: &Tensor,
+    gy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = g
+        .contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &gy.contiguous()?, &SwiGluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// (dQ, dK, dV) of [`attention`] (probabilities recomputed).
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    gy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let op = Attention {
+        bias: bias.to_dtype(q.dtype())?,
+        scale,
+        n_rep: q.dim(1)? / k.dim(1)?,
+    };
+    match op.bwd(q, k, v, gy, gy)? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => candle_core::bail!("fused-attention: backward returned no gradient"),
+    }
+}
+
+struct AddPar;
+
+impl CustomOp2 for AddPar {
+    fn name(&self) -> &'static str {
+        "fused-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(a: &[T], b: &[T]) -> Vec<T> {
+            let mut out = vec![T::zero(); a.len()];
+            out.par_chunks_mut(16 * 1024)
+                .zip(a.par_chunks(16 * 1024).zip(b.par_chunks(16 * 1024)))
+                .for_each(|(o, (a, b))| {
+                    for i in 0..o.len() {
+                        o[i] = a[i] + b[i];
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("fused-add: shapes {:?} and {:?}", l1.shape(), l2.shape())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(k(contig(a, l1, "add")?, contig(b, l2, "add")?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(k(contig(a, l1, "add")?, contig(b, l2, "add")?))
+            }
+            _ => candle_core::bail!("fused-add: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `a + b` (same shape) without a graph, on the rayon pool (candle's own elementwise add runs on a spinning
+/// barrier pool beside rayon's threads).
+pub fn add_untracked(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) && a.dtype() == b.dtype()
+    {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddPar)
+    } else {
+        (a.detach() + b.detach())?.detach().contiguous()
+    }
+}
