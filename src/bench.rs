@@ -33,6 +33,15 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Python for the PyTorch + PEFT reference; `None` skips it.
     pub python: Option<PathBuf>,
+    /// CPU threads for both termtune and the reference (0 = all cores).
+    pub threads: usize,
+}
+
+/// termtune's measurements for one gradient-checkpointing setting.
+struct Setting {
+    checkpointing: bool,
+    times: Vec<StepTime>,
+    rss_gib: Option<f64>,
 }
 
 /// One step's measurements.
@@ -52,7 +61,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark; progress goes to `note`, the report is returned.
-pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, String> {
+pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<String, String> {
     let preset_text = format!(
         "model_name_or_path: {:?}\ndataset: {}\ndataset_dir: {:?}\ncutoff_len: {}\nmax_samples: {}\n\
          per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\n{}",
@@ -125,6 +134,70 @@ pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, St
         ));
     }
 
+    let mut model = model;
+    let threads = if opts.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+    // Both settings start from the same LoRA values, so their losses must agree with each other and the reference.
+    let init: Vec<(candle_core::Var, candle_core::Tensor)> = model
+        .trainable_vars()
+        .into_iter()
+        .map(|(_, v)| {
+            let t = v.as_tensor().copy()?;
+            Ok((v, t))
+        })
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    let mut settings = Vec::new();
+    for checkpointing in [true, false] {
+        for (v, t) in &init {
+            v.set(t).map_err(|e| e.to_string())?;
+        }
+        model.checkpointing = checkpointing;
+        // Peak RSS per setting: reset the high-water mark (Linux `clear_refs` 5) before each one.
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        if !reset && checkpointing {
+            note(
+                "cannot reset the peak RSS between settings; the second setting's peak includes the first's",
+            );
+        }
+        let times = pool.install(|| measure(&model, &batches, &device, checkpointing, note))?;
+        settings.push(Setting {
+            checkpointing,
+            times,
+            rss_gib: peak_rss_gib(),
+        });
+    }
+
+    let reference = match &opts.python {
+        None => Err("skipped (--no-reference)".to_string()),
+        Some(py) => run_reference(py, &reference_model, &batches, opts, threads, note),
+    };
+    Ok(report(opts, threads, &settings, &reference))
+}
+
+/// CPU time (user + system) of this process, from /proc/self/stat (clock ticks of 1/100 s).
+fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command: state is field 0, utime 11, stime 12.
+    Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / 100.0)
+}
+
+/// Warm-up and measured steps of LoRA training on `batches` with a fresh AdamW.
+fn measure(
+    model: &Model,
+    batches: &[crate::data::Batch],
+    device: &Device,
+    checkpointing: bool,
+    note: &mut (dyn FnMut(&str) + Send),
+) -> Result<Vec<StepTime>, String> {
     let params: Vec<Param> = model
         .trainable_vars()
         .into_iter()
@@ -137,7 +210,8 @@ pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, St
     let mut opt = AdamW::new(params, AdamWConfig::default()).map_err(|e| e.to_string())?;
     let mut times = Vec::new();
     for (i, b) in batches.iter().enumerate() {
-        let (ids, labels, mask) = batch_tensors(b, &device).map_err(|e| e.to_string())?;
+        let (ids, labels, mask) = batch_tensors(b, device).map_err(|e| e.to_string())?;
+        let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         let (loss, n) = model
             .forward_loss(&ids, &mask, &labels, true)
@@ -154,8 +228,12 @@ pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, St
         opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
         let t3 = Instant::now();
         let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
+        let cpu = process_cpu_seconds()
+            .zip(c0)
+            .map_or(f64::NAN, |(a, b)| a - b);
         note(&format!(
-            "termtune step {}/{}: {:.2} s ({} real tokens of {})",
+            "termtune (gradient checkpointing {}) step {}/{}: {:.2} s, process CPU {cpu:.2} s ({} real tokens of {})",
+            if checkpointing { "on" } else { "off" },
             i + 1,
             batches.len(),
             (t3 - t0).as_secs_f64(),
@@ -171,13 +249,7 @@ pub fn run(opts: &BenchOptions, note: &mut dyn FnMut(&str)) -> Result<String, St
             padded_tokens: b.batch_size * b.seq_len,
         });
     }
-    let rss = peak_rss_gib();
-
-    let reference = match &opts.python {
-        None => Err("skipped (--no-reference)".to_string()),
-        Some(py) => run_reference(py, &reference_model, &batches, opts, note),
-    };
-    Ok(report(opts, &times, rss, &reference))
+    Ok(times)
 }
 
 fn run_reference(
@@ -185,7 +257,8 @@ fn run_reference(
     model: &Path,
     batches: &[crate::data::Batch],
     opts: &BenchOptions,
-    note: &mut dyn FnMut(&str),
+    threads: usize,
+    note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<serde_json::Value, String> {
     let check = std::process::Command::new(python)
         .args(["-c", "import torch, transformers, peft"])
@@ -217,7 +290,7 @@ fn run_reference(
         .map_err(|e| e.to_string())?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_peft.py");
     note("running the PyTorch + PEFT reference on the same batches");
-    let threads = rayon::current_num_threads().to_string();
+    let threads = threads.to_string();
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(["--model", &model.display().to_string()])
@@ -238,12 +311,8 @@ fn run_reference(
     serde_json::from_str(last).map_err(|e| format!("unreadable reference output: {e}"))
 }
 
-fn report(
-    opts: &BenchOptions,
-    times: &[StepTime],
-    rss_gib: Option<f64>,
-    reference: &Result<serde_json::Value, String>,
-) -> String {
+/// The summary figures of one run: step, forward, backward, optimizer medians, real and padded tokens/s, RSS.
+fn figures(opts: &BenchOptions, times: &[StepTime], rss_gib: Option<f64>) -> [f64; 7] {
     let measured = &times[opts.warmup.min(times.len())..];
     let total: f64 = measured
         .iter()
@@ -254,7 +323,7 @@ fn report(
     #[allow(clippy::cast_precision_loss)]
     let padded: f64 = measured.iter().map(|t| t.padded_tokens as f64).sum();
     let med = |f: fn(&StepTime) -> f64| median(measured.iter().map(f).collect());
-    let ours = [
+    [
         med(|t| t.forward_s + t.backward_s + t.optimizer_s),
         med(|t| t.forward_s),
         med(|t| t.backward_s),
@@ -262,22 +331,27 @@ fn report(
         real / total.max(1e-9),
         padded / total.max(1e-9),
         rss_gib.unwrap_or(0.0),
-    ];
+    ]
+}
+
+fn report(
+    opts: &BenchOptions,
+    threads: usize,
+    settings: &[Setting],
+    reference: &Result<serde_json::Value, String>,
+) -> String {
+    let ours: Vec<[f64; 7]> = settings
+        .iter()
+        .map(|s| figures(opts, &s.times, s.rss_gib))
+        .collect();
+    let measured = settings
+        .first()
+        .map_or(0, |s| s.times.len().saturating_sub(opts.warmup));
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "LoRA r {} on all linear layers, f32, CPU {} threads, batch {} x cutoff {}, {} measured steps after {} warm-up",
-        opts.lora_rank,
-        rayon::current_num_threads(),
-        opts.batch_size,
-        opts.cutoff_len,
-        measured.len(),
-        opts.warmup
-    );
-    let _ = writeln!(
-        out,
-        "{:<28}{:>14}{:>16}{:>10}",
-        "", "termtune", "PyTorch+PEFT", "ratio"
+        "LoRA r {} on all linear layers, f32, CPU {threads} threads, batch {} x cutoff {}, {measured} measured steps after {} warm-up",
+        opts.lora_rank, opts.batch_size, opts.cutoff_len, opts.warmup
     );
     let refv: Option<[f64; 7]> = reference.as_ref().ok().map(|r| {
         let g = |k: &str| {
@@ -296,6 +370,26 @@ fn report(
             g("peak_rss_bytes") / (1u64 << 30) as f64,
         ]
     });
+    let name = |s: &Setting| {
+        if s.checkpointing {
+            "ckpt on"
+        } else {
+            "ckpt off"
+        }
+    };
+    let mut head = format!("{:<28}", "termtune gradient ckpt:");
+    for s in settings {
+        let _ = write!(head, "{:>12}", name(s));
+    }
+    let _ = write!(head, "{:>14}", "PyTorch+PEFT");
+    for s in settings {
+        let _ = write!(
+            head,
+            "{:>12}",
+            format!("ratio {}", if s.checkpointing { "on" } else { "off" })
+        );
+    }
+    let _ = writeln!(out, "{}", head.trim_end());
     let rows = [
         ("seconds per step (median)", 0, false),
         ("  forward", 1, false),
@@ -306,30 +400,36 @@ fn report(
         ("peak RSS (GiB)", 6, false),
     ];
     for (label, i, higher_is_better) in rows {
+        let mut line = format!("{label:<28}");
+        for o in &ours {
+            let _ = write!(line, "{:>12.3}", o[i]);
+        }
         match refv {
             Some(r) => {
-                let ratio = if higher_is_better {
-                    ours[i] / r[i]
-                } else {
-                    r[i] / ours[i]
-                };
-                let _ = writeln!(
-                    out,
-                    "{label:<28}{:>14.3}{:>16.3}{:>9.2}x",
-                    ours[i], r[i], ratio
-                );
+                let _ = write!(line, "{:>14.3}", r[i]);
+                for o in &ours {
+                    let ratio = if higher_is_better {
+                        o[i] / r[i]
+                    } else {
+                        r[i] / o[i]
+                    };
+                    let _ = write!(line, "{:>11.2}x", ratio);
+                }
             }
             None => {
-                let _ = writeln!(out, "{label:<28}{:>14.3}{:>16}{:>10}", ours[i], "-", "-");
+                let _ = write!(line, "{:>14}", "-");
             }
         }
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     let _ = writeln!(
         out,
-        "(ratio > 1 means termtune is better: faster, or less memory)"
+        "(ratio > 1 means termtune is better: faster, or less memory; the reference keeps all activations)"
     );
-    let losses: Vec<String> = times.iter().map(|t| format!("{:.4}", t.loss)).collect();
-    let _ = writeln!(out, "termtune losses:  {}", losses.join(" "));
+    for s in settings {
+        let losses: Vec<String> = s.times.iter().map(|t| format!("{:.4}", t.loss)).collect();
+        let _ = writeln!(out, "termtune losses ({}): {}", name(s), losses.join(" "));
+    }
     match reference {
         Ok(r) => {
             let theirs: Vec<String> = r
@@ -342,7 +442,7 @@ fn report(
                         .collect()
                 })
                 .unwrap_or_default();
-            let _ = writeln!(out, "reference losses: {}", theirs.join(" "));
+            let _ = writeln!(out, "reference losses:          {}", theirs.join(" "));
             if let Some(tool) = r.get("tool").and_then(serde_json::Value::as_str) {
                 let _ = writeln!(out, "reference: {tool}");
             }

@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// Skip the PyTorch + PEFT reference.
     #[arg(long)]
     pub no_reference: bool,
+    /// CPU threads for termtune and the reference (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +92,9 @@ pub struct TrainArgs {
     /// Overrides in LLaMA-Factory's form: KEY=VALUE (e.g. lora_rank=16 max_steps=50).
     #[arg(value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// CPU threads for training (same as num_threads=N; 0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -184,7 +184,11 @@ fn load_or_report(
 }
 
 fn train(args: &TrainArgs) -> ExitCode {
-    match load_or_report(&args.preset, &args.overrides, Purpose::Train) {
+    let mut overrides = args.overrides.clone();
+    if let Some(n) = args.threads {
+        overrides.push(format!("num_threads={n}"));
+    }
+    match load_or_report(&args.preset, &overrides, Purpose::Train) {
         Ok(loaded) => crate::headless::train(loaded),
         Err(code) => code,
     }
@@ -347,6 +351,7 @@ fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
         steps: args.steps,
         warmup: 1,
         python,
+        threads: args.threads,
     };
     match crate::bench::run(&opts, &mut |line| eprintln!("termtune: {line}")) {
         Ok(report) => {

@@ -202,10 +202,20 @@ fn lora_gradients_match_finite_differences_f64() {
             },
             Kernels::Pure,
         ),
+        // The same, with activation checkpointing and a chunked lm_head loss (flagged by Mistral below).
+        (
+            TinyOpts {
+                arch: ArchKind::Mistral,
+                ..TinyOpts::default()
+            },
+            Kernels::Fused,
+        ),
     ] {
         let d = tempfile::tempdir().unwrap();
         let (mut m, _) = build(d.path(), &opts, DType::F64, &lora("all", 4));
         m.kernels = kernels;
+        m.checkpointing = opts.arch == ArchKind::Mistral;
+        m.head_chunk_rows = (opts.arch == ArchKind::Mistral).then_some(2);
         randomize_b(&m, 99);
         let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
         let mask = AttnMask::Padding {
@@ -1203,4 +1213,153 @@ fn bad_inputs_are_errors_not_panics() {
         .forward_loss(&ids(&[1, 2, 3], 1), &AttnMask::Causal, &labels, true)
         .unwrap();
     assert_eq!((s.to_scalar::<f32>().unwrap(), n), (0.0, 0));
+}
+
+/// Loss and every trainable gradient of one forward/backward, as f64 vectors.
+fn loss_and_grads(
+    m: &Model,
+    input: &Tensor,
+    mask: &AttnMask,
+    labels: &Tensor,
+) -> (f64, Vec<Vec<f64>>) {
+    let (s, n) = m.forward_loss(input, mask, labels, true).unwrap();
+    let loss = (s / n as f64).unwrap();
+    let g = loss.backward().unwrap();
+    let grads = m
+        .trainable_vars()
+        .iter()
+        .map(|(name, v)| {
+            let gv = g.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+            assert!(!gv.track_op(), "{name}: gradient carries a graph");
+            gv.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect();
+    (
+        loss.to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        grads,
+    )
+}
+
+#[test]
+fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
+    // f64: the paths differ only by float rounding, so the tolerance can be tight.
+    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
+    let mask = AttnMask::Padding {
+        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
+    };
+    let labels = Tensor::new(
+        &[
+            [-100i64, 70, 71, 100, 33, 9],
+            [-100, 12, 40, 41, -100, -100],
+        ],
+        &CPU,
+    )
+    .unwrap();
+    let finetunes = [
+        lora("all", 4),
+        lora("q_proj,v_proj", 2),
+        Finetune::Freeze {
+            trainable_layers: 1,
+        },
+        Finetune::Freeze {
+            trainable_layers: -1,
+        },
+        Finetune::Full,
+    ];
+    let mut compared = 0;
+    for opts in all_variants() {
+        for (fi, ft) in finetunes.iter().enumerate() {
+            for kernels in [Kernels::Fused, Kernels::Pure] {
+                let d = tempfile::tempdir().unwrap();
+                let (mut m, _) = build(d.path(), &opts, DType::F64, ft);
+                m.kernels = kernels;
+                randomize_b(&m, 5 + fi as u64);
+                m.checkpointing = false;
+                m.head_chunk_rows = None;
+                m.unpad = false;
+                m.manual_backward = false;
+                let (l0, g0) = loss_and_grads(&m, &input, &mask, &labels);
+                assert!(!g0.is_empty());
+                for (ckpt, chunk, unpad, manual) in [
+                    (true, None, false, false),
+                    (false, Some(3), false, false),
+                    (false, None, true, false),
+                    (false, None, false, true),
+                    (true, None, false, true),
+                    (true, Some(1), true, true),
+                    (false, Some(1000), true, true),
+                ] {
+                    m.checkpointing = ckpt;
+                    m.head_chunk_rows = chunk;
+                    m.unpad = unpad;
+                    m.manual_backward = manual;
+                    let (l1, g1) = loss_and_grads(&m, &input, &mask, &labels);
+                    let what = format!(
+                        "{:?} {ft:?} {kernels:?} ckpt {ckpt} chunk {chunk:?} unpad {unpad} manual {manual}",
+                        opts.arch
+                    );
+                    assert!((l0 - l1).abs() < 1e-12, "{what}: loss {l0} vs {l1}");
+                    for (a, b) in g0.iter().zip(&g1) {
+                        let scale = a.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+                        let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                        assert!(
+                            diff / scale < 1e-10,
+                            "{what}: gradient differs by {diff} (scale {scale})"
+                        );
+                    }
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 5 * 5 * 2 * 7);
+}
+
+#[test]
+fn checkpointing_and_chunked_head_loss_match_in_f32_over_training_steps() {
+    // f32 with the fused LoRA op: three SGD steps give the same losses with and without the memory savers.
+    let d = tempfile::tempdir().unwrap();
+    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
+    let labels = Tensor::new(
+        &[[-100i64, 70, 71, 100, 33, 9], [-100, 12, 40, 41, 42, 43]],
+        &CPU,
+    )
+    .unwrap();
+    let run = |ckpt: bool, chunk: Option<usize>| -> Vec<f64> {
+        let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
+        m.checkpointing = ckpt;
+        m.head_chunk_rows = chunk;
+        use candle_nn::Optimizer;
+        let vars: Vec<Var> = m.trainable_vars().into_iter().map(|(_, v)| v).collect();
+        let mut sgd = candle_nn::SGD::new(vars, 0.05).unwrap();
+        (0..3)
+            .map(|_| {
+                let (s, n) = m
+                    .forward_loss(&input, &AttnMask::Causal, &labels, true)
+                    .unwrap();
+                let loss = (s / n as f64).unwrap();
+                sgd.step(&loss.backward().unwrap()).unwrap();
+                loss.to_scalar::<f32>().unwrap() as f64
+            })
+            .collect()
+    };
+    let plain = run(false, None);
+    assert!(plain[2] < plain[0], "training lowers the loss: {plain:?}");
+    for (ckpt, chunk) in [(true, None), (false, Some(2)), (true, Some(2))] {
+        let other = run(ckpt, chunk);
+        for (a, b) in plain.iter().zip(&other) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "ckpt {ckpt} chunk {chunk:?}: {plain:?} vs {other:?}"
+            );
+        }
+    }
 }

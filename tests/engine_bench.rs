@@ -2,7 +2,9 @@
 //! (30 layers, d 576, ffn 1536, 9/3 heads, vocab 49152, tied embeddings), random weights, f32 CPU, batch 4 × 256.
 //!
 //! Run: `cargo test --release --test integration engine_bench -- --ignored --nocapture`
-//! Env: `BENCH_STEPS` (default 3), `BENCH_BATCH` (4), `BENCH_SEQ` (256), `BENCH_KERNELS` (fused|pure|both).
+//! Env: `BENCH_STEPS` (default 3), `BENCH_BATCH` (4), `BENCH_SEQ` (256), `BENCH_KERNELS` (fused|pure|both),
+//! `BENCH_CKPT` (1: gradient checkpointing), `BENCH_MANUAL` (0: candle-graph layer backward instead of the
+//! hand-written one).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -117,6 +119,8 @@ fn bench_lora_step_smollm2_shape() {
     )
     .unwrap();
     drop(tensors);
+    model.checkpointing = env("BENCH_CKPT", 0) == 1;
+    model.manual_backward = env("BENCH_MANUAL", 1) == 1;
     let (tr, total) = model.param_counts();
     println!(
         "params: trainable {tr}, total {total}; threads {}",

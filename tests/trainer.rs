@@ -508,3 +508,49 @@ fn headless_train_survives_sighup_and_stops_cleanly_on_ctrl_c() {
     assert!(step >= 20);
     termtune::engine::adapter::read_adapter(&dir, &Device::Cpu).unwrap();
 }
+
+#[test]
+fn checkpointing_off_and_a_thread_cap_train_the_same_adapter() {
+    // Gradient checkpointing is on by default (LLaMA-Factory); turning it off, or running in a one-thread pool
+    // (`num_threads: 1`, events relayed from the pool), changes speed and memory, not the numbers.
+    let f = fixture(4);
+    let steps = ["max_steps: 3"];
+    let runs = [
+        ("ckpt", vec![]),
+        ("keep", vec!["disable_gradient_checkpointing: true"]),
+        ("one", vec!["num_threads: 1"]),
+    ];
+    let mut results = Vec::new();
+    for (out, extra) in &runs {
+        let mut args: Vec<&str> = steps.to_vec();
+        args.extend(extra.iter().copied());
+        let loaded = preset(&f, out, &args);
+        let (r, ev) = run(&loaded, &[]);
+        r.unwrap();
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, TrainEvent::Finished(_) | TrainEvent::Started { .. })),
+            "{out}: the relay delivers events"
+        );
+        results.push((losses(&ev), adapter(&f.root.join(out))));
+    }
+    let (l0, w0) = &results[0];
+    assert_eq!(l0.len(), 3);
+    for ((out, _), (l, w)) in runs.iter().zip(&results).skip(1) {
+        for (a, b) in l0.iter().zip(l) {
+            assert!(
+                (a - b).abs() < 1e-5 * a.abs().max(1.0),
+                "{out}: losses {l0:?} vs {l:?}"
+            );
+        }
+        for ((na, va), (nb, vb)) in w0.iter().zip(w) {
+            assert_eq!(na, nb);
+            let max = va
+                .iter()
+                .zip(vb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max < 1e-5, "{out} {na}: {max}");
+        }
+    }
+}

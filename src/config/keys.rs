@@ -190,10 +190,10 @@ pub const KEYS: &[KeySpec] = &[
         Model,
         "termtune always computes the loss in float32",
     ),
-    noe(
+    imp(
         "disable_gradient_checkpointing",
         Model,
-        "activation recomputation changes memory, never the result; termtune keeps all activations for now",
+        "Keep every layer's activations instead of recomputing them in the backward: faster, more memory.",
     ),
     noe("use_reentrant_gc", Model, MACHINERY),
     noe("print_param_status", Model, MACHINERY),
@@ -983,6 +983,11 @@ pub const KEYS: &[KeySpec] = &[
         "group_by_length",
         Train,
         "Batch examples of similar length together to waste less padding.",
+    ),
+    imp(
+        "num_threads",
+        Train,
+        "termtune only: CPU threads for training (0 = all cores).",
     ),
     noe(
         "gradient_checkpointing",

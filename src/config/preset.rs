@@ -155,6 +155,7 @@ pub struct Preset {
     pub infer_dtype: InferDtype,
     pub identity_name: Option<String>,
     pub identity_author: Option<String>,
+    pub disable_gradient_checkpointing: bool,
     // ### method
     pub stage: Stage,
     pub finetuning_type: FinetuningType,
@@ -217,6 +218,7 @@ pub struct Preset {
     pub fp16: bool,
     pub pure_bf16: bool,
     pub group_by_length: bool,
+    pub num_threads: usize,
     // ### eval
     pub eval_strategy: IntervalStrategy,
     pub eval_steps: Option<u64>,
@@ -249,6 +251,7 @@ impl Default for Preset {
             infer_dtype: InferDtype::Auto,
             identity_name: None,
             identity_author: None,
+            disable_gradient_checkpointing: false,
             stage: Stage::Sft,
             finetuning_type: FinetuningType::Lora,
             lora_rank: 8,
@@ -307,6 +310,7 @@ impl Default for Preset {
             fp16: false,
             pure_bf16: false,
             group_by_length: false,
+            num_threads: 0,
             eval_strategy: IntervalStrategy::No,
             eval_steps: None,
             per_device_eval_batch_size: 8,

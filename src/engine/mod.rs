@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod layer;
 pub mod mirror;
 pub mod model;
 pub mod ops;
@@ -21,6 +22,11 @@ pub mod source;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
+
+/// candle allocates a fresh buffer for every op result; with glibc each large one was mapped, page-faulted and
+/// zeroed anew (about 14% of a training step in perf). mimalloc reuses freed pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use super::arch::ModelConfig;
 use super::error::{EngineError, Result};
+use super::layer::{self, LayerCtx};
 use super::ops;
 
 /// Leaf names of the linear layers inside a decoder layer (LoRA targets for `all`).
@@ -179,7 +180,7 @@ impl Linear {
 
     /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
     /// input already in the LoRA dtype).
-    fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+    pub(crate) fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
         if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
             && l.dropout == 0.0
             && x.dtype() == l.a.dtype()
@@ -328,6 +329,19 @@ pub struct Model {
     pub lora_vars: VarMap,
     /// Kernels of the training path.
     pub kernels: Kernels,
+    /// Activation checkpointing per decoder layer on the training path (keep only each layer's input, recompute
+    /// the layer in the backward). Off by default here; the trainer turns it on unless
+    /// `disable_gradient_checkpointing`.
+    pub checkpointing: bool,
+    /// lm_head + loss over chunks of this many labelled rows (logits never materialise for all rows);
+    /// `None` computes all rows at once. Applies when the head weight is frozen and the fused kernels run.
+    pub head_chunk_rows: Option<usize>,
+    /// Run padded batches (`AttnMask::Padding`) without their padding: linears, norms and the MLP see only the
+    /// real tokens; attention runs per example in the padded layout. Same result, less work.
+    pub unpad: bool,
+    /// Backpropagate decoder layers with the hand-written backward where it applies ([`layer::manual_ok`])
+    /// instead of candle's graph (same values; no per-op gradient buffers, zero-fills and accumulation adds).
+    pub manual_backward: bool,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -486,6 +500,7 @@ impl Model {
                 lora: None,
             })
         };
+        let cfg_vocab = cfg.vocab_size;
         let inv_freq: Vec<f32> = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::new(inv_freq, device)?;
         let mut model = Self {
@@ -499,6 +514,10 @@ impl Model {
             lora: None,
             lora_vars: VarMap::new(),
             kernels: Kernels::Fused,
+            checkpointing: false,
+            unpad: true,
+            manual_backward: true,
+            head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab)),
             inv_freq,
             trainable,
         };
@@ -709,6 +728,18 @@ impl Model {
         mask: &AttnMask,
         train: bool,
     ) -> Result<Tensor> {
+        Ok(self.hidden(input_ids, mask, train, false)?.0)
+    }
+
+    /// [`Self::forward_hidden`]; with `unpad` and a padded batch, the output is (1, N, hidden) over the N real
+    /// tokens (row order: batch-major), and the second value maps padded position bi·t + ti to its row.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        train: bool,
+        unpad: bool,
+    ) -> Result<(Tensor, Option<Vec<Option<usize>>>)> {
         let (b, t) = input_ids.dims2()?;
         let check = |name: &str, x: &Tensor| -> Result<()> {
             if x.dims() != [b, t] {
@@ -747,78 +778,65 @@ impl Model {
         };
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
         let bias = self.mask_bias(b, t, seq, cdt)?;
+        let pad = match (unpad, mask) {
+            (true, AttnMask::Padding { attention_mask }) => layer::Unpad::from_mask(
+                &attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+                &self.device,
+            )?,
+            _ => None,
+        };
         let mut x = self.embed(input_ids, train)?;
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &cos, &sin, &bias, train)?;
+        if let Some(p) = &pad {
+            x = x
+                .reshape((b * t, self.cfg.hidden_size))?
+                .index_select(&p.real, 0)?
+                .unsqueeze(0)?;
         }
-        self.rms_norm(&x, &self.norm, train)
+        let ctx = self.layer_ctx();
+        for layer in &self.layers {
+            // The layer op: with checkpointing (recompute in the backward), or without it when the hand-written
+            // backward covers the layer (activations kept); else candle's graph through the plain forward.
+            let manual = self.manual_backward && layer::manual_ok(&ctx, layer);
+            x = if train && (self.checkpointing || manual) {
+                let keep = !self.checkpointing;
+                layer::checkpointed_layer(
+                    &ctx,
+                    layer,
+                    &x,
+                    &cos,
+                    &sin,
+                    &bias,
+                    pad.as_ref(),
+                    manual,
+                    keep,
+                )?
+            } else {
+                layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref(), train)?
+            };
+        }
+        let rows = match &pad {
+            None => None,
+            Some(p) => {
+                let mut map = vec![None; b * t];
+                for (row, pos) in p.real.to_vec1::<u32>()?.into_iter().enumerate() {
+                    map[pos as usize] = Some(row);
+                }
+                Some(map)
+            }
+        };
+        Ok((self.rms_norm(&x, &self.norm, train)?, rows))
     }
 
-    fn layer_forward(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let c = &self.cfg;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let fused = self.fused(self.dtype);
-        let hn = self.rms_norm(x, &l.input_norm, train)?;
-        let q = l.q.forward_k(&hn, train, fused)?.reshape((b, t, nh, hd))?;
-        let k = l.k.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
-        let v = l.v.forward_k(&hn, train, fused)?.reshape((b, t, nkv, hd))?;
-        let q = match &l.q_norm {
-            Some(w) => self.rms_norm(&q, w, train)?,
-            None => q,
-        };
-        let k = match &l.k_norm {
-            Some(w) => self.rms_norm(&k, w, train)?,
-            None => k,
-        };
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (q, k) = if fused {
-            (
-                ops::fused::rope(&q, cos, sin)?,
-                ops::fused::rope(&k, cos, sin)?,
-            )
-        } else {
-            (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
-        };
-        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
-        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
-        let n_rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let y = if fused {
-            ops::fused::attention(&q, &k, &v, bias, scale)?
-        } else {
-            // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
-            // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
-            let q = q.reshape((b, nkv, n_rep * t, hd))?;
-            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-            let cdt = ops::compute_dtype(self.dtype);
-            let att = ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
-                .to_dtype(self.dtype)?;
-            att.reshape((b, nkv, n_rep * t, t))?
-                .matmul(&v)?
-                .reshape((b, nh, t, hd))?
-        };
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + l.o.forward_k(&y, train, fused)?)?;
-        let hn = self.rms_norm(&x, &l.post_norm, train)?;
-        let g = l.gate.forward_k(&hn, train, fused)?;
-        let u = l.up.forward_k(&hn, train, fused)?;
-        let act = if fused {
-            ops::fused::swiglu(&g, &u)?
-        } else {
-            ops::swiglu_pure(&g, &u)?
-        };
-        Ok((x + l.down.forward_k(&act, train, fused)?)?)
+    /// The per-layer settings the decoder layer needs (small, `Copy`: also held by the checkpoint op).
+    fn layer_ctx(&self) -> LayerCtx {
+        LayerCtx {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            eps: self.cfg.rms_norm_eps,
+            dtype: self.dtype,
+            fused: self.fused(self.dtype),
+        }
     }
 
     /// lm_head on hidden states of any leading shape → logits in the compute dtype (f32, or f64).
@@ -839,6 +857,21 @@ impl Model {
             },
         };
         Ok(y.to_dtype(cdt)?)
+    }
+
+    /// The lm_head weight when it is a frozen plain matrix (tied frozen embeddings, or a frozen lm_head without
+    /// LoRA or bias).
+    fn frozen_head(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            None => match &self.embed {
+                Weight::Frozen(w) => Some(w),
+                Weight::Trainable(_) => None,
+            },
+            Some(l) => match (&l.weight, &l.bias, &l.lora) {
+                (Weight::Frozen(w), None, None) => Some(w),
+                _ => None,
+            },
+        }
     }
 
     /// Full forward → logits (b, t, vocab) in the compute dtype.
@@ -864,7 +897,6 @@ impl Model {
                 labels.dims()
             )));
         }
-        let h = self.forward_hidden(input_ids, mask, train)?;
         let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut rows = Vec::new();
         let mut tgt = Vec::new();
@@ -890,10 +922,30 @@ impl Model {
         if n == 0 {
             return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
         }
+        let (h, packed) = self.hidden(input_ids, mask, train, self.unpad)?;
+        // With padding removed, a labelled position must be a real token (it always is for right or left
+        // padding); otherwise run again on the padded layout.
+        let (h, rows) = match packed {
+            None => (h, rows),
+            Some(map) => match rows
+                .iter()
+                .map(|&r| map[r as usize].map(|x| x as u32))
+                .collect::<Option<Vec<u32>>>()
+            {
+                Some(mapped) => (h, mapped),
+                None => (self.hidden(input_ids, mask, train, false)?.0, rows),
+            },
+        };
         let idx = Tensor::from_vec(rows, n, &self.device)?;
         let hs = h
-            .reshape((b * t, self.cfg.hidden_size))?
+            .reshape(((), self.cfg.hidden_size))?
             .index_select(&idx, 0)?;
+        if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
+            && self.fused(cdt)
+            && self.fused(self.dtype)
+        {
+            return Ok((layer::head_loss_chunked(&hs, w, &tgt, chunk)?, n));
+        }
         let logits = self.logits(&hs, train)?;
         let targets = Tensor::from_vec(tgt, n, &self.device)?;
         let loss = if self.fused(cdt) {

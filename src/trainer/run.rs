@@ -70,7 +70,83 @@ pub enum Outcome {
 }
 
 /// Runs `loaded.preset` to the end (or until a `Stop` command), on `device`.
+///
+/// With `num_threads: N` (N > 0) the work runs inside a rayon pool of N threads, so candle's GEMMs and the fused
+/// kernels use at most N cores; events and commands are relayed between the caller's thread and the pool.
 pub fn run_training(
+    loaded: &Loaded,
+    device: &Device,
+    commands: &Receiver<TrainCommand>,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
+    let n = loaded.preset.num_threads;
+    if n == 0 {
+        return run_training_here(loaded, device, commands, emit);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("termtune-train-{i}"))
+        .build()
+        .map_err(|e| {
+            TrainError::Invalid(format!("num_threads: {n}: cannot start the threads: {e}"))
+        })?;
+    with_relay(commands, emit, |cmds, events| {
+        pool.install(move || {
+            run_training_here(loaded, device, &cmds, &mut |ev| {
+                let _ = events.send(ev);
+            })
+        })
+    })
+}
+
+/// Runs `work` on a scoped thread with its own command channel and event sink, relaying the caller's commands
+/// to it and its events back to `emit` on this thread (which `work` may not borrow: neither is `Send`).
+fn with_relay<T: Send>(
+    commands: &Receiver<TrainCommand>,
+    emit: &mut dyn FnMut(TrainEvent),
+    work: impl FnOnce(
+        Receiver<TrainCommand>,
+        std::sync::mpsc::Sender<TrainEvent>,
+    ) -> Result<T, TrainError>
+    + Send,
+) -> Result<T, TrainError> {
+    use std::sync::mpsc::{RecvTimeoutError, channel};
+    let (cmd_tx, cmd_rx) = channel::<TrainCommand>();
+    let (ev_tx, ev_rx) = channel::<TrainEvent>();
+    std::thread::scope(|s| {
+        let worker = s.spawn(move || work(cmd_rx, ev_tx));
+        let mut cmd_tx = Some(cmd_tx);
+        loop {
+            match ev_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(ev) => emit(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(c) => {
+                        if let Some(tx) = &cmd_tx {
+                            let _ = tx.send(c);
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // The caller hung up: so does the relay (a paused run then stops, as without the pool).
+                    Err(TryRecvError::Disconnected) => {
+                        cmd_tx = None;
+                        break;
+                    }
+                }
+            }
+        }
+        worker.join().unwrap_or_else(|_| {
+            Err(TrainError::Invalid(
+                "the training thread panicked; see the log".into(),
+            ))
+        })
+    })
+}
+
+fn run_training_here(
     loaded: &Loaded,
     device: &Device,
     commands: &Receiver<TrainCommand>,
@@ -278,6 +354,9 @@ fn build_model(
         }
         m
     };
+    let mut model = model;
+    // LLaMA-Factory's default: recompute each layer in the backward instead of keeping its activations.
+    model.checkpointing = !p.disable_gradient_checkpointing;
     Ok(model)
 }
 

@@ -283,9 +283,13 @@ fn softmax_kernel<T: Float + Send + Sync>(
                     m = v;
                 }
             }
+            // Masked entries (bias −1e9) would send expf down its slow underflow path; below −87 the exponential
+            // is under f32's smallest normal number (and negligible next to the row maximum's 1 in f64 too).
+            let floor = T::from(-87.0).unwrap_or(T::neg_infinity());
             let mut sum = T::zero();
             for v in o.iter_mut() {
-                *v = (*v - m).exp();
+                let d = *v - m;
+                *v = if d < floor { T::zero() } else { d.exp() };
                 sum = sum + *v;
             }
             let inv = T::one() / sum;
@@ -610,6 +614,95 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
 }
 
+/// Cross-entropy rows in one pass: writes softmax − one-hot into `o` and returns Σ (lse − x[target]).
+fn ce_fwd_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, o: &mut [T]) -> T {
+    o.par_chunks_mut(v)
+        .zip(x.par_chunks(v).zip(tg.par_iter()))
+        .map(|(o, (r, &t))| {
+            let m = r
+                .iter()
+                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+            let mut sum = T::zero();
+            for i in 0..v {
+                o[i] = (r[i] - m).exp();
+                sum = sum + o[i];
+            }
+            let inv = T::one() / sum;
+            for oi in o.iter_mut() {
+                *oi = *oi * inv;
+            }
+            o[t as usize] = o[t as usize] - T::one();
+            sum.ln() + m - r[t as usize]
+        })
+        .reduce(T::zero, |a, b| a + b)
+}
+
+/// Output: the gradient of Σ cross-entropy wrt the logits; the loss sum is left in `loss`.
+struct CrossEntropyWithGrad {
+    loss: std::sync::Mutex<f64>,
+}
+
+impl CustomOp2 for CrossEntropyWithGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-with-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let tg = targets_of(s2, l2, v)?;
+        let (out, loss) = match s1 {
+            CpuStorage::F32(x) => {
+                let x = contig(x, l1, "ce")?;
+                let mut o = vec![0f32; x.len()];
+                let l = ce_fwd_bwd(x, tg, v, &mut o);
+                (CpuStorage::F32(o), f64::from(l))
+            }
+            CpuStorage::F64(x) => {
+                let x = contig(x, l1, "ce")?;
+                let mut o = vec![0f64; x.len()];
+                let l = ce_fwd_bwd(x, tg, v, &mut o);
+                (CpuStorage::F64(o), l)
+            }
+            _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
+        };
+        match self.loss.lock() {
+            Ok(mut g) => *g = loss,
+            Err(_) => candle_core::bail!("fused-cross-entropy: poisoned loss cell"),
+        }
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The summed cross-entropy of `logits` (n, v) against `targets` (n) u32 and, when `grad`, its gradient with
+/// respect to the logits (softmax − one-hot, from the same exponentials), both without a graph (for the chunked
+/// lm_head loss).
+pub fn cross_entropy_sum_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad: bool,
+) -> candle_core::Result<(f64, Option<Tensor>)> {
+    let x = logits.detach().contiguous()?;
+    let tg = targets.to_dtype(DType::U32)?.contiguous()?;
+    if !grad {
+        let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy)?;
+        return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, None));
+    }
+    let op = CrossEntropyWithGrad {
+        loss: std::sync::Mutex::new(0.0),
+    };
+    let d = x.apply_op2_no_bwd(&tg, &op)?;
+    let loss = match op.loss.lock() {
+        Ok(g) => *g,
+        Err(_) => candle_core::bail!("fused-cross-entropy: poisoned loss cell"),
+    };
+    Ok((loss, Some(d)))
+}
+
 // ---------------------------------------------------------------------------------------------- attention
 
 /// Scaled dot-product attention with an additive mask and GQA, as one op:
@@ -721,4 +814,112 @@ pub fn attention(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------------- backward pieces
+// Graph-free building blocks for the hand-written decoder-layer backward (`engine::layer`).
+
+/// dX of [`rms_norm`] for a frozen weight.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&w, &gy.contiguous()?, &RmsNormBwd { eps })
+}
+
+/// dX of [`rope`] (the inverse rotation of the gradient).
+pub fn rope_backward(gy: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dt = gy.dtype();
+    gy.contiguous()?.apply_op1_no_bwd(&Rope {
+        cos: cos.to_dtype(dt)?,
+        sin: sin.to_dtype(dt)?,
+        sign: -1.0,
+    })
+}
+
+/// (dG, dU) of [`swiglu`].
+pub fn swiglu_backward(
+    g: &Tensor,
+    u: &Tensor,
+    gy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = g
+        .contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &gy.contiguous()?, &SwiGluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// (dQ, dK, dV) of [`attention`] (probabilities recomputed).
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    gy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let op = Attention {
+        bias: bias.to_dtype(q.dtype())?,
+        scale,
+        n_rep: q.dim(1)? / k.dim(1)?,
+    };
+    match op.bwd(q, k, v, gy, gy)? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => candle_core::bail!("fused-attention: backward returned no gradient"),
+    }
+}
+
+struct AddPar;
+
+impl CustomOp2 for AddPar {
+    fn name(&self) -> &'static str {
+        "fused-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(a: &[T], b: &[T]) -> Vec<T> {
+            let mut out = vec![T::zero(); a.len()];
+            out.par_chunks_mut(16 * 1024)
+                .zip(a.par_chunks(16 * 1024).zip(b.par_chunks(16 * 1024)))
+                .for_each(|(o, (a, b))| {
+                    for i in 0..o.len() {
+                        o[i] = a[i] + b[i];
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("fused-add: shapes {:?} and {:?}", l1.shape(), l2.shape())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(k(contig(a, l1, "add")?, contig(b, l2, "add")?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(k(contig(a, l1, "add")?, contig(b, l2, "add")?))
+            }
+            _ => candle_core::bail!("fused-add: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `a + b` (same shape) without a graph, on the rayon pool (candle's own elementwise add runs on a spinning
+/// barrier pool beside rayon's threads).
+pub fn add_untracked(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) && a.dtype() == b.dtype()
+    {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddPar)
+    } else {
+        (a.detach() + b.detach())?.detach().contiguous()
+    }
 }

@@ -1,0 +1,687 @@
+//! One decoder layer of the training path, and the two memory savers built on it:
+//!
+//! - [`checkpointed_layer`]: activation checkpointing per decoder layer. The layer runs as one candle op whose
+//!   forward keeps no graph (only the layer's input stays alive, as the op's argument); its backward recomputes
+//!   the layer with tracking and backpropagates through that local graph. The layer's trainable Vars enter the
+//!   op as one flat tensor (`cat` of the flattened Vars), so candle's own `cat` backward hands each Var its
+//!   slice of the gradient, and the trainer's `loss.backward()` works unchanged.
+//! - [`head_loss_chunked`]: lm_head + cross-entropy over chunks of labelled rows, so a (rows × vocab) logits
+//!   matrix never exists at once. The gradient with respect to the hidden rows is computed chunk by chunk in the
+//!   forward (the loss is a scalar, so the incoming gradient only scales it) and kept as a (rows × hidden)
+//!   tensor: two GEMMs like the unchunked path, none recomputed.
+//!
+//! Both give the same loss and gradients as the plain path up to float rounding; `tests/engine.rs` checks it.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
+
+use super::error::Result;
+use super::model::{Layer, Linear, Weight};
+use super::ops;
+
+type R<T> = candle_core::Result<T>;
+
+/// What a decoder layer needs from the model (small and `Copy`, so the checkpoint op can hold it).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerCtx {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    /// The model dtype.
+    pub dtype: DType,
+    /// Use the fused CPU kernels (f32/f64 on CPU with `Kernels::Fused`).
+    pub fused: bool,
+}
+
+/// Padding removed from a right- or left-padded batch: the layer runs its linears, norms and MLP on the N real
+/// tokens only, as a (1, N, hidden) tensor, and scatters q, k, v into the padded (b, t) layout just for attention
+/// (padding slots point at row 0; the mask hides them as keys and their outputs are never gathered back).
+#[derive(Debug, Clone)]
+pub struct Unpad {
+    /// (N) u32: padded position (bi·t + ti) of each real token.
+    pub real: Tensor,
+    /// (b·t) u32: packed row of each padded position (0 for padding).
+    pub padded: Tensor,
+    pub b: usize,
+    pub t: usize,
+}
+
+impl Unpad {
+    /// From a (b, t) 0/1 attention mask; `None` when nothing is padding.
+    pub fn from_mask(mask: &[Vec<u32>], device: &candle_core::Device) -> Result<Option<Self>> {
+        let b = mask.len();
+        let t = mask.first().map_or(0, Vec::len);
+        let mut real = Vec::new();
+        let mut padded = vec![0u32; b * t];
+        for (bi, row) in mask.iter().enumerate() {
+            for (ti, &m) in row.iter().enumerate() {
+                if m != 0 {
+                    padded[bi * t + ti] = real.len() as u32;
+                    real.push((bi * t + ti) as u32);
+                }
+            }
+        }
+        if real.len() == b * t || real.is_empty() {
+            return Ok(None);
+        }
+        let n = real.len();
+        Ok(Some(Self {
+            real: Tensor::from_vec(real, n, device)?,
+            padded: Tensor::from_vec(padded, b * t, device)?,
+            b,
+            t,
+        }))
+    }
+}
+
+fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
+    let w = if train {
+        w.tensor().clone()
+    } else {
+        w.detached()
+    };
+    if ctx.fused {
+        Ok(ops::fused::rms_norm(x, &w, ctx.eps)?)
+    } else {
+        Ok(ops::rms_norm_pure(x, &w, ctx.eps)?)
+    }
+}
+
+/// One decoder layer: x (b, t, hidden) → (b, t, hidden), or (1, N, hidden) → (1, N, hidden) with `pad`.
+/// `cos`/`sin` (bb, 1, t, hd/2), `bias` (bb, 1, t, t). `train`: trainable weights are tracked (else detached)
+/// and LoRA dropout is active.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_forward(
+    ctx: &LayerCtx,
+    l: &Layer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    pad: Option<&Unpad>,
+    train: bool,
+) -> Result<Tensor> {
+    let (b, t) = match pad {
+        Some(p) => (p.b, p.t),
+        None => {
+            let (b, t, _) = x.dims3()?;
+            (b, t)
+        }
+    };
+    let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
+    let fused = ctx.fused;
+    let heads = |z: Tensor, n: usize| -> Result<Tensor> {
+        Ok(match pad {
+            None => z.reshape((b, t, n, hd))?,
+            Some(p) => z
+                .reshape(((), n * hd))?
+                .index_select(&p.padded, 0)?
+                .reshape((b, t, n, hd))?,
+        })
+    };
+    let hn = rms_norm(ctx, x, &l.input_norm, train)?;
+    let q = heads(l.q.forward_k(&hn, train, fused)?, nh)?;
+    let k = heads(l.k.forward_k(&hn, train, fused)?, nkv)?;
+    let v = heads(l.v.forward_k(&hn, train, fused)?, nkv)?;
+    let q = match &l.q_norm {
+        Some(w) => rms_norm(ctx, &q, w, train)?,
+        None => q,
+    };
+    let k = match &l.k_norm {
+        Some(w) => rms_norm(ctx, &k, w, train)?,
+        None => k,
+    };
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let (q, k) = if fused {
+        (
+            ops::fused::rope(&q, cos, sin)?,
+            ops::fused::rope(&k, cos, sin)?,
+        )
+    } else {
+        (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
+    };
+    let n_rep = nh / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let y = if fused {
+        ops::fused::attention(&q, &k, &v, bias, scale)?
+    } else {
+        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+        let q = q.reshape((b, nkv, n_rep * t, hd))?;
+        let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+        let cdt = ops::compute_dtype(ctx.dtype);
+        let att = ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
+            .to_dtype(ctx.dtype)?;
+        att.reshape((b, nkv, n_rep * t, t))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+    };
+    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let y = match pad {
+        None => y,
+        Some(p) => y
+            .reshape((b * t, nh * hd))?
+            .index_select(&p.real, 0)?
+            .unsqueeze(0)?,
+    };
+    let x = (x + l.o.forward_k(&y, train, fused)?)?;
+    let hn = rms_norm(ctx, &x, &l.post_norm, train)?;
+    let g = l.gate.forward_k(&hn, train, fused)?;
+    let u = l.up.forward_k(&hn, train, fused)?;
+    let act = if fused {
+        ops::fused::swiglu(&g, &u)?
+    } else {
+        ops::swiglu_pure(&g, &u)?
+    };
+    Ok((x + l.down.forward_k(&act, train, fused)?)?)
+}
+
+/// The trainable Vars of a layer, in a fixed order: per linear LoRA A, LoRA B, weight, bias; then the norms.
+pub fn layer_vars(l: &Layer) -> Vec<Var> {
+    let mut out = Vec::new();
+    let mut push = |w: &Weight| {
+        if let Weight::Trainable(v) = w {
+            out.push(v.clone());
+        }
+    };
+    for lin in l.linears() {
+        if let Some(p) = &lin.lora {
+            push(&Weight::Trainable(p.a.clone()));
+            push(&Weight::Trainable(p.b.clone()));
+        }
+        push(&lin.weight);
+        if let Some(b) = &lin.bias {
+            push(b);
+        }
+    }
+    for w in [&l.input_norm, &l.post_norm]
+        .into_iter()
+        .chain(l.q_norm.as_ref())
+        .chain(l.k_norm.as_ref())
+    {
+        push(w);
+    }
+    out
+}
+
+/// Whether a layer can be checkpointed: its forward must be a pure function of its input and weights, so the
+/// recomputation in the backward sees the same values. LoRA dropout draws fresh masks, so it is excluded.
+pub fn can_checkpoint(l: &Layer) -> bool {
+    l.linears()
+        .iter()
+        .all(|lin| lin.lora.as_ref().is_none_or(|p| p.dropout == 0.0))
+}
+
+fn cpu_tensor(s: &CpuStorage, l: &Layout) -> R<Tensor> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("checkpointed-layer: input must be contiguous")
+    }
+    Ok(Tensor::from_storage(
+        Storage::Cpu(s.clone()),
+        l.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+fn cpu_storage(t: &Tensor) -> R<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => CpuStorage::F32(t.to_vec1()?),
+        DType::F64 => CpuStorage::F64(t.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
+        DType::F16 => CpuStorage::F16(t.to_vec1()?),
+        dt => candle_core::bail!("checkpointed-layer: unexpected dtype {dt:?}"),
+    })
+}
+
+fn wrap(e: super::error::EngineError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------- hand-written backward
+
+/// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA without dropout
+/// allowed), frozen norms, no q/k norm, fused CPU kernels, LoRA in the model dtype. Other layers backpropagate
+/// through a recomputed candle graph.
+pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
+    ctx.fused
+        && l.q_norm.is_none()
+        && l.k_norm.is_none()
+        && matches!(l.input_norm, Weight::Frozen(_))
+        && matches!(l.post_norm, Weight::Frozen(_))
+        && l.linears().iter().all(|lin| {
+            matches!(lin.weight, Weight::Frozen(_))
+                && lin
+                    .bias
+                    .as_ref()
+                    .is_none_or(|b| matches!(b, Weight::Frozen(_)))
+                && lin.lora.as_ref().is_none_or(|p| {
+                    p.dropout == 0.0 && p.a.dtype() == ctx.dtype && p.b.dtype() == ctx.dtype
+                })
+        })
+}
+
+/// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) (+ bias) on 2-D x, graph-free; also returns x·Aᵀ for the backward.
+fn lin_fwd(lin: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let w = lin.weight.detached();
+    let mut y = x.matmul(&w.t()?)?;
+    let mut xa = None;
+    if let Some(p) = &lin.lora {
+        let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
+        let xa_ = x.matmul(&a.t()?)?;
+        let d = (&xa_ * p.scale)?.matmul(&b.t()?)?;
+        y = ops::fused::add_untracked(&y, &d)?;
+        xa = Some(xa_);
+    }
+    if let Some(bias) = &lin.bias {
+        y = y.broadcast_add(&bias.detached())?;
+    }
+    Ok((y, xa))
+}
+
+/// (dX, LoRA (dA, dB)) of [`lin_fwd`] for the incoming gradient `gy` (m, n).
+fn lin_bwd(
+    lin: &Linear,
+    x: &Tensor,
+    xa: Option<&Tensor>,
+    gy: &Tensor,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let w = lin.weight.detached();
+    let dx = gy.matmul(&w)?;
+    match (&lin.lora, xa) {
+        (Some(p), Some(xa)) => {
+            let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
+            let gb = (gy.matmul(&b)? * p.scale)?;
+            let dx = ops::fused::add_untracked(&dx, &gb.matmul(&a)?)?;
+            let db = (gy.t()?.matmul(xa)? * p.scale)?;
+            let da = gb.t()?.matmul(x)?;
+            Ok((dx, Some((da, db))))
+        }
+        _ => Ok((dx, None)),
+    }
+}
+
+/// Activations kept between the forward and the hand-written backward (all 2-D (rows, features) except the
+/// attention inputs, (b, heads, t, hd)).
+struct Saved {
+    x: Tensor,
+    hn1: Tensor,
+    xa: [Option<Tensor>; 7],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    x2: Tensor,
+    hn2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    act: Tensor,
+}
+
+impl CheckpointedLayer {
+    fn manual_forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        let (ctx, l) = (&self.ctx, &self.layer);
+        let dims = x.dims().to_vec();
+        let hsz = dims[dims.len() - 1];
+        let m = x.elem_count() / hsz;
+        let (b, t) = match &self.pad {
+            Some(p) => (p.b, p.t),
+            None => (dims[0], dims[1]),
+        };
+        let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
+        let x = x.reshape((m, hsz))?;
+        let hn1 = ops::fused::rms_norm(&x, &l.input_norm.detached(), ctx.eps)?;
+        let (q, xa_q) = lin_fwd(&l.q, &hn1)?;
+        let (k, xa_k) = lin_fwd(&l.k, &hn1)?;
+        let (v, xa_v) = lin_fwd(&l.v, &hn1)?;
+        let heads = |z: Tensor, n: usize| -> Result<Tensor> {
+            let z = match &self.pad {
+                None => z,
+                Some(p) => z.index_select(&p.padded, 0)?,
+            };
+            Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = ops::fused::rope(&heads(q, nh)?, &self.cos, &self.sin)?;
+        let k = ops::fused::rope(&heads(k, nkv)?, &self.cos, &self.sin)?;
+        let v = heads(v, nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = ops::fused::attention(&q, &k, &v, &self.bias, scale)?;
+        let y = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let y = match &self.pad {
+            None => y,
+            Some(p) => y.index_select(&p.real, 0)?,
+        };
+        let (o, xa_o) = lin_fwd(&l.o, &y)?;
+        let x2 = ops::fused::add_untracked(&x, &o)?;
+        let hn2 = ops::fused::rms_norm(&x2, &l.post_norm.detached(), ctx.eps)?;
+        let (g, xa_g) = lin_fwd(&l.gate, &hn2)?;
+        let (u, xa_u) = lin_fwd(&l.up, &hn2)?;
+        let act = ops::fused::swiglu(&g, &u)?;
+        let (d, xa_d) = lin_fwd(&l.down, &act)?;
+        let out = ops::fused::add_untracked(&x2, &d)?.reshape(dims)?;
+        let saved = Saved {
+            x,
+            hn1,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            q,
+            k,
+            v,
+            y,
+            x2,
+            hn2,
+            g,
+            u,
+            act,
+        };
+        Ok((out, saved))
+    }
+
+    /// dX and the LoRA gradients (in [`layer_vars`] order) for the incoming gradient `gy`.
+    fn manual_backward(&self, sv: &Saved, gy: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (ctx, l) = (&self.ctx, &self.layer);
+        let (m, hsz) = sv.x.dims2()?;
+        let (b, nh, t, hd) = sv.q.dims4()?;
+        let nkv = sv.k.dim(1)?;
+        let add = ops::fused::add_untracked;
+        let gy = gy.reshape((m, hsz))?;
+        let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
+        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy)?;
+        lora[6] = gd;
+        let (dg, du) = ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)?;
+        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg)?;
+        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du)?;
+        lora[4] = gg;
+        lora[5] = gu;
+        let d_hn2 = add(&dh_g, &dh_u)?;
+        let dx2 = add(
+            &gy,
+            &ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)?,
+        )?;
+        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2)?;
+        lora[3] = go;
+        let dy = match &self.pad {
+            None => dy,
+            Some(p) => Tensor::zeros((b * t, nh * hd), dy.dtype(), dy.device())?
+                .index_add(&p.real, &dy, 0)?,
+        };
+        let dy = dy.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (dq, dk, dv) =
+            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, scale, &dy)?;
+        let dq = ops::fused::rope_backward(&dq, &self.cos, &self.sin)?;
+        let dk = ops::fused::rope_backward(&dk, &self.cos, &self.sin)?;
+        let rows = |d: Tensor, n: usize| -> Result<Tensor> {
+            let d = d.transpose(1, 2)?.reshape((b * t, n * hd))?;
+            Ok(match &self.pad {
+                None => d,
+                Some(p) => Tensor::zeros((m, n * hd), d.dtype(), d.device())?
+                    .index_add(&p.padded, &d, 0)?,
+            })
+        };
+        let (dh_q, gq) = lin_bwd(&l.q, &sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?)?;
+        let (dh_k, gk) = lin_bwd(&l.k, &sv.hn1, sv.xa[1].as_ref(), &rows(dk, nkv)?)?;
+        let (dh_v, gv) = lin_bwd(&l.v, &sv.hn1, sv.xa[2].as_ref(), &rows(dv, nkv)?)?;
+        lora[0] = gq;
+        lora[1] = gk;
+        lora[2] = gv;
+        let d_hn1 = add(&add(&dh_q, &dh_k)?, &dh_v)?;
+        let dx = add(
+            &dx2,
+            &ops::fused::rms_norm_backward(&sv.x, &l.input_norm.detached(), &d_hn1, ctx.eps)?,
+        )?;
+        let mut grads = Vec::new();
+        for (da, db) in lora.into_iter().flatten() {
+            grads.push(da);
+            grads.push(db);
+        }
+        Ok((dx, grads))
+    }
+}
+
+/// The checkpointed layer as a candle op: arguments (hidden, flat trainable params).
+struct CheckpointedLayer {
+    ctx: LayerCtx,
+    layer: Layer,
+    vars: Vec<Var>,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    pad: Option<Unpad>,
+    /// Use the hand-written backward ([`manual_ok`]).
+    manual: bool,
+    /// Keep the activations from the forward for the backward (no recomputation; checkpointing off).
+    keep: bool,
+    saved: std::sync::Mutex<Option<Saved>>,
+}
+
+impl CustomOp2 for CheckpointedLayer {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        // Untracked input and detached weights: no graph is recorded, nothing but the output survives
+        // (and, with `keep`, the activations the hand-written backward needs).
+        let x = cpu_tensor(s1, l1)?;
+        if self.manual {
+            let (y, saved) = self.manual_forward(&x).map_err(wrap)?;
+            if self.keep {
+                match self.saved.lock() {
+                    Ok(mut g) => *g = Some(saved),
+                    Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+                }
+            }
+            return Ok((cpu_storage(&y)?, y.shape().clone()));
+        }
+        let y = layer_forward(
+            &self.ctx,
+            &self.layer,
+            &x,
+            &self.cos,
+            &self.sin,
+            &self.bias,
+            self.pad.as_ref(),
+            false,
+        )
+        .map_err(wrap)?;
+        Ok((cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        if self.manual {
+            let kept = match self.saved.lock() {
+                Ok(mut g) => g.take(),
+                Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+            };
+            let saved = match kept {
+                Some(s) => s,
+                None => self.manual_forward(&x.detach()).map_err(wrap)?.1,
+            };
+            let (dx, grads) = self.manual_backward(&saved, &gy.detach()).map_err(wrap)?;
+            drop(saved);
+            let dx = dx.reshape(x.dims())?;
+            let dflat = if grads.is_empty() {
+                None
+            } else {
+                let fdt = flat.dtype();
+                let parts = grads
+                    .iter()
+                    .map(|g| g.flatten_all()?.to_dtype(fdt))
+                    .collect::<R<Vec<_>>>()?;
+                Some(Tensor::cat(&parts, 0)?)
+            };
+            return Ok((Some(dx), dflat));
+        }
+        // Recompute the layer with tracking from its saved input, then backpropagate `Σ y·gy` through this
+        // local graph: its gradient at y is exactly gy, so the gradients at x and at the Vars are the layer's.
+        let xin = Var::from_tensor(&x.detach())?;
+        let y = layer_forward(
+            &self.ctx,
+            &self.layer,
+            xin.as_tensor(),
+            &self.cos,
+            &self.sin,
+            &self.bias,
+            self.pad.as_ref(),
+            true,
+        )
+        .map_err(wrap)?;
+        let surrogate = (y * gy.detach())?.sum_all()?;
+        let grads = surrogate.backward()?;
+        let dx = match grads.get(xin.as_tensor()) {
+            Some(g) => g.clone(),
+            None => xin.zeros_like()?,
+        };
+        let dflat = if self.vars.is_empty() {
+            None
+        } else {
+            let fdt = flat.dtype();
+            let parts = self
+                .vars
+                .iter()
+                .map(|v| match grads.get(v.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_dtype(fdt),
+                    None => Tensor::zeros(v.elem_count(), fdt, v.device()),
+                })
+                .collect::<R<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        };
+        Ok((Some(dx), dflat))
+    }
+}
+
+/// A decoder layer as one op (see the module doc): `keep` false recomputes the layer in the backward (activation
+/// checkpointing), `keep` true keeps the activations (needs `manual`); `manual` uses the hand-written backward
+/// where [`manual_ok`]. Falls back to the plain tracked forward when the layer cannot be checkpointed (LoRA
+/// dropout), is not on the CPU, or `keep` is asked without the hand-written backward.
+#[allow(clippy::too_many_arguments)]
+pub fn checkpointed_layer(
+    ctx: &LayerCtx,
+    l: &Layer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    pad: Option<&Unpad>,
+    manual: bool,
+    keep: bool,
+) -> Result<Tensor> {
+    let vars = layer_vars(l);
+    let manual = manual && x.device().is_cpu() && manual_ok(ctx, l);
+    if !x.device().is_cpu() || !can_checkpoint(l) || (keep && !manual) {
+        return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
+    }
+    if vars.is_empty() && !x.track_op() {
+        // Nothing upstream or inside needs a gradient: no graph at all.
+        return layer_forward(ctx, l, x, cos, sin, bias, pad, false);
+    }
+    // One flat tensor of every trainable value, f32 unless all Vars share another dtype.
+    let fdt = match vars.first() {
+        Some(v) if vars.iter().all(|w| w.dtype() == v.dtype()) => v.dtype(),
+        _ => DType::F32,
+    };
+    let flat = if vars.is_empty() {
+        Tensor::zeros(0, fdt, x.device())?
+    } else {
+        let parts = vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all()?.to_dtype(fdt))
+            .collect::<R<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?
+    };
+    let op = CheckpointedLayer {
+        ctx: *ctx,
+        layer: l.clone(),
+        vars,
+        cos: cos.clone(),
+        sin: sin.clone(),
+        bias: bias.clone(),
+        pad: pad.cloned(),
+        manual,
+        keep,
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(x.contiguous()?.apply_op2(&flat, op)?)
+}
+
+/// The loss of [`head_loss_chunked`] as an op on the hidden rows: the value and dL/dh were computed eagerly.
+struct HeadLoss {
+    loss: f64,
+    grad: Option<Tensor>,
+}
+
+impl CustomOp1 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "chunked-head-loss"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> R<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F64(_) => CpuStorage::F64(vec![self.loss]),
+            #[allow(clippy::cast_possible_truncation)]
+            _ => CpuStorage::F32(vec![self.loss as f32]),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(&self, h: &Tensor, _y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
+        match &self.grad {
+            Some(g) => Ok(Some(
+                g.affine(gy.to_dtype(DType::F64)?.to_scalar::<f64>()?, 0.0)?,
+            )),
+            None => Ok(Some(h.zeros_like()?)),
+        }
+    }
+}
+
+/// Rows of logits computed at once by [`head_loss_chunked`]: about 24 MiB of f32 logits (under glibc's largest
+/// mmap threshold, 32 MiB, so the chunk buffers are reused from the heap instead of being mapped and zeroed anew).
+pub fn head_chunk_rows(vocab: usize) -> usize {
+    ((6usize << 20) / vocab.max(1)).max(1)
+}
+
+/// Σ over rows of `−log softmax(hs · wᵀ)[target]`, with `hs` (n, hidden), `w` (vocab, hidden) frozen, targets
+/// (n) u32, computed `chunk` rows at a time (logits never exceed chunk × vocab). Same dtype rules as the fused
+/// cross-entropy: hs and w f32 or f64 on the CPU. The result is a scalar that backpropagates into `hs` only.
+pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
+    let (n, _) = hs.dims2()?;
+    let chunk = chunk.max(1);
+    let need_grad = hs.track_op();
+    let hd = hs.detach();
+    let mut loss = 0.0f64;
+    let mut grads = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = hd.narrow(0, start, len)?;
+        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
+        let logits = ops::linear(&h, w)?;
+        let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, need_grad)?;
+        loss += l;
+        if let Some(d) = dlogits {
+            grads.push(d.matmul(w)?);
+        }
+        start += len;
+    }
+    let grad = if need_grad && !grads.is_empty() {
+        Some(Tensor::cat(&grads, 0)?)
+    } else {
+        None
+    };
+    Ok(hs.contiguous()?.apply_op1(HeadLoss { loss, grad })?)
+}
