@@ -85,8 +85,9 @@ fn render_progress(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let mut label = format!("step {step}/{total}");
     if let Some(m) = &run.last {
         label.push_str(&format!(
-            " · epoch {:.2} · {} < {}",
+            " · epoch {:.2} · {:.0} tok/s · {} < {}",
             m.epoch,
+            m.tokens_per_sec,
             format_duration(m.elapsed.as_secs_f64()),
             format_duration(m.eta.as_secs_f64())
         ));
@@ -140,12 +141,18 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         .iter()
         .map(|(s, l)| (*s as f64, y_of(*l)))
         .collect();
+    // The latest loss leads the title: at 80×24 the throughput panel shows one line only.
+    let last = run
+        .points
+        .back()
+        .map(|p| format!("loss {:.4} ", p.loss))
+        .unwrap_or_else(|| "loss ".to_string());
     let title = if run.log_scale {
-        "loss (log scale; g: linear)"
+        format!("{last}(log scale; g: linear)")
     } else {
-        "loss (g: log scale)"
+        format!("{last}(g: log scale)")
     };
-    let block = panel(title, theme);
+    let block = panel(&title, theme);
     if raw.is_empty() {
         frame.render_widget(
             Paragraph::new(Line::styled(
@@ -274,10 +281,7 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     );
     let mut lines = Vec::new();
     if let Some(m) = &run.last {
-        lines.push(Line::from(vec![
-            Span::styled("loss ", theme.muted),
-            Span::styled(format!("{:.4}", m.loss), theme.loss_smooth),
-        ]));
+        // Throughput first: at 80×24 the panel has room for one line.
         lines.push(Line::styled(
             format!(
                 "{:.0} tok/s · {:.2} samples/s",
@@ -285,15 +289,19 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             ),
             theme.base,
         ));
+        lines.push(Line::from(vec![
+            Span::styled("loss ", theme.muted),
+            Span::styled(format!("{:.4}", m.loss), theme.loss_smooth),
+        ]));
         lines.push(Line::styled(
             format!("{} tokens seen", m.tokens_seen),
             theme.muted,
         ));
     } else if let Some(p) = run.points.back() {
-        lines.push(Line::styled(format!("loss {:.4}", p.loss), theme.base));
         if let Some(t) = p.tokens_per_sec {
             lines.push(Line::styled(format!("{t:.0} tok/s"), theme.base));
         }
+        lines.push(Line::styled(format!("loss {:.4}", p.loss), theme.base));
     } else {
         lines.push(Line::styled("no steps yet", theme.muted));
     }
