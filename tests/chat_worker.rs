@@ -6,30 +6,19 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::tiny_util::*;
 use candle_core::Device;
 use termtune::chat::targets::{ChatTarget, list_targets};
 use termtune::chat::worker::{AnswerStats, ChatCommand, ChatEvent, ChatHandle, LoadedTarget};
 use termtune::config::{self, Preset, Purpose};
 use termtune::engine::generate::{GenerationParams, StopReason};
-use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::trainer::run::{Outcome, run_training};
 
 const WAIT: Duration = Duration::from_secs(120);
 
 /// The tiny model and a toy dataset whose answers are all "ok the cat and the hat".
 fn fixture(root: &Path) {
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let rows: Vec<serde_json::Value> = (0..4)
-        .map(|i| serde_json::json!({"instruction": format!("say {i}"), "input": "", "output": "ok the cat and the hat"}))
-        .collect();
-    std::fs::write(data.join("toy.json"), serde_json::to_string(&rows).unwrap()).unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
+    tiny_model_and_toy_data(root, &same_answer_rows(4, "ok the cat and the hat"));
 }
 
 /// The training preset of a rank-4 LoRA on the fixture, into `root/out`.

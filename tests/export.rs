@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::tiny_util::max_abs_diff;
 use candle_core::{D, DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -62,19 +63,6 @@ fn logits(model: &Model) -> Tensor {
         .forward(&ids, &AttnMask::Causal, false)
         .unwrap()
         .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

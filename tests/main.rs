@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod data_util;
+mod tiny_util;
 
 mod chat_smollm2;
 mod chat_worker;

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use crate::tiny_util::*;
 use candle_core::{Device, Tensor};
 use termtune::config::{self, Purpose};
-use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::trainer::protocol::{TrainCommand, TrainEvent};
 use termtune::trainer::run::{Outcome, TrainError, run_training};
 use termtune::trainer::runlog::read_log;
@@ -19,28 +19,7 @@ struct Fixture {
 fn fixture(rows: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let examples: Vec<serde_json::Value> = (0..rows)
-        .map(|i| {
-            serde_json::json!({
-                "instruction": format!("say {} {}", i, "abc".repeat(i % 3 + 1)),
-                "input": "",
-                "output": format!("ok {} {}", i * 7, "xyz".repeat(i % 4 + 1)),
-            })
-        })
-        .collect();
-    std::fs::write(
-        data.join("toy.json"),
-        serde_json::to_string(&examples).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
+    tiny_model_and_toy_data(&root, &varied_rows(rows));
     Fixture { _dir: dir, root }
 }
 

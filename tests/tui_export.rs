@@ -8,12 +8,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
+use crate::tiny_util::*;
 use candle_core::{DType, Device, Tensor};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use termtune::app::{App, Effect, ExportPhase, Msg, Overlay, Question, Tab};
 use termtune::engine::hub::HubOptions;
 use termtune::engine::source::load_model;
-use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{AttnMask, Finetune, Model, adapter};
 use termtune::export::job::{self, ExportEvent, ExportRequest};
@@ -29,27 +29,19 @@ fn key(c: char) -> Msg {
 /// A tiny model, a toy dataset of 8 rows and the preset text that trains 4 steps on it with a
 /// checkpoint every 2 steps and exports to `root/merged` in f32.
 fn fixture(root: &Path) -> String {
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
     let rows: Vec<serde_json::Value> = (0..8)
         .map(|i| {
             serde_json::json!({"instruction": format!("say {i}"), "input": "", "output": format!("ok {}", i * 7)})
         })
         .collect();
-    std::fs::write(data.join("toy.json"), serde_json::to_string(&rows).unwrap()).unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
+    tiny_model_and_toy_data(root, &rows);
     format!(
         "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
          output_dir: {}\nlogging_steps: 1\nsave_steps: 2\nmax_steps: 4\nper_device_train_batch_size: 2\n\
          learning_rate: 5.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n\
          export_dir: {}\ninfer_dtype: float32\n",
         root.join("model").display(),
-        data.display(),
+        root.join("data").display(),
         root.join("run").display(),
         root.join("tokcache").display(),
         root.join("merged").display(),
@@ -85,19 +77,6 @@ fn logits(model: &Model) -> Tensor {
         .forward(&ids, &AttnMask::Causal, false)
         .unwrap()
         .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use termtune::engine::testing::{TinyOpts, tiny_llama};
+use crate::tiny_util::*;
 
 struct Tmux {
     socket: String,
@@ -81,28 +81,7 @@ fn loss_on_screen(screen: &str) -> Option<String> {
 }
 
 fn fixture(root: &Path) -> PathBuf {
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let examples: Vec<serde_json::Value> = (0..64)
-        .map(|i| {
-            serde_json::json!({
-                "instruction": format!("say {i} {}", "abc".repeat(i % 3 + 1)),
-                "input": "",
-                "output": format!("ok {} {}", i * 7, "xyz".repeat(i % 4 + 1)),
-            })
-        })
-        .collect();
-    std::fs::write(
-        data.join("toy.json"),
-        serde_json::to_string(&examples).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
+    tiny_model_and_toy_data(root, &varied_rows(64));
     // Enough steps that the run is still going when the test stops it (a step takes milliseconds).
     let preset = format!(
         "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
@@ -110,7 +89,7 @@ fn fixture(root: &Path) -> PathBuf {
          gradient_accumulation_steps: 1\nlearning_rate: 1.0e-2\nlora_rank: 4\n\
          lr_scheduler_type: constant\nmax_steps: 100000\ntokenized_path: {}\nseed: 3\n",
         root.join("model").display(),
-        data.display(),
+        root.join("data").display(),
         root.join("out").display(),
         root.join("tokcache").display(),
     );
@@ -330,25 +309,14 @@ fn mouse_click_export_and_mouse_released_on_quit_in_tmux() {
 /// The tiny model with a LoRA trained 7 steps to answer "ok the cat and the hat" (run folder
 /// `run/`: the final adapter and checkpoint-5), and a greedy chat preset on it.
 fn chat_fixture(root: &Path) -> PathBuf {
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let rows: Vec<serde_json::Value> = (0..4)
-        .map(|i| serde_json::json!({"instruction": format!("say {i}"), "input": "", "output": "ok the cat and the hat"}))
-        .collect();
-    std::fs::write(data.join("toy.json"), serde_json::to_string(&rows).unwrap()).unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
+    tiny_model_and_toy_data(root, &same_answer_rows(4, "ok the cat and the hat"));
     let text = format!(
         "model_name_or_path: {m}\ndataset: toy\ndataset_dir: {d}\ntemplate: chatml\ncutoff_len: 64\n\
          output_dir: {o}\nlogging_steps: 1\nsave_steps: 5\nper_device_train_batch_size: 2\n\
          learning_rate: 2.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\nmax_steps: 7\nseed: 3\n\
          tokenized_path: {t}\ndo_sample: false\nmax_new_tokens: 16\n",
         m = root.join("model").display(),
-        d = data.display(),
+        d = root.join("data").display(),
         o = root.join("run").display(),
         t = root.join("tok").display(),
     );
