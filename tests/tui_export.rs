@@ -1,6 +1,6 @@
 //! The Export pane end to end without a terminal, on the tiny seeded llama (CPU, seconds): the
 //! TUI's `s` starts a real training whose events go through `App::update`; while it "runs",
-//! the pane refuses its `output_dir` and exports its latest checkpoint (`l`, `e`, `y`) through
+//! the pane refuses its `output_dir` and exports its latest checkpoint (`L`, `e`, `y`) through
 //! `export::job::run`, the function the TUI's export thread calls; after it ends, the final
 //! adapter exports alone; a second export into the same folder is refused and leaves nothing.
 
@@ -123,9 +123,9 @@ fn export_from_the_tui_during_and_after_a_real_run() {
         "{status:?}"
     );
 
-    // `l` picks the saved checkpoint, which exports while the run goes on.
+    // `L` picks the saved checkpoint, which exports while the run goes on.
     a.update(key('7'));
-    a.update(key('l'));
+    a.update(key('L'));
     assert_eq!(
         a.form.value("adapter_name_or_path"),
         checkpoint.display().to_string()

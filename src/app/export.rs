@@ -6,7 +6,7 @@
 //! `checkpoint-N` folders atomically (`.checkpoint-N.tmp` renamed at the end), so any
 //! `checkpoint-N` of the running run may be exported while it trains; the run's own `output_dir`
 //! (its final adapter, written non-atomically when the run ends) is refused until the run has
-//! finished. `l` points `adapter_name_or_path` at the latest saved checkpoint.
+//! finished. `L` points `adapter_name_or_path` at the latest saved checkpoint.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ pub fn adapter_problem_during_run(
     let bad = adapters.iter().find(|a| same(a))?;
     let hint = match latest {
         Some(c) => format!(
-            "export a saved checkpoint instead (l uses the latest: {})",
+            "export a saved checkpoint instead (L uses the latest: {})",
             c.display()
         ),
         None => "wait for the first checkpoint (save_steps) or for the run to end".into(),
@@ -228,7 +228,8 @@ impl App {
             ExportEvent::Progress(line) => {
                 self.export.note(line);
                 if self.export.scroll > 0 {
-                    self.export.scroll += 1;
+                    // Keep the same lines in view; `scroll_export` caps it at the log's length.
+                    self.scroll_export(true, 1);
                 }
                 return Vec::new();
             }
@@ -267,7 +268,7 @@ impl App {
         });
     }
 
-    /// `l`: `adapter_name_or_path` ← the run's latest saved checkpoint.
+    /// `L`: `adapter_name_or_path` ← the run's latest saved checkpoint.
     pub(super) fn use_latest_checkpoint(&mut self) {
         match self.run.last_checkpoint.clone() {
             Some((step, dir)) => {

@@ -124,6 +124,9 @@ pub struct Form {
     pub loaded: Option<Loaded>,
     /// Every problem of the candidate preset, in the order `config::parse` reports them.
     pub issues: Vec<ConfigIssue>,
+    /// The problems of the candidate preset for an export (kept with `issues`, so the Export pane
+    /// does not parse the preset on every frame).
+    pub export_issues: Vec<ConfigIssue>,
 }
 
 fn value_text(v: &Value) -> String {
@@ -172,6 +175,7 @@ impl Form {
             edits: IndexMap::new(),
             loaded: None,
             issues: Vec::new(),
+            export_issues: Vec::new(),
         };
         form.revalidate();
         form
@@ -273,11 +277,6 @@ impl Form {
             .collect()
     }
 
-    /// The preset (file ← edits) validated for `purpose` (chat and export need no dataset).
-    pub fn parse_for(&self, purpose: Purpose) -> Result<Loaded, Vec<ConfigIssue>> {
-        config::parse(&self.base_text, &self.overrides(), purpose)
-    }
-
     /// Rebuilds the candidate preset from the file text and the edits.
     pub fn revalidate(&mut self) {
         match config::parse(&self.base_text, &self.overrides(), Purpose::Train) {
@@ -290,6 +289,7 @@ impl Form {
                 self.issues = issues;
             }
         }
+        self.export_issues = self.check(Purpose::Export).err().unwrap_or_default();
     }
 
     /// The candidate preset validated for another `purpose` than training (an export needs

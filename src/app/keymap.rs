@@ -508,7 +508,8 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
     ),
     b(
         C::Export,
-        K::Char('l'),
+        // Not `l`: on a form, `l` moves to the next option (vi keys), and this key edits a field.
+        K::Char('L'),
         NONE,
         A::UseLatestCheckpoint,
         "use latest checkpoint",

@@ -10,7 +10,6 @@ use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use super::{Theme, clip, form};
 use crate::app::export::describe_output;
 use crate::app::{App, ExportPhase};
-use crate::config::Purpose;
 
 /// Where the Export pane draws; the mouse hit test uses the same rectangles.
 pub(super) struct ExportAreas {
@@ -212,17 +211,15 @@ fn plan_lines<'a>(app: &App, theme: &'a Theme) -> Vec<Line<'a>> {
     ];
     if app.run.phase.is_active() {
         out.push(Line::styled(
-            "a run is training: export one of its saved checkpoints (l uses the latest), not its output_dir",
+            "a run is training: export one of its saved checkpoints (L uses the latest), not its output_dir",
             theme.warning,
         ));
     }
-    match f.check(Purpose::Export) {
-        Ok(_) => out.push(Line::styled("ready: e exports (asks first)", theme.ok)),
-        Err(issues) => {
-            for i in &issues {
-                out.push(Line::styled(format!("✗ {}", i.message), theme.danger));
-            }
-        }
+    if f.export_issues.is_empty() {
+        out.push(Line::styled("ready: e exports (asks first)", theme.ok));
+    }
+    for i in &f.export_issues {
+        out.push(Line::styled(format!("✗ {}", i.message), theme.danger));
     }
     out
 }
