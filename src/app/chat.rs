@@ -321,7 +321,7 @@ impl App {
     /// The preset for chatting: the form's file and edits, validated for chat (a dataset is not
     /// needed). Complains and returns None when it has problems.
     fn chat_preset(&mut self) -> Option<Preset> {
-        match self.form.parse_for(Purpose::Chat) {
+        match self.form.check(Purpose::Chat) {
             Ok(l) => Some(l.preset),
             Err(issues) => {
                 let first = issues.first().map_or(String::new(), |i| i.message.clone());
@@ -341,21 +341,26 @@ impl App {
         }
     }
 
+    /// Stops the answers in progress (the worker answers in order, so a new command would
+    /// otherwise wait for them). `generating` stays set until the worker's `Done`/`Failed` for
+    /// each stopped answer arrives: clearing it here let a stale `Done` close the next answer.
+    fn stop_answers(&mut self) -> Option<Effect> {
+        if !self.chat.generating() {
+            return None;
+        }
+        for s in &mut self.chat.slots {
+            if let Some(t) = s.turns.last_mut() {
+                t.streaming = false;
+            }
+        }
+        Some(Effect::Chat(ChatCommand::Stop))
+    }
+
     fn load_target(&mut self, slot: usize, target: ChatTarget) -> Vec<Effect> {
         let Some(preset) = self.chat_preset() else {
             return Vec::new();
         };
-        let mut effects = Vec::new();
-        if self.chat.generating() {
-            // The worker answers in order: stop the answer in progress instead of waiting for it.
-            effects.push(Effect::Chat(ChatCommand::Stop));
-            for s in &mut self.chat.slots {
-                s.generating = false;
-                if let Some(t) = s.turns.last_mut() {
-                    t.streaming = false;
-                }
-            }
-        }
+        let mut effects: Vec<Effect> = self.stop_answers().into_iter().collect();
         let s = &mut self.chat.slots[slot];
         s.turns.clear();
         s.status = SlotStatus::Loading("loading…".into());
@@ -451,13 +456,9 @@ impl App {
             }
             Action::ChatRegenerate => self.chat_regenerate(),
             Action::ChatClear => {
-                let mut e = Vec::new();
-                if self.chat.generating() {
-                    e.push(Effect::Chat(ChatCommand::Stop));
-                }
+                let mut e: Vec<Effect> = self.stop_answers().into_iter().collect();
                 for s in &mut self.chat.slots {
                     s.turns.clear();
-                    s.generating = false;
                 }
                 self.chat.scroll = 0;
                 self.say("new conversation (the models stay loaded)");
@@ -492,12 +493,9 @@ impl App {
                     let mut effects = Vec::new();
                     if self.chat.slots.iter().any(|s| !s.turns.is_empty()) {
                         // The same prompt for both: start both conversations afresh.
-                        if self.chat.generating() {
-                            effects.push(Effect::Chat(ChatCommand::Stop));
-                        }
+                        effects.extend(self.stop_answers());
                         for s in &mut self.chat.slots {
                             s.turns.clear();
-                            s.generating = false;
                         }
                         effects.push(Effect::Chat(ChatCommand::Clear));
                     }
