@@ -516,6 +516,8 @@ fn checkpointing_off_and_a_thread_cap_train_the_same_adapter() {
     let (l0, w0) = &results[0];
     assert_eq!(l0.len(), 3);
     for ((out, _), (l, w)) in runs.iter().zip(&results).skip(1) {
+        assert_eq!(l.len(), l0.len(), "{out}: every step's loss arrives");
+        assert_eq!(w.len(), w0.len(), "{out}: the same adapter tensors");
         for (a, b) in l0.iter().zip(l) {
             assert!(
                 (a - b).abs() < 1e-5 * a.abs().max(1.0),

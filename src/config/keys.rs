@@ -987,7 +987,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "num_threads",
         Train,
-        "termtune only: CPU threads for training (0 = all cores).",
+        "termtune only: CPU threads of the training pool (0 = all cores); candle's elementwise ops keep their own pool.",
     ),
     noe(
         "gradient_checkpointing",

@@ -24,7 +24,8 @@ pub mod tokenizer;
 pub mod weights;
 
 /// candle allocates a fresh buffer for every op result; with glibc each large one was mapped, page-faulted and
-/// zeroed anew (about 14% of a training step in perf). mimalloc reuses freed pages.
+/// zeroed anew. mimalloc reuses freed pages: single-thread CPU time per 4×256 step 5.17–5.71 s with glibc,
+/// 4.38–4.65 s with mimalloc (`cargo test --release --test integration engine_bench -- --ignored --nocapture`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
