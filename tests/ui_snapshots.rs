@@ -616,6 +616,38 @@ mod chat {
     }
 
     #[test]
+    fn the_slot_header_keeps_its_status_colour() {
+        // Snapshots compare text only; the header's colour says loaded / loading / failed.
+        let mut a = chat_app();
+        a.update(Msg::Chat(ChatEvent::Loading {
+            slot: 0,
+            what: "loading saves/nope".into(),
+        }));
+        a.update(Msg::Chat(ChatEvent::Failed {
+            slot: 0,
+            message: "saves/nope: no such folder".into(),
+        }));
+        let theme = Theme::default();
+        for (w, h) in [(80, 24), (120, 40)] {
+            let b = draw(&a, w, h);
+            let buf = b.buffer();
+            let at = (0..h)
+                .flat_map(|y| (0..w.saturating_sub(2)).map(move |x| (x, y)))
+                .find(|&(x, y)| {
+                    buf[(x, y)].symbol() == "A"
+                        && buf[(x + 1, y)].symbol() == " "
+                        && buf[(x + 2, y)].symbol() == "▸"
+                })
+                .unwrap_or_else(|| panic!("no slot header at {w}x{h}"));
+            assert_eq!(
+                buf[at].fg,
+                theme.danger.fg.unwrap(),
+                "{w}x{h}: a failed slot's header is in the danger colour"
+            );
+        }
+    }
+
+    #[test]
     fn a_full_chat_pane_never_panics_at_any_size() {
         let mut a = running(2);
         a.update(key('6'));

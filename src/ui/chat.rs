@@ -81,7 +81,14 @@ fn run_warning(app: &App) -> Option<Line<'static>> {
 }
 
 /// The header lines of a slot: what is loaded, always.
-fn header(slot: usize, s: &ChatSlot, theme: &Theme, two_lines: bool) -> Vec<Line<'static>> {
+/// The slot's header, clipped to `width` columns, in the status colour (muted details).
+fn header(
+    slot: usize,
+    s: &ChatSlot,
+    theme: &Theme,
+    two_lines: bool,
+    width: usize,
+) -> Vec<Line<'static>> {
     let name = slot_name(slot);
     let (first, second, style) = match &s.status {
         SlotStatus::Empty => (
@@ -120,13 +127,15 @@ fn header(slot: usize, s: &ChatSlot, theme: &Theme, two_lines: bool) -> Vec<Line
     };
     if two_lines {
         vec![
-            Line::styled(first, style),
-            Line::styled(format!("  {second}"), theme.muted),
+            Line::styled(clip(&first, width), style),
+            Line::styled(clip(&format!("  {second}"), width), theme.muted),
         ]
     } else {
+        let first = clip(&first, width);
+        let rest = width.saturating_sub(first.chars().count());
         vec![Line::from(vec![
             Span::styled(first, style),
-            Span::styled(format!(" · {second}"), theme.muted),
+            Span::styled(clip(&format!(" · {second}"), rest), theme.muted),
         ])]
     }
 }
@@ -261,19 +270,11 @@ fn render_slot(frame: &mut Frame, area: Rect, app: &App, slot: usize, theme: &Th
         return;
     }
     let two = inner.height >= 8;
-    let head = header(slot, s, theme, two);
+    // Styles stay as `header` set them (the status colour used to be lost here).
+    let head = header(slot, s, theme, two, usize::from(inner.width));
     let head_h = u16::try_from(head.len()).unwrap_or(1).min(inner.height);
     let [head_area, text_area] =
         Layout::vertical([Constraint::Length(head_h), Constraint::Min(0)]).areas(inner);
-    let w = usize::from(head_area.width);
-    let head: Vec<Line> = head
-        .into_iter()
-        .map(|l| {
-            let text: String = l.spans.iter().map(|s| s.content.as_ref()).collect();
-            let style = l.spans.first().map_or(l.style, |s| s.style);
-            Line::styled(clip(&text, w), style)
-        })
-        .collect();
     frame.render_widget(Paragraph::new(head), head_area);
     let width = usize::from(text_area.width);
     let mut rows: Vec<Line> = Vec::new();
