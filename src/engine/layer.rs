@@ -417,8 +417,8 @@ impl CheckpointedLayer {
             let d = d.transpose(1, 2)?.reshape((b * t, n * hd))?;
             Ok(match &self.pad {
                 None => d,
-                Some(p) => Tensor::zeros((m, n * hd), d.dtype(), d.device())?
-                    .index_add(&p.padded, &d, 0)?,
+                // Packed row r is padded position real[r]: a gather, as in the forward.
+                Some(p) => d.index_select(&p.real, 0)?,
             })
         };
         let (dh_q, gq) = lin_bwd(&l.q, &sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?)?;
