@@ -608,13 +608,11 @@ impl App {
             let s = &mut self.chat.slots[slot];
             if matches!(s.status, SlotStatus::Empty | SlotStatus::Failed(_)) {
                 // Nothing loaded: load the preset's adapter (or the base model) first.
-                let target = preset
-                    .adapter_name_or_path
-                    .as_deref()
-                    .map(crate::config::comma_list)
-                    .filter(|l| l.len() == 1)
-                    .and_then(|mut l| l.pop())
-                    .map_or(ChatTarget::Base, |a| ChatTarget::Adapter(PathBuf::from(a)));
+                let adapters = preset.adapters();
+                let target = match adapters.as_slice() {
+                    [one] => ChatTarget::Adapter(PathBuf::from(one)),
+                    _ => ChatTarget::Base,
+                };
                 s.status = SlotStatus::Loading("loading…".into());
                 s.turns.clear();
                 effects.push(Effect::Chat(ChatCommand::Load {
@@ -622,10 +620,19 @@ impl App {
                     preset: Box::new(preset.clone()),
                     target,
                 }));
-                self.say(format!(
-                    "{}: loading the preset's model first (o picks an adapter or checkpoint)",
-                    slot_name(slot)
-                ));
+                if adapters.len() > 1 {
+                    // `termtune chat` merges them all; the pane loads one at a time.
+                    self.say(format!(
+                        "{}: the preset names {} adapters and the pane loads one: base model for now (o picks one)",
+                        slot_name(slot),
+                        adapters.len()
+                    ));
+                } else {
+                    self.say(format!(
+                        "{}: loading the preset's model first (o picks an adapter or checkpoint)",
+                        slot_name(slot)
+                    ));
+                }
             }
             let s = &mut self.chat.slots[slot];
             s.turns.push(Turn {
