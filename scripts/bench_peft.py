@@ -3,7 +3,9 @@
 
 Runs the same LoRA training steps as termtune on exactly the same batches (termtune writes them
 to a JSON file: input_ids, labels, attention_mask per step, padded to the longest row as
-LLaMA-Factory's collator does) and prints one JSON object with its timings, losses and peak RSS.
+LLaMA-Factory's collator does) and prints one JSON object with its timings, losses and peak memory
+(RSS on the CPU; torch.cuda's peak allocated and reserved on a GPU). On a GPU the base is loaded in
+--dtype (bfloat16) with sdpa attention; PEFT keeps the LoRA weights in float32 (autocast_adapter_dtype).
 
 Needs: torch, transformers, peft (and gguf for a .gguf model), e.g.
     python3 -m venv venv && venv/bin/pip install torch transformers peft gguf
@@ -27,23 +29,36 @@ def main() -> int:
     ap.add_argument("--alpha", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
     if args.model.endswith(".gguf"):
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(os.path.abspath(args.model)),
             gguf_file=os.path.basename(args.model),
-            torch_dtype=torch.float32,
+            torch_dtype=dtype,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, torch_dtype=dtype, attn_implementation="sdpa"
+        )
+    model.to(device)
     model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     cfg = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
@@ -55,24 +70,34 @@ def main() -> int:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
+    def sync():
+        if gpu:
+            torch.cuda.synchronize(device)
+
     with open(args.batches) as f:
         batches = json.load(f)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     steps = []
     for i, b in enumerate(batches):
-        ids = torch.tensor(b["input_ids"], dtype=torch.long)
-        labels = torch.tensor(b["labels"], dtype=torch.long)
-        mask = torch.tensor(b["attention_mask"], dtype=torch.long)
+        ids = torch.tensor(b["input_ids"], dtype=torch.long, device=device)
+        labels = torch.tensor(b["labels"], dtype=torch.long, device=device)
+        mask = torch.tensor(b["attention_mask"], dtype=torch.long, device=device)
+        sync()
         t0 = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        loss = float(out.loss.detach())  # a sync point, as termtune reads its loss
         t1 = time.perf_counter()
         out.loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         steps.append(
             {
-                "loss": float(out.loss.detach()),
+                "loss": loss,
                 "forward_s": t1 - t0,
                 "backward_s": t2 - t1,
                 "optimizer_s": t3 - t2,
@@ -87,10 +112,20 @@ def main() -> int:
     real = sum(s["real_tokens"] for s in measured)
     padded = sum(s["padded_tokens"] for s in measured)
     total = sum(s["step_s"] for s in measured)
+    import peft
+    import transformers
+
+    mem = {}
+    if gpu:
+        mem = {
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        }
     print(
         json.dumps(
             {
-                "tool": f"torch {torch.__version__} + peft",
+                **mem,
+                "tool": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, {args.dtype}, sdpa, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
                 "losses": [s["loss"] for s in steps],
                 "step_s_median": med("step_s"),
                 "forward_s_median": med("forward_s"),

@@ -35,13 +35,16 @@ pub struct BenchOptions {
     pub python: Option<PathBuf>,
     /// CPU threads for both termtune and the reference (0 = all cores).
     pub threads: usize,
+    /// Base-weight dtype: `None` is bf16 on a GPU and f32 on the CPU.
+    pub dtype: Option<DType>,
 }
 
 /// termtune's measurements for one gradient-checkpointing setting.
 struct Setting {
     checkpointing: bool,
     times: Vec<StepTime>,
-    rss_gib: Option<f64>,
+    /// Peak memory (GiB): resident set on the CPU; (in use, reserved) of the memory pool on a GPU.
+    mem_gib: (Option<f64>, Option<f64>),
 }
 
 /// One step's measurements.
@@ -85,7 +88,15 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             .join("; ")
     })?;
     let p = &loaded.preset;
-    let device = Device::Cpu;
+    let device = crate::engine::device::chosen().map_err(|e| e.to_string())?;
+    let gpu = !device.is_cpu();
+    let dtype = opts
+        .dtype
+        .unwrap_or(if gpu { DType::BF16 } else { DType::F32 });
+    note(&format!(
+        "device {}, base weights {dtype:?}, LoRA and AdamW f32",
+        crate::engine::device::describe(&device)
+    ));
     let mut progress = |sp: crate::engine::source::SourceProgress| {
         if let crate::engine::source::SourceProgress::Note(l) = sp {
             note(&l);
@@ -94,7 +105,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
     let src = load_model(
         &p.model_name_or_path,
         &HubOptions::from_env(),
-        DType::F32,
+        dtype,
         &device,
         &mut progress,
     )
@@ -115,7 +126,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
         .ok_or("the model has no tokenizer")?;
     let tokenizer_config = src.files.tokenizer_config.clone();
     let spec = resolve::lora_spec(p).map_err(|e| e.to_string())?;
-    let model = Model::from_files(&src.files, DType::F32, &device, &Finetune::Lora(spec))
+    let model = Model::from_files(&src.files, dtype, &device, &Finetune::Lora(spec))
         .map_err(|e| e.to_string())?;
     drop(src);
     let data_opts = resolve::data_options(p);
@@ -160,26 +171,65 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             v.set(t).map_err(|e| e.to_string())?;
         }
         model.checkpointing = checkpointing;
-        // Peak RSS per setting: reset the high-water mark (Linux `clear_refs` 5) before each one.
+        // Peak memory per setting: reset the high-water mark (Linux `clear_refs` 5; the GPU pool's) before each.
+        crate::engine::device::reset_peak_memory(&device);
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-        if !reset && checkpointing {
+        if !reset && checkpointing && !gpu {
             note(
                 "cannot reset the peak RSS between settings; the second setting's peak includes the first's",
             );
         }
         let times = pool.install(|| measure(&model, &batches, &device, checkpointing, note))?;
+        let gib = |b: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let g = b as f64 / f64::from(1u32 << 30);
+            g
+        };
+        let mem_gib = match crate::engine::device::peak_memory(&device) {
+            Some((used, reserved)) => (Some(gib(used)), Some(gib(reserved))),
+            None => (peak_rss_gib(), None),
+        };
         settings.push(Setting {
             checkpointing,
             times,
-            rss_gib: peak_rss_gib(),
+            mem_gib,
         });
     }
+    drop(model);
 
-    let reference = match &opts.python {
-        None => Err("skipped (--no-reference)".to_string()),
-        Some(py) => run_reference(py, &reference_model, &batches, opts, threads, note),
-    };
-    Ok(report(opts, threads, &settings, &reference))
+    // The reference on the same device and dtype; on a GPU with and without its gradient checkpointing (on the
+    // CPU, where it is slow, without: it keeps all activations).
+    let mut references = Vec::new();
+    match &opts.python {
+        None => references.push((false, Err("skipped (--no-reference)".to_string()))),
+        Some(py) => {
+            for ckpt in if gpu { vec![true, false] } else { vec![false] } {
+                let r = run_reference(
+                    py,
+                    &reference_model,
+                    &batches,
+                    opts,
+                    &RefSetup {
+                        threads,
+                        device: crate::engine::device::short_name(&device),
+                        dtype,
+                        checkpointing: ckpt,
+                    },
+                    note,
+                );
+                references.push((ckpt, r));
+            }
+        }
+    }
+    let setup = format!(
+        "{dtype:?} base on {}",
+        if gpu {
+            crate::engine::device::describe(&device)
+        } else {
+            format!("CPU {threads} threads")
+        }
+    );
+    Ok(report(opts, &setup, gpu, &settings, &references))
 }
 
 /// CPU time (user + system) of this process, from /proc/self/stat (clock ticks of 1/100 s).
@@ -224,8 +274,11 @@ fn measure(
             .map_err(|e| e.to_string())?;
         let t1 = Instant::now();
         let grads = mean.backward().map_err(|e| e.to_string())?;
+        // A GPU runs asynchronously: wait for its queue before reading the clock.
+        device.synchronize().map_err(|e| e.to_string())?;
         let t2 = Instant::now();
         opt.step(&grads, 1e-4).map_err(|e| e.to_string())?;
+        device.synchronize().map_err(|e| e.to_string())?;
         let t3 = Instant::now();
         let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
         let cpu = process_cpu_seconds()
@@ -252,12 +305,23 @@ fn measure(
     Ok(times)
 }
 
+/// How the reference runs: threads, device (`cpu`, `cuda:0`), dtype, gradient checkpointing.
+struct RefSetup {
+    threads: usize,
+    device: String,
+    dtype: DType,
+    checkpointing: bool,
+}
+
+/// The reference script, compiled in: the binary may run far from its source tree (a GPU machine).
+const BENCH_PEFT_PY: &str = include_str!("../scripts/bench_peft.py");
+
 fn run_reference(
     python: &Path,
     model: &Path,
     batches: &[crate::data::Batch],
     opts: &BenchOptions,
-    threads: usize,
+    setup: &RefSetup,
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<serde_json::Value, String> {
     let check = std::process::Command::new(python)
@@ -288,17 +352,33 @@ fn run_reference(
     let batches_path = dir.join("batches.json");
     std::fs::write(&batches_path, serde_json::to_vec(&json).unwrap_or_default())
         .map_err(|e| e.to_string())?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_peft.py");
-    note("running the PyTorch + PEFT reference on the same batches");
-    let threads = threads.to_string();
-    let out = std::process::Command::new(python)
-        .arg(&script)
+    let script = dir.join("bench_peft.py");
+    std::fs::write(&script, BENCH_PEFT_PY).map_err(|e| e.to_string())?;
+    note(&format!(
+        "running the PyTorch + PEFT reference on the same batches (gradient checkpointing {})",
+        if setup.checkpointing { "on" } else { "off" }
+    ));
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(&script)
         .args(["--model", &model.display().to_string()])
         .args(["--batches", &batches_path.display().to_string()])
-        .args(["--threads", &threads])
+        .args(["--threads", &setup.threads.to_string()])
         .args(["--rank", &opts.lora_rank.to_string()])
         .args(["--alpha", &(opts.lora_rank * 2).to_string()])
         .args(["--warmup", &opts.warmup.to_string()])
+        .args(["--device", &setup.device])
+        .args([
+            "--dtype",
+            if setup.dtype == DType::BF16 {
+                "bfloat16"
+            } else {
+                "float32"
+            },
+        ]);
+    if setup.checkpointing {
+        cmd.arg("--gradient-checkpointing");
+    }
+    let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("the reference failed to start: {e}"))?;
@@ -311,8 +391,13 @@ fn run_reference(
     serde_json::from_str(last).map_err(|e| format!("unreadable reference output: {e}"))
 }
 
-/// The summary figures of one run: step, forward, backward, optimizer medians, real and padded tokens/s, RSS.
-fn figures(opts: &BenchOptions, times: &[StepTime], rss_gib: Option<f64>) -> [f64; 7] {
+/// The summary figures of one run: step, forward, backward, optimizer medians, real and padded tokens/s, and
+/// the two memory figures (peak RSS, or the GPU pool's peak in use and reserved).
+fn figures(
+    opts: &BenchOptions,
+    times: &[StepTime],
+    mem_gib: (Option<f64>, Option<f64>),
+) -> [f64; 8] {
     let measured = &times[opts.warmup.min(times.len())..];
     let total: f64 = measured
         .iter()
@@ -330,19 +415,56 @@ fn figures(opts: &BenchOptions, times: &[StepTime], rss_gib: Option<f64>) -> [f6
         med(|t| t.optimizer_s),
         real / total.max(1e-9),
         padded / total.max(1e-9),
-        rss_gib.unwrap_or(0.0),
+        mem_gib.0.unwrap_or(f64::NAN),
+        mem_gib.1.unwrap_or(f64::NAN),
     ]
 }
 
+/// The reference's figures in the order of [`figures`].
+fn reference_figures(r: &serde_json::Value, gpu: bool) -> [f64; 8] {
+    let g = |k: &str| {
+        r.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let gib = f64::from(1u32 << 30);
+    let (m0, m1) = if gpu {
+        (
+            g("peak_allocated_bytes") / gib,
+            g("peak_reserved_bytes") / gib,
+        )
+    } else {
+        (g("peak_rss_bytes") / gib, f64::NAN)
+    };
+    [
+        g("step_s_median"),
+        g("forward_s_median"),
+        g("backward_s_median"),
+        g("optimizer_s_median"),
+        g("real_tokens_per_s"),
+        g("padded_tokens_per_s"),
+        m0,
+        m1,
+    ]
+}
+
+type Reference = (bool, Result<serde_json::Value, String>);
+
 fn report(
     opts: &BenchOptions,
-    threads: usize,
+    setup: &str,
+    gpu: bool,
     settings: &[Setting],
-    reference: &Result<serde_json::Value, String>,
+    references: &[Reference],
 ) -> String {
-    let ours: Vec<[f64; 7]> = settings
+    let on_off = |c: bool| if c { "on" } else { "off" };
+    let ours: Vec<[f64; 8]> = settings
         .iter()
-        .map(|s| figures(opts, &s.times, s.rss_gib))
+        .map(|s| figures(opts, &s.times, s.mem_gib))
+        .collect();
+    let theirs: Vec<(bool, [f64; 8])> = references
+        .iter()
+        .filter_map(|(c, r)| r.as_ref().ok().map(|v| (*c, reference_figures(v, gpu))))
         .collect();
     let measured = settings
         .first()
@@ -350,105 +472,105 @@ fn report(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "LoRA r {} on all linear layers, f32, CPU {threads} threads, batch {} x cutoff {}, {measured} measured steps after {} warm-up",
+        "LoRA r {} on all linear layers, {setup}, batch {} x cutoff {}, {measured} measured steps after {} warm-up",
         opts.lora_rank, opts.batch_size, opts.cutoff_len, opts.warmup
     );
-    let refv: Option<[f64; 7]> = reference.as_ref().ok().map(|r| {
-        let g = |k: &str| {
-            r.get(k)
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(f64::NAN)
-        };
-        #[allow(clippy::cast_precision_loss)]
-        [
-            g("step_s_median"),
-            g("forward_s_median"),
-            g("backward_s_median"),
-            g("optimizer_s_median"),
-            g("real_tokens_per_s"),
-            g("padded_tokens_per_s"),
-            g("peak_rss_bytes") / (1u64 << 30) as f64,
-        ]
-    });
-    let name = |s: &Setting| {
-        if s.checkpointing {
-            "ckpt on"
-        } else {
-            "ckpt off"
-        }
+    // Each termtune setting is compared with the reference of the same checkpointing setting, else the first.
+    let partner = |c: bool| -> Option<[f64; 8]> {
+        theirs
+            .iter()
+            .find(|(rc, _)| *rc == c)
+            .or_else(|| theirs.first())
+            .map(|(_, f)| *f)
     };
-    let mut head = format!("{:<28}", "termtune gradient ckpt:");
+    let mut head = format!("{:<28}", "gradient checkpointing:");
     for s in settings {
-        let _ = write!(head, "{:>12}", name(s));
+        let _ = write!(head, "{:>12}", format!("tt {}", on_off(s.checkpointing)));
     }
-    let _ = write!(head, "{:>14}", "PyTorch+PEFT");
-    for s in settings {
-        let _ = write!(
-            head,
-            "{:>12}",
-            format!("ratio {}", if s.checkpointing { "on" } else { "off" })
-        );
+    for (c, _) in &theirs {
+        let _ = write!(head, "{:>12}", format!("PEFT {}", on_off(*c)));
+    }
+    if !theirs.is_empty() {
+        for s in settings {
+            let _ = write!(head, "{:>12}", format!("ratio {}", on_off(s.checkpointing)));
+        }
     }
     let _ = writeln!(out, "{}", head.trim_end());
-    let rows = [
+    let mut rows = vec![
         ("seconds per step (median)", 0, false),
         ("  forward", 1, false),
         ("  backward", 2, false),
         ("  optimizer", 3, false),
         ("real tokens/s", 4, true),
         ("padded tokens/s", 5, true),
-        ("peak RSS (GiB)", 6, false),
     ];
+    if gpu {
+        rows.push(("peak GPU allocated (GiB)", 6, false));
+        rows.push(("peak GPU reserved (GiB)", 7, false));
+    } else {
+        rows.push(("peak RSS (GiB)", 6, false));
+    }
     for (label, i, higher_is_better) in rows {
         let mut line = format!("{label:<28}");
         for o in &ours {
             let _ = write!(line, "{:>12.3}", o[i]);
         }
-        match refv {
-            Some(r) => {
-                let _ = write!(line, "{:>14.3}", r[i]);
-                for o in &ours {
-                    let ratio = if higher_is_better {
-                        o[i] / r[i]
-                    } else {
-                        r[i] / o[i]
-                    };
-                    let _ = write!(line, "{:>11.2}x", ratio);
-                }
-            }
-            None => {
-                let _ = write!(line, "{:>14}", "-");
+        for (_, r) in &theirs {
+            let _ = write!(line, "{:>12.3}", r[i]);
+        }
+        for (s, o) in settings.iter().zip(&ours) {
+            if let Some(r) = partner(s.checkpointing) {
+                let ratio = if higher_is_better {
+                    o[i] / r[i]
+                } else {
+                    r[i] / o[i]
+                };
+                let _ = write!(line, "{:>11.2}x", ratio);
             }
         }
         let _ = writeln!(out, "{}", line.trim_end());
     }
-    let _ = writeln!(
-        out,
-        "(ratio > 1 means termtune is better: faster, or less memory; the reference keeps all activations)"
-    );
+    if !theirs.is_empty() {
+        let _ = writeln!(
+            out,
+            "(ratio > 1 means termtune is better: faster, or less memory; each termtune setting against the reference with the same checkpointing where it ran)"
+        );
+    }
     for s in settings {
         let losses: Vec<String> = s.times.iter().map(|t| format!("{:.4}", t.loss)).collect();
-        let _ = writeln!(out, "termtune losses ({}): {}", name(s), losses.join(" "));
+        let _ = writeln!(
+            out,
+            "termtune losses (ckpt {}): {}",
+            on_off(s.checkpointing),
+            losses.join(" ")
+        );
     }
-    match reference {
-        Ok(r) => {
-            let theirs: Vec<String> = r
-                .get("losses")
-                .and_then(serde_json::Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(serde_json::Value::as_f64)
-                        .map(|l| format!("{l:.4}"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let _ = writeln!(out, "reference losses:          {}", theirs.join(" "));
-            if let Some(tool) = r.get("tool").and_then(serde_json::Value::as_str) {
-                let _ = writeln!(out, "reference: {tool}");
+    for (c, r) in references {
+        match r {
+            Ok(r) => {
+                let theirs: Vec<String> = r
+                    .get("losses")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(serde_json::Value::as_f64)
+                            .map(|l| format!("{l:.4}"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "reference losses (ckpt {}): {}",
+                    on_off(*c),
+                    theirs.join(" ")
+                );
+                if let Some(tool) = r.get("tool").and_then(serde_json::Value::as_str) {
+                    let _ = writeln!(out, "reference: {tool}");
+                }
             }
-        }
-        Err(why) => {
-            let _ = writeln!(out, "PyTorch+PEFT reference: {why}");
+            Err(why) => {
+                let _ = writeln!(out, "PyTorch+PEFT reference (ckpt {}): {why}", on_off(*c));
+            }
         }
     }
     out

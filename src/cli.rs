@@ -22,6 +22,17 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "NAME|FILE")]
     pub theme: Option<String>,
 
+    /// Compute device: auto (the first CUDA GPU when this build has CUDA and one is present, else the CPU),
+    /// cpu, cuda or cuda:N (N counts the GPUs that CUDA_VISIBLE_DEVICES shows).
+    #[arg(
+        long,
+        global = true,
+        value_name = "auto|cpu|cuda|cuda:N",
+        default_value = "auto",
+        env = "TERMTUNE_DEVICE"
+    )]
+    pub device: crate::engine::device::DeviceSpec,
+
     /// Write the log here instead of termtune's cache folder (stdout belongs to the TUI).
     #[arg(long, global = true, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
@@ -83,6 +94,9 @@ pub struct BenchArgs {
     /// CPU threads for termtune and the reference (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Base-weight dtype: auto (bf16 on a GPU, f32 on the CPU), bf16 or f32.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "bf16", "bfloat16", "f32", "float32"])]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ use crate::config::{self, Group, Purpose};
 pub const EXIT_CONFIG: u8 = 2;
 
 pub fn run(cli: Cli) -> ExitCode {
+    crate::engine::device::set_preferred(cli.device);
     match cli.command {
         None => tui(cli.preset.clone(), cli.theme.clone()),
         Some(Command::Check(args)) => check(&args),
@@ -199,7 +200,13 @@ fn chat(args: &ChatArgs) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let device = candle_core::Device::Cpu;
+    let device = match crate::engine::device::chosen() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut progress = |p: crate::engine::source::SourceProgress| {
         if let crate::engine::source::SourceProgress::Note(line) = p {
             eprintln!("termtune: {line}");
@@ -352,6 +359,11 @@ fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
         warmup: 1,
         python,
         threads: args.threads,
+        dtype: match args.dtype.as_str() {
+            "bf16" | "bfloat16" => Some(candle_core::DType::BF16),
+            "f32" | "float32" => Some(candle_core::DType::F32),
+            _ => None,
+        },
     };
     match crate::bench::run(&opts, &mut |line| eprintln!("termtune: {line}")) {
         Ok(report) => {
@@ -374,7 +386,13 @@ fn export(args: &ExportArgs) -> ExitCode {
     let result = if args.adapter_only {
         crate::export::export_adapter(&loaded.preset, &mut progress)
     } else {
-        crate::export::export(&loaded.preset, &candle_core::Device::Cpu, &mut progress)
+        match crate::engine::device::chosen() {
+            Ok(device) => crate::export::export(&loaded.preset, &device, &mut progress),
+            Err(e) => {
+                eprintln!("termtune: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     };
     match result {
         Ok(report) => {
@@ -413,8 +431,15 @@ pub fn env_report() -> String {
     );
     let _ = writeln!(
         out,
-        "compute devices: cpu{}",
-        if cfg!(feature = "cuda") { ", cuda" } else { "" }
+        "compute devices: {}",
+        crate::engine::device::inventory()
+    );
+    let _ = writeln!(
+        out,
+        "device: {} (--device {}; CUDA_VISIBLE_DEVICES={})",
+        crate::engine::device::chosen_label(),
+        crate::engine::device::preferred(),
+        std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
     );
     let _ = writeln!(out, "cpu features: {}", cpu_features().join(" "));
     let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);

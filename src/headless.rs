@@ -34,10 +34,13 @@ pub fn train(loaded: Loaded) -> ExitCode {
     let handle = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
-            let device = candle_core::Device::Cpu;
-            let result = run_training(&loaded, &device, &cmd_rx, &mut |ev| {
-                let _ = ev_tx.send(ev);
-            });
+            let result = crate::engine::device::chosen()
+                .map_err(crate::trainer::run::TrainError::from)
+                .and_then(|device| {
+                    run_training(&loaded, &device, &cmd_rx, &mut |ev| {
+                        let _ = ev_tx.send(ev);
+                    })
+                });
             if let Err(e) = &result {
                 tracing::error!("training failed: {e}");
                 let _ = ev_tx.send(TrainEvent::Failed(e.to_string()));
@@ -198,11 +201,12 @@ fn describe(ev: &TrainEvent) -> Option<String> {
             trainable_params,
             total_params,
             start_step,
+            device,
         } => {
             #[allow(clippy::cast_precision_loss)]
             let pct = *trainable_params as f64 / (*total_params).max(1) as f64 * 100.0;
             format!(
-                "termtune: training {total_steps} steps on {examples} examples ({eval_examples} for evaluation); trainable params {trainable_params} of {total_params} ({pct:.3}%){}",
+                "termtune: training {total_steps} steps on {examples} examples ({eval_examples} for evaluation) on {device}; trainable params {trainable_params} of {total_params} ({pct:.3}%){}",
                 if *start_step > 0 {
                     format!("; starting at step {start_step}")
                 } else {

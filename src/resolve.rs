@@ -124,15 +124,41 @@ pub fn hub_options(p: &Preset) -> crate::engine::hub::HubOptions {
     hub
 }
 
-/// The compute dtype for training: bf16/fp16 when asked, else f32.
-pub fn train_dtype(p: &Preset) -> DType {
-    if p.bf16 || p.pure_bf16 {
-        DType::BF16
-    } else if p.fp16 {
-        DType::F16
-    } else {
-        DType::F32
+/// The dtype the base weights and activations train in on `device`, and a note for the user when it is not what
+/// the preset literally asked. On a GPU, `bf16`/`pure_bf16` train the base in bf16 (LoRA weights and AdamW stay
+/// f32, as PEFT keeps them). On the CPU everything trains in f32: candle's CPU bf16 kernels are ~10× slower than
+/// f32 (LLaMA-Factory's `qwen3_lora_sft.yaml` on SmolLM2: 8 tokens/s against ~90). `fp16` is refused: it needs
+/// loss scaling, which termtune does not do.
+pub fn train_dtype(
+    p: &Preset,
+    device: &candle_core::Device,
+) -> Result<(DType, Option<String>), String> {
+    if p.fp16 {
+        return Err("`fp16: true`: fp16 training needs loss scaling, which termtune does not do; use `bf16: true` (GPUs since Ampere: A100, L4, RTX 30xx, H100) or neither (f32)".into());
     }
+    let half = p.bf16 || p.pure_bf16;
+    if device.is_cpu() {
+        let note = half.then(|| {
+            let key = if p.pure_bf16 { "pure_bf16" } else { "bf16" };
+            format!("`{key}: true`: the CPU trains in f32 (candle's CPU bf16 kernels are about 10× slower); on a GPU the base trains in bf16")
+        });
+        return Ok((DType::F32, note));
+    }
+    // Full and freeze fine-tuning update the base weights themselves: LLaMA-Factory keeps them in f32 (master
+    // weights) unless `pure_bf16`; a bf16 update below bf16's resolution would be lost.
+    if p.bf16
+        && !p.pure_bf16
+        && !matches!(
+            p.finetuning_type,
+            FinetuningType::Lora | FinetuningType::Oft
+        )
+    {
+        return Ok((
+            DType::F32,
+            Some("`bf16: true` with full or freeze fine-tuning: the trained weights stay f32 (as LLaMA-Factory's master weights) and the model computes in f32; `pure_bf16: true` trains them in bf16".into()),
+        ));
+    }
+    Ok((if half { DType::BF16 } else { DType::F32 }, None))
 }
 
 /// The dtype for chat and export (`infer_dtype`; auto is f32 on CPU).

@@ -98,6 +98,7 @@ pub fn run(options: &Options) -> Result<(), TuiError> {
     };
     let mut app = App::new(path, &text);
     app.log_path = crate::logging::log_path().map(|p| p.display().to_string());
+    app.device = crate::engine::device::chosen_label();
     let (themes, warning) = themes(options.theme.as_deref());
     app.theme_names = themes.iter().map(|t| t.name.clone()).collect();
     if let Some(w) = warning {
@@ -238,11 +239,17 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                     let spawned =
                         std::thread::Builder::new()
                             .name("export".into())
-                            .spawn(move || {
-                                let device = candle_core::Device::Cpu;
-                                crate::export::job::run(&request, &device, &cancel, &mut |ev| {
-                                    let _ = worker_tx.send(Msg::Export(ev));
-                                });
+                            .spawn(move || match crate::engine::device::chosen() {
+                                Ok(device) => {
+                                    crate::export::job::run(&request, &device, &cancel, &mut |ev| {
+                                        let _ = worker_tx.send(Msg::Export(ev));
+                                    })
+                                }
+                                Err(e) => {
+                                    let _ = worker_tx.send(Msg::Export(
+                                        crate::export::job::ExportEvent::Failed(e.to_string()),
+                                    ));
+                                }
                             });
                     if let Err(e) = spawned {
                         let _ = tx.send(Msg::Export(crate::export::job::ExportEvent::Failed(
@@ -263,15 +270,18 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
                 Effect::Chat(cmd) => {
                     if chat.is_none() {
                         let chat_tx = tx.clone();
-                        match crate::chat::worker::ChatHandle::spawn(
-                            candle_core::Device::Cpu,
-                            move |ev| chat_tx.send(Msg::Chat(ev)).is_ok(),
-                        ) {
+                        // Chat works on the chosen device (its own handle: a run may train on the same GPU).
+                        match crate::engine::device::chosen()
+                            .map_err(|e| e.to_string())
+                            .and_then(|device| {
+                                crate::chat::worker::ChatHandle::spawn(device, move |ev| {
+                                    chat_tx.send(Msg::Chat(ev)).is_ok()
+                                })
+                                .map_err(|e| format!("cannot start the chat thread: {e}"))
+                            }) {
                             Ok(h) => chat = Some(h),
                             Err(e) => {
-                                let _ = tx.send(Msg::PresetFailed(format!(
-                                    "cannot start the chat thread: {e}"
-                                )));
+                                let _ = tx.send(Msg::PresetFailed(e));
                             }
                         }
                     }
@@ -446,9 +456,9 @@ fn spawn_engine(loaded: config::Loaded, tx: UnboundedSender<Msg>) -> std::io::Re
     let handle = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
-            let device = candle_core::Device::Cpu;
             let events = tx.clone();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let device = crate::engine::device::chosen()?;
                 crate::trainer::run::run_training(&loaded, &device, &cmd_rx, &mut |ev| {
                     let _ = events.send(Msg::Engine(ev));
                 })
@@ -501,6 +511,7 @@ fn preview(preset: &config::Preset, index: usize, stats: bool) -> (Msg, Option<M
 fn encoder_for(
     preset: &config::Preset,
 ) -> Result<(crate::data::DataOptions, crate::data::Encoder), String> {
+    // Only the tokenizer is used: the weights are never read to a GPU for a preview.
     let device = candle_core::Device::Cpu;
     let mut hub = crate::engine::hub::HubOptions::from_env();
     hub.revision.clone_from(&preset.model_revision);
@@ -510,7 +521,7 @@ fn encoder_for(
     let source = crate::engine::source::load_model(
         &preset.model_name_or_path,
         &hub,
-        crate::resolve::train_dtype(preset),
+        candle_core::DType::F32,
         &device,
         &mut |_| {},
     )

@@ -21,6 +21,7 @@ mod export;
 mod gguf_loader;
 mod gguf_mirror;
 mod gguf_smollm2;
+mod gpu;
 mod hub_cache;
 mod identity_smollm2;
 mod presets;

@@ -34,6 +34,7 @@ fn started(a: &mut App) {
         trainable_params: 1,
         total_params: 2,
         start_step: 0,
+        device: "cpu".into(),
     }));
 }
 

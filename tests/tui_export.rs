@@ -392,6 +392,7 @@ fn quitting_during_a_run_and_an_export_stops_both_before_leaving() {
         trainable_params: 1,
         total_params: 2,
         start_step: 0,
+        device: "cpu".into(),
     }));
     // The run's question comes first (save a checkpoint?), then the export is cancelled.
     a.update(key('q'));

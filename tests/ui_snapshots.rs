@@ -113,6 +113,7 @@ fn running(steps: u64) -> App {
         trainable_params: 4_884_480,
         total_params: 139_399_488,
         start_step: 0,
+        device: "cpu".into(),
     }));
     for i in 1..=steps {
         app.update(Msg::Engine(step(i, 40)));

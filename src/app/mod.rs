@@ -16,7 +16,7 @@ use ratatui_textarea::TextArea;
 
 use crate::config::Group;
 use crate::data::stats::Preview;
-use crate::trainer::protocol::TrainCommand;
+use crate::trainer::protocol::{TrainCommand, TrainEvent};
 pub use export::{ExportPhase, ExportState};
 pub use form::{Field, FieldKind, Form};
 pub use keymap::{Action, Context, Keymap};
@@ -336,6 +336,10 @@ impl App {
                 }
             }
             Msg::Engine(ev) => {
+                if let TrainEvent::Started { device, .. } = &ev {
+                    // "cuda:0 (NVIDIA H200)" → "cuda:0" for the status bar.
+                    self.device = device.split(" (").next().unwrap_or(device).to_string();
+                }
                 let was_active = self.run.phase.is_active();
                 self.run.on_event(&ev);
                 if was_active && !self.run.phase.is_active() {

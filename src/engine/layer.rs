@@ -214,12 +214,15 @@ pub fn can_checkpoint(l: &Layer) -> bool {
         .all(|lin| lin.lora.as_ref().is_none_or(|p| p.dropout == 0.0))
 }
 
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> R<Tensor> {
+// A custom op's forward receives raw storage on whatever device the tensors live on; these two turn it into an
+// untracked tensor and back, so the ops below run the same candle code on the CPU and on CUDA.
+
+fn untracked(storage: Storage, l: &Layout) -> R<Tensor> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("checkpointed-layer: input must be contiguous")
     }
     Ok(Tensor::from_storage(
-        Storage::Cpu(s.clone()),
+        storage,
         l.shape().clone(),
         candle_core::op::BackpropOp::none(),
         false,
@@ -237,6 +240,17 @@ fn cpu_storage(t: &Tensor) -> R<CpuStorage> {
     })
 }
 
+#[cfg(feature = "cuda")]
+fn cuda_storage(t: &Tensor) -> R<candle_core::CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(c) if l.start_offset() == 0 => c.try_clone(l),
+        _ => candle_core::bail!("checkpointed-layer: expected a contiguous CUDA tensor"),
+    }
+}
+
 fn wrap(e: super::error::EngineError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
@@ -244,8 +258,8 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
 /// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA without dropout
-/// allowed), frozen norms, no q/k norm, fused CPU kernels, LoRA in the model dtype. Other layers backpropagate
-/// through a recomputed candle graph.
+/// allowed), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the kernels).
+/// Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
     ctx.fused
         && l.q_norm.is_none()
@@ -258,9 +272,7 @@ pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
                     .bias
                     .as_ref()
                     .is_none_or(|b| matches!(b, Weight::Frozen(_)))
-                && lin.lora.as_ref().is_none_or(|p| {
-                    p.dropout == 0.0 && p.a.dtype() == ctx.dtype && p.b.dtype() == ctx.dtype
-                })
+                && lin.lora.as_ref().is_none_or(|p| p.dropout == 0.0)
         })
 }
 
@@ -270,9 +282,11 @@ fn lin_fwd(lin: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
     let mut y = x.matmul(&w.t()?)?;
     let mut xa = None;
     if let Some(p) = &lin.lora {
+        // LoRA in its own dtype (f32 over a bf16 base, as PEFT keeps adapters), the sum in the base's.
         let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
-        let xa_ = x.matmul(&a.t()?)?;
-        let d = (&xa_ * p.scale)?.matmul(&b.t()?)?;
+        let xl = x.to_dtype(a.dtype())?;
+        let xa_ = xl.matmul(&a.t()?)?;
+        let d = (&xa_ * p.scale)?.matmul(&b.t()?)?.to_dtype(y.dtype())?;
         y = ops::fused::add_untracked(&y, &d)?;
         xa = Some(xa_);
     }
@@ -294,10 +308,12 @@ fn lin_bwd(
     match (&lin.lora, xa) {
         (Some(p), Some(xa)) => {
             let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
-            let gb = (gy.matmul(&b)? * p.scale)?;
-            let dx = ops::fused::add_untracked(&dx, &gb.matmul(&a)?)?;
-            let db = (gy.t()?.matmul(xa)? * p.scale)?;
-            let da = gb.t()?.matmul(x)?;
+            let ldt = a.dtype();
+            let gyl = gy.to_dtype(ldt)?;
+            let gb = (gyl.matmul(&b)? * p.scale)?;
+            let dx = ops::fused::add_untracked(&dx, &gb.matmul(&a)?.to_dtype(dx.dtype())?)?;
+            let db = (gyl.t()?.matmul(xa)? * p.scale)?;
+            let da = gb.t()?.matmul(&x.to_dtype(ldt)?)?;
             Ok((dx, Some((da, db))))
         }
         _ => Ok((dx, None)),
@@ -457,6 +473,34 @@ struct CheckpointedLayer {
     saved: std::sync::Mutex<Option<Saved>>,
 }
 
+impl CheckpointedLayer {
+    /// The layer on an untracked input with detached weights: no graph is recorded, nothing but the output
+    /// survives (and, with `keep`, the activations the hand-written backward needs).
+    fn forward_untracked(&self, x: &Tensor) -> R<Tensor> {
+        if self.manual {
+            let (y, saved) = self.manual_forward(x).map_err(wrap)?;
+            if self.keep {
+                match self.saved.lock() {
+                    Ok(mut g) => *g = Some(saved),
+                    Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+                }
+            }
+            return Ok(y);
+        }
+        layer_forward(
+            &self.ctx,
+            &self.layer,
+            x,
+            &self.cos,
+            &self.sin,
+            &self.bias,
+            self.pad.as_ref(),
+            false,
+        )
+        .map_err(wrap)
+    }
+}
+
 impl CustomOp2 for CheckpointedLayer {
     fn name(&self) -> &'static str {
         "checkpointed-layer"
@@ -469,31 +513,21 @@ impl CustomOp2 for CheckpointedLayer {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        // Untracked input and detached weights: no graph is recorded, nothing but the output survives
-        // (and, with `keep`, the activations the hand-written backward needs).
-        let x = cpu_tensor(s1, l1)?;
-        if self.manual {
-            let (y, saved) = self.manual_forward(&x).map_err(wrap)?;
-            if self.keep {
-                match self.saved.lock() {
-                    Ok(mut g) => *g = Some(saved),
-                    Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
-                }
-            }
-            return Ok((cpu_storage(&y)?, y.shape().clone()));
-        }
-        let y = layer_forward(
-            &self.ctx,
-            &self.layer,
-            &x,
-            &self.cos,
-            &self.sin,
-            &self.bias,
-            self.pad.as_ref(),
-            false,
-        )
-        .map_err(wrap)?;
+        let y = self.forward_untracked(&untracked(Storage::Cpu(s1.clone()), l1)?)?;
         Ok((cpu_storage(&y)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> R<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.forward_untracked(&untracked(Storage::Cuda(s1.try_clone(l1)?), l1)?)?;
+        Ok((cuda_storage(&y)?, y.shape().clone()))
     }
 
     fn bwd(
@@ -568,7 +602,7 @@ impl CustomOp2 for CheckpointedLayer {
 /// A decoder layer as one op (see the module doc): `keep` false recomputes the layer in the backward (activation
 /// checkpointing), `keep` true keeps the activations (needs `manual`); `manual` uses the hand-written backward
 /// where [`manual_ok`]. Falls back to the plain tracked forward when the layer cannot be checkpointed (LoRA
-/// dropout), is not on the CPU, or `keep` is asked without the hand-written backward.
+/// dropout) or `keep` is asked without the hand-written backward. Runs on any device.
 #[allow(clippy::too_many_arguments)]
 pub fn checkpointed_layer(
     ctx: &LayerCtx,
@@ -582,8 +616,8 @@ pub fn checkpointed_layer(
     keep: bool,
 ) -> Result<Tensor> {
     let vars = layer_vars(l);
-    let manual = manual && x.device().is_cpu() && manual_ok(ctx, l);
-    if !x.device().is_cpu() || !can_checkpoint(l) || (keep && !manual) {
+    let manual = manual && manual_ok(ctx, l);
+    if !can_checkpoint(l) || (keep && !manual) {
         return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
     }
     if vars.is_empty() && !x.track_op() {
@@ -621,8 +655,21 @@ pub fn checkpointed_layer(
 
 /// The loss of [`head_loss_chunked`] as an op on the hidden rows: the value and dL/dh were computed eagerly.
 struct HeadLoss {
-    loss: f64,
+    /// Scalar f64 on the device of the hidden rows (never read back to the host here).
+    loss: Tensor,
     grad: Option<Tensor>,
+}
+
+impl HeadLoss {
+    /// The loss in the op's output dtype: f64 for f64 rows, else f32 (the compute dtype).
+    fn value(&self, rows_dtype: DType) -> R<Tensor> {
+        let dt = if rows_dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        self.loss.to_dtype(dt)
+    }
 }
 
 impl CustomOp1 for HeadLoss {
@@ -631,39 +678,49 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> R<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F64(_) => CpuStorage::F64(vec![self.loss]),
-            #[allow(clippy::cast_possible_truncation)]
-            _ => CpuStorage::F32(vec![self.loss as f32]),
-        };
-        Ok((out, Shape::from(())))
+        use candle_core::backend::BackendStorage;
+        let v = self.value(s.dtype())?;
+        Ok((cpu_storage(&v)?, Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> R<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let v = self.value(s.dtype())?;
+        Ok((cuda_storage(&v)?, Shape::from(())))
     }
 
     fn bwd(&self, h: &Tensor, _y: &Tensor, gy: &Tensor) -> R<Option<Tensor>> {
+        // gy is a scalar on the device: a broadcast multiply, no host round trip.
         match &self.grad {
-            Some(g) => Ok(Some(
-                g.affine(gy.to_dtype(DType::F64)?.to_scalar::<f64>()?, 0.0)?,
-            )),
+            Some(g) => Ok(Some(g.broadcast_mul(&gy.to_dtype(g.dtype())?)?)),
             None => Ok(Some(h.zeros_like()?)),
         }
     }
 }
 
-/// Rows of logits computed at once by [`head_loss_chunked`]: about 24 MiB of f32 logits (under glibc's largest
-/// mmap threshold, 32 MiB, so the chunk buffers are reused from the heap instead of being mapped and zeroed anew).
-pub fn head_chunk_rows(vocab: usize) -> usize {
-    ((6usize << 20) / vocab.max(1)).max(1)
+/// Rows of logits computed at once by [`head_loss_chunked`]. CPU: about 24 MiB of f32 logits (under glibc's
+/// largest mmap threshold, 32 MiB, so the chunk buffers are reused from the heap instead of being mapped and zeroed
+/// anew). GPU: about 512 MiB (the softmax and its gradient double it), so a chunk is a few large GEMMs rather
+/// than hundreds of small launches, and the peak stays far below the unchunked (rows × vocab) matrices.
+pub fn head_chunk_rows(vocab: usize, device: &candle_core::Device) -> usize {
+    let floats: usize = if device.is_cpu() { 6 << 20 } else { 128 << 20 };
+    (floats / vocab.max(1)).max(1)
 }
 
 /// Σ over rows of `−log softmax(hs · wᵀ)[target]`, with `hs` (n, hidden), `w` (vocab, hidden) frozen, targets
-/// (n) u32, computed `chunk` rows at a time (logits never exceed chunk × vocab). Same dtype rules as the fused
-/// cross-entropy: hs and w f32 or f64 on the CPU. The result is a scalar that backpropagates into `hs` only.
+/// (n) u32, computed `chunk` rows at a time (logits never exceed chunk × vocab), on any device; the loss stays on
+/// the device. The result is a scalar that backpropagates into `hs` only.
 pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
     let (n, _) = hs.dims2()?;
     let chunk = chunk.max(1);
     let need_grad = hs.track_op();
     let hd = hs.detach();
-    let mut loss = 0.0f64;
+    let mut loss = Tensor::zeros((), DType::F64, hs.device())?;
     let mut grads = Vec::new();
     let mut start = 0;
     while start < n {
@@ -672,9 +729,9 @@ pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize)
         let tg = Tensor::new(&targets[start..start + len], hs.device())?;
         let logits = ops::linear(&h, w)?;
         let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, need_grad)?;
-        loss += l;
+        loss = (loss + l)?;
         if let Some(d) = dlogits {
-            grads.push(d.matmul(w)?);
+            grads.push(d.to_dtype(w.dtype())?.matmul(w)?);
         }
         start += len;
     }

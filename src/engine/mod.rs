@@ -10,11 +10,13 @@
 
 pub mod adapter;
 pub mod arch;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod layer;
+pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod ops;

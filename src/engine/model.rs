@@ -286,7 +286,8 @@ impl Layer {
 /// Which kernels the training path uses (fused CPU kernels with their own backward, or pure candle ops).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// Fused CPU kernels (f32/f64 on CPU); pure ops elsewhere.
+    /// The kernel set of `ops::fused` (fused CPU kernels for f32/f64 on the CPU, their generic candle-op
+    /// counterparts elsewhere) with the hand-written layer backward.
     Fused,
     /// Pure candle ops everywhere (reference).
     Pure,
@@ -517,7 +518,7 @@ impl Model {
             checkpointing: false,
             unpad: true,
             manual_backward: true,
-            head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab)),
+            head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device)),
             inv_freq,
             trainable,
         };
@@ -632,10 +633,10 @@ impl Model {
         (tr, total + lora_only)
     }
 
-    fn fused(&self, dtype: DType) -> bool {
+    /// Whether the training path uses the kernel set of `ops::fused` (fused CPU kernels, their generic
+    /// counterparts elsewhere: `ops::Backend` chooses per tensor) and the hand-written backward.
+    fn fused(&self) -> bool {
         self.kernels == Kernels::Fused
-            && self.device.is_cpu()
-            && matches!(dtype, DType::F32 | DType::F64)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
@@ -644,7 +645,7 @@ impl Model {
         } else {
             w.detached()
         };
-        if self.fused(x.dtype()) {
+        if self.fused() {
             Ok(ops::fused::rms_norm(x, &w, self.cfg.rms_norm_eps)?)
         } else {
             Ok(ops::rms_norm_pure(x, &w, self.cfg.rms_norm_eps)?)
@@ -835,7 +836,7 @@ impl Model {
             head_dim: self.cfg.head_dim,
             eps: self.cfg.rms_norm_eps,
             dtype: self.dtype,
-            fused: self.fused(self.dtype),
+            fused: self.fused(),
         }
     }
 
@@ -941,14 +942,13 @@ impl Model {
             .reshape(((), self.cfg.hidden_size))?
             .index_select(&idx, 0)?;
         if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
-            && self.fused(cdt)
-            && self.fused(self.dtype)
+            && self.fused()
         {
             return Ok((layer::head_loss_chunked(&hs, w, &tgt, chunk)?, n));
         }
         let logits = self.logits(&hs, train)?;
         let targets = Tensor::from_vec(tgt, n, &self.device)?;
-        let loss = if self.fused(cdt) {
+        let loss = if self.fused() {
             ops::fused::cross_entropy_sum(&logits, &targets)?
         } else {
             ops::nll_sum_pure(&logits, &targets, &Tensor::ones(n, cdt, &self.device)?)?

@@ -9,6 +9,42 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 pub mod fused;
+pub mod generic;
+
+/// Which implementation of the training kernels runs for a tensor, chosen here per device and dtype and nowhere
+/// else: the public functions of [`fused`] dispatch on it, so the model code names one kernel set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The fused rayon kernels of [`fused`]: CPU, f32 or f64.
+    CpuFused,
+    /// Compositions of candle ops ([`generic`]): any device and dtype (CUDA, and half types on the CPU).
+    Generic,
+}
+
+thread_local! {
+    static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Backend {
+    pub fn of(t: &Tensor) -> Self {
+        if GENERIC_ONLY.get() {
+            return Self::Generic;
+        }
+        match (t.device(), t.dtype()) {
+            (candle_core::Device::Cpu, DType::F32 | DType::F64) => Self::CpuFused,
+            _ => Self::Generic,
+        }
+    }
+
+    /// Runs `f` on this thread with the generic kernels on every device: the GPU's code path, checked on the
+    /// CPU (in f64 against finite differences, in f32 against the fused kernels) where CI has no GPU.
+    pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
+        let before = GENERIC_ONLY.replace(true);
+        let out = f();
+        GENERIC_ONLY.set(before);
+        out
+    }
+}
 
 /// Dtype used for statistics (norms, softmax, loss): f32 for half types, else the dtype itself (f64 stays f64).
 pub fn compute_dtype(dtype: DType) -> DType {

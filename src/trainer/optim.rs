@@ -181,18 +181,25 @@ pub fn clip_grad_norm(
     params: &[Param],
     max_norm: f64,
 ) -> Result<f64, candle_core::Error> {
-    let mut sum_sq = 0.0f64;
+    // The squares are summed on the device and read back once (one host round trip per step, not per parameter).
+    let mut sum_sq: Option<Tensor> = None;
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
-            sum_sq += g
+            let s = g
                 .to_dtype(DType::F32)?
                 .sqr()?
                 .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+                .to_dtype(DType::F64)?;
+            sum_sq = Some(match sum_sq {
+                None => s,
+                Some(acc) => (acc + s)?,
+            });
         }
     }
-    let norm = sum_sq.sqrt();
+    let norm = match sum_sq {
+        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    };
     if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {

@@ -86,6 +86,8 @@ pub enum TrainEvent {
         trainable_params: usize,
         total_params: usize,
         start_step: u64,
+        /// The device it trains on, for people: `cpu`, `cuda:0 (NVIDIA H200)`.
+        device: String,
     },
     StepFinished(StepMetrics),
     EvalFinished {

@@ -79,6 +79,39 @@ pub fn run_training(
     commands: &Receiver<TrainCommand>,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
+    run_training_on_threads(loaded, device, commands, emit)
+        .map_err(|e| explain_out_of_memory(e, &loaded.preset, device))
+}
+
+/// A GPU out-of-memory error, turned into what to lower (the checkpoints already written stay).
+fn explain_out_of_memory(e: TrainError, p: &Preset, device: &Device) -> TrainError {
+    let text = e.to_string();
+    if device.is_cpu() || !crate::engine::device::is_out_of_memory(&text) {
+        return e;
+    }
+    let kept = latest_checkpoint(Path::new(&p.output_dir)).map_or_else(
+        || "no checkpoint had been written yet".to_string(),
+        |(s, d)| format!("the last checkpoint {} (step {s}) is kept", d.display()),
+    );
+    let ckpt = if p.disable_gradient_checkpointing {
+        "turn gradient checkpointing back on (`disable_gradient_checkpointing: false`)"
+    } else {
+        "use a smaller model or a GPU with more memory"
+    };
+    TrainError::Invalid(format!(
+        "{} ran out of memory: lower `per_device_train_batch_size` ({}; raise `gradient_accumulation_steps` to keep the effective batch) or `cutoff_len` ({}), or {ckpt}; {kept}. ({text})",
+        crate::engine::device::describe(device),
+        p.per_device_train_batch_size,
+        p.cutoff_len,
+    ))
+}
+
+fn run_training_on_threads(
+    loaded: &Loaded,
+    device: &Device,
+    commands: &Receiver<TrainCommand>,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
     let n = loaded.preset.num_threads;
     if n == 0 {
         return run_training_here(loaded, device, commands, emit);
@@ -190,7 +223,10 @@ fn run_training_here(
     data::registry::resolve_all(&opts.dataset_dir, &opts.eval_dataset)?;
 
     // Model.
-    let dtype = resolve::train_dtype(p);
+    let (dtype, note) = resolve::train_dtype(p, device).map_err(TrainError::Invalid)?;
+    if let Some(note) = note {
+        emit(TrainEvent::Warning(note));
+    }
     let hub = resolve::hub_options(p);
     let mut last_pct = 0u64;
     let mut progress = |sp: SourceProgress| {
@@ -225,6 +261,9 @@ fn run_training_here(
             p.model_name_or_path
         ))
     })?;
+    if let Some(line) = memory_check(p, &files.config, dtype, device)? {
+        emit(line);
+    }
     let model = build_model(
         p,
         &files,
@@ -268,6 +307,58 @@ fn run_training_here(
         });
     }
     trainer.run(commands, emit)
+}
+
+/// The estimated peak GPU memory against the GPU's free memory, before the first step: a note, or a warning that
+/// names what to lower when it does not fit (the run still tries: the estimate is approximate).
+fn memory_check(
+    p: &Preset,
+    config: &serde_json::Value,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<TrainEvent>, TrainError> {
+    let Some((free, total)) = crate::engine::device::memory_info(device) else {
+        return Ok(None);
+    };
+    let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
+    let run = crate::engine::memory::RunShape {
+        dtype,
+        batch: p.per_device_train_batch_size,
+        seq_len: p.cutoff_len,
+        checkpointing: !p.disable_gradient_checkpointing,
+        head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
+            cfg.vocab_size,
+            device,
+        )),
+    };
+    let est = crate::engine::memory::estimate(&cfg, &resolve::finetune(p)?, &run);
+    let gib = |b: usize| {
+        #[allow(clippy::cast_precision_loss)]
+        let g = b as f64 / f64::from(1u32 << 30);
+        g
+    };
+    // The base weights are already on the device: they count as free for the comparison.
+    let free = free + usize::try_from(est.weights).unwrap_or(0);
+    let head = format!(
+        "estimated peak GPU memory at batch {} x cutoff_len {}: {} of {:.1} GiB free ({:.1} GiB total)",
+        run.batch,
+        run.seq_len,
+        est.describe(),
+        gib(free),
+        gib(total)
+    );
+    Ok(Some(if est.fits(free as u64) {
+        TrainEvent::Loading { what: head }
+    } else {
+        TrainEvent::Warning(format!(
+            "{head}: likely out of memory; lower `per_device_train_batch_size` or `cutoff_len`{}",
+            if p.disable_gradient_checkpointing {
+                ", or set `disable_gradient_checkpointing: false`"
+            } else {
+                ""
+            }
+        ))
+    }))
 }
 
 /// Creates `output_dir` and proves it writable before any work is done; refuses to overwrite a
@@ -501,6 +592,7 @@ impl<'a> Trainer<'a> {
             trainable_params: trainable,
             total_params: total,
             start_step: self.step,
+            device: crate::engine::device::describe(&self.model.device),
         });
         config::save(
             self.loaded,
@@ -620,7 +712,8 @@ impl<'a> Trainer<'a> {
         let t0 = Instant::now();
         let batches = self.step_batches(self.step);
         let mut grads: Option<GradStore> = None;
-        let mut loss_sum = 0.0f64;
+        // Summed on the device; read back once per step (a GPU stays busy across the micro-batches).
+        let mut loss_sum_t: Option<Tensor> = None;
         let mut label_tokens = 0usize;
         let mut real_tokens = 0u64;
         let mut examples = 0usize;
@@ -636,7 +729,11 @@ impl<'a> Trainer<'a> {
             if n == 0 {
                 continue;
             }
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let l64 = loss.detach().to_dtype(DType::F64)?;
+            loss_sum_t = Some(match loss_sum_t {
+                None => l64,
+                Some(acc) => (acc + l64)?,
+            });
             label_tokens += n;
             let g = loss.to_dtype(DType::F32)?.backward()?;
             match grads.as_mut() {
@@ -655,6 +752,10 @@ impl<'a> Trainer<'a> {
             }
         }
         let step_no = self.step + 1;
+        let loss_sum = match &loss_sum_t {
+            Some(t) => t.to_scalar::<f64>()?,
+            None => 0.0,
+        };
         #[allow(clippy::cast_precision_loss)]
         let loss = if label_tokens > 0 {
             loss_sum / label_tokens as f64
@@ -763,7 +864,9 @@ impl<'a> Trainer<'a> {
             total_tokens: Some(m.tokens_seen),
             grad_norm: Some(round_to(m.grad_norm, 4)),
             rss_gib: peak_rss_gib(),
-            vram_allocated: None,
+            vram_allocated: crate::engine::device::peak_memory(&self.model.device)
+                .map(|(used, _)| round_to(used as f64 / f64::from(1u32 << 30), 2)),
+            device: Some(crate::engine::device::short_name(&self.model.device)),
         };
         append_log_line(&self.out, &line).map_err(io_err("writing trainer_log.jsonl"))?;
         self.history.push(HistoryEntry {
@@ -899,6 +1002,7 @@ impl<'a> Trainer<'a> {
             "train_samples_per_second": round_to(self.data.train.len() as f64 * self.p.num_train_epochs / secs, 3),
             "train_steps_per_second": round_to(self.step as f64 / secs, 3),
             "train_tokens_per_second": round_to(s.tokens_per_sec, 3),
+            "device": crate::engine::device::describe(&self.model.device),
         });
         let mut all = train.clone();
         if let (Some(e), Some(obj)) = (s.eval_loss, all.as_object_mut()) {

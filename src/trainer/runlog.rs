@@ -36,6 +36,9 @@ pub struct LogLine {
     /// Peak GPU memory, GiB (LLaMA-Factory's `vram_allocated` with RECORD_VRAM=1).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub vram_allocated: Option<f64>,
+    /// The device of the run (`cpu`, `cuda:0`); termtune only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device: Option<String>,
 }
 
 /// `H:MM:SS`, as Python's `str(timedelta(seconds=int(s)))` prints it (days as `N day(s), `).

@@ -1,12 +1,14 @@
-//! Fused CPU kernels with their own backward (rayon-parallel, f32 and f64), for the training path.
-//!
-//! candle's elementwise/broadcast ops run single-threaded and allocate a tensor per op; these kernels do one
-//! parallel pass for forward and one for backward. Each is checked against its pure-op counterpart (values and
-//! gradients) in `tests/engine.rs`. Callers use them only for CPU tensors in f32/f64 (see `Model::fused`).
+//! The training kernels with their own backward. On the CPU in f32/f64 they are fused rayon kernels: candle's
+//! elementwise/broadcast ops run single-threaded and allocate a tensor per op; these do one parallel pass for
+//! forward and one for backward. Elsewhere (CUDA, half types) each public function here hands over to its
+//! [`super::generic`] counterpart: [`super::Backend`] decides, per tensor. Each is checked against its pure-op
+//! counterpart (values and gradients) in `tests/engine.rs`.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
+
+use super::{Backend, generic};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -157,6 +159,9 @@ impl CustomOp3 for RmsNormBwd {
 
 /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * w`, fused forward and backward.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if Backend::of(x) == Backend::Generic {
+        return generic::rms_norm(x, w, eps);
+    }
     let w = w.to_dtype(x.dtype())?;
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
@@ -243,6 +248,9 @@ impl CustomOp1 for Rope {
 
 /// HF (half-rotation) RoPE, fused. x (b, h, t, d); cos/sin (bb, 1, t, d/2) with bb ∈ {1, b}.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if Backend::of(x) == Backend::Generic {
+        return generic::rope(x, cos, sin);
+    }
     let dt = x.dtype();
     x.contiguous()?.apply_op1(Rope {
         cos: cos.to_dtype(dt)?,
@@ -385,6 +393,11 @@ impl CustomOp2 for SoftmaxBwd {
 /// `softmax(scale·x + bias)` over the last dim, fused; the bias gets no gradient. x (b, h, t, s);
 /// bias (bb, 1, t, s).
 pub fn masked_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if Backend::of(x) == Backend::Generic {
+        let cdt = super::compute_dtype(x.dtype());
+        let z = (x.to_dtype(cdt)? * scale)?.broadcast_add(&bias.to_dtype(cdt)?)?;
+        return super::softmax_pure(&z)?.to_dtype(x.dtype());
+    }
     x.contiguous()?.apply_op1(MaskedSoftmax {
         bias: bias.to_dtype(x.dtype())?,
         scale,
@@ -487,6 +500,9 @@ impl CustomOp3 for SwiGluBwd {
 
 /// `silu(g) * u`, fused forward and backward.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if Backend::of(g) == Backend::Generic {
+        return generic::swiglu(g, u);
+    }
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }
 
@@ -609,6 +625,9 @@ impl CustomOp2 for CrossEntropyBwd {
 /// Sum of token cross-entropies: logits (n, v) f32/f64, targets (n) u32 (all counted). Fused; the backward
 /// recomputes the softmax instead of keeping an (n, v) log-softmax alive.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if Backend::of(logits) == Backend::Generic {
+        return generic::cross_entropy_sum(logits, targets);
+    }
     logits
         .contiguous()?
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
@@ -685,12 +704,15 @@ pub fn cross_entropy_sum_and_grad(
     logits: &Tensor,
     targets: &Tensor,
     grad: bool,
-) -> candle_core::Result<(f64, Option<Tensor>)> {
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    if Backend::of(logits) == Backend::Generic {
+        return generic::cross_entropy_sum_and_grad(logits, targets, grad);
+    }
     let x = logits.detach().contiguous()?;
     let tg = targets.to_dtype(DType::U32)?.contiguous()?;
     if !grad {
         let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy)?;
-        return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, None));
+        return Ok((loss.to_dtype(DType::F64)?, None));
     }
     let op = CrossEntropyWithGrad {
         loss: std::sync::Mutex::new(0.0),
@@ -700,7 +722,7 @@ pub fn cross_entropy_sum_and_grad(
         Ok(g) => *g,
         Err(_) => candle_core::bail!("fused-cross-entropy: poisoned loss cell"),
     };
-    Ok((loss, Some(d)))
+    Ok((Tensor::new(loss, x.device())?, Some(d)))
 }
 
 // ---------------------------------------------------------------------------------------------- attention
@@ -806,6 +828,9 @@ pub fn attention(
     bias: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    if Backend::of(q) == Backend::Generic {
+        return generic::attention(q, k, v, bias, scale);
+    }
     let n_rep = q.dim(1)? / k.dim(1)?;
     let op = Attention {
         bias: bias.to_dtype(q.dtype())?,
@@ -826,6 +851,9 @@ pub fn rms_norm_backward(
     gy: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if Backend::of(x) == Backend::Generic {
+        return generic::rms_norm_backward(x, w, gy, eps);
+    }
     let w = w.to_dtype(x.dtype())?.contiguous()?;
     x.contiguous()?
         .apply_op3_no_bwd(&w, &gy.contiguous()?, &RmsNormBwd { eps })
@@ -833,6 +861,9 @@ pub fn rms_norm_backward(
 
 /// dX of [`rope`] (the inverse rotation of the gradient).
 pub fn rope_backward(gy: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if Backend::of(gy) == Backend::Generic {
+        return generic::rope_backward(gy, cos, sin);
+    }
     let dt = gy.dtype();
     gy.contiguous()?.apply_op1_no_bwd(&Rope {
         cos: cos.to_dtype(dt)?,
@@ -847,6 +878,9 @@ pub fn swiglu_backward(
     u: &Tensor,
     gy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    if Backend::of(g) == Backend::Generic {
+        return generic::swiglu_backward(g, u, gy);
+    }
     let both = g
         .contiguous()?
         .apply_op3_no_bwd(&u.contiguous()?, &gy.contiguous()?, &SwiGluBwd)?;
@@ -862,6 +896,9 @@ pub fn attention_backward(
     scale: f64,
     gy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if Backend::of(q) == Backend::Generic {
+        return generic::attention_backward(q, k, v, bias, scale, gy);
+    }
     let op = Attention {
         bias: bias.to_dtype(q.dtype())?,
         scale,
@@ -916,8 +953,7 @@ impl CustomOp2 for AddPar {
 /// `a + b` (same shape) without a graph, on the rayon pool (candle's own elementwise add runs on a spinning
 /// barrier pool beside rayon's threads).
 pub fn add_untracked(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) && a.dtype() == b.dtype()
-    {
+    if Backend::of(a) == Backend::CpuFused && a.dtype() == b.dtype() {
         a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddPar)
     } else {
         (a.detach() + b.detach())?.detach().contiguous()

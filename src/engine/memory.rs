@@ -1,0 +1,223 @@
+//! An estimate of a training run's peak device memory from config.json and the preset alone, before any weight is
+//! read: out-of-memory after minutes of loading is LLaMA-Factory users' most common surprise. `termtune check`
+//! prints it against the GPU's free memory, and a run warns before it loads when the estimate does not fit.
+//!
+//! What it counts (bytes): the base weights in the training dtype; trainable parameters with their gradient and
+//! AdamW's two f32 moments (LoRA A/B are f32); the activations the backward keeps (every layer's with
+//! checkpointing off, each layer's input plus one recomputed layer with it on); the attention scores of one layer,
+//! which this path materialises (batch × heads × seq²) in f32, three times in the backward; and the lm_head's
+//! logits chunk in f32 with its gradient. It is an estimate: allocator slack and candle's temporaries come on top,
+//! which the 10 % margin in [`MemoryEstimate::fits`] covers in the cases measured.
+
+use candle_core::DType;
+
+use super::arch::ModelConfig;
+use super::model::Finetune;
+
+/// The parts of a run's peak memory, bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    /// Trainable parameters' gradients and optimizer state (and the LoRA weights themselves).
+    pub trainable: u64,
+    /// Activations kept for the backward.
+    pub activations: u64,
+    /// One layer's attention scores and their gradients (the largest transient).
+    pub attention: u64,
+    /// lm_head logits (one chunk) and their gradient.
+    pub logits: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.trainable + self.activations + self.attention + self.logits
+    }
+
+    /// Whether the estimate, with a 10 % margin, fits in `free` bytes.
+    pub fn fits(&self, free: u64) -> bool {
+        self.total() + self.total() / 10 <= free
+    }
+
+    /// "14.2 GiB (weights 13.0, trainable 0.2, activations 0.6, attention 0.3, logits 0.1)".
+    pub fn describe(&self) -> String {
+        let g = |b: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let x = b as f64 / f64::from(1u32 << 30);
+            x
+        };
+        format!(
+            "{:.1} GiB (weights {:.1}, trainable + optimizer {:.1}, activations {:.1}, attention {:.1}, logits {:.1})",
+            g(self.total()),
+            g(self.weights),
+            g(self.trainable),
+            g(self.activations),
+            g(self.attention),
+            g(self.logits)
+        )
+    }
+}
+
+/// What shapes the estimate besides the model.
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    pub dtype: DType,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub checkpointing: bool,
+    /// Rows of logits at once (`None`: all).
+    pub head_chunk_rows: Option<usize>,
+}
+
+/// Parameters of each linear of one decoder layer: (in, out) for q, k, v, o, gate, up, down.
+fn layer_linears(c: &ModelConfig) -> [(usize, usize); 7] {
+    let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    [(h, q), (h, kv), (h, kv), (q, h), (h, ff), (h, ff), (ff, h)]
+}
+
+fn u(x: usize) -> u64 {
+    x as u64
+}
+
+/// The estimate for `cfg` trained as `ft` in the shape `run`.
+pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstimate {
+    let bytes = u(run.dtype.size_in_bytes());
+    let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
+    let per_layer: usize = layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>() + 2 * h;
+    let embed = v * h;
+    let params = embed + if cfg.tie_word_embeddings { 0 } else { embed } + l * per_layer + h;
+    let weights = u(params) * bytes;
+    // Per trainable parameter: its gradient (its dtype) + AdamW m and v (f32); LoRA's own f32 weights too.
+    let trainable = match ft {
+        Finetune::Frozen => 0,
+        Finetune::Lora(spec) => {
+            let per_layer_lora: usize = layer_linears(cfg)
+                .iter()
+                .zip([
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ])
+                .filter(|(_, name)| spec.targets.contains(name))
+                .map(|((i, o), _)| spec.r * (i + o))
+                .sum();
+            u(l * per_layer_lora) * 16
+        }
+        Finetune::Freeze { trainable_layers } => {
+            let n = usize::try_from(trainable_layers.unsigned_abs())
+                .unwrap_or(l)
+                .min(l);
+            u(n * per_layer) * (bytes + 8)
+        }
+        Finetune::Full => u(params) * (bytes + 8),
+    };
+    let tokens = u(run.batch * run.seq_len);
+    let (q, kv, ff) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    );
+    // What the hand-written backward keeps per token and layer: x, both normed inputs, q, k, v, the attention
+    // output, the residual, gate, up and their product (LoRA's x·Aᵀ is small).
+    let kept_per_token = u(4 * h + 2 * q + 2 * kv + 3 * ff) * bytes;
+    let activations = if run.checkpointing {
+        tokens * u(l * h) * bytes + tokens * kept_per_token
+    } else {
+        tokens * u(l) * kept_per_token
+    };
+    let scores = u(run.batch * cfg.num_heads) * u(run.seq_len) * u(run.seq_len) * 4;
+    let attention = 3 * scores;
+    let rows = run.head_chunk_rows.map_or(tokens, |r| u(r).min(tokens));
+    let logits = 3 * rows * u(v) * 4;
+    MemoryEstimate {
+        weights,
+        trainable,
+        activations,
+        attention,
+        logits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::engine::arch::ArchKind;
+    use crate::engine::model::{LoraSpec, LoraTargets};
+
+    fn llama_8b() -> ModelConfig {
+        ModelConfig {
+            arch: ArchKind::Llama,
+            vocab_size: 128_256,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 131_072,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            torch_dtype: None,
+        }
+    }
+
+    #[test]
+    fn llama_8b_parameter_count_and_lora_size_are_right() {
+        let c = llama_8b();
+        let spec = LoraSpec {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: LoraTargets::parse("all").unwrap(),
+            use_rslora: false,
+            seed: 0,
+        };
+        let run = RunShape {
+            dtype: DType::BF16,
+            batch: 4,
+            seq_len: 2048,
+            checkpointing: true,
+            head_chunk_rows: Some(1024),
+        };
+        let e = estimate(&c, &Finetune::Lora(spec), &run);
+        // Llama-3.1-8B has 8.03 B parameters (16.06 GB in bf16).
+        assert_eq!(e.weights, 8_030_261_248 * 2);
+        // LoRA r 16 on all 7 linears: 41.9 M parameters (PEFT's print_trainable_parameters), 16 bytes each.
+        assert_eq!(e.trainable, 41_943_040 * 16);
+        let off = estimate(
+            &c,
+            &Finetune::Lora(LoraSpec {
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.0,
+                targets: LoraTargets::parse("all").unwrap(),
+                use_rslora: false,
+                seed: 0,
+            }),
+            &RunShape {
+                checkpointing: false,
+                ..run
+            },
+        );
+        assert!(off.activations > 10 * e.activations);
+        assert!(e.fits(80 << 30) && !e.fits(16 << 30));
+        assert!(
+            e.describe().contains("GiB (weights 15.0"),
+            "{}",
+            e.describe()
+        );
+    }
+}

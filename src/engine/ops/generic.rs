@@ -1,0 +1,152 @@
+//! The training kernels as compositions of candle ops: any device (CUDA today), any float dtype, statistics
+//! (norms, softmax, the loss) in f32 as PyTorch's autocast does. [`super::Backend`] picks these wherever the fused
+//! CPU kernels of [`super::fused`] do not apply. The forwards are differentiable through candle's autograd; the
+//! `*_backward` functions are the graph-free pieces of the hand-written layer backward (`engine::layer`).
+//! `tests/engine.rs` checks each against the fused CPU kernel, values and gradients.
+
+use candle_core::{D, DType, Tensor};
+
+use super::{compute_dtype, rms_norm_pure, rope_pure, softmax_pure, swiglu_pure};
+
+type R<T> = candle_core::Result<T>;
+
+/// RMSNorm (statistics in f32; the normalised value is cast back before the weight multiplies it, as in HF).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> R<Tensor> {
+    rms_norm_pure(x, &w.to_dtype(x.dtype())?, eps)
+}
+
+/// dX of [`rms_norm`] with the weight frozen: `r·g − x·r³·mean(g·x)` with `g = gy·w`, in f32.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, gy: &Tensor, eps: f64) -> R<Tensor> {
+    let dt = x.dtype();
+    let cdt = compute_dtype(dt);
+    let xc = x.to_dtype(cdt)?;
+    let d = xc.dim(D::Minus1)?;
+    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let g = gy.to_dtype(cdt)?.broadcast_mul(&w.to_dtype(cdt)?)?;
+    #[allow(clippy::cast_precision_loss)]
+    let c = ((g.mul(&xc)?.sum_keepdim(D::Minus1)? * r.powf(3.0)?)? / d as f64)?;
+    let dx = (g.broadcast_mul(&r)? - xc.broadcast_mul(&c)?)?;
+    dx.to_dtype(dt)
+}
+
+/// HF half-rotation RoPE; x (b, h, t, d), cos/sin (bb, 1, t, d/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let dt = x.dtype();
+    rope_pure(x, &cos.to_dtype(dt)?, &sin.to_dtype(dt)?)
+}
+
+/// dX of [`rope`]: the inverse rotation (sin negated).
+pub fn rope_backward(gy: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let dt = gy.dtype();
+    rope_pure(gy, &cos.to_dtype(dt)?, &sin.to_dtype(dt)?.neg()?)
+}
+
+/// `silu(g) · u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> R<Tensor> {
+    swiglu_pure(g, u)
+}
+
+/// (dG, dU) of [`swiglu`]: `dU = gy·silu(g)`, `dG = gy·u·σ(g)·(1 + g·(1 − σ(g)))`, in f32.
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, gy: &Tensor) -> R<(Tensor, Tensor)> {
+    let dt = g.dtype();
+    let cdt = compute_dtype(dt);
+    let (gc, uc, gyc) = (g.to_dtype(cdt)?, u.to_dtype(cdt)?, gy.to_dtype(cdt)?);
+    let s = (gc.neg()?.exp()? + 1.0)?.recip()?;
+    let du = gyc.mul(&gc.mul(&s)?)?;
+    let ds = ((gc.mul(&s.affine(-1.0, 1.0)?)? + 1.0)?.mul(&s))?;
+    let dg = gyc.mul(&uc)?.mul(&ds)?;
+    Ok((dg.to_dtype(dt)?, du.to_dtype(dt)?))
+}
+
+/// Probabilities `softmax(scale·q·kᵀ + bias)` (b, nh, t, s) in f32, GQA without copying K (query head
+/// j·n_rep + r uses kv head j, as HF's `repeat_kv`).
+fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> R<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let n_rep = nh / nkv;
+    let q2 = q.reshape((b, nkv, n_rep * t, hd))?;
+    let sc = q2.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+    let cdt = compute_dtype(q.dtype());
+    softmax_pure(&(sc.to_dtype(cdt)? * scale)?.broadcast_add(&bias.to_dtype(cdt)?)?)
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` with GQA; q (b, nh, t, hd), k and v (b, nkv, s, hd), bias (bb, 1, t, s).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> R<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    if nh % nkv != 0 {
+        candle_core::bail!("attention: {nh} query heads are not a multiple of {nkv} kv heads")
+    }
+    let p = probs(q, k, bias, scale)?.to_dtype(q.dtype())?;
+    p.reshape((b, nkv, (nh / nkv) * t, s))?
+        .matmul(v)?
+        .reshape((b, nh, t, hd))
+}
+
+/// (dQ, dK, dV) of [`attention`], the probabilities recomputed; the softmax gradient in f32.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    gy: &Tensor,
+) -> R<(Tensor, Tensor, Tensor)> {
+    let dt = q.dtype();
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let rt = (nh / nkv) * t;
+    let p = probs(q, k, bias, scale)?;
+    let gy2 = gy.contiguous()?.reshape((b, nkv, rt, hd))?;
+    let pl = p.to_dtype(dt)?.reshape((b, nkv, rt, s))?;
+    let dv = pl.t()?.matmul(&gy2)?;
+    let dp = gy2
+        .matmul(&v.t()?)?
+        .reshape((b, nh, t, s))?
+        .to_dtype(p.dtype())?;
+    let dot = p.mul(&dp)?.sum_keepdim(D::Minus1)?;
+    let ds = (p.mul(&dp.broadcast_sub(&dot)?)? * scale)?
+        .to_dtype(dt)?
+        .reshape((b, nkv, rt, s))?;
+    let dq = ds.matmul(k)?.reshape((b, nh, t, hd))?;
+    let dk = ds.t()?.matmul(&q.reshape((b, nkv, rt, hd))?)?;
+    Ok((dq, dk, dv))
+}
+
+/// Per-row `logsumexp` and the target logit of `x` (n, v) in f32: (lse (n, 1), picked (n, 1)).
+fn lse_and_picked(x: &Tensor, targets: &Tensor) -> R<(Tensor, Tensor)> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
+    let picked = x.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    Ok((lse, picked))
+}
+
+/// Σ_rows −log softmax(logits)[target], differentiable; logits (n, v), targets (n) u32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> R<Tensor> {
+    let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
+    let (lse, picked) = lse_and_picked(&x, targets)?;
+    (lse - picked)?.sum_all()
+}
+
+/// The summed cross-entropy (a scalar tensor, f64, left on the device: no host round trip) and, with `grad`, its
+/// gradient with respect to the logits (softmax − one-hot, f32), both without a graph.
+pub fn cross_entropy_sum_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad: bool,
+) -> R<(Tensor, Option<Tensor>)> {
+    let x = logits.detach().to_dtype(compute_dtype(logits.dtype()))?;
+    let (n, v) = x.dims2()?;
+    let (lse, picked) = lse_and_picked(&x, targets)?;
+    let loss = (&lse - &picked)?.sum_all()?.to_dtype(DType::F64)?;
+    if !grad {
+        return Ok((loss, None));
+    }
+    let p = x.broadcast_sub(&lse)?.exp()?;
+    let cols = Tensor::arange(0u32, v as u32, x.device())?.reshape((1, v))?;
+    let tg = targets.to_dtype(DType::U32)?.reshape((n, 1))?;
+    let onehot = tg.broadcast_eq(&cols)?.to_dtype(p.dtype())?;
+    Ok((loss, Some((p - onehot)?)))
+}

@@ -1,0 +1,506 @@
+//! The GPU's code path. Two halves:
+//!
+//! - On the CPU (always, also in CI): the generic kernels that CUDA runs (`ops::generic`, chosen by
+//!   `ops::Backend`) against the fused CPU kernels, and the whole training path forced onto them
+//!   (`Backend::generic_only`) against finite differences in f64 and against the fused path in f32.
+//! - On a CUDA device (when one is present; otherwise each test prints "no CUDA device: skipped"): every kernel,
+//!   the loss, logits and every LoRA gradient against the CPU in f32 (1e-4 relative) and bf16, finite differences
+//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), and greedy generation against the CPU.
+//!   Run them on a GPU machine with a CUDA build: `scripts/build-cuda.sh test --release --test integration gpu::`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use termtune::config::{self, Purpose};
+use termtune::engine::device::{DeviceSpec, cuda_device_count, select};
+use termtune::engine::model::Kernels;
+use termtune::engine::ops::{self, Backend};
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::engine::weights::load_hf_folder;
+use termtune::engine::{ArchKind, AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+use termtune::trainer::protocol::TrainEvent;
+use termtune::trainer::run::run_training;
+
+use crate::tiny_util::{tiny_model_and_toy_data, varied_rows};
+
+const CPU: Device = Device::Cpu;
+
+/// The first CUDA device, or `None` after saying the test is skipped.
+fn cuda() -> Option<Device> {
+    if cuda_device_count() == 0 {
+        eprintln!("no CUDA device: skipped");
+        return None;
+    }
+    Some(select(DeviceSpec::Cuda(0)).expect("a visible CUDA device starts"))
+}
+
+fn seeded(shape: &[usize], seed: u64, dtype: DType, device: &Device) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, device)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&CPU)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest difference relative to the larger magnitude of `b` (so tiny entries do not dominate).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (to_f64(a), to_f64(b));
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// A causal mask with some keys hidden (−1e9), per batch row.
+fn bias(b: usize, t: usize, device: &Device) -> Tensor {
+    let mut v = vec![0f32; b * t * t];
+    for bi in 0..b {
+        for q in 0..t {
+            for k in 0..t {
+                if k > q || (bi == 1 && k == 0 && q > 0) {
+                    v[(bi * t + q) * t + k] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, t, t), device).unwrap()
+}
+
+/// Every kernel of the training path, forward and backward pieces, on `dev` (generic kernels when `generic`)
+/// against the fused CPU kernels; returns the largest relative difference per kernel.
+fn kernel_diffs(dev: &Device, dtype: DType, generic: bool) -> Vec<(&'static str, f64)> {
+    let run = |f: &dyn Fn() -> Vec<Tensor>| -> Vec<Tensor> {
+        if generic {
+            Backend::generic_only(f)
+        } else {
+            f()
+        }
+    };
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, f: &dyn Fn(&Device, DType) -> Vec<Tensor>| {
+        let reference = f(&CPU, DType::F32);
+        let got = run(&|| f(dev, dtype));
+        let worst = reference
+            .iter()
+            .zip(&got)
+            .map(|(r, g)| rel_diff(g, r))
+            .fold(0f64, f64::max);
+        out.push((name, worst));
+    };
+    check("rms_norm", &|d, dt| {
+        let (x, w, gy) = (
+            seeded(&[2, 3, 16], 1, dt, d),
+            seeded(&[16], 2, dt, d),
+            seeded(&[2, 3, 16], 3, dt, d),
+        );
+        vec![
+            ops::fused::rms_norm(&x, &w, 1e-5).unwrap(),
+            ops::fused::rms_norm_backward(&x, &w, &gy, 1e-5).unwrap(),
+        ]
+    });
+    check("rope", &|d, dt| {
+        let x = seeded(&[2, 3, 5, 8], 4, dt, d);
+        let ang = seeded(&[2, 1, 5, 4], 5, DType::F32, d);
+        let (cos, sin) = (
+            ang.cos().unwrap().to_dtype(dt).unwrap(),
+            ang.sin().unwrap().to_dtype(dt).unwrap(),
+        );
+        vec![
+            ops::fused::rope(&x, &cos, &sin).unwrap(),
+            ops::fused::rope_backward(&x, &cos, &sin).unwrap(),
+        ]
+    });
+    check("swiglu", &|d, dt| {
+        let (g, u, gy) = (
+            seeded(&[3, 7, 11], 9, dt, d),
+            seeded(&[3, 7, 11], 10, dt, d),
+            seeded(&[3, 7, 11], 11, dt, d),
+        );
+        let (dg, du) = ops::fused::swiglu_backward(&g, &u, &gy).unwrap();
+        vec![ops::fused::swiglu(&g, &u).unwrap(), dg, du]
+    });
+    check("attention", &|d, dt| {
+        let (q, k, v, gy) = (
+            seeded(&[2, 6, 5, 4], 20, dt, d),
+            seeded(&[2, 2, 5, 4], 21, dt, d),
+            seeded(&[2, 2, 5, 4], 22, dt, d),
+            seeded(&[2, 6, 5, 4], 23, dt, d),
+        );
+        let bias = bias(2, 5, d);
+        let (dq, dk, dv) = ops::fused::attention_backward(&q, &k, &v, &bias, 0.5, &gy).unwrap();
+        vec![
+            ops::fused::attention(&q, &k, &v, &bias, 0.5).unwrap(),
+            dq,
+            dk,
+            dv,
+        ]
+    });
+    check("cross_entropy", &|d, dt| {
+        let x = seeded(&[6, 13], 12, dt, d);
+        let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
+        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, true).unwrap();
+        vec![
+            ops::fused::cross_entropy_sum(&x, &tg).unwrap(),
+            loss,
+            grad.unwrap(),
+        ]
+    });
+    out
+}
+
+#[test]
+fn generic_kernels_match_the_fused_cpu_kernels() {
+    for (name, d) in kernel_diffs(&CPU, DType::F32, true) {
+        assert!(
+            d < 1e-5,
+            "generic {name} differs from the fused kernel: {d}"
+        );
+    }
+    // bf16 on the CPU takes the generic kernels by itself: within bf16's resolution.
+    for (name, d) in kernel_diffs(&CPU, DType::BF16, false) {
+        assert!(d < 3e-2, "bf16 {name} differs from the f32 kernel: {d}");
+    }
+}
+
+fn lora(r: usize) -> Finetune {
+    Finetune::Lora(LoraSpec {
+        r,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::parse("all").unwrap(),
+        use_rslora: false,
+        seed: 7,
+    })
+}
+
+fn tiny(dir: &Path, opts: &TinyOpts) {
+    tiny_llama(dir, 1234, opts).unwrap();
+}
+
+fn load(dir: &Path, dtype: DType, device: &Device, ft: &Finetune) -> Model {
+    let files = load_hf_folder(dir, dtype, device).unwrap();
+    let m = Model::from_files(&files, dtype, device, ft).unwrap();
+    // Non-zero B (as after some training), the same values on every device.
+    for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let t = seeded(v.dims(), 50 + i as u64, v.dtype(), &CPU);
+            v.set(&(t * 0.2).unwrap().to_device(device).unwrap())
+                .unwrap();
+        }
+    }
+    m
+}
+
+/// The inputs of one padded batch and one packed batch, on `device`.
+fn batches(device: &Device) -> Vec<(Tensor, AttnMask, Tensor)> {
+    let ids = Tensor::new(
+        &[[5u32, 70, 71, 100, 33, 9], [250, 12, 40, 41, 42, 43]],
+        device,
+    )
+    .unwrap();
+    let labels = Tensor::new(
+        &[
+            [-100i64, 70, 71, 100, 33, 9],
+            [-100, 12, 40, 41, -100, -100],
+        ],
+        device,
+    )
+    .unwrap();
+    let padded = AttnMask::Padding {
+        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], device).unwrap(),
+    };
+    let packed = AttnMask::Packed {
+        seq_ids: Tensor::new(&[[1u32, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2]], device).unwrap(),
+        position_ids: Tensor::new(&[[0u32, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]], device).unwrap(),
+    };
+    vec![(ids.clone(), padded, labels.clone()), (ids, packed, labels)]
+}
+
+/// (mean loss, logits, every trainable gradient by name) of one batch.
+fn loss_logits_grads(
+    m: &Model,
+    (ids, mask, labels): &(Tensor, AttnMask, Tensor),
+) -> (Tensor, Tensor, HashMap<String, Tensor>) {
+    let logits = m.forward(ids, mask, false).unwrap();
+    let (s, n) = m.forward_loss(ids, mask, labels, true).unwrap();
+    let loss = (s / n as f64).unwrap();
+    let g = loss.backward().unwrap();
+    let grads = m
+        .trainable_vars()
+        .into_iter()
+        .map(|(name, v)| {
+            let gv = g
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"))
+                .clone();
+            (name, gv)
+        })
+        .collect();
+    (loss, logits, grads)
+}
+
+/// The memory savers and kernel choices a device path must agree on.
+const SETTINGS: [(bool, Option<usize>, bool); 4] = [
+    (false, None, false),
+    (true, None, true),
+    (false, Some(3), true),
+    (true, Some(1), false),
+];
+
+fn configure(m: &mut Model, (ckpt, chunk, manual): (bool, Option<usize>, bool)) {
+    m.kernels = Kernels::Fused;
+    m.checkpointing = ckpt;
+    m.head_chunk_rows = chunk;
+    m.manual_backward = manual;
+}
+
+/// Compares `m` on `dev` with the same model on the CPU (fused kernels), for every setting and batch.
+fn compare_with_cpu(dir: &Path, dev: &Device, dtype: DType, tol: f64, generic: bool) {
+    let mut cpu_m = load(dir, DType::F32, &CPU, &lora(4));
+    let mut dev_m = load(dir, dtype, dev, &lora(4));
+    let cpu_batches = batches(&CPU);
+    let dev_batches = batches(dev);
+    for s in SETTINGS {
+        configure(&mut cpu_m, s);
+        configure(&mut dev_m, s);
+        for (bc, bd) in cpu_batches.iter().zip(&dev_batches) {
+            let (lc, xc, gc) = loss_logits_grads(&cpu_m, bc);
+            let (ld, xd, gd) = if generic {
+                Backend::generic_only(|| loss_logits_grads(&dev_m, bd))
+            } else {
+                loss_logits_grads(&dev_m, bd)
+            };
+            let what = format!("{dev:?} {dtype:?} {s:?}");
+            let dl = rel_diff(&ld, &lc);
+            assert!(dl < tol, "{what}: loss {lc} vs {ld} ({dl})");
+            let dx = rel_diff(&xd, &xc);
+            assert!(dx < tol, "{what}: logits differ by {dx}");
+            assert_eq!(gc.len(), gd.len());
+            for (name, g) in &gc {
+                let d = rel_diff(&gd[name], g);
+                assert!(d < tol * 10.0, "{what}: gradient of {name} differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn generic_training_path_matches_the_fused_path_in_f32() {
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    compare_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true);
+}
+
+/// Finite differences on a few LoRA entries of the model on `dev` in f64.
+fn finite_differences(dir: &Path, dev: &Device, generic: bool) {
+    let mut m = load(dir, DType::F64, dev, &lora(4));
+    configure(&mut m, (true, Some(2), true));
+    let (ids, mask, labels) = batches(dev).swap_remove(0);
+    let loss_of = |m: &Model| -> Tensor {
+        let f = || {
+            let (s, n) = m.forward_loss(&ids, &mask, &labels, true).unwrap();
+            (s / n as f64).unwrap()
+        };
+        if generic {
+            Backend::generic_only(f)
+        } else {
+            f()
+        }
+    };
+    let grads = loss_of(&m).backward().unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut checked = 0;
+    for (name, v) in m.trainable_vars().iter().filter(|(n, _)| {
+        n.contains("layers.0.self_attn.q_proj")
+            || n.contains("layers.1.mlp.down_proj")
+            || n.contains("layers.1.self_attn.v_proj")
+    }) {
+        let g = to_f64(grads.get(v.as_tensor()).unwrap());
+        let orig = v.as_tensor().copy().unwrap();
+        let base = to_f64(&orig);
+        for _ in 0..3 {
+            let i = rng.random_range(0..base.len());
+            let h = 1e-5;
+            let at = |delta: f64| {
+                let mut flat = base.clone();
+                flat[i] += delta;
+                v.set(
+                    &Tensor::from_vec(flat, orig.shape(), &CPU)
+                        .unwrap()
+                        .to_device(dev)
+                        .unwrap(),
+                )
+                .unwrap();
+                loss_of(&m).to_scalar::<f64>().unwrap()
+            };
+            let num = (at(h) - at(-h)) / (2.0 * h);
+            v.set(&orig).unwrap();
+            let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
+            assert!(
+                rel < 1e-3,
+                "{dev:?} {name}[{i}]: analytic {} numeric {num}",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18);
+}
+
+#[test]
+fn generic_training_path_matches_finite_differences_f64() {
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    finite_differences(d.path(), &CPU, true);
+}
+
+#[test]
+fn cuda_kernels_match_the_cpu() {
+    let Some(dev) = cuda() else { return };
+    for (name, d) in kernel_diffs(&dev, DType::F32, false) {
+        assert!(d < 1e-5, "CUDA f32 {name} differs from the CPU: {d}");
+    }
+    for (name, d) in kernel_diffs(&dev, DType::BF16, false) {
+        assert!(d < 3e-2, "CUDA bf16 {name} differs from the CPU f32: {d}");
+    }
+}
+
+#[test]
+fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
+    let Some(dev) = cuda() else { return };
+    for opts in [
+        TinyOpts::default(),
+        TinyOpts {
+            arch: ArchKind::Qwen3,
+            tie_word_embeddings: false,
+            ..TinyOpts::default()
+        },
+        TinyOpts {
+            arch: ArchKind::Qwen2,
+            ..TinyOpts::default()
+        },
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        tiny(d.path(), &opts);
+        // f32: the same arithmetic up to summation order (cuBLAS's TF32 is off in candle by default).
+        compare_with_cpu(d.path(), &dev, DType::F32, 1e-4, false);
+        // bf16 base with f32 LoRA: within bf16's resolution over two layers.
+        compare_with_cpu(d.path(), &dev, DType::BF16, 5e-2, false);
+    }
+}
+
+#[test]
+fn cuda_gradients_match_finite_differences_f64() {
+    let Some(dev) = cuda() else { return };
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    finite_differences(d.path(), &dev, false);
+}
+
+fn train_losses(root: &Path, device: &Device, extra: &str) -> Vec<f64> {
+    let text = format!(
+        "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 4\n\
+         gradient_accumulation_steps: 2\nlearning_rate: 5.0e-3\nlora_rank: 4\nlora_target: all\n\
+         lr_scheduler_type: cosine\nwarmup_steps: 2\nmax_steps: 20\ntokenized_path: {}\nseed: 3\n\
+         overwrite_output_dir: true\n{extra}",
+        root.join("model").display(),
+        root.join("data").display(),
+        root.join(format!("out-{}", device.is_cpu())).display(),
+        root.join("tokcache").display(),
+    );
+    let loaded = config::parse(&text, &[], Purpose::Train).unwrap_or_else(|e| panic!("{e:?}"));
+    let (_tx, rx) = mpsc::channel();
+    let mut losses = Vec::new();
+    let mut device_name = String::new();
+    run_training(&loaded, device, &rx, &mut |ev| match ev {
+        TrainEvent::StepFinished(m) => losses.push(m.loss),
+        TrainEvent::Started { device, .. } => device_name = device,
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(
+        device_name.split(' ').next(),
+        Some(termtune::engine::device::short_name(device).as_str())
+    );
+    losses
+}
+
+#[test]
+fn cuda_lora_run_follows_the_cpu_run() {
+    let Some(dev) = cuda() else { return };
+    let d = tempfile::tempdir().unwrap();
+    tiny_model_and_toy_data(d.path(), &varied_rows(64));
+    for extra in ["", "disable_gradient_checkpointing: true\n"] {
+        let cpu = train_losses(d.path(), &CPU, extra);
+        let gpu = train_losses(d.path(), &dev, extra);
+        assert_eq!(cpu.len(), 20);
+        assert_eq!(gpu.len(), cpu.len());
+        for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+            let rel = (c - g).abs() / c.abs();
+            assert!(
+                rel < 0.01,
+                "step {}: CPU {c} vs CUDA {g} ({extra:?})",
+                i + 1
+            );
+        }
+        eprintln!("CPU losses  {cpu:.4?}\nCUDA losses {gpu:.4?}");
+    }
+}
+
+#[test]
+fn cuda_greedy_generation_matches_the_cpu() {
+    let Some(dev) = cuda() else { return };
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    let greedy = |device: &Device| -> Vec<u32> {
+        let m = load(d.path(), DType::F32, device, &lora(4));
+        let mut ids: Vec<u32> = vec![5, 70, 71, 100, 33];
+        let mut cache = termtune::engine::KvCache::new(2);
+        let mut next = Tensor::new(ids.as_slice(), device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for _ in 0..24 {
+            let logits = m.forward_cached(&next, &mut cache, true).unwrap();
+            let last = Model::last_logits(&logits).unwrap();
+            let id = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            ids.push(id);
+            next = Tensor::new(&[[id]], device).unwrap();
+        }
+        ids
+    };
+    assert_eq!(greedy(&dev), greedy(&CPU));
+}
+
+#[test]
+fn cuda_bf16_lora_weights_and_optimizer_state_stay_f32() {
+    let Some(dev) = cuda() else { return };
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    let m = load(d.path(), DType::BF16, &dev, &lora(4));
+    for (name, v) in m.trainable_vars() {
+        assert_eq!(v.dtype(), DType::F32, "{name}");
+        assert!(!v.device().is_cpu(), "{name} is not on the GPU");
+    }
+}
