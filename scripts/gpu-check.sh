@@ -74,10 +74,10 @@ step "termtune env"
 timeout 60 "$tt" env 2>&1 | tee "$OUT/env.txt"
 
 step "GPU tests (integration gpu::)"
-timeout 240 "$work/integration" gpu:: --test-threads=1 --nocapture 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+timeout 150 "$work/integration" gpu:: --test-threads=1 --nocapture 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 
 step "random-weight models: SmolLM2-135M shape and llama-1B shape (bf16)"
-timeout 120 python3 - "$work/models" .gpu/smollm2 <<'PY'
+timeout 100 python3 - "$work/models" .gpu/smollm2 <<'PY'
 import json, shutil, sys, os, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 out, tok = sys.argv[1], sys.argv[2]
@@ -110,7 +110,7 @@ for name, over in shapes.items():
 PY
 
 step "termtune train (quickstart preset, CUDA, bf16)"
-timeout 180 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
+timeout 120 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
   output_dir="$work/run" bf16=true max_steps=40 save_steps=20 overwrite_output_dir=true 2>&1 | tail -25 | tee "$OUT/train.txt"
 tail -3 "$work/run/trainer_log.jsonl" | tee -a "$OUT/train.txt"
 cat "$work/run/all_results.json" >>"$OUT/train.txt" 2>/dev/null
@@ -123,11 +123,17 @@ infer_dtype: float32
 do_sample: false
 max_new_tokens: 24
 EOF
-a=$(timeout 120 "$tt" --device cuda chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cuda.err")
-b=$(timeout 120 "$tt" --device cpu chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cpu.err")
+a=$(timeout 60 "$tt" --device cuda chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cuda.err")
+b=$(timeout 60 "$tt" --device cpu chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cpu.err")
 { echo "cuda: $a"; echo "cpu:  $b"; [ "$a" = "$b" ] && echo "greedy answers: IDENTICAL" || echo "greedy answers: DIFFER"; grep -h "termtune:" "$OUT/chat-cuda.err" | head -3; } | tee "$OUT/chat.txt"
 
 step "TUI in tmux during a run"
+if ! command -v tmux >/dev/null && ls .gpu/debs/*.deb >/dev/null 2>&1; then
+  # Debian's tmux carried along (the GPU machine has none): unpacked beside, not into /.
+  for f in .gpu/debs/*.deb; do dpkg -x "$f" "$work/tmuxroot"; done
+  export PATH=$work/tmuxroot/usr/bin:$PATH
+  export LD_LIBRARY_PATH=$work/tmuxroot/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
+fi
 if command -v tmux >/dev/null; then
   sed "s|^model_name_or_path:.*|model_name_or_path: $work/models/smollm2|; s|^output_dir:.*|output_dir: $work/tui-run|" \
     presets/quickstart.yaml >"$work/tui.yaml"
@@ -141,7 +147,7 @@ fi
 
 for model in smollm2 llama1b; do
   step "bench $model (CUDA, bf16) beside PyTorch + PEFT"
-  timeout 200 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 --steps 5 \
+  timeout 150 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 --steps 5 \
     --examples 100 2>"$OUT/bench-$model.err" | tee "$OUT/bench-$model.txt"
   tail -5 "$OUT/bench-$model.err"
 done

@@ -43,6 +43,8 @@ pub struct LoadedInfo {
     pub source: SourceKind,
     pub adapters: Vec<PathBuf>,
     pub template: String,
+    /// Where it runs and in which dtype: `cuda:0 (NVIDIA H200), BF16`.
+    pub device: String,
 }
 
 impl std::fmt::Display for LoadedInfo {
@@ -63,7 +65,7 @@ impl std::fmt::Display for LoadedInfo {
                 .collect();
             write!(f, "; adapter: {} (merged)", list.join(", "))?;
         }
-        write!(f, "; template: {}", self.template)
+        write!(f, "; template: {}; on {}", self.template, self.device)
     }
 }
 
@@ -129,6 +131,7 @@ impl ChatSession {
                 source: kind,
                 adapters,
                 template,
+                device: format!("{}, {:?}", crate::engine::device::describe(device), dtype),
             },
         })
     }
