@@ -23,6 +23,7 @@ mod gguf_mirror;
 mod gguf_smollm2;
 mod hub_cache;
 mod identity_smollm2;
+mod lf_demo_data;
 mod presets;
 mod template_golden;
 mod template_jinja;
