@@ -405,6 +405,46 @@ fn gguf_export_of_the_tiny_model_loads_back_with_the_same_greedy_tokens() {
     }
 }
 
+#[test]
+fn a_linear_rope_scaling_survives_gguf_export() {
+    // The base's config.json in transformers 5's layout; the GGUF carries llama.cpp's linear scaling keys and
+    // loads back as the same model.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, _) = base_and_adapter(tmp.path(), 9, 2);
+    let mut cfg = read_json(&base.join("config.json"));
+    let map = cfg.as_object_mut().unwrap();
+    map.remove("rope_theta");
+    map.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    );
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let out = tmp.path().join("gguf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+        "export_gguf_type: f32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let file = out.join("model-f32.gguf");
+    let md = export::gguf::read_metadata(&file).unwrap();
+    assert_eq!(md["llama.rope.scaling.type"].to_string().unwrap(), "linear");
+    assert_eq!(md["llama.rope.scaling.factor"].to_f32().unwrap(), 4.0);
+    // Base + adapter with the scaled RoPE, unmerged, against the GGUF read back.
+    let files = load_hf_folder(&base, DType::F32, &CPU).unwrap();
+    let mut reference = Model::from_files(&files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+    adapter::merge_adapters(
+        &mut reference,
+        &adapter::parse_adapter_list(&ad.display().to_string()),
+    )
+    .unwrap();
+    let loaded = load_back(&file);
+    let diff = max_abs_diff(&logits(&reference), &logits(&loaded));
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+}
+
 /// llama.cpp (llama-cpp-python 0.3.36) on the same tiny exports: same argmax at every position and last-position
 /// logits within 1e-4 (f32; measured 7.5e-6) of what termtune computes from base + adapter, so llama.cpp reads the exported
 /// weights, Q/K permutation included, as termtune means them.

@@ -25,6 +25,7 @@ mod hub_cache;
 mod identity_smollm2;
 mod lf_demo_data;
 mod presets;
+mod rope_config;
 mod template_golden;
 mod template_jinja;
 mod template_lf_reference;
