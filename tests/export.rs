@@ -259,6 +259,32 @@ fn shards_and_index_follow_export_size_and_auto_is_bf16() {
 }
 
 #[test]
+fn the_written_config_names_the_export_dtype_in_both_keys() {
+    // transformers 5 writes `dtype` (4.x `torch_dtype`); a copied `dtype` of the source must not contradict the
+    // export's `torch_dtype`, and a source with only `dtype` is read by it.
+    for (source_dtype, want) in [("float32", "bfloat16"), ("float16", "float16")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, ad, _) = base_and_adapter(tmp.path(), 5, 2);
+        let mut cfg = read_json(&base.join("config.json"));
+        let map = cfg.as_object_mut().unwrap();
+        map.remove("torch_dtype");
+        map.insert("dtype".into(), source_dtype.into());
+        std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+        let out = tmp.path().join("merged");
+        let p = preset(&[
+            format!("model_name_or_path: {}", base.display()),
+            format!("adapter_name_or_path: {}", ad.display()),
+            format!("export_dir: {}", out.display()),
+        ]);
+        let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+        assert_eq!(report.weights_type, want, "{source_dtype}");
+        let written = read_json(&out.join("config.json"));
+        assert_eq!(written["torch_dtype"], want, "{source_dtype}: {written}");
+        assert_eq!(written["dtype"], want, "{source_dtype}: {written}");
+    }
+}
+
+#[test]
 fn refusals_explain_and_write_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (base, ad, _) = base_and_adapter(tmp.path(), 5, 4);
