@@ -114,6 +114,14 @@ const CASES: &[(&str, &[&str])] = &[
         &[":4:", "`streaming: true` needs `max_steps`"],
     ),
     (
+        "invalid_do_train_false.yaml",
+        &[
+            "invalid_do_train_false.yaml:3:11:",
+            "`do_train: false` means no training",
+            "set `do_train: true`",
+        ],
+    ),
+    (
         "invalid_eval_without_split.yaml",
         &[":3:", "no validation split", "`val_size` or `eval_dataset`"],
     ),

@@ -18,7 +18,8 @@ fn load(names: &[&str], stage: Stage) -> termtune::data::pipeline::LoadedExample
 
 #[test]
 fn every_local_text_dataset_loads_with_the_expected_row_count() {
-    // Row counts from shared/data/llamafactory/README.md (and `len(json.load(f))` of each file).
+    // Row counts counted in the files of the llamafactory 0.9.5 source archive with Python: `len(json.load(f))`,
+    // the non-empty lines of the .jsonl and of wiki_demo.txt (a .txt gives one `text` row per non-empty line).
     let cases: &[(&str, Stage, usize)] = &[
         ("alpaca_en_demo", Stage::Sft, 999),
         ("alpaca_zh_demo", Stage::Sft, 1000),
@@ -29,6 +30,7 @@ fn every_local_text_dataset_loads_with_the_expected_row_count() {
         ("dpo_zh_demo", Stage::Dpo, 300),
         ("kto_en_demo", Stage::Kto, 300),
         ("c4_demo", Stage::Pt, 300),
+        ("wiki_demo", Stage::Pt, 30),
     ];
     for &(name, stage, rows) in cases {
         let loaded = load(&[name], stage);
@@ -49,7 +51,8 @@ fn every_local_text_dataset_loads_with_the_expected_row_count() {
 
 #[test]
 fn converted_shapes_match_llamafactory() {
-    // alpaca: instruction + "\n" + input as the user turn; 412 of 999 rows have an input (README).
+    // alpaca: instruction + "\n" + input as the user turn; 412 of 999 rows have a non-empty input (counted in
+    // the file with Python).
     let a = load(&["alpaca_en_demo"], Stage::Sft);
     let with_input = a
         .train
@@ -213,7 +216,19 @@ fn registry_errors_name_the_file_and_the_fix() {
             && m.contains("file_name"),
         "{m}"
     );
-    let m = err(&["wiki_demo"], Stage::Pt);
+    // A registered file that is not there (the demo's own dataset_info.json, without its data files).
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        lf_data_dir().join("dataset_info.json"),
+        bare.path().join("dataset_info.json"),
+    )
+    .unwrap();
+    let m = load_examples(&DataOptions {
+        stage: Stage::Pt,
+        ..options(bare.path(), &["wiki_demo"], None, bare.path())
+    })
+    .unwrap_err()
+    .to_string();
     assert!(
         m.contains("wiki_demo.txt") && m.contains("not found") && m.contains("file_name"),
         "{m}"

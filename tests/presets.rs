@@ -34,6 +34,17 @@ fn every_shipped_preset_validates_for_training() {
             f.display(),
             loaded.notes
         );
+        // LLaMA-Factory trains only with `do_train: true`, and evaluates after training (as termtune does
+        // with a validation split) only with `do_eval: true`.
+        let says =
+            |key: &str| loaded.passthrough.get(key) == Some(&serde_norway::Value::Bool(true));
+        assert!(says("do_train"), "{} must say do_train: true", f.display());
+        assert_eq!(
+            says("do_eval"),
+            loaded.preset.has_validation_split(),
+            "{}: do_eval: true exactly when there is a validation split",
+            f.display()
+        );
         let text = std::fs::read_to_string(&f).unwrap();
         assert!(
             text.starts_with("# "),
@@ -78,13 +89,19 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
     for f in yaml_files(&root().join("tests/fixtures/lf_examples")) {
         let loaded = config::load(&f, &[], Purpose::Train).unwrap_or_else(|e| panic!("{e}"));
         let noted: Vec<&str> = loaded.notes.iter().map(|n| n.key.as_str()).collect();
-        for key in ["do_train", "preprocessing_num_workers"] {
-            assert!(
-                noted.contains(&key),
-                "{}: {key} should be noted as no effect: {noted:?}",
-                f.display()
-            );
-        }
+        assert!(
+            noted.contains(&"preprocessing_num_workers"),
+            "{}: preprocessing_num_workers should be noted as no effect: {noted:?}",
+            f.display()
+        );
+        // `do_train: true` is read (and written back), not a note: termtune writes it itself.
+        assert_eq!(
+            loaded.passthrough.get("do_train"),
+            Some(&serde_norway::Value::Bool(true)),
+            "{}",
+            f.display()
+        );
+        assert!(!noted.contains(&"do_train"), "{}: {noted:?}", f.display());
     }
     let loaded = config::load(
         &root().join("tests/fixtures/lf_examples/llama3_lora_sft.yaml"),
@@ -121,7 +138,18 @@ fn load_save_load_is_the_identity() {
             )
         });
         assert_eq!(first.preset, second.preset, "{}", f.display());
-        assert_eq!(first.passthrough, second.passthrough, "{}", f.display());
+        // The pass-through keys come back, plus the switches LLaMA-Factory needs to train (and evaluate) as
+        // termtune does.
+        let mut want = first.passthrough.clone();
+        want.entry("do_train".into())
+            .or_insert(serde_norway::Value::Bool(true));
+        if first.preset.has_validation_split() {
+            want.insert("do_eval".into(), serde_norway::Value::Bool(true));
+        }
+        let mut got = second.passthrough.clone();
+        want.sort_keys();
+        got.sort_keys();
+        assert_eq!(got, want, "{}", f.display());
         // And saving again gives the same text.
         let again = dir.path().join("again.yaml");
         config::save(&second, &again, Some("saved by the round-trip test")).unwrap();
@@ -235,5 +263,97 @@ fn ci_runs_the_readme_test_command() {
     assert!(
         ci.lines().any(|l| l.trim() == command),
         ".ci/run must run `{command}`"
+    );
+}
+
+#[test]
+fn saved_presets_tell_llamafactory_to_train_and_evaluate() {
+    let method_lines = |text: &str| -> Vec<String> {
+        let section = text.split("### method\n").nth(1).unwrap_or_default();
+        let section = section.split("\n\n").next().unwrap_or_default();
+        section.lines().map(str::to_string).collect()
+    };
+    // No do_train in the file, no validation split: do_train only.
+    let loaded = config::parse("model_name_or_path: m\ndataset: d\n", &[], Purpose::Train).unwrap();
+    let text = config::to_yaml(&loaded);
+    assert!(
+        method_lines(&text).contains(&"do_train: true".to_string()),
+        "{text}"
+    );
+    assert!(!text.contains("do_eval"), "{text}");
+    // A validation split (val_size or eval_dataset): do_eval too, under ### eval, whatever the file said.
+    for split in [
+        "val_size: 0.1",
+        "eval_dataset: d2",
+        "val_size: 0.1\ndo_eval: false",
+    ] {
+        let loaded = config::parse(
+            &format!("model_name_or_path: m\ndataset: d\n{split}\n"),
+            &[],
+            Purpose::Train,
+        )
+        .unwrap();
+        let text = config::to_yaml(&loaded);
+        assert!(
+            method_lines(&text).contains(&"do_train: true".to_string()),
+            "{text}"
+        );
+        let eval = text.split("### eval\n").nth(1).unwrap_or_default();
+        assert!(
+            eval.lines().any(|l| l == "do_eval: true"),
+            "{split}: {text}"
+        );
+        assert_eq!(text.matches("do_eval").count(), 1, "{text}");
+    }
+    // Written once, even when the file had it.
+    let loaded = config::parse(
+        "model_name_or_path: m\ndataset: d\ndo_train: true\n",
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert_eq!(config::to_yaml(&loaded).matches("do_train").count(), 1);
+}
+
+#[test]
+fn do_train_false_is_refused_for_training_only() {
+    let text = "model_name_or_path: m\ndataset: d\ndo_train: false\n";
+    let issues = config::parse(text, &[], Purpose::Train).unwrap_err();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].key, "do_train");
+    assert!(
+        issues[0].message.contains("`do_train: false`")
+            && issues[0].message.contains("set `do_train: true`"),
+        "{}",
+        issues[0].message
+    );
+    assert_eq!(
+        issues[0].origin,
+        config::Origin::File {
+            line: 3,
+            column: 11
+        }
+    );
+    // As an override too.
+    let issues = config::parse(
+        "model_name_or_path: m\ndataset: d\n",
+        &["do_train=false".into()],
+        Purpose::Train,
+    )
+    .unwrap_err();
+    assert_eq!(issues[0].key, "do_train");
+    // Chat and export do not train: the key does not matter there.
+    assert!(config::parse(text, &[], Purpose::Chat).is_ok());
+    assert!(config::parse(&format!("{text}export_dir: out\n"), &[], Purpose::Export).is_ok());
+    // Not a boolean: an error for every purpose.
+    let issues = config::parse(
+        "model_name_or_path: m\ndataset: d\ndo_train: maybe\n",
+        &[],
+        Purpose::Chat,
+    )
+    .unwrap_err();
+    assert!(
+        issues[0].key == "do_train" && issues[0].message.contains("true or false"),
+        "{issues:?}"
     );
 }

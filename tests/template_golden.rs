@@ -1,8 +1,8 @@
 //! Golden renderings and label masks of the built-in templates, matching LLaMA-Factory.
 //!
 //! Every expected string was written by hand from LLaMA-Factory's `template.py` slot definitions
-//! (`register_template(...)`, commit 00577a8 as read in the code index) and checked against the table of
-//! exact renderings in shared/LLAMAFACTORY_NOTES.md §1c. The trained text is the decoded run of labelled
+//! (`register_template(...)`, commit 00577a8 as read in the code index) and checked against a hand-written table
+//! of that code's exact renderings. The trained text is the decoded run of labelled
 //! tokens: for every template only the assistant text and the template's end token(s) are trained.
 
 use crate::data_util;

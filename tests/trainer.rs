@@ -110,8 +110,13 @@ fn overfitting_a_small_set_drives_the_loss_down() {
     assert_eq!(log.len(), 40);
     assert_eq!(log[39].current_steps, 40);
     assert_eq!(log[39].percentage, 100.0);
-    // training_args.yaml runs again.
+    // training_args.yaml runs again, here and in LLaMA-Factory (which trains only with `do_train: true`).
     assert!(config::load(&out.join("training_args.yaml"), &[], Purpose::Train).is_ok());
+    let args = std::fs::read_to_string(out.join("training_args.yaml")).unwrap();
+    let method = args.split("### method\n").nth(1).unwrap_or_default();
+    let method = method.split("\n\n").next().unwrap_or_default();
+    assert!(method.lines().any(|l| l == "do_train: true"), "{args}");
+    assert!(!args.contains("do_eval"), "no validation split: {args}");
 }
 
 #[test]

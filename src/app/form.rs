@@ -324,7 +324,9 @@ impl Form {
         (path, tail)
     }
 
-    /// The lines "show as command" prints: `termtune train …` and `llamafactory-cli train …`.
+    /// The lines "show as command" prints: `termtune train …` and `llamafactory-cli train …`. The latter adds
+    /// `do_train=true` (and `do_eval=true` when there is a validation split) unless the file says so already:
+    /// LLaMA-Factory trains (and evaluates) only then.
     pub fn commands(&self) -> Vec<String> {
         let path = self
             .path
@@ -338,8 +340,36 @@ impl Form {
         };
         vec![
             format!("termtune train {path}{tail}"),
-            format!("llamafactory-cli train {path}{tail}"),
+            format!(
+                "llamafactory-cli train {path}{tail}{}",
+                self.lf_train_flags()
+            ),
         ]
+    }
+
+    /// ` do_train=true` / ` do_eval=true` for `llamafactory-cli train` where the preset does not say them.
+    fn lf_train_flags(&self) -> String {
+        let says_true = |key: &str| match &self.loaded {
+            Some(l) => l.passthrough.get(key) == Some(&Value::Bool(true)),
+            None => {
+                serde_norway::from_str::<Value>(&self.base_text)
+                    .ok()
+                    .and_then(|v| v.get(key).cloned())
+                    == Some(Value::Bool(true))
+            }
+        };
+        let mut flags = String::new();
+        if !says_true("do_train") {
+            flags.push_str(" do_train=true");
+        }
+        let evaluates = self
+            .loaded
+            .as_ref()
+            .is_some_and(|l| l.preset.has_validation_split());
+        if evaluates && !says_true("do_eval") {
+            flags.push_str(" do_eval=true");
+        }
+        flags
     }
 }
 
@@ -442,6 +472,41 @@ mod tests {
             f.commands()[0],
             "termtune train presets/quickstart.yaml learning_rate=1e-3"
         );
-        assert!(f.commands()[1].starts_with("llamafactory-cli train"));
+        assert_eq!(
+            f.commands()[1],
+            "llamafactory-cli train presets/quickstart.yaml learning_rate=1e-3 do_train=true"
+        );
+    }
+
+    #[test]
+    fn the_llamafactory_command_trains_and_evaluates_like_termtune() {
+        let path = Some(PathBuf::from("p.yaml"));
+        // The file says do_train: nothing to add.
+        let f = Form::new(
+            path.clone(),
+            "model_name_or_path: m\ndataset: d\ndo_train: true\n",
+        );
+        assert_eq!(f.commands()[1], "llamafactory-cli train p.yaml");
+        // A validation split: termtune evaluates, so LLaMA-Factory is told to as well.
+        let f = Form::new(
+            path.clone(),
+            "model_name_or_path: m\ndataset: d\nval_size: 0.1\n",
+        );
+        assert_eq!(
+            f.commands()[1],
+            "llamafactory-cli train p.yaml do_train=true do_eval=true"
+        );
+        let f = Form::new(
+            path,
+            "model_name_or_path: m\ndataset: d\ndo_train: true\ndo_eval: true\nval_size: 0.1\n",
+        );
+        assert_eq!(f.commands()[1], "llamafactory-cli train p.yaml");
+    }
+
+    #[test]
+    fn do_train_false_is_a_problem_of_the_form() {
+        let f = Form::new(None, "model_name_or_path: m\ndataset: d\ndo_train: false\n");
+        let issue = f.issue("do_train").expect("an issue for do_train");
+        assert!(issue.message.contains("do_train: true"), "{issue:?}");
     }
 }

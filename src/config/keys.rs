@@ -8,6 +8,9 @@
 //!   while it holds its neutral value (`use_dora: false`), an error otherwise.
 //!
 //! Anything else is an unknown key: an error with a did-you-mean suggestion.
+//!
+//! Two no-effect keys are special ([`WRITTEN_BY_TERMTUNE`]): `do_train` and `do_eval` tell LLaMA-Factory to
+//! train and evaluate, so the presets termtune saves carry them, and `termtune train` refuses `do_train: false`.
 
 /// Where a key is written in a saved preset (LLaMA-Factory's `### group` headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -403,6 +406,11 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "Training stage: sft (supervised fine-tuning) or pt (pre-training on raw text).",
     ),
+    noe(
+        "do_train",
+        Method,
+        "LLaMA-Factory trains only with `do_train: true`, so termtune writes it into every preset it saves; `termtune train` refuses `do_train: false`",
+    ),
     imp(
         "finetuning_type",
         Method,
@@ -460,7 +468,6 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "DeepSpeed shards training across GPUs; termtune trains on one device with the same mathematics",
     ),
-    noe("do_train", Method, "termtune train always trains"),
     noe("pref_beta", Method, PREF_STAGE),
     noe("pref_ftx", Method, PREF_STAGE),
     noe("pref_bco_weight", Method, PREF_STAGE),
@@ -1060,7 +1067,7 @@ pub const KEYS: &[KeySpec] = &[
     noe(
         "do_eval",
         Eval,
-        "termtune evaluates whenever val_size or eval_dataset gives a validation split",
+        "termtune evaluates whenever val_size or eval_dataset gives a validation split, and then writes `do_eval: true` into the presets it saves",
     ),
     noe(
         "evaluation_strategy",
@@ -1229,6 +1236,10 @@ pub const KEYS: &[KeySpec] = &[
         "GPTQ export is not supported",
     ),
 ];
+
+/// No-effect keys that termtune writes itself: LLaMA-Factory's switches for doing what termtune always does
+/// (`do_train: true`; `do_eval: true` with a validation split). They are not listed as notes.
+pub const WRITTEN_BY_TERMTUNE: &[&str] = &["do_train", "do_eval"];
 
 /// The spec of `name`, if it is a known key.
 pub fn find(name: &str) -> Option<&'static KeySpec> {

@@ -216,10 +216,12 @@ pub fn parse(
                 }),
             },
             Class::NoEffect => {
-                notes.push(ConfigNote {
-                    key: key.clone(),
-                    reason: spec.help,
-                });
+                if !keys::WRITTEN_BY_TERMTUNE.contains(&key.as_str()) {
+                    notes.push(ConfigNote {
+                        key: key.clone(),
+                        reason: spec.help,
+                    });
+                }
                 passthrough.insert(key, value);
             }
             Class::Unsupported { neutral } => {
@@ -237,6 +239,17 @@ pub fn parse(
                     });
                 }
             }
+        }
+    }
+
+    if let Some(value) = passthrough.get("do_train") {
+        let origin = origins.get("do_train").cloned().unwrap_or(Origin::Preset);
+        if let Some(message) = do_train_issue(value, purpose) {
+            issues.push(ConfigIssue {
+                key: "do_train".into(),
+                message,
+                origin,
+            });
         }
     }
 
@@ -273,6 +286,24 @@ pub fn parse(
         })
     } else {
         Err(issues)
+    }
+}
+
+/// The problem with a `do_train` value, if any. LLaMA-Factory trains only with `do_train: true`; termtune trains
+/// a preset without the key (the presets it writes carry `do_train: true`), but does not train one whose
+/// `do_train` says LLaMA-Factory would not.
+fn do_train_issue(value: &Value, purpose: Purpose) -> Option<String> {
+    match value {
+        Value::Bool(true) => None,
+        Value::Bool(false) | Value::Null if purpose == Purpose::Train => Some(format!(
+            "`do_train: {}` means no training: LLaMA-Factory would not train this preset; set `do_train: true` (or remove the key) to train",
+            inline(value)
+        )),
+        Value::Bool(false) | Value::Null => None,
+        other => Some(format!(
+            "`do_train` must be true or false (got {})",
+            inline(other)
+        )),
     }
 }
 
@@ -407,7 +438,9 @@ const ALWAYS_WRITTEN: &[&str] = &[
 ];
 
 /// Renders a preset as LLaMA-Factory-style grouped YAML: keys that differ from the defaults (plus a
-/// few always shown), then the pass-through keys, under `### group` headers.
+/// few always shown), then the pass-through keys, under `### group` headers. It always says
+/// `do_train: true`, and `do_eval: true` when there is a validation split, so that `llamafactory-cli train`
+/// trains (and evaluates) as termtune does.
 pub fn to_yaml(loaded: &Loaded) -> String {
     let current = as_mapping(&loaded.preset);
     let defaults = as_mapping(&Preset::default());
@@ -430,9 +463,16 @@ pub fn to_yaml(loaded: &Loaded) -> String {
                     }
                     v.clone()
                 }
-                _ => match loaded.passthrough.get(spec.name) {
-                    Some(v) => v.clone(),
-                    None => continue,
+                _ => match (spec.name, loaded.passthrough.get(spec.name)) {
+                    // LLaMA-Factory trains only with `do_train: true` (a `false` is kept: such a preset
+                    // cannot be trained by either program).
+                    ("do_train", Some(Value::Bool(false))) => Value::Bool(false),
+                    ("do_train", _) => Value::Bool(true),
+                    // … and evaluates after training only with `do_eval: true`, which termtune always
+                    // does when there is a validation split.
+                    ("do_eval", _) if loaded.preset.has_validation_split() => Value::Bool(true),
+                    (_, Some(v)) => v.clone(),
+                    (_, None) => continue,
                 },
             };
             lines.push(format!("{}: {}", spec.name, scalar_yaml(&value)));

@@ -408,6 +408,12 @@ impl Preset {
         self.dataset.as_deref().map(comma_list).unwrap_or_default()
     }
 
+    /// Whether training has a validation split (`val_size` or `eval_dataset`): then termtune evaluates, at the
+    /// latest after the last step (LLaMA-Factory's `do_eval: true`).
+    pub fn has_validation_split(&self) -> bool {
+        self.val_size > 0.0 || !self.eval_datasets().is_empty()
+    }
+
     pub fn eval_datasets(&self) -> Vec<String> {
         self.eval_dataset
             .as_deref()

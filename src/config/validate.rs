@@ -282,7 +282,7 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`eval_strategy: best` is not valid; use no, steps or epoch".into(),
         );
     }
-    let has_val = p.val_size > 0.0 || !p.eval_datasets().is_empty();
+    let has_val = p.has_validation_split();
     if p.eval_strategy != IntervalStrategy::No && !has_val && purpose == Purpose::Train {
         bad(
             "eval_strategy",

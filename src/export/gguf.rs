@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 use super::ExportError;
 use crate::config::GgufType;
 use crate::data::encoder::{config_chat_template, config_token};
-use crate::engine::arch::{ArchKind, ModelConfig};
+use crate::engine::arch::{ArchKind, ModelConfig, RopeScaling};
 use crate::engine::gguf::permute_qk;
 use crate::engine::tokenizer::{SUPPORTED_PRE, tokenizer_json_from_gguf};
 
@@ -185,9 +185,15 @@ pub fn write_gguf(
         ));
     }
 
+    // Linear rope scaling: llama.cpp's own metadata keys (read back by termtune's GGUF loader).
+    if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        md.push((k("rope.scaling.type"), Value::String("linear".into())));
+        md.push((k("rope.scaling.factor"), f32v(factor)));
+    }
+
     // Tensors, in llama.cpp's names and row order.
     let mut qtensors: Vec<(String, QTensor)> = Vec::new();
-    if cfg.rope_scaling.is_some() {
+    if matches!(cfg.rope_scaling, Some(RopeScaling::Llama3(_))) {
         // Llama 3 rope scaling: llama.cpp reads the per-frequency divisors from `rope_freqs.weight`.
         let base: Vec<f64> = (0..cfg.head_dim / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))

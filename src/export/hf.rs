@@ -144,7 +144,10 @@ pub fn write_folder(
     progress("writing config.json, tokenizer and generation config");
     let mut config = input.files.config.clone();
     if let Json::Object(map) = &mut config {
+        // Both spellings, so that transformers 4 (`torch_dtype`) and 5 (`dtype`, which wins there) read the
+        // dtype of these weights, never a source's value copied alongside.
         map.insert("torch_dtype".into(), json!(dtype_name(dt)));
+        map.insert("dtype".into(), json!(dtype_name(dt)));
         map.insert("use_cache".into(), json!(true));
     }
     write_json(&dir.join("config.json"), &config)?;

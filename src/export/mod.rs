@@ -169,7 +169,7 @@ pub fn export_cancellable(
     stop_if(cancelled)?;
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
-    let out_dtype = export_dtype(preset, files.config.get("torch_dtype"));
+    let out_dtype = export_dtype(preset, config_dtype(&files.config));
     let dequantized_base = match &gguf_path {
         Some(p) => {
             let summary = crate::engine::gguf::gguf_metadata(p)
@@ -348,26 +348,30 @@ fn stop_if(cancelled: &dyn Fn() -> bool) -> Result<(), ExportError> {
 
 /// The dtype of a Hugging Face export: `infer_dtype`, or with `auto` the base's `torch_dtype` where a 32-bit
 /// base becomes bfloat16 (LLaMA-Factory's rule).
-pub fn export_dtype(preset: &Preset, torch_dtype: Option<&serde_json::Value>) -> DType {
+pub fn export_dtype(preset: &Preset, torch_dtype: Option<&str>) -> DType {
     match preset.infer_dtype {
         config::InferDtype::Float32 => DType::F32,
         config::InferDtype::Float16 => DType::F16,
         config::InferDtype::Bfloat16 => DType::BF16,
-        config::InferDtype::Auto => match torch_dtype.and_then(serde_json::Value::as_str) {
+        config::InferDtype::Auto => match torch_dtype {
             Some("float16") => DType::F16,
             _ => DType::BF16,
         },
     }
 }
 
-/// `torch_dtype` of a local model folder's config.json, when there is one.
+/// The dtype a config.json names: `torch_dtype` (transformers 4), else `dtype` (transformers 5).
+pub fn config_dtype(config: &serde_json::Value) -> Option<&str> {
+    ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|k| config.get(k).and_then(serde_json::Value::as_str))
+}
+
+/// The dtype of a local model folder's config.json ([`config_dtype`]), when there is one.
 fn local_torch_dtype(name: &str) -> Option<String> {
     let text = std::fs::read_to_string(Path::new(name).join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("torch_dtype")
-        .or_else(|| v.get("dtype"))
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_string)
+    config_dtype(&v).map(str::to_string)
 }
 
 /// Bytes per shard for `export_size` (GB, decimal like `save_pretrained`'s "5GB").

@@ -104,9 +104,10 @@ pub fn chat_config(bos: Option<&str>, eos: &str) -> Value {
     config(bos, eos, Some("{{ messages }}"))
 }
 
-/// The LLaMA-Factory demo data, `../shared/data/llamafactory` from the repository root.
+/// The LLaMA-Factory demo data: the `data/` folder of PyPI's `llamafactory==0.9.5` source archive, fetched once
+/// with pip into termtune's cache (sha256-pinned; see `termtune::testing::lf_demo_data`).
 pub fn lf_data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/llamafactory")
+    termtune::testing::lf_demo_data()
 }
 
 pub fn fixtures_dir() -> PathBuf {
