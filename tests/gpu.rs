@@ -504,3 +504,54 @@ fn cuda_bf16_lora_weights_and_optimizer_state_stay_f32() {
         assert!(!v.device().is_cpu(), "{name} is not on the GPU");
     }
 }
+
+#[test]
+fn cuda_lora_dropout_is_seeded_and_checkpointing_sees_the_same_masks() {
+    let Some(dev) = cuda() else { return };
+    let shape = candle_core::Shape::from((400, 64));
+    let mask = |seed: u64| {
+        to_f64(
+            &ops::lora_dropout_mask(
+                &shape,
+                0.25,
+                seed,
+                "model.layers.0.mlp.up_proj",
+                DType::F32,
+                &dev,
+            )
+            .unwrap(),
+        )
+    };
+    let m1 = mask(3);
+    let zeros = m1.iter().filter(|&&x| x == 0.0).count() as f64 / m1.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.02, "zero fraction {zeros}");
+    assert_eq!(m1, mask(3));
+    assert_ne!(m1, mask(4));
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    let ft = Finetune::Lora(LoraSpec {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.25,
+        targets: LoraTargets::parse("all").unwrap(),
+        use_rslora: false,
+        seed: 7,
+    });
+    let mut m = load(d.path(), DType::F32, &dev, &ft);
+    m.dropout_seed = 9;
+    let batch = batches(&dev).swap_remove(0);
+    let mut first: Option<(Tensor, HashMap<String, Tensor>)> = None;
+    for s in SETTINGS {
+        configure(&mut m, s);
+        let (loss, _, grads) = loss_logits_grads(&m, &batch);
+        match &first {
+            None => first = Some((loss, grads)),
+            Some((l0, g0)) => {
+                assert!(rel_diff(&loss, l0) < 1e-5, "{s:?}: loss differs");
+                for (name, g) in g0 {
+                    assert!(rel_diff(&grads[name], g) < 1e-4, "{s:?}: {name} differs");
+                }
+            }
+        }
+    }
+}

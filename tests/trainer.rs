@@ -194,14 +194,23 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
 
 #[test]
 fn resume_matches_the_uninterrupted_run() {
+    // Also with LoRA dropout: its masks follow (seed, step, micro-batch), so a resumed run draws the same ones.
+    for (tag, dropout) in [("", "lora_dropout: 0.0"), ("-dropout", "lora_dropout: 0.2")] {
+        resume_matches_with(tag, dropout);
+    }
+}
+
+fn resume_matches_with(tag: &str, dropout: &str) {
     let f = fixture(10);
+    let (straight_dir, split_dir) = (format!("straight{tag}"), format!("split{tag}"));
     let straight = preset(
         &f,
-        "straight",
+        &straight_dir,
         &[
             "max_steps: 4",
             "lr_scheduler_type: cosine",
             "warmup_steps: 1",
+            dropout,
         ],
     );
     let (r, e_straight) = run(&straight, &[]);
@@ -209,18 +218,20 @@ fn resume_matches_the_uninterrupted_run() {
 
     let split = preset(
         &f,
-        "split",
+        &split_dir,
         &[
             "max_steps: 4",
             "lr_scheduler_type: cosine",
             "warmup_steps: 1",
+            dropout,
         ],
     );
     let (r, e_first) = run(&split, &[(2, TrainCommand::Stop { save: true })]);
     assert!(matches!(r.unwrap(), Outcome::Stopped(_)));
     assert!(
         f.root
-            .join("split/checkpoint-2/trainer_state.json")
+            .join(&split_dir)
+            .join("checkpoint-2/trainer_state.json")
             .exists()
     );
     // Same preset again: resumes from output_dir's newest checkpoint automatically.
@@ -236,14 +247,18 @@ fn resume_matches_the_uninterrupted_run() {
     resumed.extend(losses(&e_second));
     let straight_losses = losses(&e_straight);
     assert_eq!(resumed.len(), 4);
+    assert_eq!(straight_losses.len(), 4);
     for (a, b) in straight_losses.iter().zip(&resumed) {
-        assert!((a - b).abs() < 1e-6, "{straight_losses:?} vs {resumed:?}");
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{dropout}: {straight_losses:?} vs {resumed:?}"
+        );
     }
     let (wa, wb) = (
-        adapter(&f.root.join("straight")),
-        adapter(&f.root.join("split")),
+        adapter(&f.root.join(&straight_dir)),
+        adapter(&f.root.join(&split_dir)),
     );
-    assert_eq!(wa, wb, "final adapters differ");
+    assert_eq!(wa, wb, "{dropout}: final adapters differ");
 }
 
 #[test]

@@ -29,8 +29,10 @@ pub struct LayerCtx {
     pub eps: f64,
     /// The model dtype.
     pub dtype: DType,
-    /// Use the fused CPU kernels (f32/f64 on CPU with `Kernels::Fused`).
+    /// Use the kernel set of `ops::fused` (`Kernels::Fused`; `ops::Backend` picks per device).
     pub fused: bool,
+    /// Seed of the LoRA dropout masks (`Model::dropout_seed`).
+    pub dropout_seed: u64,
 }
 
 /// Padding removed from a right- or left-padded batch: the layer runs its linears, norms and MLP on the N real
@@ -120,9 +122,9 @@ pub fn layer_forward(
         })
     };
     let hn = rms_norm(ctx, x, &l.input_norm, train)?;
-    let q = heads(l.q.forward_k(&hn, train, fused)?, nh)?;
-    let k = heads(l.k.forward_k(&hn, train, fused)?, nkv)?;
-    let v = heads(l.v.forward_k(&hn, train, fused)?, nkv)?;
+    let q = heads(l.q.forward_k(&hn, train, fused, ctx.dropout_seed)?, nh)?;
+    let k = heads(l.k.forward_k(&hn, train, fused, ctx.dropout_seed)?, nkv)?;
+    let v = heads(l.v.forward_k(&hn, train, fused, ctx.dropout_seed)?, nkv)?;
     let q = match &l.q_norm {
         Some(w) => rms_norm(ctx, &q, w, train)?,
         None => q,
@@ -166,16 +168,16 @@ pub fn layer_forward(
             .index_select(&p.real, 0)?
             .unsqueeze(0)?,
     };
-    let x = (x + l.o.forward_k(&y, train, fused)?)?;
+    let x = (x + l.o.forward_k(&y, train, fused, ctx.dropout_seed)?)?;
     let hn = rms_norm(ctx, &x, &l.post_norm, train)?;
-    let g = l.gate.forward_k(&hn, train, fused)?;
-    let u = l.up.forward_k(&hn, train, fused)?;
+    let g = l.gate.forward_k(&hn, train, fused, ctx.dropout_seed)?;
+    let u = l.up.forward_k(&hn, train, fused, ctx.dropout_seed)?;
     let act = if fused {
         ops::fused::swiglu(&g, &u)?
     } else {
         ops::swiglu_pure(&g, &u)?
     };
-    Ok((x + l.down.forward_k(&act, train, fused)?)?)
+    Ok((x + l.down.forward_k(&act, train, fused, ctx.dropout_seed)?)?)
 }
 
 /// The trainable Vars of a layer, in a fixed order: per linear LoRA A, LoRA B, weight, bias; then the norms.
@@ -204,14 +206,6 @@ pub fn layer_vars(l: &Layer) -> Vec<Var> {
         push(w);
     }
     out
-}
-
-/// Whether a layer can be checkpointed: its forward must be a pure function of its input and weights, so the
-/// recomputation in the backward sees the same values. LoRA dropout draws fresh masks, so it is excluded.
-pub fn can_checkpoint(l: &Layer) -> bool {
-    l.linears()
-        .iter()
-        .all(|lin| lin.lora.as_ref().is_none_or(|p| p.dropout == 0.0))
 }
 
 // A custom op's forward receives raw storage on whatever device the tensors live on; these two turn it into an
@@ -257,7 +251,7 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
-/// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA without dropout
+/// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA, with dropout too,
 /// allowed), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the kernels).
 /// Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
@@ -272,19 +266,22 @@ pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
                     .bias
                     .as_ref()
                     .is_none_or(|b| matches!(b, Weight::Frozen(_)))
-                && lin.lora.as_ref().is_none_or(|p| p.dropout == 0.0)
         })
 }
 
-/// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) (+ bias) on 2-D x, graph-free; also returns x·Aᵀ for the backward.
-fn lin_fwd(lin: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+/// y = x·Wᵀ (+ s·((x⊙m)·Aᵀ)·Bᵀ) (+ bias) on 2-D x, graph-free, m the LoRA dropout mask of `dropout_seed`; also
+/// returns (x⊙m)·Aᵀ for the backward.
+fn lin_fwd(lin: &Linear, x: &Tensor, dropout_seed: u64) -> Result<(Tensor, Option<Tensor>)> {
     let w = lin.weight.detached();
     let mut y = x.matmul(&w.t()?)?;
     let mut xa = None;
     if let Some(p) = &lin.lora {
         // LoRA in its own dtype (f32 over a bf16 base, as PEFT keeps adapters), the sum in the base's.
         let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
-        let xl = x.to_dtype(a.dtype())?;
+        let mut xl = x.to_dtype(a.dtype())?;
+        if let Some(m) = lin.dropout_mask(x, true, dropout_seed)? {
+            xl = xl.mul(&m)?;
+        }
         let xa_ = xl.matmul(&a.t()?)?;
         let d = (&xa_ * p.scale)?.matmul(&b.t()?)?.to_dtype(y.dtype())?;
         y = ops::fused::add_untracked(&y, &d)?;
@@ -296,12 +293,14 @@ fn lin_fwd(lin: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
     Ok((y, xa))
 }
 
-/// (dX, LoRA (dA, dB)) of [`lin_fwd`] for the incoming gradient `gy` (m, n).
+/// (dX, LoRA (dA, dB)) of [`lin_fwd`] for the incoming gradient `gy` (m, n); the dropout mask is drawn again
+/// from the same seed (no copy kept).
 fn lin_bwd(
     lin: &Linear,
     x: &Tensor,
     xa: Option<&Tensor>,
     gy: &Tensor,
+    dropout_seed: u64,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let w = lin.weight.detached();
     let dx = gy.matmul(&w)?;
@@ -309,11 +308,18 @@ fn lin_bwd(
         (Some(p), Some(xa)) => {
             let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
             let ldt = a.dtype();
+            let mask = lin.dropout_mask(x, true, dropout_seed)?;
             let gyl = gy.to_dtype(ldt)?;
             let gb = (gyl.matmul(&b)? * p.scale)?;
-            let dx = ops::fused::add_untracked(&dx, &gb.matmul(&a)?.to_dtype(dx.dtype())?)?;
+            let mut dxl = gb.matmul(&a)?;
+            let mut xl = x.to_dtype(ldt)?;
+            if let Some(m) = &mask {
+                dxl = dxl.mul(m)?;
+                xl = xl.mul(m)?;
+            }
+            let dx = ops::fused::add_untracked(&dx, &dxl.to_dtype(dx.dtype())?)?;
             let db = (gyl.t()?.matmul(xa)? * p.scale)?;
-            let da = gb.t()?.matmul(&x.to_dtype(ldt)?)?;
+            let da = gb.t()?.matmul(&xl)?;
             Ok((dx, Some((da, db))))
         }
         _ => Ok((dx, None)),
@@ -350,9 +356,9 @@ impl CheckpointedLayer {
         let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
         let x = x.reshape((m, hsz))?;
         let hn1 = ops::fused::rms_norm(&x, &l.input_norm.detached(), ctx.eps)?;
-        let (q, xa_q) = lin_fwd(&l.q, &hn1)?;
-        let (k, xa_k) = lin_fwd(&l.k, &hn1)?;
-        let (v, xa_v) = lin_fwd(&l.v, &hn1)?;
+        let (q, xa_q) = lin_fwd(&l.q, &hn1, ctx.dropout_seed)?;
+        let (k, xa_k) = lin_fwd(&l.k, &hn1, ctx.dropout_seed)?;
+        let (v, xa_v) = lin_fwd(&l.v, &hn1, ctx.dropout_seed)?;
         let heads = |z: Tensor, n: usize| -> Result<Tensor> {
             let z = match &self.pad {
                 None => z,
@@ -370,13 +376,13 @@ impl CheckpointedLayer {
             None => y,
             Some(p) => y.index_select(&p.real, 0)?,
         };
-        let (o, xa_o) = lin_fwd(&l.o, &y)?;
+        let (o, xa_o) = lin_fwd(&l.o, &y, ctx.dropout_seed)?;
         let x2 = ops::fused::add_untracked(&x, &o)?;
         let hn2 = ops::fused::rms_norm(&x2, &l.post_norm.detached(), ctx.eps)?;
-        let (g, xa_g) = lin_fwd(&l.gate, &hn2)?;
-        let (u, xa_u) = lin_fwd(&l.up, &hn2)?;
+        let (g, xa_g) = lin_fwd(&l.gate, &hn2, ctx.dropout_seed)?;
+        let (u, xa_u) = lin_fwd(&l.up, &hn2, ctx.dropout_seed)?;
         let act = ops::fused::swiglu(&g, &u)?;
-        let (d, xa_d) = lin_fwd(&l.down, &act)?;
+        let (d, xa_d) = lin_fwd(&l.down, &act, ctx.dropout_seed)?;
         let out = ops::fused::add_untracked(&x2, &d)?.reshape(dims)?;
         let saved = Saved {
             x,
@@ -404,11 +410,11 @@ impl CheckpointedLayer {
         let add = ops::fused::add_untracked;
         let gy = gy.reshape((m, hsz))?;
         let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
-        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy)?;
+        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy, ctx.dropout_seed)?;
         lora[6] = gd;
         let (dg, du) = ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)?;
-        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg)?;
-        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du)?;
+        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg, ctx.dropout_seed)?;
+        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du, ctx.dropout_seed)?;
         lora[4] = gg;
         lora[5] = gu;
         let d_hn2 = add(&dh_g, &dh_u)?;
@@ -416,7 +422,7 @@ impl CheckpointedLayer {
             &gy,
             &ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)?,
         )?;
-        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2)?;
+        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2, ctx.dropout_seed)?;
         lora[3] = go;
         let dy = match &self.pad {
             None => dy,
@@ -437,9 +443,27 @@ impl CheckpointedLayer {
                 Some(p) => d.index_select(&p.real, 0)?,
             })
         };
-        let (dh_q, gq) = lin_bwd(&l.q, &sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?)?;
-        let (dh_k, gk) = lin_bwd(&l.k, &sv.hn1, sv.xa[1].as_ref(), &rows(dk, nkv)?)?;
-        let (dh_v, gv) = lin_bwd(&l.v, &sv.hn1, sv.xa[2].as_ref(), &rows(dv, nkv)?)?;
+        let (dh_q, gq) = lin_bwd(
+            &l.q,
+            &sv.hn1,
+            sv.xa[0].as_ref(),
+            &rows(dq, nh)?,
+            ctx.dropout_seed,
+        )?;
+        let (dh_k, gk) = lin_bwd(
+            &l.k,
+            &sv.hn1,
+            sv.xa[1].as_ref(),
+            &rows(dk, nkv)?,
+            ctx.dropout_seed,
+        )?;
+        let (dh_v, gv) = lin_bwd(
+            &l.v,
+            &sv.hn1,
+            sv.xa[2].as_ref(),
+            &rows(dv, nkv)?,
+            ctx.dropout_seed,
+        )?;
         lora[0] = gq;
         lora[1] = gk;
         lora[2] = gv;
@@ -487,6 +511,13 @@ impl CheckpointedLayer {
             }
             return Ok(y);
         }
+        // LoRA dropout is part of the training forward: with it, run in training mode (the graph this builds
+        // lives only until the output is copied out) so the output has the masks the recomputation will draw.
+        let dropout = self
+            .layer
+            .linears()
+            .iter()
+            .any(|l| l.lora.as_ref().is_some_and(|p| p.dropout > 0.0));
         layer_forward(
             &self.ctx,
             &self.layer,
@@ -495,7 +526,7 @@ impl CheckpointedLayer {
             &self.sin,
             &self.bias,
             self.pad.as_ref(),
-            false,
+            dropout,
         )
         .map_err(wrap)
     }
@@ -601,8 +632,9 @@ impl CustomOp2 for CheckpointedLayer {
 
 /// A decoder layer as one op (see the module doc): `keep` false recomputes the layer in the backward (activation
 /// checkpointing), `keep` true keeps the activations (needs `manual`); `manual` uses the hand-written backward
-/// where [`manual_ok`]. Falls back to the plain tracked forward when the layer cannot be checkpointed (LoRA
-/// dropout) or `keep` is asked without the hand-written backward. Runs on any device.
+/// where [`manual_ok`]. Falls back to the plain tracked forward when `keep` is asked without the hand-written
+/// backward. LoRA dropout masks are drawn from `ctx.dropout_seed`, so the recomputation sees the forward's masks.
+/// Runs on any device.
 #[allow(clippy::too_many_arguments)]
 pub fn checkpointed_layer(
     ctx: &LayerCtx,
@@ -617,7 +649,7 @@ pub fn checkpointed_layer(
 ) -> Result<Tensor> {
     let vars = layer_vars(l);
     let manual = manual && manual_ok(ctx, l);
-    if !can_checkpoint(l) || (keep && !manual) {
+    if keep && !manual {
         return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
     }
     if vars.is_empty() && !x.track_op() {

@@ -175,12 +175,39 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_k(x, train, false)
+        self.forward_k(x, train, false, 0)
+    }
+
+    /// The LoRA dropout mask of this linear's input `x` for `dropout_seed` (see [`ops::lora_dropout_mask`]), or
+    /// `None` when there is no dropout (or not training).
+    pub(crate) fn dropout_mask(
+        &self,
+        x: &Tensor,
+        train: bool,
+        dropout_seed: u64,
+    ) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) if train && l.dropout > 0.0 => Ok(Some(ops::lora_dropout_mask(
+                x.shape(),
+                l.dropout,
+                dropout_seed,
+                &self.name,
+                l.a.dtype(),
+                x.device(),
+            )?)),
+            _ => Ok(None),
+        }
     }
 
     /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
-    /// input already in the LoRA dtype).
-    pub(crate) fn forward_k(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+    /// input already in the LoRA dtype). `dropout_seed` draws the LoRA dropout mask (training only).
+    pub(crate) fn forward_k(
+        &self,
+        x: &Tensor,
+        train: bool,
+        fused: bool,
+        dropout_seed: u64,
+    ) -> Result<Tensor> {
         if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
             && l.dropout == 0.0
             && x.dtype() == l.a.dtype()
@@ -223,8 +250,8 @@ impl Linear {
                 (l.a.as_detached_tensor(), l.b.as_detached_tensor())
             };
             let mut xl = x.to_dtype(a.dtype())?;
-            if train && l.dropout > 0.0 {
-                xl = candle_nn::ops::dropout(&xl, l.dropout)?;
+            if let Some(m) = self.dropout_mask(x, train, dropout_seed)? {
+                xl = xl.mul(&m)?;
             }
             // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
             let d = ops::linear(&(ops::linear(&xl, &a)? * l.scale)?, &b)?;
@@ -343,6 +370,8 @@ pub struct Model {
     /// Backpropagate decoder layers with the hand-written backward where it applies ([`layer::manual_ok`])
     /// instead of candle's graph (same values; no per-op gradient buffers, zero-fills and accumulation adds).
     pub manual_backward: bool,
+    /// Seed of the LoRA dropout masks of the next training forward; the trainer sets a fresh one per micro-batch.
+    pub dropout_seed: u64,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -518,6 +547,7 @@ impl Model {
             checkpointing: false,
             unpad: true,
             manual_backward: true,
+            dropout_seed: 0,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device)),
             inv_freq,
             trainable,
@@ -837,6 +867,7 @@ impl Model {
             eps: self.cfg.rms_norm_eps,
             dtype: self.dtype,
             fused: self.fused(),
+            dropout_seed: self.dropout_seed,
         }
     }
 

@@ -54,6 +54,41 @@ pub fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+/// The LoRA dropout mask for the input of the linear `module` ((…, in), scaled by 1/(1 − p), in `dtype`), drawn
+/// from `seed` and the module's name: the same (seed, module) gives the same mask, so a checkpointed layer's
+/// recomputation and the hand-written backward see the forward's mask, and a resumed run draws what the
+/// uninterrupted one drew. The trainer picks a fresh `seed` per micro-batch (from the preset's seed and the step).
+/// CUDA draws on the device (cuRAND seeded per mask); the CPU draws with a seeded ChaCha generator.
+pub fn lora_dropout_mask(
+    shape: &Shape,
+    p: f32,
+    seed: u64,
+    module: &str,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    // FNV-1a of the module name, then SplitMix64 of the mix: distinct, well-spread keys per module and seed.
+    let name = module.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut z = (seed ^ name.rotate_left(17)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let key = z ^ (z >> 31);
+    let keep = 1.0 / (1.0 - f64::from(p));
+    if device.is_cpu() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { 1.0 })
+            .collect();
+        return (Tensor::from_vec(v, shape, device)? * keep)?.to_dtype(dtype);
+    }
+    device.set_seed(key)?;
+    let u = Tensor::rand(0f32, 1f32, shape, device)?;
+    (u.ge(f64::from(p))?.to_dtype(DType::F32)? * keep)?.to_dtype(dtype)
+}
+
 /// `y = x · Wᵀ` with W frozen: backward yields dX only (no weight gradient, no leaf in the GradStore).
 pub struct FrozenLinear {
     /// (out, in), plain tensor, same dtype and device as the input.

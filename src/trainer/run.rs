@@ -717,7 +717,14 @@ impl<'a> Trainer<'a> {
         let mut label_tokens = 0usize;
         let mut real_tokens = 0u64;
         let mut examples = 0usize;
-        for batch in &batches {
+        for (micro, batch) in batches.iter().enumerate() {
+            // LoRA dropout masks: fresh per micro-batch, the same after a resume (seed, step, micro-batch).
+            self.model.dropout_seed = self
+                .p
+                .seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(self.step << 8)
+                .wrapping_add(micro as u64);
             let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
             let (loss, n) = self.model.forward_loss(&ids, &mask, &labels, true)?;
             real_tokens += batch
