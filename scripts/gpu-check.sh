@@ -5,6 +5,8 @@
 #   scripts/gpu-check.sh --prepare      # on the build machine: CUDA build of termtune and of the test binary,
 #                                       # stripped and gzipped into .gpu/, plus SmolLM2's tokenizer files
 #   scripts/gpu-check.sh                # on the GPU machine, from the repository root (.gpu/ carried along)
+#   scripts/gpu-check.sh tests oom      # some sections only: env tests models train dropout chat tui bench oom
+#                                       # export bench8b (default: all but bench8b, which writes 16 GB of weights)
 #
 # What it runs (each step time-limited; a failing step does not stop the others): nvidia-smi, `termtune env`,
 # the GPU tests (`integration gpu::`), a short `termtune train` of the quickstart preset on CUDA, the TUI in tmux
@@ -49,6 +51,8 @@ mkdir -p "$OUT"
 work=/tmp/termtune-gpu
 rm -rf "$work" && mkdir -p "$work/models"
 step() { echo; echo "=== $* ($(date +%T))"; }
+sections=" ${*:-env tests models train dropout chat tui bench oom export} "
+want() { [[ "$sections" == *" $1 "* ]]; }
 
 # torch's CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, runtime) serve termtune too.
 libs=$(python3 - <<'PY'
@@ -70,25 +74,38 @@ export TERMTUNE_BENCH_PYTHON=$(command -v python3)
 step "nvidia-smi"
 nvidia-smi | tee "$OUT/nvidia-smi.txt"
 
-step "termtune env"
-timeout 60 "$tt" env 2>&1 | tee "$OUT/env.txt"
+if want env; then
+  step "termtune env"
+  timeout 60 "$tt" env 2>&1 | tee "$OUT/env.txt"
+fi
 
-step "GPU tests (integration gpu::)"
-timeout 150 "$work/integration" gpu:: --test-threads=1 --nocapture 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+if want tests; then
+  step "GPU tests (integration gpu::, engine::lora_dropout)"
+  timeout 150 "$work/integration" gpu:: engine::lora_dropout --test-threads=1 --nocapture 2>&1 | tail -60 |
+    tee "$OUT/gpu-tests.txt"
+fi
 
-step "random-weight models: SmolLM2-135M shape and llama-1B shape (bf16)"
-timeout 100 python3 - "$work/models" .gpu/smollm2 <<'PY'
+# Random bf16 weights with SmolLM2's tokenizer: SmolLM2-135M's shape, a llama-1B shape and (bench8b)
+# Llama-3.1-8B's shape.
+models="smollm2"
+want bench && models="$models llama1b"
+want bench8b && models="$models llama8b"
+step "random-weight models: $models"
+timeout 240 python3 - "$work/models" .gpu/smollm2 $models <<'PY'
 import json, shutil, sys, os, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-out, tok = sys.argv[1], sys.argv[2]
+out, tok, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
 base = json.load(open(os.path.join(tok, "config.json")))
 shapes = {
     "smollm2": {},
     "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                    head_dim=128, tie_word_embeddings=False, rope_theta=500000.0),
 }
-for name, over in shapes.items():
-    cfg = dict(base); cfg.update(over)
+for name in wanted:
+    cfg = dict(base); cfg.update(shapes[name])
     for k in ("torch_dtype", "dtype", "transformers_version"):
         cfg.pop(k, None)
     torch.manual_seed(0)
@@ -107,48 +124,110 @@ for name, over in shapes.items():
         if f != "config.json" and not f.endswith(".safetensors"):
             shutil.copy(os.path.join(tok, f), d)
     print(name, sum(p.numel() for p in m.parameters()) / 1e6, "M params ->", d)
+    del m
+    torch.cuda.empty_cache()
 PY
 
-step "termtune train (quickstart preset, CUDA, bf16)"
-timeout 120 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
-  output_dir="$work/run" bf16=true max_steps=40 save_steps=20 overwrite_output_dir=true 2>&1 | tail -25 | tee "$OUT/train.txt"
-tail -3 "$work/run/trainer_log.jsonl" | tee -a "$OUT/train.txt"
-cat "$work/run/all_results.json" >>"$OUT/train.txt" 2>/dev/null
-
-step "chat on CUDA vs CPU (greedy, f32, the trained adapter)"
-cat >"$work/chat.yaml" <<EOF
-model_name_or_path: $work/models/smollm2
-adapter_name_or_path: $work/run
-infer_dtype: float32
-do_sample: false
-max_new_tokens: 24
-EOF
-a=$(timeout 60 "$tt" --device cuda chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cuda.err")
-b=$(timeout 60 "$tt" --device cpu chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cpu.err")
-{ echo "cuda: $a"; echo "cpu:  $b"; [ "$a" = "$b" ] && echo "greedy answers: IDENTICAL" || echo "greedy answers: DIFFER"; grep -h "termtune:" "$OUT/chat-cuda.err" | head -3; } | tee "$OUT/chat.txt"
-
-step "TUI in tmux during a run"
-if ! command -v tmux >/dev/null && ls .gpu/debs/*.deb >/dev/null 2>&1; then
-  # Debian's tmux carried along (the GPU machine has none): unpacked beside, not into /.
-  for f in .gpu/debs/*.deb; do dpkg -x "$f" "$work/tmuxroot"; done
-  export PATH=$work/tmuxroot/usr/bin:$PATH
-  export LD_LIBRARY_PATH=$work/tmuxroot/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
-fi
-if command -v tmux >/dev/null; then
-  sed "s|^model_name_or_path:.*|model_name_or_path: $work/models/smollm2|; s|^output_dir:.*|output_dir: $work/tui-run|" \
-    presets/quickstart.yaml >"$work/tui.yaml"
-  tmux new-session -d -s tt -x 80 -y 24 "$tt --device cuda $work/tui.yaml"
-  sleep 4; tmux send-keys -t tt 5; sleep 1; tmux send-keys -t tt s; sleep 25
-  tmux capture-pane -p -t tt | tee "$OUT/tui.txt"
-  tmux send-keys -t tt q; sleep 1; tmux send-keys -t tt x; sleep 3; tmux kill-server 2>/dev/null
-else
-  echo "tmux not installed here: skipped" | tee "$OUT/tui.txt"
+if want train; then
+  step "termtune train (quickstart preset, CUDA, bf16)"
+  timeout 120 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
+    output_dir="$work/run" bf16=true max_steps=40 save_steps=20 overwrite_output_dir=true 2>&1 | tail -25 |
+    tee "$OUT/train.txt"
+  tail -3 "$work/run/trainer_log.jsonl" | tee -a "$OUT/train.txt"
+  cat "$work/run/all_results.json" >>"$OUT/train.txt" 2>/dev/null
 fi
 
-for model in smollm2 llama1b; do
-  step "bench $model (CUDA, bf16) beside PyTorch + PEFT"
-  timeout 150 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 --steps 5 \
-    --examples 100 2>"$OUT/bench-$model.err" | tee "$OUT/bench-$model.txt"
-  tail -5 "$OUT/bench-$model.err"
-done
+if want dropout; then
+  step "termtune train with lora_dropout 0.05 and checkpointing (CUDA, bf16)"
+  timeout 120 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
+    output_dir="$work/run-dropout" bf16=true max_steps=20 lora_dropout=0.05 overwrite_output_dir=true 2>&1 |
+    tail -4 | tee "$OUT/dropout.txt"
+fi
+
+if want chat; then
+  step "chat on CUDA vs CPU (greedy, f32, the trained adapter)"
+  printf '%s\n' "model_name_or_path: $work/models/smollm2" "adapter_name_or_path: $work/run" \
+    "infer_dtype: float32" "do_sample: false" "max_new_tokens: 24" >"$work/chat.yaml"
+  a=$(timeout 60 "$tt" --device cuda chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cuda.err")
+  b=$(timeout 60 "$tt" --device cpu chat "$work/chat.yaml" --prompt "Who are you?" 2>"$OUT/chat-cpu.err")
+  {
+    echo "cuda: $a"
+    echo "cpu:  $b"
+    [ "$a" = "$b" ] && echo "greedy answers: IDENTICAL" || echo "greedy answers: DIFFER"
+    grep -h "termtune:" "$OUT/chat-cuda.err" | head -3
+  } | tee "$OUT/chat.txt"
+fi
+
+if want tui; then
+  step "TUI in tmux during a run"
+  if ! command -v tmux >/dev/null && ls .gpu/debs/*.deb >/dev/null 2>&1; then
+    # Debian's tmux carried along (the GPU machine has none): unpacked beside, not into /.
+    for f in .gpu/debs/*.deb; do dpkg -x "$f" "$work/tmuxroot"; done
+    export PATH=$work/tmuxroot/usr/bin:$PATH
+    export LD_LIBRARY_PATH=$work/tmuxroot/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
+  fi
+  if command -v tmux >/dev/null; then
+    sed "s|^model_name_or_path:.*|model_name_or_path: $work/models/smollm2|; s|^output_dir:.*|output_dir: $work/tui-run|" \
+      presets/quickstart.yaml >"$work/tui.yaml"
+    tmux new-session -d -s tt -x 80 -y 24 "$tt --device cuda $work/tui.yaml"
+    sleep 4; tmux send-keys -t tt 5; sleep 1; tmux send-keys -t tt s; sleep 25
+    tmux capture-pane -p -t tt | tee "$OUT/tui.txt"
+    tmux send-keys -t tt q; sleep 1; tmux send-keys -t tt x; sleep 3; tmux kill-server 2>/dev/null
+  else
+    echo "tmux not installed here: skipped" | tee "$OUT/tui.txt"
+  fi
+fi
+
+if want bench; then
+  for model in smollm2 llama1b; do
+    step "bench $model (CUDA, bf16) beside PyTorch + PEFT"
+    timeout 150 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 \
+      --steps 5 --examples 100 2>"$OUT/bench-$model.err" | tee "$OUT/bench-$model.txt"
+    tail -5 "$OUT/bench-$model.err"
+  done
+fi
+
+if want oom; then
+  step "out of GPU memory: SmolLM2 shape, 48 rows of 8192 tokens, no checkpointing (an error with advice, no crash)"
+  mkdir -p "$work/longdata"
+  python3 - "$work/longdata" <<'PY'
+import json, sys
+words = lambda i: " ".join(f"word{i}x{j}" for j in range(6000))
+rows = [{"instruction": words(i), "input": "", "output": "ok"} for i in range(48)]
+json.dump(rows, open(sys.argv[1] + "/long.json", "w"))
+json.dump({"long": {"file_name": "long.json"}}, open(sys.argv[1] + "/dataset_info.json", "w"))
+PY
+  timeout 120 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/smollm2" \
+    dataset=long dataset_dir="$work/longdata" cutoff_len=8192 per_device_train_batch_size=48 \
+    disable_gradient_checkpointing=true bf16=true max_steps=2 output_dir="$work/run-oom" \
+    overwrite_output_dir=true 2>&1 | grep -v "^ *[0-9]*: \|^ *at " | tail -8 | tee "$OUT/oom.txt"
+  echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/oom.txt"
+fi
+
+if want export; then
+  step "export: merge the adapter on CUDA, load the result with transformers beside PEFT's merge"
+  printf '%s\n' "model_name_or_path: $work/models/smollm2" "adapter_name_or_path: $work/run" \
+    "export_dir: $work/export" "infer_dtype: float32" >"$work/export.yaml"
+  timeout 120 "$tt" --device cuda export "$work/export.yaml" 2>&1 | tail -3 | tee "$OUT/export.txt"
+  timeout 120 python3 - "$work/export" "$work/models/smollm2" "$work/run" <<'PY' 2>&1 | tail -3 | tee -a "$OUT/export.txt"
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+merged = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).cuda()
+base = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).cuda()
+ref = PeftModel.from_pretrained(base, sys.argv[3]).merge_and_unload()
+ids = torch.tensor([[1, 520, 1134, 314, 9092, 30, 2]], device="cuda")
+with torch.no_grad():
+    a, b = merged(ids).logits, ref(ids).logits
+print("termtune CUDA merge vs PEFT merge_and_unload (f32): max |logit diff|", (a - b).abs().max().item(),
+      "of max |logit|", b.abs().max().item())
+PY
+fi
+
+if want bench8b; then
+  step "bench llama8b shape (CUDA, bf16, LoRA r 16, cutoff 2048) beside PyTorch + PEFT"
+  timeout 240 "$tt" --device cuda bench --model "$work/models/llama8b" --cutoff-len 2048 --batch-size 4 \
+    --steps 2 --examples 100 --lora-rank 16 2>"$OUT/bench-llama8b.err" | tee "$OUT/bench-llama8b.txt"
+  tail -8 "$OUT/bench-llama8b.err"
+fi
 step "done"

@@ -75,6 +75,8 @@ pub struct GpuSample {
     pub temperature_c: Option<u32>,
     pub power_watts: Option<f64>,
     pub power_limit_watts: Option<f64>,
+    /// GPU memory of this process (its training and chat), when the driver reports it for our pid.
+    pub process_memory_bytes: Option<u64>,
 }
 
 /// The GPUs at one moment, or why there are none to show.
@@ -262,9 +264,16 @@ impl GpuReader {
                             .enforced_power_limit()
                             .ok()
                             .map(|mw| f64::from(mw) / 1000.0),
+                        process_memory_bytes: own_memory(&d),
                     })
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            if gpus.is_empty() {
+                // A GPU that fell off the bus or a driver reset: say so, keep sampling (it may come back).
+                return GpuReading::Unavailable(format!(
+                    "NVML lists {count} GPU(s) but none answers (driver reset or GPU lost?)"
+                ));
+            }
             GpuReading::Gpus(gpus)
         }
         #[cfg(not(feature = "nvml"))]
@@ -272,6 +281,23 @@ impl GpuReader {
             GpuReading::Unavailable("GPU: n/a (this build has no NVML support)".into())
         }
     }
+}
+
+/// This process's memory on `d` (compute processes whose pid is ours; `None` where the driver hides pids, as
+/// in some containers).
+#[cfg(feature = "nvml")]
+fn own_memory(d: &nvml_wrapper::Device<'_>) -> Option<u64> {
+    use nvml_wrapper::enums::device::UsedGpuMemory;
+    let pid = std::process::id();
+    d.running_compute_processes()
+        .ok()?
+        .into_iter()
+        .filter(|p| p.pid == pid)
+        .map(|p| match p.used_gpu_memory {
+            UsedGpuMemory::Used(b) => b,
+            UsedGpuMemory::Unavailable => 0,
+        })
+        .reduce(|a, b| a + b)
 }
 
 #[cfg(test)]

@@ -98,6 +98,7 @@ fn with_gpu(used_gib: u64) -> Msg {
             temperature_c: Some(61),
             power_watts: Some(412.0),
             power_limit_watts: Some(700.0),
+            process_memory_bytes: Some((used_gib.saturating_sub(2)) << 30),
         }]),
         system: Some(system()),
     })
@@ -280,6 +281,14 @@ fn run_dashboard_log_scale_with_gpu_samples() {
     }
     a.update(key('g'));
     snap("run_log_scale_gpu", &a);
+    // This process's GPU memory shows where the panel has room for it, and never pushes the rest out.
+    let text = |w: u16, h: u16| format!("{:?}", draw(&a, w, h));
+    assert!(
+        text(240, 50).contains("termtune 40.0 GiB"),
+        "{}",
+        text(240, 50)
+    );
+    assert!(!text(80, 24).contains("termtune 40.0"));
 }
 
 #[test]

@@ -89,6 +89,8 @@ fn explain_out_of_memory(e: TrainError, p: &Preset, device: &Device) -> TrainErr
     if device.is_cpu() || !crate::engine::device::is_out_of_memory(&text) {
         return e;
     }
+    // candle appends a backtrace to some errors: the first line says it all.
+    let text = text.lines().next().unwrap_or_default().trim().to_string();
     let kept = latest_checkpoint(Path::new(&p.output_dir)).map_or_else(
         || "no checkpoint had been written yet".to_string(),
         |(s, d)| format!("the last checkpoint {} (step {s}) is kept", d.display()),

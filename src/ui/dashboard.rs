@@ -366,6 +366,13 @@ fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                         None => facts.push(format!("{w:.0} W")),
                     }
                 }
+                // This process's share, where the panel is wide enough for it too.
+                if let Some(b) = g.process_memory_bytes {
+                    let ours = format!("termtune {}", gib(b));
+                    if facts.join(" · ").chars().count() + ours.chars().count() + 3 <= width {
+                        facts.push(ours);
+                    }
+                }
                 let rows = Layout::vertical([
                     Constraint::Length(1),
                     Constraint::Length(1),
