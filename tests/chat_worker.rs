@@ -63,8 +63,12 @@ struct Worker {
 
 impl Worker {
     fn start() -> Self {
+        Self::start_on(Device::Cpu)
+    }
+
+    fn start_on(device: Device) -> Self {
         let (tx, rx) = mpsc::channel();
-        let handle = ChatHandle::spawn(Device::Cpu, move |ev| tx.send(ev).is_ok()).unwrap();
+        let handle = ChatHandle::spawn(device, move |ev| tx.send(ev).is_ok()).unwrap();
         Self { handle, events: rx }
     }
 
@@ -230,23 +234,39 @@ fn the_worker_streams_switches_to_an_adapter_compares_and_stops() {
 
 #[test]
 fn chatting_with_the_latest_checkpoint_during_a_run_leaves_the_run_unchanged() {
+    chat_during_a_run(|| Device::Cpu);
+}
+
+/// The same on one GPU: the run and the chat each hold their own CUDA handle on the same device.
+#[test]
+fn cuda_chat_during_a_run_on_the_same_gpu_leaves_the_run_unchanged() {
+    if termtune::engine::device::cuda_device_count() == 0 {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    chat_during_a_run(|| {
+        termtune::engine::device::select(termtune::engine::device::DeviceSpec::Cuda(0)).unwrap()
+    });
+}
+
+fn chat_during_a_run(device: impl Fn() -> Device + Send + Sync + Copy + 'static) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     fixture(root);
     let (_tx, rx) = mpsc::channel();
     let alone = train_preset(root, "alone", 40, 4);
-    run_training(&alone, &Device::Cpu, &rx, &mut |_| {}).unwrap();
+    run_training(&alone, &device(), &rx, &mut |_| {}).unwrap();
 
     // The same run again, on its own thread, while the chat loads its newest complete checkpoint
     // from disk and answers, over and over, until the run ends.
     let shared = train_preset(root, "shared", 40, 4);
     let trainer = std::thread::spawn(move || {
         let (_tx, rx) = mpsc::channel();
-        run_training(&shared, &Device::Cpu, &rx, &mut |_| {}).unwrap()
+        run_training(&shared, &device(), &rx, &mut |_| {}).unwrap()
     });
     let preset = chat_preset(root);
     let params = termtune::resolve::generation_params(&preset);
-    let w = Worker::start();
+    let w = Worker::start_on(device());
     let mut chats_during_run = 0;
     let mut last_step = None;
     while !trainer.is_finished() {

@@ -908,3 +908,39 @@ fn weight_files_get_ordinary_permissions() {
     let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("model.safetensors"), mode("config.json"));
 }
+
+#[test]
+fn a_float32_export_of_a_bf16_base_merges_in_f32() {
+    // LLaMA-Factory loads the model in `infer_dtype` for export, and PEFT's merge_and_unload on that f32 model
+    // adds s·B·A in f32: a float32 export of a bf16 base must not round the merged weights to bf16 first.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, ad, reference) = base_and_adapter(tmp.path(), 3, 4);
+    let mut cfg = read_json(&base.join("config.json"));
+    cfg.as_object_mut()
+        .unwrap()
+        .insert("torch_dtype".into(), "bfloat16".into());
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let out = tmp.path().join("merged");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "infer_dtype: float32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let written = candle_core::safetensors::load(out.join("model.safetensors"), &CPU).unwrap();
+    let want = reference.merged_tensors().unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let d = (&written[name] - &want[name].to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d < 1e-6,
+        "{name}: merged weights differ from the f32 merge by {d}"
+    );
+}

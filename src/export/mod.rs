@@ -136,10 +136,14 @@ pub fn export_cancellable(
     let adapters = adapter_list(preset)?;
 
     let gguf_out = preset.export_format == ExportFormat::Gguf;
-    // Merge at the base's own precision (`merge_adapter` adds s·B·A in f32 and rounds once): a local folder's
-    // `torch_dtype`, f32 for GGUF (dequantized) and GGUF output, else the export dtype (LLaMA-Factory's rule).
+    // Merge at the precision LLaMA-Factory loads the model in for export: the `infer_dtype` asked for (a float32
+    // export of a bf16 base merges in f32, as PEFT's merge_and_unload does on an f32 model); with `auto` the base's
+    // own precision (`merge_adapter` adds s·B·A in f32 and rounds once): a local folder's `torch_dtype`, f32 for
+    // GGUF (dequantized) and GGUF output, else the export dtype.
     let load_dtype = if gguf_out {
         DType::F32
+    } else if preset.infer_dtype != config::InferDtype::Auto {
+        export_dtype(preset, None)
     } else {
         match local_torch_dtype(&preset.model_name_or_path).as_deref() {
             Some("bfloat16") => DType::BF16,
