@@ -162,6 +162,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 500_000.0,
             rope_scaling: None,
+            rope_freq_factors: None,
             max_position_embeddings: 131_072,
             tie_word_embeddings: false,
             qkv_bias: false,
