@@ -112,11 +112,13 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
         p.max_tokens_per_step(),
         p.cutoff_len
     );
-    if p.finetuning_type == config::FinetuningType::Lora {
+    if p.finetuning_type == config::FinetuningType::Lora
+        && let Ok(lora) = crate::resolve::lora_spec(p)
+    {
         let _ = writeln!(
             out,
             "#   LoRA scale: {:.4} (lora_alpha {} / {}{})",
-            p.lora_scale(),
+            lora.scale(),
             p.lora_alpha_resolved(),
             if p.use_rslora {
                 "sqrt of lora_rank "
