@@ -21,6 +21,7 @@ use crate::engine::adapter::{merge_adapter, parse_adapter_list};
 use crate::engine::hub::HubOptions;
 use crate::engine::source::{LoadedSource, SourceError, SourceKind, SourceProgress, load_model};
 use crate::engine::{EngineError, Finetune, Model};
+use crate::fsutil::StagedDir;
 use crate::resolve;
 
 /// Why an export was refused or failed. Nothing is left in `export_dir` in either case.
@@ -224,8 +225,9 @@ pub fn export_cancellable(
     check_space(&dir, needed)?;
     stop_if(cancelled)?;
 
-    let tmp = temp_sibling(&dir)?;
-    let result = (|| -> Result<(String, Vec<String>), ExportError> {
+    let staged = stage(&dir)?;
+    let tmp = staged.dir();
+    let weights_type = (|| -> Result<String, ExportError> {
         if gguf_out {
             let gtype = preset.export_gguf_type;
             let file = format!("model-{}.gguf", gguf::type_name(gtype));
@@ -250,10 +252,10 @@ pub fn export_cancellable(
                 ollama::modelfile(&format!("./{file}"), &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
             stop_if(cancelled)?;
-            Ok((gguf::type_name(gtype).to_string(), vec![file]))
+            Ok(gguf::type_name(gtype).to_string())
         } else {
             hf::write_folder(
-                &tmp,
+                tmp,
                 &hf::FolderInput {
                     files: &files,
                     kind: &kind,
@@ -268,17 +270,10 @@ pub fn export_cancellable(
             let modelfile = ollama::modelfile(".", &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
             stop_if(cancelled)?;
-            Ok((hf::dtype_name(out_dtype).to_string(), Vec::new()))
+            Ok(hf::dtype_name(out_dtype).to_string())
         }
-    })();
-    let weights_type = match result {
-        Ok((t, _)) => t,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    finish(&tmp, &dir)?;
+    })()?;
+    finish(staged)?;
     progress(&format!("exported to {}", dir.display()));
     Ok(ExportReport {
         files: list_files(&dir)?,
@@ -319,14 +314,10 @@ pub fn export_adapter_cancellable(
         &adapters,
     );
     stop_if(cancelled)?;
-    let tmp = temp_sibling(&dir)?;
-    let result = card::write_adapter_folder(adapter, &tmp, preset, &base_name, progress)
-        .and_then(|()| stop_if(cancelled));
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    finish(&tmp, &dir)?;
+    let staged = stage(&dir)?;
+    card::write_adapter_folder(adapter, staged.dir(), preset, &base_name, progress)?;
+    stop_if(cancelled)?;
+    finish(staged)?;
     progress(&format!("exported the adapter to {}", dir.display()));
     Ok(ExportReport {
         files: list_files(&dir)?,
@@ -527,7 +518,9 @@ pub fn space_verdict(dir: &Path, needed: u64, available: u64) -> Result<(), Expo
 }
 
 /// A fresh hidden folder next to `dir` (same file system, so the final rename is atomic).
-fn temp_sibling(dir: &Path) -> Result<PathBuf, ExportError> {
+/// `dir` staged in a hidden sibling (`.name.termtune-partial-<pid>`): removed again on any error or
+/// cancel, renamed to `dir` by [`finish`].
+fn stage(dir: &Path) -> Result<StagedDir, ExportError> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -538,30 +531,22 @@ fn temp_sibling(dir: &Path) -> Result<PathBuf, ExportError> {
         .file_name()
         .map_or_else(|| "export".into(), |n| n.to_string_lossy().to_string());
     let tmp = parent.join(format!(".{name}.termtune-partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .map_err(|e| ExportError::io(format!("removing {}", tmp.display()), e))?;
-    }
-    std::fs::create_dir(&tmp)
-        .map_err(|e| ExportError::io(format!("creating {}", tmp.display()), e))?;
-    Ok(tmp)
+    StagedDir::begin(tmp.clone(), dir.to_path_buf())
+        .map_err(|e| ExportError::io(format!("creating {}", tmp.display()), e))
 }
 
-fn finish(tmp: &Path, dir: &Path) -> Result<(), ExportError> {
+/// Moves the staged export to its folder. The folder was checked empty at the start; an empty one is
+/// replaced, one that filled up meanwhile is left alone (and the staged export removed).
+fn finish(staged: StagedDir) -> Result<(), ExportError> {
+    let (tmp, dir) = (staged.dir().to_path_buf(), staged.target().to_path_buf());
     if dir.is_dir() {
-        // Checked empty at the start; an empty folder is replaced.
-        if let Err(e) = std::fs::remove_dir(dir) {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Err(ExportError::io(
-                format!("{} is no longer empty", dir.display()),
-                e,
-            ));
-        }
+        std::fs::remove_dir(&dir)
+            .map_err(|e| ExportError::io(format!("{} is no longer empty", dir.display()), e))?;
     }
-    std::fs::rename(tmp, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(tmp);
-        ExportError::io(format!("moving {} to {}", tmp.display(), dir.display()), e)
-    })
+    staged
+        .commit()
+        .map(drop)
+        .map_err(|e| ExportError::io(format!("moving {} to {}", tmp.display(), dir.display()), e))
 }
 
 pub(crate) fn write_text(path: &Path, text: &str) -> Result<(), ExportError> {
