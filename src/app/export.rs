@@ -1,6 +1,6 @@
 //! The Export pane's state and its transitions: start (refused while the preset has problems,
 //! then a confirmation that names the target folder), progress lines, the report or the refusal.
-//! Pure: fed by keys and [`ExportEvent`]s; the export itself runs on a thread `tui.rs` owns.
+//! Pure: fed by keys and [`ExportEvent`]s; the export itself runs on a thread the TUI's effect runner owns.
 //!
 //! Export during a run: allowed only from a complete adapter. The trainer writes
 //! `checkpoint-N` folders atomically (`.checkpoint-N.tmp` renamed at the end), so any

@@ -11,6 +11,7 @@ use indexmap::IndexMap;
 use serde_norway::Value;
 
 use crate::config::{self, Class, ConfigIssue, Group, KEYS, Loaded, Purpose};
+use crate::resolve::ModelRef;
 
 /// What kind of input a field takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +212,19 @@ impl Form {
             .get(key)
             .cloned()
             .unwrap_or_else(|| self.saved_value(key))
+    }
+
+    /// The model the form names, with the keys that say how to reach the hub for it (read from
+    /// the fields, so it is there while other fields still have problems).
+    pub fn model_ref(&self) -> ModelRef {
+        let set = |key: &str| Some(self.value(key)).filter(|v| !v.is_empty());
+        ModelRef {
+            name_or_path: self.value("model_name_or_path"),
+            revision: set("model_revision")
+                .unwrap_or_else(|| config::Preset::default().model_revision),
+            cache_dir: set("cache_dir"),
+            hf_hub_token: set("hf_hub_token"),
+        }
     }
 
     pub fn kind(&self, key: &str) -> FieldKind {

@@ -518,6 +518,10 @@ impl App {
             } else {
                 self.status = None;
             }
+            if matches!(ed.key, "model_revision" | "cache_dir") {
+                // The probe reads the hub cache of this revision.
+                return vec![self.probe_model()];
+            }
         } else {
             match ed.before {
                 Some(b) => self.form.set(ed.key, &b),
@@ -553,7 +557,7 @@ impl App {
     }
 
     fn probe_model(&self) -> Effect {
-        Effect::ProbeModel(self.form.value("model_name_or_path"))
+        Effect::ProbeModel(self.form.model_ref())
     }
 
     /// Asks for the dataset registry of the current `dataset_dir`.

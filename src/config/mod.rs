@@ -106,6 +106,32 @@ pub fn load(path: &Path, overrides: &[String], purpose: Purpose) -> Result<Loade
     })
 }
 
+/// `presets/*.yaml` of the working folder and of termtune's user presets folder.
+pub fn list_presets() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [PathBuf::from("presets"), user_presets_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                .collect();
+            found.sort();
+            out.extend(found);
+        }
+    }
+    out
+}
+
+/// `~/.config/termtune/presets` (or `$XDG_CONFIG_HOME/termtune/presets`).
+pub fn user_presets_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| crate::fsutil::home_dir().join(".config"), PathBuf::from)
+        .join("termtune")
+        .join("presets")
+}
+
 /// Parses preset text (see [`load`]).
 pub fn parse(
     text: &str,

@@ -16,13 +16,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::config::{self, ExportFormat, GgufType, Preset};
-use crate::data::{DataError, Encoder};
+use crate::data::DataError;
 use crate::engine::adapter::{merge_adapter, parse_adapter_list};
-use crate::engine::hub::HubOptions;
-use crate::engine::source::{LoadedSource, SourceError, SourceKind, SourceProgress, load_model};
+use crate::engine::source::{SourceError, SourceKind, SourceProgress};
 use crate::engine::{EngineError, Finetune, Model};
 use crate::fsutil::StagedDir;
-use crate::resolve;
+use crate::resolve::{self, PresetModel};
 
 /// Why an export was refused or failed. Nothing is left in `export_dir` in either case.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +58,6 @@ pub enum ExportError {
         context: String,
         source: std::io::Error,
     },
-    #[error(
-        "{0}: the model has no tokenizer (tokenizer.json); an export without a tokenizer cannot be used, copy the tokenizer files of the base model into the folder"
-    )]
-    NoTokenizer(String),
     #[error(
         "adapter export needs an adapter: set `adapter_name_or_path` to the PEFT folder to export (the last one of a list is exported)"
     )]
@@ -150,23 +145,17 @@ pub fn export_cancellable(
             None => export_dtype(preset, None),
         }
     };
-    let hub = hub_options(preset);
     let mut src_progress = |p: SourceProgress| {
         if let SourceProgress::Note(line) = p {
             progress(&line);
         }
     };
-    let LoadedSource {
+    let PresetModel {
         files,
         kind,
         base_name,
-    } = load_model(
-        &preset.model_name_or_path,
-        &hub,
-        load_dtype,
-        device,
-        &mut src_progress,
-    )?;
+        tokenizer,
+    } = resolve::load_model(preset, load_dtype, device, &mut src_progress)?;
     stop_if(cancelled)?;
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
@@ -187,11 +176,6 @@ pub fn export_cancellable(
         }
         None => None,
     };
-    let tokenizer = files
-        .tokenizer
-        .clone()
-        .ok_or_else(|| ExportError::NoTokenizer(preset.model_name_or_path.clone()))?;
-
     let mut model = Model::from_files(&files, load_dtype, device, &Finetune::Frozen)?;
     for (i, a) in adapters.iter().enumerate() {
         progress(&format!(
@@ -207,8 +191,7 @@ pub fn export_cancellable(
     let tensors = model.merged_tensors()?;
     drop(model);
 
-    let opts = resolve::data_options(preset);
-    let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+    let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
     let tokenizer_config = hf::tokenizer_config_with_template(preset, &encoder, &files)?;
 
     let bytes_per = |dt: DType| dt.size_in_bytes() as u64;
@@ -240,7 +223,7 @@ pub fn export_cancellable(
                 &gguf::GgufInput {
                     config: &files.config,
                     tensors: &tensors,
-                    tokenizer: &tokenizer,
+                    tokenizer: &tokenizer.tokenizer,
                     tokenizer_config: &tokenizer_config,
                     source_metadata: source_md.as_ref(),
                     name: &base_name,
@@ -262,7 +245,7 @@ pub fn export_cancellable(
                     tensors: &tensors,
                     dtype: out_dtype,
                     shard_bytes: shard_bytes(preset.export_size),
-                    tokenizer: &tokenizer,
+                    tokenizer: &tokenizer.tokenizer,
                     tokenizer_config: &tokenizer_config,
                 },
                 progress,
@@ -418,10 +401,6 @@ fn adapter_list(preset: &Preset) -> Result<Vec<PathBuf>, ExportError> {
         }
     }
     Ok(adapters)
-}
-
-fn hub_options(preset: &Preset) -> HubOptions {
-    crate::resolve::hub_options(preset)
 }
 
 fn source_kind_without_loading(name: &str) -> SourceKind {

