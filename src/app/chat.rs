@@ -211,6 +211,18 @@ pub fn slot_name(slot: usize) -> char {
 }
 
 impl App {
+    /// A fact from the chat worker.
+    pub(super) fn on_chat_event(&mut self, ev: ChatEvent) {
+        let settled = matches!(ev, ChatEvent::Loaded { .. } | ChatEvent::Done { .. });
+        if settled && self.status.as_ref().is_some_and(|s| !s.error) {
+            // "loading…", "stopping…" are over.
+            self.status = None;
+        }
+        if let Some(message) = self.chat.on_event(ev) {
+            self.complain(message);
+        }
+    }
+
     /// The keymap contexts of the Chat pane (no dialog open, no form field being edited).
     pub(super) fn chat_contexts(&self) -> Vec<Context> {
         let c = &self.chat;
