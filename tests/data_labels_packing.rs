@@ -263,6 +263,7 @@ fn pretraining_text_is_concatenated_into_blocks() {
     let all: Vec<u32> = p.train.iter().flat_map(|s| s.input_ids.clone()).collect();
     assert!(all.contains(&enc.eos.1));
     for s in &p.train {
+        assert_eq!(s.input_ids.len(), s.labels.len());
         for (i, l) in s.input_ids.iter().zip(&s.labels) {
             assert_eq!(
                 *l,

@@ -284,6 +284,7 @@ mod tests {
             let g = loss(&theirs_p).backward().unwrap();
             theirs.step(&g).unwrap();
         }
+        assert_eq!(ours.params().len(), theirs_p.len());
         for (a, b) in ours.params().iter().zip(&theirs_p) {
             let diff = (a.var.as_tensor() - b.var.as_tensor())
                 .unwrap()
@@ -327,6 +328,7 @@ mod tests {
             let g = loss(b.params()).backward().unwrap();
             b.step(&g, 1e-2).unwrap();
         }
+        assert_eq!(a.params().len(), b.params().len());
         for (x, y) in a.params().iter().zip(b.params()) {
             let xs = x
                 .var

@@ -347,7 +347,7 @@ fn render_input(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         .title(Span::styled(title, theme.title));
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    frame.render_widget(&c.input, inner);
+    frame.render_widget(&super::themed_field(&c.input, theme), inner);
 }
 
 fn render_settings(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
@@ -450,7 +450,7 @@ fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         let block = boxed(&title, theme);
         let inner = block.inner(r);
         frame.render_widget(block, r);
-        frame.render_widget(edit, inner);
+        frame.render_widget(&super::themed_field(edit, theme), inner);
     }
 }
 
