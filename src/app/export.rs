@@ -150,21 +150,7 @@ impl App {
         let loaded = match self.form.check(Purpose::Export) {
             Ok(l) => l,
             Err(issues) => {
-                if let Some(issue) = issues.first() {
-                    if !issue.key.is_empty() {
-                        self.focus_key(&issue.key);
-                    }
-                    let n = issues.len();
-                    self.complain(format!(
-                        "cannot export: {}{}",
-                        issue.message,
-                        if n > 1 {
-                            format!(" (and {} more)", n - 1)
-                        } else {
-                            String::new()
-                        }
-                    ));
-                }
+                self.refuse("export", &issues);
                 return Vec::new();
             }
         };

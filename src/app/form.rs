@@ -54,17 +54,13 @@ static TEMPLATES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::
         .chain(crate::data::template::BUILTIN_NAMES.iter().copied())
         .collect()
 });
-/// LoRA target modules of the llama family (`all` = every linear layer).
-pub const LORA_TARGETS: &[&str] = &[
-    "all",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// LoRA target modules: `all` (every linear layer), then the engine's linear layers (one list, so
+/// the form offers exactly what the model can adapt).
+static LORA_TARGETS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    std::iter::once("all")
+        .chain(crate::engine::model::LINEAR_LEAVES)
+        .collect()
+});
 
 /// The input kind of `key`, from its name (selects) or its default value's type.
 pub fn kind_of(key: &str, default: &Value) -> FieldKind {
@@ -78,7 +74,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
         "export_format" => FieldKind::Select(EXPORT_FORMAT),
         "export_gguf_type" => FieldKind::Select(GGUF_TYPE),
         "template" => FieldKind::Select(TEMPLATES.as_slice()),
-        "lora_target" => FieldKind::Checklist(LORA_TARGETS),
+        "lora_target" => FieldKind::Checklist(LORA_TARGETS.as_slice()),
         "dataset" | "eval_dataset" => FieldKind::Datasets,
         _ => match default {
             Value::Bool(_) => FieldKind::Toggle,
@@ -342,16 +338,7 @@ impl Form {
     /// `do_train=true` (and `do_eval=true` when there is a validation split) unless the file says so already:
     /// LLaMA-Factory trains (and evaluates) only then.
     pub fn commands(&self) -> Vec<String> {
-        let path = self
-            .path
-            .as_ref()
-            .map_or_else(|| "PRESET.yaml".into(), |p| p.display().to_string());
-        let args: Vec<String> = self.overrides().iter().map(|o| shell_quote(o)).collect();
-        let tail = if args.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", args.join(" "))
-        };
+        let (path, tail) = self.command_parts();
         vec![
             format!("termtune train {path}{tail}"),
             format!(

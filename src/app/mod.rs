@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use crossterm::event::KeyEvent;
 use ratatui_textarea::TextArea;
 
-use crate::config::Group;
+use crate::config::{ConfigIssue, Group};
 use crate::data::stats::Preview;
 use crate::trainer::protocol::TrainCommand;
 pub use export::{ExportPhase, ExportState};
@@ -250,6 +250,22 @@ impl App {
             text: text.into(),
             error: true,
         });
+    }
+
+    /// `what` is refused over the preset's problems: the first one's field gets the focus and the
+    /// status bar names it (and how many more there are).
+    fn refuse(&mut self, what: &str, issues: &[ConfigIssue]) {
+        let Some(issue) = issues.first() else {
+            return;
+        };
+        if !issue.key.is_empty() {
+            self.focus_key(&issue.key);
+        }
+        let more = match issues.len() {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        self.complain(format!("cannot {what}: {}{more}", issue.message));
     }
 
     fn announce_problems(&mut self) {

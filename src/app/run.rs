@@ -425,22 +425,8 @@ impl App {
             return Vec::new();
         }
         let Some(loaded) = self.form.loaded.clone() else {
-            let first = self.form.issues.first().cloned();
-            if let Some(issue) = first {
-                if !issue.key.is_empty() {
-                    self.focus_key(&issue.key);
-                }
-                let n = self.form.issues.len();
-                self.complain(format!(
-                    "cannot start: {}{}",
-                    issue.message,
-                    if n > 1 {
-                        format!(" (and {} more)", n - 1)
-                    } else {
-                        String::new()
-                    }
-                ));
-            }
+            let issues = self.form.issues.clone();
+            self.refuse("start", &issues);
             return Vec::new();
         };
         self.run.start(PathBuf::from(&loaded.preset.output_dir));

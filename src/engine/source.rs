@@ -295,20 +295,25 @@ mod tests {
         })
     }
 
-    #[test]
-    fn pickle_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("pytorch_model.bin");
-        std::fs::write(&p, b"not really").unwrap();
-        let err = load_model(
-            p.to_str().unwrap(),
-            &offline_hub(dir.path()),
+    /// Why loading `name` offline with the hub cache `cache` fails.
+    fn load_err(name: &str, cache: &Path) -> SourceError {
+        load_model(
+            name,
+            &offline_hub(cache),
             DType::F32,
             &Device::Cpu,
             &mut |_| {},
         )
         .err()
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn pickle_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pytorch_model.bin");
+        std::fs::write(&p, b"not really").unwrap();
+        let err = load_err(p.to_str().unwrap(), dir.path());
         assert!(matches!(err, SourceError::Pickle(_)), "{err}");
         assert!(err.to_string().contains("safetensors or a GGUF file"));
     }
@@ -316,15 +321,7 @@ mod tests {
     #[test]
     fn nonsense_names_say_what_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_model(
-            "no such thing",
-            &offline_hub(dir.path()),
-            DType::F32,
-            &Device::Cpu,
-            &mut |_| {},
-        )
-        .err()
-        .unwrap();
+        let err = load_err("no such thing", dir.path());
         assert!(err.to_string().contains("model_name_or_path"), "{err}");
     }
 
@@ -356,15 +353,7 @@ mod tests {
     #[test]
     fn an_uncached_hub_id_offline_names_the_id_and_the_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_model(
-            "some-org/some-model",
-            &offline_hub(dir.path()),
-            DType::F32,
-            &Device::Cpu,
-            &mut |_| {},
-        )
-        .err()
-        .unwrap();
+        let err = load_err("some-org/some-model", dir.path());
         let msg = err.to_string();
         assert!(msg.contains("some-org/some-model"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");

@@ -127,9 +127,7 @@ pub fn export_cancellable(
     progress: &mut dyn FnMut(&str),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<ExportReport, ExportError> {
-    let dir = export_dir(preset)?;
-    check_target(&dir)?;
-    let adapters = adapter_list(preset)?;
+    let (dir, adapters) = target_and_adapters(preset)?;
 
     let gguf_out = preset.export_format == ExportFormat::Gguf;
     // Merge at the base's own precision (`merge_adapter` adds s·B·A in f32 and rounds once): a local folder's
@@ -284,9 +282,7 @@ pub fn export_adapter_cancellable(
     progress: &mut dyn FnMut(&str),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<ExportReport, ExportError> {
-    let dir = export_dir(preset)?;
-    check_target(&dir)?;
-    let adapters = adapter_list(preset)?;
+    let (dir, adapters) = target_and_adapters(preset)?;
     let adapter = adapters.last().ok_or(ExportError::NoAdapterToExport)?;
     let kind = source_kind_without_loading(&preset.model_name_or_path);
     let gguf_path = gguf_source_path(preset, &kind);
@@ -360,6 +356,13 @@ fn export_dir(preset: &Preset) -> Result<PathBuf, ExportError> {
         .filter(|d| !d.trim().is_empty())
         .map(PathBuf::from)
         .ok_or(ExportError::NoExportDir)
+}
+
+/// `export_dir`, refused when it holds anything, and the adapters to export or merge, checked.
+fn target_and_adapters(preset: &Preset) -> Result<(PathBuf, Vec<PathBuf>), ExportError> {
+    let dir = export_dir(preset)?;
+    check_target(&dir)?;
+    Ok((dir, adapter_list(preset)?))
 }
 
 /// Refuses an existing non-empty folder (or a file) at `dir`.
