@@ -9,9 +9,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 
 use crate::config::{self, Purpose};
-use crate::data::{Encoder, prepare_dataset};
-use crate::engine::hub::HubOptions;
-use crate::engine::source::{SourceKind, load_model};
+use crate::data::prepare_dataset;
+use crate::engine::source::SourceKind;
 use crate::engine::{Finetune, Model};
 use crate::resolve;
 use crate::trainer::optim::{AdamW, AdamWConfig, Param};
@@ -102,14 +101,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             note(&l);
         }
     };
-    let src = load_model(
-        &p.model_name_or_path,
-        &HubOptions::from_env(),
-        dtype,
-        &device,
-        &mut progress,
-    )
-    .map_err(|e| e.to_string())?;
+    let src = resolve::load_model(p, dtype, &device, &mut progress).map_err(|e| e.to_string())?;
     let reference_model = match &src.kind {
         SourceKind::Mirror { path, .. } => path.clone(),
         _ => src.files.dir.clone(),
@@ -119,18 +111,12 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
     } else {
         reference_model
     };
-    let tokenizer = src
-        .files
-        .tokenizer
-        .clone()
-        .ok_or("the model has no tokenizer")?;
-    let tokenizer_config = src.files.tokenizer_config.clone();
     let spec = resolve::lora_spec(p).map_err(|e| e.to_string())?;
     let model = Model::from_files(&src.files, dtype, &device, &Finetune::Lora(spec))
         .map_err(|e| e.to_string())?;
-    drop(src);
+    drop(src.files);
     let data_opts = resolve::data_options(p);
-    let enc = Encoder::new(&data_opts, &tokenizer, &tokenizer_config).map_err(|e| e.to_string())?;
+    let enc = resolve::encoder(&data_opts, &src.tokenizer).map_err(|e| e.to_string())?;
     let data = prepare_dataset(&data_opts, &enc).map_err(|e| e.to_string())?;
     let batches: Vec<_> = data
         .epoch_batches(opts.batch_size, false, p.seed, 0)

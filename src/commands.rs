@@ -112,11 +112,13 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
         p.max_tokens_per_step(),
         p.cutoff_len
     );
-    if p.finetuning_type == config::FinetuningType::Lora {
+    if p.finetuning_type == config::FinetuningType::Lora
+        && let Ok(lora) = crate::resolve::lora_spec(p)
+    {
         let _ = writeln!(
             out,
             "#   LoRA scale: {:.4} (lora_alpha {} / {}{})",
-            p.lora_scale(),
+            lora.scale(),
             p.lora_alpha_resolved(),
             if p.use_rslora {
                 "sqrt of lora_rank "
@@ -146,12 +148,7 @@ fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, 
             eprintln!("termtune: {line}");
         }
     };
-    let hub = crate::resolve::hub_options(p);
-    let tok = crate::engine::source::load_tokenizer(&p.model_name_or_path, &hub, &mut progress)
-        .map_err(|e| e.to_string())?;
-    let opts = crate::resolve::data_options(p);
-    let enc = crate::data::Encoder::new(&opts, &tok.tokenizer, &tok.tokenizer_config)
-        .map_err(|e| e.to_string())?;
+    let (opts, enc) = crate::resolve::load_encoder(p, &mut progress).map_err(|e| e.to_string())?;
     let mut out = String::new();
     for w in &enc.warnings {
         let _ = writeln!(out, "# warning: {w}");

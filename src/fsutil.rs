@@ -33,6 +33,59 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// A folder written in full before it appears under its name: files go into a hidden sibling
+/// ([`StagedDir::dir`]), [`StagedDir::commit`] renames it to the target, and dropping it uncommitted
+/// (an error, a cancel, unwinding) removes it. Checkpoints and exports are written this way.
+#[derive(Debug)]
+pub struct StagedDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    /// Stages `target` in `tmp`, created afresh (a leftover of an earlier crash is removed first).
+    pub fn begin(tmp: PathBuf, target: PathBuf) -> std::io::Result<Self> {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        Ok(Self {
+            tmp,
+            target,
+            committed: false,
+        })
+    }
+
+    /// Where to write the folder's files.
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The name the folder gets on commit.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the staged folder to the target, replacing a folder already there; returns the target.
+    pub fn commit(mut self) -> std::io::Result<PathBuf> {
+        if self.target.exists() {
+            std::fs::remove_dir_all(&self.target)?;
+        }
+        std::fs::rename(&self.tmp, &self.target)?;
+        self.committed = true;
+        Ok(std::mem::take(&mut self.target))
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
 /// termtune's cache folder: `$TERMTUNE_CACHE`, else `$XDG_CACHE_HOME/termtune`, else
 /// `~/.cache/termtune`.
 pub fn cache_dir() -> PathBuf {
@@ -68,5 +121,54 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1);
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_staged_folder_appears_whole_on_commit_and_not_at_all_when_dropped() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let target = root.path().join("out");
+        let staged = StagedDir::begin(root.path().join(".out.tmp"), target.clone()).expect("begin");
+        std::fs::write(staged.dir().join("a.txt"), "a").expect("write");
+        assert!(
+            !target.exists(),
+            "nothing under the target's name before commit"
+        );
+        assert_eq!(staged.commit().expect("commit"), target);
+        assert_eq!(names(root.path()), ["out"]);
+        assert_eq!(
+            std::fs::read_to_string(target.join("a.txt")).expect("read"),
+            "a"
+        );
+
+        // A second write of the same target replaces it; an abandoned one leaves the first intact.
+        let again = StagedDir::begin(root.path().join(".out.tmp"), target.clone()).expect("begin");
+        std::fs::write(again.dir().join("b.txt"), "b").expect("write");
+        drop(again);
+        assert_eq!(names(root.path()), ["out"]);
+        assert_eq!(names(&target), ["a.txt"]);
+        let replacing =
+            StagedDir::begin(root.path().join(".out.tmp"), target.clone()).expect("begin");
+        std::fs::write(replacing.dir().join("c.txt"), "c").expect("write");
+        replacing.commit().expect("commit");
+        assert_eq!(names(&target), ["c.txt"]);
+    }
+
+    #[test]
+    fn a_leftover_staging_folder_is_cleared_first() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let tmp = root.path().join(".x.tmp");
+        std::fs::create_dir_all(&tmp).expect("mkdir");
+        std::fs::write(tmp.join("stale"), "old").expect("write");
+        let staged = StagedDir::begin(tmp, root.path().join("x")).expect("begin");
+        assert!(names(staged.dir()).is_empty());
     }
 }

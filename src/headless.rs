@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::Loaded;
 use crate::trainer::protocol::{StepMetrics, TrainCommand, TrainEvent};
-use crate::trainer::run::{Outcome, run_training};
+use crate::trainer::run::Outcome;
 use crate::trainer::runlog::format_duration;
 
 /// Exit status after Ctrl-C (128 + SIGINT), as shells expect.
@@ -29,26 +29,16 @@ pub fn train(loaded: Loaded) -> ExitCode {
     let interrupts = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&interrupts);
 
-    let (cmd_tx, cmd_rx) = mpsc::channel::<TrainCommand>();
     let (ev_tx, ev_rx) = mpsc::channel::<TrainEvent>();
-    let handle = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || {
-            let result = crate::engine::device::chosen()
-                .map_err(crate::trainer::run::TrainError::from)
-                .and_then(|device| {
-                    run_training(&loaded, &device, &cmd_rx, &mut |ev| {
-                        let _ = ev_tx.send(ev);
-                    })
-                });
-            if let Err(e) = &result {
-                tracing::error!("training failed: {e}");
-                let _ = ev_tx.send(TrainEvent::Failed(e.to_string()));
-            }
-            result
-        });
-    let handle = match handle {
-        Ok(h) => h,
+    let engine = crate::trainer::thread::spawn(
+        loaded,
+        move |ev| {
+            let _ = ev_tx.send(ev);
+        },
+        || {},
+    );
+    let engine = match engine {
+        Ok(e) => e,
         Err(e) => {
             say(&format!("termtune: cannot start the engine thread: {e}"));
             return ExitCode::FAILURE;
@@ -76,7 +66,7 @@ pub fn train(loaded: Loaded) -> ExitCode {
             say(
                 "termtune: Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to abandon)",
             );
-            let _ = cmd_tx.send(TrainCommand::Stop { save: true });
+            engine.send(TrainCommand::Stop { save: true });
         }
         match ev_rx.recv_timeout(Duration::from_millis(200)) {
             Ok(ev) => printer.event(&ev),
@@ -85,20 +75,17 @@ pub fn train(loaded: Loaded) -> ExitCode {
         }
     }
     printer.end_line();
-    match handle.join() {
-        Ok(Ok(Outcome::Finished(_))) => ExitCode::SUCCESS,
-        Ok(Ok(Outcome::Stopped(_))) => {
+    // A failure was printed as the engine's last event (`TrainEvent::Failed`).
+    match engine.join() {
+        Ok(Outcome::Finished(_)) => ExitCode::SUCCESS,
+        Ok(Outcome::Stopped(_)) => {
             if asked_stop {
                 ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::SUCCESS
             }
         }
-        Ok(Err(_)) => ExitCode::FAILURE,
-        Err(_) => {
-            say("termtune: the engine thread panicked; see the log file");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

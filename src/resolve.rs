@@ -1,12 +1,15 @@
 //! A preset, resolved into the option structs the engine and the data pipeline take. The only place
 //! that knows both sides' vocabularies, so neither imports the other.
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 use crate::config::{self, FinetuningType, Preset};
-use crate::data::{self, DataOptions};
+use crate::data::{self, DataError, DataOptions, Encoder};
 use crate::engine::generate::GenerationParams;
-use crate::engine::{Finetune, LoraSpec, LoraTargets};
+use crate::engine::hub::HubOptions;
+use crate::engine::source::{self, LoadedSource, SourceError, SourceKind, SourceProgress};
+use crate::engine::tokenizer::LoadedTokenizer;
+use crate::engine::{Finetune, LoraSpec, LoraTargets, ModelFiles};
 
 /// The data pipeline's options for a preset.
 pub fn data_options(p: &Preset) -> DataOptions {
@@ -110,18 +113,124 @@ pub fn generation_params(p: &Preset) -> GenerationParams {
     }
 }
 
-/// How to reach the hub for this preset: the environment (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, …),
-/// then the preset's `model_revision`, `cache_dir` and `hf_hub_token`.
-pub fn hub_options(p: &Preset) -> crate::engine::hub::HubOptions {
-    let mut hub = crate::engine::hub::HubOptions::from_env();
-    hub.revision.clone_from(&p.model_revision);
-    if let Some(dir) = &p.cache_dir {
-        hub.cache_dir = dir.into();
+/// Where a preset's model comes from: `model_name_or_path` and the keys that say how to reach the
+/// hub for it. Every loader, the trainer's, chat's, export's, bench's and the TUI's, goes through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    /// `model_name_or_path`: a hub id, a model folder or a `.gguf` file.
+    pub name_or_path: String,
+    /// `model_revision`.
+    pub revision: String,
+    /// `cache_dir`: the hub cache instead of the environment's.
+    pub cache_dir: Option<String>,
+    /// `hf_hub_token`: the token instead of the environment's.
+    pub hf_hub_token: Option<String>,
+}
+
+impl ModelRef {
+    /// The preset's model.
+    pub fn of(p: &Preset) -> Self {
+        Self {
+            name_or_path: p.model_name_or_path.clone(),
+            revision: p.model_revision.clone(),
+            cache_dir: p.cache_dir.clone(),
+            hf_hub_token: p.hf_hub_token.clone(),
+        }
     }
-    if let Some(token) = &p.hf_hub_token {
-        hub.token = Some(token.clone());
+
+    /// How to reach the hub: the environment (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, …), then
+    /// `model_revision`, `cache_dir` and `hf_hub_token`.
+    pub fn hub_options(&self) -> HubOptions {
+        let mut hub = HubOptions::from_env();
+        hub.revision.clone_from(&self.revision);
+        if let Some(dir) = &self.cache_dir {
+            hub.cache_dir = dir.into();
+        }
+        if let Some(token) = &self.hf_hub_token {
+            hub.token = Some(token.clone());
+        }
+        hub
     }
-    hub
+}
+
+/// A preset's model, loaded: weights and config (in the dtype asked, on the device asked), where it
+/// came from, and the tokenizer its data is encoded with.
+pub struct PresetModel {
+    pub files: ModelFiles,
+    pub kind: SourceKind,
+    /// The name adapters record as `base_model_name_or_path`: the hub id when known.
+    pub base_name: String,
+    pub tokenizer: LoadedTokenizer,
+}
+
+/// Loads the preset's model in `dtype` on `device` (a model without a tokenizer is refused: nothing
+/// termtune does works without one).
+pub fn load_model(
+    p: &Preset,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<PresetModel, SourceError> {
+    let model = ModelRef::of(p);
+    let LoadedSource {
+        files,
+        kind,
+        base_name,
+    } = source::load_model(
+        &model.name_or_path,
+        &model.hub_options(),
+        dtype,
+        device,
+        progress,
+    )?;
+    let tokenizer = LoadedTokenizer {
+        tokenizer: files
+            .tokenizer
+            .clone()
+            .ok_or_else(|| SourceError::NoTokenizer(model.name_or_path.clone()))?,
+        tokenizer_config: files.tokenizer_config.clone(),
+    };
+    Ok(PresetModel {
+        files,
+        kind,
+        base_name,
+        tokenizer,
+    })
+}
+
+/// Only the preset's tokenizer, without reading the weights (dataset statistics and previews).
+pub fn load_tokenizer(
+    p: &Preset,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<LoadedTokenizer, SourceError> {
+    let model = ModelRef::of(p);
+    source::load_tokenizer(&model.name_or_path, &model.hub_options(), progress)
+}
+
+/// The data encoder over a loaded tokenizer (template, special tokens, `opts`' chat settings).
+pub fn encoder(opts: &DataOptions, tokenizer: &LoadedTokenizer) -> Result<Encoder, DataError> {
+    Encoder::new(opts, &tokenizer.tokenizer, &tokenizer.tokenizer_config)
+}
+
+/// Why a preset's data encoder could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+/// The preset's data options and encoder over its tokenizer alone, without reading the weights:
+/// what dataset statistics and previews (`termtune check`, the TUI's Dataset pane) need.
+pub fn load_encoder(
+    p: &Preset,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<(DataOptions, Encoder), EncoderError> {
+    let tokenizer = load_tokenizer(p, progress)?;
+    let opts = data_options(p);
+    let encoder = encoder(&opts, &tokenizer)?;
+    Ok((opts, encoder))
 }
 
 /// The dtype the base weights and activations train in on `device`, and a note for the user when it is not what
@@ -129,10 +238,7 @@ pub fn hub_options(p: &Preset) -> crate::engine::hub::HubOptions {
 /// f32, as PEFT keeps them). On the CPU everything trains in f32: candle's CPU bf16 kernels are ~10× slower than
 /// f32 (LLaMA-Factory's `qwen3_lora_sft.yaml` on SmolLM2: 8 tokens/s against ~90). `fp16` is refused: it needs
 /// loss scaling, which termtune does not do.
-pub fn train_dtype(
-    p: &Preset,
-    device: &candle_core::Device,
-) -> Result<(DType, Option<String>), String> {
+pub fn train_dtype(p: &Preset, device: &Device) -> Result<(DType, Option<String>), String> {
     if p.fp16 {
         return Err("`fp16: true`: fp16 training needs loss scaling, which termtune does not do; use `bf16: true` (GPUs since Ampere: A100, L4, RTX 30xx, H100) or neither (f32)".into());
     }
@@ -162,7 +268,7 @@ pub fn train_dtype(
 }
 
 /// The dtype for chat and export (`infer_dtype`; auto is f32 on CPU).
-pub fn infer_dtype(p: &Preset, device: &candle_core::Device) -> DType {
+pub fn infer_dtype(p: &Preset, device: &Device) -> DType {
     match p.infer_dtype {
         config::InferDtype::Float32 => DType::F32,
         config::InferDtype::Float16 => DType::F16,
@@ -173,6 +279,55 @@ pub fn infer_dtype(p: &Preset, device: &candle_core::Device) -> DType {
             } else {
                 DType::BF16
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_presets_hub_keys_win_over_the_environment() {
+        let p = Preset {
+            model_name_or_path: "org/model".into(),
+            model_revision: "v2".into(),
+            cache_dir: Some("/tmp/hub-cache".into()),
+            hf_hub_token: Some("hf_preset".into()),
+            ..Preset::default()
+        };
+        let hub = ModelRef::of(&p).hub_options();
+        assert_eq!(hub.revision, "v2");
+        assert_eq!(hub.cache_dir, std::path::PathBuf::from("/tmp/hub-cache"));
+        assert_eq!(hub.token.as_deref(), Some("hf_preset"));
+        // Unset keys leave the environment's settings.
+        let env = HubOptions::from_env();
+        let plain = ModelRef::of(&Preset::default()).hub_options();
+        assert_eq!(
+            (plain.cache_dir, plain.token, plain.revision),
+            (env.cache_dir, env.token, "main".to_string())
+        );
+    }
+
+    #[test]
+    fn a_model_folder_without_a_tokenizer_is_refused_by_both_loaders() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        crate::engine::testing::tiny_llama(&model, 3, &crate::engine::testing::TinyOpts::default())
+            .unwrap();
+        std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+        let p = Preset {
+            model_name_or_path: model.display().to_string(),
+            ..Preset::default()
+        };
+        let full = load_model(&p, DType::F32, &Device::Cpu, &mut |_| {})
+            .err()
+            .unwrap();
+        let only = load_tokenizer(&p, &mut |_| {}).err().unwrap();
+        for err in [full, only] {
+            assert!(matches!(err, SourceError::NoTokenizer(_)), "{err}");
+            assert!(err.to_string().contains("tokenizer.json"), "{err}");
         }
     }
 }

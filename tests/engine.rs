@@ -401,6 +401,7 @@ fn adapter_save_load_is_bit_exact_with_peft_names_and_shapes() {
         assert_eq!(n1, n2);
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{n1}");
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
             "{n1}"
@@ -1118,6 +1119,7 @@ fn matches_transformers_and_peft_goldens() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        assert_eq!(got.len(), want_logits.len(), "{name}: logits compared");
         for (g, w) in got.iter().zip(want_logits) {
             assert!(
                 (g - w).abs() < 1e-4,
@@ -1307,7 +1309,9 @@ fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
                         opts.arch
                     );
                     assert!((l0 - l1).abs() < 1e-12, "{what}: loss {l0} vs {l1}");
+                    assert_eq!(g0.len(), g1.len(), "{what}: trainable tensors");
                     for (a, b) in g0.iter().zip(&g1) {
+                        assert_eq!(a.len(), b.len(), "{what}: gradient sizes");
                         let scale = a.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
                         let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
                         assert!(
@@ -1360,6 +1364,7 @@ fn checkpointing_and_chunked_head_loss_match_in_f32_over_training_steps() {
     assert!(plain[2] < plain[0], "training lowers the loss: {plain:?}");
     for (ckpt, chunk) in [(true, None), (false, Some(2)), (true, Some(2))] {
         let other = run(ckpt, chunk);
+        assert_eq!(plain.len(), other.len(), "ckpt {ckpt} chunk {chunk:?}");
         for (a, b) in plain.iter().zip(&other) {
             assert!(
                 (a - b).abs() < 1e-5,

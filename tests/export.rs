@@ -172,6 +172,7 @@ fn f32_export_gives_the_logits_of_base_plus_adapter() {
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(fixture["last_logits"].as_array().unwrap().len(), last.len());
     let hf_diff = fixture["last_logits"]
         .as_array()
         .unwrap()

@@ -147,6 +147,7 @@ fn unpermuted_qk_with_half_rotation_equals_permuted_with_interleaved_rope() {
         rope_neox,
     );
     let max_diff = |a: &[f64], b: &[f64]| {
+        assert_eq!(a.len(), b.len(), "lengths differ");
         a.iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())

@@ -126,6 +126,7 @@ fn tensors_have_hf_names_shapes_and_values() {
             .to_vec1()
             .unwrap();
         // gguf-py multiplies scale × quant in another float order: equal to a few ulp, not bit for bit.
+        assert_eq!(head.len(), r["head"].as_array().unwrap().len(), "head");
         for (g, w) in head.iter().zip(r["head"].as_array().unwrap()) {
             close(*g, w, "head");
         }
@@ -375,6 +376,7 @@ fn loaded_weights_reproduce_transformers_greedy_continuation() {
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let top5_ids: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
         assert_eq!(top5_ids, as_ids(&steps[step]["top5_ids"]), "step {step}");
+        assert_eq!(steps[step]["top5_logits"].as_array().unwrap().len(), 5);
         for (i, wl) in order[..5]
             .iter()
             .zip(steps[step]["top5_logits"].as_array().unwrap())

@@ -100,6 +100,7 @@ fn kernel_diffs(dev: &Device, dtype: DType, generic: bool) -> Vec<(&'static str,
     let mut check = |name: &'static str, f: &dyn Fn(&Device, DType) -> Vec<Tensor>| {
         let reference = f(&CPU, DType::F32);
         let got = run(&|| f(dev, dtype));
+        assert_eq!(reference.len(), got.len(), "{name}: outputs compared");
         let worst = reference
             .iter()
             .zip(&got)
@@ -280,6 +281,7 @@ fn compare_with_cpu(dir: &Path, dev: &Device, dtype: DType, tol: f64, generic: b
     let mut dev_m = load(dir, dtype, dev, &lora(4));
     let cpu_batches = batches(&CPU);
     let dev_batches = batches(dev);
+    assert_eq!(cpu_batches.len(), dev_batches.len());
     for s in SETTINGS {
         configure(&mut cpu_m, s);
         configure(&mut dev_m, s);

@@ -5,9 +5,14 @@
 //! Run one file's tests with its module name as the filter, e.g. `cargo test --test integration trainer::`.
 #![allow(clippy::unwrap_used)]
 
+/// The program's allocator (src/main.rs), so engine_bench's times and memory are the program's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod data_util;
 mod tiny_util;
 
+mod architecture;
 mod chat_smollm2;
 mod chat_worker;
 mod config_errors;

@@ -117,7 +117,10 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
     assert_eq!(p.gradient_accumulation_steps, 8);
     assert_eq!(p.lr_scheduler_type, config::SchedulerType::Cosine);
     assert!(p.bf16);
-    assert_eq!(p.val_size_resolved(), config::ValSize::Fraction(0.1));
+    assert_eq!(
+        termtune::resolve::data_options(p).val_size,
+        termtune::data::ValSize::Fraction(0.1)
+    );
     assert_eq!(p.eval_steps_resolved(), 500);
 }
 

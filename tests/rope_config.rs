@@ -81,6 +81,7 @@ fn old_and_new_rope_layouts_give_identical_logits() {
         let a = logits(d.path()).unwrap_or_else(|e| panic!("{kind} (old layout): {e}"));
         write_config(d.path(), &base, &new);
         let b = logits(d.path()).unwrap_or_else(|e| panic!("{kind} (new layout): {e}"));
+        assert_eq!((a.len(), b.len()), (plain.len(), plain.len()), "{kind}");
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
             "{kind}: the layouts give different logits"

@@ -47,6 +47,7 @@ fn byte_level_families_match_llama_cpp() {
         let mut md = metadata("toy_bpe.gguf");
         md.insert("tokenizer.ggml.pre".into(), Value::String(pre.clone()));
         let tok = from_gguf_metadata(&md).unwrap().tokenizer;
+        assert_eq!(corpus.len(), want_all.as_array().unwrap().len(), "{pre}");
         for (text, want) in corpus.iter().zip(want_all.as_array().unwrap()) {
             let got = tok.encode(*text, true).unwrap().get_ids().to_vec();
             if got != ids(want) {
@@ -81,6 +82,9 @@ fn sentencepiece_bpe_matches_sentencepiece() {
     let tok = from_gguf_metadata(&md).unwrap().tokenizer;
     let spm = &r["spm"];
     let mut failures = Vec::new();
+    let n = spm["texts"].as_array().unwrap().len();
+    assert_eq!(spm["sentencepiece"].as_array().unwrap().len(), n);
+    assert_eq!(spm["llama_cpp"].as_array().unwrap().len(), n);
     for ((text, want), lc) in spm["texts"]
         .as_array()
         .unwrap()

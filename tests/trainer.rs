@@ -181,8 +181,10 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
     let (la, lb) = (losses(&ea)[0], losses(&eb)[0]);
     assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
     let (wa, wb) = (adapter(&f.root.join("a")), adapter(&f.root.join("b")));
+    assert_eq!(wa.len(), wb.len(), "the same adapter tensors");
     for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
+        assert_eq!(va.len(), vb.len(), "{na}");
         let max = va
             .iter()
             .zip(vb)
@@ -247,7 +249,7 @@ fn resume_matches_with(tag: &str, dropout: &str) {
     resumed.extend(losses(&e_second));
     let straight_losses = losses(&e_straight);
     assert_eq!(resumed.len(), 4);
-    assert_eq!(straight_losses.len(), 4);
+    assert_eq!(straight_losses.len(), resumed.len());
     for (a, b) in straight_losses.iter().zip(&resumed) {
         assert!(
             (a - b).abs() < 1e-6,
@@ -399,6 +401,7 @@ fn training_changes_only_the_adapter() {
         opt.step(&g, 1e-2).unwrap();
     }
     assert_eq!(base_before, snapshot(&model), "a base weight changed");
+    assert_eq!(vars.len(), lora_before.len());
     for ((name, v), before) in vars.iter().zip(&lora_before) {
         let after = v
             .as_tensor()
@@ -535,6 +538,7 @@ fn checkpointing_off_and_a_thread_cap_train_the_same_adapter() {
     }
     let (l0, w0) = &results[0];
     assert_eq!(l0.len(), 3);
+    assert_eq!(runs.len(), results.len());
     for ((out, _), (l, w)) in runs.iter().zip(&results).skip(1) {
         assert_eq!(l.len(), l0.len(), "{out}: every step's loss arrives");
         assert_eq!(w.len(), w0.len(), "{out}: the same adapter tensors");
@@ -546,6 +550,7 @@ fn checkpointing_off_and_a_thread_cap_train_the_same_adapter() {
         }
         for ((na, va), (nb, vb)) in w0.iter().zip(w) {
             assert_eq!(na, nb);
+            assert_eq!(va.len(), vb.len(), "{out} {na}");
             let max = va
                 .iter()
                 .zip(vb)

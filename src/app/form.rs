@@ -11,6 +11,7 @@ use indexmap::IndexMap;
 use serde_norway::Value;
 
 use crate::config::{self, Class, ConfigIssue, Group, KEYS, Loaded, Purpose};
+use crate::resolve::ModelRef;
 
 /// What kind of input a field takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,17 +54,13 @@ static TEMPLATES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::
         .chain(crate::data::template::BUILTIN_NAMES.iter().copied())
         .collect()
 });
-/// LoRA target modules of the llama family (`all` = every linear layer).
-pub const LORA_TARGETS: &[&str] = &[
-    "all",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// LoRA target modules: `all` (every linear layer), then the engine's linear layers (one list, so
+/// the form offers exactly what the model can adapt).
+static LORA_TARGETS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    std::iter::once("all")
+        .chain(crate::engine::model::LINEAR_LEAVES)
+        .collect()
+});
 
 /// The input kind of `key`, from its name (selects) or its default value's type.
 pub fn kind_of(key: &str, default: &Value) -> FieldKind {
@@ -77,7 +74,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
         "export_format" => FieldKind::Select(EXPORT_FORMAT),
         "export_gguf_type" => FieldKind::Select(GGUF_TYPE),
         "template" => FieldKind::Select(TEMPLATES.as_slice()),
-        "lora_target" => FieldKind::Checklist(LORA_TARGETS),
+        "lora_target" => FieldKind::Checklist(LORA_TARGETS.as_slice()),
         "dataset" | "eval_dataset" => FieldKind::Datasets,
         _ => match default {
             Value::Bool(_) => FieldKind::Toggle,
@@ -213,6 +210,19 @@ impl Form {
             .unwrap_or_else(|| self.saved_value(key))
     }
 
+    /// The model the form names, with the keys that say how to reach the hub for it (read from
+    /// the fields, so it is there while other fields still have problems).
+    pub fn model_ref(&self) -> ModelRef {
+        let set = |key: &str| Some(self.value(key)).filter(|v| !v.is_empty());
+        ModelRef {
+            name_or_path: self.value("model_name_or_path"),
+            revision: set("model_revision")
+                .unwrap_or_else(|| config::Preset::default().model_revision),
+            cache_dir: set("cache_dir"),
+            hf_hub_token: set("hf_hub_token"),
+        }
+    }
+
     pub fn kind(&self, key: &str) -> FieldKind {
         kind_of(key, &self.default_value(key))
     }
@@ -328,16 +338,7 @@ impl Form {
     /// `do_train=true` (and `do_eval=true` when there is a validation split) unless the file says so already:
     /// LLaMA-Factory trains (and evaluates) only then.
     pub fn commands(&self) -> Vec<String> {
-        let path = self
-            .path
-            .as_ref()
-            .map_or_else(|| "PRESET.yaml".into(), |p| p.display().to_string());
-        let args: Vec<String> = self.overrides().iter().map(|o| shell_quote(o)).collect();
-        let tail = if args.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", args.join(" "))
-        };
+        let (path, tail) = self.command_parts();
         vec![
             format!("termtune train {path}{tail}"),
             format!(

@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use crossterm::event::KeyEvent;
 use ratatui_textarea::TextArea;
 
-use crate::config::Group;
+use crate::config::{ConfigIssue, Group};
 use crate::data::stats::Preview;
-use crate::trainer::protocol::{TrainCommand, TrainEvent};
+use crate::trainer::protocol::TrainCommand;
 pub use export::{ExportPhase, ExportState};
 pub use form::{Field, FieldKind, Form};
 pub use keymap::{Action, Context, Keymap};
@@ -252,6 +252,22 @@ impl App {
         });
     }
 
+    /// `what` is refused over the preset's problems: the first one's field gets the focus and the
+    /// status bar names it (and how many more there are).
+    fn refuse(&mut self, what: &str, issues: &[ConfigIssue]) {
+        let Some(issue) = issues.first() else {
+            return;
+        };
+        if !issue.key.is_empty() {
+            self.focus_key(&issue.key);
+        }
+        let more = match issues.len() {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        self.complain(format!("cannot {what}: {}{more}", issue.message));
+    }
+
     fn announce_problems(&mut self) {
         let n = self.form.issues.len();
         if n > 0 {
@@ -336,31 +352,10 @@ impl App {
                 }
             }
             Msg::Engine(ev) => {
-                if let TrainEvent::Started { device, .. } = &ev {
-                    // "cuda:0 (NVIDIA H200)" → "cuda:0" for the status bar.
-                    self.device = device.split(" (").next().unwrap_or(device).to_string();
-                }
-                let was_active = self.run.phase.is_active();
-                self.run.on_event(&ev);
-                if was_active && !self.run.phase.is_active() {
-                    self.status = None;
-                }
+                self.on_engine_event(&ev);
                 Vec::new()
             }
-            Msg::EngineExited => {
-                if self.run.phase.is_active() {
-                    self.status = None;
-                }
-                self.run.on_engine_exit();
-                if self.quitting && self.export.is_running() {
-                    // The run has stopped; an export still writing is cancelled, then we leave.
-                    self.cancel_export_and_quit()
-                } else if self.quitting {
-                    vec![Effect::Quit]
-                } else {
-                    Vec::new()
-                }
-            }
+            Msg::EngineExited => self.on_engine_exited(),
             Msg::Telemetry(s) => {
                 self.run.on_telemetry(&s);
                 Vec::new()
@@ -399,18 +394,7 @@ impl App {
                 Vec::new()
             }
             Msg::Chat(ev) => {
-                let settled = matches!(
-                    ev,
-                    crate::chat::worker::ChatEvent::Loaded { .. }
-                        | crate::chat::worker::ChatEvent::Done { .. }
-                );
-                if settled && self.status.as_ref().is_some_and(|s| !s.error) {
-                    // "loading…", "stopping…" are over.
-                    self.status = None;
-                }
-                if let Some(message) = self.chat.on_event(ev) {
-                    self.complain(message);
-                }
+                self.on_chat_event(ev);
                 Vec::new()
             }
             Msg::ChatTargets(items) => {
@@ -518,6 +502,10 @@ impl App {
             } else {
                 self.status = None;
             }
+            if matches!(ed.key, "model_revision" | "cache_dir") {
+                // The probe reads the hub cache of this revision.
+                return vec![self.probe_model()];
+            }
         } else {
             match ed.before {
                 Some(b) => self.form.set(ed.key, &b),
@@ -553,7 +541,7 @@ impl App {
     }
 
     fn probe_model(&self) -> Effect {
-        Effect::ProbeModel(self.form.value("model_name_or_path"))
+        Effect::ProbeModel(self.form.model_ref())
     }
 
     /// Asks for the dataset registry of the current `dataset_dir`.
@@ -572,9 +560,22 @@ impl App {
             Overlay::None => {}
             _ => return self.overlay_action(action),
         }
+        // The panes first: each handles its own actions (the Chat pane only while shown; the
+        // run's keys work on every tab) and passes on the rest.
         if let Some(effects) = self.chat_action(action) {
             return effects;
         }
+        if let Some(effects) = self.export_action(action) {
+            return effects;
+        }
+        if let Some(effects) = self.run_action(action) {
+            return effects;
+        }
+        self.app_action(action)
+    }
+
+    /// Actions of the app as a whole: tabs, overlays, themes, presets, form fields, the preview.
+    fn app_action(&mut self, action: Action) -> Vec<Effect> {
         match action {
             Action::Quit => self.quit(),
             Action::NextTab => {
@@ -609,18 +610,6 @@ impl App {
                 self.say(format!("theme: {name}"));
                 Vec::new()
             }
-            Action::StartRun => self.start(),
-            Action::PauseResume => self.pause_resume(),
-            Action::StopRun => {
-                if self.run.phase.is_active() {
-                    if !matches!(self.run.phase, Phase::Stopping { .. }) {
-                        self.overlay = Overlay::Confirm(Question::StopRun);
-                    }
-                } else {
-                    self.say("no run in progress");
-                }
-                Vec::new()
-            }
             Action::SavePreset => match self.form.path.clone() {
                 Some(p) => self.save_to(p),
                 None => {
@@ -637,29 +626,6 @@ impl App {
                 Vec::new()
             }
             Action::LoadPreset => vec![Effect::ListPresets],
-            Action::ToggleLogScale => {
-                self.run.log_scale = !self.run.log_scale;
-                Vec::new()
-            }
-            Action::OpenRunFolder => {
-                let dir = self
-                    .form
-                    .loaded
-                    .as_ref()
-                    .map(|l| PathBuf::from(&l.preset.output_dir))
-                    .or_else(|| self.run.output_dir.clone());
-                match dir {
-                    Some(d) if !self.run.phase.is_active() => vec![Effect::OpenRunFolder(d)],
-                    Some(_) => {
-                        self.say("a run is in progress; its curves are already shown");
-                        Vec::new()
-                    }
-                    None => {
-                        self.complain("set output_dir (Training tab) to open a run folder");
-                        Vec::new()
-                    }
-                }
-            }
             Action::LoadPreview => self.request_preview(self.preview.index, true),
             Action::PreviewNext => self.request_preview(self.preview.index + 1, false),
             Action::PreviewPrev => {
@@ -679,36 +645,9 @@ impl App {
                 }
                 Vec::new()
             }
-            Action::StartExport => self.start_export(),
-            Action::CancelExport => self.cancel_export(),
-            Action::ToggleExportMode => {
-                self.toggle_export_mode();
-                Vec::new()
-            }
-            Action::UseLatestCheckpoint => {
-                self.use_latest_checkpoint();
-                Vec::new()
-            }
-            Action::ScrollUp | Action::ScrollDown => {
-                self.scroll_export(action == Action::ScrollUp, 10);
-                Vec::new()
-            }
-            Action::Confirm | Action::Deny | Action::Cancel | Action::ClearField => Vec::new(),
-            Action::ChatSend
-            | Action::ChatNewline
-            | Action::ChatFocusInput
-            | Action::ChatLeave
-            | Action::ChatSettings
-            | Action::ChatStop
-            | Action::ChatRegenerate
-            | Action::ChatClear
-            | Action::ChatCopy
-            | Action::ChatPrompt
-            | Action::ChatCompare
-            | Action::ChatPickTarget
-            | Action::ChatPickCompare
-            | Action::ChatAdapterPath
-            | Action::ChatSystem => Vec::new(),
+            // Answers and field keys outside a dialog or an edit, and the panes' own actions
+            // outside their pane, do nothing.
+            _ => Vec::new(),
         }
     }
 
@@ -748,17 +687,7 @@ impl App {
         let no = action == Action::Deny;
         match q {
             Question::QuitDuringRun | Question::StopRun if yes || no => {
-                let save = yes;
-                if q == Question::QuitDuringRun {
-                    self.quitting = true;
-                }
-                self.run.phase = Phase::Stopping { save };
-                self.say(if save {
-                    "stopping after this step and saving a checkpoint…"
-                } else {
-                    "stopping after this step…"
-                });
-                vec![Effect::Engine(TrainCommand::Stop { save })]
+                self.stop_run(yes, q == Question::QuitDuringRun)
             }
             Question::DiscardChanges if yes => vec![Effect::Quit],
             Question::StartExport => self.answer_export(yes),
@@ -784,50 +713,6 @@ impl App {
             Vec::new()
         } else {
             vec![Effect::Quit]
-        }
-    }
-
-    fn start(&mut self) -> Vec<Effect> {
-        if self.run.phase.is_active() {
-            self.say("a run is already in progress (p pauses, x stops)");
-            return Vec::new();
-        }
-        let Some(loaded) = self.form.loaded.clone() else {
-            let first = self.form.issues.first().cloned();
-            if let Some(issue) = first {
-                if !issue.key.is_empty() {
-                    self.focus_key(&issue.key);
-                }
-                let n = self.form.issues.len();
-                self.complain(format!(
-                    "cannot start: {}{}",
-                    issue.message,
-                    if n > 1 {
-                        format!(" (and {} more)", n - 1)
-                    } else {
-                        String::new()
-                    }
-                ));
-            }
-            return Vec::new();
-        };
-        self.run.start(PathBuf::from(&loaded.preset.output_dir));
-        self.tab = Tab::Run;
-        self.status = None;
-        vec![Effect::StartRun(Box::new(loaded))]
-    }
-
-    fn pause_resume(&mut self) -> Vec<Effect> {
-        match self.run.phase {
-            Phase::Running => {
-                self.say("pausing after this step…");
-                vec![Effect::Engine(TrainCommand::Pause)]
-            }
-            Phase::Paused => vec![Effect::Engine(TrainCommand::Resume)],
-            _ => {
-                self.say("no running run to pause");
-                Vec::new()
-            }
         }
     }
 
@@ -871,14 +756,6 @@ impl App {
     }
 
     fn move_focus(&mut self, action: Action) {
-        if self.tab == Tab::Run {
-            match action {
-                Action::Up => self.run.log_scroll += 1,
-                Action::Down => self.run.log_scroll = self.run.log_scroll.saturating_sub(1),
-                _ => {}
-            }
-            return;
-        }
         let n = self.keys().len();
         let c = &mut self.cursors[self.tab.index()];
         *c = match action {

@@ -10,6 +10,7 @@ use crate::chat::worker::{ChatCommand, ChatEvent};
 use crate::config::{Loaded, Preset};
 use crate::data::stats::Preview;
 use crate::export::job::{ExportEvent, ExportRequest};
+use crate::resolve::ModelRef;
 use crate::telemetry::TelemetrySample;
 use crate::trainer::protocol::{TrainCommand, TrainEvent};
 use crate::trainer::runlog::LogLine;
@@ -89,9 +90,9 @@ pub enum Effect {
         index: usize,
         stats: bool,
     },
-    /// Describe what this `model_name_or_path` resolves to, without loading weights (answered
-    /// by [`Msg::ModelInfo`]).
-    ProbeModel(String),
+    /// Describe what this model resolves to, without loading weights or using the network
+    /// (answered by [`Msg::ModelInfo`]).
+    ProbeModel(ModelRef),
     /// List the entries of `dataset_info.json` in this folder (answered by [`Msg::Datasets`]).
     ListDatasets(PathBuf),
     /// Send a command to the chat worker (started on first use).

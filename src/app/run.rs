@@ -1,11 +1,14 @@
 //! The Run dashboard's state: the run's phase, its metric history (bounded), evaluation points,
 //! the event log and the telemetry history. Pure: fed by `TrainEvent`s and telemetry samples.
+//! The run's own actions (start, pause, stop, open a run folder) and engine facts are handled
+//! here too.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
+use super::{Action, App, Effect, Overlay, Question, Tab};
 use crate::telemetry::{GpuReading, SystemSample, TelemetrySample};
-use crate::trainer::protocol::{StepMetrics, TrainEvent};
+use crate::trainer::protocol::{StepMetrics, TrainCommand, TrainEvent};
 use crate::trainer::runlog::{LogLine, format_duration};
 
 /// Points kept per series; older ones are dropped (a long run keeps its last 20 000 steps).
@@ -328,6 +331,144 @@ impl RunState {
             .map(|m| m.step)
             .or_else(|| self.points.back().map(|p| p.step))
             .unwrap_or(0)
+    }
+}
+
+impl App {
+    /// The run's actions: their keys work on every tab (↑/↓ scroll the event log on the Run tab).
+    /// None passes the action on.
+    pub(super) fn run_action(&mut self, action: Action) -> Option<Vec<Effect>> {
+        Some(match action {
+            Action::StartRun => self.start(),
+            Action::PauseResume => self.pause_resume(),
+            Action::StopRun => {
+                self.ask_stop_run();
+                Vec::new()
+            }
+            Action::ToggleLogScale => {
+                self.run.log_scale = !self.run.log_scale;
+                Vec::new()
+            }
+            Action::OpenRunFolder => self.open_run_folder(),
+            Action::Up | Action::Down | Action::PageUp | Action::PageDown
+                if self.tab == Tab::Run =>
+            {
+                match action {
+                    Action::Up => self.run.log_scroll += 1,
+                    Action::Down => self.run.log_scroll = self.run.log_scroll.saturating_sub(1),
+                    _ => {}
+                }
+                Vec::new()
+            }
+            _ => return None,
+        })
+    }
+
+    /// A fact from the engine.
+    pub(super) fn on_engine_event(&mut self, ev: &TrainEvent) {
+        if let TrainEvent::Started { device, .. } = ev {
+            // "cuda:0 (NVIDIA H200)" → "cuda:0" for the status bar.
+            self.device = device.split(" (").next().unwrap_or(device).to_string();
+        }
+        let was_active = self.run.phase.is_active();
+        self.run.on_event(ev);
+        if was_active && !self.run.phase.is_active() {
+            self.status = None;
+        }
+    }
+
+    /// The engine thread has ended (after its last event): leave now if quitting was asked.
+    pub(super) fn on_engine_exited(&mut self) -> Vec<Effect> {
+        if self.run.phase.is_active() {
+            self.status = None;
+        }
+        self.run.on_engine_exit();
+        if self.quitting && self.export.is_running() {
+            // The run has stopped; an export still writing is cancelled, then we leave.
+            self.cancel_export_and_quit()
+        } else if self.quitting {
+            vec![Effect::Quit]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `x`: ask whether to save a checkpoint before stopping.
+    pub(super) fn ask_stop_run(&mut self) {
+        if self.run.phase.is_active() {
+            if !matches!(self.run.phase, Phase::Stopping { .. }) {
+                self.overlay = Overlay::Confirm(Question::StopRun);
+            }
+        } else {
+            self.say("no run in progress");
+        }
+    }
+
+    /// Stop (or quit) confirmed: stop after this step, with a checkpoint when `save`.
+    pub(super) fn stop_run(&mut self, save: bool, quit: bool) -> Vec<Effect> {
+        if quit {
+            self.quitting = true;
+        }
+        self.run.phase = Phase::Stopping { save };
+        self.say(if save {
+            "stopping after this step and saving a checkpoint…"
+        } else {
+            "stopping after this step…"
+        });
+        vec![Effect::Engine(TrainCommand::Stop { save })]
+    }
+
+    /// `s`: start a run on the form's preset (refused, with the first problem focused, while it has any).
+    fn start(&mut self) -> Vec<Effect> {
+        if self.run.phase.is_active() {
+            self.say("a run is already in progress (p pauses, x stops)");
+            return Vec::new();
+        }
+        let Some(loaded) = self.form.loaded.clone() else {
+            let issues = self.form.issues.clone();
+            self.refuse("start", &issues);
+            return Vec::new();
+        };
+        self.run.start(PathBuf::from(&loaded.preset.output_dir));
+        self.tab = Tab::Run;
+        self.status = None;
+        vec![Effect::StartRun(Box::new(loaded))]
+    }
+
+    /// `p`: pause after this step, or resume.
+    fn pause_resume(&mut self) -> Vec<Effect> {
+        match self.run.phase {
+            Phase::Running => {
+                self.say("pausing after this step…");
+                vec![Effect::Engine(TrainCommand::Pause)]
+            }
+            Phase::Paused => vec![Effect::Engine(TrainCommand::Resume)],
+            _ => {
+                self.say("no running run to pause");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Shows the curves of the preset's `output_dir` (a finished or another run).
+    fn open_run_folder(&mut self) -> Vec<Effect> {
+        let dir = self
+            .form
+            .loaded
+            .as_ref()
+            .map(|l| PathBuf::from(&l.preset.output_dir))
+            .or_else(|| self.run.output_dir.clone());
+        match dir {
+            Some(d) if !self.run.phase.is_active() => vec![Effect::OpenRunFolder(d)],
+            Some(_) => {
+                self.say("a run is in progress; its curves are already shown");
+                Vec::new()
+            }
+            None => {
+                self.complain("set output_dir (Training tab) to open a run folder");
+                Vec::new()
+            }
+        }
     }
 }
 

@@ -17,9 +17,9 @@ use crate::config::Preset;
 use crate::data::{Encoder, Message, Role};
 use crate::engine::adapter::{merge_adapters, parse_adapter_list};
 use crate::engine::generate::{ChatAnswer, GenerationParams, generate};
-use crate::engine::source::{LoadedSource, SourceKind, SourceProgress, load_model};
+use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
-use crate::resolve;
+use crate::resolve::{self, PresetModel};
 
 /// Why a chat could not start or answer.
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +30,6 @@ pub enum ChatError {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
-    #[error(
-        "{0}: the model has no tokenizer (tokenizer.json); copy the tokenizer files of the base model into the folder"
-    )]
-    NoTokenizer(String),
 }
 
 /// What is loaded, for the header users read before trusting an answer.
@@ -88,16 +84,12 @@ impl ChatSession {
         progress: &mut dyn FnMut(SourceProgress),
     ) -> Result<ChatSession, ChatError> {
         let dtype = resolve::infer_dtype(preset, device);
-        let hub = resolve::hub_options(preset);
-        let LoadedSource {
+        let PresetModel {
             files,
             kind,
             base_name,
-        } = load_model(&preset.model_name_or_path, &hub, dtype, device, progress)?;
-        let tokenizer = files
-            .tokenizer
-            .clone()
-            .ok_or_else(|| ChatError::NoTokenizer(preset.model_name_or_path.clone()))?;
+            tokenizer,
+        } = resolve::load_model(preset, dtype, device, progress)?;
         let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
         let adapters = preset
             .adapter_name_or_path
@@ -111,8 +103,7 @@ impl ChatSession {
             )));
             merge_adapters(&mut model, &adapters)?;
         }
-        let opts = resolve::data_options(preset);
-        let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+        let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
         for w in &encoder.warnings {
             progress(SourceProgress::Note(format!("warning: {w}")));
         }

@@ -17,8 +17,8 @@ use serde_norway::{Mapping, Value};
 
 pub use keys::{Class, Group, KEYS, KeySpec};
 pub use preset::{
-    ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, LoraTarget, MixStrategy,
-    Preset, SchedulerType, Stage, ValSize, comma_list,
+    ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy, Preset,
+    SchedulerType, Stage, comma_list,
 };
 pub use validate::{Purpose, validate};
 
@@ -104,6 +104,32 @@ pub fn load(path: &Path, overrides: &[String], purpose: Purpose) -> Result<Loade
         path: Some(path.to_path_buf()),
         issues,
     })
+}
+
+/// `presets/*.yaml` of the working folder and of termtune's user presets folder.
+pub fn list_presets() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [PathBuf::from("presets"), user_presets_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                .collect();
+            found.sort();
+            out.extend(found);
+        }
+    }
+    out
+}
+
+/// `~/.config/termtune/presets` (or `$XDG_CONFIG_HOME/termtune/presets`).
+pub fn user_presets_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| crate::fsutil::home_dir().join(".config"), PathBuf::from)
+        .join("termtune")
+        .join("presets")
 }
 
 /// Parses preset text (see [`load`]).

@@ -330,23 +330,6 @@ impl Default for Preset {
     }
 }
 
-/// Which modules get LoRA adapters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoraTarget {
-    /// Every linear layer except `lm_head`.
-    All,
-    /// Leaf module names (`q_proj`, `v_proj`, …).
-    Modules(Vec<String>),
-}
-
-/// Validation split (`val_size`): LLaMA-Factory reads a value above 1 as a count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ValSize {
-    None,
-    Fraction(f64),
-    Count(usize),
-}
-
 /// Splits a comma list, trimming blanks and dropping empty items.
 pub fn comma_list(s: &str) -> Vec<String> {
     s.split(',')
@@ -362,41 +345,9 @@ impl Preset {
         self.lora_alpha.unwrap_or(self.lora_rank * 2)
     }
 
-    /// The LoRA scale applied to B·A: alpha/r, or alpha/sqrt(r) with `use_rslora`.
-    pub fn lora_scale(&self) -> f64 {
-        let alpha = f64::from(self.lora_alpha_resolved());
-        let r = f64::from(self.lora_rank.max(1));
-        if self.use_rslora {
-            alpha / r.sqrt()
-        } else {
-            alpha / r
-        }
-    }
-
-    pub fn lora_targets(&self) -> LoraTarget {
-        let items = comma_list(&self.lora_target);
-        if items.is_empty() || items.iter().any(|t| t == "all") {
-            LoraTarget::All
-        } else {
-            LoraTarget::Modules(items)
-        }
-    }
-
     /// `packing`, resolved: on for `pt` when unset; `neat_packing` implies it.
     pub fn packing_resolved(&self) -> bool {
         self.neat_packing || self.packing.unwrap_or(self.stage == Stage::Pt)
-    }
-
-    pub fn val_size_resolved(&self) -> ValSize {
-        if self.val_size <= 0.0 {
-            ValSize::None
-        } else if self.val_size < 1.0 {
-            ValSize::Fraction(self.val_size)
-        } else {
-            // Validation rejects non-integral counts; the cast only truncates a checked value.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            ValSize::Count(self.val_size as usize)
-        }
     }
 
     /// `eval_steps`, resolved: `logging_steps` when unset (Hugging Face).

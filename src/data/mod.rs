@@ -16,7 +16,8 @@
 //! let data = prepare_dataset(&opts, &enc)?; // cached on disk; data.stats for the UI
 //! for batch in data.epoch_batches(opts.per_device_train_batch_size, false, opts.seed, 0) {
 //!     // batch.input_ids / labels / position_ids (row-major batch_size × seq_len); with
-//!     // batch.block_diagonal use batch.attention_bias() (neat packing), else a causal + padding mask.
+//!     // batch.block_diagonal attention stays inside one sequence_ids run (neat packing), else a
+//!     // causal + padding (attention_mask) mask.
 //! #   let _ = batch;
 //! }
 //! let prompt = enc.chat_prompt(Some("Be terse."), &[Message::new(Role::User, "Hi")])?;

@@ -193,43 +193,9 @@ pub struct Batch {
     pub position_ids: Vec<u32>,
     /// Which packed example a token belongs to (0 = padding).
     pub sequence_ids: Vec<u32>,
-    /// True with neat packing: attention must stay inside one sequence id (block-diagonal causal mask).
+    /// True with neat packing: attention must stay inside one sequence id (block-diagonal causal mask;
+    /// the engine builds it from `sequence_ids` and `position_ids`).
     pub block_diagonal: bool,
-}
-
-impl Batch {
-    /// Whether token `i` of row `b` may attend to token `j` (causal; with `block_diagonal` only inside the
-    /// same packed example; padding never attends or is attended).
-    pub fn may_attend(&self, b: usize, i: usize, j: usize) -> bool {
-        let row = b * self.seq_len;
-        if j > i || self.attention_mask[row + i] == 0 || self.attention_mask[row + j] == 0 {
-            return false;
-        }
-        !self.block_diagonal || self.sequence_ids[row + i] == self.sequence_ids[row + j]
-    }
-
-    /// The additive attention bias, `batch_size × seq_len × seq_len`: 0 where allowed, −∞ elsewhere.
-    /// A fully padded query row gets 0 at j = 0 so softmax stays finite (its loss is masked anyway).
-    pub fn attention_bias(&self) -> Vec<f32> {
-        let t = self.seq_len;
-        let mut out = vec![f32::NEG_INFINITY; self.batch_size * t * t];
-        for b in 0..self.batch_size {
-            for i in 0..t {
-                let base = (b * t + i) * t;
-                let mut any = false;
-                for j in 0..=i {
-                    if self.may_attend(b, i, j) {
-                        out[base + j] = 0.0;
-                        any = true;
-                    }
-                }
-                if !any {
-                    out[base] = 0.0;
-                }
-            }
-        }
-        out
-    }
 }
 
 /// Pads sequences to the longest in the batch (right padding: `pad_id`, label −100, mask 0).

@@ -255,23 +255,25 @@ fn read_text_lines(bytes: &[u8], file: &Arc<PathBuf>) -> Vec<Result<RawRow, Skip
         .split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, line)| line.iter().any(|b| !b.is_ascii_whitespace()))
-        .map(|(i, line)| {
-            let location = Location::Line(i + 1);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            match std::str::from_utf8(line) {
-                Ok(s) => Ok(RawRow {
-                    value: serde_json::json!({ "text": s }),
-                    file: Arc::clone(file),
-                    location,
-                }),
-                Err(_) => Err(SkipRecord {
-                    file: Arc::clone(file),
-                    location,
-                    reason: SkipReason::InvalidUtf8,
-                }),
-            }
-        })
+        .map(|(i, line)| text_row(line, file, Location::Line(i + 1)))
         .collect()
+}
+
+/// One line of a `.txt` file as a `{"text": …}` row (a trailing `\r` dropped).
+fn text_row(line: &[u8], file: &Arc<PathBuf>, location: Location) -> Result<RawRow, SkipRecord> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match std::str::from_utf8(line) {
+        Ok(s) => Ok(RawRow {
+            value: serde_json::json!({ "text": s }),
+            file: Arc::clone(file),
+            location,
+        }),
+        Err(_) => Err(SkipRecord {
+            file: Arc::clone(file),
+            location,
+            reason: SkipReason::InvalidUtf8,
+        }),
+    }
 }
 
 /// Parses one JSON value from bytes, as a row.
@@ -412,19 +414,7 @@ impl Iterator for JsonlStream {
                     let location = Location::Line(*line_no);
                     if is_text {
                         let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
-                        let line = line.strip_suffix(b"\r").unwrap_or(line);
-                        return Some(Ok(match std::str::from_utf8(line) {
-                            Ok(s) => Ok(RawRow {
-                                value: serde_json::json!({ "text": s }),
-                                file: Arc::clone(file),
-                                location,
-                            }),
-                            Err(_) => Err(SkipRecord {
-                                file: Arc::clone(file),
-                                location,
-                                reason: SkipReason::InvalidUtf8,
-                            }),
-                        }));
+                        return Some(Ok(text_row(line, file, location)));
                     }
                     return Some(Ok(parse_element(&self.buf, file, location)));
                 }

@@ -728,6 +728,8 @@ mod tests {
         let c =
             ModelConfig::from_hf_config(&tiny(serde_json::json!({"gguf_rope_freqs": fs}))).unwrap();
         let plain = ModelConfig::from_hf_config(&tiny(serde_json::json!({}))).unwrap();
+        assert_eq!(c.rope_inv_freq().len(), plain.rope_inv_freq().len());
+        assert_eq!(c.rope_inv_freq().len(), fs.len());
         for (i, (a, b)) in c
             .rope_inv_freq()
             .iter()

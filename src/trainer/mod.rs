@@ -7,3 +7,4 @@ pub mod protocol;
 pub mod run;
 pub mod runlog;
 pub mod schedule;
+pub mod thread;

@@ -284,6 +284,7 @@ mod tests {
             let g = loss(&theirs_p).backward().unwrap();
             theirs.step(&g).unwrap();
         }
+        assert_eq!(ours.params().len(), theirs_p.len());
         for (a, b) in ours.params().iter().zip(&theirs_p) {
             let diff = (a.var.as_tensor() - b.var.as_tensor())
                 .unwrap()
@@ -327,22 +328,17 @@ mod tests {
             let g = loss(b.params()).backward().unwrap();
             b.step(&g, 1e-2).unwrap();
         }
+        let values = |p: &Param| {
+            p.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(a.params().len(), b.params().len());
         for (x, y) in a.params().iter().zip(b.params()) {
-            let xs = x
-                .var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let ys = y
-                .var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(xs, ys, "{}", x.name);
+            assert_eq!(values(x), values(y), "{}", x.name);
         }
     }
 

@@ -15,7 +15,7 @@ use crate::data::{self, Batch, Encoder, PreparedDataset};
 use crate::engine::adapter::{
     load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
 };
-use crate::engine::source::{LoadedSource, SourceProgress, load_model};
+use crate::engine::source::SourceProgress;
 use crate::engine::weights::save_safetensors;
 use crate::engine::{AttnMask, Finetune, Model};
 use crate::resolve;
@@ -229,7 +229,6 @@ fn run_training_here(
     if let Some(note) = note {
         emit(TrainEvent::Warning(note));
     }
-    let hub = resolve::hub_options(p);
     let mut last_pct = 0u64;
     let mut progress = |sp: SourceProgress| {
         use crate::engine::hub::HubProgress;
@@ -254,15 +253,12 @@ fn run_training_here(
         };
         emit(TrainEvent::Loading { what });
     };
-    let LoadedSource {
-        files, base_name, ..
-    } = load_model(&p.model_name_or_path, &hub, dtype, device, &mut progress)?;
-    let tokenizer = files.tokenizer.clone().ok_or_else(|| {
-        TrainError::Invalid(format!(
-            "{}: no tokenizer.json; copy the base model's tokenizer files into the folder",
-            p.model_name_or_path
-        ))
-    })?;
+    let resolve::PresetModel {
+        files,
+        base_name,
+        tokenizer,
+        ..
+    } = resolve::load_model(p, dtype, device, &mut progress)?;
     if let Some(line) = memory_check(p, &files.config, dtype, device)? {
         emit(line);
     }
@@ -278,7 +274,7 @@ fn run_training_here(
     emit(TrainEvent::Loading {
         what: "tokenising the dataset".into(),
     });
-    let encoder = Encoder::new(&opts, &tokenizer, &files.tokenizer_config)?;
+    let encoder = resolve::encoder(&opts, &tokenizer)?;
     if !encoder.added_tokens.is_empty() {
         return Err(TrainError::Invalid(format!(
             "template `{}` needs tokens the tokenizer lacks ({}); resizing the vocabulary is not supported yet: use the model's own template",

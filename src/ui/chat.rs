@@ -256,14 +256,7 @@ fn render_slot(frame: &mut Frame, area: Rect, app: &App, slot: usize, theme: &Th
         " conversation ".to_string()
     };
     let focused = c.focus == ChatFocus::Conversation;
-    let block = Block::default()
-        .borders(Borders::ALL)
-        .border_style(if focused {
-            theme.border_focused
-        } else {
-            theme.border
-        })
-        .title(Span::styled(title, theme.title));
+    let block = part_block(title, focused, theme);
     let inner = block.inner(area);
     frame.render_widget(block, area);
     if inner.height == 0 || inner.width == 0 {
@@ -329,6 +322,22 @@ fn render_system(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     frame.render_widget(line, area);
 }
 
+/// A bordered part of the pane, its border brighter while it has the keyboard.
+fn part_block<'a>(
+    title: impl Into<std::borrow::Cow<'a, str>>,
+    focused: bool,
+    theme: &Theme,
+) -> Block<'a> {
+    Block::default()
+        .borders(Borders::ALL)
+        .border_style(if focused {
+            theme.border_focused
+        } else {
+            theme.border
+        })
+        .title(Span::styled(title, theme.title))
+}
+
 fn render_input(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let c = &app.chat;
     let focused = c.focus == ChatFocus::Input && c.line_edit.is_none();
@@ -337,36 +346,23 @@ fn render_input(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     } else {
         " message · i to type "
     };
-    let block = Block::default()
-        .borders(Borders::ALL)
-        .border_style(if focused {
-            theme.border_focused
-        } else {
-            theme.border
-        })
-        .title(Span::styled(title, theme.title));
+    let block = part_block(title, focused, theme);
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    frame.render_widget(&c.input, inner);
+    frame.render_widget(&super::themed_field(&c.input, theme), inner);
 }
 
 fn render_settings(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let focused = app.chat.focus == ChatFocus::Settings;
-    let block = Block::default()
-        .borders(Borders::ALL)
-        .border_style(if focused {
-            theme.border_focused
+    let block = part_block(
+        if focused {
+            " generation · Enter edits · Esc back "
         } else {
-            theme.border
-        })
-        .title(Span::styled(
-            if focused {
-                " generation · Enter edits · Esc back "
-            } else {
-                " generation (g) "
-            },
-            theme.title,
-        ));
+            " generation (g) "
+        },
+        focused,
+        theme,
+    );
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [fields, help] = Layout::vertical([
@@ -450,7 +446,7 @@ fn render_popups(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         let block = boxed(&title, theme);
         let inner = block.inner(r);
         frame.render_widget(block, r);
-        frame.render_widget(edit, inner);
+        frame.render_widget(&super::themed_field(edit, theme), inner);
     }
 }
 

@@ -10,6 +10,7 @@ use ratatui::widgets::{
 };
 
 use super::{Theme, clip, gib};
+use crate::app::run::Point;
 use crate::app::{App, Phase};
 use crate::telemetry::GpuReading;
 use crate::trainer::runlog::format_duration;
@@ -61,7 +62,7 @@ pub(super) fn render(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     render_log(frame, log, app, theme);
 }
 
-fn panel<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
+fn panel(title: &str, theme: &Theme) -> Block<'static> {
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(theme.border);
@@ -124,18 +125,16 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             v
         }
     };
-    let raw: Vec<(f64, f64)> = run
-        .points
-        .iter()
-        .filter(|p| p.loss.is_finite())
-        .map(|p| (p.step as f64, y_of(p.loss)))
-        .collect();
-    let smooth: Vec<(f64, f64)> = run
-        .points
-        .iter()
-        .filter(|p| p.smoothed.is_finite())
-        .map(|p| (p.step as f64, y_of(p.smoothed)))
-        .collect();
+    // One value of every point, where it is finite.
+    let series = |value: fn(&Point) -> f64| -> Vec<(f64, f64)> {
+        run.points
+            .iter()
+            .filter(|p| value(p).is_finite())
+            .map(|p| (p.step as f64, y_of(value(p))))
+            .collect()
+    };
+    let raw = series(|p| p.loss);
+    let smooth = series(|p| p.smoothed);
     let evals: Vec<(f64, f64)> = run
         .evals
         .iter()
@@ -190,19 +189,17 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             format!("{y:.3}")
         }
     };
+    let line = |name, style, data| {
+        Dataset::default()
+            .name(name)
+            .marker(Marker::Braille)
+            .graph_type(GraphType::Line)
+            .style(style)
+            .data(data)
+    };
     let mut datasets = vec![
-        Dataset::default()
-            .name("raw")
-            .marker(Marker::Braille)
-            .graph_type(GraphType::Line)
-            .style(theme.loss_train)
-            .data(&raw),
-        Dataset::default()
-            .name("smoothed")
-            .marker(Marker::Braille)
-            .graph_type(GraphType::Line)
-            .style(theme.loss_smooth)
-            .data(&smooth),
+        line("raw", theme.loss_train, &raw),
+        line("smoothed", theme.loss_smooth, &smooth),
     ];
     if !evals.is_empty() {
         datasets.push(
@@ -265,18 +262,15 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let last_grad = grads
         .last()
         .map_or_else(|| "–".into(), |v| format!("{v:.3}"));
-    frame.render_widget(
+    let spark = |title: String, style, values: &[f64]| {
         Sparkline::default()
-            .block(panel(&format!("lr {last_lr}"), theme))
-            .style(theme.lr)
-            .data(bars(&lrs, width)),
-        lr,
-    );
+            .block(panel(&title, theme))
+            .style(style)
+            .data(bars(values, width))
+    };
+    frame.render_widget(spark(format!("lr {last_lr}"), theme.lr, &lrs), lr);
     frame.render_widget(
-        Sparkline::default()
-            .block(panel(&format!("grad norm {last_grad}"), theme))
-            .style(theme.grad_norm)
-            .data(bars(&grads, width)),
+        spark(format!("grad norm {last_grad}"), theme.grad_norm, &grads),
         grad,
     );
     let mut lines = Vec::new();
@@ -348,11 +342,6 @@ fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 }
                 let h = per.min(inner.bottom() - y);
                 let r = Rect::new(inner.x, y, inner.width, h);
-                let ratio = if g.memory_total_bytes == 0 {
-                    0.0
-                } else {
-                    (g.memory_used_bytes as f64 / g.memory_total_bytes as f64).clamp(0.0, 1.0)
-                };
                 let mut facts = Vec::new();
                 if let Some(u) = g.utilization_percent {
                     facts.push(format!("{u}%"));
@@ -373,26 +362,13 @@ fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                         facts.push(ours);
                     }
                 }
-                let rows = Layout::vertical([
-                    Constraint::Length(1),
-                    Constraint::Length(1),
-                    Constraint::Length(1),
-                    Constraint::Min(0),
-                ])
-                .split(r);
+                let rows = three_lines(r);
                 frame.render_widget(
                     Line::styled(clip(&format!("{} {}", g.index, g.name), width), theme.base),
                     rows[0],
                 );
                 frame.render_widget(
-                    Gauge::default()
-                        .gauge_style(theme.gauge)
-                        .ratio(ratio)
-                        .label(format!(
-                            "{} / {}",
-                            gib(g.memory_used_bytes),
-                            gib(g.memory_total_bytes)
-                        )),
+                    memory_gauge(g.memory_used_bytes, g.memory_total_bytes, theme),
                     rows[1],
                 );
                 frame.render_widget(
@@ -427,13 +403,7 @@ fn render_cpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         );
         return;
     };
-    let rows = Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Length(1),
-        Constraint::Length(1),
-        Constraint::Min(0),
-    ])
-    .split(inner);
+    let rows = three_lines(inner);
     let width = usize::from(inner.width);
     frame.render_widget(
         Line::styled(
@@ -455,20 +425,8 @@ fn render_cpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         ),
         rows[1],
     );
-    let ratio = if s.memory_total_bytes == 0 {
-        0.0
-    } else {
-        (s.memory_used_bytes as f64 / s.memory_total_bytes as f64).clamp(0.0, 1.0)
-    };
     frame.render_widget(
-        Gauge::default()
-            .gauge_style(theme.gauge)
-            .ratio(ratio)
-            .label(format!(
-                "{} / {}",
-                gib(s.memory_used_bytes),
-                gib(s.memory_total_bytes)
-            )),
+        memory_gauge(s.memory_used_bytes, s.memory_total_bytes, theme),
         rows[2],
     );
     let data: Vec<u64> = app.run.cpu_history.iter().copied().collect();
@@ -506,4 +464,29 @@ fn render_log(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         })
         .collect();
     frame.render_widget(Paragraph::new(lines), inner);
+}
+
+/// Three one-line rows at the top of `area` (a name and two gauges), and the rest.
+fn three_lines(area: Rect) -> [Rect; 4] {
+    Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ])
+    .areas(area)
+}
+
+/// Memory in use as a gauge labelled `used / total` (GiB).
+#[allow(clippy::cast_precision_loss)]
+fn memory_gauge(used_bytes: u64, total_bytes: u64, theme: &Theme) -> Gauge<'static> {
+    let ratio = if total_bytes == 0 {
+        0.0
+    } else {
+        (used_bytes as f64 / total_bytes as f64).clamp(0.0, 1.0)
+    };
+    Gauge::default()
+        .gauge_style(theme.gauge)
+        .ratio(ratio)
+        .label(format!("{} / {}", gib(used_bytes), gib(total_bytes)))
 }

@@ -163,7 +163,7 @@ pub(super) fn render_fields(frame: &mut Frame, inner: Rect, app: &App, theme: &T
         let y = inner.y + u16::try_from(focus_row - skip).unwrap_or(0);
         if x < inner.right() {
             let r = Rect::new(x, y, inner.right() - x, 1);
-            frame.render_widget(&ed.area, r);
+            frame.render_widget(&super::themed_field(&ed.area, theme), r);
         }
     }
 }

@@ -65,6 +65,17 @@ pub(crate) fn screen_areas(area: Rect) -> Option<[Rect; 4]> {
     )
 }
 
+/// A text field as drawn: in the theme's colours (ratatui-textarea's own placeholder is dark grey,
+/// also in light and no-colour themes). A copy of a few lines per frame keeps rendering pure.
+pub(crate) fn themed_field(
+    field: &ratatui_textarea::TextArea<'static>,
+    theme: &Theme,
+) -> ratatui_textarea::TextArea<'static> {
+    let mut field = field.clone();
+    field.set_placeholder_style(theme.muted);
+    field
+}
+
 fn pane_title(tab: Tab) -> &'static str {
     match tab {
         Tab::Model => "Model · base model, adapters, tokenizer",
@@ -226,7 +237,7 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         let block = boxed("save preset as (Enter saves, Esc cancels)", theme);
         let inner = block.inner(r);
         frame.render_widget(block, r);
-        frame.render_widget(&ed.area, inner);
+        frame.render_widget(&themed_field(&ed.area, theme), inner);
         return;
     }
     match &app.overlay {

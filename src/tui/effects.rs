@@ -1,0 +1,273 @@
+//! Carries out the [`Effect`]s that [`crate::app::App::update`] returns, off the terminal loop:
+//! owns the engine, chat and export handles, reads and writes files, and runs the slow look-ups
+//! (model probe, dataset preview, export) on their own threads. Every answer comes back to the
+//! loop as a [`Msg`].
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::app::{Effect, Msg};
+use crate::chat::worker::{ChatCommand, ChatHandle};
+use crate::config::{self, Loaded, Preset};
+use crate::export::job::{ExportEvent, ExportRequest};
+use crate::resolve::ModelRef;
+use crate::trainer::protocol::TrainEvent;
+use crate::trainer::thread::EngineThread;
+
+/// The header `SavePreset` writes above the keys.
+const SAVED_HEADER: &str = "saved by termtune (LLaMA-Factory keys; runs with `termtune train` and `llamafactory-cli train`)";
+
+/// The effect runner: the background work the app has started, and the channel answers go to.
+pub struct Effects {
+    tx: UnboundedSender<Msg>,
+    engine: Option<EngineThread>,
+    chat: Option<ChatHandle>,
+    /// The cancel flag of the latest export thread.
+    export_cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Effects {
+    /// A runner that answers on `tx`.
+    pub fn new(tx: UnboundedSender<Msg>) -> Self {
+        Self {
+            tx,
+            engine: None,
+            chat: None,
+            export_cancel: None,
+        }
+    }
+
+    /// Carries out `effect`. `Break` when the app quits (after any engine has stopped).
+    pub fn run(&mut self, effect: Effect) -> ControlFlow<()> {
+        match effect {
+            Effect::Quit => {
+                self.quit();
+                return ControlFlow::Break(());
+            }
+            Effect::StartRun(loaded) => self.start_run(*loaded),
+            Effect::Engine(command) => {
+                if let Some(e) = &self.engine {
+                    e.send(command);
+                }
+            }
+            Effect::Export(request) => self.export(*request),
+            Effect::CancelExport => {
+                if let Some(c) = &self.export_cancel {
+                    c.store(true, Ordering::SeqCst);
+                }
+            }
+            Effect::Chat(command) => self.chat(command),
+            Effect::ListChatTargets(dir) => {
+                self.send(Msg::ChatTargets(crate::chat::targets::list_targets(&dir)));
+            }
+            Effect::CopyToClipboard(text) => copy_to_clipboard(&text),
+            Effect::SavePreset { loaded, path } => self.send(save_preset(&loaded, &path)),
+            Effect::LoadPreset(path) => self.send(read_preset(&path)),
+            Effect::ListPresets => self.send(Msg::PresetList(config::list_presets())),
+            Effect::OpenRunFolder(dir) => self.send(open_run_folder(dir)),
+            Effect::ListDatasets(dir) => self.send(Msg::Datasets(
+                crate::data::registry::load_registry(&dir)
+                    .map(|m| m.keys().cloned().collect())
+                    .map_err(|e| e.to_string()),
+            )),
+            Effect::ProbeModel(model) => {
+                if let Err(e) = self.background("probe", move |tx| probe(&model, tx)) {
+                    tracing::warn!("cannot start the model probe: {e}");
+                }
+            }
+            Effect::LoadPreview {
+                preset,
+                index,
+                stats,
+            } => {
+                let started =
+                    self.background("preview", move |tx| preview(&preset, index, stats, tx));
+                if let Err(e) = started {
+                    self.send(Msg::Preview(Err(format!("cannot start: {e}"))));
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The engine thread has sent its last event: wait for it to end.
+    pub fn engine_exited(&mut self) {
+        if let Some(e) = self.engine.take() {
+            let _ = e.join();
+        }
+    }
+
+    fn send(&self, msg: Msg) {
+        let _ = self.tx.send(msg);
+    }
+
+    /// Runs `job` on a thread named `name`; it answers on the channel it is given.
+    fn background(
+        &self,
+        name: &str,
+        job: impl FnOnce(&UnboundedSender<Msg>) + Send + 'static,
+    ) -> std::io::Result<()> {
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || job(&tx))
+            .map(drop)
+    }
+
+    /// Stops any answer and any run (a dropped command channel reads as a stop with a
+    /// checkpoint; the app quits during a run only after `EngineExited`, so this rarely waits).
+    fn quit(&mut self) {
+        if let Some(c) = self.chat.take() {
+            // A model still loading is left to finish on its own.
+            c.send(ChatCommand::Stop);
+        }
+        if let Some(e) = self.engine.take() {
+            let _ = e.close();
+        }
+    }
+
+    fn start_run(&mut self, loaded: Loaded) {
+        let (events, exits) = (self.tx.clone(), self.tx.clone());
+        let spawned = crate::trainer::thread::spawn(
+            loaded,
+            move |ev| {
+                let _ = events.send(Msg::Engine(ev));
+            },
+            move || {
+                let _ = exits.send(Msg::EngineExited);
+            },
+        );
+        match spawned {
+            Ok(e) => self.engine = Some(e),
+            Err(err) => {
+                self.send(Msg::Engine(TrainEvent::Failed(format!(
+                    "cannot start the engine thread: {err}"
+                ))));
+                self.send(Msg::EngineExited);
+            }
+        }
+    }
+
+    fn export(&mut self, request: ExportRequest) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.export_cancel = Some(Arc::clone(&cancel));
+        let started = self.background("export", move |tx| {
+            let mut emit = |ev| {
+                let _ = tx.send(Msg::Export(ev));
+            };
+            match crate::engine::device::chosen() {
+                Ok(device) => crate::export::job::run(&request, &device, &cancel, &mut emit),
+                Err(e) => emit(ExportEvent::Failed(e.to_string())),
+            }
+        });
+        if let Err(e) = started {
+            self.send(Msg::Export(ExportEvent::Failed(format!(
+                "cannot start the export thread: {e}"
+            ))));
+        }
+    }
+
+    /// Sends `command` to the chat worker, started on first use on the chosen device (its own
+    /// handle: a run may train on the same GPU).
+    fn chat(&mut self, command: ChatCommand) {
+        if self.chat.is_none() {
+            let tx = self.tx.clone();
+            let started = crate::engine::device::chosen()
+                .map_err(|e| e.to_string())
+                .and_then(|device| {
+                    ChatHandle::spawn(device, move |ev| tx.send(Msg::Chat(ev)).is_ok())
+                        .map_err(|e| format!("cannot start the chat thread: {e}"))
+                });
+            match started {
+                Ok(h) => self.chat = Some(h),
+                Err(e) => self.send(Msg::PresetFailed(e)),
+            }
+        }
+        if let Some(c) = &self.chat {
+            c.send(command);
+        }
+    }
+}
+
+/// Puts `text` on the clipboard with the OSC 52 escape.
+fn copy_to_clipboard(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout();
+    let _ = out.write_all(crate::ui::chat::osc52(text).as_bytes());
+    let _ = out.flush();
+}
+
+fn read_preset(path: &Path) -> Msg {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Msg::PresetLoaded {
+            path: path.to_path_buf(),
+            text,
+        },
+        Err(e) => Msg::PresetFailed(format!("cannot read the preset {}: {e}", path.display())),
+    }
+}
+
+/// Writes the preset, then reads it back (the form starts over from the saved file).
+fn save_preset(loaded: &Loaded, path: &Path) -> Msg {
+    match config::save(loaded, path, Some(SAVED_HEADER)) {
+        Ok(()) => read_preset(path),
+        Err(e) => Msg::PresetFailed(format!(
+            "cannot save {}: {e}; check the folder exists and is writable",
+            path.display()
+        )),
+    }
+}
+
+fn open_run_folder(dir: PathBuf) -> Msg {
+    match crate::trainer::runlog::read_log(&dir) {
+        Ok(lines) => Msg::RunFolder(Ok((dir, lines))),
+        Err(e) => Msg::RunFolder(Err(format!(
+            "cannot open the run folder {}: {e} (no trainer_log.jsonl yet?)",
+            dir.display()
+        ))),
+    }
+}
+
+/// What the model field resolves to, from metadata in the preset's hub cache.
+fn probe(model: &ModelRef, tx: &UnboundedSender<Msg>) {
+    let info = crate::engine::source::describe(&model.name_or_path, &model.hub_options());
+    let _ = tx.send(Msg::ModelInfo {
+        name: model.name_or_path.clone(),
+        info,
+    });
+}
+
+/// Example `index` of the preset's dataset as the model sees it (tokenizer only, no weights),
+/// then with `stats` the whole dataset's statistics (tokenised through the cache training uses).
+fn preview(preset: &Preset, index: usize, stats: bool, tx: &UnboundedSender<Msg>) {
+    let send = |msg| {
+        let _ = tx.send(msg);
+    };
+    match crate::resolve::load_encoder(preset, &mut |_| {}) {
+        Err(e) => {
+            let e = e.to_string();
+            send(Msg::Preview(Err(e.clone())));
+            if stats {
+                send(Msg::DatasetStats(Err(e)));
+            }
+        }
+        Ok((opts, enc)) => {
+            send(Msg::Preview(
+                crate::data::pipeline::preview(&opts, &enc, index)
+                    .map(Box::new)
+                    .map_err(|e| e.to_string()),
+            ));
+            if stats {
+                send(Msg::DatasetStats(
+                    crate::data::pipeline::prepare_dataset(&opts, &enc)
+                        .map(|d| Box::new(d.stats))
+                        .map_err(|e| e.to_string()),
+                ));
+            }
+        }
+    }
+}
