@@ -80,8 +80,8 @@ if want env; then
 fi
 
 if want tests; then
-  step "GPU tests (integration gpu::, engine::lora_dropout)"
-  timeout 150 "$work/integration" gpu:: engine::lora_dropout --test-threads=1 --nocapture 2>&1 | tail -60 |
+  step "GPU tests (integration gpu::, engine::lora_dropout, chat_worker::cuda)"
+  timeout 150 "$work/integration" gpu:: engine::lora_dropout chat_worker::cuda --test-threads=1 --nocapture 2>&1 | tail -60 |
     tee "$OUT/gpu-tests.txt"
 fi
 

