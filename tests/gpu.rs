@@ -277,8 +277,20 @@ fn configure(m: &mut Model, (ckpt, chunk, manual): (bool, Option<usize>, bool)) 
 
 /// Compares `m` on `dev` with the same model on the CPU (fused kernels), for every setting and batch.
 fn compare_with_cpu(dir: &Path, dev: &Device, dtype: DType, tol: f64, generic: bool) {
-    let mut cpu_m = load(dir, DType::F32, &CPU, &lora(4));
-    let mut dev_m = load(dir, dtype, dev, &lora(4));
+    compare_finetune_with_cpu(dir, dev, dtype, tol, generic, &lora(4));
+}
+
+/// [`compare_with_cpu`] for any kind of fine-tuning (LoRA, freeze, full).
+fn compare_finetune_with_cpu(
+    dir: &Path,
+    dev: &Device,
+    dtype: DType,
+    tol: f64,
+    generic: bool,
+    ft: &Finetune,
+) {
+    let mut cpu_m = load(dir, DType::F32, &CPU, ft);
+    let mut dev_m = load(dir, dtype, dev, ft);
     let cpu_batches = batches(&CPU);
     let dev_batches = batches(dev);
     assert_eq!(cpu_batches.len(), dev_batches.len());
@@ -311,6 +323,15 @@ fn generic_training_path_matches_the_fused_path_in_f32() {
     let d = tempfile::tempdir().unwrap();
     tiny(d.path(), &TinyOpts::default());
     compare_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true);
+    // Freeze and full fine-tuning: trainable base weights and norms take candle's graph on every device.
+    for ft in [
+        Finetune::Freeze {
+            trainable_layers: 1,
+        },
+        Finetune::Full,
+    ] {
+        compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &ft);
+    }
 }
 
 /// Finite differences on a few LoRA entries of the model on `dev` in f64.
@@ -408,6 +429,14 @@ fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
         compare_with_cpu(d.path(), &dev, DType::F32, 1e-4, false);
         // bf16 base with f32 LoRA: within bf16's resolution over two layers.
         compare_with_cpu(d.path(), &dev, DType::BF16, 5e-2, false);
+        for ft in [
+            Finetune::Freeze {
+                trainable_layers: 1,
+            },
+            Finetune::Full,
+        ] {
+            compare_finetune_with_cpu(d.path(), &dev, DType::F32, 1e-4, false, &ft);
+        }
     }
 }
 
