@@ -14,7 +14,7 @@ use crate::engine::source::SourceKind;
 use crate::engine::{Finetune, Model};
 use crate::resolve;
 use crate::trainer::optim::{AdamW, AdamWConfig, Param};
-use crate::trainer::run::{batch_tensors, peak_rss_gib};
+use crate::trainer::run::{batch_tensors, host_inputs, peak_rss_gib, u32_mask};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -247,10 +247,12 @@ fn measure(
     let mut times = Vec::new();
     for (i, b) in batches.iter().enumerate() {
         let (ids, labels, mask) = batch_tensors(b, device).map_err(|e| e.to_string())?;
+        let am = u32_mask(b);
+        let host = host_inputs(b, &am);
         let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         let (loss, n) = model
-            .forward_loss(&ids, &mask, &labels, true)
+            .forward_loss_with(&ids, &mask, &labels, Some(&host), true)
             .map_err(|e| e.to_string())?;
         #[allow(clippy::cast_precision_loss)]
         let mean = (loss / n.max(1) as f64).map_err(|e| e.to_string())?;

@@ -586,3 +586,38 @@ fn cuda_lora_dropout_is_seeded_and_checkpointing_sees_the_same_masks() {
         }
     }
 }
+
+#[test]
+fn host_inputs_give_what_the_tensors_give() {
+    // The trainer hands the model its host copies (no read-back from a GPU): same loss and gradients as the
+    // tensors alone, for a padded batch (with unpadding) and a packed one.
+    let d = tempfile::tempdir().unwrap();
+    tiny(d.path(), &TinyOpts::default());
+    let m = load(d.path(), DType::F32, &CPU, &lora(4));
+    let ids: Vec<u32> = vec![5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43];
+    let labels: Vec<i64> = vec![-100, 70, 71, 100, 33, 9, -100, 12, 40, 41, -100, -100];
+    let attention: Vec<u32> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let seq: Vec<u32> = vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 2, 2];
+    for (i, (t_ids, mask, t_labels)) in batches(&CPU).into_iter().enumerate() {
+        let host = termtune::engine::HostInputs {
+            input_ids: &ids,
+            labels: &labels,
+            attention_mask: (i == 0).then_some(attention.as_slice()),
+            sequence_ids: (i == 1).then_some(seq.as_slice()),
+        };
+        let run = |h: Option<&termtune::engine::HostInputs>| {
+            let (s, n) = m
+                .forward_loss_with(&t_ids, &mask, &t_labels, h, true)
+                .unwrap();
+            let loss = (s / n as f64).unwrap();
+            let g = loss.backward().unwrap();
+            let grads: Vec<Vec<f64>> = m
+                .trainable_vars()
+                .iter()
+                .map(|(_, v)| to_f64(g.get(v.as_tensor()).unwrap()))
+                .collect();
+            (to_f64(&loss), grads)
+        };
+        assert_eq!(run(None), run(Some(&host)), "batch {i}");
+    }
+}

@@ -28,5 +28,5 @@ pub mod weights;
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;
 pub use generate::{ChatModel, GenerationParams, StopReason};
-pub use model::{AttnMask, Finetune, KvCache, LoraSpec, LoraTargets, Model};
+pub use model::{AttnMask, Finetune, HostInputs, KvCache, LoraSpec, LoraTargets, Model};
 pub use weights::ModelFiles;

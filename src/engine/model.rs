@@ -320,6 +320,24 @@ pub enum Kernels {
     Pure,
 }
 
+/// Host copies of a batch's inputs, row-major (b·t each): what the trainer built its tensors from. With them
+/// [`Model::forward_loss_with`] derives the attention bias, the unpadding and the labelled rows without reading the
+/// tensors back from the device (on a GPU every such read waits for all queued work).
+#[derive(Debug, Clone, Copy)]
+pub struct HostInputs<'a> {
+    pub input_ids: &'a [u32],
+    pub labels: &'a [i64],
+    /// The padding mask (`AttnMask::Padding`).
+    pub attention_mask: Option<&'a [u32]>,
+    /// The example ids (`AttnMask::Packed`).
+    pub sequence_ids: Option<&'a [u32]>,
+}
+
+/// Rows of a (b, t) row-major host slice.
+fn rows_of(v: &[u32], t: usize) -> Vec<Vec<u32>> {
+    v.chunks(t.max(1)).map(<[u32]>::to_vec).collect()
+}
+
 /// Per-layer KV cache for [`Model::forward_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -695,11 +713,13 @@ impl Model {
 
     /// Additive attention bias (b, 1, t, t) in `dtype`: 0 where allowed, a large negative elsewhere.
     /// Allowed: key ≤ query, same example (seq id), key not padding; a query always sees itself (no empty rows).
-    fn mask_bias(&self, b: usize, t: usize, seq: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
-        let seq: Option<Vec<Vec<u32>>> = match seq {
-            Some(s) => Some(s.to_dtype(DType::U32)?.to_vec2::<u32>()?),
-            None => None,
-        };
+    fn mask_bias(
+        &self,
+        b: usize,
+        t: usize,
+        seq: Option<Vec<Vec<u32>>>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let neg = -1e9f32;
         let bb = if seq.is_some() { b } else { 1 };
         let mut v = vec![0f32; bb * t * t];
@@ -721,19 +741,22 @@ impl Model {
         Ok(Tensor::from_vec(v, (bb, 1, t, t), &self.device)?.to_dtype(dtype)?)
     }
 
-    /// Input embeddings for token ids (b, t).
-    fn embed(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+    /// Input embeddings for token ids (b, t); `host_ids` (their host copy) spares the read-back of the range check.
+    fn embed(&self, ids: &Tensor, train: bool, host_ids: Option<&[u32]>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t == 0 {
             return Err(EngineError::Invalid(
                 "empty input: a sequence needs at least one token".into(),
             ));
         }
-        let max = ids
-            .to_dtype(DType::U32)?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<u32>()?;
+        let max = match host_ids {
+            Some(h) => h.iter().copied().max().unwrap_or(0),
+            None => ids
+                .to_dtype(DType::U32)?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<u32>()?,
+        };
         if max as usize >= self.cfg.vocab_size {
             return Err(EngineError::Invalid(format!(
                 "token id {max} is outside the model's vocabulary (vocab_size {}); tokenizer and model do not match",
@@ -759,7 +782,7 @@ impl Model {
         mask: &AttnMask,
         train: bool,
     ) -> Result<Tensor> {
-        Ok(self.hidden(input_ids, mask, train, false)?.0)
+        Ok(self.hidden(input_ids, mask, train, false, None)?.0)
     }
 
     /// [`Self::forward_hidden`]; with `unpad` and a padded batch, the output is (1, N, hidden) over the N real
@@ -770,6 +793,7 @@ impl Model {
         mask: &AttnMask,
         train: bool,
         unpad: bool,
+        host: Option<&HostInputs>,
     ) -> Result<(Tensor, Option<Vec<Option<usize>>>)> {
         let (b, t) = input_ids.dims2()?;
         let check = |name: &str, x: &Tensor| -> Result<()> {
@@ -793,6 +817,13 @@ impl Model {
             }
         }
         let cdt = ops::compute_dtype(self.dtype);
+        // (b, t) rows of a mask: from the host copy when given, else read back from the tensor.
+        let host_rows = |given: Option<&[u32]>, tensor: &Tensor| -> Result<Vec<Vec<u32>>> {
+            match given {
+                Some(v) if v.len() == b * t => Ok(rows_of(v, t)),
+                _ => Ok(tensor.to_dtype(DType::U32)?.to_vec2::<u32>()?),
+            }
+        };
         let (positions, seq) = match mask {
             AttnMask::Causal => (
                 Tensor::arange(0u32, t as u32, &self.device)?.reshape((1, t))?,
@@ -800,23 +831,31 @@ impl Model {
             ),
             AttnMask::Padding { attention_mask } => (
                 Tensor::arange(0u32, t as u32, &self.device)?.reshape((1, t))?,
-                Some(attention_mask),
+                Some(host_rows(
+                    host.and_then(|h| h.attention_mask),
+                    attention_mask,
+                )?),
             ),
             AttnMask::Packed {
                 seq_ids,
                 position_ids,
-            } => (position_ids.clone(), Some(seq_ids)),
+            } => (
+                position_ids.clone(),
+                Some(host_rows(host.and_then(|h| h.sequence_ids), seq_ids)?),
+            ),
         };
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
-        let bias = self.mask_bias(b, t, seq, cdt)?;
-        let pad = match (unpad, mask) {
-            (true, AttnMask::Padding { attention_mask }) => layer::Unpad::from_mask(
-                &attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?,
-                &self.device,
-            )?,
+        // The padding mask's rows (the same as `seq` for a padded batch): unpadding and its row map come from them.
+        let pad_rows = match (unpad, mask) {
+            (true, AttnMask::Padding { .. }) => seq.clone(),
             _ => None,
         };
-        let mut x = self.embed(input_ids, train)?;
+        let bias = self.mask_bias(b, t, seq, cdt)?;
+        let pad = match &pad_rows {
+            Some(m) => layer::Unpad::from_mask(m, &self.device)?,
+            None => None,
+        };
+        let mut x = self.embed(input_ids, train, host.map(|h| h.input_ids))?;
         if let Some(p) = &pad {
             x = x
                 .reshape((b * t, self.cfg.hidden_size))?
@@ -845,15 +884,22 @@ impl Model {
                 layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref(), train)?
             };
         }
-        let rows = match &pad {
-            None => None,
-            Some(p) => {
+        let rows = match (&pad, &pad_rows) {
+            (Some(_), Some(m)) => {
+                // Row r of the unpadded batch is the r-th real position, batch-major (as `Unpad::from_mask`).
                 let mut map = vec![None; b * t];
-                for (row, pos) in p.real.to_vec1::<u32>()?.into_iter().enumerate() {
-                    map[pos as usize] = Some(row);
+                let real = m
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0)
+                    .map(|(pos, _)| pos);
+                for (row, pos) in real.enumerate() {
+                    map[pos] = Some(row);
                 }
                 Some(map)
             }
+            _ => None,
         };
         Ok((self.rms_norm(&x, &self.norm, train)?, rows))
     }
@@ -922,6 +968,19 @@ impl Model {
         labels: &Tensor,
         train: bool,
     ) -> Result<(Tensor, usize)> {
+        self.forward_loss_with(input_ids, mask, labels, None, train)
+    }
+
+    /// [`Self::forward_loss`] with the host copies of the inputs: no tensor is read back from the device (the
+    /// trainer's path; on a GPU the work of consecutive micro-batches then queues without a wait).
+    pub fn forward_loss_with(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        labels: &Tensor,
+        host: Option<&HostInputs>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
         let (b, t) = input_ids.dims2()?;
         if labels.dims() != [b, t] {
             return Err(EngineError::Invalid(format!(
@@ -929,7 +988,12 @@ impl Model {
                 labels.dims()
             )));
         }
-        let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let lab: Vec<Vec<i64>> = match host {
+            Some(h) if h.labels.len() == b * t => {
+                h.labels.chunks(t.max(1)).map(<[i64]>::to_vec).collect()
+            }
+            _ => labels.to_dtype(DType::I64)?.to_vec2::<i64>()?,
+        };
         let mut rows = Vec::new();
         let mut tgt = Vec::new();
         for (bi, row) in lab.iter().enumerate() {
@@ -954,7 +1018,7 @@ impl Model {
         if n == 0 {
             return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
         }
-        let (h, packed) = self.hidden(input_ids, mask, train, self.unpad)?;
+        let (h, packed) = self.hidden(input_ids, mask, train, self.unpad, host)?;
         // With padding removed, a labelled position must be a real token (it always is for right or left
         // padding); otherwise run again on the padded layout.
         let (h, rows) = match packed {
@@ -965,7 +1029,7 @@ impl Model {
                 .collect::<Option<Vec<u32>>>()
             {
                 Some(mapped) => (h, mapped),
-                None => (self.hidden(input_ids, mask, train, false)?.0, rows),
+                None => (self.hidden(input_ids, mask, train, false, host)?.0, rows),
             },
         };
         let idx = Tensor::from_vec(rows, n, &self.device)?;
@@ -1031,7 +1095,7 @@ impl Model {
         } else {
             None
         };
-        let mut x = self.embed(ids, false)?;
+        let mut x = self.embed(ids, false, None)?;
         for (li, l) in self.layers.iter().enumerate() {
             let hn = norm(&x, &l.input_norm)?;
             let q = l.q.forward(&hn, false)?.reshape((b, t, nh, hd))?;

@@ -724,7 +724,11 @@ impl<'a> Trainer<'a> {
                 .wrapping_add(self.step << 8)
                 .wrapping_add(micro as u64);
             let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
-            let (loss, n) = self.model.forward_loss(&ids, &mask, &labels, true)?;
+            let am = u32_mask(batch);
+            let host = host_inputs(batch, &am);
+            let (loss, n) =
+                self.model
+                    .forward_loss_with(&ids, &mask, &labels, Some(&host), true)?;
             real_tokens += batch
                 .attention_mask
                 .iter()
@@ -833,7 +837,11 @@ impl<'a> Trainer<'a> {
         let mut n = 0usize;
         for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
             let (ids, labels, mask) = batch_tensors(&batch, &self.model.device)?;
-            let (loss, count) = self.model.forward_loss(&ids, &mask, &labels, false)?;
+            let am = u32_mask(&batch);
+            let host = host_inputs(&batch, &am);
+            let (loss, count) =
+                self.model
+                    .forward_loss_with(&ids, &mask, &labels, Some(&host), false)?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             n += count;
         }
@@ -1057,12 +1065,27 @@ pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, Attn
             position_ids: Tensor::from_vec(b.position_ids.clone(), shape, device)?,
         }
     } else {
-        let m: Vec<u32> = b.attention_mask.iter().map(|&x| u32::from(x)).collect();
         AttnMask::Padding {
-            attention_mask: Tensor::from_vec(m, shape, device)?,
+            attention_mask: Tensor::from_vec(u32_mask(b), shape, device)?,
         }
     };
     Ok((ids, labels, mask))
+}
+
+/// The host copies of `b` for [`Model::forward_loss_with`] (`attention_mask` as u32, from [`u32_mask`]): the
+/// model then reads nothing back from the device.
+pub fn host_inputs<'a>(b: &'a Batch, attention_mask: &'a [u32]) -> crate::engine::HostInputs<'a> {
+    crate::engine::HostInputs {
+        input_ids: &b.input_ids,
+        labels: &b.labels,
+        attention_mask: (!b.block_diagonal).then_some(attention_mask),
+        sequence_ids: b.block_diagonal.then_some(b.sequence_ids.as_slice()),
+    }
+}
+
+/// A batch's padding mask as u32 (the dtype of its tensor).
+pub fn u32_mask(b: &Batch) -> Vec<u32> {
+    b.attention_mask.iter().map(|&x| u32::from(x)).collect()
 }
 
 /// Peak resident memory of this process so far, in GiB (Linux `VmHWM`).
