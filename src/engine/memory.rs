@@ -68,7 +68,8 @@ pub struct RunShape {
     pub head_chunk_rows: Option<usize>,
 }
 
-/// Parameters of each linear of one decoder layer: (in, out) for q, k, v, o, gate, up, down.
+/// Parameters of each linear of one decoder layer: (in, out) in `LINEAR_LEAVES` order (q, k, v, o, gate, up,
+/// down).
 fn layer_linears(c: &ModelConfig) -> [(usize, usize); 7] {
     let (h, ff) = (c.hidden_size, c.intermediate_size);
     let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -93,15 +94,7 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
         Finetune::Lora(spec) => {
             let per_layer_lora: usize = layer_linears(cfg)
                 .iter()
-                .zip([
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ])
+                .zip(super::model::LINEAR_LEAVES)
                 .filter(|(_, name)| spec.targets.contains(name))
                 .map(|((i, o), _)| spec.r * (i + o))
                 .sum();
@@ -175,17 +168,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn llama_8b_parameter_count_and_lora_size_are_right() {
-        let c = llama_8b();
-        let spec = LoraSpec {
-            r: 16,
-            alpha: 32.0,
+    fn lora_all(r: usize) -> Finetune {
+        Finetune::Lora(LoraSpec {
+            r,
+            alpha: 2.0 * r as f64,
             dropout: 0.0,
             targets: LoraTargets::parse("all").unwrap(),
             use_rslora: false,
             seed: 0,
-        };
+        })
+    }
+
+    #[test]
+    fn llama_8b_parameter_count_and_lora_size_are_right() {
+        let c = llama_8b();
         let run = RunShape {
             dtype: DType::BF16,
             batch: 4,
@@ -193,21 +189,14 @@ mod tests {
             checkpointing: true,
             head_chunk_rows: Some(1024),
         };
-        let e = estimate(&c, &Finetune::Lora(spec), &run);
+        let e = estimate(&c, &lora_all(16), &run);
         // Llama-3.1-8B has 8.03 B parameters (16.06 GB in bf16).
         assert_eq!(e.weights, 8_030_261_248 * 2);
         // LoRA r 16 on all 7 linears: 41.9 M parameters (PEFT's print_trainable_parameters), 16 bytes each.
         assert_eq!(e.trainable, 41_943_040 * 16);
         let off = estimate(
             &c,
-            &Finetune::Lora(LoraSpec {
-                r: 16,
-                alpha: 32.0,
-                dropout: 0.0,
-                targets: LoraTargets::parse("all").unwrap(),
-                use_rslora: false,
-                seed: 0,
-            }),
+            &lora_all(16),
             &RunShape {
                 checkpointing: false,
                 ..run
