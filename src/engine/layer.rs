@@ -15,10 +15,188 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
 use super::error::Result;
-use super::model::{Layer, Linear, Weight};
 use super::ops;
 
 type R<T> = candle_core::Result<T>;
+
+/// A parameter: frozen plain tensor or trainable Var.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Frozen(Tensor),
+    Trainable(Var),
+}
+
+impl Weight {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Frozen(t) => t,
+            Self::Trainable(v) => v.as_tensor(),
+        }
+    }
+    /// The current value without autograd tracking.
+    pub fn detached(&self) -> Tensor {
+        match self {
+            Self::Frozen(t) => t.clone(),
+            Self::Trainable(v) => v.as_detached_tensor(),
+        }
+    }
+}
+
+/// A LoRA pair on one linear (A: (r, in), B: (out, r)), f32 (f64 when the model is f64).
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A linear layer with optional bias and LoRA.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub weight: Weight,
+    pub bias: Option<Weight>,
+    pub lora: Option<LoraPair>,
+}
+
+impl Linear {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_k(x, train, false, 0)
+    }
+
+    /// The LoRA dropout mask of this linear's input `x` for `dropout_seed` (see [`ops::lora_dropout_mask`]), or
+    /// `None` when there is no dropout (or not training).
+    pub(crate) fn dropout_mask(
+        &self,
+        x: &Tensor,
+        train: bool,
+        dropout_seed: u64,
+    ) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) if train && l.dropout > 0.0 => Ok(Some(ops::lora_dropout_mask(
+                x.shape(),
+                l.dropout,
+                dropout_seed,
+                &self.name,
+                l.a.dtype(),
+                x.device(),
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
+    /// input already in the LoRA dtype). `dropout_seed` draws the LoRA dropout mask (training only).
+    pub(crate) fn forward_k(
+        &self,
+        x: &Tensor,
+        train: bool,
+        fused: bool,
+        dropout_seed: u64,
+    ) -> Result<Tensor> {
+        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
+            && l.dropout == 0.0
+            && x.dtype() == l.a.dtype()
+        {
+            let op = ops::LoraLinear {
+                w: w.clone(),
+                scale: l.scale,
+            };
+            let mut y = x
+                .contiguous()?
+                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b.tensor())?;
+            }
+            return Ok(y);
+        }
+        let mut y = match &self.weight {
+            Weight::Frozen(w) => ops::frozen_linear(x, w)?,
+            Weight::Trainable(v) => {
+                let w = if train {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_detached_tensor()
+                };
+                ops::linear(x, &w)?
+            }
+        };
+        if let Some(b) = &self.bias {
+            let b = if train {
+                b.tensor().clone()
+            } else {
+                b.detached()
+            };
+            y = y.broadcast_add(&b)?;
+        }
+        if let Some(l) = &self.lora {
+            let (a, b) = if train {
+                (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+            } else {
+                (l.a.as_detached_tensor(), l.b.as_detached_tensor())
+            };
+            let mut xl = x.to_dtype(a.dtype())?;
+            if let Some(m) = self.dropout_mask(x, train, dropout_seed)? {
+                xl = xl.mul(&m)?;
+            }
+            // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
+            let d = ops::linear(&(ops::linear(&xl, &a)? * l.scale)?, &b)?;
+            let d = d.to_dtype(y.dtype())?;
+            y = (y + d)?;
+        }
+        Ok(y)
+    }
+
+    /// `W0 + s·B·A` (dtype of W0), or W0 when there is no LoRA.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.detached();
+        match &self.lora {
+            None => Ok(w),
+            Some(l) => {
+                let delta =
+                    (l.b.as_detached_tensor().matmul(&l.a.as_detached_tensor())? * l.scale)?;
+                Ok((w.to_dtype(delta.dtype())? + delta)?.to_dtype(w.dtype())?)
+            }
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub input_norm: Weight,
+    pub post_norm: Weight,
+    pub q_norm: Option<Weight>,
+    pub k_norm: Option<Weight>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Layer {
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
 
 /// What a decoder layer needs from the model (small and `Copy`, so the checkpoint op can hold it).
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +254,8 @@ impl Unpad {
     }
 }
 
-fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
+/// RMSNorm with the layer's kernel set; `train` tracks a trainable weight (else detached).
+pub(crate) fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
     let w = if train {
         w.tensor().clone()
     } else {
