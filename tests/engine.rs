@@ -66,6 +66,24 @@ fn ids(v: &[u32], b: usize) -> Tensor {
     Tensor::from_vec(v.to_vec(), (b, v.len() / b), &CPU).unwrap()
 }
 
+/// Two rows, the second right-padded by two, with the first position of each unlabelled (as the collator does):
+/// (input_ids, padding mask, labels).
+fn padded_batch() -> (Tensor, AttnMask, Tensor) {
+    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
+    let mask = AttnMask::Padding {
+        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
+    };
+    let labels = Tensor::new(
+        &[
+            [-100i64, 70, 71, 100, 33, 9],
+            [-100, 12, 40, 41, -100, -100],
+        ],
+        &CPU,
+    )
+    .unwrap();
+    (input, mask, labels)
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
         .unwrap()
@@ -217,19 +235,7 @@ fn lora_gradients_match_finite_differences_f64() {
         m.checkpointing = opts.arch == ArchKind::Mistral;
         m.head_chunk_rows = (opts.arch == ArchKind::Mistral).then_some(2);
         randomize_b(&m, 99);
-        let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-        let mask = AttnMask::Padding {
-            attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU)
-                .unwrap(),
-        };
-        let labels = Tensor::new(
-            &[
-                [-100i64, 70, 71, 100, 33, 9],
-                [-100, 12, 40, 41, -100, -100],
-            ],
-            &CPU,
-        )
-        .unwrap();
+        let (input, mask, labels) = padded_batch();
         let loss_of = |m: &Model| {
             let (s, n) = m.forward_loss(&input, &mask, &labels, true).unwrap();
             (s / n as f64).unwrap()
@@ -1253,18 +1259,7 @@ fn loss_and_grads(
 #[test]
 fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
     // f64: the paths differ only by float rounding, so the tolerance can be tight.
-    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-    let mask = AttnMask::Padding {
-        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
-    };
-    let labels = Tensor::new(
-        &[
-            [-100i64, 70, 71, 100, 33, 9],
-            [-100, 12, 40, 41, -100, -100],
-        ],
-        &CPU,
-    )
-    .unwrap();
+    let (input, mask, labels) = padded_batch();
     let finetunes = [
         lora("all", 4),
         lora("q_proj,v_proj", 2),
@@ -1397,18 +1392,7 @@ fn lora_dropout_masks_are_seeded_and_every_path_sees_the_same_ones() {
 
     // The model with dropout 0.3, f64: the plain graph, checkpointing and the hand-written backward (fused CPU
     // kernels, and the generic kernels CUDA runs) give the same loss and gradients for one seed.
-    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-    let mask = AttnMask::Padding {
-        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
-    };
-    let labels = Tensor::new(
-        &[
-            [-100i64, 70, 71, 100, 33, 9],
-            [-100, 12, 40, 41, -100, -100],
-        ],
-        &CPU,
-    )
-    .unwrap();
+    let (input, mask, labels) = padded_batch();
     let d = tempfile::tempdir().unwrap();
     let ft = Finetune::Lora(LoraSpec {
         r: 4,

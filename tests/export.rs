@@ -932,14 +932,7 @@ fn a_float32_export_of_a_bf16_base_merges_in_f32() {
     let written = candle_core::safetensors::load(out.join("model.safetensors"), &CPU).unwrap();
     let want = reference.merged_tensors().unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
-    let d = (&written[name] - &want[name].to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&written[name], &want[name].to_dtype(DType::F32).unwrap());
     assert!(
         d < 1e-6,
         "{name}: merged weights differ from the f32 merge by {d}"

@@ -525,7 +525,7 @@ fn cuda_greedy_generation_matches_the_cpu() {
 }
 
 #[test]
-fn cuda_bf16_lora_weights_and_optimizer_state_stay_f32() {
+fn cuda_bf16_base_keeps_lora_weights_f32_on_the_gpu() {
     let Some(dev) = cuda() else { return };
     let d = tempfile::tempdir().unwrap();
     tiny(d.path(), &TinyOpts::default());
