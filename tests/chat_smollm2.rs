@@ -114,3 +114,41 @@ fn sampling_with_a_seed_is_reproducible() {
     assert!(!a.trim().is_empty());
     assert_eq!(a, run("7"));
 }
+
+/// The same greedy answer on CUDA in float32: token for token the transformers reference and the CPU's answer.
+/// Runs when a CUDA device is present (and the SmolLM2 GGUF can be had); otherwise "no CUDA device: skipped".
+#[test]
+fn cuda_greedy_answer_matches_transformers_and_the_cpu() {
+    if termtune::engine::device::cuda_device_count() == 0 {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let dev = termtune::engine::device::select(termtune::engine::device::DeviceSpec::Cuda(0))
+        .expect("a visible CUDA device starts");
+    let r = reference();
+    let gguf = termtune::testing::smollm2_gguf();
+    let system = r["messages"][0]["content"].as_str().unwrap();
+    let user = r["messages"][1]["content"].as_str().unwrap();
+    let text = format!(
+        "model_name_or_path: {}\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\ninfer_dtype: float32\n",
+        gguf.display(),
+        system
+    );
+    let loaded = config::parse(&text, &[], Purpose::Chat).unwrap();
+    let answer_on = |device: &Device| {
+        let mut session = ChatSession::load(&loaded.preset, device, &mut |_| {}).unwrap();
+        session
+            .answer(user, None, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap()
+    };
+    let gpu = answer_on(&dev);
+    let cpu = answer_on(&Device::Cpu);
+    let expected = ids(&r, "continuation_until_eos_ids");
+    assert_eq!(gpu.tokens, expected[..expected.len() - 1], "{}", gpu.text);
+    assert_eq!(gpu.tokens, cpu.tokens);
+    assert_eq!(gpu.text, r["answer_text"].as_str().unwrap());
+    eprintln!(
+        "CUDA f32 greedy answer = transformers = CPU: {:?}",
+        gpu.text
+    );
+}
