@@ -299,14 +299,17 @@ fn run_dashboard_log_scale_with_gpu_samples() {
     }
     a.update(key('g'));
     snap("run_log_scale_gpu", &a);
-    // This process's GPU memory shows where the panel has room for it, and never pushes the rest out.
+    // This process's GPU memory shows beside the facts where the panel is wide enough, on its own line where
+    // it is not (80×24), and never pushes the rest out.
     let text = |w: u16, h: u16| format!("{:?}", draw(&a, w, h));
     assert!(
         text(240, 50).contains("termtune 40.0 GiB"),
         "{}",
         text(240, 50)
     );
-    assert!(!text(80, 24).contains("termtune 40.0"));
+    let small = text(80, 24);
+    assert!(small.contains("termtune 40.0 GiB"), "{small}");
+    assert!(small.contains("87% · 61°C · 412/700 W"), "{small}");
 }
 
 #[test]

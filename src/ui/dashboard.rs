@@ -355,14 +355,29 @@ fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                         None => facts.push(format!("{w:.0} W")),
                     }
                 }
-                // This process's share, where the panel is wide enough for it too.
+                // This process's share: beside the facts where the panel is wide enough, else on a line of its
+                // own above the memory history (one GPU), else left out.
+                let mut own_line = None;
                 if let Some(b) = g.process_memory_bytes {
                     let ours = format!("termtune {}", gib(b));
                     if facts.join(" · ").chars().count() + ours.chars().count() + 3 <= width {
                         facts.push(ours);
+                    } else {
+                        own_line = Some(ours);
                     }
                 }
                 let rows = three_lines(r);
+                let mut history = rows[3];
+                if let Some(ours) = own_line
+                    && history.height > 0
+                {
+                    frame.render_widget(
+                        Line::styled(clip(&ours, width), theme.muted),
+                        Rect::new(history.x, history.y, history.width, 1),
+                    );
+                    history =
+                        Rect::new(history.x, history.y + 1, history.width, history.height - 1);
+                }
                 frame.render_widget(
                     Line::styled(clip(&format!("{} {}", g.index, g.name), width), theme.base),
                     rows[0],
@@ -383,7 +398,7 @@ fn render_gpu(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                             .style(theme.lr)
                             .max(g.memory_total_bytes.max(1))
                             .data(tail),
-                        rows[3],
+                        history,
                     );
                 }
             }
