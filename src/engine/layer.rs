@@ -1,16 +1,21 @@
-//! One decoder layer of the training path, and the two memory savers built on it:
+//! The decoder layer, defined once ([`forward`]), and what is built on it:
 //!
+//! - [`forward`] serves every pass: training (tracked), the graph-free passes of the checkpoint op, the forward
+//!   of the hand-written backward (keeping its activations), and inference with a KV-cache slot. The kernels are
+//!   a strategy ([`Kernels`]: fused with their own backward, pure candle ops, or candle-nn's inference kernels),
+//!   and every linear is [`Linear::apply`], the one linear + LoRA (with its one backward formula,
+//!   [`ops::lora_linear_backward`]).
 //! - [`checkpointed_layer`]: activation checkpointing per decoder layer. The layer runs as one candle op whose
 //!   forward keeps no graph (only the layer's input stays alive, as the op's argument); its backward recomputes
-//!   the layer with tracking and backpropagates through that local graph. The layer's trainable Vars enter the
-//!   op as one flat tensor (`cat` of the flattened Vars), so candle's own `cat` backward hands each Var its
-//!   slice of the gradient, and the trainer's `loss.backward()` works unchanged.
+//!   the layer with tracking and backpropagates through that local graph (or runs the hand-written backward).
+//!   The layer's trainable Vars enter the op as one flat tensor (`cat` of the flattened Vars), so candle's own
+//!   `cat` backward hands each Var its slice of the gradient, and the trainer's `loss.backward()` works unchanged.
 //! - [`head_loss_chunked`]: lm_head + cross-entropy over chunks of labelled rows, so a (rows × vocab) logits
 //!   matrix never exists at once. The gradient with respect to the hidden rows is computed chunk by chunk in the
 //!   forward (the loss is a scalar, so the incoming gradient only scales it) and kept as a (rows × hidden)
 //!   tensor: two GEMMs like the unchunked path, none recomputed.
 //!
-//! Both give the same loss and gradients as the plain path up to float rounding; `tests/engine.rs` checks it.
+//! All give the same loss and gradients as the plain path up to float rounding; `tests/engine.rs` checks it.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
@@ -62,8 +67,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_k(x, train, false, 0)
+    /// Inference or a plain tracked forward (`train`: tracked weights, LoRA dropout with `dropout_seed`), with the
+    /// pure candle ops: what the lm_head uses.
+    pub(crate) fn forward(&self, x: &Tensor, train: bool, dropout_seed: u64) -> Result<Tensor> {
+        let pass = Pass {
+            track: train,
+            dropout: train,
+        };
+        Ok(self.apply(x, Kernels::Pure, pass, dropout_seed)?.0)
     }
 
     /// The LoRA dropout mask of this linear's input `x` for `dropout_seed` (see [`ops::lora_dropout_mask`]), or
@@ -87,17 +98,40 @@ impl Linear {
         }
     }
 
-    /// `fused`: use the single [`ops::LoraLinear`] op when it applies (frozen base, LoRA without dropout,
-    /// input already in the LoRA dtype). `dropout_seed` draws the LoRA dropout mask (training only).
-    pub(crate) fn forward_k(
+    /// The one linear + LoRA forward: `y = x·W0ᵀ + s·((x⊙m)·Aᵀ)·Bᵀ + bias` for x of any rank, m the LoRA dropout
+    /// mask of `dropout_seed` when `pass.dropout`. LoRA runs in its own dtype (f32 over a bf16 base, as PEFT keeps
+    /// adapters) and is added in the base's. `pass.track` records the graph through tracked weights (else all
+    /// weights are detached). The fused kernel set multiplies a frozen base with LoRA and no dropout as one op
+    /// ([`ops::LoraLinear`]: its graph keeps only x). Also returns (x⊙m)·Aᵀ as (rows, r) for the hand-written
+    /// backward ([`Self::backward`]) when there is LoRA and the one op did not run.
+    pub(crate) fn apply(
         &self,
         x: &Tensor,
-        train: bool,
-        fused: bool,
+        kernels: Kernels,
+        pass: Pass,
         dropout_seed: u64,
-    ) -> Result<Tensor> {
-        if let (true, Weight::Frozen(w), Some(l)) = (fused && train, &self.weight, &self.lora)
-            && l.dropout == 0.0
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dims = x.dims();
+        let Some((&k, rest)) = dims.split_last() else {
+            return Err(super::error::EngineError::Invalid(format!(
+                "{}: a linear layer needs an input with features, got a scalar",
+                self.name
+            )));
+        };
+        let n = self.weight.tensor().dim(0)?;
+        let mut out_dims = rest.to_vec();
+        out_dims.push(n);
+        let x = x.reshape(((), k))?;
+        let mask = self.dropout_mask(&x, pass.dropout, dropout_seed)?;
+        let weight = |w: &Weight| {
+            if pass.track {
+                w.tensor().clone()
+            } else {
+                w.detached()
+            }
+        };
+        if let (Kernels::Fused, true, Weight::Frozen(w), Some(l), None) =
+            (kernels, pass.track, &self.weight, &self.lora, &mask)
             && x.dtype() == l.a.dtype()
         {
             let op = ops::LoraLinear {
@@ -110,43 +144,69 @@ impl Linear {
             if let Some(b) = &self.bias {
                 y = y.broadcast_add(b.tensor())?;
             }
-            return Ok(y);
+            return Ok((y.reshape(out_dims)?, None));
         }
         let mut y = match &self.weight {
-            Weight::Frozen(w) => ops::frozen_linear(x, w)?,
-            Weight::Trainable(v) => {
-                let w = if train {
-                    v.as_tensor().clone()
-                } else {
-                    v.as_detached_tensor()
-                };
-                ops::linear(x, &w)?
-            }
+            Weight::Frozen(w) => ops::frozen_linear(&x, w)?,
+            Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight))?,
         };
-        if let Some(b) = &self.bias {
-            let b = if train {
-                b.tensor().clone()
-            } else {
-                b.detached()
-            };
-            y = y.broadcast_add(&b)?;
-        }
+        let mut xa = None;
         if let Some(l) = &self.lora {
-            let (a, b) = if train {
+            let (a, b) = if pass.track {
                 (l.a.as_tensor().clone(), l.b.as_tensor().clone())
             } else {
                 (l.a.as_detached_tensor(), l.b.as_detached_tensor())
             };
             let mut xl = x.to_dtype(a.dtype())?;
-            if let Some(m) = self.dropout_mask(x, train, dropout_seed)? {
-                xl = xl.mul(&m)?;
+            if let Some(m) = &mask {
+                xl = xl.mul(m)?;
             }
+            let xa_ = ops::linear(&xl, &a)?;
             // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
-            let d = ops::linear(&(ops::linear(&xl, &a)? * l.scale)?, &b)?;
-            let d = d.to_dtype(y.dtype())?;
-            y = (y + d)?;
+            let d = ops::linear(&(&xa_ * l.scale)?, &b)?.to_dtype(y.dtype())?;
+            y = add(&y, &d)?;
+            xa = Some(xa_);
         }
-        Ok(y)
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&weight(b))?;
+        }
+        Ok((y.reshape(out_dims)?, xa))
+    }
+
+    /// (dX, LoRA (dA, dB)) of [`Self::apply`] on 2-D x for the incoming gradient `gy` (rows, out), graph-free
+    /// (frozen base and bias); `xa` is what the forward returned. The dropout mask is drawn again from the same
+    /// seed (no copy kept).
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        xa: Option<&Tensor>,
+        gy: &Tensor,
+        dropout_seed: u64,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let w = self.weight.detached();
+        match &self.lora {
+            Some(p) => {
+                let mask = self.dropout_mask(x, true, dropout_seed)?;
+                let g = ops::lora_linear_backward(
+                    x,
+                    Some(&w),
+                    &p.a.as_detached_tensor(),
+                    &p.b.as_detached_tensor(),
+                    p.scale,
+                    mask.as_ref(),
+                    xa,
+                    gy,
+                )?;
+                match g.dx {
+                    Some(dx) => Ok((dx, Some((g.da, g.db)))),
+                    None => Err(super::error::EngineError::Invalid(format!(
+                        "{}: LoRA backward gave no input gradient",
+                        self.name
+                    ))),
+                }
+            }
+            None => Ok((gy.matmul(&w)?, None)),
+        }
     }
 
     /// `W0 + s·B·A` (dtype of W0), or W0 when there is no LoRA.
@@ -160,6 +220,15 @@ impl Linear {
                 Ok((w.to_dtype(delta.dtype())? + delta)?.to_dtype(w.dtype())?)
             }
         }
+    }
+}
+
+/// `a + b`: tracked when either is, else graph-free on the rayon pool ([`ops::fused::add_untracked`]).
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.track_op() || b.track_op() {
+        Ok((a + b)?)
+    } else {
+        Ok(ops::fused::add_untracked(a, b)?)
     }
 }
 
@@ -198,6 +267,118 @@ impl Layer {
     }
 }
 
+/// The kernels a decoder layer runs with: a strategy the model picks once (not a branch per op). Each kernel set
+/// computes the same function; they differ in speed and in what they can differentiate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The kernel set of `ops::fused` (fused CPU kernels for f32/f64 on the CPU, their generic candle-op
+    /// counterparts elsewhere: `ops::Backend` picks per tensor), with their own backward, the one-op LoRA linear
+    /// and the hand-written layer backward.
+    Fused,
+    /// Pure candle ops everywhere (the reference).
+    Pure,
+    /// Inference: candle-nn's fused RMSNorm, RoPE and softmax (CUDA kernels on a GPU), which have no backward:
+    /// never on a tracked pass.
+    Inference,
+}
+
+impl Kernels {
+    fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(match self {
+            Self::Fused => ops::fused::rms_norm(x, w, eps)?,
+            Self::Pure => ops::rms_norm_pure(x, w, eps)?,
+            Self::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?,
+        })
+    }
+
+    /// x (b, h, t, hd); cos, sin (bb, 1, t, hd/2).
+    fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Fused => ops::fused::rope(x, cos, sin)?,
+            Self::Inference if cos.dim(0)? == 1 => {
+                let (c, s) = (cos.squeeze(0)?.squeeze(0)?, sin.squeeze(0)?.squeeze(0)?);
+                candle_nn::rotary_emb::rope(&x.contiguous()?, &c.contiguous()?, &s.contiguous()?)?
+            }
+            Self::Pure | Self::Inference => ops::rope_pure(x, cos, sin)?,
+        })
+    }
+
+    /// `softmax(scale·q·kᵀ + bias)·v` with GQA: q (b, nh, t, hd), k and v (b, nkv, s, hd), bias (bb, 1, t, s) or
+    /// none (nothing masked). Scores and softmax in the compute dtype, the products in `dtype`.
+    fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        scale: f64,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        if nkv == 0 || nh % nkv != 0 {
+            return Err(super::error::EngineError::Invalid(format!(
+                "attention: {nh} query heads are not a multiple of {nkv} kv heads"
+            )));
+        }
+        let cdt = ops::compute_dtype(dtype);
+        if self == Self::Fused {
+            let zeros;
+            let bias = match bias {
+                Some(bias) => bias,
+                None => {
+                    zeros = Tensor::zeros((1, 1, t, s), cdt, q.device())?;
+                    &zeros
+                }
+            };
+            return Ok(ops::fused::attention(q, k, v, bias, scale)?);
+        }
+        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
+        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
+        let n_rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, n_rep * t, hd))?;
+        let mut att = (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * scale)?.to_dtype(cdt)?;
+        if let Some(bias) = bias {
+            att = att.broadcast_add(&bias.to_dtype(cdt)?)?;
+        }
+        let att = if self == Self::Inference {
+            candle_nn::ops::softmax_last_dim(&att.contiguous()?)?
+        } else {
+            ops::softmax_pure(&att)?
+        };
+        Ok(att
+            .to_dtype(dtype)?
+            .reshape((b, nkv, n_rep * t, s))?
+            .matmul(&v.contiguous()?)?
+            .reshape((b, nh, t, hd))?)
+    }
+
+    fn swiglu(self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Fused => ops::fused::swiglu(g, u)?,
+            Self::Pure | Self::Inference => ops::swiglu_pure(g, u)?,
+        })
+    }
+}
+
+/// What a forward pass records: `track` follows trainable weights in candle's graph (else every weight is
+/// detached and no graph is built), `dropout` applies the LoRA dropout masks (training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub track: bool,
+    pub dropout: bool,
+}
+
+impl Pass {
+    /// The training forward (tracked, with dropout) when `train`, else inference (detached, no dropout).
+    pub fn train(train: bool) -> Self {
+        Self {
+            track: train,
+            dropout: train,
+        }
+    }
+}
+
 /// What a decoder layer needs from the model (small and `Copy`, so the checkpoint op can hold it).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerCtx {
@@ -207,10 +388,20 @@ pub struct LayerCtx {
     pub eps: f64,
     /// The model dtype.
     pub dtype: DType,
-    /// Use the kernel set of `ops::fused` (`Kernels::Fused`; `ops::Backend` picks per device).
-    pub fused: bool,
+    pub kernels: Kernels,
     /// Seed of the LoRA dropout masks (`Model::dropout_seed`).
     pub dropout_seed: u64,
+}
+
+/// A layer's inputs besides the hidden states: RoPE tables `cos`/`sin` (bb, 1, t, hd/2) for the new positions,
+/// the additive attention `bias` (bb, 1, t, s) (none: nothing masked), the unpadding of a padded batch, and the
+/// layer's KV-cache slot (inference: the new keys and values are appended to it and attention sees them all).
+pub struct LayerIo<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub pad: Option<&'a Unpad>,
+    pub cache: Option<&'a mut Option<(Tensor, Tensor)>>,
 }
 
 /// Padding removed from a right- or left-padded batch: the layer runs its linears, norms and MLP on the N real
@@ -254,35 +445,43 @@ impl Unpad {
     }
 }
 
-/// RMSNorm with the layer's kernel set; `train` tracks a trainable weight (else detached).
-pub(crate) fn rms_norm(ctx: &LayerCtx, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
-    let w = if train {
+/// RMSNorm with `kernels`; `track` follows a trainable weight (else detached).
+pub(crate) fn rms_norm(
+    kernels: Kernels,
+    eps: f64,
+    x: &Tensor,
+    w: &Weight,
+    track: bool,
+) -> Result<Tensor> {
+    let w = if track {
         w.tensor().clone()
     } else {
         w.detached()
     };
-    if ctx.fused {
-        Ok(ops::fused::rms_norm(x, &w, ctx.eps)?)
-    } else {
-        Ok(ops::rms_norm_pure(x, &w, ctx.eps)?)
-    }
+    kernels.rms_norm(x, &w, eps)
 }
 
-/// One decoder layer: x (b, t, hidden) → (b, t, hidden), or (1, N, hidden) → (1, N, hidden) with `pad`.
-/// `cos`/`sin` (bb, 1, t, hd/2), `bias` (bb, 1, t, t). `train`: trainable weights are tracked (else detached)
-/// and LoRA dropout is active.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_forward(
+/// The decoder layer, the one definition of it: training (tracked), the checkpoint op's graph-free passes and
+/// the hand-written backward's forward (which keeps its activations in `keep`), and inference with a KV cache.
+/// x (b, t, hidden) → (b, t, hidden), or (1, N, hidden) → (1, N, hidden) with `io.pad`.
+pub fn forward(
     ctx: &LayerCtx,
     l: &Layer,
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    bias: &Tensor,
-    pad: Option<&Unpad>,
-    train: bool,
+    io: LayerIo<'_>,
+    pass: Pass,
+    keep: Option<&mut Option<Saved>>,
 ) -> Result<Tensor> {
-    let (b, t) = match pad {
+    let kernels = ctx.kernels;
+    if pass.track && kernels == Kernels::Inference {
+        return Err(super::error::EngineError::Invalid(
+            "the inference kernels have no backward: a tracked pass needs the fused or pure kernels".into(),
+        ));
+    }
+    let dims = x.dims().to_vec();
+    let hsz = dims.last().copied().unwrap_or(0);
+    let m = x.elem_count() / hsz.max(1);
+    let (b, t) = match io.pad {
         Some(p) => (p.b, p.t),
         None => {
             let (b, t, _) = x.dims3()?;
@@ -290,9 +489,11 @@ pub fn layer_forward(
         }
     };
     let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
-    let fused = ctx.fused;
-    let heads = |z: Tensor, n: usize| -> Result<Tensor> {
-        Ok(match pad {
+    let seed = ctx.dropout_seed;
+    let norm = |x: &Tensor, w: &Weight| rms_norm(kernels, ctx.eps, x, w, pass.track);
+    let lin = |lin: &Linear, x: &Tensor| lin.apply(x, kernels, pass, seed);
+    let heads = |z: &Tensor, n: usize| -> Result<Tensor> {
+        Ok(match io.pad {
             None => z.reshape((b, t, n, hd))?,
             Some(p) => z
                 .reshape(((), n * hd))?
@@ -300,63 +501,72 @@ pub fn layer_forward(
                 .reshape((b, t, n, hd))?,
         })
     };
-    let hn = rms_norm(ctx, x, &l.input_norm, train)?;
-    let q = heads(l.q.forward_k(&hn, train, fused, ctx.dropout_seed)?, nh)?;
-    let k = heads(l.k.forward_k(&hn, train, fused, ctx.dropout_seed)?, nkv)?;
-    let v = heads(l.v.forward_k(&hn, train, fused, ctx.dropout_seed)?, nkv)?;
+    let hn1 = norm(x, &l.input_norm)?;
+    let (q, xa_q) = lin(&l.q, &hn1)?;
+    let (k, xa_k) = lin(&l.k, &hn1)?;
+    let (v, xa_v) = lin(&l.v, &hn1)?;
+    let (q, k, v) = (heads(&q, nh)?, heads(&k, nkv)?, heads(&v, nkv)?);
     let q = match &l.q_norm {
-        Some(w) => rms_norm(ctx, &q, w, train)?,
+        Some(w) => norm(&q, w)?,
         None => q,
     };
     let k = match &l.k_norm {
-        Some(w) => rms_norm(ctx, &k, w, train)?,
+        Some(w) => norm(&k, w)?,
         None => k,
     };
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let k = k.transpose(1, 2)?.contiguous()?;
+    let q = kernels.rope(&q.transpose(1, 2)?.contiguous()?, io.cos, io.sin)?;
+    let k = kernels.rope(&k.transpose(1, 2)?.contiguous()?, io.cos, io.sin)?;
     let v = v.transpose(1, 2)?.contiguous()?;
-    let (q, k) = if fused {
-        (
-            ops::fused::rope(&q, cos, sin)?,
-            ops::fused::rope(&k, cos, sin)?,
-        )
-    } else {
-        (ops::rope_pure(&q, cos, sin)?, ops::rope_pure(&k, cos, sin)?)
+    let (k, v) = match io.cache {
+        None => (k, v),
+        Some(slot) => {
+            let kv = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            *slot = Some(kv.clone());
+            kv
+        }
     };
-    let n_rep = nh / nkv;
     let scale = 1.0 / (hd as f64).sqrt();
-    let y = if fused {
-        ops::fused::attention(&q, &k, &v, bias, scale)?
-    } else {
-        // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
-        // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
-        let q = q.reshape((b, nkv, n_rep * t, hd))?;
-        let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-        let cdt = ops::compute_dtype(ctx.dtype);
-        let att = ops::softmax_pure(&(att * scale)?.to_dtype(cdt)?.broadcast_add(bias)?)?
-            .to_dtype(ctx.dtype)?;
-        att.reshape((b, nkv, n_rep * t, t))?
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-    };
-    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-    let y = match pad {
+    let att = kernels.attention(&q, &k, &v, io.bias, scale, ctx.dtype)?;
+    let y = att.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let y = match io.pad {
         None => y,
         Some(p) => y
             .reshape((b * t, nh * hd))?
             .index_select(&p.real, 0)?
             .unsqueeze(0)?,
     };
-    let x = (x + l.o.forward_k(&y, train, fused, ctx.dropout_seed)?)?;
-    let hn = rms_norm(ctx, &x, &l.post_norm, train)?;
-    let g = l.gate.forward_k(&hn, train, fused, ctx.dropout_seed)?;
-    let u = l.up.forward_k(&hn, train, fused, ctx.dropout_seed)?;
-    let act = if fused {
-        ops::fused::swiglu(&g, &u)?
-    } else {
-        ops::swiglu_pure(&g, &u)?
-    };
-    Ok((x + l.down.forward_k(&act, train, fused, ctx.dropout_seed)?)?)
+    let (o, xa_o) = lin(&l.o, &y)?;
+    let x2 = add(x, &o)?;
+    let hn2 = norm(&x2, &l.post_norm)?;
+    let (g, xa_g) = lin(&l.gate, &hn2)?;
+    let (u, xa_u) = lin(&l.up, &hn2)?;
+    let act = kernels.swiglu(&g, &u)?;
+    let (d, xa_d) = lin(&l.down, &act)?;
+    let out = add(&x2, &d)?;
+    if let Some(keep) = keep {
+        let rows = |z: &Tensor| -> Result<Tensor> {
+            let f = z.dim(z.rank() - 1)?;
+            Ok(z.reshape((m, f))?)
+        };
+        *keep = Some(Saved {
+            x: rows(x)?,
+            hn1: rows(&hn1)?,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            q,
+            k,
+            v,
+            y: rows(&y)?,
+            x2: rows(&x2)?,
+            hn2: rows(&hn2)?,
+            g: rows(&g)?,
+            u: rows(&u)?,
+            act: rows(&act)?,
+        });
+    }
+    Ok(out)
 }
 
 /// The trainable Vars of a layer, in a fixed order: per linear LoRA A, LoRA B, weight, bias; then the norms.
@@ -434,7 +644,7 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 /// allowed), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the kernels).
 /// Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
-    ctx.fused
+    ctx.kernels == Kernels::Fused
         && l.q_norm.is_none()
         && l.k_norm.is_none()
         && matches!(l.input_norm, Weight::Frozen(_))
@@ -448,66 +658,9 @@ pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
         })
 }
 
-/// y = x·Wᵀ (+ s·((x⊙m)·Aᵀ)·Bᵀ) (+ bias) on 2-D x, graph-free, m the LoRA dropout mask of `dropout_seed`; also
-/// returns (x⊙m)·Aᵀ for the backward.
-fn lin_fwd(lin: &Linear, x: &Tensor, dropout_seed: u64) -> Result<(Tensor, Option<Tensor>)> {
-    let w = lin.weight.detached();
-    let mut y = x.matmul(&w.t()?)?;
-    let mut xa = None;
-    if let Some(p) = &lin.lora {
-        // LoRA in its own dtype (f32 over a bf16 base, as PEFT keeps adapters), the sum in the base's.
-        let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
-        let mut xl = x.to_dtype(a.dtype())?;
-        if let Some(m) = lin.dropout_mask(x, true, dropout_seed)? {
-            xl = xl.mul(&m)?;
-        }
-        let xa_ = xl.matmul(&a.t()?)?;
-        let d = (&xa_ * p.scale)?.matmul(&b.t()?)?.to_dtype(y.dtype())?;
-        y = ops::fused::add_untracked(&y, &d)?;
-        xa = Some(xa_);
-    }
-    if let Some(bias) = &lin.bias {
-        y = y.broadcast_add(&bias.detached())?;
-    }
-    Ok((y, xa))
-}
-
-/// (dX, LoRA (dA, dB)) of [`lin_fwd`] for the incoming gradient `gy` (m, n); the dropout mask is drawn again
-/// from the same seed (no copy kept).
-fn lin_bwd(
-    lin: &Linear,
-    x: &Tensor,
-    xa: Option<&Tensor>,
-    gy: &Tensor,
-    dropout_seed: u64,
-) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-    let w = lin.weight.detached();
-    let dx = gy.matmul(&w)?;
-    match (&lin.lora, xa) {
-        (Some(p), Some(xa)) => {
-            let (a, b) = (p.a.as_detached_tensor(), p.b.as_detached_tensor());
-            let ldt = a.dtype();
-            let mask = lin.dropout_mask(x, true, dropout_seed)?;
-            let gyl = gy.to_dtype(ldt)?;
-            let gb = (gyl.matmul(&b)? * p.scale)?;
-            let mut dxl = gb.matmul(&a)?;
-            let mut xl = x.to_dtype(ldt)?;
-            if let Some(m) = &mask {
-                dxl = dxl.mul(m)?;
-                xl = xl.mul(m)?;
-            }
-            let dx = ops::fused::add_untracked(&dx, &dxl.to_dtype(dx.dtype())?)?;
-            let db = (gyl.t()?.matmul(xa)? * p.scale)?;
-            let da = gb.t()?.matmul(&xl)?;
-            Ok((dx, Some((da, db))))
-        }
-        _ => Ok((dx, None)),
-    }
-}
-
 /// Activations kept between the forward and the hand-written backward (all 2-D (rows, features) except the
-/// attention inputs, (b, heads, t, hd)).
-struct Saved {
+/// attention inputs, (b, heads, t, hd)); [`forward`] fills it.
+pub struct Saved {
     x: Tensor,
     hn1: Tensor,
     xa: [Option<Tensor>; 7],
@@ -523,63 +676,6 @@ struct Saved {
 }
 
 impl CheckpointedLayer {
-    fn manual_forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
-        let (ctx, l) = (&self.ctx, &self.layer);
-        let dims = x.dims().to_vec();
-        let hsz = dims[dims.len() - 1];
-        let m = x.elem_count() / hsz;
-        let (b, t) = match &self.pad {
-            Some(p) => (p.b, p.t),
-            None => (dims[0], dims[1]),
-        };
-        let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
-        let x = x.reshape((m, hsz))?;
-        let hn1 = ops::fused::rms_norm(&x, &l.input_norm.detached(), ctx.eps)?;
-        let (q, xa_q) = lin_fwd(&l.q, &hn1, ctx.dropout_seed)?;
-        let (k, xa_k) = lin_fwd(&l.k, &hn1, ctx.dropout_seed)?;
-        let (v, xa_v) = lin_fwd(&l.v, &hn1, ctx.dropout_seed)?;
-        let heads = |z: Tensor, n: usize| -> Result<Tensor> {
-            let z = match &self.pad {
-                None => z,
-                Some(p) => z.index_select(&p.padded, 0)?,
-            };
-            Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = ops::fused::rope(&heads(q, nh)?, &self.cos, &self.sin)?;
-        let k = ops::fused::rope(&heads(k, nkv)?, &self.cos, &self.sin)?;
-        let v = heads(v, nkv)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = ops::fused::attention(&q, &k, &v, &self.bias, scale)?;
-        let y = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        let y = match &self.pad {
-            None => y,
-            Some(p) => y.index_select(&p.real, 0)?,
-        };
-        let (o, xa_o) = lin_fwd(&l.o, &y, ctx.dropout_seed)?;
-        let x2 = ops::fused::add_untracked(&x, &o)?;
-        let hn2 = ops::fused::rms_norm(&x2, &l.post_norm.detached(), ctx.eps)?;
-        let (g, xa_g) = lin_fwd(&l.gate, &hn2, ctx.dropout_seed)?;
-        let (u, xa_u) = lin_fwd(&l.up, &hn2, ctx.dropout_seed)?;
-        let act = ops::fused::swiglu(&g, &u)?;
-        let (d, xa_d) = lin_fwd(&l.down, &act, ctx.dropout_seed)?;
-        let out = ops::fused::add_untracked(&x2, &d)?.reshape(dims)?;
-        let saved = Saved {
-            x,
-            hn1,
-            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
-            q,
-            k,
-            v,
-            y,
-            x2,
-            hn2,
-            g,
-            u,
-            act,
-        };
-        Ok((out, saved))
-    }
-
     /// dX and the LoRA gradients (in [`layer_vars`] order) for the incoming gradient `gy`.
     fn manual_backward(&self, sv: &Saved, gy: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let (ctx, l) = (&self.ctx, &self.layer);
@@ -589,11 +685,16 @@ impl CheckpointedLayer {
         let add = ops::fused::add_untracked;
         let gy = gy.reshape((m, hsz))?;
         let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
-        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy, ctx.dropout_seed)?;
+        let (d_act, gd) = l
+            .down
+            .backward(&sv.act, sv.xa[6].as_ref(), &gy, ctx.dropout_seed)?;
         lora[6] = gd;
         let (dg, du) = ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)?;
-        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg, ctx.dropout_seed)?;
-        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du, ctx.dropout_seed)?;
+        let (dh_g, gg) = l
+            .gate
+            .backward(&sv.hn2, sv.xa[4].as_ref(), &dg, ctx.dropout_seed)?;
+        let (dh_u, gu) =
+            l.up.backward(&sv.hn2, sv.xa[5].as_ref(), &du, ctx.dropout_seed)?;
         lora[4] = gg;
         lora[5] = gu;
         let d_hn2 = add(&dh_g, &dh_u)?;
@@ -601,7 +702,8 @@ impl CheckpointedLayer {
             &gy,
             &ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)?,
         )?;
-        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2, ctx.dropout_seed)?;
+        let (dy, go) =
+            l.o.backward(&sv.y, sv.xa[3].as_ref(), &dx2, ctx.dropout_seed)?;
         lora[3] = go;
         let dy = match &self.pad {
             None => dy,
@@ -622,22 +724,15 @@ impl CheckpointedLayer {
                 Some(p) => d.index_select(&p.real, 0)?,
             })
         };
-        let (dh_q, gq) = lin_bwd(
-            &l.q,
-            &sv.hn1,
-            sv.xa[0].as_ref(),
-            &rows(dq, nh)?,
-            ctx.dropout_seed,
-        )?;
-        let (dh_k, gk) = lin_bwd(
-            &l.k,
+        let (dh_q, gq) =
+            l.q.backward(&sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?, ctx.dropout_seed)?;
+        let (dh_k, gk) = l.k.backward(
             &sv.hn1,
             sv.xa[1].as_ref(),
             &rows(dk, nkv)?,
             ctx.dropout_seed,
         )?;
-        let (dh_v, gv) = lin_bwd(
-            &l.v,
+        let (dh_v, gv) = l.v.backward(
             &sv.hn1,
             sv.xa[2].as_ref(),
             &rows(dv, nkv)?,
@@ -677,37 +772,54 @@ struct CheckpointedLayer {
 }
 
 impl CheckpointedLayer {
-    /// The layer on an untracked input with detached weights: no graph is recorded, nothing but the output
-    /// survives (and, with `keep`, the activations the hand-written backward needs).
-    fn forward_untracked(&self, x: &Tensor) -> R<Tensor> {
-        if self.manual {
-            let (y, saved) = self.manual_forward(x).map_err(wrap)?;
-            if self.keep {
-                match self.saved.lock() {
-                    Ok(mut g) => *g = Some(saved),
-                    Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
-                }
-            }
-            return Ok(y);
+    /// The op's graph-free pass: detached weights, the training forward's LoRA dropout masks.
+    const UNTRACKED: Pass = Pass {
+        track: false,
+        dropout: true,
+    };
+
+    fn io(&self) -> LayerIo<'_> {
+        LayerIo {
+            cos: &self.cos,
+            sin: &self.sin,
+            bias: Some(&self.bias),
+            pad: self.pad.as_ref(),
+            cache: None,
         }
-        // LoRA dropout is part of the training forward: with it, run in training mode (the graph this builds
-        // lives only until the output is copied out) so the output has the masks the recomputation will draw.
-        let dropout = self
-            .layer
-            .linears()
-            .iter()
-            .any(|l| l.lora.as_ref().is_some_and(|p| p.dropout > 0.0));
-        layer_forward(
+    }
+
+    /// The layer's activations for the hand-written backward, from its input.
+    fn activations(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        let mut kept = None;
+        let y = forward(
             &self.ctx,
             &self.layer,
             x,
-            &self.cos,
-            &self.sin,
-            &self.bias,
-            self.pad.as_ref(),
-            dropout,
-        )
-        .map_err(wrap)
+            self.io(),
+            Self::UNTRACKED,
+            Some(&mut kept),
+        )?;
+        match kept {
+            Some(saved) => Ok((y, saved)),
+            None => Err(super::error::EngineError::Invalid(
+                "checkpointed-layer: the forward kept no activations".into(),
+            )),
+        }
+    }
+
+    /// The layer on an untracked input with detached weights: no graph is recorded, nothing but the output
+    /// survives (and, with `keep`, the activations the hand-written backward needs). LoRA dropout is part of the
+    /// training forward: the output has the masks the recomputation will draw.
+    fn forward_untracked(&self, x: &Tensor) -> R<Tensor> {
+        if self.manual && self.keep {
+            let (y, saved) = self.activations(x).map_err(wrap)?;
+            match self.saved.lock() {
+                Ok(mut g) => *g = Some(saved),
+                Err(_) => candle_core::bail!("checkpointed-layer: poisoned activation cell"),
+            }
+            return Ok(y);
+        }
+        forward(&self.ctx, &self.layer, x, self.io(), Self::UNTRACKED, None).map_err(wrap)
     }
 }
 
@@ -754,7 +866,7 @@ impl CustomOp2 for CheckpointedLayer {
             };
             let saved = match kept {
                 Some(s) => s,
-                None => self.manual_forward(&x.detach()).map_err(wrap)?.1,
+                None => self.activations(&x.detach()).map_err(wrap)?.1,
             };
             let (dx, grads) = self.manual_backward(&saved, &gy.detach()).map_err(wrap)?;
             drop(saved);
@@ -774,15 +886,13 @@ impl CustomOp2 for CheckpointedLayer {
         // Recompute the layer with tracking from its saved input, then backpropagate `Σ y·gy` through this
         // local graph: its gradient at y is exactly gy, so the gradients at x and at the Vars are the layer's.
         let xin = Var::from_tensor(&x.detach())?;
-        let y = layer_forward(
+        let y = forward(
             &self.ctx,
             &self.layer,
             xin.as_tensor(),
-            &self.cos,
-            &self.sin,
-            &self.bias,
-            self.pad.as_ref(),
-            true,
+            self.io(),
+            Pass::train(true),
+            None,
         )
         .map_err(wrap)?;
         let surrogate = (y * gy.detach())?.sum_all()?;
@@ -828,12 +938,19 @@ pub fn checkpointed_layer(
 ) -> Result<Tensor> {
     let vars = layer_vars(l);
     let manual = manual && manual_ok(ctx, l);
+    let io = LayerIo {
+        cos,
+        sin,
+        bias: Some(bias),
+        pad,
+        cache: None,
+    };
     if keep && !manual {
-        return layer_forward(ctx, l, x, cos, sin, bias, pad, true);
+        return forward(ctx, l, x, io, Pass::train(true), None);
     }
     if vars.is_empty() && !x.track_op() {
         // Nothing upstream or inside needs a gradient: no graph at all.
-        return layer_forward(ctx, l, x, cos, sin, bias, pad, false);
+        return forward(ctx, l, x, io, Pass::train(false), None);
     }
     // One flat tensor of every trainable value, f32 unless all Vars share another dtype.
     let fdt = match vars.first() {

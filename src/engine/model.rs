@@ -1,9 +1,9 @@
 //! The trainable llama-family decoder (llama, mistral, qwen2, qwen3) with LoRA / freeze / full fine-tuning.
 //!
-//! Two forward paths share the same weights:
+//! Two forward passes over the same weights and the same decoder layer ([`layer::forward`]):
 //! - [`Model::forward_hidden`] / [`Model::forward_loss`]: every op has a backward; frozen base linears go through
 //!   [`ops::FrozenLinear`] (dX only); supports causal, padding and packed (block-diagonal) masks.
-//! - [`Model::forward_cached`]: inference with a KV cache, fused candle kernels, detached LoRA weights.
+//! - [`Model::forward_cached`]: inference with a KV cache, candle-nn's inference kernels, detached weights.
 
 use std::collections::HashMap;
 
@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 
 use super::arch::ModelConfig;
 use super::error::{EngineError, Result};
-use super::layer::{self, LayerCtx};
-pub use super::layer::{Layer, Linear, LoraPair, Weight};
+use super::layer::{self, LayerCtx, LayerIo, Pass};
+pub use super::layer::{Kernels, Layer, Linear, LoraPair, Weight};
 use super::ops;
 
 /// Leaf names of the linear layers inside a decoder layer (LoRA targets for `all`).
@@ -130,16 +130,6 @@ pub enum AttnMask {
         seq_ids: Tensor,
         position_ids: Tensor,
     },
-}
-
-/// Which kernels the training path uses (fused CPU kernels with their own backward, or pure candle ops).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// The kernel set of `ops::fused` (fused CPU kernels for f32/f64 on the CPU, their generic candle-op
-    /// counterparts elsewhere) with the hand-written layer backward.
-    Fused,
-    /// Pure candle ops everywhere (reference).
-    Pure,
 }
 
 /// Host copies of a batch's inputs, row-major (b·t each): what the trainer built its tensors from. With them
@@ -511,7 +501,7 @@ impl Model {
 
     /// The final norm: the decoder layer's RMSNorm ([`layer::rms_norm`]), one implementation.
     fn rms_norm(&self, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
-        layer::rms_norm(&self.layer_ctx(), x, w, train)
+        layer::rms_norm(self.kernels, self.cfg.rms_norm_eps, x, w, train)
     }
 
     /// cos/sin tables for positions (b, t) → (b, 1, t, d/2) in `dtype`.
@@ -695,7 +685,14 @@ impl Model {
                     keep,
                 )?
             } else {
-                layer::layer_forward(&ctx, layer, &x, &cos, &sin, &bias, pad.as_ref(), train)?
+                let io = LayerIo {
+                    cos: &cos,
+                    sin: &sin,
+                    bias: Some(&bias),
+                    pad: pad.as_ref(),
+                    cache: None,
+                };
+                layer::forward(&ctx, layer, &x, io, Pass::train(train), None)?
             };
         }
         let rows = match (&pad, &pad_rows) {
@@ -726,7 +723,7 @@ impl Model {
             head_dim: self.cfg.head_dim,
             eps: self.cfg.rms_norm_eps,
             dtype: self.dtype,
-            fused: self.fused(),
+            kernels: self.kernels,
             dropout_seed: self.dropout_seed,
         }
     }
@@ -735,7 +732,7 @@ impl Model {
     pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
         let cdt = ops::compute_dtype(self.dtype);
         let y = match &self.lm_head {
-            Some(l) => l.forward(hidden, train)?,
+            Some(l) => l.forward(hidden, train, self.dropout_seed)?,
             None => match &self.embed {
                 Weight::Frozen(w) => ops::frozen_linear(hidden, w)?,
                 Weight::Trainable(v) => {
@@ -874,30 +871,15 @@ impl Model {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         if cache.kv.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
         let past = cache.seq_len;
-        let c = &self.cfg;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let fast = self.dtype != DType::F64;
         let positions =
             Tensor::arange(past as u32, (past + t) as u32, &self.device)?.reshape((1, t))?;
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
-        let (cos2, sin2) = (
-            cos.squeeze(0)?.squeeze(0)?.contiguous()?,
-            sin.squeeze(0)?.squeeze(0)?.contiguous()?,
-        );
-        let eps = c.rms_norm_eps;
-        let norm = |x: &Tensor, w: &Weight| -> Result<Tensor> {
-            let w = w.detached();
-            if fast {
-                Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, eps as f32)?)
-            } else {
-                Ok(ops::rms_norm_pure(x, &w, eps)?)
-            }
-        };
+        // Causal among the new tokens; every cached one is visible (one new token: nothing to mask).
         let bias = if t > 1 {
             let mut v = vec![0f32; t * (past + t)];
             for q in 0..t {
@@ -909,62 +891,25 @@ impl Model {
         } else {
             None
         };
+        // candle-nn's fused inference kernels, where the dtype has them (f64 runs the pure ops).
+        let ctx = LayerCtx {
+            kernels: if self.dtype == DType::F64 {
+                Kernels::Pure
+            } else {
+                Kernels::Inference
+            },
+            ..self.layer_ctx()
+        };
         let mut x = self.embed(ids, false, None)?;
-        for (li, l) in self.layers.iter().enumerate() {
-            let hn = norm(&x, &l.input_norm)?;
-            let q = l.q.forward(&hn, false)?.reshape((b, t, nh, hd))?;
-            let k = l.k.forward(&hn, false)?.reshape((b, t, nkv, hd))?;
-            let v = l.v.forward(&hn, false)?.reshape((b, t, nkv, hd))?;
-            let q = match &l.q_norm {
-                Some(w) => norm(&q, w)?,
-                None => q,
+        for (l, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            let io = LayerIo {
+                cos: &cos,
+                sin: &sin,
+                bias: bias.as_ref(),
+                pad: None,
+                cache: Some(slot),
             };
-            let k = match &l.k_norm {
-                Some(w) => norm(&k, w)?,
-                None => k,
-            };
-            let q = q.transpose(1, 2)?.contiguous()?;
-            let k = k.transpose(1, 2)?.contiguous()?;
-            let v = v.transpose(1, 2)?.contiguous()?;
-            let (q, k) = if fast {
-                (
-                    candle_nn::rotary_emb::rope(&q, &cos2, &sin2)?,
-                    candle_nn::rotary_emb::rope(&k, &cos2, &sin2)?,
-                )
-            } else {
-                (
-                    ops::rope_pure(&q, &cos, &sin)?,
-                    ops::rope_pure(&k, &cos, &sin)?,
-                )
-            };
-            let (k, v) = match cache.kv[li].take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            };
-            cache.kv[li] = Some((k.clone(), v.clone()));
-            let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
-            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let cdt = ops::compute_dtype(self.dtype);
-            let mut att = att.to_dtype(cdt)?;
-            if let Some(bias) = &bias {
-                att = att.broadcast_add(&bias.to_dtype(cdt)?)?;
-            }
-            let att = if fast {
-                candle_nn::ops::softmax_last_dim(&att)?
-            } else {
-                ops::softmax_pure(&att)?
-            };
-            let y = att
-                .to_dtype(self.dtype)?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            x = (x + l.o.forward(&y, false)?)?;
-            let hn = norm(&x, &l.post_norm)?;
-            let g = l.gate.forward(&hn, false)?;
-            let u = l.up.forward(&hn, false)?;
-            x = (&x + l.down.forward(&(g.silu()? * u)?, false)?)?;
+            x = layer::forward(&ctx, l, &x, io, Pass::train(false), None)?;
         }
         cache.seq_len += t;
         let x = if last_only {
@@ -972,7 +917,7 @@ impl Model {
         } else {
             x
         };
-        let x = norm(&x, &self.norm)?;
+        let x = layer::rms_norm(ctx.kernels, ctx.eps, &x, &self.norm, false)?;
         self.logits(&x, false)
     }
 

@@ -319,20 +319,80 @@ impl candle_core::CustomOp3 for LoraLinear {
         // Detach everything: a gradient built from the tracked x would carry the whole forward graph into the
         // GradStore and from there into the optimizer state (a leak of one graph per step).
         let tracked_x = x.track_op();
-        let (x, a, b, gy) = (x.detach(), a.detach(), b.detach(), gy.detach());
         let (n, k) = self.w.dims2()?;
-        let gy2 = gy.reshape(((), n))?;
-        let x2 = x.reshape(((), k))?;
-        let gb = (gy2.matmul(&b)? * self.scale)?; // (m, r)
+        let x2 = x.detach().reshape(((), k))?;
+        let gy2 = gy.detach().reshape(((), n))?;
         // An untracked input (e.g. the first layer's normed frozen embeddings) needs no gradient: skip the GEMM.
-        let dx = if tracked_x {
-            Some((gy2.matmul(&self.w)? + gb.matmul(&a)?)?.reshape(x.shape())?)
-        } else {
-            None
+        let w = tracked_x.then_some(&self.w);
+        let g = lora_linear_backward(
+            &x2,
+            w,
+            &a.detach(),
+            &b.detach(),
+            self.scale,
+            None,
+            None,
+            &gy2,
+        )?;
+        let dx = match g.dx {
+            Some(dx) => Some(dx.reshape(x.shape())?),
+            None => None,
         };
-        let xa = x2.matmul(&a.t()?)?; // (m, r)
-        let db = (gy2.t()?.matmul(&xa)? * self.scale)?;
-        let da = gb.t()?.matmul(&x2)?;
-        Ok((dx, Some(da), Some(db)))
+        Ok((dx, Some(g.da), Some(g.db)))
     }
+}
+
+/// Gradients of a LoRA linear ([`lora_linear_backward`]).
+pub struct LoraGrads {
+    /// dX (rows, in), when the base weight was given.
+    pub dx: Option<Tensor>,
+    /// dA (r, in).
+    pub da: Tensor,
+    /// dB (out, r).
+    pub db: Tensor,
+}
+
+/// The backward of `y = x·W0ᵀ + s·((x⊙m)·Aᵀ)·Bᵀ` (+ a frozen bias) on 2-D x (rows, in) for the incoming gradient
+/// `gy` (rows, out), graph-free; the one formula behind [`LoraLinear`] and the hand-written layer backward.
+/// `w` (out, in): also compute dX (none: the input needs no gradient). `mask`: the LoRA dropout mask of the
+/// forward. `xa`: (x⊙m)·Aᵀ when the forward kept it (else recomputed). LoRA's gradients are in its own dtype,
+/// dX in the incoming gradient's.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_backward(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    xa: Option<&Tensor>,
+    gy: &Tensor,
+) -> candle_core::Result<LoraGrads> {
+    let ldt = a.dtype();
+    let gyl = gy.to_dtype(ldt)?;
+    let gb = (gyl.matmul(b)? * scale)?; // (rows, r)
+    let mut xl = x.to_dtype(ldt)?;
+    if let Some(m) = mask {
+        xl = xl.mul(m)?;
+    }
+    let xa = match xa {
+        Some(t) => t.clone(),
+        None => xl.matmul(&a.t()?)?,
+    };
+    let db = (gyl.t()?.matmul(&xa)? * scale)?;
+    let da = gb.t()?.matmul(&xl)?;
+    let dx = match w {
+        None => None,
+        Some(w) => {
+            let mut dxl = gb.matmul(a)?;
+            if let Some(m) = mask {
+                dxl = dxl.mul(m)?;
+            }
+            Some(fused::add_untracked(
+                &gy.matmul(w)?,
+                &dxl.to_dtype(gy.dtype())?,
+            )?)
+        }
+    };
+    Ok(LoraGrads { dx, da, db })
 }
