@@ -24,6 +24,7 @@ pub mod logging;
 pub mod panic;
 pub mod resolve;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod trainer;
 pub mod tui;

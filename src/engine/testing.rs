@@ -1,7 +1,7 @@
 //! Test helpers: write a tiny seeded random model folder that the real loaders read.
 //!
-//! Compiled into the library for the integration tests, never used by the program (see
-//! [`crate::testing`]).
+//! Compiled for tests only (`cfg(test)`, or the `testing` feature the integration tests turn on), never used
+//! by the program (see [`crate::testing`]).
 #![doc(hidden)]
 
 use std::collections::HashMap;
