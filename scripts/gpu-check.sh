@@ -6,7 +6,8 @@
 #                                       # stripped and gzipped into .gpu/, plus SmolLM2's tokenizer files
 #   scripts/gpu-check.sh                # on the GPU machine, from the repository root (.gpu/ carried along)
 #   scripts/gpu-check.sh tests oom      # some sections only: env tests models train dropout chat tui bench oom
-#                                       # export bench8b (default: all but bench8b, which writes 16 GB of weights)
+#                                       # export bench8b packed (default: all but bench8b and packed, which write
+#                                       # 16 GB of weights)
 #
 # What it runs (each step time-limited; a failing step does not stop the others): nvidia-smi, `termtune env`,
 # the GPU tests (`integration gpu::`), a short `termtune train` of the quickstart preset on CUDA, the TUI in tmux
@@ -110,6 +111,8 @@ fi
 models="smollm2"
 want bench && models="$models llama1b"
 want bench8b && models="$models llama8b"
+want packed && models="$models llama1b llama8b"
+models=$(echo "$models" | tr ' ' '\n' | awk '!seen[$0]++' | tr '\n' ' ')
 step "random-weight models: $models"
 timeout 240 python3 - "$work/models" .gpu/smollm2 $models <<'PY'
 import json, shutil, sys, os, torch
@@ -249,5 +252,16 @@ if want bench8b; then
   timeout 240 "$tt" --device cuda bench --model "$work/models/llama8b" --cutoff-len 2048 --batch-size 4 \
     --steps 2 --examples 100 --lora-rank 16 2>"$OUT/bench-llama8b.err" | tee "$OUT/bench-llama8b.txt"
   tail -8 "$OUT/bench-llama8b.err"
+fi
+if want packed; then
+  # Full 2048-token rows (packing: true, causal over the row on both sides), LoRA r 16, batch 4: the shapes users
+  # train, with MFU and a profile of one step by kind of kernel.
+  for model in smollm2 llama1b llama8b; do
+    step "bench $model packed 4 x 2048 (CUDA, bf16, LoRA r 16) beside PyTorch + PEFT, with a profile"
+    timeout 300 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 2048 --batch-size 4 \
+      --steps 3 --examples 1000 --lora-rank 16 --packing --profile 2>"$OUT/packed-$model.err" |
+      tee "$OUT/packed-$model.txt"
+    grep -v "^termtune: termtune\|Loading weights\|deprecated" "$OUT/packed-$model.err" | tail -40
+  done
 fi
 step "done"

@@ -36,6 +36,13 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Base-weight dtype: `None` is bf16 on a GPU and f32 on the CPU.
     pub dtype: Option<DType>,
+    /// Pack examples into full `cutoff_len` rows (`packing: true`).
+    pub packing: bool,
+    /// Dense peak of the device in TFLOP/s, for MFU (GPU only).
+    pub peak_tflops: f64,
+    /// Time each kind of kernel in one extra step per setting (GPU: a device sync around each; see
+    /// `engine::profile`).
+    pub profile: bool,
 }
 
 /// termtune's measurements for one gradient-checkpointing setting.
@@ -49,6 +56,8 @@ struct Setting {
 /// One step's measurements.
 #[derive(Debug, Clone, Copy)]
 struct StepTime {
+    /// Model FLOPs of the step (forward and backward, no recomputation): see [`step_flops`].
+    flops: f64,
     loss: f64,
     forward_s: f64,
     backward_s: f64,
@@ -66,7 +75,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<String, String> {
     let preset_text = format!(
         "model_name_or_path: {:?}\ndataset: {}\ndataset_dir: {:?}\ncutoff_len: {}\nmax_samples: {}\n\
-         per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\n{}",
+         per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\n{}{}",
         opts.model,
         opts.dataset,
         opts.dataset_dir.display().to_string(),
@@ -78,6 +87,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             .as_ref()
             .map(|t| format!("template: {t}\n"))
             .unwrap_or_default(),
+        if opts.packing { "packing: true\n" } else { "" },
     );
     let loaded = config::parse(&preset_text, &[], Purpose::Train).map_err(|issues| {
         issues
@@ -118,12 +128,21 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
     let data_opts = resolve::data_options(p);
     let enc = resolve::encoder(&data_opts, &src.tokenizer).map_err(|e| e.to_string())?;
     let data = prepare_dataset(&data_opts, &enc).map_err(|e| e.to_string())?;
-    let batches: Vec<_> = data
-        .epoch_batches(opts.batch_size, false, p.seed, 0)
-        .into_iter()
-        .take(opts.warmup + opts.steps)
-        .collect();
-    if batches.len() < opts.warmup + opts.steps {
+    // Batches of consecutive passes over the data (a speed measurement may see an example twice).
+    let wanted = opts.warmup + opts.steps;
+    let mut batches = Vec::new();
+    for epoch in 0..wanted as u64 {
+        let more = data.epoch_batches(opts.batch_size, false, p.seed, epoch);
+        if more.is_empty() {
+            break;
+        }
+        batches.extend(more);
+        if batches.len() >= wanted {
+            break;
+        }
+    }
+    batches.truncate(wanted);
+    if batches.len() < wanted {
         return Err(format!(
             "only {} batches of {} examples; lower --steps or add examples",
             batches.len(),
@@ -166,6 +185,14 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             );
         }
         let times = pool.install(|| measure(&model, &batches, &device, checkpointing, note))?;
+        if opts.profile {
+            let b = &batches[opts.warmup.min(batches.len() - 1)];
+            let report = pool.install(|| profile_step(&model, b, &device))?;
+            note(&format!(
+                "profile of one step (gradient checkpointing {}), time by kind of kernel:\n{report}",
+                if checkpointing { "on" } else { "off" }
+            ));
+        }
         let gib = |b: u64| {
             #[allow(clippy::cast_precision_loss)]
             let g = b as f64 / f64::from(1u32 << 30);
@@ -287,10 +314,82 @@ fn measure(
             backward_s: (t2 - t1).as_secs_f64(),
             optimizer_s: (t3 - t2).as_secs_f64(),
             real_tokens: real,
+            flops: step_flops(&model.cfg, b),
             padded_tokens: b.batch_size * b.seq_len,
         });
     }
     Ok(times)
+}
+
+/// Forward and backward of one step with [`crate::engine::profile`] on (on this thread): time by kind of kernel.
+fn profile_step(model: &Model, b: &crate::data::Batch, device: &Device) -> Result<String, String> {
+    let (ids, labels, mask) = batch_tensors(b, device).map_err(|e| e.to_string())?;
+    let am = u32_mask(b);
+    let host = host_inputs(b, &am);
+    device.synchronize().map_err(|e| e.to_string())?;
+    crate::engine::profile::enable(true);
+    let t0 = Instant::now();
+    let step = || -> Result<(), String> {
+        let (loss, n) = model
+            .forward_loss_with(&ids, &mask, &labels, Some(&host), true)
+            .map_err(|e| e.to_string())?;
+        #[allow(clippy::cast_precision_loss)]
+        let mean = (loss / n.max(1) as f64).map_err(|e| e.to_string())?;
+        mean.backward().map_err(|e| e.to_string())?;
+        device.synchronize().map_err(|e| e.to_string())
+    };
+    let done = step();
+    let total = t0.elapsed().as_secs_f64();
+    let report = crate::engine::profile::report(total);
+    crate::engine::profile::enable(false);
+    done?;
+    Ok(format!(
+        "  step (forward + backward) {total:.4} s\n{report}"
+    ))
+}
+
+/// Model FLOPs of one LoRA step on `b`: 4·P per real token for the frozen linears (forward 2·P, input gradient
+/// 2·P, no weight gradient), P the matmul parameters (attention and MLP projections and the lm_head), plus causal
+/// attention: 4·d per (query, key) pair in the forward (scores and the weighted sum, d = heads × head_dim) and
+/// twice that in the backward. LoRA's own rank-r GEMMs and any recomputation are not counted: MFU measures the
+/// model's work done per second, whatever the implementation spends on top (as PaLM defines it).
+#[allow(clippy::cast_precision_loss)]
+fn step_flops(cfg: &crate::engine::arch::ModelConfig, b: &crate::data::Batch) -> f64 {
+    let (h, attn, kv) = (
+        cfg.hidden_size as f64,
+        (cfg.num_heads * cfg.head_dim) as f64,
+        (cfg.num_kv_heads * cfg.head_dim) as f64,
+    );
+    let per_layer = h * attn * 2.0 + h * kv * 2.0 + 3.0 * h * cfg.intermediate_size as f64;
+    let p = per_layer * cfg.num_layers as f64 + cfg.vocab_size as f64 * h;
+    let mut tokens = 0f64;
+    let mut pairs = 0f64;
+    for row in 0..b.batch_size {
+        let span = row * b.seq_len..(row + 1) * b.seq_len;
+        let mask = &b.attention_mask[span.clone()];
+        tokens += mask.iter().filter(|&&m| m != 0).count() as f64;
+        // Causal pairs per attention block: each example of a block-diagonal row, else the row's real tokens.
+        let mut run = 0f64;
+        let mut last = None;
+        for (i, &m) in mask.iter().enumerate() {
+            let block = if b.block_diagonal {
+                b.sequence_ids[span.start + i]
+            } else {
+                1
+            };
+            if m == 0 {
+                continue;
+            }
+            if last != Some(block) {
+                pairs += run * (run + 1.0) / 2.0;
+                run = 0.0;
+                last = Some(block);
+            }
+            run += 1.0;
+        }
+        pairs += run * (run + 1.0) / 2.0;
+    }
+    4.0 * p * tokens + 3.0 * 4.0 * attn * pairs * cfg.num_layers as f64
 }
 
 /// How the reference runs: threads, device (`cpu`, `cuda:0`), dtype, gradient checkpointing.
@@ -385,7 +484,7 @@ fn figures(
     opts: &BenchOptions,
     times: &[StepTime],
     mem_gib: (Option<f64>, Option<f64>),
-) -> [f64; 8] {
+) -> [f64; 9] {
     let measured = &times[opts.warmup.min(times.len())..];
     let total: f64 = measured
         .iter()
@@ -395,6 +494,7 @@ fn figures(
     let real: f64 = measured.iter().map(|t| t.real_tokens as f64).sum();
     #[allow(clippy::cast_precision_loss)]
     let padded: f64 = measured.iter().map(|t| t.padded_tokens as f64).sum();
+    let flops: f64 = measured.iter().map(|t| t.flops).sum();
     let med = |f: fn(&StepTime) -> f64| median(measured.iter().map(f).collect());
     [
         med(|t| t.forward_s + t.backward_s + t.optimizer_s),
@@ -405,11 +505,18 @@ fn figures(
         padded / total.max(1e-9),
         mem_gib.0.unwrap_or(f64::NAN),
         mem_gib.1.unwrap_or(f64::NAN),
+        100.0 * flops / total.max(1e-9) / (opts.peak_tflops * 1e12),
     ]
 }
 
-/// The reference's figures in the order of [`figures`].
-fn reference_figures(r: &serde_json::Value, gpu: bool) -> [f64; 8] {
+/// The reference's figures in the order of [`figures`]; `flops_per_token` (model FLOPs per real token of the same
+/// batches) gives its MFU.
+fn reference_figures(
+    r: &serde_json::Value,
+    gpu: bool,
+    flops_per_token: f64,
+    peak_tflops: f64,
+) -> [f64; 9] {
     let g = |k: &str| {
         r.get(k)
             .and_then(serde_json::Value::as_f64)
@@ -433,6 +540,7 @@ fn reference_figures(r: &serde_json::Value, gpu: bool) -> [f64; 8] {
         g("padded_tokens_per_s"),
         m0,
         m1,
+        100.0 * flops_per_token * g("real_tokens_per_s") / (peak_tflops * 1e12),
     ]
 }
 
@@ -446,13 +554,27 @@ fn report(
     references: &[Reference],
 ) -> String {
     let on_off = |c: bool| if c { "on" } else { "off" };
-    let ours: Vec<[f64; 8]> = settings
+    let ours: Vec<[f64; 9]> = settings
         .iter()
         .map(|s| figures(opts, &s.times, s.mem_gib))
         .collect();
-    let theirs: Vec<(bool, [f64; 8])> = references
+    // The same batches on both sides: model FLOPs per real token from termtune's measured steps.
+    let flops_per_token = settings.first().map_or(f64::NAN, |s| {
+        let measured = &s.times[opts.warmup.min(s.times.len())..];
+        #[allow(clippy::cast_precision_loss)]
+        let tokens: f64 = measured.iter().map(|t| t.real_tokens as f64).sum();
+        measured.iter().map(|t| t.flops).sum::<f64>() / tokens.max(1.0)
+    });
+    let theirs: Vec<(bool, [f64; 9])> = references
         .iter()
-        .filter_map(|(c, r)| r.as_ref().ok().map(|v| (*c, reference_figures(v, gpu))))
+        .filter_map(|(c, r)| {
+            r.as_ref().ok().map(|v| {
+                (
+                    *c,
+                    reference_figures(v, gpu, flops_per_token, opts.peak_tflops),
+                )
+            })
+        })
         .collect();
     let measured = settings
         .first()
@@ -460,11 +582,23 @@ fn report(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "LoRA r {} on all linear layers, {setup}, batch {} x cutoff {}, {measured} measured steps after {} warm-up",
-        opts.lora_rank, opts.batch_size, opts.cutoff_len, opts.warmup
+        "LoRA r {} on all linear layers, {setup}, batch {} x cutoff {}{}, {measured} measured steps after {} warm-up",
+        opts.lora_rank,
+        opts.batch_size,
+        opts.cutoff_len,
+        if opts.packing { " packed" } else { "" },
+        opts.warmup
     );
+    if gpu {
+        let _ = writeln!(
+            out,
+            "MFU: model FLOPs (4 x matmul params per real token + causal attention, no recomputation) per second \
+             against {} TFLOP/s",
+            opts.peak_tflops
+        );
+    }
     // Each termtune setting is compared with the reference of the same checkpointing setting, else the first.
-    let partner = |c: bool| -> Option<[f64; 8]> {
+    let partner = |c: bool| -> Option<[f64; 9]> {
         theirs
             .iter()
             .find(|(rc, _)| *rc == c)
@@ -495,6 +629,7 @@ fn report(
     if gpu {
         rows.push(("peak GPU allocated (GiB)", 6, false));
         rows.push(("peak GPU reserved (GiB)", 7, false));
+        rows.push(("MFU (%)", 8, true));
     } else {
         rows.push(("peak RSS (GiB)", 6, false));
     }

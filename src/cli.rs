@@ -97,6 +97,18 @@ pub struct BenchArgs {
     /// Base-weight dtype: auto (bf16 on a GPU, f32 on the CPU), bf16 or f32.
     #[arg(long, default_value = "auto", value_parser = ["auto", "bf16", "bfloat16", "f32", "float32"])]
     pub dtype: String,
+    /// Pack examples into full cutoff_len rows (LLaMA-Factory's `packing: true`; causal attention over the row,
+    /// as the reference computes it) instead of padding each batch to its longest example. The dataset is
+    /// repeated when one pass gives too few batches.
+    #[arg(long)]
+    pub packing: bool,
+    /// The GPU's dense bf16 peak in TFLOP/s, for the MFU row (default: 790, measured on an H100/H200).
+    #[arg(long, default_value_t = 790.0)]
+    pub peak_tflops: f64,
+    /// Also time each kind of kernel (norm, linear, attention, …) in one extra step per setting; the device
+    /// waits around each, so that step is slower than the measured ones.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Args)]

@@ -426,6 +426,9 @@ fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
         lora_rank: args.lora_rank,
         steps: args.steps,
         warmup: 1,
+        packing: args.packing,
+        peak_tflops: args.peak_tflops,
+        profile: args.profile,
         python,
         threads: args.threads,
         dtype: match args.dtype.as_str() {

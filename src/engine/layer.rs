@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storag
 
 use super::error::Result;
 use super::ops;
+use super::profile::span;
 
 type R<T> = candle_core::Result<T>;
 
@@ -490,8 +491,15 @@ pub fn forward(
     };
     let (nh, nkv, hd) = (ctx.num_heads, ctx.num_kv_heads, ctx.head_dim);
     let seed = ctx.dropout_seed;
-    let norm = |x: &Tensor, w: &Weight| rms_norm(kernels, ctx.eps, x, w, pass.track);
-    let lin = |lin: &Linear, x: &Tensor| lin.apply(x, kernels, pass, seed);
+    let dev = x.device();
+    let norm = |x: &Tensor, w: &Weight| {
+        span("rms_norm", dev, || {
+            rms_norm(kernels, ctx.eps, x, w, pass.track)
+        })
+    };
+    let lin =
+        |lin: &Linear, x: &Tensor| span("linear + LoRA", dev, || lin.apply(x, kernels, pass, seed));
+    let add = |a: &Tensor, b: &Tensor| span("residual add", dev, || add(a, b));
     let heads = |z: &Tensor, n: usize| -> Result<Tensor> {
         Ok(match io.pad {
             None => z.reshape((b, t, n, hd))?,
@@ -514,8 +522,12 @@ pub fn forward(
         Some(w) => norm(&k, w)?,
         None => k,
     };
-    let q = kernels.rope(&q.transpose(1, 2)?.contiguous()?, io.cos, io.sin)?;
-    let k = kernels.rope(&k.transpose(1, 2)?.contiguous()?, io.cos, io.sin)?;
+    let rope = |z: &Tensor| {
+        span("rope", dev, || {
+            kernels.rope(&z.transpose(1, 2)?.contiguous()?, io.cos, io.sin)
+        })
+    };
+    let (q, k) = (rope(&q)?, rope(&k)?);
     let v = v.transpose(1, 2)?.contiguous()?;
     let (k, v) = match io.cache {
         None => (k, v),
@@ -529,7 +541,9 @@ pub fn forward(
         }
     };
     let scale = 1.0 / (hd as f64).sqrt();
-    let att = kernels.attention(&q, &k, &v, io.bias, scale, ctx.dtype)?;
+    let att = span("attention", dev, || {
+        kernels.attention(&q, &k, &v, io.bias, scale, ctx.dtype)
+    })?;
     let y = att.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     let y = match io.pad {
         None => y,
@@ -543,7 +557,7 @@ pub fn forward(
     let hn2 = norm(&x2, &l.post_norm)?;
     let (g, xa_g) = lin(&l.gate, &hn2)?;
     let (u, xa_u) = lin(&l.up, &hn2)?;
-    let act = kernels.swiglu(&g, &u)?;
+    let act = span("swiglu", dev, || kernels.swiglu(&g, &u))?;
     let (d, xa_d) = lin(&l.down, &act)?;
     let out = add(&x2, &d)?;
     if let Some(keep) = keep {
@@ -682,28 +696,33 @@ impl CheckpointedLayer {
         let (m, hsz) = sv.x.dims2()?;
         let (b, nh, t, hd) = sv.q.dims4()?;
         let nkv = sv.k.dim(1)?;
-        let add = ops::fused::add_untracked;
+        let dev = gy.device();
+        let add =
+            |a: &Tensor, b: &Tensor| span("residual add", dev, || ops::fused::add_untracked(a, b));
+        let lin_bwd = |lin: &Linear, x: &Tensor, xa: Option<&Tensor>, g: &Tensor| {
+            span("linear + LoRA backward", dev, || {
+                lin.backward(x, xa, g, ctx.dropout_seed)
+            })
+        };
         let gy = gy.reshape((m, hsz))?;
         let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
-        let (d_act, gd) = l
-            .down
-            .backward(&sv.act, sv.xa[6].as_ref(), &gy, ctx.dropout_seed)?;
+        let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy)?;
         lora[6] = gd;
-        let (dg, du) = ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)?;
-        let (dh_g, gg) = l
-            .gate
-            .backward(&sv.hn2, sv.xa[4].as_ref(), &dg, ctx.dropout_seed)?;
-        let (dh_u, gu) =
-            l.up.backward(&sv.hn2, sv.xa[5].as_ref(), &du, ctx.dropout_seed)?;
+        let (dg, du) = span("swiglu backward", dev, || {
+            ops::fused::swiglu_backward(&sv.g, &sv.u, &d_act)
+        })?;
+        let (dh_g, gg) = lin_bwd(&l.gate, &sv.hn2, sv.xa[4].as_ref(), &dg)?;
+        let (dh_u, gu) = lin_bwd(&l.up, &sv.hn2, sv.xa[5].as_ref(), &du)?;
         lora[4] = gg;
         lora[5] = gu;
         let d_hn2 = add(&dh_g, &dh_u)?;
         let dx2 = add(
             &gy,
-            &ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)?,
+            &span("rms_norm backward", dev, || {
+                ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)
+            })?,
         )?;
-        let (dy, go) =
-            l.o.backward(&sv.y, sv.xa[3].as_ref(), &dx2, ctx.dropout_seed)?;
+        let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2)?;
         lora[3] = go;
         let dy = match &self.pad {
             None => dy,
@@ -712,10 +731,15 @@ impl CheckpointedLayer {
         };
         let dy = dy.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (dq, dk, dv) =
-            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, scale, &dy)?;
-        let dq = ops::fused::rope_backward(&dq, &self.cos, &self.sin)?;
-        let dk = ops::fused::rope_backward(&dk, &self.cos, &self.sin)?;
+        let (dq, dk, dv) = span("attention backward", dev, || {
+            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, scale, &dy)
+        })?;
+        let rope_bwd = |d: &Tensor| {
+            span("rope backward", dev, || {
+                ops::fused::rope_backward(d, &self.cos, &self.sin)
+            })
+        };
+        let (dq, dk) = (rope_bwd(&dq)?, rope_bwd(&dk)?);
         let rows = |d: Tensor, n: usize| -> Result<Tensor> {
             let d = d.transpose(1, 2)?.reshape((b * t, n * hd))?;
             Ok(match &self.pad {
@@ -724,27 +748,18 @@ impl CheckpointedLayer {
                 Some(p) => d.index_select(&p.real, 0)?,
             })
         };
-        let (dh_q, gq) =
-            l.q.backward(&sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?, ctx.dropout_seed)?;
-        let (dh_k, gk) = l.k.backward(
-            &sv.hn1,
-            sv.xa[1].as_ref(),
-            &rows(dk, nkv)?,
-            ctx.dropout_seed,
-        )?;
-        let (dh_v, gv) = l.v.backward(
-            &sv.hn1,
-            sv.xa[2].as_ref(),
-            &rows(dv, nkv)?,
-            ctx.dropout_seed,
-        )?;
+        let (dh_q, gq) = lin_bwd(&l.q, &sv.hn1, sv.xa[0].as_ref(), &rows(dq, nh)?)?;
+        let (dh_k, gk) = lin_bwd(&l.k, &sv.hn1, sv.xa[1].as_ref(), &rows(dk, nkv)?)?;
+        let (dh_v, gv) = lin_bwd(&l.v, &sv.hn1, sv.xa[2].as_ref(), &rows(dv, nkv)?)?;
         lora[0] = gq;
         lora[1] = gk;
         lora[2] = gv;
         let d_hn1 = add(&add(&dh_q, &dh_k)?, &dh_v)?;
         let dx = add(
             &dx2,
-            &ops::fused::rms_norm_backward(&sv.x, &l.input_norm.detached(), &d_hn1, ctx.eps)?,
+            &span("rms_norm backward", dev, || {
+                ops::fused::rms_norm_backward(&sv.x, &l.input_norm.detached(), &d_hn1, ctx.eps)
+            })?,
         )?;
         let mut grads = Vec::new();
         for (da, db) in lora.into_iter().flatten() {
@@ -896,7 +911,9 @@ impl CustomOp2 for CheckpointedLayer {
         )
         .map_err(wrap)?;
         let surrogate = (y * gy.detach())?.sum_all()?;
-        let grads = surrogate.backward()?;
+        let grads = span("layer backward (candle graph)", x.device(), || {
+            surrogate.backward()
+        })?;
         let dx = match grads.get(xin.as_tensor()) {
             Some(g) => g.clone(),
             None => xin.zeros_like()?,

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod ops;
+pub mod profile;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -850,7 +850,10 @@ impl Model {
         if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
             && self.fused()
         {
-            return Ok((layer::head_loss_chunked(&hs, w, &tgt, chunk)?, n));
+            let loss = super::profile::span("lm_head + cross-entropy", &self.device, || {
+                layer::head_loss_chunked(&hs, w, &tgt, chunk)
+            })?;
+            return Ok((loss, n));
         }
         let logits = self.logits(&hs, train)?;
         let targets = Tensor::from_vec(tgt, n, &self.device)?;
