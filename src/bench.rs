@@ -209,6 +209,9 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
         });
     }
     drop(model);
+    drop(init);
+    // What termtune's pool keeps for itself would leave the reference (another process) short of GPU memory.
+    crate::engine::device::release_cached_memory(&device);
 
     // The reference on the same device and dtype; on a GPU with and without its gradient checkpointing (on the
     // CPU, where it is slow, without: it keeps all activations).

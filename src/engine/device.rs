@@ -238,6 +238,50 @@ pub fn reset_peak_memory(device: &Device) {
     let _ = device;
 }
 
+/// Gives the memory pool's unused memory back to the driver (PyTorch's `empty_cache`), after the device's queue
+/// is done: for another process that needs the GPU next (the bench's reference runs after termtune).
+pub fn release_cached_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let _ = device.synchronize();
+        if let Err(e) = trim_pool(d) {
+            tracing::warn!("could not release the memory pool's cached memory: {e}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// The device's default memory pool.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn default_pool(
+    d: &candle_core::CudaDevice,
+) -> std::result::Result<cudarc::driver::sys::CUmemoryPool, String> {
+    use cudarc::driver::sys;
+    let dev = d.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer alive for the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&raw mut pool, dev)
+            .result()
+            .map_err(|e| format!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+    }
+    Ok(pool)
+}
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn trim_pool(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
+    let pool = default_pool(d)?;
+    // SAFETY: the pool handle comes from the driver; trimming to 0 keeps only memory still in use.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolTrimTo(pool, 0)
+            .result()
+            .map_err(|e| format!("cuMemPoolTrimTo: {e:?}"))
+    }
+}
+
 /// Reads (`set` None) or writes a u64 attribute of the device's default memory pool.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
@@ -247,16 +291,11 @@ fn pool_attr(
     set: Option<u64>,
 ) -> std::result::Result<u64, String> {
     use cudarc::driver::sys;
-    let stream = d.cuda_stream();
-    let dev = stream.context().cu_device();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(d)?;
     let mut value: u64 = set.unwrap_or(0);
-    // SAFETY: valid out-pointers alive for each call; the USED/RESERVED_MEM_HIGH and RELEASE_THRESHOLD
-    // attributes are u64 (cuuint64_t) by the driver API's documentation.
+    // SAFETY: a valid pointer alive for each call; the USED/RESERVED_MEM_HIGH and RELEASE_THRESHOLD attributes
+    // are u64 (cuuint64_t) by the driver API's documentation.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&raw mut pool, dev)
-            .result()
-            .map_err(|e| format!("cuDeviceGetDefaultMemPool: {e:?}"))?;
         let r = if set.is_some() {
             sys::cuMemPoolSetAttribute(pool, attr, (&raw mut value).cast())
         } else {
