@@ -710,3 +710,24 @@ fn a_full_disk_names_the_file_the_sizes_and_the_fix() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `termtune check`'s disk section: a warning when output_dir's file system cannot hold two checkpoints.
+#[test]
+fn check_warns_when_the_output_disk_cannot_hold_two_checkpoints() {
+    use termtune::fsutil::SimulatedDisk;
+    let f = fixture(2);
+    let loaded = preset(&f, "checked", &["lora_rank: 8"]);
+    let out = f.root.join("checked");
+    let disk = SimulatedDisk::new(&out, 10_000);
+    let text = termtune::commands::disk_report(&loaded.preset);
+    assert!(text.contains("# disk (estimate)"), "{text}");
+    assert!(
+        text.contains(&format!("warning: {} has 10.0 kB free", out.display())),
+        "{text}"
+    );
+    assert!(text.contains("less than two checkpoints"), "{text}");
+    disk.set_free(1 << 40);
+    let text = termtune::commands::disk_report(&loaded.preset);
+    assert!(!text.contains("warning"), "{text}");
+    assert!(text.contains("room for "), "{text}");
+}
