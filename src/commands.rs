@@ -54,6 +54,7 @@ fn check(args: &CheckArgs) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             print!("{}", memory_report(&loaded.preset));
+            print!("{}", disk_report(&loaded.preset));
             match dataset_report(&loaded.preset, args.preview) {
                 Ok(text) => {
                     print!("{text}");
@@ -136,6 +137,91 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
         );
         for note in &loaded.notes {
             let _ = writeln!(out, "#   {}: {}", note.key, note.reason);
+        }
+    }
+    out
+}
+
+/// `# disk`: the estimated size of one checkpoint of `p` against the free space of `output_dir`'s file system,
+/// with a warning when two checkpoints do not fit (a run writes the next one before it removes an old one);
+/// empty when the model's config.json is not at hand without a download.
+pub fn disk_report(p: &config::Preset) -> String {
+    let mut out = String::new();
+    let hub = crate::resolve::ModelRef::of(p).hub_options();
+    let Some(config) = crate::engine::source::config_json(&p.model_name_or_path, &hub) else {
+        return out;
+    };
+    let (Ok(cfg), Ok(ft)) = (
+        crate::engine::ModelConfig::from_hf_config(&config),
+        crate::resolve::finetune(p),
+    ) else {
+        return out;
+    };
+    let (trainable, total) = crate::engine::memory::param_counts(&cfg, &ft);
+    let weights = if p.finetuning_type == config::FinetuningType::Lora {
+        trainable * 4 // the adapter, saved in f32
+    } else {
+        // freeze/full checkpoints hold the whole model, in the training dtype.
+        let dtype = crate::engine::device::chosen()
+            .ok()
+            .and_then(|d| crate::resolve::train_dtype(p, &d).ok())
+            .map_or(candle_core::DType::F32, |(dt, _)| dt);
+        total * dtype.size_in_bytes() as u64
+    };
+    let local = std::path::Path::new(&p.model_name_or_path);
+    let tokenizer = if local.is_dir() {
+        Some(local.to_path_buf())
+    } else {
+        crate::engine::hub::cached_snapshot(&p.model_name_or_path, &hub)
+    }
+    .and_then(|dir| std::fs::metadata(dir.join("tokenizer.json")).ok())
+    .map_or(0, |m| m.len());
+    let one = crate::trainer::checkpoint::estimate_checkpoint_bytes(weights, trainable, tokenizer);
+    let dir = std::path::Path::new(&p.output_dir);
+    let free = crate::fsutil::free_bytes(dir);
+    out.push_str(&disk_text(&p.output_dir, one, weights, trainable * 8, free));
+    out
+}
+
+/// The text of [`disk_report`] for a checkpoint of `one` bytes (`weights` + `optimizer` + the rest) and `free`
+/// bytes on `output_dir`'s file system.
+pub fn disk_text(
+    output_dir: &str,
+    one: u64,
+    weights: u64,
+    optimizer: u64,
+    free: Option<u64>,
+) -> String {
+    use crate::fsutil::human_bytes;
+    let mut out = String::new();
+    let _ = writeln!(out, "\n# disk (estimate)");
+    let _ = writeln!(
+        out,
+        "one checkpoint: about {} (weights {}, optimizer state {}, tokenizer and trainer state {})",
+        human_bytes(one),
+        human_bytes(weights),
+        human_bytes(optimizer),
+        human_bytes(one.saturating_sub(weights + optimizer))
+    );
+    match free {
+        None => {
+            let _ = writeln!(out, "free space of {output_dir}: unknown");
+        }
+        Some(free) if free < one.saturating_mul(2) => {
+            let _ = writeln!(
+                out,
+                "warning: {output_dir} has {} free, less than two checkpoints ({}): the run will stop with a full disk at a save. Free some space there or choose another `output_dir`",
+                human_bytes(free),
+                human_bytes(one.saturating_mul(2))
+            );
+        }
+        Some(free) => {
+            let _ = writeln!(
+                out,
+                "{output_dir}: {} free, room for {} checkpoints",
+                human_bytes(free),
+                free / one.max(1)
+            );
         }
     }
     out
@@ -612,4 +698,31 @@ fn cpu_features() -> Vec<&'static str> {
         f.push("(none detected)");
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_section_warns_below_two_checkpoints() {
+        // One checkpoint of 3 MB (1 MB weights, 1.5 MB optimizer state, 0.5 MB the rest): 5.9 MB free holds one.
+        let text = disk_text("out", 3_000_000, 1_000_000, 1_500_000, Some(5_900_000));
+        assert!(
+            text.contains("one checkpoint: about 3.0 MB (weights 1.0 MB, optimizer state 1.5 MB, tokenizer and trainer state 500.0 kB)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: out has 5.9 MB free, less than two checkpoints (6.0 MB)"),
+            "{text}"
+        );
+        let text = disk_text("out", 3_000_000, 1_000_000, 1_500_000, Some(6_000_000));
+        assert!(!text.contains("warning"), "{text}");
+        assert!(
+            text.contains("out: 6.0 MB free, room for 2 checkpoints"),
+            "{text}"
+        );
+        let text = disk_text("out", 3_000_000, 1_000_000, 1_500_000, None);
+        assert!(text.contains("free space of out: unknown"), "{text}");
+    }
 }

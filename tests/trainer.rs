@@ -144,7 +144,15 @@ fn the_event_sequence_of_a_run() {
         .collect();
     assert_eq!(
         kinds,
-        ["started", "step", "step", "checkpoint", "step", "finished"]
+        [
+            "started",
+            "step",
+            "step",
+            "checkpoint",
+            "step",
+            "checkpoint",
+            "finished"
+        ]
     );
     assert!(
         events
@@ -559,4 +567,167 @@ fn checkpointing_off_and_a_thread_cap_train_the_same_adapter() {
             assert!(max < 1e-5, "{out} {na}: {max}");
         }
     }
+}
+
+fn checkpoint_steps(out: &Path) -> Vec<u64> {
+    termtune::trainer::checkpoint::list_checkpoints(out)
+        .iter()
+        .map(|c| c.0)
+        .collect()
+}
+
+fn saved_steps(events: &[TrainEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::CheckpointSaved { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect()
+}
+
+/// As the Hugging Face Trainer: with `save_strategy: steps` the last step is saved too, once, and
+/// `save_total_limit` still rotates.
+#[test]
+fn the_last_step_is_checkpointed_like_the_hf_trainer() {
+    let f = fixture(6);
+    let loaded = preset(&f, "even", &["max_steps: 4", "save_steps: 2"]);
+    let (r, events) = run(&loaded, &[]);
+    assert!(matches!(r.unwrap(), Outcome::Finished(_)));
+    assert_eq!(checkpoint_steps(&f.root.join("even")), [2, 4]);
+    assert_eq!(saved_steps(&events), [2, 4], "step 4 saved once");
+
+    let loaded = preset(
+        &f,
+        "odd",
+        &["max_steps: 5", "save_steps: 2", "save_total_limit: 2"],
+    );
+    let (r, events) = run(&loaded, &[]);
+    r.unwrap();
+    assert_eq!(saved_steps(&events), [2, 4, 5]);
+    assert_eq!(checkpoint_steps(&f.root.join("odd")), [4, 5]);
+
+    let loaded = preset(&f, "none", &["max_steps: 2", "save_strategy: \"no\""]);
+    let (r, events) = run(&loaded, &[]);
+    r.unwrap();
+    assert!(saved_steps(&events).is_empty());
+    assert!(checkpoint_steps(&f.root.join("none")).is_empty());
+}
+
+/// Every file of the run folder (checkpoints included) has the mode a plain `File::create` gives here (0666
+/// less the umask): the safetensors files too, which the safetensors crate alone makes owner-only.
+#[cfg(unix)]
+#[test]
+fn run_folder_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let f = fixture(4);
+    let loaded = preset(&f, "run", &["max_steps: 2", "save_steps: 1"]);
+    run(&loaded, &[]).0.unwrap();
+    let probe = f.root.join("probe");
+    std::fs::File::create(&probe).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let expected = mode(&probe);
+    let mut files = Vec::new();
+    walk(&f.root.join("run"), &mut files);
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for must in [
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(
+            names.iter().filter(|n| *n == must).count() >= 2,
+            "{must}: {names:?}"
+        );
+    }
+    for p in &files {
+        assert_eq!(
+            mode(p),
+            expected,
+            "{}: {:o} instead of {expected:o}",
+            p.display(),
+            mode(p)
+        );
+    }
+}
+
+/// A full disk while writing a checkpoint: the error names the file, the checkpoint's size and the free space,
+/// and says what to do; the last good checkpoint stays whole and nothing half-written is left.
+#[test]
+fn a_full_disk_names_the_file_the_sizes_and_the_fix() {
+    use termtune::fsutil::SimulatedDisk;
+    let f = fixture(6);
+    let out = f.root.join("full");
+    let loaded = preset(
+        &f,
+        "full",
+        &["max_steps: 4", "save_steps: 1", "save_total_limit: 3"],
+    );
+    let disk = SimulatedDisk::new(&out, 1 << 30);
+    let (tx, rx) = mpsc::channel::<TrainCommand>();
+    let result = run_training(&loaded, &Device::Cpu, &rx, &mut |ev| {
+        if let TrainEvent::CheckpointSaved { step: 1, .. } = ev {
+            disk.set_free(1000); // the disk fills up before checkpoint-2
+        }
+    });
+    drop(tx);
+    let err = result.expect_err("the save of checkpoint-2 must fail");
+    assert!(matches!(err, TrainError::DiskFull(_)), "{err:?}");
+    let msg = err.to_string();
+    for part in [
+        "no space left on device while writing ",
+        "adapter_model.safetensors (",
+        "checkpoint-2 needs about ",
+        &format!("the file system of {} has 1.0 kB free", out.display()),
+        &format!(
+            "the last good checkpoint {} (step 1) is intact",
+            out.join("checkpoint-1").display()
+        ),
+        "Free some space there, or lower `save_total_limit` (now 3)",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing in: {msg}");
+    }
+    assert_eq!(checkpoint_steps(&out), [1]);
+    let (_, dir) = termtune::trainer::checkpoint::latest_checkpoint(&out).unwrap();
+    termtune::engine::adapter::read_adapter(&dir, &Device::Cpu).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// `termtune check`'s disk section: a warning when output_dir's file system cannot hold two checkpoints.
+#[test]
+fn check_warns_when_the_output_disk_cannot_hold_two_checkpoints() {
+    use termtune::fsutil::SimulatedDisk;
+    let f = fixture(2);
+    let loaded = preset(&f, "checked", &["lora_rank: 8"]);
+    let out = f.root.join("checked");
+    let disk = SimulatedDisk::new(&out, 10_000);
+    let text = termtune::commands::disk_report(&loaded.preset);
+    assert!(text.contains("# disk (estimate)"), "{text}");
+    assert!(
+        text.contains(&format!("warning: {} has 10.0 kB free", out.display())),
+        "{text}"
+    );
+    assert!(text.contains("less than two checkpoints"), "{text}");
+    disk.set_free(1 << 40);
+    let text = termtune::commands::disk_report(&loaded.preset);
+    assert!(!text.contains("warning"), "{text}");
+    assert!(text.contains("room for "), "{text}");
 }

@@ -333,7 +333,7 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
         context: CONFIG_FILE.into(),
         source: e,
     })?;
-    std::fs::write(dir.join(CONFIG_FILE), text + "\n")
+    crate::fsutil::write_file(&dir.join(CONFIG_FILE), text + "\n")
         .map_err(|e| EngineError::io(format!("writing {}", dir.join(CONFIG_FILE).display()), e))
 }
 

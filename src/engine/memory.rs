@@ -80,15 +80,13 @@ fn u(x: usize) -> u64 {
     x as u64
 }
 
-/// The estimate for `cfg` trained as `ft` in the shape `run`.
-pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstimate {
-    let bytes = u(run.dtype.size_in_bytes());
+/// Parameter counts of `cfg` trained as `ft`: (trainable, base model). LoRA's trainable parameters are the
+/// adapters' A and B, which the base count leaves out.
+pub fn param_counts(cfg: &ModelConfig, ft: &Finetune) -> (u64, u64) {
     let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
     let per_layer: usize = layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>() + 2 * h;
     let embed = v * h;
     let params = embed + if cfg.tie_word_embeddings { 0 } else { embed } + l * per_layer + h;
-    let weights = u(params) * bytes;
-    // Per trainable parameter: its gradient (its dtype) + AdamW m and v (f32); LoRA's own f32 weights too.
     let trainable = match ft {
         Finetune::Frozen => 0,
         Finetune::Lora(spec) => {
@@ -98,15 +96,30 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
                 .filter(|(_, name)| spec.targets.contains(name))
                 .map(|((i, o), _)| spec.r * (i + o))
                 .sum();
-            u(l * per_layer_lora) * 16
+            l * per_layer_lora
         }
         Finetune::Freeze { trainable_layers } => {
             let n = usize::try_from(trainable_layers.unsigned_abs())
                 .unwrap_or(l)
                 .min(l);
-            u(n * per_layer) * (bytes + 8)
+            n * per_layer
         }
-        Finetune::Full => u(params) * (bytes + 8),
+        Finetune::Full => params,
+    };
+    (u(trainable), u(params))
+}
+
+/// The estimate for `cfg` trained as `ft` in the shape `run`.
+pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstimate {
+    let bytes = u(run.dtype.size_in_bytes());
+    let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
+    let (trainable_params, params) = param_counts(cfg, ft);
+    let weights = params * bytes;
+    // Per trainable parameter: its gradient (its dtype) + AdamW m and v (f32); LoRA's own f32 weights too.
+    let trainable = match ft {
+        Finetune::Frozen => 0,
+        Finetune::Lora(_) => trainable_params * 16,
+        Finetune::Freeze { .. } | Finetune::Full => trainable_params * (bytes + 8),
     };
     let tokens = u(run.batch * run.seq_len);
     let (q, kv, ff) = (
@@ -189,6 +202,8 @@ mod tests {
             checkpointing: true,
             head_chunk_rows: Some(1024),
         };
+        assert_eq!(param_counts(&c, &lora_all(16)), (41_943_040, 8_030_261_248));
+        assert_eq!(param_counts(&c, &Finetune::Full).0, 8_030_261_248);
         let e = estimate(&c, &lora_all(16), &run);
         // Llama-3.1-8B has 8.03 B parameters (16.06 GB in bf16).
         assert_eq!(e.weights, 8_030_261_248 * 2);

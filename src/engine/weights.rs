@@ -201,21 +201,6 @@ struct RawTensor {
     data: Vec<u8>,
 }
 
-impl safetensors::View for RawTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 fn raw(t: &Tensor) -> Result<RawTensor> {
     let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
     let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
@@ -275,15 +260,49 @@ fn raw(t: &Tensor) -> Result<RawTensor> {
 }
 
 /// Write tensors to a safetensors file with metadata `{"format": "pt"}` (what PyTorch/PEFT write and expect).
+///
+/// Written here rather than with `safetensors::serialize_to_file`, which stages the file in an owner-only (0600)
+/// temporary file: through [`crate::fsutil::write_atomic_with`] the file gets a plain file's permissions (so a
+/// teammate, or a server running as another user, can read an adapter), and a full disk names the file.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut items: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
         items.push((k.clone(), raw(t)?));
     }
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(items, Some(meta), path).map_err(|e| EngineError::File {
+    // safetensors' own order: by descending dtype alignment, then by name.
+    items.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+    let bad = |why: String| EngineError::File {
         path: path.to_path_buf(),
-        why: format!("cannot write safetensors: {e}"),
+        why: format!("cannot write safetensors: {why}"),
+    };
+    let mut infos = Vec::with_capacity(items.len());
+    let mut offset = 0usize;
+    for (name, t) in &items {
+        let end = offset + t.data.len();
+        infos.push((
+            name.clone(),
+            safetensors::tensor::TensorInfo {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data_offsets: (offset, end),
+            },
+        ));
+        offset = end;
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let metadata =
+        safetensors::tensor::Metadata::new(Some(meta), infos).map_err(|e| bad(e.to_string()))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| bad(e.to_string()))?;
+    // The data starts 8-byte aligned: the header is padded with spaces (as safetensors does).
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let total = 8 + header.len() + offset;
+    crate::fsutil::write_atomic_with(path, total as u64, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, t) in &items {
+            w.write_all(&t.data)?;
+        }
+        Ok(())
     })
+    .map_err(|e| EngineError::io(format!("writing {}", path.display()), e))
 }

@@ -120,10 +120,12 @@ pub fn write_folder(
             weight_map.insert(name.clone(), json!(file));
         }
         save_safetensors(&part, &dir.join(&file)).map_err(|e| match e {
-            crate::engine::EngineError::File { path, why } if why.contains("No space left") => {
+            crate::engine::EngineError::Io { source, .. }
+                if crate::fsutil::is_disk_full(&source) =>
+            {
                 ExportError::DiskFullWhileWriting {
-                    path,
-                    source: std::io::Error::new(std::io::ErrorKind::StorageFull, why),
+                    path: dir.join(&file),
+                    source,
                 }
             }
             other => ExportError::Engine(other),
@@ -151,16 +153,6 @@ pub fn write_folder(
         map.insert("use_cache".into(), json!(true));
     }
     write_json(&dir.join("config.json"), &config)?;
-    // The safetensors writer creates owner-only files; give the shards the permissions of an ordinary file
-    // (config.json's), so that e.g. an Ollama server running as another user can read the export.
-    let perms = std::fs::metadata(dir.join("config.json"))
-        .map_err(|e| ExportError::io(format!("reading {}", dir.display()), e))?
-        .permissions();
-    for v in weight_map_files(dir)? {
-        std::fs::set_permissions(&v, perms.clone())
-            .map_err(|e| ExportError::io(format!("setting permissions of {}", v.display()), e))?;
-    }
-
     // The tokenizer: the source's own tokenizer.json byte for byte when it came from a folder, else the
     // tokenizer termtune built (from GGUF metadata).
     let src_dir = &input.files.dir;
@@ -192,28 +184,15 @@ pub fn write_folder(
     Ok(())
 }
 
-fn weight_map_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ExportError> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| ExportError::io(format!("listing {}", dir.display()), e))?;
-    let mut out = Vec::new();
-    for e in rd {
-        let p = e
-            .map_err(|e| ExportError::io(format!("listing {}", dir.display()), e))?
-            .path();
-        if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
 fn has_template(cfg: &Json) -> bool {
     cfg.get("chat_template").is_some()
 }
 
+/// Copies a file's bytes; the copy gets a new file's permissions, not the source's (`std::fs::copy` would keep
+/// an owner-only source file owner-only in the export).
 fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
-    std::fs::copy(from, to)
-        .map(|_| ())
+    std::fs::read(from)
+        .and_then(|bytes| crate::fsutil::write_file(to, bytes))
         .map_err(|e| ExportError::io(format!("copying {} to {}", from.display(), to.display()), e))
 }
 

@@ -464,27 +464,9 @@ pub fn hub_id_for(
     name.to_string()
 }
 
-/// Free bytes on the file system that will hold `dir`, when the platform tells.
-fn available_bytes(dir: &Path) -> Option<u64> {
-    let mut probe = dir.to_path_buf();
-    while !probe.exists() {
-        probe = probe.parent()?.to_path_buf();
-        if probe.as_os_str().is_empty() {
-            probe = PathBuf::from(".");
-        }
-    }
-    let probe = probe.canonicalize().ok()?;
-    let disks = sysinfo::Disks::new_with_refreshed_list().ok()?;
-    (&disks)
-        .into_iter()
-        .filter(|d| probe.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().as_os_str().len())
-        .map(sysinfo::Disk::available_space)
-}
-
 /// Refuses when the file system of `dir` has less than `needed` bytes free.
 pub fn check_space(dir: &Path, needed: u64) -> Result<(), ExportError> {
-    match available_bytes(dir) {
+    match crate::fsutil::free_bytes(dir) {
         Some(free) => space_verdict(dir, needed, free),
         None => Ok(()),
     }

@@ -37,6 +37,24 @@ impl PendingCheckpoint {
     }
 }
 
+/// An allowance for a checkpoint's small files: `trainer_state.json` (which grows with the log history),
+/// `scheduler.json`, `adapter_config.json`, `tokenizer_config.json` and the safetensors headers.
+pub const SMALL_FILES_BYTES: u64 = 1 << 20;
+
+/// The estimated size of one checkpoint folder, bytes: the trained weights as saved (`weights_bytes`: the
+/// LoRA adapter in f32, or the whole model in its dtype for freeze/full), AdamW's two f32 moments per
+/// trainable parameter (`optimizer.safetensors`), `tokenizer.json`, and [`SMALL_FILES_BYTES`].
+pub fn estimate_checkpoint_bytes(
+    weights_bytes: u64,
+    trainable_params: u64,
+    tokenizer_bytes: u64,
+) -> u64 {
+    weights_bytes
+        .saturating_add(trainable_params.saturating_mul(8))
+        .saturating_add(tokenizer_bytes)
+        .saturating_add(SMALL_FILES_BYTES)
+}
+
 /// Complete checkpoints in `output_dir`, oldest first, as `(step, path)`.
 pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {
@@ -98,6 +116,23 @@ mod tests {
         // A folder without trainer_state.json (e.g. left by a killed process) is not complete.
         std::fs::create_dir_all(dir.path().join("checkpoint-9")).unwrap();
         assert_eq!(latest_checkpoint(dir.path()).unwrap().0, 2);
+    }
+
+    #[test]
+    fn a_checkpoint_is_weights_plus_two_f32_moments_plus_tokenizer_and_small_files() {
+        // LoRA rank 8 on q_proj and v_proj of a 2-layer, hidden-64 llama (q 64x64, v 64x64 with 4 kv heads x 16):
+        // 2 layers x 2 linears x 8 x (64 + 64) = 4096 parameters, saved in f32 = 16 384 bytes; AdamW's m and v
+        // in f32 = 32 768 bytes; plus a 2 MB tokenizer.json and the 1 MiB allowance.
+        assert_eq!(
+            estimate_checkpoint_bytes(16_384, 4096, 2_000_000),
+            16_384 + 32_768 + 2_000_000 + 1_048_576
+        );
+        // Full fine-tuning of a 1B model in bf16: 2 GB of weights and 8 GB of optimizer state.
+        assert_eq!(
+            estimate_checkpoint_bytes(2_000_000_000, 1_000_000_000, 0),
+            10_000_000_000 + SMALL_FILES_BYTES
+        );
+        assert_eq!(estimate_checkpoint_bytes(u64::MAX, u64::MAX, 1), u64::MAX);
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct AdamW {
 pub enum OptimError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     #[error("optimizer state {path}: {reason}")]
     State { path: String, reason: String },
 }
@@ -128,7 +130,7 @@ impl AdamW {
         #[allow(clippy::cast_precision_loss)]
         let step = Tensor::new(&[self.step as f64], &Device::Cpu)?;
         tensors.insert("__step__".into(), step);
-        candle_core::safetensors::save(&tensors, path)?;
+        crate::engine::weights::save_safetensors(&tensors, path)?;
         Ok(())
     }
 

@@ -18,9 +18,10 @@ use crate::engine::adapter::{
 use crate::engine::source::SourceProgress;
 use crate::engine::weights::save_safetensors;
 use crate::engine::{AttnMask, Finetune, Model};
+use crate::fsutil::{human_bytes, write_file};
 use crate::resolve;
 
-use super::checkpoint::{PendingCheckpoint, latest_checkpoint, rotate};
+use super::checkpoint::{PendingCheckpoint, estimate_checkpoint_bytes, latest_checkpoint, rotate};
 use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm};
 use super::protocol::{RunSummary, StepMetrics, TrainCommand, TrainEvent};
 use super::runlog::{
@@ -52,8 +53,36 @@ pub enum TrainError {
         "the loss became {value} at step {step}; training stopped without applying that update{kept}. Lower `learning_rate`, keep `max_grad_norm` at 1.0, or check the data"
     )]
     NonFinite { step: u64, value: f64, kept: String },
+    #[error(transparent)]
+    DiskFull(Box<DiskFullError>),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A full disk while saving, told with the file, the sizes and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no space left on device while writing {} ({}): {what} needs about {} and the file system of {} has {} free; {kept}. Free some space there{limit}",
+    file.display(),
+    human_bytes(*file_bytes),
+    human_bytes(*needed_bytes),
+    out.display(),
+    free_bytes.map_or_else(|| "an unknown amount".to_string(), human_bytes),
+)]
+pub struct DiskFullError {
+    /// The file being written when the disk filled.
+    pub file: PathBuf,
+    pub file_bytes: u64,
+    /// What was being saved ("checkpoint-40").
+    pub what: String,
+    /// The estimated size of all of it.
+    pub needed_bytes: u64,
+    pub out: PathBuf,
+    pub free_bytes: Option<u64>,
+    /// What is kept ("the last good checkpoint … is intact").
+    pub kept: String,
+    /// The `save_total_limit` hint.
+    pub limit: String,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
@@ -680,12 +709,13 @@ impl<'a> Trainer<'a> {
             if log_due || eval_loss.is_some() {
                 self.log(&metrics, eval_loss, log_due)?;
             }
-            let save_due = match self.p.save_strategy {
-                IntervalStrategy::Steps => step % self.p.save_steps == 0,
-                IntervalStrategy::Epoch => step % self.updates_per_epoch == 0,
-                _ => false,
-            };
-            if save_due && step < self.total_steps {
+            if save_due(
+                self.p.save_strategy,
+                step,
+                self.p.save_steps,
+                self.updates_per_epoch,
+                self.total_steps,
+            ) {
                 let dir = self.save_checkpoint()?;
                 emit(TrainEvent::CheckpointSaved { step, dir });
             }
@@ -932,17 +962,89 @@ impl<'a> Trainer<'a> {
             save_safetensors(&tensors, &dir.join("model.safetensors"))?;
         }
         if let Some(tok) = &self.tokenizer_files.tokenizer_json {
-            std::fs::write(dir.join("tokenizer.json"), tok)
+            write_file(&dir.join("tokenizer.json"), tok)
                 .map_err(io_err("writing tokenizer.json"))?;
         }
         let cfg = serde_json::to_string_pretty(&self.tokenizer_files.tokenizer_config)
             .unwrap_or_else(|_| "{}".into());
-        std::fs::write(dir.join("tokenizer_config.json"), cfg)
+        write_file(&dir.join("tokenizer_config.json"), cfg)
             .map_err(io_err("writing tokenizer_config.json"))?;
         Ok(())
     }
 
+    /// The size of the trained weights as saved: the LoRA adapter in f32, or the whole model in its dtype.
+    fn weights_bytes(&self) -> u64 {
+        let (trainable, total) = self.model.param_counts();
+        if self.model.lora.is_some() {
+            trainable as u64 * 4
+        } else {
+            let dtype_bytes = self
+                .model
+                .trainable_vars()
+                .first()
+                .map_or(4, |(_, v)| v.dtype().size_in_bytes());
+            (total * dtype_bytes) as u64
+        }
+    }
+
+    /// The estimated size of one checkpoint of this run.
+    fn checkpoint_bytes(&self) -> u64 {
+        let (trainable, _) = self.model.param_counts();
+        let tokenizer = self
+            .tokenizer_files
+            .tokenizer_json
+            .as_ref()
+            .map_or(0, |t| t.len() as u64);
+        estimate_checkpoint_bytes(self.weights_bytes(), trainable as u64, tokenizer)
+    }
+
+    /// A full disk met while saving `what` (of about `needed_bytes`), told with the file, the sizes and
+    /// what to do; other errors unchanged.
+    fn explain_full_disk(&self, e: TrainError, what: String, needed_bytes: u64) -> TrainError {
+        let Some((file, file_bytes)) = disk_full_cause(&e) else {
+            return e;
+        };
+        let kept = latest_checkpoint(&self.out).map_or_else(
+            || "no checkpoint had been written yet".to_string(),
+            |(s, d)| {
+                format!(
+                    "the last good checkpoint {} (step {s}) is intact",
+                    d.display()
+                )
+            },
+        );
+        let limit = match self.p.save_total_limit {
+            Some(n) if n > 1 => format!(
+                ", or lower `save_total_limit` (now {n}) so that fewer checkpoints are kept"
+            ),
+            Some(_) => String::new(),
+            None => ", or set `save_total_limit` (e.g. 2) so that older checkpoints are removed"
+                .to_string(),
+        };
+        TrainError::DiskFull(Box::new(DiskFullError {
+            file: file.unwrap_or_else(|| self.out.join(&what)),
+            file_bytes: file_bytes.unwrap_or(needed_bytes),
+            what,
+            needed_bytes,
+            out: self.out.clone(),
+            free_bytes: crate::fsutil::free_bytes(&self.out),
+            kept,
+            limit,
+        }))
+    }
+
     fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        // The partial folder is gone (dropped uncommitted) before the free space is measured.
+        self.write_checkpoint().map_err(|e| {
+            self.explain_full_disk(
+                e,
+                super::checkpoint::checkpoint_name(self.step),
+                self.checkpoint_bytes(),
+            )
+        })
+    }
+
+    fn write_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let pending = PendingCheckpoint::begin(&self.out, self.step)
             .map_err(io_err(format!("starting checkpoint-{}", self.step)))?;
         self.write_weights(pending.dir())?;
@@ -955,8 +1057,8 @@ impl<'a> Trainer<'a> {
             "warmup_steps": self.schedule.warmup_steps,
             "last_step": self.step,
         });
-        std::fs::write(
-            pending.dir().join("scheduler.json"),
+        write_file(
+            &pending.dir().join("scheduler.json"),
             serde_json::to_string_pretty(&sched).unwrap_or_default(),
         )
         .map_err(io_err("writing scheduler.json"))?;
@@ -975,10 +1077,15 @@ impl<'a> Trainer<'a> {
     }
 
     fn save_final(&self) -> Result<(), TrainError> {
-        self.write_weights(&self.out)?;
-        self.trainer_state()
-            .save(&self.out.join("trainer_state.json"))
-            .map_err(io_err("writing trainer_state.json"))
+        self.write_weights(&self.out)
+            .and_then(|()| {
+                self.trainer_state()
+                    .save(&self.out.join("trainer_state.json"))
+                    .map_err(io_err("writing trainer_state.json"))
+            })
+            .map_err(|e| {
+                self.explain_full_disk(e, "the final weights".into(), self.weights_bytes())
+            })
     }
 
     fn summary(&self, started: Instant, stopped_early: bool) -> RunSummary {
@@ -1020,8 +1127,8 @@ impl<'a> Trainer<'a> {
         let mut all = train.clone();
         if let (Some(e), Some(obj)) = (s.eval_loss, all.as_object_mut()) {
             obj.insert("eval_loss".into(), serde_json::json!(e));
-            std::fs::write(
-                self.out.join("eval_results.json"),
+            write_file(
+                &self.out.join("eval_results.json"),
                 serde_json::to_string_pretty(
                     &serde_json::json!({"epoch": train["epoch"], "eval_loss": e}),
                 )
@@ -1030,14 +1137,51 @@ impl<'a> Trainer<'a> {
             .map_err(io_err("writing eval_results.json"))?;
         }
         for (name, v) in [("train_results.json", &train), ("all_results.json", &all)] {
-            std::fs::write(
-                self.out.join(name),
+            write_file(
+                &self.out.join(name),
                 serde_json::to_string_pretty(v).unwrap_or_default(),
             )
             .map_err(io_err(format!("writing {name}")))?;
         }
         Ok(())
     }
+}
+
+/// Whether to save a checkpoint after optimizer step `step` of `total_steps`. As the Hugging Face Trainer
+/// (`DefaultFlowCallback.on_step_end`): every `save_steps` steps (`steps`) or at each epoch's end (`epoch`), and
+/// with either strategy also after the last step, so that `checkpoint-{max_steps}` exists. Once per step, even
+/// when the last step is also a multiple of `save_steps`.
+pub fn save_due(
+    strategy: IntervalStrategy,
+    step: u64,
+    save_steps: u64,
+    updates_per_epoch: u64,
+    total_steps: u64,
+) -> bool {
+    match strategy {
+        IntervalStrategy::Steps => step.is_multiple_of(save_steps) || step >= total_steps,
+        IntervalStrategy::Epoch => step.is_multiple_of(updates_per_epoch) || step >= total_steps,
+        IntervalStrategy::No | IntervalStrategy::Best => false,
+    }
+}
+
+/// The file and size of a full disk behind `e`: `Some((Some(file), Some(size)))` when a writer of
+/// [`crate::fsutil`] met it, `Some((None, None))` for another disk-full error (creating or renaming a
+/// folder), `None` when the disk was not full.
+fn disk_full_cause(e: &TrainError) -> Option<(Option<PathBuf>, Option<u64>)> {
+    if let Some(full) = crate::fsutil::find_disk_full(e) {
+        return Some((Some(full.path.clone()), Some(full.size_bytes)));
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && crate::fsutil::is_disk_full(io)
+        {
+            return Some((None, None));
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// The tokenizer config saved with adapters: the original, with the chat template in use written
