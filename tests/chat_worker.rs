@@ -138,11 +138,17 @@ fn the_worker_streams_switches_to_an_adapter_compares_and_stops() {
     assert!(stats.tokens > 0 && stats.prompt_tokens > 0, "{stats:?}");
     assert!(!base.is_empty());
 
-    // The picker's list: base, final adapter, checkpoints newest first.
+    // The picker's list: base, final adapter, checkpoints newest first (the last step is checkpointed too, as
+    // the HF Trainer does).
     let targets = list_targets(&out);
     let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
-    assert_eq!(targets.len(), 4, "{labels:?}");
-    assert!(labels[2].starts_with("checkpoint-6") && labels[3].starts_with("checkpoint-3"));
+    assert_eq!(targets.len(), 5, "{labels:?}");
+    assert!(
+        labels[2].starts_with("checkpoint-7")
+            && labels[3].starts_with("checkpoint-6")
+            && labels[4].starts_with("checkpoint-3"),
+        "{labels:?}"
+    );
 
     // Switch the same slot to the final adapter, without restarting anything.
     let info = w

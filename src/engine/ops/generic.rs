@@ -69,7 +69,14 @@ fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> R<Tensor> {
     let q2 = q.reshape((b, nkv, n_rep * t, hd))?;
     let sc = q2.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
     let cdt = compute_dtype(q.dtype());
-    softmax_pure(&(sc.to_dtype(cdt)? * scale)?.broadcast_add(&bias.to_dtype(cdt)?)?)
+    let x = (sc.to_dtype(cdt)? * scale)?.broadcast_add(&bias.to_dtype(cdt)?)?;
+    // candle-nn's softmax is one kernel (one pass over the scores instead of five) but has no backward: only
+    // where no gradient flows through it (the hand-written backward's passes; a tracked forward keeps the ops).
+    if x.track_op() {
+        softmax_pure(&x)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)
+    }
 }
 
 /// `softmax(scale·q·kᵀ + bias)·v` with GQA; q (b, nh, t, hd), k and v (b, nkv, s, hd), bias (bb, 1, t, s).
