@@ -22,6 +22,7 @@ pub mod fsutil;
 pub mod headless;
 pub mod logging;
 pub mod panic;
+pub mod predict;
 pub mod resolve;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
