@@ -412,7 +412,7 @@ fn sse(h: Header, rx: UnboundedReceiver<JobEvent>, include_usage: bool) -> Respo
         async move {
             let mut rx = rx?;
             loop {
-                let events: Vec<Event> = match rx.recv().await {
+                let mut events: Vec<Event> = match rx.recv().await {
                     Some(JobEvent::Started { .. }) => continue,
                     Some(JobEvent::Text(t)) => {
                         let delta = serde_json::json!({"content": t});
@@ -435,7 +435,6 @@ fn sse(h: Header, rx: UnboundedReceiver<JobEvent>, include_usage: bool) -> Respo
                             .to_json(),
                     )],
                 };
-                let mut events = events;
                 events.push(Event::default().data("[DONE]"));
                 return Some((events, None));
             }

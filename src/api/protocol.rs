@@ -421,6 +421,7 @@ pub fn models(id: &str, created: u64) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

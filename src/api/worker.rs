@@ -231,6 +231,7 @@ fn answer(session: &ChatSession, job: &Job) -> Outcome {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
