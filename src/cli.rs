@@ -47,6 +47,12 @@ pub enum Command {
     Train(TrainArgs),
     /// Chat with a base model, an adapter or a checkpoint: a REPL, or one answer with --prompt.
     Chat(ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (like `llamafactory-cli api`).
+    ///
+    /// `GET /v1/models` and `POST /v1/chat/completions` (streamed or whole) on 127.0.0.1:8000 by default;
+    /// listening beyond the loopback needs an API key. One request is answered at a time, the next ones wait
+    /// in a queue of --queue places, and more are answered 503.
+    Api(ApiArgs),
     /// Merge adapters into the base and write a Hugging Face folder or a GGUF file.
     Export(ExportArgs),
     /// Validate a preset and print the fully resolved configuration.
@@ -170,6 +176,39 @@ pub struct ChatArgs {
     pub repetition_penalty: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// A preset to take the model, adapter, template and generation defaults from.
+    pub preset: Option<PathBuf>,
+    /// Base model: hub id, local Hugging Face folder or .gguf file.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Adapter folder(s), comma separated (merged into the base).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Chat template name; default: the tokenizer's own chat template.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Address to listen on; anything but a loopback address needs an API key.
+    #[arg(long, env = "API_HOST", default_value = crate::api::DEFAULT_HOST)]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, env = "API_PORT", default_value_t = crate::api::DEFAULT_PORT)]
+    pub port: u16,
+    /// Key that clients must send as `Authorization: Bearer KEY`.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model id clients name in requests (default: the base model's name).
+    #[arg(long, env = "API_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Requests that may wait while one is being answered; more are answered 503.
+    #[arg(long, default_value_t = crate::api::DEFAULT_QUEUE)]
+    pub queue: usize,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, default_value_t = crate::api::DEFAULT_BODY_LIMIT)]
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use crate::cli::{ChatArgs, CheckArgs, Cli, Command, ExportArgs, TrainArgs};
+use crate::cli::{ApiArgs, ChatArgs, CheckArgs, Cli, Command, ExportArgs, TrainArgs};
 use crate::config::{self, Group, Purpose};
 
 /// Exit status for a preset or argument problem (clap uses 2 for usage errors too).
@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
+        Some(Command::Api(args)) => api(&args),
         Some(Command::Export(args)) => export(&args),
         Some(Command::Bench(args)) => bench(&args),
     }
@@ -393,6 +394,83 @@ fn chat(args: &ChatArgs) -> ExitCode {
         };
     }
     repl(&mut session)
+}
+
+/// `termtune api`: checks the address first (a refused bind costs no model load), loads the model,
+/// then serves until interrupted.
+fn api(args: &ApiArgs) -> ExitCode {
+    if let Err(e) = crate::api::check_bind(&args.host, args.port, args.api_key.as_deref()) {
+        eprintln!("termtune: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let chat_args = ChatArgs {
+        preset: args.preset.clone(),
+        model: args.model.clone(),
+        adapter: args.adapter.clone(),
+        template: args.template.clone(),
+        system: None,
+        prompt: None,
+        temperature: None,
+        top_p: None,
+        top_k: None,
+        max_new_tokens: None,
+        repetition_penalty: None,
+        seed: None,
+    };
+    let preset = match chat_preset(&chat_args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let device = match crate::engine::device::chosen() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut progress = |p: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = p {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let session = match crate::chat::ChatSession::load(&preset, &device, &mut progress) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("termtune: {}", session.info);
+    let opts = crate::api::ApiOptions {
+        host: args.host.clone(),
+        port: args.port,
+        api_key: args.api_key.clone(),
+        model_name: args
+            .model_name
+            .clone()
+            .unwrap_or_else(|| session.info.model.clone()),
+        queue: args.queue,
+        body_limit: args.max_body_bytes,
+    };
+    let server = match crate::api::ApiServer::start(session, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "termtune: serving `{}` on http://{}/v1 (POST /v1/chat/completions, GET /v1/models); Ctrl-C stops",
+        opts.model_name,
+        server.addr()
+    );
+    match server.wait() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The preset for `termtune chat`: the file (if any), then the command-line flags.

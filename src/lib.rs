@@ -9,6 +9,7 @@
 //! - [`app`], [`ui`], [`tui`]: the terminal UI (state + update, pure rendering, the event loop).
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`headless`], [`logging`], [`panic`]: the edges.
+pub mod api;
 pub mod app;
 pub mod bench;
 pub mod chat;

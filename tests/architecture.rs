@@ -146,7 +146,7 @@ fn the_engine_data_and_config_never_import_the_ui() {
     for (m, named) in imports() {
         if !matches!(
             m.first().map(String::as_str),
-            Some("engine" | "data" | "config" | "trainer" | "chat" | "export" | "resolve")
+            Some("engine" | "data" | "config" | "trainer" | "chat" | "export" | "resolve" | "api")
         ) {
             continue;
         }

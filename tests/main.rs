@@ -12,6 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod data_util;
 mod tiny_util;
 
+mod api;
 mod architecture;
 mod chat_smollm2;
 mod chat_worker;

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Device;
 
 use crate::config::Preset;
-use crate::data::{Encoder, Message, Role};
+use crate::data::{ChatPrompt, Encoder, Message, Role};
 use crate::engine::adapter::{merge_adapters, parse_adapter_list};
 use crate::engine::generate::{ChatAnswer, GenerationParams, generate};
 use crate::engine::source::{SourceKind, SourceProgress};
@@ -157,12 +157,40 @@ impl ChatSession {
         &mut self,
         user: &str,
         cancel: Option<&AtomicBool>,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<(ChatAnswer, usize), ChatError> {
         let mut turns = self.history.clone();
         turns.push(Message::new(Role::User, user));
-        let prompt = self.encoder.chat_prompt(self.system.as_deref(), &turns)?;
+        let prompt = self.prompt(self.system.as_deref(), &turns)?;
         let prompt_tokens = prompt.ids.len();
+        let answer = self.complete(&prompt, &self.params, cancel, on_text)?;
+        self.history = turns;
+        self.history
+            .push(Message::new(Role::Assistant, answer.text.trim()));
+        Ok((answer, prompt_tokens))
+    }
+
+    /// The rendered and tokenised prompt for `turns` (alternating user/assistant, ending with a user
+    /// turn) after `system` (None: the template's default), without touching the history.
+    pub fn prompt(&self, system: Option<&str>, turns: &[Message]) -> Result<ChatPrompt, ChatError> {
+        Ok(self.encoder.chat_prompt(system, turns)?)
+    }
+
+    /// The model's context length (`max_position_embeddings`): prompt and answer together fit in it.
+    pub fn context_len(&self) -> usize {
+        self.model.cfg.max_position_embeddings
+    }
+
+    /// Generates the answer to a rendered `prompt` with `params`, streaming text pieces to `on_text`
+    /// (return `Break` to stop); the history is not touched. `termtune chat`, the TUI's chat pane and
+    /// `termtune api` all answer through here.
+    pub fn complete(
+        &self,
+        prompt: &ChatPrompt,
+        params: &GenerationParams,
+        cancel: Option<&AtomicBool>,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<ChatAnswer, ChatError> {
         let tokenizer = &self.encoder.tokenizer;
         let mut streamer = crate::engine::generate::TextStreamer::new(tokenizer);
         let mut text = String::new();
@@ -170,7 +198,7 @@ impl ChatSession {
         let (tokens, stop) = generate(
             &self.model,
             &prompt.ids,
-            &self.params,
+            params,
             &prompt.stop_ids,
             cancel,
             |id| match streamer.push(id) {
@@ -192,9 +220,6 @@ impl ChatSession {
             text.push_str(&rest);
             let _ = on_text(&rest);
         }
-        self.history = turns;
-        self.history
-            .push(Message::new(Role::Assistant, text.trim()));
-        Ok((ChatAnswer { text, tokens, stop }, prompt_tokens))
+        Ok(ChatAnswer { text, tokens, stop })
     }
 }
