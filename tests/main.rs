@@ -32,6 +32,8 @@ mod identity_smollm2;
 mod lf_demo_data;
 mod presets;
 mod rope_config;
+#[cfg(unix)]
+mod runs;
 mod template_golden;
 mod template_jinja;
 mod template_lf_reference;
