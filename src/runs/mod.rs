@@ -339,7 +339,10 @@ mod tests {
             message: None,
         };
         record.save().unwrap();
+        // A checkpoint counts once its trainer_state.json is there; checkpoint-12 was cut short.
         std::fs::create_dir_all(out.join("checkpoint-10")).unwrap();
+        std::fs::write(out.join("checkpoint-10/trainer_state.json"), "{}").unwrap();
+        std::fs::create_dir_all(out.join("checkpoint-12")).unwrap();
         std::fs::write(
             out.join("trainer_log.jsonl"),
             "{\"current_steps\":11,\"total_steps\":40,\"loss\":1.5,\"epoch\":1.0,\"percentage\":27.5,\"elapsed_time\":\"0:00:01\",\"remaining_time\":\"0:00:03\",\"throughput\":123.0}\n{\"current_steps\":12,\"total_st",
