@@ -67,6 +67,42 @@ pub enum Command {
     /// The reference runs when a Python with torch, transformers and peft is found
     /// (TERMTUNE_BENCH_PYTHON, else python3); without it termtune's figures are printed alone.
     Bench(BenchArgs),
+    /// List your runs: state (running, paused, finished, stopped, failed, died), step, loss, tokens/s, device, pid.
+    ///
+    /// A run whose process is gone without finishing shows as "died at step N, resumable from checkpoint-M":
+    /// `termtune train` of the same preset resumes it.
+    Runs(RunsArgs),
+    /// Follow a run started with `termtune train --detach`, or pause, resume, checkpoint or stop it.
+    ///
+    /// Without a flag it prints the run's progress and reads p (pause), r (resume), s (save a checkpoint),
+    /// x (stop with a checkpoint) or q (detach; the run goes on) from stdin.
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Print the runs as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("action").multiple(false))]
+pub struct AttachArgs {
+    /// The run folder (its output_dir); default: your only live run.
+    pub output_dir: Option<PathBuf>,
+    /// Stop the run after the current step, with a checkpoint, and wait until it has ended.
+    #[arg(long, group = "action")]
+    pub stop: bool,
+    /// Pause the run after the current step.
+    #[arg(long, group = "action")]
+    pub pause: bool,
+    /// Resume a paused run.
+    #[arg(long, group = "action")]
+    pub resume: bool,
+    /// Save a checkpoint after the current step.
+    #[arg(long, group = "action")]
+    pub save: bool,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +163,13 @@ pub struct TrainArgs {
     /// CPU threads for training (same as num_threads=N; 0 = all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Train in a process of its own that outlives this terminal (and SSH session): print its
+    /// output_dir, pid and how to attach, and return at once.
+    #[arg(long)]
+    pub detach: bool,
+    /// Internal: this process is the run started by `--detach`.
+    #[arg(long, hide = true)]
+    pub run_child: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use crate::cli::{ApiArgs, ChatArgs, CheckArgs, Cli, Command, ExportArgs, TrainArgs};
+use crate::cli::{
+    ApiArgs, AttachArgs, ChatArgs, CheckArgs, Cli, Command, ExportArgs, RunsArgs, TrainArgs,
+};
 use crate::config::{self, Group, Purpose};
 
 /// Exit status for a preset or argument problem (clap uses 2 for usage errors too).
@@ -24,6 +26,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Api(args)) => api(&args),
         Some(Command::Export(args)) => export(&args),
         Some(Command::Bench(args)) => bench(&args),
+        Some(Command::Runs(args)) => runs(&args),
+        Some(Command::Attach(args)) => attach(&args),
     }
 }
 
@@ -345,10 +349,88 @@ fn train(args: &TrainArgs) -> ExitCode {
     if let Some(n) = args.threads {
         overrides.push(format!("num_threads={n}"));
     }
-    match load_or_report(&args.preset, &overrides, Purpose::Train) {
-        Ok(loaded) => crate::headless::train(loaded),
-        Err(code) => code,
+    let loaded = match load_or_report(&args.preset, &overrides, Purpose::Train) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    if args.run_child {
+        return detached_run(loaded, args);
     }
+    if args.detach {
+        return detach(&loaded);
+    }
+    crate::headless::train(loaded)
+}
+
+#[cfg(unix)]
+fn detached_run(loaded: config::Loaded, args: &TrainArgs) -> ExitCode {
+    crate::runs::detach::run_child(loaded, &args.preset)
+}
+
+#[cfg(unix)]
+fn detach(loaded: &config::Loaded) -> ExitCode {
+    crate::runs::detach::start(loaded)
+}
+
+#[cfg(not(unix))]
+fn detached_run(_: config::Loaded, _: &TrainArgs) -> ExitCode {
+    detach_unsupported()
+}
+
+#[cfg(not(unix))]
+fn detach(_: &config::Loaded) -> ExitCode {
+    detach_unsupported()
+}
+
+#[cfg(not(unix))]
+fn detach_unsupported() -> ExitCode {
+    eprintln!(
+        "termtune: detached runs need a Unix system (sessions and Unix sockets); run `termtune train` in the foreground"
+    );
+    ExitCode::FAILURE
+}
+
+fn runs(args: &RunsArgs) -> ExitCode {
+    let runs = crate::runs::list();
+    if args.json {
+        match serde_json::to_string_pretty(&runs) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("termtune: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if runs.is_empty() {
+        eprintln!(
+            "termtune: no runs yet (registered in {}); `termtune train PRESET --detach` starts one",
+            crate::runs::registry_dir().display()
+        );
+    } else {
+        print!("{}", crate::runs::table(&runs, crate::runs::now_unix()));
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(unix)]
+fn attach(args: &AttachArgs) -> ExitCode {
+    use crate::runs::control::Request;
+    let action = if args.stop {
+        Some(Request::Stop)
+    } else if args.pause {
+        Some(Request::Pause)
+    } else if args.resume {
+        Some(Request::Resume)
+    } else if args.save {
+        Some(Request::Save)
+    } else {
+        None
+    };
+    crate::runs::attach::attach(args.output_dir.as_deref(), action)
+}
+
+#[cfg(not(unix))]
+fn attach(_: &AttachArgs) -> ExitCode {
+    detach_unsupported()
 }
 
 fn chat(args: &ChatArgs) -> ExitCode {

@@ -113,20 +113,29 @@ fn install_signal_handlers(interrupts: &Arc<AtomicUsize>) {
         });
 }
 
-struct Printer {
+/// Prints training events for a person: a progress line on a terminal (`tty`), plain lines
+/// otherwise (also used by the detached run for its log and by `termtune attach`).
+pub(crate) struct Printer {
     tty: bool,
     line_open: bool,
 }
 
 impl Printer {
-    fn end_line(&mut self) {
+    pub(crate) fn new(tty: bool) -> Self {
+        Self {
+            tty,
+            line_open: false,
+        }
+    }
+
+    pub(crate) fn end_line(&mut self) {
         if self.line_open {
             say("");
             self.line_open = false;
         }
     }
 
-    fn event(&mut self, ev: &TrainEvent) {
+    pub(crate) fn event(&mut self, ev: &TrainEvent) {
         match ev {
             TrainEvent::StepFinished(m) => self.step(m),
             other => {

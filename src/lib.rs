@@ -7,6 +7,7 @@
 //! - [`trainer`]: schedules, optimizer, run folder, the training loop.
 //! - [`chat`], [`export`], [`bench`]: what users do with a model besides training.
 //! - [`app`], [`ui`], [`tui`]: the terminal UI (state + update, pure rendering, the event loop).
+//! - [`runs`]: detached runs, their registry and control socket (`termtune runs`, `termtune attach`).
 //! - [`telemetry`]: GPU (NVML) and system readings.
 //! - [`cli`], [`commands`], [`headless`], [`logging`], [`panic`]: the edges.
 pub mod api;
@@ -25,6 +26,7 @@ pub mod logging;
 pub mod panic;
 pub mod predict;
 pub mod resolve;
+pub mod runs;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -34,6 +34,8 @@ mod lf_demo_data;
 mod predict_metrics;
 mod presets;
 mod rope_config;
+#[cfg(unix)]
+mod runs;
 mod template_golden;
 mod template_jinja;
 mod template_lf_reference;

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// A request to a running training job.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TrainCommand {
     Pause,
     Resume,
@@ -18,7 +20,7 @@ pub enum TrainCommand {
 }
 
 /// Metrics of one optimizer step.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// Optimizer steps done (1-based).
     pub step: u64,
@@ -48,7 +50,7 @@ pub struct StepMetrics {
 }
 
 /// The outcome of a run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     pub steps: u64,
     pub final_loss: Option<f64>,
@@ -64,7 +66,7 @@ pub struct RunSummary {
 }
 
 /// A fact reported by a run, in the order things happen.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TrainEvent {
     /// A loading phase began or progressed ("reading model.gguf", "tokenising 999 rows").
     Loading {
