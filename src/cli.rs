@@ -187,8 +187,9 @@ pub struct CheckArgs {
     pub no_data: bool,
 }
 
+/// The model a chat-like command talks with: a preset, and flags that override it (`chat`, `api`).
 #[derive(Debug, Args)]
-pub struct ChatArgs {
+pub struct ModelArgs {
     /// A preset to take the model, adapter, template and generation settings from.
     pub preset: Option<PathBuf>,
     /// Base model: hub id, local Hugging Face folder or .gguf file.
@@ -200,6 +201,12 @@ pub struct ChatArgs {
     /// Chat template name; default: the tokenizer's own chat template.
     #[arg(long)]
     pub template: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -223,17 +230,8 @@ pub struct ChatArgs {
 
 #[derive(Debug, Args)]
 pub struct ApiArgs {
-    /// A preset to take the model, adapter, template and generation defaults from.
-    pub preset: Option<PathBuf>,
-    /// Base model: hub id, local Hugging Face folder or .gguf file.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Adapter folder(s), comma separated (merged into the base).
-    #[arg(long)]
-    pub adapter: Option<String>,
-    /// Chat template name; default: the tokenizer's own chat template.
-    #[arg(long)]
-    pub template: Option<String>,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Address to listen on; anything but a loopback address needs an API key.
     #[arg(long, env = "API_HOST", default_value = crate::api::DEFAULT_HOST)]
     pub host: String,

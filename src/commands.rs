@@ -434,30 +434,25 @@ fn attach(_: &AttachArgs) -> ExitCode {
 }
 
 fn chat(args: &ChatArgs) -> ExitCode {
-    let preset = match chat_preset(args) {
-        Ok(p) => p,
+    let mut sampling = vec![
+        ("default_system", args.system.clone()),
+        ("temperature", args.temperature.map(|t| t.to_string())),
+        ("top_p", args.top_p.map(|t| t.to_string())),
+        ("top_k", args.top_k.map(|t| t.to_string())),
+        ("max_new_tokens", args.max_new_tokens.map(|t| t.to_string())),
+        (
+            "repetition_penalty",
+            args.repetition_penalty.map(|t| t.to_string()),
+        ),
+        ("seed", args.seed.map(|t| t.to_string())),
+    ];
+    if args.temperature == Some(0.0) {
+        sampling.push(("do_sample", Some("false".into())));
+    }
+    let mut session = match chat_session(&args.source, &sampling) {
+        Ok(s) => s,
         Err(code) => return code,
     };
-    let device = match crate::engine::device::chosen() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut progress = |p: crate::engine::source::SourceProgress| {
-        if let crate::engine::source::SourceProgress::Note(line) = p {
-            eprintln!("termtune: {line}");
-        }
-    };
-    let mut session = match crate::chat::ChatSession::load(&preset, &device, &mut progress) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    eprintln!("termtune: {}", session.info);
     if let Some(prompt) = &args.prompt {
         let mut stdout = std::io::stdout();
         let result = session.answer(prompt, None, |piece| {
@@ -485,44 +480,10 @@ fn api(args: &ApiArgs) -> ExitCode {
         eprintln!("termtune: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let chat_args = ChatArgs {
-        preset: args.preset.clone(),
-        model: args.model.clone(),
-        adapter: args.adapter.clone(),
-        template: args.template.clone(),
-        system: None,
-        prompt: None,
-        temperature: None,
-        top_p: None,
-        top_k: None,
-        max_new_tokens: None,
-        repetition_penalty: None,
-        seed: None,
-    };
-    let preset = match chat_preset(&chat_args) {
-        Ok(p) => p,
+    let session = match chat_session(&args.source, &[]) {
+        Ok(s) => s,
         Err(code) => return code,
     };
-    let device = match crate::engine::device::chosen() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut progress = |p: crate::engine::source::SourceProgress| {
-        if let crate::engine::source::SourceProgress::Note(line) = p {
-            eprintln!("termtune: {line}");
-        }
-    };
-    let session = match crate::chat::ChatSession::load(&preset, &device, &mut progress) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    eprintln!("termtune: {}", session.info);
     let opts = crate::api::ApiOptions {
         host: args.host.clone(),
         port: args.port,
@@ -555,29 +516,45 @@ fn api(args: &ApiArgs) -> ExitCode {
     }
 }
 
-/// The preset for `termtune chat`: the file (if any), then the command-line flags.
-fn chat_preset(args: &ChatArgs) -> Result<config::Preset, ExitCode> {
+/// The model of `chat` or `api`, loaded on the chosen device (progress and the header on stderr).
+fn chat_session(
+    source: &crate::cli::ModelArgs,
+    sampling: &[(&str, Option<String>)],
+) -> Result<crate::chat::ChatSession, ExitCode> {
+    let preset = chat_preset(source, sampling)?;
+    let device = crate::engine::device::chosen().map_err(|e| {
+        eprintln!("termtune: {e}");
+        ExitCode::FAILURE
+    })?;
+    let mut progress = |p: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = p {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let session = crate::chat::ChatSession::load(&preset, &device, &mut progress).map_err(|e| {
+        eprintln!("termtune: {e}");
+        ExitCode::FAILURE
+    })?;
+    eprintln!("termtune: {}", session.info);
+    Ok(session)
+}
+
+/// The preset for `termtune chat` / `api`: the file (if any), then the command-line flags (`sampling`: further
+/// keys and values, `None` where the flag was not given).
+fn chat_preset(
+    args: &crate::cli::ModelArgs,
+    sampling: &[(&str, Option<String>)],
+) -> Result<config::Preset, ExitCode> {
     let mut overrides = Vec::new();
-    let mut set = |k: &str, v: Option<String>| {
+    let from_flags = [
+        ("model_name_or_path", args.model.clone()),
+        ("adapter_name_or_path", args.adapter.clone()),
+        ("template", args.template.clone()),
+    ];
+    for (k, v) in from_flags.iter().chain(sampling) {
         if let Some(v) = v {
             overrides.push(format!("{k}={v}"));
         }
-    };
-    set("model_name_or_path", args.model.clone());
-    set("adapter_name_or_path", args.adapter.clone());
-    set("template", args.template.clone());
-    set("default_system", args.system.clone());
-    set("temperature", args.temperature.map(|t| t.to_string()));
-    set("top_p", args.top_p.map(|t| t.to_string()));
-    set("top_k", args.top_k.map(|t| t.to_string()));
-    set("max_new_tokens", args.max_new_tokens.map(|t| t.to_string()));
-    set(
-        "repetition_penalty",
-        args.repetition_penalty.map(|t| t.to_string()),
-    );
-    set("seed", args.seed.map(|t| t.to_string()));
-    if args.temperature == Some(0.0) {
-        overrides.push("do_sample=false".into());
     }
     // Flags win over the file; values are passed as YAML strings so that text flags stay text.
     let overrides: Vec<String> = overrides

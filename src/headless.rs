@@ -92,8 +92,23 @@ pub fn train(loaded: Loaded) -> ExitCode {
 /// SIGINT/SIGTERM count as interrupts; SIGHUP (the SSH connection dropped) is only logged, so
 /// training goes on writing its log and checkpoints.
 fn install_signal_handlers(interrupts: &Arc<AtomicUsize>) {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let counter = Arc::clone(interrupts);
+    on_stop_signals(
+        "SIGHUP (terminal closed): training continues; follow it in trainer_log.jsonl",
+        move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            true
+        },
+    );
+}
+
+/// A thread that calls `on_stop` for each SIGINT or SIGTERM (until it returns false) and only logs
+/// `hup_note` for SIGHUP: a run goes on when its terminal goes away. Used by foreground and detached runs.
+pub(crate) fn on_stop_signals(
+    hup_note: &'static str,
+    mut on_stop: impl FnMut() -> bool + Send + 'static,
+) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
         tracing::warn!("cannot install signal handlers; Ctrl-C will stop the process at once");
         return;
@@ -103,11 +118,9 @@ fn install_signal_handlers(interrupts: &Arc<AtomicUsize>) {
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    tracing::warn!(
-                        "SIGHUP (terminal closed): training continues; follow it in trainer_log.jsonl"
-                    );
-                } else {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!("{hup_note}");
+                } else if !on_stop() {
+                    break;
                 }
             }
         });

@@ -396,20 +396,7 @@ impl Host {
 /// SIGINT and SIGTERM stop the run with a checkpoint; SIGHUP is only logged (the run has no
 /// terminal, but a `kill -HUP` must not end it either).
 fn install_signal_handlers(tx: mpsc::Sender<Msg>) {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
-        tracing::warn!("cannot install signal handlers in the run process");
-        return;
-    };
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig == SIGHUP {
-                    tracing::warn!("SIGHUP ignored: a detached run goes on");
-                } else if tx.send(Msg::Terminate).is_err() {
-                    break;
-                }
-            }
-        });
+    crate::headless::on_stop_signals("SIGHUP ignored: a detached run goes on", move || {
+        tx.send(Msg::Terminate).is_ok()
+    });
 }
