@@ -53,6 +53,13 @@ pub enum Command {
     /// listening beyond the loopback needs an API key. One request is answered at a time, the next ones wait
     /// in a queue of --queue places, and more are answered 503.
     Api(ApiArgs),
+    /// Generate an answer for every example of the evaluation data and score it, as LLaMA-Factory's
+    /// `do_predict` + `predict_with_generate` does.
+    ///
+    /// Reads `eval_dataset` (or the `val_size` split of `dataset`), generates in batches of
+    /// `per_device_eval_batch_size` with the preset's generation keys, and writes generated_predictions.jsonl,
+    /// predict_results.json (ROUGE-1/2/L and BLEU-4 ×100, runtime) and all_results.json into output_dir.
+    Predict(PredictArgs),
     /// Merge adapters into the base and write a Hugging Face folder or a GGUF file.
     Export(ExportArgs),
     /// Validate a preset and print the fully resolved configuration.
@@ -170,6 +177,15 @@ pub struct TrainArgs {
     /// Internal: this process is the run started by `--detach`.
     #[arg(long, hide = true)]
     pub run_child: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The preset YAML file (LLaMA-Factory's predict YAML works as is).
+    pub preset: PathBuf,
+    /// Overrides in LLaMA-Factory's form: KEY=VALUE (e.g. eval_dataset=alpaca_en_demo max_samples=50).
+    #[arg(value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use crate::cli::{
-    ApiArgs, AttachArgs, ChatArgs, CheckArgs, Cli, Command, ExportArgs, RunsArgs, TrainArgs,
+    ApiArgs, AttachArgs, ChatArgs, CheckArgs, Cli, Command, ExportArgs, PredictArgs, RunsArgs,
+    TrainArgs,
 };
 use crate::config::{self, Group, Purpose};
 
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
         Some(Command::Api(args)) => api(&args),
+        Some(Command::Predict(args)) => predict(&args),
         Some(Command::Export(args)) => export(&args),
         Some(Command::Bench(args)) => bench(&args),
         Some(Command::Runs(args)) => runs(&args),
@@ -388,6 +390,14 @@ fn detach_unsupported() -> ExitCode {
         "termtune: detached runs need a Unix system (sessions and Unix sockets); run `termtune train` in the foreground"
     );
     ExitCode::FAILURE
+}
+
+fn predict(args: &PredictArgs) -> ExitCode {
+    let loaded = match load_or_report(&args.preset, &args.overrides, Purpose::Predict) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    crate::headless::predict(&loaded.preset)
 }
 
 fn runs(args: &RunsArgs) -> ExitCode {

@@ -89,6 +89,99 @@ pub fn train(loaded: Loaded) -> ExitCode {
     }
 }
 
+/// `termtune predict`: generates for the evaluation data with a progress bar (a line per batch when stderr is not
+/// a terminal), prints LF's metrics and writes its files into `output_dir`. Ctrl-C stops between tokens, writing
+/// nothing.
+pub fn predict(preset: &crate::config::Preset) -> ExitCode {
+    use crate::predict::{PredictEvent, run};
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    on_stop_signals(
+        "SIGHUP (terminal closed): prediction continues",
+        move || {
+            flag.store(true, Ordering::SeqCst);
+            false
+        },
+    );
+    let device = match crate::engine::device::chosen() {
+        Ok(d) => d,
+        Err(e) => {
+            say(&format!("termtune: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut line_open = false;
+    let started = std::time::Instant::now();
+    let mut on_event = |ev: PredictEvent| match ev {
+        PredictEvent::Note(line) => say(&format!("termtune: {line}")),
+        PredictEvent::Started { total, batch_size } => say(&format!(
+            "termtune: predicting {total} examples in batches of {batch_size}"
+        )),
+        PredictEvent::Progress {
+            done,
+            total,
+            tokens,
+        } => {
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            #[allow(clippy::cast_precision_loss)]
+            let text = format!(
+                "{done}/{total} examples | {tokens} tokens | {:.1} tokens/s",
+                tokens as f64 / secs
+            );
+            if tty {
+                #[allow(clippy::cast_precision_loss)]
+                let frac = done as f64 / total.max(1) as f64;
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let filled = ((frac * 20.0).round() as usize).min(20);
+                let bar = "#".repeat(filled) + &"-".repeat(20 - filled);
+                let mut e = std::io::stderr();
+                let _ = write!(e, "\r\x1b[2K[{bar}] {text}");
+                let _ = e.flush();
+                line_open = true;
+            } else {
+                say(&text);
+            }
+        }
+    };
+    let result = run(preset, &device, Some(&cancel), &mut on_event);
+    if line_open {
+        say("");
+    }
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e @ crate::predict::PredictError::Cancelled { .. }) => {
+            say(&format!("termtune: {e}"));
+            return ExitCode::from(EXIT_INTERRUPTED);
+        }
+        Err(e) => {
+            say(&format!("termtune: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if outcome.skipped > 0 {
+        say(&format!(
+            "termtune: warning: {} row(s) skipped; first: {}",
+            outcome.skipped,
+            outcome.first_skip.as_deref().unwrap_or("?")
+        ));
+    }
+    let dir = std::path::Path::new(&preset.output_dir);
+    match outcome.write(dir) {
+        Ok(files) => {
+            print!("{}", outcome.summary());
+            for f in files {
+                say(&format!("termtune: wrote {}", f.display()));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(&format!("termtune: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// SIGINT/SIGTERM count as interrupts; SIGHUP (the SSH connection dropped) is only logged, so
 /// training goes on writing its log and checkpoints.
 fn install_signal_handlers(interrupts: &Arc<AtomicUsize>) {

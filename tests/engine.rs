@@ -596,6 +596,98 @@ fn kv_cache_decoding_matches_full_forward() {
 }
 
 #[test]
+fn left_padded_batch_generation_equals_each_row_alone() {
+    for opts in all_variants() {
+        let d = tempfile::tempdir().unwrap();
+        let (m, _) = build(d.path(), &opts, DType::F32, &lora("all", 4));
+        randomize_b(&m, 3);
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![1, 50, 60],
+            vec![1, 70, 80, 90, 100, 110, 120],
+            vec![1, 130, 140, 150, 160],
+        ];
+        // The padded prefill gives each row the logits it has alone.
+        let longest = 7;
+        let mut flat = Vec::new();
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        for p in &prompts {
+            flat.extend(std::iter::repeat_n(0u32, longest - p.len()));
+            flat.extend_from_slice(p);
+        }
+        let batch = Tensor::from_vec(flat, (3, longest), &Device::Cpu).unwrap();
+        let mut cache = termtune::engine::KvCache::new(m.layers.len());
+        let padded = m
+            .forward_cached_padded(&batch, &mut cache, &pads, false)
+            .unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut own = termtune::engine::KvCache::new(m.layers.len());
+            let alone = m.forward_cached(&ids(p, 1), &mut own, false).unwrap();
+            let row = padded.get(i).unwrap().narrow(0, pads[i], p.len()).unwrap();
+            let diff = max_abs_diff(&row, &alone.get(0).unwrap());
+            assert!(diff < 1e-4, "{:?} row {i}: {diff}", opts.arch);
+        }
+        // Greedy answers equal, including a row that stops at once (it leaves the batch) and rows
+        // that stop later than others.
+        let params = GenerationParams {
+            max_new_tokens: 6,
+            ..GenerationParams::default()
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                generate::generate(&m, p, &params, &[], None, |_| ControlFlow::Continue(()))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let stop = alone[1][0];
+        let mut seen = vec![Vec::new(); 3];
+        let batched = generate::generate_batch(&m, &prompts, &params, &[stop], None, |row, id| {
+            seen[row].push(id);
+        })
+        .unwrap();
+        for (i, (tokens, why)) in batched.iter().enumerate() {
+            let cut = alone[i].iter().position(|&t| t == stop);
+            let expect = &alone[i][..cut.unwrap_or(alone[i].len())];
+            assert_eq!(tokens.as_slice(), expect, "{:?} row {i}", opts.arch);
+            assert_eq!(&seen[i], tokens);
+            let want = if cut.is_some() {
+                StopReason::Stop(stop)
+            } else {
+                StopReason::MaxTokens
+            };
+            assert_eq!(*why, want, "{:?} row {i}", opts.arch);
+        }
+        assert_eq!(batched[1].1, StopReason::Stop(stop));
+        assert!(batched[1].0.is_empty());
+        // Sampled rows draw from their own generator: the same answer as alone.
+        let sampled = GenerationParams {
+            max_new_tokens: 5,
+            temperature: 0.9,
+            seed: 7,
+            ..GenerationParams::default()
+        };
+        let batched =
+            generate::generate_batch(&m, &prompts, &sampled, &[], None, |_, _| {}).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let (one, _) =
+                generate::generate(&m, p, &sampled, &[], None, |_| ControlFlow::Continue(()))
+                    .unwrap();
+            assert_eq!(batched[i].0, one, "{:?} sampled row {i}", opts.arch);
+        }
+        // Cancelled before the first step: every row says so.
+        let cancel = AtomicBool::new(true);
+        let out =
+            generate::generate_batch(&m, &prompts, &params, &[], Some(&cancel), |_, _| {}).unwrap();
+        assert!(
+            out.iter()
+                .all(|(t, w)| t.is_empty() && *w == StopReason::Cancelled)
+        );
+        assert!(generate::generate_batch(&m, &[vec![]], &params, &[], None, |_, _| {}).is_err());
+    }
+}
+
+#[test]
 fn packed_examples_do_not_attend_to_each_other() {
     let d = tempfile::tempdir().unwrap();
     let (m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));

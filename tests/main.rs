@@ -31,6 +31,7 @@ mod gpu;
 mod hub_cache;
 mod identity_smollm2;
 mod lf_demo_data;
+mod predict;
 mod predict_metrics;
 mod presets;
 mod rope_config;

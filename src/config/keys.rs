@@ -1082,17 +1082,15 @@ pub const KEYS: &[KeySpec] = &[
     noe("eval_accumulation_steps", Eval, MACHINERY),
     noe("eval_delay", Eval, MACHINERY),
     noe("eval_do_concat_batches", Eval, MACHINERY),
-    uns(
+    imp(
         "do_predict",
         Eval,
-        "false",
-        "batch prediction is not supported yet; use termtune chat",
+        "Generate an answer for every eval_dataset example and score it (ROUGE, BLEU): `termtune predict`, or after training.",
     ),
-    uns(
+    imp(
         "predict_with_generate",
         Eval,
-        "false",
-        "batch prediction is not supported yet; use termtune chat",
+        "Predict by generating (LLaMA-Factory's predict files and metrics); termtune's predict always generates.",
     ),
     uns(
         "load_best_model_at_end",

@@ -322,7 +322,7 @@ fn do_train_issue(value: &Value, purpose: Purpose) -> Option<String> {
     match value {
         Value::Bool(true) => None,
         Value::Bool(false) | Value::Null if purpose == Purpose::Train => Some(format!(
-            "`do_train: {}` means no training: LLaMA-Factory would not train this preset; set `do_train: true` (or remove the key) to train",
+            "`do_train: {}` means no training: LLaMA-Factory would not train this preset; set `do_train: true` (or remove the key) to train, or run `termtune predict` for a predict-only preset",
             inline(value)
         )),
         Value::Bool(false) | Value::Null => None,

@@ -223,6 +223,8 @@ pub struct Preset {
     pub eval_strategy: IntervalStrategy,
     pub eval_steps: Option<u64>,
     pub per_device_eval_batch_size: usize,
+    pub do_predict: bool,
+    pub predict_with_generate: Option<bool>,
     // ### generation
     pub do_sample: bool,
     pub temperature: f64,
@@ -314,6 +316,8 @@ impl Default for Preset {
             eval_strategy: IntervalStrategy::No,
             eval_steps: None,
             per_device_eval_batch_size: 8,
+            do_predict: false,
+            predict_with_generate: None,
             do_sample: true,
             temperature: 0.95,
             top_p: 0.7,

@@ -10,6 +10,8 @@ pub enum Purpose {
     Train,
     Chat,
     Export,
+    /// `termtune predict`: generate for the evaluation data and score it.
+    Predict,
 }
 
 /// Optimizers that are AdamW with decoupled weight decay, which termtune implements.
@@ -159,6 +161,26 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         bad(
             "mix_strategy",
             "`mix_strategy: interleave_once` is not supported yet; use concat, interleave_under or interleave_over".into(),
+        );
+    }
+    if purpose == Purpose::Predict {
+        if !p.has_validation_split() {
+            bad(
+                "eval_dataset",
+                "`termtune predict` scores `eval_dataset` (LLaMA-Factory's predict data): name it, e.g. `eval_dataset=alpaca_en_demo`, or hold out part of `dataset` with `val_size`".into(),
+            );
+        }
+        if p.predict_with_generate == Some(false) {
+            bad(
+                "predict_with_generate",
+                "`predict_with_generate: false` asks for the loss alone, which training reports as eval_loss; `termtune predict` generates: set it to true or remove it".into(),
+            );
+        }
+    }
+    if purpose == Purpose::Train && p.do_predict && !p.has_validation_split() {
+        bad(
+            "do_predict",
+            "`do_predict: true` predicts on `eval_dataset` after training, but there is none: name it, or hold out part of `dataset` with `val_size`".into(),
         );
     }
     if purpose == Purpose::Train && p.datasets().is_empty() {

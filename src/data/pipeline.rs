@@ -356,6 +356,24 @@ pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
     })
 }
 
+/// The evaluation examples alone (`termtune predict`): `eval_dataset`, else the `val_size` split of
+/// `dataset` (as training would hold it out).
+pub fn load_eval_examples(opts: &DataOptions) -> Result<(Vec<Example>, RowCounts), DataError> {
+    if !opts.eval_dataset.is_empty() {
+        let mut counts = RowCounts::default();
+        let sets = load_names(&opts.eval_dataset, opts, &mut counts)?;
+        return Ok((sets.into_iter().flatten().collect(), counts));
+    }
+    if opts.val_size == super::ValSize::None || opts.dataset.is_empty() {
+        return Err(DataError::Option {
+            key: "eval_dataset",
+            message: "nothing to evaluate on: name the evaluation data with `eval_dataset` (e.g. `eval_dataset=alpaca_en_demo` on the command line), or hold out part of `dataset` with `val_size`".into(),
+        });
+    }
+    let loaded = load_examples(opts)?;
+    Ok((loaded.eval, loaded.counts))
+}
+
 /// The tokenised, packed dataset, ready for batches.
 #[derive(Debug, Clone)]
 pub struct PreparedDataset {

@@ -143,6 +143,30 @@ pub fn encode_supervised(
     })
 }
 
+/// `UnsupervisedDatasetProcessor._encode_data_example` (LLaMA-Factory's evaluation data for
+/// `predict_with_generate`): the prompt (every message but the last, with the generation prompt) and the label
+/// (the last assistant message, plus the eos token with an `efficient_eos` template), cut to `cutoff_len` by
+/// `infer_seqlen`. A row with no answer gets an empty one (and an empty label).
+pub fn encode_unsupervised(
+    enc: &Encoder,
+    ex: &Example,
+    cutoff_len: usize,
+) -> Result<(Vec<u32>, Vec<u32>), SkipReason> {
+    let mut messages = ex.prompt.clone();
+    match ex.response.as_slice() {
+        [one] => messages.push(one.clone()),
+        _ => messages.push(super::Message::new(super::Role::Assistant, "")),
+    }
+    let (mut prompt, mut label) = enc.encode_oneturn(&messages, &ex.system, &ex.tools)?;
+    if enc.template.efficient_eos {
+        label.push(enc.eos.1);
+    }
+    let (source_len, target_len) = infer_seqlen(prompt.len(), label.len(), cutoff_len);
+    prompt.truncate(source_len);
+    label.truncate(target_len);
+    Ok((prompt, label))
+}
+
 /// A tokenised preference pair (for `rm`/`dpo`): prompt + chosen and prompt + rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairwiseExample {

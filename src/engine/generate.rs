@@ -111,6 +111,108 @@ pub fn generate(
     Ok((out, StopReason::MaxTokens))
 }
 
+/// Generate after each of `prompts` at once, left-padded into one batch with a KV cache (what
+/// transformers' `generate` does for a batch). Each row samples with its own generator seeded with
+/// `params.seed`, so a row's answer does not depend on the batch it is in (greedy rows equal
+/// [`generate`] up to floating-point summation order). Finished rows leave the batch. `on_token(row, id)`
+/// sees each new id; `cancel` is polled between steps (remaining rows end [`StopReason::Cancelled`]).
+pub fn generate_batch(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<(Vec<u32>, StopReason)>> {
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(EngineError::Invalid(format!(
+            "generation needs a non-empty prompt (batch row {i} is empty)"
+        )));
+    }
+    let n = prompts.len();
+    let mut outs: Vec<(Vec<u32>, StopReason)> = vec![(Vec::new(), StopReason::MaxTokens); n];
+    if n == 0 || params.max_new_tokens == 0 {
+        return Ok(outs);
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // Live rows: (original index, left padding, generator, context for the repetition penalty).
+    let mut live: Vec<(usize, usize, LogitsProcessor, Vec<u32>)> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                i,
+                longest - p.len(),
+                LogitsProcessor::from_sampling(params.seed, params.sampling()),
+                p.clone(),
+            )
+        })
+        .collect();
+    let mut ids: Vec<u32> = Vec::with_capacity(n * longest);
+    for p in prompts {
+        ids.extend(std::iter::repeat_n(0, longest - p.len()));
+        ids.extend_from_slice(p);
+    }
+    let mut input = Tensor::from_vec(ids, (n, longest), &model.device)?;
+    let mut cache = KvCache::new(model.layers.len());
+    for _ in 0..params.max_new_tokens {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            for (i, ..) in &live {
+                outs[*i].1 = StopReason::Cancelled;
+            }
+            return Ok(outs);
+        }
+        let pads: Vec<usize> = live.iter().map(|r| r.1).collect();
+        let logits = model.forward_cached_padded(&input, &mut cache, &pads, true)?;
+        // (rows, 1, vocab) → (rows, vocab) on the host: one copy per step, then each row samples.
+        let logits = logits
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
+        let mut keep = Vec::with_capacity(live.len());
+        let mut next_ids = Vec::with_capacity(live.len());
+        for (row, (i, _, lp, context)) in live.iter_mut().enumerate() {
+            let mut l = logits.get(row)?;
+            if params.repetition_penalty != 1.0 {
+                l = candle_transformers::utils::apply_repeat_penalty(
+                    &l,
+                    params.repetition_penalty,
+                    context,
+                )?;
+            }
+            let next = lp.sample(&l)?;
+            if stop_ids.contains(&next) {
+                outs[*i].1 = StopReason::Stop(next);
+                continue;
+            }
+            outs[*i].0.push(next);
+            context.push(next);
+            on_token(*i, next);
+            keep.push(row);
+            next_ids.push(next);
+        }
+        if keep.is_empty() {
+            return Ok(outs);
+        }
+        if keep.len() < live.len() {
+            cache.select_rows(&keep)?;
+            let mut it = keep.iter().peekable();
+            let mut row = 0;
+            live.retain(|_| {
+                let k = it.peek().is_some_and(|&&r| r == row);
+                if k {
+                    it.next();
+                }
+                row += 1;
+                k
+            });
+        }
+        let b = next_ids.len();
+        input = Tensor::from_vec(next_ids, (b, 1), &model.device)?;
+    }
+    Ok(outs)
+}
+
 /// Incremental detokeniser: emits text only once it is complete UTF-8 (a multi-byte character split across
 /// byte-level tokens is held back until its last byte arrives). Same offsets scheme as TGI/candle examples.
 pub struct TextStreamer<'a> {

@@ -169,6 +169,29 @@ impl KvCache {
         self.kv.iter_mut().for_each(|x| *x = None);
         self.seq_len = 0;
     }
+
+    /// Keep only the batch rows `rows` (in that order): batched generation drops finished rows.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(device) = self
+            .kv
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+        else {
+            return Ok(());
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+            rows.len(),
+            &device,
+        )?;
+        for (k, v) in self.kv.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// The model. Base weights are plain tensors unless trainable (freeze/full); LoRA lives in `lora_vars`.
@@ -874,23 +897,61 @@ impl Model {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        self.forward_cached_padded(ids, cache, &[], last_only)
+    }
+
+    /// [`Model::forward_cached`] for a left-padded batch (batched generation, as transformers pads for
+    /// `generate`): row i begins with `left_pad[i]` padding tokens (counted from the start of the cache),
+    /// which no query attends to and which do not advance the row's positions, so each row computes what it
+    /// would alone. Empty `left_pad`: no padding.
+    pub fn forward_cached_padded(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        left_pad: &[usize],
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if !left_pad.is_empty() && left_pad.len() != b {
+            return Err(EngineError::Invalid(format!(
+                "forward_cached_padded: {} padding lengths for a batch of {b}",
+                left_pad.len()
+            )));
+        }
         if cache.kv.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
         let past = cache.seq_len;
-        let positions =
-            Tensor::arange(past as u32, (past + t) as u32, &self.device)?.reshape((1, t))?;
+        let s = past + t;
+        let padded = left_pad.iter().any(|&p| p > 0);
+        let positions = if padded {
+            // Pads sit at position 0 (never attended to); real tokens count from 0 after the pads.
+            let v: Vec<u32> = left_pad
+                .iter()
+                .flat_map(|&p| (past..s).map(move |j| j.saturating_sub(p) as u32))
+                .collect();
+            Tensor::from_vec(v, (b, t), &self.device)?
+        } else {
+            Tensor::arange(past as u32, s as u32, &self.device)?.reshape((1, t))?
+        };
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
-        // Causal among the new tokens; every cached one is visible (one new token: nothing to mask).
-        let bias = if t > 1 {
-            let mut v = vec![0f32; t * (past + t)];
-            for q in 0..t {
-                for k in (past + q + 1)..(past + t) {
-                    v[q * (past + t) + k] = f32::NEG_INFINITY;
+        // Causal among the new tokens; every cached one is visible, except a row's padding (which only
+        // sees itself, so that no softmax row is empty). One new token and no padding: nothing to mask.
+        let bias = if t > 1 || padded {
+            let rows = if padded { b } else { 1 };
+            let mut v = vec![0f32; rows * t * s];
+            for r in 0..rows {
+                let pad = left_pad.get(r).copied().unwrap_or(0);
+                for q in 0..t {
+                    let qpos = past + q;
+                    for k in 0..s {
+                        if k > qpos || (k < pad && k != qpos) {
+                            v[(r * t + q) * s + k] = f32::NEG_INFINITY;
+                        }
+                    }
                 }
             }
-            Some(Tensor::from_vec(v, (1, 1, t, past + t), &self.device)?)
+            Some(Tensor::from_vec(v, (rows, 1, t, s), &self.device)?)
         } else {
             None
         };
