@@ -26,6 +26,48 @@ fn say(line: &str) {
 
 /// Runs `loaded` to the end and reports; returns the process exit status.
 pub fn train(loaded: Loaded) -> ExitCode {
+    let after = loaded
+        .preset
+        .do_predict
+        .then(|| trained_preset(&loaded.preset));
+    let code = train_only(loaded);
+    match after {
+        // LLaMA-Factory's `do_predict` after `do_train`: predict with what was just trained.
+        Some(preset) if code == ExitCode::SUCCESS => {
+            say("termtune: do_predict: predicting with the trained model");
+            predict(&preset)
+        }
+        _ => code,
+    }
+}
+
+/// The preset that chats with what training `p` leaves in its output_dir: the adapter (LoRA) or the
+/// fine-tuned model (full, freeze).
+pub fn trained_preset(p: &crate::config::Preset) -> crate::config::Preset {
+    let mut out = p.clone();
+    if p.finetuning_type == crate::config::preset::FinetuningType::Lora {
+        // As training built it: earlier adapters merged (all of them with `create_new_adapter`, else all but
+        // the last, which training continued), then the adapter it saved.
+        let mut adapters: Vec<String> = p
+            .adapter_name_or_path
+            .as_deref()
+            .map(crate::engine::adapter::parse_adapter_list)
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.display().to_string())
+            .collect();
+        if !p.create_new_adapter {
+            adapters.pop();
+        }
+        adapters.push(p.output_dir.clone());
+        out.adapter_name_or_path = Some(adapters.join(","));
+    } else {
+        out.model_name_or_path = p.output_dir.clone();
+    }
+    out
+}
+
+fn train_only(loaded: Loaded) -> ExitCode {
     let interrupts = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&interrupts);
 

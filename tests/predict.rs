@@ -148,3 +148,42 @@ fn presets_that_cannot_predict_name_the_key() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("predict_with_generate"), "{stderr}");
 }
+
+#[test]
+fn train_with_do_predict_predicts_with_the_trained_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    tiny_model_and_toy_data(root, &varied_rows(6));
+    let preset = root.join("train.yaml");
+    let text = preset_text(root, "")
+        + "dataset: toy\nmax_steps: 2\nper_device_train_batch_size: 2\nlearning_rate: 1.0e-2\nlora_rank: 4\nseed: 3\nmax_samples: 3\n";
+    std::fs::write(&preset, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .arg("train")
+        .arg(&preset)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("do_predict: predicting with the trained model"),
+        "{stderr}"
+    );
+    let out_dir = root.join("out");
+    assert!(out_dir.join("adapter_model.safetensors").is_file());
+    let lines = std::fs::read_to_string(out_dir.join("generated_predictions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    // The predictions are the trained adapter's: chat with it gives the same first answer.
+    let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    let adapter = format!("adapter_name_or_path={}", out_dir.display());
+    let loaded = config::load(&preset, &[adapter], Purpose::Chat).unwrap();
+    let mut session = ChatSession::load(&loaded.preset, &Device::Cpu, &mut |_| {}).unwrap();
+    let chat = session
+        .answer("say 0 abc", None, |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(first["predict"].as_str().unwrap(), chat.text);
+    let all: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("all_results.json")).unwrap())
+            .unwrap();
+    assert!(all.get("predict_rouge-l").is_some(), "{all}");
+}

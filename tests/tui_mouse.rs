@@ -24,26 +24,29 @@ fn key(c: char) -> Msg {
 fn a_click_on_a_tab_title_selects_that_tab() {
     let mut a = app();
     // The 80-column tab line (tests/snapshots/…model_default_80x24.snap):
-    // " 1 Model  2 Dataset  3 LoRA / Method  4 Training  5 Run  6 Chat  7 Export"
-    // Tab titles start at columns 0, 9, 20, 37, 49, 56 and 64; 74 onwards is empty.
+    // " 1 Model  2 Dataset  3 Method  4 Training  5 Run  6 Chat  7 Export  8 Evaluate "
+    // Tab titles start at columns 0, 9, 20, 30, 42, 49, 57 and 67; 79 is empty.
     let expect = [
         (0, Tab::Model),
         (8, Tab::Model),
         (9, Tab::Dataset),
         (25, Tab::Method),
-        (40, Tab::Training),
-        (48, Tab::Training),
-        (49, Tab::Run),
-        (52, Tab::Run),
-        (58, Tab::Chat),
-        (64, Tab::Export),
-        (73, Tab::Export),
+        (29, Tab::Method),
+        (30, Tab::Training),
+        (41, Tab::Training),
+        (42, Tab::Run),
+        (48, Tab::Run),
+        (52, Tab::Chat),
+        (60, Tab::Export),
+        (66, Tab::Export),
+        (67, Tab::Evaluate),
+        (78, Tab::Evaluate),
     ];
     for (x, tab) in expect {
         assert_eq!(target_at(&a, SCREEN, x, 0), Target::Tab(tab), "column {x}");
     }
-    assert_eq!(target_at(&a, SCREEN, 74, 0), Target::Other);
-    a.update(Msg::Click(target_at(&a, SCREEN, 52, 0)));
+    assert_eq!(target_at(&a, SCREEN, 79, 0), Target::Other);
+    a.update(Msg::Click(target_at(&a, SCREEN, 45, 0)));
     assert_eq!(a.tab, Tab::Run);
     // Switching to Dataset by mouse reads the registry like the key does.
     let fx = a.update(Msg::Click(target_at(&a, SCREEN, 12, 0)));

@@ -409,7 +409,7 @@ fn every_theme_draws_the_same_screens_in_its_own_colours() {
         a.update(key(char::from(b'1' + u8::try_from(i).unwrap())));
         assert_eq!(a.tab, *tab);
         let content = text(&draw(&a, 80, 24));
-        let label = format!(" {} {}", i + 1, tab.title());
+        let label = format!(" {} {}", i + 1, tab.short_title());
         let at = content
             .lines()
             .next()
@@ -538,6 +538,136 @@ fn export_pane_states() {
     let mut a = export_app();
     a.update(key('c'));
     snap("export_show_as_command", &a);
+}
+
+/// A finished prediction of three quickstart-like examples (texts written by hand, scores computed by
+/// termtune's metrics as `termtune predict` does).
+fn predict_outcome() -> termtune::predict::PredictOutcome {
+    use termtune::predict::{PredictOutcome, PredictRow, metrics};
+    let rows: Vec<PredictRow> = [
+        (
+            "Give three tips for staying healthy.",
+            "1. Eat a balanced diet. 2. Exercise regularly. 3. Get enough sleep.",
+            "Eat well, move every day and sleep eight hours.",
+        ),
+        (
+            "What is the capital of France?",
+            "The capital of France is Paris.",
+            "The capital of France is Paris.",
+        ),
+        (
+            "Translate 'good morning' into Spanish.",
+            "Buenos días.",
+            "Good morning in Spanish is hola.",
+        ),
+    ]
+    .iter()
+    .map(|(q, label, predict)| PredictRow {
+        prompt: format!(
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        predict: (*predict).to_string(),
+        label: (*label).to_string(),
+        scores: metrics::scores(predict, label),
+        new_tokens: 12,
+        truncated: false,
+    })
+    .collect();
+    let mean = metrics::mean(&rows.iter().map(|r| r.scores).collect::<Vec<_>>());
+    let metrics = [
+        ("predict_rouge-1", mean.rouge1),
+        ("predict_rouge-2", mean.rouge2),
+        ("predict_rouge-l", mean.rouge_l),
+        ("predict_bleu-4", mean.bleu4),
+        ("predict_runtime", 12.5),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    PredictOutcome {
+        rows,
+        metrics,
+        skipped: 0,
+        first_skip: None,
+        loaded: "model: SmolLM2".into(),
+    }
+}
+
+#[test]
+fn evaluate_pane_states() {
+    use termtune::app::{Effect, EvalSort, PredictMsg};
+    use termtune::predict::PredictEvent;
+    // Without evaluation data: refused, the field focused, the reason in the status bar.
+    let mut a = app();
+    a.update(key('8'));
+    assert_eq!(a.tab, Tab::Evaluate);
+    snap("evaluate_default", &a);
+    let fx = a.update(key('e'));
+    assert!(fx.is_empty(), "{fx:?}");
+    assert!(
+        a.status
+            .as_ref()
+            .is_some_and(|s| s.error && s.text.contains("eval_dataset")),
+        "{:?}",
+        a.status
+    );
+
+    let mut a = app();
+    a.form.set("eval_dataset", "alpaca_en_demo");
+    a.form.set("max_samples", "50");
+    a.form.set("adapter_name_or_path", "saves/quickstart");
+    a.update(key('8'));
+    let effects = a.update(key('e'));
+    match effects.as_slice() {
+        [Effect::Predict(p)] => {
+            assert_eq!(p.eval_dataset.as_deref(), Some("alpaca_en_demo"));
+            assert_eq!(p.max_samples, Some(50));
+        }
+        other => panic!("{other:?}"),
+    }
+    for ev in [
+        PredictEvent::Note("reading the evaluation data".into()),
+        PredictEvent::Note("model: HuggingFaceTB/SmolLM2-135M-Instruct; adapter: saves/quickstart (merged); template: smollm2; on cpu, F32".into()),
+        PredictEvent::Started { total: 50, batch_size: 8 },
+        PredictEvent::Progress { done: 16, total: 50, tokens: 1203 },
+    ] {
+        a.update(Msg::Predict(PredictMsg::Event(ev)));
+    }
+    snap("evaluate_running", &a);
+    // A second e while running starts nothing.
+    assert!(a.update(key('e')).is_empty());
+    a.update(Msg::Predict(PredictMsg::Finished {
+        outcome: Box::new(predict_outcome()),
+        dir: PathBuf::from("saves/quickstart/eval_2026-12-05-08-00-00"),
+    }));
+    // Worst first: the Spanish answer (ROUGE-L 0) leads.
+    assert_eq!(a.eval.sort, EvalSort::Worst);
+    assert_eq!(a.eval.current().unwrap().0, 2);
+    snap("evaluate_finished", &a);
+    a.update(key(']'));
+    assert_eq!(a.eval.current().unwrap().0, 0);
+    a.update(key(']'));
+    a.update(key(']'));
+    assert_eq!(a.eval.current().unwrap().0, 1, "stays on the last");
+    a.update(key('o'));
+    assert_eq!(a.eval.sort, EvalSort::Best);
+    assert_eq!(a.eval.current().unwrap().0, 1);
+    snap("evaluate_best_first", &a);
+    a.update(key('['));
+    a.update(key('o'));
+    assert_eq!(a.eval.sort, EvalSort::Data);
+    assert_eq!(a.eval.current().unwrap().0, 0);
+
+    // Cancel with x while running: asked of the thread, then reported.
+    a.update(key('e'));
+    assert_eq!(a.update(key('x')), vec![Effect::CancelPredict]);
+    a.update(Msg::Predict(PredictMsg::Cancelled));
+    assert!(!a.eval.is_running());
+    a.update(key('e'));
+    a.update(Msg::Predict(PredictMsg::Failed(
+        "cannot read /data/alpaca_en_demo.json: No such file or directory (os error 2)".into(),
+    )));
+    snap("evaluate_failed", &a);
 }
 
 // ---- The Chat pane, fed synthetic chat worker events (no model is loaded). ----

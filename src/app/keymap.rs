@@ -64,6 +64,12 @@ pub enum Action {
     /// Scroll a pane's log (the export log) up / down.
     ScrollUp,
     ScrollDown,
+    /// The Evaluate pane: predict on the evaluation data, cancel it, sort the examples, move between them.
+    StartPredict,
+    CancelPredict,
+    CycleEvalSort,
+    NextExample,
+    PrevExample,
 }
 
 /// Where the keyboard is: decides which bindings apply.
@@ -79,6 +85,8 @@ pub enum Context {
     Run,
     /// The Export pane (in addition to its form).
     Export,
+    /// The Evaluate pane (in addition to its form).
+    Evaluate,
     /// A text field is being edited: only these keys are taken, the rest go to the field.
     Editing,
     /// A yes/no/cancel question.
@@ -209,6 +217,14 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         NONE,
         A::GoTab(6),
         "Export tab",
+        false,
+    ),
+    b(
+        C::Global,
+        K::Char('8'),
+        NONE,
+        A::GoTab(7),
+        "Evaluate tab",
         false,
     ),
     b(C::Global, K::Char('s'), NONE, A::StartRun, "start", true),
@@ -531,6 +547,55 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         "scroll log down",
         false,
     ),
+    // Evaluate pane.
+    b(
+        C::Evaluate,
+        K::Char('e'),
+        NONE,
+        A::StartPredict,
+        "predict",
+        true,
+    ),
+    b(
+        C::Evaluate,
+        K::Char('x'),
+        NONE,
+        A::CancelPredict,
+        "cancel predict / stop run",
+        false,
+    ),
+    b(
+        C::Evaluate,
+        K::Char('o'),
+        NONE,
+        A::CycleEvalSort,
+        "sort examples",
+        true,
+    ),
+    b(
+        C::Evaluate,
+        K::Char(']'),
+        NONE,
+        A::NextExample,
+        "next example",
+        true,
+    ),
+    b(
+        C::Evaluate,
+        K::Char('['),
+        NONE,
+        A::PrevExample,
+        "previous example",
+        false,
+    ),
+    b(
+        C::Evaluate,
+        K::Char('L'),
+        NONE,
+        A::UseLatestCheckpoint,
+        "use latest checkpoint",
+        false,
+    ),
 ];
 
 /// How much a help-bar hint matters when the bar is too narrow for all of them (higher stays
@@ -543,6 +608,7 @@ pub const BAR_PRIORITY: &[(Action, u8)] = &[
     (A::PauseResume, 8),
     (A::StopRun, 8),
     (A::StartExport, 8),
+    (A::StartPredict, 8),
     (A::ChatSend, 8),
     (A::ChatLeave, 7),
     (A::ChatFocusInput, 7),

@@ -2,6 +2,7 @@
 //! clock. Rendering (`crate::ui`) reads `&App`.
 
 pub mod chat;
+pub mod evaluate;
 pub mod export;
 pub mod form;
 pub mod keymap;
@@ -17,6 +18,7 @@ use ratatui_textarea::TextArea;
 use crate::config::{ConfigIssue, Group};
 use crate::data::stats::Preview;
 use crate::trainer::protocol::TrainCommand;
+pub use evaluate::{EvalPhase, EvalSort, EvalState, PredictMsg};
 pub use export::{ExportPhase, ExportState};
 pub use form::{Field, FieldKind, Form};
 pub use keymap::{Action, Context, Keymap};
@@ -24,7 +26,7 @@ pub use mouse::Target;
 pub use msg::{Effect, Msg};
 pub use run::{Phase, RunState};
 
-/// The tabs, in order (keys 1–7).
+/// The tabs, in order (keys 1–8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tab {
     Model,
@@ -34,10 +36,11 @@ pub enum Tab {
     Run,
     Chat,
     Export,
+    Evaluate,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 7] = [
+    pub const ALL: [Tab; 8] = [
         Tab::Model,
         Tab::Dataset,
         Tab::Method,
@@ -45,6 +48,7 @@ impl Tab {
         Tab::Run,
         Tab::Chat,
         Tab::Export,
+        Tab::Evaluate,
     ];
 
     pub fn title(self) -> &'static str {
@@ -56,6 +60,15 @@ impl Tab {
             Tab::Run => "Run",
             Tab::Chat => "Chat",
             Tab::Export => "Export",
+            Tab::Evaluate => "Evaluate",
+        }
+    }
+
+    /// The title on a narrow tab line.
+    pub fn short_title(self) -> &'static str {
+        match self {
+            Tab::Method => "Method",
+            other => other.title(),
         }
     }
 
@@ -73,6 +86,7 @@ impl Tab {
             Tab::Run => &[],
             Tab::Chat => &[Group::Generation],
             Tab::Export => &[Group::Export],
+            Tab::Evaluate => &[],
         }
     }
 
@@ -83,6 +97,11 @@ impl Tab {
             // The sampling seed is the preset's `seed` (as `termtune chat --seed` sets it).
             keys.push("seed");
         }
+        if self == Tab::Evaluate {
+            // LLaMA-Factory's Evaluate & Predict tab: the data, the batch, the generation keys, and the
+            // adapter being evaluated (also on the Model tab).
+            keys.extend(EVALUATE_KEYS);
+        }
         keys
     }
 
@@ -91,6 +110,18 @@ impl Tab {
         Tab::ALL.into_iter().find(|t| t.keys().contains(&key))
     }
 }
+
+/// The keys the Evaluate pane's form shows.
+pub const EVALUATE_KEYS: [&str; 8] = [
+    "eval_dataset",
+    "max_samples",
+    "per_device_eval_batch_size",
+    "adapter_name_or_path",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+];
 
 /// A question the user must answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +206,7 @@ pub struct Status {
 pub struct App {
     pub tab: Tab,
     /// The focused field of each form tab.
-    pub cursors: [usize; 7],
+    pub cursors: [usize; 8],
     /// The focused option of a checklist field.
     pub check_cursor: usize,
     pub form: Form,
@@ -201,6 +232,8 @@ pub struct App {
     pub chat: chat::ChatState,
     /// The Export pane.
     pub export: ExportState,
+    /// The Evaluate pane.
+    pub eval: EvalState,
     dirty: bool,
 }
 
@@ -209,7 +242,7 @@ impl App {
     pub fn new(path: Option<PathBuf>, text: &str) -> Self {
         let mut app = Self {
             tab: Tab::Model,
-            cursors: [0; 7],
+            cursors: [0; 8],
             check_cursor: 0,
             form: Form::new(path, text),
             run: RunState::default(),
@@ -227,6 +260,7 @@ impl App {
             model_info: None,
             chat: chat::ChatState::default(),
             export: ExportState::default(),
+            eval: EvalState::default(),
             dirty: true,
         };
         app.announce_problems();
@@ -294,6 +328,7 @@ impl App {
             Tab::Run => vec![Context::Run, Context::Global],
             Tab::Dataset => vec![Context::Dataset, Context::Form, Context::Global],
             Tab::Export => vec![Context::Export, Context::Form, Context::Global],
+            Tab::Evaluate => vec![Context::Evaluate, Context::Form, Context::Global],
             _ => vec![Context::Form, Context::Global],
         }
     }
@@ -310,9 +345,10 @@ impl App {
             .copied()
     }
 
-    /// Moves the focus to `key` (switching tab).
+    /// Moves the focus to `key`: on the current tab when it shows the key, else on the tab that holds it.
     pub fn focus_key(&mut self, key: &str) {
-        if let Some(tab) = Tab::of_key(key) {
+        let here = self.tab.keys().contains(&key).then_some(self.tab);
+        if let Some(tab) = here.or_else(|| Tab::of_key(key)) {
             self.tab = tab;
             if let Some(i) = tab.keys().iter().position(|k| *k == key) {
                 self.cursors[tab.index()] = i;
@@ -410,6 +446,10 @@ impl App {
                 Vec::new()
             }
             Msg::Export(ev) => self.on_export(ev),
+            Msg::Predict(m) => {
+                self.on_predict(m);
+                Vec::new()
+            }
             Msg::Click(target) => self.on_click(target),
             Msg::Wheel { target, down } => self.on_wheel(target, down),
             Msg::Preview(result) => {
@@ -563,6 +603,9 @@ impl App {
         // The panes first: each handles its own actions (the Chat pane only while shown; the
         // run's keys work on every tab) and passes on the rest.
         if let Some(effects) = self.chat_action(action) {
+            return effects;
+        }
+        if let Some(effects) = self.evaluate_action(action) {
             return effects;
         }
         if let Some(effects) = self.export_action(action) {

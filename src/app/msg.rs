@@ -59,6 +59,8 @@ pub enum Msg {
     ChatTargets(Vec<TargetEntry>),
     /// A fact from the export thread (progress, then the report or the refusal).
     Export(ExportEvent),
+    /// A fact from the prediction thread (progress, then the outcome).
+    Predict(super::PredictMsg),
     /// A left click on what `ui::mouse::target_at` found under the pointer.
     Click(Target),
     /// One mouse-wheel notch over a target (`down`: towards newer lines / later fields).
@@ -107,6 +109,11 @@ pub enum Effect {
     Export(Box<ExportRequest>),
     /// Ask the running export to stop at its next step (answered by `ExportEvent::Cancelled`).
     CancelExport,
+    /// Predict with this preset on a background thread, writing into `output_dir/eval_<time>` (answered by
+    /// [`Msg::Predict`]).
+    Predict(Box<Preset>),
+    /// Ask the running prediction to stop (answered by `PredictMsg::Cancelled`).
+    CancelPredict,
     /// Leave: restore the terminal and exit.
     Quit,
 }

@@ -28,6 +28,8 @@ pub struct Effects {
     chat: Option<ChatHandle>,
     /// The cancel flag of the latest export thread.
     export_cancel: Option<Arc<AtomicBool>>,
+    /// The cancel flag of the latest prediction thread.
+    predict_cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Effects {
@@ -38,6 +40,7 @@ impl Effects {
             engine: None,
             chat: None,
             export_cancel: None,
+            predict_cancel: None,
         }
     }
 
@@ -57,6 +60,12 @@ impl Effects {
             Effect::Export(request) => self.export(*request),
             Effect::CancelExport => {
                 if let Some(c) = &self.export_cancel {
+                    c.store(true, Ordering::SeqCst);
+                }
+            }
+            Effect::Predict(preset) => self.predict(*preset),
+            Effect::CancelPredict => {
+                if let Some(c) = &self.predict_cancel {
                     c.store(true, Ordering::SeqCst);
                 }
             }
@@ -167,6 +176,44 @@ impl Effects {
         if let Err(e) = started {
             self.send(Msg::Export(ExportEvent::Failed(format!(
                 "cannot start the export thread: {e}"
+            ))));
+        }
+    }
+
+    /// `termtune predict` on a thread of its own (its own device handle), into `output_dir/eval_<UTC time>` as
+    /// LLaMA-Factory's WebUI names its evaluation folders.
+    fn predict(&mut self, mut preset: Preset) {
+        use crate::app::PredictMsg;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.predict_cancel = Some(Arc::clone(&cancel));
+        let (y, mo, d, h, mi, s) = crate::data::tools::now_utc();
+        let dir = Path::new(&preset.output_dir)
+            .join(format!("eval_{y:04}-{mo:02}-{d:02}-{h:02}-{mi:02}-{s:02}"));
+        preset.output_dir = dir.display().to_string();
+        let started = self.background("predict", move |tx| {
+            let mut emit = |ev| {
+                let _ = tx.send(Msg::Predict(PredictMsg::Event(ev)));
+            };
+            let msg = match crate::engine::device::chosen() {
+                Err(e) => PredictMsg::Failed(e.to_string()),
+                Ok(device) => match crate::predict::run(&preset, &device, Some(&cancel), &mut emit)
+                {
+                    Err(crate::predict::PredictError::Cancelled { .. }) => PredictMsg::Cancelled,
+                    Err(e) => PredictMsg::Failed(e.to_string()),
+                    Ok(outcome) => match outcome.write(&dir) {
+                        Ok(_) => PredictMsg::Finished {
+                            outcome: Box::new(outcome),
+                            dir,
+                        },
+                        Err(e) => PredictMsg::Failed(e.to_string()),
+                    },
+                },
+            };
+            let _ = tx.send(Msg::Predict(msg));
+        });
+        if let Err(e) = started {
+            self.send(Msg::Predict(PredictMsg::Failed(format!(
+                "cannot start the prediction thread: {e}"
             ))));
         }
     }

@@ -6,6 +6,7 @@
 pub mod chat;
 mod dashboard;
 mod dataset;
+mod evaluate;
 mod export;
 mod form;
 pub mod mouse;
@@ -41,6 +42,7 @@ pub fn render(frame: &mut Frame, app: &App, theme: &Theme) {
         Tab::Dataset => dataset::render(frame, body, app, theme),
         Tab::Chat => chat::render(frame, body, app, theme),
         Tab::Export => export::render(frame, body, app, theme),
+        Tab::Evaluate => evaluate::render(frame, body, app, theme),
         _ => form::render(frame, body, app, theme, pane_title(app.tab)),
     }
     render_status(frame, status, app, theme);
@@ -85,6 +87,7 @@ fn pane_title(tab: Tab) -> &'static str {
         Tab::Chat => "Chat · generation settings (termtune chat PRESET opens a chat)",
         Tab::Export => "Export · merged model or GGUF",
         Tab::Run => "Run",
+        Tab::Evaluate => "Evaluate & Predict",
     }
 }
 
@@ -131,9 +134,15 @@ pub(crate) fn tab_spans<'a>(app: &App, width: u16, theme: &Theme) -> Vec<(Span<'
         } else {
             theme.tab_inactive
         };
-        let mut label = format!(" {} {} ", i + 1, tab.title());
+        // Below 100 columns the eight titles fit only with the short ones.
+        let title = if width < 100 {
+            tab.short_title()
+        } else {
+            tab.title()
+        };
+        let mut label = format!(" {} {title} ", i + 1);
         if *tab == Tab::Run && app.run.phase.is_active() {
-            label = format!(" {} {} ● ", i + 1, tab.title());
+            label = format!(" {} {title} ● ", i + 1);
         }
         let problems = tab
             .keys()

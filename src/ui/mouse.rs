@@ -4,7 +4,7 @@
 
 use ratatui::layout::{Position, Rect};
 
-use super::{Theme, dataset, export, form, screen_areas, tab_spans};
+use super::{Theme, dataset, evaluate, export, form, screen_areas, tab_spans};
 use crate::app::{App, Tab, Target};
 
 /// What is drawn at (`column`, `row`) of a terminal of size `area`.
@@ -30,6 +30,10 @@ pub fn target_at(app: &App, area: Rect, column: u16, row: u16) -> Target {
             } else {
                 in_form(app, a.fields, a.form, at)
             }
+        }
+        Tab::Evaluate => {
+            let a = evaluate::areas(app, body);
+            in_form(app, a.fields, a.form, at)
         }
         Tab::Dataset => {
             let [left, right] = dataset::split(body);
