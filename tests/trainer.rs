@@ -731,3 +731,79 @@ fn check_warns_when_the_output_disk_cannot_hold_two_checkpoints() {
     assert!(!text.contains("warning"), "{text}");
     assert!(text.contains("room for "), "{text}");
 }
+
+/// `compute_accuracy`: eval_accuracy is LLaMA-Factory's per-example token accuracy (argmax at position i
+/// against the label at i + 1, −100 ignored), averaged over the examples — recomputed here from the final
+/// adapter's logits on the same evaluation rows.
+#[test]
+fn compute_accuracy_reports_lfs_token_accuracy() {
+    use candle_core::{D, DType};
+    let f = fixture(12);
+    let loaded = preset(
+        &f,
+        "acc",
+        &[
+            "max_steps: 3",
+            "val_size: 4",
+            "compute_accuracy: true",
+            "per_device_eval_batch_size: 3",
+        ],
+    );
+    let (result, _) = run(&loaded, &[]);
+    result.unwrap();
+    let out = f.root.join("acc");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
+    let reported = results["eval_accuracy"].as_f64().unwrap();
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    assert_eq!(all["eval_accuracy"].as_f64(), Some(reported));
+    let state = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
+    assert!(state.contains("\"eval_accuracy\""), "{state}");
+
+    // The same rows, the final adapter merged, the accuracy counted by hand.
+    let p = &loaded.preset;
+    let opts = termtune::resolve::data_options(p);
+    let chat = termtune::engine::generate::load_chat_model(
+        &f.root.join("model"),
+        &[out.clone()],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let enc = termtune::data::Encoder::new(&opts, &chat.tokenizer, &chat.tokenizer_config).unwrap();
+    let data = termtune::data::prepare_dataset(&opts, &enc).unwrap();
+    assert_eq!(data.eval.len(), 4);
+    let mut per_example = Vec::new();
+    for seq in &data.eval {
+        let ids = Tensor::new(seq.input_ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = chat
+            .model
+            .forward(&ids, &termtune::engine::AttnMask::Causal, false)
+            .unwrap();
+        let preds: Vec<u32> = logits
+            .argmax(D::Minus1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mut hit, mut total) = (0.0, 0.0);
+        for j in 1..seq.input_ids.len() {
+            if seq.labels[j] >= 0 {
+                total += 1.0;
+                if i64::from(preds[j - 1]) == seq.labels[j] {
+                    hit += 1.0;
+                }
+            }
+        }
+        per_example.push(hit / total);
+    }
+    let want = per_example.iter().sum::<f64>() / per_example.len() as f64;
+    assert!((reported - want).abs() < 1e-9, "{reported} vs {want}");
+}

@@ -655,11 +655,10 @@ pub const KEYS: &[KeySpec] = &[
         "1.0",
         "the EAFT loss is not supported yet",
     ),
-    uns(
+    imp(
         "compute_accuracy",
         Method,
-        "false",
-        "token accuracy at evaluation is not computed yet",
+        "At evaluation, also the token accuracy (argmax = label) per example, averaged: eval_accuracy.",
     ),
     uns(
         "disable_shuffling",

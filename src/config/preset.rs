@@ -224,6 +224,7 @@ pub struct Preset {
     pub eval_steps: Option<u64>,
     pub per_device_eval_batch_size: usize,
     pub do_predict: bool,
+    pub compute_accuracy: bool,
     pub predict_with_generate: Option<bool>,
     // ### generation
     pub do_sample: bool,
@@ -317,6 +318,7 @@ impl Default for Preset {
             eval_steps: None,
             per_device_eval_batch_size: 8,
             do_predict: false,
+            compute_accuracy: false,
             predict_with_generate: None,
             do_sample: true,
             temperature: 0.95,

@@ -497,6 +497,8 @@ struct Trainer<'a> {
     /// Losses since the last log line (Hugging Face logs their mean).
     pending_losses: Vec<f64>,
     last_eval: Option<f64>,
+    /// `compute_accuracy`: the last evaluation's token accuracy.
+    last_accuracy: Option<f64>,
     tokenizer_files: TokenizerFiles,
 }
 
@@ -573,6 +575,7 @@ impl<'a> Trainer<'a> {
             history: Vec::new(),
             pending_losses: Vec::new(),
             last_eval: None,
+            last_accuracy: None,
             tokenizer_files,
         })
     }
@@ -584,6 +587,7 @@ impl<'a> Trainer<'a> {
         self.elapsed_before = Duration::from_secs_f64(state.termtune.elapsed_secs.max(0.0));
         self.history.clone_from(&state.log_history);
         self.last_eval = state.log_history.iter().rev().find_map(|h| h.eval_loss);
+        self.last_accuracy = state.log_history.iter().rev().find_map(|h| h.eval_accuracy);
         Ok(())
     }
 
@@ -700,14 +704,20 @@ impl<'a> Trainer<'a> {
                 _ => false,
             } || (step == self.total_steps && !self.data.eval.is_empty());
             if eval_due && !self.data.eval.is_empty() {
-                let l = self.evaluate()?;
+                let (l, accuracy) = self.evaluate()?;
                 self.last_eval = Some(l);
+                self.last_accuracy = accuracy;
                 eval_loss = Some(l);
                 emit(TrainEvent::EvalFinished { step, eval_loss: l });
             }
             let log_due = step % self.p.logging_steps == 0 || step == self.total_steps;
             if log_due || eval_loss.is_some() {
                 self.log(&metrics, eval_loss, log_due)?;
+                if eval_loss.is_some()
+                    && let Some(h) = self.history.last_mut()
+                {
+                    h.eval_accuracy = self.last_accuracy.map(|a| round_to(a, 4));
+                }
             }
             if save_due(
                 self.p.save_strategy,
@@ -861,10 +871,12 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Mean loss per label token over the validation split.
-    fn evaluate(&self) -> Result<f64, TrainError> {
+    /// Mean loss per label token over the validation split and, with `compute_accuracy`, the token accuracy
+    /// as LLaMA-Factory's `ComputeAccuracy` computes it (per example, then the mean).
+    fn evaluate(&self) -> Result<(f64, Option<f64>), TrainError> {
         let mut sum = 0.0;
         let mut n = 0usize;
+        let mut accuracies = Vec::new();
         for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
             let (ids, labels, mask) = batch_tensors(&batch, &self.model.device)?;
             let am = u32_mask(&batch);
@@ -874,9 +886,21 @@ impl<'a> Trainer<'a> {
                     .forward_loss_with(&ids, &mask, &labels, Some(&host), false)?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             n += count;
+            if self.p.compute_accuracy {
+                let logits = self.model.forward(&ids, &mask, false)?;
+                let preds: Vec<u32> = logits
+                    .argmax(candle_core::D::Minus1)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                accuracies.extend(token_accuracy(&preds, &batch));
+            }
         }
         #[allow(clippy::cast_precision_loss)]
-        Ok(if n == 0 { 0.0 } else { sum / n as f64 })
+        let loss = if n == 0 { 0.0 } else { sum / n as f64 };
+        #[allow(clippy::cast_precision_loss)]
+        let accuracy = (!accuracies.is_empty())
+            .then(|| accuracies.iter().sum::<f64>() / accuracies.len() as f64);
+        Ok((loss, accuracy))
     }
 
     fn log(
@@ -917,6 +941,7 @@ impl<'a> Trainer<'a> {
             epoch: round_to(m.epoch, 4),
             loss: line.loss,
             eval_loss: line.eval_loss,
+            eval_accuracy: None,
             learning_rate: Some(m.lr),
             grad_norm: Some(m.grad_norm),
             num_input_tokens_seen: Some(m.tokens_seen),
@@ -1127,12 +1152,14 @@ impl<'a> Trainer<'a> {
         let mut all = train.clone();
         if let (Some(e), Some(obj)) = (s.eval_loss, all.as_object_mut()) {
             obj.insert("eval_loss".into(), serde_json::json!(e));
+            let mut eval = serde_json::json!({"epoch": train["epoch"], "eval_loss": e});
+            if let Some(a) = self.last_accuracy {
+                obj.insert("eval_accuracy".into(), serde_json::json!(a));
+                eval["eval_accuracy"] = serde_json::json!(a);
+            }
             write_file(
                 &self.out.join("eval_results.json"),
-                serde_json::to_string_pretty(
-                    &serde_json::json!({"epoch": train["epoch"], "eval_loss": e}),
-                )
-                .unwrap_or_default(),
+                serde_json::to_string_pretty(&eval).unwrap_or_default(),
             )
             .map_err(io_err("writing eval_results.json"))?;
         }
@@ -1214,6 +1241,30 @@ pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, Attn
         }
     };
     Ok((ids, labels, mask))
+}
+
+/// LLaMA-Factory's `ComputeAccuracy` for one batch: per row, the share of label tokens (labels shifted by
+/// one, −100 ignored) whose prediction (argmax of the logits one position earlier) equals the label. `preds`
+/// is the argmax of each position, row-major. Rows without a label token give nothing (numpy's mean of an
+/// empty slice is NaN; LF's data never has such rows).
+pub fn token_accuracy(preds: &[u32], b: &Batch) -> Vec<f64> {
+    let t = b.seq_len;
+    (0..b.batch_size)
+        .filter_map(|r| {
+            let row = r * t;
+            let (mut hit, mut total) = (0usize, 0usize);
+            for j in 1..t {
+                let label = b.labels[row + j];
+                if label == crate::data::process::IGNORE_INDEX {
+                    continue;
+                }
+                total += 1;
+                hit += usize::from(i64::from(preds[row + j - 1]) == label);
+            }
+            #[allow(clippy::cast_precision_loss)]
+            (total > 0).then(|| hit as f64 / total as f64)
+        })
+        .collect()
 }
 
 /// The host copies of `b` for [`Model::forward_loss_with`] (`attention_mask` as u32, from [`u32_mask`]): the

@@ -95,6 +95,9 @@ pub struct HistoryEntry {
     pub loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// `compute_accuracy`: the mean token accuracy of the evaluation examples.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub learning_rate: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
