@@ -768,7 +768,7 @@ fn compute_accuracy_reports_lfs_token_accuracy() {
     let opts = termtune::resolve::data_options(p);
     let chat = termtune::engine::generate::load_chat_model(
         &f.root.join("model"),
-        &[out.clone()],
+        std::slice::from_ref(&out),
         DType::F32,
         &Device::Cpu,
     )
