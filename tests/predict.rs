@@ -187,3 +187,75 @@ fn train_with_do_predict_predicts_with_the_trained_adapter() {
             .unwrap();
     assert!(all.get("predict_rouge-l").is_some(), "{all}");
 }
+
+#[test]
+fn predict_on_lf_demo_data_writes_lf_files() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    tiny_model_and_toy_data(root, &varied_rows(1));
+    let lf = crate::data_util::lf_data_dir();
+    let preset = root.join("predict.yaml");
+    std::fs::write(&preset, preset_text(root, "")).unwrap();
+    let data_arg = format!("dataset_dir={}", lf.display());
+    let out = predict(
+        &preset,
+        &[
+            &data_arg,
+            "eval_dataset=alpaca_en_demo,identity",
+            "max_samples=3",
+            "cutoff_len=4096",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let out_dir = root.join("out");
+    let mut files: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "all_results.json",
+            "generated_predictions.jsonl",
+            "predict_results.json"
+        ]
+    );
+    // max_samples of each dataset, in order; the labels are the data's answers (cutoff_len leaves them whole).
+    let alpaca: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(lf.join("alpaca_en_demo.json")).unwrap())
+            .unwrap();
+    let lines: Vec<Value> = std::fs::read_to_string(out_dir.join("generated_predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for (line, row) in lines.iter().zip(&alpaca).take(3) {
+        assert_eq!(
+            line["label"].as_str().unwrap().trim_end(),
+            row["output"].as_str().unwrap().trim_end()
+        );
+        let prompt = line["prompt"].as_str().unwrap();
+        let instruction = row["instruction"].as_str().unwrap();
+        assert!(prompt.contains(instruction), "{prompt:?} / {instruction:?}");
+    }
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("predict_results.json")).unwrap(),
+    )
+    .unwrap();
+    let keys: Vec<&String> = results.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "predict_bleu-4",
+            "predict_rouge-1",
+            "predict_rouge-2",
+            "predict_rouge-l",
+            "predict_runtime",
+            "predict_samples_per_second",
+            "predict_steps_per_second"
+        ]
+    );
+}
