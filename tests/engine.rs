@@ -684,6 +684,22 @@ fn left_padded_batch_generation_equals_each_row_alone() {
                 .all(|(t, w)| t.is_empty() && *w == StopReason::Cancelled)
         );
         assert!(generate::generate_batch(&m, &[vec![]], &params, &[], None, |_, _| {}).is_err());
+
+        // The inference layout (weights stored transposed) gives the same logits and answers.
+        let (mut prepared, _) = build(d.path(), &opts, DType::F32, &Finetune::Frozen);
+        let (plain, _) = build(d.path(), &opts, DType::F32, &Finetune::Frozen);
+        prepared.prepare_for_inference().unwrap();
+        for p in &prompts {
+            let mut c1 = termtune::engine::KvCache::new(plain.layers.len());
+            let mut c2 = termtune::engine::KvCache::new(plain.layers.len());
+            let a = plain.forward_cached(&ids(p, 1), &mut c1, false).unwrap();
+            let b = prepared.forward_cached(&ids(p, 1), &mut c2, false).unwrap();
+            assert!(max_abs_diff(&a, &b) < 1e-5, "{:?}", opts.arch);
+        }
+        let a = generate::generate_batch(&plain, &prompts, &params, &[], None, |_, _| {}).unwrap();
+        let b =
+            generate::generate_batch(&prepared, &prompts, &params, &[], None, |_, _| {}).unwrap();
+        assert_eq!(a, b, "{:?}", opts.arch);
     }
 }
 

@@ -103,6 +103,7 @@ impl ChatSession {
             )));
             merge_adapters(&mut model, &adapters)?;
         }
+        model.prepare_for_inference()?;
         let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
         for w in &encoder.warnings {
             progress(SourceProgress::Note(format!("warning: {w}")));

@@ -985,6 +985,27 @@ impl Model {
         self.logits(&x, false)
     }
 
+    /// Lays the frozen linear weights out for generation on the CPU: each (out, in) matrix is stored transposed
+    /// (in × out, contiguous) and used through its transposed view. Values are unchanged; gemm then reads the
+    /// weight as it is instead of repacking the whole matrix for every token (with one token per row, packing
+    /// cost as much as the product itself). Only for models that no longer train or merge.
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                if let Weight::Frozen(w) = &lin.weight
+                    && w.is_contiguous()
+                    && w.rank() == 2
+                {
+                    lin.weight = Weight::Frozen(w.t()?.contiguous()?.t()?);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Merge `s·B·A` of the trainable LoRA into the frozen base weights and drop the LoRA Vars.
     pub fn merge_lora(&mut self) -> Result<()> {
         for layer in &mut self.layers {
