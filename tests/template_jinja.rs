@@ -142,6 +142,31 @@ fn template_unset_derives_slots_from_the_tokenizer_jinja() {
         )
     );
     assert_eq!(p.stop_ids, vec![enc.eos.1]);
+    // The Jinja template has no tool format: tools, calls and tool results are refused by name.
+    let with_tools = |tools: &str, turns: &[Message]| {
+        enc.chat_prompt_with_tools(None, turns, tools)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = with_tools(
+        r#"[{"name": "f", "parameters": {"properties": {}}}]"#,
+        &[Message::new(Role::User, "Hi")],
+    );
+    assert!(
+        e.contains("tokenizer chat_template")
+            && e.contains("no tool format")
+            && e.contains("`template:`"),
+        "{e}"
+    );
+    let e = with_tools(
+        "",
+        &[
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Function, r#"{"name": "f", "arguments": {}}"#),
+            Message::new(Role::Observation, "1"),
+        ],
+    );
+    assert!(e.contains("no tool format"), "{e}");
 }
 
 #[test]

@@ -151,3 +151,76 @@ fn preference_pairs_match_llamafactory_on_smollm2() {
         );
     }
 }
+
+/// `termtune api`'s prompt for a request with `tools`, a function call and a tool result equals the
+/// prompt LLaMA-Factory's `encode_oneturn` builds for the same conversation: the reference's tool
+/// example up to its last answer (the trailing run of trained labels), for each template of the
+/// reference. The request is an OpenAI one (`tools` wrapped as `{"type": "function", "function"}`, the
+/// call as a `function` message, the result as a `tool` message) going through the server's own
+/// request checks. qwen3 is left out: LF's reasoning template adds an empty thought to every answer
+/// in training data but not to earlier answers in a prompt, so its training prefix is not the prompt.
+#[test]
+fn api_tool_prompts_match_llamafactory_on_smollm2() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/reference/lf_supervised_smollm2.json");
+    let reference: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let tokenizer = data_util::smollm2_tokenizer();
+    let config = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                        "unk_token": "<|endoftext|>"});
+    let ex = &reference["examples"]["tools"];
+    let tools: Value = serde_json::from_str(ex["tools"].as_str().unwrap()).unwrap();
+    let mut messages = Vec::new();
+    for m in ex["prompt"].as_array().unwrap() {
+        let role = match m["role"].as_str().unwrap() {
+            "observation" => "tool",
+            other => other,
+        };
+        messages.push(json!({"role": role, "content": m["content"]}));
+    }
+    let body = json!({
+        "model": "m",
+        "messages": messages,
+        "tools": tools.as_array().unwrap().iter().map(|f| json!({"type": "function", "function": f})).collect::<Vec<_>>(),
+    });
+    let request: termtune::api::protocol::WireRequest = serde_json::from_value(body).unwrap();
+    let request = request
+        .check(&termtune::engine::generate::GenerationParams::default(), 0)
+        .unwrap();
+    let mut checked = 0;
+    for case in reference["cases"].as_array().unwrap() {
+        let template = case["template"].as_str().unwrap();
+        if case["example"] != "tools"
+            || case["train_on_prompt"] == true
+            || case["mask_history"] == true
+            || case["cutoff_len"] != 2048
+            || template == "qwen3"
+        {
+            continue;
+        }
+        let opts = DataOptions {
+            template: Some(template.to_string()),
+            ..DataOptions::default()
+        };
+        let enc = Encoder::new(&opts, &tokenizer, &config).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(case["labels"].clone()).unwrap();
+        let answer = labels.iter().rev().take_while(|&&l| l != -100).count();
+        let want = &ids[..ids.len() - answer];
+        let got = enc
+            .chat_prompt_with_tools(
+                request.system.as_deref(),
+                &request.turns,
+                request.tools.as_deref().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            got.ids,
+            want,
+            "{template}:\n got  {:?}\n want {:?}",
+            got.text,
+            enc.tokenizer.decode(want, false).unwrap()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "smollm2, chatml, qwen, alpaca, default, empty");
+}

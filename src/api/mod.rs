@@ -1,5 +1,7 @@
 //! `termtune api`: an OpenAI-compatible HTTP server, like `llamafactory-cli api` — `GET /v1/models`
-//! and `POST /v1/chat/completions` (streamed as server-sent events, or whole).
+//! and `POST /v1/chat/completions` (streamed as server-sent events, or whole), with tools as
+//! LLaMA-Factory's API does them: the template renders the tools, calls and results, and the calls
+//! are read back out of the whole answer (`finish_reason: "tool_calls"`).
 //!
 //! One model serves one request at a time: a worker thread ([`worker`]) owns the [`ChatSession`]
 //! and takes jobs from a queue of `queue` places; a request that finds the queue full is answered
@@ -387,7 +389,12 @@ async fn whole(h: &Header, mut rx: UnboundedReceiver<JobEvent>) -> Response {
         match ev {
             JobEvent::Started { .. } => {}
             JobEvent::Text(t) => text.push_str(&t),
-            JobEvent::Done { finish, usage } => {
+            JobEvent::Done {
+                tool_calls: Some(calls),
+                usage,
+                ..
+            } => return json_response(&protocol::tool_completion(h, &calls, usage)),
+            JobEvent::Done { finish, usage, .. } => {
                 return json_response(&protocol::completion(h, &text, finish, usage));
             }
             JobEvent::Failed(e) => return error_response(&e),
@@ -418,7 +425,7 @@ fn sse(h: Header, rx: UnboundedReceiver<JobEvent>, include_usage: bool) -> Respo
                         let delta = serde_json::json!({"content": t});
                         return Some((vec![data(protocol::chunk(&h, delta, None))], Some(rx)));
                     }
-                    Some(JobEvent::Done { finish, usage }) => {
+                    Some(JobEvent::Done { finish, usage, .. }) => {
                         let mut v = vec![data(protocol::chunk(
                             &h,
                             serde_json::json!({}),

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::data::pyjson::dumps;
+use crate::data::tools::FunctionCall;
 use crate::data::{Message, Role};
 use crate::engine::generate::GenerationParams;
 
@@ -104,9 +106,29 @@ struct Part {
 }
 
 #[derive(Debug, Deserialize)]
+struct WireFunction {
+    name: String,
+    /// JSON text, as OpenAI sends it.
+    arguments: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireToolCall {
+    function: WireFunction,
+}
+
+#[derive(Debug, Deserialize)]
 struct WireMessage {
     role: String,
     content: Option<Content>,
+    tool_calls: Option<Vec<WireToolCall>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireTool {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    function: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,7 +158,7 @@ pub struct WireRequest {
     stop: Option<Stop>,
     n: Option<i64>,
     seed: Option<i64>,
-    tools: Option<Value>,
+    tools: Option<Vec<WireTool>>,
     functions: Option<Value>,
 }
 
@@ -144,8 +166,12 @@ pub struct WireRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub system: Option<String>,
-    /// Alternating user/assistant, ending with a user turn.
+    /// User turns or tool results ([`Role::Observation`]) alternating with assistant turns or function
+    /// calls ([`Role::Function`]), ending with a user turn or a tool result.
     pub turns: Vec<Message>,
+    /// The request's `tools` as LLaMA-Factory passes them to the template: a JSON list of the function
+    /// schemas (`[{"name", "description", "parameters"}]`). None: no tools.
+    pub tools: Option<String>,
     pub params: GenerationParams,
     /// `max_tokens` as the client set it (None: the preset's `max_new_tokens`, cut to the context).
     pub max_tokens: Option<usize>,
@@ -183,6 +209,110 @@ fn content_text(content: Option<Content>, index: usize) -> Result<String, ApiErr
     }
 }
 
+/// The `tools` of a request as LLaMA-Factory passes them on: `json.dumps([tool.function, …])`, each
+/// function with its `name`, `description` and `parameters` in that order (pydantic's field order).
+/// An empty list is no tools.
+fn tools_json(tools: Vec<WireTool>) -> Result<Option<String>, ApiError> {
+    if tools.is_empty() {
+        return Ok(None);
+    }
+    let bad = |m: String| ApiError::invalid(m).with_param("tools");
+    let mut functions = Vec::new();
+    for (i, tool) in tools.into_iter().enumerate() {
+        let kind = tool.kind.as_deref().unwrap_or("function");
+        if kind != "function" {
+            return Err(bad(format!(
+                "tools[{i}] has type `{kind}`: only `function` tools are supported"
+            )));
+        }
+        let Some(Value::Object(f)) = tool.function else {
+            return Err(bad(format!(
+                "tools[{i}].function is missing: each tool is {{\"type\": \"function\", \"function\": \
+                 {{\"name\", \"description\", \"parameters\"}}}}"
+            )));
+        };
+        if !f.get("name").is_some_and(Value::is_string) {
+            return Err(bad(format!(
+                "tools[{i}].function.name is missing or not a string"
+            )));
+        }
+        let mut out = serde_json::Map::new();
+        for key in ["name", "description", "parameters"] {
+            if let Some(v) = f.get(key) {
+                out.insert(key.to_string(), v.clone());
+            }
+        }
+        functions.push(Value::Object(out));
+    }
+    Ok(Some(dumps(&Value::Array(functions))))
+}
+
+/// The messages as LLaMA-Factory's `_process_request` reads them: an optional system message, then
+/// user or tool messages (`tool` → a tool result) at even places and assistant or function messages at
+/// odd ones, ending at an even place. An assistant message with `tool_calls` becomes a function call
+/// whose content is `json.dumps([{"name", "arguments"}, …])` (the arguments as the JSON text sent).
+fn read_messages(messages: Vec<WireMessage>) -> Result<(Option<String>, Vec<Message>), ApiError> {
+    let mut system = None;
+    let mut turns = Vec::new();
+    for (i, m) in messages.into_iter().enumerate() {
+        let role = m.role.as_str();
+        if matches!(role, "system" | "developer") {
+            if i > 0 {
+                return Err(ApiError::invalid(format!(
+                    "messages[{i}] is a {role} message: only the first message may be one"
+                ))
+                .with_param("messages"));
+            }
+            system = Some(content_text(m.content, i)?);
+            continue;
+        }
+        let (allowed, want) = if turns.len() % 2 == 0 {
+            (["user", "tool"], "a user (or tool) message")
+        } else {
+            (
+                ["assistant", "function"],
+                "an assistant (or function) message",
+            )
+        };
+        if !allowed.contains(&role) {
+            if !matches!(role, "user" | "tool" | "assistant" | "function") {
+                return Err(ApiError::invalid(format!(
+                    "messages[{i}] has an unknown role `{role}` (use system, user, assistant, tool or function)"
+                ))
+                .with_param("messages"));
+            }
+            return Err(ApiError::invalid(format!(
+                "messages[{i}] is a {role} message where {want} was expected: after an optional system \
+                 message, user (or tool) and assistant (or function) messages must alternate, starting with \
+                 a user message"
+            ))
+            .with_param("messages"));
+        }
+        let calls = m.tool_calls.unwrap_or_default();
+        let message = match role {
+            "assistant" if !calls.is_empty() => {
+                let list: Vec<Value> = calls
+                    .into_iter()
+                    .map(|c| json!({"name": c.function.name, "arguments": c.function.arguments}))
+                    .collect();
+                Message::new(Role::Function, dumps(&Value::Array(list)))
+            }
+            "user" => Message::new(Role::User, content_text(m.content, i)?),
+            "assistant" => Message::new(Role::Assistant, content_text(m.content, i)?),
+            "function" => Message::new(Role::Function, content_text(m.content, i)?),
+            _ => Message::new(Role::Observation, content_text(m.content, i)?),
+        };
+        turns.push(message);
+    }
+    if turns.len() % 2 == 0 {
+        return Err(ApiError::invalid(
+            "messages must end with a user message or a tool result (after an optional system message)",
+        )
+        .with_param("messages"));
+    }
+    Ok((system, turns))
+}
+
 impl WireRequest {
     /// Checks the request and fills in what it leaves out from `defaults` (the preset's generation
     /// settings). `seed` is used when the request names none.
@@ -197,73 +327,30 @@ impl WireRequest {
             .with_param("n")
             .with_code("unsupported_parameter"));
         }
-        let has = |v: &Option<Value>| {
-            v.as_ref()
-                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-        };
-        if has(&self.tools) || has(&self.functions) {
+        if self
+            .functions
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
             return Err(ApiError::invalid(
-                "tools / function calling is not supported by termtune api yet: send the request without \
-                 `tools` (describe the tools in the system message instead)",
+                "`functions` (OpenAI's deprecated form of tools) is not supported: send the functions as \
+                 `tools`, each {\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}",
             )
-            .with_param("tools")
+            .with_param("functions")
             .with_code("unsupported_parameter"));
         }
-        let mut system = None;
-        let mut turns = Vec::new();
-        for (i, m) in self.messages.into_iter().enumerate() {
-            let role = m.role;
-            let text = content_text(m.content, i)?;
-            match role.as_str() {
-                "system" | "developer" if i == 0 => system = Some(text),
-                "system" | "developer" => {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}] is a {role} message: only the first message may be one"
-                    ))
-                    .with_param("messages"));
-                }
-                "user" | "assistant" => {
-                    let want = if turns.len() % 2 == 0 {
-                        "user"
-                    } else {
-                        "assistant"
-                    };
-                    if role != want {
-                        return Err(ApiError::invalid(format!(
-                            "messages[{i}] is a {role} message where a {want} message was expected: after \
-                             an optional system message, user and assistant messages must alternate, \
-                             starting with a user message"
-                        ))
-                        .with_param("messages"));
-                    }
-                    let r = if role == "user" {
-                        Role::User
-                    } else {
-                        Role::Assistant
-                    };
-                    turns.push(Message::new(r, text));
-                }
-                "tool" | "function" => {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}] has role `{role}`: tool results are not supported by termtune api yet"
-                    ))
-                    .with_param("messages")
-                    .with_code("unsupported_parameter"));
-                }
-                other => {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}] has an unknown role `{other}` (use system, user or assistant)"
-                    ))
-                    .with_param("messages"));
-                }
-            }
-        }
-        if turns.last().map(|m| m.role) != Some(Role::User) {
+        let tools = tools_json(self.tools.unwrap_or_default())?;
+        let stream = self.stream.unwrap_or(false);
+        if stream && tools.is_some() {
+            // LLaMA-Factory: "Cannot stream function calls." The calls are read from the whole answer.
             return Err(ApiError::invalid(
-                "messages must end with a user message (after an optional system message)",
+                "cannot stream function calls: a request with `tools` is answered whole, because the calls \
+                 are read from the complete answer; send it without `stream` (or without `tools`)",
             )
-            .with_param("messages"));
+            .with_param("stream")
+            .with_code("unsupported_parameter"));
         }
+        let (system, turns) = read_messages(self.messages)?;
         let mut params = defaults.clone();
         if let Some(t) = self.temperature {
             if !(0.0..=2.0).contains(&t) {
@@ -312,10 +399,11 @@ impl WireRequest {
         Ok(Request {
             system,
             turns,
+            tools,
             params,
             max_tokens,
             stop,
-            stream: self.stream.unwrap_or(false),
+            stream,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -331,6 +419,8 @@ pub enum Finish {
     Stop,
     /// `max_tokens` or the context length.
     Length,
+    /// The answer is function calls (`tools` were given and the template's tool format found them).
+    ToolCalls,
 }
 
 impl Finish {
@@ -338,6 +428,7 @@ impl Finish {
         match self {
             Finish::Stop => "stop",
             Finish::Length => "length",
+            Finish::ToolCalls => "tool_calls",
         }
     }
 }
@@ -379,6 +470,35 @@ pub fn completion(h: &Header, text: &str, finish: Finish, usage: Usage) -> Value
             "message": {"role": "assistant", "content": text},
             "logprobs": null,
             "finish_reason": finish.as_str(),
+        }],
+        "usage": usage.to_json(),
+    })
+}
+
+/// The whole answer when it is function calls, as LLaMA-Factory gives it: `finish_reason` "tool_calls"
+/// and a message of `tool_calls`, each `{"id": "call_<hex>", "type": "function", "function": {"name",
+/// "arguments"}}`, with no content.
+pub fn tool_completion(h: &Header, calls: &[FunctionCall], usage: Usage) -> Value {
+    let tool_calls: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            json!({
+                "id": format!("call_{:032x}", rand::random::<u128>()),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })
+        })
+        .collect();
+    json!({
+        "id": h.id,
+        "object": "chat.completion",
+        "created": h.created,
+        "model": h.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": null, "tool_calls": tool_calls},
+            "logprobs": null,
+            "finish_reason": Finish::ToolCalls.as_str(),
         }],
         "usage": usage.to_json(),
     })
@@ -508,5 +628,117 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn tools_and_tool_messages_become_llamafactorys_roles() {
+        let r = check(
+            r#"{"model":"m","tools":[{"type":"function","function":{"parameters":{"type":"object",
+                "properties":{"city":{"type":"string"}}},"name":"get_weather","description":"Weather"}}],
+                "messages":[{"role":"system","content":"S"},{"role":"user","content":"Paris?"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                "function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},
+                {"role":"tool","tool_call_id":"call_1","content":"{\"t\": 22}"},
+                {"role":"assistant","content":"22."},{"role":"user","content":"And Rome?"}]}"#,
+        )
+        .unwrap();
+        // pydantic's field order (name, description, parameters), Python's separators.
+        assert_eq!(
+            r.tools.as_deref(),
+            Some(
+                r#"[{"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]"#
+            )
+        );
+        assert_eq!(
+            r.turns,
+            vec![
+                Message::new(Role::User, "Paris?"),
+                // The arguments stay the JSON text the client sent (LLaMA-Factory's `_process_request`).
+                Message::new(
+                    Role::Function,
+                    r#"[{"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]"#
+                ),
+                Message::new(Role::Observation, r#"{"t": 22}"#),
+                Message::new(Role::Assistant, "22."),
+                Message::new(Role::User, "And Rome?"),
+            ]
+        );
+        // A conversation may end with a tool result, and OpenAI's `function` role is a call.
+        let r = check(
+            r#"{"model":"m","messages":[{"role":"user","content":"a"},
+                {"role":"function","content":"{\"name\": \"f\", \"arguments\": {}}"},
+                {"role":"tool","content":"ok"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.tools, None);
+        assert_eq!(
+            r.turns.iter().map(|m| m.role).collect::<Vec<_>>(),
+            vec![Role::User, Role::Function, Role::Observation]
+        );
+        // An empty list is no tools.
+        let r = check(r#"{"model":"m","tools":[],"messages":[{"role":"user","content":"a"}]}"#);
+        assert_eq!(r.unwrap().tools, None);
+    }
+
+    #[test]
+    fn bad_tool_requests_name_their_problem() {
+        let user = r#""messages":[{"role":"user","content":"a"}]"#;
+        let tool = r#"{"type":"function","function":{"name":"f","parameters":{}}}"#;
+        let cases = [
+            (format!(r#"{{"model":"m",{user},"stream":true,"tools":[{tool}]}}"#), "stream", "cannot stream function calls"),
+            (format!(r#"{{"model":"m",{user},"functions":[{{"name":"f"}}]}}"#), "functions", "send the functions as `tools`"),
+            (format!(r#"{{"model":"m",{user},"tools":[{{"type":"function","function":{{"description":"x"}}}}]}}"#), "tools", "tools[0].function.name"),
+            (format!(r#"{{"model":"m",{user},"tools":[{{"type":"code_interpreter"}}]}}"#), "tools", "code_interpreter"),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","content":"a"},{"role":"user","content":"b"}]}"#.to_string(),
+                "messages",
+                "where an assistant (or function) message was expected",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"function","content":"b"}]}"#.to_string(),
+                "messages",
+                "end with a user message or a tool result",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"critic","content":"a"}]}"#.to_string(),
+                "messages",
+                "unknown role `critic`",
+            ),
+        ];
+        for (body, param, needle) in cases {
+            let e = check(&body).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param, Some(param), "{body}");
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_tool_call_answer_is_shaped_as_openais() {
+        let h = Header {
+            id: "chatcmpl-1".into(),
+            created: 7,
+            model: "m".into(),
+        };
+        let calls = [FunctionCall {
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+        }];
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+        };
+        let v = tool_completion(&h, &calls, usage);
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["role"], "assistant");
+        assert!(choice["message"]["content"].is_null());
+        let call = &choice["message"]["tool_calls"][0];
+        let id = call["id"].as_str().unwrap();
+        assert!(id.len() == 37 && id.starts_with("call_"), "{id}");
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], r#"{"city": "Paris"}"#);
+        assert_eq!(v["usage"]["total_tokens"], 7);
     }
 }

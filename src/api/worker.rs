@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::protocol::{ApiError, Finish, Request, Usage};
 use crate::chat::ChatSession;
+use crate::data::tools::{FunctionCall, extract_tool};
 use crate::engine::generate::StopReason;
 
 /// A request for the worker and where its answer goes.
@@ -31,6 +32,10 @@ pub enum JobEvent {
     Done {
         finish: Finish,
         usage: Usage,
+        /// The function calls in the answer, when the request had `tools` and the template's tool
+        /// format found some (LLaMA-Factory's `template.extract_tool`); the text events carried the
+        /// raw answer.
+        tool_calls: Option<Vec<FunctionCall>>,
     },
     Failed(ApiError),
 }
@@ -155,12 +160,18 @@ fn budget(
 
 fn answer(session: &ChatSession, job: &Job) -> Outcome {
     let r = &job.request;
-    let prompt = match session.prompt(r.system.as_deref(), &r.turns) {
+    let tools = r.tools.as_deref().unwrap_or("");
+    let prompt = match session.prompt_with_tools(r.system.as_deref(), &r.turns, tools) {
         Ok(p) => p,
         Err(e) => {
             return Outcome::Failed(
-                ApiError::invalid(format!("cannot render the chat template: {e}"))
-                    .with_param("messages"),
+                ApiError::invalid(format!("cannot render the chat template: {e}")).with_param(
+                    if tools.is_empty() {
+                        "messages"
+                    } else {
+                        "tools"
+                    },
+                ),
             );
         }
     };
@@ -185,11 +196,13 @@ fn answer(session: &ChatSession, job: &Job) -> Outcome {
     let mut matcher = StopMatcher::new(r.stop.clone());
     let mut stopped_at_sequence = false;
     let mut gone = false;
+    let mut full = String::new();
     let result = session.complete(&prompt, &params, None, |piece| {
         if stopped_at_sequence || gone {
             return ControlFlow::Break(());
         }
         let (text, hit) = matcher.push(piece);
+        full.push_str(&text);
         if !text.is_empty() && job.events.send(JobEvent::Text(text)).is_err() {
             gone = true;
             return ControlFlow::Break(());
@@ -209,11 +222,17 @@ fn answer(session: &ChatSession, job: &Job) -> Outcome {
     };
     if !stopped_at_sequence {
         let rest = matcher.finish();
+        full.push_str(&rest);
         if !rest.is_empty() && job.events.send(JobEvent::Text(rest)).is_err() {
             return Outcome::Gone;
         }
     }
+    let tool_calls = r
+        .tools
+        .as_ref()
+        .and_then(|_| extract_tool(session.encoder.template.tool_format, &full));
     let finish = match answer.stop {
+        _ if tool_calls.is_some() => Finish::ToolCalls,
         _ if stopped_at_sequence => Finish::Stop,
         StopReason::Stop(_) => Finish::Stop,
         StopReason::MaxTokens => Finish::Length,
@@ -224,7 +243,15 @@ fn answer(session: &ChatSession, job: &Job) -> Outcome {
         prompt_tokens,
         completion_tokens: answer.tokens.len(),
     };
-    if job.events.send(JobEvent::Done { finish, usage }).is_err() {
+    if job
+        .events
+        .send(JobEvent::Done {
+            finish,
+            usage,
+            tool_calls,
+        })
+        .is_err()
+    {
         return Outcome::Gone;
     }
     Outcome::Answered

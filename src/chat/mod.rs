@@ -177,6 +177,17 @@ impl ChatSession {
         Ok(self.encoder.chat_prompt(system, turns)?)
     }
 
+    /// [`ChatSession::prompt`] with `tools` (a JSON list of function schemas, "" for none), function
+    /// calls and tool results among the turns (see [`Encoder::chat_prompt_with_tools`]).
+    pub fn prompt_with_tools(
+        &self,
+        system: Option<&str>,
+        turns: &[Message],
+        tools: &str,
+    ) -> Result<ChatPrompt, ChatError> {
+        Ok(self.encoder.chat_prompt_with_tools(system, turns, tools)?)
+    }
+
     /// The model's context length (`max_position_embeddings`): prompt and answer together fit in it.
     pub fn context_len(&self) -> usize {
         self.model.cfg.max_position_embeddings

@@ -404,14 +404,51 @@ impl Encoder {
         system: Option<&str>,
         turns: &[Message],
     ) -> Result<ChatPrompt, DataError> {
+        self.chat_prompt_with_tools(system, turns, "")
+    }
+
+    /// [`Encoder::chat_prompt`] with `tools` (a JSON list of function schemas, "" for none) and turns
+    /// that may include function calls ([`Role::Function`], the call as JSON `{"name", "arguments"}` or
+    /// a list of them) and tool results ([`Role::Observation`]); the last turn is a user turn or a tool
+    /// result. They are rendered by the template's formatters and its tool format, the code that
+    /// encodes training data (LLaMA-Factory's `chat_model.chat(messages, system, tools)`). The
+    /// tokenizer's own Jinja template has no tool format: tools need a named template.
+    pub fn chat_prompt_with_tools(
+        &self,
+        system: Option<&str>,
+        turns: &[Message],
+        tools: &str,
+    ) -> Result<ChatPrompt, DataError> {
         let bad = |m: String| DataError::Option {
             key: "chat",
             message: m,
         };
-        if turns.last().map(|m| m.role) != Some(Role::User) {
-            return Err(bad("the conversation must end with a user message".into()));
+        if !matches!(
+            turns.last().map(|m| m.role),
+            Some(Role::User | Role::Observation)
+        ) {
+            return Err(bad(
+                "the conversation must end with a user message or a tool result".into(),
+            ));
         }
+        let uses_tools = !tools.is_empty()
+            || turns
+                .iter()
+                .any(|m| matches!(m.role, Role::Function | Role::Observation));
         if let Some(j) = &self.jinja {
+            if uses_tools {
+                return Err(DataError::Option {
+                    key: "template",
+                    message: format!(
+                        "template `{}` (the tokenizer's own chat_template, used because the preset sets no \
+                         `template`) has no tool format, so it cannot render tools, function calls or tool \
+                         results; set `template:` in the preset to the model's LLaMA-Factory template (e.g. \
+                         `qwen`, `llama3`, `mistral`, `chatml`), whose tool format (`tool_format:` to change \
+                         it) renders them as training does",
+                        self.template.name
+                    ),
+                });
+            }
             let mut msgs = Vec::new();
             let system = system
                 .map(str::to_string)
@@ -434,7 +471,7 @@ impl Encoder {
         messages.push(Message::new(Role::Assistant, ""));
         let (prompt, _) = self
             .template
-            .oneturn_elements(&messages, system.unwrap_or(""), "")
+            .oneturn_elements(&messages, system.unwrap_or(""), tools)
             .map_err(|e| bad(e.to_string()))?;
         Ok(ChatPrompt {
             text: self.slots_to_text(&prompt),

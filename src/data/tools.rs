@@ -1,5 +1,6 @@
 //! Tool descriptions and function calls as text, following LLaMA-Factory's `tool_utils.py` for the
-//! `default`, `qwen`, `llama3` and `mistral` tool formats.
+//! `default`, `qwen`, `llama3` and `mistral` tool formats: [`format_tools`] (the system-prompt text),
+//! [`format_function`] (an assistant's call) and its inverse [`extract_tool`] (calls in a model's answer).
 
 use serde_json::Value;
 
@@ -229,6 +230,165 @@ pub fn format_function(format: ToolFormat, content: &str) -> Result<String, Stri
     })
 }
 
+/// One function call found in a model's answer: the name and the arguments as JSON text
+/// (`json.dumps(arguments, ensure_ascii=False)`), LLaMA-Factory's `FunctionCall`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl FunctionCall {
+    fn new(name: &str, arguments: &Value) -> FunctionCall {
+        FunctionCall {
+            name: name.to_string(),
+            arguments: dumps(arguments),
+        }
+    }
+}
+
+/// `tool_extractor` of `format`: the function calls in `content`, or `None` when the answer is plain
+/// text (LLaMA-Factory then returns the content unchanged). One call that does not parse makes the
+/// whole answer plain text, as there.
+pub fn extract_tool(format: ToolFormat, content: &str) -> Option<Vec<FunctionCall>> {
+    match format {
+        ToolFormat::Default => extract_default(content),
+        ToolFormat::Qwen => extract_qwen(content),
+        ToolFormat::Llama3 => extract_json(content, "parameters"),
+        ToolFormat::Mistral => extract_json(content, "arguments"),
+    }
+}
+
+/// Python's `str.strip()` of whitespace.
+fn py_strip(s: &str) -> &str {
+    s.trim_matches(char::is_whitespace)
+}
+
+/// Whether `rest` matches `\s*` followed by `word`, or `\s*$` when `word` is empty.
+fn ws_then(rest: &str, word: &str) -> bool {
+    let t = rest.trim_start_matches(char::is_whitespace);
+    if word.is_empty() {
+        t.is_empty()
+    } else {
+        t.starts_with(word)
+    }
+}
+
+/// `re.findall(r"Action:\s*([a-zA-Z0-9_]+)\s*Action Input:\s*(.+?)(?=\s*Action:|\s*$)", content,
+/// re.DOTALL)`, then each input `.strip().strip('"').strip("```")` and `json.loads`.
+fn extract_default(content: &str) -> Option<Vec<FunctionCall>> {
+    let mut found: Vec<(&str, &str)> = Vec::new();
+    let mut pos = 0;
+    while let Some(at) = content[pos..].find("Action:").map(|i| pos + i) {
+        let after = &content[at + "Action:".len()..];
+        let name_start = after.len() - after.trim_start_matches(char::is_whitespace).len();
+        let name_len = after[name_start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len() - name_start);
+        // The name is greedy but gives back characters until `\s*Action Input:` follows.
+        let matched = (1..=name_len).rev().find_map(|n| {
+            let rest = &after[name_start + n..];
+            let t = rest.trim_start_matches(char::is_whitespace);
+            t.strip_prefix("Action Input:")
+                .map(|input| (&after[name_start..name_start + n], input))
+        });
+        let Some((name, input)) = matched else {
+            pos = at + 1;
+            continue;
+        };
+        let input_start = input.len() - input.trim_start_matches(char::is_whitespace).len();
+        let input_at = content.len() - input.len() + input_start;
+        // `.+?`: the shortest text (one character at least) followed by `\s*Action:` or `\s*$`.
+        let mut end = None;
+        for (i, c) in content[input_at..].char_indices() {
+            let stop = input_at + i + c.len_utf8();
+            let rest = &content[stop..];
+            if ws_then(rest, "Action:") || ws_then(rest, "") {
+                end = Some(stop);
+                break;
+            }
+        }
+        let Some(end) = end else {
+            // Only whitespace after `Action Input:`: the regex gives one of it to `.+?`, which
+            // then fails to parse as JSON.
+            return None;
+        };
+        found.push((name, &content[input_at..end]));
+        pos = end;
+    }
+    if found.is_empty() {
+        return None;
+    }
+    let mut calls = Vec::new();
+    for (name, input) in found {
+        let input = py_strip(input).trim_matches('"').trim_matches('`');
+        let arguments: Value = serde_json::from_str(input).ok()?;
+        calls.push(FunctionCall::new(py_strip(name), &arguments));
+    }
+    Some(calls)
+}
+
+/// `re.findall(r"<tool_call>(.+?)</tool_call>(?=\s*<tool_call>|\s*$)", content, re.DOTALL)`, each a
+/// JSON object with `name` and `arguments`.
+fn extract_qwen(content: &str) -> Option<Vec<FunctionCall>> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let mut bodies = Vec::new();
+    let mut pos = 0;
+    while let Some(at) = content[pos..].find(OPEN).map(|i| pos + i) {
+        let body_at = at + OPEN.len();
+        let first = content[body_at..].chars().next().map_or(1, char::len_utf8);
+        let mut search = body_at + first;
+        let mut matched = None;
+        while search <= content.len() {
+            let Some(close) = content
+                .get(search..)
+                .and_then(|s| s.find(CLOSE))
+                .map(|i| search + i)
+            else {
+                break;
+            };
+            let rest = &content[close + CLOSE.len()..];
+            if ws_then(rest, OPEN) || ws_then(rest, "") {
+                matched = Some(close);
+                break;
+            }
+            search = close + 1;
+        }
+        match matched {
+            Some(close) => {
+                bodies.push(&content[body_at..close]);
+                pos = close + CLOSE.len();
+            }
+            None => pos = at + 1,
+        }
+    }
+    if bodies.is_empty() {
+        return None;
+    }
+    let mut calls = Vec::new();
+    for body in bodies {
+        let tool: Value = serde_json::from_str(py_strip(body)).ok()?;
+        let name = tool.get("name")?.as_str()?;
+        calls.push(FunctionCall::new(name, tool.get("arguments")?));
+    }
+    Some(calls)
+}
+
+/// llama3 and mistral: the whole answer is one JSON call or a list of them, the arguments under
+/// `key` (`parameters` / `arguments`).
+fn extract_json(content: &str, key: &str) -> Option<Vec<FunctionCall>> {
+    let tools: Value = serde_json::from_str(py_strip(content)).ok()?;
+    let tools = match tools {
+        Value::Array(list) => list,
+        other => vec![other],
+    };
+    tools
+        .iter()
+        .map(|t| Some(FunctionCall::new(t.get("name")?.as_str()?, t.get(key)?)))
+        .collect()
+}
+
 /// Today's date as Python's `strftime("%d %b %Y")` (UTC), for the llama3 tool prompt.
 pub fn today_dmy() -> String {
     let (y, m, d, ..) = now_utc();
@@ -295,5 +455,160 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s, "Action: f\nAction Input: {\"x\": [1, 2]}");
+    }
+
+    fn calls(list: &[(&str, &str)]) -> Option<Vec<FunctionCall>> {
+        Some(
+            list.iter()
+                .map(|(n, a)| FunctionCall {
+                    name: (*n).into(),
+                    arguments: (*a).into(),
+                })
+                .collect(),
+        )
+    }
+
+    // The extractor cases of LLaMA-Factory's tests/data/test_formatter.py (@ff6d4d1), answer for answer.
+    const FOO: &str = r#"{"foo": "bar", "size": 10}"#;
+    const JOB: &str = r#"{"foo": "job", "size": 2}"#;
+
+    #[test]
+    fn default_extractor_on_llamafactorys_examples() {
+        let one = "Action: test_tool\nAction Input: {\"foo\": \"bar\", \"size\": 10}";
+        assert_eq!(
+            extract_tool(ToolFormat::Default, one),
+            calls(&[("test_tool", FOO)])
+        );
+        let two = "Action: test_tool\nAction Input: {\"foo\": \"bar\", \"size\": 10}\nAction: another_tool\nAction Input: {\"foo\": \"job\", \"size\": 2}";
+        assert_eq!(
+            extract_tool(ToolFormat::Default, two),
+            calls(&[("test_tool", FOO), ("another_tool", JOB)])
+        );
+    }
+
+    #[test]
+    fn qwen_llama3_mistral_extractors_on_llamafactorys_examples() {
+        let q1 = "<tool_call>\n{\"name\": \"test_tool\", \"arguments\": {\"foo\": \"bar\", \"size\": 10}}\n</tool_call>";
+        assert_eq!(
+            extract_tool(ToolFormat::Qwen, q1),
+            calls(&[("test_tool", FOO)])
+        );
+        let q2 = format!(
+            "{q1}\n<tool_call>\n{{\"name\": \"another_tool\", \"arguments\": {{\"foo\": \"job\", \"size\": 2}}}}\n</tool_call>"
+        );
+        assert_eq!(
+            extract_tool(ToolFormat::Qwen, &q2),
+            calls(&[("test_tool", FOO), ("another_tool", JOB)])
+        );
+        let l1 = "{\"name\": \"test_tool\", \"parameters\": {\"foo\": \"bar\", \"size\": 10}}\n";
+        assert_eq!(
+            extract_tool(ToolFormat::Llama3, l1),
+            calls(&[("test_tool", FOO)])
+        );
+        let l2 = "[{\"name\": \"test_tool\", \"parameters\": {\"foo\": \"bar\", \"size\": 10}}, {\"name\": \"another_tool\", \"parameters\": {\"foo\": \"job\", \"size\": 2}}]";
+        assert_eq!(
+            extract_tool(ToolFormat::Llama3, l2),
+            calls(&[("test_tool", FOO), ("another_tool", JOB)])
+        );
+        let m1 = "{\"name\": \"test_tool\", \"arguments\": {\"foo\": \"bar\", \"size\": 10}}";
+        assert_eq!(
+            extract_tool(ToolFormat::Mistral, m1),
+            calls(&[("test_tool", FOO)])
+        );
+        let m2 = l2.replace("parameters", "arguments");
+        assert_eq!(
+            extract_tool(ToolFormat::Mistral, &m2),
+            calls(&[("test_tool", FOO), ("another_tool", JOB)])
+        );
+        // The llama3 extractor wants `parameters`, mistral's `arguments`.
+        assert_eq!(extract_tool(ToolFormat::Llama3, m1), None);
+        assert_eq!(extract_tool(ToolFormat::Mistral, l1), None);
+    }
+
+    #[test]
+    fn extractors_follow_the_regexes_edges() {
+        // Plain answers and calls that do not parse are plain text.
+        for f in [
+            ToolFormat::Default,
+            ToolFormat::Qwen,
+            ToolFormat::Llama3,
+            ToolFormat::Mistral,
+        ] {
+            assert_eq!(extract_tool(f, "It is 22 degrees."), None, "{f:?}");
+            assert_eq!(extract_tool(f, ""), None, "{f:?}");
+        }
+        assert_eq!(
+            extract_tool(ToolFormat::Default, "Action: f\nAction Input: {oops"),
+            None
+        );
+        // One bad call spoils all (LLaMA-Factory returns the content).
+        assert_eq!(
+            extract_tool(
+                ToolFormat::Default,
+                "Action: f\nAction Input: {}\nAction: g\nAction Input: nope"
+            ),
+            None
+        );
+        // Text before the first call is skipped; the input loses quotes and backticks around it.
+        assert_eq!(
+            extract_tool(
+                ToolFormat::Default,
+                "Let me look.\nAction: get_weather\nAction Input: ```{\"city\": \"Paris\"}```\n"
+            ),
+            calls(&[("get_weather", r#"{"city": "Paris"}"#)])
+        );
+        // The name gives back characters until `Action Input:` follows (regex backtracking).
+        assert_eq!(
+            extract_tool(ToolFormat::Default, "Action: fooAction Input: [1,2]"),
+            calls(&[("foo", "[1, 2]")])
+        );
+        // Non-ASCII stays as it is (ensure_ascii=False).
+        assert_eq!(
+            extract_tool(
+                ToolFormat::Default,
+                "Action: f\nAction Input: {\"q\":\"é\"}"
+            ),
+            calls(&[("f", r#"{"q": "é"}"#)])
+        );
+        // qwen: a call followed by other text is not a call (the lookahead), text before it is fine.
+        assert_eq!(
+            extract_tool(
+                ToolFormat::Qwen,
+                "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and more"
+            ),
+            None
+        );
+        assert_eq!(
+            extract_tool(
+                ToolFormat::Qwen,
+                "<think>\nok\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n"
+            ),
+            calls(&[("f", r#"{"a": 1}"#)])
+        );
+        assert_eq!(
+            extract_tool(ToolFormat::Qwen, "<tool_call>{\"name\": \"f\"}</tool_call>"),
+            None
+        );
+    }
+
+    #[test]
+    fn extract_inverts_format_function() {
+        let call = r#"[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}, {"name": "now", "arguments": {}}]"#;
+        for f in [
+            ToolFormat::Default,
+            ToolFormat::Qwen,
+            ToolFormat::Llama3,
+            ToolFormat::Mistral,
+        ] {
+            let text = format_function(f, call).unwrap();
+            assert_eq!(
+                extract_tool(f, &text),
+                calls(&[
+                    ("get_weather", r#"{"city": "Paris", "days": [1, 2]}"#),
+                    ("now", "{}")
+                ]),
+                "{f:?}: {text}"
+            );
+        }
     }
 }
