@@ -33,6 +33,7 @@ mod identity_smollm2;
 mod lf_demo_data;
 mod predict_metrics;
 mod presets;
+mod quantized;
 mod rope_config;
 #[cfg(unix)]
 mod runs;
