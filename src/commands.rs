@@ -269,9 +269,26 @@ fn memory_report(p: &config::Preset) -> String {
         "\n# memory (estimate, {} in {dtype:?})",
         crate::engine::device::describe(&device)
     );
+    let base = crate::engine::source::base_storage(&p.model_name_or_path, &hub);
+    if let crate::engine::memory::BaseStorage::Ggml(t) = base {
+        let held = crate::engine::memory::base_weight_bytes(&cfg, &ft, dtype, base);
+        let dense = crate::engine::memory::base_weight_bytes(
+            &cfg,
+            &ft,
+            dtype,
+            crate::engine::memory::BaseStorage::Dense,
+        );
+        let _ = writeln!(
+            out,
+            "base weights kept quantized ({t:?}): {} ({} in {dtype:?})",
+            crate::fsutil::human_bytes(held),
+            crate::fsutil::human_bytes(dense)
+        );
+    }
     for ckpt in [true, false] {
         let run = crate::engine::memory::RunShape {
             dtype,
+            base,
             batch: p.per_device_train_batch_size,
             seq_len: p.cutoff_len,
             checkpointing: ckpt,
@@ -473,7 +490,10 @@ fn chat(args: &ChatArgs) -> ExitCode {
         });
         println!();
         return match result {
-            Ok(_) => ExitCode::SUCCESS,
+            Ok(answer) => {
+                eprintln!("termtune: {}", answer.timing.describe());
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("termtune: {e}");
                 ExitCode::FAILURE

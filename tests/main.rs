@@ -34,6 +34,7 @@ mod lf_demo_data;
 mod predict;
 mod predict_metrics;
 mod presets;
+mod quantized;
 mod rope_config;
 #[cfg(unix)]
 mod runs;

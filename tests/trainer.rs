@@ -345,6 +345,7 @@ fn training_changes_only_the_adapter() {
         let mut all = vec![
             m.embed
                 .tensor()
+                .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
@@ -353,6 +354,7 @@ fn training_changes_only_the_adapter() {
         all.push(
             m.norm
                 .tensor()
+                .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
@@ -362,6 +364,7 @@ fn training_changes_only_the_adapter() {
             all.push(
                 l.input_norm
                     .tensor()
+                    .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
@@ -371,6 +374,7 @@ fn training_changes_only_the_adapter() {
                 all.push(
                     lin.weight
                         .tensor()
+                        .unwrap()
                         .flatten_all()
                         .unwrap()
                         .to_vec1::<f32>()

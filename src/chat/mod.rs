@@ -16,7 +16,7 @@ use candle_core::Device;
 use crate::config::Preset;
 use crate::data::{ChatPrompt, Encoder, Message, Role};
 use crate::engine::adapter::{merge_adapters, parse_adapter_list};
-use crate::engine::generate::{ChatAnswer, GenerationParams, generate};
+use crate::engine::generate::{ChatAnswer, GenerationParams, generate_timed};
 use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
 use crate::resolve::{self, PresetModel};
@@ -207,7 +207,7 @@ impl ChatSession {
         let mut streamer = crate::engine::generate::TextStreamer::new(tokenizer);
         let mut text = String::new();
         let mut stream_err = None;
-        let (tokens, stop) = generate(
+        let (tokens, stop, timing) = generate_timed(
             &self.model,
             &prompt.ids,
             params,
@@ -232,6 +232,11 @@ impl ChatSession {
             text.push_str(&rest);
             let _ = on_text(&rest);
         }
-        Ok(ChatAnswer { text, tokens, stop })
+        Ok(ChatAnswer {
+            text,
+            tokens,
+            stop,
+            timing,
+        })
     }
 }

@@ -287,7 +287,7 @@ impl Adapter {
                     format!("module `{m}` does not exist in the base model"),
                 )
             })?;
-            let (out, inp) = lin.weight.tensor().dims2()?;
+            let (out, inp) = super::model::dims2(m, lin.weight.dims())?;
             let (ra, ia) = a.dims2()?;
             let (ob, rb) = b.dims2()?;
             if ia != inp || ob != out || ra != rb {
@@ -339,7 +339,7 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
 
 /// Merge an adapter into the frozen base weights: `W ← W + s·B·A` (in f32, stored back in the model dtype).
 pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
-    let dev = model.device.clone();
+    let (dev, dtype) = (model.device.clone(), model.dtype);
     let ad = read_adapter(dir, &dev)?;
     ad.check(model)?;
     let scale = ad.config.scale();
@@ -347,11 +347,14 @@ pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
         let lin = model
             .linear_mut(m)
             .ok_or_else(|| adapter_err(dir, format!("module `{m}` missing")))?;
-        let w = lin.weight.detached();
+        let w = lin.weight.detached()?;
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
-        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        // A quantized base is dequantized: the merged weight is dense, in the model dtype.
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
         match &lin.weight {
-            super::model::Weight::Frozen(_) => lin.weight = super::model::Weight::Frozen(merged),
+            super::model::Weight::Frozen(_) | super::model::Weight::Quantized(_) => {
+                lin.weight = super::model::Weight::Frozen(merged);
+            }
             super::model::Weight::Trainable(v) => v.set(&merged)?,
         }
     }

@@ -1,5 +1,6 @@
-//! GGUF files as a model source: an HF `config.json` equivalent from the metadata, every tensor dequantized to the
-//! compute dtype under its Hugging Face name (in HF row order), and the tokenizer built from the metadata.
+//! GGUF files as a model source: an HF `config.json` equivalent from the metadata, every tensor under its Hugging
+//! Face name (in HF row order), dequantized to the compute dtype ([`load_gguf`]) or, for quantized weights, kept
+//! in their GGML type ([`load_gguf_quantized`], what the program uses), and the tokenizer built from the metadata.
 //!
 //! llama.cpp's converter permutes the rows of the Q and K projections of llama-architecture models so that its
 //! interleaved ("GPT-J") RoPE applies; [`unpermute_qk`] undoes that, so the HF half-rotation ("NeoX") RoPE used for
@@ -9,8 +10,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value as Json, json};
 use tokenizers::Tokenizer;
@@ -77,6 +80,9 @@ pub struct GgufModel {
     pub config: Json,
     /// HF tensor names (`model.layers.N.self_attn.q_proj.weight`, …) in HF row order, in the requested dtype.
     pub tensors: HashMap<String, Tensor>,
+    /// With [`load_gguf_quantized`]: the 2-D tensors stored in a quantized GGML type (Q4_0, Q4_1, Q4_K, Q5_K,
+    /// Q6_K, Q8_0, …), kept in that type under their HF names, in HF row order (none of them is in `tensors`).
+    pub quantized: HashMap<String, Arc<QTensor>>,
     pub tokenizer: Tokenizer,
     /// Equivalent of HF `tokenizer_config.json`: `chat_template`, `bos_token`, `eos_token`, `add_bos_token`, …
     pub tokenizer_config: Json,
@@ -188,6 +194,31 @@ pub fn gguf_metadata(path: &Path) -> Result<GgufSummary, GgufError> {
 
 /// Loads a GGUF file: config, dequantized tensors with HF names, tokenizer and tokenizer config.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel, GgufError> {
+    read_gguf(path, dtype, device, false)
+}
+
+/// [`load_gguf`], keeping every quantized 2-D tensor in its GGML type ([`GgufModel::quantized`]): a Q4 file
+/// then takes about its file size in memory, and matrix products run on candle's quantized kernels. Tensors
+/// stored as F32/F16/BF16 (norms, biases, unquantized files) are dense in `dtype` as with [`load_gguf`].
+pub fn load_gguf_quantized(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<GgufModel, GgufError> {
+    read_gguf(path, dtype, device, true)
+}
+
+/// Whether a GGML type is a block-quantized format (not a plain float type).
+pub fn is_quantized_type(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+fn read_gguf(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep_quantized: bool,
+) -> Result<GgufModel, GgufError> {
     let (ct, mut reader) = read_content(path)?;
     let config = hf_config(path, &ct.metadata, &ct.tensor_infos)?;
     let arch = config["model_type"]
@@ -222,6 +253,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     for name in names {
         if name == "rope_freqs.weight" {
             continue; // folded into the config (rope_scaling / gguf_rope_freqs)
@@ -233,21 +265,38 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
                 arch,
             });
         };
+        let heads = if arch != "llama" {
+            None
+        } else if name.ends_with(".attn_q.weight") || name.ends_with(".attn_q.bias") {
+            Some(n_head)
+        } else if name.ends_with(".attn_k.weight") || name.ends_with(".attn_k.bias") {
+            Some(n_kv_head)
+        } else {
+            None
+        };
+        let info = &ct.tensor_infos[name];
+        if keep_quantized && is_quantized_type(info.ggml_dtype) && info.shape.rank() == 2 {
+            // Rows are whole blocks, so the Q/K row permutation moves bytes (read on the CPU for that).
+            let q = match heads {
+                Some(h) => {
+                    let q = ct
+                        .tensor(&mut reader, name, &Device::Cpu)
+                        .map_err(|e| tensor_err(name, e))?;
+                    unpermute_qk_quantized(&q, h, device).map_err(|e| tensor_err(name, e))?
+                }
+                None => ct
+                    .tensor(&mut reader, name, device)
+                    .map_err(|e| tensor_err(name, e))?,
+            };
+            quantized.insert(hf, Arc::new(q));
+            continue;
+        }
         let q = ct
             .tensor(&mut reader, name, device)
             .map_err(|e| tensor_err(name, e))?;
         let mut t = q.dequantize(device).map_err(|e| tensor_err(name, e))?;
-        if arch == "llama" {
-            let heads = if name.ends_with(".attn_q.weight") || name.ends_with(".attn_q.bias") {
-                Some(n_head)
-            } else if name.ends_with(".attn_k.weight") || name.ends_with(".attn_k.bias") {
-                Some(n_kv_head)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                t = unpermute_qk(&t, h).map_err(|e| tensor_err(name, e))?;
-            }
+        if let Some(h) = heads {
+            t = unpermute_qk(&t, h).map_err(|e| tensor_err(name, e))?;
         }
         let t = t.to_dtype(dtype).map_err(|e| tensor_err(name, e))?;
         tensors.insert(hf, t);
@@ -260,6 +309,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     Ok(GgufModel {
         config,
         tensors,
+        quantized,
         tokenizer: loaded.tokenizer,
         tokenizer_config: loaded.tokenizer_config,
     })
@@ -310,6 +360,35 @@ pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
 /// Inverse of [`permute_qk`] (GGUF rows → HF rows).
 pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     regroup_rows(w, n_head, false)
+}
+
+/// [`unpermute_qk`] on a quantized (rows, in) weight: every row is a run of whole blocks, so the rows move as
+/// bytes and no value changes (dequantizing the result equals unpermuting the dequantized weight). The result
+/// lives on `device`.
+pub fn unpermute_qk_quantized(
+    q: &QTensor,
+    n_head: usize,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        candle_core::bail!("cannot regroup {rows} rows into {n_head} heads of two halves");
+    }
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let half = rows / n_head / 2;
+    let mut out = Vec::with_capacity(data.len());
+    // HF row (h, j, i) is GGUF row (h, i, j) (the reshape/transpose of `regroup_rows`, inverse direction).
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = (h * half + i) * 2 + j;
+                out.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), device, q.dtype())?;
+    QTensor::new(storage, (rows, cols))
 }
 
 fn regroup_rows(w: &Tensor, n_head: usize, forward: bool) -> candle_core::Result<Tensor> {

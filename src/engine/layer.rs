@@ -17,6 +17,9 @@
 //!
 //! All give the same loss and gradients as the plain path up to float rounding; `tests/engine.rs` checks it.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
 use super::error::Result;
@@ -25,26 +28,56 @@ use super::profile::span;
 
 type R<T> = candle_core::Result<T>;
 
-/// A parameter: frozen plain tensor or trainable Var.
+/// A parameter: frozen plain tensor, trainable Var, or a frozen weight kept in a GGML block format.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Frozen(Tensor),
     Trainable(Var),
+    /// A frozen 2-D weight (out, in) kept quantized (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, … from a GGUF file):
+    /// linears multiply with candle's quantized kernels ([`QMatMul`]), embeddings look rows up with its
+    /// quantized embedding, and a dense copy exists only transiently (the input gradient, merging, export).
+    /// [`QMatMul`]: candle_core::quantized::QMatMul
+    Quantized(Arc<QTensor>),
 }
 
 impl Weight {
-    pub fn tensor(&self) -> &Tensor {
+    /// The value as a dense tensor: tracked for a Var, dequantized (to f32, transiently) for a quantized weight.
+    pub fn tensor(&self) -> Result<Tensor> {
         match self {
-            Self::Frozen(t) => t,
-            Self::Trainable(v) => v.as_tensor(),
+            Self::Frozen(t) => Ok(t.clone()),
+            Self::Trainable(v) => Ok(v.as_tensor().clone()),
+            Self::Quantized(q) => Ok(q.dequantize(&q.device())?),
         }
     }
-    /// The current value without autograd tracking.
-    pub fn detached(&self) -> Tensor {
+    /// The current value without autograd tracking (dequantized for a quantized weight).
+    pub fn detached(&self) -> Result<Tensor> {
         match self {
-            Self::Frozen(t) => t.clone(),
-            Self::Trainable(v) => v.as_detached_tensor(),
+            Self::Frozen(t) => Ok(t.clone()),
+            Self::Trainable(v) => Ok(v.as_detached_tensor()),
+            Self::Quantized(q) => Ok(q.dequantize(&q.device())?),
         }
+    }
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::Frozen(t) => t.dims(),
+            Self::Trainable(v) => v.dims(),
+            Self::Quantized(q) => q.shape().dims(),
+        }
+    }
+    pub fn elem_count(&self) -> usize {
+        self.dims().iter().product()
+    }
+    /// Bytes the weight occupies where it lives.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::Frozen(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Trainable(v) => v.elem_count() * v.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+    /// Whether the weight is frozen (plain or quantized).
+    pub fn is_frozen(&self) -> bool {
+        !matches!(self, Self::Trainable(_))
     }
 }
 
@@ -119,17 +152,13 @@ impl Linear {
                 self.name
             )));
         };
-        let n = self.weight.tensor().dim(0)?;
+        let n = self.weight.dims().first().copied().unwrap_or(0);
         let mut out_dims = rest.to_vec();
         out_dims.push(n);
         let x = x.reshape(((), k))?;
         let mask = self.dropout_mask(&x, pass.dropout, dropout_seed)?;
         let weight = |w: &Weight| {
-            if pass.track {
-                w.tensor().clone()
-            } else {
-                w.detached()
-            }
+            if pass.track { w.tensor() } else { w.detached() }
         };
         if let (Kernels::Fused, true, Weight::Frozen(w), Some(l), None) =
             (kernels, pass.track, &self.weight, &self.lora, &mask)
@@ -143,13 +172,14 @@ impl Linear {
                 .contiguous()?
                 .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
             if let Some(b) = &self.bias {
-                y = y.broadcast_add(b.tensor())?;
+                y = y.broadcast_add(&b.tensor()?)?;
             }
             return Ok((y.reshape(out_dims)?, None));
         }
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(&x, w)?,
-            Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight))?,
+            Weight::Quantized(q) => ops::quantized_linear(&x, q)?,
+            Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight)?)?,
         };
         let mut xa = None;
         if let Some(l) = &self.lora {
@@ -169,14 +199,14 @@ impl Linear {
             xa = Some(xa_);
         }
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&weight(b))?;
+            y = y.broadcast_add(&weight(b)?)?;
         }
         Ok((y.reshape(out_dims)?, xa))
     }
 
     /// (dX, LoRA (dA, dB)) of [`Self::apply`] on 2-D x for the incoming gradient `gy` (rows, out), graph-free
     /// (frozen base and bias); `xa` is what the forward returned. The dropout mask is drawn again from the same
-    /// seed (no copy kept).
+    /// seed (no copy kept). A quantized base is dequantized for the input gradient's one product and dropped.
     pub(crate) fn backward(
         &self,
         x: &Tensor,
@@ -184,7 +214,7 @@ impl Linear {
         gy: &Tensor,
         dropout_seed: u64,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let w = self.weight.detached();
+        let w = self.weight.detached()?.to_dtype(gy.dtype())?;
         match &self.lora {
             Some(p) => {
                 let mask = self.dropout_mask(x, true, dropout_seed)?;
@@ -210,9 +240,9 @@ impl Linear {
         }
     }
 
-    /// `W0 + s·B·A` (dtype of W0), or W0 when there is no LoRA.
+    /// `W0 + s·B·A` (dtype of W0; f32 for a quantized W0, which is dequantized), or W0 when there is no LoRA.
     pub fn merged_weight(&self) -> Result<Tensor> {
-        let w = self.weight.detached();
+        let w = self.weight.detached()?;
         match &self.lora {
             None => Ok(w),
             Some(l) => {
@@ -454,11 +484,7 @@ pub(crate) fn rms_norm(
     w: &Weight,
     track: bool,
 ) -> Result<Tensor> {
-    let w = if track {
-        w.tensor().clone()
-    } else {
-        w.detached()
-    };
+    let w = if track { w.tensor()? } else { w.detached()? };
     kernels.rms_norm(x, &w, eps)
 }
 
@@ -654,7 +680,7 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
-/// Whether the hand-written layer backward covers `l`: frozen base linears and biases (LoRA, with dropout too,
+/// Whether the hand-written layer backward covers `l`: frozen (plain or quantized) base linears, frozen biases (LoRA, with dropout too,
 /// allowed), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the kernels).
 /// Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
@@ -664,7 +690,7 @@ pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
         && matches!(l.input_norm, Weight::Frozen(_))
         && matches!(l.post_norm, Weight::Frozen(_))
         && l.linears().iter().all(|lin| {
-            matches!(lin.weight, Weight::Frozen(_))
+            lin.weight.is_frozen()
                 && lin
                     .bias
                     .as_ref()
@@ -716,10 +742,11 @@ impl CheckpointedLayer {
         lora[4] = gg;
         lora[5] = gu;
         let d_hn2 = add(&dh_g, &dh_u)?;
+        let post_norm = l.post_norm.detached()?;
         let dx2 = add(
             &gy,
             &span("rms_norm backward", dev, || {
-                ops::fused::rms_norm_backward(&sv.x2, &l.post_norm.detached(), &d_hn2, ctx.eps)
+                ops::fused::rms_norm_backward(&sv.x2, &post_norm, &d_hn2, ctx.eps)
             })?,
         )?;
         let (dy, go) = lin_bwd(&l.o, &sv.y, sv.xa[3].as_ref(), &dx2)?;
@@ -755,10 +782,11 @@ impl CheckpointedLayer {
         lora[1] = gk;
         lora[2] = gv;
         let d_hn1 = add(&add(&dh_q, &dh_k)?, &dh_v)?;
+        let input_norm = l.input_norm.detached()?;
         let dx = add(
             &dx2,
             &span("rms_norm backward", dev, || {
-                ops::fused::rms_norm_backward(&sv.x, &l.input_norm.detached(), &d_hn1, ctx.eps)
+                ops::fused::rms_norm_backward(&sv.x, &input_norm, &d_hn1, ctx.eps)
             })?,
         )?;
         let mut grads = Vec::new();

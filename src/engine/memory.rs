@@ -2,7 +2,8 @@
 //! read: out-of-memory after minutes of loading is LLaMA-Factory users' most common surprise. `termtune check`
 //! prints it against the GPU's free memory, and a run warns before it loads when the estimate does not fit.
 //!
-//! What it counts (bytes): the base weights in the training dtype; trainable parameters with their gradient and
+//! What it counts (bytes): the base weights in the training dtype, or as a GGUF file stores them when they stay
+//! quantized ([`BaseStorage::Ggml`]: the linears and the embedding in their block type, the norms in f32); trainable parameters with their gradient and
 //! AdamW's two f32 moments (LoRA A/B are f32); the activations the backward keeps (every layer's with
 //! checkpointing off, each layer's input plus one recomputed layer with it on); the attention scores of one layer,
 //! which this path materialises (batch × heads × seq²) in f32, three times in the backward; and the lm_head's
@@ -10,6 +11,7 @@
 //! which the 10 % margin in [`MemoryEstimate::fits`] covers in the cases measured.
 
 use candle_core::DType;
+use candle_core::quantized::GgmlDType;
 
 use super::arch::ModelConfig;
 use super::model::Finetune;
@@ -57,10 +59,54 @@ impl MemoryEstimate {
     }
 }
 
+/// How the frozen base weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseStorage {
+    /// In the training dtype (a safetensors base).
+    Dense,
+    /// The linears and the embedding in a GGML block type (a GGUF base: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, …),
+    /// the norms in f32; trainable ones (freeze, full) are dequantized into the training dtype.
+    Ggml(GgmlDType),
+}
+
+impl BaseStorage {
+    /// The storage of a GGUF file's weights from its most common tensor type's name (`Q4_1`, `Q8_0`, `F16`, as
+    /// [`super::gguf::GgufSummary::quantization`] gives it); float types are dequantized, so `Dense`.
+    pub fn from_gguf_type_name(name: &str) -> Self {
+        let t = match name {
+            "Q4_0" => GgmlDType::Q4_0,
+            "Q4_1" => GgmlDType::Q4_1,
+            "Q5_0" => GgmlDType::Q5_0,
+            "Q5_1" => GgmlDType::Q5_1,
+            "Q8_0" => GgmlDType::Q8_0,
+            "Q8_1" => GgmlDType::Q8_1,
+            "Q2K" => GgmlDType::Q2K,
+            "Q3K" => GgmlDType::Q3K,
+            "Q4K" => GgmlDType::Q4K,
+            "Q5K" => GgmlDType::Q5K,
+            "Q6K" => GgmlDType::Q6K,
+            "Q8K" => GgmlDType::Q8K,
+            _ => return Self::Dense,
+        };
+        Self::Ggml(t)
+    }
+
+    /// Bytes per weight of the quantized part (`None`: dense).
+    fn bytes_per_weight(self) -> Option<f64> {
+        match self {
+            Self::Dense => None,
+            #[allow(clippy::cast_precision_loss)]
+            Self::Ggml(t) => Some(t.type_size() as f64 / t.block_size() as f64),
+        }
+    }
+}
+
 /// What shapes the estimate besides the model.
 #[derive(Debug, Clone, Copy)]
 pub struct RunShape {
     pub dtype: DType,
+    /// How the frozen base weights are held.
+    pub base: BaseStorage,
     pub batch: usize,
     pub seq_len: usize,
     pub checkpointing: bool,
@@ -109,12 +155,43 @@ pub fn param_counts(cfg: &ModelConfig, ft: &Finetune) -> (u64, u64) {
     (u(trainable), u(params))
 }
 
+/// Bytes of the base model's weights trained as `ft` in `dtype`, held as `base`: quantized linears and embedding
+/// stay in their block type unless trainable (freeze, full: dequantized into `dtype`); norms are f32 in a GGUF.
+pub fn base_weight_bytes(cfg: &ModelConfig, ft: &Finetune, dtype: DType, base: BaseStorage) -> u64 {
+    let bytes = u(dtype.size_in_bytes());
+    let (_, params) = param_counts(cfg, ft);
+    let Some(per_weight) = base.bytes_per_weight() else {
+        return params * bytes;
+    };
+    let (h, l) = (cfg.hidden_size, cfg.num_layers);
+    let norms = u(2 * l * h + h);
+    let matrices = params - norms;
+    // Trainable matrices are dense (dtype); the rest stay quantized.
+    let dense_matrices = match ft {
+        Finetune::Frozen | Finetune::Lora(_) => 0,
+        Finetune::Full => matrices,
+        Finetune::Freeze { trainable_layers } => {
+            let n = usize::try_from(trainable_layers.unsigned_abs())
+                .unwrap_or(l)
+                .min(l);
+            u(n * layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>())
+        }
+    };
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let quantized = ((matrices - dense_matrices) as f64 * per_weight).ceil() as u64;
+    quantized + dense_matrices * bytes + norms * 4
+}
+
 /// The estimate for `cfg` trained as `ft` in the shape `run`.
 pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstimate {
     let bytes = u(run.dtype.size_in_bytes());
     let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
-    let (trainable_params, params) = param_counts(cfg, ft);
-    let weights = params * bytes;
+    let (trainable_params, _) = param_counts(cfg, ft);
+    let weights = base_weight_bytes(cfg, ft, run.dtype, run.base);
     // Per trainable parameter: its gradient (its dtype) + AdamW m and v (f32); LoRA's own f32 weights too.
     let trainable = match ft {
         Finetune::Frozen => 0,
@@ -197,6 +274,7 @@ mod tests {
         let c = llama_8b();
         let run = RunShape {
             dtype: DType::BF16,
+            base: BaseStorage::Dense,
             batch: 4,
             seq_len: 2048,
             checkpointing: true,
@@ -224,5 +302,42 @@ mod tests {
             "{}",
             e.describe()
         );
+    }
+
+    #[test]
+    fn a_quantized_base_counts_its_block_bytes() {
+        let c = llama_8b();
+        let norms = 2 * 32 * 4096 + 4096;
+        let matrices = 8_030_261_248 - norms;
+        // Q4_K: 144 bytes per 256 weights (4.5 bits); Q8_0: 34 bytes per 32; norms stay f32.
+        let q4k = base_weight_bytes(
+            &c,
+            &lora_all(16),
+            DType::BF16,
+            BaseStorage::Ggml(GgmlDType::Q4K),
+        );
+        assert_eq!(q4k, matrices * 144 / 256 + norms * 4);
+        let q8 = base_weight_bytes(
+            &c,
+            &Finetune::Frozen,
+            DType::BF16,
+            BaseStorage::from_gguf_type_name("Q8_0"),
+        );
+        assert_eq!(q8, matrices * 34 / 32 + norms * 4);
+        // 4.5 bits vs 16: the base takes 0.28× its bf16 size.
+        let bf16 = base_weight_bytes(&c, &lora_all(16), DType::BF16, BaseStorage::Dense);
+        assert!(
+            q4k * 100 < 29 * bf16 && q4k * 100 > 27 * bf16,
+            "{q4k} vs {bf16}"
+        );
+        // Full fine-tuning dequantizes every matrix into the training dtype.
+        let full = base_weight_bytes(
+            &c,
+            &Finetune::Full,
+            DType::BF16,
+            BaseStorage::Ggml(GgmlDType::Q4K),
+        );
+        assert_eq!(full, matrices * 2 + norms * 4);
+        assert_eq!(BaseStorage::from_gguf_type_name("F16"), BaseStorage::Dense);
     }
 }

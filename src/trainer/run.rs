@@ -348,8 +348,10 @@ fn memory_check(
         return Ok(None);
     };
     let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
+    let hub = resolve::ModelRef::of(p).hub_options();
     let run = crate::engine::memory::RunShape {
         dtype,
+        base: crate::engine::source::base_storage(&p.model_name_or_path, &hub),
         batch: p.per_device_train_batch_size,
         seq_len: p.cutoff_len,
         checkpointing: !p.disable_gradient_checkpointing,
