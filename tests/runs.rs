@@ -215,7 +215,7 @@ fn a_killed_run_reads_as_died_with_its_checkpoint_and_its_stale_socket_is_remove
     let sock = out.join(".termtune.sock");
     assert!(sock.exists());
     let o = f.run(&["attach", out.to_str().unwrap()]);
-    assert!(!o.status.success());
+    assert!(!o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
         err.contains("is not running (died at step")
@@ -306,8 +306,9 @@ fn two_clients_follow_one_run_and_attach_pauses_resumes_saves_and_stops_it() {
     let mut b = Follower::start(&f, &out);
     // The tiny run trains ~100 steps a second: each client sees some step first, then every
     // following step, in order.
-    a.wait_line("step ", 120);
-    b.wait_line("step ", 120);
+    // (Step lines, not the history line that names a step.)
+    a.wait_line("| loss ", 120);
+    b.wait_line("| loss ", 120);
     let (na, nb) = (a.seen.len() - 1, b.seen.len() - 1);
     let later = a.steps_since(na)[0].max(b.steps_since(nb)[0]) + 20;
     a.wait_line(&format!("step {later}/"), 60);

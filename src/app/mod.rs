@@ -367,6 +367,7 @@ impl App {
                 }
                 self.run.attach(output_dir, &record, &history);
                 self.tab = Tab::Run;
+                self.status = None;
                 Vec::new()
             }
             Msg::RunLog { dir, polled } => {
@@ -422,6 +423,7 @@ impl App {
                     Ok((dir, lines)) => {
                         self.run.load_folder(dir, &lines);
                         self.tab = Tab::Run;
+                        self.status = None;
                     }
                     Err(e) => self.complain(e),
                 }

@@ -190,6 +190,16 @@ pub fn connect(output_dir: &Path) -> Result<UnixStream, AttachError> {
             },
         });
     }
+    // A process being killed may still accept on its socket for a moment after it reads as gone
+    // (its main thread exits first): its record decides.
+    if RunRecord::load(output_dir).is_ok_and(|r| !r.state.is_final() && !super::is_alive(&r)) {
+        let _ = std::fs::remove_file(&socket);
+        return Err(AttachError::Stale {
+            dir,
+            what: what().unwrap_or_else(|| "its process is gone".into()),
+            socket,
+        });
+    }
     match UnixStream::connect(&socket) {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

@@ -169,7 +169,9 @@ fn spawn(loaded: &Loaded, mut args: Vec<std::ffi::OsString>) -> Result<Spawned, 
                 tail(&log_path, 20).trim_end()
             ));
         }
-        if UnixStream::connect(&socket).is_ok() {
+        // Listening, registered and its record written: `termtune runs` shows it from now on.
+        if UnixStream::connect(&socket).is_ok() && RunRecord::load(&out).is_ok_and(|r| r.pid == pid)
+        {
             break;
         }
         if began.elapsed() > START_TIMEOUT {
@@ -236,13 +238,14 @@ pub fn run_child(loaded: Loaded, preset: &Path) -> ExitCode {
         total_steps: None,
         message: None,
     };
-    save(&record);
+    // Registered before its record is written: the caller returns once the record is there.
     if let Err(e) = super::register(&out) {
         eprintln!(
             "termtune: warning: cannot register the run in {}: {e}; `termtune runs` will not list it",
             super::registry_dir().display()
         );
     }
+    save(&record);
 
     let (tx, rx) = mpsc::channel::<Msg>();
     install_signal_handlers(tx.clone());
