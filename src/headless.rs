@@ -71,6 +71,9 @@ fn train_only(loaded: Loaded) -> ExitCode {
     let interrupts = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&interrupts);
 
+    // A folder whose detached run died: this run carries its record on.
+    let mut record =
+        crate::runs::RunRecord::take_over(std::path::Path::new(&loaded.preset.output_dir));
     let (ev_tx, ev_rx) = mpsc::channel::<TrainEvent>();
     let engine = crate::trainer::thread::spawn(
         loaded,
@@ -111,14 +114,30 @@ fn train_only(loaded: Loaded) -> ExitCode {
             engine.send(TrainCommand::Stop { save: true });
         }
         match ev_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(ev) => printer.event(&ev),
+            Ok(ev) => {
+                if let Some(r) = record.as_mut()
+                    && r.on_event(&ev)
+                {
+                    let _ = r.save();
+                }
+                printer.event(&ev);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     printer.end_line();
     // A failure was printed as the engine's last event (`TrainEvent::Failed`).
-    match engine.join() {
+    let outcome = engine.join();
+    if let Some(mut r) = record {
+        r.state = match &outcome {
+            Ok(Outcome::Finished(_)) => crate::runs::RunState::Finished,
+            Ok(Outcome::Stopped(_)) => crate::runs::RunState::Stopped,
+            Err(_) => crate::runs::RunState::Failed,
+        };
+        let _ = r.save();
+    }
+    match outcome {
         Ok(Outcome::Finished(_)) => ExitCode::SUCCESS,
         Ok(Outcome::Stopped(_)) => {
             if asked_stop {

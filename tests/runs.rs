@@ -215,7 +215,7 @@ fn a_killed_run_reads_as_died_with_its_checkpoint_and_its_stale_socket_is_remove
     let sock = out.join(".termtune.sock");
     assert!(sock.exists());
     let o = f.run(&["attach", out.to_str().unwrap()]);
-    assert!(!o.status.success());
+    assert!(!o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
         err.contains("is not running (died at step")
@@ -306,8 +306,9 @@ fn two_clients_follow_one_run_and_attach_pauses_resumes_saves_and_stops_it() {
     let mut b = Follower::start(&f, &out);
     // The tiny run trains ~100 steps a second: each client sees some step first, then every
     // following step, in order.
-    a.wait_line("step ", 120);
-    b.wait_line("step ", 120);
+    // (Step lines, not the history line that names a step.)
+    a.wait_line("| loss ", 120);
+    b.wait_line("| loss ", 120);
     let (na, nb) = (a.seen.len() - 1, b.seen.len() - 1);
     let later = a.steps_since(na)[0].max(b.steps_since(nb)[0]) + 20;
     a.wait_line(&format!("step {later}/"), 60);
@@ -444,4 +445,111 @@ fn killing_the_tmux_server_that_started_a_run_does_not_stop_it() {
     let o = f.run(&["attach", out.to_str().unwrap(), "--stop"]);
     assert!(o.status.success(), "{}", stderr(&o));
     f.wait_state(&out, "stopped", 30);
+}
+
+/// The loss logged for each step of `out/trainer_log.jsonl` (a step logged again after a resume
+/// counts with its last value).
+fn logged_losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    termtune::trainer::runlog::read_log(out)
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| Some((l.current_steps, l.loss?)))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_in_the_foreground_with_the_losses_of_an_uninterrupted_run() {
+    let f = fixture();
+    let steps = 600;
+    let (straight, straight_out) = f.preset("straight", steps, 5);
+    let o = f.run(&["train", straight.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let (preset, out) = f.preset("sigkill", steps, 5);
+    let (guard, _) = f.detach(&preset);
+    wait_for("checkpoint-5", 120, || {
+        out.join("checkpoint-5/trainer_state.json")
+            .exists()
+            .then_some(())
+    });
+    assert!(
+        Command::new("kill")
+            .args(["-9", &guard.0.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let died = f.wait_state(&out, "died", 30);
+    let at: u64 = died["step"].as_u64().unwrap();
+    assert!(at < steps, "the run finished before it was killed");
+    let (resume_from, ckpt) = termtune::trainer::checkpoint::latest_checkpoint(&out).unwrap();
+    assert_eq!(died["checkpoint"], ckpt.to_str().unwrap());
+
+    // The next `termtune train` of the preset resumes from the newest complete checkpoint.
+    let o = f.run(&["train", preset.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("resuming from {}", ckpt.display()))
+            && err.contains(&format!("(step {resume_from})")),
+        "{err}"
+    );
+    // The foreground run carried the folder's record on: no longer "died".
+    assert_eq!(f.state(&out), "finished");
+    let (resumed, uninterrupted) = (logged_losses(&out), logged_losses(&straight_out));
+    assert_eq!(resumed.len(), usize::try_from(steps).unwrap());
+    assert_eq!(resumed, uninterrupted);
+}
+
+/// A LLaMA-Factory run folder (no termtune run in it): `termtune attach` follows its
+/// `trainer_log.jsonl` read-only as a test appends it line by line (one line cut in two), prints
+/// each step and the evaluation, and ends at the last step; it cannot be stopped from here.
+#[test]
+fn attach_follows_a_llamafactory_run_folder_as_its_log_grows() {
+    use std::io::Write;
+    let f = fixture();
+    let out = f.root.join("lf-run");
+    std::fs::create_dir_all(&out).unwrap();
+    // As LLaMA-Factory's LogCallback writes them (keys with null values dropped).
+    let line = |step: u64| {
+        format!(
+            "{{\"current_steps\": {step}, \"total_steps\": 4, \"loss\": {:.4}, \"lr\": 9.6e-05, \"epoch\": {:.2}, \"percentage\": {:.2}, \"elapsed_time\": \"0:00:0{step}\", \"remaining_time\": \"0:00:0{}\", \"throughput\": 1530.12, \"total_tokens\": 62740}}\n",
+            2.0 - 0.25 * step as f64,
+            0.25 * step as f64,
+            25.0 * step as f64,
+            4 - step
+        )
+    };
+    let mut log = std::fs::File::create(out.join("trainer_log.jsonl")).unwrap();
+    log.write_all(line(1).as_bytes()).unwrap();
+    let dir = out.to_str().unwrap();
+    let o = f.run(&["attach", dir, "--stop"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not a termtune run"),
+        "{}",
+        stderr(&o)
+    );
+
+    let mut a = Follower::start(&f, &out);
+    a.wait_line("read-only", 30);
+    a.wait_line("step 1/4 | loss 1.7500", 30);
+    for step in 2..=3 {
+        let text = line(step);
+        let (head, tail) = text.split_at(text.len() / 2);
+        log.write_all(head.as_bytes()).unwrap();
+        log.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        log.write_all(tail.as_bytes()).unwrap();
+        a.wait_line(&format!("step {step}/4 | loss "), 30);
+    }
+    log.write_all(b"{\"current_steps\": 3, \"total_steps\": 4, \"eval_loss\": 1.2345, \"epoch\": 0.75, \"percentage\": 75.0, \"elapsed_time\": \"0:00:03\", \"remaining_time\": \"0:00:01\"}\n").unwrap();
+    a.wait_line("eval at step 3: eval_loss 1.2345", 30);
+    log.write_all(line(4).as_bytes()).unwrap();
+    a.wait_line("step 4/4 | loss 1.0000", 30);
+    a.wait_line("logged its last step (4/4)", 30);
+    let status = wait_for("the follower to end", 30, || a.child.try_wait().unwrap());
+    assert!(status.success());
+    // Each step printed once, in order; nothing printed from a half line.
+    assert_eq!(a.steps_since(0), [1, 2, 3, 4]);
 }

@@ -682,11 +682,17 @@ fn a_full_disk_names_the_file_the_sizes_and_the_fix() {
     );
     let disk = SimulatedDisk::new(&out, 1 << 30);
     let (tx, rx) = mpsc::channel::<TrainCommand>();
-    let result = run_training(&loaded, &Device::Cpu, &rx, &mut |ev| {
-        if let TrainEvent::CheckpointSaved { step: 1, .. } = ev {
-            disk.set_free(1000); // the disk fills up before checkpoint-2
+    let mut paused = false;
+    let result = run_training(&loaded, &Device::Cpu, &rx, &mut |ev| match ev {
+        TrainEvent::CheckpointSaved { step: 1, .. } => disk.set_free(1000), // full before checkpoint-2
+        // The run waits for room; the user stops it instead.
+        TrainEvent::Paused => {
+            paused = true;
+            tx.send(TrainCommand::Stop { save: true }).unwrap();
         }
+        _ => {}
     });
+    assert!(paused, "a full disk pauses the run first");
     drop(tx);
     let err = result.expect_err("the save of checkpoint-2 must fail");
     assert!(matches!(err, TrainError::DiskFull(_)), "{err:?}");
@@ -713,6 +719,62 @@ fn a_full_disk_names_the_file_the_sizes_and_the_fix() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A full disk while saving checkpoint-2 pauses the run with its state in memory; once room is
+/// made and it is told to resume, it saves and trains on, and ends exactly as a run that never
+/// met a full disk (same losses, same checkpoints, same adapter).
+#[test]
+fn a_run_paused_on_a_full_disk_resumes_when_room_is_made_and_ends_as_if_nothing_happened() {
+    use termtune::fsutil::SimulatedDisk;
+    let f = fixture(6);
+    let keys = ["max_steps: 4", "save_steps: 1", "lr_scheduler_type: cosine"];
+    let (r, straight) = run(&preset(&f, "roomy", &keys), &[]);
+    r.unwrap();
+    let out = f.root.join("tight");
+    let loaded = preset(&f, "tight", &keys);
+    let disk = SimulatedDisk::new(&out, 1 << 30);
+    let (tx, rx) = mpsc::channel::<TrainCommand>();
+    let mut events = Vec::new();
+    let result = run_training(&loaded, &Device::Cpu, &rx, &mut |ev| {
+        match &ev {
+            TrainEvent::CheckpointSaved { step: 1, .. } => disk.set_free(1000),
+            TrainEvent::Paused => {
+                // While paused, nothing was written: checkpoint-2 is not there, half or whole.
+                assert_eq!(checkpoint_steps(&out), [1]);
+                disk.set_free(1 << 30); // the user makes room
+                tx.send(TrainCommand::Resume).unwrap();
+            }
+            _ => {}
+        }
+        events.push(ev);
+    });
+    assert!(matches!(result.unwrap(), Outcome::Finished(_)));
+    let warning = events
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::Warning(w) if w.contains("no space left") => Some(w.clone()),
+            _ => None,
+        })
+        .expect("the full disk is told");
+    assert!(
+        warning.contains("paused with its state in memory"),
+        "{warning}"
+    );
+    let order: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Paused => Some("paused"),
+            TrainEvent::Resumed => Some("resumed"),
+            TrainEvent::CheckpointSaved { step: 2, .. } => Some("checkpoint-2"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, ["paused", "resumed", "checkpoint-2"]);
+    assert_eq!(losses(&events), losses(&straight));
+    assert_eq!(saved_steps(&events), saved_steps(&straight));
+    assert_eq!(checkpoint_steps(&out), [1, 2, 3, 4]);
+    assert_eq!(adapter(&out), adapter(&f.root.join("roomy")));
 }
 
 /// `termtune check`'s disk section: a warning when output_dir's file system cannot hold two checkpoints.

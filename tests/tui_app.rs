@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use termtune::app::{App, Effect, Msg, Overlay, Phase, Question, Tab};
 use termtune::resolve::ModelRef;
+use termtune::runs::{RunRecord, RunState, RunView};
 use termtune::trainer::protocol::{TrainCommand, TrainEvent};
+use termtune::trainer::runlog::LogLine;
 
 const QUICKSTART: &str = include_str!("../presets/quickstart.yaml");
 
@@ -266,18 +268,168 @@ fn the_model_field_says_what_it_resolves_to() {
 }
 
 #[test]
-fn a_hang_up_during_a_run_stops_with_a_checkpoint_then_quits() {
+fn a_hang_up_during_a_run_leaves_it_running_and_says_where() {
     let mut a = app();
     started(&mut a);
-    assert_eq!(
-        a.update(Msg::Terminate),
-        vec![Effect::Engine(TrainCommand::Stop { save: true })]
+    a.update(Msg::RunAttached {
+        output_dir: PathBuf::from("/abs/saves/qwen"),
+        record: Box::new(record(RunState::Running, 4242)),
+        history: Vec::new(),
+    });
+    // The run is its own process: the TUI leaves at once and sends it nothing.
+    assert_eq!(a.update(Msg::Terminate), vec![Effect::Quit]);
+    let farewell = a.farewell.clone().unwrap();
+    assert!(
+        farewell.contains("goes on (pid 4242)") && farewell.contains("termtune attach"),
+        "{farewell}"
     );
-    // A second signal does not abandon the checkpoint.
-    assert!(a.update(Msg::Terminate).is_empty());
-    assert_eq!(a.update(Msg::EngineExited), vec![Effect::Quit]);
     let mut idle = app();
     assert_eq!(idle.update(Msg::Terminate), vec![Effect::Quit]);
+    assert_eq!(idle.farewell, None);
+}
+
+fn record(state: RunState, pid: u32) -> RunRecord {
+    RunRecord {
+        output_dir: PathBuf::from("/abs/saves/qwen"),
+        state,
+        pid,
+        process_start: 1,
+        started: 1,
+        preset: PathBuf::from("/abs/saves/qwen/termtune-run.yaml"),
+        device: Some("cuda:0 (NVIDIA H200)".into()),
+        total_steps: Some(40),
+        message: None,
+    }
+}
+
+fn logged(step: u64, loss: f64) -> LogLine {
+    serde_json::from_value(serde_json::json!({
+        "current_steps": step, "total_steps": 40, "loss": loss, "lr": 1e-4, "epoch": 0.1,
+        "percentage": 2.5, "elapsed_time": "0:00:01", "remaining_time": "0:00:39"
+    }))
+    .unwrap()
+}
+
+#[test]
+fn quit_during_a_run_asks_stop_or_leave_and_n_leaves_it_running() {
+    let mut a = app();
+    started(&mut a);
+    a.update(key('q'));
+    assert_eq!(a.overlay, Overlay::Confirm(Question::QuitDuringRun));
+    assert!(Question::QuitDuringRun.text().contains("leave it running"));
+    assert_eq!(a.update(key('n')), vec![Effect::Quit]);
+    assert!(a.farewell.unwrap().contains("goes on"));
+}
+
+#[test]
+fn the_run_pane_lists_the_runs_and_follows_the_one_picked_with_its_history() {
+    let mut a = app();
+    a.update(key('5'));
+    assert_eq!(a.update(key('a')), vec![Effect::ListRuns]);
+    let view = |dir: &str, state| RunView {
+        output_dir: PathBuf::from(dir),
+        state,
+        step: 3,
+        total_steps: Some(40),
+        loss: Some(1.5),
+        tokens_per_sec: None,
+        device: None,
+        pid: 4242,
+        started: 1,
+        checkpoint: None,
+        note: None,
+    };
+    a.update(Msg::RunList(vec![
+        view("/abs/other", RunState::Finished),
+        view("/abs/saves/qwen", RunState::Running),
+    ]));
+    assert!(matches!(a.overlay, Overlay::Runs { .. }));
+    a.update(code(KeyCode::Down));
+    assert_eq!(
+        a.update(code(KeyCode::Enter)),
+        vec![Effect::OpenRunFolder(PathBuf::from("/abs/saves/qwen"))]
+    );
+    // The history from trainer_log.jsonl first, then the replayed last step (shown once), then live.
+    a.update(Msg::RunAttached {
+        output_dir: PathBuf::from("/abs/saves/qwen"),
+        record: Box::new(record(RunState::Paused, 4242)),
+        history: vec![logged(1, 2.0), logged(2, 1.8), logged(3, 1.7)],
+    });
+    assert_eq!(a.tab, Tab::Run);
+    assert_eq!(a.run.phase, Phase::Paused);
+    assert_eq!(a.device, "cuda:0");
+    assert_eq!(a.run.run_pid, Some(4242));
+    assert_eq!(a.run.total_steps, 40);
+    let mut m = termtune::trainer::protocol::StepMetrics {
+        step: 3,
+        total_steps: 40,
+        epoch: 0.1,
+        loss: 1.7,
+        lr: 1e-4,
+        grad_norm: 1.0,
+        tokens: 10,
+        label_tokens: 5,
+        tokens_seen: 30,
+        step_time: std::time::Duration::from_millis(10),
+        elapsed: std::time::Duration::from_secs(1),
+        eta: std::time::Duration::from_secs(1),
+        tokens_per_sec: 100.0,
+        samples_per_sec: 1.0,
+    };
+    a.update(Msg::Engine(TrainEvent::StepFinished(m.clone())));
+    m.step = 4;
+    m.loss = 1.6;
+    a.update(Msg::Engine(TrainEvent::Resumed));
+    a.update(Msg::Engine(TrainEvent::StepFinished(m)));
+    let steps: Vec<u64> = a.run.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert_eq!(a.run.phase, Phase::Running);
+    // x stops it with a checkpoint through the socket; the run's last word says "stopped".
+    a.update(key('x'));
+    assert_eq!(
+        a.update(key('y')),
+        vec![Effect::Engine(TrainCommand::Stop { save: true })]
+    );
+    a.update(Msg::RunFinal(Box::new(RunView {
+        note: Some("stopped at step 4, resumable from checkpoint-4".into()),
+        ..view("/abs/saves/qwen", RunState::Stopped)
+    })));
+    assert!(a.update(Msg::EngineExited).is_empty());
+    assert_eq!(a.run.phase, Phase::Stopped);
+    assert!(
+        a.run
+            .log
+            .iter()
+            .any(|l| l.contains("resumable from checkpoint-4"))
+    );
+}
+
+#[test]
+fn a_followed_run_whose_process_died_is_a_failure_that_says_so() {
+    let mut a = app();
+    a.update(Msg::RunAttached {
+        output_dir: PathBuf::from("/abs/saves/qwen"),
+        record: Box::new(record(RunState::Running, 4242)),
+        history: Vec::new(),
+    });
+    a.update(Msg::RunFinal(Box::new(RunView {
+        output_dir: PathBuf::from("/abs/saves/qwen"),
+        state: RunState::Died,
+        step: 9,
+        total_steps: Some(40),
+        loss: None,
+        tokens_per_sec: None,
+        device: None,
+        pid: 4242,
+        started: 1,
+        checkpoint: None,
+        note: Some("died at step 9, resumable from checkpoint-5".into()),
+    })));
+    a.update(Msg::EngineExited);
+    match &a.run.phase {
+        Phase::Failed(m) => assert!(m.contains("died at step 9"), "{m}"),
+        p => panic!("{p:?}"),
+    }
 }
 
 // ---- The Chat pane: keys through the real keymap, chat worker commands as effects. ----

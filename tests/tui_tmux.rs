@@ -133,7 +133,8 @@ fn train_stop_with_checkpoint_and_quit_in_tmux() {
     let tmux = Tmux::start(
         "termtune-test",
         &format!(
-            "TERM=xterm-256color {} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+            "TERM=xterm-256color TERMTUNE_CACHE={} {} --log-file {} {}; echo TERMTUNE_EXIT=$?; sleep 60",
+            root.join("cache").display(),
             env!("CARGO_BIN_EXE_termtune"),
             root.join("app.log").display(),
             preset.display()
@@ -199,48 +200,155 @@ fn train_stop_with_checkpoint_and_quit_in_tmux() {
     );
 }
 
+/// `termtune runs --json` (on the test's own registry) → the entry for `out`.
+fn run_entry(cache: &Path, out: &Path) -> Option<serde_json::Value> {
+    let o = Command::new(env!("CARGO_BIN_EXE_termtune"))
+        .args(["runs", "--json"])
+        .env("TERMTUNE_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    all.into_iter()
+        .find(|r| r["output_dir"].as_str() == Some(out.to_str().unwrap()))
+}
+
+fn log_len(out: &Path) -> u64 {
+    std::fs::metadata(out.join("trainer_log.jsonl")).map_or(0, |m| m.len())
+}
+
+/// Kills the run process if the test ends early.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A run started in the TUI is a process of its own: the tmux session (the terminal) is killed,
+/// the TUI goes, the run trains on; `termtune runs` shows it; the TUI in a new tmux session lists
+/// it on the Run pane (`a`), follows it with its history, and `x` stops it with a checkpoint.
 #[test]
-fn a_hang_up_during_training_saves_a_checkpoint_before_exiting() {
+fn a_run_started_in_the_tui_outlives_its_terminal_and_a_new_tui_attaches_and_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let preset = fixture(root);
-    let tmux = Tmux::start(
-        "termtune-hup",
-        &format!(
-            "TERM=xterm-256color exec {} --log-file {} {}",
-            env!("CARGO_BIN_EXE_termtune"),
-            root.join("app.log").display(),
-            preset.display()
-        ),
-    );
-    tmux.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
-    tmux.keys(&["s"]);
-    tmux.wait_for("a few steps", 120, |s| {
+    let cache = root.join("cache");
+    let out = root.join("out");
+    let tui = |name: &str, log: &str| {
+        Tmux::start(
+            name,
+            &format!(
+                "TERM=xterm-256color TERMTUNE_CACHE={} exec {} --log-file {} {}",
+                cache.display(),
+                env!("CARGO_BIN_EXE_termtune"),
+                root.join(log).display(),
+                preset.display()
+            ),
+        )
+    };
+    let first = tui("termtune-hup", "app.log");
+    first.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    let tui_pid: i32 = String::from_utf8_lossy(
+        &first
+            .cmd(&["display", "-p", "-t", "tt", "#{pane_pid}"])
+            .stdout,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    first.keys(&["s"]);
+    first.wait_for("a few steps", 120, |s| {
         step_on_screen(s).is_some_and(|n| n >= 3)
     });
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("termtune-run.json")).unwrap())
+            .unwrap();
+    let run_pid = u32::try_from(record["pid"].as_u64().unwrap()).unwrap();
+    let _guard = KillOnDrop(run_pid);
+    assert_ne!(
+        i64::from(run_pid),
+        i64::from(tui_pid),
+        "the run is its own process"
+    );
+
     // Closing the session hangs up the terminal (SIGHUP), as a dropped SSH connection does.
-    assert!(tmux.cmd(&["kill-session", "-t", "tt"]).status.success());
-    let out_dir = root.join("out");
+    assert!(first.cmd(&["kill-session", "-t", "tt"]).status.success());
     let start = Instant::now();
-    let checkpoint = loop {
-        let found = std::fs::read_dir(&out_dir).ok().and_then(|entries| {
-            entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
-                    && p.join("adapter_model.safetensors").is_file()
-            })
-        });
-        if let Some(c) = found {
-            break c;
-        }
+    let alive = |pid: i32| {
+        Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    while alive(tui_pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the TUI did not leave after the hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let len = log_len(&out);
+    let start = Instant::now();
+    while log_len(&out) <= len {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "no checkpoint after the hang-up; log:\n{}",
-            std::fs::read_to_string(root.join("app.log")).unwrap_or_default()
+            "the run stopped with its terminal; its log:\n{}",
+            std::fs::read_to_string(out.join("termtune-run.log")).unwrap_or_default()
         );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(checkpoint.join("trainer_state.json").is_file());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let entry = run_entry(&cache, &out).unwrap();
+    assert_eq!(entry["state"], "running", "{entry}");
+    assert_eq!(entry["pid"], run_pid);
+    let step_before = entry["step"].as_u64().unwrap();
+
+    // A new terminal: the Run pane lists the run; Enter follows it.
+    let second = tui("termtune-attach", "app2.log");
+    second.wait_for("the Model tab", 30, |s| s.contains("model_name_or_path"));
+    second.keys(&["5"]);
+    second.keys(&["a"]);
+    second.wait_for("the list of runs", 20, |s| {
+        s.contains("runs of this machine") && s.contains("running ")
+    });
+    second.keys(&["Enter"]);
+    let s = second.wait_for("the dashboard of the run", 30, |s| {
+        s.contains(&format!("run pid {run_pid}"))
+            && step_on_screen(s).is_some_and(|n| n > step_before)
+    });
+    assert!(s.contains("attached to the run"), "{s}");
+
+    second.keys(&["x"]);
+    second.wait_for("the stop question", 10, |s| {
+        s.contains("Save a checkpoint?")
+    });
+    second.keys(&["y"]);
+    let s = second.wait_for("the run to stop", 60, |s| {
+        s.contains("│ stopped") && s.contains("checkpoint saved")
+    });
+    let stopped_at = step_on_screen(&s).unwrap();
+    let entry = run_entry(&cache, &out).unwrap();
+    assert_eq!(entry["state"], "stopped", "{entry}");
+    let ckpt = out.join(format!("checkpoint-{stopped_at}"));
+    assert!(ckpt.join("adapter_model.safetensors").is_file(), "{s}");
+    assert!(ckpt.join("trainer_state.json").is_file());
+    assert_eq!(entry["checkpoint"], ckpt.to_str().unwrap());
+    // Nothing live: quit asks nothing.
+    second.keys(&["q"]);
+    let start = Instant::now();
+    while second.cmd(&["has-session", "-t", "tt"]).status.success() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "termtune did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The mouse in the real binary: a click (an SGR mouse report, as a terminal sends it) on the

@@ -586,9 +586,13 @@ impl App {
     }
 
     fn request_targets(&mut self, slot: usize) -> Vec<Effect> {
-        let dir = self.form.value("output_dir");
+        // The run folder the Run pane shows (opened, or a run followed), else the preset's.
+        let dir = match &self.run.output_dir {
+            Some(d) if self.run.from_folder.is_some() || self.run.run_pid.is_some() => d.clone(),
+            _ => PathBuf::from(self.form.value("output_dir")),
+        };
         self.chat.picking = Some(slot);
-        vec![Effect::ListChatTargets(PathBuf::from(dir))]
+        vec![Effect::ListChatTargets(dir)]
     }
 
     /// The target list arrived: open the picker.

@@ -31,6 +31,8 @@ pub enum Action {
     ClearField,
     ToggleLogScale,
     OpenRunFolder,
+    /// List the runs of this machine to follow one (the Run pane).
+    PickRun,
     PreviewNext,
     PreviewPrev,
     LoadPreview,
@@ -371,6 +373,7 @@ pub const DEFAULT_BINDINGS: &[Binding] = &[
         "open output_dir",
         true,
     ),
+    b(C::Run, K::Char('a'), NONE, A::PickRun, "runs", true),
     b(C::Run, K::Up, NONE, A::Up, "scroll log", false),
     b(C::Run, K::Down, NONE, A::Down, "scroll log", false),
     // Chat: typing a message. Ctrl-j and Alt-Enter both reach termtune through tmux and SSH
@@ -626,6 +629,7 @@ pub const BAR_PRIORITY: &[(Action, u8)] = &[
     (A::SavePreset, 4),
     (A::ToggleLogScale, 4),
     (A::OpenRunFolder, 3),
+    (A::PickRun, 3),
 ];
 
 /// The weight of an action missing from [`BAR_PRIORITY`].

@@ -142,7 +142,7 @@ impl Question {
     pub fn text(self) -> &'static str {
         match self {
             Question::QuitDuringRun => {
-                "A run is in progress. Save a checkpoint before quitting? (y: save and quit, n: quit without saving, Esc: keep training)"
+                "A run is in progress in its own process. Stop the run, or leave it running? (y: stop it with a checkpoint and quit, n: leave it running and quit, Esc: stay)"
             }
             Question::StopRun => {
                 "Stop the run. Save a checkpoint? (y: save and stop, n: stop without saving, Esc: keep training)"
@@ -168,6 +168,11 @@ pub enum Overlay {
     Command,
     Picker {
         items: Vec<PathBuf>,
+        selected: usize,
+    },
+    /// The runs of this machine to follow (`a` on the Run pane).
+    Runs {
+        items: Vec<crate::runs::RunView>,
         selected: usize,
     },
     Confirm(Question),
@@ -234,6 +239,8 @@ pub struct App {
     pub export: ExportState,
     /// The Evaluate pane.
     pub eval: EvalState,
+    /// Printed when termtune has restored the terminal (a run left running says where it is).
+    pub farewell: Option<String>,
     dirty: bool,
 }
 
@@ -261,6 +268,7 @@ impl App {
             chat: chat::ChatState::default(),
             export: ExportState::default(),
             eval: EvalState::default(),
+            farewell: None,
             dirty: true,
         };
         app.announce_problems();
@@ -370,28 +378,59 @@ impl App {
             }
             Msg::Tick => Vec::new(),
             Msg::Terminate => {
-                if self.export.is_running() && !self.run.phase.is_active() {
+                // A run is its own process: losing the terminal never stops it.
+                self.leave_run_running();
+                if self.export.is_running() {
                     if self.export.quit_when_done {
                         return Vec::new();
                     }
                     return self.cancel_export_and_quit();
                 }
-                if self.run.phase.is_active() {
-                    if self.quitting {
-                        return Vec::new();
-                    }
-                    self.quitting = true;
-                    self.run.phase = Phase::Stopping { save: true };
-                    vec![Effect::Engine(TrainCommand::Stop { save: true })]
-                } else {
-                    vec![Effect::Quit]
-                }
+                vec![Effect::Quit]
             }
             Msg::Engine(ev) => {
                 self.on_engine_event(&ev);
                 Vec::new()
             }
             Msg::EngineExited => self.on_engine_exited(),
+            Msg::RunAttached {
+                output_dir,
+                record,
+                history,
+            } => {
+                if let Some(d) = &record.device {
+                    self.device = d.split(" (").next().unwrap_or(d).to_string();
+                }
+                self.run.attach(output_dir, &record, &history);
+                self.tab = Tab::Run;
+                self.status = None;
+                Vec::new()
+            }
+            Msg::RunLog { dir, polled } => {
+                if self.run.from_folder.as_ref() == Some(&dir) {
+                    if polled.restarted {
+                        self.run.load_folder(dir, &polled.lines);
+                    } else {
+                        self.run.add_log_lines(&polled.lines);
+                    }
+                }
+                Vec::new()
+            }
+            Msg::RunFinal(view) => {
+                if self.run.phase.is_active() {
+                    self.status = None;
+                }
+                self.run.on_final(&view);
+                Vec::new()
+            }
+            Msg::RunList(items) => {
+                if items.is_empty() {
+                    self.say("no runs yet: s starts one (it runs in its own process)");
+                } else {
+                    self.overlay = Overlay::Runs { items, selected: 0 };
+                }
+                Vec::new()
+            }
             Msg::Telemetry(s) => {
                 self.run.on_telemetry(&s);
                 Vec::new()
@@ -420,6 +459,7 @@ impl App {
                     Ok((dir, lines)) => {
                         self.run.load_folder(dir, &lines);
                         self.tab = Tab::Run;
+                        self.status = None;
                     }
                     Err(e) => self.complain(e),
                 }
@@ -721,6 +761,19 @@ impl App {
                 self.overlay = Overlay::None;
                 path.map(Effect::LoadPreset).into_iter().collect()
             }
+            (Overlay::Runs { items, selected }, Action::Down) => {
+                *selected = (*selected + 1).min(items.len().saturating_sub(1));
+                Vec::new()
+            }
+            (Overlay::Runs { selected, .. }, Action::Up) => {
+                *selected = selected.saturating_sub(1);
+                Vec::new()
+            }
+            (Overlay::Runs { items, selected }, Action::Confirm) => {
+                let dir = items.get(*selected).map(|r| r.output_dir.clone());
+                self.overlay = Overlay::None;
+                dir.map(|d| self.attach_run(d)).unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     }
@@ -729,9 +782,12 @@ impl App {
         let yes = action == Action::Confirm;
         let no = action == Action::Deny;
         match q {
-            Question::QuitDuringRun | Question::StopRun if yes || no => {
-                self.stop_run(yes, q == Question::QuitDuringRun)
+            Question::QuitDuringRun if yes => self.stop_run(true, true),
+            Question::QuitDuringRun if no => {
+                self.leave_run_running();
+                vec![Effect::Quit]
             }
+            Question::StopRun if yes || no => self.stop_run(yes, false),
             Question::DiscardChanges if yes => vec![Effect::Quit],
             Question::StartExport => self.answer_export(yes),
             Question::QuitDuringExport if yes => self.cancel_export_and_quit(),

@@ -63,7 +63,7 @@ impl App {
                 };
                 return Vec::new();
             }
-            Overlay::Picker { .. } => {
+            Overlay::Picker { .. } | Overlay::Runs { .. } => {
                 return self.overlay_action(if down { Action::Down } else { Action::Up });
             }
             Overlay::None => {}

@@ -11,6 +11,7 @@ use crate::config::{Loaded, Preset};
 use crate::data::stats::Preview;
 use crate::export::job::{ExportEvent, ExportRequest};
 use crate::resolve::ModelRef;
+use crate::runs::{RunRecord, RunView};
 use crate::telemetry::TelemetrySample;
 use crate::trainer::protocol::{TrainCommand, TrainEvent};
 use crate::trainer::runlog::LogLine;
@@ -25,11 +26,23 @@ pub enum Msg {
     Paste(String),
     /// A frame tick.
     Tick,
-    /// The terminal is gone or SIGHUP/SIGTERM arrived: stop any run with a checkpoint and exit.
+    /// The terminal is gone or SIGHUP/SIGTERM arrived: leave (a run goes on in its own process).
     Terminate,
+    /// A fact from the run the Run pane follows.
     Engine(TrainEvent),
-    /// The engine thread ended (after its last event).
+    /// The connection to the run ended (after its last event).
     EngineExited,
+    /// Attached to the run in `output_dir`: its state file and its `trainer_log.jsonl` so far
+    /// (its events follow as [`Msg::Engine`]).
+    RunAttached {
+        output_dir: PathBuf,
+        record: Box<RunRecord>,
+        history: Vec<LogLine>,
+    },
+    /// How the followed run stands after it closed the connection (before [`Msg::EngineExited`]).
+    RunFinal(Box<RunView>),
+    /// The runs of this machine and user (answer to [`Effect::ListRuns`]).
+    RunList(Vec<RunView>),
     Telemetry(TelemetrySample),
     /// A preset file's text was read (after load or save).
     PresetLoaded {
@@ -40,8 +53,14 @@ pub enum Msg {
     PresetFailed(String),
     /// The preset files the picker offers.
     PresetList(Vec<PathBuf>),
-    /// A finished run's folder was read.
+    /// A run folder's `trainer_log.jsonl` was read (a finished run, or one followed read-only:
+    /// what it logs next comes as [`Msg::RunLog`]).
     RunFolder(Result<(PathBuf, Vec<LogLine>), String>),
+    /// Lines logged since in the run folder followed read-only.
+    RunLog {
+        dir: PathBuf,
+        polled: crate::runs::follow::Polled,
+    },
     /// What `model_name_or_path` resolves to (the name probed, then a description or why not).
     ModelInfo {
         name: String,
@@ -73,17 +92,21 @@ pub enum Msg {
 /// A side effect for the terminal loop to perform (`update` never does I/O).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Start the engine thread on this preset.
+    /// Start a run process on this preset (as `termtune train --detach` does) and follow it.
     StartRun(Box<Loaded>),
-    /// Send a command to the running engine.
+    /// Send a command to the followed run.
     Engine(TrainCommand),
+    /// List the runs of this machine and user (answered by [`Msg::RunList`]).
+    ListRuns,
     /// Write the preset (then read it back as [`Msg::PresetLoaded`]).
     SavePreset { loaded: Box<Loaded>, path: PathBuf },
     /// Read a preset file (answered by [`Msg::PresetLoaded`] or [`Msg::PresetFailed`]).
     LoadPreset(PathBuf),
     /// List the preset files (answered by [`Msg::PresetList`]).
     ListPresets,
-    /// Read `trainer_log.jsonl` of a run folder (answered by [`Msg::RunFolder`]).
+    /// Open a run folder: follow the termtune run live in it ([`Msg::RunAttached`], then its
+    /// events), else read its `trainer_log.jsonl` (answered by [`Msg::RunFolder`]) and follow it
+    /// as it grows ([`Msg::RunLog`]).
     OpenRunFolder(PathBuf),
     /// Prepare example `index` of the preset's dataset (answered by [`Msg::Preview`]).
     /// With `stats`, also answered by [`Msg::DatasetStats`] for the whole dataset.

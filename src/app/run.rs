@@ -96,6 +96,8 @@ pub struct RunState {
     pub cpu_history: VecDeque<u64>,
     pub rss_history: VecDeque<u64>,
     pub trainable: Option<(usize, usize)>,
+    /// The pid of the run process followed (the run is its own process; the TUI is a client).
+    pub run_pid: Option<u32>,
 }
 
 impl Default for RunState {
@@ -118,6 +120,7 @@ impl Default for RunState {
             cpu_history: VecDeque::new(),
             rss_history: VecDeque::new(),
             trainable: None,
+            run_pid: None,
         }
     }
 }
@@ -144,7 +147,85 @@ impl RunState {
             rss_history: keep.rss_history,
             ..Self::default()
         };
-        self.note("starting: the engine loads the model and the dataset");
+        self.note("starting the run process: it loads the model and the dataset");
+    }
+
+    /// Follows the run in `dir`: its history from `trainer_log.jsonl` (the chart from step one),
+    /// then live events; the phase is the one its state file gives.
+    pub fn attach(&mut self, dir: PathBuf, record: &crate::runs::RunRecord, history: &[LogLine]) {
+        use crate::runs::RunState as S;
+        let starting = matches!(self.phase, Phase::Loading(_))
+            && self.run_pid.is_none()
+            && self
+                .output_dir
+                .as_ref()
+                .is_some_and(|d| dir == *d || dir.ends_with(d));
+        if starting {
+            // The run this dashboard just started: keep its notes.
+            self.run_pid = Some(record.pid);
+            self.output_dir = Some(dir);
+            return;
+        }
+        self.load_folder(dir, history);
+        self.from_folder = None;
+        self.run_pid = Some(record.pid);
+        if let Some(t) = record.total_steps {
+            self.total_steps = self.total_steps.max(t);
+        }
+        self.phase = match record.state {
+            S::Starting => Phase::Loading("the run is starting".into()),
+            S::Running => Phase::Running,
+            S::Paused => Phase::Paused,
+            S::Finished => Phase::Finished,
+            S::Stopped => Phase::Stopped,
+            S::Failed | S::Died => Phase::Failed(record.message.clone().unwrap_or_default()),
+        };
+        self.note(format!(
+            "attached to the run in {} (pid {}); it goes on when termtune quits",
+            record.output_dir.display(),
+            record.pid
+        ));
+    }
+
+    /// The followed run closed the connection; `view` is how it stands now.
+    pub fn on_final(&mut self, view: &crate::runs::RunView) {
+        use crate::runs::RunState as S;
+        let note = view.note.clone().filter(|n| !n.is_empty());
+        match view.state {
+            S::Finished => {
+                if self.phase.is_active() {
+                    self.phase = Phase::Finished;
+                }
+            }
+            S::Stopped => {
+                self.phase = Phase::Stopped;
+                self.note(note.unwrap_or_else(|| "stopped".into()));
+            }
+            S::Failed => {
+                if !matches!(self.phase, Phase::Failed(_)) {
+                    let msg = note.unwrap_or_else(|| "the run failed; see termtune-run.log".into());
+                    self.note(format!("failed: {msg}"));
+                    self.phase = Phase::Failed(msg);
+                }
+            }
+            S::Died => {
+                let msg = format!(
+                    "the run process is gone: {}",
+                    note.unwrap_or_else(|| "died".into())
+                );
+                self.note(msg.clone());
+                self.phase = Phase::Failed(msg);
+            }
+            S::Starting | S::Running | S::Paused => {
+                let msg = format!(
+                    "lost the connection to the run in {} (pid {}); it may still be going: `termtune runs`",
+                    view.output_dir.display(),
+                    view.pid
+                );
+                self.note(msg.clone());
+                self.phase = Phase::Failed(msg);
+            }
+        }
     }
 
     pub fn note(&mut self, line: impl Into<String>) {
@@ -152,6 +233,10 @@ impl RunState {
     }
 
     fn push_point(&mut self, step: u64, loss: f64, lr: f64, grad: Option<f64>, tps: Option<f64>) {
+        if self.points.back().is_some_and(|p| p.step >= step) {
+            // Already shown: an attached client hears the last logged step again in the replay.
+            return;
+        }
         let smoothed = match self.points.back() {
             Some(p) if loss.is_finite() => {
                 EMA_SMOOTHING * p.smoothed + (1.0 - EMA_SMOOTHING) * loss
@@ -298,6 +383,20 @@ impl RunState {
             system,
             ..Self::default()
         };
+        self.add_log_lines(lines);
+        let last_step = lines.last().map_or(0, |l| l.current_steps);
+        self.note(format!(
+            "opened {}: {} log lines, last step {last_step} of {}",
+            dir.display(),
+            lines.len(),
+            self.total_steps
+        ));
+        self.output_dir = Some(dir.clone());
+        self.from_folder = Some(dir);
+    }
+
+    /// Lines of `trainer_log.jsonl` (read at once, or as a followed folder's log grows).
+    pub fn add_log_lines(&mut self, lines: &[LogLine]) {
         for l in lines {
             self.total_steps = self.total_steps.max(l.total_steps);
             if let Some(loss) = l.loss {
@@ -309,19 +408,18 @@ impl RunState {
                     l.throughput,
                 );
             }
-            if let Some(e) = l.eval_loss {
+            if let Some(e) = l.eval_loss
+                && self.evals.last().is_none_or(|(s, _)| *s < l.current_steps)
+            {
                 self.evals.push((l.current_steps, e));
+                if self.from_folder.is_some() {
+                    self.note(format!(
+                        "eval at step {}: eval_loss {e:.4}",
+                        l.current_steps
+                    ));
+                }
             }
         }
-        let last_step = lines.last().map_or(0, |l| l.current_steps);
-        self.note(format!(
-            "opened {}: {} log lines, last step {last_step} of {}",
-            dir.display(),
-            lines.len(),
-            self.total_steps
-        ));
-        self.output_dir = Some(dir.clone());
-        self.from_folder = Some(dir);
     }
 
     /// The step shown as progress.
@@ -350,6 +448,7 @@ impl App {
                 Vec::new()
             }
             Action::OpenRunFolder => self.open_run_folder(),
+            Action::PickRun => vec![Effect::ListRuns],
             Action::Up | Action::Down | Action::PageUp | Action::PageDown
                 if self.tab == Tab::Run =>
             {
@@ -390,6 +489,34 @@ impl App {
             vec![Effect::Quit]
         } else {
             Vec::new()
+        }
+    }
+
+    /// Follow the run in `dir` (picked from the list of runs): the dashboard shows its history,
+    /// then its events. A run followed before goes on by itself.
+    pub(super) fn attach_run(&mut self, dir: PathBuf) -> Vec<Effect> {
+        if self.quitting {
+            return Vec::new();
+        }
+        self.say(format!("opening the run in {}…", dir.display()));
+        self.tab = Tab::Run;
+        vec![Effect::OpenRunFolder(dir)]
+    }
+
+    /// termtune leaves while a run is live: the run goes on; say where to find it again.
+    pub(super) fn leave_run_running(&mut self) {
+        if !self.run.phase.is_active() {
+            return;
+        }
+        if let Some(dir) = &self.run.output_dir {
+            self.farewell = Some(format!(
+                "termtune: the run in {} goes on{}; `termtune attach {}` follows it, `termtune runs` lists runs",
+                dir.display(),
+                self.run
+                    .run_pid
+                    .map_or_else(String::new, |p| format!(" (pid {p})")),
+                dir.display()
+            ));
         }
     }
 

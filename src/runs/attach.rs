@@ -12,6 +12,7 @@ use super::control::{self, Reply, Request};
 use super::{RunState, RunView};
 use crate::headless::Printer;
 use crate::trainer::protocol::TrainEvent;
+use crate::trainer::runlog::LogLine;
 
 /// Picks the run folder: the one named, else the only live run of this user.
 fn pick(dir: Option<&Path>) -> Result<PathBuf, String> {
@@ -45,6 +46,18 @@ pub fn attach(dir: Option<&Path>, action: Option<Request>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !super::RunRecord::path(&dir).exists() && dir.join("trainer_log.jsonl").exists() {
+        // No termtune run here, but a run's log: a LLaMA-Factory run folder, followed read-only.
+        if action.is_some() {
+            eprintln!(
+                "termtune: {} is not a termtune run (no {}): it can be followed, not paused or stopped; use the tool that started it",
+                dir.display(),
+                super::STATE_FILE
+            );
+            return ExitCode::FAILURE;
+        }
+        return follow_log(&dir);
+    }
     let stream = match control::connect(&dir) {
         Ok(s) => s,
         Err(e) => {
@@ -65,7 +78,7 @@ fn done(req: Request, ev: &TrainEvent) -> bool {
         Request::Resume => matches!(ev, TrainEvent::Resumed),
         Request::Save => matches!(ev, TrainEvent::CheckpointSaved { .. }),
         // A stop is done when the run ends and closes the connection.
-        Request::Stop | Request::Status => false,
+        Request::Stop | Request::Abandon | Request::Status => false,
     }
 }
 
@@ -123,7 +136,7 @@ fn one_request(dir: &Path, mut stream: std::os::unix::net::UnixStream, req: Requ
         }
     });
     let _ = stream.shutdown(Shutdown::Both);
-    if req == Request::Stop {
+    if matches!(req, Request::Stop | Request::Abandon) {
         let view = super::view(dir);
         match view.as_ref().map(|v| v.state) {
             Some(RunState::Stopped | RunState::Finished) => {
@@ -150,7 +163,7 @@ fn one_request(dir: &Path, mut stream: std::os::unix::net::UnixStream, req: Requ
                 Request::Pause => "pause",
                 Request::Resume => "resume",
                 Request::Save => "save a checkpoint",
-                Request::Stop => "stop",
+                Request::Stop | Request::Abandon => "stop",
                 Request::Status => "answer",
             }
         );
@@ -164,6 +177,12 @@ fn follow(dir: &Path, stream: std::os::unix::net::UnixStream) -> ExitCode {
         "termtune: attached to the run in {}: p pause, r resume, s save a checkpoint, x stop (with a checkpoint), q detach (the run goes on); each followed by Enter",
         dir.display()
     );
+    if let Some(summary) = crate::trainer::runlog::read_log(dir)
+        .ok()
+        .and_then(|lines| history_summary(&lines))
+    {
+        eprintln!("termtune: {summary}");
+    }
     if let Ok(mut writer) = stream.try_clone() {
         let _ = std::thread::Builder::new()
             .name("stdin".into())
@@ -228,4 +247,97 @@ fn follow(dir: &Path, stream: std::os::unix::net::UnixStream) -> ExitCode {
         ),
     }
     ExitCode::SUCCESS
+}
+
+/// One line on a run's history so far (from its `trainer_log.jsonl`): the steps logged, the loss
+/// from first to last with its minimum, and the evaluations.
+pub fn history_summary(lines: &[LogLine]) -> Option<String> {
+    let losses: Vec<(u64, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l.current_steps, l.loss?)))
+        .collect();
+    let (&(first_step, first), &(last_step, last)) = (losses.first()?, losses.last()?);
+    let (min_step, min) = losses
+        .iter()
+        .copied()
+        .fold((first_step, first), |m, p| if p.1 < m.1 { p } else { m });
+    let evals: Vec<(u64, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l.current_steps, l.eval_loss?)))
+        .collect();
+    let mut out = format!(
+        "history: {} steps logged ({first_step} to {last_step}); loss {first:.4} → {last:.4}, lowest {min:.4} at step {min_step}",
+        losses.len()
+    );
+    if let Some((step, e)) = evals.last() {
+        out.push_str(&format!(
+            "; {} evaluation{}, last eval_loss {e:.4} at step {step}",
+            evals.len(),
+            if evals.len() == 1 { "" } else { "s" }
+        ));
+    }
+    Some(out)
+}
+
+/// A log line as `termtune train` prints a step (or an evaluation).
+fn log_line_text(l: &LogLine) -> String {
+    match (l.loss, l.eval_loss) {
+        (None, Some(e)) => format!(
+            "termtune: eval at step {}: eval_loss {e:.4}",
+            l.current_steps
+        ),
+        (loss, _) => format!(
+            "step {}/{} | loss {} | lr {} | epoch {:.2} | {} < {}",
+            l.current_steps,
+            l.total_steps,
+            loss.map_or_else(|| "-".into(), |v| format!("{v:.4}")),
+            l.lr.map_or_else(|| "-".into(), |v| format!("{v:.2e}")),
+            l.epoch,
+            l.elapsed_time,
+            l.remaining_time
+        ),
+    }
+}
+
+/// Follows a folder that holds no termtune run (a LLaMA-Factory run's `output_dir`) from its
+/// `trainer_log.jsonl`, read-only, until the last step is logged.
+fn follow_log(dir: &Path) -> ExitCode {
+    use super::follow::{LogFollower, POLL_INTERVAL, reached_the_end};
+    eprintln!(
+        "termtune: following {}/trainer_log.jsonl read-only (no termtune run here; a LLaMA-Factory run?) until its last step; Ctrl-C stops following",
+        dir.display()
+    );
+    let mut follower = LogFollower::new(dir);
+    let mut first = true;
+    loop {
+        let polled = match follower.poll() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!(
+                    "termtune: cannot read {}/trainer_log.jsonl: {e}",
+                    dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        if polled.restarted {
+            eprintln!("termtune: trainer_log.jsonl started over (a new run in this folder)");
+        }
+        if first && let Some(summary) = history_summary(&polled.lines) {
+            eprintln!("termtune: {summary}");
+        }
+        first = false;
+        let mut end = None;
+        for l in &polled.lines {
+            eprintln!("{}", log_line_text(l));
+            if reached_the_end(l) {
+                end = Some((l.current_steps, l.total_steps));
+            }
+        }
+        if let Some((step, total)) = end {
+            eprintln!("termtune: the run logged its last step ({step}/{total})");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
 }

@@ -22,6 +22,8 @@ pub enum Request {
     Save,
     /// Stop after the current step, with a checkpoint.
     Stop,
+    /// Stop after the current step without a checkpoint (the last one saved is kept).
+    Abandon,
     Status,
 }
 
@@ -33,7 +35,19 @@ impl Request {
             Self::Resume => Some(TrainCommand::Resume),
             Self::Save => Some(TrainCommand::SaveCheckpoint),
             Self::Stop => Some(TrainCommand::Stop { save: true }),
+            Self::Abandon => Some(TrainCommand::Stop { save: false }),
             Self::Status => None,
+        }
+    }
+
+    /// The request that asks a run for `command` (the TUI's engine commands, sent to its run).
+    pub fn of_command(command: &TrainCommand) -> Self {
+        match command {
+            TrainCommand::Pause => Self::Pause,
+            TrainCommand::Resume => Self::Resume,
+            TrainCommand::SaveCheckpoint => Self::Save,
+            TrainCommand::Stop { save: true } => Self::Stop,
+            TrainCommand::Stop { save: false } => Self::Abandon,
         }
     }
 }
@@ -174,6 +188,16 @@ pub fn connect(output_dir: &Path) -> Result<UnixStream, AttachError> {
                 dir,
                 what: what().unwrap_or_else(|| "over".into()),
             },
+        });
+    }
+    // A process being killed may still accept on its socket for a moment after it reads as gone
+    // (its main thread exits first): its record decides.
+    if RunRecord::load(output_dir).is_ok_and(|r| !r.state.is_final() && !super::is_alive(&r)) {
+        let _ = std::fs::remove_file(&socket);
+        return Err(AttachError::Stale {
+            dir,
+            what: what().unwrap_or_else(|| "its process is gone".into()),
+            socket,
         });
     }
     match UnixStream::connect(&socket) {

@@ -31,38 +31,103 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// The caller's side: starts the run process for `loaded` and reports where it runs.
+/// A run process just started: it listens on its control socket.
+pub struct Spawned {
+    pub output_dir: PathBuf,
+    pub pid: u32,
+    pub log: PathBuf,
+    /// The process, for the caller to reap when it ends (a TUI outlives its runs' exits).
+    pub child: std::process::Child,
+}
+
+/// The caller's side of `termtune train PRESET --detach`: starts the run process with this
+/// command's own arguments and reports where it runs.
 pub fn start(loaded: &Loaded) -> ExitCode {
-    let out = absolute(Path::new(&loaded.preset.output_dir));
-    if let Err(e) = std::fs::create_dir_all(&out) {
-        eprintln!(
-            "termtune: cannot create output_dir {}: {e}; pick another output_dir",
-            out.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    {
-        use std::os::unix::fs::MetadataExt;
-        let me = control::my_uid();
-        if let Ok(m) = std::fs::metadata(&out)
-            && m.uid() != me
-        {
-            eprintln!(
-                "termtune: output_dir {} belongs to user id {} (you are {me}); pick an output_dir of your own",
-                out.display(),
-                m.uid()
-            );
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    let spawned = match spawn(loaded, args) {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("termtune: {msg}");
             return ExitCode::FAILURE;
         }
+    };
+    let out = &spawned.output_dir;
+    println!("termtune: training in the background");
+    println!("  output_dir: {}", out.display());
+    println!("  pid:        {}", spawned.pid);
+    println!("  log:        {}", spawned.log.display());
+    println!("  attach:     termtune attach {}", out.display());
+    println!("  stop:       termtune attach {} --stop", out.display());
+    println!("  list:       termtune runs");
+    ExitCode::SUCCESS
+}
+
+/// The preset a run started by a client (the TUI) trains on, written into its folder: the form
+/// may hold edits that are in no file.
+pub const CLIENT_PRESET_FILE: &str = "termtune-run.yaml";
+
+/// Starts a run process for `loaded` on behalf of a client (the TUI): its preset is written to
+/// `output_dir/termtune-run.yaml` and the process runs `termtune train` on that file. The same
+/// process, state file, log and socket as `termtune train --detach`.
+pub fn start_for_client(loaded: &Loaded) -> Result<Spawned, String> {
+    let out = absolute(Path::new(&loaded.preset.output_dir));
+    check_folder(&out)?;
+    let preset = out.join(CLIENT_PRESET_FILE);
+    crate::config::save(
+        loaded,
+        &preset,
+        Some("the preset of the run the termtune TUI started in this folder"),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", preset.display()))?;
+    let device = crate::engine::device::preferred().to_string();
+    spawn(
+        loaded,
+        vec![
+            "--device".into(),
+            device.into(),
+            "train".into(),
+            preset.into_os_string(),
+        ],
+    )
+}
+
+/// Creates `out` and refuses a folder of another user.
+fn check_folder(out: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(out).map_err(|e| {
+        format!(
+            "cannot create output_dir {}: {e}; pick another output_dir",
+            out.display()
+        )
+    })?;
+    let me = control::my_uid();
+    if let Ok(m) = std::fs::metadata(out)
+        && m.uid() != me
+    {
+        return Err(format!(
+            "output_dir {} belongs to user id {} (you are {me}); pick an output_dir of your own",
+            out.display(),
+            m.uid()
+        ));
     }
+    Ok(())
+}
+
+/// Starts this program again with `args` and the hidden [`CHILD_FLAG`] as the run process of
+/// `loaded`, and waits until it listens on its control socket.
+fn spawn(loaded: &Loaded, mut args: Vec<std::ffi::OsString>) -> Result<Spawned, String> {
+    let out = absolute(Path::new(&loaded.preset.output_dir));
+    check_folder(&out)?;
     let socket = control::socket_path(&out);
     if UnixStream::connect(&socket).is_ok() {
-        eprintln!(
-            "termtune: a run is already live in {} (its control socket answers); attach with `termtune attach {}` or pick another output_dir",
+        return Err(format!(
+            "a run is already live in {} (its control socket answers); attach with `termtune attach {}` or pick another output_dir",
             out.display(),
             out.display()
-        );
-        return ExitCode::FAILURE;
+        ));
     }
     let log_path = out.join(LOG_FILE);
     let log = std::fs::OpenOptions::new()
@@ -77,75 +142,54 @@ pub fn start(loaded: &Loaded) -> ExitCode {
             )?;
             Ok(f)
         });
-    let (log, log2) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-        Ok(pair) => pair,
-        Err(e) => {
-            eprintln!("termtune: cannot write {}: {e}", log_path.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("termtune: cannot find this program's own path to start the run: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--detach")
-        .collect();
+    let (log, log2) = log
+        .and_then(|f| Ok((f.try_clone()?, f)))
+        .map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this program's own path to start the run: {e}"))?;
     args.push(CHILD_FLAG.into());
     // The stale socket of an earlier run must not pass for the new one.
     if socket.exists() {
         let _ = std::fs::remove_file(&socket);
     }
-    let mut child = match std::process::Command::new(&exe)
+    let mut child = std::process::Command::new(&exe)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("termtune: cannot start {}: {e}", exe.display());
-            return ExitCode::FAILURE;
-        }
-    };
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let pid = child.id();
     let began = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            eprintln!(
-                "termtune: the run process ended at once ({status}); the end of {}:",
-                log_path.display()
-            );
-            eprint!("{}", tail(&log_path, 20));
-            return ExitCode::FAILURE;
+            return Err(format!(
+                "the run process ended at once ({status}); the end of {}:\n{}",
+                log_path.display(),
+                tail(&log_path, 20).trim_end()
+            ));
         }
-        if UnixStream::connect(&socket).is_ok() {
+        // Listening, registered and its record written: `termtune runs` shows it from now on.
+        if UnixStream::connect(&socket).is_ok() && RunRecord::load(&out).is_ok_and(|r| r.pid == pid)
+        {
             break;
         }
         if began.elapsed() > START_TIMEOUT {
-            eprintln!(
-                "termtune: the run process (pid {pid}) has not opened {} after {} s; it may still be starting: see {} and `termtune runs`",
+            return Err(format!(
+                "the run process (pid {pid}) has not opened {} after {} s; it may still be starting: see {} and `termtune runs`",
                 socket.display(),
                 START_TIMEOUT.as_secs(),
                 log_path.display()
-            );
-            return ExitCode::FAILURE;
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("termtune: training in the background");
-    println!("  output_dir: {}", out.display());
-    println!("  pid:        {pid}");
-    println!("  log:        {}", log_path.display());
-    println!("  attach:     termtune attach {}", out.display());
-    println!("  stop:       termtune attach {} --stop", out.display());
-    println!("  list:       termtune runs");
-    ExitCode::SUCCESS
+    Ok(Spawned {
+        output_dir: out,
+        pid,
+        log: log_path,
+        child,
+    })
 }
 
 /// The last `n` lines of a text file.
@@ -194,13 +238,14 @@ pub fn run_child(loaded: Loaded, preset: &Path) -> ExitCode {
         total_steps: None,
         message: None,
     };
-    save(&record);
+    // Registered before its record is written: the caller returns once the record is there.
     if let Err(e) = super::register(&out) {
         eprintln!(
             "termtune: warning: cannot register the run in {}: {e}; `termtune runs` will not list it",
             super::registry_dir().display()
         );
     }
+    save(&record);
 
     let (tx, rx) = mpsc::channel::<Msg>();
     install_signal_handlers(tx.clone());
@@ -306,23 +351,7 @@ struct Host {
 impl Host {
     fn event(&mut self, ev: TrainEvent) {
         self.printer.event(&ev);
-        let before = (self.record.state, self.record.total_steps);
-        match &ev {
-            TrainEvent::Started {
-                total_steps,
-                device,
-                ..
-            } => {
-                self.record.state = RunState::Running;
-                self.record.total_steps = Some(*total_steps);
-                self.record.device = Some(device.clone());
-            }
-            TrainEvent::Paused => self.record.state = RunState::Paused,
-            TrainEvent::Resumed => self.record.state = RunState::Running,
-            TrainEvent::Failed(msg) => self.record.message = Some(msg.clone()),
-            _ => {}
-        }
-        if before != (self.record.state, self.record.total_steps) {
+        if self.record.on_event(&ev) {
             save(&self.record);
         }
         match &ev {

@@ -7,20 +7,26 @@
 //! - the registry: `<cache>/runs/<id>.json`, one pointer to a run folder each ([`register`]).
 //! - [`list`] / [`RunView`]: what `termtune runs` shows, with runs whose process is gone as "died".
 //! - [`control`]: the socket protocol (server side in the run, client side in `attach`).
-//! - [`detach`]: starting the run process and its main loop; [`attach`]: the headless client.
+//! - [`detach`]: starting the run process and its main loop; [`attach`]: the headless client;
+//!   [`client`]: the TUI's connection to a run; [`follow`]: any run folder's `trainer_log.jsonl`
+//!   followed read-only as it grows (LLaMA-Factory's runs too).
 
 #[cfg(unix)]
 pub mod attach;
 #[cfg(unix)]
+pub mod client;
+#[cfg(unix)]
 pub mod control;
 #[cfg(unix)]
 pub mod detach;
+pub mod follow;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::trainer::protocol::TrainEvent;
 use crate::trainer::runlog::LogLine;
 
 /// The state file of a run, in its folder.
@@ -108,6 +114,47 @@ impl RunRecord {
     pub fn save(&self) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         crate::fsutil::write_atomic(&Self::path(&self.output_dir), text.as_bytes())
+    }
+
+    /// Follows `ev` (state, total steps, device, why it failed); true when the record changed.
+    pub fn on_event(&mut self, ev: &TrainEvent) -> bool {
+        let before = (self.state, self.total_steps);
+        match ev {
+            TrainEvent::Started {
+                total_steps,
+                device,
+                ..
+            } => {
+                self.state = RunState::Running;
+                self.total_steps = Some(*total_steps);
+                self.device = Some(device.clone());
+                return true;
+            }
+            TrainEvent::Paused => self.state = RunState::Paused,
+            TrainEvent::Resumed => self.state = RunState::Running,
+            TrainEvent::Failed(msg) => self.message = Some(msg.clone()),
+            _ => {}
+        }
+        before != (self.state, self.total_steps)
+    }
+
+    /// A run in the foreground (`termtune train`) in a folder whose detached run has ended or
+    /// died: the folder's record becomes this process's, so `termtune runs` tells how it goes
+    /// on rather than "died". `None` when the folder has no record or its run is alive.
+    pub fn take_over(output_dir: &Path) -> Option<Self> {
+        let dir = std::path::absolute(output_dir).unwrap_or_else(|_| output_dir.to_path_buf());
+        let mut record = Self::load(&dir).ok()?;
+        if !record.state.is_final() && is_alive(&record) {
+            return None;
+        }
+        let pid = std::process::id();
+        record.pid = pid;
+        record.process_start = process_start(pid).unwrap_or_else(now_unix);
+        record.started = now_unix();
+        record.state = RunState::Starting;
+        record.message = None;
+        record.save().ok()?;
+        Some(record)
     }
 }
 

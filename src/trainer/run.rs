@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
@@ -89,6 +89,11 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainErr
     let context = context.into();
     move |source| TrainError::Io { context, source }
 }
+
+/// How often a run paused on a full disk tries to save again by itself.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(10);
+/// How long a run waits on a full disk for room before it ends with its last good checkpoint.
+pub const DISK_FULL_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// How the run ended, for the caller's exit status.
 #[derive(Debug, Clone, PartialEq)]
@@ -676,7 +681,7 @@ impl<'a> Trainer<'a> {
             }
             if save_now {
                 save_now = false;
-                let dir = self.save_checkpoint()?;
+                let dir = self.save_checkpoint_waiting(commands, emit)?;
                 emit(TrainEvent::CheckpointSaved {
                     step: self.step,
                     dir,
@@ -684,7 +689,7 @@ impl<'a> Trainer<'a> {
             }
             if let Some(save) = stop {
                 if save && self.step > start_step {
-                    let dir = self.save_checkpoint()?;
+                    let dir = self.save_checkpoint_waiting(commands, emit)?;
                     emit(TrainEvent::CheckpointSaved {
                         step: self.step,
                         dir,
@@ -728,7 +733,7 @@ impl<'a> Trainer<'a> {
                 self.updates_per_epoch,
                 self.total_steps,
             ) {
-                let dir = self.save_checkpoint()?;
+                let dir = self.save_checkpoint_waiting(commands, emit)?;
                 emit(TrainEvent::CheckpointSaved { step, dir });
             }
         }
@@ -1058,6 +1063,51 @@ impl<'a> Trainer<'a> {
             kept,
             limit,
         }))
+    }
+
+    /// Saves a checkpoint; on a full disk the run pauses with its state in memory and tries
+    /// again when told to resume (or save), and by itself every [`DISK_FULL_RETRY`], for at most
+    /// [`DISK_FULL_WAIT`]. A stop, or the end of the wait, ends the run with the full-disk error
+    /// (the last good checkpoint is intact).
+    fn save_checkpoint_waiting(
+        &mut self,
+        commands: &Receiver<TrainCommand>,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<PathBuf, TrainError> {
+        let mut waiting: Option<Instant> = None;
+        loop {
+            let e = match self.save_checkpoint() {
+                Ok(dir) => {
+                    if waiting.is_some() {
+                        emit(TrainEvent::Resumed);
+                    }
+                    return Ok(dir);
+                }
+                Err(TrainError::DiskFull(e)) => e,
+                Err(other) => return Err(other),
+            };
+            let since = match waiting {
+                Some(t) => t,
+                None => {
+                    emit(TrainEvent::Warning(format!(
+                        "{e}. The run is paused with its state in memory: make room, then resume (p in the TUI, `termtune attach --resume`) to save again; it also tries by itself every {} s for {}. Stopping ends it with the last good checkpoint.",
+                        DISK_FULL_RETRY.as_secs(),
+                        super::runlog::format_duration(DISK_FULL_WAIT.as_secs_f64())
+                    )));
+                    emit(TrainEvent::Paused);
+                    *waiting.insert(Instant::now())
+                }
+            };
+            if since.elapsed() >= DISK_FULL_WAIT {
+                return Err(TrainError::DiskFull(e));
+            }
+            match commands.recv_timeout(DISK_FULL_RETRY) {
+                Ok(TrainCommand::Stop { .. }) => return Err(TrainError::DiskFull(e)),
+                // Resume, save, pause, or the retry interval: try again.
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(DISK_FULL_RETRY),
+            }
+        }
     }
 
     fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {

@@ -1,12 +1,13 @@
 //! Carries out the [`Effect`]s that [`crate::app::App::update`] returns, off the terminal loop:
-//! owns the engine, chat and export handles, reads and writes files, and runs the slow look-ups
-//! (model probe, dataset preview, export) on their own threads. Every answer comes back to the
-//! loop as a [`Msg`].
+//! owns the connection to the followed run (a run is a process of its own, started as
+//! `termtune train --detach` starts one), the chat and export handles, reads and writes files,
+//! and runs the slow look-ups (model probe, dataset preview, export) on their own threads. Every
+//! answer comes back to the loop as a [`Msg`].
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -15,8 +16,7 @@ use crate::chat::worker::{ChatCommand, ChatHandle};
 use crate::config::{self, Loaded, Preset};
 use crate::export::job::{ExportEvent, ExportRequest};
 use crate::resolve::ModelRef;
-use crate::trainer::protocol::TrainEvent;
-use crate::trainer::thread::EngineThread;
+use crate::trainer::protocol::{TrainCommand, TrainEvent};
 
 /// The header `SavePreset` writes above the keys.
 const SAVED_HEADER: &str = "saved by termtune (LLaMA-Factory keys; runs with `termtune train` and `llamafactory-cli train`)";
@@ -24,12 +24,14 @@ const SAVED_HEADER: &str = "saved by termtune (LLaMA-Factory keys; runs with `te
 /// The effect runner: the background work the app has started, and the channel answers go to.
 pub struct Effects {
     tx: UnboundedSender<Msg>,
-    engine: Option<EngineThread>,
+    run: Arc<Mutex<RunLink>>,
     chat: Option<ChatHandle>,
     /// The cancel flag of the latest export thread.
     export_cancel: Option<Arc<AtomicBool>>,
     /// The cancel flag of the latest prediction thread.
     predict_cancel: Option<Arc<AtomicBool>>,
+    /// The stop flag of the thread following a run folder's log.
+    folder_stop: Option<Arc<AtomicBool>>,
 }
 
 impl Effects {
@@ -37,10 +39,11 @@ impl Effects {
     pub fn new(tx: UnboundedSender<Msg>) -> Self {
         Self {
             tx,
-            engine: None,
+            run: Arc::default(),
             chat: None,
             export_cancel: None,
             predict_cancel: None,
+            folder_stop: None,
         }
     }
 
@@ -52,9 +55,12 @@ impl Effects {
                 return ControlFlow::Break(());
             }
             Effect::StartRun(loaded) => self.start_run(*loaded),
-            Effect::Engine(command) => {
-                if let Some(e) = &self.engine {
-                    e.send(command);
+            Effect::Engine(command) => self.command_run(&command),
+            Effect::ListRuns => {
+                if let Err(e) = self.background("runs", |tx| {
+                    let _ = tx.send(Msg::RunList(crate::runs::list()));
+                }) {
+                    tracing::warn!("cannot list the runs: {e}");
                 }
             }
             Effect::Export(request) => self.export(*request),
@@ -77,7 +83,7 @@ impl Effects {
             Effect::SavePreset { loaded, path } => self.send(save_preset(&loaded, &path)),
             Effect::LoadPreset(path) => self.send(read_preset(&path)),
             Effect::ListPresets => self.send(Msg::PresetList(config::list_presets())),
-            Effect::OpenRunFolder(dir) => self.send(open_run_folder(dir)),
+            Effect::OpenRunFolder(dir) => self.open_run_folder(dir),
             Effect::ListDatasets(dir) => self.send(Msg::Datasets(
                 crate::data::registry::load_registry(&dir)
                     .map(|m| m.keys().cloned().collect())
@@ -103,13 +109,6 @@ impl Effects {
         ControlFlow::Continue(())
     }
 
-    /// The engine thread has sent its last event: wait for it to end.
-    pub fn engine_exited(&mut self) {
-        if let Some(e) = self.engine.take() {
-            let _ = e.join();
-        }
-    }
-
     fn send(&self, msg: Msg) {
         let _ = self.tx.send(msg);
     }
@@ -127,37 +126,137 @@ impl Effects {
             .map(drop)
     }
 
-    /// Stops any answer and any run (a dropped command channel reads as a stop with a
-    /// checkpoint; the app quits during a run only after `EngineExited`, so this rarely waits).
+    /// Opens a run folder: a live termtune run in it is followed through its socket; any other
+    /// (a finished run, a LLaMA-Factory run) is read from `trainer_log.jsonl` and followed as
+    /// the file grows, read-only.
+    fn open_run_folder(&mut self, dir: PathBuf) {
+        self.stop_following_folder();
+        #[cfg(unix)]
+        if crate::runs::RunRecord::load(&dir)
+            .is_ok_and(|r| !r.state.is_final() && crate::runs::is_alive(&r))
+        {
+            self.attach_run(dir);
+            return;
+        }
+        if let Ok(mut link) = self.run.lock() {
+            link.detach();
+        }
+        let first = open_run_folder(dir.clone());
+        let opened = matches!(first, Msg::RunFolder(Ok(_)));
+        self.send(first);
+        if !opened {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        self.folder_stop = Some(Arc::clone(&stop));
+        let started = self.background("follow-log", move |tx| {
+            let mut follower = crate::runs::follow::LogFollower::new(&dir);
+            // The lines read so far were sent whole: skip them.
+            let _ = follower.poll();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(crate::runs::follow::POLL_INTERVAL);
+                match follower.poll() {
+                    Ok(polled) if polled.lines.is_empty() && !polled.restarted => {}
+                    Ok(polled) => {
+                        let msg = Msg::RunLog {
+                            dir: dir.clone(),
+                            polled,
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("stopped following {}: {e}", dir.display());
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = started {
+            tracing::warn!("cannot follow the run folder: {e}");
+        }
+    }
+
+    fn stop_following_folder(&mut self) {
+        if let Some(stop) = self.folder_stop.take() {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Stops any answer and detaches from the followed run (which goes on in its own process).
     fn quit(&mut self) {
         if let Some(c) = self.chat.take() {
             // A model still loading is left to finish on its own.
             c.send(ChatCommand::Stop);
         }
-        if let Some(e) = self.engine.take() {
-            let _ = e.close();
+        if let Ok(mut link) = self.run.lock() {
+            link.detach();
+        }
+        self.stop_following_folder();
+    }
+
+    /// Sends `command` to the followed run (queued while its process is still starting).
+    fn command_run(&mut self, command: &TrainCommand) {
+        if let Ok(mut link) = self.run.lock() {
+            link.send(command);
         }
     }
 
+    /// Starts a run process on `loaded` (off the loop: it waits until the run listens), then
+    /// follows it.
+    #[cfg(unix)]
     fn start_run(&mut self, loaded: Loaded) {
-        let (events, exits) = (self.tx.clone(), self.tx.clone());
-        let spawned = crate::trainer::thread::spawn(
-            loaded,
-            move |ev| {
-                let _ = events.send(Msg::Engine(ev));
-            },
-            move || {
-                let _ = exits.send(Msg::EngineExited);
-            },
-        );
-        match spawned {
-            Ok(e) => self.engine = Some(e),
-            Err(err) => {
-                self.send(Msg::Engine(TrainEvent::Failed(format!(
-                    "cannot start the engine thread: {err}"
-                ))));
-                self.send(Msg::EngineExited);
-            }
+        self.stop_following_folder();
+        if let Ok(mut link) = self.run.lock() {
+            link.detach();
+            link.starting = true;
+        }
+        let run = Arc::clone(&self.run);
+        let started = self.background("run-start", move |tx| {
+            let spawned = match crate::runs::detach::start_for_client(&loaded) {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Ok(mut link) = run.lock() {
+                        link.starting = false;
+                        link.queued.clear();
+                    }
+                    let _ = tx.send(Msg::Engine(TrainEvent::Failed(e)));
+                    let _ = tx.send(Msg::EngineExited);
+                    return;
+                }
+            };
+            let mut child = spawned.child;
+            follow(&run, &spawned.output_dir, tx);
+            // Reap the run process when it ends (it is this process's child).
+            let _ = child.wait();
+        });
+        if let Err(e) = started {
+            self.send(Msg::Engine(TrainEvent::Failed(format!(
+                "cannot start the run: {e}"
+            ))));
+            self.send(Msg::EngineExited);
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn start_run(&mut self, _: Loaded) {
+        self.send(Msg::Engine(TrainEvent::Failed(
+            "runs from the TUI need a Unix system (sessions and Unix sockets); use `termtune train` in the foreground".into(),
+        )));
+        self.send(Msg::EngineExited);
+    }
+
+    /// Follows the run in `dir` instead of the one followed so far (which goes on).
+    #[cfg(unix)]
+    fn attach_run(&mut self, dir: PathBuf) {
+        self.stop_following_folder();
+        if let Ok(mut link) = self.run.lock() {
+            link.detach();
+        }
+        let run = Arc::clone(&self.run);
+        if let Err(e) = self.background("run-attach", move |tx| follow(&run, &dir, tx)) {
+            tracing::warn!("cannot attach: {e}");
         }
     }
 
@@ -236,6 +335,93 @@ impl Effects {
         }
         if let Some(c) = &self.chat {
             c.send(command);
+        }
+    }
+}
+
+/// The connection to the followed run, shared with the threads that start and attach.
+#[derive(Debug, Default)]
+struct RunLink {
+    #[cfg(unix)]
+    client: Option<crate::runs::client::Client>,
+    /// A run process is being started: commands wait for its connection.
+    starting: bool,
+    queued: Vec<TrainCommand>,
+}
+
+impl RunLink {
+    fn send(&mut self, command: &TrainCommand) {
+        #[cfg(unix)]
+        if let Some(c) = self.client.as_mut() {
+            if let Err(e) = c.send(crate::runs::control::Request::of_command(command)) {
+                tracing::warn!("cannot reach the run in {}: {e}", c.output_dir().display());
+            }
+            return;
+        }
+        if self.starting {
+            self.queued.push(command.clone());
+        }
+    }
+
+    /// Stops following (the run goes on).
+    fn detach(&mut self) {
+        #[cfg(unix)]
+        {
+            self.client = None;
+        }
+        self.starting = false;
+        self.queued.clear();
+    }
+}
+
+/// Attaches to the run in `dir` and forwards what it says as messages; commands queued while
+/// it started are sent. A refusal (another user's folder, a run that has ended) is reported.
+#[cfg(unix)]
+fn follow(run: &Arc<Mutex<RunLink>>, dir: &Path, tx: &UnboundedSender<Msg>) {
+    use crate::runs::client::{Client, Heard};
+    let events = tx.clone();
+    let attached = Client::attach(dir, move |heard| {
+        let msg = match heard {
+            Heard::Attached {
+                output_dir,
+                record,
+                history,
+            } => Msg::RunAttached {
+                output_dir,
+                record,
+                history,
+            },
+            Heard::Event(ev) => Msg::Engine(ev),
+            Heard::Ended(view) => {
+                if let Some(v) = view {
+                    let _ = events.send(Msg::RunFinal(v));
+                }
+                Msg::EngineExited
+            }
+        };
+        events.send(msg).is_ok()
+    });
+    let Ok(mut link) = run.lock() else {
+        return;
+    };
+    match attached {
+        Ok(mut client) => {
+            for command in std::mem::take(&mut link.queued) {
+                let _ = client.send(crate::runs::control::Request::of_command(&command));
+            }
+            link.starting = false;
+            link.client = Some(client);
+        }
+        Err(e) => {
+            let was_starting = std::mem::take(&mut link.starting);
+            link.queued.clear();
+            drop(link);
+            if was_starting {
+                let _ = tx.send(Msg::Engine(TrainEvent::Failed(e.to_string())));
+                let _ = tx.send(Msg::EngineExited);
+            } else {
+                let _ = tx.send(Msg::PresetFailed(e.to_string()));
+            }
         }
     }
 }

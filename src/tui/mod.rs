@@ -122,6 +122,10 @@ pub fn run(options: &Options) -> Result<(), TuiError> {
     terminal.clear()?;
     let result = runtime.block_on(event_loop(&mut terminal, &mut app, &themes));
     drop(guard);
+    if let Some(line) = &app.farewell {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
     result
 }
 
@@ -193,9 +197,6 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
             _ = frames.tick() => Msg::Tick,
         };
         let tick = matches!(msg, Msg::Tick);
-        if matches!(msg, Msg::EngineExited) {
-            effects.engine_exited();
-        }
         pending.extend(app.update(msg));
         for effect in std::mem::take(&mut pending) {
             if effects.run(effect).is_break() {
@@ -205,8 +206,8 @@ async fn event_loop(terminal: &mut Term, app: &mut App, themes: &[Theme]) -> Res
         if tick && !terminal_gone && app.take_dirty() {
             let theme = themes.get(app.theme_index).unwrap_or(&fallback);
             if let Err(e) = terminal.draw(|f| ui::render(f, app, theme)) {
-                // The terminal went away (SSH dropped): stop the run with a checkpoint, quietly.
-                tracing::warn!("cannot draw: {e}; stopping");
+                // The terminal went away (SSH dropped): leave; a run goes on in its own process.
+                tracing::warn!("cannot draw: {e}; leaving");
                 terminal_gone = true;
                 pending.extend(app.update(Msg::Terminate));
             }
@@ -231,19 +232,21 @@ fn mouse_msg(app: &App, area: Rect, m: MouseEvent) -> Option<Msg> {
     }
 }
 
-/// SIGHUP (the SSH connection dropped) and SIGTERM become [`Msg::Terminate`]: a running training
-/// stops after its step with a checkpoint, then termtune exits.
+/// SIGHUP (the SSH connection dropped) and SIGTERM become [`Msg::Terminate`]: termtune exits and
+/// a run it started goes on in its own process.
 fn watch_signals(tx: UnboundedSender<Msg>) {
     use signal_hook::consts::{SIGHUP, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM]) else {
-        tracing::warn!("cannot install signal handlers; a hang-up ends termtune at once");
+        tracing::warn!(
+            "cannot install signal handlers; a hang-up ends termtune at once (a run goes on)"
+        );
         return;
     };
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                tracing::warn!("signal {sig}: stopping (with a checkpoint if training)");
+                tracing::warn!("signal {sig}: leaving (a run goes on in its own process)");
                 if tx.send(Msg::Terminate).is_err() {
                     break;
                 }

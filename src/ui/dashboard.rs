@@ -94,10 +94,18 @@ fn render_progress(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         ));
     }
     let title = match (&run.phase, &run.from_folder) {
-        (Phase::Idle, Some(dir)) => format!("run folder {}", dir.display()),
-        (Phase::Idle, None) => "no run yet: s starts, o opens output_dir".to_string(),
+        (Phase::Idle, Some(dir)) => format!(
+            "run folder {} (read-only, follows trainer_log.jsonl)",
+            dir.display()
+        ),
+        (Phase::Idle, None) => "no run yet: s starts, a lists runs, o opens output_dir".to_string(),
         (Phase::Loading(what), _) => format!("loading: {what}"),
-        (p, _) => p.label(),
+        (p, _) => match (run.run_pid, &run.output_dir) {
+            (Some(pid), Some(dir)) if p.is_active() => {
+                format!("{} · run pid {pid} · {}", p.label(), dir.display())
+            }
+            _ => p.label(),
+        },
     };
     let width = usize::from(area.width.saturating_sub(4));
     let gauge = Gauge::default()

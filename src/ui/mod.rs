@@ -326,26 +326,26 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             );
         }
         Overlay::Picker { items, selected } => {
-            let h = u16::try_from(items.len() + 2).unwrap_or(u16::MAX);
-            let r = centered(area, 70, h);
-            frame.render_widget(Clear, r);
-            let lines: Vec<Line> = items
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let style = if i == *selected {
-                        theme.field_focused
-                    } else {
-                        theme.field_value
-                    };
-                    Line::styled(format!(" {}", p.display()), style)
-                })
-                .collect();
-            let skip = selected.saturating_sub(usize::from(r.height.saturating_sub(3)));
-            frame.render_widget(
-                Paragraph::new(lines.into_iter().skip(skip).collect::<Vec<_>>())
-                    .block(boxed("load preset (Enter loads, Esc closes)", theme)),
-                r,
+            let items: Vec<String> = items.iter().map(|p| p.display().to_string()).collect();
+            render_list(
+                frame,
+                (area, 70),
+                &items,
+                *selected,
+                "load preset (Enter loads, Esc closes)",
+                theme,
+            );
+        }
+        Overlay::Runs { items, selected } => {
+            let now = crate::runs::now_unix();
+            let items: Vec<String> = items.iter().map(|r| run_line(r, now)).collect();
+            render_list(
+                frame,
+                (area, area.width.saturating_sub(4).min(110)),
+                &items,
+                *selected,
+                "runs of this machine (Enter follows one, Esc closes)",
+                theme,
             );
         }
         Overlay::Confirm(q) => {
@@ -365,6 +365,55 @@ fn render_overlay(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             );
         }
     }
+}
+
+/// A list to pick from, `width` columns wide, the `selected` line highlighted and in view.
+fn render_list(
+    frame: &mut Frame,
+    (area, width): (Rect, u16),
+    items: &[String],
+    selected: usize,
+    title: &str,
+    theme: &Theme,
+) {
+    let h = u16::try_from(items.len() + 2).unwrap_or(u16::MAX);
+    let r = centered(area, width, h);
+    frame.render_widget(Clear, r);
+    let lines: Vec<Line> = items
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let style = if i == selected {
+                theme.field_focused
+            } else {
+                theme.field_value
+            };
+            Line::styled(format!(" {text}"), style)
+        })
+        .collect();
+    let skip = selected.saturating_sub(usize::from(r.height.saturating_sub(3)));
+    frame.render_widget(
+        Paragraph::new(lines.into_iter().skip(skip).collect::<Vec<_>>()).block(boxed(title, theme)),
+        r,
+    );
+}
+
+/// One run in the list of runs: state, step, loss, age and folder.
+fn run_line(r: &crate::runs::RunView, now: u64) -> String {
+    let steps = match r.total_steps {
+        Some(t) => format!("{}/{t}", r.step),
+        None => r.step.to_string(),
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let age = crate::trainer::runlog::format_duration(now.saturating_sub(r.started) as f64);
+    format!(
+        "{:<8} step {:<11} loss {:<7} {} ago  {}",
+        r.state.as_str(),
+        steps,
+        r.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
+        age,
+        r.output_dir.display()
+    )
 }
 
 /// Bytes as GiB with one decimal.
