@@ -160,6 +160,23 @@ impl Drop for Sampler {
     }
 }
 
+/// The process whose CPU, memory and GPU memory the sampler reads: 0 for this one, else the run process a TUI
+/// follows (the run trains in a process of its own).
+static WATCHED_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Reads `pid`'s process figures from now on (`None`: this process's own).
+pub fn watch_process(pid: Option<u32>) {
+    WATCHED_PID.store(pid.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The pid whose figures are read.
+fn watched_pid() -> u32 {
+    match WATCHED_PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::process::id(),
+        pid => pid,
+    }
+}
+
 /// Starts the sampler thread "telemetry": a reading every `interval`, passed to `send`, until
 /// `send` returns false (the receiver is gone) or the [`Sampler`] is dropped.
 pub fn spawn_sampler(
@@ -191,26 +208,25 @@ pub fn spawn_sampler(
 
 struct SystemReader {
     sys: sysinfo::System,
-    pid: sysinfo::Pid,
 }
 
 impl SystemReader {
     fn new() -> Option<Self> {
-        let pid = sysinfo::get_current_pid().ok()?;
         let sys = sysinfo::System::new().ok()?;
-        Some(Self { sys, pid })
+        Some(Self { sys })
     }
 
     fn read(&mut self) -> Option<SystemSample> {
         use sysinfo::{ProcessRefreshKind, ProcessesToUpdate};
+        let pid = sysinfo::Pid::from_u32(watched_pid());
         self.sys.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[self.pid]),
+            ProcessesToUpdate::Some(&[pid]),
             true,
             ProcessRefreshKind::nothing().with_memory().with_cpu(),
         );
         self.sys.refresh_memory();
         self.sys.refresh_cpu_usage();
-        let p = self.sys.process(self.pid)?;
+        let p = self.sys.process(pid)?;
         Some(SystemSample {
             process_rss_bytes: p.memory(),
             process_cpu_percent: p.cpu_usage(),
@@ -283,12 +299,12 @@ impl GpuReader {
     }
 }
 
-/// This process's memory on `d` (compute processes whose pid is ours; `None` where the driver hides pids, as
-/// in some containers).
+/// The watched process's memory on `d` (this one's, or the followed run's; `None` where the driver hides pids,
+/// as in some containers).
 #[cfg(feature = "nvml")]
 fn own_memory(d: &nvml_wrapper::Device<'_>) -> Option<u64> {
     use nvml_wrapper::enums::device::UsedGpuMemory;
-    let pid = std::process::id();
+    let pid = watched_pid();
     d.running_compute_processes()
         .ok()?
         .into_iter()
@@ -315,6 +331,25 @@ mod tests {
         t.cancel();
         assert!(h.join().expect("sleeper thread"));
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A TUI following a run reads the run process's figures, then its own again.
+    #[test]
+    fn the_watched_process_is_the_one_read() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let mut reader = SystemReader::new().expect("sysinfo");
+        let own = reader.read().expect("this process").process_rss_bytes;
+        watch_process(Some(child.id()));
+        let theirs = reader.read().map(|s| s.process_rss_bytes);
+        watch_process(None);
+        let _ = child.kill();
+        let _ = child.wait();
+        // `sleep` holds a few MiB; this test binary (candle, tokenizers…) holds far more.
+        let theirs = theirs.expect("the child's figures");
+        assert!(theirs > 0 && theirs < own / 2, "{theirs} vs {own}");
     }
 
     #[test]

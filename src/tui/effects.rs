@@ -365,6 +365,7 @@ impl RunLink {
 
     /// Stops following (the run goes on).
     fn detach(&mut self) {
+        crate::telemetry::watch_process(None);
         #[cfg(unix)]
         {
             self.client = None;
@@ -386,13 +387,18 @@ fn follow(run: &Arc<Mutex<RunLink>>, dir: &Path, tx: &UnboundedSender<Msg>) {
                 output_dir,
                 record,
                 history,
-            } => Msg::RunAttached {
-                output_dir,
-                record,
-                history,
-            },
+            } => {
+                // The dashboard's CPU, memory and GPU figures are the run process's.
+                crate::telemetry::watch_process(Some(record.pid));
+                Msg::RunAttached {
+                    output_dir,
+                    record,
+                    history,
+                }
+            }
             Heard::Event(ev) => Msg::Engine(ev),
             Heard::Ended(view) => {
+                crate::telemetry::watch_process(None);
                 if let Some(v) = view {
                     let _ = events.send(Msg::RunFinal(v));
                 }
