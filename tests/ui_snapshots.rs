@@ -601,6 +601,13 @@ fn evaluate_pane_states() {
     let mut a = app();
     a.update(key('8'));
     assert_eq!(a.tab, Tab::Evaluate);
+    // The registry as the effect runner reads it from data/dataset_info.json.
+    a.update(Msg::Datasets(Ok(vec![
+        "identity".into(),
+        "demo_instructions".into(),
+        "demo_chat".into(),
+        "demo_text".into(),
+    ])));
     snap("evaluate_default", &a);
     let fx = a.update(key('e'));
     assert!(fx.is_empty(), "{fx:?}");

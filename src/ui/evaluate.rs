@@ -133,6 +133,16 @@ fn render_results(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         }
         _ if state.outcome.is_some() => render_example(frame, inner, app, theme),
         _ => {
+            let entries = match &app.dataset_entries {
+                Some(Ok(names)) if !names.is_empty() => format!(
+                    "eval_dataset entries ({}/dataset_info.json; ←/→ move, Space ticks): {}",
+                    app.form.value("dataset_dir"),
+                    names.join(", ")
+                ),
+                Some(Ok(_)) => "dataset_info.json lists no datasets".into(),
+                Some(Err(e)) => e.clone(),
+                None => "reading dataset_info.json…".into(),
+            };
             let lines = vec![
                 Line::styled(
                     clip(
@@ -141,6 +151,7 @@ fn render_results(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                     ),
                     theme.muted,
                 ),
+                Line::styled(clip(&entries, width * 2), theme.field_value),
                 Line::styled(
                     format!(
                         "files: {}/eval_<time>/generated_predictions.jsonl, predict_results.json",
