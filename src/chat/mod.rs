@@ -16,7 +16,7 @@ use candle_core::Device;
 use crate::config::Preset;
 use crate::data::{ChatPrompt, Encoder, Message, Role};
 use crate::engine::adapter::{merge_adapters, parse_adapter_list};
-use crate::engine::generate::{ChatAnswer, GenerationParams, generate_timed};
+use crate::engine::generate::{ChatAnswer, GenerationParams, stream_answer};
 use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
 use crate::resolve::{self, PresetModel};
@@ -201,42 +201,16 @@ impl ChatSession {
         prompt: &ChatPrompt,
         params: &GenerationParams,
         cancel: Option<&AtomicBool>,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<ChatAnswer, ChatError> {
-        let tokenizer = &self.encoder.tokenizer;
-        let mut streamer = crate::engine::generate::TextStreamer::new(tokenizer);
-        let mut text = String::new();
-        let mut stream_err = None;
-        let (tokens, stop, timing) = generate_timed(
+        Ok(stream_answer(
             &self.model,
+            &self.encoder.tokenizer,
             &prompt.ids,
             params,
             &prompt.stop_ids,
             cancel,
-            |id| match streamer.push(id) {
-                Ok(Some(piece)) => {
-                    text.push_str(&piece);
-                    on_text(&piece)
-                }
-                Ok(None) => ControlFlow::Continue(()),
-                Err(e) => {
-                    stream_err = Some(e);
-                    ControlFlow::Break(())
-                }
-            },
-        )?;
-        if let Some(e) = stream_err {
-            return Err(e.into());
-        }
-        if let Some(rest) = streamer.finish()? {
-            text.push_str(&rest);
-            let _ = on_text(&rest);
-        }
-        Ok(ChatAnswer {
-            text,
-            tokens,
-            stop,
-            timing,
-        })
+            on_text,
+        )?)
     }
 }

@@ -360,17 +360,43 @@ pub fn chat_completion(
     params: &GenerationParams,
     stop_ids: &[u32],
     cancel: Option<&AtomicBool>,
-    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<ChatAnswer> {
     let enc = tokenizer
         .encode(rendered_prompt, false)
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-    let ids = enc.get_ids().to_vec();
+    stream_answer(
+        model,
+        tokenizer,
+        enc.get_ids(),
+        params,
+        stop_ids,
+        cancel,
+        on_text,
+    )
+}
+
+/// Generates after `prompt_ids` and streams the answer as text pieces to `on_text` (complete UTF-8 only; return
+/// `Break` to stop). The one detokenising loop of `termtune chat`, the chat pane and `termtune api`.
+pub fn stream_answer(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<ChatAnswer> {
     let mut streamer = TextStreamer::new(tokenizer);
     let mut text = String::new();
     let mut err: Option<EngineError> = None;
-    let (tokens, stop, timing) = generate_timed(model, &ids, params, stop_ids, cancel, |id| {
-        match streamer.push(id) {
+    let (tokens, stop, timing) = generate_timed(
+        model,
+        prompt_ids,
+        params,
+        stop_ids,
+        cancel,
+        |id| match streamer.push(id) {
             Ok(Some(piece)) => {
                 text.push_str(&piece);
                 on_text(&piece)
@@ -380,8 +406,8 @@ pub fn chat_completion(
                 err = Some(e);
                 ControlFlow::Break(())
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = err {
         return Err(e);
     }
