@@ -560,6 +560,11 @@ fn a_full_queue_answers_503_and_a_client_that_leaves_frees_the_worker() {
     wait_for("A to count as cancelled", || {
         stats.cancelled.load(Ordering::SeqCst) == 1
     });
+    // The worker counts an answer after its last event is sent, so B's client can see its reply a moment
+    // before the count does.
+    wait_for("B to count as answered", || {
+        stats.answered.load(Ordering::SeqCst) >= 1
+    });
     assert_eq!(
         stats.answered.load(Ordering::SeqCst),
         1,
@@ -697,6 +702,9 @@ fn load_eight_streaming_clients_get_their_own_answers_and_a_killed_one_frees_its
     }
     wait_for("the killed client to count as cancelled", || {
         stats.cancelled.load(Ordering::SeqCst) == 1
+    });
+    wait_for("the last answer to be counted", || {
+        stats.answered.load(Ordering::SeqCst) >= (CLIENTS * EACH) as u64
     });
     assert_eq!(
         stats.answered.load(Ordering::SeqCst),
