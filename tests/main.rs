@@ -33,6 +33,7 @@ mod identity_smollm2;
 mod lf_demo_data;
 mod predict;
 mod predict_metrics;
+mod pref;
 mod presets;
 mod quantized;
 mod rope_config;

@@ -620,6 +620,7 @@ mod tests {
             eta: Duration::from_secs(10u64.saturating_sub(i)),
             tokens_per_sec: 1000.0,
             samples_per_sec: 10.0,
+            pref: None,
         })
     }
 

@@ -111,7 +111,7 @@ const TRAINER_MACHINERY: &str =
     "a setting of the Hugging Face Trainer's machinery that does not change the result here";
 const MULTIMODAL: &str = "multimodal processing; termtune trains text-only models";
 const PREF_STAGE: &str =
-    "used only by the preference stages (rm, dpo, kto, ppo), which termtune does not run yet";
+    "used only by the preference stages termtune does not run yet (rm, kto, ppo)";
 const SPEED_ONLY: &str =
     "a speed or memory option of the Python stack; termtune computes the same result its own way";
 
@@ -468,22 +468,62 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "DeepSpeed shards training across GPUs; termtune trains on one device with the same mathematics",
     ),
-    noe("pref_beta", Method, PREF_STAGE),
-    noe("pref_ftx", Method, PREF_STAGE),
-    noe("pref_bco_weight", Method, PREF_STAGE),
-    noe("pref_loss", Method, PREF_STAGE),
-    noe("dpo_label_smoothing", Method, PREF_STAGE),
+    imp(
+        "pref_beta",
+        Method,
+        "stage dpo: beta, the weight of the log-ratio against the reference (0.1): larger keeps the policy closer to it.",
+    ),
+    imp(
+        "pref_ftx",
+        Method,
+        "stage dpo: weight of the SFT loss (the chosen answer's mean token loss) added to the preference loss (0: none).",
+    ),
+    uns(
+        "pref_bco_weight",
+        Method,
+        "0",
+        "the BCO term of the DPO loss is not supported yet",
+    ),
+    imp(
+        "pref_loss",
+        Method,
+        "stage dpo: sigmoid (DPO), hinge (SLiC), ipo, orpo or simpo (the last two use no reference model).",
+    ),
+    imp(
+        "dpo_label_smoothing",
+        Method,
+        "stage dpo, sigmoid loss: the assumed share of flipped preference labels, in [0, 0.5] (cDPO; 0: plain DPO).",
+    ),
     noe("kto_chosen_weight", Method, PREF_STAGE),
     noe("kto_rejected_weight", Method, PREF_STAGE),
-    noe("simpo_gamma", Method, PREF_STAGE),
-    noe("ld_alpha", Method, PREF_STAGE),
+    imp(
+        "simpo_gamma",
+        Method,
+        "stage dpo, simpo loss: the target reward margin gamma (0.5).",
+    ),
+    uns(
+        "ld_alpha",
+        Method,
+        "null",
+        "length-desensitised DPO (LD-DPO) is not supported yet",
+    ),
     noe("ppo_buffer_size", Method, PREF_STAGE),
     noe("ppo_epochs", Method, PREF_STAGE),
     noe("ppo_score_norm", Method, PREF_STAGE),
     noe("ppo_target", Method, PREF_STAGE),
     noe("ppo_whiten_rewards", Method, PREF_STAGE),
-    noe("ref_model", Method, PREF_STAGE),
-    noe("ref_model_adapters", Method, PREF_STAGE),
+    uns(
+        "ref_model",
+        Method,
+        "null",
+        "a separate reference model is not supported yet: with LoRA the reference is the base with the adapter off, with freeze or full training a frozen copy of the starting weights",
+    ),
+    uns(
+        "ref_model_adapters",
+        Method,
+        "null",
+        "a separate reference model is not supported yet: the reference is the base model (with LoRA: the adapter switched off)",
+    ),
     noe("ref_model_quantization_bit", Method, PREF_STAGE),
     noe("reward_model", Method, PREF_STAGE),
     noe("reward_model_adapters", Method, PREF_STAGE),

@@ -33,6 +33,42 @@ impl Stage {
     }
 }
 
+/// The preference loss of `stage: dpo` (`pref_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefLoss {
+    #[default]
+    Sigmoid,
+    Hinge,
+    Ipo,
+    KtoPair,
+    Orpo,
+    Simpo,
+}
+
+impl PrefLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefLoss::Sigmoid => "sigmoid",
+            PrefLoss::Hinge => "hinge",
+            PrefLoss::Ipo => "ipo",
+            PrefLoss::KtoPair => "kto_pair",
+            PrefLoss::Orpo => "orpo",
+            PrefLoss::Simpo => "simpo",
+        }
+    }
+
+    /// ORPO and SimPO need no reference model (LLaMA-Factory's `use_ref_model`).
+    pub fn uses_reference(self) -> bool {
+        !matches!(self, PrefLoss::Orpo | PrefLoss::Simpo)
+    }
+
+    /// IPO, ORPO and SimPO average the log-probabilities over the answer's tokens; the others sum them.
+    pub fn averages_logps(self) -> bool {
+        matches!(self, PrefLoss::Ipo | PrefLoss::Orpo | PrefLoss::Simpo)
+    }
+}
+
 /// What is trained (`finetuning_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -166,6 +202,11 @@ pub struct Preset {
     pub use_rslora: bool,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
+    pub pref_beta: f64,
+    pub pref_ftx: f64,
+    pub pref_loss: PrefLoss,
+    pub dpo_label_smoothing: f64,
+    pub simpo_gamma: f64,
     // ### dataset
     pub dataset: Option<String>,
     pub eval_dataset: Option<String>,
@@ -264,6 +305,11 @@ impl Default for Preset {
             use_rslora: false,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
+            pref_beta: 0.1,
+            pref_ftx: 0.0,
+            pref_loss: PrefLoss::Sigmoid,
+            dpo_label_smoothing: 0.0,
+            simpo_gamma: 0.5,
             dataset: None,
             eval_dataset: None,
             dataset_dir: "data".into(),

@@ -1,7 +1,7 @@
 //! Value and cross-field rules, as LLaMA-Factory's `__post_init__`s and `parser.py` apply them.
 //! Every rule adds to one list: all problems are reported at once.
 
-use super::preset::{FinetuningType, IntervalStrategy, Preset, Stage, comma_list};
+use super::preset::{FinetuningType, IntervalStrategy, PrefLoss, Preset, Stage, comma_list};
 use super::{ConfigIssue, Origin};
 
 /// What the preset is about to be used for: some keys are needed only to train.
@@ -36,14 +36,17 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     }
 
     // ### method
-    if !matches!(p.stage, Stage::Sft | Stage::Pt) {
+    if !matches!(p.stage, Stage::Sft | Stage::Pt | Stage::Dpo) {
         bad(
             "stage",
             format!(
-                "`stage: {}` is not supported yet; termtune trains `sft` and `pt`",
+                "`stage: {}` is not supported yet; termtune trains `sft`, `pt` and `dpo` (with `pref_loss` sigmoid, hinge, ipo, orpo or simpo)",
                 p.stage.as_str()
             ),
         );
+    }
+    if p.stage == Stage::Dpo {
+        validate_preference(p, &mut bad);
     }
     if p.finetuning_type == FinetuningType::Oft {
         bad(
@@ -355,4 +358,67 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         );
     }
     out
+}
+
+/// The keys of `stage: dpo` (LLaMA-Factory's `FinetuningArguments` and TRL's rules).
+fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
+    if !(p.pref_beta.is_finite() && p.pref_beta > 0.0) {
+        bad(
+            "pref_beta",
+            format!("`pref_beta` must be a positive number, got {}", p.pref_beta),
+        );
+    }
+    if !(p.pref_ftx.is_finite() && p.pref_ftx >= 0.0) {
+        bad(
+            "pref_ftx",
+            format!("`pref_ftx` must be 0 or more, got {}", p.pref_ftx),
+        );
+    }
+    if !(0.0..=0.5).contains(&p.dpo_label_smoothing) {
+        bad(
+            "dpo_label_smoothing",
+            format!(
+                "`dpo_label_smoothing` must be in [0, 0.5], got {}",
+                p.dpo_label_smoothing
+            ),
+        );
+    } else if p.dpo_label_smoothing > 0.0 && p.pref_loss != PrefLoss::Sigmoid {
+        bad(
+            "dpo_label_smoothing",
+            format!(
+                "`dpo_label_smoothing` applies to `pref_loss: sigmoid` only (it is `{}`); remove it",
+                p.pref_loss.as_str()
+            ),
+        );
+    }
+    if !p.simpo_gamma.is_finite() {
+        bad(
+            "simpo_gamma",
+            format!("`simpo_gamma` must be a number, got {}", p.simpo_gamma),
+        );
+    }
+    if p.pref_loss == PrefLoss::KtoPair {
+        bad(
+            "pref_loss",
+            "`pref_loss: kto_pair` was removed from TRL (LLaMA-Factory's trainer no longer runs it); use sigmoid, hinge, ipo, orpo or simpo, or `stage: kto` for unpaired data".into(),
+        );
+    }
+    if p.packing == Some(true) {
+        bad(
+            "packing",
+            "`packing` does not apply to `stage: dpo` (each chosen and rejected answer is its own sequence); remove it".into(),
+        );
+    }
+    if p.compute_accuracy {
+        bad(
+            "compute_accuracy",
+            "`compute_accuracy` is for `stage: sft`; a dpo evaluation logs `eval_rewards/accuracies`".into(),
+        );
+    }
+    if p.do_predict {
+        bad(
+            "do_predict",
+            "`do_predict` is for `stage: sft` (LLaMA-Factory's dpo stage does not predict); run `termtune predict` on the trained adapter with `stage: sft`".into(),
+        );
+    }
 }

@@ -13,9 +13,12 @@ use super::cache::{self, CacheKey, CachedData};
 use super::convert::{Example, convert};
 use super::encoder::Encoder;
 use super::pack::{
-    Batch, PackedSequence, epoch_batches, epoch_order, pack_pretrain, pack_supervised,
+    Batch, PackedSequence, collate, epoch_batches, epoch_order, pack_pretrain, pack_supervised,
 };
-use super::process::{MaskOptions, TokenizedExample, encode_pretrain, encode_supervised};
+use super::process::{
+    MaskOptions, PairwiseExample, TokenizedExample, encode_pairwise, encode_pretrain,
+    encode_supervised,
+};
 use super::reader::{JsonlStream, RawRow, SkipRecord, data_files, read_file};
 use super::registry::{DatasetAttr, resolve_all};
 use super::stats::{DatasetStats, Preview, spans};
@@ -386,9 +389,22 @@ pub struct PreparedDataset {
     pub pad_id: u32,
     /// Neat packing: batches need the block-diagonal mask.
     pub block_diagonal: bool,
+    /// Preference pairs (`stage: dpo`): sequence `2i` is pair i's chosen answer, `2i + 1` its rejected one, and a
+    /// batch of k pairs holds the k chosen sequences, then the k rejected ones (LLaMA-Factory's
+    /// `PairwiseDataCollatorWithPadding`).
+    pub pairwise: bool,
 }
 
 impl PreparedDataset {
+    /// Training examples: sequences, or pairs of them.
+    pub fn train_examples(&self) -> usize {
+        if self.pairwise {
+            self.train.len() / 2
+        } else {
+            self.train.len()
+        }
+    }
+
     /// The training batches of `epoch` (seeded shuffle, optionally length-grouped).
     pub fn epoch_batches(
         &self,
@@ -397,27 +413,43 @@ impl PreparedDataset {
         seed: u64,
         epoch: u64,
     ) -> Vec<Batch> {
-        let lengths: Vec<usize> = self.train.iter().map(PackedSequence::len).collect();
+        let lengths: Vec<usize> = if self.pairwise {
+            self.train
+                .chunks(2)
+                .map(|p| p.iter().map(PackedSequence::len).max().unwrap_or(0))
+                .collect()
+        } else {
+            self.train.iter().map(PackedSequence::len).collect()
+        };
         let order = epoch_order(&lengths, batch_size, group_by_length, seed, epoch);
-        epoch_batches(
-            &self.train,
-            &order,
-            batch_size,
-            self.pad_id,
-            self.block_diagonal,
-        )
+        self.batches(&self.train, &order, batch_size)
     }
 
     /// Evaluation batches in order.
     pub fn eval_batches(&self, batch_size: usize) -> Vec<Batch> {
-        let order: Vec<usize> = (0..self.eval.len()).collect();
-        epoch_batches(
-            &self.eval,
-            &order,
-            batch_size,
-            self.pad_id,
-            self.block_diagonal,
-        )
+        let n = if self.pairwise {
+            self.eval.len() / 2
+        } else {
+            self.eval.len()
+        };
+        let order: Vec<usize> = (0..n).collect();
+        self.batches(&self.eval, &order, batch_size)
+    }
+
+    fn batches(&self, seqs: &[PackedSequence], order: &[usize], batch_size: usize) -> Vec<Batch> {
+        if !self.pairwise {
+            return epoch_batches(seqs, order, batch_size, self.pad_id, self.block_diagonal);
+        }
+        order
+            .chunks(batch_size.max(1))
+            .map(|chunk| {
+                let items: Vec<&PackedSequence> = [0, 1]
+                    .iter()
+                    .flat_map(|&side| chunk.iter().filter_map(move |&i| seqs.get(2 * i + side)))
+                    .collect();
+                collate(&items, self.pad_id, false)
+            })
+            .collect()
     }
 }
 
@@ -471,6 +503,47 @@ fn tokenize_all(
     for r in results {
         match r {
             Ok(t) => out.push(t),
+            Err(s) => {
+                counts.kept = counts.kept.saturating_sub(1);
+                counts.skip(s);
+            }
+        }
+    }
+    out
+}
+
+/// Preference pairs as two sequences each (chosen, then rejected), for `stage: dpo`.
+fn tokenize_pairs(
+    enc: &Encoder,
+    examples: &[Example],
+    opts: &DataOptions,
+    counts: &mut RowCounts,
+) -> Vec<TokenizedExample> {
+    let results: Vec<Result<PairwiseExample, SkipRecord>> = examples
+        .par_iter()
+        .map(|ex| {
+            encode_pairwise(enc, ex, opts.cutoff_len).map_err(|reason| SkipRecord {
+                file: ex.file.clone(),
+                location: ex.location,
+                reason,
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(2 * results.len());
+    for r in results {
+        match r {
+            Ok(p) => {
+                out.push(TokenizedExample {
+                    input_ids: p.chosen_input_ids,
+                    labels: p.chosen_labels,
+                    truncated: false,
+                });
+                out.push(TokenizedExample {
+                    input_ids: p.rejected_input_ids,
+                    labels: p.rejected_labels,
+                    truncated: false,
+                });
+            }
             Err(s) => {
                 counts.kept = counts.kept.saturating_sub(1);
                 counts.skip(s);
@@ -541,6 +614,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
                     cache_file: Some(file),
                     pad_id: enc.pad_id,
                     block_diagonal,
+                    pairwise: opts.stage == Stage::Dpo,
                 });
             }
             Ok(None) => {}
@@ -548,7 +622,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         }
     }
 
-    if !matches!(opts.stage, Stage::Pt | Stage::Sft) {
+    if !matches!(opts.stage, Stage::Pt | Stage::Sft | Stage::Dpo) {
         let loaded = load_examples(opts)?;
         return Err(DataError::Unsupported {
             name: opts.dataset.join(","),
@@ -562,8 +636,18 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
 
     let loaded = load_examples(opts)?;
     let mut counts = loaded.counts;
-    let train_tok = tokenize_all(enc, &loaded.train, opts, &mut counts);
-    let eval_tok = tokenize_all(enc, &loaded.eval, opts, &mut counts);
+    let pairwise = opts.stage == Stage::Dpo;
+    let (train_tok, eval_tok) = if pairwise {
+        (
+            tokenize_pairs(enc, &loaded.train, opts, &mut counts),
+            tokenize_pairs(enc, &loaded.eval, opts, &mut counts),
+        )
+    } else {
+        (
+            tokenize_all(enc, &loaded.train, opts, &mut counts),
+            tokenize_all(enc, &loaded.eval, opts, &mut counts),
+        )
+    };
     if train_tok.is_empty() {
         return Err(DataError::NoUsableRows {
             what: format!("datasets {}", opts.dataset.join(", ")),
@@ -572,14 +656,15 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         });
     }
     let mut stats = counts.into_stats();
-    stats.train_examples = train_tok.len();
-    stats.eval_examples = eval_tok.len();
+    let per_example = if pairwise { 2 } else { 1 };
+    stats.train_examples = train_tok.len() / per_example;
+    stats.eval_examples = eval_tok.len() / per_example;
     stats.set_lengths(&train_tok);
     stats.untrained = train_tok.iter().filter(|t| t.trained_tokens() == 0).count();
     let (train, dropped) = to_sequences(enc, train_tok, opts);
     let (eval, _) = to_sequences(enc, eval_tok, opts);
     stats.dropped_too_long = dropped;
-    stats.train_sequences = train.len();
+    stats.train_sequences = train.len() / per_example;
     stats.tokens_per_epoch = train.iter().map(PackedSequence::real_tokens).sum();
     stats.trained_tokens_per_epoch = train
         .iter()
@@ -628,6 +713,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
                 cache_file: None,
                 pad_id: enc.pad_id,
                 block_diagonal,
+                pairwise: opts.stage == Stage::Dpo,
             });
         }
     };
@@ -640,6 +726,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         cache_file,
         pad_id: enc.pad_id,
         block_diagonal,
+        pairwise,
     })
 }
 

@@ -1115,3 +1115,68 @@ pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize)
     };
     Ok(hs.contiguous()?.apply_op1(HeadLoss { loss, grad })?)
 }
+
+/// Per-row `log softmax(hs · wᵀ)[target]` (n) f64 on the host, `chunk` rows at a time, without a graph: the values of
+/// [`head_logps_surrogate`]'s rows.
+pub fn head_logps_chunked(
+    hs: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Vec<f64>> {
+    let (n, _) = hs.dims2()?;
+    let chunk = chunk.max(1);
+    let hd = hs.detach();
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = hd.narrow(0, start, len)?;
+        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
+        let logits = ops::linear(&h, w)?;
+        out.extend(ops::label_logps(&logits, &tg)?);
+        start += len;
+    }
+    Ok(out)
+}
+
+/// A scalar on `hs` whose backward is Σ_rows `row_weight · ∂ log softmax(hs · wᵀ)[target] / ∂hs`, computed `chunk` rows
+/// at a time (logits never exceed chunk × vocab): how a loss of the rows' log-probabilities (DPO's) reaches the
+/// decoder once dL/d(logp) of each row is known. The scalar's value is 0.
+pub fn head_logps_surrogate(
+    hs: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    row_weights: &[f64],
+    chunk: usize,
+) -> Result<Tensor> {
+    let (n, _) = hs.dims2()?;
+    let chunk = chunk.max(1);
+    let hd = hs.detach();
+    let mut grads = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = hd.narrow(0, start, len)?;
+        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
+        let logits = ops::linear(&h, w)?;
+        // d logp / d logits = one-hot − softmax = −(softmax − one-hot).
+        let (_, g) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, true)?;
+        let g = g.ok_or_else(|| {
+            super::error::EngineError::Invalid("the cross-entropy gradient is missing".into())
+        })?;
+        let wts: Vec<f64> = row_weights[start..start + len].iter().map(|x| -x).collect();
+        let wts = Tensor::new(wts.as_slice(), hs.device())?
+            .to_dtype(g.dtype())?
+            .unsqueeze(1)?;
+        grads.push(g.broadcast_mul(&wts)?.to_dtype(w.dtype())?.matmul(w)?);
+        start += len;
+    }
+    let grad = if grads.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&grads, 0)?)
+    };
+    let loss = Tensor::zeros((), DType::F64, hs.device())?;
+    Ok(hs.contiguous()?.apply_op1(HeadLoss { loss, grad })?)
+}

@@ -30,5 +30,7 @@ pub mod weights;
 pub use arch::{ArchKind, ModelConfig};
 pub use error::EngineError;
 pub use generate::{ChatModel, GenerationParams, StopReason};
-pub use model::{AttnMask, Finetune, HostInputs, KvCache, LoraSpec, LoraTargets, Model};
+pub use model::{
+    AttnMask, Finetune, HostInputs, KvCache, LoraSpec, LoraTargets, Model, SequenceLogps,
+};
 pub use weights::ModelFiles;

@@ -152,6 +152,71 @@ fn rows_of(v: &[u32], t: usize) -> Vec<Vec<u32>> {
     v.chunks(t.max(1)).map(<[u32]>::to_vec).collect()
 }
 
+/// The labelled positions of a batch: hidden states (n, hidden), target ids, and the batch row of each.
+struct Labelled {
+    hs: Tensor,
+    targets: Vec<u32>,
+    batch_rows: Vec<usize>,
+}
+
+/// Per-row sums of label log-probabilities ([`Model::sequence_logps`]).
+pub struct SequenceLogps {
+    /// Σ over the row's labelled positions of log p(label), per batch row (f64 on the host).
+    pub logps: Vec<f64>,
+    /// The row's labelled positions.
+    pub tokens: Vec<usize>,
+    grad: Option<LogpsGrad>,
+}
+
+enum LogpsGrad {
+    /// A frozen head recomputed in chunks by [`layer::head_logps_surrogate`].
+    Head {
+        hs: Tensor,
+        w: Tensor,
+        targets: Vec<u32>,
+        batch_rows: Vec<usize>,
+        chunk: usize,
+    },
+    /// The per-row sums as a tracked tensor (b).
+    Graph(Tensor),
+}
+
+impl SequenceLogps {
+    /// The trainable parameters' gradients of a loss L of these log-probabilities, given `dl[r]` = ∂L/∂logps[r]
+    /// (the chain rule through the model). Errors when the logps were computed without `train`.
+    pub fn backward(&self, dl: &[f64]) -> Result<candle_core::backprop::GradStore> {
+        if dl.len() != self.logps.len() {
+            return Err(EngineError::Invalid(format!(
+                "{} loss gradients for {} rows",
+                dl.len(),
+                self.logps.len()
+            )));
+        }
+        let surrogate = match &self.grad {
+            None => {
+                return Err(EngineError::Invalid(
+                    "these log-probabilities were computed without a graph (train: false)".into(),
+                ));
+            }
+            Some(LogpsGrad::Head {
+                hs,
+                w,
+                targets,
+                batch_rows,
+                chunk,
+            }) => {
+                let row_weights: Vec<f64> = batch_rows.iter().map(|&r| dl[r]).collect();
+                layer::head_logps_surrogate(hs, w, targets, &row_weights, *chunk)?
+            }
+            Some(LogpsGrad::Graph(per_row)) => {
+                let d = Tensor::new(dl, per_row.device())?.to_dtype(per_row.dtype())?;
+                (per_row * d)?.sum_all()?
+            }
+        };
+        Ok(surrogate.to_dtype(DType::F32)?.backward()?)
+    }
+}
+
 /// Per-layer KV cache for [`Model::forward_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -874,6 +939,42 @@ impl Model {
         host: Option<&HostInputs>,
         train: bool,
     ) -> Result<(Tensor, usize)> {
+        let cdt = ops::compute_dtype(self.dtype);
+        let Some(lab) = self.labelled(input_ids, mask, labels, host, train)? else {
+            return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
+        };
+        let Labelled {
+            hs, targets: tgt, ..
+        } = lab;
+        let n = tgt.len();
+        if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
+            && self.fused()
+        {
+            let loss = super::profile::span("lm_head + cross-entropy", &self.device, || {
+                layer::head_loss_chunked(&hs, w, &tgt, chunk)
+            })?;
+            return Ok((loss, n));
+        }
+        let logits = self.logits(&hs, train)?;
+        let targets = Tensor::from_vec(tgt, n, &self.device)?;
+        let loss = if self.fused() {
+            ops::fused::cross_entropy_sum(&logits, &targets)?
+        } else {
+            ops::nll_sum_pure(&logits, &targets, &Tensor::ones(n, cdt, &self.device)?)?
+        };
+        Ok((loss, n))
+    }
+
+    /// The hidden states (n, hidden) of the labelled positions (HF convention: position i predicts label i + 1),
+    /// their targets and batch rows; `None` when nothing is labelled.
+    fn labelled(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        labels: &Tensor,
+        host: Option<&HostInputs>,
+        train: bool,
+    ) -> Result<Option<Labelled>> {
         let (b, t) = input_ids.dims2()?;
         if labels.dims() != [b, t] {
             return Err(EngineError::Invalid(format!(
@@ -889,6 +990,7 @@ impl Model {
         };
         let mut rows = Vec::new();
         let mut tgt = Vec::new();
+        let mut batch_rows = Vec::new();
         for (bi, row) in lab.iter().enumerate() {
             for ti in 0..t.saturating_sub(1) {
                 let y = row[ti + 1];
@@ -904,12 +1006,12 @@ impl Model {
                 }
                 rows.push((bi * t + ti) as u32);
                 tgt.push(y as u32);
+                batch_rows.push(bi);
             }
         }
         let n = rows.len();
-        let cdt = ops::compute_dtype(self.dtype);
         if n == 0 {
-            return Ok((Tensor::zeros((), cdt, &self.device)?, 0));
+            return Ok(None);
         }
         let (h, packed) = self.hidden(input_ids, mask, train, self.unpad, host)?;
         // With padding removed, a labelled position must be a real token (it always is for right or left
@@ -929,22 +1031,113 @@ impl Model {
         let hs = h
             .reshape(((), self.cfg.hidden_size))?
             .index_select(&idx, 0)?;
+        Ok(Some(Labelled {
+            hs,
+            targets: tgt,
+            batch_rows,
+        }))
+    }
+
+    /// The log-probability of each row's labels, summed over its labelled positions (TRL's and LLaMA-Factory's
+    /// `get_batch_logps`), with the way back ([`SequenceLogps::backward`]) when `train`. With a frozen head and the
+    /// fused kernels the lm_head runs in chunks of `head_chunk_rows` (full logits never exist), else on all rows.
+    pub fn sequence_logps(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        labels: &Tensor,
+        host: Option<&HostInputs>,
+        train: bool,
+    ) -> Result<SequenceLogps> {
+        let (b, _) = input_ids.dims2()?;
+        let mut out = SequenceLogps {
+            logps: vec![0.0; b],
+            tokens: vec![0; b],
+            grad: None,
+        };
+        let Some(Labelled {
+            hs,
+            targets,
+            batch_rows,
+        }) = self.labelled(input_ids, mask, labels, host, train)?
+        else {
+            return Ok(out);
+        };
+        for &r in &batch_rows {
+            out.tokens[r] += 1;
+        }
         if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
             && self.fused()
         {
-            let loss = super::profile::span("lm_head + cross-entropy", &self.device, || {
-                layer::head_loss_chunked(&hs, w, &tgt, chunk)
-            })?;
-            return Ok((loss, n));
+            let row_logps =
+                super::profile::span("lm_head + log-probabilities", &self.device, || {
+                    layer::head_logps_chunked(&hs, w, &targets, chunk)
+                })?;
+            for (&r, lp) in batch_rows.iter().zip(&row_logps) {
+                out.logps[r] += lp;
+            }
+            if train {
+                out.grad = Some(LogpsGrad::Head {
+                    hs,
+                    w: w.clone(),
+                    targets,
+                    batch_rows,
+                    chunk,
+                });
+            }
+            return Ok(out);
         }
+        let n = targets.len();
+        let cdt = ops::compute_dtype(self.dtype);
         let logits = self.logits(&hs, train)?;
-        let targets = Tensor::from_vec(tgt, n, &self.device)?;
-        let loss = if self.fused() {
-            ops::fused::cross_entropy_sum(&logits, &targets)?
-        } else {
-            ops::nll_sum_pure(&logits, &targets, &Tensor::ones(n, cdt, &self.device)?)?
-        };
-        Ok((loss, n))
+        let tg = Tensor::from_vec(targets, n, &self.device)?;
+        let picked = ops::log_softmax_pure(&logits)?
+            .gather(&tg.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        // (b, n) one-hot of each position's row: a matmul sums the positions of each row, with a backward.
+        let mut onehot = vec![0f64; b * n];
+        for (k, &r) in batch_rows.iter().enumerate() {
+            onehot[r * n + k] = 1.0;
+        }
+        let seg = Tensor::from_vec(onehot, (b, n), &self.device)?.to_dtype(cdt)?;
+        let per_row = seg.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?;
+        out.logps = per_row.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if train {
+            out.grad = Some(LogpsGrad::Graph(per_row));
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` with every LoRA of the model switched off (PEFT's `disable_adapter()`): the base model, e.g. DPO's
+    /// reference. The adapters are back when it returns.
+    pub fn with_adapter_disabled<T>(&mut self, f: impl FnOnce(&Model) -> T) -> T {
+        let stash: Vec<Option<LoraPair>> = self
+            .linears_mut()
+            .into_iter()
+            .map(|l| l.lora.take())
+            .collect();
+        let out = f(self);
+        for (l, lora) in self.linears_mut().into_iter().zip(stash) {
+            l.lora = lora;
+        }
+        out
+    }
+
+    /// Sets the dropout of every LoRA pair (TRL's preference trainers switch dropout off).
+    pub fn set_lora_dropout(&mut self, dropout: f32) {
+        for l in self.linears_mut() {
+            if let Some(pair) = &mut l.lora {
+                pair.dropout = dropout;
+            }
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(Layer::linears_mut)
+            .chain(self.lm_head.iter_mut())
+            .collect()
     }
 
     /// Inference forward with a KV cache: ids (b, t) appended after `cache.seq_len` tokens.

@@ -258,6 +258,18 @@ pub fn log_softmax_pure(x: &Tensor) -> candle_core::Result<Tensor> {
     s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
+/// `log softmax(logits)[target]` per row, on the host (f64): logits (n, v), targets (n) u32. No graph.
+pub fn label_logps(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64>> {
+    let x = logits.detach().to_dtype(compute_dtype(logits.dtype()))?;
+    let m = x.max_keepdim(D::Minus1)?;
+    let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
+    let picked = x.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    (picked - lse)?
+        .squeeze(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()
+}
+
 /// HF (half-rotation / neox) RoPE, pure ops. x: (b, h, t, d); cos, sin: broadcastable to (b, h, t, d/2).
 pub fn rope_pure(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;

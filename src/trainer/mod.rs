@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod plot;
+pub mod pref;
 pub mod protocol;
 pub mod run;
 pub mod runlog;

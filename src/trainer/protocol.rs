@@ -47,6 +47,9 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     /// Examples per second of this step.
     pub samples_per_sec: f64,
+    /// `stage: dpo`: the step's preference metrics (rewards, margins, accuracies).
+    #[serde(default)]
+    pub pref: Option<super::pref::PrefMetrics>,
 }
 
 /// The outcome of a run.

@@ -23,6 +23,7 @@ use crate::resolve;
 
 use super::checkpoint::{PendingCheckpoint, estimate_checkpoint_bytes, latest_checkpoint, rotate};
 use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm};
+use super::pref::{PairLogps, PrefConfig, PrefMetrics, preference_loss};
 use super::protocol::{RunSummary, StepMetrics, TrainCommand, TrainEvent};
 use super::runlog::{
     HistoryEntry, LogLine, ResumeState, TrainerState, append_log_line, format_duration, round_to,
@@ -296,13 +297,34 @@ fn run_training_here(
     if let Some(line) = memory_check(p, &files.config, dtype, device)? {
         emit(line);
     }
-    let model = build_model(
+    let mut model = build_model(
         p,
         &files,
         dtype,
         device,
         resume.as_ref().map(|r| r.0.as_path()),
     )?;
+    let reference = if p.stage == config::Stage::Dpo {
+        // TRL's preference trainers switch dropout off (`disable_dropout`), LoRA's too.
+        model.set_lora_dropout(0.0);
+        Some(if !p.pref_loss.uses_reference() {
+            Reference::None
+        } else if p.finetuning_type == FinetuningType::Lora {
+            Reference::AdapterOff
+        } else {
+            emit(TrainEvent::Loading {
+                what: "loading the reference model (a frozen copy of the base)".into(),
+            });
+            Reference::Frozen(Box::new(Model::from_files(
+                &files,
+                dtype,
+                device,
+                &Finetune::Frozen,
+            )?))
+        })
+    } else {
+        None
+    };
 
     // Data.
     emit(TrainEvent::Loading {
@@ -329,7 +351,9 @@ fn run_training_here(
         ));
     }
 
-    let mut trainer = Trainer::new(loaded, model, dataset, base_name, out_dir, &encoder)?;
+    let mut trainer = Trainer::new(
+        loaded, model, dataset, base_name, out_dir, &encoder, reference,
+    )?;
     if let Some((dir, state, why)) = resume {
         trainer.restore(&dir, &state)?;
         emit(TrainEvent::Resuming {
@@ -507,6 +531,33 @@ struct Trainer<'a> {
     /// `compute_accuracy`: the last evaluation's token accuracy.
     last_accuracy: Option<f64>,
     tokenizer_files: TokenizerFiles,
+    /// `stage: dpo`: the loss, the reference and the metrics since the last log line.
+    pref: Option<Preference>,
+}
+
+/// What `stage: dpo` adds to a run.
+struct Preference {
+    cfg: PrefConfig,
+    reference: Reference,
+    /// Each micro-batch's metrics since the last log line (the Hugging Face trainer logs their mean).
+    pending: Vec<PrefMetrics>,
+    /// The last evaluation's metrics.
+    last_eval: Option<PrefMetrics>,
+}
+
+/// DPO's reference model.
+enum Reference {
+    /// ORPO and SimPO use none.
+    None,
+    /// LoRA: the trained model with its adapter switched off (no second copy of the weights).
+    AdapterOff,
+    /// Freeze and full training: a frozen copy of the starting weights.
+    Frozen(Box<Model>),
+}
+
+/// The sums of label log-probabilities per batch row (and the labelled tokens) of a reference.
+struct RefLogps {
+    logps: Vec<f64>,
 }
 
 /// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
@@ -523,6 +574,7 @@ impl<'a> Trainer<'a> {
         base_name: String,
         out: PathBuf,
         encoder: &Encoder,
+        reference: Option<Reference>,
     ) -> Result<Self, TrainError> {
         let p = &loaded.preset;
         let params: Vec<Param> = model
@@ -548,7 +600,7 @@ impl<'a> Trainer<'a> {
                 weight_decay: p.weight_decay,
             },
         )?;
-        let n = data.train.len();
+        let n = data.train_examples();
         let total = total_steps(
             n,
             p.per_device_train_batch_size,
@@ -584,6 +636,12 @@ impl<'a> Trainer<'a> {
             last_eval: None,
             last_accuracy: None,
             tokenizer_files,
+            pref: reference.map(|reference| Preference {
+                cfg: PrefConfig::from_preset(p),
+                reference,
+                pending: Vec::new(),
+                last_eval: None,
+            }),
         })
     }
 
@@ -625,8 +683,12 @@ impl<'a> Trainer<'a> {
         let (trainable, total) = self.model.param_counts();
         emit(TrainEvent::Started {
             total_steps: self.total_steps,
-            examples: self.data.train.len(),
-            eval_examples: self.data.eval.len(),
+            examples: self.data.train_examples(),
+            eval_examples: if self.data.pairwise {
+                self.data.eval.len() / 2
+            } else {
+                self.data.eval.len()
+            },
             trainable_params: trainable,
             total_params: total,
             start_step: self.step,
@@ -711,7 +773,15 @@ impl<'a> Trainer<'a> {
                 _ => false,
             } || (step == self.total_steps && !self.data.eval.is_empty());
             if eval_due && !self.data.eval.is_empty() {
-                let (l, accuracy) = self.evaluate()?;
+                let (l, accuracy) = if self.pref.is_some() {
+                    let (l, m) = self.evaluate_preference()?;
+                    if let Some(pref) = self.pref.as_mut() {
+                        pref.last_eval = Some(m);
+                    }
+                    (l, None)
+                } else {
+                    self.evaluate()?
+                };
                 self.last_eval = Some(l);
                 self.last_accuracy = accuracy;
                 eval_loss = Some(l);
@@ -762,6 +832,9 @@ impl<'a> Trainer<'a> {
         let mut label_tokens = 0usize;
         let mut real_tokens = 0u64;
         let mut examples = 0usize;
+        // `stage: dpo`: the step's loss (each micro-batch's mean over its pairs / gradient_accumulation_steps).
+        let mut pref_loss = 0.0;
+        let pending_before = self.pref.as_ref().map_or(0, |p| p.pending.len());
         for (micro, batch) in batches.iter().enumerate() {
             // LoRA dropout masks: fresh per micro-batch, the same after a resume (seed, step, micro-batch).
             self.model.dropout_seed = self
@@ -770,18 +843,26 @@ impl<'a> Trainer<'a> {
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                 .wrapping_add(self.step << 8)
                 .wrapping_add(micro as u64);
+            real_tokens += batch
+                .attention_mask
+                .iter()
+                .map(|&m| u64::from(m))
+                .sum::<u64>();
+            if self.pref.is_some() {
+                examples += batch.batch_size / 2;
+                let (l, n, g) = self.preference_micro_batch(batch)?;
+                pref_loss += l;
+                label_tokens += n;
+                accumulate(&mut grads, g, self.opt.params())?;
+                continue;
+            }
+            examples += batch.batch_size;
             let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
             let am = u32_mask(batch);
             let host = host_inputs(batch, &am);
             let (loss, n) =
                 self.model
                     .forward_loss_with(&ids, &mask, &labels, Some(&host), true)?;
-            real_tokens += batch
-                .attention_mask
-                .iter()
-                .map(|&m| u64::from(m))
-                .sum::<u64>();
-            examples += batch.batch_size;
             if n == 0 {
                 continue;
             }
@@ -792,20 +873,7 @@ impl<'a> Trainer<'a> {
             });
             label_tokens += n;
             let g = loss.to_dtype(DType::F32)?.backward()?;
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => {
-                    for p in self.opt.params() {
-                        if let Some(gi) = g.get(p.var.as_tensor()) {
-                            let sum = match acc.get(p.var.as_tensor()) {
-                                Some(prev) => (prev + gi)?,
-                                None => gi.clone(),
-                            };
-                            acc.insert(p.var.as_tensor(), sum);
-                        }
-                    }
-                }
-            }
+            accumulate(&mut grads, g, self.opt.params())?;
         }
         let step_no = self.step + 1;
         let loss_sum = match &loss_sum_t {
@@ -813,7 +881,9 @@ impl<'a> Trainer<'a> {
             None => 0.0,
         };
         #[allow(clippy::cast_precision_loss)]
-        let loss = if label_tokens > 0 {
+        let loss = if self.pref.is_some() {
+            pref_loss
+        } else if label_tokens > 0 {
             loss_sum / label_tokens as f64
         } else {
             0.0
@@ -831,11 +901,14 @@ impl<'a> Trainer<'a> {
         }
         let mut grad_norm = 0.0;
         if let Some(mut g) = grads {
-            #[allow(clippy::cast_precision_loss)]
-            let inv = 1.0 / label_tokens as f64;
-            for p in self.opt.params() {
-                if let Some(gi) = g.remove(p.var.as_tensor()) {
-                    g.insert(p.var.as_tensor(), (gi * inv)?);
+            // A preference loss's gradients come scaled already.
+            if self.pref.is_none() {
+                #[allow(clippy::cast_precision_loss)]
+                let inv = 1.0 / label_tokens as f64;
+                for p in self.opt.params() {
+                    if let Some(gi) = g.remove(p.var.as_tensor()) {
+                        g.insert(p.var.as_tensor(), (gi * inv)?);
+                    }
                 }
             }
             grad_norm = clip_grad_norm(&mut g, self.opt.params(), self.p.max_grad_norm)?;
@@ -875,7 +948,106 @@ impl<'a> Trainer<'a> {
             eta,
             tokens_per_sec: real_tokens as f64 / secs,
             samples_per_sec: examples as f64 / secs,
+            pref: self
+                .pref
+                .as_ref()
+                .and_then(|p| PrefMetrics::mean(&p.pending[pending_before.min(p.pending.len())..])),
         })
+    }
+
+    /// One micro-batch of preference pairs: (its mean pair loss / gradient_accumulation_steps, label tokens, the
+    /// gradients of that loss). The pairs' metrics join `pref.pending`.
+    fn preference_micro_batch(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<(f64, usize, GradStore), TrainError> {
+        let (out, policy, n) = self.preference_forward(batch, true)?;
+        let k = out.losses.len();
+        let ga = self.p.gradient_accumulation_steps.max(1);
+        #[allow(clippy::cast_precision_loss)]
+        let scale = 1.0 / (k * ga) as f64;
+        let mut dl = vec![0.0; 2 * k];
+        for i in 0..k {
+            dl[i] = out.d_chosen[i] * scale;
+            dl[k + i] = out.d_rejected[i] * scale;
+        }
+        let g = policy.backward(&dl)?;
+        #[allow(clippy::cast_precision_loss)]
+        let loss = out.mean_loss() / ga as f64;
+        if let Some(pref) = self.pref.as_mut() {
+            pref.pending.push(out.metrics);
+        }
+        Ok((loss, n, g))
+    }
+
+    /// The policy's (and the reference's) log-probabilities of a batch of k pairs (k chosen rows, then k rejected)
+    /// and the preference loss; with `train` the policy's keep their way back.
+    fn preference_forward(
+        &mut self,
+        batch: &Batch,
+        train: bool,
+    ) -> Result<(super::pref::PrefOutput, crate::engine::SequenceLogps, usize), TrainError> {
+        let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
+        let am = u32_mask(batch);
+        let host = host_inputs(batch, &am);
+        let policy = self
+            .model
+            .sequence_logps(&ids, &mask, &labels, Some(&host), train)?;
+        let Some(pref) = self.pref.as_ref() else {
+            return Err(TrainError::Invalid(
+                "a preference batch outside stage dpo".into(),
+            ));
+        };
+        let cfg = pref.cfg;
+        let reference = match &pref.reference {
+            Reference::None => None,
+            Reference::Frozen(m) => Some(RefLogps {
+                logps: m
+                    .sequence_logps(&ids, &mask, &labels, Some(&host), false)?
+                    .logps,
+            }),
+            Reference::AdapterOff => Some(RefLogps {
+                logps: self
+                    .model
+                    .with_adapter_disabled(|m| {
+                        m.sequence_logps(&ids, &mask, &labels, Some(&host), false)
+                    })?
+                    .logps,
+            }),
+        };
+        let k = batch.batch_size / 2;
+        let pairs: Vec<PairLogps> = (0..k)
+            .map(|i| PairLogps {
+                chosen: policy.logps[i],
+                rejected: policy.logps[k + i],
+                ref_chosen: reference.as_ref().map(|r| r.logps[i]),
+                ref_rejected: reference.as_ref().map(|r| r.logps[k + i]),
+                chosen_tokens: policy.tokens[i],
+                rejected_tokens: policy.tokens[k + i],
+            })
+            .collect();
+        let out = preference_loss(&cfg, &pairs).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let n = policy.tokens.iter().sum();
+        Ok((out, policy, n))
+    }
+
+    /// `stage: dpo` evaluation: the mean pair loss over the validation pairs and the metrics (each batch's, then
+    /// their mean).
+    fn evaluate_preference(&mut self) -> Result<(f64, PrefMetrics), TrainError> {
+        let mut losses = Vec::new();
+        let mut metrics = Vec::new();
+        for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
+            let (out, _, _) = self.preference_forward(&batch, false)?;
+            losses.extend(out.losses.iter().copied());
+            metrics.push(out.metrics);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let loss = if losses.is_empty() {
+            0.0
+        } else {
+            losses.iter().sum::<f64>() / losses.len() as f64
+        };
+        Ok((loss, PrefMetrics::mean(&metrics).unwrap_or_default()))
     }
 
     /// Mean loss per label token over the validation split and, with `compute_accuracy`, the token accuracy
@@ -923,6 +1095,37 @@ impl<'a> Trainer<'a> {
             self.pending_losses.clear();
         }
         let elapsed = m.elapsed.as_secs_f64();
+        // A preference stage's metrics: the mean over the micro-batches since the last line, and the evaluation's.
+        let (train_pref, eval_pref) = match self.pref.as_mut() {
+            Some(pref) => {
+                let t = if with_loss {
+                    let mean = PrefMetrics::mean(&pref.pending);
+                    pref.pending.clear();
+                    mean
+                } else {
+                    None
+                };
+                (t, eval_loss.and(pref.last_eval))
+            }
+            None => (None, None),
+        };
+        let mut entries = Vec::new();
+        if let Some(t) = &train_pref {
+            entries.extend(t.entries(""));
+        }
+        if let Some(e) = &eval_pref {
+            entries.extend(e.entries("eval_"));
+        }
+        let metrics =
+            |digits: Option<i32>| -> std::collections::BTreeMap<String, serde_json::Value> {
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = digits.map_or(*v, |d| round_to(*v, d));
+                        (k.clone(), serde_json::json!(v))
+                    })
+                    .collect()
+            };
         #[allow(clippy::cast_precision_loss)]
         let line = LogLine {
             current_steps: m.step,
@@ -941,6 +1144,8 @@ impl<'a> Trainer<'a> {
             vram_allocated: crate::engine::device::peak_memory(&self.model.device)
                 .map(|(used, _)| round_to(used as f64 / f64::from(1u32 << 30), 2)),
             device: Some(crate::engine::device::short_name(&self.model.device)),
+            accuracy: train_pref.map(|t| round_to(t.rewards_accuracies, 4)),
+            metrics: metrics(Some(4)),
         };
         append_log_line(&self.out, &line).map_err(io_err("writing trainer_log.jsonl"))?;
         self.history.push(HistoryEntry {
@@ -952,6 +1157,7 @@ impl<'a> Trainer<'a> {
             learning_rate: Some(m.lr),
             grad_norm: Some(m.grad_norm),
             num_input_tokens_seen: Some(m.tokens_seen),
+            metrics: metrics(None),
         });
         Ok(())
     }
@@ -1196,7 +1402,7 @@ impl<'a> Trainer<'a> {
             "total_flos": 0.0,
             "train_loss": train_loss,
             "train_runtime": round_to(secs, 4),
-            "train_samples_per_second": round_to(self.data.train.len() as f64 * self.p.num_train_epochs / secs, 3),
+            "train_samples_per_second": round_to(self.data.train_examples() as f64 * self.p.num_train_epochs / secs, 3),
             "train_steps_per_second": round_to(self.step as f64 / secs, 3),
             "train_tokens_per_second": round_to(s.tokens_per_sec, 3),
             "device": crate::engine::device::describe(&self.model.device),
@@ -1341,4 +1547,27 @@ pub fn peak_rss_gib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(round_to(kib / (1024.0 * 1024.0), 3))
+}
+
+/// Adds `g` into the accumulated gradients of `params`.
+fn accumulate(
+    acc: &mut Option<GradStore>,
+    g: GradStore,
+    params: &[Param],
+) -> Result<(), TrainError> {
+    match acc.as_mut() {
+        None => *acc = Some(g),
+        Some(acc) => {
+            for p in params {
+                if let Some(gi) = g.get(p.var.as_tensor()) {
+                    let sum = match acc.get(p.var.as_tensor()) {
+                        Some(prev) => (prev + gi)?,
+                        None => gi.clone(),
+                    };
+                    acc.insert(p.var.as_tensor(), sum);
+                }
+            }
+        }
+    }
+    Ok(())
 }

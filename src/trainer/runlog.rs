@@ -2,6 +2,7 @@
 //! step, LLaMA-Factory's keys plus `grad_norm` and memory) and the Hugging Face Trainer's
 //! `trainer_state.json` / `train_results.json` / `all_results.json`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -39,6 +40,13 @@ pub struct LogLine {
     /// The device of the run (`cpu`, `cuda:0`); termtune only.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device: Option<String>,
+    /// LLaMA-Factory's `accuracy`: `rewards/accuracies` of a preference stage.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accuracy: Option<f64>,
+    /// The stage's own metrics under TRL's names (`rewards/margins`, `eval_logps/chosen`, …), and any other key a
+    /// LLaMA-Factory log line has.
+    #[serde(flatten, default)]
+    pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
 /// `H:MM:SS`, as Python's `str(timedelta(seconds=int(s)))` prints it (days as `N day(s), `).
@@ -104,6 +112,10 @@ pub struct HistoryEntry {
     pub grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub num_input_tokens_seen: Option<u64>,
+    /// A stage's own metrics under TRL's names (`rewards/accuracies`, `eval_rewards/margins`, …), and any other key
+    /// of a Hugging Face log entry.
+    #[serde(flatten, default)]
+    pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
 /// The Hugging Face Trainer's `trainer_state.json` (the keys its readers look at), plus

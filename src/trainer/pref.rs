@@ -1,0 +1,352 @@
+//! Preference losses of `stage: dpo`, as LLaMA-Factory's `CustomDPOTrainer` computes them over TRL's `dpo_loss`:
+//! sigmoid (DPO, with cDPO label smoothing), hinge (SLiC), IPO, ORPO and SimPO, the `pref_ftx` SFT term, and the
+//! logged metrics (`rewards/*`, `logps/*`, ORPO's `sft_loss` and `odds_ratio_loss`).
+//!
+//! The losses are functions of four numbers per pair (the policy's and the reference's log-probabilities of the
+//! chosen and the rejected answer), so they are computed here in f64 on the host with their derivatives written
+//! out; [`crate::engine::SequenceLogps::backward`] carries ∂L/∂logp through the model.
+
+use crate::config::{PrefLoss, Preset};
+
+/// The keys that shape the loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefConfig {
+    pub loss: PrefLoss,
+    pub beta: f64,
+    pub ftx: f64,
+    pub label_smoothing: f64,
+    pub simpo_gamma: f64,
+}
+
+impl PrefConfig {
+    pub fn from_preset(p: &Preset) -> Self {
+        Self {
+            loss: p.pref_loss,
+            beta: p.pref_beta,
+            ftx: p.pref_ftx,
+            label_smoothing: p.dpo_label_smoothing,
+            simpo_gamma: p.simpo_gamma,
+        }
+    }
+}
+
+/// One pair's log-probabilities: sums over the answer's tokens, and the token counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLogps {
+    pub chosen: f64,
+    pub rejected: f64,
+    /// The reference model's sums; `None` for ORPO and SimPO.
+    pub ref_chosen: Option<f64>,
+    pub ref_rejected: Option<f64>,
+    pub chosen_tokens: usize,
+    pub rejected_tokens: usize,
+}
+
+/// The metrics LLaMA-Factory logs for a batch (means over its pairs).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct PrefMetrics {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub rewards_accuracies: f64,
+    pub rewards_margins: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+    /// ORPO only.
+    pub sft_loss: Option<f64>,
+    /// ORPO only.
+    pub odds_ratio_loss: Option<f64>,
+}
+
+impl PrefMetrics {
+    /// The logged keys and values, in LLaMA-Factory's order, with `prefix` (`""` or `"eval_"`).
+    pub fn entries(&self, prefix: &str) -> Vec<(String, f64)> {
+        let mut out = vec![
+            (format!("{prefix}rewards/chosen"), self.rewards_chosen),
+            (format!("{prefix}rewards/rejected"), self.rewards_rejected),
+            (
+                format!("{prefix}rewards/accuracies"),
+                self.rewards_accuracies,
+            ),
+            (format!("{prefix}rewards/margins"), self.rewards_margins),
+            (format!("{prefix}logps/chosen"), self.logps_chosen),
+            (format!("{prefix}logps/rejected"), self.logps_rejected),
+        ];
+        if let Some(v) = self.sft_loss {
+            out.push((format!("{prefix}sft_loss"), v));
+        }
+        if let Some(v) = self.odds_ratio_loss {
+            out.push((format!("{prefix}odds_ratio_loss"), v));
+        }
+        out
+    }
+
+    /// The mean of several batches' metrics (how the Hugging Face trainer logs the metrics it stored).
+    pub fn mean(all: &[PrefMetrics]) -> Option<PrefMetrics> {
+        if all.is_empty() {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let n = all.len() as f64;
+        let avg = |f: &dyn Fn(&PrefMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
+        let avg_opt = |f: &dyn Fn(&PrefMetrics) -> Option<f64>| {
+            let v: Vec<f64> = all.iter().filter_map(f).collect();
+            #[allow(clippy::cast_precision_loss)]
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        Some(PrefMetrics {
+            rewards_chosen: avg(&|m| m.rewards_chosen),
+            rewards_rejected: avg(&|m| m.rewards_rejected),
+            rewards_accuracies: avg(&|m| m.rewards_accuracies),
+            rewards_margins: avg(&|m| m.rewards_margins),
+            logps_chosen: avg(&|m| m.logps_chosen),
+            logps_rejected: avg(&|m| m.logps_rejected),
+            sft_loss: avg_opt(&|m| m.sft_loss),
+            odds_ratio_loss: avg_opt(&|m| m.odds_ratio_loss),
+        })
+    }
+}
+
+/// The loss of a batch of pairs: each pair's loss, its derivatives with respect to the policy's *summed*
+/// log-probabilities, and the batch's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefOutput {
+    pub losses: Vec<f64>,
+    /// ∂loss_i/∂(policy chosen sum of pair i).
+    pub d_chosen: Vec<f64>,
+    /// ∂loss_i/∂(policy rejected sum of pair i).
+    pub d_rejected: Vec<f64>,
+    pub metrics: PrefMetrics,
+}
+
+impl PrefOutput {
+    pub fn mean_loss(&self) -> f64 {
+        mean(&self.losses)
+    }
+}
+
+/// Why a batch has no loss.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefError {
+    #[error("pref_loss `{0}` has no loss here (use sigmoid, hinge, ipo, orpo or simpo)")]
+    Unsupported(&'static str),
+    #[error("pref_loss `{0}` needs the reference model's log-probabilities")]
+    MissingReference(&'static str),
+    #[error(
+        "a preference pair has an answer with no trained token (cut away by cutoff_len?); raise `cutoff_len`"
+    )]
+    EmptyAnswer,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let n = v.len() as f64;
+    v.iter().sum::<f64>() / n
+}
+
+/// σ(x), stable for large |x|.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// log σ(x) = −softplus(−x), stable for large |x| (torch's `F.logsigmoid`).
+pub fn log_sigmoid(x: f64) -> f64 {
+    x.min(0.0) - (-x.abs()).exp().ln_1p()
+}
+
+/// The losses, derivatives and metrics of `pairs` (LLaMA-Factory `get_batch_loss_metrics`).
+pub fn preference_loss(cfg: &PrefConfig, pairs: &[PairLogps]) -> Result<PrefOutput, PrefError> {
+    let beta = cfg.beta;
+    let avg = cfg.loss.averages_logps();
+    let mut out = PrefOutput {
+        losses: Vec::with_capacity(pairs.len()),
+        d_chosen: Vec::with_capacity(pairs.len()),
+        d_rejected: Vec::with_capacity(pairs.len()),
+        metrics: PrefMetrics::default(),
+    };
+    let (mut rc, mut rr, mut acc, mut lc, mut lr, mut sft, mut orl) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for p in pairs {
+        if p.chosen_tokens == 0 || p.rejected_tokens == 0 {
+            return Err(PrefError::EmptyAnswer);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let (nc, nr) = (p.chosen_tokens as f64, p.rejected_tokens as f64);
+        // The loss's variables: sums, or for IPO/ORPO/SimPO means over the answer's tokens.
+        let (sc, sr) = if avg { (nc, nr) } else { (1.0, 1.0) };
+        let (c, r) = (p.chosen / sc, p.rejected / sr);
+        let reference = || -> Result<(f64, f64), PrefError> {
+            match (p.ref_chosen, p.ref_rejected) {
+                (Some(a), Some(b)) => Ok((a / sc, b / sr)),
+                _ => Err(PrefError::MissingReference(cfg.loss.as_str())),
+            }
+        };
+        // (loss, ∂/∂c, ∂/∂r, chosen reward, rejected reward)
+        let (mut loss, mut dc, dr, reward_c, reward_r) = match cfg.loss {
+            PrefLoss::Sigmoid | PrefLoss::Hinge | PrefLoss::Ipo => {
+                let (ref_c, ref_r) = reference()?;
+                let logits = (c - r) - (ref_c - ref_r);
+                let (l, dlogits) = match cfg.loss {
+                    PrefLoss::Sigmoid => {
+                        let ls = cfg.label_smoothing;
+                        let x = beta * logits;
+                        (
+                            -log_sigmoid(x) * (1.0 - ls) - log_sigmoid(-x) * ls,
+                            beta * (-(1.0 - ls) * sigmoid(-x) + ls * sigmoid(x)),
+                        )
+                    }
+                    PrefLoss::Hinge => {
+                        let m = 1.0 - beta * logits;
+                        if m > 0.0 { (m, -beta) } else { (0.0, 0.0) }
+                    }
+                    _ => {
+                        let z = logits - 1.0 / (2.0 * beta);
+                        (z * z, 2.0 * z)
+                    }
+                };
+                (l, dlogits, -dlogits, beta * (c - ref_c), beta * (r - ref_r))
+            }
+            PrefLoss::Orpo => {
+                // log odds(y) = log p − log(1 − p), p the mean-token probability exp(c).
+                let log_odds = (c - r) - ((-c.exp()).ln_1p() - (-r.exp()).ln_1p());
+                let d_lo = -beta * sigmoid(-log_odds);
+                let l = -c + beta * -log_sigmoid(log_odds);
+                (
+                    l,
+                    -1.0 + d_lo / (1.0 - c.exp()),
+                    -d_lo / (1.0 - r.exp()),
+                    beta * c,
+                    beta * r,
+                )
+            }
+            PrefLoss::Simpo => {
+                let logits = (c - r) - cfg.simpo_gamma / beta;
+                let d = -beta * sigmoid(-beta * logits);
+                (-log_sigmoid(beta * logits), d, -d, beta * c, beta * r)
+            }
+            PrefLoss::KtoPair => return Err(PrefError::Unsupported("kto_pair")),
+        };
+        // The SFT term: the chosen answer's mean token loss.
+        let sft_loss = if avg { -c } else { -c / nc };
+        if cfg.ftx > 1e-6 {
+            loss += cfg.ftx * sft_loss;
+            dc += cfg.ftx * if avg { -1.0 } else { -1.0 / nc };
+        }
+        out.losses.push(loss);
+        out.d_chosen.push(dc / sc);
+        out.d_rejected.push(dr / sr);
+        rc.push(reward_c);
+        rr.push(reward_r);
+        acc.push(if reward_c > reward_r { 1.0 } else { 0.0 });
+        lc.push(c);
+        lr.push(r);
+        if cfg.loss == PrefLoss::Orpo {
+            sft.push(sft_loss);
+            orl.push((loss - sft_loss) / beta);
+        }
+    }
+    let margins: Vec<f64> = rc.iter().zip(&rr).map(|(a, b)| a - b).collect();
+    out.metrics = PrefMetrics {
+        rewards_chosen: mean(&rc),
+        rewards_rejected: mean(&rr),
+        rewards_accuracies: mean(&acc),
+        rewards_margins: mean(&margins),
+        logps_chosen: mean(&lc),
+        logps_rejected: mean(&lr),
+        sft_loss: (cfg.loss == PrefLoss::Orpo).then(|| mean(&sft)),
+        odds_ratio_loss: (cfg.loss == PrefLoss::Orpo).then(|| mean(&orl)),
+    };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs() -> Vec<PairLogps> {
+        vec![
+            PairLogps {
+                chosen: -12.5,
+                rejected: -20.25,
+                ref_chosen: Some(-13.0),
+                ref_rejected: Some(-19.0),
+                chosen_tokens: 9,
+                rejected_tokens: 14,
+            },
+            PairLogps {
+                chosen: -30.0,
+                rejected: -8.0,
+                ref_chosen: Some(-29.5),
+                ref_rejected: Some(-8.5),
+                chosen_tokens: 21,
+                rejected_tokens: 5,
+            },
+        ]
+    }
+
+    /// The written-out derivatives equal central differences of the loss, for every loss and the SFT term.
+    #[test]
+    fn derivatives_match_finite_differences() {
+        for loss in [
+            PrefLoss::Sigmoid,
+            PrefLoss::Hinge,
+            PrefLoss::Ipo,
+            PrefLoss::Orpo,
+            PrefLoss::Simpo,
+        ] {
+            for (ftx, ls) in [(0.0, 0.0), (0.7, 0.0), (0.0, 0.2)] {
+                if ls > 0.0 && loss != PrefLoss::Sigmoid {
+                    continue;
+                }
+                let cfg = PrefConfig {
+                    loss,
+                    beta: 0.3,
+                    ftx,
+                    label_smoothing: ls,
+                    simpo_gamma: 0.5,
+                };
+                let base = pairs();
+                let out = preference_loss(&cfg, &base).unwrap();
+                let h = 1e-6;
+                for i in 0..base.len() {
+                    for side in 0..2 {
+                        let shifted = |d: f64| {
+                            let mut p = base.clone();
+                            if side == 0 {
+                                p[i].chosen += d;
+                            } else {
+                                p[i].rejected += d;
+                            }
+                            preference_loss(&cfg, &p).unwrap().losses[i]
+                        };
+                        let fd = (shifted(h) - shifted(-h)) / (2.0 * h);
+                        let got = if side == 0 {
+                            out.d_chosen[i]
+                        } else {
+                            out.d_rejected[i]
+                        };
+                        assert!(
+                            (fd - got).abs() < 1e-6 * (1.0 + fd.abs()),
+                            "{loss:?} ftx {ftx} ls {ls} pair {i} side {side}: {got} vs {fd}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn log_sigmoid_is_stable() {
+        assert!((log_sigmoid(0.0) - 0.5f64.ln()).abs() < 1e-15);
+        assert!((log_sigmoid(-800.0) + 800.0).abs() < 1e-9);
+        assert!(log_sigmoid(800.0).abs() < 1e-300);
+        assert!((sigmoid(-800.0)).abs() < 1e-300);
+    }
+}

@@ -1,0 +1,490 @@
+//! `stage: dpo`: the per-sequence log-probabilities, the preference losses against LLaMA-Factory's and TRL's formulas
+//! (tests/fixtures/pref_loss_reference.json, from scripts/pref_loss_reference.py), the DPO gradient against finite
+//! differences through the whole model, and runs of the trainer on the tiny model.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use termtune::config::{self, PrefLoss, Purpose};
+use termtune::engine::model::Kernels;
+use termtune::engine::ops;
+use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::engine::weights::load_hf_folder;
+use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+use termtune::trainer::pref::{PairLogps, PrefConfig, preference_loss};
+use termtune::trainer::protocol::TrainEvent;
+use termtune::trainer::run::{Outcome, run_training};
+use termtune::trainer::runlog::{TrainerState, read_log};
+
+const CPU: Device = Device::Cpu;
+
+fn reference() -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pref_loss_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn loss_kind(s: &str) -> PrefLoss {
+    match s {
+        "sigmoid" => PrefLoss::Sigmoid,
+        "hinge" => PrefLoss::Hinge,
+        "ipo" => PrefLoss::Ipo,
+        "orpo" => PrefLoss::Orpo,
+        "simpo" => PrefLoss::Simpo,
+        other => panic!("unknown loss {other}"),
+    }
+}
+
+#[test]
+fn every_loss_and_metric_equals_the_llamafactory_formulas() {
+    let r = reference();
+    let pairs: Vec<PairLogps> = r["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PairLogps {
+            chosen: p["chosen"].as_f64().unwrap(),
+            rejected: p["rejected"].as_f64().unwrap(),
+            ref_chosen: Some(p["ref_chosen"].as_f64().unwrap()),
+            ref_rejected: Some(p["ref_rejected"].as_f64().unwrap()),
+            chosen_tokens: p["chosen_len"].as_u64().unwrap() as usize,
+            rejected_tokens: p["rejected_len"].as_u64().unwrap() as usize,
+        })
+        .collect();
+    let cases = r["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let k = &c["config"];
+        let cfg = PrefConfig {
+            loss: loss_kind(k["pref_loss"].as_str().unwrap()),
+            beta: k["pref_beta"].as_f64().unwrap(),
+            ftx: k["pref_ftx"].as_f64().unwrap(),
+            label_smoothing: k["dpo_label_smoothing"].as_f64().unwrap(),
+            simpo_gamma: k["simpo_gamma"].as_f64().unwrap(),
+        };
+        // ORPO and SimPO must not need the reference.
+        let input: Vec<PairLogps> = if cfg.loss.uses_reference() {
+            pairs.clone()
+        } else {
+            pairs
+                .iter()
+                .map(|p| PairLogps {
+                    ref_chosen: None,
+                    ref_rejected: None,
+                    ..*p
+                })
+                .collect()
+        };
+        let out = preference_loss(&cfg, &input).unwrap();
+        let close = |a: f64, b: f64, what: &str| {
+            assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "{k}: {what}: termtune {a} reference {b}"
+            );
+        };
+        for (got, want) in out.losses.iter().zip(c["losses"].as_array().unwrap()) {
+            close(*got, want.as_f64().unwrap(), "pair loss");
+        }
+        close(out.mean_loss(), c["loss"].as_f64().unwrap(), "loss");
+        let metrics = c["metrics"].as_object().unwrap();
+        let entries = out.metrics.entries("");
+        assert_eq!(entries.len(), metrics.len(), "{k}: {entries:?}");
+        for (key, v) in entries {
+            close(v, metrics[&key].as_f64().unwrap(), &key);
+        }
+    }
+}
+
+fn tiny(dir: &Path, kernels: Kernels) -> Model {
+    tiny_llama(dir, 1234, &TinyOpts::default()).unwrap();
+    let files = load_hf_folder(dir, DType::F64, &CPU).unwrap();
+    let ft = Finetune::Lora(LoraSpec {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::parse("all").unwrap(),
+        use_rslora: false,
+        seed: 7,
+    });
+    let mut m = Model::from_files(&files, DType::F64, &CPU, &ft).unwrap();
+    m.kernels = kernels;
+    // A trained adapter: the policy differs from the reference.
+    for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let mut rng = StdRng::seed_from_u64(40 + i as u64);
+            let n = v.elem_count();
+            let vals: Vec<f64> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &CPU).unwrap())
+                .unwrap();
+        }
+    }
+    m
+}
+
+/// Two pairs: chosen rows 0 and 1, rejected rows 2 and 3, right-padded, prompts unlabelled.
+fn pair_batch() -> (Tensor, AttnMask, Tensor) {
+    let ids: [[u32; 7]; 4] = [
+        [5, 70, 71, 100, 33, 9, 8],
+        [6, 12, 40, 41, 0, 0, 0],
+        [5, 70, 71, 200, 201, 0, 0],
+        [6, 12, 90, 91, 92, 93, 0],
+    ];
+    let am: [[u32; 7]; 4] = [
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+    ];
+    let labels: [[i64; 7]; 4] = [
+        [-100, -100, -100, 100, 33, 9, 8],
+        [-100, -100, 40, 41, -100, -100, -100],
+        [-100, -100, -100, 200, 201, -100, -100],
+        [-100, -100, 90, 91, 92, 93, -100],
+    ];
+    (
+        Tensor::new(&ids, &CPU).unwrap(),
+        AttnMask::Padding {
+            attention_mask: Tensor::new(&am, &CPU).unwrap(),
+        },
+        Tensor::new(&labels, &CPU).unwrap(),
+    )
+}
+
+#[test]
+fn sequence_logps_are_the_labelled_log_softmax_sums_on_every_path() {
+    let (ids, mask, labels) = pair_batch();
+    let lab = labels.to_vec2::<i64>().unwrap();
+    for (kernels, chunk) in [(Kernels::Fused, Some(3)), (Kernels::Pure, None)] {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = tiny(d.path(), kernels);
+        m.head_chunk_rows = chunk;
+        let logits = m.forward(&ids, &mask, false).unwrap();
+        let logp = ops::log_softmax_pure(&logits)
+            .unwrap()
+            .to_vec3::<f64>()
+            .unwrap();
+        let got = m.sequence_logps(&ids, &mask, &labels, None, false).unwrap();
+        for (b, row) in lab.iter().enumerate() {
+            let mut want = 0.0;
+            let mut n = 0;
+            for t in 0..row.len() - 1 {
+                if row[t + 1] >= 0 {
+                    want += logp[b][t][row[t + 1] as usize];
+                    n += 1;
+                }
+            }
+            assert!(
+                (got.logps[b] - want).abs() < 1e-10,
+                "{kernels:?} row {b}: {} vs {want}",
+                got.logps[b]
+            );
+            assert_eq!(got.tokens[b], n);
+        }
+        // Switching the adapter off gives the base model's numbers, and it comes back.
+        let with = got.logps.clone();
+        let off = m.with_adapter_disabled(|m| {
+            m.sequence_logps(&ids, &mask, &labels, None, false)
+                .unwrap()
+                .logps
+        });
+        assert!(off.iter().zip(&with).all(|(a, b)| (a - b).abs() > 1e-6));
+        let again = m
+            .sequence_logps(&ids, &mask, &labels, None, false)
+            .unwrap()
+            .logps;
+        assert_eq!(again, with);
+    }
+}
+
+/// The mean DPO loss of the pair batch, the reference being the model with its adapter off.
+fn batch_loss(m: &mut Model, cfg: &PrefConfig) -> f64 {
+    let (ids, mask, labels) = pair_batch();
+    let p = m.sequence_logps(&ids, &mask, &labels, None, false).unwrap();
+    let r =
+        m.with_adapter_disabled(|m| m.sequence_logps(&ids, &mask, &labels, None, false).unwrap());
+    preference_loss(cfg, &pairs_of(&p.logps, &r.logps, &p.tokens))
+        .unwrap()
+        .mean_loss()
+}
+
+fn pairs_of(policy: &[f64], reference: &[f64], tokens: &[usize]) -> Vec<PairLogps> {
+    (0..2)
+        .map(|i| PairLogps {
+            chosen: policy[i],
+            rejected: policy[2 + i],
+            ref_chosen: Some(reference[i]),
+            ref_rejected: Some(reference[2 + i]),
+            chosen_tokens: tokens[i],
+            rejected_tokens: tokens[2 + i],
+        })
+        .collect()
+}
+
+#[test]
+fn dpo_gradients_match_finite_differences_f64() {
+    let cases = [
+        (Kernels::Fused, Some(2), true, PrefLoss::Sigmoid, 0.5),
+        (Kernels::Pure, None, false, PrefLoss::Sigmoid, 0.5),
+        (Kernels::Fused, Some(5), false, PrefLoss::Ipo, 0.1),
+        (Kernels::Fused, None, false, PrefLoss::Orpo, 0.3),
+        (Kernels::Fused, Some(4), true, PrefLoss::Simpo, 2.0),
+    ];
+    for (kernels, chunk, checkpointing, loss, beta) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = tiny(d.path(), kernels);
+        m.head_chunk_rows = chunk;
+        m.checkpointing = checkpointing;
+        let cfg = PrefConfig {
+            loss,
+            beta,
+            ftx: 0.3,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+        };
+        let (ids, mask, labels) = pair_batch();
+        let policy = m.sequence_logps(&ids, &mask, &labels, None, true).unwrap();
+        let r = m.with_adapter_disabled(|m| {
+            m.sequence_logps(&ids, &mask, &labels, None, false).unwrap()
+        });
+        let out =
+            preference_loss(&cfg, &pairs_of(&policy.logps, &r.logps, &policy.tokens)).unwrap();
+        // The mean over the 2 pairs.
+        let dl = [
+            out.d_chosen[0] / 2.0,
+            out.d_chosen[1] / 2.0,
+            out.d_rejected[0] / 2.0,
+            out.d_rejected[1] / 2.0,
+        ];
+        let grads = policy.backward(&dl).unwrap();
+        let vars = m.trainable_vars();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut checked = 0;
+        for (name, v) in vars.iter().filter(|(n, _)| {
+            n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj")
+        }) {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{loss:?}: no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let orig = v.as_tensor().copy().unwrap();
+            for _ in 0..3 {
+                let i = rng.random_range(0..orig.elem_count());
+                let h = 1e-5;
+                let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                flat[i] += h;
+                v.set(&Tensor::from_vec(flat.clone(), orig.shape(), &CPU).unwrap())
+                    .unwrap();
+                let lp = batch_loss(&mut m, &cfg);
+                flat[i] -= 2.0 * h;
+                v.set(&Tensor::from_vec(flat, orig.shape(), &CPU).unwrap())
+                    .unwrap();
+                let lm = batch_loss(&mut m, &cfg);
+                v.set(&orig).unwrap();
+                let num = (lp - lm) / (2.0 * h);
+                let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
+                assert!(
+                    rel < 1e-4,
+                    "{loss:?} {kernels:?} {name}[{i}]: analytic {} numeric {num} rel {rel}",
+                    g[i]
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 12);
+    }
+}
+
+/// The tiny model and `n` preference pairs (alpaca ranking format) as dataset `prefs`, and SFT rows as `toy`.
+fn fixture(n: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let rows: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "instruction": format!("name a colour {i}"),
+                "input": "",
+                "chosen": format!("blue {}", "and green ".repeat(i % 3)),
+                "rejected": format!("I will not {}", "say it ".repeat(i % 2 + 1)),
+            })
+        })
+        .collect();
+    std::fs::write(
+        data.join("prefs.json"),
+        serde_json::to_string(&rows).unwrap(),
+    )
+    .unwrap();
+    let sft: Vec<Value> = (0..4)
+        .map(|i| json!({"instruction": format!("say {i}"), "input": "", "output": "ok"}))
+        .collect();
+    std::fs::write(data.join("toy.json"), serde_json::to_string(&sft).unwrap()).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"prefs": {"file_name": "prefs.json", "ranking": true,
+             "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+            "toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    (dir, root)
+}
+
+fn preset(root: &Path, extra: &[&str]) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
+    let text = format!(
+        "model_name_or_path: {}\nstage: dpo\ndataset: prefs\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
+         gradient_accumulation_steps: 2\nlearning_rate: 5.0e-3\nlora_rank: 4\nlora_dropout: 0.1\n\
+         lr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n",
+        root.join("model").display(),
+        root.join("data").display(),
+        root.join("out").display(),
+        root.join("tokcache").display(),
+    );
+    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
+    config::parse(&text, &overrides, Purpose::Train)
+}
+
+fn train(loaded: &config::Loaded) -> (Result<Outcome, String>, Vec<TrainEvent>) {
+    let (_tx, rx) = mpsc::channel();
+    let mut events = Vec::new();
+    let r = run_training(loaded, &CPU, &rx, &mut |e| events.push(e)).map_err(|e| e.to_string());
+    (r, events)
+}
+
+#[test]
+fn a_lora_dpo_run_starts_at_ln2_and_learns_the_preference() {
+    let (_d, root) = fixture(16);
+    let loaded = preset(
+        &root,
+        &[
+            "max_steps: 12",
+            "val_size: 4",
+            "eval_strategy: steps",
+            "eval_steps: 6",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::StepFinished(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 12);
+    // B = 0 at step 1: the policy is the reference, every log-ratio 0, the sigmoid loss ln 2 exactly.
+    let first = steps[0].pref.unwrap();
+    assert!(
+        (steps[0].loss - std::f64::consts::LN_2).abs() < 1e-9,
+        "{}",
+        steps[0].loss
+    );
+    assert_eq!(first.rewards_accuracies, 0.0);
+    assert_eq!(first.rewards_margins, 0.0);
+    let last = steps[11].pref.unwrap();
+    assert!(last.rewards_margins > 0.05, "{last:?}");
+    assert!(last.rewards_accuracies > 0.5, "{last:?}");
+    assert!(steps[11].loss < 0.6, "{}", steps[11].loss);
+
+    // The run folder: LLaMA-Factory's `accuracy`, TRL's metric names, evaluations with eval_ ones.
+    let out = root.join("out");
+    let log = read_log(&out).unwrap();
+    assert_eq!(log[0].accuracy, Some(0.0));
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(log[0].metrics.contains_key(key), "{key}: {:?}", log[0]);
+        assert!(
+            log.iter()
+                .any(|l| l.metrics.contains_key(&format!("eval_{key}"))),
+            "eval_{key}"
+        );
+    }
+    let state = TrainerState::load(&out.join("trainer_state.json")).unwrap();
+    let evals: Vec<_> = state
+        .log_history
+        .iter()
+        .filter(|h| h.eval_loss.is_some())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals[0].metrics.contains_key("eval_rewards/accuracies"));
+    assert!(out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn orpo_runs_without_a_reference_and_full_dpo_with_a_frozen_copy() {
+    let (_d, root) = fixture(8);
+    for extra in [
+        vec!["max_steps: 2", "pref_loss: orpo"],
+        vec![
+            "max_steps: 2",
+            "finetuning_type: full",
+            "learning_rate: 1.0e-4",
+        ],
+    ] {
+        let mut e = extra.clone();
+        e.push("overwrite_output_dir: true");
+        let loaded = preset(&root, &e).unwrap_or_else(|e| panic!("{e:?}"));
+        let (r, events) = train(&loaded);
+        r.unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+        let first = events
+            .iter()
+            .find_map(|e| match e {
+                TrainEvent::StepFinished(m) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let m = first.pref.unwrap();
+        if extra.contains(&"pref_loss: orpo") {
+            assert!(m.sft_loss.is_some() && m.odds_ratio_loss.is_some(), "{m:?}");
+            assert!(first.loss > 0.0);
+        } else {
+            // The policy starts as its frozen copy.
+            assert!(
+                (first.loss - std::f64::consts::LN_2).abs() < 1e-9,
+                "{}",
+                first.loss
+            );
+        }
+    }
+}
+
+#[test]
+fn wrong_data_and_keys_are_refused_with_the_fix() {
+    let (_d, root) = fixture(4);
+    // SFT data for dpo: the message names the dataset and what it needs.
+    let loaded = preset(&root, &["dataset: toy", "max_steps: 1"]).unwrap();
+    let (r, _) = train(&loaded);
+    let e = r.unwrap_err();
+    assert!(e.contains("preference dataset") && e.contains("toy"), "{e}");
+    // Keys: each problem named.
+    for (kv, key) in [
+        ("pref_loss: kto_pair", "pref_loss"),
+        ("dpo_label_smoothing: 0.7", "dpo_label_smoothing"),
+        ("pref_beta: 0", "pref_beta"),
+        ("packing: true", "packing"),
+        ("ref_model: some/model", "ref_model"),
+        ("ld_alpha: 0.5", "ld_alpha"),
+    ] {
+        let issues = preset(&root, &[kv]).expect_err(kv);
+        assert!(issues.iter().any(|i| i.key == key), "{kv}: {issues:?}");
+    }
+    // Label smoothing is a sigmoid-loss key.
+    let issues = preset(&root, &["pref_loss: hinge", "dpo_label_smoothing: 0.1"]).unwrap_err();
+    assert!(issues[0].message.contains("sigmoid"), "{issues:?}");
+}
