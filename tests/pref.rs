@@ -454,9 +454,10 @@ fn orpo_runs_without_a_reference_and_full_dpo_with_a_frozen_copy() {
             assert!(m.sft_loss.is_some() && m.odds_ratio_loss.is_some(), "{m:?}");
             assert!(first.loss > 0.0);
         } else {
-            // The policy starts as its frozen copy.
+            // The policy starts as its frozen copy (in f32, through the trainable head's pure ops where the frozen
+            // copy's head runs the fused chunked kernel: equal to rounding).
             assert!(
-                (first.loss - std::f64::consts::LN_2).abs() < 1e-9,
+                (first.loss - std::f64::consts::LN_2).abs() < 1e-5,
                 "{}",
                 first.loss
             );

@@ -203,7 +203,7 @@ fn tail(path: &Path, n: usize) -> String {
 
 /// What the run process's main loop hears.
 enum Msg {
-    Event(TrainEvent),
+    Event(Box<TrainEvent>),
     Connected(UnixStream),
     Request(u64, Request),
     Gone(u64),
@@ -268,7 +268,7 @@ pub fn run_child(loaded: Loaded, preset: &Path) -> ExitCode {
     let engine = crate::trainer::thread::spawn(
         loaded,
         move |ev| {
-            let _ = event_tx.send(Msg::Event(ev));
+            let _ = event_tx.send(Msg::Event(Box::new(ev)));
         },
         move || {
             let _ = exit_tx.send(Msg::EngineExited);
@@ -297,7 +297,7 @@ pub fn run_child(loaded: Loaded, preset: &Path) -> ExitCode {
     };
     while let Ok(msg) = rx.recv() {
         match msg {
-            Msg::Event(ev) => host.event(ev),
+            Msg::Event(ev) => host.event(*ev),
             Msg::Connected(stream) => host.connected(stream),
             Msg::Request(id, Request::Status) => {
                 let status = Reply::Status(host.record.clone());

@@ -268,6 +268,7 @@ pub fn preference_loss(cfg: &PrefConfig, pairs: &[PairLogps]) -> Result<PrefOutp
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn pairs() -> Vec<PairLogps> {
