@@ -68,7 +68,13 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "invalid_stage.yaml",
-        &[":2:8:", "`stage: dpo` is not supported yet", "sft", "pt"],
+        &[
+            ":2:8:",
+            "`stage: kto` is not supported yet",
+            "sft",
+            "pt",
+            "dpo",
+        ],
     ),
     (
         "invalid_enum_value.yaml",

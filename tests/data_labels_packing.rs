@@ -363,11 +363,34 @@ fn stage_options_are_validated() {
         m.contains("`mask_history` is incompatible with `train_on_prompt`"),
         "{m}"
     );
-    let mut opts = options(&lf_data_dir(), &["dpo_en_demo"], Some("chatml"), tmp.path());
-    opts.stage = Stage::Dpo;
+    let mut opts = options(&lf_data_dir(), &["kto_en_demo"], Some("chatml"), tmp.path());
+    opts.stage = Stage::Kto;
     let m = prepare_dataset(&opts, &enc).unwrap_err().to_string();
     assert!(
         m.contains("not implemented yet") && m.contains("300 examples"),
         "{m}"
     );
+    // dpo: each pair is its chosen and its rejected sequence, sharing the prompt; a batch of k pairs is the k
+    // chosen rows, then the k rejected ones.
+    let mut opts = options(&lf_data_dir(), &["dpo_en_demo"], Some("chatml"), tmp.path());
+    opts.stage = Stage::Dpo;
+    let d = prepare_dataset(&opts, &enc).unwrap();
+    assert!(d.pairwise);
+    assert_eq!(d.train_examples(), 300);
+    assert_eq!(d.train.len(), 600);
+    assert_eq!(d.stats.train_examples, 300);
+    for pair in d.train.chunks(2) {
+        let prompt = |s: &termtune::data::PackedSequence| {
+            s.labels.iter().take_while(|&&l| l == -100).count()
+        };
+        assert_eq!(prompt(&pair[0]), prompt(&pair[1]));
+        assert_eq!(
+            pair[0].input_ids[..prompt(&pair[0])],
+            pair[1].input_ids[..prompt(&pair[1])]
+        );
+        assert_ne!(pair[0].input_ids, pair[1].input_ids);
+    }
+    let batches = d.epoch_batches(3, false, 1, 0);
+    assert_eq!(batches.len(), 100);
+    assert_eq!(batches[0].batch_size, 6);
 }

@@ -29,6 +29,7 @@ pub enum FieldKind {
 
 const STAGES: &[&str] = &["sft", "pt", "rm", "ppo", "dpo", "kto"];
 const FINETUNING: &[&str] = &["lora", "freeze", "full", "oft"];
+const PREF_LOSSES: &[&str] = &["sigmoid", "hinge", "ipo", "orpo", "simpo"];
 const SCHEDULERS: &[&str] = &[
     "linear",
     "cosine",
@@ -67,6 +68,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
     match key {
         "stage" => FieldKind::Select(STAGES),
         "finetuning_type" => FieldKind::Select(FINETUNING),
+        "pref_loss" => FieldKind::Select(PREF_LOSSES),
         "lr_scheduler_type" => FieldKind::Select(SCHEDULERS),
         "mix_strategy" => FieldKind::Select(MIX),
         "save_strategy" | "eval_strategy" => FieldKind::Select(INTERVAL),

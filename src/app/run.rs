@@ -71,6 +71,15 @@ pub struct Point {
     pub lr: f64,
     pub grad_norm: Option<f64>,
     pub tokens_per_sec: Option<f64>,
+    /// A preference stage's `rewards/margins` and `rewards/accuracies`.
+    pub reward: Option<Reward>,
+}
+
+/// A preference step's reward metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reward {
+    pub margin: f64,
+    pub accuracy: f64,
 }
 
 /// The dashboard.
@@ -232,7 +241,15 @@ impl RunState {
         push_bounded(&mut self.log, line.into(), MAX_LOG);
     }
 
-    fn push_point(&mut self, step: u64, loss: f64, lr: f64, grad: Option<f64>, tps: Option<f64>) {
+    fn push_point(
+        &mut self,
+        step: u64,
+        loss: f64,
+        lr: f64,
+        grad: Option<f64>,
+        tps: Option<f64>,
+        reward: Option<Reward>,
+    ) {
         if self.points.back().is_some_and(|p| p.step >= step) {
             // Already shown: an attached client hears the last logged step again in the replay.
             return;
@@ -252,6 +269,7 @@ impl RunState {
                 lr,
                 grad_norm: grad,
                 tokens_per_sec: tps,
+                reward,
             },
             MAX_POINTS,
         );
@@ -297,6 +315,10 @@ impl RunState {
                     m.lr,
                     Some(m.grad_norm),
                     Some(m.tokens_per_sec),
+                    m.pref.map(|p| Reward {
+                        margin: p.rewards_margins,
+                        accuracy: p.rewards_accuracies,
+                    }),
                 );
                 self.last = Some(m.clone());
             }
@@ -406,6 +428,13 @@ impl RunState {
                     l.lr.unwrap_or(0.0),
                     l.grad_norm,
                     l.throughput,
+                    l.accuracy
+                        .zip(
+                            l.metrics
+                                .get("rewards/margins")
+                                .and_then(serde_json::Value::as_f64),
+                        )
+                        .map(|(accuracy, margin)| Reward { margin, accuracy }),
                 );
             }
             if let Some(e) = l.eval_loss

@@ -404,7 +404,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "stage",
         Method,
-        "Training stage: sft (supervised fine-tuning) or pt (pre-training on raw text).",
+        "Training stage: sft (supervised fine-tuning), pt (pre-training on raw text) or dpo (preference pairs; see pref_loss).",
     ),
     noe(
         "do_train",

@@ -10,7 +10,7 @@ use ratatui::widgets::{
 };
 
 use super::{Theme, clip, gib};
-use crate::app::run::Point;
+use crate::app::run::{Point, Reward};
 use crate::app::{App, Phase};
 use crate::telemetry::GpuReading;
 use crate::trainer::runlog::format_duration;
@@ -245,6 +245,17 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 fn bars(values: &[f64], width: usize) -> Vec<u64> {
     let tail = &values[values.len().saturating_sub(width)..];
     let max = tail.iter().copied().fold(0.0f64, f64::max);
+    bars_of(values, max, width)
+}
+
+/// [`bars`] against a fixed top value `max` (e.g. 1 for an accuracy).
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+fn bars_of(values: &[f64], max: f64, width: usize) -> Vec<u64> {
+    let tail = &values[values.len().saturating_sub(width)..];
     if max <= 0.0 {
         return vec![0; tail.len()];
     }
@@ -262,6 +273,35 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     ])
     .areas(area);
     let width = usize::from(area.width.saturating_sub(2));
+    let rewards: Vec<Reward> = run.points.iter().filter_map(|p| p.reward).collect();
+    if let Some(last) = rewards.last() {
+        // A preference run: what shows it learns is the reward margin and how often chosen beats rejected.
+        let margins: Vec<f64> = rewards.iter().map(|r| r.margin).collect();
+        let floor = margins
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(0.0);
+        let lifted: Vec<f64> = margins.iter().map(|m| m - floor).collect();
+        let accuracies: Vec<f64> = rewards.iter().map(|r| r.accuracy).collect();
+        frame.render_widget(
+            Sparkline::default()
+                .block(panel(&format!("reward margin {:.3}", last.margin), theme))
+                .style(theme.lr)
+                .data(bars(&lifted, width)),
+            lr,
+        );
+        frame.render_widget(
+            Sparkline::default()
+                .block(panel(&format!("reward acc {:.2}", last.accuracy), theme))
+                .style(theme.grad_norm)
+                .max(1000)
+                .data(bars_of(&accuracies, 1.0, width)),
+            grad,
+        );
+        render_speed(frame, speed, app, theme);
+        return;
+    }
     let lrs: Vec<f64> = run.points.iter().map(|p| p.lr).collect();
     let grads: Vec<f64> = run.points.iter().filter_map(|p| p.grad_norm).collect();
     let last_lr = lrs
@@ -281,6 +321,12 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         spark(format!("grad norm {last_grad}"), theme.grad_norm, &grads),
         grad,
     );
+    render_speed(frame, speed, app, theme);
+}
+
+/// Throughput, the latest loss, tokens seen, the last checkpoint and evaluation.
+fn render_speed(frame: &mut Frame, speed: Rect, app: &App, theme: &Theme) {
+    let run = &app.run;
     let mut lines = Vec::new();
     if let Some(m) = &run.last {
         // Throughput first: at 80×24 the panel has room for one line.
