@@ -489,10 +489,47 @@ fn tokenize_all(
     opts: &DataOptions,
     counts: &mut RowCounts,
 ) -> Vec<TokenizedExample> {
-    let results: Vec<Result<TokenizedExample, SkipRecord>> = examples
+    tokenize_with(examples, counts, |ex| tokenize_example(enc, ex, opts))
+}
+
+/// Preference pairs as two sequences each (chosen, then rejected), for `stage: dpo`.
+fn tokenize_pairs(
+    enc: &Encoder,
+    examples: &[Example],
+    opts: &DataOptions,
+    counts: &mut RowCounts,
+) -> Vec<TokenizedExample> {
+    tokenize_with(examples, counts, |ex| {
+        encode_pairwise(enc, ex, opts.cutoff_len)
+    })
+    .into_iter()
+    .flat_map(|p: PairwiseExample| {
+        [
+            TokenizedExample {
+                input_ids: p.chosen_input_ids,
+                labels: p.chosen_labels,
+                truncated: false,
+            },
+            TokenizedExample {
+                input_ids: p.rejected_input_ids,
+                labels: p.rejected_labels,
+                truncated: false,
+            },
+        ]
+    })
+    .collect()
+}
+
+/// `encode` on every example in parallel; the skipped ones are counted with their file and place.
+fn tokenize_with<T: Send>(
+    examples: &[Example],
+    counts: &mut RowCounts,
+    encode: impl Fn(&Example) -> Result<T, super::SkipReason> + Sync,
+) -> Vec<T> {
+    let results: Vec<Result<T, SkipRecord>> = examples
         .par_iter()
         .map(|ex| {
-            tokenize_example(enc, ex, opts).map_err(|reason| SkipRecord {
+            encode(ex).map_err(|reason| SkipRecord {
                 file: ex.file.clone(),
                 location: ex.location,
                 reason,
@@ -503,47 +540,6 @@ fn tokenize_all(
     for r in results {
         match r {
             Ok(t) => out.push(t),
-            Err(s) => {
-                counts.kept = counts.kept.saturating_sub(1);
-                counts.skip(s);
-            }
-        }
-    }
-    out
-}
-
-/// Preference pairs as two sequences each (chosen, then rejected), for `stage: dpo`.
-fn tokenize_pairs(
-    enc: &Encoder,
-    examples: &[Example],
-    opts: &DataOptions,
-    counts: &mut RowCounts,
-) -> Vec<TokenizedExample> {
-    let results: Vec<Result<PairwiseExample, SkipRecord>> = examples
-        .par_iter()
-        .map(|ex| {
-            encode_pairwise(enc, ex, opts.cutoff_len).map_err(|reason| SkipRecord {
-                file: ex.file.clone(),
-                location: ex.location,
-                reason,
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(2 * results.len());
-    for r in results {
-        match r {
-            Ok(p) => {
-                out.push(TokenizedExample {
-                    input_ids: p.chosen_input_ids,
-                    labels: p.chosen_labels,
-                    truncated: false,
-                });
-                out.push(TokenizedExample {
-                    input_ids: p.rejected_input_ids,
-                    labels: p.rejected_labels,
-                    truncated: false,
-                });
-            }
             Err(s) => {
                 counts.kept = counts.kept.saturating_sub(1);
                 counts.skip(s);

@@ -1116,6 +1116,29 @@ pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize)
     Ok(hs.contiguous()?.apply_op1(HeadLoss { loss, grad })?)
 }
 
+/// Runs `f(logits, targets, first_row)` over `chunk`-row slices of the detached `hs` (logits = rows · wᵀ), so
+/// logits never exceed chunk × vocab.
+fn for_head_chunks(
+    hs: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    mut f: impl FnMut(&Tensor, &Tensor, usize) -> Result<()>,
+) -> Result<()> {
+    let (n, _) = hs.dims2()?;
+    let chunk = chunk.max(1);
+    let hd = hs.detach();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = hd.narrow(0, start, len)?;
+        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
+        f(&ops::linear(&h, w)?, &tg, start)?;
+        start += len;
+    }
+    Ok(())
+}
+
 /// Per-row `log softmax(hs · wᵀ)[target]` (n) f64 on the host, `chunk` rows at a time, without a graph: the values of
 /// [`head_logps_surrogate`]'s rows.
 pub fn head_logps_chunked(
@@ -1124,19 +1147,11 @@ pub fn head_logps_chunked(
     targets: &[u32],
     chunk: usize,
 ) -> Result<Vec<f64>> {
-    let (n, _) = hs.dims2()?;
-    let chunk = chunk.max(1);
-    let hd = hs.detach();
-    let mut out = Vec::with_capacity(n);
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let h = hd.narrow(0, start, len)?;
-        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
-        let logits = ops::linear(&h, w)?;
-        out.extend(ops::label_logps(&logits, &tg)?);
-        start += len;
-    }
+    let mut out = Vec::with_capacity(targets.len());
+    for_head_chunks(hs, w, targets, chunk, |logits, tg, _| {
+        out.extend(ops::label_logps(logits, tg)?);
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -1150,28 +1165,21 @@ pub fn head_logps_surrogate(
     row_weights: &[f64],
     chunk: usize,
 ) -> Result<Tensor> {
-    let (n, _) = hs.dims2()?;
-    let chunk = chunk.max(1);
-    let hd = hs.detach();
     let mut grads = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let h = hd.narrow(0, start, len)?;
-        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
-        let logits = ops::linear(&h, w)?;
+    for_head_chunks(hs, w, targets, chunk, |logits, tg, start| {
         // d logp / d logits = one-hot − softmax = −(softmax − one-hot).
-        let (_, g) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, true)?;
+        let (_, g) = ops::fused::cross_entropy_sum_and_grad(logits, tg, true)?;
         let g = g.ok_or_else(|| {
             super::error::EngineError::Invalid("the cross-entropy gradient is missing".into())
         })?;
+        let len = g.dim(0)?;
         let wts: Vec<f64> = row_weights[start..start + len].iter().map(|x| -x).collect();
         let wts = Tensor::new(wts.as_slice(), hs.device())?
             .to_dtype(g.dtype())?
             .unsqueeze(1)?;
         grads.push(g.broadcast_mul(&wts)?.to_dtype(w.dtype())?.matmul(w)?);
-        start += len;
-    }
+        Ok(())
+    })?;
     let grad = if grads.is_empty() {
         None
     } else {

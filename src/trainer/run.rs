@@ -555,11 +555,6 @@ enum Reference {
     Frozen(Box<Model>),
 }
 
-/// The sums of label log-probabilities per batch row (and the labelled tokens) of a reference.
-struct RefLogps {
-    logps: Vec<f64>,
-}
-
 /// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
 struct TokenizerFiles {
     tokenizer_json: Option<String>,
@@ -1001,27 +996,25 @@ impl<'a> Trainer<'a> {
         let cfg = pref.cfg;
         let reference = match &pref.reference {
             Reference::None => None,
-            Reference::Frozen(m) => Some(RefLogps {
-                logps: m
-                    .sequence_logps(&ids, &mask, &labels, Some(&host), false)?
+            Reference::Frozen(m) => Some(
+                m.sequence_logps(&ids, &mask, &labels, Some(&host), false)?
                     .logps,
-            }),
-            Reference::AdapterOff => Some(RefLogps {
-                logps: self
-                    .model
+            ),
+            Reference::AdapterOff => Some(
+                self.model
                     .with_adapter_disabled(|m| {
                         m.sequence_logps(&ids, &mask, &labels, Some(&host), false)
                     })?
                     .logps,
-            }),
+            ),
         };
         let k = batch.batch_size / 2;
         let pairs: Vec<PairLogps> = (0..k)
             .map(|i| PairLogps {
                 chosen: policy.logps[i],
                 rejected: policy.logps[k + i],
-                ref_chosen: reference.as_ref().map(|r| r.logps[i]),
-                ref_rejected: reference.as_ref().map(|r| r.logps[k + i]),
+                ref_chosen: reference.as_ref().map(|r| r[i]),
+                ref_rejected: reference.as_ref().map(|r| r[k + i]),
                 chosen_tokens: policy.tokens[i],
                 rejected_tokens: policy.tokens[k + i],
             })
