@@ -47,6 +47,11 @@ pub enum Command {
     Train(TrainArgs),
     /// Chat with a base model, an adapter or a checkpoint: a REPL, or one answer with --prompt.
     Chat(ChatArgs),
+    /// Score answers with a reward model trained with `stage: rm` (its value head on the last token).
+    ///
+    /// e.g. `termtune score --model M --adapter saves/rm --prompt "Q" --response "A1" --response "A2"` prints
+    /// one line per answer: its reward, then the answer's first words. Higher is preferred.
+    Score(ScoreArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (like `llamafactory-cli api`).
     ///
     /// `GET /v1/models` and `POST /v1/chat/completions` (streamed or whole) on 127.0.0.1:8000 by default;
@@ -217,6 +222,24 @@ pub struct ModelArgs {
     /// Chat template name; default: the tokenizer's own chat template.
     #[arg(long)]
     pub template: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub source: ModelArgs,
+    /// The prompt (the user turn).
+    #[arg(long)]
+    pub prompt: String,
+    /// An answer to score; repeat to compare several.
+    #[arg(long = "response", required = true)]
+    pub responses: Vec<String>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Print JSON lines (`{"reward": …, "response": …}`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Some(Command::Train(args)) => train(&args),
         Some(Command::Chat(args)) => chat(&args),
+        Some(Command::Score(args)) => score(&args),
         Some(Command::Api(args)) => api(&args),
         Some(Command::Predict(args)) => predict(&args),
         Some(Command::Export(args)) => export(&args),
@@ -501,6 +502,68 @@ fn chat(args: &ChatArgs) -> ExitCode {
         };
     }
     repl(&mut session)
+}
+
+/// `termtune score`: a reward model's score of each answer.
+fn score(args: &crate::cli::ScoreArgs) -> ExitCode {
+    let preset = match chat_preset(&args.source, &[]) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let device = match crate::engine::device::chosen() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut progress = |p: crate::engine::source::SourceProgress| {
+        if let crate::engine::source::SourceProgress::Note(line) = p {
+            eprintln!("termtune: {line}");
+        }
+    };
+    let scorer = match crate::chat::score::Scorer::load(&preset, &device, &mut progress) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("termtune: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "termtune: {}; value head from {}",
+        scorer.info,
+        scorer.head_dir.display()
+    );
+    let system = args
+        .system
+        .clone()
+        .or_else(|| preset.default_system.clone())
+        .unwrap_or_default();
+    for response in &args.responses {
+        match scorer.score(&system, &args.prompt, response) {
+            Ok(reward) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"reward": reward, "response": response})
+                    );
+                } else {
+                    let head: String = response.chars().take(60).collect();
+                    let more = if head.len() < response.len() {
+                        "…"
+                    } else {
+                        ""
+                    };
+                    println!("{reward:>10.4}  {head}{more}");
+                }
+            }
+            Err(e) => {
+                eprintln!("termtune: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `termtune api`: checks the address first (a refused bind costs no model load), loads the model,

@@ -283,6 +283,23 @@ pub fn infer_dtype(p: &Preset, device: &Device) -> DType {
     }
 }
 
+/// Where a reward model's value head sits for `preset`: beside the last adapter, else in the model folder; `None`
+/// when the model is no reward model.
+pub fn value_head_dir(preset: &Preset) -> Option<std::path::PathBuf> {
+    let adapters = preset
+        .adapter_name_or_path
+        .as_deref()
+        .map(crate::engine::adapter::parse_adapter_list)
+        .unwrap_or_default();
+    let dir = match adapters.last() {
+        Some(last) => last.clone(),
+        None => std::path::PathBuf::from(&preset.model_name_or_path),
+    };
+    dir.join(crate::engine::value_head::VALUE_HEAD_FILE)
+        .is_file()
+        .then_some(dir)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -21,6 +21,7 @@ fn multi() -> Example {
         system: String::new(),
         tools: String::new(),
         kto_tag: None,
+        kl_answer: None,
         file: std::sync::Arc::new("mem".into()),
         location: Location::Row(1),
     }

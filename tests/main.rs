@@ -30,6 +30,7 @@ mod gguf_smollm2;
 mod gpu;
 mod hub_cache;
 mod identity_smollm2;
+mod kto_rm;
 mod lf_demo_data;
 mod predict;
 mod predict_metrics;

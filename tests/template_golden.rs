@@ -29,6 +29,7 @@ fn example(system: &str, turns: &[&str]) -> Example {
         system: system.to_string(),
         tools: String::new(),
         kto_tag: None,
+        kl_answer: None,
         file: std::sync::Arc::new("mem".into()),
         location: Location::Row(1),
     }

@@ -58,6 +58,7 @@ fn ids_and_labels_match_llamafactory_on_smollm2() {
             system: ex["system"].as_str().unwrap().to_string(),
             tools: ex["tools"].as_str().unwrap().to_string(),
             kto_tag: None,
+            kl_answer: None,
             file: std::sync::Arc::new("ref".into()),
             location: Location::Row(1),
         };
@@ -113,6 +114,7 @@ fn preference_pairs_match_llamafactory_on_smollm2() {
         system: pw["system"].as_str().unwrap().to_string(),
         tools: String::new(),
         kto_tag: None,
+        kl_answer: None,
         file: std::sync::Arc::new("ref".into()),
         location: Location::Row(1),
     };

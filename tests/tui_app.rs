@@ -375,7 +375,7 @@ fn the_run_pane_lists_the_runs_and_follows_the_one_picked_with_its_history() {
         eta: std::time::Duration::from_secs(1),
         tokens_per_sec: 100.0,
         samples_per_sec: 1.0,
-        pref: None,
+        metrics: Default::default(),
     };
     a.update(Msg::Engine(TrainEvent::StepFinished(m.clone())));
     m.step = 4;

@@ -82,7 +82,7 @@ fn step(i: u64, total: u64) -> TrainEvent {
         eta: Duration::from_secs((total - i) / 2),
         tokens_per_sec: 2000.0,
         samples_per_sec: 16.0,
-        pref: None,
+        metrics: Default::default(),
     })
 }
 

@@ -71,15 +71,28 @@ pub struct Point {
     pub lr: f64,
     pub grad_norm: Option<f64>,
     pub tokens_per_sec: Option<f64>,
-    /// A preference stage's `rewards/margins` and `rewards/accuracies`.
+    /// A preference or reward stage's `rewards/margins` with `rewards/accuracies` (dpo, rm) or `kl` (kto).
     pub reward: Option<Reward>,
 }
 
-/// A preference step's reward metrics.
+/// A preference or reward step's metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reward {
     pub margin: f64,
-    pub accuracy: f64,
+    pub accuracy: Option<f64>,
+    /// KTO's KL estimate.
+    pub kl: Option<f64>,
+}
+
+impl Reward {
+    /// From a step's metrics under TRL's names; `None` without a margin (not a preference stage).
+    pub fn from_metrics(get: impl Fn(&str) -> Option<f64>) -> Option<Reward> {
+        Some(Reward {
+            margin: get("rewards/margins")?,
+            accuracy: get("rewards/accuracies"),
+            kl: get("kl"),
+        })
+    }
 }
 
 /// The dashboard.
@@ -315,10 +328,7 @@ impl RunState {
                     m.lr,
                     Some(m.grad_norm),
                     Some(m.tokens_per_sec),
-                    m.pref.map(|p| Reward {
-                        margin: p.rewards_margins,
-                        accuracy: p.rewards_accuracies,
-                    }),
+                    Reward::from_metrics(|k| m.metrics.get(k).copied()),
                 );
                 self.last = Some(m.clone());
             }
@@ -428,13 +438,15 @@ impl RunState {
                     l.lr.unwrap_or(0.0),
                     l.grad_norm,
                     l.throughput,
-                    l.accuracy
-                        .zip(
-                            l.metrics
-                                .get("rewards/margins")
-                                .and_then(serde_json::Value::as_f64),
+                    Reward::from_metrics(|k| {
+                        l.metrics.get(k).and_then(serde_json::Value::as_f64).or(
+                            if k == "rewards/accuracies" {
+                                l.accuracy
+                            } else {
+                                None
+                            },
                         )
-                        .map(|(accuracy, margin)| Reward { margin, accuracy }),
+                    }),
                 );
             }
             if let Some(e) = l.eval_loss
@@ -649,7 +661,7 @@ mod tests {
             eta: Duration::from_secs(10u64.saturating_sub(i)),
             tokens_per_sec: 1000.0,
             samples_per_sec: 10.0,
-            pref: None,
+            metrics: Default::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 //! [`targets`] lists what a run folder offers to chat with (final adapter, checkpoints) and reads an
 //! adapter folder's header facts (r, alpha, targets, step) without loading a model.
 
+pub mod score;
 pub mod targets;
 pub mod worker;
 
@@ -30,6 +31,58 @@ pub enum ChatError {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(
+        "{} is a reward model (stage rm: it has value_head.safetensors): it scores answers and does not write them; score a prompt and answers with `termtune score --prompt ... --response ...`, or chat with the base model or an sft adapter",
+        path.display()
+    )]
+    RewardModel { path: PathBuf },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The model with its adapters merged, ready for inference, the encoder of its template and what was loaded.
+fn load_parts(
+    preset: &Preset,
+    device: &Device,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<(Model, Encoder, LoadedInfo), ChatError> {
+    let dtype = resolve::infer_dtype(preset, device);
+    let PresetModel {
+        files,
+        kind,
+        base_name,
+        tokenizer,
+    } = resolve::load_model(preset, dtype, device, progress)?;
+    let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
+    let adapters = preset
+        .adapter_name_or_path
+        .as_deref()
+        .map(parse_adapter_list)
+        .unwrap_or_default();
+    if !adapters.is_empty() {
+        progress(SourceProgress::Note(format!(
+            "merging {} adapter(s)",
+            adapters.len()
+        )));
+        merge_adapters(&mut model, &adapters)?;
+    }
+    model.prepare_for_inference()?;
+    let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
+    for w in &encoder.warnings {
+        progress(SourceProgress::Note(format!("warning: {w}")));
+    }
+    let template = preset
+        .template
+        .clone()
+        .unwrap_or_else(|| "the tokenizer's own chat_template".into());
+    let info = LoadedInfo {
+        model: base_name,
+        source: kind,
+        adapters,
+        template,
+        device: format!("{}, {:?}", crate::engine::device::describe(device), dtype),
+    };
+    Ok((model, encoder, info))
 }
 
 /// What is loaded, for the header users read before trusting an answer.
@@ -83,48 +136,17 @@ impl ChatSession {
         device: &Device,
         progress: &mut dyn FnMut(SourceProgress),
     ) -> Result<ChatSession, ChatError> {
-        let dtype = resolve::infer_dtype(preset, device);
-        let PresetModel {
-            files,
-            kind,
-            base_name,
-            tokenizer,
-        } = resolve::load_model(preset, dtype, device, progress)?;
-        let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
-        let adapters = preset
-            .adapter_name_or_path
-            .as_deref()
-            .map(parse_adapter_list)
-            .unwrap_or_default();
-        if !adapters.is_empty() {
-            progress(SourceProgress::Note(format!(
-                "merging {} adapter(s)",
-                adapters.len()
-            )));
-            merge_adapters(&mut model, &adapters)?;
+        if let Some(path) = resolve::value_head_dir(preset) {
+            return Err(ChatError::RewardModel { path });
         }
-        model.prepare_for_inference()?;
-        let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
-        for w in &encoder.warnings {
-            progress(SourceProgress::Note(format!("warning: {w}")));
-        }
-        let template = preset
-            .template
-            .clone()
-            .unwrap_or_else(|| "the tokenizer's own chat_template".into());
+        let (model, encoder, info) = load_parts(preset, device, progress)?;
         Ok(ChatSession {
             model,
             encoder,
             params: resolve::generation_params(preset),
             system: preset.default_system.clone(),
             history: Vec::new(),
-            info: LoadedInfo {
-                model: base_name,
-                source: kind,
-                adapters,
-                template,
-                device: format!("{}, {:?}", crate::engine::device::describe(device), dtype),
-            },
+            info,
         })
     }
 

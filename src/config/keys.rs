@@ -110,8 +110,7 @@ const MACHINERY: &str = "a setting of LLaMA-Factory's Python machinery; termtune
 const TRAINER_MACHINERY: &str =
     "a setting of the Hugging Face Trainer's machinery that does not change the result here";
 const MULTIMODAL: &str = "multimodal processing; termtune trains text-only models";
-const PREF_STAGE: &str =
-    "used only by the preference stages termtune does not run yet (rm, kto, ppo)";
+const PREF_STAGE: &str = "used only by stage ppo, which termtune does not run yet";
 const SPEED_ONLY: &str =
     "a speed or memory option of the Python stack; termtune computes the same result its own way";
 
@@ -404,7 +403,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "stage",
         Method,
-        "Training stage: sft (supervised fine-tuning), pt (pre-training on raw text) or dpo (preference pairs; see pref_loss).",
+        "Training stage: sft (supervised fine-tuning), pt (pre-training on raw text), dpo (preference pairs; see pref_loss), kto (answers tagged good or bad) or rm (a reward model on preference pairs).",
     ),
     noe(
         "do_train",
@@ -471,12 +470,12 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "pref_beta",
         Method,
-        "stage dpo: beta, the weight of the log-ratio against the reference (0.1): larger keeps the policy closer to it.",
+        "stages dpo and kto: beta, the weight of the log-ratio against the reference (0.1): larger keeps the policy closer to it.",
     ),
     imp(
         "pref_ftx",
         Method,
-        "stage dpo: weight of the SFT loss (the chosen answer's mean token loss) added to the preference loss (0: none).",
+        "stages dpo and kto: weight of the SFT loss (the chosen answer's mean token loss) added to the preference loss (0: none).",
     ),
     uns(
         "pref_bco_weight",
@@ -494,8 +493,16 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "stage dpo, sigmoid loss: the assumed share of flipped preference labels, in [0, 0.5] (cDPO; 0: plain DPO).",
     ),
-    noe("kto_chosen_weight", Method, PREF_STAGE),
-    noe("kto_rejected_weight", Method, PREF_STAGE),
+    imp(
+        "kto_chosen_weight",
+        Method,
+        "stage kto: the weight of a desirable answer's loss (1.0).",
+    ),
+    imp(
+        "kto_rejected_weight",
+        Method,
+        "stage kto: the weight of an undesirable answer's loss (1.0).",
+    ),
     imp(
         "simpo_gamma",
         Method,
@@ -524,7 +531,11 @@ pub const KEYS: &[KeySpec] = &[
         "null",
         "a separate reference model is not supported yet: the reference is the base model (with LoRA: the adapter switched off)",
     ),
-    noe("ref_model_quantization_bit", Method, PREF_STAGE),
+    noe(
+        "ref_model_quantization_bit",
+        Method,
+        "quantizes a separate reference model (`ref_model`), which is not supported yet",
+    ),
     noe("reward_model", Method, PREF_STAGE),
     noe("reward_model_adapters", Method, PREF_STAGE),
     noe("reward_model_quantization_bit", Method, PREF_STAGE),

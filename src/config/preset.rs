@@ -207,6 +207,8 @@ pub struct Preset {
     pub pref_loss: PrefLoss,
     pub dpo_label_smoothing: f64,
     pub simpo_gamma: f64,
+    pub kto_chosen_weight: f64,
+    pub kto_rejected_weight: f64,
     // ### dataset
     pub dataset: Option<String>,
     pub eval_dataset: Option<String>,
@@ -310,6 +312,8 @@ impl Default for Preset {
             pref_loss: PrefLoss::Sigmoid,
             dpo_label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            kto_chosen_weight: 1.0,
+            kto_rejected_weight: 1.0,
             dataset: None,
             eval_dataset: None,
             dataset_dir: "data".into(),

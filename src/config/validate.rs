@@ -36,16 +36,13 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     }
 
     // ### method
-    if !matches!(p.stage, Stage::Sft | Stage::Pt | Stage::Dpo) {
+    if p.stage == Stage::Ppo {
         bad(
             "stage",
-            format!(
-                "`stage: {}` is not supported yet; termtune trains `sft`, `pt` and `dpo` (with `pref_loss` sigmoid, hinge, ipo, orpo or simpo)",
-                p.stage.as_str()
-            ),
+            "`stage: ppo` is not supported yet; termtune trains `sft`, `pt`, `rm`, `dpo` (with `pref_loss` sigmoid, hinge, ipo, orpo or simpo) and `kto`".into(),
         );
     }
-    if p.stage == Stage::Dpo {
+    if matches!(p.stage, Stage::Dpo | Stage::Kto | Stage::Rm) {
         validate_preference(p, &mut bad);
     }
     if p.finetuning_type == FinetuningType::Oft {
@@ -360,8 +357,62 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     out
 }
 
-/// The keys of `stage: dpo` (LLaMA-Factory's `FinetuningArguments` and TRL's rules).
+/// The keys of stages dpo, kto and rm (LLaMA-Factory's `FinetuningArguments` and TRL's rules).
 fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
+    let stage = p.stage.as_str();
+    if p.stage != Stage::Rm {
+        validate_beta_ftx(p, bad);
+    }
+    if p.stage == Stage::Dpo {
+        validate_dpo_loss(p, bad);
+    }
+    if p.stage == Stage::Kto {
+        for (key, v) in [
+            ("kto_chosen_weight", p.kto_chosen_weight),
+            ("kto_rejected_weight", p.kto_rejected_weight),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bad(key, format!("`{key}` must be a positive number, got {v}"));
+            }
+        }
+    }
+    if p.packing == Some(true) {
+        bad(
+            "packing",
+            format!(
+                "`packing` does not apply to `stage: {stage}` (each answer is its own sequence); remove it"
+            ),
+        );
+    }
+    if p.compute_accuracy {
+        bad(
+            "compute_accuracy",
+            format!(
+                "`compute_accuracy` is for `stage: sft`; a {stage} evaluation logs {}",
+                if p.stage == Stage::Rm {
+                    "`eval_accuracy` by itself"
+                } else {
+                    "`eval_rewards/*`"
+                }
+            ),
+        );
+    }
+    if p.do_predict {
+        bad(
+            "do_predict",
+            format!(
+                "`do_predict` is for `stage: sft` here; run `termtune predict` on the trained adapter with `stage: sft`{}",
+                if p.stage == Stage::Rm {
+                    ", or `termtune score` for the reward model's scores"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+}
+
+fn validate_beta_ftx(p: &Preset, bad: &mut impl FnMut(&str, String)) {
     if !(p.pref_beta.is_finite() && p.pref_beta > 0.0) {
         bad(
             "pref_beta",
@@ -374,6 +425,10 @@ fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
             format!("`pref_ftx` must be 0 or more, got {}", p.pref_ftx),
         );
     }
+}
+
+/// `pref_loss` and its options (stage dpo).
+fn validate_dpo_loss(p: &Preset, bad: &mut impl FnMut(&str, String)) {
     if !(0.0..=0.5).contains(&p.dpo_label_smoothing) {
         bad(
             "dpo_label_smoothing",
@@ -401,24 +456,6 @@ fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
         bad(
             "pref_loss",
             "`pref_loss: kto_pair` was removed from TRL (LLaMA-Factory's trainer no longer runs it); use sigmoid, hinge, ipo, orpo or simpo, or `stage: kto` for unpaired data".into(),
-        );
-    }
-    if p.packing == Some(true) {
-        bad(
-            "packing",
-            "`packing` does not apply to `stage: dpo` (each chosen and rejected answer is its own sequence); remove it".into(),
-        );
-    }
-    if p.compute_accuracy {
-        bad(
-            "compute_accuracy",
-            "`compute_accuracy` is for `stage: sft`; a dpo evaluation logs `eval_rewards/accuracies`".into(),
-        );
-    }
-    if p.do_predict {
-        bad(
-            "do_predict",
-            "`do_predict` is for `stage: sft` (LLaMA-Factory's dpo stage does not predict); run `termtune predict` on the trained adapter with `stage: sft`".into(),
         );
     }
 }

@@ -96,6 +96,9 @@ pub struct CachedData {
     pub eval: Vec<PackedSequence>,
     pub stats: DatasetStats,
     pub warnings: Vec<String>,
+    /// Stage kto's tags (one per example; empty otherwise).
+    pub train_tags: Vec<bool>,
+    pub eval_tags: Vec<bool>,
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -214,7 +217,12 @@ pub fn write(path: &Path, data: &CachedData) -> Result<(), DataError> {
         path: path.to_path_buf(),
         message,
     };
-    let header = serde_json::json!({ "stats": data.stats, "warnings": data.warnings });
+    let header = serde_json::json!({
+        "stats": data.stats,
+        "warnings": data.warnings,
+        "train_tags": data.train_tags,
+        "eval_tags": data.eval_tags,
+    });
     let header = serde_json::to_vec(&header).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
@@ -258,6 +266,10 @@ pub fn read(path: &Path) -> Result<Option<CachedData>, DataError> {
         serde_json::from_value(header["stats"].clone()).map_err(|_| corrupt())?;
     let warnings: Vec<String> =
         serde_json::from_value(header["warnings"].clone()).unwrap_or_default();
+    let tags = |key: &str| -> Vec<bool> {
+        serde_json::from_value(header[key].clone()).unwrap_or_default()
+    };
+    let (train_tags, eval_tags) = (tags("train_tags"), tags("eval_tags"));
     let train = c.seqs().ok_or_else(corrupt)?;
     let eval = c.seqs().ok_or_else(corrupt)?;
     Ok(Some(CachedData {
@@ -265,5 +277,7 @@ pub fn read(path: &Path) -> Result<Option<CachedData>, DataError> {
         eval,
         stats,
         warnings,
+        train_tags,
+        eval_tags,
     }))
 }

@@ -57,6 +57,9 @@ pub struct Example {
     pub system: String,
     pub tools: String,
     pub kto_tag: Option<bool>,
+    /// Stage kto: an unrelated answer to this prompt for the KL estimate (the previous example's answer within
+    /// its preprocessing batch, LLaMA-Factory's `FeedbackDatasetProcessor`); set by the pipeline.
+    pub kl_answer: Option<Message>,
     pub file: Arc<PathBuf>,
     pub location: Location,
 }
@@ -128,6 +131,7 @@ pub fn convert(attr: &DatasetAttr, row: &RawRow, stage: Stage) -> Result<Example
         system,
         tools,
         kto_tag,
+        kl_answer: None,
         file: Arc::clone(&row.file),
         location: row.location,
     };

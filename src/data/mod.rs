@@ -94,6 +94,11 @@ impl Stage {
     pub fn needs_ranking(self) -> bool {
         matches!(self, Stage::Rm | Stage::Dpo)
     }
+
+    /// Whether an example is two sequences (pairs for dpo and rm; the example and its KL sequence for kto).
+    pub fn in_pairs(self) -> bool {
+        matches!(self, Stage::Rm | Stage::Dpo | Stage::Kto)
+    }
 }
 
 /// `val_size`: a fraction of the train set (0 < v < 1) or a row count (v ≥ 1), like LLaMA-Factory.

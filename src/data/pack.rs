@@ -196,6 +196,52 @@ pub struct Batch {
     /// True with neat packing: attention must stay inside one sequence id (block-diagonal causal mask;
     /// the engine builds it from `sequence_ids` and `position_ids`).
     pub block_diagonal: bool,
+    /// Stage kto: whether each example's answer is desirable (the batch holds k examples, then their k KL
+    /// sequences); empty for the other stages.
+    pub kto_tags: Vec<bool>,
+}
+
+impl Batch {
+    /// Rows `range` of the batch as a batch of their own, cut to their longest real row (stage kto runs its
+    /// examples and their KL sequences apart).
+    #[must_use]
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let t = self.seq_len;
+        let range = range.start.min(self.batch_size)..range.end.min(self.batch_size);
+        let len = range
+            .clone()
+            .map(|r| {
+                self.attention_mask[r * t..(r + 1) * t]
+                    .iter()
+                    .rposition(|&m| m != 0)
+                    .map_or(0, |p| p + 1)
+            })
+            .max()
+            .unwrap_or(0);
+        let take = |v: &[u32]| -> Vec<u32> {
+            range
+                .clone()
+                .flat_map(|r| v[r * t..r * t + len].iter().copied())
+                .collect()
+        };
+        Batch {
+            batch_size: range.len(),
+            seq_len: len,
+            input_ids: take(&self.input_ids),
+            labels: range
+                .clone()
+                .flat_map(|r| self.labels[r * t..r * t + len].iter().copied())
+                .collect(),
+            attention_mask: range
+                .clone()
+                .flat_map(|r| self.attention_mask[r * t..r * t + len].iter().copied())
+                .collect(),
+            position_ids: take(&self.position_ids),
+            sequence_ids: take(&self.sequence_ids),
+            block_diagonal: self.block_diagonal,
+            kto_tags: Vec::new(),
+        }
+    }
 }
 
 /// Pads sequences to the longest in the batch (right padding: `pad_id`, label −100, mask 0).
@@ -211,6 +257,7 @@ pub fn collate(items: &[&PackedSequence], pad_id: u32, block_diagonal: bool) -> 
         position_ids: Vec::with_capacity(n),
         sequence_ids: Vec::with_capacity(n),
         block_diagonal,
+        kto_tags: Vec::new(),
     };
     for s in items {
         let pad = seq_len - s.len();

@@ -16,8 +16,8 @@ use super::pack::{
     Batch, PackedSequence, collate, epoch_batches, epoch_order, pack_pretrain, pack_supervised,
 };
 use super::process::{
-    MaskOptions, PairwiseExample, TokenizedExample, encode_pairwise, encode_pretrain,
-    encode_supervised,
+    FeedbackExample, MaskOptions, PairwiseExample, TokenizedExample, encode_feedback,
+    encode_pairwise, encode_pretrain, encode_supervised,
 };
 use super::reader::{JsonlStream, RawRow, SkipRecord, data_files, read_file};
 use super::registry::{DatasetAttr, resolve_all};
@@ -316,6 +316,31 @@ fn check_options(opts: &DataOptions) -> Result<(), DataError> {
     Ok(())
 }
 
+/// LLaMA-Factory's preprocessing batch (`preprocessing_batch_size`, 1000): stage kto pairs answers within one.
+const PREPROCESSING_BATCH: usize = 1000;
+
+/// Stage kto's mismatched pairs for the KL estimate: within each preprocessing batch, example i gets the answer of
+/// example i − 1 (the first gets the last's), as `FeedbackDatasetProcessor` rotates `_response`. Runs on the mixed
+/// dataset before the validation split, as LLaMA-Factory preprocesses before it splits.
+fn assign_kl_answers(examples: &mut [Example]) {
+    for chunk in examples.chunks_mut(PREPROCESSING_BATCH) {
+        let answers: Vec<Option<super::convert::Message>> = chunk
+            .iter()
+            .map(|e| {
+                e.response
+                    .iter()
+                    .find(|m| !m.content.is_empty())
+                    .or_else(|| e.response.get(1))
+                    .cloned()
+            })
+            .collect();
+        let n = chunk.len();
+        for (i, e) in chunk.iter_mut().enumerate() {
+            e.kl_answer = answers[(i + n - 1) % n].clone();
+        }
+    }
+}
+
 /// Reads, converts, mixes and splits the datasets (no tokenisation). Every stage's data is validated here.
 pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
     check_options(opts)?;
@@ -327,6 +352,9 @@ pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
         opts.interleave_probs.as_deref(),
         opts.seed,
     );
+    if opts.stage == Stage::Kto {
+        assign_kl_answers(&mut train);
+    }
     let eval = if opts.eval_dataset.is_empty() {
         let n_val = opts.val_size.count_of(train.len());
         if n_val > 0 {
@@ -347,10 +375,14 @@ pub fn load_examples(opts: &DataOptions) -> Result<LoadedExamples, DataError> {
             Vec::new()
         }
     } else {
-        load_names(&opts.eval_dataset, opts, &mut counts)?
+        let mut eval: Vec<Example> = load_names(&opts.eval_dataset, opts, &mut counts)?
             .into_iter()
             .flatten()
-            .collect()
+            .collect();
+        if opts.stage == Stage::Kto {
+            assign_kl_answers(&mut eval);
+        }
+        eval
     };
     Ok(LoadedExamples {
         train,
@@ -391,8 +423,13 @@ pub struct PreparedDataset {
     pub block_diagonal: bool,
     /// Preference pairs (`stage: dpo`): sequence `2i` is pair i's chosen answer, `2i + 1` its rejected one, and a
     /// batch of k pairs holds the k chosen sequences, then the k rejected ones (LLaMA-Factory's
-    /// `PairwiseDataCollatorWithPadding`).
+    /// `PairwiseDataCollatorWithPadding`). Stage rm lays out its pairs the same way, and stage kto its examples:
+    /// sequence `2i` is example i (prompt + answer), `2i + 1` its KL sequence (prompt + an unrelated answer).
     pub pairwise: bool,
+    /// Stage kto: whether each training example's answer is desirable (`kto_tag`); empty for the other stages.
+    pub train_tags: Vec<bool>,
+    /// Stage kto: the same for the evaluation examples.
+    pub eval_tags: Vec<bool>,
 }
 
 impl PreparedDataset {
@@ -422,7 +459,7 @@ impl PreparedDataset {
             self.train.iter().map(PackedSequence::len).collect()
         };
         let order = epoch_order(&lengths, batch_size, group_by_length, seed, epoch);
-        self.batches(&self.train, &order, batch_size)
+        self.batches(&self.train, &self.train_tags, &order, batch_size)
     }
 
     /// Evaluation batches in order.
@@ -433,10 +470,25 @@ impl PreparedDataset {
             self.eval.len()
         };
         let order: Vec<usize> = (0..n).collect();
-        self.batches(&self.eval, &order, batch_size)
+        self.batches(&self.eval, &self.eval_tags, &order, batch_size)
     }
 
-    fn batches(&self, seqs: &[PackedSequence], order: &[usize], batch_size: usize) -> Vec<Batch> {
+    /// Evaluation examples: sequences, or pairs of them.
+    pub fn eval_examples(&self) -> usize {
+        if self.pairwise {
+            self.eval.len() / 2
+        } else {
+            self.eval.len()
+        }
+    }
+
+    fn batches(
+        &self,
+        seqs: &[PackedSequence],
+        tags: &[bool],
+        order: &[usize],
+        batch_size: usize,
+    ) -> Vec<Batch> {
         if !self.pairwise {
             return epoch_batches(seqs, order, batch_size, self.pad_id, self.block_diagonal);
         }
@@ -447,7 +499,9 @@ impl PreparedDataset {
                     .iter()
                     .flat_map(|&side| chunk.iter().filter_map(move |&i| seqs.get(2 * i + side)))
                     .collect();
-                collate(&items, self.pad_id, false)
+                let mut batch = collate(&items, self.pad_id, false);
+                batch.kto_tags = chunk.iter().filter_map(|&i| tags.get(i).copied()).collect();
+                batch
             })
             .collect()
     }
@@ -518,6 +572,21 @@ fn tokenize_pairs(
         ]
     })
     .collect()
+}
+
+/// Stage kto's examples as two sequences each (the example, then its KL sequence) and their tags.
+fn tokenize_feedback(
+    enc: &Encoder,
+    examples: &[Example],
+    opts: &DataOptions,
+    counts: &mut RowCounts,
+) -> (Vec<TokenizedExample>, Vec<bool>) {
+    let encoded: Vec<FeedbackExample> = tokenize_with(examples, counts, |ex| {
+        encode_feedback(enc, ex, opts.cutoff_len)
+    });
+    let tags = encoded.iter().map(|f| f.desirable).collect();
+    let seqs = encoded.into_iter().flat_map(|f| [f.target, f.kl]).collect();
+    (seqs, tags)
 }
 
 /// `encode` on every example in parallel; the skipped ones are counted with their file and place.
@@ -610,7 +679,9 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
                     cache_file: Some(file),
                     pad_id: enc.pad_id,
                     block_diagonal,
-                    pairwise: opts.stage == Stage::Dpo,
+                    pairwise: opts.stage.in_pairs(),
+                    train_tags: c.train_tags,
+                    eval_tags: c.eval_tags,
                 });
             }
             Ok(None) => {}
@@ -618,7 +689,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         }
     }
 
-    if !matches!(opts.stage, Stage::Pt | Stage::Sft | Stage::Dpo) {
+    if opts.stage == Stage::Ppo {
         let loaded = load_examples(opts)?;
         return Err(DataError::Unsupported {
             name: opts.dataset.join(","),
@@ -632,17 +703,23 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
 
     let loaded = load_examples(opts)?;
     let mut counts = loaded.counts;
-    let pairwise = opts.stage == Stage::Dpo;
-    let (train_tok, eval_tok) = if pairwise {
-        (
+    let pairwise = opts.stage.in_pairs();
+    let (mut train_tags, mut eval_tags) = (Vec::new(), Vec::new());
+    let (train_tok, eval_tok) = match opts.stage {
+        Stage::Dpo | Stage::Rm => (
             tokenize_pairs(enc, &loaded.train, opts, &mut counts),
             tokenize_pairs(enc, &loaded.eval, opts, &mut counts),
-        )
-    } else {
-        (
+        ),
+        Stage::Kto => {
+            let (train, t) = tokenize_feedback(enc, &loaded.train, opts, &mut counts);
+            let (eval, e) = tokenize_feedback(enc, &loaded.eval, opts, &mut counts);
+            (train_tags, eval_tags) = (t, e);
+            (train, eval)
+        }
+        _ => (
             tokenize_all(enc, &loaded.train, opts, &mut counts),
             tokenize_all(enc, &loaded.eval, opts, &mut counts),
-        )
+        ),
     };
     if train_tok.is_empty() {
         return Err(DataError::NoUsableRows {
@@ -693,6 +770,8 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         eval,
         stats,
         warnings,
+        train_tags,
+        eval_tags,
     };
     let cache_file = match cache::write(&file, &data) {
         Ok(()) => Some(file),
@@ -709,7 +788,9 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
                 cache_file: None,
                 pad_id: enc.pad_id,
                 block_diagonal,
-                pairwise: opts.stage == Stage::Dpo,
+                pairwise,
+                train_tags: d.train_tags,
+                eval_tags: d.eval_tags,
             });
         }
     };
@@ -723,6 +804,8 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
         pad_id: enc.pad_id,
         block_diagonal,
         pairwise,
+        train_tags: data.train_tags,
+        eval_tags: data.eval_tags,
     })
 }
 

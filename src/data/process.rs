@@ -224,6 +224,64 @@ pub fn encode_pairwise(
     })
 }
 
+/// Stage kto's example: the trained sequence (prompt + its answer), the KL sequence (the same prompt + an unrelated
+/// answer) and whether the answer is desirable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackExample {
+    pub target: TokenizedExample,
+    pub kl: TokenizedExample,
+    pub desirable: bool,
+}
+
+/// `FeedbackDatasetProcessor._encode_data_example`: the answer is whichever of the two response slots is non-empty
+/// (the first for a desirable example), the same for the KL answer; each sequence gets its own `infer_seqlen`
+/// budget.
+pub fn encode_feedback(
+    enc: &Encoder,
+    ex: &Example,
+    cutoff_len: usize,
+) -> Result<FeedbackExample, SkipReason> {
+    let Some(desirable) = ex.kto_tag else {
+        return Err(SkipReason::InvalidShape(
+            "no `kto_tag` value (stage kto labels each answer true or false)".into(),
+        ));
+    };
+    let answer = |slots: &[super::convert::Message]| -> Option<super::convert::Message> {
+        slots
+            .iter()
+            .find(|m| !m.content.is_empty())
+            .or_else(|| slots.get(1))
+            .cloned()
+    };
+    let (Some(own), Some(kl_answer)) = (answer(&ex.response), ex.kl_answer.clone()) else {
+        return Err(SkipReason::EmptyAnswer);
+    };
+    let encode = |answer: super::convert::Message| -> Result<TokenizedExample, SkipReason> {
+        let mut messages = ex.prompt.clone();
+        messages.push(answer);
+        let (prompt_ids, mut answer_ids) = enc.encode_oneturn(&messages, &ex.system, &ex.tools)?;
+        if enc.template.efficient_eos {
+            answer_ids.push(enc.eos.1);
+        }
+        let (source_len, target_len) = infer_seqlen(prompt_ids.len(), answer_ids.len(), cutoff_len);
+        let truncated = source_len < prompt_ids.len() || target_len < answer_ids.len();
+        let mut input_ids = prompt_ids[..source_len].to_vec();
+        input_ids.extend_from_slice(&answer_ids[..target_len]);
+        let mut labels = vec![IGNORE_INDEX; source_len];
+        labels.extend(answer_ids[..target_len].iter().map(|&i| i64::from(i)));
+        Ok(TokenizedExample {
+            input_ids,
+            labels,
+            truncated,
+        })
+    };
+    Ok(FeedbackExample {
+        target: encode(own)?,
+        kl: encode(kl_answer)?,
+        desirable,
+    })
+}
+
 /// `PretrainDatasetProcessor`: text + eos. Without packing a bos is prepended when the tokenizer adds one
 /// and the result is cut at `cutoff_len`; with packing the caller concatenates and cuts into blocks.
 /// Labels are the ids, except tokens equal to the pad id (`DataCollatorForLanguageModeling`).

@@ -25,6 +25,7 @@ pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
+pub mod value_head;
 pub mod weights;
 
 pub use arch::{ArchKind, ModelConfig};
@@ -33,4 +34,5 @@ pub use generate::{ChatModel, GenerationParams, StopReason};
 pub use model::{
     AttnMask, Finetune, HostInputs, KvCache, LoraSpec, LoraTargets, Model, SequenceLogps,
 };
+pub use value_head::ValueHead;
 pub use weights::ModelFiles;

@@ -1009,12 +1009,29 @@ impl Model {
                 batch_rows.push(bi);
             }
         }
-        let n = rows.len();
-        if n == 0 {
+        if rows.is_empty() {
             return Ok(None);
         }
+        Ok(Some(Labelled {
+            hs: self.hidden_at(input_ids, mask, host, train, rows)?,
+            targets: tgt,
+            batch_rows,
+        }))
+    }
+
+    /// The final hidden states (n, hidden) at padded positions `rows` (bi·t + ti), padding removed on the way
+    /// when the model unpads.
+    fn hidden_at(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        host: Option<&HostInputs>,
+        train: bool,
+        rows: Vec<u32>,
+    ) -> Result<Tensor> {
+        let n = rows.len();
         let (h, packed) = self.hidden(input_ids, mask, train, self.unpad, host)?;
-        // With padding removed, a labelled position must be a real token (it always is for right or left
+        // With padding removed, a wanted position must be a real token (it always is for right or left
         // padding); otherwise run again on the padded layout.
         let (h, rows) = match packed {
             None => (h, rows),
@@ -1028,14 +1045,44 @@ impl Model {
             },
         };
         let idx = Tensor::from_vec(rows, n, &self.device)?;
-        let hs = h
-            .reshape(((), self.cfg.hidden_size))?
-            .index_select(&idx, 0)?;
-        Ok(Some(Labelled {
-            hs,
-            targets: tgt,
-            batch_rows,
-        }))
+        Ok(h.reshape(((), self.cfg.hidden_size))?
+            .index_select(&idx, 0)?)
+    }
+
+    /// Each row's final hidden state (b, hidden) at its last real token (the attention mask's count − 1, as
+    /// LLaMA-Factory's `PairwiseTrainer` picks the reward model's score): what a value head reads.
+    pub fn last_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        host: Option<&HostInputs>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let lens: Vec<usize> = match (host.and_then(|h| h.attention_mask), mask) {
+            (Some(m), _) if m.len() == b * t => m
+                .chunks(t.max(1))
+                .map(|r| r.iter().filter(|&&v| v != 0).count())
+                .collect(),
+            (_, AttnMask::Padding { attention_mask }) => attention_mask
+                .to_dtype(DType::U32)?
+                .to_vec2::<u32>()?
+                .iter()
+                .map(|r| r.iter().filter(|&&v| v != 0).count())
+                .collect(),
+            _ => vec![t; b],
+        };
+        if let Some(row) = lens.iter().position(|&l| l == 0) {
+            return Err(EngineError::Invalid(format!(
+                "row {row} of the batch has no token"
+            )));
+        }
+        let rows = lens
+            .iter()
+            .enumerate()
+            .map(|(bi, &l)| (bi * t + l - 1) as u32)
+            .collect();
+        self.hidden_at(input_ids, mask, host, train, rows)
     }
 
     /// The log-probability of each row's labels, summed over its labelled positions (TRL's and LLaMA-Factory's

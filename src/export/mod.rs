@@ -254,6 +254,17 @@ pub fn export_cancellable(
             )?;
             let modelfile = ollama::modelfile(".", &encoder, preset, &files.config)?;
             write_text(&tmp.join("Modelfile"), &modelfile)?;
+            // A reward model keeps its value head beside the merged weights (LLaMA-Factory copies it too).
+            if let Some(head) = crate::resolve::value_head_dir(preset) {
+                let file = crate::engine::value_head::VALUE_HEAD_FILE;
+                std::fs::copy(head.join(file), tmp.join(file)).map_err(|e| {
+                    ExportError::Unsupported(format!(
+                        "cannot copy {} into the export: {e}",
+                        head.join(file).display()
+                    ))
+                })?;
+                progress(&format!("copied the reward model's {file}"));
+            }
             stop_if(cancelled)?;
             Ok(hf::dtype_name(out_dtype).to_string())
         }

@@ -2,9 +2,14 @@
 //! sigmoid (DPO, with cDPO label smoothing), hinge (SLiC), IPO, ORPO and SimPO, the `pref_ftx` SFT term, and the
 //! logged metrics (`rewards/*`, `logps/*`, ORPO's `sft_loss` and `odds_ratio_loss`).
 //!
+//! Stage kto's loss (TRL's `kto_loss` under LLaMA-Factory's `CustomKTOTrainer`) and stage rm's pairwise loss on
+//! the value head's scores (`PairwiseTrainer`) are here too, in the same form.
+//!
 //! The losses are functions of four numbers per pair (the policy's and the reference's log-probabilities of the
 //! chosen and the rejected answer), so they are computed here in f64 on the host with their derivatives written
 //! out; [`crate::engine::SequenceLogps::backward`] carries ∂L/∂logp through the model.
+
+use std::collections::BTreeMap;
 
 use crate::config::{PrefLoss, Preset};
 
@@ -79,30 +84,260 @@ impl PrefMetrics {
         }
         out
     }
+}
 
-    /// The mean of several batches' metrics (how the Hugging Face trainer logs the metrics it stored).
-    pub fn mean(all: &[PrefMetrics]) -> Option<PrefMetrics> {
-        if all.is_empty() {
-            return None;
+/// A preference or reward stage's logged metrics under TRL's names, each kept as (sum, weight) so that several
+/// micro-batches combine as the trainers combine them: a batch mean has weight 1 (the Hugging Face trainer logs the
+/// mean of the stored batch means), KTO's per-answer sums carry their counts (LLaMA-Factory divides the summed
+/// rewards by the summed counts).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageMetrics(BTreeMap<String, (f64, f64)>);
+
+impl StageMetrics {
+    /// Adds one batch mean.
+    pub fn push(&mut self, key: &str, value: f64) {
+        self.push_sum(key, value, 1.0);
+    }
+
+    /// Adds a sum over `count` items.
+    pub fn push_sum(&mut self, key: &str, sum: f64, count: f64) {
+        let e = self.0.entry(key.to_string()).or_insert((0.0, 0.0));
+        e.0 += sum;
+        e.1 += count;
+    }
+
+    /// Adds every entry of `other`.
+    pub fn merge(&mut self, other: &StageMetrics) {
+        for (k, (sum, w)) in &other.0 {
+            self.push_sum(k, *sum, *w);
         }
-        #[allow(clippy::cast_precision_loss)]
-        let n = all.len() as f64;
-        let avg = |f: &dyn Fn(&PrefMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
-        let avg_opt = |f: &dyn Fn(&PrefMetrics) -> Option<f64>| {
-            let v: Vec<f64> = all.iter().filter_map(f).collect();
-            #[allow(clippy::cast_precision_loss)]
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value of `key` (sum / weight); `None` when absent or counted zero times.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.0
+            .get(key)
+            .and_then(|&(sum, w)| (w > 0.0).then(|| sum / w))
+    }
+
+    /// The logged keys and values with `prefix` (`""` or `"eval_"`); `rewards/margins` is chosen − rejected when
+    /// a stage logs the two but not their difference (KTO).
+    pub fn values(&self, prefix: &str) -> BTreeMap<String, f64> {
+        let mut out: BTreeMap<String, f64> = self
+            .0
+            .keys()
+            .filter_map(|k| self.get(k).map(|v| (format!("{prefix}{k}"), v)))
+            .collect();
+        if let (Some(c), Some(r), None) = (
+            self.get("rewards/chosen"),
+            self.get("rewards/rejected"),
+            self.0.get("rewards/margins"),
+        ) {
+            out.insert(format!("{prefix}rewards/margins"), c - r);
+        }
+        out
+    }
+}
+
+impl From<&PrefMetrics> for StageMetrics {
+    fn from(m: &PrefMetrics) -> Self {
+        let mut out = StageMetrics::default();
+        for (k, v) in m.entries("") {
+            out.push(&k, v);
+        }
+        out
+    }
+}
+
+/// Stage kto's keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KtoConfig {
+    pub beta: f64,
+    /// `kto_chosen_weight`: the weight of a desirable example's loss.
+    pub desirable_weight: f64,
+    /// `kto_rejected_weight`: the weight of an undesirable example's loss.
+    pub undesirable_weight: f64,
+    /// `pref_ftx`: the SFT term on the desirable answers.
+    pub ftx: f64,
+}
+
+impl KtoConfig {
+    pub fn from_preset(p: &Preset) -> Self {
+        Self {
+            beta: p.pref_beta,
+            desirable_weight: p.kto_chosen_weight,
+            undesirable_weight: p.kto_rejected_weight,
+            ftx: p.pref_ftx,
+        }
+    }
+}
+
+/// One kto example's log-probabilities (sums over its answer's tokens).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KtoExample {
+    pub logps: f64,
+    pub ref_logps: f64,
+    pub tokens: usize,
+    pub desirable: bool,
+}
+
+/// A batch's kto loss: the batch loss, ∂loss/∂(policy logps) per example, and the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KtoOutput {
+    pub loss: f64,
+    pub d_logps: Vec<f64>,
+    /// The clamped KL estimate (a constant of the loss: no gradient flows through it).
+    pub kl: f64,
+    pub metrics: StageMetrics,
+}
+
+/// TRL's `kto_loss` as LLaMA-Factory's `get_batch_loss_metrics` calls it: with `kl` = max(0, mean over the batch of
+/// policy − reference log-probabilities of the mismatched KL sequences) held constant, a desirable answer's loss is
+/// `w_d (1 − σ(β (logratio − kl)))`, an undesirable one's `w_u (1 − σ(β (kl − logratio)))`; the batch loss is their
+/// mean, plus `pref_ftx` × the desirable answers' mean token loss / their count × the batch size (LF's rescaling).
+pub fn kto_loss(
+    cfg: &KtoConfig,
+    examples: &[KtoExample],
+    kl_policy: &[f64],
+    kl_reference: &[f64],
+) -> Result<KtoOutput, PrefError> {
+    if examples.iter().any(|e| e.tokens == 0) {
+        return Err(PrefError::EmptyAnswer);
+    }
+    let kl_terms: Vec<f64> = kl_policy
+        .iter()
+        .zip(kl_reference)
+        .map(|(p, r)| p - r)
+        .collect();
+    let kl = mean(&kl_terms).max(0.0);
+    #[allow(clippy::cast_precision_loss)]
+    let n = examples.len() as f64;
+    let beta = cfg.beta;
+    let mut loss = 0.0;
+    let mut d_logps = Vec::with_capacity(examples.len());
+    let mut metrics = StageMetrics::default();
+    let n_chosen = examples.iter().filter(|e| e.desirable).count();
+    for e in examples {
+        let logratio = e.logps - e.ref_logps;
+        let (side, l, d) = if e.desirable {
+            let s = sigmoid(beta * (logratio - kl));
+            let w = cfg.desirable_weight;
+            ("chosen", w * (1.0 - s), -w * beta * s * (1.0 - s))
+        } else {
+            let s = sigmoid(beta * (kl - logratio));
+            let w = cfg.undesirable_weight;
+            ("rejected", w * (1.0 - s), w * beta * s * (1.0 - s))
         };
-        Some(PrefMetrics {
-            rewards_chosen: avg(&|m| m.rewards_chosen),
-            rewards_rejected: avg(&|m| m.rewards_rejected),
-            rewards_accuracies: avg(&|m| m.rewards_accuracies),
-            rewards_margins: avg(&|m| m.rewards_margins),
-            logps_chosen: avg(&|m| m.logps_chosen),
-            logps_rejected: avg(&|m| m.logps_rejected),
-            sft_loss: avg_opt(&|m| m.sft_loss),
-            odds_ratio_loss: avg_opt(&|m| m.odds_ratio_loss),
-        })
+        loss += l / n;
+        d_logps.push(d / n);
+        metrics.push_sum(&format!("rewards/{side}"), beta * logratio, 1.0);
+        metrics.push_sum(&format!("logps/{side}"), e.logps, 1.0);
+    }
+    if cfg.ftx > 1e-6 && n_chosen > 0 {
+        #[allow(clippy::cast_precision_loss)]
+        let nc = n_chosen as f64;
+        // ftx · mean(−logps/tokens over the desirable answers) / n_chosen · n
+        let scale = cfg.ftx / nc / nc * n;
+        for (e, d) in examples.iter().zip(d_logps.iter_mut()) {
+            if e.desirable {
+                #[allow(clippy::cast_precision_loss)]
+                let t = e.tokens as f64;
+                loss += scale * (-e.logps / t);
+                *d += -scale / t;
+            }
+        }
+    }
+    metrics.push("kl", kl);
+    Ok(KtoOutput {
+        loss,
+        d_logps,
+        kl,
+        metrics,
+    })
+}
+
+/// A batch's reward-model loss (LLaMA-Factory's `PairwiseTrainer.compute_loss`): the mean over pairs of
+/// −log σ(score(chosen) − score(rejected)), its derivatives with respect to each score (rows: the k chosen, then the
+/// k rejected), and the metrics: the mean scores as `rewards/chosen` and `rewards/rejected`, their margin, and how
+/// often chosen scores higher as `rewards/accuracies` (LLaMA-Factory's `ComputeAccuracy`).
+pub fn reward_pair_loss(chosen: &[f64], rejected: &[f64]) -> BatchLoss {
+    #[allow(clippy::cast_precision_loss)]
+    let k = chosen.len().max(1) as f64;
+    let mut losses = Vec::with_capacity(chosen.len());
+    let mut d_rows = vec![0.0; 2 * chosen.len()];
+    let mut acc = Vec::new();
+    for (i, (&c, &r)) in chosen.iter().zip(rejected).enumerate() {
+        let z = c - r;
+        losses.push(-log_sigmoid(z));
+        let d = -sigmoid(-z) / k;
+        d_rows[i] = d;
+        d_rows[chosen.len() + i] = -d;
+        acc.push(if c > r { 1.0 } else { 0.0 });
+    }
+    let (mc, mr) = (
+        chosen.iter().sum::<f64>() / k,
+        rejected.iter().sum::<f64>() / k,
+    );
+    let mut metrics = StageMetrics::default();
+    metrics.push("rewards/chosen", mc);
+    metrics.push("rewards/rejected", mr);
+    metrics.push("rewards/accuracies", mean(&acc));
+    metrics.push("rewards/margins", mc - mr);
+    BatchLoss {
+        losses,
+        d_rows,
+        metrics,
+    }
+}
+
+/// One micro-batch's loss as the trainer uses it, for every stage here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLoss {
+    /// Per example, for the evaluation's mean (KTO: the batch loss once per example, as the Hugging Face
+    /// evaluation loop weights a batch by its size).
+    pub losses: Vec<f64>,
+    /// ∂(batch mean loss)/∂(each row's value): log-probabilities, or the value head's scores.
+    pub d_rows: Vec<f64>,
+    pub metrics: StageMetrics,
+}
+
+impl BatchLoss {
+    pub fn mean_loss(&self) -> f64 {
+        mean(&self.losses)
+    }
+}
+
+impl From<PrefOutput> for BatchLoss {
+    /// DPO's rows: the k chosen, then the k rejected.
+    fn from(out: PrefOutput) -> Self {
+        #[allow(clippy::cast_precision_loss)]
+        let k = out.losses.len().max(1) as f64;
+        let d_rows = out
+            .d_chosen
+            .iter()
+            .chain(&out.d_rejected)
+            .map(|d| d / k)
+            .collect();
+        BatchLoss {
+            metrics: StageMetrics::from(&out.metrics),
+            losses: out.losses,
+            d_rows,
+        }
+    }
+}
+
+impl From<KtoOutput> for BatchLoss {
+    /// KTO's rows: the k examples (the KL sequences get no gradient).
+    fn from(out: KtoOutput) -> Self {
+        BatchLoss {
+            losses: vec![out.loss; out.d_logps.len()],
+            d_rows: out.d_logps,
+            metrics: out.metrics,
+        }
     }
 }
 

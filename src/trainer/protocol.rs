@@ -47,9 +47,9 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     /// Examples per second of this step.
     pub samples_per_sec: f64,
-    /// `stage: dpo`: the step's preference metrics (rewards, margins, accuracies).
+    /// Stages dpo, kto and rm: the step's metrics under TRL's names (`rewards/margins`, `rewards/accuracies`, `kl`, …).
     #[serde(default)]
-    pub pref: Option<super::pref::PrefMetrics>,
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// The outcome of a run.

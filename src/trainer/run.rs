@@ -16,14 +16,18 @@ use crate::engine::adapter::{
     load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
 };
 use crate::engine::source::SourceProgress;
+use crate::engine::value_head::VALUE_HEAD_FILE;
 use crate::engine::weights::save_safetensors;
-use crate::engine::{AttnMask, Finetune, Model};
+use crate::engine::{AttnMask, Finetune, Model, SequenceLogps, ValueHead};
 use crate::fsutil::{human_bytes, write_file};
 use crate::resolve;
 
 use super::checkpoint::{PendingCheckpoint, estimate_checkpoint_bytes, latest_checkpoint, rotate};
 use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm};
-use super::pref::{PairLogps, PrefConfig, PrefMetrics, preference_loss};
+use super::pref::{
+    BatchLoss, KtoConfig, KtoExample, PairLogps, PrefConfig, StageMetrics, kto_loss,
+    preference_loss, reward_pair_loss,
+};
 use super::protocol::{RunSummary, StepMetrics, TrainCommand, TrainEvent};
 use super::runlog::{
     HistoryEntry, LogLine, ResumeState, TrainerState, append_log_line, format_duration, round_to,
@@ -304,26 +308,50 @@ fn run_training_here(
         device,
         resume.as_ref().map(|r| r.0.as_path()),
     )?;
-    let reference = if p.stage == config::Stage::Dpo {
-        // TRL's preference trainers switch dropout off (`disable_dropout`), LoRA's too.
-        model.set_lora_dropout(0.0);
-        Some(if !p.pref_loss.uses_reference() {
-            Reference::None
-        } else if p.finetuning_type == FinetuningType::Lora {
-            Reference::AdapterOff
-        } else {
-            emit(TrainEvent::Loading {
-                what: "loading the reference model (a frozen copy of the base)".into(),
-            });
-            Reference::Frozen(Box::new(Model::from_files(
-                &files,
-                dtype,
-                device,
-                &Finetune::Frozen,
-            )?))
-        })
-    } else {
-        None
+    let objective = match p.stage {
+        config::Stage::Dpo => Some(Objective::Dpo(PrefConfig::from_preset(p))),
+        config::Stage::Kto => Some(Objective::Kto(KtoConfig::from_preset(p))),
+        config::Stage::Rm => Some(Objective::Rm(value_head(
+            p,
+            &model,
+            resume.as_ref().map(|r| r.0.as_path()),
+        )?)),
+        _ => None,
+    };
+    let stage = match objective {
+        None => None,
+        Some(objective) => {
+            let needs_reference = match &objective {
+                Objective::Dpo(cfg) => cfg.loss.uses_reference(),
+                Objective::Kto(_) => true,
+                Objective::Rm(_) => false,
+            };
+            if !matches!(objective, Objective::Rm(_)) {
+                // TRL's preference trainers switch dropout off (`disable_dropout`), LoRA's too.
+                model.set_lora_dropout(0.0);
+            }
+            let reference = if !needs_reference {
+                Reference::None
+            } else if p.finetuning_type == FinetuningType::Lora {
+                Reference::AdapterOff
+            } else {
+                emit(TrainEvent::Loading {
+                    what: "loading the reference model (a frozen copy of the base)".into(),
+                });
+                Reference::Frozen(Box::new(Model::from_files(
+                    &files,
+                    dtype,
+                    device,
+                    &Finetune::Frozen,
+                )?))
+            };
+            Some(Preference {
+                objective,
+                reference,
+                pending: StageMetrics::default(),
+                last_eval: None,
+            })
+        }
     };
 
     // Data.
@@ -351,9 +379,7 @@ fn run_training_here(
         ));
     }
 
-    let mut trainer = Trainer::new(
-        loaded, model, dataset, base_name, out_dir, &encoder, reference,
-    )?;
+    let mut trainer = Trainer::new(loaded, model, dataset, base_name, out_dir, &encoder, stage)?;
     if let Some((dir, state, why)) = resume {
         trainer.restore(&dir, &state)?;
         emit(TrainEvent::Resuming {
@@ -531,28 +557,81 @@ struct Trainer<'a> {
     /// `compute_accuracy`: the last evaluation's token accuracy.
     last_accuracy: Option<f64>,
     tokenizer_files: TokenizerFiles,
-    /// `stage: dpo`: the loss, the reference and the metrics since the last log line.
+    /// Stages dpo, kto and rm: the objective, the reference and the metrics since the last log line.
     pref: Option<Preference>,
 }
 
-/// What `stage: dpo` adds to a run.
+/// What a preference or reward stage adds to a run.
 struct Preference {
-    cfg: PrefConfig,
+    objective: Objective,
     reference: Reference,
-    /// Each micro-batch's metrics since the last log line (the Hugging Face trainer logs their mean).
-    pending: Vec<PrefMetrics>,
+    /// The micro-batches' metrics since the last log line.
+    pending: StageMetrics,
     /// The last evaluation's metrics.
-    last_eval: Option<PrefMetrics>,
+    last_eval: Option<StageMetrics>,
 }
 
-/// DPO's reference model.
+/// The loss of a preference or reward stage.
+enum Objective {
+    Dpo(PrefConfig),
+    Kto(KtoConfig),
+    /// The reward model's value head (trained with the model).
+    Rm(ValueHead),
+}
+
+/// The reference model of dpo and kto.
 enum Reference {
-    /// ORPO and SimPO use none.
+    /// ORPO, SimPO and rm use none.
     None,
     /// LoRA: the trained model with its adapter switched off (no second copy of the weights).
     AdapterOff,
     /// Freeze and full training: a frozen copy of the starting weights.
     Frozen(Box<Model>),
+}
+
+/// The way back from a stage's per-row values to the trainable parameters.
+enum Backprop {
+    /// Sequence log-probabilities (dpo, kto).
+    Logps(SequenceLogps),
+    /// The value head's scores (rm), a tracked tensor.
+    Scores(Tensor),
+}
+
+impl Backprop {
+    /// Gradients of a loss L given ∂L/∂(each row's value).
+    fn backward(&self, dl: &[f64]) -> Result<GradStore, TrainError> {
+        match self {
+            Backprop::Logps(l) => Ok(l.backward(dl)?),
+            Backprop::Scores(v) => {
+                let d = Tensor::new(dl, v.device())?.to_dtype(v.dtype())?;
+                Ok((v * d)?.sum_all()?.backward()?)
+            }
+        }
+    }
+}
+
+/// The reward model's value head: a checkpoint's when resuming, else the one beside the last of
+/// `adapter_name_or_path` (LLaMA-Factory's `load_valuehead_params`), else a fresh one.
+fn value_head(
+    p: &Preset,
+    model: &Model,
+    resume_dir: Option<&Path>,
+) -> Result<ValueHead, TrainError> {
+    let hidden = model.cfg.hidden_size;
+    if let Some(dir) = resume_dir {
+        return Ok(ValueHead::load(dir, hidden, &model.device)?);
+    }
+    let adapters = p
+        .adapter_name_or_path
+        .as_deref()
+        .map(parse_adapter_list)
+        .unwrap_or_default();
+    if let Some(last) = adapters.last()
+        && last.join(VALUE_HEAD_FILE).exists()
+    {
+        return Ok(ValueHead::load(last, hidden, &model.device)?);
+    }
+    Ok(ValueHead::new(hidden, p.seed, &model.device)?)
 }
 
 /// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
@@ -569,11 +648,18 @@ impl<'a> Trainer<'a> {
         base_name: String,
         out: PathBuf,
         encoder: &Encoder,
-        reference: Option<Reference>,
+        pref: Option<Preference>,
     ) -> Result<Self, TrainError> {
         let p = &loaded.preset;
-        let params: Vec<Param> = model
-            .trainable_vars()
+        let mut vars = model.trainable_vars();
+        if let Some(Preference {
+            objective: Objective::Rm(head),
+            ..
+        }) = &pref
+        {
+            vars.extend(head.vars());
+        }
+        let params: Vec<Param> = vars
             .into_iter()
             .map(|(name, var)| {
                 // Hugging Face exempts biases and norm weights from weight decay.
@@ -631,12 +717,7 @@ impl<'a> Trainer<'a> {
             last_eval: None,
             last_accuracy: None,
             tokenizer_files,
-            pref: reference.map(|reference| Preference {
-                cfg: PrefConfig::from_preset(p),
-                reference,
-                pending: Vec::new(),
-                last_eval: None,
-            }),
+            pref,
         })
     }
 
@@ -679,11 +760,7 @@ impl<'a> Trainer<'a> {
         emit(TrainEvent::Started {
             total_steps: self.total_steps,
             examples: self.data.train_examples(),
-            eval_examples: if self.data.pairwise {
-                self.data.eval.len() / 2
-            } else {
-                self.data.eval.len()
-            },
+            eval_examples: self.data.eval_examples(),
             trainable_params: trainable,
             total_params: total,
             start_step: self.step,
@@ -770,10 +847,20 @@ impl<'a> Trainer<'a> {
             if eval_due && !self.data.eval.is_empty() {
                 let (l, accuracy) = if self.pref.is_some() {
                     let (l, m) = self.evaluate_preference()?;
+                    let rm = self
+                        .pref
+                        .as_ref()
+                        .is_some_and(|p| matches!(p.objective, Objective::Rm(_)));
+                    // LLaMA-Factory's rm evaluation logs `eval_accuracy` (`ComputeAccuracy` on the scores).
+                    let accuracy = if rm {
+                        m.get("rewards/accuracies")
+                    } else {
+                        None
+                    };
                     if let Some(pref) = self.pref.as_mut() {
                         pref.last_eval = Some(m);
                     }
-                    (l, None)
+                    (l, accuracy)
                 } else {
                     self.evaluate()?
                 };
@@ -829,7 +916,7 @@ impl<'a> Trainer<'a> {
         let mut examples = 0usize;
         // `stage: dpo`: the step's loss (each micro-batch's mean over its pairs / gradient_accumulation_steps).
         let mut pref_loss = 0.0;
-        let pending_before = self.pref.as_ref().map_or(0, |p| p.pending.len());
+        let mut step_metrics = StageMetrics::default();
         for (micro, batch) in batches.iter().enumerate() {
             // LoRA dropout masks: fresh per micro-batch, the same after a resume (seed, step, micro-batch).
             self.model.dropout_seed = self
@@ -845,7 +932,11 @@ impl<'a> Trainer<'a> {
                 .sum::<u64>();
             if self.pref.is_some() {
                 examples += batch.batch_size / 2;
-                let (l, n, g) = self.preference_micro_batch(batch)?;
+                let (l, n, g, m) = self.preference_micro_batch(batch)?;
+                step_metrics.merge(&m);
+                if let Some(pref) = self.pref.as_mut() {
+                    pref.pending.merge(&m);
+                }
                 pref_loss += l;
                 label_tokens += n;
                 accumulate(&mut grads, g, self.opt.params())?;
@@ -943,96 +1034,139 @@ impl<'a> Trainer<'a> {
             eta,
             tokens_per_sec: real_tokens as f64 / secs,
             samples_per_sec: examples as f64 / secs,
-            pref: self
-                .pref
-                .as_ref()
-                .and_then(|p| PrefMetrics::mean(&p.pending[pending_before.min(p.pending.len())..])),
+            metrics: step_metrics.values(""),
         })
     }
 
-    /// One micro-batch of preference pairs: (its mean pair loss / gradient_accumulation_steps, label tokens, the
-    /// gradients of that loss). The pairs' metrics join `pref.pending`.
+    /// One micro-batch of a preference or reward stage: (its mean loss / gradient_accumulation_steps, label tokens,
+    /// the gradients of that loss, its metrics).
     fn preference_micro_batch(
         &mut self,
         batch: &Batch,
-    ) -> Result<(f64, usize, GradStore), TrainError> {
-        let (out, policy, n) = self.preference_forward(batch, true)?;
-        let k = out.losses.len();
+    ) -> Result<(f64, usize, GradStore, StageMetrics), TrainError> {
+        let (out, back, n) = self.stage_forward(batch, true)?;
         let ga = self.p.gradient_accumulation_steps.max(1);
         #[allow(clippy::cast_precision_loss)]
-        let scale = 1.0 / (k * ga) as f64;
-        let mut dl = vec![0.0; 2 * k];
-        for i in 0..k {
-            dl[i] = out.d_chosen[i] * scale;
-            dl[k + i] = out.d_rejected[i] * scale;
-        }
-        let g = policy.backward(&dl)?;
-        #[allow(clippy::cast_precision_loss)]
-        let loss = out.mean_loss() / ga as f64;
-        if let Some(pref) = self.pref.as_mut() {
-            pref.pending.push(out.metrics);
-        }
-        Ok((loss, n, g))
+        let inv = 1.0 / ga as f64;
+        let dl: Vec<f64> = out.d_rows.iter().map(|d| d * inv).collect();
+        let g = back.backward(&dl)?;
+        Ok((out.mean_loss() * inv, n, g, out.metrics))
     }
 
-    /// The policy's (and the reference's) log-probabilities of a batch of k pairs (k chosen rows, then k rejected)
-    /// and the preference loss; with `train` the policy's keep their way back.
-    fn preference_forward(
+    /// A micro-batch's loss for the run's stage, the way back to the parameters and the label tokens. dpo and rm
+    /// batches hold k chosen rows, then k rejected; kto batches k examples, then their k KL sequences.
+    fn stage_forward(
         &mut self,
         batch: &Batch,
         train: bool,
-    ) -> Result<(super::pref::PrefOutput, crate::engine::SequenceLogps, usize), TrainError> {
+    ) -> Result<(BatchLoss, Backprop, usize), TrainError> {
         let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
         let am = u32_mask(batch);
         let host = host_inputs(batch, &am);
-        let policy = self
-            .model
-            .sequence_logps(&ids, &mask, &labels, Some(&host), train)?;
         let Some(pref) = self.pref.as_ref() else {
             return Err(TrainError::Invalid(
-                "a preference batch outside stage dpo".into(),
+                "a preference batch outside the preference stages".into(),
             ));
         };
-        let cfg = pref.cfg;
-        let reference = match &pref.reference {
-            Reference::None => None,
-            Reference::Frozen(m) => Some(
-                m.sequence_logps(&ids, &mask, &labels, Some(&host), false)?
-                    .logps,
-            ),
-            Reference::AdapterOff => Some(
-                self.model
-                    .with_adapter_disabled(|m| {
-                        m.sequence_logps(&ids, &mask, &labels, Some(&host), false)
-                    })?
-                    .logps,
-            ),
-        };
         let k = batch.batch_size / 2;
-        let pairs: Vec<PairLogps> = (0..k)
-            .map(|i| PairLogps {
-                chosen: policy.logps[i],
-                rejected: policy.logps[k + i],
-                ref_chosen: reference.as_ref().map(|r| r[i]),
-                ref_rejected: reference.as_ref().map(|r| r[k + i]),
-                chosen_tokens: policy.tokens[i],
-                rejected_tokens: policy.tokens[k + i],
-            })
-            .collect();
-        let out = preference_loss(&cfg, &pairs).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let n = policy.tokens.iter().sum();
-        Ok((out, policy, n))
+        match &pref.objective {
+            Objective::Dpo(cfg) => {
+                let cfg = *cfg;
+                let policy = self
+                    .model
+                    .sequence_logps(&ids, &mask, &labels, Some(&host), train)?;
+                let reference = reference_logps(
+                    &pref.reference,
+                    &mut self.model,
+                    (&ids, &mask, &labels),
+                    &host,
+                )?;
+                let pairs: Vec<PairLogps> = (0..k)
+                    .map(|i| PairLogps {
+                        chosen: policy.logps[i],
+                        rejected: policy.logps[k + i],
+                        ref_chosen: reference.as_ref().map(|r| r[i]),
+                        ref_rejected: reference.as_ref().map(|r| r[k + i]),
+                        chosen_tokens: policy.tokens[i],
+                        rejected_tokens: policy.tokens[k + i],
+                    })
+                    .collect();
+                let out = preference_loss(&cfg, &pairs)
+                    .map_err(|e| TrainError::Invalid(e.to_string()))?;
+                let n = policy.tokens.iter().sum();
+                Ok((out.into(), Backprop::Logps(policy), n))
+            }
+            Objective::Kto(cfg) => {
+                let cfg = *cfg;
+                if batch.kto_tags.len() != k {
+                    return Err(TrainError::Invalid(format!(
+                        "a kto batch of {k} examples has {} tags",
+                        batch.kto_tags.len()
+                    )));
+                }
+                // The examples and their KL sequences run apart: the policy keeps the examples' way back and scores
+                // the KL sequences without one (LLaMA-Factory's `torch.no_grad()`); the reference scores both.
+                let device = self.model.device.clone();
+                let mut logps = |rows: std::ops::Range<usize>,
+                                 grad: bool|
+                 -> Result<(SequenceLogps, Vec<f64>), TrainError> {
+                    let b = batch.rows(rows);
+                    let (ids, labels, mask) = batch_tensors(&b, &device)?;
+                    let am = u32_mask(&b);
+                    let host = host_inputs(&b, &am);
+                    let policy =
+                        self.model
+                            .sequence_logps(&ids, &mask, &labels, Some(&host), grad)?;
+                    let reference = reference_logps(
+                        &pref.reference,
+                        &mut self.model,
+                        (&ids, &mask, &labels),
+                        &host,
+                    )?
+                    .ok_or_else(|| {
+                        TrainError::Invalid("stage kto needs a reference model".into())
+                    })?;
+                    Ok((policy, reference))
+                };
+                let (policy, reference) = logps(0..k, train)?;
+                let (kl_policy, kl_reference) = logps(k..2 * k, false)?;
+                let examples: Vec<KtoExample> = (0..k)
+                    .map(|i| KtoExample {
+                        logps: policy.logps[i],
+                        ref_logps: reference[i],
+                        tokens: policy.tokens[i],
+                        desirable: batch.kto_tags[i],
+                    })
+                    .collect();
+                let out = kto_loss(&cfg, &examples, &kl_policy.logps, &kl_reference)
+                    .map_err(|e| TrainError::Invalid(e.to_string()))?;
+                let n = policy.tokens.iter().sum();
+                Ok((out.into(), Backprop::Logps(policy), n))
+            }
+            Objective::Rm(head) => {
+                let h = self.model.last_hidden(&ids, &mask, Some(&host), train)?;
+                let scores = head.forward(&h, train.then_some(self.model.dropout_seed))?;
+                let values: Vec<f64> = scores.to_dtype(DType::F64)?.to_vec1()?;
+                let out = reward_pair_loss(&values[..k], &values[k..]);
+                let n = batch
+                    .labels
+                    .iter()
+                    .filter(|&&l| l != data::IGNORE_INDEX)
+                    .count();
+                Ok((out, Backprop::Scores(scores), n))
+            }
+        }
     }
 
-    /// `stage: dpo` evaluation: the mean pair loss over the validation pairs and the metrics (each batch's, then
-    /// their mean).
-    fn evaluate_preference(&mut self) -> Result<(f64, PrefMetrics), TrainError> {
+    /// A preference or reward stage's evaluation: the mean loss over the validation examples and the metrics (each
+    /// batch's, combined as the trainers combine them).
+    fn evaluate_preference(&mut self) -> Result<(f64, StageMetrics), TrainError> {
         let mut losses = Vec::new();
-        let mut metrics = Vec::new();
+        let mut metrics = StageMetrics::default();
         for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
-            let (out, _, _) = self.preference_forward(&batch, false)?;
+            let (out, _, _) = self.stage_forward(&batch, false)?;
             losses.extend(out.losses.iter().copied());
-            metrics.push(out.metrics);
+            metrics.merge(&out.metrics);
         }
         #[allow(clippy::cast_precision_loss)]
         let loss = if losses.is_empty() {
@@ -1040,7 +1174,7 @@ impl<'a> Trainer<'a> {
         } else {
             losses.iter().sum::<f64>() / losses.len() as f64
         };
-        Ok((loss, PrefMetrics::mean(&metrics).unwrap_or_default()))
+        Ok((loss, metrics))
     }
 
     /// Mean loss per label token over the validation split and, with `compute_accuracy`, the token accuracy
@@ -1091,23 +1225,21 @@ impl<'a> Trainer<'a> {
         // A preference stage's metrics: the mean over the micro-batches since the last line, and the evaluation's.
         let (train_pref, eval_pref) = match self.pref.as_mut() {
             Some(pref) => {
-                let t = if with_loss {
-                    let mean = PrefMetrics::mean(&pref.pending);
-                    pref.pending.clear();
-                    mean
+                let t = if with_loss && !pref.pending.is_empty() {
+                    Some(std::mem::take(&mut pref.pending))
                 } else {
                     None
                 };
-                (t, eval_loss.and(pref.last_eval))
+                (t, eval_loss.and(pref.last_eval.clone()))
             }
             None => (None, None),
         };
-        let mut entries = Vec::new();
+        let mut entries: Vec<(String, f64)> = Vec::new();
         if let Some(t) = &train_pref {
-            entries.extend(t.entries(""));
+            entries.extend(t.values(""));
         }
         if let Some(e) = &eval_pref {
-            entries.extend(e.entries("eval_"));
+            entries.extend(e.values("eval_"));
         }
         let metrics =
             |digits: Option<i32>| -> std::collections::BTreeMap<String, serde_json::Value> {
@@ -1137,7 +1269,9 @@ impl<'a> Trainer<'a> {
             vram_allocated: crate::engine::device::peak_memory(&self.model.device)
                 .map(|(used, _)| round_to(used as f64 / f64::from(1u32 << 30), 2)),
             device: Some(crate::engine::device::short_name(&self.model.device)),
-            accuracy: train_pref.map(|t| round_to(t.rewards_accuracies, 4)),
+            accuracy: train_pref
+                .and_then(|t| t.get("rewards/accuracies"))
+                .map(|a| round_to(a, 4)),
             metrics: metrics(Some(4)),
         };
         append_log_line(&self.out, &line).map_err(io_err("writing trainer_log.jsonl"))?;
@@ -1191,6 +1325,13 @@ impl<'a> Trainer<'a> {
         } else {
             let tensors: HashMap<String, Tensor> = self.model.merged_tensors()?;
             save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+        }
+        if let Some(Preference {
+            objective: Objective::Rm(head),
+            ..
+        }) = &self.pref
+        {
+            head.save(dir)?;
         }
         if let Some(tok) = &self.tokenizer_files.tokenizer_json {
             write_file(&dir.join("tokenizer.json"), tok)
@@ -1477,6 +1618,27 @@ fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
 }
 
 /// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
+/// The reference model's per-row log-probabilities of a batch (`None` without a reference).
+fn reference_logps(
+    reference: &Reference,
+    model: &mut Model,
+    (ids, mask, labels): (&Tensor, &AttnMask, &Tensor),
+    host: &crate::engine::HostInputs,
+) -> Result<Option<Vec<f64>>, TrainError> {
+    Ok(match reference {
+        Reference::None => None,
+        Reference::Frozen(m) => Some(
+            m.sequence_logps(ids, mask, labels, Some(host), false)?
+                .logps,
+        ),
+        Reference::AdapterOff => Some(
+            model
+                .with_adapter_disabled(|m| m.sequence_logps(ids, mask, labels, Some(host), false))?
+                .logps,
+        ),
+    })
+}
+
 pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, AttnMask), TrainError> {
     let shape = (b.batch_size, b.seq_len);
     let ids = Tensor::from_vec(b.input_ids.clone(), shape, device)?;

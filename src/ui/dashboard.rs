@@ -283,7 +283,6 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             .fold(f64::INFINITY, f64::min)
             .min(0.0);
         let lifted: Vec<f64> = margins.iter().map(|m| m - floor).collect();
-        let accuracies: Vec<f64> = rewards.iter().map(|r| r.accuracy).collect();
         frame.render_widget(
             Sparkline::default()
                 .block(panel(&format!("reward margin {:.3}", last.margin), theme))
@@ -291,14 +290,30 @@ fn render_side(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 .data(bars(&lifted, width)),
             lr,
         );
-        frame.render_widget(
-            Sparkline::default()
-                .block(panel(&format!("reward acc {:.2}", last.accuracy), theme))
-                .style(theme.grad_norm)
-                .max(1000)
-                .data(bars_of(&accuracies, 1.0, width)),
-            grad,
-        );
+        // dpo and rm: how often chosen beats rejected; kto (no pairs): the KL estimate.
+        if let Some(acc) = last.accuracy {
+            let accuracies: Vec<f64> = rewards.iter().filter_map(|r| r.accuracy).collect();
+            frame.render_widget(
+                Sparkline::default()
+                    .block(panel(&format!("reward acc {acc:.2}"), theme))
+                    .style(theme.grad_norm)
+                    .max(1000)
+                    .data(bars_of(&accuracies, 1.0, width)),
+                grad,
+            );
+        } else {
+            let kls: Vec<f64> = rewards.iter().filter_map(|r| r.kl).collect();
+            let title = last
+                .kl
+                .map_or_else(|| "kl –".to_string(), |k| format!("kl {k:.4}"));
+            frame.render_widget(
+                Sparkline::default()
+                    .block(panel(&title, theme))
+                    .style(theme.grad_norm)
+                    .data(bars(&kls, width)),
+                grad,
+            );
+        }
         render_speed(frame, speed, app, theme);
         return;
     }
