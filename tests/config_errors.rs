@@ -70,7 +70,7 @@ const CASES: &[(&str, &[&str])] = &[
         "invalid_stage.yaml",
         &[
             ":2:8:",
-            "`stage: kto` is not supported yet",
+            "`stage: ppo` is not supported yet",
             "sft",
             "pt",
             "dpo",

@@ -364,13 +364,37 @@ fn stage_options_are_validated() {
         m.contains("`mask_history` is incompatible with `train_on_prompt`"),
         "{m}"
     );
+    let mut opts = options(
+        &lf_data_dir(),
+        &["alpaca_en_demo"],
+        Some("chatml"),
+        tmp.path(),
+    );
+    opts.stage = Stage::Ppo;
+    let m = prepare_dataset(&opts, &enc).unwrap_err().to_string();
+    assert!(m.contains("not implemented yet"), "{m}");
+    // kto: each example is its own sequence, then its KL sequence (the same prompt with another example's answer);
+    // the tags follow the data (150 good, 150 bad answers in LF's demo).
     let mut opts = options(&lf_data_dir(), &["kto_en_demo"], Some("chatml"), tmp.path());
     opts.stage = Stage::Kto;
-    let m = prepare_dataset(&opts, &enc).unwrap_err().to_string();
-    assert!(
-        m.contains("not implemented yet") && m.contains("300 examples"),
-        "{m}"
-    );
+    let k = prepare_dataset(&opts, &enc).unwrap();
+    assert!(k.pairwise);
+    assert_eq!(k.train_examples(), 300);
+    assert_eq!(k.train.len(), 600);
+    assert_eq!(k.train_tags.len(), 300);
+    assert_eq!(k.train_tags.iter().filter(|&&t| t).count(), 150);
+    for pair in k.train.chunks(2) {
+        let prompt = |s: &termtune::data::PackedSequence| {
+            s.labels.iter().take_while(|&&l| l == -100).count()
+        };
+        // A long answer may cut the prompt (infer_seqlen keeps its start): the shorter is a prefix of the other.
+        let n = prompt(&pair[0]).min(prompt(&pair[1]));
+        assert!(n > 0);
+        assert_eq!(pair[0].input_ids[..n], pair[1].input_ids[..n]);
+    }
+    let batches = k.epoch_batches(4, false, 1, 0);
+    assert_eq!(batches[0].batch_size, 8);
+    assert_eq!(batches[0].kto_tags.len(), 4);
     // dpo: each pair is its chosen and its rejected sequence, sharing the prompt; a batch of k pairs is the k
     // chosen rows, then the k rejected ones.
     let mut opts = options(&lf_data_dir(), &["dpo_en_demo"], Some("chatml"), tmp.path());

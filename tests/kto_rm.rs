@@ -459,6 +459,7 @@ fn a_lora_kto_run_starts_at_half_with_zero_kl_and_separates_the_rewards() {
         );
     }
     assert!(out.join("adapter_model.safetensors").exists());
+    assert!(out.join("training_rewards_chosen.png").exists());
     assert!(!out.join(VALUE_HEAD_FILE).exists());
 }
 
@@ -508,6 +509,7 @@ fn a_lora_reward_model_learns_to_rank_saves_its_value_head_and_scores() {
         serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
             .unwrap();
     assert!(all["eval_accuracy"].is_number(), "{all}");
+    assert!(out.join("training_eval_accuracy.png").exists());
 
     // Scoring with the trained model; chat refuses it.
     let mut p = loaded.preset.clone();

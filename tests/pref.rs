@@ -424,6 +424,7 @@ fn a_lora_dpo_run_starts_at_ln2_and_learns_the_preference() {
     assert_eq!(evals.len(), 2);
     assert!(evals[0].metrics.contains_key("eval_rewards/accuracies"));
     assert!(out.join("adapter_model.safetensors").exists());
+    assert!(out.join("training_rewards_accuracies.png").exists());
 }
 
 #[test]

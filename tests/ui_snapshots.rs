@@ -292,6 +292,37 @@ fn run_dashboard_after_steps_without_gpu() {
     snap("run_steps_no_gpu", &a);
 }
 
+/// A preference run's side panels: the reward margin with the accuracy (dpo, rm) or the KL estimate (kto).
+#[test]
+fn run_dashboard_of_preference_stages() {
+    for (name, kto) in [("run_dpo", false), ("run_kto", true)] {
+        let mut a = running(0);
+        for i in 1..=20u64 {
+            let TrainEvent::StepFinished(mut m) = step(i, 40) else {
+                unreachable!()
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let x = i as f64;
+            m.metrics.insert("rewards/margins".into(), 0.01 * x);
+            if kto {
+                m.metrics.insert("kl".into(), 0.002 * x);
+            } else {
+                m.metrics
+                    .insert("rewards/accuracies".into(), (x / 20.0).min(1.0));
+            }
+            a.update(Msg::Engine(TrainEvent::StepFinished(m)));
+        }
+        a.update(no_gpu());
+        let t = text(&draw(&a, 80, 24));
+        assert!(t.contains("reward margin 0.200"), "{t}");
+        assert!(
+            t.contains(if kto { "kl 0.0400" } else { "reward acc 1.00" }),
+            "{t}"
+        );
+        snap(name, &a);
+    }
+}
+
 #[test]
 fn run_dashboard_log_scale_with_gpu_samples() {
     let mut a = running(25);

@@ -1,4 +1,5 @@
-//! `training_loss.png`: train loss (raw and smoothed) and eval loss against the step, drawn with
+//! `training_loss.png`: train loss (raw and smoothed) and eval loss against the step, and a stage's metric curves
+//! (`training_rewards_accuracies.png`, …), drawn with
 //! plotters, as LLaMA-Factory's `plot_loss` does after a run. The font ships inside the binary
 //! (Hack, via `epaint_default_fonts`), so servers without fonts draw it too.
 
@@ -51,6 +52,27 @@ pub fn plot_loss(log: &[LogLine], path: &Path) -> Result<bool, String> {
         .iter()
         .filter_map(|l| l.eval_loss.map(|v| (l.current_steps as f64, v)))
         .collect();
+    draw(path, "loss", &train, &eval)
+}
+
+/// One logged metric of `log` (a key of its stage metrics, e.g. `rewards/accuracies`), raw and smoothed, as
+/// LLaMA-Factory's `plot_loss(keys=[...])` draws `training_rewards_accuracies.png`. `Ok(false)` below two points.
+pub fn plot_metric(log: &[LogLine], key: &str, path: &Path) -> Result<bool, String> {
+    #[allow(clippy::cast_precision_loss)]
+    let points: Vec<(f64, f64)> = log
+        .iter()
+        .filter_map(|l| {
+            l.metrics
+                .get(key)
+                .and_then(serde_json::Value::as_f64)
+                .map(|v| (l.current_steps as f64, v))
+        })
+        .collect();
+    draw(path, key, &points, &[])
+}
+
+/// A raw + smoothed series and, optionally, evaluation points.
+fn draw(path: &Path, key: &str, train: &[(f64, f64)], eval: &[(f64, f64)]) -> Result<bool, String> {
     if train.len() < 2 {
         return Ok(false);
     }
@@ -60,16 +82,16 @@ pub fn plot_loss(log: &[LogLine], path: &Path) -> Result<bool, String> {
         .map(|p| p.0)
         .zip(smooth(&train.iter().map(|p| p.1).collect::<Vec<_>>()))
         .collect();
-    let all = train.iter().chain(&eval).map(|p| p.1);
+    let all = train.iter().chain(eval).map(|p| p.1);
     let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let pad = ((hi - lo) * 0.05).max(1e-3);
-    let x_max = train.iter().chain(&eval).map(|p| p.0).fold(1.0, f64::max);
+    let x_max = train.iter().chain(eval).map(|p| p.0).fold(1.0, f64::max);
 
     let e = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("training loss", ("sans-serif", 28))
+        .caption(format!("training {key}"), ("sans-serif", 28))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
@@ -78,7 +100,7 @@ pub fn plot_loss(log: &[LogLine], path: &Path) -> Result<bool, String> {
     chart
         .configure_mesh()
         .x_desc("step")
-        .y_desc("loss")
+        .y_desc(key)
         .label_style(("sans-serif", 16))
         .draw()
         .map_err(|x| e(&x))?;

@@ -890,12 +890,23 @@ impl<'a> Trainer<'a> {
             }
         }
         self.save_final()?;
-        if let Ok(log) = super::runlog::read_log(&self.out)
-            && let Err(e) = super::plot::plot_loss(&log, &self.out.join("training_loss.png"))
-        {
-            emit(TrainEvent::Warning(format!(
-                "training_loss.png was not drawn: {e}"
-            )));
+        if let Ok(log) = super::runlog::read_log(&self.out) {
+            if let Err(e) = super::plot::plot_loss(&log, &self.out.join("training_loss.png")) {
+                emit(TrainEvent::Warning(format!(
+                    "training_loss.png was not drawn: {e}"
+                )));
+            }
+            // The stage's own curve, as LLaMA-Factory's workflows add it to `plot_loss`'s keys.
+            let metric = self.pref.as_ref().map(|p| match p.objective {
+                Objective::Dpo(_) => ("rewards/accuracies", "training_rewards_accuracies.png"),
+                Objective::Kto(_) => ("rewards/chosen", "training_rewards_chosen.png"),
+                Objective::Rm(_) => ("eval_rewards/accuracies", "training_eval_accuracy.png"),
+            });
+            if let Some((key, file)) = metric
+                && let Err(e) = super::plot::plot_metric(&log, key, &self.out.join(file))
+            {
+                emit(TrainEvent::Warning(format!("{file} was not drawn: {e}")));
+            }
         }
         let summary = self.summary(started, false);
         self.write_results(&summary)?;
