@@ -483,7 +483,6 @@ fn wrong_data_and_keys_are_refused_with_the_fix() {
         ("dpo_label_smoothing: 0.7", "dpo_label_smoothing"),
         ("pref_beta: 0", "pref_beta"),
         ("packing: true", "packing"),
-        ("ref_model: some/model", "ref_model"),
         ("ld_alpha: 0.5", "ld_alpha"),
     ] {
         let issues = preset(&root, &[kv]).expect_err(kv);
@@ -492,4 +491,49 @@ fn wrong_data_and_keys_are_refused_with_the_fix() {
     // Label smoothing is a sigmoid-loss key.
     let issues = preset(&root, &["pref_loss: hinge", "dpo_label_smoothing: 0.1"]).unwrap_err();
     assert!(issues[0].message.contains("sigmoid"), "{issues:?}");
+}
+
+#[test]
+fn a_separate_reference_model_replaces_the_adapter_off_base() {
+    let (_d, root) = fixture(8);
+    // The same weights as the policy's base: step 1 is ln 2 exactly, as with the adapter off.
+    let same = format!("ref_model: {}", root.join("model").display());
+    let loaded = preset(&root, &["max_steps: 1", &same]).unwrap_or_else(|e| panic!("{e:?}"));
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let first = |events: &[TrainEvent]| {
+        events
+            .iter()
+            .find_map(|e| match e {
+                TrainEvent::StepFinished(m) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let m = first(&events);
+    assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-9, "{}", m.loss);
+    // Another model (same tokenizer, other weights): the policy differs from it at step 1.
+    tiny_llama(&root.join("other"), 99, &TinyOpts::default()).unwrap();
+    let other = format!("ref_model: {}", root.join("other").display());
+    let loaded = preset(
+        &root,
+        &["max_steps: 1", "overwrite_output_dir: true", &other],
+    )
+    .unwrap();
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let m = first(&events);
+    assert!((m.loss - std::f64::consts::LN_2).abs() > 1e-3, "{}", m.loss);
+    assert!(m.metrics["rewards/chosen"].abs() > 1e-3, "{:?}", m.metrics);
+    // Keys that cannot apply are refused.
+    for (kv, key) in [
+        (vec!["pref_loss: orpo", same.as_str()], "ref_model"),
+        (
+            vec!["ref_model_adapters: some/adapter"],
+            "ref_model_adapters",
+        ),
+    ] {
+        let issues = preset(&root, &kv).expect_err(key);
+        assert!(issues.iter().any(|i| i.key == key), "{kv:?}: {issues:?}");
+    }
 }

@@ -519,22 +519,21 @@ pub const KEYS: &[KeySpec] = &[
     noe("ppo_score_norm", Method, PREF_STAGE),
     noe("ppo_target", Method, PREF_STAGE),
     noe("ppo_whiten_rewards", Method, PREF_STAGE),
-    uns(
+    imp(
         "ref_model",
         Method,
-        "null",
-        "a separate reference model is not supported yet: with LoRA the reference is the base with the adapter off, with freeze or full training a frozen copy of the starting weights",
+        "stages dpo and kto: a separate reference model (hub id, folder or .gguf; same tokenizer) instead of the base with the adapter off (LoRA) or a frozen copy of the starting weights.",
     ),
-    uns(
+    imp(
         "ref_model_adapters",
         Method,
-        "null",
-        "a separate reference model is not supported yet: the reference is the base model (with LoRA: the adapter switched off)",
+        "stages dpo and kto: adapter folder(s) merged into ref_model, comma separated.",
     ),
-    noe(
+    uns(
         "ref_model_quantization_bit",
         Method,
-        "quantizes a separate reference model (`ref_model`), which is not supported yet",
+        "null",
+        "quantizing the reference model is not supported yet: it loads in the training dtype",
     ),
     noe("reward_model", Method, PREF_STAGE),
     noe("reward_model_adapters", Method, PREF_STAGE),

@@ -209,6 +209,8 @@ pub struct Preset {
     pub simpo_gamma: f64,
     pub kto_chosen_weight: f64,
     pub kto_rejected_weight: f64,
+    pub ref_model: Option<String>,
+    pub ref_model_adapters: Option<String>,
     // ### dataset
     pub dataset: Option<String>,
     pub eval_dataset: Option<String>,
@@ -314,6 +316,8 @@ impl Default for Preset {
             simpo_gamma: 0.5,
             kto_chosen_weight: 1.0,
             kto_rejected_weight: 1.0,
+            ref_model: None,
+            ref_model_adapters: None,
             dataset: None,
             eval_dataset: None,
             dataset_dir: "data".into(),

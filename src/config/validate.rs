@@ -45,6 +45,30 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     if matches!(p.stage, Stage::Dpo | Stage::Kto | Stage::Rm) {
         validate_preference(p, &mut bad);
     }
+    let uses_reference = match p.stage {
+        Stage::Dpo => p.pref_loss.uses_reference(),
+        Stage::Kto => true,
+        _ => false,
+    };
+    if p.ref_model.is_some() && !uses_reference {
+        bad(
+            "ref_model",
+            format!(
+                "`ref_model` is the reference of stages dpo (sigmoid, hinge, ipo) and kto; {} uses none: remove it",
+                if p.stage == Stage::Dpo {
+                    format!("`pref_loss: {}`", p.pref_loss.as_str())
+                } else {
+                    format!("`stage: {}`", p.stage.as_str())
+                }
+            ),
+        );
+    }
+    if p.ref_model_adapters.is_some() && p.ref_model.is_none() {
+        bad(
+            "ref_model_adapters",
+            "`ref_model_adapters` are merged into `ref_model`, which is not set; set `ref_model` (the reference's base) or remove them".into(),
+        );
+    }
     if p.finetuning_type == FinetuningType::Oft {
         bad(
             "finetuning_type",

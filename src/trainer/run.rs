@@ -332,6 +332,22 @@ fn run_training_here(
             }
             let reference = if !needs_reference {
                 Reference::None
+            } else if let Some(name) = &p.ref_model {
+                emit(TrainEvent::Loading {
+                    what: format!("loading the reference model {name}"),
+                });
+                Reference::Frozen(Box::new(reference_model(
+                    p,
+                    name,
+                    &model,
+                    dtype,
+                    device,
+                    &mut |sp| {
+                        if let SourceProgress::Note(what) = sp {
+                            emit(TrainEvent::Loading { what });
+                        }
+                    },
+                )?))
             } else if p.finetuning_type == FinetuningType::Lora {
                 Reference::AdapterOff
             } else {
@@ -608,6 +624,40 @@ impl Backprop {
             }
         }
     }
+}
+
+/// `ref_model` with `ref_model_adapters` merged, frozen: the reference of dpo or kto (LLaMA-Factory's
+/// `create_ref_model`). It must score the same tokens as the policy.
+fn reference_model(
+    p: &Preset,
+    name: &str,
+    policy: &Model,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<Model, TrainError> {
+    let mut rp = p.clone();
+    rp.model_name_or_path = name.to_string();
+    rp.adapter_name_or_path.clone_from(&p.ref_model_adapters);
+    let r = resolve::ModelRef::of(&rp);
+    let loaded = crate::engine::source::load_model(
+        &r.name_or_path,
+        &r.hub_options(),
+        dtype,
+        device,
+        progress,
+    )?;
+    let mut m = Model::from_files(&loaded.files, dtype, device, &Finetune::Frozen)?;
+    if let Some(list) = &p.ref_model_adapters {
+        merge_adapters(&mut m, &parse_adapter_list(list))?;
+    }
+    if m.cfg.vocab_size != policy.cfg.vocab_size {
+        return Err(TrainError::Invalid(format!(
+            "`ref_model` {name} has a vocabulary of {} tokens, the trained model {}: the reference must use the same tokenizer",
+            m.cfg.vocab_size, policy.cfg.vocab_size
+        )));
+    }
+    Ok(m)
 }
 
 /// The reward model's value head: a checkpoint's when resuming, else the one beside the last of
