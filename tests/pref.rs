@@ -537,3 +537,55 @@ fn a_separate_reference_model_replaces_the_adapter_off_base() {
         assert!(issues.iter().any(|i| i.key == key), "{kv:?}: {issues:?}");
     }
 }
+
+/// From the second epoch on the reference's log-probabilities come from the cache: the losses equal those of a run
+/// resumed at the epoch boundary, which starts with an empty cache and computes them again.
+#[test]
+fn cached_reference_logps_give_the_losses_of_a_recomputed_reference() {
+    let (_d, root) = fixture(16);
+    let base = [
+        "num_train_epochs: 2",
+        "gradient_accumulation_steps: 2",
+        "save_steps: 4",
+        "overwrite_output_dir: true",
+    ];
+    let steps_of = |events: &[TrainEvent]| -> Vec<(u64, f64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::StepFinished(m) => Some((m.step, m.loss)),
+                _ => None,
+            })
+            .collect()
+    };
+    let loaded = preset(&root, &base).unwrap_or_else(|e| panic!("{e:?}"));
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let whole = steps_of(&events);
+    assert_eq!(whole.len(), 8);
+    let checkpoint = root.join("out").join("checkpoint-4");
+    assert!(checkpoint.is_dir());
+    let resume = format!("resume_from_checkpoint: {}", checkpoint.display());
+    let out2 = format!("output_dir: {}", root.join("out2").display());
+    let mut extra = base.to_vec();
+    extra.push(&resume);
+    extra.push(&out2);
+    let loaded = preset(&root, &extra).unwrap_or_else(|e| panic!("{e:?}"));
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let resumed = steps_of(&events);
+    assert_eq!(resumed.len(), 4);
+    for ((s1, l1), (s2, l2)) in whole[4..].iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert!(
+            (l1 - l2).abs() < 1e-6,
+            "step {s1}: cached {l1} vs recomputed {l2}"
+        );
+    }
+    // The policy moved: the losses are not all ln 2, so equal losses compare real reference numbers.
+    assert!(
+        whole[4..]
+            .iter()
+            .any(|(_, l)| (l - std::f64::consts::LN_2).abs() > 1e-4)
+    );
+}

@@ -199,6 +199,9 @@ pub struct Batch {
     /// Stage kto: whether each example's answer is desirable (the batch holds k examples, then their k KL
     /// sequences); empty for the other stages.
     pub kto_tags: Vec<bool>,
+    /// Stages dpo, kto and rm: the index of each row's sequence in its split (train or eval), which identifies it
+    /// across epochs (the reference's log-probabilities are cached by it); empty for the other stages.
+    pub seq_index: Vec<usize>,
 }
 
 impl Batch {
@@ -240,6 +243,9 @@ impl Batch {
             sequence_ids: take(&self.sequence_ids),
             block_diagonal: self.block_diagonal,
             kto_tags: Vec::new(),
+            seq_index: range
+                .filter_map(|r| self.seq_index.get(r).copied())
+                .collect(),
         }
     }
 }
@@ -258,6 +264,7 @@ pub fn collate(items: &[&PackedSequence], pad_id: u32, block_diagonal: bool) -> 
         sequence_ids: Vec::with_capacity(n),
         block_diagonal,
         kto_tags: Vec::new(),
+        seq_index: Vec::new(),
     };
     for s in items {
         let pad = seq_len - s.len();

@@ -495,12 +495,15 @@ impl PreparedDataset {
         order
             .chunks(batch_size.max(1))
             .map(|chunk| {
-                let items: Vec<&PackedSequence> = [0, 1]
+                let index: Vec<usize> = [0, 1]
                     .iter()
-                    .flat_map(|&side| chunk.iter().filter_map(move |&i| seqs.get(2 * i + side)))
+                    .flat_map(|&side| chunk.iter().map(move |&i| 2 * i + side))
+                    .filter(|&j| j < seqs.len())
                     .collect();
+                let items: Vec<&PackedSequence> = index.iter().map(|&j| &seqs[j]).collect();
                 let mut batch = collate(&items, self.pad_id, false);
                 batch.kto_tags = chunk.iter().filter_map(|&i| tags.get(i).copied()).collect();
+                batch.seq_index = index;
                 batch
             })
             .collect()

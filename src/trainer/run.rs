@@ -366,6 +366,7 @@ fn run_training_here(
                 reference,
                 pending: StageMetrics::default(),
                 last_eval: None,
+                ref_cache: std::cell::RefCell::default(),
             })
         }
     };
@@ -585,6 +586,9 @@ struct Preference {
     pending: StageMetrics,
     /// The last evaluation's metrics.
     last_eval: Option<StageMetrics>,
+    /// The reference's log-probability of each sequence, by (evaluation split?, sequence index): the reference is
+    /// frozen, so from the second epoch on its forward is skipped.
+    ref_cache: std::cell::RefCell<HashMap<(bool, usize), f64>>,
 }
 
 /// The loss of a preference or reward stage.
@@ -1136,11 +1140,13 @@ impl<'a> Trainer<'a> {
                 let policy = self
                     .model
                     .sequence_logps(&ids, &mask, &labels, Some(&host), train)?;
-                let reference = reference_logps(
-                    &pref.reference,
+                let reference = cached_reference_logps(
+                    pref,
                     &mut self.model,
+                    batch,
                     (&ids, &mask, &labels),
                     &host,
+                    !train,
                 )?;
                 let pairs: Vec<PairLogps> = (0..k)
                     .map(|i| PairLogps {
@@ -1178,11 +1184,13 @@ impl<'a> Trainer<'a> {
                     let policy =
                         self.model
                             .sequence_logps(&ids, &mask, &labels, Some(&host), grad)?;
-                    let reference = reference_logps(
-                        &pref.reference,
+                    let reference = cached_reference_logps(
+                        pref,
                         &mut self.model,
+                        &b,
                         (&ids, &mask, &labels),
                         &host,
+                        !train,
                     )?
                     .ok_or_else(|| {
                         TrainError::Invalid("stage kto needs a reference model".into())
@@ -1679,6 +1687,41 @@ fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
 }
 
 /// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
+/// [`reference_logps`] of a batch, from the cache when every row is there, else computed and remembered (the
+/// reference never changes during a run). `eval`: the batch is from the evaluation split.
+fn cached_reference_logps(
+    pref: &Preference,
+    model: &mut Model,
+    batch: &Batch,
+    tensors: (&Tensor, &AttnMask, &Tensor),
+    host: &crate::engine::HostInputs,
+    eval: bool,
+) -> Result<Option<Vec<f64>>, TrainError> {
+    if matches!(pref.reference, Reference::None) {
+        return Ok(None);
+    }
+    let keys: Vec<(bool, usize)> = batch.seq_index.iter().map(|&i| (eval, i)).collect();
+    if keys.len() == batch.batch_size {
+        let cache = pref.ref_cache.borrow();
+        if let Some(v) = keys
+            .iter()
+            .map(|k| cache.get(k).copied())
+            .collect::<Option<Vec<f64>>>()
+        {
+            return Ok(Some(v));
+        }
+    }
+    let v = reference_logps(&pref.reference, model, tensors, host)?;
+    if let Some(v) = &v
+        && keys.len() == v.len()
+    {
+        pref.ref_cache
+            .borrow_mut()
+            .extend(keys.into_iter().zip(v.iter().copied()));
+    }
+    Ok(v)
+}
+
 /// The reference model's per-row log-probabilities of a batch (`None` without a reference).
 fn reference_logps(
     reference: &Reference,
