@@ -589,3 +589,25 @@ fn cached_reference_logps_give_the_losses_of_a_recomputed_reference() {
             .any(|(_, l)| (l - std::f64::consts::LN_2).abs() > 1e-4)
     );
 }
+
+/// An epoch's last, partial accumulation: the step's loss is the mean over the micro-batches it has (the Hugging Face
+/// trainer divides by them), not a fraction of a full step's.
+#[test]
+fn a_partial_last_step_averages_over_its_own_micro_batches() {
+    // 6 pairs, 2 per micro-batch, 2 micro-batches per step: step 1 has two, step 2 one.
+    let (_d, root) = fixture(6);
+    let loaded = preset(&root, &["num_train_epochs: 1", "learning_rate: 1.0e-12"]).unwrap();
+    let (r, events) = train(&loaded);
+    r.unwrap();
+    let losses: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::StepFinished(m) => Some(m.loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(losses.len(), 2);
+    for l in losses {
+        assert!((l - std::f64::consts::LN_2).abs() < 1e-6, "{l}");
+    }
+}

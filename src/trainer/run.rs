@@ -997,7 +997,7 @@ impl<'a> Trainer<'a> {
                 .sum::<u64>();
             if self.pref.is_some() {
                 examples += batch.batch_size / 2;
-                let (l, n, g, m) = self.preference_micro_batch(batch)?;
+                let (l, n, g, m) = self.preference_micro_batch(batch, batches.len())?;
                 step_metrics.merge(&m);
                 if let Some(pref) = self.pref.as_mut() {
                     pref.pending.merge(&m);
@@ -1103,14 +1103,16 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// One micro-batch of a preference or reward stage: (its mean loss / gradient_accumulation_steps, label tokens,
-    /// the gradients of that loss, its metrics).
+    /// One micro-batch of a preference or reward stage: (its mean loss / the step's micro-batches, label tokens,
+    /// the gradients of that loss, its metrics). The step's micro-batches are `gradient_accumulation_steps`, fewer in
+    /// an epoch's last, partial step (the Hugging Face trainer divides by the micro-batches it actually has).
     fn preference_micro_batch(
         &mut self,
         batch: &Batch,
+        micro_batches: usize,
     ) -> Result<(f64, usize, GradStore, StageMetrics), TrainError> {
         let (out, back, n) = self.stage_forward(batch, true)?;
-        let ga = self.p.gradient_accumulation_steps.max(1);
+        let ga = micro_batches.max(1);
         #[allow(clippy::cast_precision_loss)]
         let inv = 1.0 / ga as f64;
         let dl: Vec<f64> = out.d_rows.iter().map(|d| d * inv).collect();
