@@ -290,7 +290,7 @@ fn memory_report(p: &config::Preset) -> String {
         let run = crate::engine::memory::RunShape {
             dtype,
             base,
-            batch: p.per_device_train_batch_size,
+            batch: p.sequences_per_micro_batch(),
             seq_len: p.cutoff_len,
             checkpointing: ckpt,
             head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
@@ -315,10 +315,10 @@ fn memory_report(p: &config::Preset) -> String {
         };
         let _ = writeln!(
             out,
-            "gradient checkpointing {}{chosen}: {} at batch {} x cutoff_len {}; {fit}",
+            "gradient checkpointing {}{chosen}: {} at {} x cutoff_len {}; {fit}",
             if ckpt { "on" } else { "off" },
             est.describe(),
-            run.batch,
+            p.micro_batch_words(),
             run.seq_len
         );
     }

@@ -3,25 +3,22 @@
 //! differences (the reward model's through the whole model and its value head), the KL pairs of the kto data, and
 //! runs of the trainer, `termtune score` and the chat refusal on the tiny model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::Value;
 use termtune::chat::ChatSession;
 use termtune::chat::score::Scorer;
-use termtune::config::{self, Purpose};
+use termtune::config;
 use termtune::engine::value_head::{BIAS_KEY, VALUE_HEAD_FILE, WEIGHT_KEY};
-use termtune::engine::weights::load_hf_folder;
-use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model, ValueHead};
+use termtune::engine::{AttnMask, Model, ValueHead};
 use termtune::trainer::pref::{KtoConfig, KtoExample, kto_loss, reward_pair_loss};
 use termtune::trainer::protocol::TrainEvent;
 use termtune::trainer::run::run_training;
 use termtune::trainer::runlog::{TrainerState, read_log};
-
-use termtune::engine::testing::{TinyOpts, tiny_llama};
 
 const CPU: Device = Device::Cpu;
 
@@ -157,32 +154,6 @@ fn the_reward_model_loss_and_metrics_equal_the_llamafactory_formulas() {
     }
 }
 
-/// The tiny model in f64 with a trained-looking LoRA adapter.
-fn tiny(dir: &Path) -> Model {
-    tiny_llama(dir, 1234, &TinyOpts::default()).unwrap();
-    let files = load_hf_folder(dir, DType::F64, &CPU).unwrap();
-    let ft = Finetune::Lora(LoraSpec {
-        r: 4,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: LoraTargets::parse("all").unwrap(),
-        use_rslora: false,
-        seed: 7,
-    });
-    let m = Model::from_files(&files, DType::F64, &CPU, &ft).unwrap();
-    for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
-        if name.ends_with("lora_B.weight") {
-            let mut rng = StdRng::seed_from_u64(40 + i as u64);
-            let vals: Vec<f64> = (0..v.elem_count())
-                .map(|_| rng.random_range(-0.2..0.2))
-                .collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &CPU).unwrap())
-                .unwrap();
-        }
-    }
-    m
-}
-
 /// Two pairs (chosen rows 0 and 1, rejected 2 and 3), right-padded.
 fn pair_batch() -> (Tensor, AttnMask) {
     let ids: [[u32; 6]; 4] = [
@@ -217,7 +188,7 @@ fn rm_loss(m: &Model, head: &ValueHead, seed: u64) -> (f64, Tensor, Vec<f64>) {
 #[test]
 fn the_reward_model_gradient_matches_finite_differences_through_the_model_and_its_head() {
     let d = tempfile::tempdir().unwrap();
-    let m = tiny(d.path());
+    let m = crate::tiny_util::tiny_lora_f64(d.path(), termtune::engine::model::Kernels::Fused);
     let head = ValueHead::new(m.cfg.hidden_size, 3, &CPU).unwrap();
     // The head reads each row's last real token: equal to the full forward's hidden state there.
     let (ids, mask) = pair_batch();
@@ -298,79 +269,7 @@ fn the_reward_model_gradient_matches_finite_differences_through_the_model_and_it
     assert_eq!(checked, 18);
 }
 
-/// The tiny model, `n` preference pairs as `prefs`, kto rows (alternating tags) as `feedback`, SFT rows as `toy`.
-fn fixture(n: usize) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let pairs: Vec<Value> = (0..n)
-        .map(|i| {
-            json!({
-                "instruction": format!("name a colour {i}"),
-                "input": "",
-                "chosen": format!("blue {}", "and green ".repeat(i % 3)),
-                "rejected": format!("I will not {}", "say it ".repeat(i % 2 + 1)),
-            })
-        })
-        .collect();
-    std::fs::write(
-        data.join("prefs.json"),
-        serde_json::to_string(&pairs).unwrap(),
-    )
-    .unwrap();
-    let feedback: Vec<Value> = (0..n)
-        .map(|i| {
-            let good = i % 2 == 0;
-            json!({
-                "instruction": format!("name a colour {i}"),
-                "input": "",
-                "output": if good { format!("blue {}", "and green ".repeat(i % 3)) } else { "I will not say it".to_string() },
-                "label": good,
-            })
-        })
-        .collect();
-    std::fs::write(
-        data.join("feedback.json"),
-        serde_json::to_string(&feedback).unwrap(),
-    )
-    .unwrap();
-    let sft: Vec<Value> = (0..4)
-        .map(|i| json!({"instruction": format!("say {i}"), "input": "", "output": "ok"}))
-        .collect();
-    std::fs::write(data.join("toy.json"), serde_json::to_string(&sft).unwrap()).unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"prefs": {"file_name": "prefs.json", "ranking": true,
-             "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
-            "feedback": {"file_name": "feedback.json",
-             "columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "label"}},
-            "toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
-    (dir, root)
-}
-
-fn preset(
-    root: &Path,
-    stage: &str,
-    dataset: &str,
-    extra: &[&str],
-) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
-    let text = format!(
-        "model_name_or_path: {}\nstage: {stage}\ndataset: {dataset}\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
-         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
-         gradient_accumulation_steps: 2\nlearning_rate: 5.0e-3\nlora_rank: 4\n\
-         lr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n",
-        root.join("model").display(),
-        root.join("data").display(),
-        root.join("out").display(),
-        root.join("tokcache").display(),
-    );
-    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
-    config::parse(&text, &overrides, Purpose::Train)
-}
+use crate::tiny_util::{preference_fixture as fixture, preference_preset as preset};
 
 fn train(
     loaded: &config::Loaded,

@@ -2,19 +2,18 @@
 //! (tests/fixtures/pref_loss_reference.json, from scripts/pref_loss_reference.py), the DPO gradient against finite
 //! differences through the whole model, and runs of the trainer on the tiny model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
-use termtune::config::{self, PrefLoss, Purpose};
+use serde_json::Value;
+use termtune::config::{self, PrefLoss};
 use termtune::engine::model::Kernels;
 use termtune::engine::ops;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
-use termtune::engine::weights::load_hf_folder;
-use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+use termtune::engine::{AttnMask, Model};
 use termtune::trainer::pref::{PairLogps, PrefConfig, preference_loss};
 use termtune::trainer::protocol::TrainEvent;
 use termtune::trainer::run::{Outcome, run_training};
@@ -100,29 +99,7 @@ fn every_loss_and_metric_equals_the_llamafactory_formulas() {
 }
 
 fn tiny(dir: &Path, kernels: Kernels) -> Model {
-    tiny_llama(dir, 1234, &TinyOpts::default()).unwrap();
-    let files = load_hf_folder(dir, DType::F64, &CPU).unwrap();
-    let ft = Finetune::Lora(LoraSpec {
-        r: 4,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: LoraTargets::parse("all").unwrap(),
-        use_rslora: false,
-        seed: 7,
-    });
-    let mut m = Model::from_files(&files, DType::F64, &CPU, &ft).unwrap();
-    m.kernels = kernels;
-    // A trained adapter: the policy differs from the reference.
-    for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
-        if name.ends_with("lora_B.weight") {
-            let mut rng = StdRng::seed_from_u64(40 + i as u64);
-            let n = v.elem_count();
-            let vals: Vec<f64> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &CPU).unwrap())
-                .unwrap();
-        }
-    }
-    m
+    crate::tiny_util::tiny_lora_f64(dir, kernels)
 }
 
 /// Two pairs: chosen rows 0 and 1, rejected rows 2 and 3, right-padded, prompts unlabelled.
@@ -301,56 +278,14 @@ fn dpo_gradients_match_finite_differences_f64() {
     }
 }
 
-/// The tiny model and `n` preference pairs (alpaca ranking format) as dataset `prefs`, and SFT rows as `toy`.
-fn fixture(n: usize) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let rows: Vec<Value> = (0..n)
-        .map(|i| {
-            json!({
-                "instruction": format!("name a colour {i}"),
-                "input": "",
-                "chosen": format!("blue {}", "and green ".repeat(i % 3)),
-                "rejected": format!("I will not {}", "say it ".repeat(i % 2 + 1)),
-            })
-        })
-        .collect();
-    std::fs::write(
-        data.join("prefs.json"),
-        serde_json::to_string(&rows).unwrap(),
-    )
-    .unwrap();
-    let sft: Vec<Value> = (0..4)
-        .map(|i| json!({"instruction": format!("say {i}"), "input": "", "output": "ok"}))
-        .collect();
-    std::fs::write(data.join("toy.json"), serde_json::to_string(&sft).unwrap()).unwrap();
-    std::fs::write(
-        data.join("dataset_info.json"),
-        r#"{"prefs": {"file_name": "prefs.json", "ranking": true,
-             "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
-            "toy": {"file_name": "toy.json"}}"#,
-    )
-    .unwrap();
-    (dir, root)
+/// A dpo preset on the pairs of [`fixture`] (LoRA dropout 0.1, which dpo switches off).
+fn preset(root: &Path, extra: &[&str]) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
+    let mut all = vec!["lora_dropout: 0.1"];
+    all.extend_from_slice(extra);
+    crate::tiny_util::preference_preset(root, "dpo", "prefs", &all)
 }
 
-fn preset(root: &Path, extra: &[&str]) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
-    let text = format!(
-        "model_name_or_path: {}\nstage: dpo\ndataset: prefs\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
-         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
-         gradient_accumulation_steps: 2\nlearning_rate: 5.0e-3\nlora_rank: 4\nlora_dropout: 0.1\n\
-         lr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n",
-        root.join("model").display(),
-        root.join("data").display(),
-        root.join("out").display(),
-        root.join("tokcache").display(),
-    );
-    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
-    config::parse(&text, &overrides, Purpose::Train)
-}
+use crate::tiny_util::preference_fixture as fixture;
 
 fn train(loaded: &config::Loaded) -> (Result<Outcome, String>, Vec<TrainEvent>) {
     let (_tx, rx) = mpsc::channel();

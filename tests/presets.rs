@@ -360,3 +360,21 @@ fn do_train_false_is_refused_for_training_only() {
         "{issues:?}"
     );
 }
+
+/// The memory estimate counts the sequences a micro-batch runs with a graph: pairs are two each (dpo, rm).
+#[test]
+fn a_pair_micro_batch_counts_two_sequences_per_pair() {
+    for (stage, n, words) in [
+        ("sft", 2, "batch 2"),
+        ("kto", 2, "batch 2"),
+        ("dpo", 4, "batch 2 pairs (4 sequences)"),
+        ("rm", 4, "batch 2 pairs (4 sequences)"),
+    ] {
+        let text = format!(
+            "model_name_or_path: m\nstage: {stage}\ndataset: d\nper_device_train_batch_size: 2\n"
+        );
+        let loaded = config::parse(&text, &[], Purpose::Train).unwrap();
+        assert_eq!(loaded.preset.sequences_per_micro_batch(), n, "{stage}");
+        assert_eq!(loaded.preset.micro_batch_words(), words, "{stage}");
+    }
+}

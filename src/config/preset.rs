@@ -419,6 +419,29 @@ impl Preset {
         self.dataset.as_deref().map(comma_list).unwrap_or_default()
     }
 
+    /// The sequences one micro-batch runs through the model with a graph: `per_device_train_batch_size` pairs are
+    /// twice as many sequences for dpo and rm (chosen and rejected in one forward); kto's KL sequences run after
+    /// its examples, without a graph.
+    pub fn sequences_per_micro_batch(&self) -> usize {
+        match self.stage {
+            Stage::Dpo | Stage::Rm => 2 * self.per_device_train_batch_size,
+            _ => self.per_device_train_batch_size,
+        }
+    }
+
+    /// The micro-batch as a memory estimate names it: `batch 2`, or `batch 2 pairs (4 sequences)` for dpo and rm.
+    pub fn micro_batch_words(&self) -> String {
+        let n = self.per_device_train_batch_size;
+        if self.sequences_per_micro_batch() == n {
+            format!("batch {n}")
+        } else {
+            format!(
+                "batch {n} pairs ({} sequences)",
+                self.sequences_per_micro_batch()
+            )
+        }
+    }
+
     /// Whether training has a validation split (`val_size` or `eval_dataset`): then termtune evaluates, at the
     /// latest after the last step (LLaMA-Factory's `do_eval: true`).
     pub fn has_validation_split(&self) -> bool {

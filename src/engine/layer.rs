@@ -1089,25 +1089,17 @@ pub fn head_chunk_rows(vocab: usize, device: &candle_core::Device) -> usize {
 /// (n) u32, computed `chunk` rows at a time (logits never exceed chunk × vocab), on any device; the loss stays on
 /// the device. The result is a scalar that backpropagates into `hs` only.
 pub fn head_loss_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
-    let (n, _) = hs.dims2()?;
-    let chunk = chunk.max(1);
     let need_grad = hs.track_op();
-    let hd = hs.detach();
     let mut loss = Tensor::zeros((), DType::F64, hs.device())?;
     let mut grads = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let h = hd.narrow(0, start, len)?;
-        let tg = Tensor::new(&targets[start..start + len], hs.device())?;
-        let logits = ops::linear(&h, w)?;
-        let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(&logits, &tg, need_grad)?;
-        loss = (loss + l)?;
+    for_head_chunks(hs, w, targets, chunk, |logits, tg, _| {
+        let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(logits, tg, need_grad)?;
+        loss = (&loss + l)?;
         if let Some(d) = dlogits {
             grads.push(d.to_dtype(w.dtype())?.matmul(w)?);
         }
-        start += len;
-    }
+        Ok(())
+    })?;
     let grad = if need_grad && !grads.is_empty() {
         Some(Tensor::cat(&grads, 0)?)
     } else {

@@ -424,7 +424,7 @@ fn memory_check(
     let run = crate::engine::memory::RunShape {
         dtype,
         base: crate::engine::source::base_storage(&p.model_name_or_path, &hub),
-        batch: p.per_device_train_batch_size,
+        batch: p.sequences_per_micro_batch(),
         seq_len: p.cutoff_len,
         checkpointing: !p.disable_gradient_checkpointing,
         head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
@@ -441,8 +441,8 @@ fn memory_check(
     // The base weights are already on the device: they count as free for the comparison.
     let free = free + usize::try_from(est.weights).unwrap_or(0);
     let head = format!(
-        "estimated peak GPU memory at batch {} x cutoff_len {}: {} of {:.1} GiB free ({:.1} GiB total)",
-        run.batch,
+        "estimated peak GPU memory at {} x cutoff_len {}: {} of {:.1} GiB free ({:.1} GiB total)",
+        p.micro_batch_words(),
         run.seq_len,
         est.describe(),
         gib(free),

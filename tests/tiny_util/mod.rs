@@ -1,11 +1,18 @@
 //! Fixtures shared by the tests that train or chat with the tiny seeded model: the model folder and a
-//! toy alpaca dataset registered as `toy` in `dataset_info.json`.
+//! toy alpaca dataset registered as `toy` in `dataset_info.json`; for the preference stages, preference pairs,
+//! kto rows and an f64 model with a trained-looking adapter.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use termtune::config::{self, Purpose};
+use termtune::engine::model::Kernels;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
+use termtune::engine::weights::load_hf_folder;
+use termtune::engine::{Finetune, LoraSpec, LoraTargets, Model};
 
 /// Writes the tiny llama (seed 7) to `root/model` and `rows` as dataset `toy` in `root/data`.
 pub fn tiny_model_and_toy_data(root: &Path, rows: &[Value]) {
@@ -52,4 +59,107 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The tiny model (seed 1234) in f64 with LoRA r 4 on every linear layer whose B matrices are random (a trained
+/// adapter: the policy differs from the base), running `kernels`.
+pub fn tiny_lora_f64(dir: &Path, kernels: Kernels) -> Model {
+    tiny_llama(dir, 1234, &TinyOpts::default()).unwrap();
+    let files = load_hf_folder(dir, DType::F64, &Device::Cpu).unwrap();
+    let ft = Finetune::Lora(LoraSpec {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::parse("all").unwrap(),
+        use_rslora: false,
+        seed: 7,
+    });
+    let mut m = Model::from_files(&files, DType::F64, &Device::Cpu, &ft).unwrap();
+    m.kernels = kernels;
+    for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let mut rng = StdRng::seed_from_u64(40 + i as u64);
+            let vals: Vec<f64> = (0..v.elem_count())
+                .map(|_| rng.random_range(-0.2..0.2))
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    m
+}
+
+/// The tiny model (seed 7) and, in `root/data`, `n` preference pairs (alpaca ranking) as `prefs`, the same answers
+/// unpaired and tagged (good for even rows) as kto data `feedback`, and SFT rows as `toy`.
+pub fn preference_fixture(n: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    tiny_llama(&root.join("model"), 7, &TinyOpts::default()).unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let chosen = |i: usize| format!("blue {}", "and green ".repeat(i % 3));
+    let rejected = |i: usize| format!("I will not {}", "say it ".repeat(i % 2 + 1));
+    let pairs: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "instruction": format!("name a colour {i}"),
+                "input": "",
+                "chosen": chosen(i),
+                "rejected": rejected(i),
+            })
+        })
+        .collect();
+    let feedback: Vec<Value> = (0..n)
+        .map(|i| {
+            let good = i % 2 == 0;
+            json!({
+                "instruction": format!("name a colour {i}"),
+                "input": "",
+                "output": if good { chosen(i) } else { rejected(i) },
+                "label": good,
+            })
+        })
+        .collect();
+    let sft: Vec<Value> = (0..4)
+        .map(|i| json!({"instruction": format!("say {i}"), "input": "", "output": "ok"}))
+        .collect();
+    for (file, rows) in [
+        ("prefs.json", pairs),
+        ("feedback.json", feedback),
+        ("toy.json", sft),
+    ] {
+        std::fs::write(data.join(file), serde_json::to_string(&rows).unwrap()).unwrap();
+    }
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"prefs": {"file_name": "prefs.json", "ranking": true,
+             "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+            "feedback": {"file_name": "feedback.json",
+             "columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "label"}},
+            "toy": {"file_name": "toy.json"}}"#,
+    )
+    .unwrap();
+    (dir, root)
+}
+
+/// A training preset of `stage` on `dataset` over [`preference_fixture`]'s folder (LoRA r 4, batch 2 x 2, constant
+/// lr 5e-3, a log line per step), with `extra` overrides (`key: value`).
+pub fn preference_preset(
+    root: &Path,
+    stage: &str,
+    dataset: &str,
+    extra: &[&str],
+) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
+    let text = format!(
+        "model_name_or_path: {}\nstage: {stage}\ndataset: {dataset}\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
+         gradient_accumulation_steps: 2\nlearning_rate: 5.0e-3\nlora_rank: 4\n\
+         lr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n",
+        root.join("model").display(),
+        root.join("data").display(),
+        root.join("out").display(),
+        root.join("tokcache").display(),
+    );
+    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
+    config::parse(&text, &overrides, Purpose::Train)
 }
