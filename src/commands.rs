@@ -270,8 +270,10 @@ fn memory_report(p: &config::Preset) -> String {
         "\n# memory (estimate, {} in {dtype:?})",
         crate::engine::device::describe(&device)
     );
-    let base = crate::engine::source::base_storage(&p.model_name_or_path, &hub);
-    if let crate::engine::memory::BaseStorage::Ggml(t) = base {
+    let base = crate::resolve::base_storage(p);
+    if let crate::engine::memory::BaseStorage::Ggml(t)
+    | crate::engine::memory::BaseStorage::Linears(t) = base
+    {
         let held = crate::engine::memory::base_weight_bytes(&cfg, &ft, dtype, base);
         let dense = crate::engine::memory::base_weight_bytes(
             &cfg,

@@ -283,6 +283,40 @@ pub fn infer_dtype(p: &Preset, device: &Device) -> DType {
     }
 }
 
+/// How the preset's base weights will be held, for the memory estimate: `quantization_bit`'s blocks, else as the
+/// source keeps them (a GGUF's blocks, or dense).
+pub fn base_storage(p: &Preset) -> crate::engine::memory::BaseStorage {
+    if p.quantization_bit == Some(8) {
+        return crate::engine::memory::BaseStorage::Linears(
+            candle_core::quantized::GgmlDType::Q8_0,
+        );
+    }
+    source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options())
+}
+
+/// `quantization_bit: 8`: the base's decoder linear weights become Q8_0 blocks (32 int8 weights, one f16 scale);
+/// a note says how many and the memory they now take. Nothing for `None` (validation refuses other values).
+pub fn quantize_base(
+    p: &Preset,
+    files: &mut crate::engine::ModelFiles,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<(), crate::engine::EngineError> {
+    if p.quantization_bit != Some(8) {
+        return Ok(());
+    }
+    let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0)?;
+    let bytes: usize = files
+        .quantized
+        .values()
+        .map(|q| q.storage_size_in_bytes())
+        .sum();
+    progress(SourceProgress::Note(format!(
+        "quantization_bit 8: {n} linear weights quantized to Q8_0 ({})",
+        crate::fsutil::human_bytes(bytes as u64)
+    )));
+    Ok(())
+}
+
 /// Where a reward model's value head sits for `preset`: beside the last adapter, else in the model folder; `None`
 /// when the model is no reward model.
 pub fn value_head_dir(preset: &Preset) -> Option<std::path::PathBuf> {

@@ -342,3 +342,133 @@ fn smollm2_quantized_logits_stay_close_to_the_dequantized_model() {
         assert!(src.files.quantized.is_empty());
     }
 }
+
+/// An sft LoRA preset over the tiny model and `varied_rows` (constant lr, a log line per step), with overrides.
+fn sft_preset(root: &std::path::Path, out: &str, extra: &[&str]) -> termtune::config::Loaded {
+    let text = format!(
+        "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 64\n\
+         output_dir: {}\nlogging_steps: 1\nsave_steps: 1000\nper_device_train_batch_size: 2\n\
+         learning_rate: 1.0e-2\nlora_rank: 4\nlr_scheduler_type: constant\ntokenized_path: {}\nseed: 3\n",
+        root.join("model").display(),
+        root.join("data").display(),
+        root.join(out).display(),
+        root.join("tokcache").display(),
+    );
+    let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
+    termtune::config::parse(&text, &overrides, termtune::config::Purpose::Train)
+        .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn step_losses(loaded: &termtune::config::Loaded) -> Vec<f64> {
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let mut losses = Vec::new();
+    termtune::trainer::run::run_training(loaded, &CPU, &rx, &mut |e| {
+        if let termtune::trainer::protocol::TrainEvent::StepFinished(m) = e {
+            losses.push(m.loss);
+        }
+    })
+    .unwrap();
+    losses
+}
+
+/// `quantization_bit: 8`: the decoder's linears become Q8_0 blocks at load (embeddings and norms stay dense), LoRA
+/// trains over them and follows the dense run's losses closely, and the adapter is an ordinary PEFT adapter.
+#[test]
+fn quantization_bit_8_trains_lora_over_q8_0_linears_close_to_the_dense_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    crate::tiny_util::tiny_model_and_toy_data(root, &crate::tiny_util::varied_rows(12));
+    // The loader's part: 7 linears per layer quantized, nothing else.
+    let mut files = load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap();
+    let dense_before = files.tensors.len();
+    let n = files.quantize_linears(GgmlDType::Q8_0).unwrap();
+    let cfg = termtune::engine::ModelConfig::from_hf_config(&files.config).unwrap();
+    assert_eq!(n, 7 * cfg.num_layers);
+    assert_eq!(files.quantized.len(), n);
+    assert_eq!(files.tensors.len(), dense_before - n);
+    assert!(files.tensors.contains_key("model.embed_tokens.weight"));
+
+    let dense = step_losses(&sft_preset(root, "dense", &["max_steps: 8"]));
+    let q8 = step_losses(&sft_preset(
+        root,
+        "q8",
+        &["max_steps: 8", "quantization_bit: 8"],
+    ));
+    assert_eq!(q8.len(), 8);
+    eprintln!("dense {dense:?}\nq8    {q8:?}");
+    for (i, (a, b)) in dense.iter().zip(&q8).enumerate() {
+        assert!(
+            (a - b).abs() < 0.02 * a.abs().max(1.0),
+            "step {}: dense {a} vs q8 {b}",
+            i + 1
+        );
+    }
+    assert!(q8[7] < q8[0], "{q8:?}");
+    // The adapter trained over the quantized base merges into the dense base.
+    let mut m = Model::from_files(
+        &load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap(),
+        DType::F32,
+        &CPU,
+        &Finetune::Frozen,
+    )
+    .unwrap();
+    termtune::engine::adapter::merge_adapters(&mut m, &[root.join("q8")]).unwrap();
+}
+
+/// The memory estimate holds the quantized linears at Q8_0's 8.5 bits per weight, the rest dense.
+#[test]
+fn the_memory_estimate_counts_quantized_linears() {
+    use termtune::engine::memory::{BaseStorage, base_weight_bytes};
+    let cfg = termtune::engine::ModelConfig::from_hf_config(&serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
+    }))
+    .unwrap();
+    let ft = lora(16);
+    let dense = base_weight_bytes(&cfg, &ft, DType::BF16, BaseStorage::Dense);
+    let q8 = base_weight_bytes(
+        &cfg,
+        &ft,
+        DType::BF16,
+        BaseStorage::Linears(GgmlDType::Q8_0),
+    );
+    let linears: u64 = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336);
+    assert_eq!(dense - q8, linears * 2 - linears * 34 / 32);
+    let ratio = q8 as f64 / dense as f64;
+    assert!((0.55..0.6).contains(&ratio), "{ratio}");
+}
+
+#[test]
+fn unsupported_quantization_is_refused_with_the_fix() {
+    for (kv, want) in [
+        ("quantization_bit=4", "not supported yet"),
+        ("quantization_bit=3", "must be 4 or 8"),
+        ("quantization_method=hqq", "quantization_method"),
+        ("quantization_type=fp4", "quantization_type"),
+    ] {
+        let e = termtune::config::parse(
+            "model_name_or_path: m\ndataset: d\n",
+            &[kv.to_string()],
+            termtune::config::Purpose::Train,
+        )
+        .expect_err(kv);
+        let text = format!("{e:?}");
+        assert!(text.contains(want), "{kv}: {text}");
+    }
+    for (text, key) in [
+        (
+            "model_name_or_path: m\ndataset: d\nfinetuning_type: full\nquantization_bit: 8\n",
+            "quantization_bit",
+        ),
+        (
+            "model_name_or_path: m.gguf\ndataset: d\nquantization_bit: 8\n",
+            "quantization_bit",
+        ),
+    ] {
+        let issues =
+            termtune::config::parse(text, &[], termtune::config::Purpose::Train).unwrap_err();
+        assert!(issues.iter().any(|i| i.key == key), "{text}: {issues:?}");
+    }
+}

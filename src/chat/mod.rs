@@ -48,11 +48,12 @@ fn load_parts(
 ) -> Result<(Model, Encoder, LoadedInfo), ChatError> {
     let dtype = resolve::infer_dtype(preset, device);
     let PresetModel {
-        files,
+        mut files,
         kind,
         base_name,
         tokenizer,
     } = resolve::load_model(preset, dtype, device, progress)?;
+    resolve::quantize_base(preset, &mut files, progress)?;
     let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
     let adapters = preset
         .adapter_name_or_path

@@ -277,29 +277,28 @@ pub const KEYS: &[KeySpec] = &[
         Model,
         "SGLang inference settings; termtune has its own engine",
     ),
-    uns(
+    imp(
         "quantization_bit",
         Model,
-        "null",
-        "QLoRA (a quantized base) is not supported yet; train LoRA on the unquantized base",
+        "Quantize the base's linear layers at load (QLoRA-style LoRA training and chat): 8 = blocks of 32 int8 weights with one f16 scale (GGML Q8_0, 8.5 bits per weight). 4 (bitsandbytes NF4) is not supported yet.",
     ),
     uns(
         "quantization_method",
         Model,
         "bnb",
-        "on-the-fly quantization is not supported yet",
+        "quantization methods other than bnb (hqq, eetq, ...) are not supported",
     ),
     uns(
         "quantization_type",
         Model,
         "nf4",
-        "on-the-fly quantization is not supported yet",
+        "4-bit quantization (nf4, fp4) is not supported yet",
     ),
     uns(
         "double_quantization",
         Model,
         "true",
-        "on-the-fly quantization is not supported yet",
+        "4-bit double quantization is not supported yet",
     ),
     uns(
         "quantization_device_map",

@@ -69,6 +69,34 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`ref_model_adapters` are merged into `ref_model`, which is not set; set `ref_model` (the reference's base) or remove them".into(),
         );
     }
+    match p.quantization_bit {
+        None | Some(8) => {}
+        Some(4) => bad(
+            "quantization_bit",
+            "4-bit quantization (bitsandbytes NF4/FP4) is not supported yet; use `quantization_bit: 8` (Q8_0 blocks) or remove it".into(),
+        ),
+        Some(b) => bad(
+            "quantization_bit",
+            format!("`quantization_bit` must be 4 or 8 (bitsandbytes), got {b}"),
+        ),
+    }
+    if p.quantization_bit.is_some() {
+        if p.finetuning_type != FinetuningType::Lora {
+            bad(
+                "quantization_bit",
+                format!(
+                    "a quantized base trains with `finetuning_type: lora` only (LLaMA-Factory's rule); it is `{}`",
+                    p.finetuning_type.as_str()
+                ),
+            );
+        }
+        if p.model_name_or_path.to_ascii_lowercase().ends_with(".gguf") {
+            bad(
+                "quantization_bit",
+                "the .gguf base is already quantized (its blocks stay as they are); remove `quantization_bit`".into(),
+            );
+        }
+    }
     if p.finetuning_type == FinetuningType::Oft {
         bad(
             "finetuning_type",

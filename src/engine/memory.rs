@@ -67,6 +67,8 @@ pub enum BaseStorage {
     /// The linears and the embedding in a GGML block type (a GGUF base: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, …),
     /// the norms in f32; trainable ones (freeze, full) are dequantized into the training dtype.
     Ggml(GgmlDType),
+    /// `quantization_bit`: the decoder layers' linears in a GGML block type, everything else in the training dtype.
+    Linears(GgmlDType),
 }
 
 impl BaseStorage {
@@ -96,7 +98,7 @@ impl BaseStorage {
         match self {
             Self::Dense => None,
             #[allow(clippy::cast_precision_loss)]
-            Self::Ggml(t) => Some(t.type_size() as f64 / t.block_size() as f64),
+            Self::Ggml(t) | Self::Linears(t) => Some(t.type_size() as f64 / t.block_size() as f64),
         }
     }
 }
@@ -164,6 +166,17 @@ pub fn base_weight_bytes(cfg: &ModelConfig, ft: &Finetune, dtype: DType, base: B
         return params * bytes;
     };
     let (h, l) = (cfg.hidden_size, cfg.num_layers);
+    if let BaseStorage::Linears(_) = base {
+        // Only LoRA trains over it (validation): every decoder linear quantized, the rest dense.
+        let linears = u(l * layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>());
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        let quantized = (linears as f64 * per_weight).ceil() as u64;
+        return quantized + (params - linears) * bytes;
+    }
     let norms = u(2 * l * h + h);
     let matrices = params - norms;
     // Trainable matrices are dense (dtype); the rest stay quantized.

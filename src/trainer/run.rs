@@ -293,11 +293,12 @@ fn run_training_here(
         emit(TrainEvent::Loading { what });
     };
     let resolve::PresetModel {
-        files,
+        mut files,
         base_name,
         tokenizer,
         ..
     } = resolve::load_model(p, dtype, device, &mut progress)?;
+    resolve::quantize_base(p, &mut files, &mut progress)?;
     if let Some(line) = memory_check(p, &files.config, dtype, device)? {
         emit(line);
     }
@@ -420,10 +421,9 @@ fn memory_check(
         return Ok(None);
     };
     let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
-    let hub = resolve::ModelRef::of(p).hub_options();
     let run = crate::engine::memory::RunShape {
         dtype,
-        base: crate::engine::source::base_storage(&p.model_name_or_path, &hub),
+        base: resolve::base_storage(p),
         batch: p.sequences_per_micro_batch(),
         seq_len: p.cutoff_len,
         checkpointing: !p.disable_gradient_checkpointing,
