@@ -62,8 +62,8 @@ const CASES: &[(&str, &[&str])] = &[
         "invalid_quantization.yaml",
         &[
             ":3:19:",
-            "`quantization_bit: 4` is not supported yet",
-            "QLoRA",
+            "4-bit quantization (bitsandbytes NF4/FP4) is not supported yet",
+            "`quantization_bit: 8`",
         ],
     ),
     (

@@ -31,6 +31,37 @@ pub const LINEAR_LEAVES: [&str; 7] = [
     "down_proj",
 ];
 
+impl super::weights::ModelFiles {
+    /// Moves the decoder layers' linear weights (q/k/v/o and gate/up/down projections) into [`Self::quantized`] as
+    /// `dtype` blocks (`quantization_bit`): LoRA trains over them as over a GGUF base's, the embeddings, norms and
+    /// lm_head stay dense (as bitsandbytes leaves the lm_head unquantized). Returns how many were
+    /// quantized; a weight whose rows do not split into whole blocks stays dense.
+    pub fn quantize_linears(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<usize> {
+        let block = dtype.block_size();
+        let names: Vec<String> = self
+            .tensors
+            .iter()
+            .filter(|(name, t)| {
+                name.starts_with("model.layers.")
+                    && name.ends_with(".weight")
+                    && LINEAR_LEAVES
+                        .iter()
+                        .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
+                    && t.rank() == 2
+                    && t.dims()[1] % block == 0
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &names {
+            if let Some(t) = self.tensors.remove(name) {
+                let q = candle_core::quantized::QTensor::quantize(&t.to_dtype(DType::F32)?, dtype)?;
+                self.quantized.insert(name.clone(), std::sync::Arc::new(q));
+            }
+        }
+        Ok(names.len())
+    }
+}
+
 /// Which modules get LoRA adapters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoraTargets {
