@@ -852,3 +852,46 @@ mod chat {
         );
     }
 }
+
+/// The Method tab shows a preference key for the stages it applies to, and any key that is set whatever the stage.
+#[test]
+fn the_method_tab_shows_the_preference_keys_of_the_stage() {
+    let mut a = app();
+    a.update(key('3'));
+    let keys = a.keys();
+    assert!(
+        !keys.contains(&"pref_beta") && !keys.contains(&"kto_chosen_weight"),
+        "{keys:?}"
+    );
+    a.form.set("stage", "kto");
+    let keys = a.keys();
+    for k in [
+        "pref_beta",
+        "pref_ftx",
+        "kto_chosen_weight",
+        "kto_rejected_weight",
+        "ref_model",
+    ] {
+        assert!(keys.contains(&k), "kto: {k} in {keys:?}");
+    }
+    assert!(
+        !keys.contains(&"pref_loss") && !keys.contains(&"simpo_gamma"),
+        "{keys:?}"
+    );
+    a.form.set("stage", "dpo");
+    let keys = a.keys();
+    assert!(
+        keys.contains(&"pref_loss") && !keys.contains(&"kto_chosen_weight"),
+        "{keys:?}"
+    );
+    // Back to sft with a preference key set: it stays in sight (with its problem, if any).
+    a.form.set("simpo_gamma", "0.7");
+    a.form.set("stage", "sft");
+    let keys = a.keys();
+    assert!(
+        keys.contains(&"simpo_gamma") && !keys.contains(&"pref_beta"),
+        "{keys:?}"
+    );
+    a.focus_key("simpo_gamma");
+    assert_eq!(a.focused_key(), Some("simpo_gamma"));
+}

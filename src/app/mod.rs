@@ -343,7 +343,21 @@ impl App {
 
     /// The keys of the current tab's form.
     pub fn keys(&self) -> Vec<&'static str> {
-        self.tab.keys()
+        self.keys_of(self.tab)
+    }
+
+    /// The keys `tab`'s form shows now: a preference key only for the stages it applies to, unless it is set (a
+    /// value in the file or an edit stays in sight, with its problem if it has one).
+    pub fn keys_of(&self, tab: Tab) -> Vec<&'static str> {
+        let stage = self.form.value("stage");
+        tab.keys()
+            .into_iter()
+            .filter(|k| {
+                crate::config::keys::stages_of(k).is_none_or(|stages| {
+                    stages.contains(&stage.as_str()) || !self.form.field(k).is_default
+                })
+            })
+            .collect()
     }
 
     /// The focused field of the current tab.
@@ -355,10 +369,10 @@ impl App {
 
     /// Moves the focus to `key`: on the current tab when it shows the key, else on the tab that holds it.
     pub fn focus_key(&mut self, key: &str) {
-        let here = self.tab.keys().contains(&key).then_some(self.tab);
+        let here = self.keys().contains(&key).then_some(self.tab);
         if let Some(tab) = here.or_else(|| Tab::of_key(key)) {
             self.tab = tab;
-            if let Some(i) = tab.keys().iter().position(|k| *k == key) {
+            if let Some(i) = self.keys_of(tab).iter().position(|k| *k == key) {
                 self.cursors[tab.index()] = i;
             }
         }

@@ -114,6 +114,17 @@ const PREF_STAGE: &str = "used only by stage ppo, which termtune does not run ye
 const SPEED_ONLY: &str =
     "a speed or memory option of the Python stack; termtune computes the same result its own way";
 
+/// The stages a preference key applies to (`None`: every stage): the TUI shows such a key for those stages only
+/// (LLaMA-Factory's WebUI keeps them in its RLHF accordion).
+pub fn stages_of(key: &str) -> Option<&'static [&'static str]> {
+    match key {
+        "pref_beta" | "pref_ftx" | "ref_model" | "ref_model_adapters" => Some(&["dpo", "kto"]),
+        "pref_loss" | "dpo_label_smoothing" | "simpo_gamma" => Some(&["dpo"]),
+        "kto_chosen_weight" | "kto_rejected_weight" => Some(&["kto"]),
+        _ => None,
+    }
+}
+
 /// The whole table, in the order a saved preset lists keys within a group.
 pub const KEYS: &[KeySpec] = &[
     // ### model

@@ -144,8 +144,8 @@ pub(crate) fn tab_spans<'a>(app: &App, width: u16, theme: &Theme) -> Vec<(Span<'
         if *tab == Tab::Run && app.run.phase.is_active() {
             label = format!(" {} {title} ● ", i + 1);
         }
-        let problems = tab
-            .keys()
+        let problems = app
+            .keys_of(*tab)
             .iter()
             .filter(|k| app.form.issue(k).is_some())
             .count();
