@@ -419,3 +419,24 @@ fn stage_options_are_validated() {
     assert_eq!(batches.len(), 100);
     assert_eq!(batches[0].batch_size, 6);
 }
+
+/// A pair's sequences count as truncated when cutoff_len cut its prompt or that answer.
+#[test]
+fn truncated_preference_pairs_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enc = Encoder::new(
+        &DataOptions::default(),
+        &tokenizer(),
+        &chat_config(None, "</s>"),
+    )
+    .unwrap();
+    let mut opts = options(&lf_data_dir(), &["dpo_en_demo"], Some("chatml"), tmp.path());
+    opts.stage = Stage::Dpo;
+    opts.cutoff_len = 64;
+    let short = prepare_dataset(&opts, &enc).unwrap();
+    assert!(short.stats.truncated > 300, "{}", short.stats.truncated);
+    assert!(short.train.iter().all(|s| s.len() <= 64));
+    opts.cutoff_len = 1 << 20;
+    let whole = prepare_dataset(&opts, &enc).unwrap();
+    assert_eq!(whole.stats.truncated, 0);
+}

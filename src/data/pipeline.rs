@@ -549,7 +549,7 @@ fn tokenize_all(
     tokenize_with(examples, counts, |ex| tokenize_example(enc, ex, opts))
 }
 
-/// Preference pairs as two sequences each (chosen, then rejected), for `stage: dpo`.
+/// Preference pairs as two sequences each (chosen, then rejected), for stages dpo and rm.
 fn tokenize_pairs(
     enc: &Encoder,
     examples: &[Example],
@@ -565,12 +565,12 @@ fn tokenize_pairs(
             TokenizedExample {
                 input_ids: p.chosen_input_ids,
                 labels: p.chosen_labels,
-                truncated: false,
+                truncated: p.chosen_truncated,
             },
             TokenizedExample {
                 input_ids: p.rejected_input_ids,
                 labels: p.rejected_labels,
-                truncated: false,
+                truncated: p.rejected_truncated,
             },
         ]
     })

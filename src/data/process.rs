@@ -174,6 +174,9 @@ pub struct PairwiseExample {
     pub chosen_labels: Vec<i64>,
     pub rejected_input_ids: Vec<u32>,
     pub rejected_labels: Vec<i64>,
+    /// Whether `cutoff_len` cut the prompt or that answer.
+    pub chosen_truncated: bool,
+    pub rejected_truncated: bool,
 }
 
 /// `PairwiseDatasetProcessor._encode_data_example`: the budget is shared by giving the answer the longer
@@ -204,6 +207,9 @@ pub fn encode_pairwise(
         chosen_ids.len().max(rejected_ids.len()),
         cutoff_len,
     );
+    let prompt_cut = source_len < prompt_ids.len();
+    let chosen_truncated = prompt_cut || target_len < chosen_ids.len();
+    let rejected_truncated = prompt_cut || target_len < rejected_ids.len();
     let prompt_ids = &prompt_ids[..source_len];
     chosen_ids.truncate(target_len);
     rejected_ids.truncate(target_len);
@@ -221,6 +227,8 @@ pub fn encode_pairwise(
         chosen_labels,
         rejected_input_ids,
         rejected_labels,
+        chosen_truncated,
+        rejected_truncated,
     })
 }
 
