@@ -508,28 +508,9 @@ fn chat(args: &ChatArgs) -> ExitCode {
 
 /// `termtune score`: a reward model's score of each answer.
 fn score(args: &crate::cli::ScoreArgs) -> ExitCode {
-    let preset = match chat_preset(&args.source, &[]) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let device = match crate::engine::device::chosen() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut progress = |p: crate::engine::source::SourceProgress| {
-        if let crate::engine::source::SourceProgress::Note(line) = p {
-            eprintln!("termtune: {line}");
-        }
-    };
-    let scorer = match crate::chat::score::Scorer::load(&preset, &device, &mut progress) {
+    let (scorer, preset) = match load_for(&args.source, &[], crate::chat::score::Scorer::load) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("termtune: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     eprintln!(
         "termtune: {}; value head from {}",
@@ -616,6 +597,22 @@ fn chat_session(
     source: &crate::cli::ModelArgs,
     sampling: &[(&str, Option<String>)],
 ) -> Result<crate::chat::ChatSession, ExitCode> {
+    let (session, _) = load_for(source, sampling, crate::chat::ChatSession::load)?;
+    eprintln!("termtune: {}", session.info);
+    Ok(session)
+}
+
+/// The preset of `source` and `sampling` (see [`chat_preset`]) and what `load` makes of it on the chosen device,
+/// with progress notes and any failure on stderr.
+fn load_for<T>(
+    source: &crate::cli::ModelArgs,
+    sampling: &[(&str, Option<String>)],
+    load: impl FnOnce(
+        &config::Preset,
+        &candle_core::Device,
+        &mut dyn FnMut(crate::engine::source::SourceProgress),
+    ) -> Result<T, crate::chat::ChatError>,
+) -> Result<(T, config::Preset), ExitCode> {
     let preset = chat_preset(source, sampling)?;
     let device = crate::engine::device::chosen().map_err(|e| {
         eprintln!("termtune: {e}");
@@ -626,12 +623,11 @@ fn chat_session(
             eprintln!("termtune: {line}");
         }
     };
-    let session = crate::chat::ChatSession::load(&preset, &device, &mut progress).map_err(|e| {
+    let loaded = load(&preset, &device, &mut progress).map_err(|e| {
         eprintln!("termtune: {e}");
         ExitCode::FAILURE
     })?;
-    eprintln!("termtune: {}", session.info);
-    Ok(session)
+    Ok((loaded, preset))
 }
 
 /// The preset for `termtune chat` / `api`: the file (if any), then the command-line flags (`sampling`: further

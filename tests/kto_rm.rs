@@ -4,7 +4,6 @@
 //! runs of the trainer, `termtune score` and the chat refusal on the tiny model.
 
 use std::path::Path;
-use std::sync::mpsc;
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -12,12 +11,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use termtune::chat::ChatSession;
 use termtune::chat::score::Scorer;
-use termtune::config;
 use termtune::engine::value_head::{BIAS_KEY, VALUE_HEAD_FILE, WEIGHT_KEY};
 use termtune::engine::{AttnMask, Model, ValueHead};
 use termtune::trainer::pref::{KtoConfig, KtoExample, kto_loss, reward_pair_loss};
-use termtune::trainer::protocol::TrainEvent;
-use termtune::trainer::run::run_training;
 use termtune::trainer::runlog::{TrainerState, read_log};
 
 const CPU: Device = Device::Cpu;
@@ -269,25 +265,9 @@ fn the_reward_model_gradient_matches_finite_differences_through_the_model_and_it
     assert_eq!(checked, 18);
 }
 
-use crate::tiny_util::{preference_fixture as fixture, preference_preset as preset};
-
-fn train(
-    loaded: &config::Loaded,
-) -> (
-    Result<(), String>,
-    Vec<termtune::trainer::protocol::StepMetrics>,
-) {
-    let (_tx, rx) = mpsc::channel();
-    let mut steps = Vec::new();
-    let r = run_training(loaded, &CPU, &rx, &mut |e| {
-        if let TrainEvent::StepFinished(m) = e {
-            steps.push(m);
-        }
-    })
-    .map(|_| ())
-    .map_err(|e| e.to_string());
-    (r, steps)
-}
+use crate::tiny_util::{
+    preference_fixture as fixture, preference_preset as preset, train_steps as train,
+};
 
 #[test]
 fn the_kto_data_pairs_each_prompt_with_the_previous_answer_for_the_kl_term() {

@@ -3,7 +3,6 @@
 //! differences through the whole model, and runs of the trainer on the tiny model.
 
 use std::path::Path;
-use std::sync::mpsc;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -15,8 +14,7 @@ use termtune::engine::ops;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::{AttnMask, Model};
 use termtune::trainer::pref::{PairLogps, PrefConfig, preference_loss};
-use termtune::trainer::protocol::TrainEvent;
-use termtune::trainer::run::{Outcome, run_training};
+
 use termtune::trainer::runlog::{TrainerState, read_log};
 
 const CPU: Device = Device::Cpu;
@@ -287,12 +285,7 @@ fn preset(root: &Path, extra: &[&str]) -> Result<config::Loaded, Vec<config::Con
 
 use crate::tiny_util::preference_fixture as fixture;
 
-fn train(loaded: &config::Loaded) -> (Result<Outcome, String>, Vec<TrainEvent>) {
-    let (_tx, rx) = mpsc::channel();
-    let mut events = Vec::new();
-    let r = run_training(loaded, &CPU, &rx, &mut |e| events.push(e)).map_err(|e| e.to_string());
-    (r, events)
-}
+use crate::tiny_util::train_steps as train;
 
 #[test]
 fn a_lora_dpo_run_starts_at_ln2_and_learns_the_preference() {
@@ -307,15 +300,8 @@ fn a_lora_dpo_run_starts_at_ln2_and_learns_the_preference() {
         ],
     )
     .unwrap_or_else(|e| panic!("{e:?}"));
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let steps: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            TrainEvent::StepFinished(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect();
     assert_eq!(steps.len(), 12);
     // B = 0 at step 1: the policy is the reference, every log-ratio 0, the sigmoid loss ln 2 exactly.
     let first = &steps[0].metrics;
@@ -376,15 +362,9 @@ fn orpo_runs_without_a_reference_and_full_dpo_with_a_frozen_copy() {
         let mut e = extra.clone();
         e.push("overwrite_output_dir: true");
         let loaded = preset(&root, &e).unwrap_or_else(|e| panic!("{e:?}"));
-        let (r, events) = train(&loaded);
+        let (r, steps) = train(&loaded);
         r.unwrap_or_else(|e| panic!("{extra:?}: {e}"));
-        let first = events
-            .iter()
-            .find_map(|e| match e {
-                TrainEvent::StepFinished(m) => Some(m.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let first = &steps[0];
         let m = &first.metrics;
         if extra.contains(&"pref_loss: orpo") {
             assert!(
@@ -434,18 +414,9 @@ fn a_separate_reference_model_replaces_the_adapter_off_base() {
     // The same weights as the policy's base: step 1 is ln 2 exactly, as with the adapter off.
     let same = format!("ref_model: {}", root.join("model").display());
     let loaded = preset(&root, &["max_steps: 1", &same]).unwrap_or_else(|e| panic!("{e:?}"));
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let first = |events: &[TrainEvent]| {
-        events
-            .iter()
-            .find_map(|e| match e {
-                TrainEvent::StepFinished(m) => Some(m.clone()),
-                _ => None,
-            })
-            .unwrap()
-    };
-    let m = first(&events);
+    let m = &steps[0];
     assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-9, "{}", m.loss);
     // Another model (same tokenizer, other weights): the policy differs from it at step 1.
     tiny_llama(&root.join("other"), 99, &TinyOpts::default()).unwrap();
@@ -455,9 +426,9 @@ fn a_separate_reference_model_replaces_the_adapter_off_base() {
         &["max_steps: 1", "overwrite_output_dir: true", &other],
     )
     .unwrap();
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let m = first(&events);
+    let m = &steps[0];
     assert!((m.loss - std::f64::consts::LN_2).abs() > 1e-3, "{}", m.loss);
     assert!(m.metrics["rewards/chosen"].abs() > 1e-3, "{:?}", m.metrics);
     // Keys that cannot apply are refused.
@@ -484,19 +455,13 @@ fn cached_reference_logps_give_the_losses_of_a_recomputed_reference() {
         "save_steps: 4",
         "overwrite_output_dir: true",
     ];
-    let steps_of = |events: &[TrainEvent]| -> Vec<(u64, f64)> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                TrainEvent::StepFinished(m) => Some((m.step, m.loss)),
-                _ => None,
-            })
-            .collect()
+    let steps_of = |steps: &[termtune::trainer::protocol::StepMetrics]| -> Vec<(u64, f64)> {
+        steps.iter().map(|m| (m.step, m.loss)).collect()
     };
     let loaded = preset(&root, &base).unwrap_or_else(|e| panic!("{e:?}"));
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let whole = steps_of(&events);
+    let whole = steps_of(&steps);
     assert_eq!(whole.len(), 8);
     let checkpoint = root.join("out").join("checkpoint-4");
     assert!(checkpoint.is_dir());
@@ -506,9 +471,9 @@ fn cached_reference_logps_give_the_losses_of_a_recomputed_reference() {
     extra.push(&resume);
     extra.push(&out2);
     let loaded = preset(&root, &extra).unwrap_or_else(|e| panic!("{e:?}"));
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let resumed = steps_of(&events);
+    let resumed = steps_of(&steps);
     assert_eq!(resumed.len(), 4);
     for ((s1, l1), (s2, l2)) in whole[4..].iter().zip(&resumed) {
         assert_eq!(s1, s2);
@@ -532,15 +497,9 @@ fn a_partial_last_step_averages_over_its_own_micro_batches() {
     // 6 pairs, 2 per micro-batch, 2 micro-batches per step: step 1 has two, step 2 one.
     let (_d, root) = fixture(6);
     let loaded = preset(&root, &["num_train_epochs: 1", "learning_rate: 1.0e-12"]).unwrap();
-    let (r, events) = train(&loaded);
+    let (r, steps) = train(&loaded);
     r.unwrap();
-    let losses: Vec<f64> = events
-        .iter()
-        .filter_map(|e| match e {
-            TrainEvent::StepFinished(m) => Some(m.loss),
-            _ => None,
-        })
-        .collect();
+    let losses: Vec<f64> = steps.iter().map(|m| m.loss).collect();
     assert_eq!(losses.len(), 2);
     for l in losses {
         assert!((l - std::f64::consts::LN_2).abs() < 1e-6, "{l}");

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{ChatError, LoadedInfo, load_parts};
 use crate::config::Preset;
+use crate::data::process::encode_answer;
 use crate::data::{Encoder, Message, Role};
 use crate::engine::source::SourceProgress;
 use crate::engine::{AttnMask, Model, ValueHead};
@@ -50,28 +51,24 @@ impl Scorer {
     }
 
     /// The token ids of `prompt` answered by `answer` after `system` ("" for none), as stage rm encodes a pair's
-    /// side (no cut: the model's context is the limit).
+    /// side; longer than the model's context is an error (nothing is cut).
     pub fn encode(&self, system: &str, prompt: &str, answer: &str) -> Result<Vec<u32>, ChatError> {
-        let messages = [
-            Message::new(Role::User, prompt),
-            Message::new(Role::Assistant, answer),
-        ];
-        let (mut ids, mut answer_ids) = self
-            .encoder
-            .encode_oneturn(&messages, system, "")
-            .map_err(|e| ChatError::Invalid(format!("cannot encode the pair: {e}")))?;
-        if self.encoder.template.efficient_eos {
-            answer_ids.push(self.encoder.eos.1);
-        }
-        ids.extend(answer_ids);
         let limit = self.model.cfg.max_position_embeddings;
-        if ids.len() > limit {
+        let seq = encode_answer(
+            &self.encoder,
+            &[Message::new(Role::User, prompt)],
+            Message::new(Role::Assistant, answer),
+            system,
+            "",
+            limit,
+        )
+        .map_err(|e| ChatError::Invalid(format!("cannot encode the pair: {e}")))?;
+        if seq.truncated {
             return Err(ChatError::Invalid(format!(
-                "the prompt and answer are {} tokens, beyond the model's context of {limit}",
-                ids.len()
+                "the prompt and answer are longer than the model's context of {limit} tokens; shorten them"
             )));
         }
-        Ok(ids)
+        Ok(seq.input_ids)
     }
 
     /// The reward of `answer` to `prompt`.

@@ -412,21 +412,27 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
 /// The keys of stages dpo, kto and rm (LLaMA-Factory's `FinetuningArguments` and TRL's rules).
 fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
     let stage = p.stage.as_str();
+    let mut positive = Vec::new();
     if p.stage != Stage::Rm {
-        validate_beta_ftx(p, bad);
+        positive.push(("pref_beta", p.pref_beta));
+        if !(p.pref_ftx.is_finite() && p.pref_ftx >= 0.0) {
+            bad(
+                "pref_ftx",
+                format!("`pref_ftx` must be 0 or more, got {}", p.pref_ftx),
+            );
+        }
+    }
+    if p.stage == Stage::Kto {
+        positive.push(("kto_chosen_weight", p.kto_chosen_weight));
+        positive.push(("kto_rejected_weight", p.kto_rejected_weight));
+    }
+    for (key, v) in positive {
+        if !(v.is_finite() && v > 0.0) {
+            bad(key, format!("`{key}` must be a positive number, got {v}"));
+        }
     }
     if p.stage == Stage::Dpo {
         validate_dpo_loss(p, bad);
-    }
-    if p.stage == Stage::Kto {
-        for (key, v) in [
-            ("kto_chosen_weight", p.kto_chosen_weight),
-            ("kto_rejected_weight", p.kto_rejected_weight),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                bad(key, format!("`{key}` must be a positive number, got {v}"));
-            }
-        }
     }
     if p.packing == Some(true) {
         bad(
@@ -460,21 +466,6 @@ fn validate_preference(p: &Preset, bad: &mut impl FnMut(&str, String)) {
                     ""
                 }
             ),
-        );
-    }
-}
-
-fn validate_beta_ftx(p: &Preset, bad: &mut impl FnMut(&str, String)) {
-    if !(p.pref_beta.is_finite() && p.pref_beta > 0.0) {
-        bad(
-            "pref_beta",
-            format!("`pref_beta` must be a positive number, got {}", p.pref_beta),
-        );
-    }
-    if !(p.pref_ftx.is_finite() && p.pref_ftx >= 0.0) {
-        bad(
-            "pref_ftx",
-            format!("`pref_ftx` must be 0 or more, got {}", p.pref_ftx),
         );
     }
 }

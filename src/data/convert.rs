@@ -65,6 +65,15 @@ pub struct Example {
 }
 
 impl Example {
+    /// A kto example's answer: the non-empty one of its two response slots (the first for a desirable answer, the
+    /// second for an undesirable one, as LLaMA-Factory's feedback processor picks it).
+    pub fn kto_answer(&self) -> Option<&Message> {
+        self.response
+            .iter()
+            .find(|m| !m.content.is_empty())
+            .or_else(|| self.response.get(1))
+    }
+
     /// The example with each `(from, to)` substitution applied to every message and the system
     /// prompt (identity placeholders like `{{name}}`).
     #[must_use]

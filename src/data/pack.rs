@@ -221,26 +221,18 @@ impl Batch {
             })
             .max()
             .unwrap_or(0);
-        let take = |v: &[u32]| -> Vec<u32> {
-            range
-                .clone()
-                .flat_map(|r| v[r * t..r * t + len].iter().copied())
+        fn take<T: Copy>(v: &[T], rows: std::ops::Range<usize>, t: usize, len: usize) -> Vec<T> {
+            rows.flat_map(|r| v[r * t..r * t + len].iter().copied())
                 .collect()
-        };
+        }
         Batch {
             batch_size: range.len(),
             seq_len: len,
-            input_ids: take(&self.input_ids),
-            labels: range
-                .clone()
-                .flat_map(|r| self.labels[r * t..r * t + len].iter().copied())
-                .collect(),
-            attention_mask: range
-                .clone()
-                .flat_map(|r| self.attention_mask[r * t..r * t + len].iter().copied())
-                .collect(),
-            position_ids: take(&self.position_ids),
-            sequence_ids: take(&self.sequence_ids),
+            input_ids: take(&self.input_ids, range.clone(), t, len),
+            labels: take(&self.labels, range.clone(), t, len),
+            attention_mask: take(&self.attention_mask, range.clone(), t, len),
+            position_ids: take(&self.position_ids, range.clone(), t, len),
+            sequence_ids: take(&self.sequence_ids, range.clone(), t, len),
             block_diagonal: self.block_diagonal,
             kto_tags: Vec::new(),
             seq_index: range

@@ -324,16 +324,8 @@ const PREPROCESSING_BATCH: usize = 1000;
 /// dataset before the validation split, as LLaMA-Factory preprocesses before it splits.
 fn assign_kl_answers(examples: &mut [Example]) {
     for chunk in examples.chunks_mut(PREPROCESSING_BATCH) {
-        let answers: Vec<Option<super::convert::Message>> = chunk
-            .iter()
-            .map(|e| {
-                e.response
-                    .iter()
-                    .find(|m| !m.content.is_empty())
-                    .or_else(|| e.response.get(1))
-                    .cloned()
-            })
-            .collect();
+        let answers: Vec<Option<super::convert::Message>> =
+            chunk.iter().map(|e| e.kto_answer().cloned()).collect();
         let n = chunk.len();
         for (i, e) in chunk.iter_mut().enumerate() {
             e.kl_answer = answers[(i + n - 1) % n].clone();
@@ -435,10 +427,19 @@ pub struct PreparedDataset {
 impl PreparedDataset {
     /// Training examples: sequences, or pairs of them.
     pub fn train_examples(&self) -> usize {
+        self.examples_in(&self.train)
+    }
+
+    /// Evaluation examples: sequences, or pairs of them.
+    pub fn eval_examples(&self) -> usize {
+        self.examples_in(&self.eval)
+    }
+
+    fn examples_in(&self, seqs: &[PackedSequence]) -> usize {
         if self.pairwise {
-            self.train.len() / 2
+            seqs.len() / 2
         } else {
-            self.train.len()
+            seqs.len()
         }
     }
 
@@ -464,22 +465,8 @@ impl PreparedDataset {
 
     /// Evaluation batches in order.
     pub fn eval_batches(&self, batch_size: usize) -> Vec<Batch> {
-        let n = if self.pairwise {
-            self.eval.len() / 2
-        } else {
-            self.eval.len()
-        };
-        let order: Vec<usize> = (0..n).collect();
+        let order: Vec<usize> = (0..self.eval_examples()).collect();
         self.batches(&self.eval, &self.eval_tags, &order, batch_size)
-    }
-
-    /// Evaluation examples: sequences, or pairs of them.
-    pub fn eval_examples(&self) -> usize {
-        if self.pairwise {
-            self.eval.len() / 2
-        } else {
-            self.eval.len()
-        }
     }
 
     fn batches(

@@ -254,39 +254,44 @@ pub fn encode_feedback(
             "no `kto_tag` value (stage kto labels each answer true or false)".into(),
         ));
     };
-    let answer = |slots: &[super::convert::Message]| -> Option<super::convert::Message> {
-        slots
-            .iter()
-            .find(|m| !m.content.is_empty())
-            .or_else(|| slots.get(1))
-            .cloned()
-    };
-    let (Some(own), Some(kl_answer)) = (answer(&ex.response), ex.kl_answer.clone()) else {
+    let (Some(own), Some(kl_answer)) = (ex.kto_answer().cloned(), ex.kl_answer.clone()) else {
         return Err(SkipReason::EmptyAnswer);
     };
-    let encode = |answer: super::convert::Message| -> Result<TokenizedExample, SkipReason> {
-        let mut messages = ex.prompt.clone();
-        messages.push(answer);
-        let (prompt_ids, mut answer_ids) = enc.encode_oneturn(&messages, &ex.system, &ex.tools)?;
-        if enc.template.efficient_eos {
-            answer_ids.push(enc.eos.1);
-        }
-        let (source_len, target_len) = infer_seqlen(prompt_ids.len(), answer_ids.len(), cutoff_len);
-        let truncated = source_len < prompt_ids.len() || target_len < answer_ids.len();
-        let mut input_ids = prompt_ids[..source_len].to_vec();
-        input_ids.extend_from_slice(&answer_ids[..target_len]);
-        let mut labels = vec![IGNORE_INDEX; source_len];
-        labels.extend(answer_ids[..target_len].iter().map(|&i| i64::from(i)));
-        Ok(TokenizedExample {
-            input_ids,
-            labels,
-            truncated,
-        })
-    };
     Ok(FeedbackExample {
-        target: encode(own)?,
-        kl: encode(kl_answer)?,
+        target: encode_answer(enc, &ex.prompt, own, &ex.system, &ex.tools, cutoff_len)?,
+        kl: encode_answer(
+            enc, &ex.prompt, kl_answer, &ex.system, &ex.tools, cutoff_len,
+        )?,
         desirable,
+    })
+}
+
+/// `prompt` answered by `answer` as one sequence: `encode_oneturn`, the eos of `efficient_eos` templates, then
+/// `infer_seqlen`'s budget of `cutoff_len`; the answer's tokens are labelled (a kto sequence, a scored answer).
+pub fn encode_answer(
+    enc: &Encoder,
+    prompt: &[super::convert::Message],
+    answer: super::convert::Message,
+    system: &str,
+    tools: &str,
+    cutoff_len: usize,
+) -> Result<TokenizedExample, SkipReason> {
+    let mut messages = prompt.to_vec();
+    messages.push(answer);
+    let (prompt_ids, mut answer_ids) = enc.encode_oneturn(&messages, system, tools)?;
+    if enc.template.efficient_eos {
+        answer_ids.push(enc.eos.1);
+    }
+    let (source_len, target_len) = infer_seqlen(prompt_ids.len(), answer_ids.len(), cutoff_len);
+    let truncated = source_len < prompt_ids.len() || target_len < answer_ids.len();
+    let mut input_ids = prompt_ids[..source_len].to_vec();
+    input_ids.extend_from_slice(&answer_ids[..target_len]);
+    let mut labels = vec![IGNORE_INDEX; source_len];
+    labels.extend(answer_ids[..target_len].iter().map(|&i| i64::from(i)));
+    Ok(TokenizedExample {
+        input_ids,
+        labels,
+        truncated,
     })
 }
 

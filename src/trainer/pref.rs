@@ -48,7 +48,7 @@ pub struct PairLogps {
 }
 
 /// The metrics LLaMA-Factory logs for a batch (means over its pairs).
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PrefMetrics {
     pub rewards_chosen: f64,
     pub rewards_rejected: f64,
@@ -90,7 +90,7 @@ impl PrefMetrics {
 /// micro-batches combine as the trainers combine them: a batch mean has weight 1 (the Hugging Face trainer logs the
 /// mean of the stored batch means), KTO's per-answer sums carry their counts (LLaMA-Factory divides the summed
 /// rewards by the summed counts).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageMetrics(BTreeMap<String, (f64, f64)>);
 
 impl StageMetrics {
@@ -185,13 +185,12 @@ pub struct KtoExample {
     pub desirable: bool,
 }
 
-/// A batch's kto loss: the batch loss, ∂loss/∂(policy logps) per example, and the metrics.
+/// A batch's kto loss: the batch loss, ∂loss/∂(policy logps) per example, and the metrics (with `kl`, the clamped
+/// KL estimate: a constant of the loss, no gradient flows through it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KtoOutput {
     pub loss: f64,
     pub d_logps: Vec<f64>,
-    /// The clamped KL estimate (a constant of the loss: no gradient flows through it).
-    pub kl: f64,
     pub metrics: StageMetrics,
 }
 
@@ -255,7 +254,6 @@ pub fn kto_loss(
     Ok(KtoOutput {
         loss,
         d_logps,
-        kl,
         metrics,
     })
 }

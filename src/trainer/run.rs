@@ -1008,12 +1008,8 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             examples += batch.batch_size;
-            let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
-            let am = u32_mask(batch);
-            let host = host_inputs(batch, &am);
-            let (loss, n) =
-                self.model
-                    .forward_loss_with(&ids, &mask, &labels, Some(&host), true)?;
+            let x = ModelInputs::new(batch, &self.model.device)?;
+            let (loss, n) = x.forward_loss(&self.model, batch, true)?;
             if n == 0 {
                 continue;
             }
@@ -1127,29 +1123,19 @@ impl<'a> Trainer<'a> {
         batch: &Batch,
         train: bool,
     ) -> Result<(BatchLoss, Backprop, usize), TrainError> {
-        let (ids, labels, mask) = batch_tensors(batch, &self.model.device)?;
-        let am = u32_mask(batch);
-        let host = host_inputs(batch, &am);
         let Some(pref) = self.pref.as_ref() else {
             return Err(TrainError::Invalid(
                 "a preference batch outside the preference stages".into(),
             ));
         };
+        let device = self.model.device.clone();
         let k = batch.batch_size / 2;
         match &pref.objective {
             Objective::Dpo(cfg) => {
                 let cfg = *cfg;
-                let policy = self
-                    .model
-                    .sequence_logps(&ids, &mask, &labels, Some(&host), train)?;
-                let reference = cached_reference_logps(
-                    pref,
-                    &mut self.model,
-                    batch,
-                    (&ids, &mask, &labels),
-                    &host,
-                    !train,
-                )?;
+                let x = ModelInputs::new(batch, &device)?;
+                let policy = x.sequence_logps(&self.model, batch, train)?;
+                let reference = cached_reference_logps(pref, &mut self.model, batch, &x, !train)?;
                 let pairs: Vec<PairLogps> = (0..k)
                     .map(|i| PairLogps {
                         chosen: policy.logps[i],
@@ -1175,28 +1161,16 @@ impl<'a> Trainer<'a> {
                 }
                 // The examples and their KL sequences run apart: the policy keeps the examples' way back and scores
                 // the KL sequences without one (LLaMA-Factory's `torch.no_grad()`); the reference scores both.
-                let device = self.model.device.clone();
                 let mut logps = |rows: std::ops::Range<usize>,
                                  grad: bool|
                  -> Result<(SequenceLogps, Vec<f64>), TrainError> {
                     let b = batch.rows(rows);
-                    let (ids, labels, mask) = batch_tensors(&b, &device)?;
-                    let am = u32_mask(&b);
-                    let host = host_inputs(&b, &am);
-                    let policy =
-                        self.model
-                            .sequence_logps(&ids, &mask, &labels, Some(&host), grad)?;
-                    let reference = cached_reference_logps(
-                        pref,
-                        &mut self.model,
-                        &b,
-                        (&ids, &mask, &labels),
-                        &host,
-                        !train,
-                    )?
-                    .ok_or_else(|| {
-                        TrainError::Invalid("stage kto needs a reference model".into())
-                    })?;
+                    let x = ModelInputs::new(&b, &device)?;
+                    let policy = x.sequence_logps(&self.model, &b, grad)?;
+                    let reference = cached_reference_logps(pref, &mut self.model, &b, &x, !train)?
+                        .ok_or_else(|| {
+                            TrainError::Invalid("stage kto needs a reference model".into())
+                        })?;
                     Ok((policy, reference))
                 };
                 let (policy, reference) = logps(0..k, train)?;
@@ -1215,7 +1189,10 @@ impl<'a> Trainer<'a> {
                 Ok((out.into(), Backprop::Logps(policy), n))
             }
             Objective::Rm(head) => {
-                let h = self.model.last_hidden(&ids, &mask, Some(&host), train)?;
+                let x = ModelInputs::new(batch, &device)?;
+                let h = self
+                    .model
+                    .last_hidden(&x.ids, &x.mask, Some(&x.host(batch)), train)?;
                 let scores = head.forward(&h, train.then_some(self.model.dropout_seed))?;
                 let values: Vec<f64> = scores.to_dtype(DType::F64)?.to_vec1()?;
                 let out = reward_pair_loss(&values[..k], &values[k..]);
@@ -1255,16 +1232,12 @@ impl<'a> Trainer<'a> {
         let mut n = 0usize;
         let mut accuracies = Vec::new();
         for batch in self.data.eval_batches(self.p.per_device_eval_batch_size) {
-            let (ids, labels, mask) = batch_tensors(&batch, &self.model.device)?;
-            let am = u32_mask(&batch);
-            let host = host_inputs(&batch, &am);
-            let (loss, count) =
-                self.model
-                    .forward_loss_with(&ids, &mask, &labels, Some(&host), false)?;
+            let x = ModelInputs::new(&batch, &self.model.device)?;
+            let (loss, count) = x.forward_loss(&self.model, &batch, false)?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             n += count;
             if self.p.compute_accuracy {
-                let logits = self.model.forward(&ids, &mask, false)?;
+                let logits = self.model.forward(&x.ids, &x.mask, false)?;
                 let preds: Vec<u32> = logits
                     .argmax(candle_core::D::Minus1)?
                     .flatten_all()?
@@ -1688,22 +1661,75 @@ fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
     cfg
 }
 
-/// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
-/// [`reference_logps`] of a batch, from the cache when every row is there, else computed and remembered (the
-/// reference never changes during a run). `eval`: the batch is from the evaluation split.
+/// A batch as the model takes it: its tensors and the host copy of its padding mask (with the batch, the host
+/// inputs that spare the model reading the tensors back).
+struct ModelInputs {
+    ids: Tensor,
+    labels: Tensor,
+    mask: AttnMask,
+    attention_mask: Vec<u32>,
+}
+
+impl ModelInputs {
+    fn new(b: &Batch, device: &Device) -> Result<Self, TrainError> {
+        let (ids, labels, mask) = batch_tensors(b, device)?;
+        Ok(Self {
+            ids,
+            labels,
+            mask,
+            attention_mask: u32_mask(b),
+        })
+    }
+
+    fn host<'a>(&'a self, b: &'a Batch) -> crate::engine::HostInputs<'a> {
+        host_inputs(b, &self.attention_mask)
+    }
+
+    /// `model`'s summed token loss of batch `b` (these are its inputs) and the tokens counted.
+    fn forward_loss(
+        &self,
+        model: &Model,
+        b: &Batch,
+        train: bool,
+    ) -> Result<(Tensor, usize), TrainError> {
+        Ok(model.forward_loss_with(
+            &self.ids,
+            &self.mask,
+            &self.labels,
+            Some(&self.host(b)),
+            train,
+        )?)
+    }
+
+    /// `model`'s per-row label log-probabilities of batch `b` (these are its inputs).
+    fn sequence_logps(
+        &self,
+        model: &Model,
+        b: &Batch,
+        train: bool,
+    ) -> Result<SequenceLogps, TrainError> {
+        Ok(model.sequence_logps(
+            &self.ids,
+            &self.mask,
+            &self.labels,
+            Some(&self.host(b)),
+            train,
+        )?)
+    }
+}
+
+/// The reference's per-row log-probabilities of batch `b` (`None` without a reference): from the cache when every
+/// row is there, else computed and remembered (the reference never changes during a run). `eval`: the batch is from
+/// the evaluation split.
 fn cached_reference_logps(
     pref: &Preference,
     model: &mut Model,
-    batch: &Batch,
-    tensors: (&Tensor, &AttnMask, &Tensor),
-    host: &crate::engine::HostInputs,
+    b: &Batch,
+    x: &ModelInputs,
     eval: bool,
 ) -> Result<Option<Vec<f64>>, TrainError> {
-    if matches!(pref.reference, Reference::None) {
-        return Ok(None);
-    }
-    let keys: Vec<(bool, usize)> = batch.seq_index.iter().map(|&i| (eval, i)).collect();
-    if keys.len() == batch.batch_size {
+    let keys: Vec<(bool, usize)> = b.seq_index.iter().map(|&i| (eval, i)).collect();
+    if keys.len() == b.batch_size {
         let cache = pref.ref_cache.borrow();
         if let Some(v) = keys
             .iter()
@@ -1713,38 +1739,24 @@ fn cached_reference_logps(
             return Ok(Some(v));
         }
     }
-    let v = reference_logps(&pref.reference, model, tensors, host)?;
-    if let Some(v) = &v
-        && keys.len() == v.len()
-    {
+    let v = match &pref.reference {
+        Reference::None => return Ok(None),
+        Reference::Frozen(m) => x.sequence_logps(m, b, false)?.logps,
+        Reference::AdapterOff => {
+            model
+                .with_adapter_disabled(|m| x.sequence_logps(m, b, false))?
+                .logps
+        }
+    };
+    if keys.len() == v.len() {
         pref.ref_cache
             .borrow_mut()
             .extend(keys.into_iter().zip(v.iter().copied()));
     }
-    Ok(v)
+    Ok(Some(v))
 }
 
-/// The reference model's per-row log-probabilities of a batch (`None` without a reference).
-fn reference_logps(
-    reference: &Reference,
-    model: &mut Model,
-    (ids, mask, labels): (&Tensor, &AttnMask, &Tensor),
-    host: &crate::engine::HostInputs,
-) -> Result<Option<Vec<f64>>, TrainError> {
-    Ok(match reference {
-        Reference::None => None,
-        Reference::Frozen(m) => Some(
-            m.sequence_logps(ids, mask, labels, Some(host), false)?
-                .logps,
-        ),
-        Reference::AdapterOff => Some(
-            model
-                .with_adapter_disabled(|m| m.sequence_logps(ids, mask, labels, Some(host), false))?
-                .logps,
-        ),
-    })
-}
-
+/// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
 pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, AttnMask), TrainError> {
     let shape = (b.batch_size, b.seq_len);
     let ids = Tensor::from_vec(b.input_ids.clone(), shape, device)?;

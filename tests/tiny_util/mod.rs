@@ -163,3 +163,22 @@ pub fn preference_preset(
     let overrides: Vec<String> = extra.iter().map(|e| e.replacen(": ", "=", 1)).collect();
     config::parse(&text, &overrides, Purpose::Train)
 }
+
+/// Trains `loaded` on the CPU: the outcome (its error as text) and each step's metrics.
+pub fn train_steps(
+    loaded: &config::Loaded,
+) -> (
+    Result<(), String>,
+    Vec<termtune::trainer::protocol::StepMetrics>,
+) {
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let mut steps = Vec::new();
+    let r = termtune::trainer::run::run_training(loaded, &Device::Cpu, &rx, &mut |e| {
+        if let termtune::trainer::protocol::TrainEvent::StepFinished(m) = e {
+            steps.push(m);
+        }
+    })
+    .map(|_| ())
+    .map_err(|e| e.to_string());
+    (r, steps)
+}
