@@ -32,6 +32,7 @@ mod hub_cache;
 mod identity_smollm2;
 mod kto_rm;
 mod lf_demo_data;
+mod nf4;
 mod predict;
 mod predict_metrics;
 mod pref;

@@ -9,6 +9,7 @@
 //! Keep this file to module declarations and re-exports (several helpers add modules here).
 
 pub mod adapter;
+pub mod bnb4;
 pub mod arch;
 pub mod device;
 pub mod error;
