@@ -271,9 +271,7 @@ fn memory_report(p: &config::Preset) -> String {
         crate::engine::device::describe(&device)
     );
     let base = crate::resolve::base_storage(p);
-    if let crate::engine::memory::BaseStorage::Ggml(t)
-    | crate::engine::memory::BaseStorage::Linears(t) = base
-    {
+    if let Some(t) = base.format_name() {
         let held = crate::engine::memory::base_weight_bytes(&cfg, &ft, dtype, base);
         let dense = crate::engine::memory::base_weight_bytes(
             &cfg,
@@ -283,7 +281,7 @@ fn memory_report(p: &config::Preset) -> String {
         );
         let _ = writeln!(
             out,
-            "base weights kept quantized ({t:?}): {} ({} in {dtype:?})",
+            "base weights kept quantized ({t}): {} ({} in {dtype:?})",
             crate::fsutil::human_bytes(held),
             crate::fsutil::human_bytes(dense)
         );

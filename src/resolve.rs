@@ -283,35 +283,54 @@ pub fn infer_dtype(p: &Preset, device: &Device) -> DType {
     }
 }
 
+/// The 4-bit code `quantization_type` names.
+fn four_bit(p: &Preset) -> crate::engine::bnb4::FourBit {
+    match p.quantization_type {
+        config::QuantizationType::Nf4 => crate::engine::bnb4::FourBit::Nf4,
+        config::QuantizationType::Fp4 => crate::engine::bnb4::FourBit::Fp4,
+    }
+}
+
 /// How the preset's base weights will be held, for the memory estimate: `quantization_bit`'s blocks, else as the
 /// source keeps them (a GGUF's blocks, or dense).
 pub fn base_storage(p: &Preset) -> crate::engine::memory::BaseStorage {
-    if p.quantization_bit == Some(8) {
-        return crate::engine::memory::BaseStorage::Linears(
-            candle_core::quantized::GgmlDType::Q8_0,
-        );
+    use crate::engine::memory::BaseStorage;
+    match p.quantization_bit {
+        Some(8) => BaseStorage::Linears(candle_core::quantized::GgmlDType::Q8_0),
+        Some(4) => BaseStorage::Bnb4(four_bit(p), p.double_quantization),
+        _ => source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options()),
     }
-    source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options())
 }
 
-/// `quantization_bit: 8`: the base's decoder linear weights become Q8_0 blocks (32 int8 weights, one f16 scale);
-/// a note says how many and the memory they now take. Nothing for `None` (validation refuses other values).
+/// `quantization_bit`: the base's decoder linear weights become Q8_0 blocks (8: 32 int8 weights, one f16 scale)
+/// or bitsandbytes' 4-bit layout (4: `quantization_type`, `double_quantization`); a note says how many and the
+/// memory they now take. Nothing for `None` (validation refuses other values).
 pub fn quantize_base(
     p: &Preset,
     files: &mut crate::engine::ModelFiles,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<(), crate::engine::EngineError> {
-    if p.quantization_bit != Some(8) {
-        return Ok(());
-    }
-    let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0)?;
-    let bytes: usize = files
-        .quantized
-        .values()
-        .map(|q| q.storage_size_in_bytes())
-        .sum();
+    let (n, bytes, what) = match p.quantization_bit {
+        Some(8) => {
+            let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0)?;
+            let bytes: usize = files
+                .quantized
+                .values()
+                .map(|q| q.storage_size_in_bytes())
+                .sum();
+            (n, bytes, "Q8_0".to_string())
+        }
+        Some(4) => {
+            let storage = base_storage(p);
+            let n = files.quantize_linears_4bit(four_bit(p), p.double_quantization)?;
+            let bytes: usize = files.bnb4.values().map(|q| q.storage_size_in_bytes()).sum();
+            (n, bytes, storage.format_name().unwrap_or_default())
+        }
+        _ => return Ok(()),
+    };
     progress(SourceProgress::Note(format!(
-        "quantization_bit 8: {n} linear weights quantized to Q8_0 ({})",
+        "quantization_bit {}: {n} linear weights quantized to {what} ({})",
+        p.quantization_bit.unwrap_or_default(),
         crate::fsutil::human_bytes(bytes as u64)
     )));
     Ok(())

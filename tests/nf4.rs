@@ -8,7 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use termtune::engine::bnb4::{self, Bnb4Tensor, FourBit, HostAbsmax};
 
 fn fixture() -> serde_json::Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4_reference.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/nf4_reference.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -67,7 +70,10 @@ fn code_tables_are_bitsandbytes() {
     assert_eq!(bits(&codes("fp4_code")), bits(&bnb4::FP4));
     let map = hex_f32(f["dynamic_map_bits"].as_str().unwrap());
     assert_eq!(bits(&map), bits(&bnb4::dynamic_map()));
-    assert!(map.windows(2).all(|w| w[0] < w[1]), "the dynamic map is ascending");
+    assert!(
+        map.windows(2).all(|w| w[0] < w[1]),
+        "the dynamic map is ascending"
+    );
 }
 
 #[test]
@@ -97,7 +103,11 @@ fn quantize_and_dequantize_equal_the_bitsandbytes_reference_bit_for_bit() {
             }
             HostAbsmax::Double { q, absmax2, offset } => {
                 assert!(double, "{name}");
-                assert_eq!(*q, hex_bytes(case["qabsmax"].as_str().unwrap()), "{name}: qabsmax");
+                assert_eq!(
+                    *q,
+                    hex_bytes(case["qabsmax"].as_str().unwrap()),
+                    "{name}: qabsmax"
+                );
                 assert_eq!(
                     bits(absmax2),
                     bits(&hex_f32(case["absmax2_bits"].as_str().unwrap())),
@@ -112,7 +122,11 @@ fn quantize_and_dequantize_equal_the_bitsandbytes_reference_bit_for_bit() {
         }
         let want = bits(&hex_f32(case["dequantized_bits"].as_str().unwrap()));
         let got = bits(&bnb4::dequantize(&p, k, x.len()));
-        assert_eq!(first_difference(&got, &want), None, "{name}: dequantized (index, ours, reference)");
+        assert_eq!(
+            first_difference(&got, &want),
+            None,
+            "{name}: dequantized (index, ours, reference)"
+        );
         assert_eq!(got.len(), want.len());
 
         // The device tensor: the CPU loop and the candle-op path (what a GPU runs) give the same values, from an
@@ -127,10 +141,17 @@ fn quantize_and_dequantize_equal_the_bitsandbytes_reference_bit_for_bit() {
         for input in [t.clone(), t.to_dtype(DType::BF16).unwrap()] {
             let q = Bnb4Tensor::quantize(&input, k, double).unwrap();
             assert_eq!(q.dims(), &shape[..]);
-            for (path, d) in [("cpu", q.dequantize().unwrap()), ("ops", q.dequantize_ops().unwrap())] {
+            for (path, d) in [
+                ("cpu", q.dequantize().unwrap()),
+                ("ops", q.dequantize_ops().unwrap()),
+            ] {
                 assert_eq!(d.dims(), &shape[..], "{name} {path}");
                 let v = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert_eq!(first_difference(&bits(&v), &want), None, "{name}: {path} dequantize");
+                assert_eq!(
+                    first_difference(&bits(&v), &want),
+                    None,
+                    "{name}: {path} dequantize"
+                );
             }
         }
     }
@@ -138,7 +159,9 @@ fn quantize_and_dequantize_equal_the_bitsandbytes_reference_bit_for_bit() {
 
 #[test]
 fn packed_size_is_four_bits_plus_the_absmax() {
-    let x: Vec<f32> = (0..64 * 512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0).collect();
+    let x: Vec<f32> = (0..64 * 512)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0)
+        .collect();
     let t = Tensor::from_vec(x, (64, 512), &Device::Cpu).unwrap();
     let n = 64 * 512;
     let double = Bnb4Tensor::quantize(&t, FourBit::Nf4, true).unwrap();
@@ -152,14 +175,224 @@ fn packed_size_is_four_bits_plus_the_absmax() {
 fn a_non_finite_weight_is_refused() {
     let mut x = vec![0.5f32; 128];
     x[70] = f32::NAN;
-    let e = bnb4::quantize(&x, FourBit::Nf4, true).unwrap_err().to_string();
+    let e = bnb4::quantize(&x, FourBit::Nf4, true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("value 70") && e.contains("NaN"), "{e}");
 }
 
 #[test]
 fn equal_absmax_everywhere_double_quantizes_exactly() {
     // Every block's absmax is 1: centred they are all 0, and the second-level absmax is 0.
-    let x: Vec<f32> = (0..256).map(|i| if i % 64 == 0 { 1.0 } else { 0.25 }).collect();
+    let x: Vec<f32> = (0..256)
+        .map(|i| if i % 64 == 0 { 1.0 } else { 0.25 })
+        .collect();
     let p = bnb4::quantize(&x, FourBit::Nf4, true).unwrap();
     assert_eq!(p.absmax.values(), vec![1.0; 4]);
+}
+
+// ------------------------------------------------------------------------------------------- LoRA over a 4-bit base
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    crate::tiny_util::max_abs_diff(a, b) / scale
+}
+
+/// The 4-bit linear is the product with the dequantized weight, forward and backward (dX only), in f32 and bf16.
+#[test]
+fn bnb4_linear_is_the_product_with_the_dequantized_weight() {
+    use std::sync::Arc;
+    use termtune::engine::ops;
+    let w = Tensor::randn(0f32, 0.05, (96, 200), &Device::Cpu).unwrap();
+    for (kind, double) in [(FourBit::Nf4, true), (FourBit::Fp4, false)] {
+        let q = Arc::new(Bnb4Tensor::quantize(&w, kind, double).unwrap());
+        let wd = q.dequantize().unwrap();
+        for dt in [DType::F32, DType::BF16] {
+            let x0 = Tensor::randn(0f32, 1.0, (3, 5, 200), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let x = candle_core::Var::from_tensor(&x0).unwrap();
+            let gy = Tensor::randn(0f32, 1.0, (3, 5, 96), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let wdt = wd.to_dtype(dt).unwrap();
+            let y = ops::bnb4_linear(x.as_tensor(), &q).unwrap();
+            assert_eq!((y.dims(), y.dtype()), (&[3, 5, 96][..], dt));
+            let want = x0.broadcast_matmul(&wdt.t().unwrap()).unwrap();
+            let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert!(
+                rel_diff(&f32_(&y), &f32_(&want)) < 1e-6,
+                "{kind:?} {dt:?} forward"
+            );
+            // Untracked input: the same product.
+            let y2 = ops::bnb4_linear(&x0, &q).unwrap();
+            assert!(rel_diff(&f32_(&y2), &f32_(&want)) < 1e-6);
+            let g = (y.to_dtype(DType::F32).unwrap() * f32_(&gy))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = g.get(x.as_tensor()).unwrap();
+            let want = gy.broadcast_matmul(&wdt).unwrap();
+            assert!(
+                rel_diff(&f32_(dx), &f32_(&want)) < 1e-6,
+                "{kind:?} {dt:?} backward"
+            );
+        }
+    }
+}
+
+/// LoRA over a 4-bit base: loss and gradients equal those over a dense base holding the dequantized weights (the
+/// 4-bit forward is an exact product with them), with the hand-written layer backward and the graph backward,
+/// with the fused CPU kernels and the generic ones a GPU runs; the base stays 4-bit.
+#[test]
+fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
+    use termtune::engine::model::Weight;
+    use termtune::engine::ops::Backend;
+    use termtune::engine::testing::{TinyOpts, tiny_llama};
+    use termtune::engine::weights::load_hf_folder;
+    use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TinyOpts {
+        hidden_size: 128,
+        intermediate_size: 320,
+        ..TinyOpts::default()
+    };
+    tiny_llama(dir.path(), 41, &opts).unwrap();
+    let mut quant = load_hf_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let n = quant.quantize_linears_4bit(FourBit::Nf4, true).unwrap();
+    assert_eq!(n, 7 * opts.num_layers);
+    assert_eq!(quant.bnb4.len(), n);
+    assert!(quant.tensors.contains_key("model.embed_tokens.weight"));
+    let mut dense = load_hf_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    for (name, q) in &quant.bnb4 {
+        dense.tensors.insert(name.clone(), q.dequantize().unwrap());
+    }
+    let ft = Finetune::Lora(LoraSpec {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::All,
+        use_rslora: false,
+        seed: 7,
+    });
+    let ids: Vec<u32> = (0..2 * 16u32).map(|i| (i * 29 + 3) % 300).collect();
+    let input = Tensor::from_vec(ids.clone(), (2, 16), &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(
+        ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
+        (2, 16),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for generic in [false, true] {
+        for manual in [true, false] {
+            let grads = |files| {
+                let mut m = Model::from_files(files, DType::F32, &Device::Cpu, &ft).unwrap();
+                m.manual_backward = manual;
+                // Non-zero B (as after some training), so A gets a gradient too; same values in both.
+                for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
+                    if name.ends_with("lora_B.weight") {
+                        let n: usize = v.dims().iter().product();
+                        let vals: Vec<f32> = (0..n)
+                            .map(|j| ((j * 13 + i * 7) % 23) as f32 / 23.0 - 0.5)
+                            .collect();
+                        v.set(&Tensor::from_vec(vals, v.dims(), &Device::Cpu).unwrap())
+                            .unwrap();
+                    }
+                }
+                let run = || {
+                    let (loss, n) = m
+                        .forward_loss(&input, &AttnMask::Causal, &labels, true)
+                        .unwrap();
+                    let loss = (loss / n as f64).unwrap();
+                    let g = loss.backward().unwrap();
+                    let v: Vec<Tensor> = m
+                        .trainable_vars()
+                        .iter()
+                        .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+                        .collect();
+                    (loss.to_scalar::<f32>().unwrap(), v)
+                };
+                let out = if generic {
+                    Backend::generic_only(run)
+                } else {
+                    run()
+                };
+                for l in &m.layers {
+                    assert!(matches!(l.q.weight, Weight::Bnb4(_)) == !files.bnb4.is_empty());
+                }
+                out
+            };
+            let (lq, gq) = grads(&quant);
+            let (ld, gd) = grads(&dense);
+            assert!((lq - ld).abs() <= 1e-6 * ld.abs(), "loss {lq} vs {ld}");
+            let worst = gq
+                .iter()
+                .zip(&gd)
+                .map(|(a, b)| rel_diff(a, b))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "generic={generic} manual={manual}: {worst}");
+        }
+    }
+}
+
+/// The memory a 4-bit base's weights take: 4 bits per decoder-linear weight plus the absmax (f32 per 64, or with
+/// double quantization a byte per 64 and an f32 per 256 blocks), the embeddings and norms dense.
+#[test]
+fn the_memory_estimate_counts_4bit_linears() {
+    use termtune::engine::memory::{BaseStorage, base_weight_bytes};
+    use termtune::engine::{Finetune, LoraSpec, LoraTargets};
+    let cfg = termtune::engine::ModelConfig::from_hf_config(&serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
+    }))
+    .unwrap();
+    let ft = Finetune::Lora(LoraSpec {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        targets: LoraTargets::All,
+        use_rslora: false,
+        seed: 0,
+    });
+    let dense = base_weight_bytes(&cfg, &ft, DType::BF16, BaseStorage::Dense);
+    let linears: u64 = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336);
+    let blocks = linears / 64;
+    let plain = base_weight_bytes(
+        &cfg,
+        &ft,
+        DType::BF16,
+        BaseStorage::Bnb4(FourBit::Nf4, false),
+    );
+    assert_eq!(dense - plain, linears * 2 - (linears / 2 + 4 * blocks));
+    let double = base_weight_bytes(
+        &cfg,
+        &ft,
+        DType::BF16,
+        BaseStorage::Bnb4(FourBit::Nf4, true),
+    );
+    assert_eq!(
+        dense - double,
+        linears * 2 - (linears / 2 + blocks + 4 * blocks / 256)
+    );
+    // The decoder linears are 87 % of an 8B llama and take 0.258x their bf16 bytes; the embedding and lm_head stay
+    // bf16 (as bitsandbytes leaves them), so the whole base is 0.355x.
+    let ratio = double as f64 / dense as f64;
+    eprintln!("llama-8B base weights, 4-bit (double quantization) / bf16 = {ratio:.3}");
+    assert!((0.35..0.36).contains(&ratio), "{ratio}");
+    let linear_ratio = (linears / 2 + blocks + 4 * blocks / 256) as f64 / (2 * linears) as f64;
+    assert!(linear_ratio < 0.26, "{linear_ratio}");
 }

@@ -291,25 +291,22 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "quantization_bit",
         Model,
-        "Quantize the base's linear layers at load (QLoRA-style LoRA training and chat): 8 = blocks of 32 int8 weights with one f16 scale (GGML Q8_0, 8.5 bits per weight). 4 (bitsandbytes NF4) is not supported yet.",
+        "Quantize the base's decoder linear layers at load (QLoRA: LoRA trains over them; chat decodes with them): 4 = bitsandbytes' 4-bit layout (quantization_type, double_quantization; about 4.1 bits per weight), 8 = blocks of 32 int8 weights with one f16 scale (GGML Q8_0, 8.5 bits per weight). Embeddings, norms and lm_head stay dense.",
     ),
-    uns(
+    imp(
         "quantization_method",
         Model,
-        "bnb",
-        "quantization methods other than bnb (hqq, eetq, ...) are not supported",
+        "How quantization_bit quantizes: bnb (bitsandbytes' schemes) is the one termtune runs; hqq, eetq and the pre-quantized formats are refused.",
     ),
-    uns(
+    imp(
         "quantization_type",
         Model,
-        "nf4",
-        "4-bit quantization (nf4, fp4) is not supported yet",
+        "quantization_bit 4: nf4 (NormalFloat4, QLoRA's) or fp4; blocks of 64 weights with a float absmax, as bitsandbytes.",
     ),
-    uns(
+    imp(
         "double_quantization",
         Model,
-        "true",
-        "4-bit double quantization is not supported yet",
+        "quantization_bit 4: quantize the per-block absmax again (8-bit, blocks of 256), 0.37 bits per weight saved, as bitsandbytes' compress_statistics.",
     ),
     uns(
         "quantization_device_map",

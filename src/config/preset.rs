@@ -155,6 +155,50 @@ pub enum InferDtype {
     Bfloat16,
 }
 
+/// `quantization_method`: how `quantization_bit` quantizes the base at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizationMethod {
+    /// bitsandbytes' schemes (4-bit NF4/FP4; termtune's 8-bit is Q8_0 blocks).
+    #[default]
+    Bnb,
+    Hqq,
+    Eetq,
+    Gptq,
+    Awq,
+    Aqlm,
+    Quanto,
+    Mxfp4,
+    Fp8,
+}
+
+impl QuantizationMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bnb => "bnb",
+            Self::Hqq => "hqq",
+            Self::Eetq => "eetq",
+            Self::Gptq => "gptq",
+            Self::Awq => "awq",
+            Self::Aqlm => "aqlm",
+            Self::Quanto => "quanto",
+            Self::Mxfp4 => "mxfp4",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+/// `quantization_type`: the 4-bit code of `quantization_bit: 4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizationType {
+    /// NormalFloat4 (QLoRA's data type).
+    #[default]
+    Nf4,
+    /// 4-bit float (1 sign, 2 exponent, 1 mantissa bits).
+    Fp4,
+}
+
 /// `export_format` (termtune only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -190,6 +234,9 @@ pub struct Preset {
     pub hf_hub_token: Option<String>,
     pub infer_dtype: InferDtype,
     pub quantization_bit: Option<u32>,
+    pub quantization_method: QuantizationMethod,
+    pub quantization_type: QuantizationType,
+    pub double_quantization: bool,
     pub identity_name: Option<String>,
     pub identity_author: Option<String>,
     pub disable_gradient_checkpointing: bool,
@@ -299,6 +346,9 @@ impl Default for Preset {
             hf_hub_token: None,
             infer_dtype: InferDtype::Auto,
             quantization_bit: None,
+            quantization_method: QuantizationMethod::Bnb,
+            quantization_type: QuantizationType::Nf4,
+            double_quantization: true,
             identity_name: None,
             identity_author: None,
             disable_gradient_checkpointing: false,

@@ -1,7 +1,9 @@
 //! Value and cross-field rules, as LLaMA-Factory's `__post_init__`s and `parser.py` apply them.
 //! Every rule adds to one list: all problems are reported at once.
 
-use super::preset::{FinetuningType, IntervalStrategy, PrefLoss, Preset, Stage, comma_list};
+use super::preset::{
+    FinetuningType, IntervalStrategy, PrefLoss, Preset, QuantizationMethod, Stage, comma_list,
+};
 use super::{ConfigIssue, Origin};
 
 /// What the preset is about to be used for: some keys are needed only to train.
@@ -70,15 +72,20 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         );
     }
     match p.quantization_bit {
-        None | Some(8) => {}
-        Some(4) => bad(
-            "quantization_bit",
-            "4-bit quantization (bitsandbytes NF4/FP4) is not supported yet; use `quantization_bit: 8` (Q8_0 blocks) or remove it".into(),
-        ),
+        None | Some(4 | 8) => {}
         Some(b) => bad(
             "quantization_bit",
             format!("`quantization_bit` must be 4 or 8 (bitsandbytes), got {b}"),
         ),
+    }
+    if p.quantization_method != QuantizationMethod::Bnb {
+        bad(
+            "quantization_method",
+            format!(
+                "`quantization_method: {}` is not supported; termtune quantizes with `bnb` (4-bit NF4/FP4 as bitsandbytes, 8-bit as Q8_0 blocks): set `quantization_method: bnb` or remove it",
+                p.quantization_method.as_str()
+            ),
+        );
     }
     if p.quantization_bit.is_some() {
         if p.finetuning_type != FinetuningType::Lora {

@@ -352,7 +352,9 @@ pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
         // A quantized base is dequantized: the merged weight is dense, in the model dtype.
         let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
         match &lin.weight {
-            super::model::Weight::Frozen(_) | super::model::Weight::Quantized(_) => {
+            super::model::Weight::Frozen(_)
+            | super::model::Weight::Quantized(_)
+            | super::model::Weight::Bnb4(_) => {
                 lin.weight = super::model::Weight::Frozen(merged);
             }
             super::model::Weight::Trainable(v) => v.set(&merged)?,

@@ -174,7 +174,11 @@ impl Bucketizer {
         let code = kind.code();
         let mut order: [u8; 16] = std::array::from_fn(|i| i as u8);
         // A stable sort, as numpy's argsort(kind="stable"); FP4's two zeros keep their order (+0 first).
-        order.sort_by(|&a, &b| code[a as usize].total_cmp(&code[b as usize]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            code[a as usize]
+                .total_cmp(&code[b as usize])
+                .then(a.cmp(&b))
+        });
         // total_cmp puts -0.0 before +0.0; bitsandbytes (and numpy) treat them as equal, so restore index order.
         for i in 0..15 {
             let (a, b) = (order[i] as usize, order[i + 1] as usize);
@@ -182,9 +186,8 @@ impl Bucketizer {
                 order.swap(i, i + 1);
             }
         }
-        let mids = std::array::from_fn(|i| {
-            (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0
-        });
+        let mids =
+            std::array::from_fn(|i| (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0);
         Self { mids, order }
     }
 
@@ -248,7 +251,8 @@ pub fn quantize(values: &[f32], kind: FourBit, double: bool) -> Result<Packed4> 
 fn double_quantize(absmax: &[f32]) -> HostAbsmax {
     let map = dynamic_map();
     #[allow(clippy::cast_precision_loss)]
-    let offset = (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let offset =
+        (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len().max(1) as f64) as f32;
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let zero = map.partition_point(|&c| c < 0.0) as u8;
     let mut q = vec![0u8; centered.len()];
@@ -263,18 +267,15 @@ fn double_quantize(absmax: &[f32]) -> HostAbsmax {
                     zero
                 } else {
                     let idx = map.partition_point(|&c| c <= normed).saturating_sub(1);
-                    let right = idx < 255 && (normed - map[idx + 1]).abs() < (normed - map[idx]).abs();
+                    let right =
+                        idx < 255 && (normed - map[idx + 1]).abs() < (normed - map[idx]).abs();
                     (idx + usize::from(right)) as u8
                 };
             }
             m
         })
         .collect();
-    HostAbsmax::Double {
-        q,
-        absmax2,
-        offset,
-    }
+    HostAbsmax::Double { q, absmax2, offset }
 }
 
 /// `n` values back from [`quantize`]'s output: `code[index] · absmax[block]` in float32
@@ -295,7 +296,11 @@ fn dequantize_into(packed: &[u8], absmax: &[f32], kind: FourBit, n: usize) -> Ve
             for (j, o) in o.iter_mut().enumerate() {
                 let i = start + j;
                 let byte = packed[i / 2];
-                let q = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+                let q = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 15
+                };
                 *o = code[q as usize] * am;
             }
         });
@@ -341,7 +346,12 @@ impl Bnb4Tensor {
     }
 
     /// A tensor from [`quantize`]'s host output.
-    pub fn from_packed(p: &Packed4, kind: FourBit, dims: [usize; 2], device: &Device) -> Result<Self> {
+    pub fn from_packed(
+        p: &Packed4,
+        kind: FourBit,
+        dims: [usize; 2],
+        device: &Device,
+    ) -> Result<Self> {
         let n = dims[0] * dims[1];
         if p.packed.len() != n.div_ceil(2) {
             return Err(EngineError::Invalid(format!(
@@ -389,7 +399,9 @@ impl Bnb4Tensor {
         self.packed.elem_count()
             + match &self.absmax {
                 DeviceAbsmax::Plain(a) => 4 * a.elem_count(),
-                DeviceAbsmax::Double { q, absmax2, .. } => q.elem_count() + 4 * absmax2.elem_count() + 4,
+                DeviceAbsmax::Double { q, absmax2, .. } => {
+                    q.elem_count() + 4 * absmax2.elem_count() + 4
+                }
             }
     }
 
@@ -406,12 +418,18 @@ impl Bnb4Tensor {
         let absmax = self.absmax_ops()?.to_vec1::<f32>()?;
         let (s, l) = self.packed.storage_and_layout();
         let Storage::Cpu(cpu) = &*s else {
-            return Err(EngineError::Invalid("4-bit tensor: packed codes not on the CPU".into()));
+            return Err(EngineError::Invalid(
+                "4-bit tensor: packed codes not on the CPU".into(),
+            ));
         };
         let packed = &cpu.as_slice::<u8>()?[l.start_offset()..];
         let n = self.dims[0] * self.dims[1];
         let v = dequantize_into(packed, &absmax, self.kind, n);
-        Ok(Tensor::from_vec(v, (self.dims[0], self.dims[1]), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            v,
+            (self.dims[0], self.dims[1]),
+            &Device::Cpu,
+        )?)
     }
 
     /// [`Self::dequantize`] with candle ops only (what a GPU runs; tested on the CPU against the direct loop). The u8

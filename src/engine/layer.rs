@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
+use super::bnb4::Bnb4Tensor;
 use super::error::Result;
 use super::ops;
 use super::profile::span;
@@ -38,6 +39,9 @@ pub enum Weight {
     /// quantized embedding, and a dense copy exists only transiently (the input gradient, merging, export).
     /// [`QMatMul`]: candle_core::quantized::QMatMul
     Quantized(Arc<QTensor>),
+    /// A frozen 2-D weight (out, in) in bitsandbytes' 4-bit layout (`quantization_bit: 4`, NF4 or FP4, blocks of
+    /// 64): linears dequantize it for each product ([`ops::bnb4_linear`]), no dense copy is kept.
+    Bnb4(Arc<Bnb4Tensor>),
 }
 
 impl Weight {
@@ -47,6 +51,7 @@ impl Weight {
             Self::Frozen(t) => Ok(t.clone()),
             Self::Trainable(v) => Ok(v.as_tensor().clone()),
             Self::Quantized(q) => Ok(q.dequantize(&q.device())?),
+            Self::Bnb4(q) => q.dequantize(),
         }
     }
     /// The current value without autograd tracking (dequantized for a quantized weight).
@@ -55,6 +60,7 @@ impl Weight {
             Self::Frozen(t) => Ok(t.clone()),
             Self::Trainable(v) => Ok(v.as_detached_tensor()),
             Self::Quantized(q) => Ok(q.dequantize(&q.device())?),
+            Self::Bnb4(q) => q.dequantize(),
         }
     }
     pub fn dims(&self) -> &[usize] {
@@ -62,6 +68,7 @@ impl Weight {
             Self::Frozen(t) => t.dims(),
             Self::Trainable(v) => v.dims(),
             Self::Quantized(q) => q.shape().dims(),
+            Self::Bnb4(q) => q.dims(),
         }
     }
     pub fn elem_count(&self) -> usize {
@@ -73,6 +80,7 @@ impl Weight {
             Self::Frozen(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Self::Trainable(v) => v.elem_count() * v.dtype().size_in_bytes(),
             Self::Quantized(q) => q.storage_size_in_bytes(),
+            Self::Bnb4(q) => q.storage_size_in_bytes(),
         }
     }
     /// Whether the weight is frozen (plain or quantized).
@@ -179,6 +187,7 @@ impl Linear {
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(&x, w)?,
             Weight::Quantized(q) => ops::quantized_linear(&x, q)?,
+            Weight::Bnb4(q) => ops::bnb4_linear(&x, q)?,
             Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight)?)?,
         };
         let mut xa = None;

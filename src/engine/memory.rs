@@ -69,6 +69,10 @@ pub enum BaseStorage {
     Ggml(GgmlDType),
     /// `quantization_bit`: the decoder layers' linears in a GGML block type, everything else in the training dtype.
     Linears(GgmlDType),
+    /// `quantization_bit: 4`: the decoder layers' linears in bitsandbytes' 4-bit layout (4 bits per weight, a
+    /// float32 absmax per 64, or with double quantization (`true`) an 8-bit one plus a float32 per 256 blocks),
+    /// everything else in the training dtype.
+    Bnb4(super::bnb4::FourBit, bool),
 }
 
 impl BaseStorage {
@@ -99,6 +103,25 @@ impl BaseStorage {
             Self::Dense => None,
             #[allow(clippy::cast_precision_loss)]
             Self::Ggml(t) | Self::Linears(t) => Some(t.type_size() as f64 / t.block_size() as f64),
+            Self::Bnb4(_, true) => Some(0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0)),
+            Self::Bnb4(_, false) => Some(0.5 + 4.0 / 64.0),
+        }
+    }
+
+    /// The block format's name for messages (`Q8_0`, `Q4K`, `NF4 (double quantization)`); `None`: dense.
+    pub fn format_name(self) -> Option<String> {
+        match self {
+            Self::Dense => None,
+            Self::Ggml(t) | Self::Linears(t) => Some(format!("{t:?}")),
+            Self::Bnb4(k, double) => Some(format!(
+                "{}{}",
+                k.name(),
+                if double {
+                    " with double quantization"
+                } else {
+                    ""
+                }
+            )),
         }
     }
 }
@@ -166,7 +189,7 @@ pub fn base_weight_bytes(cfg: &ModelConfig, ft: &Finetune, dtype: DType, base: B
         return params * bytes;
     };
     let (h, l) = (cfg.hidden_size, cfg.num_layers);
-    if let BaseStorage::Linears(_) = base {
+    if let BaseStorage::Linears(_) | BaseStorage::Bnb4(..) = base {
         // Only LoRA trains over it (validation): every decoder linear quantized, the rest dense.
         let linears = u(l * layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>());
         #[allow(

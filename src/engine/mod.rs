@@ -9,8 +9,8 @@
 //! Keep this file to module declarations and re-exports (several helpers add modules here).
 
 pub mod adapter;
-pub mod bnb4;
 pub mod arch;
+pub mod bnb4;
 pub mod device;
 pub mod error;
 pub mod generate;

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::arch::ModelConfig;
+use super::bnb4::Bnb4Tensor;
 use super::error::{EngineError, Result};
 use super::layer::{self, LayerCtx, LayerIo, Pass};
 pub use super::layer::{Kernels, Layer, Linear, LoraPair, Weight};
@@ -32,18 +33,14 @@ pub const LINEAR_LEAVES: [&str; 7] = [
 ];
 
 impl super::weights::ModelFiles {
-    /// Moves the decoder layers' linear weights (q/k/v/o and gate/up/down projections) into [`Self::quantized`] as
-    /// `dtype` blocks (`quantization_bit`): LoRA trains over them as over a GGUF base's, the embeddings, norms and
-    /// lm_head stay dense (as bitsandbytes leaves the lm_head unquantized). Returns how many were
-    /// quantized; a weight whose rows do not split into whole blocks stays dense.
-    pub fn quantize_linears(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<usize> {
-        let block = dtype.block_size();
-        let names: Vec<String> = self
+    /// Names of the decoder layers' linear weights (q/k/v/o and gate/up/down projections) whose rows split into
+    /// whole blocks of `block`.
+    fn linear_weight_names(&self, block: usize) -> Vec<String> {
+        let mut names: Vec<String> = self
             .tensors
             .iter()
             .filter(|(name, t)| {
                 name.starts_with("model.layers.")
-                    && name.ends_with(".weight")
                     && LINEAR_LEAVES
                         .iter()
                         .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
@@ -52,10 +49,40 @@ impl super::weights::ModelFiles {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        names.sort();
+        names
+    }
+
+    /// Moves the decoder layers' linear weights into [`Self::quantized`] as `dtype` blocks (`quantization_bit: 8`):
+    /// LoRA trains over them as over a GGUF base's, the embeddings, norms and lm_head stay dense (as bitsandbytes
+    /// leaves the lm_head unquantized). Returns how many were quantized; a weight whose rows do not split into
+    /// whole blocks stays dense.
+    pub fn quantize_linears(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<usize> {
+        let names = self.linear_weight_names(dtype.block_size());
         for name in &names {
             if let Some(t) = self.tensors.remove(name) {
                 let q = candle_core::quantized::QTensor::quantize(&t.to_dtype(DType::F32)?, dtype)?;
-                self.quantized.insert(name.clone(), std::sync::Arc::new(q));
+                self.quantized.insert(name.clone(), Arc::new(q));
+            }
+        }
+        Ok(names.len())
+    }
+
+    /// Moves the decoder layers' linear weights into [`Self::bnb4`] in bitsandbytes' 4-bit layout
+    /// (`quantization_bit: 4`; NF4 or FP4, blocks of 64 over the flattened weight, optionally double-quantized
+    /// absmax), as `transformers` quantizes a model for QLoRA: every decoder linear, the embeddings, norms and
+    /// lm_head stay dense. Returns how many were quantized.
+    pub fn quantize_linears_4bit(
+        &mut self,
+        kind: super::bnb4::FourBit,
+        double: bool,
+    ) -> Result<usize> {
+        let names = self.linear_weight_names(1);
+        for name in &names {
+            if let Some(t) = self.tensors.remove(name) {
+                let q = Bnb4Tensor::quantize(&t, kind, double)
+                    .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
+                self.bnb4.insert(name.clone(), Arc::new(q));
             }
         }
         Ok(names.len())
@@ -330,6 +357,7 @@ pub struct Model {
 struct Loader<'a> {
     tensors: &'a HashMap<String, Tensor>,
     quantized: &'a HashMap<String, Arc<QTensor>>,
+    bnb4: &'a HashMap<String, Arc<Bnb4Tensor>>,
     dtype: DType,
     device: &'a Device,
 }
@@ -338,6 +366,7 @@ struct Loader<'a> {
 enum Loaded {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    Bnb4(Arc<Bnb4Tensor>),
 }
 
 impl Loader<'_> {
@@ -357,11 +386,23 @@ impl Loader<'_> {
         match self.load(name, shape)? {
             Loaded::Dense(t) => Ok(t),
             Loaded::Quantized(q) => Ok(q.dequantize(self.device)?.to_dtype(self.dtype)?),
+            Loaded::Bnb4(q) => Ok(q.dequantize()?.to_dtype(self.dtype)?),
         }
     }
 
     /// The tensor `name`: quantized ones stay quantized (on the model device), dense ones in the model dtype.
     fn load(&self, name: &str, shape: &[usize]) -> Result<Loaded> {
+        if let Some(q) = self.bnb4.get(name) {
+            Self::check(name, q.dims(), shape)?;
+            if q.device().same_device(self.device) {
+                return Ok(Loaded::Bnb4(q.clone()));
+            }
+            return Err(EngineError::Invalid(format!(
+                "{name}: the 4-bit tensor is on {:?}, the model on {:?}; quantize it on the model's device",
+                q.device().location(),
+                self.device.location()
+            )));
+        }
         if let Some(q) = self.quantized.get(name) {
             Self::check(name, q.shape().dims(), shape)?;
             if q.device().same_device(self.device) {
@@ -410,7 +451,15 @@ impl Model {
         device: &Device,
         finetune: &Finetune,
     ) -> Result<Self> {
-        Self::from_parts(cfg, tensors, &HashMap::new(), dtype, device, finetune)
+        Self::from_parts(
+            cfg,
+            tensors,
+            &HashMap::new(),
+            &HashMap::new(),
+            dtype,
+            device,
+            finetune,
+        )
     }
 
     /// [`Self::from_tensors`] with quantized tensors besides the dense ones (a GGUF file's Q4_0, Q4_1, Q4_K,
@@ -420,6 +469,7 @@ impl Model {
         cfg: ModelConfig,
         tensors: &HashMap<String, Tensor>,
         quantized: &HashMap<String, Arc<QTensor>>,
+        bnb4: &HashMap<String, Arc<Bnb4Tensor>>,
         dtype: DType,
         device: &Device,
         finetune: &Finetune,
@@ -427,6 +477,7 @@ impl Model {
         let ld = Loader {
             tensors,
             quantized,
+            bnb4,
             dtype,
             device,
         };
@@ -464,6 +515,7 @@ impl Model {
             Ok(match ld.load(name, shape)? {
                 Loaded::Dense(t) => Weight::Frozen(t),
                 Loaded::Quantized(q) => Weight::Quantized(q),
+                Loaded::Bnb4(q) => Weight::Bnb4(q),
             })
         };
         let full = matches!(finetune, Finetune::Full);
@@ -571,6 +623,7 @@ impl Model {
             cfg,
             &files.tensors,
             &files.quantized,
+            &files.bnb4,
             dtype,
             device,
             finetune,
@@ -913,6 +966,7 @@ impl Model {
             None => match &self.embed {
                 Weight::Frozen(w) => ops::frozen_linear(hidden, w)?,
                 Weight::Quantized(q) => ops::quantized_linear(hidden, q)?,
+                Weight::Bnb4(q) => ops::bnb4_linear(hidden, q)?,
                 Weight::Trainable(v) => {
                     let w = if train {
                         v.as_tensor().clone()
@@ -932,7 +986,7 @@ impl Model {
         match &self.lm_head {
             None => match &self.embed {
                 Weight::Frozen(w) => Some(w),
-                Weight::Trainable(_) | Weight::Quantized(_) => None,
+                Weight::Trainable(_) | Weight::Quantized(_) | Weight::Bnb4(_) => None,
             },
             Some(l) => match (&l.weight, &l.bias, &l.lora) {
                 (Weight::Frozen(w), None, None) => Some(w),
@@ -1345,7 +1399,9 @@ impl Model {
                     lin.weight = match &lin.weight {
                         Weight::Frozen(_) => Weight::Frozen(w),
                         // The merged weight is dense: a quantized base is dequantized (in the model dtype).
-                        Weight::Quantized(_) => Weight::Frozen(w.to_dtype(self.dtype)?),
+                        Weight::Quantized(_) | Weight::Bnb4(_) => {
+                            Weight::Frozen(w.to_dtype(self.dtype)?)
+                        }
                         Weight::Trainable(v) => {
                             v.set(&w)?;
                             Weight::Trainable(v.clone())

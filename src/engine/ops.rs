@@ -11,6 +11,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
+use super::bnb4::Bnb4Tensor;
+
 pub mod fused;
 pub mod generic;
 
@@ -217,6 +219,71 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
     let mut out = rest.to_vec();
     out.push(w.shape().dims2()?.0);
     y.reshape(out)?.to_dtype(x.dtype())
+}
+
+/// `y = x · Wᵀ` with W frozen in bitsandbytes' 4-bit layout: each pass dequantizes W (float32, then the input's
+/// dtype, as bitsandbytes' `compute_dtype`) for its one product and drops it; the backward yields dX only, `gy · W`
+/// with W dequantized again, so no dense copy outlives a product.
+pub struct Bnb4Linear {
+    /// (out, in).
+    pub w: Arc<Bnb4Tensor>,
+}
+
+impl Bnb4Linear {
+    fn dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        self.w
+            .dequantize()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_dtype(dtype)
+    }
+}
+
+impl CustomOp1 for Bnb4Linear {
+    fn name(&self) -> &'static str {
+        "bnb4-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.dense(s.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => frozen_fwd(s, l, w, wl),
+            _ => candle_core::bail!("bnb4-linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = self.dense(s.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => frozen_fwd(s, l, w, wl),
+            _ => candle_core::bail!("bnb4-linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.dense(gy.dtype())?;
+        let gx = gy
+            .reshape(((), w.dim(0)?))?
+            .matmul(&w)?
+            .reshape(x.shape())?;
+        Ok(Some(gx))
+    }
+}
+
+/// `x · Wᵀ` for x of any rank ≥ 2 and a 4-bit W (out, in): [`Bnb4Linear`] when x is tracked (dX only), a plain
+/// product with the transiently dequantized W otherwise.
+pub fn bnb4_linear(x: &Tensor, w: &Arc<Bnb4Tensor>) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        return x.contiguous()?.apply_op1(Bnb4Linear { w: w.clone() });
+    }
+    let dense = Bnb4Linear { w: w.clone() }.dense(x.dtype())?;
+    linear(x, &dense)
 }
 
 /// `x · Wᵀ` for x of any rank ≥ 2 (plain matmul; gradients flow to W when W is tracked).

@@ -185,6 +185,7 @@ pub fn gguf_files(path: &Path, dtype: DType, device: &Device) -> Result<ModelFil
         config: g.config,
         tensors: g.tensors,
         quantized: g.quantized,
+        bnb4: std::collections::HashMap::new(),
         tokenizer: Some(g.tokenizer),
         tokenizer_config: g.tokenizer_config,
         generation_config: serde_json::Value::Null,

@@ -20,6 +20,9 @@ pub struct ModelFiles {
     /// Tensors in HF names kept in a GGML block format (a GGUF file's quantized weights), on the requested
     /// device; none of them is also in `tensors`. Empty for a safetensors folder.
     pub quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// Tensors in HF names kept in bitsandbytes' 4-bit layout (`quantization_bit: 4`), on the requested device;
+    /// none of them is also in `tensors`. Empty as loaded from disk.
+    pub bnb4: HashMap<String, std::sync::Arc<super::bnb4::Bnb4Tensor>>,
     /// `tokenizer.json`, when present.
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// `tokenizer_config.json` (chat_template, bos/eos tokens), or `Value::Null`.
@@ -191,6 +194,7 @@ pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Model
         config,
         tensors,
         quantized: HashMap::new(),
+        bnb4: HashMap::new(),
         tokenizer,
         tokenizer_config: read_json_opt(&dir.join("tokenizer_config.json"))?,
         generation_config: read_json_opt(&dir.join("generation_config.json"))?,
