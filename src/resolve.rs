@@ -302,17 +302,36 @@ pub fn base_storage(p: &Preset) -> crate::engine::memory::BaseStorage {
     }
 }
 
+/// The preset's base for training or chat: [`load_model`], then `quantization_bit`'s quantization. A base to be
+/// quantized is read on the host and reaches `device` weight by weight already quantized, so a GPU never holds
+/// it dense.
+pub fn load_base(
+    p: &Preset,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<PresetModel, SourceError> {
+    if p.quantization_bit.is_none() {
+        return load_model(p, dtype, device, progress);
+    }
+    let mut m = load_model(p, dtype, &Device::Cpu, progress)?;
+    quantize_base(p, &mut m.files, device, progress)?;
+    m.files.move_to(device)?;
+    Ok(m)
+}
+
 /// `quantization_bit`: the base's decoder linear weights become Q8_0 blocks (8: 32 int8 weights, one f16 scale)
-/// or bitsandbytes' 4-bit layout (4: `quantization_type`, `double_quantization`); a note says how many and the
-/// memory they now take. Nothing for `None` (validation refuses other values).
-pub fn quantize_base(
+/// or bitsandbytes' 4-bit layout (4: `quantization_type`, `double_quantization`) on `device`; a note says how
+/// many and the memory they now take. Nothing for `None` (validation refuses other values).
+fn quantize_base(
     p: &Preset,
     files: &mut crate::engine::ModelFiles,
+    device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<(), crate::engine::EngineError> {
     let (n, bytes, what) = match p.quantization_bit {
         Some(8) => {
-            let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0)?;
+            let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0, device)?;
             let bytes: usize = files
                 .quantized
                 .values()
@@ -322,7 +341,7 @@ pub fn quantize_base(
         }
         Some(4) => {
             let storage = base_storage(p);
-            let n = files.quantize_linears_4bit(four_bit(p), p.double_quantization)?;
+            let n = files.quantize_linears_4bit(four_bit(p), p.double_quantization, device)?;
             let bytes: usize = files.bnb4.values().map(|q| q.storage_size_in_bytes()).sum();
             (n, bytes, storage.format_name().unwrap_or_default())
         }

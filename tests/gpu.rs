@@ -499,6 +499,34 @@ fn cuda_lora_run_follows_the_cpu_run() {
     }
 }
 
+/// `quantization_bit: 4` on CUDA: the 4-bit weights dequantize on the device (the candle-op path) to exactly the
+/// CPU's values, and a QLoRA run (the base read on the host, sent to the GPU 4-bit) follows the CPU's.
+#[test]
+fn cuda_4bit_base_dequantizes_exactly_and_trains_like_the_cpu() {
+    use termtune::engine::bnb4::{Bnb4Tensor, FourBit};
+    let Some(dev) = cuda() else { return };
+    let w = seeded(&[96, 200], 5, DType::F32, &CPU);
+    for (kind, double) in [(FourBit::Nf4, true), (FourBit::Fp4, false)] {
+        let q = Bnb4Tensor::quantize_onto(&w, kind, double, &dev).unwrap();
+        let on_gpu = q.dequantize().unwrap().to_device(&CPU).unwrap();
+        let on_cpu = q.to_device(&CPU).unwrap().dequantize().unwrap();
+        assert_eq!(rel_diff(&on_gpu, &on_cpu), 0.0, "{kind:?}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    tiny_model_and_toy_data(d.path(), &varied_rows(64));
+    let cpu = train_losses(d.path(), &CPU, "quantization_bit: 4\n");
+    let gpu = train_losses(d.path(), &dev, "quantization_bit: 4\n");
+    assert_eq!((cpu.len(), gpu.len()), (20, 20));
+    for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+        assert!(
+            (c - g).abs() / c.abs() < 0.01,
+            "step {}: CPU {c} vs CUDA {g}",
+            i + 1
+        );
+    }
+    eprintln!("4-bit CPU losses  {cpu:.4?}\n4-bit CUDA losses {gpu:.4?}");
+}
+
 #[test]
 fn cuda_greedy_generation_matches_the_cpu() {
     let Some(dev) = cuda() else { return };

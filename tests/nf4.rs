@@ -271,7 +271,9 @@ fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
     };
     tiny_llama(dir.path(), 41, &opts).unwrap();
     let mut quant = load_hf_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let n = quant.quantize_linears_4bit(FourBit::Nf4, true).unwrap();
+    let n = quant
+        .quantize_linears_4bit(FourBit::Nf4, true, &Device::Cpu)
+        .unwrap();
     assert_eq!(n, 7 * opts.num_layers);
     assert_eq!(quant.bnb4.len(), n);
     assert!(quant.tensors.contains_key("model.embed_tokens.weight"));

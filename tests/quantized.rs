@@ -383,7 +383,7 @@ fn quantization_bit_8_trains_lora_over_q8_0_linears_close_to_the_dense_base() {
     // The loader's part: 7 linears per layer quantized, nothing else.
     let mut files = load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap();
     let dense_before = files.tensors.len();
-    let n = files.quantize_linears(GgmlDType::Q8_0).unwrap();
+    let n = files.quantize_linears(GgmlDType::Q8_0, &CPU).unwrap();
     let cfg = termtune::engine::ModelConfig::from_hf_config(&files.config).unwrap();
     assert_eq!(n, 7 * cfg.num_layers);
     assert_eq!(files.quantized.len(), n);
@@ -439,7 +439,7 @@ fn quantization_bit_4_trains_lora_over_nf4_linears_like_the_dequantized_base() {
     }
     let mut files = load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap();
     files
-        .quantize_linears_4bit(termtune::engine::bnb4::FourBit::Nf4, true)
+        .quantize_linears_4bit(termtune::engine::bnb4::FourBit::Nf4, true, &CPU)
         .unwrap();
     let mut tensors = files.tensors.clone();
     for (name, q) in &files.bnb4 {
@@ -500,6 +500,28 @@ fn quantization_bit_4_trains_lora_over_nf4_linears_like_the_dequantized_base() {
     )
     .unwrap();
     termtune::engine::adapter::merge_adapters(&mut m, &[root.join("nf4")]).unwrap();
+
+    // Chat with the QLoRA adapter: beside the 4-bit base (unmerged, the base stays 4-bit), the logits are those of
+    // the dequantized base with the adapter merged.
+    let chat = |extra: &[&str]| {
+        let loaded = sft_preset(root, "unused", extra);
+        termtune::chat::ChatSession::load(&loaded.preset, &CPU, &mut |_| {}).unwrap()
+    };
+    let adapter = format!("adapter_name_or_path: {}", root.join("nf4").display());
+    let q = chat(&["quantization_bit: 4", &adapter]);
+    assert!(!q.info.merged, "{}", q.info);
+    assert!(q.info.to_string().contains("unmerged"), "{}", q.info);
+    assert!(matches!(q.model.layers[0].q.weight, Weight::Bnb4(_)));
+    assert!(q.model.layers[0].q.lora.is_some());
+    let d = chat(&[&format!("model_name_or_path: {}", deq.display()), &adapter]);
+    assert!(d.info.merged);
+    let (lq, _) = cached_logits(&q.model);
+    let (ld, _) = cached_logits(&d.model);
+    let rel = max_abs_diff(&lq, &ld) / max_abs(&ld);
+    assert!(
+        rel < 1e-5,
+        "4-bit + unmerged adapter vs dequantized + merged: {rel}"
+    );
 }
 
 /// The memory estimate holds the quantized linears at Q8_0's 8.5 bits per weight, the rest dense.

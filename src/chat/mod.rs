@@ -16,7 +16,7 @@ use candle_core::Device;
 
 use crate::config::Preset;
 use crate::data::{ChatPrompt, Encoder, Message, Role};
-use crate::engine::adapter::{merge_adapters, parse_adapter_list};
+use crate::engine::adapter::{load_adapter_trainable, merge_adapters, parse_adapter_list};
 use crate::engine::generate::{ChatAnswer, GenerationParams, stream_answer};
 use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
@@ -48,24 +48,41 @@ fn load_parts(
 ) -> Result<(Model, Encoder, LoadedInfo), ChatError> {
     let dtype = resolve::infer_dtype(preset, device);
     let PresetModel {
-        mut files,
+        files,
         kind,
         base_name,
         tokenizer,
-    } = resolve::load_model(preset, dtype, device, progress)?;
-    resolve::quantize_base(preset, &mut files, progress)?;
+    } = resolve::load_base(preset, dtype, device, progress)?;
     let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
     let adapters = preset
         .adapter_name_or_path
         .as_deref()
         .map(parse_adapter_list)
         .unwrap_or_default();
-    if !adapters.is_empty() {
-        progress(SourceProgress::Note(format!(
-            "merging {} adapter(s)",
-            adapters.len()
-        )));
-        merge_adapters(&mut model, &adapters)?;
+    let quantized_base = !files.quantized.is_empty() || !files.bnb4.is_empty();
+    let merged = !(quantized_base && adapters.len() == 1);
+    match adapters.as_slice() {
+        [] => {}
+        // One adapter over a quantized base stays beside it, as PEFT runs a QLoRA adapter: merging would make
+        // the base dense.
+        [one] if quantized_base => {
+            progress(SourceProgress::Note(
+                "applying the adapter beside the quantized base (unmerged)".into(),
+            ));
+            load_adapter_trainable(&mut model, one)?;
+        }
+        _ => {
+            progress(SourceProgress::Note(format!(
+                "merging {} adapter(s){}",
+                adapters.len(),
+                if quantized_base {
+                    " into the dequantized base (several adapters: the merged layers are dense)"
+                } else {
+                    ""
+                }
+            )));
+            merge_adapters(&mut model, &adapters)?;
+        }
     }
     model.prepare_for_inference()?;
     let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
@@ -80,6 +97,7 @@ fn load_parts(
         model: base_name,
         source: kind,
         adapters,
+        merged,
         template,
         device: format!("{}, {:?}", crate::engine::device::describe(device), dtype),
     };
@@ -92,6 +110,8 @@ pub struct LoadedInfo {
     pub model: String,
     pub source: SourceKind,
     pub adapters: Vec<PathBuf>,
+    /// Whether the adapters were merged into the base (else the one adapter runs beside a quantized base).
+    pub merged: bool,
     pub template: String,
     /// Where it runs and in which dtype: `cuda:0 (NVIDIA H200), BF16`.
     pub device: String,
@@ -113,7 +133,12 @@ impl std::fmt::Display for LoadedInfo {
                 .iter()
                 .map(|a| a.display().to_string())
                 .collect();
-            write!(f, "; adapter: {} (merged)", list.join(", "))?;
+            let how = if self.merged {
+                "merged"
+            } else {
+                "unmerged, over the quantized base"
+            };
+            write!(f, "; adapter: {} ({how})", list.join(", "))?;
         }
         write!(f, "; template: {}; on {}", self.template, self.device)
     }

@@ -335,6 +335,11 @@ enum DeviceAbsmax {
 impl Bnb4Tensor {
     /// Quantizes a 2-D tensor (any float dtype, any device; it is read back to the host once).
     pub fn quantize(t: &Tensor, kind: FourBit, double: bool) -> Result<Self> {
+        Self::quantize_onto(t, kind, double, t.device())
+    }
+
+    /// [`Self::quantize`] with the result on `device` (a base read on the host goes to the GPU 4-bit).
+    pub fn quantize_onto(t: &Tensor, kind: FourBit, double: bool, device: &Device) -> Result<Self> {
         let dims = t.dims2()?;
         let values = t
             .to_dtype(DType::F32)?
@@ -342,7 +347,7 @@ impl Bnb4Tensor {
             .to_device(&Device::Cpu)?
             .to_vec1::<f32>()?;
         let p = quantize(&values, kind, double)?;
-        Self::from_packed(&p, kind, [dims.0, dims.1], t.device())
+        Self::from_packed(&p, kind, [dims.0, dims.1], device)
     }
 
     /// A tensor from [`quantize`]'s host output.
@@ -379,6 +384,31 @@ impl Bnb4Tensor {
             packed: Tensor::from_slice(&p.packed, p.packed.len(), device)?,
             absmax,
             pairs: Tensor::from_vec(pairs, (256, 2), device)?,
+        })
+    }
+
+    /// The same tensor on `device` (exact: codes and absmax are copied).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let absmax = match &self.absmax {
+            DeviceAbsmax::Plain(a) => DeviceAbsmax::Plain(a.to_device(device)?),
+            DeviceAbsmax::Double {
+                q,
+                map,
+                absmax2,
+                offset,
+            } => DeviceAbsmax::Double {
+                q: q.to_device(device)?,
+                map: map.to_device(device)?,
+                absmax2: absmax2.to_device(device)?,
+                offset: *offset,
+            },
+        };
+        Ok(Self {
+            dims: self.dims,
+            kind: self.kind,
+            packed: self.packed.to_device(device)?,
+            absmax,
+            pairs: self.pairs.to_device(device)?,
         })
     }
 

@@ -53,39 +53,67 @@ impl super::weights::ModelFiles {
         names
     }
 
-    /// Moves the decoder layers' linear weights into [`Self::quantized`] as `dtype` blocks (`quantization_bit: 8`):
-    /// LoRA trains over them as over a GGUF base's, the embeddings, norms and lm_head stay dense (as bitsandbytes
-    /// leaves the lm_head unquantized). Returns how many were quantized; a weight whose rows do not split into
-    /// whole blocks stays dense.
-    pub fn quantize_linears(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<usize> {
+    /// Moves the decoder layers' linear weights into [`Self::quantized`] as `dtype` blocks on `device`
+    /// (`quantization_bit: 8`): LoRA trains over them as over a GGUF base's, the embeddings, norms and lm_head stay
+    /// dense (as bitsandbytes leaves the lm_head unquantized). Returns how many were quantized; a weight whose
+    /// rows do not split into whole blocks stays dense.
+    pub fn quantize_linears(
+        &mut self,
+        dtype: candle_core::quantized::GgmlDType,
+        device: &Device,
+    ) -> Result<usize> {
         let names = self.linear_weight_names(dtype.block_size());
         for name in &names {
             if let Some(t) = self.tensors.remove(name) {
-                let q = candle_core::quantized::QTensor::quantize(&t.to_dtype(DType::F32)?, dtype)?;
+                let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
                 self.quantized.insert(name.clone(), Arc::new(q));
             }
         }
         Ok(names.len())
     }
 
-    /// Moves the decoder layers' linear weights into [`Self::bnb4`] in bitsandbytes' 4-bit layout
+    /// Moves the decoder layers' linear weights into [`Self::bnb4`] in bitsandbytes' 4-bit layout on `device`
     /// (`quantization_bit: 4`; NF4 or FP4, blocks of 64 over the flattened weight, optionally double-quantized
-    /// absmax), as `transformers` quantizes a model for QLoRA: every decoder linear, the embeddings, norms and
-    /// lm_head stay dense. Returns how many were quantized.
+    /// absmax), as `transformers` quantizes a model for QLoRA: every decoder linear; the embeddings, norms and
+    /// lm_head stay dense. One weight at a time, so a base read on the host reaches the GPU already 4-bit.
+    /// Returns how many were quantized.
     pub fn quantize_linears_4bit(
         &mut self,
         kind: super::bnb4::FourBit,
         double: bool,
+        device: &Device,
     ) -> Result<usize> {
         let names = self.linear_weight_names(1);
         for name in &names {
             if let Some(t) = self.tensors.remove(name) {
-                let q = Bnb4Tensor::quantize(&t, kind, double)
+                let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
                     .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
                 self.bnb4.insert(name.clone(), Arc::new(q));
             }
         }
         Ok(names.len())
+    }
+
+    /// Moves every tensor (dense, GGML blocks, 4-bit) to `device`, one at a time, exactly.
+    pub fn move_to(&mut self, device: &Device) -> Result<()> {
+        for t in self.tensors.values_mut() {
+            if !t.device().same_device(device) {
+                *t = t.to_device(device)?;
+            }
+        }
+        for q in self.quantized.values_mut() {
+            if !q.device().same_device(device) {
+                let storage =
+                    candle_core::quantized::QStorage::from_data(q.data()?, device, q.dtype())?;
+                *q = Arc::new(QTensor::new(storage, q.shape().clone())?);
+            }
+        }
+        for q in self.bnb4.values_mut() {
+            if !q.device().same_device(device) {
+                *q = Arc::new(q.to_device(device)?);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -293,12 +293,11 @@ fn run_training_here(
         emit(TrainEvent::Loading { what });
     };
     let resolve::PresetModel {
-        mut files,
+        files,
         base_name,
         tokenizer,
         ..
-    } = resolve::load_model(p, dtype, device, &mut progress)?;
-    resolve::quantize_base(p, &mut files, &mut progress)?;
+    } = resolve::load_base(p, dtype, device, &mut progress)?;
     if let Some(line) = memory_check(p, &files.config, dtype, device)? {
         emit(line);
     }
