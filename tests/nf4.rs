@@ -398,3 +398,30 @@ fn the_memory_estimate_counts_4bit_linears() {
     let linear_ratio = (linears / 2 + blocks + 4 * blocks / 256) as f64 / (2 * linears) as f64;
     assert!(linear_ratio < 0.26, "{linear_ratio}");
 }
+
+/// Decoding's product (a few rows, straight from the packed codes) equals the dequantized weight's, for each row
+/// count either side of the fused path's limit.
+#[test]
+fn the_fused_few_row_product_equals_the_dequantized_product() {
+    use std::sync::Arc;
+    use termtune::engine::ops;
+    let w = Tensor::randn(0f32, 0.05, (72, 320), &Device::Cpu).unwrap();
+    for (kind, double) in [(FourBit::Nf4, true), (FourBit::Fp4, false)] {
+        let q = Arc::new(Bnb4Tensor::quantize(&w, kind, double).unwrap());
+        let wd = q.dequantize().unwrap();
+        for m in [1, 3, bnb4::FUSED_MAX_ROWS, bnb4::FUSED_MAX_ROWS + 1] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, 320), &Device::Cpu).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let fused = q.matmul_t_few_rows(&xs, m).unwrap();
+            assert_eq!(fused.is_some(), m <= bnb4::FUSED_MAX_ROWS, "m={m}");
+            let y = ops::bnb4_linear(&x, &q).unwrap();
+            assert_eq!(y.dims(), &[1, m, 72]);
+            let want = x.broadcast_matmul(&wd.t().unwrap()).unwrap();
+            assert!(
+                rel_diff(&y, &want) < 1e-5,
+                "{kind:?} m={m}: {}",
+                rel_diff(&y, &want)
+            );
+        }
+    }
+}

@@ -307,6 +307,9 @@ fn dequantize_into(packed: &[u8], absmax: &[f32], kind: FourBit, n: usize) -> Ve
     out
 }
 
+/// The most rows [`Bnb4Tensor::matmul_t_few_rows`] takes: beyond, dequantizing once and one GEMM is faster.
+pub const FUSED_MAX_ROWS: usize = 8;
+
 /// A frozen 2-D weight (out, in) in bitsandbytes' 4-bit layout, on its device.
 #[derive(Debug)]
 pub struct Bnb4Tensor {
@@ -317,6 +320,8 @@ pub struct Bnb4Tensor {
     absmax: DeviceAbsmax,
     /// (256, 2) f32: the two code values of each packed byte (one lookup per byte on any device).
     pairs: Tensor,
+    /// On the CPU, every block's absmax in float32, computed on first use by the fused product.
+    host_absmax: std::sync::OnceLock<Vec<f32>>,
 }
 
 #[derive(Debug)]
@@ -384,6 +389,7 @@ impl Bnb4Tensor {
             packed: Tensor::from_slice(&p.packed, p.packed.len(), device)?,
             absmax,
             pairs: Tensor::from_vec(pairs, (256, 2), device)?,
+            host_absmax: std::sync::OnceLock::new(),
         })
     }
 
@@ -409,6 +415,7 @@ impl Bnb4Tensor {
             packed: self.packed.to_device(device)?,
             absmax,
             pairs: self.pairs.to_device(device)?,
+            host_absmax: std::sync::OnceLock::new(),
         })
     }
 
@@ -460,6 +467,65 @@ impl Bnb4Tensor {
             (self.dims[0], self.dims[1]),
             &Device::Cpu,
         )?)
+    }
+
+    /// `x · Wᵀ` for a few rows of f32 `x` (m, in) on the CPU, straight from the packed codes: no dense weight is
+    /// made, each code byte is read once for all rows (what decoding runs, one row per token). `None` where it does
+    /// not apply (another device, in-features not a multiple of the block size, more than [`FUSED_MAX_ROWS`]
+    /// rows): the caller dequantizes. The same products as the dequantized weight's, summed per block.
+    pub fn matmul_t_few_rows(&self, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
+        let [n, k] = self.dims;
+        if !self.device().is_cpu() || k % BLOCKSIZE != 0 || m > FUSED_MAX_ROWS || x.len() != m * k {
+            return Ok(None);
+        }
+        let absmax = match self.host_absmax.get() {
+            Some(a) => a,
+            None => {
+                let a = self.absmax_ops()?.to_vec1::<f32>()?;
+                self.host_absmax.get_or_init(|| a)
+            }
+        };
+        let (st, l) = self.packed.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else {
+            return Ok(None);
+        };
+        let packed = &cpu.as_slice::<u8>()?[l.start_offset()..];
+        let code = self.kind.code();
+        let pairs: Vec<[f32; 2]> = (0..256usize)
+            .map(|b| [code[b >> 4], code[b & 15]])
+            .collect();
+        let blocks_per_row = k / BLOCKSIZE;
+        // Output column-major per weight row: out_t[row][i] = y[i][row].
+        let mut out_t = vec![0f32; n * m];
+        out_t.par_chunks_mut(m).enumerate().for_each(|(row, y)| {
+            let row_bytes = &packed[row * k / 2..(row + 1) * k / 2];
+            // One block's codes looked up into a buffer, then a dot product per row (vectorised).
+            let mut wbuf = [0f32; BLOCKSIZE];
+            for b in 0..blocks_per_row {
+                let scale = absmax[row * blocks_per_row + b];
+                let bytes = &row_bytes[b * BLOCKSIZE / 2..(b + 1) * BLOCKSIZE / 2];
+                for (wp, &byte) in wbuf.chunks_exact_mut(2).zip(bytes) {
+                    wp.copy_from_slice(&pairs[byte as usize]);
+                }
+                for (i, yi) in y.iter_mut().enumerate() {
+                    let xs = &x[i * k + b * BLOCKSIZE..i * k + (b + 1) * BLOCKSIZE];
+                    let mut acc = [0f32; 16];
+                    for (wc, xc) in wbuf.chunks_exact(16).zip(xs.chunks_exact(16)) {
+                        for j in 0..16 {
+                            acc[j] += wc[j] * xc[j];
+                        }
+                    }
+                    *yi += acc.iter().sum::<f32>() * scale;
+                }
+            }
+        });
+        let mut out = vec![0f32; m * n];
+        for (row, y) in out_t.chunks(m).enumerate() {
+            for (i, &v) in y.iter().enumerate() {
+                out[i * n + row] = v;
+            }
+        }
+        Ok(Some(out))
     }
 
     /// [`Self::dequantize`] with candle ops only (what a GPU runs; tested on the CPU against the direct loop). The u8

@@ -282,6 +282,23 @@ pub fn bnb4_linear(x: &Tensor, w: &Arc<Bnb4Tensor>) -> candle_core::Result<Tenso
     if x.track_op() {
         return x.contiguous()?.apply_op1(Bnb4Linear { w: w.clone() });
     }
+    let dims = x.dims();
+    let Some((&k, rest)) = dims.split_last() else {
+        candle_core::bail!("bnb4-linear: scalar input")
+    };
+    let m: usize = rest.iter().product();
+    if x.device().is_cpu() && x.dtype() == DType::F32 && m <= super::bnb4::FUSED_MAX_ROWS {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let fused = w
+            .matmul_t_few_rows(&xs, m)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if let Some(y) = fused {
+            let mut out = rest.to_vec();
+            out.push(w.dims()[0]);
+            debug_assert_eq!(xs.len(), m * k);
+            return Tensor::from_vec(y, out, x.device());
+        }
+    }
     let dense = Bnb4Linear { w: w.clone() }.dense(x.dtype())?;
     linear(x, &dense)
 }
