@@ -287,18 +287,10 @@ fn memory_report(p: &config::Preset) -> String {
         );
     }
     for ckpt in [true, false] {
-        let run = crate::engine::memory::RunShape {
-            dtype,
-            base,
-            batch: p.sequences_per_micro_batch(),
-            seq_len: p.cutoff_len,
-            checkpointing: ckpt,
-            head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
-                cfg.vocab_size,
-                &device,
-            )),
+        let Ok((_, est)) = crate::resolve::memory_estimate(p, &cfg, &device, base, Some(ckpt))
+        else {
+            return out;
         };
-        let est = crate::engine::memory::estimate(&cfg, &ft, &run);
         let chosen = if ckpt != p.disable_gradient_checkpointing {
             " (this preset)"
         } else {
@@ -319,7 +311,7 @@ fn memory_report(p: &config::Preset) -> String {
             if ckpt { "on" } else { "off" },
             est.describe(),
             p.micro_batch_words(),
-            run.seq_len
+            p.cutoff_len
         );
     }
     out

@@ -294,12 +294,52 @@ fn four_bit(p: &Preset) -> crate::engine::bnb4::FourBit {
 /// How the preset's base weights will be held, for the memory estimate: `quantization_bit`'s blocks, else as the
 /// source keeps them (a GGUF's blocks, or dense).
 pub fn base_storage(p: &Preset) -> crate::engine::memory::BaseStorage {
+    if p.quantization_bit.is_some() {
+        return base_storage_over(p, crate::engine::memory::BaseStorage::Dense);
+    }
+    base_storage_over(
+        p,
+        source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options()),
+    )
+}
+
+/// [`base_storage`] for a source already probed (`source`: how the model source holds its weights).
+pub fn base_storage_over(
+    p: &Preset,
+    source: crate::engine::memory::BaseStorage,
+) -> crate::engine::memory::BaseStorage {
     use crate::engine::memory::BaseStorage;
     match p.quantization_bit {
         Some(8) => BaseStorage::Linears(candle_core::quantized::GgmlDType::Q8_0),
         Some(4) => BaseStorage::Bnb4(four_bit(p), p.double_quantization),
-        _ => source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options()),
+        _ => source,
     }
+}
+
+/// The estimated peak memory of a training run of `p` over the model `cfg` on `device`, its base held as `base`
+/// (see [`base_storage`]): the training dtype and the estimate. `checkpointing` overrides the preset's
+/// (`termtune check` shows both).
+pub fn memory_estimate(
+    p: &Preset,
+    cfg: &crate::engine::ModelConfig,
+    device: &Device,
+    base: crate::engine::memory::BaseStorage,
+    checkpointing: Option<bool>,
+) -> Result<(DType, crate::engine::memory::MemoryEstimate), String> {
+    let (dtype, _) = train_dtype(p, device)?;
+    let ft = finetune(p).map_err(|e| e.to_string())?;
+    let run = crate::engine::memory::RunShape {
+        dtype,
+        base,
+        batch: p.sequences_per_micro_batch(),
+        seq_len: p.cutoff_len,
+        checkpointing: checkpointing.unwrap_or(!p.disable_gradient_checkpointing),
+        head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
+            cfg.vocab_size,
+            device,
+        )),
+    };
+    Ok((dtype, crate::engine::memory::estimate(cfg, &ft, &run)))
 }
 
 /// The preset's base for training or chat: [`load_model`], then `quantization_bit`'s quantization. A base to be

@@ -67,9 +67,9 @@ fn a_click_on_a_field_focuses_it() {
     // The border is the form but no field; the status bar is nothing.
     assert_eq!(target_at(&a, SCREEN, 0, 5), Target::Form);
     assert_eq!(target_at(&a, SCREEN, 10, 22), Target::Other);
-    // The Model tab has its resolved-model line above the box: one row lower.
+    // The Model tab has its resolved-model and memory lines above the box: two rows lower.
     let b = app();
-    assert_eq!(target_at(&b, SCREEN, 10, 3), Target::Field(0));
+    assert_eq!(target_at(&b, SCREEN, 10, 4), Target::Field(0));
 }
 
 #[test]

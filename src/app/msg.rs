@@ -65,6 +65,8 @@ pub enum Msg {
     ModelInfo {
         name: String,
         info: Result<String, String>,
+        /// What the memory estimate needs, when the model's config.json is at hand without a download.
+        memory: Option<Box<crate::app::MemoryBasis>>,
     },
     /// The entries of `dataset_dir/dataset_info.json`.
     Datasets(Result<Vec<String>, String>),

@@ -298,7 +298,7 @@ fn run_training_here(
         tokenizer,
         ..
     } = resolve::load_base(p, dtype, device, &mut progress)?;
-    if let Some(line) = memory_check(p, &files.config, dtype, device)? {
+    if let Some(line) = memory_check(p, &files.config, device)? {
         emit(line);
     }
     let mut model = build_model(
@@ -413,25 +413,16 @@ fn run_training_here(
 fn memory_check(
     p: &Preset,
     config: &serde_json::Value,
-    dtype: DType,
     device: &Device,
 ) -> Result<Option<TrainEvent>, TrainError> {
     let Some((free, total)) = crate::engine::device::memory_info(device) else {
         return Ok(None);
     };
     let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
-    let run = crate::engine::memory::RunShape {
-        dtype,
-        base: resolve::base_storage(p),
-        batch: p.sequences_per_micro_batch(),
-        seq_len: p.cutoff_len,
-        checkpointing: !p.disable_gradient_checkpointing,
-        head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
-            cfg.vocab_size,
-            device,
-        )),
+    let Ok((_, est)) = resolve::memory_estimate(p, &cfg, device, resolve::base_storage(p), None)
+    else {
+        return Ok(None);
     };
-    let est = crate::engine::memory::estimate(&cfg, &resolve::finetune(p)?, &run);
     let gib = |b: usize| {
         #[allow(clippy::cast_precision_loss)]
         let g = b as f64 / f64::from(1u32 << 30);
@@ -442,7 +433,7 @@ fn memory_check(
     let head = format!(
         "estimated peak GPU memory at {} x cutoff_len {}: {} of {:.1} GiB free ({:.1} GiB total)",
         p.micro_batch_words(),
-        run.seq_len,
+        p.cutoff_len,
         est.describe(),
         gib(free),
         gib(total)

@@ -473,10 +473,21 @@ fn open_run_folder(dir: PathBuf) -> Msg {
 
 /// What the model field resolves to, from metadata in the preset's hub cache.
 fn probe(model: &ModelRef, tx: &UnboundedSender<Msg>) {
-    let info = crate::engine::source::describe(&model.name_or_path, &model.hub_options());
+    let hub = model.hub_options();
+    let info = crate::engine::source::describe(&model.name_or_path, &hub);
+    let memory = crate::engine::source::config_json(&model.name_or_path, &hub)
+        .and_then(|c| crate::engine::ModelConfig::from_hf_config(&c).ok())
+        .and_then(|config| {
+            Some(Box::new(crate::app::MemoryBasis {
+                config,
+                source_storage: crate::engine::source::base_storage(&model.name_or_path, &hub),
+                device: crate::engine::device::chosen().ok()?,
+            }))
+        });
     let _ = tx.send(Msg::ModelInfo {
         name: model.name_or_path.clone(),
         info,
+        memory,
     });
 }
 

@@ -39,7 +39,7 @@ pub(super) fn areas(app: &App, area: Rect) -> FormAreas {
     let [list, footer] = Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
     let (info, list) = if app.tab == crate::app::Tab::Model {
         let [info, rest] =
-            Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(list);
+            Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(list);
         (Some(info), rest)
     } else {
         (None, list)
@@ -257,16 +257,27 @@ pub(super) fn render_footer(frame: &mut Frame, area: Rect, app: &App, theme: &Th
     );
 }
 
-/// What `model_name_or_path` resolved to (architecture, size, context, chat template).
+/// What `model_name_or_path` resolved to (architecture, size, context, chat template), and below it the memory
+/// a training run of the preset as it stands would take.
 fn render_model_info(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let current = app.form.value("model_name_or_path");
+    let probed = matches!(&app.model_info, Some((name, _)) if *name == current);
     let (text, style) = match &app.model_info {
-        Some((name, Ok(info))) if *name == current => (format!("→ {info}"), theme.ok),
-        Some((name, Err(e))) if *name == current => (format!("✗ {e}"), theme.danger),
+        Some((_, Ok(info))) if probed => (format!("→ {info}"), theme.ok),
+        Some((_, Err(e))) if probed => (format!("✗ {e}"), theme.danger),
         _ => ("→ resolving the model…".to_string(), theme.muted),
     };
-    frame.render_widget(
-        Line::styled(clip(&text, usize::from(area.width)), style),
-        area,
-    );
+    let memory = match (&app.memory_basis, &app.form.loaded) {
+        (Some(basis), Some(loaded)) if probed => basis
+            .line(&loaded.preset)
+            .unwrap_or_else(|e| format!("memory: {e}")),
+        (Some(_), None) if probed => "memory: fix the problems below to see the estimate".into(),
+        _ => String::new(),
+    };
+    let width = usize::from(area.width);
+    let lines = vec![
+        Line::styled(clip(&text, width), style),
+        Line::styled(clip(&memory, width), theme.muted),
+    ];
+    frame.render_widget(Paragraph::new(lines), area);
 }
