@@ -62,8 +62,7 @@ const CASES: &[(&str, &[&str])] = &[
         "invalid_quantization.yaml",
         &[
             ":3:19:",
-            "4-bit quantization (bitsandbytes NF4/FP4) is not supported yet",
-            "`quantization_bit: 8`",
+            "`quantization_bit` must be 4 or 8 (bitsandbytes), got 3",
         ],
     ),
     (

@@ -589,3 +589,53 @@ fn unsupported_quantization_is_refused_with_the_fix() {
         assert!(issues.iter().any(|i| i.key == key), "{text}: {issues:?}");
     }
 }
+
+/// LLaMA-Factory's own QLoRA example (`examples/train_qlora/qwen3_lora_sft_otfq.yaml`: 4-bit bnb, LoRA on every
+/// linear), pointed at a local Qwen3-shaped model and LF's demo data, trains as it stands (two of its steps).
+#[test]
+fn llamafactory_qlora_example_trains_unchanged() {
+    use termtune::engine::ArchKind;
+    use termtune::engine::testing::{TinyOpts, tiny_llama};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let opts = TinyOpts {
+        arch: ArchKind::Qwen3,
+        ..TinyOpts::default()
+    };
+    tiny_llama(&model, 5, &opts).unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lf_examples/qwen3_lora_sft_otfq.yaml");
+    let overrides = [
+        format!("model_name_or_path={}", model.display()),
+        format!(
+            "dataset_dir={}",
+            termtune::testing::lf_demo_data().display()
+        ),
+        format!("output_dir={}", dir.path().join("out").display()),
+        format!("tokenized_path={}", dir.path().join("tok").display()),
+        "max_steps=2".to_string(),
+    ];
+    let loaded = termtune::config::load(&example, &overrides, termtune::config::Purpose::Train)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = &loaded.preset;
+    assert_eq!(p.quantization_bit, Some(4));
+    assert_eq!(
+        (
+            p.quantization_method,
+            p.quantization_type,
+            p.double_quantization
+        ),
+        (
+            termtune::config::QuantizationMethod::Bnb,
+            termtune::config::QuantizationType::Nf4,
+            true
+        )
+    );
+    let losses = step_losses(&loaded);
+    assert_eq!(losses.len(), 2);
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    assert!(dir.path().join("out/adapter_model.safetensors").is_file());
+}
