@@ -287,7 +287,8 @@ fn memory_report(p: &config::Preset) -> String {
         );
     }
     for ckpt in [true, false] {
-        let Ok((_, est)) = crate::resolve::memory_estimate(p, &cfg, &device, base, Some(ckpt))
+        let Ok((_, est)) =
+            crate::resolve::memory_estimate(p, &cfg, device.is_cpu(), base, Some(ckpt))
         else {
             return out;
         };

@@ -239,11 +239,16 @@ pub fn load_encoder(
 /// f32 (LLaMA-Factory's `qwen3_lora_sft.yaml` on SmolLM2: 8 tokens/s against ~90). `fp16` is refused: it needs
 /// loss scaling, which termtune does not do.
 pub fn train_dtype(p: &Preset, device: &Device) -> Result<(DType, Option<String>), String> {
+    train_dtype_on(p, device.is_cpu())
+}
+
+/// [`train_dtype`] for a run on the CPU (`on_cpu`) or a GPU, without a device at hand (the TUI's estimate).
+pub fn train_dtype_on(p: &Preset, on_cpu: bool) -> Result<(DType, Option<String>), String> {
     if p.fp16 {
         return Err("`fp16: true`: fp16 training needs loss scaling, which termtune does not do; use `bf16: true` (GPUs since Ampere: A100, L4, RTX 30xx, H100) or neither (f32)".into());
     }
     let half = p.bf16 || p.pure_bf16;
-    if device.is_cpu() {
+    if on_cpu {
         let note = half.then(|| {
             let key = if p.pure_bf16 { "pure_bf16" } else { "bf16" };
             format!("`{key}: true`: the CPU trains in f32 (candle's CPU bf16 kernels are about 10× slower); on a GPU the base trains in bf16")
@@ -316,17 +321,17 @@ pub fn base_storage_over(
     }
 }
 
-/// The estimated peak memory of a training run of `p` over the model `cfg` on `device`, its base held as `base`
-/// (see [`base_storage`]): the training dtype and the estimate. `checkpointing` overrides the preset's
-/// (`termtune check` shows both).
+/// The estimated peak memory of a training run of `p` over the model `cfg` on the CPU (`on_cpu`) or a GPU, its
+/// base held as `base` (see [`base_storage`]): the training dtype and the estimate. `checkpointing` overrides the
+/// preset's (`termtune check` shows both).
 pub fn memory_estimate(
     p: &Preset,
     cfg: &crate::engine::ModelConfig,
-    device: &Device,
+    on_cpu: bool,
     base: crate::engine::memory::BaseStorage,
     checkpointing: Option<bool>,
 ) -> Result<(DType, crate::engine::memory::MemoryEstimate), String> {
-    let (dtype, _) = train_dtype(p, device)?;
+    let (dtype, _) = train_dtype_on(p, on_cpu)?;
     let ft = finetune(p).map_err(|e| e.to_string())?;
     let run = crate::engine::memory::RunShape {
         dtype,
@@ -336,7 +341,7 @@ pub fn memory_estimate(
         checkpointing: checkpointing.unwrap_or(!p.disable_gradient_checkpointing),
         head_chunk_rows: Some(crate::engine::layer::head_chunk_rows(
             cfg.vocab_size,
-            device,
+            on_cpu,
         )),
     };
     Ok((dtype, crate::engine::memory::estimate(cfg, &ft, &run)))

@@ -194,16 +194,7 @@ fn equal_absmax_everywhere_double_quantizes_exactly() {
 // ------------------------------------------------------------------------------------------- LoRA over a 4-bit base
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    crate::tiny_util::max_abs_diff(a, b) / scale
+    crate::tiny_util::max_abs_diff(a, b) / crate::tiny_util::max_abs(b)
 }
 
 /// The 4-bit linear is the product with the dequantized weight, forward and backward (dX only), in f32 and bf16.
@@ -355,13 +346,7 @@ fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
 fn the_memory_estimate_counts_4bit_linears() {
     use termtune::engine::memory::{BaseStorage, base_weight_bytes};
     use termtune::engine::{Finetune, LoraSpec, LoraTargets};
-    let cfg = termtune::engine::ModelConfig::from_hf_config(&serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
-    }))
-    .unwrap();
+    let cfg = crate::tiny_util::llama_8b_config();
     let ft = Finetune::Lora(LoraSpec {
         r: 16,
         alpha: 32.0,

@@ -17,7 +17,7 @@ use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::{ModelFiles, load_hf_folder};
 use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
 
-use crate::tiny_util::max_abs_diff;
+use crate::tiny_util::{max_abs, max_abs_diff};
 
 const CPU: Device = Device::Cpu;
 
@@ -86,17 +86,6 @@ fn cached_logits(m: &Model) -> (Tensor, Tensor) {
     let next = Tensor::new(&[17u32], &CPU).unwrap().unsqueeze(0).unwrap();
     let b = m.forward_cached(&next, &mut cache, false).unwrap();
     (a, b)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -528,13 +517,7 @@ fn quantization_bit_4_trains_lora_over_nf4_linears_like_the_dequantized_base() {
 #[test]
 fn the_memory_estimate_counts_quantized_linears() {
     use termtune::engine::memory::{BaseStorage, base_weight_bytes};
-    let cfg = termtune::engine::ModelConfig::from_hf_config(&serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
-    }))
-    .unwrap();
+    let cfg = crate::tiny_util::llama_8b_config();
     let ft = lora(16);
     let dense = base_weight_bytes(&cfg, &ft, DType::BF16, BaseStorage::Dense);
     let q8 = base_weight_bytes(

@@ -195,7 +195,7 @@ fn smollm2_basis() -> termtune::app::MemoryBasis {
     termtune::app::MemoryBasis {
         config,
         source_storage: termtune::engine::memory::BaseStorage::Dense,
-        device: candle_core::Device::Cpu,
+        device: "cpu".into(),
     }
 }
 

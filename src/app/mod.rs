@@ -190,12 +190,13 @@ pub struct Editing {
 }
 
 /// What the Model pane's memory estimate needs besides the preset: the model's shape, how its source holds the
-/// weights, and the device a run would use (probed off the UI thread).
+/// weights, and the device a run would use (probed off the UI thread, as `cpu` or `cuda:N`: naming it starts no
+/// CUDA context in the TUI's process, whose GPU memory the run would lose).
 #[derive(Debug, Clone)]
 pub struct MemoryBasis {
     pub config: crate::engine::ModelConfig,
     pub source_storage: crate::engine::memory::BaseStorage,
-    pub device: candle_core::Device,
+    pub device: String,
 }
 
 impl MemoryBasis {
@@ -204,7 +205,7 @@ impl MemoryBasis {
     pub fn line(&self, p: &crate::config::Preset) -> Result<String, String> {
         let base = crate::resolve::base_storage_over(p, self.source_storage);
         let (dtype, est) =
-            crate::resolve::memory_estimate(p, &self.config, &self.device, base, None)?;
+            crate::resolve::memory_estimate(p, &self.config, self.device == "cpu", base, None)?;
         let h = |b: u64| crate::fsutil::human_bytes(b);
         let held = match base {
             crate::engine::memory::BaseStorage::Bnb4(k, double) => {
@@ -220,7 +221,7 @@ impl MemoryBasis {
             h(est.weights),
             h(est.trainable),
             h(est.activations + est.attention + est.logits),
-            crate::engine::device::short_name(&self.device),
+            self.device,
         ))
     }
 }

@@ -320,7 +320,7 @@ pub struct Bnb4Tensor {
     absmax: DeviceAbsmax,
     /// (256, 2) f32: the two code values of each packed byte (one lookup per byte on any device).
     pairs: Tensor,
-    /// On the CPU, every block's absmax in float32, computed on first use by the fused product.
+    /// On the CPU, every block's absmax in float32, computed on first use ([`Self::host_absmax`]).
     host_absmax: std::sync::OnceLock<Vec<f32>>,
 }
 
@@ -451,8 +451,18 @@ impl Bnb4Tensor {
         self.dequantize_ops()
     }
 
+    /// Every block's absmax in float32 on the host, computed once (a CPU training step dequantizes each weight
+    /// three times: forward, recomputation, backward).
+    fn host_absmax(&self) -> Result<&[f32]> {
+        if let Some(a) = self.host_absmax.get() {
+            return Ok(a);
+        }
+        let a = self.absmax_ops()?.to_vec1::<f32>()?;
+        Ok(self.host_absmax.get_or_init(|| a))
+    }
+
     fn dequantize_cpu(&self) -> Result<Tensor> {
-        let absmax = self.absmax_ops()?.to_vec1::<f32>()?;
+        let absmax = self.host_absmax()?;
         let (s, l) = self.packed.storage_and_layout();
         let Storage::Cpu(cpu) = &*s else {
             return Err(EngineError::Invalid(
@@ -461,7 +471,7 @@ impl Bnb4Tensor {
         };
         let packed = &cpu.as_slice::<u8>()?[l.start_offset()..];
         let n = self.dims[0] * self.dims[1];
-        let v = dequantize_into(packed, &absmax, self.kind, n);
+        let v = dequantize_into(packed, absmax, self.kind, n);
         Ok(Tensor::from_vec(
             v,
             (self.dims[0], self.dims[1]),
@@ -478,22 +488,14 @@ impl Bnb4Tensor {
         if !self.device().is_cpu() || k % BLOCKSIZE != 0 || m > FUSED_MAX_ROWS || x.len() != m * k {
             return Ok(None);
         }
-        let absmax = match self.host_absmax.get() {
-            Some(a) => a,
-            None => {
-                let a = self.absmax_ops()?.to_vec1::<f32>()?;
-                self.host_absmax.get_or_init(|| a)
-            }
-        };
+        let absmax = self.host_absmax()?;
         let (st, l) = self.packed.storage_and_layout();
         let Storage::Cpu(cpu) = &*st else {
             return Ok(None);
         };
         let packed = &cpu.as_slice::<u8>()?[l.start_offset()..];
         let code = self.kind.code();
-        let pairs: Vec<[f32; 2]> = (0..256usize)
-            .map(|b| [code[b >> 4], code[b & 15]])
-            .collect();
+        let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 15]]);
         let blocks_per_row = k / BLOCKSIZE;
         // Output column-major per weight row: out_t[row][i] = y[i][row].
         let mut out_t = vec![0f32; n * m];

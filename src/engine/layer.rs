@@ -1089,8 +1089,8 @@ impl CustomOp1 for HeadLoss {
 /// largest mmap threshold, 32 MiB, so the chunk buffers are reused from the heap instead of being mapped and zeroed
 /// anew). GPU: about 512 MiB (the softmax and its gradient double it), so a chunk is a few large GEMMs rather
 /// than hundreds of small launches, and the peak stays far below the unchunked (rows × vocab) matrices.
-pub fn head_chunk_rows(vocab: usize, device: &candle_core::Device) -> usize {
-    let floats: usize = if device.is_cpu() { 6 << 20 } else { 128 << 20 };
+pub fn head_chunk_rows(vocab: usize, on_cpu: bool) -> usize {
+    let floats: usize = if on_cpu { 6 << 20 } else { 128 << 20 };
     (floats / vocab.max(1)).max(1)
 }
 

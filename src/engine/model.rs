@@ -420,25 +420,21 @@ impl Loader<'_> {
 
     /// The tensor `name`: quantized ones stay quantized (on the model device), dense ones in the model dtype.
     fn load(&self, name: &str, shape: &[usize]) -> Result<Loaded> {
-        if let Some(q) = self.bnb4.get(name) {
-            Self::check(name, q.dims(), shape)?;
-            if q.device().same_device(self.device) {
-                return Ok(Loaded::Bnb4(q.clone()));
+        let kept = if let Some(q) = self.bnb4.get(name) {
+            Some((q.dims(), q.device().clone(), Loaded::Bnb4(q.clone())))
+        } else {
+            self.quantized
+                .get(name)
+                .map(|q| (q.shape().dims(), q.device(), Loaded::Quantized(q.clone())))
+        };
+        if let Some((dims, device, loaded)) = kept {
+            Self::check(name, dims, shape)?;
+            if device.same_device(self.device) {
+                return Ok(loaded);
             }
             return Err(EngineError::Invalid(format!(
-                "{name}: the 4-bit tensor is on {:?}, the model on {:?}; quantize it on the model's device",
-                q.device().location(),
-                self.device.location()
-            )));
-        }
-        if let Some(q) = self.quantized.get(name) {
-            Self::check(name, q.shape().dims(), shape)?;
-            if q.device().same_device(self.device) {
-                return Ok(Loaded::Quantized(q.clone()));
-            }
-            return Err(EngineError::Invalid(format!(
-                "{name}: the quantized tensor is on {:?}, the model on {:?}; load the file onto the model's device",
-                q.device().location(),
+                "{name}: the quantized tensor is on {:?}, the model on {:?}; load the model onto one device",
+                device.location(),
                 self.device.location()
             )));
         }
@@ -629,7 +625,7 @@ impl Model {
             unpad: true,
             manual_backward: true,
             dropout_seed: 0,
-            head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device)),
+            head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device.is_cpu())),
             inv_freq,
             trainable,
         };

@@ -230,11 +230,14 @@ pub struct Bnb4Linear {
 }
 
 impl Bnb4Linear {
-    fn dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        self.w
+    /// The product with the weight dequantized into `dtype` for it ([`FrozenLinear`] over the dense copy).
+    fn dense(&self, dtype: DType) -> candle_core::Result<FrozenLinear> {
+        let w = self
+            .w
             .dequantize()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .to_dtype(dtype)
+            .to_dtype(dtype)?;
+        Ok(FrozenLinear { w })
     }
 }
 
@@ -244,12 +247,7 @@ impl CustomOp1 for Bnb4Linear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = self.dense(s.dtype())?;
-        let (ws, wl) = w.storage_and_layout();
-        match &*ws {
-            Storage::Cpu(w) => frozen_fwd(s, l, w, wl),
-            _ => candle_core::bail!("bnb4-linear: weight and input on different devices"),
-        }
+        self.dense(s.dtype())?.cpu_fwd(s, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -258,21 +256,11 @@ impl CustomOp1 for Bnb4Linear {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let w = self.dense(s.dtype())?;
-        let (ws, wl) = w.storage_and_layout();
-        match &*ws {
-            Storage::Cuda(w) => frozen_fwd(s, l, w, wl),
-            _ => candle_core::bail!("bnb4-linear: weight and input on different devices"),
-        }
+        self.dense(s.dtype())?.cuda_fwd(s, l)
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let w = self.dense(gy.dtype())?;
-        let gx = gy
-            .reshape(((), w.dim(0)?))?
-            .matmul(&w)?
-            .reshape(x.shape())?;
-        Ok(Some(gx))
+    fn bwd(&self, x: &Tensor, y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.dense(gy.dtype())?.bwd(x, y, gy)
     }
 }
 
@@ -283,7 +271,7 @@ pub fn bnb4_linear(x: &Tensor, w: &Arc<Bnb4Tensor>) -> candle_core::Result<Tenso
         return x.contiguous()?.apply_op1(Bnb4Linear { w: w.clone() });
     }
     let dims = x.dims();
-    let Some((&k, rest)) = dims.split_last() else {
+    let Some((_, rest)) = dims.split_last() else {
         candle_core::bail!("bnb4-linear: scalar input")
     };
     let m: usize = rest.iter().product();
@@ -295,12 +283,11 @@ pub fn bnb4_linear(x: &Tensor, w: &Arc<Bnb4Tensor>) -> candle_core::Result<Tenso
         if let Some(y) = fused {
             let mut out = rest.to_vec();
             out.push(w.dims()[0]);
-            debug_assert_eq!(xs.len(), m * k);
             return Tensor::from_vec(y, out, x.device());
         }
     }
     let dense = Bnb4Linear { w: w.clone() }.dense(x.dtype())?;
-    linear(x, &dense)
+    linear(x, &dense.w)
 }
 
 /// `x · Wᵀ` for x of any rank ≥ 2 (plain matmul; gradients flow to W when W is tracked).

@@ -419,7 +419,8 @@ fn memory_check(
         return Ok(None);
     };
     let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
-    let Ok((_, est)) = resolve::memory_estimate(p, &cfg, device, resolve::base_storage(p), None)
+    let Ok((_, est)) =
+        resolve::memory_estimate(p, &cfg, device.is_cpu(), resolve::base_storage(p), None)
     else {
         return Ok(None);
     };

@@ -477,12 +477,12 @@ fn probe(model: &ModelRef, tx: &UnboundedSender<Msg>) {
     let info = crate::engine::source::describe(&model.name_or_path, &hub);
     let memory = crate::engine::source::config_json(&model.name_or_path, &hub)
         .and_then(|c| crate::engine::ModelConfig::from_hf_config(&c).ok())
-        .and_then(|config| {
-            Some(Box::new(crate::app::MemoryBasis {
+        .map(|config| {
+            Box::new(crate::app::MemoryBasis {
                 config,
                 source_storage: crate::engine::source::base_storage(&model.name_or_path, &hub),
-                device: crate::engine::device::chosen().ok()?,
-            }))
+                device: crate::engine::device::chosen_label(),
+            })
         });
     let _ = tx.send(Msg::ModelInfo {
         name: model.name_or_path.clone(),

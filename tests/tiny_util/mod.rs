@@ -61,6 +61,29 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The largest absolute value of an f32 tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Llama-3.1-8B's shape (its config.json's numbers), for memory estimates.
+pub fn llama_8b_config() -> termtune::engine::ModelConfig {
+    termtune::engine::ModelConfig::from_hf_config(&json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
+    }))
+    .unwrap()
+}
+
 /// The tiny model (seed 1234) in f64 with LoRA r 4 on every linear layer whose B matrices are random (a trained
 /// adapter: the policy differs from the base), running `kernels`.
 pub fn tiny_lora_f64(dir: &Path, kernels: Kernels) -> Model {
