@@ -125,6 +125,8 @@ pub struct ModelRef {
     pub cache_dir: Option<String>,
     /// `hf_hub_token`: the token instead of the environment's.
     pub hf_hub_token: Option<String>,
+    /// `gguf_dequantize` (or `quantization_bit`): how a GGUF file's quantized weights are held.
+    pub gguf: source::GgufWeights,
 }
 
 impl ModelRef {
@@ -135,6 +137,8 @@ impl ModelRef {
             revision: p.model_revision.clone(),
             cache_dir: p.cache_dir.clone(),
             hf_hub_token: p.hf_hub_token.clone(),
+            // quantization_bit quantizes dense weights: a GGUF base is dequantized first.
+            gguf: source::GgufWeights::of(p.gguf_dequantize || p.quantization_bit.is_some()),
         }
     }
 
@@ -176,11 +180,12 @@ pub fn load_model(
         files,
         kind,
         base_name,
-    } = source::load_model(
+    } = source::load_model_with(
         &model.name_or_path,
         &model.hub_options(),
         dtype,
         device,
+        model.gguf,
         progress,
     )?;
     let tokenizer = LoadedTokenizer {
@@ -302,10 +307,7 @@ pub fn base_storage(p: &Preset) -> crate::engine::memory::BaseStorage {
     if p.quantization_bit.is_some() {
         return base_storage_over(p, crate::engine::memory::BaseStorage::Dense);
     }
-    base_storage_over(
-        p,
-        source::base_storage(&p.model_name_or_path, &ModelRef::of(p).hub_options()),
-    )
+    base_storage_over(p, source::base_storage(&p.model_name_or_path))
 }
 
 /// [`base_storage`] for a source already probed (`source`: how the model source holds its weights).
@@ -317,6 +319,7 @@ pub fn base_storage_over(
     match p.quantization_bit {
         Some(8) => BaseStorage::Linears(candle_core::quantized::GgmlDType::Q8_0),
         Some(4) => BaseStorage::Bnb4(four_bit(p), p.double_quantization),
+        _ if p.gguf_dequantize => BaseStorage::Dense,
         _ => source,
     }
 }

@@ -1,7 +1,8 @@
-//! termtune's own model and generation on the real SmolLM2-135M-Instruct GGUF, against an
-//! independent implementation: tests/fixtures/smollm2_greedy_reference.json was made by
-//! `scripts/smollm2_reference.py` with transformers 5.24 + torch 2.15 loading the same GGUF
-//! dequantized to float32 (see the fixture's `note`, `tools` and `command`).
+//! termtune's own model and generation on the real SmolLM2-135M-Instruct GGUF, against independent
+//! implementations: dequantized (`gguf_dequantize: true`) against transformers
+//! (tests/fixtures/smollm2_greedy_reference.json, made by `scripts/smollm2_reference.py` with transformers 5.24 +
+//! torch 2.15 loading the same GGUF dequantized to float32), and kept quantized (the default) against llama.cpp
+//! (tests/fixtures/smollm2_llamacpp_greedy.json, `scripts/smollm2_llamacpp_reference.py`).
 
 use std::process::Command;
 
@@ -34,7 +35,7 @@ fn greedy_answer_matches_transformers_token_for_token() {
     let system = r["messages"][0]["content"].as_str().unwrap();
     let user = r["messages"][1]["content"].as_str().unwrap();
     let text = format!(
-        "model_name_or_path: {}\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\n",
+        "model_name_or_path: {}\ngguf_dequantize: true\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\n",
         gguf.display(),
         system
     );
@@ -59,17 +60,63 @@ fn greedy_answer_matches_transformers_token_for_token() {
     assert_eq!(answer.text, r["answer_text"].as_str().unwrap());
 }
 
+fn llama_cpp_reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2_llamacpp_greedy.json"),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The file kept quantized (the default for a named GGUF) answers as llama.cpp does on it, token for token:
+/// tests/fixtures/smollm2_llamacpp_greedy.json, made by `scripts/smollm2_llamacpp_reference.py` with
+/// llama-cpp-python. Both round the activations to 8 bits for each quantized product; the dequantized model's
+/// answer (transformers', above) is a different one.
+#[test]
+fn kept_quantized_greedy_answer_matches_llama_cpp_token_for_token() {
+    let r = llama_cpp_reference();
+    let gguf = termtune::testing::smollm2_gguf();
+    let text = format!(
+        "model_name_or_path: {}\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\n",
+        gguf.display(),
+        r["system"].as_str().unwrap()
+    );
+    let loaded = config::parse(&text, &[], Purpose::Chat).unwrap();
+    let mut session = ChatSession::load(&loaded.preset, &Device::Cpu, &mut |_| {}).unwrap();
+    assert!(session.info.quantized_base);
+    assert!(
+        session
+            .info
+            .to_string()
+            .contains("GGUF, weights kept quantized"),
+        "{}",
+        session.info
+    );
+    let user = r["user"].as_str().unwrap();
+    assert_eq!(
+        session.rendered_prompt(user).unwrap(),
+        r["prompt"].as_str().unwrap()
+    );
+    let answer = session
+        .answer(user, None, |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(answer.tokens, ids(&r, "greedy_ids"), "{}", answer.text);
+    assert_eq!(answer.text, r["greedy_text"].as_str().unwrap());
+}
+
 #[test]
 fn chat_prompt_prints_only_the_answer_on_stdout() {
+    let r = llama_cpp_reference();
     let gguf = termtune::testing::smollm2_gguf();
     let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
         .args(["chat", "--model"])
         .arg(&gguf)
         .args([
             "--system",
-            "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+            r["system"].as_str().unwrap(),
             "--prompt",
-            "What is the capital of France?",
+            r["user"].as_str().unwrap(),
             "--temperature",
             "0",
             "--max-new-tokens",
@@ -82,13 +129,15 @@ fn chat_prompt_prints_only_the_answer_on_stdout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The file kept quantized: llama.cpp's answer.
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "The capital of France is Paris.\n"
+        format!("{}\n", r["greedy_text"].as_str().unwrap())
     );
     // What is loaded is said on stderr, never mixed into the answer.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("adapter: none (base model)"), "{stderr}");
+    assert!(stderr.contains("GGUF, weights kept quantized"), "{stderr}");
 }
 
 #[test]
@@ -130,7 +179,7 @@ fn cuda_greedy_answer_matches_transformers_and_the_cpu() {
     let system = r["messages"][0]["content"].as_str().unwrap();
     let user = r["messages"][1]["content"].as_str().unwrap();
     let text = format!(
-        "model_name_or_path: {}\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\ninfer_dtype: float32\n",
+        "model_name_or_path: {}\ngguf_dequantize: true\ndefault_system: {:?}\ndo_sample: false\nmax_new_tokens: 24\ninfer_dtype: float32\n",
         gguf.display(),
         system
     );

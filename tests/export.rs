@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use termtune::config::{self, Preset, Purpose};
 use termtune::engine::hub::HubOptions;
-use termtune::engine::source::load_model;
+use termtune::engine::source::{GgufWeights, load_model, load_model_with};
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model, adapter};
@@ -605,7 +605,15 @@ fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
 
     let answer = |path: &Path| -> Vec<u32> {
         let hub = HubOptions::from_vars(|_| None);
-        let src = load_model(path.to_str().unwrap(), &hub, DType::F32, &CPU, &mut |_| {}).unwrap();
+        let src = load_model_with(
+            path.to_str().unwrap(),
+            &hub,
+            DType::F32,
+            &CPU,
+            GgufWeights::Dequantized,
+            &mut |_| {},
+        )
+        .unwrap();
         let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
         let tok = src.files.tokenizer.unwrap();
         let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
@@ -642,6 +650,142 @@ fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
     );
 }
 
+/// SmolLM2's chat prompt for "What is the capital of France?" (its template, the default system prompt).
+const SMOL_PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+
+/// The greedy answer (16 tokens at most, eos 2) of a SmolLM2 GGUF to the France prompt, loaded as `gguf` says.
+fn smol_greedy(path: &Path, gguf: GgufWeights) -> Vec<u32> {
+    let hub = HubOptions::from_vars(|_| None);
+    let src = load_model_with(
+        path.to_str().unwrap(),
+        &hub,
+        DType::F32,
+        &CPU,
+        gguf,
+        &mut |_| {},
+    )
+    .unwrap();
+    let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+    let tok = src.files.tokenizer.unwrap();
+    let ids = tok.encode(SMOL_PROMPT, false).unwrap().get_ids().to_vec();
+    let params = termtune::engine::generate::GenerationParams {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let (toks, _) = termtune::engine::generate::generate(&model, &ids, &params, &[2], None, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    eprintln!(
+        "{:?}: {:?} {:?}",
+        path.file_name(),
+        toks,
+        tok.decode(&toks, false).unwrap()
+    );
+    toks
+}
+
+/// SmolLM2 exported to GGUF in llama.cpp's 4-bit types (q4_k_m, q4_0, q4_1): every tensor gets the type
+/// `llama-quantize` gives it (tests/fixtures/export_q4_llamacpp_reference.json: llama.cpp quantizing the f16
+/// export of the same model), and termtune, running the file kept quantized, answers as llama.cpp does on it.
+#[test]
+fn smollm2_4bit_gguf_exports_take_llama_cpp_types_and_answers() {
+    let gguf = termtune::testing::smollm2_gguf();
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = std::env::var("TERMTUNE_EXPORT_REFERENCE_DIR").ok();
+    let mut exported = Vec::new();
+    for ty in ["f16", "q4_k_m", "q4_0", "q4_1"] {
+        let out = tmp.path().join(format!("smol-{ty}"));
+        let p = preset(&[
+            format!("model_name_or_path: {}", gguf.display()),
+            format!("export_dir: {}", out.display()),
+            "export_format: gguf".into(),
+            format!("export_gguf_type: {ty}"),
+        ]);
+        let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+        assert_eq!(report.weights_type, ty);
+        let file = out.join(format!("model-{ty}.gguf"));
+        // `scripts/export_q4_llamacpp_reference.py` reads these files (TERMTUNE_EXPORT_REFERENCE_DIR, not set in CI).
+        if let Some(keep) = &keep {
+            std::fs::create_dir_all(keep).unwrap();
+            std::fs::copy(&file, Path::new(keep).join(format!("smol-{ty}.gguf"))).unwrap();
+        }
+        exported.push((ty, file));
+    }
+    let fixture = read_json(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/export_q4_llamacpp_reference.json"),
+    );
+    for (ty, file) in exported.iter().filter(|(ty, _)| *ty != "f16") {
+        let r = &fixture[*ty];
+        let types: std::collections::BTreeMap<String, String> =
+            termtune::engine::gguf::tensor_types(file)
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n, format!("{t:?}")))
+                .collect();
+        let want: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(r["llama_quantize_types"].clone()).unwrap();
+        assert_eq!(types, want, "{ty}: tensor types against llama-quantize's");
+        // The last prompt position's 20 largest logits (about 20) against llama.cpp's (f32 KV cache). Measured:
+        // within 0.28 (q4_0), 0.34 (q4_1) and 0.88 (q4_k_m): both round the activations to 8 bits per product,
+        // and those roundings differ in ties and in the order of the float sums.
+        let logits = smol_logits(file);
+        let worst = r["f32_kv_top_logits"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(id, v)| {
+                (logits[id.parse::<usize>().unwrap()] - v.as_f64().unwrap() as f32).abs()
+            })
+            .fold(0f32, f32::max);
+        eprintln!("{ty}: max |Δlogit| against llama.cpp over its top 20 = {worst:.3}");
+        assert!(
+            worst < if *ty == "q4_k_m" { 1.25 } else { 0.5 },
+            "{ty}: {worst}"
+        );
+        // q4_k_m's first token is a near tie in llama.cpp itself (23.553 against 23.550 with an f32 KV cache), so
+        // only the 4-bit types whose answers are not are compared token for token.
+        if *ty != "q4_k_m" {
+            let answer = smol_greedy(file, GgufWeights::Quantized);
+            assert_eq!(
+                serde_json::json!(answer),
+                r["greedy_ids"],
+                "{ty}: greedy answer against llama.cpp's"
+            );
+        }
+    }
+}
+
+/// The logits after the France prompt of a SmolLM2 GGUF kept quantized (f32).
+fn smol_logits(path: &Path) -> Vec<f32> {
+    let hub = HubOptions::from_vars(|_| None);
+    let src = load_model_with(
+        path.to_str().unwrap(),
+        &hub,
+        DType::F32,
+        &CPU,
+        GgufWeights::Quantized,
+        &mut |_| {},
+    )
+    .unwrap();
+    let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
+    let tok = src.files.tokenizer.unwrap();
+    let ids = tok.encode(SMOL_PROMPT, false).unwrap().get_ids().to_vec();
+    let mut cache = termtune::engine::KvCache::new(model.layers.len());
+    let x = Tensor::new(ids.as_slice(), &CPU)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward_cached(&x, &mut cache, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// A GGUF base exported as a Hugging Face folder: bf16 safetensors, the tokenizer rebuilt from the GGUF metadata
 /// (same ids as the GGUF's), the chat template, and logits of the export equal to the dequantized base rounded to
 /// bf16 (loaded back in f32).
@@ -668,7 +812,15 @@ fn smollm2_gguf_base_exports_as_a_hugging_face_folder() {
             .contains("<|im_start|>")
     );
     let hub = HubOptions::from_vars(|_| None);
-    let src = load_model(gguf.to_str().unwrap(), &hub, DType::F32, &CPU, &mut |_| {}).unwrap();
+    let src = load_model_with(
+        gguf.to_str().unwrap(),
+        &hub,
+        DType::F32,
+        &CPU,
+        GgufWeights::Dequantized,
+        &mut |_| {},
+    )
+    .unwrap();
     let text = "<|im_start|>user\nHow many r's are in strawberry? 12345<|im_end|>\n";
     assert_eq!(
         files

@@ -26,6 +26,7 @@ mod engine_bench;
 mod export;
 mod gguf_loader;
 mod gguf_mirror;
+mod gguf_reference;
 mod gguf_smollm2;
 mod gpu;
 mod hub_cache;

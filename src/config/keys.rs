@@ -308,6 +308,11 @@ pub const KEYS: &[KeySpec] = &[
         Model,
         "quantization_bit 4: quantize the per-block absmax again (8-bit, blocks of 256), 0.37 bits per weight saved, as bitsandbytes' compress_statistics.",
     ),
+    imp(
+        "gguf_dequantize",
+        Model,
+        "termtune only: load a GGUF base dequantized (the numbers transformers computes from the file) instead of in its block types as llama.cpp runs it (about its file size in memory, quantized kernels, activations rounded to 8 bits per product).",
+    ),
     uns(
         "quantization_device_map",
         Model,
@@ -1246,7 +1251,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "export_gguf_type",
         Export,
-        "termtune only: tensor type of a GGUF export, f16 or q8_0.",
+        "termtune only: tensor type of a GGUF export: f32, f16, q8_0, or llama.cpp's 4-bit q4_k_m, q4_0, q4_1 (each tensor typed as llama-quantize types it).",
     ),
     noe(
         "export_device",

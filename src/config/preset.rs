@@ -218,6 +218,14 @@ pub enum GgufType {
     F16,
     #[serde(rename = "q8_0")]
     Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output (or a tied embedding) and for the attn_v and
+    /// ffn_down of the layers `use_more_bits` picks.
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
 }
 
 /// A preset, with defaults filled in. `Option` fields are those whose absence means something
@@ -237,6 +245,8 @@ pub struct Preset {
     pub quantization_method: QuantizationMethod,
     pub quantization_type: QuantizationType,
     pub double_quantization: bool,
+    /// termtune only: load a GGUF base dequantized (transformers' numbers) instead of in its block types.
+    pub gguf_dequantize: bool,
     pub identity_name: Option<String>,
     pub identity_author: Option<String>,
     pub disable_gradient_checkpointing: bool,
@@ -349,6 +359,7 @@ impl Default for Preset {
             quantization_method: QuantizationMethod::Bnb,
             quantization_type: QuantizationType::Nf4,
             double_quantization: true,
+            gguf_dequantize: false,
             identity_name: None,
             identity_author: None,
             disable_gradient_checkpointing: false,

@@ -151,6 +151,18 @@ fn read_content(path: &Path) -> Result<(Content, BufReader<File>), GgufError> {
     Ok((content, reader))
 }
 
+/// Each tensor's GGML type (llama.cpp names), from the header only.
+pub fn tensor_types(path: &Path) -> Result<Vec<(String, GgmlDType)>, GgufError> {
+    let (ct, _) = read_content(path)?;
+    let mut v: Vec<_> = ct
+        .tensor_infos
+        .iter()
+        .map(|(n, i)| (n.clone(), i.ggml_dtype))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
 /// Reads only the header (metadata and tensor table) of a GGUF file.
 pub fn gguf_metadata(path: &Path) -> Result<GgufSummary, GgufError> {
     let (ct, _) = read_content(path)?;

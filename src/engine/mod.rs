@@ -22,6 +22,7 @@ pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod profile;
+pub mod q4_1;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
+use super::q4_1;
 
 pub mod fused;
 pub mod generic;
@@ -173,7 +174,22 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.w.cpu_fwd(s, l)
+        if self.w.dtype() != GgmlDType::Q4_1 {
+            return self.w.cpu_fwd(s, l);
+        }
+        // candle's Q4_1 product is a scalar loop: llama.cpp's SIMD kernel instead (`q4_1`).
+        let (n, k) = self.w.shape().dims2()?;
+        let (m, kx) = l.shape().dims2()?;
+        if kx != k || !k.is_multiple_of(q4_1::QK) {
+            return self.w.cpu_fwd(s, l);
+        }
+        let (CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            return self.w.cpu_fwd(s, l);
+        };
+        let w = self.w.data()?;
+        let mut out = vec![0f32; m * n];
+        q4_1::matmul_t(q4_1::Kernel::detect(), &x[a..b], m, k, &w, n, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -202,7 +218,9 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
         candle_core::bail!("quantized-linear: scalar input")
     };
     let native = match x.device() {
-        candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        candle_core::Device::Cpu if w.dtype() != GgmlDType::Q4_1 => {
+            matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        }
         _ => x.dtype() == DType::F32,
     };
     let xin = if native {
@@ -211,10 +229,11 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
         x.to_dtype(DType::F32)?.contiguous()?
     };
     let x2 = xin.reshape(((), k))?;
+    let op = QuantizedLinear { w: w.clone() };
     let y = if x2.track_op() {
-        x2.apply_op1(QuantizedLinear { w: w.clone() })?
+        x2.apply_op1(op)?
     } else {
-        x2.apply_op1_no_bwd(w.as_ref())?
+        x2.apply_op1_no_bwd(&op)?
     };
     let mut out = rest.to_vec();
     out.push(w.shape().dims2()?.0);

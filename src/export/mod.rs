@@ -203,6 +203,8 @@ pub fn export_cancellable(
             GgufType::F32 => elems * 4,
             GgufType::F16 => elems * 2,
             GgufType::Q8_0 => elems * 34 / 32,
+            // Q4_K_M's Q6_K tensors take 210 bytes per 256 weights; bound the mix by them.
+            GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4KM => elems * 210 / 256,
         }
     } else {
         elems * bytes_per(out_dtype)

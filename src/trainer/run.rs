@@ -635,11 +635,12 @@ fn reference_model(
     rp.model_name_or_path = name.to_string();
     rp.adapter_name_or_path.clone_from(&p.ref_model_adapters);
     let r = resolve::ModelRef::of(&rp);
-    let loaded = crate::engine::source::load_model(
+    let loaded = crate::engine::source::load_model_with(
         &r.name_or_path,
         &r.hub_options(),
         dtype,
         device,
+        r.gguf,
         progress,
     )?;
     let mut m = Model::from_files(&loaded.files, dtype, device, &Finetune::Frozen)?;

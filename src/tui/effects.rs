@@ -480,7 +480,7 @@ fn probe(model: &ModelRef, tx: &UnboundedSender<Msg>) {
         .map(|config| {
             Box::new(crate::app::MemoryBasis {
                 config,
-                source_storage: crate::engine::source::base_storage(&model.name_or_path, &hub),
+                source_storage: crate::engine::source::base_storage(&model.name_or_path),
                 device: crate::engine::device::chosen_label(),
             })
         });

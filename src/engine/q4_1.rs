@@ -1,0 +1,357 @@
+//! `x · Wᵀ` on the CPU for a GGML `Q4_1` weight, the way llama.cpp computes it: the activations are rounded to
+//! `Q8_1` blocks (32 int8 and an f16 scale, plus the f16 `s = d·Σq` that folds in the weight's minimum) and each
+//! 32-wide block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has SIMD kernels for
+//! Q4_0, Q8_0 and the K-quants but a scalar loop for Q4_1 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file); this
+//! is the AVX2 kernel (llama.cpp's `ggml_vec_dot_q4_1_q8_1`), with AVX-512 VNNI's byte dot product where the CPU has
+//! it, and the scalar formula elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1`
+//! (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is llama.cpp's up to the order
+//! of the float additions.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use half::f16;
+
+/// Values per block (weights and activations).
+pub const QK: usize = 32;
+/// Bytes of one `Q4_1` block: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles (value j in the low nibble of
+/// byte j, value j+16 in its high nibble); a weight is `d·q + m`.
+pub const Q4_1_BYTES: usize = 20;
+
+/// One block of activations rounded to 8 bits: `x ≈ d·q`, `s = d·Σq`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_1 {
+    d: f32,
+    s: f32,
+    qs: [i8; QK],
+}
+
+/// Rounds one row of activations (length a multiple of [`QK`]) to `Q8_1` blocks, as llama.cpp's x86
+/// `quantize_row_q8_1`: `d` and `s` are stored as f16 there, so they are rounded through f16 here too.
+#[allow(unsafe_code)]
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        unsafe { x86::quantize_row_q8_1_avx2(x, out) };
+        return;
+    }
+    quantize_row_q8_1_impl(x, out);
+}
+
+/// The body of [`quantize_row_q8_1`], compiled once plainly and once with AVX2 (where `round_ties_even` is one
+/// instruction instead of a libm call and the loops vectorize).
+#[inline(always)]
+fn quantize_row_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (xs, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for (q, &v) in y.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+        let sum: i32 = y.qs.iter().map(|&q| i32::from(q)).sum();
+        y.d = f16::from_f32(d).to_f32();
+        y.s = f16::from_f32(d * sum as f32).to_f32();
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// One dot product of a `Q4_1` row (`blocks` × [`Q4_1_BYTES`]) with a `Q8_1` row, the scalar formula.
+fn dot_scalar(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(y) {
+        let mut si = 0i32;
+        for j in 0..QK / 2 {
+            let q = b[4 + j];
+            si += i32::from(q & 0x0f) * i32::from(y.qs[j])
+                + i32::from(q >> 4) * i32::from(y.qs[j + QK / 2]);
+        }
+        sum += si as f32 * f16_at(b, 0) * y.d + f16_at(b, 2) * y.s;
+    }
+    sum
+}
+
+// The SIMD kernels: intrinsics need `unsafe` (unaligned loads from slices whose length is checked, and calls into
+// `target_feature` functions only after `Kernel::detect` saw those features).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{BlockQ8_1, Q4_1_BYTES, QK};
+    use std::arch::x86_64::*;
+
+    /// The 32 nibbles of a block's 16 bytes as bytes 0..15: low nibbles first, then high nibbles.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn nibbles(q: &[u8]) -> __m256i {
+        assert!(q.len() >= 16);
+        // SAFETY: 16 readable bytes (checked above).
+        let t = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
+        let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn quantize_row_q8_1_avx2(x: &[f32], out: &mut [BlockQ8_1]) {
+        super::quantize_row_q8_1_impl(x, out);
+    }
+
+    /// Four rows of W against one Q8_1 row. Per block: the four rows' f16 (d, m) pairs become f32 in one
+    /// conversion and are multiplied by the activations' (d, s) pair; each row's nibbles times the activations
+    /// are summed to 8 i32 lanes by `$prod`, scaled by its d·d' and accumulated in f32 lanes (as llama.cpp's AVX2
+    /// `ggml_vec_dot_q4_1_q8_1`), and the m·s terms are accumulated in the odd lanes of one vector.
+    macro_rules! dot4 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+                let n = y.len();
+                let rows = w.map(|w| &w.as_chunks::<Q4_1_BYTES>().0[..n]);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut mins = _mm256_setzero_ps();
+                for (i, yb) in y.iter().enumerate() {
+                    // SAFETY: `qs` is 32 bytes; `d` and `s` are adjacent f32 (repr(C)), read as one 8-byte pair.
+                    let (qy, ds) = unsafe {
+                        (
+                            _mm256_loadu_si256(yb.qs.as_ptr().cast()),
+                            _mm256_castpd_ps(_mm256_broadcast_sd(
+                                &*std::ptr::from_ref(&yb.d).cast::<f64>(),
+                            )),
+                        )
+                    };
+                    let b = [&rows[0][i], &rows[1][i], &rows[2][i], &rows[3][i]];
+                    let dm = b.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    let dm = _mm256_mul_ps(
+                        _mm256_cvtph_ps(_mm_set_epi32(dm[3], dm[2], dm[1], dm[0])),
+                        ds,
+                    );
+                    mins = _mm256_add_ps(mins, dm);
+                    for r in 0..4 {
+                        let p = $prod(nibbles(&b[r][4..]), qy);
+                        let scale = _mm256_permutevar8x32_ps(dm, _mm256_set1_epi32(2 * r as i32));
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r]);
+                    }
+                }
+                let mut m = [0f32; 8];
+                // SAFETY: `m` is 8 f32.
+                unsafe { _mm256_storeu_ps(m.as_mut_ptr(), mins) };
+                std::array::from_fn(|r| hsum(acc[r]) + m[2 * r + 1])
+            }
+        };
+    }
+
+    // AVX2: `maddubs` (u8·i8 → i16 pairs), `madd` with ones (→ i32).
+    dot4!(dot4_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(qx, qy),
+        _mm256_set1_epi16(1)
+    ));
+    // AVX-512 VNNI's `vpdpbusd` on 256-bit lanes: u8·i8 summed in fours straight into i32.
+    dot4!(
+        dot4_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+
+    #[inline(always)]
+    fn hsum(v: __m256) -> f32 {
+        let mut a = [0f32; 8];
+        // SAFETY: `a` is 8 f32.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    }
+
+    const _: () = assert!(QK == 32);
+}
+
+/// Which dot-product kernel this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU has.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Self::Vnni;
+            }
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Self::Avx2;
+            }
+        }
+        Self::Scalar
+    }
+
+    #[allow(unsafe_code)]
+    fn dot4(self, w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+        match self {
+            Self::Scalar => w.map(|w| dot_scalar(w, y)),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::dot4_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { x86::dot4_vnni(w, y) },
+        }
+    }
+}
+
+/// Columns of the output one work item computes (a multiple of 4).
+const COLS_PER_ITEM: usize = 16;
+
+/// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `Q4_1` tensor of shape (n, k), `k` a multiple of
+/// [`QK`]. The work items are groups of output columns (each weight row is read once for all m rows of x), run on
+/// candle's spinning thread pool, the one its own quantized products use: a decode step makes hundreds of these
+/// small products, and a second pool (rayon's) would wake and park threads for each and fight it for the cores.
+pub fn matmul_t(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+    dst: &mut [f32],
+) {
+    assert!(
+        k.is_multiple_of(QK),
+        "q4_1: k = {k} is not a multiple of {QK}"
+    );
+    let kb = k / QK;
+    let row_bytes = kb * Q4_1_BYTES;
+    assert_eq!(w.len(), n * row_bytes, "q4_1: weight bytes for ({n}, {k})");
+    assert_eq!(x.len(), m * k, "q4_1: input length");
+    assert_eq!(dst.len(), m * n, "q4_1: output length");
+    let zero = BlockQ8_1 {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK],
+    };
+    let mut yq = vec![zero; m * kb];
+    for (y, x) in yq.chunks_exact_mut(kb).zip(x.chunks_exact(k)) {
+        quantize_row_q8_1(x, y);
+    }
+    let wrow = |c: usize| &w[c * row_bytes..(c + 1) * row_bytes];
+    // Each output element is written by exactly one work item; relaxed atomic stores are plain stores on x86.
+    let out: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
+    let item = |g: usize| {
+        let c0 = g * COLS_PER_ITEM;
+        let cols = COLS_PER_ITEM.min(n - c0);
+        for (r, y) in yq.chunks_exact(kb).enumerate() {
+            let o = &out[r * n + c0..r * n + c0 + cols];
+            let mut c = 0;
+            while c + 4 <= cols {
+                let s = kernel.dot4(
+                    [
+                        wrow(c0 + c),
+                        wrow(c0 + c + 1),
+                        wrow(c0 + c + 2),
+                        wrow(c0 + c + 3),
+                    ],
+                    y,
+                );
+                for (o, v) in o[c..c + 4].iter().zip(s) {
+                    o.store(v.to_bits(), Ordering::Relaxed);
+                }
+                c += 4;
+            }
+            for (j, o) in o.iter().enumerate().skip(c) {
+                o.store(dot_scalar(wrow(c0 + j), y).to_bits(), Ordering::Relaxed);
+            }
+        }
+    };
+    candle_core::utils::barrier_pool()
+        .execute_chunked(n.div_ceil(COLS_PER_ITEM), |range| range.for_each(item));
+    for (d, o) in dst.iter_mut().zip(out) {
+        *d = f32::from_bits(o.into_inner());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(d: f32, m: f32, q: impl Fn(usize) -> u8) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Q4_1_BYTES);
+        b.extend(f16::from_f32(d).to_le_bytes());
+        b.extend(f16::from_f32(m).to_le_bytes());
+        b.extend((0..16).map(|j| q(j) | (q(j + 16) << 4)));
+        b
+    }
+
+    /// Every kernel this CPU has gives the scalar formula's dot products (integer sums are exact; only the order
+    /// of the float additions differs), for 1, 3 and 5 rows and a column count that is not a multiple of 4.
+    #[test]
+    fn kernels_agree_with_the_scalar_formula() {
+        let (n, k) = (37, 96);
+        let mut w = Vec::new();
+        for c in 0..n {
+            for b in 0..k / QK {
+                let s = (c * 7 + b * 3) as f32;
+                w.extend(block(0.01 + s * 1e-3, -0.05 + s * 1e-4, |j| {
+                    ((j * 5 + c + b) % 16) as u8
+                }));
+            }
+        }
+        for m in [1, 3, 5] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                .collect();
+            let mut want = vec![0f32; m * n];
+            matmul_t(Kernel::Scalar, &x, m, k, &w, n, &mut want);
+            let mut got = vec![0f32; m * n];
+            matmul_t(Kernel::detect(), &x, m, k, &w, n, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{a} vs {b} (m = {m})"
+                );
+            }
+            // And the scalar formula is the product with the dequantized weight and the rounded activations.
+            let mut yq = vec![
+                BlockQ8_1 {
+                    d: 0.0,
+                    s: 0.0,
+                    qs: [0; QK]
+                };
+                k / QK
+            ];
+            quantize_row_q8_1(&x[..k], &mut yq);
+            for c in 0..n {
+                let mut r = 0f64;
+                for (bi, y) in yq.iter().enumerate() {
+                    let b = &w[(c * k / QK + bi) * Q4_1_BYTES..][..Q4_1_BYTES];
+                    let (d, mn) = (f16_at(b, 0) as f64, f16_at(b, 2) as f64);
+                    for j in 0..QK {
+                        let q = if j < 16 {
+                            b[4 + j] & 15
+                        } else {
+                            b[4 + j - 16] >> 4
+                        };
+                        r += (d * f64::from(q) + mn) * f64::from(y.qs[j]) * y.d as f64;
+                    }
+                }
+                // s = d·Σq is rounded to f16, so the minimum's term is within an f16 ulp of the exact one.
+                assert!(
+                    (want[c] as f64 - r).abs() < 2e-3 * r.abs().max(1.0),
+                    "{} vs {r}",
+                    want[c]
+                );
+            }
+        }
+    }
+}
