@@ -276,6 +276,142 @@ fn dpo_gradients_match_finite_differences_f64() {
     }
 }
 
+/// LD-DPO (`ld_alpha`) as LLaMA-Factory's `get_batch_logps` computes it, transcribed line for line over the
+/// labels and the log-softmax of the logits: the policy's weighted sums, on both head paths, and the DPO gradient
+/// through them against finite differences.
+#[test]
+fn ld_alpha_weights_the_longer_answers_extra_tokens_as_llamafactory() {
+    let alpha = 0.3;
+    let (ids, mask, labels) = pair_batch();
+    // labels[:, 1:] (the label of each next token), loss_mask, valid_length.
+    let lab: Vec<Vec<i64>> = labels
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|r| r[1..].to_vec())
+        .collect();
+    let loss_mask: Vec<Vec<bool>> = lab
+        .iter()
+        .map(|r| r.iter().map(|&l| l != -100).collect())
+        .collect();
+    let valid: Vec<usize> = loss_mask
+        .iter()
+        .map(|r| r.iter().filter(|&&m| m).count())
+        .collect();
+    let n = 2;
+    let min_len: Vec<usize> = (0..n).map(|i| valid[i].min(valid[n + i])).collect();
+    for (kernels, chunk) in [(Kernels::Fused, Some(3)), (Kernels::Pure, None)] {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = tiny(d.path(), kernels);
+        m.head_chunk_rows = chunk;
+        let logits = m.forward(&ids, &mask, false).unwrap();
+        let logp = ops::log_softmax_pure(&logits)
+            .unwrap()
+            .to_vec3::<f64>()
+            .unwrap();
+        let mut got = m.sequence_logps(&ids, &mask, &labels, None, false).unwrap();
+        termtune::trainer::pref::apply_ld_alpha(&mut got, alpha);
+        for b in 0..2 * n {
+            // start_positions = argmax(loss_mask); public_lengths = start + cat([min, min]).
+            let start = loss_mask[b].iter().position(|&m| m).unwrap();
+            let public = start + min_len[b % n];
+            let (mut front, mut rear) = (0.0, 0.0);
+            for t in 0..lab[b].len() {
+                if !loss_mask[b][t] {
+                    continue;
+                }
+                let lp = logp[b][t][lab[b][t] as usize];
+                if t < public { front += lp } else { rear += lp }
+            }
+            let want = front + alpha * rear;
+            assert!(
+                (got.logps[b] - want).abs() < 1e-10,
+                "{kernels:?} row {b}: {} vs {want}",
+                got.logps[b]
+            );
+            assert_eq!(got.tokens[b], valid[b]);
+        }
+        // Row 0 (4 answer tokens against 2) and row 3 (4 against 2) have a rear part; rows 1 and 2 do not.
+        assert!(valid[0] > valid[2] && valid[3] > valid[1]);
+    }
+    // The gradient through the weighted sums (sigmoid DPO, reference = adapter off, unweighted).
+    let cfg = PrefConfig {
+        loss: PrefLoss::Sigmoid,
+        beta: 0.5,
+        ftx: 0.3,
+        label_smoothing: 0.0,
+        simpo_gamma: 0.5,
+    };
+    let loss_of = |m: &mut Model| {
+        let mut p = m.sequence_logps(&ids, &mask, &labels, None, false).unwrap();
+        termtune::trainer::pref::apply_ld_alpha(&mut p, alpha);
+        let r = m.with_adapter_disabled(|m| {
+            m.sequence_logps(&ids, &mask, &labels, None, false).unwrap()
+        });
+        preference_loss(&cfg, &pairs_of(&p.logps, &r.logps, &p.tokens))
+            .unwrap()
+            .mean_loss()
+    };
+    for (kernels, chunk) in [(Kernels::Fused, Some(2)), (Kernels::Pure, None)] {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = tiny(d.path(), kernels);
+        m.head_chunk_rows = chunk;
+        let mut policy = m.sequence_logps(&ids, &mask, &labels, None, true).unwrap();
+        termtune::trainer::pref::apply_ld_alpha(&mut policy, alpha);
+        let r = m.with_adapter_disabled(|m| {
+            m.sequence_logps(&ids, &mask, &labels, None, false).unwrap()
+        });
+        let out =
+            preference_loss(&cfg, &pairs_of(&policy.logps, &r.logps, &policy.tokens)).unwrap();
+        let dl = [
+            out.d_chosen[0] / 2.0,
+            out.d_chosen[1] / 2.0,
+            out.d_rejected[0] / 2.0,
+            out.d_rejected[1] / 2.0,
+        ];
+        let grads = policy.backward(&dl).unwrap();
+        let vars = m.trainable_vars();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut checked = 0;
+        for (name, v) in vars
+            .iter()
+            .filter(|(n, _)| n.contains("layers.0.self_attn.q_proj"))
+        {
+            let g = grads
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let orig = v.as_tensor().copy().unwrap();
+            for _ in 0..3 {
+                let i = rng.random_range(0..orig.elem_count());
+                let h = 1e-5;
+                let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                flat[i] += h;
+                v.set(&Tensor::from_vec(flat.clone(), orig.shape(), &CPU).unwrap())
+                    .unwrap();
+                let lp = loss_of(&mut m);
+                flat[i] -= 2.0 * h;
+                v.set(&Tensor::from_vec(flat, orig.shape(), &CPU).unwrap())
+                    .unwrap();
+                let lm = loss_of(&mut m);
+                v.set(&orig).unwrap();
+                let num = (lp - lm) / (2.0 * h);
+                let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
+                assert!(
+                    rel < 1e-4,
+                    "{kernels:?} {name}[{i}]: analytic {} numeric {num}",
+                    g[i]
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 6);
+    }
+}
+
 /// A dpo preset on the pairs of [`fixture`] (LoRA dropout 0.1, which dpo switches off).
 fn preset(root: &Path, extra: &[&str]) -> Result<config::Loaded, Vec<config::ConfigIssue>> {
     let mut all = vec!["lora_dropout: 0.1"];
@@ -398,7 +534,7 @@ fn wrong_data_and_keys_are_refused_with_the_fix() {
         ("dpo_label_smoothing: 0.7", "dpo_label_smoothing"),
         ("pref_beta: 0", "pref_beta"),
         ("packing: true", "packing"),
-        ("ld_alpha: 0.5", "ld_alpha"),
+        ("ld_alpha: 1.5", "ld_alpha"),
     ] {
         let issues = preset(&root, &[kv]).expect_err(kv);
         assert!(issues.iter().any(|i| i.key == key), "{kv}: {issues:?}");
@@ -406,6 +542,12 @@ fn wrong_data_and_keys_are_refused_with_the_fix() {
     // Label smoothing is a sigmoid-loss key.
     let issues = preset(&root, &["pref_loss: hinge", "dpo_label_smoothing: 0.1"]).unwrap_err();
     assert!(issues[0].message.contains("sigmoid"), "{issues:?}");
+    // LD-DPO's weight is in [0, 1], and a run with one trains.
+    let issues = preset(&root, &["ld_alpha: 1.5"]).unwrap_err();
+    assert!(issues[0].message.contains("[0, 1]"), "{issues:?}");
+    let loaded = preset(&root, &["ld_alpha: 0.5", "max_steps: 2"]).unwrap();
+    let (r, _) = train(&loaded);
+    assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]

@@ -119,7 +119,7 @@ const SPEED_ONLY: &str =
 pub fn stages_of(key: &str) -> Option<&'static [&'static str]> {
     match key {
         "pref_beta" | "pref_ftx" | "ref_model" | "ref_model_adapters" => Some(&["dpo", "kto"]),
-        "pref_loss" | "dpo_label_smoothing" | "simpo_gamma" => Some(&["dpo"]),
+        "pref_loss" | "dpo_label_smoothing" | "simpo_gamma" | "ld_alpha" => Some(&["dpo"]),
         "kto_chosen_weight" | "kto_rejected_weight" => Some(&["kto"]),
         _ => None,
     }
@@ -520,11 +520,10 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "stage dpo, simpo loss: the target reward margin gamma (0.5).",
     ),
-    uns(
+    imp(
         "ld_alpha",
         Method,
-        "null",
-        "length-desensitised DPO (LD-DPO) is not supported yet",
+        "stage dpo: LD-DPO, the weight in [0, 1] of the policy's log-probabilities of the longer answer's tokens past the shorter answer's length (null: off, every token counts once), so that the preference is not learnt from length.",
     ),
     noe("ppo_buffer_size", Method, PREF_STAGE),
     noe("ppo_epochs", Method, PREF_STAGE),

@@ -265,6 +265,8 @@ pub struct Preset {
     pub pref_loss: PrefLoss,
     pub dpo_label_smoothing: f64,
     pub simpo_gamma: f64,
+    /// `ld_alpha` (LD-DPO): None, or the weight in [0, 1] of the longer answer's tokens past the shorter one's length.
+    pub ld_alpha: Option<f64>,
     pub kto_chosen_weight: f64,
     pub kto_rejected_weight: f64,
     pub ref_model: Option<String>,
@@ -377,6 +379,7 @@ impl Default for Preset {
             pref_loss: PrefLoss::Sigmoid,
             dpo_label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            ld_alpha: None,
             kto_chosen_weight: 1.0,
             kto_rejected_weight: 1.0,
             ref_model: None,

@@ -496,6 +496,16 @@ fn validate_dpo_loss(p: &Preset, bad: &mut impl FnMut(&str, String)) {
             ),
         );
     }
+    if let Some(a) = p.ld_alpha
+        && !(0.0..=1.0).contains(&a)
+    {
+        bad(
+            "ld_alpha",
+            format!(
+                "`ld_alpha` must be in [0, 1] (LD-DPO's weight of the longer answer's extra tokens), got {a}"
+            ),
+        );
+    }
     if !p.simpo_gamma.is_finite() {
         bad(
             "simpo_gamma",

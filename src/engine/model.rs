@@ -247,10 +247,16 @@ struct Labelled {
 
 /// Per-row sums of label log-probabilities ([`Model::sequence_logps`]).
 pub struct SequenceLogps {
-    /// Σ over the row's labelled positions of log p(label), per batch row (f64 on the host).
+    /// Σ over the row's labelled positions of log p(label), per batch row (f64 on the host); with
+    /// [`SequenceLogps::weight_positions`], the weighted sum.
     pub logps: Vec<f64>,
     /// The row's labelled positions.
     pub tokens: Vec<usize>,
+    /// Each labelled position's log p(label) and batch row, in row-major order.
+    position_logps: Vec<f64>,
+    batch_rows: Vec<usize>,
+    /// Each labelled position's weight in its row's sum (all 1 unless [`SequenceLogps::weight_positions`]).
+    weights: Vec<f64>,
     grad: Option<LogpsGrad>,
 }
 
@@ -260,14 +266,31 @@ enum LogpsGrad {
         hs: Tensor,
         w: Tensor,
         targets: Vec<u32>,
-        batch_rows: Vec<usize>,
         chunk: usize,
     },
-    /// The per-row sums as a tracked tensor (b).
+    /// Each labelled position's log-probability as a tracked tensor (n).
     Graph(Tensor),
 }
 
 impl SequenceLogps {
+    /// Reweights the labelled positions: position `i` of row `r` (its i-th labelled token) counts `weight(r, i)`
+    /// times in the row's sum, in `logps` and in [`SequenceLogps::backward`] (LD-DPO's `ld_alpha` on the tokens of the
+    /// longer answer past the shorter one's length).
+    pub fn weight_positions(&mut self, weight: impl Fn(usize, usize) -> f64) {
+        let mut seen = vec![0usize; self.logps.len()];
+        self.logps.iter_mut().for_each(|l| *l = 0.0);
+        for ((&r, &lp), w) in self
+            .batch_rows
+            .iter()
+            .zip(&self.position_logps)
+            .zip(self.weights.iter_mut())
+        {
+            *w = weight(r, seen[r]);
+            seen[r] += 1;
+            self.logps[r] += *w * lp;
+        }
+    }
+
     /// The trainable parameters' gradients of a loss L of these log-probabilities, given `dl[r]` = ∂L/∂logps[r]
     /// (the chain rule through the model). Errors when the logps were computed without `train`.
     pub fn backward(&self, dl: &[f64]) -> Result<candle_core::backprop::GradStore> {
@@ -278,6 +301,13 @@ impl SequenceLogps {
                 self.logps.len()
             )));
         }
+        // ∂L/∂(each position's log-probability).
+        let per_position: Vec<f64> = self
+            .batch_rows
+            .iter()
+            .zip(&self.weights)
+            .map(|(&r, w)| dl[r] * w)
+            .collect();
         let surrogate = match &self.grad {
             None => {
                 return Err(EngineError::Invalid(
@@ -288,15 +318,12 @@ impl SequenceLogps {
                 hs,
                 w,
                 targets,
-                batch_rows,
                 chunk,
-            }) => {
-                let row_weights: Vec<f64> = batch_rows.iter().map(|&r| dl[r]).collect();
-                layer::head_logps_surrogate(hs, w, targets, &row_weights, *chunk)?
-            }
-            Some(LogpsGrad::Graph(per_row)) => {
-                let d = Tensor::new(dl, per_row.device())?.to_dtype(per_row.dtype())?;
-                (per_row * d)?.sum_all()?
+            }) => layer::head_logps_surrogate(hs, w, targets, &per_position, *chunk)?,
+            Some(LogpsGrad::Graph(picked)) => {
+                let d = Tensor::new(per_position.as_slice(), picked.device())?
+                    .to_dtype(picked.dtype())?;
+                (picked * d)?.sum_all()?
             }
         };
         Ok(surrogate.to_dtype(DType::F32)?.backward()?)
@@ -1209,6 +1236,9 @@ impl Model {
         let mut out = SequenceLogps {
             logps: vec![0.0; b],
             tokens: vec![0; b],
+            position_logps: Vec::new(),
+            batch_rows: Vec::new(),
+            weights: Vec::new(),
             grad: None,
         };
         let Some(Labelled {
@@ -1222,44 +1252,41 @@ impl Model {
         for &r in &batch_rows {
             out.tokens[r] += 1;
         }
+        out.weights = vec![1.0; batch_rows.len()];
         if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
             && self.fused()
         {
-            let row_logps =
+            out.position_logps =
                 super::profile::span("lm_head + log-probabilities", &self.device, || {
                     layer::head_logps_chunked(&hs, w, &targets, chunk)
                 })?;
-            for (&r, lp) in batch_rows.iter().zip(&row_logps) {
+            for (&r, lp) in batch_rows.iter().zip(&out.position_logps) {
                 out.logps[r] += lp;
             }
+            out.batch_rows = batch_rows;
             if train {
                 out.grad = Some(LogpsGrad::Head {
                     hs,
                     w: w.clone(),
                     targets,
-                    batch_rows,
                     chunk,
                 });
             }
             return Ok(out);
         }
         let n = targets.len();
-        let cdt = ops::compute_dtype(self.dtype);
         let logits = self.logits(&hs, train)?;
         let tg = Tensor::from_vec(targets, n, &self.device)?;
         let picked = ops::log_softmax_pure(&logits)?
             .gather(&tg.unsqueeze(1)?, 1)?
             .squeeze(1)?;
-        // (b, n) one-hot of each position's row: a matmul sums the positions of each row, with a backward.
-        let mut onehot = vec![0f64; b * n];
-        for (k, &r) in batch_rows.iter().enumerate() {
-            onehot[r * n + k] = 1.0;
+        out.position_logps = picked.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for (&r, lp) in batch_rows.iter().zip(&out.position_logps) {
+            out.logps[r] += lp;
         }
-        let seg = Tensor::from_vec(onehot, (b, n), &self.device)?.to_dtype(cdt)?;
-        let per_row = seg.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?;
-        out.logps = per_row.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        out.batch_rows = batch_rows;
         if train {
-            out.grad = Some(LogpsGrad::Graph(per_row));
+            out.grad = Some(LogpsGrad::Graph(picked));
         }
         Ok(out)
     }

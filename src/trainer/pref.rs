@@ -35,6 +35,18 @@ impl PrefConfig {
     }
 }
 
+/// LD-DPO (`ld_alpha`): reweights the policy's log-probabilities of a dpo batch (k chosen rows, then their k
+/// rejected rows) as LLaMA-Factory's `get_batch_logps` does: in each pair, the first min(chosen, rejected) answer
+/// tokens of both answers count once and the longer answer's tokens past them `alpha` times, so the extra length
+/// of an answer weighs less in its log-probability (and in the gradient through it).
+pub fn apply_ld_alpha(policy: &mut crate::engine::SequenceLogps, alpha: f64) {
+    let k = policy.tokens.len() / 2;
+    let public: Vec<usize> = (0..k)
+        .map(|i| policy.tokens[i].min(policy.tokens[k + i]))
+        .collect();
+    policy.weight_positions(|r, j| if j < public[r % k] { 1.0 } else { alpha });
+}
+
 /// One pair's log-probabilities: sums over the answer's tokens, and the token counts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairLogps {

@@ -363,6 +363,7 @@ fn run_training_here(
             };
             Some(Preference {
                 objective,
+                ld_alpha: p.ld_alpha,
                 reference,
                 pending: StageMetrics::default(),
                 last_eval: None,
@@ -572,6 +573,9 @@ struct Trainer<'a> {
 /// What a preference or reward stage adds to a run.
 struct Preference {
     objective: Objective,
+    /// `ld_alpha` (stage dpo): LD-DPO's weight of the policy's log-probabilities of the tokens of the longer answer
+    /// past the shorter one's length (LLaMA-Factory's `get_batch_logps`; the reference's are not reweighted).
+    ld_alpha: Option<f64>,
     reference: Reference,
     /// The micro-batches' metrics since the last log line.
     pending: StageMetrics,
@@ -1126,7 +1130,10 @@ impl<'a> Trainer<'a> {
             Objective::Dpo(cfg) => {
                 let cfg = *cfg;
                 let x = ModelInputs::new(batch, &device)?;
-                let policy = x.sequence_logps(&self.model, batch, train)?;
+                let mut policy = x.sequence_logps(&self.model, batch, train)?;
+                if let Some(alpha) = pref.ld_alpha {
+                    super::pref::apply_ld_alpha(&mut policy, alpha);
+                }
                 let reference = cached_reference_logps(pref, &mut self.model, batch, &x, !train)?;
                 let pairs: Vec<PairLogps> = (0..k)
                     .map(|i| PairLogps {
