@@ -109,6 +109,35 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
     assert!(max_abs_diff(dx, &want) < 1e-4);
 }
 
+/// Under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8 bits (llama.cpp's kernels, Q4_1's own here);
+/// from that many rows on (training steps, long prompts) it is the exact product with W dequantized, tracked or
+/// not, for Q4_1 and a K-quant.
+#[test]
+fn many_rows_multiply_by_the_dequantized_weight_and_few_rows_by_the_quantized_kernels() {
+    let n = ops::QUANTIZED_DENSE_MIN_ROWS;
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q4K] {
+        let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
+        let wd = q.dequantize(&CPU).unwrap();
+        for rows in [1, 7, n - 1, n, 3 * n] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 512), &CPU).unwrap();
+            let dense = x.matmul(&wd.t().unwrap()).unwrap();
+            let tracked = candle_core::Var::from_tensor(&x).unwrap();
+            for y in [
+                ops::quantized_linear(&x, &q).unwrap(),
+                ops::quantized_linear(tracked.as_tensor(), &q).unwrap(),
+            ] {
+                let rel = max_abs_diff(&y, &dense) / max_abs(&dense);
+                if rows >= n {
+                    assert!(rel < 1e-6, "{ty:?} {rows} rows: {rel}");
+                } else {
+                    assert!(rel > 1e-5 && rel < 0.02, "{ty:?} {rows} rows: {rel}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn quantized_chat_forward_matches_the_dequantized_model_for_each_type() {
     for ty in TYPES {

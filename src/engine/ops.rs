@@ -209,14 +209,26 @@ impl CustomOp1 for QuantizedLinear {
     }
 }
 
-/// `x · Wᵀ` for x of any rank ≥ 2 and a quantized W (out, in): [`QuantizedLinear`] when x is tracked (dX only),
-/// candle's quantized matmul without a graph otherwise. The kernels take f32 (and on the CPU f16/bf16) inputs;
-/// other dtypes (f64 in gradient checks, half types on a GPU) go through f32 and come back in their own dtype.
+/// From this many rows of x on, a product with a GGML-quantized weight multiplies by the weight dequantized for
+/// that one product (f32 matmul) instead of rounding the activations to 8 bits for the integer kernels: a training
+/// step's or a long prompt's rows make the dense matmul faster (2× a LoRA step over SmolLM2's Q4_1 file), and
+/// exact. Fewer rows (decoding, short prompts) run the quantized kernels, as llama.cpp does.
+pub const QUANTIZED_DENSE_MIN_ROWS: usize = 64;
+
+/// `x · Wᵀ` for x of any rank ≥ 2 and a quantized W (out, in). Under [`QUANTIZED_DENSE_MIN_ROWS`] rows:
+/// [`QuantizedLinear`] when x is tracked (dX only), candle's quantized matmul (or [`q4_1`]'s) without a graph
+/// otherwise; the kernels take f32 (and on the CPU f16/bf16) inputs, other dtypes (f64 in gradient checks, half
+/// types on a GPU) go through f32 and come back in their own dtype. From that many rows on: [`frozen_linear`] with
+/// W dequantized for the product (in x's dtype) and dropped.
 pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let Some((&k, rest)) = dims.split_last() else {
         candle_core::bail!("quantized-linear: scalar input")
     };
+    if rest.iter().product::<usize>() >= QUANTIZED_DENSE_MIN_ROWS {
+        let dense = w.dequantize(x.device())?.to_dtype(x.dtype())?;
+        return frozen_linear(x, &dense);
+    }
     let native = match x.device() {
         candle_core::Device::Cpu if w.dtype() != GgmlDType::Q4_1 => {
             matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
