@@ -819,6 +819,11 @@ pub fn env_report() -> String {
         std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
     );
     let _ = writeln!(out, "cpu features: {}", cpu_features().join(" "));
+    let _ = writeln!(
+        out,
+        "Q4_1 kernel: {} (GGUF weights kept quantized)",
+        crate::engine::q4_1::Kernel::detect().name()
+    );
     let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let _ = writeln!(
         out,
@@ -906,7 +911,8 @@ fn cpu_features() -> Vec<&'static str> {
             "avx512f",
             "avx512bw",
             "avx512vl",
-            "avx512bf16"
+            "avx512bf16",
+            "avx512vnni"
         );
     }
     #[cfg(target_arch = "aarch64")]

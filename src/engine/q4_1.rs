@@ -198,6 +198,17 @@ impl Kernel {
         Self::Scalar
     }
 
+    /// The kernel's name, for `termtune env`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => "avx512-vnni",
+        }
+    }
+
     #[allow(unsafe_code)]
     fn dot4(self, w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
         match self {
