@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/pref_loss_reference.json: LLaMA-Factory's DPO-stage losses and metrics for fixed
 log-probabilities, transcribed line by line from `CustomDPOTrainer` (concatenated_forward, compute_preference_loss,
-odds_ratio_loss, simpo_loss, get_batch_loss_metrics) and TRL's `dpo_loss` (sigmoid, hinge, ipo), with Python's
-math module standing in for torch (each tensor op is elementwise over the pairs).
+odds_ratio_loss, simpo_loss, bco_loss, get_batch_loss_metrics), TRL's `dpo_loss` (sigmoid, hinge, ipo) and
+`RunningMoments` (BCO's baseline), with Python's math module standing in for torch (each tensor op is elementwise
+over the pairs).
 
     python3 scripts/pref_loss_reference.py > tests/fixtures/pref_loss_reference.json
 """
@@ -104,4 +105,69 @@ def case(cfg):
     return {"config": cfg, "losses": losses, "loss": mean(losses), "metrics": metrics}
 
 
-print(json.dumps({"pairs": PAIRS, "cases": [case(c) for c in CONFIGS]}, indent=1))
+class RunningMoments:
+    """TRL's RunningMoments (single process), as LLaMA-Factory's BCO term updates it with one scalar per batch."""
+
+    def __init__(self):
+        self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
+
+    def update(self, x):
+        xs_count, xs_var, xs_mean = 1, 0.0, x  # torch.var_mean(xs, unbiased=False) of one value
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        self.mean += delta * xs_count / tot_count
+        new_var = tot_sum / tot_count
+        # A tensor division in TRL (inf at the first update, where 1e-24 + 1 == 1); the mean does not use it.
+        self.std = math.sqrt(new_var * tot_count / (tot_count - 1)) if tot_count != 1 else math.inf
+        self.var = new_var
+        self.count = tot_count
+
+
+# BCO mixed into the DPO losses (`pref_bco_weight`): batches run in order, each updating the running baseline.
+BCO_CONFIGS = [
+    {"pref_loss": "sigmoid", "pref_beta": 0.1, "pref_ftx": 0.0, "pref_bco_weight": 0.5},
+    {"pref_loss": "ipo", "pref_beta": 0.5, "pref_ftx": 0.2, "pref_bco_weight": 1.0},
+    {"pref_loss": "hinge", "pref_beta": 0.3, "pref_ftx": 0.0, "pref_bco_weight": 2.0},
+]
+BCO_BATCHES = [[0, 1], [2, 3], [1, 3]]
+
+
+def bco_case(cfg):
+    beta, loss_type, w = cfg["pref_beta"], cfg["pref_loss"], cfg["pref_bco_weight"]
+    avg = loss_type in ["ipo", "orpo", "simpo"]
+    running = RunningMoments()
+    out = []
+    for idx in BCO_BATCHES:
+        ps = [PAIRS[i] for i in idx]
+        pc = [p["chosen"] / (p["chosen_len"] if avg else 1) for p in ps]
+        pr = [p["rejected"] / (p["rejected_len"] if avg else 1) for p in ps]
+        rc = [p["ref_chosen"] / (p["chosen_len"] if avg else 1) for p in ps]
+        rr = [p["ref_rejected"] / (p["rejected_len"] if avg else 1) for p in ps]
+        # bco_loss: the batch's rewards (chosen and rejected) averaged, the baseline updated, then the loss.
+        rewards = [beta * (c - r) for c, r in zip(pc, rc)] + [beta * (c - r) for c, r in zip(pr, rr)]
+        running.update(mean(rewards))
+        delta = running.mean
+        losses = []
+        for i in range(len(ps)):
+            logits = (pc[i] - rc[i]) - (pr[i] - rr[i])
+            if loss_type == "sigmoid":
+                dpo = -logsigmoid(beta * logits)
+            elif loss_type == "hinge":
+                dpo = relu(1 - beta * logits)
+            else:
+                dpo = (logits - 1 / (2 * beta)) ** 2
+            bco = -logsigmoid(beta * (pc[i] - rc[i]) - delta) - logsigmoid(-(beta * (pr[i] - rr[i]) - delta))
+            loss = (dpo + bco * w) / (1.0 + w)
+            chosen_avg = pc[i] if avg else pc[i] / ps[i]["chosen_len"]
+            if cfg["pref_ftx"] > 1e-6:
+                loss += cfg["pref_ftx"] * -chosen_avg
+            losses.append(loss)
+        out.append({"pairs": idx, "delta": delta, "losses": losses})
+    return {"config": cfg, "batches": out}
+
+
+print(json.dumps({"pairs": PAIRS, "cases": [case(c) for c in CONFIGS], "bco": [bco_case(c) for c in BCO_CONFIGS]},
+                 indent=1))

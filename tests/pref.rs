@@ -62,6 +62,8 @@ fn every_loss_and_metric_equals_the_llamafactory_formulas() {
             ftx: k["pref_ftx"].as_f64().unwrap(),
             label_smoothing: k["dpo_label_smoothing"].as_f64().unwrap(),
             simpo_gamma: k["simpo_gamma"].as_f64().unwrap(),
+            bco_weight: 0.0,
+            bco_delta: 0.0,
         };
         // ORPO and SimPO must not need the reference.
         let input: Vec<PairLogps> = if cfg.loss.uses_reference() {
@@ -92,6 +94,66 @@ fn every_loss_and_metric_equals_the_llamafactory_formulas() {
         assert_eq!(entries.len(), metrics.len(), "{k}: {entries:?}");
         for (key, v) in entries {
             close(v, metrics[&key].as_f64().unwrap(), &key);
+        }
+    }
+}
+
+/// `pref_bco_weight`: LLaMA-Factory's `bco_loss` mixed into the DPO losses, its baseline TRL's `RunningMoments`
+/// over the batches in order (the fixture's `bco` cases: three batches each, sigmoid, ipo with ftx, hinge).
+#[test]
+fn bco_losses_and_baseline_equal_the_llamafactory_formulas() {
+    let r = reference();
+    let all: Vec<PairLogps> = r["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PairLogps {
+            chosen: p["chosen"].as_f64().unwrap(),
+            rejected: p["rejected"].as_f64().unwrap(),
+            ref_chosen: Some(p["ref_chosen"].as_f64().unwrap()),
+            ref_rejected: Some(p["ref_rejected"].as_f64().unwrap()),
+            chosen_tokens: p["chosen_len"].as_u64().unwrap() as usize,
+            rejected_tokens: p["rejected_len"].as_u64().unwrap() as usize,
+        })
+        .collect();
+    let cases = r["bco"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        let k = &c["config"];
+        let mut cfg = PrefConfig {
+            loss: loss_kind(k["pref_loss"].as_str().unwrap()),
+            beta: k["pref_beta"].as_f64().unwrap(),
+            ftx: k["pref_ftx"].as_f64().unwrap(),
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            bco_weight: k["pref_bco_weight"].as_f64().unwrap(),
+            bco_delta: 0.0,
+        };
+        assert!(cfg.uses_bco());
+        let mut running = termtune::trainer::pref::RunningMean::default();
+        for b in c["batches"].as_array().unwrap() {
+            let pairs: Vec<PairLogps> = b["pairs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| all[i.as_u64().unwrap() as usize])
+                .collect();
+            running.update(termtune::trainer::pref::bco_batch_reward(&cfg, &pairs).unwrap());
+            let delta = b["delta"].as_f64().unwrap();
+            assert!(
+                (running.mean - delta).abs() < 1e-12,
+                "{k}: δ {} vs {delta}",
+                running.mean
+            );
+            cfg.bco_delta = running.mean;
+            let out = preference_loss(&cfg, &pairs).unwrap();
+            for (got, want) in out.losses.iter().zip(b["losses"].as_array().unwrap()) {
+                let want = want.as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                    "{k}: {got} vs {want}"
+                );
+            }
         }
     }
 }
@@ -219,6 +281,8 @@ fn dpo_gradients_match_finite_differences_f64() {
             ftx: 0.3,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            bco_weight: 0.0,
+            bco_delta: 0.0,
         };
         let (ids, mask, labels) = pair_batch();
         let policy = m.sequence_logps(&ids, &mask, &labels, None, true).unwrap();
@@ -341,6 +405,8 @@ fn ld_alpha_weights_the_longer_answers_extra_tokens_as_llamafactory() {
         ftx: 0.3,
         label_smoothing: 0.0,
         simpo_gamma: 0.5,
+        bco_weight: 0.0,
+        bco_delta: 0.0,
     };
     let loss_of = |m: &mut Model| {
         let mut p = m.sequence_logps(&ids, &mask, &labels, None, false).unwrap();
@@ -542,6 +608,15 @@ fn wrong_data_and_keys_are_refused_with_the_fix() {
     // Label smoothing is a sigmoid-loss key.
     let issues = preset(&root, &["pref_loss: hinge", "dpo_label_smoothing: 0.1"]).unwrap_err();
     assert!(issues[0].message.contains("sigmoid"), "{issues:?}");
+    // BCO needs a loss with a reference, and a run with it trains.
+    let issues = preset(&root, &["pref_loss: orpo", "pref_bco_weight: 0.5"]).unwrap_err();
+    assert!(
+        issues.iter().any(|i| i.key == "pref_bco_weight"),
+        "{issues:?}"
+    );
+    let loaded = preset(&root, &["pref_bco_weight: 0.5", "max_steps: 2"]).unwrap();
+    let (r, _) = train(&loaded);
+    assert!(r.is_ok(), "{r:?}");
     // LD-DPO's weight is in [0, 1], and a run with one trains.
     let issues = preset(&root, &["ld_alpha: 1.5"]).unwrap_err();
     assert!(issues[0].message.contains("[0, 1]"), "{issues:?}");

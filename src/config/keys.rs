@@ -119,7 +119,9 @@ const SPEED_ONLY: &str =
 pub fn stages_of(key: &str) -> Option<&'static [&'static str]> {
     match key {
         "pref_beta" | "pref_ftx" | "ref_model" | "ref_model_adapters" => Some(&["dpo", "kto"]),
-        "pref_loss" | "dpo_label_smoothing" | "simpo_gamma" | "ld_alpha" => Some(&["dpo"]),
+        "pref_loss" | "dpo_label_smoothing" | "simpo_gamma" | "ld_alpha" | "pref_bco_weight" => {
+            Some(&["dpo"])
+        }
         "kto_chosen_weight" | "kto_rejected_weight" => Some(&["kto"]),
         _ => None,
     }
@@ -489,11 +491,10 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "stages dpo and kto: weight of the SFT loss (the chosen answer's mean token loss) added to the preference loss (0: none).",
     ),
-    uns(
+    imp(
         "pref_bco_weight",
         Method,
-        "0",
-        "the BCO term of the DPO loss is not supported yet",
+        "stage dpo, losses with a reference (sigmoid, hinge, ipo): the weight w of BCO's loss mixed in as (dpo + w·bco) / (1 + w), its reward baseline the running mean of the batches' mean rewards (0: none).",
     ),
     imp(
         "pref_loss",

@@ -267,6 +267,8 @@ pub struct Preset {
     pub simpo_gamma: f64,
     /// `ld_alpha` (LD-DPO): None, or the weight in [0, 1] of the longer answer's tokens past the shorter one's length.
     pub ld_alpha: Option<f64>,
+    /// `pref_bco_weight`: BCO's loss mixed into dpo's losses with a reference, (dpo + w·bco) / (1 + w).
+    pub pref_bco_weight: f64,
     pub kto_chosen_weight: f64,
     pub kto_rejected_weight: f64,
     pub ref_model: Option<String>,
@@ -380,6 +382,7 @@ impl Default for Preset {
             dpo_label_smoothing: 0.0,
             simpo_gamma: 0.5,
             ld_alpha: None,
+            pref_bco_weight: 0.0,
             kto_chosen_weight: 1.0,
             kto_rejected_weight: 1.0,
             ref_model: None,

@@ -496,6 +496,23 @@ fn validate_dpo_loss(p: &Preset, bad: &mut impl FnMut(&str, String)) {
             ),
         );
     }
+    if !p.pref_bco_weight.is_finite() || p.pref_bco_weight < 0.0 {
+        bad(
+            "pref_bco_weight",
+            format!(
+                "`pref_bco_weight` must be a number ≥ 0 (0: no BCO term), got {}",
+                p.pref_bco_weight
+            ),
+        );
+    } else if p.pref_bco_weight > 1e-6 && matches!(p.pref_loss, PrefLoss::Orpo | PrefLoss::Simpo) {
+        bad(
+            "pref_bco_weight",
+            format!(
+                "`pref_bco_weight` mixes BCO into the losses with a reference model (sigmoid, hinge, ipo); `pref_loss: {}` has none, so it would do nothing: remove it",
+                p.pref_loss.as_str()
+            ),
+        );
+    }
     if let Some(a) = p.ld_alpha
         && !(0.0..=1.0).contains(&a)
     {

@@ -21,6 +21,11 @@ pub struct PrefConfig {
     pub ftx: f64,
     pub label_smoothing: f64,
     pub simpo_gamma: f64,
+    /// `pref_bco_weight`: the weight of BCO's loss mixed into the losses with a reference (0: none).
+    pub bco_weight: f64,
+    /// BCO's reward baseline δ for this batch: the running mean of the batch reward means so far, this batch's
+    /// included ([`RunningMean`], [`bco_batch_reward`]).
+    pub bco_delta: f64,
 }
 
 impl PrefConfig {
@@ -31,8 +36,60 @@ impl PrefConfig {
             ftx: p.pref_ftx,
             label_smoothing: p.dpo_label_smoothing,
             simpo_gamma: p.simpo_gamma,
+            bco_weight: p.pref_bco_weight,
+            bco_delta: 0.0,
         }
     }
+
+    /// Whether BCO's loss is mixed in (LLaMA-Factory: `bco_gemma > 1e-6`, losses with a reference only).
+    pub fn uses_bco(&self) -> bool {
+        self.bco_weight > 1e-6 && self.loss.uses_reference()
+    }
+}
+
+/// TRL's `RunningMoments` as LLaMA-Factory's BCO term uses it: the running mean of one value per update (the
+/// batch's mean reward), starting from mean 0 over a count of 1e-24.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunningMean {
+    pub mean: f64,
+    count: f64,
+}
+
+impl Default for RunningMean {
+    fn default() -> Self {
+        Self {
+            mean: 0.0,
+            count: 1e-24,
+        }
+    }
+}
+
+impl RunningMean {
+    /// Adds one value (TRL's `update` of a single-element tensor).
+    pub fn update(&mut self, x: f64) {
+        let total = self.count + 1.0;
+        self.mean += (x - self.mean) / total;
+        self.count = total;
+    }
+}
+
+/// The mean of a batch's rewards β·(policy − reference) over its chosen and rejected answers: what BCO's running
+/// baseline is updated with. `None` without reference log-probabilities.
+pub fn bco_batch_reward(cfg: &PrefConfig, pairs: &[PairLogps]) -> Option<f64> {
+    let avg = cfg.loss.averages_logps();
+    let mut sum = 0.0;
+    for p in pairs {
+        #[allow(clippy::cast_precision_loss)]
+        let (sc, sr) = if avg {
+            (p.chosen_tokens as f64, p.rejected_tokens as f64)
+        } else {
+            (1.0, 1.0)
+        };
+        sum += cfg.beta * (p.chosen / sc - p.ref_chosen? / sc);
+        sum += cfg.beta * (p.rejected / sr - p.ref_rejected? / sr);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    Some(sum / (2 * pairs.len()).max(1) as f64)
 }
 
 /// LD-DPO (`ld_alpha`): reweights the policy's log-probabilities of a dpo batch (k chosen rows, then their k
@@ -456,7 +513,18 @@ pub fn preference_loss(cfg: &PrefConfig, pairs: &[PairLogps]) -> Result<PrefOutp
                         (z * z, 2.0 * z)
                     }
                 };
-                (l, dlogits, -dlogits, beta * (c - ref_c), beta * (r - ref_r))
+                let (mut l, mut dc, mut dr) = (l, dlogits, -dlogits);
+                if cfg.uses_bco() {
+                    // LLaMA-Factory's bco_loss, mixed as (dpo + w·bco) / (1 + w); δ is a constant of the batch.
+                    let (w, delta) = (cfg.bco_weight, cfg.bco_delta);
+                    let uc = beta * (c - ref_c) - delta;
+                    let ur = beta * (r - ref_r) - delta;
+                    let bco = -log_sigmoid(uc) - log_sigmoid(-ur);
+                    l = (l + w * bco) / (1.0 + w);
+                    dc = (dc - w * beta * sigmoid(-uc)) / (1.0 + w);
+                    dr = (dr + w * beta * sigmoid(ur)) / (1.0 + w);
+                }
+                (l, dc, dr, beta * (c - ref_c), beta * (r - ref_r))
             }
             PrefLoss::Orpo => {
                 // log odds(y) = log p − log(1 − p), p the mean-token probability exp(c).
@@ -547,7 +615,12 @@ mod tests {
             PrefLoss::Orpo,
             PrefLoss::Simpo,
         ] {
-            for (ftx, ls) in [(0.0, 0.0), (0.7, 0.0), (0.0, 0.2)] {
+            for (ftx, ls, bco) in [
+                (0.0, 0.0, 0.0),
+                (0.7, 0.0, 0.0),
+                (0.0, 0.2, 0.0),
+                (0.4, 0.0, 0.8),
+            ] {
                 if ls > 0.0 && loss != PrefLoss::Sigmoid {
                     continue;
                 }
@@ -557,6 +630,8 @@ mod tests {
                     ftx,
                     label_smoothing: ls,
                     simpo_gamma: 0.5,
+                    bco_weight: bco,
+                    bco_delta: -0.05,
                 };
                 let base = pairs();
                 let out = preference_loss(&cfg, &base).unwrap();

@@ -364,6 +364,7 @@ fn run_training_here(
             Some(Preference {
                 objective,
                 ld_alpha: p.ld_alpha,
+                bco_running: std::cell::Cell::default(),
                 reference,
                 pending: StageMetrics::default(),
                 last_eval: None,
@@ -576,6 +577,9 @@ struct Preference {
     /// `ld_alpha` (stage dpo): LD-DPO's weight of the policy's log-probabilities of the tokens of the longer answer
     /// past the shorter one's length (LLaMA-Factory's `get_batch_logps`; the reference's are not reweighted).
     ld_alpha: Option<f64>,
+    /// `pref_bco_weight`: BCO's reward baseline, updated with every dpo batch's mean reward (evaluation batches
+    /// too, as in LLaMA-Factory, whose `bco_loss` runs in both).
+    bco_running: std::cell::Cell<super::pref::RunningMean>,
     reference: Reference,
     /// The micro-batches' metrics since the last log line.
     pending: StageMetrics,
@@ -1145,6 +1149,15 @@ impl<'a> Trainer<'a> {
                         rejected_tokens: policy.tokens[k + i],
                     })
                     .collect();
+                let mut cfg = cfg;
+                if cfg.uses_bco()
+                    && let Some(reward) = super::pref::bco_batch_reward(&cfg, &pairs)
+                {
+                    let mut running = pref.bco_running.get();
+                    running.update(reward);
+                    pref.bco_running.set(running);
+                    cfg.bco_delta = running.mean;
+                }
                 let out = preference_loss(&cfg, &pairs)
                     .map_err(|e| TrainError::Invalid(e.to_string()))?;
                 let n = policy.tokens.iter().sum();
