@@ -827,9 +827,16 @@ pub fn env_report() -> String {
     let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let _ = writeln!(
         out,
-        "threads: {} for compute (RAYON_NUM_THREADS={}), {} logical CPUs available",
+        "threads: {} for compute ({}), {} logical CPUs available",
         rayon::current_num_threads(),
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+        if THREADS_PINNED.load(std::sync::atomic::Ordering::Relaxed) {
+            "one per physical core; RAYON_NUM_THREADS=N to change".to_string()
+        } else {
+            format!(
+                "RAYON_NUM_THREADS={}",
+                std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+            )
+        },
         logical
     );
     match crate::telemetry::probe_gpus() {
@@ -891,6 +898,26 @@ pub fn env_report() -> String {
 #[allow(clippy::cast_precision_loss)]
 fn bytes_to_gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
+}
+
+/// Whether [`pin_thread_count`] set `RAYON_NUM_THREADS` (the user had not).
+static THREADS_PINNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// candle's CPU matmul asks for its thread count on every call, and on Linux that opens and parses
+/// `/proc/cpuinfo` (`num_cpus::get_physical`) unless `RAYON_NUM_THREADS` is set: two reads per layer for every
+/// decoded token (about 6 % of a SmolLM2 decode step, seen with `strace -e openat`). Setting the variable once to
+/// candle's own answer keeps the count and drops the reads; a user's own value is left alone.
+///
+/// # Safety
+/// Sets an environment variable: call it while no other thread exists (first thing in `main`).
+#[allow(unsafe_code)]
+pub unsafe fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: the caller's contract: no other thread reads or writes the environment.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+        THREADS_PINNED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn cpu_features() -> Vec<&'static str> {

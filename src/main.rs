@@ -11,21 +11,10 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// candle's CPU matmul asks for its thread count on every call, and on Linux that opens and parses
-/// `/proc/cpuinfo` (`num_cpus::get_physical`) unless `RAYON_NUM_THREADS` is set: two reads per layer for every
-/// decoded token (about 6 % of a SmolLM2 decode step, seen with `strace -e openat`). Setting the variable once to
-/// candle's own answer keeps the count and drops the reads; a user's own value is left alone.
 #[allow(unsafe_code)]
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        // SAFETY: the first thing main does, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
-}
-
 fn main() -> ExitCode {
-    pin_thread_count();
+    // SAFETY: the first thing main does, before any other thread exists.
+    unsafe { termtune::commands::pin_thread_count() };
     let cli = termtune::cli::Cli::parse();
     let _log_guard = termtune::logging::init(cli.log_file.as_deref());
     termtune::panic::install_hook();
