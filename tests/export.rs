@@ -603,38 +603,7 @@ fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
         );
     }
 
-    let answer = |path: &Path| -> Vec<u32> {
-        let hub = HubOptions::from_vars(|_| None);
-        let src = load_model_with(
-            path.to_str().unwrap(),
-            &hub,
-            DType::F32,
-            &CPU,
-            GgufWeights::Dequantized,
-            &mut |_| {},
-        )
-        .unwrap();
-        let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
-        let tok = src.files.tokenizer.unwrap();
-        let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-        let ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
-        let params = termtune::engine::generate::GenerationParams {
-            max_new_tokens: 16,
-            ..Default::default()
-        };
-        let (toks, _) =
-            termtune::engine::generate::generate(&model, &ids, &params, &[2], None, |_| {
-                std::ops::ControlFlow::Continue(())
-            })
-            .unwrap();
-        eprintln!(
-            "{:?}: {:?} {:?}",
-            path.file_name(),
-            toks,
-            tok.decode(&toks, false).unwrap()
-        );
-        toks
-    };
+    let answer = |path: &Path| smol_greedy(path, GgufWeights::Dequantized);
     let base = answer(&gguf);
     let exported = answer(&file);
     assert!(base.len() >= 4);
@@ -653,8 +622,8 @@ fn smollm2_f16_gguf_export_round_trips_with_the_same_greedy_answer() {
 /// SmolLM2's chat prompt for "What is the capital of France?" (its template, the default system prompt).
 const SMOL_PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
 
-/// The greedy answer (16 tokens at most, eos 2) of a SmolLM2 GGUF to the France prompt, loaded as `gguf` says.
-fn smol_greedy(path: &Path, gguf: GgufWeights) -> Vec<u32> {
+/// A SmolLM2 GGUF loaded as `gguf` says (f32), its tokenizer, and the ids of [`SMOL_PROMPT`].
+fn smol_model(path: &Path, gguf: GgufWeights) -> (Model, tokenizers::Tokenizer, Vec<u32>) {
     let hub = HubOptions::from_vars(|_| None);
     let src = load_model_with(
         path.to_str().unwrap(),
@@ -668,6 +637,12 @@ fn smol_greedy(path: &Path, gguf: GgufWeights) -> Vec<u32> {
     let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
     let tok = src.files.tokenizer.unwrap();
     let ids = tok.encode(SMOL_PROMPT, false).unwrap().get_ids().to_vec();
+    (model, tok, ids)
+}
+
+/// The greedy answer (16 tokens at most, eos 2) of a SmolLM2 GGUF to the France prompt, loaded as `gguf` says.
+fn smol_greedy(path: &Path, gguf: GgufWeights) -> Vec<u32> {
+    let (model, tok, ids) = smol_model(path, gguf);
     let params = termtune::engine::generate::GenerationParams {
         max_new_tokens: 16,
         ..Default::default()
@@ -759,19 +734,7 @@ fn smollm2_4bit_gguf_exports_take_llama_cpp_types_and_answers() {
 
 /// The logits after the France prompt of a SmolLM2 GGUF kept quantized (f32).
 fn smol_logits(path: &Path) -> Vec<f32> {
-    let hub = HubOptions::from_vars(|_| None);
-    let src = load_model_with(
-        path.to_str().unwrap(),
-        &hub,
-        DType::F32,
-        &CPU,
-        GgufWeights::Quantized,
-        &mut |_| {},
-    )
-    .unwrap();
-    let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
-    let tok = src.files.tokenizer.unwrap();
-    let ids = tok.encode(SMOL_PROMPT, false).unwrap().get_ids().to_vec();
+    let (model, _, ids) = smol_model(path, GgufWeights::Quantized);
     let mut cache = termtune::engine::KvCache::new(model.layers.len());
     let x = Tensor::new(ids.as_slice(), &CPU)
         .unwrap()

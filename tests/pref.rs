@@ -25,6 +25,23 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The fixture's pairs (policy and reference sums, answer lengths).
+fn reference_pairs(r: &Value) -> Vec<PairLogps> {
+    r["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PairLogps {
+            chosen: p["chosen"].as_f64().unwrap(),
+            rejected: p["rejected"].as_f64().unwrap(),
+            ref_chosen: Some(p["ref_chosen"].as_f64().unwrap()),
+            ref_rejected: Some(p["ref_rejected"].as_f64().unwrap()),
+            chosen_tokens: p["chosen_len"].as_u64().unwrap() as usize,
+            rejected_tokens: p["rejected_len"].as_u64().unwrap() as usize,
+        })
+        .collect()
+}
+
 fn loss_kind(s: &str) -> PrefLoss {
     match s {
         "sigmoid" => PrefLoss::Sigmoid,
@@ -39,19 +56,7 @@ fn loss_kind(s: &str) -> PrefLoss {
 #[test]
 fn every_loss_and_metric_equals_the_llamafactory_formulas() {
     let r = reference();
-    let pairs: Vec<PairLogps> = r["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| PairLogps {
-            chosen: p["chosen"].as_f64().unwrap(),
-            rejected: p["rejected"].as_f64().unwrap(),
-            ref_chosen: Some(p["ref_chosen"].as_f64().unwrap()),
-            ref_rejected: Some(p["ref_rejected"].as_f64().unwrap()),
-            chosen_tokens: p["chosen_len"].as_u64().unwrap() as usize,
-            rejected_tokens: p["rejected_len"].as_u64().unwrap() as usize,
-        })
-        .collect();
+    let pairs = reference_pairs(&r);
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
     for c in cases {
@@ -103,19 +108,7 @@ fn every_loss_and_metric_equals_the_llamafactory_formulas() {
 #[test]
 fn bco_losses_and_baseline_equal_the_llamafactory_formulas() {
     let r = reference();
-    let all: Vec<PairLogps> = r["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| PairLogps {
-            chosen: p["chosen"].as_f64().unwrap(),
-            rejected: p["rejected"].as_f64().unwrap(),
-            ref_chosen: Some(p["ref_chosen"].as_f64().unwrap()),
-            ref_rejected: Some(p["ref_rejected"].as_f64().unwrap()),
-            chosen_tokens: p["chosen_len"].as_u64().unwrap() as usize,
-            rejected_tokens: p["rejected_len"].as_u64().unwrap() as usize,
-        })
-        .collect();
+    let all = reference_pairs(&r);
     let cases = r["bco"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
     for c in cases {
@@ -261,6 +254,57 @@ fn pairs_of(policy: &[f64], reference: &[f64], tokens: &[usize]) -> Vec<PairLogp
         .collect()
 }
 
+/// Checks 3 random entries of each trainable variable whose name contains one of `names` against central
+/// differences of `loss_of` (f64, h 1e-5, relative 1e-4); returns how many were checked.
+fn check_against_finite_differences(
+    m: &mut Model,
+    grads: &candle_core::backprop::GradStore,
+    names: &[&str],
+    seed: u64,
+    what: &str,
+    loss_of: &dyn Fn(&mut Model) -> f64,
+) -> usize {
+    let vars = m.trainable_vars();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut checked = 0;
+    for (name, v) in vars
+        .iter()
+        .filter(|(n, _)| names.iter().any(|k| n.contains(k)))
+    {
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = v.as_tensor().copy().unwrap();
+        for _ in 0..3 {
+            let i = rng.random_range(0..orig.elem_count());
+            let h = 1e-5;
+            let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            flat[i] += h;
+            v.set(&Tensor::from_vec(flat.clone(), orig.shape(), &CPU).unwrap())
+                .unwrap();
+            let lp = loss_of(m);
+            flat[i] -= 2.0 * h;
+            v.set(&Tensor::from_vec(flat, orig.shape(), &CPU).unwrap())
+                .unwrap();
+            let lm = loss_of(m);
+            v.set(&orig).unwrap();
+            let num = (lp - lm) / (2.0 * h);
+            let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
+            assert!(
+                rel < 1e-4,
+                "{what} {name}[{i}]: analytic {} numeric {num} rel {rel}",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
 #[test]
 fn dpo_gradients_match_finite_differences_f64() {
     let cases = [
@@ -299,43 +343,14 @@ fn dpo_gradients_match_finite_differences_f64() {
             out.d_rejected[1] / 2.0,
         ];
         let grads = policy.backward(&dl).unwrap();
-        let vars = m.trainable_vars();
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut checked = 0;
-        for (name, v) in vars.iter().filter(|(n, _)| {
-            n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj")
-        }) {
-            let g = grads
-                .get(v)
-                .unwrap_or_else(|| panic!("{loss:?}: no gradient for {name}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let orig = v.as_tensor().copy().unwrap();
-            for _ in 0..3 {
-                let i = rng.random_range(0..orig.elem_count());
-                let h = 1e-5;
-                let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                flat[i] += h;
-                v.set(&Tensor::from_vec(flat.clone(), orig.shape(), &CPU).unwrap())
-                    .unwrap();
-                let lp = batch_loss(&mut m, &cfg);
-                flat[i] -= 2.0 * h;
-                v.set(&Tensor::from_vec(flat, orig.shape(), &CPU).unwrap())
-                    .unwrap();
-                let lm = batch_loss(&mut m, &cfg);
-                v.set(&orig).unwrap();
-                let num = (lp - lm) / (2.0 * h);
-                let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
-                assert!(
-                    rel < 1e-4,
-                    "{loss:?} {kernels:?} {name}[{i}]: analytic {} numeric {num} rel {rel}",
-                    g[i]
-                );
-                checked += 1;
-            }
-        }
+        let checked = check_against_finite_differences(
+            &mut m,
+            &grads,
+            &["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"],
+            5,
+            &format!("{loss:?} {kernels:?}"),
+            &|m| batch_loss(m, &cfg),
+        );
         assert_eq!(checked, 12);
     }
 }
@@ -436,44 +451,14 @@ fn ld_alpha_weights_the_longer_answers_extra_tokens_as_llamafactory() {
             out.d_rejected[1] / 2.0,
         ];
         let grads = policy.backward(&dl).unwrap();
-        let vars = m.trainable_vars();
-        let mut rng = StdRng::seed_from_u64(9);
-        let mut checked = 0;
-        for (name, v) in vars
-            .iter()
-            .filter(|(n, _)| n.contains("layers.0.self_attn.q_proj"))
-        {
-            let g = grads
-                .get(v)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let orig = v.as_tensor().copy().unwrap();
-            for _ in 0..3 {
-                let i = rng.random_range(0..orig.elem_count());
-                let h = 1e-5;
-                let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                flat[i] += h;
-                v.set(&Tensor::from_vec(flat.clone(), orig.shape(), &CPU).unwrap())
-                    .unwrap();
-                let lp = loss_of(&mut m);
-                flat[i] -= 2.0 * h;
-                v.set(&Tensor::from_vec(flat, orig.shape(), &CPU).unwrap())
-                    .unwrap();
-                let lm = loss_of(&mut m);
-                v.set(&orig).unwrap();
-                let num = (lp - lm) / (2.0 * h);
-                let rel = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-7);
-                assert!(
-                    rel < 1e-4,
-                    "{kernels:?} {name}[{i}]: analytic {} numeric {num}",
-                    g[i]
-                );
-                checked += 1;
-            }
-        }
+        let checked = check_against_finite_differences(
+            &mut m,
+            &grads,
+            &["layers.0.self_attn.q_proj"],
+            9,
+            &format!("ld_alpha {kernels:?}"),
+            &loss_of,
+        );
         assert_eq!(checked, 6);
     }
 }
