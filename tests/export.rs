@@ -703,7 +703,7 @@ fn smollm2_4bit_gguf_exports_take_llama_cpp_types_and_answers() {
             serde_json::from_value(r["llama_quantize_types"].clone()).unwrap();
         assert_eq!(types, want, "{ty}: tensor types against llama-quantize's");
         // The last prompt position's 20 largest logits (about 20) against llama.cpp's (f32 KV cache). Measured:
-        // within 0.28 (q4_0), 0.34 (q4_1) and 0.88 (q4_k_m): both round the activations to 8 bits per product,
+        // within 0.28 (q4_0), 0.34 (q4_1) and 1.10 (q4_k_m): both round the activations to 8 bits per product,
         // and those roundings differ in ties and in the order of the float sums.
         let logits = smol_logits(file);
         let worst = r["f32_kv_top_logits"]
@@ -716,7 +716,7 @@ fn smollm2_4bit_gguf_exports_take_llama_cpp_types_and_answers() {
             .fold(0f32, f32::max);
         eprintln!("{ty}: max |Δlogit| against llama.cpp over its top 20 = {worst:.3}");
         assert!(
-            worst < if *ty == "q4_k_m" { 1.25 } else { 0.5 },
+            worst < if *ty == "q4_k_m" { 1.5 } else { 0.5 },
             "{ty}: {worst}"
         );
         // q4_k_m's first token is a near tie in llama.cpp itself (23.553 against 23.550 with an f32 KV cache), so

@@ -174,10 +174,12 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if self.w.dtype() != GgmlDType::Q4_1 {
-            return self.w.cpu_fwd(s, l);
-        }
-        // candle's Q4_1 product is a scalar loop: llama.cpp's SIMD kernel instead (`q4_1`).
+        let format = match self.w.dtype() {
+            GgmlDType::Q4_1 => q4_1::Format::Q4_1,
+            GgmlDType::Q5_0 => q4_1::Format::Q5_0,
+            _ => return self.w.cpu_fwd(s, l),
+        };
+        // candle's Q4_1 and Q5_0 products are scalar loops: llama.cpp's SIMD kernels instead (`q4_1`).
         let (n, k) = self.w.shape().dims2()?;
         let (m, kx) = l.shape().dims2()?;
         if kx != k || !k.is_multiple_of(q4_1::QK) {
@@ -188,7 +190,16 @@ impl CustomOp1 for QuantizedLinear {
         };
         let w = self.w.data()?;
         let mut out = vec![0f32; m * n];
-        q4_1::matmul_t(q4_1::Kernel::detect(), &x[a..b], m, k, &w, n, &mut out);
+        q4_1::matmul_t(
+            q4_1::Kernel::detect(),
+            format,
+            &x[a..b],
+            m,
+            k,
+            &w,
+            n,
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -230,7 +241,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
         return frozen_linear(x, &dense);
     }
     let native = match x.device() {
-        candle_core::Device::Cpu if w.dtype() != GgmlDType::Q4_1 => {
+        candle_core::Device::Cpu if !matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0) => {
             matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         }
         _ => x.dtype() == DType::F32,

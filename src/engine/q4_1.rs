@@ -16,14 +16,37 @@ pub const QK: usize = 32;
 /// Bytes of one `Q4_1` block: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles (value j in the low nibble of
 /// byte j, value j+16 in its high nibble); a weight is `d·q + m`.
 pub const Q4_1_BYTES: usize = 20;
+/// Bytes of one `Q5_0` block: f16 scale `d`, 4 bytes of fifth bits (bit j for value j), 16 bytes of nibbles laid
+/// out as Q4_1's; a weight is `d·(q − 16)`.
+pub const Q5_0_BYTES: usize = 22;
 
-/// One block of activations rounded to 8 bits: `x ≈ d·q`, `s = d·Σq`.
+/// The GGML block types multiplied here (candle 0.11 has scalar loops for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Activations as `Q8_1` (llama.cpp's `ggml_vec_dot_q4_1_q8_1`).
+    Q4_1,
+    /// Activations as `Q8_0` (llama.cpp's `ggml_vec_dot_q5_0_q8_0`): the same rounding without `s`.
+    Q5_0,
+}
+
+impl Format {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => Q4_1_BYTES,
+            Self::Q5_0 => Q5_0_BYTES,
+        }
+    }
+}
+
+/// One block of activations rounded to 8 bits: `x ≈ d·q`, `s = d·Σq` (f16-rounded, Q4_1's minimum term), and
+/// `Σq` exactly (Q5_0's offset of 16).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct BlockQ8_1 {
     d: f32,
     s: f32,
     qs: [i8; QK],
+    sum: i32,
 }
 
 /// Rounds one row of activations (length a multiple of [`QK`]) to `Q8_1` blocks, as llama.cpp's x86
@@ -53,6 +76,7 @@ fn quantize_row_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
         let sum: i32 = y.qs.iter().map(|&q| i32::from(q)).sum();
         y.d = f16::from_f32(d).to_f32();
         y.s = f16::from_f32(d * sum as f32).to_f32();
+        y.sum = sum;
     }
 }
 
@@ -60,8 +84,33 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// One dot product of a `format` row with a row of rounded activations, the scalar formula.
+fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    match format {
+        Format::Q4_1 => dot_scalar_q4_1(w, y),
+        Format::Q5_0 => dot_scalar_q5_0(w, y),
+    }
+}
+
+/// One dot product of a `Q5_0` row (`blocks` × [`Q5_0_BYTES`]) with a `Q8_0` row, the scalar formula.
+fn dot_scalar_q5_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q5_0_BYTES).zip(y) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut si = 0i32;
+        for j in 0..QK / 2 {
+            let q = b[6 + j];
+            let lo = i32::from(q & 0x0f) | (((qh >> j) & 1) << 4) as i32;
+            let hi = i32::from(q >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
+            si += (lo - 16) * i32::from(y.qs[j]) + (hi - 16) * i32::from(y.qs[j + QK / 2]);
+        }
+        sum += si as f32 * f16_at(b, 0) * y.d;
+    }
+    sum
+}
+
 /// One dot product of a `Q4_1` row (`blocks` × [`Q4_1_BYTES`]) with a `Q8_1` row, the scalar formula.
-fn dot_scalar(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(y) {
         let mut si = 0i32;
@@ -80,7 +129,7 @@ fn dot_scalar(w: &[u8], y: &[BlockQ8_1]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{BlockQ8_1, Q4_1_BYTES, QK};
+    use super::{BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, QK};
     use std::arch::x86_64::*;
 
     /// The 32 nibbles of a block's 16 bytes as bytes 0..15: low nibbles first, then high nibbles.
@@ -154,6 +203,69 @@ mod x86 {
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
+    /// A Q5_0 block's fifth bits (4 bytes) as 32 bytes of 0x10 (bit set) or 0, in value order (llama.cpp's
+    /// `bytes_from_bits_32`, masked to the bit's place value).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fifth_bits(b: &[u8]) -> __m256i {
+        let x32 = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuf);
+        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Four Q5_0 rows against one Q8_0 row: each value as the unsigned q (0..31) times the activations, summed to
+    /// i32 lanes by `$prod`, scaled by d·d' per block; the offset of 16 comes off as 16·d·d'·Σq' per block,
+    /// accumulated for the four rows in one vector.
+    macro_rules! dot4_q5_0 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+                let n = y.len();
+                let rows = w.map(|w| &w.as_chunks::<Q5_0_BYTES>().0[..n]);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut offset = _mm_setzero_ps();
+                for (i, yb) in y.iter().enumerate() {
+                    // SAFETY: `qs` is 32 bytes.
+                    let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                    let b = [&rows[0][i], &rows[1][i], &rows[2][i], &rows[3][i]];
+                    let d = b.map(|b| i16::from_le_bytes([b[0], b[1]]));
+                    let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, d[3], d[2], d[1], d[0]));
+                    let scale4 = _mm_mul_ps(d4, _mm_set1_ps(yb.d));
+                    offset = _mm_fmadd_ps(scale4, _mm_set1_ps(16.0 * yb.sum as f32), offset);
+                    let scale8 = _mm256_castps128_ps256(scale4);
+                    for r in 0..4 {
+                        let q = _mm256_or_si256(nibbles(&b[r][6..]), fifth_bits(&b[r][2..6]));
+                        let p = $prod(q, qy);
+                        let scale = _mm256_permutevar8x32_ps(scale8, _mm256_set1_epi32(r as i32));
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r]);
+                    }
+                }
+                let mut o = [0f32; 4];
+                // SAFETY: `o` is 4 f32.
+                unsafe { _mm_storeu_ps(o.as_mut_ptr(), offset) };
+                std::array::from_fn(|r| hsum(acc[r]) - o[r])
+            }
+        };
+    }
+
+    dot4_q5_0!(dot4_q5_0_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(qx, qy),
+        _mm256_set1_epi16(1)
+    ));
+    dot4_q5_0!(
+        dot4_q5_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+
     #[inline(always)]
     fn hsum(v: __m256) -> f32 {
         let mut a = [0f32; 8];
@@ -210,14 +322,18 @@ impl Kernel {
     }
 
     #[allow(unsafe_code)]
-    fn dot4(self, w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
-        match self {
-            Self::Scalar => w.map(|w| dot_scalar(w, y)),
+    fn dot4(self, format: Format, w: [&[u8]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+        match (self, format) {
+            (Self::Scalar, _) => w.map(|w| dot_scalar(format, w, y)),
             // SAFETY: `detect` saw the features these kernels are compiled for.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::dot4_avx2(w, y) },
+            (Self::Avx2, Format::Q4_1) => unsafe { x86::dot4_avx2(w, y) },
             #[cfg(target_arch = "x86_64")]
-            Self::Vnni => unsafe { x86::dot4_vnni(w, y) },
+            (Self::Vnni, Format::Q4_1) => unsafe { x86::dot4_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q5_0) => unsafe { x86::dot4_q5_0_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q5_0) => unsafe { x86::dot4_q5_0_vnni(w, y) },
         }
     }
 }
@@ -229,8 +345,10 @@ const COLS_PER_ITEM: usize = 16;
 /// [`QK`]. The work items are groups of output columns (each weight row is read once for all m rows of x), run on
 /// candle's spinning thread pool, the one its own quantized products use: a decode step makes hundreds of these
 /// small products, and a second pool (rayon's) would wake and park threads for each and fight it for the cores.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_t(
     kernel: Kernel,
+    format: Format,
     x: &[f32],
     m: usize,
     k: usize,
@@ -243,7 +361,7 @@ pub fn matmul_t(
         "q4_1: k = {k} is not a multiple of {QK}"
     );
     let kb = k / QK;
-    let row_bytes = kb * Q4_1_BYTES;
+    let row_bytes = kb * format.block_bytes();
     assert_eq!(w.len(), n * row_bytes, "q4_1: weight bytes for ({n}, {k})");
     assert_eq!(x.len(), m * k, "q4_1: input length");
     assert_eq!(dst.len(), m * n, "q4_1: output length");
@@ -251,6 +369,7 @@ pub fn matmul_t(
         d: 0.0,
         s: 0.0,
         qs: [0; QK],
+        sum: 0,
     };
     let mut yq = vec![zero; m * kb];
     for (y, x) in yq.chunks_exact_mut(kb).zip(x.chunks_exact(k)) {
@@ -267,6 +386,7 @@ pub fn matmul_t(
             let mut c = 0;
             while c + 4 <= cols {
                 let s = kernel.dot4(
+                    format,
                     [
                         wrow(c0 + c),
                         wrow(c0 + c + 1),
@@ -281,7 +401,10 @@ pub fn matmul_t(
                 c += 4;
             }
             for (j, o) in o.iter().enumerate().skip(c) {
-                o.store(dot_scalar(wrow(c0 + j), y).to_bits(), Ordering::Relaxed);
+                o.store(
+                    dot_scalar(format, wrow(c0 + j), y).to_bits(),
+                    Ordering::Relaxed,
+                );
             }
         }
     };
@@ -323,9 +446,9 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
                 .collect();
             let mut want = vec![0f32; m * n];
-            matmul_t(Kernel::Scalar, &x, m, k, &w, n, &mut want);
+            matmul_t(Kernel::Scalar, Format::Q4_1, &x, m, k, &w, n, &mut want);
             let mut got = vec![0f32; m * n];
-            matmul_t(Kernel::detect(), &x, m, k, &w, n, &mut got);
+            matmul_t(Kernel::detect(), Format::Q4_1, &x, m, k, &w, n, &mut got);
             for (a, b) in got.iter().zip(&want) {
                 assert!(
                     (a - b).abs() <= 1e-5 * b.abs().max(1.0),
@@ -337,7 +460,8 @@ mod tests {
                 BlockQ8_1 {
                     d: 0.0,
                     s: 0.0,
-                    qs: [0; QK]
+                    qs: [0; QK],
+                    sum: 0
                 };
                 k / QK
             ];
@@ -359,6 +483,71 @@ mod tests {
                 // s = d·Σq is rounded to f16, so the minimum's term is within an f16 ulp of the exact one.
                 assert!(
                     (want[c] as f64 - r).abs() < 2e-3 * r.abs().max(1.0),
+                    "{} vs {r}",
+                    want[c]
+                );
+            }
+        }
+    }
+
+    /// The same for Q5_0: every kernel equals the scalar formula, and the formula is the product of the
+    /// dequantized weights d·(q − 16) with the rounded activations.
+    #[test]
+    fn q5_0_kernels_agree_with_the_scalar_formula() {
+        let (n, k) = (21, 128);
+        let mut w = Vec::new();
+        for c in 0..n {
+            for b in 0..k / QK {
+                let s = (c * 5 + b * 7) as f32;
+                w.extend(
+                    f16::from_f32(if c % 3 == 0 { -0.02 } else { 0.015 } + s * 1e-4).to_le_bytes(),
+                );
+                let q = |j: usize| ((j * 11 + c * 3 + b) % 32) as u32;
+                let qh: u32 = (0..32).map(|j| (q(j) >> 4) << j).sum();
+                w.extend(qh.to_le_bytes());
+                w.extend((0..16).map(|j| (q(j) & 15) as u8 | (((q(j + 16) & 15) as u8) << 4)));
+            }
+        }
+        for m in [1, 2, 6] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
+                .collect();
+            let mut want = vec![0f32; m * n];
+            matmul_t(Kernel::Scalar, Format::Q5_0, &x, m, k, &w, n, &mut want);
+            let mut got = vec![0f32; m * n];
+            matmul_t(Kernel::detect(), Format::Q5_0, &x, m, k, &w, n, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{a} vs {b} (m = {m})"
+                );
+            }
+            let zero = BlockQ8_1 {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; QK],
+                sum: 0,
+            };
+            let mut yq = vec![zero; k / QK];
+            quantize_row_q8_1(&x[..k], &mut yq);
+            for c in 0..n {
+                let mut r = 0f64;
+                for (bi, y) in yq.iter().enumerate() {
+                    let b = &w[(c * k / QK + bi) * Q5_0_BYTES..][..Q5_0_BYTES];
+                    let d = f64::from(f16_at(b, 0));
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    for j in 0..QK {
+                        let nib = if j < 16 {
+                            b[6 + j] & 15
+                        } else {
+                            b[6 + j - 16] >> 4
+                        };
+                        let q = f64::from(u32::from(nib) | (((qh >> j) & 1) << 4)) - 16.0;
+                        r += d * q * f64::from(y.qs[j]) * f64::from(y.d);
+                    }
+                }
+                assert!(
+                    (f64::from(want[c]) - r).abs() < 1e-4 * r.abs().max(1.0),
                     "{} vs {r}",
                     want[c]
                 );
