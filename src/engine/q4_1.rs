@@ -1,9 +1,10 @@
-//! `x · Wᵀ` on the CPU for a GGML `Q4_1` weight, the way llama.cpp computes it: the activations are rounded to
-//! `Q8_1` blocks (32 int8 and an f16 scale, plus the f16 `s = d·Σq` that folds in the weight's minimum) and each
-//! 32-wide block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has SIMD kernels for
-//! Q4_0, Q8_0 and the K-quants but a scalar loop for Q4_1 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file); this
-//! is the AVX2 kernel (llama.cpp's `ggml_vec_dot_q4_1_q8_1`), with AVX-512 VNNI's byte dot product where the CPU has
-//! it, and the scalar formula elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1`
+//! `x · Wᵀ` on the CPU for a GGML `Q4_1` or `Q5_0` weight, the way llama.cpp computes it: the activations are
+//! rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 also the f16 `s = d·Σq` that folds in the weight's
+//! minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide block of the dot product is an
+//! integer sum scaled by both blocks' scales. candle 0.11 has SIMD kernels for Q4_0, Q8_0 and the K-quants but
+//! scalar loops for Q4_1 and Q5_0 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file); these are llama.cpp's AVX2
+//! kernels (`ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q5_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU
+//! has it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1`
 //! (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is llama.cpp's up to the order
 //! of the float additions.
 
@@ -161,15 +162,11 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut mins = _mm256_setzero_ps();
                 for (i, yb) in y.iter().enumerate() {
-                    // SAFETY: `qs` is 32 bytes; `d` and `s` are adjacent f32 (repr(C)), read as one 8-byte pair.
-                    let (qy, ds) = unsafe {
-                        (
-                            _mm256_loadu_si256(yb.qs.as_ptr().cast()),
-                            _mm256_castpd_ps(_mm256_broadcast_sd(
-                                &*std::ptr::from_ref(&yb.d).cast::<f64>(),
-                            )),
-                        )
-                    };
+                    // SAFETY: `qs` is 32 bytes.
+                    let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                    // (d, s) in every pair of lanes: one 64-bit broadcast of the two f32's bits.
+                    let pair = (u64::from(yb.s.to_bits()) << 32) | u64::from(yb.d.to_bits());
+                    let ds = _mm256_castpd_ps(_mm256_set1_pd(f64::from_bits(pair)));
                     let b = [&rows[0][i], &rows[1][i], &rows[2][i], &rows[3][i]];
                     let dm = b.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                     let dm = _mm256_mul_ps(
