@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use termtune::config::{self, Preset, Purpose};
 use termtune::engine::hub::HubOptions;
-use termtune::engine::source::{GgufWeights, load_model, load_model_with};
+use termtune::engine::source::{GgufWeights, load_model};
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model, adapter};
@@ -624,16 +624,7 @@ const SMOL_PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant na
 
 /// A SmolLM2 GGUF loaded as `gguf` says (f32), its tokenizer, and the ids of [`SMOL_PROMPT`].
 fn smol_model(path: &Path, gguf: GgufWeights) -> (Model, tokenizers::Tokenizer, Vec<u32>) {
-    let hub = HubOptions::from_vars(|_| None);
-    let src = load_model_with(
-        path.to_str().unwrap(),
-        &hub,
-        DType::F32,
-        &CPU,
-        gguf,
-        &mut |_| {},
-    )
-    .unwrap();
+    let src = crate::tiny_util::load_f32(path, gguf);
     let model = Model::from_files(&src.files, DType::F32, &CPU, &Finetune::Frozen).unwrap();
     let tok = src.files.tokenizer.unwrap();
     let ids = tok.encode(SMOL_PROMPT, false).unwrap().get_ids().to_vec();
@@ -774,16 +765,7 @@ fn smollm2_gguf_base_exports_as_a_hugging_face_folder() {
             .unwrap()
             .contains("<|im_start|>")
     );
-    let hub = HubOptions::from_vars(|_| None);
-    let src = load_model_with(
-        gguf.to_str().unwrap(),
-        &hub,
-        DType::F32,
-        &CPU,
-        GgufWeights::Dequantized,
-        &mut |_| {},
-    )
-    .unwrap();
+    let src = crate::tiny_util::load_f32(&gguf, GgufWeights::Dequantized);
     let text = "<|im_start|>user\nHow many r's are in strawberry? 12345<|im_end|>\n";
     assert_eq!(
         files

@@ -350,18 +350,7 @@ fn smollm2_quantized_logits_stay_close_to_the_dequantized_model() {
     assert!(rel < 0.1, "{rel}");
     // The program's default for a named file: kept quantized; `gguf_dequantize: true` dequantizes on load (the
     // numbers transformers computes, which the chat_smollm2 tests check).
-    let hub = termtune::engine::hub::HubOptions::from_vars(|_| None);
-    let load = |gguf| {
-        termtune::engine::source::load_model_with(
-            path.to_str().unwrap(),
-            &hub,
-            DType::F32,
-            &CPU,
-            gguf,
-            &mut |_| {},
-        )
-        .unwrap()
-    };
+    let load = |gguf| crate::tiny_util::load_f32(&path, gguf);
     use termtune::engine::source::GgufWeights;
     assert!(load(GgufWeights::Dequantized).files.quantized.is_empty());
     let kept = load(GgufWeights::Quantized).files.quantized;

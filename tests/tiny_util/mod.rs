@@ -49,16 +49,7 @@ pub fn same_answer_rows(n: usize, output: &str) -> Vec<Value> {
 
 /// The largest absolute difference of two f32 tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 /// The largest absolute value of an f32 tensor.
@@ -204,4 +195,21 @@ pub fn train_steps(
     .map(|_| ())
     .map_err(|e| e.to_string());
     (r, steps)
+}
+
+/// A model file or folder loaded on the CPU in f32 as `gguf` says, offline (no hub variables).
+pub fn load_f32(
+    path: &std::path::Path,
+    gguf: termtune::engine::source::GgufWeights,
+) -> termtune::engine::source::LoadedSource {
+    let hub = termtune::engine::hub::HubOptions::from_vars(|_| None);
+    termtune::engine::source::load_model_with(
+        path.to_str().unwrap(),
+        &hub,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        gguf,
+        &mut |_| {},
+    )
+    .unwrap()
 }
