@@ -720,6 +720,7 @@ fn packed_examples_do_not_attend_to_each_other() {
     let mask = AttnMask::Packed {
         seq_ids: Tensor::new(&[[1u32, 1, 1, 1, 2, 2, 2, 0]], &CPU).unwrap(),
         position_ids: Tensor::new(&[[0u32, 1, 2, 3, 0, 1, 2, 0]], &CPU).unwrap(),
+        branch_ids: None,
     };
     let la = m.forward(&pack(&ex1a), &mask, false).unwrap();
     let lb = m.forward(&pack(&ex1b), &mask, false).unwrap();

@@ -233,6 +233,7 @@ fn batches(device: &Device) -> Vec<(Tensor, AttnMask, Tensor)> {
     let packed = AttnMask::Packed {
         seq_ids: Tensor::new(&[[1u32, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2]], device).unwrap(),
         position_ids: Tensor::new(&[[0u32, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]], device).unwrap(),
+        branch_ids: None,
     };
     vec![(ids.clone(), padded, labels.clone()), (ids, packed, labels)]
 }
@@ -632,6 +633,7 @@ fn host_inputs_give_what_the_tensors_give() {
             labels: &labels,
             attention_mask: (i == 0).then_some(attention.as_slice()),
             sequence_ids: (i == 1).then_some(seq.as_slice()),
+            branch_ids: None,
         };
         let run = |h: Option<&termtune::engine::HostInputs>| {
             let (s, n) = m

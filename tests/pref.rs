@@ -9,11 +9,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use termtune::config::{self, PrefLoss};
+use termtune::data::pack::Batch;
 use termtune::engine::model::Kernels;
 use termtune::engine::ops;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
-use termtune::engine::{AttnMask, Model};
+use termtune::engine::{AttnMask, Model, SequenceLogps};
 use termtune::trainer::pref::{PairLogps, PrefConfig, preference_loss};
+use termtune::trainer::run::{batch_tensors, host_inputs, regroup_shared_prompts, u32_mask};
 
 use termtune::trainer::runlog::{TrainerState, read_log};
 
@@ -227,6 +229,146 @@ fn sequence_logps_are_the_labelled_log_softmax_sums_on_every_path() {
             .unwrap()
             .logps;
         assert_eq!(again, with);
+    }
+}
+
+/// [`pair_batch`] as the trainer holds it.
+fn pair_batch_host() -> Batch {
+    let (ids, mask, labels) = pair_batch();
+    let AttnMask::Padding { attention_mask } = mask else {
+        unreachable!()
+    };
+    let (batch_size, seq_len) = ids.dims2().unwrap();
+    let real: Vec<u32> = attention_mask.flatten_all().unwrap().to_vec1().unwrap();
+    Batch {
+        batch_size,
+        seq_len,
+        input_ids: ids.flatten_all().unwrap().to_vec1().unwrap(),
+        labels: labels.flatten_all().unwrap().to_vec1().unwrap(),
+        attention_mask: real.iter().map(|&m| u8::from(m != 0)).collect(),
+        position_ids: (0..batch_size)
+            .flat_map(|_| 0..u32::try_from(seq_len).unwrap())
+            .collect(),
+        sequence_ids: real,
+        block_diagonal: false,
+        kto_tags: Vec::new(),
+        seq_index: vec![10, 11, 12, 13],
+        branch_ids: Vec::new(),
+    }
+}
+
+/// The trainer's per-sequence log-probabilities of `b` (shared prompts regrouped into chosen, then rejected).
+fn trainer_logps(m: &Model, b: &Batch, train: bool) -> SequenceLogps {
+    let (ids, labels, mask) = batch_tensors(b, &CPU).unwrap();
+    let am = u32_mask(b);
+    let mut out = m
+        .sequence_logps(&ids, &mask, &labels, Some(&host_inputs(b, &am)), train)
+        .unwrap();
+    regroup_shared_prompts(&mut out, b).unwrap();
+    out
+}
+
+#[test]
+fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
+    let unshared = pair_batch_host();
+    let shared = unshared.share_prompts().unwrap();
+    // Pair 0: prompt 5 70 71, chosen 100 33 9 8, rejected 200 201; pair 1: prompt 6 12, chosen 40 41, rejected
+    // 90 91 92 93. The last prompt token opens each answer's branch; positions continue the prompt's.
+    assert_eq!(
+        (shared.batch_size, shared.seq_len, shared.sequences()),
+        (2, 10, 4)
+    );
+    assert_eq!(
+        &shared.input_ids[..10],
+        &[5, 70, 71, 100, 33, 9, 8, 71, 200, 201]
+    );
+    assert_eq!(&shared.position_ids[..10], &[0, 1, 2, 3, 4, 5, 6, 2, 3, 4]);
+    assert_eq!(&shared.branch_ids[..10], &[0, 0, 1, 1, 1, 1, 1, 2, 2, 2]);
+    assert_eq!(
+        &shared.input_ids[10..19],
+        &[6, 12, 40, 41, 12, 90, 91, 92, 93]
+    );
+    assert_eq!(&shared.position_ids[10..19], &[0, 1, 2, 3, 1, 2, 3, 4, 5]);
+    assert_eq!(&shared.branch_ids[10..19], &[0, 1, 1, 1, 2, 2, 2, 2, 2]);
+    assert_eq!(
+        &shared.attention_mask[10..],
+        &[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    );
+    assert_eq!(shared.chosen_label_counts(), vec![4, 2]);
+    assert_eq!(shared.seq_index, unshared.seq_index);
+    // Nothing to share: pairs whose first tokens differ, an odd batch, a batch already shared.
+    let mut apart = unshared.clone();
+    apart.input_ids[2 * 7] = 7;
+    assert!(apart.share_prompts().is_none());
+    assert!(unshared.rows(0..3).share_prompts().is_none());
+    assert!(shared.share_prompts().is_none());
+
+    let cases = [
+        (Kernels::Fused, Some(3), false),
+        (Kernels::Fused, None, true),
+        (Kernels::Pure, None, false),
+    ];
+    for (kernels, chunk, checkpointing) in cases {
+        let what = format!("{kernels:?} chunk {chunk:?} checkpointing {checkpointing}");
+        let d = tempfile::tempdir().unwrap();
+        let mut m = tiny(d.path(), kernels);
+        m.head_chunk_rows = chunk;
+        m.checkpointing = checkpointing;
+        let a = trainer_logps(&m, &unshared, true);
+        let b = trainer_logps(&m, &shared, true);
+        assert_eq!(a.tokens, b.tokens, "{what}");
+        assert_eq!(a.tokens, vec![4, 2, 2, 4], "{what}");
+        for (x, y) in a.logps.iter().zip(&b.logps) {
+            assert!(
+                (x - y).abs() < 1e-10,
+                "{what}: {:?} vs {:?}",
+                a.logps,
+                b.logps
+            );
+        }
+        // The reference (adapter off) too, and the way back: the same gradients for the same ∂L/∂logps.
+        let ra = m.with_adapter_disabled(|m| trainer_logps(m, &unshared, false).logps);
+        let rb = m.with_adapter_disabled(|m| trainer_logps(m, &shared, false).logps);
+        assert!(
+            ra.iter().zip(&rb).all(|(x, y)| (x - y).abs() < 1e-10),
+            "{what}"
+        );
+        let dl = [0.3, -0.7, 0.5, 1.1];
+        let (ga, gb) = (a.backward(&dl).unwrap(), b.backward(&dl).unwrap());
+        let mut compared = 0;
+        for (name, v) in m.trainable_vars() {
+            let flat = |g: &candle_core::backprop::GradStore| {
+                g.get(&v)
+                    .unwrap_or_else(|| panic!("{what}: no gradient for {name}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            let (x, y) = (flat(&ga), flat(&gb));
+            let scale = x.iter().fold(0f64, |s, v| s.max(v.abs()));
+            let diff = x
+                .iter()
+                .zip(&y)
+                .fold(0f64, |s, (p, q)| s.max((p - q).abs()));
+            assert!(
+                diff <= 1e-9 * scale.max(1.0),
+                "{what} {name}: {diff} (scale {scale})"
+            );
+            compared += usize::from(scale > 0.0);
+        }
+        assert!(compared > 0, "{what}: no gradient compared");
+        // LD-DPO's weights count each sequence's own tokens, shared or not.
+        let (mut wa, mut wb) = (a, b);
+        termtune::trainer::pref::apply_ld_alpha(&mut wa, 0.5);
+        termtune::trainer::pref::apply_ld_alpha(&mut wb, 0.5);
+        assert!(
+            wa.logps
+                .iter()
+                .zip(&wb.logps)
+                .all(|(x, y)| (x - y).abs() < 1e-10),
+            "{what}"
+        );
     }
 }
 

@@ -202,6 +202,10 @@ pub struct Batch {
     /// Stages dpo, kto and rm: the index of each row's sequence in its split (train or eval), which identifies it
     /// across epochs (the reference's log-probabilities are cached by it); empty for the other stages.
     pub seq_index: Vec<usize>,
+    /// A batch of pairs sharing their prompts ([`Batch::share_prompts`]): each token's branch, row-major, 0 for the
+    /// pair's prompt (seen by both answers), 1 for the chosen answer, 2 for the rejected one (neither sees the
+    /// other); empty for every other batch.
+    pub branch_ids: Vec<u32>,
 }
 
 impl Batch {
@@ -238,7 +242,124 @@ impl Batch {
             seq_index: range
                 .filter_map(|r| self.seq_index.get(r).copied())
                 .collect(),
+            branch_ids: Vec::new(),
         }
+    }
+
+    /// The sequences the batch holds: its rows, or twice as many when pairs share their prompts.
+    pub fn sequences(&self) -> usize {
+        if self.branch_ids.is_empty() {
+            self.batch_size
+        } else {
+            2 * self.batch_size
+        }
+    }
+
+    /// A pairwise batch (k chosen rows, then their k rejected rows, right-padded) with each pair in one row that
+    /// holds its prompt once: the prompt but its last token, then that token and the chosen answer, then that token
+    /// again and the rejected answer. The answers' positions both continue the prompt's, the attention stays inside
+    /// the pair and neither answer sees the other ([`Batch::branch_ids`]), so every answer token has the context
+    /// (and the log-probability) it has in its own row, and the prompt runs once instead of twice. The last prompt
+    /// token is repeated so that each answer's first token is predicted inside its own branch. `None` when the
+    /// batch is not pairwise or a pair has no common unlabelled prefix.
+    #[must_use]
+    pub fn share_prompts(&self) -> Option<Batch> {
+        let t = self.seq_len;
+        let k = self.batch_size / 2;
+        if k == 0 || !self.batch_size.is_multiple_of(2) || !self.branch_ids.is_empty() {
+            return None;
+        }
+        let len = |r: usize| {
+            self.attention_mask[r * t..(r + 1) * t]
+                .iter()
+                .rposition(|&m| m != 0)
+                .map_or(0, |p| p + 1)
+        };
+        // (prompt length, chosen length, rejected length) per pair: the prompt is the common prefix that neither
+        // row labels.
+        let mut spans = Vec::with_capacity(k);
+        for i in 0..k {
+            let (c, r) = (i * t, (k + i) * t);
+            let (lc, lr) = (len(i), len(k + i));
+            let p = (0..lc.min(lr))
+                .take_while(|&j| {
+                    self.input_ids[c + j] == self.input_ids[r + j]
+                        && self.labels[c + j] == IGNORE_INDEX
+                        && self.labels[r + j] == IGNORE_INDEX
+                        && self.attention_mask[c + j] != 0
+                        && self.attention_mask[r + j] != 0
+                })
+                .count();
+            if p == 0 {
+                return None;
+            }
+            spans.push((p, lc, lr));
+        }
+        let seq_len = spans
+            .iter()
+            .map(|&(p, lc, lr)| lc + lr + 1 - p)
+            .max()
+            .unwrap_or(0);
+        let pad_id = (0..self.input_ids.len())
+            .find(|&j| self.attention_mask[j] == 0)
+            .map_or(0, |j| self.input_ids[j]);
+        let n = k * seq_len;
+        let mut out = Batch {
+            batch_size: k,
+            seq_len,
+            input_ids: Vec::with_capacity(n),
+            labels: Vec::with_capacity(n),
+            attention_mask: Vec::with_capacity(n),
+            position_ids: Vec::with_capacity(n),
+            sequence_ids: Vec::with_capacity(n),
+            block_diagonal: true,
+            kto_tags: Vec::new(),
+            seq_index: self.seq_index.clone(),
+            branch_ids: Vec::with_capacity(n),
+        };
+        for (i, &(p, lc, lr)) in spans.iter().enumerate() {
+            // (source row, source range, branch): the shared prompt, then the two answers from the last prompt token.
+            let parts = [(i, 0..p - 1, 0), (i, p - 1..lc, 1), (k + i, p - 1..lr, 2)];
+            for (row, range, branch) in parts {
+                let at = row * t;
+                out.input_ids
+                    .extend_from_slice(&self.input_ids[at + range.start..at + range.end]);
+                out.labels
+                    .extend_from_slice(&self.labels[at + range.start..at + range.end]);
+                out.position_ids
+                    .extend(range.clone().map(|j| u32::try_from(j).unwrap_or(u32::MAX)));
+                out.branch_ids
+                    .extend(std::iter::repeat_n(branch, range.len()));
+            }
+            let real = lc + lr + 1 - p;
+            out.attention_mask.extend(std::iter::repeat_n(1, real));
+            out.sequence_ids.extend(std::iter::repeat_n(1, real));
+            let pad = seq_len - real;
+            out.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+            out.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+            out.attention_mask.extend(std::iter::repeat_n(0, pad));
+            out.position_ids.extend(std::iter::repeat_n(0, pad));
+            out.sequence_ids.extend(std::iter::repeat_n(0, pad));
+            out.branch_ids.extend(std::iter::repeat_n(0, pad));
+        }
+        Some(out)
+    }
+
+    /// For a batch from [`Batch::share_prompts`], the chosen answer's labelled tokens of each row (they come before
+    /// the rejected answer's): row r's first that many labelled positions are sequence r's, the rest sequence
+    /// k + r's. Empty for other batches.
+    pub fn chosen_label_counts(&self) -> Vec<usize> {
+        if self.branch_ids.is_empty() {
+            return Vec::new();
+        }
+        let t = self.seq_len;
+        (0..self.batch_size)
+            .map(|r| {
+                (r * t + 1..(r + 1) * t)
+                    .filter(|&j| self.labels[j] != IGNORE_INDEX && self.branch_ids[j] == 1)
+                    .count()
+            })
+            .collect()
     }
 }
 
@@ -257,6 +378,7 @@ pub fn collate(items: &[&PackedSequence], pad_id: u32, block_diagonal: bool) -> 
         block_diagonal,
         kto_tags: Vec::new(),
         seq_index: Vec::new(),
+        branch_ids: Vec::new(),
     };
     for s in items {
         let pad = seq_len - s.len();

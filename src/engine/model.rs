@@ -214,9 +214,12 @@ pub enum AttnMask {
     Padding { attention_mask: Tensor },
     /// Neat packing: `seq_ids` (b, t) integer, ≥1 names the example a token belongs to, 0 = padding;
     /// attention is causal and block-diagonal (never across examples). `position_ids` (b, t) restart per example.
+    /// With `branch_ids` (b, t) integer, an example is a shared prefix (branch 0) and branches that each see the
+    /// prefix and themselves, never each other (preference pairs sharing their prompt).
     Packed {
         seq_ids: Tensor,
         position_ids: Tensor,
+        branch_ids: Option<Tensor>,
     },
 }
 
@@ -231,6 +234,8 @@ pub struct HostInputs<'a> {
     pub attention_mask: Option<&'a [u32]>,
     /// The example ids (`AttnMask::Packed`).
     pub sequence_ids: Option<&'a [u32]>,
+    /// The branch ids (`AttnMask::Packed` with `branch_ids`).
+    pub branch_ids: Option<&'a [u32]>,
 }
 
 /// Rows of a (b, t) row-major host slice.
@@ -289,6 +294,36 @@ impl SequenceLogps {
             seen[r] += 1;
             self.logps[r] += *w * lp;
         }
+    }
+
+    /// Reassigns the labelled positions to `rows` sequences: position `i` of batch row `r` (its i-th labelled
+    /// token) becomes sequence `row_of(r, i)`'s (a batch of preference pairs sharing their prompts holds two
+    /// sequences per row). `logps`, `tokens` and the way back then follow the sequences.
+    pub fn regroup(&mut self, rows: usize, row_of: impl Fn(usize, usize) -> usize) -> Result<()> {
+        let mut seen = vec![0usize; self.logps.len()];
+        let mut logps = vec![0.0; rows];
+        let mut tokens = vec![0; rows];
+        for ((r, &lp), &w) in self
+            .batch_rows
+            .iter_mut()
+            .zip(&self.position_logps)
+            .zip(&self.weights)
+        {
+            let to = row_of(*r, seen[*r]);
+            if to >= rows {
+                return Err(EngineError::Invalid(format!(
+                    "labelled position {} of row {} goes to sequence {to} of {rows}",
+                    seen[*r], *r
+                )));
+            }
+            seen[*r] += 1;
+            *r = to;
+            logps[to] += w * lp;
+            tokens[to] += 1;
+        }
+        self.logps = logps;
+        self.tokens = tokens;
+        Ok(())
     }
 
     /// The trainable parameters' gradients of a loss L of these log-probabilities, given `dl[r]` = ∂L/∂logps[r]
@@ -797,12 +832,14 @@ impl Model {
     }
 
     /// Additive attention bias (b, 1, t, t) in `dtype`: 0 where allowed, a large negative elsewhere.
-    /// Allowed: key ≤ query, same example (seq id), key not padding; a query always sees itself (no empty rows).
+    /// Allowed: key ≤ query, same example (seq id), key not padding, and with `branch` the key in the shared prefix
+    /// (branch 0) or in the query's branch; a query always sees itself (no empty rows).
     fn mask_bias(
         &self,
         b: usize,
         t: usize,
-        seq: Option<Vec<Vec<u32>>>,
+        seq: Option<&[Vec<u32>]>,
+        branch: Option<&[Vec<u32>]>,
         dtype: DType,
     ) -> Result<Tensor> {
         let neg = -1e9f32;
@@ -813,9 +850,13 @@ impl Model {
                 for k in 0..t {
                     let allowed = k == q
                         || (k < q
-                            && match &seq {
+                            && match seq {
                                 None => true,
                                 Some(s) => s[bi][k] != 0 && s[bi][k] == s[bi][q],
+                            }
+                            && match branch {
+                                None => true,
+                                Some(br) => br[bi][k] == 0 || br[bi][k] == br[bi][q],
                             });
                     if !allowed {
                         v[(bi * t + q) * t + k] = neg;
@@ -896,9 +937,13 @@ impl Model {
             AttnMask::Packed {
                 seq_ids,
                 position_ids,
+                branch_ids,
             } => {
                 check("seq_ids", seq_ids)?;
                 check("position_ids", position_ids)?;
+                if let Some(br) = branch_ids {
+                    check("branch_ids", br)?;
+                }
             }
         }
         let cdt = ops::compute_dtype(self.dtype);
@@ -909,9 +954,10 @@ impl Model {
                 _ => Ok(tensor.to_dtype(DType::U32)?.to_vec2::<u32>()?),
             }
         };
-        let (positions, seq) = match mask {
+        let (positions, seq, branch) = match mask {
             AttnMask::Causal => (
                 Tensor::arange(0u32, t as u32, &self.device)?.reshape((1, t))?,
+                None,
                 None,
             ),
             AttnMask::Padding { attention_mask } => (
@@ -920,22 +966,26 @@ impl Model {
                     host.and_then(|h| h.attention_mask),
                     attention_mask,
                 )?),
+                None,
             ),
             AttnMask::Packed {
                 seq_ids,
                 position_ids,
+                branch_ids,
             } => (
                 position_ids.clone(),
                 Some(host_rows(host.and_then(|h| h.sequence_ids), seq_ids)?),
+                match branch_ids {
+                    Some(br) => Some(host_rows(host.and_then(|h| h.branch_ids), br)?),
+                    None => None,
+                },
             ),
         };
         let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
-        // The padding mask's rows (the same as `seq` for a padded batch): unpadding and its row map come from them.
-        let pad_rows = match (unpad, mask) {
-            (true, AttnMask::Padding { .. }) => seq.clone(),
-            _ => None,
-        };
-        let bias = self.mask_bias(b, t, seq, cdt)?;
+        // The rows whose zeros are padding (the padding mask, or the example ids of a packed batch): unpadding and
+        // its row map come from them.
+        let pad_rows = if unpad { seq.clone() } else { None };
+        let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), cdt)?;
         let pad = match &pad_rows {
             Some(m) => layer::Unpad::from_mask(m, &self.device)?,
             None => None,

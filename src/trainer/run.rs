@@ -1133,6 +1133,10 @@ impl<'a> Trainer<'a> {
         match &pref.objective {
             Objective::Dpo(cfg) => {
                 let cfg = *cfg;
+                // Each pair in one row with its prompt once (the answers' log-probabilities are those of their own
+                // rows; sequence order as unshared).
+                let shared = batch.share_prompts();
+                let batch = shared.as_ref().unwrap_or(batch);
                 let x = ModelInputs::new(batch, &device)?;
                 let mut policy = x.sequence_logps(&self.model, batch, train)?;
                 if let Some(alpha) = pref.ld_alpha {
@@ -1713,20 +1717,23 @@ impl ModelInputs {
         )?)
     }
 
-    /// `model`'s per-row label log-probabilities of batch `b` (these are its inputs).
+    /// `model`'s per-sequence label log-probabilities of batch `b` (these are its inputs): one per row, or with
+    /// shared prompts ([`Batch::share_prompts`]) the k chosen answers', then the k rejected ones'.
     fn sequence_logps(
         &self,
         model: &Model,
         b: &Batch,
         train: bool,
     ) -> Result<SequenceLogps, TrainError> {
-        Ok(model.sequence_logps(
+        let mut out = model.sequence_logps(
             &self.ids,
             &self.mask,
             &self.labels,
             Some(&self.host(b)),
             train,
-        )?)
+        )?;
+        regroup_shared_prompts(&mut out, b)?;
+        Ok(out)
     }
 }
 
@@ -1741,7 +1748,7 @@ fn cached_reference_logps(
     eval: bool,
 ) -> Result<Option<Vec<f64>>, TrainError> {
     let keys: Vec<(bool, usize)> = b.seq_index.iter().map(|&i| (eval, i)).collect();
-    if keys.len() == b.batch_size {
+    if keys.len() == b.sequences() {
         let cache = pref.ref_cache.borrow();
         if let Some(v) = keys
             .iter()
@@ -1768,6 +1775,19 @@ fn cached_reference_logps(
     Ok(Some(v))
 }
 
+/// For a batch of pairs sharing their prompts ([`Batch::share_prompts`]), gives row r's chosen answer tokens to
+/// sequence r and its rejected answer tokens to sequence k + r (the layout of an unshared pairwise batch); nothing
+/// for other batches.
+pub fn regroup_shared_prompts(logps: &mut SequenceLogps, b: &Batch) -> Result<(), TrainError> {
+    let chosen = b.chosen_label_counts();
+    if chosen.is_empty() {
+        return Ok(());
+    }
+    let k = b.batch_size;
+    logps.regroup(2 * k, |r, i| if i < chosen[r] { r } else { k + r })?;
+    Ok(())
+}
+
 /// Tensors for one batch: input ids (b, t) u32, labels (b, t) i64, and the attention layout.
 pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, AttnMask), TrainError> {
     let shape = (b.batch_size, b.seq_len);
@@ -1777,6 +1797,11 @@ pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor, Attn
         AttnMask::Packed {
             seq_ids: Tensor::from_vec(b.sequence_ids.clone(), shape, device)?,
             position_ids: Tensor::from_vec(b.position_ids.clone(), shape, device)?,
+            branch_ids: if b.branch_ids.is_empty() {
+                None
+            } else {
+                Some(Tensor::from_vec(b.branch_ids.clone(), shape, device)?)
+            },
         }
     } else {
         AttnMask::Padding {
@@ -1818,6 +1843,7 @@ pub fn host_inputs<'a>(b: &'a Batch, attention_mask: &'a [u32]) -> crate::engine
         labels: &b.labels,
         attention_mask: (!b.block_diagonal).then_some(attention_mask),
         sequence_ids: b.block_diagonal.then_some(b.sequence_ids.as_slice()),
+        branch_ids: (!b.branch_ids.is_empty()).then_some(b.branch_ids.as_slice()),
     }
 }
 
