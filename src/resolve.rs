@@ -175,17 +175,35 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<PresetModel, SourceError> {
+    load_model_to(
+        p,
+        dtype,
+        device,
+        crate::engine::memory::BaseStorage::Dense,
+        progress,
+    )
+}
+
+/// [`load_model`] with the decoder linear weights held as `to` ([`source::load_model_quantizing`]).
+fn load_model_to(
+    p: &Preset,
+    dtype: DType,
+    device: &Device,
+    to: crate::engine::memory::BaseStorage,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<PresetModel, SourceError> {
     let model = ModelRef::of(p);
     let LoadedSource {
         files,
         kind,
         base_name,
-    } = source::load_model_with(
+    } = source::load_model_quantizing(
         &model.name_or_path,
         &model.hub_options(),
         dtype,
         device,
         model.gguf,
+        to,
         progress,
     )?;
     let tokenizer = LoadedTokenizer {
@@ -350,57 +368,48 @@ pub fn memory_estimate(
     Ok((dtype, crate::engine::memory::estimate(cfg, &ft, &run)))
 }
 
-/// The preset's base for training or chat: [`load_model`], then `quantization_bit`'s quantization. A base to be
-/// quantized is read on the host and reaches `device` weight by weight already quantized, so a GPU never holds
-/// it dense.
+/// The preset's base for training or chat: [`load_model`], its decoder linear weights quantized as
+/// `quantization_bit` asks (Q8_0 blocks for 8; bitsandbytes' 4-bit layout for 4, `quantization_type`,
+/// `double_quantization`). Each such weight is read on the host and quantized before the next is read, so neither
+/// the host nor a GPU ever holds the base dense; a note says how many and the memory they now take.
 pub fn load_base(
     p: &Preset,
     dtype: DType,
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<PresetModel, SourceError> {
-    if p.quantization_bit.is_none() {
+    let to = base_storage_over(p, crate::engine::memory::BaseStorage::Dense);
+    if to == crate::engine::memory::BaseStorage::Dense {
         return load_model(p, dtype, device, progress);
     }
-    let mut m = load_model(p, dtype, &Device::Cpu, progress)?;
-    quantize_base(p, &mut m.files, device, progress)?;
-    m.files.move_to(device)?;
-    Ok(m)
-}
-
-/// `quantization_bit`: the base's decoder linear weights become Q8_0 blocks (8: 32 int8 weights, one f16 scale)
-/// or bitsandbytes' 4-bit layout (4: `quantization_type`, `double_quantization`) on `device`; a note says how
-/// many and the memory they now take. Nothing for `None` (validation refuses other values).
-fn quantize_base(
-    p: &Preset,
-    files: &mut crate::engine::ModelFiles,
-    device: &Device,
-    progress: &mut dyn FnMut(SourceProgress),
-) -> Result<(), crate::engine::EngineError> {
-    let (n, bytes, what) = match p.quantization_bit {
-        Some(8) => {
-            let n = files.quantize_linears(candle_core::quantized::GgmlDType::Q8_0, device)?;
-            let bytes: usize = files
+    let m = load_model_to(p, dtype, device, to, progress)?;
+    let files = &m.files;
+    let (n, bytes) = if files.bnb4.is_empty() {
+        (
+            files.quantized.len(),
+            files
                 .quantized
                 .values()
                 .map(|q| q.storage_size_in_bytes())
-                .sum();
-            (n, bytes, "Q8_0".to_string())
-        }
-        Some(4) => {
-            let storage = base_storage(p);
-            let n = files.quantize_linears_4bit(four_bit(p), p.double_quantization, device)?;
-            let bytes: usize = files.bnb4.values().map(|q| q.storage_size_in_bytes()).sum();
-            (n, bytes, storage.format_name().unwrap_or_default())
-        }
-        _ => return Ok(()),
+                .sum::<usize>(),
+        )
+    } else {
+        (
+            files.bnb4.len(),
+            files
+                .bnb4
+                .values()
+                .map(|q| q.storage_size_in_bytes())
+                .sum::<usize>(),
+        )
     };
     progress(SourceProgress::Note(format!(
-        "quantization_bit {}: {n} linear weights quantized to {what} ({})",
+        "quantization_bit {}: {n} linear weights quantized to {} ({})",
         p.quantization_bit.unwrap_or_default(),
+        to.format_name().unwrap_or_default(),
         crate::fsutil::human_bytes(bytes as u64)
     )));
-    Ok(())
+    Ok(m)
 }
 
 /// Where a reward model's value head sits for `preset`: beside the last adapter, else in the model folder; `None`

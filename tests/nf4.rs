@@ -249,10 +249,11 @@ fn bnb4_linear_is_the_product_with_the_dequantized_weight() {
 /// with the fused CPU kernels and the generic ones a GPU runs; the base stays 4-bit.
 #[test]
 fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
+    use termtune::engine::memory::BaseStorage;
     use termtune::engine::model::Weight;
     use termtune::engine::ops::Backend;
     use termtune::engine::testing::{TinyOpts, tiny_llama};
-    use termtune::engine::weights::load_hf_folder;
+    use termtune::engine::weights::{load_hf_folder, load_hf_folder_with};
     use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
     let dir = tempfile::tempdir().unwrap();
     let opts = TinyOpts {
@@ -262,12 +263,27 @@ fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
     };
     tiny_llama(dir.path(), 41, &opts).unwrap();
     let mut quant = load_hf_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let n = quant
-        .quantize_linears_4bit(FourBit::Nf4, true, &Device::Cpu)
-        .unwrap();
+    let nf4 = BaseStorage::Bnb4(FourBit::Nf4, true);
+    let n = quant.quantize_linears(nf4, &Device::Cpu).unwrap();
     assert_eq!(n, 7 * opts.num_layers);
     assert_eq!(quant.bnb4.len(), n);
     assert!(quant.tensors.contains_key("model.embed_tokens.weight"));
+    // Quantized as read, weight by weight (what `quantization_bit: 4` does): the same 4-bit weights.
+    let streamed = load_hf_folder_with(dir.path(), DType::F32, &Device::Cpu, nf4).unwrap();
+    assert_eq!(streamed.bnb4.len(), n);
+    assert_eq!(streamed.tensors.len(), quant.tensors.len());
+    for (name, q) in &quant.bnb4 {
+        let (a, b) = (
+            q.dequantize().unwrap(),
+            streamed.bnb4[name].dequantize().unwrap(),
+        );
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        assert_eq!(
+            q.storage_size_in_bytes(),
+            streamed.bnb4[name].storage_size_in_bytes()
+        );
+    }
     let mut dense = load_hf_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
     for (name, q) in &quant.bnb4 {
         dense.tensors.insert(name.clone(), q.dequantize().unwrap());

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use termtune::engine::gguf::{load_gguf, load_gguf_quantized};
+use termtune::engine::memory::BaseStorage;
 use termtune::engine::model::{KvCache, Weight};
 use termtune::engine::ops;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
-use termtune::engine::weights::{ModelFiles, load_hf_folder};
+use termtune::engine::weights::{ModelFiles, load_hf_folder, load_hf_folder_with};
 use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
 
 use crate::tiny_util::{max_abs, max_abs_diff};
@@ -400,12 +401,28 @@ fn quantization_bit_8_trains_lora_over_q8_0_linears_close_to_the_dense_base() {
     // The loader's part: 7 linears per layer quantized, nothing else.
     let mut files = load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap();
     let dense_before = files.tensors.len();
-    let n = files.quantize_linears(GgmlDType::Q8_0, &CPU).unwrap();
+    let q8 = BaseStorage::Linears(GgmlDType::Q8_0);
+    let n = files.quantize_linears(q8, &CPU).unwrap();
     let cfg = termtune::engine::ModelConfig::from_hf_config(&files.config).unwrap();
     assert_eq!(n, 7 * cfg.num_layers);
     assert_eq!(files.quantized.len(), n);
     assert_eq!(files.tensors.len(), dense_before - n);
     assert!(files.tensors.contains_key("model.embed_tokens.weight"));
+    // Quantized as read, weight by weight (what `quantization_bit` does): the same blocks, the same dense rest.
+    let streamed = load_hf_folder_with(&root.join("model"), DType::F32, &CPU, q8).unwrap();
+    assert_eq!(streamed.quantized.len(), n);
+    for (name, q) in &files.quantized {
+        assert_eq!(
+            streamed.quantized[name].data().unwrap(),
+            q.data().unwrap(),
+            "{name}"
+        );
+    }
+    let mut names: Vec<&String> = streamed.tensors.keys().collect();
+    names.sort();
+    let mut want: Vec<&String> = files.tensors.keys().collect();
+    want.sort();
+    assert_eq!(names, want);
 
     let dense = step_losses(&sft_preset(root, "dense", &["max_steps: 8"]));
     let q8 = step_losses(&sft_preset(
@@ -456,7 +473,10 @@ fn quantization_bit_4_trains_lora_over_nf4_linears_like_the_dequantized_base() {
     }
     let mut files = load_hf_folder(&root.join("model"), DType::F32, &CPU).unwrap();
     files
-        .quantize_linears_4bit(termtune::engine::bnb4::FourBit::Nf4, true, &CPU)
+        .quantize_linears(
+            BaseStorage::Bnb4(termtune::engine::bnb4::FourBit::Nf4, true),
+            &CPU,
+        )
         .unwrap();
     let mut tensors = files.tensors.clone();
     for (name, q) in &files.bnb4 {

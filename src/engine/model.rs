@@ -32,63 +32,77 @@ pub const LINEAR_LEAVES: [&str; 7] = [
     "down_proj",
 ];
 
+/// Whether `quantization_bit`'s storage `to` holds the tensor `name` (of `dims`) quantized: a decoder layer's linear
+/// weight (q/k/v/o and gate/up/down projections) whose rows split into whole blocks. The embeddings, norms and
+/// lm_head stay dense, as bitsandbytes leaves them.
+fn quantizes(name: &str, dims: &[usize], to: super::memory::BaseStorage) -> bool {
+    use super::memory::BaseStorage;
+    let block = match to {
+        BaseStorage::Linears(d) => d.block_size(),
+        BaseStorage::Bnb4(..) => 1,
+        BaseStorage::Dense | BaseStorage::Ggml(_) => return false,
+    };
+    name.starts_with("model.layers.")
+        && LINEAR_LEAVES
+            .iter()
+            .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
+        && dims.len() == 2
+        && dims[1].is_multiple_of(block)
+}
+
 impl super::weights::ModelFiles {
-    /// Names of the decoder layers' linear weights (q/k/v/o and gate/up/down projections) whose rows split into
-    /// whole blocks of `block`.
-    fn linear_weight_names(&self, block: usize) -> Vec<String> {
+    /// Adds the tensor `name` (in the model's dtype, on any device): quantized onto `device` when `to`
+    /// (`quantization_bit`: [`BaseStorage::Linears`](super::memory::BaseStorage::Linears) for GGML blocks,
+    /// [`BaseStorage::Bnb4`](super::memory::BaseStorage::Bnb4) for bitsandbytes' 4-bit layout) holds it quantized
+    /// ([`quantizes`]), else dense on `device`. A base read this way, weight by weight, is never whole and dense in
+    /// memory, and reaches a GPU already quantized.
+    pub fn insert_tensor(
+        &mut self,
+        name: String,
+        t: Tensor,
+        to: super::memory::BaseStorage,
+        device: &Device,
+    ) -> Result<()> {
+        use super::memory::BaseStorage;
+        if !quantizes(&name, t.dims(), to) {
+            self.tensors.insert(name, t.to_device(device)?);
+            return Ok(());
+        }
+        match to {
+            BaseStorage::Linears(dtype) => {
+                let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
+                self.quantized.insert(name, Arc::new(q));
+            }
+            BaseStorage::Bnb4(kind, double) => {
+                let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
+                    .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
+                self.bnb4.insert(name, Arc::new(q));
+            }
+            BaseStorage::Dense | BaseStorage::Ggml(_) => {
+                self.tensors.insert(name, t.to_device(device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `quantization_bit` over a base already read dense (a GGUF dequantized on load): moves the decoder layers'
+    /// linear weights that `to` holds quantized into [`Self::quantized`] or [`Self::bnb4`] on `device`, one at a
+    /// time ([`Self::insert_tensor`]); the rest stays where it is. Returns how many were quantized.
+    pub fn quantize_linears(
+        &mut self,
+        to: super::memory::BaseStorage,
+        device: &Device,
+    ) -> Result<usize> {
         let mut names: Vec<String> = self
             .tensors
             .iter()
-            .filter(|(name, t)| {
-                name.starts_with("model.layers.")
-                    && LINEAR_LEAVES
-                        .iter()
-                        .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
-                    && t.rank() == 2
-                    && t.dims()[1] % block == 0
-            })
+            .filter(|(name, t)| quantizes(name, t.dims(), to))
             .map(|(name, _)| name.clone())
             .collect();
         names.sort();
-        names
-    }
-
-    /// Moves the decoder layers' linear weights into [`Self::quantized`] as `dtype` blocks on `device`
-    /// (`quantization_bit: 8`): LoRA trains over them as over a GGUF base's, the embeddings, norms and lm_head stay
-    /// dense (as bitsandbytes leaves the lm_head unquantized). Returns how many were quantized; a weight whose
-    /// rows do not split into whole blocks stays dense.
-    pub fn quantize_linears(
-        &mut self,
-        dtype: candle_core::quantized::GgmlDType,
-        device: &Device,
-    ) -> Result<usize> {
-        let names = self.linear_weight_names(dtype.block_size());
         for name in &names {
             if let Some(t) = self.tensors.remove(name) {
-                let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
-                self.quantized.insert(name.clone(), Arc::new(q));
-            }
-        }
-        Ok(names.len())
-    }
-
-    /// Moves the decoder layers' linear weights into [`Self::bnb4`] in bitsandbytes' 4-bit layout on `device`
-    /// (`quantization_bit: 4`; NF4 or FP4, blocks of 64 over the flattened weight, optionally double-quantized
-    /// absmax), as `transformers` quantizes a model for QLoRA: every decoder linear; the embeddings, norms and
-    /// lm_head stay dense. One weight at a time, so a base read on the host reaches the GPU already 4-bit.
-    /// Returns how many were quantized.
-    pub fn quantize_linears_4bit(
-        &mut self,
-        kind: super::bnb4::FourBit,
-        double: bool,
-        device: &Device,
-    ) -> Result<usize> {
-        let names = self.linear_weight_names(1);
-        for name in &names {
-            if let Some(t) = self.tensors.remove(name) {
-                let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
-                    .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
-                self.bnb4.insert(name.clone(), Arc::new(q));
+                self.insert_tensor(name.clone(), t, to, device)?;
             }
         }
         Ok(names.len())

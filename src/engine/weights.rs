@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::error::{EngineError, Result};
+use super::memory::BaseStorage;
 
 /// A model as loaded from disk: HF config, HF-named tensors and (when present) tokenizer files.
 pub struct ModelFiles {
@@ -121,6 +122,22 @@ pub fn load_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for_each_safetensor(files, dtype, device, &mut |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Hands every tensor of `files` (memory-mapped), converted to `dtype` on `device`, to `f`, one at a time: the
+/// caller decides what to keep of each before the next is read.
+fn for_each_safetensor(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    f: &mut dyn FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
     for p in files {
         if matches!(
             p.extension().and_then(|e| e.to_str()),
@@ -140,21 +157,34 @@ pub fn load_safetensors(
             why: format!("cannot read safetensors: {e}"),
         }
     })?;
-    let mut out = HashMap::new();
-    for (name, _) in st.tensors() {
+    let mut names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
+    names.sort();
+    for name in names {
         let t = st.load(&name, device)?;
         let t = if t.dtype() == dtype {
             t
         } else {
             t.to_dtype(dtype)?
         };
-        out.insert(name, t);
+        f(name, t)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Load a local Hugging Face folder: config.json, weights, tokenizer files.
 pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<ModelFiles> {
+    load_hf_folder_with(dir, dtype, device, BaseStorage::Dense)
+}
+
+/// [`load_hf_folder`] with `quantization_bit`'s storage `to` ([`BaseStorage::Linears`] or [`BaseStorage::Bnb4`]):
+/// each decoder linear weight is quantized onto `device` as it is read ([`ModelFiles::insert_tensor`]), so the
+/// peak host memory is the quantized base plus one dense weight, not the dense base.
+pub fn load_hf_folder_with(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    to: BaseStorage,
+) -> Result<ModelFiles> {
     if dir.is_file() {
         if matches!(
             dir.extension().and_then(|e| e.to_str()),
@@ -177,8 +207,6 @@ pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Model
         });
     }
     let config = read_json(&cfg_path)?;
-    let files = safetensors_files(dir)?;
-    let tensors = load_safetensors(&files, dtype, device)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(
@@ -190,16 +218,26 @@ pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Model
     } else {
         None
     };
-    Ok(ModelFiles {
+    let mut out = ModelFiles {
         config,
-        tensors,
+        tensors: HashMap::new(),
         quantized: HashMap::new(),
         bnb4: HashMap::new(),
         tokenizer,
         tokenizer_config: read_json_opt(&dir.join("tokenizer_config.json"))?,
         generation_config: read_json_opt(&dir.join("generation_config.json"))?,
         dir: dir.to_path_buf(),
-    })
+    };
+    // A weight to be quantized is read on the host and reaches `device` quantized; the rest goes there as read.
+    let read_on = if to == BaseStorage::Dense {
+        device.clone()
+    } else {
+        Device::Cpu
+    };
+    for_each_safetensor(&safetensors_files(dir)?, dtype, &read_on, &mut |name, t| {
+        out.insert_tensor(name, t, to, device)
+    })?;
+    Ok(out)
 }
 
 /// A tensor flattened to little-endian bytes for the `safetensors` writer.
