@@ -240,6 +240,97 @@ fn lora_gradients_over_a_quantized_base_match_the_dequantized_base() {
     }
 }
 
+/// A GGUF's quantized tied head runs in chunks like a dense one: dequantized once for the head pass, the loss, the
+/// per-sequence log-probabilities and the LoRA gradients are those of the dequantized model (the full logits are
+/// never formed), where the unchunked head rounds the activations to 8 bits on so few rows.
+#[test]
+fn a_quantized_head_runs_chunked_with_the_dequantized_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut quant, mut dense) = tiny_pair(dir.path(), GgmlDType::Q8_0);
+    let md = Model::from_files(&dense, DType::F32, &CPU, &lora(4)).unwrap();
+    // Only the tied embedding (the head) quantized; the decoder layers dense as in `md`.
+    let embed = "model.embed_tokens.weight";
+    dense.tensors.remove(embed).unwrap();
+    dense
+        .quantized
+        .insert(embed.into(), quant.quantized.remove(embed).unwrap());
+    let mut mq = Model::from_files(&dense, DType::F32, &CPU, &lora(4)).unwrap();
+    assert!(matches!(mq.embed, Weight::Quantized(_)) && mq.lm_head.is_none());
+    for m in [&md, &mq] {
+        for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
+            if name.ends_with("lora_B.weight") {
+                // The same non-zero B in both (as after some training), so A gets a gradient too.
+                let n = v.elem_count();
+                let vals: Vec<f32> = (0..n).map(|j| 0.002 * ((j * 7 + i) as f32).sin()).collect();
+                v.set(&Tensor::from_vec(vals, v.dims(), &CPU).unwrap())
+                    .unwrap();
+            }
+        }
+    }
+    let ids: Vec<u32> = (0..2 * 16u32).map(|i| (i * 29 + 3) % 300).collect();
+    let input = Tensor::from_vec(ids.clone(), (2, 16), &CPU).unwrap();
+    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let labels = Tensor::from_vec(labels, (2, 16), &CPU).unwrap();
+    let run = |m: &Model| {
+        let (loss, n) = m
+            .forward_loss(&input, &AttnMask::Causal, &labels, true)
+            .unwrap();
+        let loss = (loss / n as f64).unwrap();
+        let g = loss.backward().unwrap();
+        let grads: Vec<Tensor> = m
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        let lp = m
+            .sequence_logps(&input, &AttnMask::Causal, &labels, None, true)
+            .unwrap();
+        let lg = lp.backward(&[1.0, -0.5]).unwrap();
+        let lp_grads: Vec<Tensor> = m
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| lg.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads, lp.logps, lp_grads)
+    };
+    let (ld, gd, pd, qd) = run(&md);
+    let close = |a: &[Tensor], b: &[Tensor]| {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| max_abs_diff(x, y))
+            .fold(0f32, f32::max);
+        let norm = b.iter().map(max_abs).fold(0f32, f32::max);
+        worst / norm
+    };
+    mq.head_chunk_rows = Some(3);
+    let (lq, gq, pq, qq) = run(&mq);
+    assert!(
+        (lq - ld).abs() < 1e-6 * ld.abs(),
+        "chunked: loss {lq} vs {ld}"
+    );
+    assert!(
+        close(&gq, &gd) < 1e-4,
+        "chunked: gradients {}",
+        close(&gq, &gd)
+    );
+    for (a, b) in pq.iter().zip(&pd) {
+        assert!((a - b).abs() < 1e-4, "chunked: logps {pq:?} vs {pd:?}");
+    }
+    assert!(
+        close(&qq, &qd) < 1e-4,
+        "chunked: logps gradients {}",
+        close(&qq, &qd)
+    );
+    mq.head_chunk_rows = None;
+    let (lu, ..) = run(&mq);
+    eprintln!("loss: dequantized {ld}, chunked {lq}, unchunked {lu}");
+    assert!(
+        (lu - ld).abs() > 1e-5 * ld.abs(),
+        "unchunked: loss {lu} vs {ld}"
+    );
+}
+
 #[test]
 fn a_quantized_lora_model_merges_into_dense_weights() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,17 @@ use serde_json::Value;
 
 use super::error::{EngineError, Result};
 
+/// Leaf names of the linear layers inside a decoder layer (LoRA targets for `all`).
+pub const LINEAR_LEAVES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The decoder families the engine can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchKind {

@@ -163,7 +163,7 @@ pub fn param_counts(cfg: &ModelConfig, ft: &Finetune) -> (u64, u64) {
         Finetune::Lora(spec) => {
             let per_layer_lora: usize = layer_linears(cfg)
                 .iter()
-                .zip(super::model::LINEAR_LEAVES)
+                .zip(super::arch::LINEAR_LEAVES)
                 .filter(|(_, name)| spec.targets.contains(name))
                 .map(|((i, o), _)| spec.r * (i + o))
                 .sum();

@@ -21,115 +21,7 @@ use super::layer::{self, LayerCtx, LayerIo, Pass};
 pub use super::layer::{Kernels, Layer, Linear, LoraPair, Weight};
 use super::ops;
 
-/// Leaf names of the linear layers inside a decoder layer (LoRA targets for `all`).
-pub const LINEAR_LEAVES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// Whether `quantization_bit`'s storage `to` holds the tensor `name` (of `dims`) quantized: a decoder layer's linear
-/// weight (q/k/v/o and gate/up/down projections) whose rows split into whole blocks. The embeddings, norms and
-/// lm_head stay dense, as bitsandbytes leaves them.
-fn quantizes(name: &str, dims: &[usize], to: super::memory::BaseStorage) -> bool {
-    use super::memory::BaseStorage;
-    let block = match to {
-        BaseStorage::Linears(d) => d.block_size(),
-        BaseStorage::Bnb4(..) => 1,
-        BaseStorage::Dense | BaseStorage::Ggml(_) => return false,
-    };
-    name.starts_with("model.layers.")
-        && LINEAR_LEAVES
-            .iter()
-            .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
-        && dims.len() == 2
-        && dims[1].is_multiple_of(block)
-}
-
-impl super::weights::ModelFiles {
-    /// Adds the tensor `name` (in the model's dtype, on any device): quantized onto `device` when `to`
-    /// (`quantization_bit`: [`BaseStorage::Linears`](super::memory::BaseStorage::Linears) for GGML blocks,
-    /// [`BaseStorage::Bnb4`](super::memory::BaseStorage::Bnb4) for bitsandbytes' 4-bit layout) holds it quantized
-    /// ([`quantizes`]), else dense on `device`. A base read this way, weight by weight, is never whole and dense in
-    /// memory, and reaches a GPU already quantized.
-    pub fn insert_tensor(
-        &mut self,
-        name: String,
-        t: Tensor,
-        to: super::memory::BaseStorage,
-        device: &Device,
-    ) -> Result<()> {
-        use super::memory::BaseStorage;
-        if !quantizes(&name, t.dims(), to) {
-            self.tensors.insert(name, t.to_device(device)?);
-            return Ok(());
-        }
-        match to {
-            BaseStorage::Linears(dtype) => {
-                let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
-                self.quantized.insert(name, Arc::new(q));
-            }
-            BaseStorage::Bnb4(kind, double) => {
-                let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
-                    .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
-                self.bnb4.insert(name, Arc::new(q));
-            }
-            BaseStorage::Dense | BaseStorage::Ggml(_) => {
-                self.tensors.insert(name, t.to_device(device)?);
-            }
-        }
-        Ok(())
-    }
-
-    /// `quantization_bit` over a base already read dense (a GGUF dequantized on load): moves the decoder layers'
-    /// linear weights that `to` holds quantized into [`Self::quantized`] or [`Self::bnb4`] on `device`, one at a
-    /// time ([`Self::insert_tensor`]); the rest stays where it is. Returns how many were quantized.
-    pub fn quantize_linears(
-        &mut self,
-        to: super::memory::BaseStorage,
-        device: &Device,
-    ) -> Result<usize> {
-        let mut names: Vec<String> = self
-            .tensors
-            .iter()
-            .filter(|(name, t)| quantizes(name, t.dims(), to))
-            .map(|(name, _)| name.clone())
-            .collect();
-        names.sort();
-        for name in &names {
-            if let Some(t) = self.tensors.remove(name) {
-                self.insert_tensor(name.clone(), t, to, device)?;
-            }
-        }
-        Ok(names.len())
-    }
-
-    /// Moves every tensor (dense, GGML blocks, 4-bit) to `device`, one at a time, exactly.
-    pub fn move_to(&mut self, device: &Device) -> Result<()> {
-        for t in self.tensors.values_mut() {
-            if !t.device().same_device(device) {
-                *t = t.to_device(device)?;
-            }
-        }
-        for q in self.quantized.values_mut() {
-            if !q.device().same_device(device) {
-                let storage =
-                    candle_core::quantized::QStorage::from_data(q.data()?, device, q.dtype())?;
-                *q = Arc::new(QTensor::new(storage, q.shape().clone())?);
-            }
-        }
-        for q in self.bnb4.values_mut() {
-            if !q.device().same_device(device) {
-                *q = Arc::new(q.to_device(device)?);
-            }
-        }
-        Ok(())
-    }
-}
+pub use super::arch::LINEAR_LEAVES;
 
 /// Which modules get LoRA adapters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1095,19 +987,21 @@ impl Model {
         Ok(y.to_dtype(cdt)?)
     }
 
-    /// The lm_head weight when it is a frozen plain matrix (tied frozen embeddings, or a frozen lm_head without
-    /// LoRA or bias).
-    fn frozen_head(&self) -> Option<&Tensor> {
-        match &self.lm_head {
-            None => match &self.embed {
-                Weight::Frozen(w) => Some(w),
-                Weight::Trainable(_) | Weight::Quantized(_) | Weight::Bnb4(_) => None,
-            },
-            Some(l) => match (&l.weight, &l.bias, &l.lora) {
-                (Weight::Frozen(w), None, None) => Some(w),
-                _ => None,
-            },
-        }
+    /// The lm_head weight (vocab, hidden) in the model's dtype when it is a frozen plain matrix (tied frozen
+    /// embeddings, or a frozen lm_head without LoRA or bias), for the chunked head. A quantized one (a GGUF's) is
+    /// dequantized here, once for the whole head pass and its backward: the logits of all rows never exist, and the
+    /// product is the exact one with the dequantized weight, as [`ops::quantized_linear`]'s for many rows.
+    fn frozen_head(&self) -> Result<Option<Tensor>> {
+        let w = match &self.lm_head {
+            None => &self.embed,
+            Some(l) if l.bias.is_none() && l.lora.is_none() => &l.weight,
+            Some(_) => return Ok(None),
+        };
+        Ok(match w {
+            Weight::Frozen(w) => Some(w.clone()),
+            Weight::Quantized(_) | Weight::Bnb4(_) => Some(w.detached()?.to_dtype(self.dtype)?),
+            Weight::Trainable(_) => None,
+        })
     }
 
     /// Full forward → logits (b, t, vocab) in the compute dtype.
@@ -1147,11 +1041,12 @@ impl Model {
             hs, targets: tgt, ..
         } = lab;
         let n = tgt.len();
-        if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
+        if let Some(chunk) = self.head_chunk_rows
             && self.fused()
+            && let Some(w) = self.frozen_head()?
         {
             let loss = super::profile::span("lm_head + cross-entropy", &self.device, || {
-                layer::head_loss_chunked(&hs, w, &tgt, chunk)
+                layer::head_loss_chunked(&hs, &w, &tgt, chunk)
             })?;
             return Ok((loss, n));
         }
@@ -1317,12 +1212,13 @@ impl Model {
             out.tokens[r] += 1;
         }
         out.weights = vec![1.0; batch_rows.len()];
-        if let (Some(chunk), Some(w)) = (self.head_chunk_rows, self.frozen_head())
+        if let Some(chunk) = self.head_chunk_rows
             && self.fused()
+            && let Some(w) = self.frozen_head()?
         {
             out.position_logps =
                 super::profile::span("lm_head + log-probabilities", &self.device, || {
-                    layer::head_logps_chunked(&hs, w, &targets, chunk)
+                    layer::head_logps_chunked(&hs, &w, &targets, chunk)
                 })?;
             for (&r, lp) in batch_rows.iter().zip(&out.position_logps) {
                 out.logps[r] += lp;
@@ -1331,7 +1227,7 @@ impl Model {
             if train {
                 out.grad = Some(LogpsGrad::Head {
                     hs,
-                    w: w.clone(),
+                    w,
                     targets,
                     chunk,
                 });

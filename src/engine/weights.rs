@@ -9,6 +9,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+
+use super::arch::LINEAR_LEAVES;
+use super::bnb4::Bnb4Tensor;
 use super::error::{EngineError, Result};
 use super::memory::BaseStorage;
 
@@ -351,4 +357,97 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
         Ok(())
     })
     .map_err(|e| EngineError::io(format!("writing {}", path.display()), e))
+}
+
+/// Whether `quantization_bit`'s storage `to` holds the tensor `name` (of `dims`) quantized: a decoder layer's linear
+/// weight (q/k/v/o and gate/up/down projections) whose rows split into whole blocks. The embeddings, norms and
+/// lm_head stay dense, as bitsandbytes leaves them.
+fn quantizes(name: &str, dims: &[usize], to: BaseStorage) -> bool {
+    let block = match to {
+        BaseStorage::Linears(d) => d.block_size(),
+        BaseStorage::Bnb4(..) => 1,
+        BaseStorage::Dense | BaseStorage::Ggml(_) => return false,
+    };
+    name.starts_with("model.layers.")
+        && LINEAR_LEAVES
+            .iter()
+            .any(|leaf| name.ends_with(&format!(".{leaf}.weight")))
+        && dims.len() == 2
+        && dims[1].is_multiple_of(block)
+}
+
+impl ModelFiles {
+    /// Adds the tensor `name` (in the model's dtype, on any device): quantized onto `device` when `to`
+    /// (`quantization_bit`: [`BaseStorage::Linears`] for GGML blocks,
+    /// [`BaseStorage::Bnb4`] for bitsandbytes' 4-bit layout) holds it quantized
+    /// ([`quantizes`]), else dense on `device`. A base read this way, weight by weight, is never whole and dense in
+    /// memory, and reaches a GPU already quantized.
+    pub fn insert_tensor(
+        &mut self,
+        name: String,
+        t: Tensor,
+        to: BaseStorage,
+        device: &Device,
+    ) -> Result<()> {
+        if !quantizes(&name, t.dims(), to) {
+            self.tensors.insert(name, t.to_device(device)?);
+            return Ok(());
+        }
+        match to {
+            BaseStorage::Linears(dtype) => {
+                let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
+                self.quantized.insert(name, Arc::new(q));
+            }
+            BaseStorage::Bnb4(kind, double) => {
+                let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
+                    .map_err(|e| EngineError::Invalid(format!("{name}: {e}")))?;
+                self.bnb4.insert(name, Arc::new(q));
+            }
+            BaseStorage::Dense | BaseStorage::Ggml(_) => {
+                self.tensors.insert(name, t.to_device(device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `quantization_bit` over a base already read dense (a GGUF dequantized on load): moves the decoder layers'
+    /// linear weights that `to` holds quantized into [`Self::quantized`] or [`Self::bnb4`] on `device`, one at a
+    /// time ([`Self::insert_tensor`]); the rest stays where it is. Returns how many were quantized.
+    pub fn quantize_linears(&mut self, to: BaseStorage, device: &Device) -> Result<usize> {
+        let mut names: Vec<String> = self
+            .tensors
+            .iter()
+            .filter(|(name, t)| quantizes(name, t.dims(), to))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        for name in &names {
+            if let Some(t) = self.tensors.remove(name) {
+                self.insert_tensor(name.clone(), t, to, device)?;
+            }
+        }
+        Ok(names.len())
+    }
+
+    /// Moves every tensor (dense, GGML blocks, 4-bit) to `device`, one at a time, exactly.
+    pub fn move_to(&mut self, device: &Device) -> Result<()> {
+        for t in self.tensors.values_mut() {
+            if !t.device().same_device(device) {
+                *t = t.to_device(device)?;
+            }
+        }
+        for q in self.quantized.values_mut() {
+            if !q.device().same_device(device) {
+                let storage =
+                    candle_core::quantized::QStorage::from_data(q.data()?, device, q.dtype())?;
+                *q = Arc::new(QTensor::new(storage, q.shape().clone())?);
+            }
+        }
+        for q in self.bnb4.values_mut() {
+            if !q.device().same_device(device) {
+                *q = Arc::new(q.to_device(device)?);
+            }
+        }
+        Ok(())
+    }
 }
