@@ -775,12 +775,39 @@ fn a_separate_reference_model_replaces_the_adapter_off_base() {
     let m = &steps[0];
     assert!((m.loss - std::f64::consts::LN_2).abs() > 1e-3, "{}", m.loss);
     assert!(m.metrics["rewards/chosen"].abs() > 1e-3, "{:?}", m.metrics);
+    // The same weights quantized (`ref_model_quantization_bit`): the reference moves off the policy by the
+    // quantization error only, 4-bit more than 8-bit.
+    let mut off = Vec::new();
+    for bits in ["4", "8"] {
+        let q = format!("ref_model_quantization_bit: {bits}");
+        let loaded = preset(
+            &root,
+            &["max_steps: 1", "overwrite_output_dir: true", &same, &q],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let (r, steps) = train(&loaded);
+        r.unwrap();
+        off.push((steps[0].loss - std::f64::consts::LN_2).abs());
+        eprintln!("{bits}-bit reference: step-1 loss {}", steps[0].loss);
+    }
+    assert!(
+        off[0] > off[1] && off[1] > 1e-6,
+        "|loss - ln 2| 4-bit, 8-bit: {off:?}"
+    );
     // Keys that cannot apply are refused.
     for (kv, key) in [
         (vec!["pref_loss: orpo", same.as_str()], "ref_model"),
         (
             vec!["ref_model_adapters: some/adapter"],
             "ref_model_adapters",
+        ),
+        (
+            vec!["ref_model_quantization_bit: 4"],
+            "ref_model_quantization_bit",
+        ),
+        (
+            vec![same.as_str(), "ref_model_quantization_bit: 2"],
+            "ref_model_quantization_bit",
         ),
     ] {
         let issues = preset(&root, &kv).expect_err(key);

@@ -16,7 +16,7 @@ use candle_core::Device;
 
 use crate::config::Preset;
 use crate::data::{ChatPrompt, Encoder, Message, Role};
-use crate::engine::adapter::{load_adapter_trainable, merge_adapters, parse_adapter_list};
+use crate::engine::adapter::{apply_adapters, parse_adapter_list};
 use crate::engine::generate::{ChatAnswer, GenerationParams, stream_answer};
 use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
@@ -60,30 +60,9 @@ fn load_parts(
         .map(parse_adapter_list)
         .unwrap_or_default();
     let quantized_base = !files.quantized.is_empty() || !files.bnb4.is_empty();
-    let merged = !(quantized_base && adapters.len() == 1);
-    match adapters.as_slice() {
-        [] => {}
-        // One adapter over a quantized base stays beside it, as PEFT runs a QLoRA adapter: merging would make
-        // the base dense.
-        [one] if quantized_base => {
-            progress(SourceProgress::Note(
-                "applying the adapter beside the quantized base (unmerged)".into(),
-            ));
-            load_adapter_trainable(&mut model, one)?;
-        }
-        _ => {
-            progress(SourceProgress::Note(format!(
-                "merging {} adapter(s){}",
-                adapters.len(),
-                if quantized_base {
-                    " into the dequantized base (several adapters: the merged layers are dense)"
-                } else {
-                    ""
-                }
-            )));
-            merge_adapters(&mut model, &adapters)?;
-        }
-    }
+    let merged = apply_adapters(&mut model, &adapters, quantized_base, &mut |n| {
+        progress(SourceProgress::Note(n));
+    })?;
     model.prepare_for_inference()?;
     let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
     for w in &encoder.warnings {

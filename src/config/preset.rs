@@ -273,6 +273,9 @@ pub struct Preset {
     pub kto_rejected_weight: f64,
     pub ref_model: Option<String>,
     pub ref_model_adapters: Option<String>,
+    /// `ref_model_quantization_bit`: `ref_model`'s decoder linears quantized as `quantization_bit` quantizes the
+    /// base (4 or 8; `quantization_type`, `double_quantization`).
+    pub ref_model_quantization_bit: Option<u32>,
     // ### dataset
     pub dataset: Option<String>,
     pub eval_dataset: Option<String>,
@@ -387,6 +390,7 @@ impl Default for Preset {
             kto_rejected_weight: 1.0,
             ref_model: None,
             ref_model_adapters: None,
+            ref_model_quantization_bit: None,
             dataset: None,
             eval_dataset: None,
             dataset_dir: "data".into(),

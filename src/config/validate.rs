@@ -71,6 +71,28 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`ref_model_adapters` are merged into `ref_model`, which is not set; set `ref_model` (the reference's base) or remove them".into(),
         );
     }
+    if let Some(b) = p.ref_model_quantization_bit {
+        if p.ref_model.is_none() {
+            bad(
+                "ref_model_quantization_bit",
+                "`ref_model_quantization_bit` quantizes `ref_model`, which is not set (the reference is the base with the adapter off, or a frozen copy of it); set `ref_model` or remove it".into(),
+            );
+        } else if !matches!(b, 4 | 8) {
+            bad(
+                "ref_model_quantization_bit",
+                format!("`ref_model_quantization_bit` must be 4 or 8 (bitsandbytes), got {b}"),
+            );
+        } else if p
+            .ref_model
+            .as_deref()
+            .is_some_and(|m| m.to_ascii_lowercase().ends_with(".gguf"))
+        {
+            bad(
+                "ref_model_quantization_bit",
+                "the .gguf `ref_model` is already quantized (its blocks stay as they are); remove `ref_model_quantization_bit`".into(),
+            );
+        }
+    }
     match p.quantization_bit {
         None | Some(4 | 8) => {}
         Some(b) => bad(

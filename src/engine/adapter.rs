@@ -437,6 +437,39 @@ pub fn merge_adapters(model: &mut Model, dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// Inference over a frozen base (chat, a preference stage's reference): the adapters `dirs` merged into it, in
+/// order, except that a single adapter over a quantized base stays beside it unmerged, as PEFT runs a QLoRA
+/// adapter (merging would make the base's layers dense). `note` hears which it was. Returns whether the adapters
+/// were merged.
+pub fn apply_adapters(
+    model: &mut Model,
+    dirs: &[PathBuf],
+    quantized_base: bool,
+    note: &mut dyn FnMut(String),
+) -> Result<bool> {
+    match dirs {
+        [] => Ok(true),
+        [one] if quantized_base => {
+            note("applying the adapter beside the quantized base (unmerged)".into());
+            load_adapter_trainable(model, one)?;
+            Ok(false)
+        }
+        _ => {
+            note(format!(
+                "merging {} adapter(s){}",
+                dirs.len(),
+                if quantized_base {
+                    " into the dequantized base (several adapters: the merged layers are dense)"
+                } else {
+                    ""
+                }
+            ));
+            merge_adapters(model, dirs)?;
+            Ok(true)
+        }
+    }
+}
+
 /// Training: merge all but the last adapter, resume the last one as the trainable LoRA
 /// (LLaMA-Factory without `create_new_adapter`).
 pub fn load_adapters_for_training(model: &mut Model, dirs: &[PathBuf]) -> Result<()> {

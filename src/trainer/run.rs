@@ -629,8 +629,8 @@ impl Backprop {
     }
 }
 
-/// `ref_model` with `ref_model_adapters` merged, frozen: the reference of dpo or kto (LLaMA-Factory's
-/// `create_ref_model`). It must score the same tokens as the policy.
+/// `ref_model` with `ref_model_adapters`, frozen, its decoder linears quantized with `ref_model_quantization_bit`:
+/// the reference of dpo or kto (LLaMA-Factory's `create_ref_model`). It must score the same tokens as the policy.
 fn reference_model(
     p: &Preset,
     name: &str,
@@ -642,19 +642,24 @@ fn reference_model(
     let mut rp = p.clone();
     rp.model_name_or_path = name.to_string();
     rp.adapter_name_or_path.clone_from(&p.ref_model_adapters);
-    let r = resolve::ModelRef::of(&rp);
-    let loaded = crate::engine::source::load_model_with(
-        &r.name_or_path,
-        &r.hub_options(),
-        dtype,
-        device,
-        r.gguf,
-        progress,
-    )?;
-    let mut m = Model::from_files(&loaded.files, dtype, device, &Finetune::Frozen)?;
-    if let Some(list) = &p.ref_model_adapters {
-        merge_adapters(&mut m, &parse_adapter_list(list))?;
-    }
+    rp.quantization_bit = p.ref_model_quantization_bit;
+    // Its notes (reading, quantizing, adapters) say they are the reference's.
+    let mut progress = |sp: SourceProgress| match sp {
+        SourceProgress::Note(n) => progress(SourceProgress::Note(format!("ref_model: {n}"))),
+        other => progress(other),
+    };
+    let loaded = resolve::load_base(&rp, dtype, device, &mut progress)?;
+    let files = &loaded.files;
+    let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
+    let adapters = p
+        .ref_model_adapters
+        .as_deref()
+        .map(parse_adapter_list)
+        .unwrap_or_default();
+    let quantized = !files.quantized.is_empty() || !files.bnb4.is_empty();
+    crate::engine::adapter::apply_adapters(&mut m, &adapters, quantized, &mut |n| {
+        progress(SourceProgress::Note(n));
+    })?;
     if m.cfg.vocab_size != policy.cfg.vocab_size {
         return Err(TrainError::Invalid(format!(
             "`ref_model` {name} has a vocabulary of {} tokens, the trained model {}: the reference must use the same tokenizer",
