@@ -286,10 +286,16 @@ fn memory_report(p: &config::Preset) -> String {
             crate::fsutil::human_bytes(dense)
         );
     }
+    let ref_cfg = crate::resolve::reference_config(p);
     for ckpt in [true, false] {
-        let Ok((_, est)) =
-            crate::resolve::memory_estimate(p, &cfg, device.is_cpu(), base, Some(ckpt))
-        else {
+        let Ok((_, est)) = crate::resolve::memory_estimate(
+            p,
+            &cfg,
+            device.is_cpu(),
+            base,
+            Some(ckpt),
+            ref_cfg.as_ref(),
+        ) else {
             return out;
         };
         let chosen = if ckpt != p.disable_gradient_checkpointing {

@@ -351,6 +351,7 @@ pub fn memory_estimate(
     on_cpu: bool,
     base: crate::engine::memory::BaseStorage,
     checkpointing: Option<bool>,
+    ref_cfg: Option<&crate::engine::ModelConfig>,
 ) -> Result<(DType, crate::engine::memory::MemoryEstimate), String> {
     let (dtype, _) = train_dtype_on(p, on_cpu)?;
     let ft = finetune(p).map_err(|e| e.to_string())?;
@@ -365,7 +366,53 @@ pub fn memory_estimate(
             on_cpu,
         )),
     };
-    Ok((dtype, crate::engine::memory::estimate(cfg, &ft, &run)))
+    let mut est = crate::engine::memory::estimate(cfg, &ft, &run);
+    est.reference = reference_weight_bytes(p, cfg, ref_cfg, dtype, base);
+    Ok((dtype, est))
+}
+
+/// The bytes of a preference stage's frozen reference beside the policy: `ref_model`'s weights (`ref_cfg`, else
+/// assumed the base's architecture) held as `ref_model_quantization_bit` says, a frozen copy of the base
+/// (freeze/full without `ref_model`), or nothing (LoRA's reference is the base with the adapter off; orpo, simpo,
+/// sft, pt and rm use none).
+pub fn reference_weight_bytes(
+    p: &Preset,
+    cfg: &crate::engine::ModelConfig,
+    ref_cfg: Option<&crate::engine::ModelConfig>,
+    dtype: DType,
+    base: crate::engine::memory::BaseStorage,
+) -> u64 {
+    use crate::engine::memory::{BaseStorage, base_weight_bytes};
+    let uses_reference = match p.stage {
+        config::Stage::Dpo => p.pref_loss.uses_reference(),
+        config::Stage::Kto => true,
+        _ => false,
+    };
+    if !uses_reference {
+        return 0;
+    }
+    match &p.ref_model {
+        Some(_) => {
+            let held = match p.ref_model_quantization_bit {
+                Some(8) => BaseStorage::Linears(candle_core::quantized::GgmlDType::Q8_0),
+                Some(4) => BaseStorage::Bnb4(four_bit(p), p.double_quantization),
+                _ => BaseStorage::Dense,
+            };
+            base_weight_bytes(ref_cfg.unwrap_or(cfg), &Finetune::Frozen, dtype, held)
+        }
+        None if p.finetuning_type == config::FinetuningType::Lora => 0,
+        None => base_weight_bytes(cfg, &Finetune::Frozen, dtype, base),
+    }
+}
+
+/// `ref_model`'s config when it is at hand without a download (for [`memory_estimate`]).
+pub fn reference_config(p: &Preset) -> Option<crate::engine::ModelConfig> {
+    let name = p.ref_model.as_deref()?;
+    let mut rp = p.clone();
+    rp.model_name_or_path = name.to_string();
+    let hub = ModelRef::of(&rp).hub_options();
+    let config = source::config_json(name, &hub)?;
+    crate::engine::ModelConfig::from_hf_config(&config).ok()
 }
 
 /// The preset's base for training or chat: [`load_model`], its decoder linear weights quantized as

@@ -876,3 +876,47 @@ fn a_partial_last_step_averages_over_its_own_micro_batches() {
         assert!((l - std::f64::consts::LN_2).abs() < 1e-6, "{l}");
     }
 }
+
+/// `termtune check`, the pre-flight memory check and the TUI count the reference model a preference stage keeps
+/// beside the policy: none for LoRA (the adapter switched off) or without a reference loss, a frozen copy of the
+/// base for full fine-tuning, `ref_model` as `ref_model_quantization_bit` holds it.
+#[test]
+fn the_memory_estimate_counts_the_reference_model() {
+    use candle_core::DType;
+    use termtune::config::{FinetuningType, Preset, Stage};
+    use termtune::engine::Finetune;
+    use termtune::engine::memory::{BaseStorage, base_weight_bytes};
+    use termtune::resolve::{memory_estimate, reference_weight_bytes};
+    let cfg = crate::tiny_util::llama_8b_config();
+    let dense = base_weight_bytes(&cfg, &Finetune::Frozen, DType::BF16, BaseStorage::Dense);
+    let bytes = |p: &Preset| reference_weight_bytes(p, &cfg, None, DType::BF16, BaseStorage::Dense);
+    let mut p = Preset::default();
+    assert_eq!(bytes(&p), 0, "sft");
+    p.stage = Stage::Dpo;
+    p.finetuning_type = FinetuningType::Lora;
+    assert_eq!(bytes(&p), 0, "lora: the adapter off");
+    p.finetuning_type = FinetuningType::Full;
+    assert_eq!(bytes(&p), dense, "full: a frozen copy");
+    p.pref_loss = PrefLoss::Orpo;
+    assert_eq!(bytes(&p), 0, "orpo: no reference");
+    p.pref_loss = PrefLoss::Sigmoid;
+    p.finetuning_type = FinetuningType::Lora;
+    p.ref_model = Some("some/model".into());
+    assert_eq!(bytes(&p), dense, "ref_model");
+    p.ref_model_quantization_bit = Some(4);
+    let ratio = bytes(&p) as f64 / dense as f64;
+    assert!((0.3..0.37).contains(&ratio), "4-bit ref_model: {ratio}");
+    let (dtype, est) = memory_estimate(&p, &cfg, false, BaseStorage::Dense, None, None).unwrap();
+    let want = reference_weight_bytes(&p, &cfg, None, dtype, BaseStorage::Dense);
+    assert_eq!(est.reference, want);
+    assert!(est.total() >= est.weights + est.reference);
+    assert!(
+        est.describe().contains("reference model"),
+        "{}",
+        est.describe()
+    );
+    p.stage = Stage::Kto;
+    p.ref_model = None;
+    p.ref_model_quantization_bit = None;
+    assert_eq!(bytes(&p), 0, "kto with lora: the adapter off");
+}

@@ -204,8 +204,14 @@ impl MemoryBasis {
     /// format (what `quantization_bit` buys shows here before a run starts).
     pub fn line(&self, p: &crate::config::Preset) -> Result<String, String> {
         let base = crate::resolve::base_storage_over(p, self.source_storage);
-        let (dtype, est) =
-            crate::resolve::memory_estimate(p, &self.config, self.device == "cpu", base, None)?;
+        let (dtype, est) = crate::resolve::memory_estimate(
+            p,
+            &self.config,
+            self.device == "cpu",
+            base,
+            None,
+            None,
+        )?;
         let h = |b: u64| crate::fsutil::human_bytes(b);
         let held = match base {
             crate::engine::memory::BaseStorage::Bnb4(k, double) => {
@@ -215,8 +221,14 @@ impl MemoryBasis {
                 .format_name()
                 .unwrap_or_else(|| format!("{dtype:?}").to_lowercase()),
         };
+        // A reference model (ref_model, assumed the base's size here, or a frozen copy) counts with the base.
+        let reference = if est.reference > 0 {
+            format!(" + ref {}", h(est.reference))
+        } else {
+            String::new()
+        };
         Ok(format!(
-            "memory ≈ {}: base {} {held} · train {} · activations {} ({})",
+            "memory ≈ {}: base {} {held}{reference} · train {} · activations {} ({})",
             h(est.total()),
             h(est.weights),
             h(est.trainable),

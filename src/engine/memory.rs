@@ -28,11 +28,19 @@ pub struct MemoryEstimate {
     pub attention: u64,
     /// lm_head logits (one chunk) and their gradient.
     pub logits: u64,
+    /// A preference stage's frozen reference model beside the policy (0 when it has none, or when it is the base
+    /// with the adapter off).
+    pub reference: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.trainable + self.activations + self.attention + self.logits
+        self.weights
+            + self.trainable
+            + self.activations
+            + self.attention
+            + self.logits
+            + self.reference
     }
 
     /// Whether the estimate, with a 10 % margin, fits in `free` bytes.
@@ -47,8 +55,13 @@ impl MemoryEstimate {
             let x = b as f64 / f64::from(1u32 << 30);
             x
         };
+        let reference = if self.reference > 0 {
+            format!(", reference model {:.1}", g(self.reference))
+        } else {
+            String::new()
+        };
         format!(
-            "{:.1} GiB (weights {:.1}, trainable + optimizer {:.1}, activations {:.1}, attention {:.1}, logits {:.1})",
+            "{:.1} GiB (weights {:.1}, trainable + optimizer {:.1}, activations {:.1}, attention {:.1}, logits {:.1}{reference})",
             g(self.total()),
             g(self.weights),
             g(self.trainable),
@@ -258,6 +271,7 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
         activations,
         attention,
         logits,
+        reference: 0,
     }
 }
 

@@ -421,9 +421,14 @@ fn memory_check(
         return Ok(None);
     };
     let cfg = crate::engine::ModelConfig::from_hf_config(config)?;
-    let Ok((_, est)) =
-        resolve::memory_estimate(p, &cfg, device.is_cpu(), resolve::base_storage(p), None)
-    else {
+    let Ok((_, est)) = resolve::memory_estimate(
+        p,
+        &cfg,
+        device.is_cpu(),
+        resolve::base_storage(p),
+        None,
+        resolve::reference_config(p).as_ref(),
+    ) else {
         return Ok(None);
     };
     let gib = |b: usize| {
