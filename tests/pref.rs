@@ -295,6 +295,8 @@ fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
         &[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
     );
     assert_eq!(shared.chosen_label_counts(), vec![4, 2]);
+    assert_eq!(shared.answer_ends(), vec![6, 13, 9, 18]);
+    assert!(unshared.answer_ends().is_empty());
     assert_eq!(shared.seq_index, unshared.seq_index);
     // Nothing to share: pairs whose first tokens differ, an odd batch, a batch already shared.
     let mut apart = unshared.clone();
@@ -358,6 +360,41 @@ fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
             compared += usize::from(scale > 0.0);
         }
         assert!(compared > 0, "{what}: no gradient compared");
+        // A reward model's input: each sequence's last hidden state, and its way back.
+        let last = |b: &Batch, shared: bool| {
+            let (ids, _, mask) = batch_tensors(b, &CPU).unwrap();
+            let am = u32_mask(b);
+            let host = host_inputs(b, &am);
+            if shared {
+                m.hidden_at(&ids, &mask, Some(&host), true, b.answer_ends())
+                    .unwrap()
+            } else {
+                m.last_hidden(&ids, &mask, Some(&host), true).unwrap()
+            }
+        };
+        let (ha, hb) = (last(&unshared, false), last(&shared, true));
+        assert_eq!(ha.dims(), hb.dims());
+        let dh = (ha - &hb).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            dh.to_scalar::<f64>().unwrap() < 1e-10,
+            "{what}: last hidden states"
+        );
+        let probe = Tensor::randn(0f64, 1.0, hb.dims(), &CPU).unwrap();
+        let score = |h: Tensor| (h * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (sa, sb) = (score(last(&unshared, false)), score(hb));
+        let mut compared = 0;
+        for (name, v) in m.trainable_vars() {
+            let (Some(x), Some(y)) = (sa.get(&v), sb.get(&v)) else {
+                continue;
+            };
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                d.to_scalar::<f64>().unwrap() < 1e-9,
+                "{what} {name}: score gradients"
+            );
+            compared += 1;
+        }
+        assert!(compared > 0, "{what}: no score gradient");
         // LD-DPO's weights count each sequence's own tokens, shared or not.
         let (mut wa, mut wb) = (a, b);
         termtune::trainer::pref::apply_ld_alpha(&mut wa, 0.5);

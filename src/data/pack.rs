@@ -345,6 +345,21 @@ impl Batch {
         Some(out)
     }
 
+    /// For a batch from [`Batch::share_prompts`], each sequence's last token as a flat position (row · seq_len +
+    /// index): the k chosen answers' ends, then the k rejected ones' (where a reward model reads its score). Empty
+    /// for other batches.
+    pub fn answer_ends(&self) -> Vec<u32> {
+        let t = self.seq_len;
+        let last = |branch: u32| {
+            (0..self.batch_size).filter_map(move |r| {
+                (0..t)
+                    .rposition(|j| self.branch_ids.get(r * t + j) == Some(&branch))
+                    .and_then(|j| u32::try_from(r * t + j).ok())
+            })
+        };
+        last(1).chain(last(2)).collect()
+    }
+
     /// For a batch from [`Batch::share_prompts`], the chosen answer's labelled tokens of each row (they come before
     /// the rejected answer's): row r's first that many labelled positions are sequence r's, the rest sequence
     /// k + r's. Empty for other batches.

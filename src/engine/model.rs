@@ -1116,7 +1116,7 @@ impl Model {
 
     /// The final hidden states (n, hidden) at padded positions `rows` (bi·t + ti), padding removed on the way
     /// when the model unpads.
-    fn hidden_at(
+    pub fn hidden_at(
         &self,
         input_ids: &Tensor,
         mask: &AttnMask,

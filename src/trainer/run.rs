@@ -1215,10 +1215,24 @@ impl<'a> Trainer<'a> {
                 Ok((out.into(), Backprop::Logps(policy), n))
             }
             Objective::Rm(head) => {
-                let x = ModelInputs::new(batch, &device)?;
-                let h = self
-                    .model
-                    .last_hidden(&x.ids, &x.mask, Some(&x.host(batch)), train)?;
+                // Each pair in one row with its prompt once (as dpo); the scores are read at each answer's last
+                // token, in the unshared order (chosen, then rejected).
+                let shared = batch.share_prompts();
+                let b = shared.as_ref().unwrap_or(batch);
+                let x = ModelInputs::new(b, &device)?;
+                let host = x.host(b);
+                let h = match &shared {
+                    Some(s) => self.model.hidden_at(
+                        &x.ids,
+                        &x.mask,
+                        Some(&host),
+                        train,
+                        s.answer_ends(),
+                    )?,
+                    None => self
+                        .model
+                        .last_hidden(&x.ids, &x.mask, Some(&host), train)?,
+                };
                 let scores = head.forward(&h, train.then_some(self.model.dropout_seed))?;
                 let values: Vec<f64> = scores.to_dtype(DType::F64)?.to_vec1()?;
                 let out = reward_pair_loss(&values[..k], &values[k..]);
