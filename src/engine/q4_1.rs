@@ -330,6 +330,47 @@ mod x86 {
         |ax, sy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
     );
 
+    /// One Q8_0 row against four rows of activations (a prompt's): the weight block is read, its scale
+    /// converted and its bytes' absolute values taken once for the four; each activation row has its own two
+    /// accumulators (even and odd blocks).
+    macro_rules! dot_q8_0_x4 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: &[u8], y: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                let n = y[0].len();
+                let row = &w.as_chunks::<Q8_0_BYTES>().0[..n];
+                let y = y.map(|y| &y[..n]);
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (i, b) in row.iter().enumerate() {
+                    let dw = u16::from_le_bytes([b[0], b[1]]);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw))));
+                    // SAFETY: bytes 2..34 of a 34-byte block.
+                    let qx = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    for r in 0..4 {
+                        let yb = &y[r][i];
+                        // SAFETY: `qs` is 32 bytes.
+                        let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                        let p = _mm256_cvtepi32_ps($prod(ax, _mm256_sign_epi8(qy, qx)));
+                        let d = _mm256_set1_ps(dw * yb.d);
+                        acc[r][i % 2] = _mm256_fmadd_ps(d, p, acc[r][i % 2]);
+                    }
+                }
+                acc.map(|a| hsum(_mm256_add_ps(a[0], a[1])))
+            }
+        };
+    }
+
+    dot_q8_0_x4!(dot_q8_0_x4_avx2, "avx2,fma,f16c", |ax, sy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(ax, sy),
+        _mm256_set1_epi16(1)
+    ));
+    dot_q8_0_x4!(
+        dot_q8_0_x4_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |ax, sy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+    );
+
     #[inline(always)]
     fn hsum(v: __m256) -> f32 {
         let mut a = [0f32; 8];
@@ -399,9 +440,33 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::dot4_q5_0_vnni(w, y) },
             #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q8_0) => w.map(|w| unsafe { x86::dot_q8_0_avx2(w, y) }),
+            (Self::Avx2 | Self::Vnni, Format::Q8_0) => w.map(|w| self.dot_q8_0(w, y)),
+        }
+    }
+
+    /// One `Q8_0` row of W against one row of activations.
+    #[allow(unsafe_code)]
+    fn dot_q8_0(self, w: &[u8], y: &[BlockQ8_1]) -> f32 {
+        match self {
+            Self::Scalar => dot_scalar_q8_0(w, y),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
             #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q8_0) => w.map(|w| unsafe { x86::dot_q8_0_vnni(w, y) }),
+            Self::Avx2 => unsafe { x86::dot_q8_0_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { x86::dot_q8_0_vnni(w, y) },
+        }
+    }
+
+    /// One `Q8_0` row of W against four rows of activations.
+    #[allow(unsafe_code)]
+    fn dot_q8_0_x4(self, w: &[u8], y: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        match self {
+            Self::Scalar => y.map(|y| dot_scalar_q8_0(w, y)),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::dot_q8_0_x4_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { x86::dot_q8_0_x4_vnni(w, y) },
         }
     }
 }
@@ -449,6 +514,25 @@ pub fn matmul_t(
     let item = |g: usize| {
         let c0 = g * COLS_PER_ITEM;
         let cols = COLS_PER_ITEM.min(n - c0);
+        if format == Format::Q8_0 {
+            // Q8_0: one weight row after the other (see `x86::dot_q8_0`), each against four rows of x at a time.
+            let y = |r: usize| &yq[r * kb..(r + 1) * kb];
+            for c in c0..c0 + cols {
+                let mut r = 0;
+                while r + 4 <= m {
+                    let s = kernel.dot_q8_0_x4(wrow(c), [y(r), y(r + 1), y(r + 2), y(r + 3)]);
+                    for (j, v) in s.into_iter().enumerate() {
+                        out[(r + j) * n + c].store(v.to_bits(), Ordering::Relaxed);
+                    }
+                    r += 4;
+                }
+                for r in r..m {
+                    let v = kernel.dot_q8_0(wrow(c), y(r));
+                    out[r * n + c].store(v.to_bits(), Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         for (r, y) in yq.chunks_exact(kb).enumerate() {
             let o = &out[r * n + c0..r * n + c0 + cols];
             let mut c = 0;
