@@ -361,10 +361,9 @@ mod x86 {
         };
     }
 
-    dot_q8_0_x4!(dot_q8_0_x4_avx2, "avx2,fma,f16c", |ax, sy| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(ax, sy),
-        _mm256_set1_epi16(1)
-    ));
+    dot_q8_0_x4!(dot_q8_0_x4_avx2, "avx2,fma,f16c", |ax, sy| {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+    });
     dot_q8_0_x4!(
         dot_q8_0_x4_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
@@ -784,10 +783,7 @@ mod tests {
                             }
                         }
                         let got = f64::from(want[r * n + c]);
-                        assert!(
-                            (got - e).abs() < 1e-5 * f64::from(scale),
-                            "{got} vs {e}"
-                        );
+                        assert!((got - e).abs() < 1e-5 * f64::from(scale), "{got} vs {e}");
                     }
                 }
             }
