@@ -2,13 +2,14 @@
 //! are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 also the f16 `s = d·Σq` that folds in the
 //! weight's minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide block of the dot
 //! product is an integer sum scaled by both blocks' scales. candle 0.11 has scalar loops for Q4_1 and Q5_0 (4–5×
-//! slower than llama.cpp on SmolLM2's Q4_1 file), and for Q8_0 an AVX2 kernel that re-reads each activation block
-//! once per weight row and, with k = 576 (SmolLM2's hidden size, not a multiple of 256), never reaches its VNNI
-//! tiles; these are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q5_0_q8_0`,
-//! `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has it, and the scalar formulas
-//! elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` / `quantize_row_q8_0` (scale
-//! `amax/127`, multiplier `127/amax`, round half to even), so a product here is llama.cpp's up to the order of the
-//! float additions.
+//! slower than llama.cpp on SmolLM2's Q4_1 file); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
+//! and SmolLM2's are 576 wide but for `down_proj`: the others, the tied lm_head too, run its one-row AVX2 loop (one
+//! chain of FMAs, an out-of-line f16 conversion per block, candle's own rounding of x), 61 tokens/s decoding the
+//! Q8_0 file on one thread against 104 here. These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has
+//! it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
+//! `quantize_row_q8_0` (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is
+//! llama.cpp's up to the order of the float additions.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -288,9 +289,9 @@ mod x86 {
     /// One Q8_0 row against one Q8_0 row, as llama.cpp's `ggml_vec_dot_q8_0_q8_0`: per block, the signed bytes
     /// multiply as |q|·(q' with q's sign) (`mul_sum_i8_pairs_float`: unsigned × signed byte products are what the
     /// CPU has), summed to i32 lanes by `$prod`, scaled by d·d' and accumulated in f32 lanes. One row at a time,
-    /// as llama.cpp: a row at k = 576 is only ten cache lines, and the rows one after another are one sequential
-    /// read of the matrix that the prefetcher follows, where four rows side by side (the Q4_1 / Q5_0 kernels'
-    /// order) decoded SmolLM2 at two thirds of the speed.
+    /// as llama.cpp, so the matrix is read in order: four rows side by side (the Q4_1 / Q5_0 kernels' order; a
+    /// row at k = 576 is ten cache lines) decoded SmolLM2's Q8_0 file at 38 tokens/s on one thread, one row at a
+    /// time with one FMA chain at 73, with four chains (blocks i, i + 4, … into one accumulator) at 104.
     macro_rules! dot_q8_0 {
         ($name:ident, $features:literal, $prod:expr) => {
             #[target_feature(enable = $features)]
