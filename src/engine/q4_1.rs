@@ -5,7 +5,8 @@
 //! slower than llama.cpp on SmolLM2's Q4_1 file); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
 //! and SmolLM2's are 576 wide but for `down_proj`: the others, the tied lm_head too, run its one-row AVX2 loop (one
 //! chain of FMAs, an out-of-line f16 conversion per block, candle's own rounding of x), 61 tokens/s decoding the
-//! Q8_0 file on one thread against 104 here. These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
+//! Q8_0 file on one thread against 104 here (two threads, `scripts/bench_decode.py`: 0.71× llama.cpp's decode
+//! speed before, 1.04× here). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
 //! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has
 //! it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
 //! `quantize_row_q8_0` (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is
