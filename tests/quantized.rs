@@ -110,13 +110,13 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
     assert!(max_abs_diff(dx, &want) < 1e-4);
 }
 
-/// Under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8 bits (llama.cpp's kernels, Q4_1's own here);
-/// from that many rows on (training steps, long prompts) it is the exact product with W dequantized, tracked or
-/// not, for Q4_1 and a K-quant.
+/// Under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8 bits (llama.cpp's kernels, termtune's own for
+/// Q4_1 and Q8_0 here); from that many rows on (training steps, long prompts) it is the exact product with W
+/// dequantized, tracked or not, for Q4_1, Q8_0 and a K-quant.
 #[test]
 fn many_rows_multiply_by_the_dequantized_weight_and_few_rows_by_the_quantized_kernels() {
     let n = ops::QUANTIZED_DENSE_MIN_ROWS;
-    for ty in [GgmlDType::Q4_1, GgmlDType::Q4K] {
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
         let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
         let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
         let wd = q.dequantize(&CPU).unwrap();

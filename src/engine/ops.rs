@@ -177,9 +177,11 @@ impl CustomOp1 for QuantizedLinear {
         let format = match self.w.dtype() {
             GgmlDType::Q4_1 => q4_1::Format::Q4_1,
             GgmlDType::Q5_0 => q4_1::Format::Q5_0,
+            GgmlDType::Q8_0 => q4_1::Format::Q8_0,
             _ => return self.w.cpu_fwd(s, l),
         };
-        // candle's Q4_1 and Q5_0 products are scalar loops: llama.cpp's SIMD kernels instead (`q4_1`).
+        // candle's Q4_1 and Q5_0 products are scalar loops and its Q8_0 product is slower than llama.cpp's:
+        // llama.cpp's SIMD kernels instead (`q4_1`).
         let (n, k) = self.w.shape().dims2()?;
         let (m, kx) = l.shape().dims2()?;
         if kx != k || !k.is_multiple_of(q4_1::QK) {
@@ -241,7 +243,12 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
         return frozen_linear(x, &dense);
     }
     let native = match x.device() {
-        candle_core::Device::Cpu if !matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0) => {
+        candle_core::Device::Cpu
+            if !matches!(
+                w.dtype(),
+                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0
+            ) =>
+        {
             matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         }
         _ => x.dtype() == DType::F32,

@@ -1,12 +1,16 @@
-//! `x · Wᵀ` on the CPU for a GGML `Q4_1` or `Q5_0` weight, the way llama.cpp computes it: the activations are
-//! rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 also the f16 `s = d·Σq` that folds in the weight's
-//! minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide block of the dot product is an
-//! integer sum scaled by both blocks' scales. candle 0.11 has SIMD kernels for Q4_0, Q8_0 and the K-quants but
-//! scalar loops for Q4_1 and Q5_0 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file); these are llama.cpp's AVX2
-//! kernels (`ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q5_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU
-//! has it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1`
-//! (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is llama.cpp's up to the order
-//! of the float additions.
+//! `x · Wᵀ` on the CPU for a GGML `Q4_1`, `Q5_0` or `Q8_0` weight, the way llama.cpp computes it: the activations
+//! are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 also the f16 `s = d·Σq` that folds in the
+//! weight's minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide block of the dot
+//! product is an integer sum scaled by both blocks' scales. candle 0.11 has scalar loops for Q4_1 and Q5_0 (4–5×
+//! slower than llama.cpp on SmolLM2's Q4_1 file); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
+//! and SmolLM2's are 576 wide but for `down_proj`: the others, the tied lm_head too, run its one-row AVX2 loop (one
+//! chain of FMAs, an out-of-line f16 conversion per block, candle's own rounding of x), 61 tokens/s decoding the
+//! Q8_0 file on one thread against 104 here (two threads, `scripts/bench_decode.py`: 0.71× llama.cpp's decode
+//! speed before, 1.04× here). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has
+//! it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
+//! `quantize_row_q8_0` (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is
+//! llama.cpp's up to the order of the float additions.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -20,14 +24,18 @@ pub const Q4_1_BYTES: usize = 20;
 /// Bytes of one `Q5_0` block: f16 scale `d`, 4 bytes of fifth bits (bit j for value j), 16 bytes of nibbles laid
 /// out as Q4_1's; a weight is `d·(q − 16)`.
 pub const Q5_0_BYTES: usize = 22;
+/// Bytes of one `Q8_0` block: f16 scale `d`, 32 int8 `q` in value order; a weight is `d·q`.
+pub const Q8_0_BYTES: usize = 34;
 
-/// The GGML block types multiplied here (candle 0.11 has scalar loops for both).
+/// The GGML block types multiplied here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// Activations as `Q8_1` (llama.cpp's `ggml_vec_dot_q4_1_q8_1`).
     Q4_1,
     /// Activations as `Q8_0` (llama.cpp's `ggml_vec_dot_q5_0_q8_0`): the same rounding without `s`.
     Q5_0,
+    /// Activations as `Q8_0` (llama.cpp's `ggml_vec_dot_q8_0_q8_0`).
+    Q8_0,
 }
 
 impl Format {
@@ -35,6 +43,7 @@ impl Format {
         match self {
             Self::Q4_1 => Q4_1_BYTES,
             Self::Q5_0 => Q5_0_BYTES,
+            Self::Q8_0 => Q8_0_BYTES,
         }
     }
 }
@@ -90,7 +99,22 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
     match format {
         Format::Q4_1 => dot_scalar_q4_1(w, y),
         Format::Q5_0 => dot_scalar_q5_0(w, y),
+        Format::Q8_0 => dot_scalar_q8_0(w, y),
     }
+}
+
+/// One dot product of a `Q8_0` row (`blocks` × [`Q8_0_BYTES`]) with a `Q8_0` row, the scalar formula.
+fn dot_scalar_q8_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(y) {
+        let si: i32 = b[2..]
+            .iter()
+            .zip(&y.qs)
+            .map(|(&q, &qy)| i32::from(q.cast_signed()) * i32::from(qy))
+            .sum();
+        sum += si as f32 * f16_at(b, 0) * y.d;
+    }
+    sum
 }
 
 /// One dot product of a `Q5_0` row (`blocks` × [`Q5_0_BYTES`]) with a `Q8_0` row, the scalar formula.
@@ -130,7 +154,7 @@ fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, QK};
+    use super::{BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK};
     use std::arch::x86_64::*;
 
     /// The 32 nibbles of a block's 16 bytes as bytes 0..15: low nibbles first, then high nibbles.
@@ -263,6 +287,91 @@ mod x86 {
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
+    /// One Q8_0 row against one Q8_0 row, as llama.cpp's `ggml_vec_dot_q8_0_q8_0`: per block, the signed bytes
+    /// multiply as |q|·(q' with q's sign) (`mul_sum_i8_pairs_float`: unsigned × signed byte products are what the
+    /// CPU has), summed to i32 lanes by `$prod`, scaled by d·d' and accumulated in f32 lanes. One row at a time,
+    /// as llama.cpp, so the matrix is read in order: four rows side by side (the Q4_1 / Q5_0 kernels' order; a
+    /// row at k = 576 is ten cache lines) decoded SmolLM2's Q8_0 file at 38 tokens/s on one thread, one row at a
+    /// time with one FMA chain at 73, with four chains (blocks i, i + 4, … into one accumulator) at 104.
+    macro_rules! dot_q8_0 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+                let row = &w.as_chunks::<Q8_0_BYTES>().0[..y.len()];
+                let block = |b: &[u8; Q8_0_BYTES], yb: &BlockQ8_1| {
+                    let dw = u16::from_le_bytes([b[0], b[1]]);
+                    let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw)));
+                    let d = _mm256_set1_ps(_mm_cvtss_f32(dw) * yb.d);
+                    // SAFETY: bytes 2..34 of a 34-byte block; `qs` is 32 bytes.
+                    let qx = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
+                    let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                    let p = $prod(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+                    (d, _mm256_cvtepi32_ps(p))
+                };
+                // Four accumulators (block i into i % 4): four chains of FMAs instead of one.
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (i, (b, yb)) in row.iter().zip(y).enumerate() {
+                    let (d, p) = block(b, yb);
+                    acc[i % 4] = _mm256_fmadd_ps(d, p, acc[i % 4]);
+                }
+                hsum(_mm256_add_ps(
+                    _mm256_add_ps(acc[0], acc[1]),
+                    _mm256_add_ps(acc[2], acc[3]),
+                ))
+            }
+        };
+    }
+
+    dot_q8_0!(dot_q8_0_avx2, "avx2,fma,f16c", |ax, sy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(ax, sy),
+        _mm256_set1_epi16(1)
+    ));
+    dot_q8_0!(
+        dot_q8_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |ax, sy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+    );
+
+    /// One Q8_0 row against four rows of activations (a prompt's): the weight block is read, its scale
+    /// converted and its bytes' absolute values taken once for the four; each activation row has its own two
+    /// accumulators (even and odd blocks).
+    macro_rules! dot_q8_0_x4 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: &[u8], y: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                let n = y[0].len();
+                let row = &w.as_chunks::<Q8_0_BYTES>().0[..n];
+                let y = y.map(|y| &y[..n]);
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (i, b) in row.iter().enumerate() {
+                    let dw = u16::from_le_bytes([b[0], b[1]]);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw))));
+                    // SAFETY: bytes 2..34 of a 34-byte block.
+                    let qx = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    for r in 0..4 {
+                        let yb = &y[r][i];
+                        // SAFETY: `qs` is 32 bytes.
+                        let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                        let p = _mm256_cvtepi32_ps($prod(ax, _mm256_sign_epi8(qy, qx)));
+                        let d = _mm256_set1_ps(dw * yb.d);
+                        acc[r][i % 2] = _mm256_fmadd_ps(d, p, acc[r][i % 2]);
+                    }
+                }
+                acc.map(|a| hsum(_mm256_add_ps(a[0], a[1])))
+            }
+        };
+    }
+
+    dot_q8_0_x4!(dot_q8_0_x4_avx2, "avx2,fma,f16c", |ax, sy| {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+    });
+    dot_q8_0_x4!(
+        dot_q8_0_x4_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |ax, sy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+    );
+
     #[inline(always)]
     fn hsum(v: __m256) -> f32 {
         let mut a = [0f32; 8];
@@ -331,6 +440,34 @@ impl Kernel {
             (Self::Avx2, Format::Q5_0) => unsafe { x86::dot4_q5_0_avx2(w, y) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::dot4_q5_0_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2 | Self::Vnni, Format::Q8_0) => w.map(|w| self.dot_q8_0(w, y)),
+        }
+    }
+
+    /// One `Q8_0` row of W against one row of activations.
+    #[allow(unsafe_code)]
+    fn dot_q8_0(self, w: &[u8], y: &[BlockQ8_1]) -> f32 {
+        match self {
+            Self::Scalar => dot_scalar_q8_0(w, y),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::dot_q8_0_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { x86::dot_q8_0_vnni(w, y) },
+        }
+    }
+
+    /// One `Q8_0` row of W against four rows of activations.
+    #[allow(unsafe_code)]
+    fn dot_q8_0_x4(self, w: &[u8], y: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        match self {
+            Self::Scalar => y.map(|y| dot_scalar_q8_0(w, y)),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::dot_q8_0_x4_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => unsafe { x86::dot_q8_0_x4_vnni(w, y) },
         }
     }
 }
@@ -338,7 +475,7 @@ impl Kernel {
 /// Columns of the output one work item computes (a multiple of 4).
 const COLS_PER_ITEM: usize = 16;
 
-/// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `Q4_1` tensor of shape (n, k), `k` a multiple of
+/// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `format` tensor of shape (n, k), `k` a multiple of
 /// [`QK`]. The work items are groups of output columns (each weight row is read once for all m rows of x), run on
 /// candle's spinning thread pool, the one its own quantized products use: a decode step makes hundreds of these
 /// small products, and a second pool (rayon's) would wake and park threads for each and fight it for the cores.
@@ -378,6 +515,25 @@ pub fn matmul_t(
     let item = |g: usize| {
         let c0 = g * COLS_PER_ITEM;
         let cols = COLS_PER_ITEM.min(n - c0);
+        if format == Format::Q8_0 {
+            // Q8_0: one weight row after the other (see `x86::dot_q8_0`), each against four rows of x at a time.
+            let y = |r: usize| &yq[r * kb..(r + 1) * kb];
+            for c in c0..c0 + cols {
+                let mut r = 0;
+                while r + 4 <= m {
+                    let s = kernel.dot_q8_0_x4(wrow(c), [y(r), y(r + 1), y(r + 2), y(r + 3)]);
+                    for (j, v) in s.into_iter().enumerate() {
+                        out[(r + j) * n + c].store(v.to_bits(), Ordering::Relaxed);
+                    }
+                    r += 4;
+                }
+                for r in r..m {
+                    let v = kernel.dot_q8_0(wrow(c), y(r));
+                    out[r * n + c].store(v.to_bits(), Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         for (r, y) in yq.chunks_exact(kb).enumerate() {
             let o = &out[r * n + c0..r * n + c0 + cols];
             let mut c = 0;
@@ -416,6 +572,24 @@ pub fn matmul_t(
 mod tests {
     use super::*;
 
+    /// Every kernel this CPU can run, the scalar formula first.
+    fn kernels() -> Vec<Kernel> {
+        let mut out = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                out.push(Kernel::Avx2);
+            }
+            if Kernel::detect() == Kernel::Vnni {
+                out.push(Kernel::Vnni);
+            }
+        }
+        out
+    }
+
     fn block(d: f32, m: f32, q: impl Fn(usize) -> u8) -> Vec<u8> {
         let mut b = Vec::with_capacity(Q4_1_BYTES);
         b.extend(f16::from_f32(d).to_le_bytes());
@@ -444,13 +618,15 @@ mod tests {
                 .collect();
             let mut want = vec![0f32; m * n];
             matmul_t(Kernel::Scalar, Format::Q4_1, &x, m, k, &w, n, &mut want);
-            let mut got = vec![0f32; m * n];
-            matmul_t(Kernel::detect(), Format::Q4_1, &x, m, k, &w, n, &mut got);
-            for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                    "{a} vs {b} (m = {m})"
-                );
+            for kernel in kernels() {
+                let mut got = vec![0f32; m * n];
+                matmul_t(kernel, Format::Q4_1, &x, m, k, &w, n, &mut got);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{a} vs {b} (m = {m}, {kernel:?})"
+                    );
+                }
             }
             // And the scalar formula is the product with the dequantized weight and the rounded activations.
             let mut yq = vec![
@@ -511,13 +687,15 @@ mod tests {
                 .collect();
             let mut want = vec![0f32; m * n];
             matmul_t(Kernel::Scalar, Format::Q5_0, &x, m, k, &w, n, &mut want);
-            let mut got = vec![0f32; m * n];
-            matmul_t(Kernel::detect(), Format::Q5_0, &x, m, k, &w, n, &mut got);
-            for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                    "{a} vs {b} (m = {m})"
-                );
+            for kernel in kernels() {
+                let mut got = vec![0f32; m * n];
+                matmul_t(kernel, Format::Q5_0, &x, m, k, &w, n, &mut got);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{a} vs {b} (m = {m}, {kernel:?})"
+                    );
+                }
             }
             let zero = BlockQ8_1 {
                 d: 0.0,
@@ -548,6 +726,68 @@ mod tests {
                     "{} vs {r}",
                     want[c]
                 );
+            }
+        }
+    }
+    /// Q8_0 with random blocks (scales of both signs, every byte value from −128 to 127, activations of mixed
+    /// magnitudes): every kernel this CPU has gives the scalar formula's dot products, for a column count that is
+    /// not a multiple of 4, and the formula is the product of the dequantized weights d·q with the rounded
+    /// activations.
+    #[test]
+    fn q8_0_kernels_agree_with_the_scalar_formula() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (n, k) in [(23, 64), (40, 576)] {
+            let mut w = Vec::new();
+            for _ in 0..n * k / QK {
+                w.extend(f16::from_f32(rng.random_range(-0.03f32..0.03)).to_le_bytes());
+                w.extend((0..QK).map(|_| rng.random::<u8>()));
+            }
+            // The extremes in one block: −128 (|q| wraps to 128 as an unsigned byte) and 127.
+            w[2..2 + QK].copy_from_slice(&[0x80, 0x7f].repeat(QK / 2));
+            for m in [1, 4, 7] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| rng.random_range(-1f32..1.0) * if i % 5 == 0 { 30.0 } else { 1.0 })
+                    .collect();
+                let mut want = vec![0f32; m * n];
+                matmul_t(Kernel::Scalar, Format::Q8_0, &x, m, k, &w, n, &mut want);
+                // Random signs cancel: errors are measured against the largest output, not each one.
+                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for kernel in kernels() {
+                    let mut got = vec![0f32; m * n];
+                    matmul_t(kernel, Format::Q8_0, &x, m, k, &w, n, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{a} vs {b} (n = {n}, k = {k}, m = {m}, {kernel:?})"
+                        );
+                    }
+                }
+                let zero = BlockQ8_1 {
+                    d: 0.0,
+                    s: 0.0,
+                    qs: [0; QK],
+                    sum: 0,
+                };
+                let mut yq = vec![zero; m * k / QK];
+                for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
+                    quantize_row_q8_1(x, y);
+                }
+                for (r, y) in yq.chunks_exact(k / QK).enumerate() {
+                    for c in 0..n {
+                        let mut e = 0f64;
+                        for (bi, y) in y.iter().enumerate() {
+                            let b = &w[(c * k / QK + bi) * Q8_0_BYTES..][..Q8_0_BYTES];
+                            let d = f64::from(f16_at(b, 0));
+                            for j in 0..QK {
+                                let q = f64::from(b[2 + j].cast_signed());
+                                e += d * q * f64::from(y.qs[j]) * f64::from(y.d);
+                            }
+                        }
+                        let got = f64::from(want[r * n + c]);
+                        assert!((got - e).abs() < 1e-5 * f64::from(scale), "{got} vs {e}");
+                    }
+                }
             }
         }
     }
