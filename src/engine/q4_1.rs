@@ -173,10 +173,11 @@ mod x86 {
         super::quantize_row_q8_1_impl(x, out);
     }
 
-    /// Four rows of W against one Q8_1 row. Per block: the four rows' f16 (d, m) pairs become f32 in one
-    /// conversion and are multiplied by the activations' (d, s) pair; each row's nibbles times the activations
-    /// are summed to 8 i32 lanes by `$prod`, scaled by its d·d' and accumulated in f32 lanes (as llama.cpp's AVX2
-    /// `ggml_vec_dot_q4_1_q8_1`), and the m·s terms are accumulated in the odd lanes of one vector.
+    /// Four rows of W against one Q8_1 row (prompts; decode is `dot_q4_1`). Per block: the four rows' f16 (d, m)
+    /// pairs become f32 in one conversion and are multiplied by the activations' (d, s) pair; each row's nibbles
+    /// times the activations are summed to 8 i32 lanes by `$prod`, scaled by its d·d' and accumulated in f32 lanes
+    /// (as llama.cpp's AVX2 `ggml_vec_dot_q4_1_q8_1`), and the m·s terms are accumulated in the odd lanes of one
+    /// vector.
     macro_rules! dot4 {
         ($name:ident, $features:literal, $prod:expr) => {
             #[target_feature(enable = $features)]
@@ -220,6 +221,51 @@ mod x86 {
     // AVX-512 VNNI's `vpdpbusd` on 256-bit lanes: u8·i8 summed in fours straight into i32.
     dot4!(
         dot4_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+
+    /// One Q4_1 row against one Q8_1 row (decode), as llama.cpp's `ggml_vec_dot_q4_1_q8_1`: the matrix is read
+    /// row after row (see `dot_q8_0` for why four rows side by side is slower). Per block the f16 (d, m) pair
+    /// becomes f32 and is multiplied by the activations' (d', s') pair in one instruction; the nibbles times the
+    /// activations are summed to 8 i32 lanes by `$prod`, scaled by d·d' and accumulated in f32 lanes, and m·s' in
+    /// the second lane of a 128-bit vector. One chain of FMAs, llama.cpp's order of the float additions (its
+    /// greedy answer on SmolLM2's Q4_1 file is `tests/chat_smollm2.rs`'s token for token; four chains, blocks i,
+    /// i + 4, … into one accumulator, changed it and were no faster): SmolLM2's Q4_1 file decoded at 88–90
+    /// tokens/s with `dot4`, 117–127 with this (two threads, `scripts/bench_decode.py`: 0.76–0.88× llama.cpp's
+    /// decode speed before, 1.14–1.18× here).
+    macro_rules! dot_q4_1 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+                let row = &w.as_chunks::<Q4_1_BYTES>().0[..y.len()];
+                let mut acc = _mm256_setzero_ps();
+                let mut mins = _mm_setzero_ps();
+                for (b, yb) in row.iter().zip(y) {
+                    let dm = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    // (d', s') in lanes 0 and 1: one 64-bit load of the two f32's bits.
+                    let pair = (u64::from(yb.s.to_bits()) << 32) | u64::from(yb.d.to_bits());
+                    let ds = _mm_castsi128_ps(_mm_cvtsi64_si128(pair.cast_signed()));
+                    // (d·d', m·s', 0, 0).
+                    let dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(dm)), ds);
+                    mins = _mm_add_ps(mins, dm);
+                    // SAFETY: `qs` is 32 bytes.
+                    let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                    let p = $prod(nibbles(&b[4..]), qy);
+                    let scale = _mm256_broadcastss_ps(dm);
+                    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
+                }
+                hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+            }
+        };
+    }
+
+    dot_q4_1!(dot_q4_1_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(qx, qy),
+        _mm256_set1_epi16(1)
+    ));
+    dot_q4_1!(
+        dot_q4_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
@@ -287,10 +333,46 @@ mod x86 {
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
+    /// One Q5_0 row against one Q8_0 row (decode), row after row as `dot_q4_1`, with `dot4_q5_0`'s sums: per
+    /// block the unsigned q (0..31) times the activations summed to i32 lanes by `$prod` and scaled by d·d'; the
+    /// offset of 16 comes off as 16·d·d'·Σq', accumulated as a scalar.
+    macro_rules! dot_q5_0 {
+        ($name:ident, $features:literal, $prod:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+                let row = &w.as_chunks::<Q5_0_BYTES>().0[..y.len()];
+                let mut acc = _mm256_setzero_ps();
+                let mut offset = 0f32;
+                for (b, yb) in row.iter().zip(y) {
+                    let dw = u16::from_le_bytes([b[0], b[1]]);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw))));
+                    let scale = dw * yb.d;
+                    offset = scale.mul_add(16.0 * yb.sum as f32, offset);
+                    // SAFETY: `qs` is 32 bytes.
+                    let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
+                    let q = _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6]));
+                    let p = $prod(q, qy);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc);
+                }
+                hsum(acc) - offset
+            }
+        };
+    }
+
+    dot_q5_0!(dot_q5_0_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(qx, qy),
+        _mm256_set1_epi16(1)
+    ));
+    dot_q5_0!(
+        dot_q5_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+
     /// One Q8_0 row against one Q8_0 row, as llama.cpp's `ggml_vec_dot_q8_0_q8_0`: per block, the signed bytes
     /// multiply as |q|·(q' with q's sign) (`mul_sum_i8_pairs_float`: unsigned × signed byte products are what the
     /// CPU has), summed to i32 lanes by `$prod`, scaled by d·d' and accumulated in f32 lanes. One row at a time,
-    /// as llama.cpp, so the matrix is read in order: four rows side by side (the Q4_1 / Q5_0 kernels' order; a
+    /// as llama.cpp, so the matrix is read in order: four rows side by side (`dot4`'s order, kept for prompts; a
     /// row at k = 576 is ten cache lines) decoded SmolLM2's Q8_0 file at 38 tokens/s on one thread, one row at a
     /// time with one FMA chain at 73, with four chains (blocks i, i + 4, … into one accumulator) at 104.
     macro_rules! dot_q8_0 {
@@ -458,6 +540,25 @@ impl Kernel {
         }
     }
 
+    /// One row of a `format` W against one row of activations (decode: the matrix read row after row).
+    #[allow(unsafe_code)]
+    fn dot(self, format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
+        match (self, format) {
+            (Self::Scalar, _) => dot_scalar(format, w, y),
+            // SAFETY: `detect` saw the features these kernels are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q4_1) => unsafe { x86::dot_q4_1_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q4_1) => unsafe { x86::dot_q4_1_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q5_0) => unsafe { x86::dot_q5_0_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q5_0) => unsafe { x86::dot_q5_0_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2 | Self::Vnni, Format::Q8_0) => self.dot_q8_0(w, y),
+        }
+    }
+
     /// One `Q8_0` row of W against four rows of activations.
     #[allow(unsafe_code)]
     fn dot_q8_0_x4(self, w: &[u8], y: [&[BlockQ8_1]; 4]) -> [f32; 4] {
@@ -531,6 +632,16 @@ pub fn matmul_t(
                     let v = kernel.dot_q8_0(wrow(c), y(r));
                     out[r * n + c].store(v.to_bits(), Ordering::Relaxed);
                 }
+            }
+            return;
+        }
+        if m == 1 {
+            // Decode: one weight row after the other (see `x86::dot_q4_1`).
+            for (c, o) in out.iter().enumerate().skip(c0).take(cols) {
+                o.store(
+                    kernel.dot(format, wrow(c), &yq).to_bits(),
+                    Ordering::Relaxed,
+                );
             }
             return;
         }
