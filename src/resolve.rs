@@ -383,35 +383,36 @@ pub fn reference_weight_bytes(
     base: crate::engine::memory::BaseStorage,
 ) -> u64 {
     use crate::engine::memory::{BaseStorage, base_weight_bytes};
-    let uses_reference = match p.stage {
-        config::Stage::Dpo => p.pref_loss.uses_reference(),
-        config::Stage::Kto => true,
-        _ => false,
-    };
-    if !uses_reference {
+    if !p.uses_reference() {
         return 0;
     }
-    match &p.ref_model {
-        Some(_) => {
-            let held = match p.ref_model_quantization_bit {
-                Some(8) => BaseStorage::Linears(candle_core::quantized::GgmlDType::Q8_0),
-                Some(4) => BaseStorage::Bnb4(four_bit(p), p.double_quantization),
-                _ => BaseStorage::Dense,
-            };
-            base_weight_bytes(ref_cfg.unwrap_or(cfg), &Finetune::Frozen, dtype, held)
-        }
+    match reference_preset(p) {
+        Some(rp) => base_weight_bytes(
+            ref_cfg.unwrap_or(cfg),
+            &Finetune::Frozen,
+            dtype,
+            base_storage_over(&rp, BaseStorage::Dense),
+        ),
         None if p.finetuning_type == config::FinetuningType::Lora => 0,
         None => base_weight_bytes(cfg, &Finetune::Frozen, dtype, base),
     }
 }
 
-/// `ref_model`'s config when it is at hand without a download (for [`memory_estimate`]).
-pub fn reference_config(p: &Preset) -> Option<crate::engine::ModelConfig> {
+/// `ref_model` as a preset of its own (`None` without one): its name, `ref_model_adapters` as its adapters and
+/// `ref_model_quantization_bit` as its `quantization_bit`, the rest the policy's.
+pub fn reference_preset(p: &Preset) -> Option<Preset> {
     let name = p.ref_model.as_deref()?;
     let mut rp = p.clone();
     rp.model_name_or_path = name.to_string();
-    let hub = ModelRef::of(&rp).hub_options();
-    let config = source::config_json(name, &hub)?;
+    rp.adapter_name_or_path.clone_from(&p.ref_model_adapters);
+    rp.quantization_bit = p.ref_model_quantization_bit;
+    Some(rp)
+}
+
+/// `ref_model`'s config when it is at hand without a download (for [`memory_estimate`]).
+pub fn reference_config(p: &Preset) -> Option<crate::engine::ModelConfig> {
+    let rp = reference_preset(p)?;
+    let config = source::config_json(&rp.model_name_or_path, &ModelRef::of(&rp).hub_options())?;
     crate::engine::ModelConfig::from_hf_config(&config).ok()
 }
 
@@ -430,26 +431,7 @@ pub fn load_base(
         return load_model(p, dtype, device, progress);
     }
     let m = load_model_to(p, dtype, device, to, progress)?;
-    let files = &m.files;
-    let (n, bytes) = if files.bnb4.is_empty() {
-        (
-            files.quantized.len(),
-            files
-                .quantized
-                .values()
-                .map(|q| q.storage_size_in_bytes())
-                .sum::<usize>(),
-        )
-    } else {
-        (
-            files.bnb4.len(),
-            files
-                .bnb4
-                .values()
-                .map(|q| q.storage_size_in_bytes())
-                .sum::<usize>(),
-        )
-    };
+    let (n, bytes) = m.files.quantized_size();
     progress(SourceProgress::Note(format!(
         "quantization_bit {}: {n} linear weights quantized to {} ({})",
         p.quantization_bit.unwrap_or_default(),

@@ -59,7 +59,7 @@ fn load_parts(
         .as_deref()
         .map(parse_adapter_list)
         .unwrap_or_default();
-    let quantized_base = !files.quantized.is_empty() || !files.bnb4.is_empty();
+    let quantized_base = files.is_quantized();
     let merged = apply_adapters(&mut model, &adapters, quantized_base, &mut |n| {
         progress(SourceProgress::Note(n));
     })?;

@@ -492,6 +492,15 @@ impl Preset {
         self.dataset.as_deref().map(comma_list).unwrap_or_default()
     }
 
+    /// Whether the stage scores against a reference model: dpo with a reference loss (not orpo or simpo), kto.
+    pub fn uses_reference(&self) -> bool {
+        match self.stage {
+            Stage::Dpo => self.pref_loss.uses_reference(),
+            Stage::Kto => true,
+            _ => false,
+        }
+    }
+
     /// The sequences one micro-batch runs through the model with a graph: `per_device_train_batch_size` pairs are
     /// twice as many sequences for dpo and rm (chosen and rejected in one forward); kto's KL sequences run after
     /// its examples, without a graph.

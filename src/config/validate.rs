@@ -47,12 +47,7 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     if matches!(p.stage, Stage::Dpo | Stage::Kto | Stage::Rm) {
         validate_preference(p, &mut bad);
     }
-    let uses_reference = match p.stage {
-        Stage::Dpo => p.pref_loss.uses_reference(),
-        Stage::Kto => true,
-        _ => false,
-    };
-    if p.ref_model.is_some() && !uses_reference {
+    if p.ref_model.is_some() && !p.uses_reference() {
         bad(
             "ref_model",
             format!(

@@ -295,53 +295,40 @@ impl Batch {
             }
             spans.push((p, lc, lr));
         }
-        let seq_len = spans
-            .iter()
-            .map(|&(p, lc, lr)| lc + lr + 1 - p)
-            .max()
-            .unwrap_or(0);
         let pad_id = (0..self.input_ids.len())
             .find(|&j| self.attention_mask[j] == 0)
             .map_or(0, |j| self.input_ids[j]);
-        let n = k * seq_len;
-        let mut out = Batch {
-            batch_size: k,
-            seq_len,
-            input_ids: Vec::with_capacity(n),
-            labels: Vec::with_capacity(n),
-            attention_mask: Vec::with_capacity(n),
-            position_ids: Vec::with_capacity(n),
-            sequence_ids: Vec::with_capacity(n),
-            block_diagonal: true,
-            kto_tags: Vec::new(),
-            seq_index: self.seq_index.clone(),
-            branch_ids: Vec::with_capacity(n),
-        };
+        let mut rows = Vec::with_capacity(k);
+        let mut branches = Vec::with_capacity(k);
         for (i, &(p, lc, lr)) in spans.iter().enumerate() {
+            let mut row = PackedSequence {
+                input_ids: Vec::new(),
+                labels: Vec::new(),
+                position_ids: Vec::new(),
+                sequence_ids: vec![1; lc + lr + 1 - p],
+            };
+            let mut branch_ids = Vec::with_capacity(row.sequence_ids.len());
             // (source row, source range, branch): the shared prompt, then the two answers from the last prompt token.
-            let parts = [(i, 0..p - 1, 0), (i, p - 1..lc, 1), (k + i, p - 1..lr, 2)];
-            for (row, range, branch) in parts {
-                let at = row * t;
-                out.input_ids
+            for (src, range, branch) in [(i, 0..p - 1, 0), (i, p - 1..lc, 1), (k + i, p - 1..lr, 2)]
+            {
+                let at = src * t;
+                row.input_ids
                     .extend_from_slice(&self.input_ids[at + range.start..at + range.end]);
-                out.labels
+                row.labels
                     .extend_from_slice(&self.labels[at + range.start..at + range.end]);
-                out.position_ids
+                row.position_ids
                     .extend(range.clone().map(|j| u32::try_from(j).unwrap_or(u32::MAX)));
-                out.branch_ids
-                    .extend(std::iter::repeat_n(branch, range.len()));
+                branch_ids.extend(std::iter::repeat_n(branch, range.len()));
             }
-            let real = lc + lr + 1 - p;
-            out.attention_mask.extend(std::iter::repeat_n(1, real));
-            out.sequence_ids.extend(std::iter::repeat_n(1, real));
-            let pad = seq_len - real;
-            out.input_ids.extend(std::iter::repeat_n(pad_id, pad));
-            out.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
-            out.attention_mask.extend(std::iter::repeat_n(0, pad));
-            out.position_ids.extend(std::iter::repeat_n(0, pad));
-            out.sequence_ids.extend(std::iter::repeat_n(0, pad));
-            out.branch_ids.extend(std::iter::repeat_n(0, pad));
+            rows.push(row);
+            branches.push(branch_ids);
         }
+        let mut out = collate(&rows.iter().collect::<Vec<_>>(), pad_id, true);
+        out.seq_index.clone_from(&self.seq_index);
+        for b in &mut branches {
+            b.resize(out.seq_len, 0);
+        }
+        out.branch_ids = branches.concat();
         Some(out)
     }
 

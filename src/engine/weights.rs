@@ -6,12 +6,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
-
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
 
 use super::arch::LINEAR_LEAVES;
 use super::bnb4::Bnb4Tensor;
@@ -377,6 +376,21 @@ fn quantizes(name: &str, dims: &[usize], to: BaseStorage) -> bool {
 }
 
 impl ModelFiles {
+    /// Whether some weights are held quantized (a GGUF's blocks, `quantization_bit`).
+    pub fn is_quantized(&self) -> bool {
+        !self.quantized.is_empty() || !self.bnb4.is_empty()
+    }
+
+    /// The quantized weights: how many, and their bytes.
+    pub fn quantized_size(&self) -> (usize, usize) {
+        let ggml = self.quantized.values().map(|q| q.storage_size_in_bytes());
+        let bnb4 = self.bnb4.values().map(|q| q.storage_size_in_bytes());
+        (
+            self.quantized.len() + self.bnb4.len(),
+            ggml.chain(bnb4).sum(),
+        )
+    }
+
     /// Adds the tensor `name` (in the model's dtype, on any device): quantized onto `device` when `to`
     /// (`quantization_bit`: [`BaseStorage::Linears`] for GGML blocks,
     /// [`BaseStorage::Bnb4`] for bitsandbytes' 4-bit layout) holds it quantized

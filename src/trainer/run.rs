@@ -332,13 +332,12 @@ fn run_training_here(
             }
             let reference = if !needs_reference {
                 Reference::None
-            } else if let Some(name) = &p.ref_model {
+            } else if let Some(rp) = resolve::reference_preset(p) {
                 emit(TrainEvent::Loading {
-                    what: format!("loading the reference model {name}"),
+                    what: format!("loading the reference model {}", rp.model_name_or_path),
                 });
                 Reference::Frozen(Box::new(reference_model(
-                    p,
-                    name,
+                    &rp,
                     &model,
                     dtype,
                     device,
@@ -634,35 +633,30 @@ impl Backprop {
     }
 }
 
-/// `ref_model` with `ref_model_adapters`, frozen, its decoder linears quantized with `ref_model_quantization_bit`:
-/// the reference of dpo or kto (LLaMA-Factory's `create_ref_model`). It must score the same tokens as the policy.
+/// The reference of dpo or kto from `ref_model`'s preset ([`resolve::reference_preset`]: its adapters, its
+/// `quantization_bit`), frozen (LLaMA-Factory's `create_ref_model`). It must score the same tokens as the policy.
 fn reference_model(
-    p: &Preset,
-    name: &str,
+    rp: &Preset,
     policy: &Model,
     dtype: DType,
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<Model, TrainError> {
-    let mut rp = p.clone();
-    rp.model_name_or_path = name.to_string();
-    rp.adapter_name_or_path.clone_from(&p.ref_model_adapters);
-    rp.quantization_bit = p.ref_model_quantization_bit;
+    let name = &rp.model_name_or_path;
     // Its notes (reading, quantizing, adapters) say they are the reference's.
     let mut progress = |sp: SourceProgress| match sp {
         SourceProgress::Note(n) => progress(SourceProgress::Note(format!("ref_model: {n}"))),
         other => progress(other),
     };
-    let loaded = resolve::load_base(&rp, dtype, device, &mut progress)?;
+    let loaded = resolve::load_base(rp, dtype, device, &mut progress)?;
     let files = &loaded.files;
     let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
-    let adapters = p
-        .ref_model_adapters
+    let adapters = rp
+        .adapter_name_or_path
         .as_deref()
         .map(parse_adapter_list)
         .unwrap_or_default();
-    let quantized = !files.quantized.is_empty() || !files.bnb4.is_empty();
-    crate::engine::adapter::apply_adapters(&mut m, &adapters, quantized, &mut |n| {
+    crate::engine::adapter::apply_adapters(&mut m, &adapters, files.is_quantized(), &mut |n| {
         progress(SourceProgress::Note(n));
     })?;
     if m.cfg.vocab_size != policy.cfg.vocab_size {
