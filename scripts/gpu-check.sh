@@ -6,14 +6,18 @@
 #                                       # stripped and gzipped into .gpu/, plus SmolLM2's tokenizer files
 #   scripts/gpu-check.sh                # on the GPU machine, from the repository root (.gpu/ carried along)
 #   scripts/gpu-check.sh tests oom      # some sections only: env tests models train dropout chat tui bench oom
-#                                       # export bench8b packed (default: all but bench8b and packed, which write
-#                                       # 16 GB of weights)
+#                                       # export quant pref bench8b dpo8b packed (default: all but quant, pref,
+#                                       # bench8b, dpo8b and packed: 10 minutes per call; the 8b ones write 16 GB
+#                                       # of weights)
 #
 # What it runs (each step time-limited; a failing step does not stop the others): nvidia-smi, `termtune env`,
 # the GPU tests (`integration gpu::`), a short `termtune train` of the quickstart preset on CUDA, the TUI in tmux
 # during a run (when tmux is there), chat on CUDA against the CPU, and `termtune bench --device cuda` on a
 # SmolLM2-135M-shaped and a llama-1B-shaped model (random bf16 weights, SmolLM2's tokenizer) beside PyTorch +
-# PEFT on the same batches. Output: stdout, and files under $OUT (default /tmp/gpu-check).
+# PEFT on the same batches; `quant`: GGUF bases (q4_1, q8_0) trained and chatted on CUDA vs the CPU, and
+# quantization_bit 4 / 8 vs bf16 on the llama-1B shape (time, peak memory, losses, the adapter on PEFT); `pref`:
+# the dpo preset on CUDA and its step time vs SFT on the same sequences; `dpo8b`: presets/llama3.1-8b-dpo.yaml on
+# the 8B shape. Output: stdout, and files under $OUT (default /tmp/gpu-check).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -111,6 +115,8 @@ fi
 models="smollm2"
 want bench && models="$models llama1b"
 want bench8b && models="$models llama8b"
+want dpo8b && models="$models llama8b"
+want quant && models="$models llama1b"
 want packed && models="$models llama1b llama8b"
 models=$(echo "$models" | tr ' ' '\n' | awk '!seen[$0]++' | tr '\n' ' ')
 step "random-weight models: $models"
@@ -245,6 +251,91 @@ with torch.no_grad():
 print("termtune CUDA merge vs PEFT merge_and_unload (f32): max |logit diff|", (a - b).abs().max().item(),
       "of max |logit|", b.abs().max().item())
 PY
+fi
+
+if want quant; then
+  # Issue 15 on CUDA: GGUF bases kept in their block types, and quantization_bit 4 / 8 (QLoRA) against bf16.
+  step "quantized GGUF bases on CUDA: q4_1 and q8_0 exports of the smollm2 shape, train and chat vs the CPU"
+  for t in q4_1 q8_0; do
+    printf '%s\n' "model_name_or_path: $work/models/smollm2" "export_dir: $work/gguf-$t" "export_format: gguf" \
+      "export_gguf_type: $t" >"$work/export-$t.yaml"
+    timeout 120 "$tt" --device cpu export "$work/export-$t.yaml" 2>&1 | tail -1
+    g="$work/gguf-$t/model-$t.gguf"
+    for dev in cuda cpu; do
+      timeout 150 "$tt" --device $dev train presets/quickstart.yaml model_name_or_path="$g" \
+        output_dir="$work/run-$t-$dev" max_steps=10 overwrite_output_dir=true >"$OUT/quant-$t-$dev.log" 2>&1
+      echo "$t $dev train: exit $?; losses $(grep -o '"loss": [0-9.]*' "$work/run-$t-$dev/trainer_log.jsonl" |
+        cut -d' ' -f2 | tr '\n' ' ')"
+      grep -h '"train_runtime"\|"train_tokens_per_second"' "$work/run-$t-$dev/all_results.json" 2>/dev/null | tr -d '\n'
+      tail -1 "$work/run-$t-$dev/trainer_log.jsonl" | grep -o '"vram_allocated": [0-9.]*'
+    done
+    a=$(timeout 60 "$tt" --device cuda chat --model "$g" --prompt "Who are you?" --temperature 0 \
+      --max-new-tokens 64 2>"$OUT/quant-chat-$t-cuda.err")
+    b=$(timeout 60 "$tt" --device cpu chat --model "$g" --prompt "Who are you?" --temperature 0 \
+      --max-new-tokens 64 2>"$OUT/quant-chat-$t-cpu.err")
+    [ "$a" = "$b" ] && echo "$t greedy answers CUDA vs CPU: IDENTICAL" || echo "$t greedy answers CUDA vs CPU: DIFFER"
+    grep -h "tokens/s" "$OUT/quant-chat-$t-cuda.err" | sed "s/^/$t cuda chat: /"
+  done 2>&1 | tee "$OUT/quant.txt"
+  step "QLoRA on CUDA: llama1b shape, quantization_bit 4 and 8 against bf16 (same batches): time, peak memory, losses"
+  for q in none 8 4; do
+    extra=""; [ "$q" != none ] && extra="quantization_bit=$q"
+    timeout 240 "$tt" --device cuda train presets/quickstart.yaml model_name_or_path="$work/models/llama1b" \
+      output_dir="$work/run-qlora-$q" bf16=true max_steps=10 overwrite_output_dir=true $extra \
+      >"$OUT/qlora-$q.log" 2>&1
+    echo "quantization_bit $q: exit $?; $(grep -h 'weights\|quantized' "$OUT/qlora-$q.log" | head -2 | tr '\n' ' ')"
+    grep -h '"train_runtime"\|"train_tokens_per_second"' "$work/run-qlora-$q/all_results.json" 2>/dev/null | tr -d '\n'
+    echo " $(tail -1 "$work/run-qlora-$q/trainer_log.jsonl" | grep -o '"vram_allocated": [0-9.]*')"
+    echo "losses $(grep -o '"loss": [0-9.]*' "$work/run-qlora-$q/trainer_log.jsonl" | cut -d' ' -f2 | tr '\n' ' ')"
+  done 2>&1 | tee "$OUT/qlora.txt"
+  # The QLoRA adapter on PEFT over the 16-bit base (greedy answers, token for token).
+  timeout 120 python3 scripts/peft_qlora_check.py "$work/models/llama1b" "$work/run-qlora-4" --termtune "$tt" \
+    2>&1 | tail -6 | tee -a "$OUT/qlora.txt"
+fi
+
+if want pref; then
+  # Issue 16 on CUDA: the dpo preset (shared prompts, branch mask) and its step time against SFT on the same
+  # sequences (each pair's chosen and rejected answers as two SFT rows).
+  step "dpo and sft on the same sequences (smollm2 shape, CUDA, bf16): step time ratio, rewards"
+  python3 - data/demo_preference.json "$work/prefdata" <<'PY'
+import json, os, sys
+rows = json.load(open(sys.argv[1])); out = sys.argv[2]; os.makedirs(out, exist_ok=True)
+json.dump(rows, open(os.path.join(out, "pairs.json"), "w"))
+info = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), "dataset_info.json")))["demo_preference"]
+info["file_name"] = "pairs.json"
+sft = []
+for r in rows:
+    for k in ("chosen", "rejected"):
+        s = dict(r); s["output"] = r[k]; s.pop("chosen"); s.pop("rejected"); sft.append(s)
+json.dump(sft, open(os.path.join(out, "seqs.json"), "w"))
+cols = {k: v for k, v in info.get("columns", {}).items() if k not in ("chosen", "rejected")}
+cols["response"] = "output"
+sft_info = {"file_name": "seqs.json", "formatting": info.get("formatting", "alpaca"), "columns": cols}
+json.dump({"pairs": info, "seqs": sft_info}, open(os.path.join(out, "dataset_info.json"), "w"))
+PY
+  common="model_name_or_path=$work/models/smollm2 dataset_dir=$work/prefdata bf16=true max_steps=12 overwrite_output_dir=true"
+  timeout 200 "$tt" --device cuda train presets/dpo-smollm2.yaml dataset=pairs output_dir="$work/run-dpo" $common \
+    >"$OUT/dpo.log" 2>&1; echo "dpo: exit $?"
+  timeout 200 "$tt" --device cuda train presets/dpo-smollm2.yaml stage=sft dataset=seqs \
+    per_device_train_batch_size=4 output_dir="$work/run-dposft" $common >"$OUT/dposft.log" 2>&1
+  echo "sft on the same sequences: exit $?"
+  python3 - "$work/run-dpo" "$work/run-dposft" <<'PY' 2>&1 | tee "$OUT/pref.txt"
+import json, sys
+res = [json.load(open(d + "/all_results.json")) for d in sys.argv[1:]]
+print("train_runtime dpo %.2f s, sft %.2f s: DPO/SFT step ratio %.2f" % (
+    res[0]["train_runtime"], res[1]["train_runtime"], res[0]["train_runtime"] / res[1]["train_runtime"]))
+log = [json.loads(l) for l in open(sys.argv[1] + "/trainer_log.jsonl")]
+for l in log:
+    print(l["current_steps"], l.get("loss"), l.get("rewards/accuracies"), l.get("rewards/margins"), l.get("vram_allocated"))
+PY
+fi
+
+if want dpo8b; then
+  # presets/llama3.1-8b-dpo.yaml on the llama8b shape (random bf16 weights; needs `bench8b` or `dpo8b`'s model).
+  step "presets/llama3.1-8b-dpo.yaml on the Llama-3.1-8B shape (CUDA, bf16): step time, peak memory"
+  timeout 400 "$tt" --device cuda train presets/llama3.1-8b-dpo.yaml model_name_or_path="$work/models/llama8b" \
+    template=chatml max_steps=3 logging_steps=1 output_dir="$work/run-dpo8b" overwrite_output_dir=true 2>&1 |
+    tail -6 | tee "$OUT/dpo8b.txt"
+  tail -3 "$work/run-dpo8b/trainer_log.jsonl" | tee -a "$OUT/dpo8b.txt"
 fi
 
 if want bench8b; then

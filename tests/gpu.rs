@@ -5,7 +5,9 @@
 //!   (`Backend::generic_only`) against finite differences in f64 and against the fused path in f32.
 //! - On a CUDA device (when one is present; otherwise each test prints "no CUDA device: skipped"): every kernel,
 //!   the loss, logits and every LoRA gradient against the CPU in f32 (1e-4 relative) and bf16, finite differences
-//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), and greedy generation against the CPU.
+//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), greedy generation against the CPU, a 4-bit
+//!   (QLoRA) run and a GGUF base kept in each block type against the CPU, and dpo, orpo, kto and rm runs against
+//!   the CPU runs.
 //!   Run them on a GPU machine with a CUDA build: `scripts/build-cuda.sh test --release --test integration gpu::`.
 
 use std::collections::HashMap;
@@ -17,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use termtune::config::{self, Purpose};
 use termtune::engine::device::{DeviceSpec, cuda_device_count, select};
-use termtune::engine::model::Kernels;
+use termtune::engine::model::{Kernels, Weight};
 use termtune::engine::ops::{self, Backend};
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
@@ -201,15 +203,19 @@ fn tiny(dir: &Path, opts: &TinyOpts) {
 fn load(dir: &Path, dtype: DType, device: &Device, ft: &Finetune) -> Model {
     let files = load_hf_folder(dir, dtype, device).unwrap();
     let m = Model::from_files(&files, dtype, device, ft).unwrap();
-    // Non-zero B (as after some training), the same values on every device.
+    seed_lora_b(&m);
+    m
+}
+
+/// Non-zero LoRA B (as after some training), the same values on every device.
+fn seed_lora_b(m: &Model) {
     for (i, (name, v)) in m.trainable_vars().iter().enumerate() {
         if name.ends_with("lora_B.weight") {
             let t = seeded(v.dims(), 50 + i as u64, v.dtype(), &CPU);
-            v.set(&(t * 0.2).unwrap().to_device(device).unwrap())
+            v.set(&(t * 0.2).unwrap().to_device(&m.device).unwrap())
                 .unwrap();
         }
     }
-    m
 }
 
 /// The inputs of one padded batch and one packed batch, on `device`.
@@ -526,6 +532,184 @@ fn cuda_4bit_base_dequantizes_exactly_and_trains_like_the_cpu() {
         );
     }
     eprintln!("4-bit CPU losses  {cpu:.4?}\n4-bit CUDA losses {gpu:.4?}");
+}
+
+/// Logits of the prompt and of one cached decode step after it (the chat path), on the model's device.
+fn prompt_and_step_logits(m: &Model) -> (Tensor, Tensor) {
+    let mut cache = termtune::engine::KvCache::new(m.layers.len());
+    let ids = Tensor::new(crate::quantized::prompt().as_slice(), &m.device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = m.forward_cached(&ids, &mut cache, false).unwrap();
+    let next = Tensor::new(&[[17u32]], &m.device).unwrap();
+    let b = m.forward_cached(&next, &mut cache, false).unwrap();
+    (a, b)
+}
+
+/// The loss (per label token) and every LoRA gradient of one causal batch of `rows` x 16 tokens.
+fn loss_and_lora_grads(m: &Model, rows: usize) -> (f64, Vec<(String, Tensor)>) {
+    let ids: Vec<u32> = (0..rows as u32 * 16).map(|i| (i * 29 + 3) % 300).collect();
+    let input = Tensor::from_vec(ids.clone(), (rows, 16), &m.device).unwrap();
+    let labels = Tensor::from_vec(
+        ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
+        (rows, 16),
+        &m.device,
+    )
+    .unwrap();
+    let (loss, n) = m
+        .forward_loss(&input, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let loss = (loss / n as f64).unwrap();
+    let g = loss.backward().unwrap();
+    let grads = m
+        .trainable_vars()
+        .iter()
+        .map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (to_f64(&loss)[0], grads)
+}
+
+/// A GGUF base kept in its block types on CUDA (candle's CUDA quantized kernels under 64 rows, the weight
+/// dequantized on the device from 64 rows on), for every block type termtune keeps: the chat logits (a prompt and
+/// one cached step), the loss and the LoRA gradients against the same model with the weights dequantized, in f32
+/// on the CPU — within the CPU quantized kernels' own tolerances (`quantized::`); and the base stays quantized on
+/// the GPU.
+#[test]
+fn cuda_quantized_gguf_base_matches_the_dequantized_model() {
+    let Some(dev) = cuda() else { return };
+    for ty in crate::quantized::TYPES {
+        let d = tempfile::tempdir().unwrap();
+        let (mut quant, dense) = crate::quantized::tiny_pair(d.path(), ty);
+        quant.move_to(&dev).unwrap();
+        let mq = Model::from_files(&quant, DType::F32, &dev, &lora(4)).unwrap();
+        let md = Model::from_files(&dense, DType::F32, &CPU, &lora(4)).unwrap();
+        seed_lora_b(&mq);
+        seed_lora_b(&md);
+        for l in &mq.layers {
+            for lin in l.linears() {
+                let Weight::Quantized(q) = &lin.weight else {
+                    panic!("{ty:?}: a linear weight is not quantized on the GPU")
+                };
+                assert!(q.device().is_cuda(), "{ty:?}");
+            }
+        }
+        let (qa, qb) = prompt_and_step_logits(&mq);
+        let (da, db) = prompt_and_step_logits(&md);
+        let logits = rel_diff(&qa, &da).max(rel_diff(&qb, &db));
+        assert!(logits < 0.03, "{ty:?}: relative logit difference {logits}");
+        // 2 rows: the quantized kernels (activations rounded to 8 bits); 4 x 16 = 64 rows: the dequantized weight.
+        for (rows, loss_tol, grad_tol) in [(2, 2e-3, 0.08), (4, 1e-4, 1e-3)] {
+            let (lq, gq) = loss_and_lora_grads(&mq, rows);
+            let (ld, gd) = loss_and_lora_grads(&md, rows);
+            assert!(
+                (lq - ld).abs() < loss_tol * ld.abs(),
+                "{ty:?} {rows} rows: loss {lq} vs {ld}"
+            );
+            let grads = gq
+                .iter()
+                .zip(&gd)
+                .map(|((kq, a), (kd, b))| {
+                    assert_eq!(kq, kd);
+                    rel_diff(a, b)
+                })
+                .fold(0f64, f64::max);
+            assert!(
+                grads < grad_tol,
+                "{ty:?} {rows} rows: relative LoRA gradient difference {grads}"
+            );
+            eprintln!(
+                "{ty:?} {rows} rows: logits {logits:.5}, loss {lq:.6} vs {ld:.6}, gradients {grads:.5}"
+            );
+        }
+    }
+}
+
+/// Each metric of a preference or reward run, per step, on `device` (its own output folder).
+fn stage_run(
+    root: &Path,
+    device: &Device,
+    stage: &str,
+    dataset: &str,
+    extra: &[&str],
+) -> Vec<termtune::trainer::protocol::StepMetrics> {
+    let out = format!(
+        "output_dir: {}",
+        root.join(format!("out-{stage}-{}-{}", extra.len(), device.is_cpu()))
+            .display()
+    );
+    let mut all = vec!["max_steps: 8", "overwrite_output_dir: true", out.as_str()];
+    all.extend_from_slice(extra);
+    let loaded = crate::tiny_util::preference_preset(root, stage, dataset, &all)
+        .unwrap_or_else(|e| panic!("{stage} {extra:?}: {e:?}"));
+    let (_tx, rx) = mpsc::channel();
+    let mut steps = Vec::new();
+    run_training(&loaded, device, &rx, &mut |ev| {
+        if let TrainEvent::StepFinished(m) = ev {
+            steps.push(m);
+        }
+    })
+    .unwrap_or_else(|e| panic!("{stage} {extra:?} on {device:?}: {e}"));
+    steps
+}
+
+/// dpo (pairs sharing their prompt in one row, the branch mask, the adapter-off reference), orpo (no reference),
+/// kto (its KL sequences) and rm (the value head) on CUDA follow the CPU runs step for step: the loss within 1 %,
+/// each reward, margin, log-probability and KL within 1e-3 + 1 %; dpo's first loss is ln 2 there too.
+#[test]
+fn cuda_preference_and_reward_runs_follow_the_cpu_runs() {
+    let Some(dev) = cuda() else { return };
+    let (_d, root) = crate::tiny_util::preference_fixture(16);
+    for (stage, dataset, extra) in [
+        ("dpo", "prefs", &[][..]),
+        ("dpo", "prefs", &["pref_loss: orpo"][..]),
+        ("kto", "feedback", &[][..]),
+        ("rm", "prefs", &[][..]),
+    ] {
+        let cpu = stage_run(&root, &CPU, stage, dataset, extra);
+        let gpu = stage_run(&root, &dev, stage, dataset, extra);
+        assert_eq!((cpu.len(), gpu.len()), (8, 8), "{stage} {extra:?}");
+        if stage == "dpo" && extra.is_empty() {
+            let first = gpu[0].loss;
+            assert!(
+                (first - std::f64::consts::LN_2).abs() < 1e-6,
+                "CUDA dpo step 1: {first}"
+            );
+        }
+        for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+            let what = format!("{stage} {extra:?} step {}", i + 1);
+            assert!(
+                (c.loss - g.loss).abs() < 0.01 * c.loss.abs(),
+                "{what}: loss CPU {} vs CUDA {}",
+                c.loss,
+                g.loss
+            );
+            assert_eq!(
+                c.metrics.keys().collect::<Vec<_>>(),
+                g.metrics.keys().collect::<Vec<_>>(),
+                "{what}"
+            );
+            for (key, cv) in &c.metrics {
+                // An accuracy counts signs: a margin within rounding of 0 may flip it.
+                if key.contains("accurac") {
+                    continue;
+                }
+                let gv = g.metrics[key];
+                assert!(
+                    (cv - gv).abs() < 1e-3 + 0.01 * cv.abs(),
+                    "{what}: {key} CPU {cv} vs CUDA {gv}"
+                );
+            }
+        }
+        let losses = |s: &[termtune::trainer::protocol::StepMetrics]| -> Vec<f64> {
+            s.iter().map(|m| m.loss).collect()
+        };
+        eprintln!(
+            "{stage} {extra:?}: CPU losses {:.4?}, CUDA losses {:.4?}",
+            losses(&cpu),
+            losses(&gpu)
+        );
+    }
 }
 
 #[test]

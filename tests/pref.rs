@@ -271,7 +271,7 @@ fn trainer_logps(m: &Model, b: &Batch, train: bool) -> SequenceLogps {
 #[test]
 fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
     let unshared = pair_batch_host();
-    let shared = unshared.share_prompts().unwrap();
+    let shared = unshared.share_prompts(64).unwrap();
     // Pair 0: prompt 5 70 71, chosen 100 33 9 8, rejected 200 201; pair 1: prompt 6 12, chosen 40 41, rejected
     // 90 91 92 93. The last prompt token opens each answer's branch; positions continue the prompt's.
     assert_eq!(
@@ -301,9 +301,12 @@ fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
     // Nothing to share: pairs whose first tokens differ, an odd batch, a batch already shared.
     let mut apart = unshared.clone();
     apart.input_ids[2 * 7] = 7;
-    assert!(apart.share_prompts().is_none());
-    assert!(unshared.rows(0..3).share_prompts().is_none());
-    assert!(shared.share_prompts().is_none());
+    assert!(apart.share_prompts(64).is_none());
+    assert!(unshared.rows(0..3).share_prompts(64).is_none());
+    assert!(shared.share_prompts(64).is_none());
+    // Rows of 10 where sequences may be 7 long: more attention scores than 4 rows of 7 (√2 × 7 < 10).
+    assert!(unshared.share_prompts(7).is_none());
+    assert!(unshared.share_prompts(8).is_some());
 
     let cases = [
         (Kernels::Fused, Some(3), false),

@@ -22,7 +22,7 @@ use crate::tiny_util::{max_abs, max_abs_diff};
 
 const CPU: Device = Device::Cpu;
 
-const TYPES: [GgmlDType; 6] = [
+pub const TYPES: [GgmlDType; 6] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q4K,
@@ -44,7 +44,7 @@ fn lora(r: usize) -> Finetune {
 
 /// A tiny random llama (in-features multiples of 256, as the K-quants' blocks need) as two model files: every
 /// 2-D weight (linears and the tied embedding) quantized to `ty`, and the same weights dequantized (dense f32).
-fn tiny_pair(dir: &std::path::Path, ty: GgmlDType) -> (ModelFiles, ModelFiles) {
+pub fn tiny_pair(dir: &std::path::Path, ty: GgmlDType) -> (ModelFiles, ModelFiles) {
     let opts = TinyOpts {
         hidden_size: 256,
         intermediate_size: 512,
@@ -72,7 +72,7 @@ fn tiny_pair(dir: &std::path::Path, ty: GgmlDType) -> (ModelFiles, ModelFiles) {
     (quant, dense)
 }
 
-fn prompt() -> Vec<u32> {
+pub fn prompt() -> Vec<u32> {
     (0..14u32).map(|i| (i * 37 + 5) % 300).collect()
 }
 

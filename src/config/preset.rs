@@ -502,8 +502,9 @@ impl Preset {
     }
 
     /// The sequences one micro-batch runs through the model with a graph: `per_device_train_batch_size` pairs are
-    /// twice as many sequences for dpo and rm (chosen and rejected in one forward); kto's KL sequences run after
-    /// its examples, without a graph.
+    /// twice as many sequences for dpo and rm (chosen and rejected in one forward; a pair sharing its prompt in one
+    /// row holds fewer tokens and at most their attention scores, `Batch::share_prompts`); kto's KL sequences run
+    /// after its examples, without a graph.
     pub fn sequences_per_micro_batch(&self) -> usize {
         match self.stage {
             Stage::Dpo | Stage::Rm => 2 * self.per_device_train_batch_size,

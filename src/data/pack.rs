@@ -261,9 +261,11 @@ impl Batch {
     /// the pair and neither answer sees the other ([`Batch::branch_ids`]), so every answer token has the context
     /// (and the log-probability) it has in its own row, and the prompt runs once instead of twice. The last prompt
     /// token is repeated so that each answer's first token is predicted inside its own branch. `None` when the
-    /// batch is not pairwise or a pair has no common unlabelled prefix.
+    /// batch is not pairwise, a pair has no common unlabelled prefix, or a shared row would be longer than
+    /// √2 × `max_len` (the longest a sequence may be, `cutoff_len`: beyond, k rows would hold more attention scores
+    /// than 2k rows of `max_len`).
     #[must_use]
-    pub fn share_prompts(&self) -> Option<Batch> {
+    pub fn share_prompts(&self, max_len: usize) -> Option<Batch> {
         let t = self.seq_len;
         let k = self.batch_size / 2;
         if k == 0 || !self.batch_size.is_multiple_of(2) || !self.branch_ids.is_empty() {
@@ -324,6 +326,12 @@ impl Batch {
             branches.push(branch_ids);
         }
         let mut out = collate(&rows.iter().collect::<Vec<_>>(), pad_id, true);
+        // Attention holds rows x length² scores: k rows up to twice `max_len` (short prompts, long answers) can
+        // hold up to twice the scores of 2k rows of `max_len`, which the memory estimate counts. Shared only while
+        // they hold no more.
+        if out.seq_len * out.seq_len > 2 * max_len * max_len {
+            return None;
+        }
         out.seq_index.clone_from(&self.seq_index);
         for b in &mut branches {
             b.resize(out.seq_len, 0);

@@ -1139,7 +1139,7 @@ impl<'a> Trainer<'a> {
                 let cfg = *cfg;
                 // Each pair in one row with its prompt once (the answers' log-probabilities are those of their own
                 // rows; sequence order as unshared).
-                let shared = batch.share_prompts();
+                let shared = batch.share_prompts(self.p.cutoff_len);
                 let batch = shared.as_ref().unwrap_or(batch);
                 let x = ModelInputs::new(batch, &device)?;
                 let mut policy = x.sequence_logps(&self.model, batch, train)?;
@@ -1211,7 +1211,7 @@ impl<'a> Trainer<'a> {
             Objective::Rm(head) => {
                 // Each pair in one row with its prompt once (as dpo); the scores are read at each answer's last
                 // token, in the unshared order (chosen, then rejected).
-                let shared = batch.share_prompts();
+                let shared = batch.share_prompts(self.p.cutoff_len);
                 let b = shared.as_ref().unwrap_or(batch);
                 let x = ModelInputs::new(b, &device)?;
                 let host = x.host(b);
