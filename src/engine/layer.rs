@@ -377,6 +377,11 @@ impl Kernels {
         // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
         let n_rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, n_rep * t, hd))?;
+        let k = if k.device().is_cpu() {
+            k.clone()
+        } else {
+            k.contiguous()?
+        };
         let mut att = (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * scale)?.to_dtype(cdt)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(&bias.to_dtype(cdt)?)?;
@@ -386,10 +391,18 @@ impl Kernels {
         } else {
             ops::softmax_pure(&att)?
         };
+        // On the CPU, K and V may be views of a KV cache's buffer (each head's rows contiguous, heads `room` rows
+        // apart): candle's CPU matmul reads them in place. Elsewhere they are copied, as before the cache kept
+        // its room (candle's CUDA matmul over such views is not yet checked on a GPU).
+        let v = if v.device().is_cpu() {
+            v.clone()
+        } else {
+            v.contiguous()?
+        };
         Ok(att
             .to_dtype(dtype)?
             .reshape((b, nkv, n_rep * t, s))?
-            .matmul(&v.contiguous()?)?
+            .matmul(&v)?
             .reshape((b, nh, t, hd))?)
     }
 
@@ -433,15 +446,21 @@ pub struct LayerCtx {
     pub dropout_seed: u64,
 }
 
+/// Tokens of room a KV cache adds at a time (per layer: keys and values of every kv head). One token's keys and
+/// values are written in place; growing the buffer copies it, once per this many tokens (appending by
+/// concatenation copied the whole cache for every token: its O(context²) copying slowed a long chat's decode).
+pub const KV_CACHE_BLOCK: usize = 512;
+
 /// A layer's inputs besides the hidden states: RoPE tables `cos`/`sin` (bb, 1, t, hd/2) for the new positions,
 /// the additive attention `bias` (bb, 1, t, s) (none: nothing masked), the unpadding of a padded batch, and the
-/// layer's KV-cache slot (inference: the new keys and values are appended to it and attention sees them all).
+/// layer's KV-cache slot (inference: the new keys and values are written into it and attention sees them all,
+/// through views of the cache's buffer).
 pub struct LayerIo<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub bias: Option<&'a Tensor>,
     pub pad: Option<&'a Unpad>,
-    pub cache: Option<&'a mut Option<(Tensor, Tensor)>>,
+    pub cache: Option<&'a mut Option<candle_nn::kv_cache::KvCache>>,
 }
 
 /// Padding removed from a right- or left-padded batch: the layer runs its linears, norms and MLP on the N real
@@ -567,12 +586,14 @@ pub fn forward(
     let (k, v) = match io.cache {
         None => (k, v),
         Some(slot) => {
-            let kv = match slot.take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            let cache = match slot {
+                Some(cache) => cache,
+                None => slot.insert(candle_nn::kv_cache::KvCache::new(
+                    2,
+                    (t + KV_CACHE_BLOCK).next_multiple_of(KV_CACHE_BLOCK),
+                )),
             };
-            *slot = Some(kv.clone());
-            kv
+            cache.append(&k.contiguous()?, &v)?
         }
     };
     let scale = 1.0 / (hd as f64).sqrt();

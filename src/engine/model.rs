@@ -271,10 +271,12 @@ impl SequenceLogps {
     }
 }
 
-/// Per-layer KV cache for [`Model::forward_cached`].
-#[derive(Debug, Clone, Default)]
+/// Per-layer KV cache for [`Model::forward_cached`]: candle-nn's preallocated cache per layer (keys and values
+/// written in place, [`layer::KV_CACHE_BLOCK`] tokens of room at a time), read as views of what is filled. Not
+/// `Clone`: two caches sharing one buffer would write over each other.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<Option<candle_nn::kv_cache::KvCache>>,
     /// Tokens already in the cache.
     pub seq_len: usize,
 }
@@ -282,7 +284,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            kv: vec![None; num_layers],
+            kv: std::iter::repeat_with(|| None).take(num_layers).collect(),
             seq_len: 0,
         }
     }
@@ -293,23 +295,24 @@ impl KvCache {
 
     /// Keep only the batch rows `rows` (in that order): batched generation drops finished rows.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let Some(device) = self
-            .kv
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Ok(());
-        };
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
-            rows.len(),
-            &device,
-        )?;
-        for (k, v) in self.kv.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for slot in &mut self.kv {
+            let Some(cache) = slot else { continue };
+            let (Some(k), Some(v)) = (cache.k()?, cache.v()?) else {
+                continue;
+            };
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+                rows.len(),
+                k.device(),
+            )?;
+            let (k, v) = (
+                k.contiguous()?.index_select(&idx, 0)?,
+                v.contiguous()?.index_select(&idx, 0)?,
+            );
+            let mut kept =
+                candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(1));
+            kept.append(&k, &v)?;
+            *cache = kept;
         }
         Ok(())
     }
