@@ -446,9 +446,10 @@ pub struct LayerCtx {
     pub dropout_seed: u64,
 }
 
-/// Tokens of room a KV cache adds at a time (per layer: keys and values of every kv head). One token's keys and
-/// values are written in place; growing the buffer copies it, once per this many tokens (appending by
-/// concatenation copied the whole cache for every token: its O(context²) copying slowed a long chat's decode).
+/// A layer's KV cache starts with room for its first tokens (the prompt) and at least this many more, rounded up
+/// to a multiple of it, and grows by that starting room when full (candle-nn's `KvCache`). Each token's keys and
+/// values are written in place; only a growth copies the buffer (appending by concatenation copied the whole
+/// cache for every token).
 pub const KV_CACHE_BLOCK: usize = 512;
 
 /// A layer's inputs besides the hidden states: RoPE tables `cos`/`sin` (bb, 1, t, hd/2) for the new positions,

@@ -272,8 +272,8 @@ impl SequenceLogps {
 }
 
 /// Per-layer KV cache for [`Model::forward_cached`]: candle-nn's preallocated cache per layer (keys and values
-/// written in place, [`layer::KV_CACHE_BLOCK`] tokens of room at a time), read as views of what is filled. Not
-/// `Clone`: two caches sharing one buffer would write over each other.
+/// written in place, room as [`layer::KV_CACHE_BLOCK`] says), read as views of what is filled. Not `Clone`: two
+/// caches sharing one buffer would write over each other.
 #[derive(Debug, Default)]
 pub struct KvCache {
     kv: Vec<Option<candle_nn::kv_cache::KvCache>>,
