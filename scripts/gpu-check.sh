@@ -264,10 +264,11 @@ if want quant; then
     for dev in cuda cpu; do
       timeout 150 "$tt" --device $dev train presets/quickstart.yaml model_name_or_path="$g" \
         output_dir="$work/run-$t-$dev" max_steps=10 overwrite_output_dir=true >"$OUT/quant-$t-$dev.log" 2>&1
-      echo "$t $dev train: exit $?; losses $(grep -o '"loss": [0-9.]*' "$work/run-$t-$dev/trainer_log.jsonl" |
-        cut -d' ' -f2 | tr '\n' ' ')"
+      echo "$t $dev train: exit $?; losses $(grep -o '"loss":[0-9.]*' "$work/run-$t-$dev/trainer_log.jsonl" |
+        cut -d: -f2 | tr '\n' ' ')"
       grep -h '"train_runtime"\|"train_tokens_per_second"' "$work/run-$t-$dev/all_results.json" 2>/dev/null | tr -d '\n'
-      tail -1 "$work/run-$t-$dev/trainer_log.jsonl" | grep -o '"vram_allocated": [0-9.]*'
+      echo
+      tail -1 "$work/run-$t-$dev/trainer_log.jsonl" | grep -o '"vram_allocated":[0-9.]*'
     done
     a=$(timeout 60 "$tt" --device cuda chat --model "$g" --prompt "Who are you?" --temperature 0 \
       --max-new-tokens 64 2>"$OUT/quant-chat-$t-cuda.err")
@@ -284,8 +285,8 @@ if want quant; then
       >"$OUT/qlora-$q.log" 2>&1
     echo "quantization_bit $q: exit $?; $(grep -h 'weights\|quantized' "$OUT/qlora-$q.log" | head -2 | tr '\n' ' ')"
     grep -h '"train_runtime"\|"train_tokens_per_second"' "$work/run-qlora-$q/all_results.json" 2>/dev/null | tr -d '\n'
-    echo " $(tail -1 "$work/run-qlora-$q/trainer_log.jsonl" | grep -o '"vram_allocated": [0-9.]*')"
-    echo "losses $(grep -o '"loss": [0-9.]*' "$work/run-qlora-$q/trainer_log.jsonl" | cut -d' ' -f2 | tr '\n' ' ')"
+    echo " $(tail -1 "$work/run-qlora-$q/trainer_log.jsonl" | grep -o '"vram_allocated":[0-9.]*')"
+    echo "losses $(grep -o '"loss":[0-9.]*' "$work/run-qlora-$q/trainer_log.jsonl" | cut -d: -f2 | tr '\n' ' ')"
   done 2>&1 | tee "$OUT/qlora.txt"
   # The QLoRA adapter on PEFT over the 16-bit base (greedy answers, token for token).
   timeout 120 python3 scripts/peft_qlora_check.py "$work/models/llama1b" "$work/run-qlora-4" --termtune "$tt" \
