@@ -106,7 +106,7 @@ if want tests; then
   step "GPU tests (integration gpu::, engine::lora_dropout, chat_worker::cuda, chat_smollm2::cuda)"
   filters="gpu:: engine::lora_dropout chat_worker::cuda"
   [ -n "${TERMTUNE_CACHE:-}" ] && filters="$filters chat_smollm2::cuda"
-  timeout 200 "$work/integration" $filters --test-threads=1 --nocapture 2>&1 | tail -60 |
+  timeout 300 "$work/integration" $filters --test-threads=1 --nocapture 2>&1 | tail -60 |
     tee "$OUT/gpu-tests.txt"
 fi
 
