@@ -3,12 +3,14 @@
 
     pip install llama-cpp-python numpy     # builds llama.cpp for this CPU (a few minutes)
     python3 scripts/bench_decode.py MODEL.gguf [--termtune target/release/termtune] [--threads 2] [--reps 3]
+                                    [--prompt-repeat 1]
 
 Both get the same ChatML prompt (SmolLM2's template and system prompt by default; any ChatML model works), decode
 128 greedy tokens, and report prompt and decode tokens/s; the reps alternate the two programs so that a noisy
 machine slows both alike, and the last line is the ratio of the medians. llama.cpp keeps its model loaded between
 reps (its first rep warms up and is dropped); termtune starts afresh each rep, its timing line covering the prompt
-and the decode only. termtune's thread count is RAYON_NUM_THREADS (set here to --threads).
+and the decode only. termtune's thread count is RAYON_NUM_THREADS (set here to --threads). --prompt-repeat N puts
+the user's text N times into the prompt (a longer prefill; 4 gives about 330 tokens).
 """
 
 import argparse
@@ -47,13 +49,13 @@ def llama_cpp_run(llm, tokens, new_tokens):
     return len(tokens) / (t1 - t0), (new_tokens - 1) / (t2 - t1), out
 
 
-def termtune_run(binary, gguf, threads, new_tokens, workdir):
+def termtune_run(binary, gguf, threads, new_tokens, workdir, prompt):
     preset = os.path.join(workdir, "bench_decode.yaml")
     with open(preset, "w") as f:
         f.write(f"model_name_or_path: {gguf}\ntemplate: smollm2\n")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     r = subprocess.run(
-        [binary, "chat", preset, "--system", SYSTEM, "--prompt", PROMPT, "--temperature", "0",
+        [binary, "chat", preset, "--system", SYSTEM, "--prompt", prompt, "--temperature", "0",
          "--max-new-tokens", str(new_tokens)],
         capture_output=True, text=True, env=env, check=True,
     )
@@ -71,15 +73,18 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-repeat", type=int, default=1)
     a = ap.parse_args()
     try:
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python numpy")
 
-    text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{PROMPT}<|im_end|>\n"
+    prompt = "\n\n".join([PROMPT] * a.prompt_repeat)
+    text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
             "<|im_start|>assistant\n")
-    llm = Llama(model_path=a.gguf, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=1024, verbose=False)
+    n_ctx = 1024 if a.prompt_repeat == 1 else 4096
+    llm = Llama(model_path=a.gguf, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=n_ctx, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
     llama_cpp_run(llm, tokens, 8)  # warm-up
     lp, ld, tp, td = [], [], [], []
@@ -88,7 +93,7 @@ def main():
             p, d, out = llama_cpp_run(llm, tokens, a.new_tokens)
             lp.append(p)
             ld.append(d)
-            n, p2, d2, answer = termtune_run(a.termtune, a.gguf, a.threads, a.new_tokens, tmp)
+            n, p2, d2, answer = termtune_run(a.termtune, a.gguf, a.threads, a.new_tokens, tmp, prompt)
             tp.append(p2)
             td.append(d2)
             if n != len(tokens):

@@ -110,29 +110,50 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
     assert!(max_abs_diff(dx, &want) < 1e-4);
 }
 
-/// Under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8 bits (llama.cpp's kernels, termtune's own for
-/// Q4_1 and Q8_0 here); from that many rows on (training steps, long prompts) it is the exact product with W
-/// dequantized, tracked or not, for Q4_1, Q8_0 and a K-quant.
+/// Training's rule (`ops::quantized_linear`): under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8
+/// bits (llama.cpp's kernels, termtune's own for Q4_1 and Q8_0 here); from that many rows on (training steps) it is
+/// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0 and a K-quant. Inference's rule
+/// (`ops::quantized_linear_for_inference`, the KV-cached forward): an untracked x times a Q4_1 or Q8_0 weight runs
+/// the integer kernels for any number of rows (a prompt's too: each row's product is the one it has alone, up to
+/// the order of the float additions), anything else follows training's rule.
 #[test]
-fn many_rows_multiply_by_the_dequantized_weight_and_few_rows_by_the_quantized_kernels() {
+fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_the_integer_kernels()
+{
     let n = ops::QUANTIZED_DENSE_MIN_ROWS;
     for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
         let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
         let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
         let wd = q.dequantize(&CPU).unwrap();
+        let integer_inference = matches!(ty, GgmlDType::Q4_1 | GgmlDType::Q8_0);
         for rows in [1, 7, n - 1, n, 3 * n] {
             let x = Tensor::randn(0f32, 1.0, (rows, 512), &CPU).unwrap();
             let dense = x.matmul(&wd.t().unwrap()).unwrap();
             let tracked = candle_core::Var::from_tensor(&x).unwrap();
+            let exact = |y: &Tensor, what: &str, want: bool| {
+                let rel = max_abs_diff(y, &dense) / max_abs(&dense);
+                if want {
+                    assert!(rel < 1e-6, "{what} {ty:?} {rows} rows: {rel}");
+                } else {
+                    assert!(rel > 1e-5 && rel < 0.02, "{what} {ty:?} {rows} rows: {rel}");
+                }
+            };
             for y in [
                 ops::quantized_linear(&x, &q).unwrap(),
                 ops::quantized_linear(tracked.as_tensor(), &q).unwrap(),
+                ops::quantized_linear_for_inference(tracked.as_tensor(), &q).unwrap(),
             ] {
-                let rel = max_abs_diff(&y, &dense) / max_abs(&dense);
-                if rows >= n {
-                    assert!(rel < 1e-6, "{ty:?} {rows} rows: {rel}");
-                } else {
-                    assert!(rel > 1e-5 && rel < 0.02, "{ty:?} {rows} rows: {rel}");
+                exact(&y, "training", rows >= n);
+            }
+            let y = ops::quantized_linear_for_inference(&x, &q).unwrap();
+            exact(&y, "inference", rows >= n && !integer_inference);
+            if integer_inference {
+                // Row by row (one row: the decode kernels) gives the same products.
+                let scale = max_abs(&dense);
+                for r in [0, rows / 2, rows - 1] {
+                    let xr = x.narrow(0, r, 1).unwrap();
+                    let one = ops::quantized_linear_for_inference(&xr, &q).unwrap();
+                    let diff = max_abs_diff(&one, &y.narrow(0, r, 1).unwrap()) / scale;
+                    assert!(diff < 1e-5, "inference {ty:?} row {r} of {rows}: {diff}");
                 }
             }
         }

@@ -186,6 +186,10 @@ impl Linear {
         }
         let mut y = match &self.weight {
             Weight::Frozen(w) => ops::frozen_linear(&x, w)?,
+            // The KV-cached inference pass: the integer kernels for a prompt's rows too (llama.cpp's way).
+            Weight::Quantized(q) if kernels == Kernels::Inference => {
+                ops::quantized_linear_for_inference(&x, q)?
+            }
             Weight::Quantized(q) => ops::quantized_linear(&x, q)?,
             Weight::Bnb4(q) => ops::bnb4_linear(&x, q)?,
             Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight)?)?,

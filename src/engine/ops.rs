@@ -222,10 +222,12 @@ impl CustomOp1 for QuantizedLinear {
     }
 }
 
-/// From this many rows of x on, a product with a GGML-quantized weight multiplies by the weight dequantized for
-/// that one product (f32 matmul) instead of rounding the activations to 8 bits for the integer kernels: a training
-/// step's or a long prompt's rows make the dense matmul faster (a LoRA step over SmolLM2's Q4_1 file: 72.6 → 116
-/// tokens/s, `termtune train presets/quickstart.yaml model_name_or_path=FILE max_steps=8`), and exact. Fewer rows (decoding, short prompts) run the quantized kernels, as llama.cpp does.
+/// From this many rows of x on, a product with a GGML-quantized weight in training (and in any pass but the
+/// KV-cached inference one, see [`quantized_linear_for_inference`]) multiplies by the weight dequantized for that
+/// one product (f32 matmul) instead of rounding the activations to 8 bits for the integer kernels: a training
+/// step's rows make the dense matmul faster (a LoRA step over SmolLM2's Q4_1 file: 72.6 → 116 tokens/s, `termtune
+/// train presets/quickstart.yaml model_name_or_path=FILE max_steps=8`), and exact. Fewer rows run the quantized
+/// kernels, as llama.cpp does.
 pub const QUANTIZED_DENSE_MIN_ROWS: usize = 64;
 
 /// `x · Wᵀ` for x of any rank ≥ 2 and a quantized W (out, in). Under [`QUANTIZED_DENSE_MIN_ROWS`] rows:
@@ -234,11 +236,41 @@ pub const QUANTIZED_DENSE_MIN_ROWS: usize = 64;
 /// types on a GPU) go through f32 and come back in their own dtype. From that many rows on: [`frozen_linear`] with
 /// W dequantized for the product (in x's dtype) and dropped.
 pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    quantized_linear_rows(x, w, QUANTIZED_DENSE_MIN_ROWS)
+}
+
+/// [`quantized_linear`] for inference (the KV-cached forward of chat and generation): on the CPU, a `Q4_1`,
+/// `Q5_0` or `Q8_0` weight and an untracked x run [`q4_1`]'s integer kernels for any number of rows, as llama.cpp
+/// does (its prompt tiles: [`q4_1::matmul_t`]), instead of dequantizing every weight for a prompt of 64 tokens or
+/// more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
+/// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
+/// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].
+pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let integer = x.device().is_cpu()
+        && matches!(
+            w.dtype(),
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0
+        )
+        && !x.track_op();
+    let dense_min_rows = if integer {
+        usize::MAX
+    } else {
+        QUANTIZED_DENSE_MIN_ROWS
+    };
+    quantized_linear_rows(x, w, dense_min_rows)
+}
+
+/// [`quantized_linear`] with the dense product from `dense_min_rows` rows of x on.
+fn quantized_linear_rows(
+    x: &Tensor,
+    w: &Arc<QTensor>,
+    dense_min_rows: usize,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let Some((&k, rest)) = dims.split_last() else {
         candle_core::bail!("quantized-linear: scalar input")
     };
-    if rest.iter().product::<usize>() >= QUANTIZED_DENSE_MIN_ROWS {
+    if rest.iter().product::<usize>() >= dense_min_rows {
         let dense = w.dequantize(x.device())?.to_dtype(x.dtype())?;
         return frozen_linear(x, &dense);
     }
