@@ -381,11 +381,17 @@ impl Kernels {
         // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
         let n_rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, n_rep * t, hd))?;
-        let k = if k.device().is_cpu() {
-            k.clone()
-        } else {
-            k.contiguous()?
+        // On the CPU, K and V may be views of a KV cache's buffer (each head's rows contiguous, heads the cache's
+        // room apart): candle's CPU matmul reads them in place. Elsewhere they are copied, as before the cache kept
+        // its room (candle's CUDA matmul over such views is not yet checked on a GPU).
+        let kv_operand = |z: &Tensor| -> Result<Tensor> {
+            Ok(if z.device().is_cpu() {
+                z.clone()
+            } else {
+                z.contiguous()?
+            })
         };
+        let k = kv_operand(k)?;
         let mut att = (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * scale)?.to_dtype(cdt)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(&bias.to_dtype(cdt)?)?;
@@ -395,14 +401,7 @@ impl Kernels {
         } else {
             ops::softmax_pure(&att)?
         };
-        // On the CPU, K and V may be views of a KV cache's buffer (each head's rows contiguous, heads `room` rows
-        // apart): candle's CPU matmul reads them in place. Elsewhere they are copied, as before the cache kept
-        // its room (candle's CUDA matmul over such views is not yet checked on a GPU).
-        let v = if v.device().is_cpu() {
-            v.clone()
-        } else {
-            v.contiguous()?
-        };
+        let v = kv_operand(v)?;
         Ok(att
             .to_dtype(dtype)?
             .reshape((b, nkv, n_rep * t, s))?

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
@@ -174,11 +174,8 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let format = match self.w.dtype() {
-            GgmlDType::Q4_1 => q4_1::Format::Q4_1,
-            GgmlDType::Q5_0 => q4_1::Format::Q5_0,
-            GgmlDType::Q8_0 => q4_1::Format::Q8_0,
-            _ => return self.w.cpu_fwd(s, l),
+        let Some(format) = q4_1::Format::of(self.w.dtype()) else {
+            return self.w.cpu_fwd(s, l);
         };
         // candle's Q4_1 and Q5_0 products are scalar loops and its Q8_0 product is slower than llama.cpp's:
         // llama.cpp's SIMD kernels instead (`q4_1`).
@@ -246,12 +243,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
 /// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].
 pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
-    let integer = x.device().is_cpu()
-        && matches!(
-            w.dtype(),
-            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0
-        )
-        && !x.track_op();
+    let integer = x.device().is_cpu() && q4_1::Format::of(w.dtype()).is_some() && !x.track_op();
     let dense_min_rows = if integer {
         usize::MAX
     } else {
@@ -275,12 +267,7 @@ fn quantized_linear_rows(
         return frozen_linear(x, &dense);
     }
     let native = match x.device() {
-        candle_core::Device::Cpu
-            if !matches!(
-                w.dtype(),
-                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0
-            ) =>
-        {
+        candle_core::Device::Cpu if q4_1::Format::of(w.dtype()).is_none() => {
             matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         }
         _ => x.dtype() == DType::F32,

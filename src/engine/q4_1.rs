@@ -52,6 +52,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format of a GGML block type these kernels multiply (`None`: candle's own kernels).
+    pub fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType;
+        match dtype {
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_1 => Q4_1_BYTES,
@@ -967,53 +978,26 @@ pub fn matmul_t(
         // Tiles of 8 rows of x while 8 are left, then 4, 2, 1.
         for rows in [8, 4, 2, 1] {
             while rows <= max_rows && r0 + rows <= m {
-                let (w, o) = (&weights, out);
+                // One instantiation per tile shape (the shapes are const generics).
+                macro_rules! rows_of {
+                    ($rm:expr, $rn:literal, $tile:ident) => {
+                        tile_rows::<$rm, $rn>(
+                            |w, x| kernel.$tile(format, w, x),
+                            &acts,
+                            r0,
+                            &weights,
+                            c0,
+                            n,
+                            out,
+                        )
+                    };
+                }
                 match rows {
-                    8 if kernel.sums_blocks(format) => tile_rows::<TILE8_W, 8>(
-                        |w, x| kernel.tile8(format, w, x),
-                        &acts,
-                        r0,
-                        w,
-                        c0,
-                        n,
-                        o,
-                    ),
-                    8 => tile_rows::<TILE_W, 8>(
-                        |w, x| kernel.tile(format, w, x),
-                        &acts,
-                        r0,
-                        w,
-                        c0,
-                        n,
-                        o,
-                    ),
-                    4 => tile_rows::<TILE_W, 4>(
-                        |w, x| kernel.tile(format, w, x),
-                        &acts,
-                        r0,
-                        w,
-                        c0,
-                        n,
-                        o,
-                    ),
-                    2 => tile_rows::<TILE_W, 2>(
-                        |w, x| kernel.tile(format, w, x),
-                        &acts,
-                        r0,
-                        w,
-                        c0,
-                        n,
-                        o,
-                    ),
-                    _ => tile_rows::<TILE_W, 1>(
-                        |w, x| kernel.tile(format, w, x),
-                        &acts,
-                        r0,
-                        w,
-                        c0,
-                        n,
-                        o,
-                    ),
+                    8 if kernel.sums_blocks(format) => rows_of!(TILE8_W, 8, tile8),
+                    8 => rows_of!(TILE_W, 8, tile),
+                    4 => rows_of!(TILE_W, 4, tile),
+                    2 => rows_of!(TILE_W, 2, tile),
+                    _ => rows_of!(TILE_W, 1, tile),
                 }
                 r0 += rows;
             }
