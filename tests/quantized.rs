@@ -22,9 +22,13 @@ use crate::tiny_util::{max_abs, max_abs_diff};
 
 const CPU: Device = Device::Cpu;
 
-pub const TYPES: [GgmlDType; 6] = [
+/// The GGML block types a GGUF base keeps quantized in these tests: the K-quants, and the legacy 32-wide blocks
+/// (Q5_0 and Q5_1 are what llama.cpp's K-quant files hold for rows not a multiple of 256 wide).
+pub const TYPES: [GgmlDType; 8] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,

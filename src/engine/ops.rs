@@ -177,7 +177,7 @@ impl CustomOp1 for QuantizedLinear {
         let Some(format) = q4_1::Format::of(self.w.dtype()) else {
             return self.w.cpu_fwd(s, l);
         };
-        // candle's Q4_1 and Q5_0 products are scalar loops and its Q8_0 product is slower than llama.cpp's:
+        // candle's Q4_1, Q5_0 and Q5_1 products are scalar loops and its Q8_0 product is slower than llama.cpp's:
         // llama.cpp's SIMD kernels instead (`q4_1`).
         let (n, k) = self.w.shape().dims2()?;
         let (m, kx) = l.shape().dims2()?;
@@ -237,7 +237,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
 }
 
 /// [`quantized_linear`] for inference (the KV-cached forward of chat and generation): on the CPU, a `Q4_1`,
-/// `Q5_0` or `Q8_0` weight and an untracked x run [`q4_1`]'s integer kernels for any number of rows, as llama.cpp
+/// `Q5_0`, `Q5_1` or `Q8_0` weight and an untracked x run [`q4_1`]'s integer kernels for any number of rows, as llama.cpp
 /// does (its prompt tiles: [`q4_1::matmul_t`]), instead of dequantizing every weight for a prompt of 64 tokens or
 /// more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →

@@ -1,14 +1,15 @@
-//! `x · Wᵀ` on the CPU for a GGML `Q4_1`, `Q5_0` or `Q8_0` weight, the way llama.cpp computes it: the activations
-//! are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 also the f16 `s = d·Σq` that folds in the
-//! weight's minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide block of the dot
-//! product is an integer sum scaled by both blocks' scales. candle 0.11 has scalar loops for Q4_1 and Q5_0 (4–5×
-//! slower than llama.cpp on SmolLM2's Q4_1 file); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
+//! `x · Wᵀ` on the CPU for a GGML `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` weight, the way llama.cpp computes it: the
+//! activations are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 and Q5_1 also the f16 `s = d·Σq`
+//! that folds in the weight's minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide
+//! block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has scalar loops for Q4_1,
+//! Q5_0 and Q5_1 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file; Q5_1 is what a q5_k_m file holds for the
+//! tensors whose width is not a multiple of 256, most of Qwen2.5-0.5B's at 896); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
 //! and SmolLM2's are 576 wide but for `down_proj`: the others, the tied lm_head too, run its one-row AVX2 loop (one
 //! chain of FMAs, an out-of-line f16 conversion per block, candle's own rounding of x), 61 tokens/s decoding the
 //! Q8_0 file on one thread against 104 here (two threads, `scripts/bench_decode.py`: 0.71× llama.cpp's decode
 //! speed before, 1.04× here). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
 //! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has
-//! it, and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
+//! it (`ggml_vec_dot_q5_1_q8_1` is Q4_1's with the fifth bits), and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
 //! `quantize_row_q8_0` (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is
 //! llama.cpp's up to the order of the float additions.
 //!
@@ -39,6 +40,9 @@ pub const Q4_1_BYTES: usize = 20;
 pub const Q5_0_BYTES: usize = 22;
 /// Bytes of one `Q8_0` block: f16 scale `d`, 32 int8 `q` in value order; a weight is `d·q`.
 pub const Q8_0_BYTES: usize = 34;
+/// Bytes of one `Q5_1` block: f16 scale `d`, f16 minimum `m`, 4 bytes of fifth bits, 16 bytes of nibbles (as
+/// Q5_0's); a weight is `d·q + m`.
+pub const Q5_1_BYTES: usize = 24;
 
 /// The GGML block types multiplied here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +53,8 @@ pub enum Format {
     Q5_0,
     /// Activations as `Q8_0` (llama.cpp's `ggml_vec_dot_q8_0_q8_0`).
     Q8_0,
+    /// Activations as `Q8_1` (llama.cpp's `ggml_vec_dot_q5_1_q8_1`): Q4_1's formula with a fifth bit.
+    Q5_1,
 }
 
 impl Format {
@@ -59,6 +65,7 @@ impl Format {
             GgmlDType::Q4_1 => Some(Self::Q4_1),
             GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             _ => None,
         }
     }
@@ -68,7 +75,13 @@ impl Format {
             Self::Q4_1 => Q4_1_BYTES,
             Self::Q5_0 => Q5_0_BYTES,
             Self::Q8_0 => Q8_0_BYTES,
+            Self::Q5_1 => Q5_1_BYTES,
         }
+    }
+
+    /// Whether a weight is `d·q + m` (a minimum per block, folded in with the activations' `s`).
+    fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 }
 
@@ -126,6 +139,7 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
         Format::Q4_1 => dot_scalar_q4_1(w, y),
         Format::Q5_0 => dot_scalar_q5_0(w, y),
         Format::Q8_0 => dot_scalar_q8_0(w, y),
+        Format::Q5_1 => dot_scalar_q5_1(w, y),
     }
 }
 
@@ -160,6 +174,23 @@ fn dot_scalar_q5_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
     sum
 }
 
+/// One dot product of a `Q5_1` row (`blocks` × [`Q5_1_BYTES`]) with a `Q8_1` row, the scalar formula.
+fn dot_scalar_q5_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q5_1_BYTES).zip(y) {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let mut si = 0i32;
+        for j in 0..QK / 2 {
+            let q = b[8 + j];
+            let lo = i32::from(q & 0x0f) | (((qh >> j) & 1) << 4) as i32;
+            let hi = i32::from(q >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
+            si += lo * i32::from(y.qs[j]) + hi * i32::from(y.qs[j + QK / 2]);
+        }
+        sum += si as f32 * f16_at(b, 0) * y.d + f16_at(b, 2) * y.s;
+    }
+    sum
+}
+
 /// One dot product of a `Q4_1` row (`blocks` × [`Q4_1_BYTES`]) with a `Q8_1` row, the scalar formula.
 fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
@@ -180,7 +211,9 @@ fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{ActTile, BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK, WeightTile};
+    use super::{
+        ActTile, BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK, WeightTile,
+    };
     use std::arch::x86_64::*;
 
     /// The 32 nibbles of a block's 16 bytes as bytes 0..15: low nibbles first, then high nibbles.
@@ -207,12 +240,13 @@ mod x86 {
     /// greedy answer on SmolLM2's Q4_1 file is `tests/chat_smollm2.rs`'s token for token; four chains, blocks i,
     /// i + 4, … into one accumulator, changed it and were no faster): SmolLM2's Q4_1 file decoded at 88–90
     /// tokens/s with four rows side by side (the previous prompt kernel, since replaced by `tile!`), 117–127 with this (two threads, `scripts/bench_decode.py`: 0.76–0.88× llama.cpp's
-    /// decode speed before, 1.14–1.18× here).
+    /// decode speed before, 1.14–1.18× here). Q5_1 (`ggml_vec_dot_q5_1_q8_1`) is the same with the fifth bits
+    /// or'ed into the nibbles (`$load`: a block's 32 unsigned q as bytes).
     macro_rules! dot_q4_1 {
-        ($name:ident, $features:literal, $prod:expr) => {
+        ($name:ident, $features:literal, $bytes:expr, $load:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-                let row = &w.as_chunks::<Q4_1_BYTES>().0[..y.len()];
+                let row = &w.as_chunks::<$bytes>().0[..y.len()];
                 let mut acc = _mm256_setzero_ps();
                 let mut mins = _mm_setzero_ps();
                 for (b, yb) in row.iter().zip(y) {
@@ -225,7 +259,7 @@ mod x86 {
                     mins = _mm_add_ps(mins, dm);
                     // SAFETY: `qs` is 32 bytes.
                     let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
-                    let p = $prod(nibbles(&b[4..]), qy);
+                    let p = $prod($load(b), qy);
                     let scale = _mm256_broadcastss_ps(dm);
                     acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
                 }
@@ -234,13 +268,32 @@ mod x86 {
         };
     }
 
-    dot_q4_1!(dot_q4_1_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(qx, qy),
-        _mm256_set1_epi16(1)
-    ));
+    dot_q4_1!(
+        dot_q4_1_avx2,
+        "avx2,fma,f16c",
+        Q4_1_BYTES,
+        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    );
     dot_q4_1!(
         dot_q4_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q4_1_BYTES,
+        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+    dot_q4_1!(
+        dot_q5_1_avx2,
+        "avx2,fma,f16c",
+        Q5_1_BYTES,
+        |b: &[u8; Q5_1_BYTES]| _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
+        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    );
+    dot_q4_1!(
+        dot_q5_1_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q5_1_BYTES,
+        |b: &[u8; Q5_1_BYTES]| _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
@@ -347,10 +400,10 @@ mod x86 {
     /// `RM·RN` dot products side by side, so that each weight block is unpacked once for `RN` rows of x and each
     /// activation block loaded once for `RM` weight rows (llamafile's tinyBLAS `tinyBLAS_Q0_AVX` tiles the same
     /// way). Per block and pair: the integer dot product by `$prod` (8 i32 lanes; `$load` prepares the weight
-    /// block, the activation block's `bias` is added to each lane), scaled by d·d' (`d` the weight scales as f32, d' the activations')
-    /// and accumulated in f32 lanes, one chain of FMAs per output in block order. Q4_1 (`$mins`) also sums m·s'
-    /// per block in block order and adds it after the lanes' sum: `dot_q4_1`'s operations, so each output is
-    /// bit for bit the decode kernel's (and llama.cpp's order of the float additions).
+    /// block, the activation block's `bias` is added to each lane), scaled by d·d' (`d` the weight scales as f32,
+    /// d' the activations') and accumulated in f32 lanes, one chain of FMAs per output in block order. Q4_1 and
+    /// Q5_1 (`$mins`) also sum m·s' per block in block order and add it after the lanes' sum: `dot_q4_1`'s
+    /// operations, so each output is bit for bit the decode kernel's (and llama.cpp's order of the float additions).
     macro_rules! tile {
         ($name:ident, $features:literal, $bytes:expr, $mins:expr, $load:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
@@ -436,6 +489,29 @@ mod x86 {
         Q4_1_BYTES,
         true,
         |b: &[u8; Q4_1_BYTES]| (nibbles(&b[4..]), _mm256_setzero_si256()),
+        |(qx, _), qy, _bias| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+    // Q5_1: Q4_1's tile with the fifth bits or'ed into the nibbles (q 0..31, still an unsigned byte).
+    tile!(
+        tile_q5_1_avx2,
+        "avx2,fma,f16c",
+        Q5_1_BYTES,
+        true,
+        |b: &[u8; Q5_1_BYTES]| (
+            _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
+            _mm256_setzero_si256()
+        ),
+        |(qx, _), qy, _bias| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    );
+    tile!(
+        tile_q5_1_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q5_1_BYTES,
+        true,
+        |b: &[u8; Q5_1_BYTES]| (
+            _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
+            _mm256_setzero_si256()
+        ),
         |(qx, _), qy, _bias| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
     // Q5_0: the unsigned q (0..31) times the activations; the offset of 16 is the bias, −2·Σq' in each of the 8
@@ -602,15 +678,15 @@ mod x86 {
     const _: () = assert!(QK == 32);
 }
 
-/// `RM` rows of a weight (raw blocks) with their f16 scales as f32 (`d` per block; `m`, Q4_1's minimum, per
-/// block, else empty): the weight side of a tile.
+/// `RM` rows of a weight (raw blocks) with their f16 scales as f32 (`d` per block; `m`, Q4_1's and Q5_1's
+/// minimum, per block, else empty): the weight side of a tile.
 pub struct WeightTile<'a, const RM: usize> {
     q: [&'a [u8]; RM],
     d: [&'a [f32]; RM],
     m: [&'a [f32]; RM],
 }
 
-/// `RN` rows of rounded activations: the other side of a tile. `s` (Q4_1) holds s' block-major: the row j's of
+/// `RN` rows of rounded activations: the other side of a tile. `s` (Q4_1, Q5_1) holds s' block-major: the row j's of
 /// block i at `s[i·stride + j]`, 8 readable from each, so a tile loads its rows' s' for one block as one vector;
 /// `d` (Q8_0, Q5_0) holds d' so.
 pub struct ActTile<'a, const RN: usize> {
@@ -624,7 +700,7 @@ pub struct ActTile<'a, const RN: usize> {
 struct Activations {
     blocks: Vec<BlockQ8_1>,
     kb: usize,
-    /// Q4_1: s' block-major (see [`ActTile`]), `stride` = m + 8 (zero-padded).
+    /// Q4_1 and Q5_1: s' block-major (see [`ActTile`]), `stride` = m + 8 (zero-padded).
     s: Vec<f32>,
     /// Q8_0 and Q5_0: d' block-major, as `s`.
     d: Vec<f32>,
@@ -669,7 +745,7 @@ impl Activations {
             v
         };
         let (mut s, mut d) = (Vec::new(), Vec::new());
-        if tiles && format == Format::Q4_1 {
+        if tiles && format.has_min() {
             s = block_major(|b| b.s);
         } else if tiles {
             d = block_major(|b| b.d);
@@ -811,6 +887,10 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q4_1) => unsafe { x86::tile_q4_1_vnni(w, x) },
             #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q5_1) => unsafe { x86::tile_q5_1_avx2(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q5_1) => unsafe { x86::tile_q5_1_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q5_0) => unsafe { x86::tile_q5_0_avx2(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::tile_q5_0_vnni(w, x) },
@@ -844,6 +924,10 @@ impl Kernel {
             (Self::Avx2, Format::Q4_1) => unsafe { x86::dot_q4_1_avx2(w, y) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q4_1) => unsafe { x86::dot_q4_1_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q5_1) => unsafe { x86::dot_q5_1_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q5_1) => unsafe { x86::dot_q5_1_vnni(w, y) },
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q5_0) => unsafe { x86::dot_q5_0_avx2(w, y) },
             #[cfg(target_arch = "x86_64")]
@@ -879,7 +963,7 @@ impl<'a> ItemWeights<'a> {
         for row in &rows {
             for b in row.chunks_exact(bytes) {
                 d.push(f16_at(b, 0));
-                if format == Format::Q4_1 {
+                if format.has_min() {
                     m.push(f16_at(b, 2));
                 }
             }
@@ -1009,6 +1093,7 @@ pub fn matmul_t(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Every kernel this CPU can run, the scalar formula first.
@@ -1234,6 +1319,74 @@ mod tests {
         }
     }
 
+    /// Q5_1 blocks as candle writes them (`QTensor::quantize`, the GGUF layout): every kernel this CPU has gives
+    /// the scalar formula's products for 1 to 9 rows of x, and the formula is the product of candle's dequantized
+    /// weights (d·q + m) with the rounded activations.
+    #[test]
+    fn q5_1_kernels_agree_with_candle_s_dequantized_weights() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(51);
+        let (n, k) = (21, 192);
+        let dense: Vec<f32> = (0..n * k)
+            .map(|i| rng.random_range(-0.05f32..0.08) + if i % 64 < 3 { 0.3 } else { 0.0 })
+            .collect();
+        let t = candle_core::Tensor::from_vec(dense, (n, k), &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q5_1).unwrap();
+        let w = q.data().unwrap().into_owned();
+        assert_eq!(w.len(), n * k / QK * Q5_1_BYTES);
+        let wd: Vec<f32> = q
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for m in [1, 2, 5, 9] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 10.0 } else { 1.0 })
+                .collect();
+            let mut want = vec![0f32; m * n];
+            matmul_t(Kernel::Scalar, Format::Q5_1, &x, m, k, &w, n, &mut want);
+            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for kernel in kernels() {
+                let mut got = vec![0f32; m * n];
+                matmul_t(kernel, Format::Q5_1, &x, m, k, &w, n, &mut got);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "{a} vs {b} (m = {m}, {kernel:?})"
+                    );
+                }
+            }
+            let zero = BlockQ8_1 {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; QK],
+                sum: 0,
+                bias: 0,
+            };
+            let mut yq = vec![zero; m * k / QK];
+            for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
+                quantize_row_q8_1(x, y);
+            }
+            for (r, y) in yq.chunks_exact(k / QK).enumerate() {
+                for c in 0..n {
+                    let mut e = 0f64;
+                    for (bi, y) in y.iter().enumerate() {
+                        for j in 0..QK {
+                            let wv = f64::from(wd[c * k + bi * QK + j]);
+                            e += wv * f64::from(y.qs[j]) * f64::from(y.d);
+                        }
+                    }
+                    // s = d·Σq is rounded to f16: the minimum's term is within an f16 ulp of the exact one.
+                    let got = f64::from(want[r * n + c]);
+                    assert!((got - e).abs() < 2e-3 * f64::from(scale), "{got} vs {e}");
+                }
+            }
+        }
+    }
+
     /// Random rows of a `format` weight (n, k): scales of both signs, every byte value.
     fn random_weight(rng: &mut rand::rngs::StdRng, format: Format, n: usize, k: usize) -> Vec<u8> {
         use rand::Rng;
@@ -1241,7 +1394,7 @@ mod tests {
         for _ in 0..n * k / QK {
             w.extend(f16::from_f32(rng.random_range(-0.03f32..0.03)).to_le_bytes());
             let rest = format.block_bytes() - 2;
-            if format == Format::Q4_1 {
+            if format.has_min() {
                 w.extend(f16::from_f32(rng.random_range(-0.2f32..0.2)).to_le_bytes());
                 w.extend((0..rest - 2).map(|_| rng.random::<u8>()));
             } else {
@@ -1253,13 +1406,13 @@ mod tests {
 
     /// The prompt tiles (every shape: 8, 4, 2 and 1 rows of x, and a weight row count that is odd and not a
     /// multiple of the work item's 16, so the tiles' ragged edges run) give the scalar formula's products for
-    /// every format and kernel, for 2 to 20 rows of x; Q4_1's are bit for bit the one-row decode kernel's (its
-    /// order of the float additions, llama.cpp's).
+    /// every format and kernel, for 2 to 20 rows of x; Q4_1's and Q5_1's are bit for bit the one-row decode
+    /// kernel's (its order of the float additions, llama.cpp's).
     #[test]
     fn prompt_tiles_agree_with_the_scalar_formula_for_every_shape() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(41);
-        for format in [Format::Q4_1, Format::Q5_0, Format::Q8_0] {
+        for format in [Format::Q4_1, Format::Q5_0, Format::Q8_0, Format::Q5_1] {
             for (n, k) in [(37, 96), (19, 576)] {
                 let w = random_weight(&mut rng, format, n, k);
                 for m in (2..=20).chain([31]) {
@@ -1280,7 +1433,7 @@ mod tests {
                                 i % n
                             );
                         }
-                        if format != Format::Q4_1 {
+                        if !format.has_min() {
                             continue;
                         }
                         for (r, x) in x.chunks_exact(k).enumerate() {
