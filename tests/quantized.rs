@@ -116,19 +116,25 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
 
 /// Training's rule (`ops::quantized_linear`): under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8
 /// bits (llama.cpp's kernels, termtune's own for Q4_1 and Q8_0 here); from that many rows on (training steps) it is
-/// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0 and a K-quant. Inference's rule
-/// (`ops::quantized_linear_for_inference`, the KV-cached forward): an untracked x times a Q4_1 or Q8_0 weight runs
-/// the integer kernels for any number of rows (a prompt's too: each row's product is the one it has alone, up to
-/// the order of the float additions), anything else follows training's rule.
+/// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0, Q4_K and Q4_0. Inference's rule
+/// (`ops::quantized_linear_for_inference`, the KV-cached forward): an untracked x times a weight of a type with
+/// termtune's own kernels (Q4_1, Q8_0, Q4_K, …; not Q4_0, which is candle's) runs the integer kernels for any
+/// number of rows (a prompt's too: each row's product is the one it has alone, up to the order of the float
+/// additions), anything else follows training's rule.
 #[test]
 fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_the_integer_kernels()
 {
     let n = ops::QUANTIZED_DENSE_MIN_ROWS;
-    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+    for ty in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q4_0,
+    ] {
         let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
         let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
         let wd = q.dequantize(&CPU).unwrap();
-        let integer_inference = matches!(ty, GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        let integer_inference = ty != GgmlDType::Q4_0;
         for rows in [1, 7, n - 1, n, 3 * n] {
             let x = Tensor::randn(0f32, 1.0, (rows, 512), &CPU).unwrap();
             let dense = x.matmul(&wd.t().unwrap()).unwrap();

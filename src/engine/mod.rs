@@ -16,6 +16,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kquants;
 pub mod layer;
 pub mod memory;
 pub mod mirror;

@@ -12,7 +12,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
-use super::q4_1;
+use super::{kquants, q4_1};
 
 pub mod fused;
 pub mod generic;
@@ -160,6 +160,40 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// The llama.cpp kernels ported here for a GGML block type on the CPU (`None`: candle's own). candle's Q4_1, Q5_0
+/// and Q5_1 products are scalar loops, its Q8_0 product is slower than llama.cpp's, and its K-quant products run
+/// a row at a time on rayon's pool: [`q4_1`] and [`kquants`] instead.
+#[derive(Clone, Copy)]
+enum CpuKernels {
+    Legacy(q4_1::Format),
+    K(kquants::Format),
+}
+
+impl CpuKernels {
+    fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        q4_1::Format::of(dtype)
+            .map(Self::Legacy)
+            .or_else(|| kquants::Format::of(dtype).map(Self::K))
+    }
+
+    /// Values per block: k must be a multiple of it.
+    fn block(self) -> usize {
+        match self {
+            Self::Legacy(_) => q4_1::QK,
+            Self::K(_) => kquants::QK_K,
+        }
+    }
+
+    /// `dst (m × n) = x (m × k) · Wᵀ`, `w` the raw blocks of W (n, k).
+    fn matmul_t(self, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, dst: &mut [f32]) {
+        let kernel = q4_1::Kernel::detect();
+        match self {
+            Self::Legacy(f) => q4_1::matmul_t(kernel, f, x, m, k, w, n, dst),
+            Self::K(f) => kquants::matmul_t(kernel, f, x, m, k, w, n, dst),
+        }
+    }
+}
+
 /// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is candle's quantized matmul
 /// (the same kernels as [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W` with W
 /// dequantized for that one product and dropped (candle has no transposed quantized matmul).
@@ -174,14 +208,12 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(format) = q4_1::Format::of(self.w.dtype()) else {
+        let Some(kernels) = CpuKernels::of(self.w.dtype()) else {
             return self.w.cpu_fwd(s, l);
         };
-        // candle's Q4_1, Q5_0 and Q5_1 products are scalar loops and its Q8_0 product is slower than llama.cpp's:
-        // llama.cpp's SIMD kernels instead (`q4_1`).
         let (n, k) = self.w.shape().dims2()?;
         let (m, kx) = l.shape().dims2()?;
-        if kx != k || !k.is_multiple_of(q4_1::QK) {
+        if kx != k || !k.is_multiple_of(kernels.block()) {
             return self.w.cpu_fwd(s, l);
         }
         let (CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) else {
@@ -189,16 +221,7 @@ impl CustomOp1 for QuantizedLinear {
         };
         let w = self.w.data()?;
         let mut out = vec![0f32; m * n];
-        q4_1::matmul_t(
-            q4_1::Kernel::detect(),
-            format,
-            &x[a..b],
-            m,
-            k,
-            &w,
-            n,
-            &mut out,
-        );
+        kernels.matmul_t(&x[a..b], m, k, &w, n, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -243,7 +266,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
 /// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].
 pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
-    let integer = x.device().is_cpu() && q4_1::Format::of(w.dtype()).is_some() && !x.track_op();
+    let integer = x.device().is_cpu() && CpuKernels::of(w.dtype()).is_some() && !x.track_op();
     let dense_min_rows = if integer {
         usize::MAX
     } else {
@@ -267,7 +290,7 @@ fn quantized_linear_rows(
         return frozen_linear(x, &dense);
     }
     let native = match x.device() {
-        candle_core::Device::Cpu if q4_1::Format::of(w.dtype()).is_none() => {
+        candle_core::Device::Cpu if CpuKernels::of(w.dtype()).is_none() => {
             matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         }
         _ => x.dtype() == DType::F32,

@@ -718,21 +718,7 @@ impl Activations {
             bias: 0,
         };
         let mut blocks = vec![zero; m * kb];
-        if m < 8 {
-            for (y, x) in blocks.chunks_exact_mut(kb).zip(x.chunks_exact(k)) {
-                quantize_row_q8_1(x, y);
-            }
-        } else {
-            // A prompt's rows on the pool's threads too (one thread would round them while the others wait).
-            let rows: Vec<Mutex<&mut [BlockQ8_1]>> =
-                blocks.chunks_exact_mut(kb).map(Mutex::new).collect();
-            candle_core::utils::barrier_pool().execute_chunked(m, |range| {
-                for r in range {
-                    let mut y = rows[r].lock().unwrap_or_else(PoisonError::into_inner);
-                    quantize_row_q8_1(&x[r * k..(r + 1) * k], &mut y);
-                }
-            });
-        }
+        round_rows(x, k, &mut blocks, kb, quantize_row_q8_1);
         let tiles = m > 1 && kernel != Kernel::Scalar;
         let stride = m + 8;
         let block_major = |f: fn(&BlockQ8_1) -> f32| {
@@ -785,6 +771,53 @@ impl Activations {
             stride: self.stride,
         }
     }
+}
+
+/// Rounds the `x.len() / k` rows of x (each `k` wide) into `kb` blocks each of `out` with `round`: a prompt's rows
+/// (8 or more) on the pool's threads (one thread would round them while the others wait).
+pub(crate) fn round_rows<B: Send>(
+    x: &[f32],
+    k: usize,
+    out: &mut [B],
+    kb: usize,
+    round: fn(&[f32], &mut [B]),
+) {
+    let m = x.len() / k;
+    if m < 8 {
+        for (y, x) in out.chunks_exact_mut(kb).zip(x.chunks_exact(k)) {
+            round(x, y);
+        }
+        return;
+    }
+    let rows: Vec<Mutex<&mut [B]>> = out.chunks_exact_mut(kb).map(Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(m, |range| {
+        for r in range {
+            let mut y = rows[r].lock().unwrap_or_else(PoisonError::into_inner);
+            round(&x[r * k..(r + 1) * k], &mut y);
+        }
+    });
+}
+
+/// Runs `item(c0, cols, out)` for each group of [`COLS_PER_ITEM`] output columns (`c0..c0 + cols`) of the
+/// `m × n` product `dst`, on candle's spinning thread pool (the one its own quantized products use: a decode step
+/// makes hundreds of small products, and a second pool, rayon's, would wake and park threads for each and fight
+/// it for the cores). Each output element is written by exactly one item, straight into `dst` through `out`
+/// (relaxed atomic stores, plain stores on x86).
+pub(crate) fn for_each_column_group(
+    n: usize,
+    dst: &mut [f32],
+    item: impl Fn(usize, usize, &[AtomicU32]) + Sync,
+) {
+    // SAFETY: `AtomicU32` has the size and alignment of `u32`, so of `f32`; `dst` is borrowed mutably for the
+    // whole view, so nothing else reads or writes it meanwhile; the atomics make the shared writes sound.
+    #[allow(unsafe_code)]
+    let out: &[AtomicU32] = unsafe { &*(std::ptr::from_mut::<[f32]>(dst) as *const [AtomicU32]) };
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(COLS_PER_ITEM), |range| {
+        for g in range {
+            let c0 = g * COLS_PER_ITEM;
+            item(c0, COLS_PER_ITEM.min(n - c0), out);
+        }
+    });
 }
 
 /// Which dot-product kernel this CPU runs.
@@ -1009,9 +1042,7 @@ fn tile_rows<const RM: usize, const RN: usize>(
 
 /// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `format` tensor of shape (n, k), `k` a multiple of
 /// [`QK`]. The activations are rounded once. The work items are groups of output columns (each weight row is read
-/// once for all m rows of x), run on candle's spinning thread pool, the one its own quantized products use: a
-/// decode step makes hundreds of these small products, and a second pool (rayon's) would wake and park threads
-/// for each and fight it for the cores. One row of x (decoding) runs the one-row kernels; more (a prompt) run
+/// once for all m rows of x, [`for_each_column_group`]). One row of x (decoding) runs the one-row kernels; more (a prompt) run
 /// tiles of [`TILE_W`] weight rows ([`TILE8_W`] in `x86::tile8!`) × 8, then 4, 2, 1 rows of x (at most 4 with
 /// AVX2, which has half the registers).
 #[allow(clippy::too_many_arguments)]
@@ -1039,16 +1070,8 @@ pub fn matmul_t(
     }
     let acts = Activations::new(kernel, format, x, m, k);
     let wrow = |c: usize| &w[c * row_bytes..(c + 1) * row_bytes];
-    // Each output element is written by exactly one work item, straight into `dst` (no second buffer to copy):
-    // relaxed atomic stores, plain stores on x86.
-    // SAFETY: `AtomicU32` has the size and alignment of `u32`, so of `f32`; `dst` is borrowed mutably for the
-    // whole view, so nothing else reads or writes it meanwhile; the atomics make the shared writes sound.
-    #[allow(unsafe_code)]
-    let out: &[AtomicU32] = unsafe { &*(std::ptr::from_mut::<[f32]>(dst) as *const [AtomicU32]) };
     let max_rows = kernel.max_tile_rows();
-    let item = |g: usize| {
-        let c0 = g * COLS_PER_ITEM;
-        let cols = COLS_PER_ITEM.min(n - c0);
+    for_each_column_group(n, dst, |c0, cols, out| {
         if m == 1 {
             // Decode: one weight row after the other (see `x86::dot_q4_1` and `x86::dot_q8_0`).
             let y = acts.row(0);
@@ -1086,9 +1109,7 @@ pub fn matmul_t(
                 r0 += rows;
             }
         }
-    };
-    candle_core::utils::barrier_pool()
-        .execute_chunked(n.div_ceil(COLS_PER_ITEM), |range| range.for_each(item));
+    });
 }
 
 #[cfg(test)]
