@@ -61,19 +61,22 @@ impl Format {
     }
 }
 
-/// One block of activations rounded to 8 bits: `x ≈ d·q`, and the sums of each 16 q. 292 bytes.
+/// One block of activations rounded to 8 bits: `x ≈ d·q`, the sums of each 16 q (Q6_K's sub-blocks) and of each
+/// 32 (Q4_K's and Q5_K's, for their minima). 308 bytes.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct BlockQ8K {
     d: f32,
     qs: [i8; QK_K],
     bsums: [i16; QK_K / 16],
+    sums32: [i16; QK_K / 32],
 }
 
 const ZERO: BlockQ8K = BlockQ8K {
     d: 0.0,
     qs: [0; QK_K],
     bsums: [0; QK_K / 16],
+    sums32: [0; QK_K / 32],
 };
 
 /// Rounds one row of activations (length a multiple of [`QK_K`]) to `Q8_K` blocks, as llama.cpp's
@@ -113,6 +116,9 @@ fn quantize_row_q8k_impl(x: &[f32], out: &mut [BlockQ8K]) {
         for (s, q) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
             *s = q.iter().map(|&q| i16::from(q)).sum();
         }
+        for (s, b) in y.sums32.iter_mut().zip(y.bsums.chunks_exact(2)) {
+            *s = b[0] + b[1];
+        }
         y.d = 1.0 / iscale;
     }
 }
@@ -123,14 +129,15 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 
 /// The 8 sub-blocks' 6-bit scales and minima of a Q4_K / Q5_K block from its 12 packed bytes.
 fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, mn)
+    // Bytes 0..3: the low 6 bits of scales 0..3; 4..7: of minima 0..3; 8..11: the low 4 bits of scale 4 + j and
+    // (high nibble) of minimum 4 + j, whose top 2 bits are the top bits of bytes j and 4 + j. A word at a time.
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let sc_hi = (c & low4) | (((a >> 6) & top2) << 4);
+    let mn_hi = ((c >> 4) & low4) | (((b >> 6) & top2) << 4);
+    let join = |lo: u32, hi: u32| (u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes();
+    (join(a & low6, sc_hi), join(b & low6, mn_hi))
 }
 
 /// One dot product of a K-quant row with a row of rounded activations, the scalar formula.
@@ -258,7 +265,7 @@ mod x86 {
     /// sub-blocks into one integer vector; at the block's end `d·d'` times it into 8 f32 lanes, and the minima's
     /// integer sum `Σ m·(bsum + bsum)` (`hadd` then `madd`) times `dmin·d'` into a scalar.
     macro_rules! tile_q4k {
-        ($name:ident, $features:literal) => {
+        ($name:ident, $features:literal, $macc:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name<const FIFTH: bool, const RN: usize>(
                 w: &[u8],
@@ -273,10 +280,12 @@ mod x86 {
                 let m4 = _mm256_set1_epi8(0x0f);
                 let one = _mm256_set1_epi8(1);
                 let mut acc = [_mm256_setzero_ps(); RN];
-                let mut mins = [0f32; RN];
+                let mut mins = [_mm_setzero_ps(); RN];
                 for (i, b) in w.chunks_exact(bytes).enumerate() {
-                    let d = f16_at(b, 0);
-                    let dmin = f16_at(b, 2);
+                    // (d, dmin) in lanes 0 and 1.
+                    let dm = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+                    let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
                     let (sc, mn) = super::scales_mins(&b[4..16]);
                     let mn16 =
                         _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(mn).cast_signed()));
@@ -315,47 +324,44 @@ mod x86 {
                             let yq = &y[j][i].qs;
                             let pl = _mm256_maddubs_epi16(lo, load32_i8(&yq[64 * c..]));
                             let ph = _mm256_maddubs_epi16(hi, load32_i8(&yq[64 * c + 32..]));
-                            let p = _mm256_add_epi32(
-                                _mm256_madd_epi16(pl, sl),
-                                _mm256_madd_epi16(ph, sh),
-                            );
-                            sumi[j] = _mm256_add_epi32(sumi[j], p);
+                            sumi[j] = $macc($macc(sumi[j], pl, sl), ph, sh);
                         }
                     }
                     for j in 0..RN {
                         let yb = &y[j][i];
-                        let bs = bsums(yb);
-                        // Σ m·(bsum + bsum): the pairs' sums of the 16 sums are the 8 sub-blocks' sums of q'.
-                        let pairs = _mm_hadd_epi16(
-                            _mm256_castsi256_si128(bs),
-                            _mm256_extracti128_si256(bs, 1),
-                        );
-                        let pm = _mm_madd_epi16(mn16, pairs);
-                        let pm = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
-                        let pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 1));
-                        mins[j] = (dmin * yb.d).mul_add(_mm_cvtsi128_si32(pm) as f32, mins[j]);
+                        // Σ m·Σq' over the 8 sub-blocks, in 4 lanes.
+                        // SAFETY: `sums32` is 16 bytes.
+                        let s32 = unsafe { _mm_loadu_si128(yb.sums32.as_ptr().cast()) };
+                        let pm = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, s32));
+                        mins[j] = _mm_fmadd_ps(_mm_set1_ps(dmin * yb.d), pm, mins[j]);
                         let dd = _mm256_set1_ps(d * yb.d);
                         acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[j]), acc[j]);
                     }
                 }
                 let mut out = [0f32; RN];
                 for j in 0..RN {
-                    out[j] = hsum(acc[j]) - mins[j];
+                    let m = _mm_add_ps(mins[j], _mm_movehl_ps(mins[j], mins[j]));
+                    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                    out[j] = hsum(acc[j]) - _mm_cvtss_f32(m);
                 }
                 out
             }
         };
     }
 
-    tile_q4k!(tile_q4k_avx2, "avx2,fma,f16c");
-    tile_q4k!(tile_q4k_avx512, "avx2,fma,f16c,avx512f,avx512vl");
+    // The scale's multiply-add: `madd` and `add` (AVX2).
+    tile_q4k!(
+        tile_q4k_avx2,
+        "avx2,fma,f16c",
+        |acc, p, s| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+    );
 
     /// One Q6_K row against `RN` rows of Q8_K activations. Per 32 values, the 6-bit unsigned q (0..63, the low
     /// nibble or'ed with its 2 high bits) unpacked once; per row of x, q × q' summed in pairs (`maddubs`: at most
     /// 2·63·127), times the two 16-value sub-blocks' scales (low and high 128-bit halves) and summed to 8 i32. The
     /// offset of 32 comes off per block as 32·Σ sc·bsum (one `madd` of the 16 scales with the 16 sums).
     macro_rules! tile_q6k {
-        ($name:ident, $features:literal) => {
+        ($name:ident, $features:literal, $macc:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
                 let kb = w.len() / Q6_K_BYTES;
@@ -401,8 +407,7 @@ mod x86 {
                             );
                             for j in 0..RN {
                                 let yq = load32_i8(&y[j][i].qs[128 * h + 32 * g..]);
-                                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yq), scale);
-                                sumi[j] = _mm256_add_epi32(sumi[j], p);
+                                sumi[j] = $macc(sumi[j], _mm256_maddubs_epi16(*q, yq), scale);
                             }
                         }
                     }
@@ -426,8 +431,165 @@ mod x86 {
         };
     }
 
-    tile_q6k!(tile_q6k_avx2, "avx2,fma,f16c");
-    tile_q6k!(tile_q6k_avx512, "avx2,fma,f16c,avx512f,avx512vl");
+    tile_q6k!(
+        tile_q6k_avx2,
+        "avx2,fma,f16c",
+        |acc, p, s| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+    );
+
+    /// `tile_q4k!` with AVX-512 (BW, VNNI): a chunk's 64 values in one register, the 32 bytes of nibbles
+    /// broadcast to both halves and shifted by 0 (low half) or 4 (high half) per 16-bit lane, then masked; the two
+    /// sub-blocks' scales picked into the halves with one permute; per row of x, `maddubs` over 64 bytes and one
+    /// `vpdpwssd` (the scale's multiply-add). Half the instructions of the 256-bit kernel per block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn tile_q4k_vnni<const FIFTH: bool, const RN: usize>(
+        w: &[u8],
+        y: &[&[BlockQ8K]; RN],
+    ) -> [f32; RN] {
+        let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
+        let kb = w.len() / bytes;
+        assert!(w.len() == kb * bytes);
+        for yj in y {
+            assert!(yj.len() == kb);
+        }
+        let m4 = _mm512_set1_epi8(0x0f);
+        let one = _mm512_set1_epi8(1);
+        // Per 16-bit lane: 0 in the low half (lanes 0..15), 1 in the high half.
+        let halves = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1);
+        let nibble_shift = _mm512_slli_epi16(halves, 2);
+        let mut acc = [_mm512_setzero_ps(); RN];
+        let mut mins = [_mm_setzero_ps(); RN];
+        for (i, b) in w.chunks_exact(bytes).enumerate() {
+            let dm = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+            let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let (sc, mn) = super::scales_mins(&b[4..16]);
+            let sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
+                u64::from_le_bytes(sc).cast_signed(),
+            )));
+            let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(mn).cast_signed()));
+            let (qh, qs) = if FIFTH {
+                (&b[16..48], &b[48..])
+            } else {
+                (&b[..0], &b[16..])
+            };
+            let hbits = if FIFTH {
+                _mm512_broadcast_i64x4(load32(qh))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut sumi = [_mm512_setzero_si512(); RN];
+            // Sub-block 2c in the low half, 2c + 1 in the high half: the scales' index and the fifth bits' shift.
+            let mut sub = halves;
+            for c in 0..4 {
+                let bits = _mm512_broadcast_i64x4(load32(&qs[32 * c..]));
+                let mut q = _mm512_and_si512(_mm512_srlv_epi16(bits, nibble_shift), m4);
+                if FIFTH {
+                    let h = _mm512_and_si512(_mm512_srlv_epi16(hbits, sub), one);
+                    q = _mm512_or_si512(q, _mm512_slli_epi16(h, 4));
+                }
+                let scale = _mm512_permutexvar_epi16(sub, sc);
+                for j in 0..RN {
+                    let yq = &y[j][i].qs[64 * c..64 * c + 64];
+                    // SAFETY: 64 readable bytes (the slice above).
+                    let yq = unsafe { _mm512_loadu_si512(yq.as_ptr().cast()) };
+                    sumi[j] = _mm512_dpwssd_epi32(sumi[j], _mm512_maddubs_epi16(q, yq), scale);
+                }
+                sub = _mm512_add_epi16(sub, _mm512_set1_epi16(2));
+            }
+            for j in 0..RN {
+                let yb = &y[j][i];
+                // SAFETY: `sums32` is 16 bytes.
+                let s32 = unsafe { _mm_loadu_si128(yb.sums32.as_ptr().cast()) };
+                let pm = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, s32));
+                mins[j] = _mm_fmadd_ps(_mm_set1_ps(dmin * yb.d), pm, mins[j]);
+                let dd = _mm512_set1_ps(d * yb.d);
+                acc[j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(sumi[j]), acc[j]);
+            }
+        }
+        let mut out = [0f32; RN];
+        for j in 0..RN {
+            let m = _mm_add_ps(mins[j], _mm_movehl_ps(mins[j], mins[j]));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            out[j] = _mm512_reduce_add_ps(acc[j]) - _mm_cvtss_f32(m);
+        }
+        out
+    }
+
+    /// The 16-bit lanes' sub-block within 64 values of Q6_K: lane i holds values 2i and 2i + 1, of sub-block i / 8.
+    const Q6K_SUB: [i16; 32] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    ];
+
+    /// `tile_q6k!` with AVX-512 (BW, VNNI): 64 values (two groups of 32) in one register. The 64 bytes of low
+    /// nibbles of a half-block hold groups 0 and 1 (masked) and 2 and 3 (shifted by 4); the 32 bytes of high bit
+    /// pairs, broadcast to both halves, shift by 0 | 2 for groups 0 and 1 and 4 | 6 for 2 and 3; the four 16-value
+    /// sub-blocks' scales are picked with one permute.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn tile_q6k_vnni<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
+        let kb = w.len() / Q6_K_BYTES;
+        assert!(w.len() == kb * Q6_K_BYTES);
+        for yj in y {
+            assert!(yj.len() == kb);
+        }
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m2 = _mm512_set1_epi8(0x03);
+        let shift_01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+        let shift_23 = _mm512_add_epi16(shift_01, _mm512_set1_epi16(4));
+        // SAFETY: 32 i16.
+        let sub = unsafe { _mm512_loadu_si512(Q6K_SUB.as_ptr().cast()) };
+        let mut acc = [_mm256_setzero_ps(); RN];
+        for (i, b) in w.chunks_exact(Q6_K_BYTES).enumerate() {
+            let d = f16_at(b, 208);
+            // SAFETY: 16 readable bytes (a block's scales).
+            let sc16 =
+                _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) });
+            let sc = _mm512_castsi256_si512(sc16);
+            let mut sumi = [_mm512_setzero_si512(); RN];
+            for h in 0..2 {
+                // SAFETY: 64 readable bytes (the slice).
+                let ql = unsafe { _mm512_loadu_si512(b[64 * h..64 * h + 64].as_ptr().cast()) };
+                let qh = _mm512_broadcast_i64x4(load32(&b[128 + 32 * h..]));
+                let high = |s: __m512i| {
+                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, s), m2), 4)
+                };
+                let q = [
+                    _mm512_or_si512(_mm512_and_si512(ql, m4), high(shift_01)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                        high(shift_23),
+                    ),
+                ];
+                for (p, q) in q.iter().enumerate() {
+                    let first = _mm512_set1_epi16((8 * h + 4 * p) as i16);
+                    let scale = _mm512_permutexvar_epi16(_mm512_add_epi16(sub, first), sc);
+                    let at = 128 * h + 64 * p;
+                    for j in 0..RN {
+                        let yq = &y[j][i].qs[at..at + 64];
+                        // SAFETY: 64 readable bytes (the slice above).
+                        let yq = unsafe { _mm512_loadu_si512(yq.as_ptr().cast()) };
+                        sumi[j] = _mm512_dpwssd_epi32(sumi[j], _mm512_maddubs_epi16(*q, yq), scale);
+                    }
+                }
+            }
+            for j in 0..RN {
+                let yb = &y[j][i];
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums(yb)), 5);
+                let s = _mm256_add_epi32(
+                    _mm512_castsi512_si256(sumi[j]),
+                    _mm512_extracti64x4_epi64(sumi[j], 1),
+                );
+                let s = _mm256_sub_epi32(s, offset);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * yb.d), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+        let mut out = [0f32; RN];
+        for j in 0..RN {
+            out[j] = hsum(acc[j]);
+        }
+        out
+    }
 }
 
 /// One weight row of `format` against `RN` rows of rounded activations.
@@ -440,7 +602,7 @@ fn tile<const RN: usize>(
 ) -> [f32; RN] {
     match (kernel, format) {
         (Kernel::Scalar, _) => std::array::from_fn(|j| dot_scalar(format, w, y[j])),
-        // SAFETY: `Kernel::detect` saw the features these kernels are compiled for (VNNI implies AVX-512 F/VL).
+        // SAFETY: `Kernel::detect` saw the features these kernels are compiled for.
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx2, Format::Q4K) => unsafe { x86::tile_q4k_avx2::<false, RN>(w, y) },
         #[cfg(target_arch = "x86_64")]
@@ -448,11 +610,11 @@ fn tile<const RN: usize>(
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx2, Format::Q6K) => unsafe { x86::tile_q6k_avx2::<RN>(w, y) },
         #[cfg(target_arch = "x86_64")]
-        (Kernel::Vnni, Format::Q4K) => unsafe { x86::tile_q4k_avx512::<false, RN>(w, y) },
+        (Kernel::Vnni, Format::Q4K) => unsafe { x86::tile_q4k_vnni::<false, RN>(w, y) },
         #[cfg(target_arch = "x86_64")]
-        (Kernel::Vnni, Format::Q5K) => unsafe { x86::tile_q4k_avx512::<true, RN>(w, y) },
+        (Kernel::Vnni, Format::Q5K) => unsafe { x86::tile_q4k_vnni::<true, RN>(w, y) },
         #[cfg(target_arch = "x86_64")]
-        (Kernel::Vnni, Format::Q6K) => unsafe { x86::tile_q6k_avx512::<RN>(w, y) },
+        (Kernel::Vnni, Format::Q6K) => unsafe { x86::tile_q6k_vnni::<RN>(w, y) },
     }
 }
 
@@ -647,6 +809,9 @@ mod tests {
         quantize_row_q8k(&x[..QK_K].iter().map(|v| -v).collect::<Vec<_>>(), &mut z);
         assert_eq!((z[0].d, z[0].qs[7], z[0].qs[200]), (-1.0, -127, 30));
         for (s, q) in y[0].bsums.iter().zip(y[0].qs.chunks_exact(16)) {
+            assert_eq!(i32::from(*s), q.iter().map(|&q| i32::from(q)).sum::<i32>());
+        }
+        for (s, q) in y[0].sums32.iter().zip(y[0].qs.chunks_exact(32)) {
             assert_eq!(i32::from(*s), q.iter().map(|&q| i32::from(q)).sum::<i32>());
         }
         assert_eq!(y[1].d, 0.0);
