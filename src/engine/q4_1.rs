@@ -210,7 +210,7 @@ fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
 // `target_feature` functions only after `Kernel::detect` saw those features).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod x86 {
+pub(crate) mod x86 {
     use super::{
         ActTile, BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK, WeightTile,
     };
@@ -575,7 +575,7 @@ mod x86 {
     /// The 8 lanes' sums of 8 vectors, in one vector (lane j: the sum of `p[j]`'s lanes).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum8_epi32(p: [__m256i; 8]) -> __m256i {
+    pub fn hsum8_epi32(p: [__m256i; 8]) -> __m256i {
         let a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
         let b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
         // a: rows 0..3 of the low 128-bit halves, then of the high ones; b: rows 4..7.
