@@ -305,6 +305,28 @@ mod x86 {
         unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
     }
 
+    /// Checks that a weight row is whole `bytes`-byte blocks and each row of x as many blocks.
+    fn check_rows<const RN: usize>(w: &[u8], bytes: usize, y: &[&[BlockQ8K]; RN]) {
+        let kb = w.len() / bytes;
+        assert!(w.len() == kb * bytes && y.iter().all(|yj| yj.len() == kb));
+    }
+
+    /// A Q4_K / Q5_K block's header: `d` and `dmin` (one f16 conversion for both), the 8 scales and minima.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q4k_header(b: &[u8]) -> (f32, f32, [u8; 8], [u8; 8]) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            b[0], b[1], b[2], b[3],
+        ])));
+        let (sc, mn) = super::scales_mins(&b[4..16]);
+        (
+            _mm_cvtss_f32(dm),
+            _mm_cvtss_f32(_mm_movehdup_ps(dm)),
+            sc,
+            mn,
+        )
+    }
+
     /// The 16 sums of a Q8_K block as 16 i16.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -327,181 +349,134 @@ mod x86 {
     /// and the high 32 unsigned q; per row of x, unsigned q × signed q' summed in pairs to 16 i16 (`maddubs`: at
     /// most 2·31·127, no saturation), times the sub-block's scale and summed in pairs to 8 i32 (`madd`), all
     /// sub-blocks into one integer vector; at the block's end `d·d'` times it into 8 f32 lanes, and the minima's
-    /// integer sum `Σ m·(bsum + bsum)` (`hadd` then `madd`) times `dmin·d'` into a scalar.
-    macro_rules! tile_q4k {
-        ($name:ident, $features:literal, $macc:expr) => {
-            #[target_feature(enable = $features)]
-            pub fn $name<const FIFTH: bool, const RN: usize>(
-                w: &[u8],
-                y: &[&[BlockQ8K]; RN],
-            ) -> [f32; RN] {
-                let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
-                let kb = w.len() / bytes;
-                assert!(w.len() == kb * bytes);
-                for yj in y {
-                    assert!(yj.len() == kb);
+    /// integer sum `Σ m·Σq'` (the activations' sums of each 32, one `madd`) times `dmin·d'` into 4 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn tile_q4k_avx2<const FIFTH: bool, const RN: usize>(
+        w: &[u8],
+        y: &[&[BlockQ8K]; RN],
+    ) -> [f32; RN] {
+        let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
+        check_rows(w, bytes, y);
+        let m4 = _mm256_set1_epi8(0x0f);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = [_mm256_setzero_ps(); RN];
+        let mut mins = [_mm_setzero_ps(); RN];
+        for (i, b) in w.chunks_exact(bytes).enumerate() {
+            let (d, dmin, sc, mn) = q4k_header(b);
+            let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(mn).cast_signed()));
+            let (qh, qs) = if FIFTH {
+                (&b[16..48], &b[48..])
+            } else {
+                (&b[..0], &b[16..])
+            };
+            let hbits = if FIFTH {
+                load32(qh)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = [_mm256_setzero_si256(); RN];
+            for c in 0..4 {
+                let bits = load32(&qs[32 * c..]);
+                let mut lo = _mm256_and_si256(bits, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                if FIFTH {
+                    // Bit 2c of each byte to bit 4 of the low q, bit 2c + 1 to the high q's.
+                    let shift = _mm_cvtsi32_si128(2 * c as i32);
+                    let h = _mm256_srl_epi16(hbits, shift);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
+                    hi = _mm256_or_si256(
+                        hi,
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4),
+                    );
                 }
-                let m4 = _mm256_set1_epi8(0x0f);
-                let one = _mm256_set1_epi8(1);
-                let mut acc = [_mm256_setzero_ps(); RN];
-                let mut mins = [_mm_setzero_ps(); RN];
-                for (i, b) in w.chunks_exact(bytes).enumerate() {
-                    // (d, dmin) in lanes 0 and 1.
-                    let dm = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-                    let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-                    let (sc, mn) = super::scales_mins(&b[4..16]);
-                    let mn16 =
-                        _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(mn).cast_signed()));
-                    let (qh, qs) = if FIFTH {
-                        (&b[16..48], &b[48..])
-                    } else {
-                        (&b[..0], &b[16..])
-                    };
-                    let hbits = if FIFTH {
-                        load32(qh)
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    let mut sumi = [_mm256_setzero_si256(); RN];
-                    for c in 0..4 {
-                        let bits = load32(&qs[32 * c..]);
-                        let mut lo = _mm256_and_si256(bits, m4);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                        if FIFTH {
-                            // Bit 2c of each byte to bit 4 of the low q, bit 2c + 1 to the high q's.
-                            let shift = _mm_cvtsi32_si128(2 * c as i32);
-                            let h = _mm256_srl_epi16(hbits, shift);
-                            lo =
-                                _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
-                            hi = _mm256_or_si256(
-                                hi,
-                                _mm256_slli_epi16(
-                                    _mm256_and_si256(_mm256_srli_epi16(h, 1), one),
-                                    4,
-                                ),
-                            );
-                        }
-                        let sl = _mm256_set1_epi16(i16::from(sc[2 * c]));
-                        let sh = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
-                        for j in 0..RN {
-                            let yq = &y[j][i].qs;
-                            let pl = _mm256_maddubs_epi16(lo, load32_i8(&yq[64 * c..]));
-                            let ph = _mm256_maddubs_epi16(hi, load32_i8(&yq[64 * c + 32..]));
-                            sumi[j] = $macc($macc(sumi[j], pl, sl), ph, sh);
-                        }
-                    }
-                    for j in 0..RN {
-                        let yb = &y[j][i];
-                        // Σ m·Σq' over the 8 sub-blocks, in 4 lanes.
-                        // SAFETY: `sums32` is 16 bytes.
-                        let s32 = unsafe { _mm_loadu_si128(yb.sums32.as_ptr().cast()) };
-                        let pm = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, s32));
-                        mins[j] = _mm_fmadd_ps(_mm_set1_ps(dmin * yb.d), pm, mins[j]);
-                        let dd = _mm256_set1_ps(d * yb.d);
-                        acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[j]), acc[j]);
-                    }
-                }
-                let mut out = [0f32; RN];
+                let sl = _mm256_set1_epi16(i16::from(sc[2 * c]));
+                let sh = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
                 for j in 0..RN {
-                    let m = _mm_add_ps(mins[j], _mm_movehl_ps(mins[j], mins[j]));
-                    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                    out[j] = hsum(acc[j]) - _mm_cvtss_f32(m);
+                    let yq = &y[j][i].qs;
+                    let pl = _mm256_maddubs_epi16(lo, load32_i8(&yq[64 * c..]));
+                    let ph = _mm256_maddubs_epi16(hi, load32_i8(&yq[64 * c + 32..]));
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh));
+                    sumi[j] = _mm256_add_epi32(sumi[j], p);
                 }
-                out
             }
-        };
+            for j in 0..RN {
+                let yb = &y[j][i];
+                // Σ m·Σq' over the 8 sub-blocks, in 4 lanes.
+                // SAFETY: `sums32` is 16 bytes.
+                let s32 = unsafe { _mm_loadu_si128(yb.sums32.as_ptr().cast()) };
+                let pm = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, s32));
+                mins[j] = _mm_fmadd_ps(_mm_set1_ps(dmin * yb.d), pm, mins[j]);
+                let dd = _mm256_set1_ps(d * yb.d);
+                acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+            }
+        }
+        let mut out = [0f32; RN];
+        for j in 0..RN {
+            let m = _mm_add_ps(mins[j], _mm_movehl_ps(mins[j], mins[j]));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            out[j] = hsum(acc[j]) - _mm_cvtss_f32(m);
+        }
+        out
     }
-
-    // The scale's multiply-add: `madd` and `add` (AVX2).
-    tile_q4k!(
-        tile_q4k_avx2,
-        "avx2,fma,f16c",
-        |acc, p, s| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
-    );
 
     /// One Q6_K row against `RN` rows of Q8_K activations. Per 32 values, the 6-bit unsigned q (0..63, the low
     /// nibble or'ed with its 2 high bits) unpacked once; per row of x, q × q' summed in pairs (`maddubs`: at most
     /// 2·63·127), times the two 16-value sub-blocks' scales (low and high 128-bit halves) and summed to 8 i32. The
     /// offset of 32 comes off per block as 32·Σ sc·bsum (one `madd` of the 16 scales with the 16 sums).
-    macro_rules! tile_q6k {
-        ($name:ident, $features:literal, $macc:expr) => {
-            #[target_feature(enable = $features)]
-            pub fn $name<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
-                let kb = w.len() / Q6_K_BYTES;
-                assert!(w.len() == kb * Q6_K_BYTES);
-                for yj in y {
-                    assert!(yj.len() == kb);
-                }
-                let m4 = _mm256_set1_epi8(0x0f);
-                let m2 = _mm256_set1_epi8(0x03);
-                let mut acc = [_mm256_setzero_ps(); RN];
-                for (i, b) in w.chunks_exact(Q6_K_BYTES).enumerate() {
-                    let d = f16_at(b, 208);
-                    let sc = &b[192..208];
-                    // SAFETY: 16 readable bytes (a block's scales).
-                    let sc16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr().cast()) });
-                    let mut sumi = [_mm256_setzero_si256(); RN];
-                    for h in 0..2 {
-                        let ql0 = load32(&b[64 * h..]);
-                        let ql1 = load32(&b[64 * h + 32..]);
-                        let qh = load32(&b[128 + 32 * h..]);
-                        let high = |s: i32| {
-                            let bits =
-                                _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), m2);
-                            _mm256_slli_epi16(bits, 4)
-                        };
-                        let q = [
-                            _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
-                            _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                high(4),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                high(6),
-                            ),
-                        ];
-                        for (g, q) in q.iter().enumerate() {
-                            let s = 8 * h + 2 * g;
-                            let scale = _mm256_set_m128i(
-                                _mm_set1_epi16(i16::from(sc[s + 1].cast_signed())),
-                                _mm_set1_epi16(i16::from(sc[s].cast_signed())),
-                            );
-                            for j in 0..RN {
-                                let yq = load32_i8(&y[j][i].qs[128 * h + 32 * g..]);
-                                sumi[j] = $macc(sumi[j], _mm256_maddubs_epi16(*q, yq), scale);
-                            }
-                        }
-                    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn tile_q6k_avx2<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
+        check_rows(w, Q6_K_BYTES, y);
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m2 = _mm256_set1_epi8(0x03);
+        let mut acc = [_mm256_setzero_ps(); RN];
+        for (i, b) in w.chunks_exact(Q6_K_BYTES).enumerate() {
+            let d = f16_at(b, 208);
+            let sc = &b[192..208];
+            // SAFETY: 16 readable bytes (a block's scales).
+            let sc16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr().cast()) });
+            let mut sumi = [_mm256_setzero_si256(); RN];
+            for h in 0..2 {
+                let ql0 = load32(&b[64 * h..]);
+                let ql1 = load32(&b[64 * h + 32..]);
+                let qh = load32(&b[128 + 32 * h..]);
+                let high = |s: i32| {
+                    let bits = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), m2);
+                    _mm256_slli_epi16(bits, 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), high(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high(6)),
+                ];
+                for (g, q) in q.iter().enumerate() {
+                    let s = 8 * h + 2 * g;
+                    let scale = _mm256_set_m128i(
+                        _mm_set1_epi16(i16::from(sc[s + 1].cast_signed())),
+                        _mm_set1_epi16(i16::from(sc[s].cast_signed())),
+                    );
                     for j in 0..RN {
-                        let yb = &y[j][i];
-                        let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums(yb)), 5);
-                        let s = _mm256_sub_epi32(sumi[j], offset);
-                        acc[j] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(d * yb.d),
-                            _mm256_cvtepi32_ps(s),
-                            acc[j],
-                        );
+                        let yq = load32_i8(&y[j][i].qs[128 * h + 32 * g..]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yq), scale);
+                        sumi[j] = _mm256_add_epi32(sumi[j], p);
                     }
                 }
-                let mut out = [0f32; RN];
-                for j in 0..RN {
-                    out[j] = hsum(acc[j]);
-                }
-                out
             }
-        };
+            for j in 0..RN {
+                let yb = &y[j][i];
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums(yb)), 5);
+                let s = _mm256_sub_epi32(sumi[j], offset);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * yb.d), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+        let mut out = [0f32; RN];
+        for j in 0..RN {
+            out[j] = hsum(acc[j]);
+        }
+        out
     }
 
-    tile_q6k!(
-        tile_q6k_avx2,
-        "avx2,fma,f16c",
-        |acc, p, s| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
-    );
-
-    /// `tile_q4k!` with AVX-512 (BW, VNNI): a chunk's 64 values in one register, the 32 bytes of nibbles
+    /// [`tile_q4k_avx2`] with AVX-512 (BW, VNNI): a chunk's 64 values in one register, the 32 bytes of nibbles
     /// broadcast to both halves and shifted by 0 (low half) or 4 (high half) per 16-bit lane, then masked; the two
     /// sub-blocks' scales picked into the halves with one permute; per row of x, `maddubs` over 64 bytes and one
     /// `vpdpwssd` (the scale's multiply-add). Half the instructions of the 256-bit kernel per block.
@@ -511,11 +486,7 @@ mod x86 {
         y: &[&[BlockQ8K]; RN],
     ) -> [f32; RN] {
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
-        let kb = w.len() / bytes;
-        assert!(w.len() == kb * bytes);
-        for yj in y {
-            assert!(yj.len() == kb);
-        }
+        check_rows(w, bytes, y);
         let m4 = _mm512_set1_epi8(0x0f);
         let one = _mm512_set1_epi8(1);
         // Per 16-bit lane: 0 in the low half (lanes 0..15), 1 in the high half.
@@ -524,10 +495,7 @@ mod x86 {
         // The minima's term goes into the same accumulators (lanes 0..3), negated: 8 fewer registers.
         let mut acc = [_mm512_setzero_ps(); RN];
         for (i, b) in w.chunks_exact(bytes).enumerate() {
-            let dm = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-            let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            let (sc, mn) = super::scales_mins(&b[4..16]);
+            let (d, dmin, sc, mn) = q4k_header(b);
             let sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
                 u64::from_le_bytes(sc).cast_signed(),
             )));
@@ -584,17 +552,13 @@ mod x86 {
         3, 3,
     ];
 
-    /// `tile_q6k!` with AVX-512 (BW, VNNI): 64 values (two groups of 32) in one register. The 64 bytes of low
+    /// [`tile_q6k_avx2`] with AVX-512 (BW, VNNI): 64 values (two groups of 32) in one register. The 64 bytes of low
     /// nibbles of a half-block hold groups 0 and 1 (masked) and 2 and 3 (shifted by 4); the 32 bytes of high bit
     /// pairs, broadcast to both halves, shift by 0 | 2 for groups 0 and 1 and 4 | 6 for 2 and 3; the four 16-value
     /// sub-blocks' scales are picked with one permute.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub fn tile_q6k_vnni<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
-        let kb = w.len() / Q6_K_BYTES;
-        assert!(w.len() == kb * Q6_K_BYTES);
-        for yj in y {
-            assert!(yj.len() == kb);
-        }
+        check_rows(w, Q6_K_BYTES, y);
         let m4 = _mm512_set1_epi8(0x0f);
         let m2 = _mm512_set1_epi8(0x03);
         let shift_01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
@@ -719,33 +683,25 @@ pub fn matmul_t(
     #[cfg(not(target_arch = "x86_64"))]
     let max_rows = 8;
     q4_1::for_each_column_group(n, dst, |c0, cols, out| {
-        let mut r0 = 0;
-        for rows in [8, 4, 2, 1] {
-            while rows <= max_rows && r0 + rows <= m {
-                macro_rules! rows_of {
-                    ($rn:literal) => {{
-                        let y: [&[BlockQ8K]; $rn] = std::array::from_fn(|j| row(r0 + j));
-                        for c in c0..c0 + cols {
-                            let v = tile::<$rn>(
-                                kernel,
-                                format,
-                                &w[c * row_bytes..(c + 1) * row_bytes],
-                                &y,
-                            );
-                            for (j, v) in v.iter().enumerate() {
-                                out[(r0 + j) * n + c]
-                                    .store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
-                            }
+        for (r0, rows) in q4_1::row_tiles(m, max_rows) {
+            macro_rules! rows_of {
+                ($rn:literal) => {{
+                    let y: [&[BlockQ8K]; $rn] = std::array::from_fn(|j| row(r0 + j));
+                    for c in c0..c0 + cols {
+                        let v =
+                            tile::<$rn>(kernel, format, &w[c * row_bytes..(c + 1) * row_bytes], &y);
+                        for (j, v) in v.iter().enumerate() {
+                            out[(r0 + j) * n + c]
+                                .store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
                         }
-                    }};
-                }
-                match rows {
-                    8 => rows_of!(8),
-                    4 => rows_of!(4),
-                    2 => rows_of!(2),
-                    _ => rows_of!(1),
-                }
-                r0 += rows;
+                    }
+                }};
+            }
+            match rows {
+                8 => rows_of!(8),
+                4 => rows_of!(4),
+                2 => rows_of!(2),
+                _ => rows_of!(1),
             }
         }
     });
@@ -758,24 +714,6 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
-
-    /// Every kernel this CPU can run, the scalar formula first.
-    fn kernels() -> Vec<Kernel> {
-        let mut out = vec![Kernel::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
-                out.push(Kernel::Avx2);
-            }
-            if Kernel::detect() == Kernel::Vnni {
-                out.push(Kernel::Vnni);
-            }
-        }
-        out
-    }
 
     /// For each K-quant, blocks as candle writes them (`QTensor::quantize`, the GGUF layout; weights with a few
     /// large values, so the 6-bit scales and minima spread): every kernel this CPU has gives the scalar formula's
@@ -812,7 +750,7 @@ mod tests {
                 let mut want = vec![0f32; m * n];
                 matmul_t(Kernel::Scalar, format, &x, m, k, &w, n, &mut want);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for kernel in kernels() {
+                for kernel in Kernel::all_here() {
                     let mut got = vec![0f32; m * n];
                     matmul_t(kernel, format, &x, m, k, &w, n, &mut got);
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {

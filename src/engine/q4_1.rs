@@ -820,6 +820,18 @@ pub(crate) fn for_each_column_group(
     });
 }
 
+/// The tiles of `m` rows of x, as (first row, rows): 8 rows while 8 are left (at most `max_rows`), then 4, 2, 1.
+pub(crate) fn row_tiles(m: usize, max_rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut r0 = 0;
+    std::iter::from_fn(move || {
+        let rows = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&r| r <= max_rows && r0 + r <= m)?;
+        r0 += rows;
+        Some((r0 - rows, rows))
+    })
+}
+
 /// Which dot-product kernel this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -831,6 +843,25 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Every kernel this CPU can run, the scalar formula first (the kernels' tests compare them all).
+    #[cfg(test)]
+    pub(crate) fn all_here() -> Vec<Self> {
+        let mut out = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                out.push(Self::Avx2);
+            }
+            if Self::detect() == Self::Vnni {
+                out.push(Self::Vnni);
+            }
+        }
+        out
+    }
+
     /// The fastest kernel this CPU has.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -1083,32 +1114,27 @@ pub fn matmul_t(
             return;
         }
         let weights = ItemWeights::new(format, (c0..c0 + cols).map(wrow).collect(), kb);
-        let mut r0 = 0;
-        // Tiles of 8 rows of x while 8 are left, then 4, 2, 1.
-        for rows in [8, 4, 2, 1] {
-            while rows <= max_rows && r0 + rows <= m {
-                // One instantiation per tile shape (the shapes are const generics).
-                macro_rules! rows_of {
-                    ($rm:expr, $rn:literal, $tile:ident) => {
-                        tile_rows::<$rm, $rn>(
-                            |w, x| kernel.$tile(format, w, x),
-                            &acts,
-                            r0,
-                            &weights,
-                            c0,
-                            n,
-                            out,
-                        )
-                    };
-                }
-                match rows {
-                    8 if kernel.sums_blocks(format) => rows_of!(TILE8_W, 8, tile8),
-                    8 => rows_of!(TILE_W, 8, tile),
-                    4 => rows_of!(TILE_W, 4, tile),
-                    2 => rows_of!(TILE_W, 2, tile),
-                    _ => rows_of!(TILE_W, 1, tile),
-                }
-                r0 += rows;
+        for (r0, rows) in row_tiles(m, max_rows) {
+            // One instantiation per tile shape (the shapes are const generics).
+            macro_rules! rows_of {
+                ($rm:expr, $rn:literal, $tile:ident) => {
+                    tile_rows::<$rm, $rn>(
+                        |w, x| kernel.$tile(format, w, x),
+                        &acts,
+                        r0,
+                        &weights,
+                        c0,
+                        n,
+                        out,
+                    )
+                };
+            }
+            match rows {
+                8 if kernel.sums_blocks(format) => rows_of!(TILE8_W, 8, tile8),
+                8 => rows_of!(TILE_W, 8, tile),
+                4 => rows_of!(TILE_W, 4, tile),
+                2 => rows_of!(TILE_W, 2, tile),
+                _ => rows_of!(TILE_W, 1, tile),
             }
         }
     });
@@ -1118,24 +1144,6 @@ pub fn matmul_t(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// Every kernel this CPU can run, the scalar formula first.
-    fn kernels() -> Vec<Kernel> {
-        let mut out = vec![Kernel::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
-                out.push(Kernel::Avx2);
-            }
-            if Kernel::detect() == Kernel::Vnni {
-                out.push(Kernel::Vnni);
-            }
-        }
-        out
-    }
 
     fn block(d: f32, m: f32, q: impl Fn(usize) -> u8) -> Vec<u8> {
         let mut b = Vec::with_capacity(Q4_1_BYTES);
@@ -1165,7 +1173,7 @@ mod tests {
                 .collect();
             let mut want = vec![0f32; m * n];
             matmul_t(Kernel::Scalar, Format::Q4_1, &x, m, k, &w, n, &mut want);
-            for kernel in kernels() {
+            for kernel in Kernel::all_here() {
                 let mut got = vec![0f32; m * n];
                 matmul_t(kernel, Format::Q4_1, &x, m, k, &w, n, &mut got);
                 for (a, b) in got.iter().zip(&want) {
@@ -1235,7 +1243,7 @@ mod tests {
                 .collect();
             let mut want = vec![0f32; m * n];
             matmul_t(Kernel::Scalar, Format::Q5_0, &x, m, k, &w, n, &mut want);
-            for kernel in kernels() {
+            for kernel in Kernel::all_here() {
                 let mut got = vec![0f32; m * n];
                 matmul_t(kernel, Format::Q5_0, &x, m, k, &w, n, &mut got);
                 for (a, b) in got.iter().zip(&want) {
@@ -1302,7 +1310,7 @@ mod tests {
                 matmul_t(Kernel::Scalar, Format::Q8_0, &x, m, k, &w, n, &mut want);
                 // Random signs cancel: errors are measured against the largest output, not each one.
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for kernel in kernels() {
+                for kernel in Kernel::all_here() {
                     let mut got = vec![0f32; m * n];
                     matmul_t(kernel, Format::Q8_0, &x, m, k, &w, n, &mut got);
                     for (a, b) in got.iter().zip(&want) {
@@ -1372,7 +1380,7 @@ mod tests {
             let mut want = vec![0f32; m * n];
             matmul_t(Kernel::Scalar, Format::Q5_1, &x, m, k, &w, n, &mut want);
             let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-            for kernel in kernels() {
+            for kernel in Kernel::all_here() {
                 let mut got = vec![0f32; m * n];
                 matmul_t(kernel, Format::Q5_1, &x, m, k, &w, n, &mut got);
                 for (a, b) in got.iter().zip(&want) {
@@ -1445,7 +1453,7 @@ mod tests {
                     let mut want = vec![0f32; m * n];
                     matmul_t(Kernel::Scalar, format, &x, m, k, &w, n, &mut want);
                     let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                    for kernel in kernels() {
+                    for kernel in Kernel::all_here() {
                         let mut got = vec![0f32; m * n];
                         matmul_t(kernel, format, &x, m, k, &w, n, &mut got);
                         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
