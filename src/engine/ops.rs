@@ -170,10 +170,16 @@ enum CpuKernels {
 }
 
 impl CpuKernels {
+    /// Q4_1, Q5_0 and Q5_1 on any CPU (candle's are scalar loops, the scalar formula here at least tiles a
+    /// prompt); Q8_0 and the K-quants only where these kernels are SIMD (AVX2 or better): elsewhere (an ARM CPU)
+    /// candle's NEON kernels are the faster ones.
     fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
-        q4_1::Format::of(dtype)
-            .map(Self::Legacy)
-            .or_else(|| kquants::Format::of(dtype).map(Self::K))
+        let simd = q4_1::Kernel::detect() != q4_1::Kernel::Scalar;
+        match q4_1::Format::of(dtype) {
+            Some(q4_1::Format::Q8_0) if !simd => None,
+            Some(f) => Some(Self::Legacy(f)),
+            None => kquants::Format::of(dtype).filter(|_| simd).map(Self::K),
+        }
     }
 
     /// Values per block: k must be a multiple of it.
