@@ -213,7 +213,8 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8K]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{BlockQ8K, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K};
+    use super::super::q4_1::x86::hsum8_epi32;
+    use super::{BlockQ8K, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K, Rows};
     use std::arch::x86_64::*;
 
     /// [`super::quantize_row_q8k`] with AVX2, 8 values per instruction: the block's largest and smallest value
@@ -222,7 +223,6 @@ mod x86 {
     /// per 8 sums. Bit for bit the scalar rounding (`tests::q8k_rounding_is_llama_cpp_s`), ~5× faster.
     #[target_feature(enable = "avx2,fma")]
     pub fn quantize_row_q8k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
-        use super::super::q4_1::x86::hsum8_epi32;
         for (xs, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
             assert!(xs.len() == QK_K);
             // SAFETY: i < 32, so 8 floats from 8·i are within the block's 256 (asserted).
@@ -357,8 +357,9 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn tile_q4k_avx2<const FIFTH: bool, const RN: usize>(
         w: &[u8],
-        y: &[&[BlockQ8K]; RN],
+        x: &Rows<'_, RN>,
     ) -> [f32; RN] {
+        let y = &x.y;
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
         check_rows(w, bytes, y);
         let m4 = _mm256_set1_epi8(0x0f);
@@ -428,7 +429,8 @@ mod x86 {
     /// 2·63·127), times the two 16-value sub-blocks' scales (low and high 128-bit halves) and summed to 8 i32. The
     /// offset of 32 comes off per block as 32·Σ sc·bsum (one `madd` of the 16 scales with the 16 sums).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn tile_q6k_avx2<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
+    pub fn tile_q6k_avx2<const RN: usize>(w: &[u8], x: &Rows<'_, RN>) -> [f32; RN] {
+        let y = &x.y;
         check_rows(w, Q6_K_BYTES, y);
         let m4 = _mm256_set1_epi8(0x0f);
         let m2 = _mm256_set1_epi8(0x03);
@@ -487,8 +489,9 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub fn tile_q4k_vnni<const FIFTH: bool, const RN: usize>(
         w: &[u8],
-        y: &[&[BlockQ8K]; RN],
+        x: &Rows<'_, RN>,
     ) -> [f32; RN] {
+        let y = &x.y;
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
         check_rows(w, bytes, y);
         let m4 = _mm512_set1_epi8(0x0f);
@@ -498,6 +501,9 @@ mod x86 {
         let nibble_shift = _mm512_slli_epi16(halves, 2);
         // The minima's term goes into the same accumulators (lanes 0..3), negated: 8 fewer registers.
         let mut acc = [_mm512_setzero_ps(); RN];
+        // 8 rows: the 8 rows' sums in one vector each (row j in lane j).
+        let (mut acc8, mut mins8) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        assert!(RN != 8 || w.len() < bytes || x.d.len() >= (w.len() / bytes - 1) * x.stride + 8);
         for (i, b) in w.chunks_exact(bytes).enumerate() {
             let (d, dmin, sc, mn) = q4k_header(b);
             let sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
@@ -533,6 +539,34 @@ mod x86 {
                 }
                 sub = _mm512_add_epi16(sub, _mm512_set1_epi16(2));
             }
+            if RN == 8 {
+                // Each row's block to one integer, the 8 rows side by side, scaled by d·d' (d' of the 8 rows in
+                // one vector) in one FMA; the minima's integer sums so too: the float work of 8 rows in 4
+                // instructions instead of a conversion, two FMAs and two broadcasts per row.
+                let mut halves = [_mm256_setzero_si256(); 8];
+                let mut pm = [_mm_setzero_si128(); 8];
+                for j in 0..RN {
+                    halves[j % 8] = _mm256_add_epi32(
+                        _mm512_castsi512_si256(sumi[j]),
+                        _mm512_extracti64x4_epi64(sumi[j], 1),
+                    );
+                    // SAFETY: `sums32` is 16 bytes.
+                    let s32 = unsafe { _mm_loadu_si128(y[j][i].sums32.as_ptr().cast()) };
+                    pm[j % 8] = _mm_madd_epi16(mn16, s32);
+                }
+                let sums = hsum8_epi32(halves);
+                let four = |p: &[__m128i]| {
+                    _mm_hadd_epi32(_mm_hadd_epi32(p[0], p[1]), _mm_hadd_epi32(p[2], p[3]))
+                };
+                let mins = _mm256_set_m128i(four(&pm[4..]), four(&pm[..4]));
+                // SAFETY: 8 readable f32 from i·stride (asserted).
+                let dy = unsafe { _mm256_loadu_ps(x.d.as_ptr().add(i * x.stride)) };
+                let dd = _mm256_mul_ps(_mm256_set1_ps(d), dy);
+                acc8 = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc8);
+                let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), dy);
+                mins8 = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(mins), mins8);
+                continue;
+            }
             for j in 0..RN {
                 let yb = &y[j][i];
                 // SAFETY: `sums32` is 16 bytes.
@@ -544,6 +578,13 @@ mod x86 {
             }
         }
         let mut out = [0f32; RN];
+        if RN == 8 {
+            let mut v = [0f32; 8];
+            // SAFETY: 8 f32.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), _mm256_sub_ps(acc8, mins8)) };
+            out.copy_from_slice(&v[..RN]);
+            return out;
+        }
         for j in 0..RN {
             out[j] = _mm512_reduce_add_ps(acc[j]);
         }
@@ -561,7 +602,8 @@ mod x86 {
     /// pairs, broadcast to both halves, shift by 0 | 2 for groups 0 and 1 and 4 | 6 for 2 and 3; the four 16-value
     /// sub-blocks' scales are picked with one permute.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub fn tile_q6k_vnni<const RN: usize>(w: &[u8], y: &[&[BlockQ8K]; RN]) -> [f32; RN] {
+    pub fn tile_q6k_vnni<const RN: usize>(w: &[u8], x: &Rows<'_, RN>) -> [f32; RN] {
+        let y = &x.y;
         check_rows(w, Q6_K_BYTES, y);
         let m4 = _mm512_set1_epi8(0x0f);
         let m2 = _mm512_set1_epi8(0x03);
@@ -570,6 +612,9 @@ mod x86 {
         // SAFETY: 32 i16.
         let sub = unsafe { _mm512_loadu_si512(Q6K_SUB.as_ptr().cast()) };
         let mut acc = [_mm256_setzero_ps(); RN];
+        let mut acc8 = _mm256_setzero_ps();
+        let blocks = w.len() / Q6_K_BYTES;
+        assert!(RN != 8 || blocks == 0 || x.d.len() >= (blocks - 1) * x.stride + 8);
         for (i, b) in w.chunks_exact(Q6_K_BYTES).enumerate() {
             let d = f16_at(b, 208);
             // SAFETY: 16 readable bytes (a block's scales).
@@ -603,18 +648,36 @@ mod x86 {
                     }
                 }
             }
+            let mut s = [_mm256_setzero_si256(); 8];
             for j in 0..RN {
                 let yb = &y[j][i];
                 let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums(yb)), 5);
-                let s = _mm256_add_epi32(
+                let sj = _mm256_add_epi32(
                     _mm512_castsi512_si256(sumi[j]),
                     _mm512_extracti64x4_epi64(sumi[j], 1),
                 );
-                let s = _mm256_sub_epi32(s, offset);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * yb.d), _mm256_cvtepi32_ps(s), acc[j]);
+                s[j % 8] = _mm256_sub_epi32(sj, offset);
+                if RN != 8 {
+                    let dd = _mm256_set1_ps(d * yb.d);
+                    acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s[j % 8]), acc[j]);
+                }
+            }
+            if RN == 8 {
+                // As in `tile_q4k_vnni`: the 8 rows' integer sums side by side, scaled by d·d' in one FMA.
+                // SAFETY: 8 readable f32 from i·stride (asserted).
+                let dy = unsafe { _mm256_loadu_ps(x.d.as_ptr().add(i * x.stride)) };
+                let dd = _mm256_mul_ps(_mm256_set1_ps(d), dy);
+                acc8 = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(hsum8_epi32(s)), acc8);
             }
         }
         let mut out = [0f32; RN];
+        if RN == 8 {
+            let mut v = [0f32; 8];
+            // SAFETY: 8 f32.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), acc8) };
+            out.copy_from_slice(&v[..RN]);
+            return out;
+        }
         for j in 0..RN {
             out[j] = hsum(acc[j]);
         }
@@ -622,16 +685,19 @@ mod x86 {
     }
 }
 
+/// `RN` rows of rounded activations, the side of a tile that is not the weight row: their blocks, and their
+/// scales d' block-major (block i's of the rows at `d[i·stride..]`, 8 readable), for the 8-row tiles' epilogue.
+pub struct Rows<'a, const RN: usize> {
+    y: [&'a [BlockQ8K]; RN],
+    d: &'a [f32],
+    stride: usize,
+}
+
 /// One weight row of `format` against `RN` rows of rounded activations.
 #[allow(unsafe_code)]
-fn tile<const RN: usize>(
-    kernel: Kernel,
-    format: Format,
-    w: &[u8],
-    y: &[&[BlockQ8K]; RN],
-) -> [f32; RN] {
+fn tile<const RN: usize>(kernel: Kernel, format: Format, w: &[u8], y: &Rows<'_, RN>) -> [f32; RN] {
     match (kernel, format) {
-        (Kernel::Scalar, _) => std::array::from_fn(|j| dot_scalar(format, w, y[j])),
+        (Kernel::Scalar, _) => std::array::from_fn(|j| dot_scalar(format, w, y.y[j])),
         // SAFETY: `Kernel::detect` saw the features these kernels are compiled for.
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx2, Format::Q4K) => unsafe { x86::tile_q4k_avx2::<false, RN>(w, y) },
@@ -682,6 +748,17 @@ pub fn matmul_t(
     let mut acts = vec![ZERO; m * kb];
     q4_1::round_rows(x, k, &mut acts, kb, quantize_row_q8k);
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
+    // The rows' d' block-major for the 8-row tiles (8 readable from each tile's first row: zero-padded).
+    let stride = m + 8;
+    let mut d = Vec::new();
+    if m >= 8 {
+        d = vec![0f32; kb * stride];
+        for (r, blocks) in acts.chunks_exact(kb).enumerate() {
+            for (i, b) in blocks.iter().enumerate() {
+                d[i * stride + r] = b.d;
+            }
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     let max_rows = if kernel == Kernel::Avx2 { 4 } else { 8 };
     #[cfg(not(target_arch = "x86_64"))]
@@ -690,7 +767,11 @@ pub fn matmul_t(
         for (r0, rows) in q4_1::row_tiles(m, max_rows) {
             macro_rules! rows_of {
                 ($rn:literal) => {{
-                    let y: [&[BlockQ8K]; $rn] = std::array::from_fn(|j| row(r0 + j));
+                    let y = Rows::<$rn> {
+                        y: std::array::from_fn(|j| row(r0 + j)),
+                        d: d.get(r0..).unwrap_or(&[]),
+                        stride,
+                    };
                     for c in c0..c0 + cols {
                         let v =
                             tile::<$rn>(kernel, format, &w[c * row_bytes..(c + 1) * row_bytes], &y);
