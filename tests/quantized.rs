@@ -116,9 +116,9 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
 
 /// Training's rule (`ops::quantized_linear`): under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8
 /// bits (llama.cpp's kernels, termtune's own for Q4_1 and Q8_0 here); from that many rows on (training steps) it is
-/// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0, Q4_K and Q4_0. Inference's rule
+/// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0, Q4_K and Q3_K. Inference's rule
 /// (`ops::quantized_linear_for_inference`, the KV-cached forward): an untracked x times a weight of a type with
-/// termtune's own kernels (Q4_1; with AVX2 also Q8_0 and Q4_K; not Q4_0, which is candle's) runs them for any
+/// termtune's own kernels (Q4_1; with AVX2 also Q8_0 and Q4_K; not Q3_K, which is candle's) runs them for any
 /// number of rows (a prompt's too: each row's product is the one it has alone, up to the order of the float
 /// additions), anything else follows training's rule.
 #[test]
@@ -129,7 +129,7 @@ fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_t
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
-        GgmlDType::Q4_0,
+        GgmlDType::Q3K,
     ] {
         let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
         let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
@@ -137,7 +137,7 @@ fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_t
         // Q8_0 and the K-quants where termtune's kernels are SIMD (an x86 CPU with AVX2); candle's elsewhere.
         let simd =
             termtune::engine::q4_1::Kernel::detect() != termtune::engine::q4_1::Kernel::Scalar;
-        let integer_inference = ty == GgmlDType::Q4_1 || (simd && ty != GgmlDType::Q4_0);
+        let integer_inference = ty == GgmlDType::Q4_1 || (simd && ty != GgmlDType::Q3K);
         for rows in [1, 7, n - 1, n, 3 * n] {
             let x = Tensor::randn(0f32, 1.0, (rows, 512), &CPU).unwrap();
             let dense = x.matmul(&wd.t().unwrap()).unwrap();

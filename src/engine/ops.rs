@@ -161,8 +161,8 @@ impl CustomOp1 for FrozenLinear {
 }
 
 /// The llama.cpp kernels ported here for a GGML block type on the CPU (`None`: candle's own). candle's Q4_1, Q5_0
-/// and Q5_1 products are scalar loops, its Q8_0 product is slower than llama.cpp's, and its K-quant products run
-/// a row at a time on rayon's pool: [`q4_1`] and [`kquants`] instead.
+/// and Q5_1 products are scalar loops, its Q4_0 and Q8_0 products are slower than llama.cpp's, and its K-quant
+/// products run a row at a time on rayon's pool: [`q4_1`] and [`kquants`] instead.
 #[derive(Clone, Copy)]
 enum CpuKernels {
     Legacy(q4_1::Format),
@@ -171,12 +171,12 @@ enum CpuKernels {
 
 impl CpuKernels {
     /// Q4_1, Q5_0 and Q5_1 on any CPU (candle's are scalar loops, the scalar formula here at least tiles a
-    /// prompt); Q8_0 and the K-quants only where these kernels are SIMD (AVX2 or better): elsewhere (an ARM CPU)
-    /// candle's NEON kernels are the faster ones.
+    /// prompt); Q4_0, Q8_0 and the K-quants only where these kernels are SIMD (AVX2 or better): elsewhere (an ARM
+    /// CPU) candle's NEON kernels are the faster ones.
     fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
         let simd = q4_1::Kernel::detect() != q4_1::Kernel::Scalar;
         match q4_1::Format::of(dtype) {
-            Some(q4_1::Format::Q8_0) if !simd => None,
+            Some(q4_1::Format::Q8_0 | q4_1::Format::Q4_0) if !simd => None,
             Some(f) => Some(Self::Legacy(f)),
             None => kquants::Format::of(dtype).filter(|_| simd).map(Self::K),
         }

@@ -1,17 +1,21 @@
-//! `x · Wᵀ` on the CPU for a GGML `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` weight, the way llama.cpp computes it: the
-//! activations are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 and Q5_1 also the f16 `s = d·Σq`
-//! that folds in the weight's minimum, for Q5_0 the exact Σq that takes off its offset of 16) and each 32-wide
-//! block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has scalar loops for Q4_1,
-//! Q5_0 and Q5_1 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file; Q5_1 is what a q5_k_m file holds for the
-//! tensors whose width is not a multiple of 256, most of Qwen2.5-0.5B's at 896); for Q8_0 it has VNNI tiles only for rows a multiple of 256 wide,
-//! and SmolLM2's are 576 wide but for `down_proj`: the others, the tied lm_head too, run its one-row AVX2 loop (one
-//! chain of FMAs, an out-of-line f16 conversion per block, candle's own rounding of x), 61 tokens/s decoding the
-//! Q8_0 file on one thread against 104 here (two threads, `scripts/bench_decode.py`: 0.71× llama.cpp's decode
-//! speed before, 1.04× here). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
-//! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`), with AVX-512 VNNI's byte dot product where the CPU has
-//! it (`ggml_vec_dot_q5_1_q8_1` is Q4_1's with the fifth bits), and the scalar formulas elsewhere. The activation rounding follows llama.cpp's x86 `quantize_row_q8_1` /
-//! `quantize_row_q8_0` (scale `amax/127`, multiplier `127/amax`, round half to even), so a product here is
-//! llama.cpp's up to the order of the float additions.
+//! `x · Wᵀ` on the CPU for a GGML `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` weight, the way llama.cpp computes it:
+//! the activations are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 and Q5_1 also the f16
+//! `s = d·Σq` that folds in the weight's minimum, for Q5_0 and Q4_0 the exact Σq that takes off their offset of 16
+//! or 8) and each 32-wide block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has
+//! scalar loops for Q4_1, Q5_0 and Q5_1 (4–5× slower than llama.cpp on SmolLM2's Q4_1 file; Q5_1 is what a q5_k_m
+//! file holds for the tensors whose width is not a multiple of 256, most of Qwen2.5-0.5B's at 896); for Q8_0 it has
+//! VNNI tiles only for rows a multiple of 256 wide, and SmolLM2's are 576 wide but for `down_proj`: the others, the
+//! tied lm_head too, run its one-row AVX2 loop (one chain of FMAs, an out-of-line f16 conversion per block,
+//! candle's own rounding of x), 61 tokens/s decoding the Q8_0 file on one thread against 104 here (two threads,
+//! `scripts/bench_decode.py`: 0.71× llama.cpp's decode speed before, 1.04× here); its Q4_0 product runs a row at a
+//! time on rayon's pool (a q4_0 file of `scripts/random_llama_gguf.py`'s shape: 0.39× llama.cpp's decode and 0.24×
+//! its prompt tokens/s before, 0.55–0.58× and 0.72× here; SmolLM2 q4_0 0.49× → 0.62×, 0.32× → 0.70×: llama.cpp
+//! repacks Q4_0 8 rows at a time). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`; Q5_1's is Q4_1's with the fifth bits, Q4_0's Q5_0's
+//! without), with AVX-512 VNNI's byte dot product where the CPU has it, and the scalar formulas elsewhere. The
+//! activation rounding follows llama.cpp's x86 `quantize_row_q8_1` / `quantize_row_q8_0` (scale `amax/127`,
+//! multiplier `127/amax`, round half to even), so a product here is llama.cpp's up to the order of the float
+//! additions.
 //!
 //! Two rows of x or more (a prompt) run tiles instead of the one-row kernels: a few weight rows × up to 8 rows of
 //! x per inner loop (llamafile's tinyBLAS shape), with the activations rounded once per product on the pool's
@@ -35,6 +39,8 @@ pub const QK: usize = 32;
 /// Bytes of one `Q4_1` block: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles (value j in the low nibble of
 /// byte j, value j+16 in its high nibble); a weight is `d·q + m`.
 pub const Q4_1_BYTES: usize = 20;
+/// Bytes of one `Q4_0` block: f16 scale `d`, 16 bytes of nibbles laid out as Q4_1's; a weight is `d·(q − 8)`.
+pub const Q4_0_BYTES: usize = 18;
 /// Bytes of one `Q5_0` block: f16 scale `d`, 4 bytes of fifth bits (bit j for value j), 16 bytes of nibbles laid
 /// out as Q4_1's; a weight is `d·(q − 16)`.
 pub const Q5_0_BYTES: usize = 22;
@@ -55,6 +61,8 @@ pub enum Format {
     Q8_0,
     /// Activations as `Q8_1` (llama.cpp's `ggml_vec_dot_q5_1_q8_1`): Q4_1's formula with a fifth bit.
     Q5_1,
+    /// Activations as `Q8_0` (llama.cpp's `ggml_vec_dot_q4_0_q8_0`): Q5_0's formula without the fifth bit, offset 8.
+    Q4_0,
 }
 
 impl Format {
@@ -66,6 +74,7 @@ impl Format {
             GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q5_1 => Some(Self::Q5_1),
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
             _ => None,
         }
     }
@@ -76,6 +85,7 @@ impl Format {
             Self::Q5_0 => Q5_0_BYTES,
             Self::Q8_0 => Q8_0_BYTES,
             Self::Q5_1 => Q5_1_BYTES,
+            Self::Q4_0 => Q4_0_BYTES,
         }
     }
 
@@ -140,7 +150,23 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
         Format::Q5_0 => dot_scalar_q5_0(w, y),
         Format::Q8_0 => dot_scalar_q8_0(w, y),
         Format::Q5_1 => dot_scalar_q5_1(w, y),
+        Format::Q4_0 => dot_scalar_q4_0(w, y),
     }
+}
+
+/// One dot product of a `Q4_0` row (`blocks` × [`Q4_0_BYTES`]) with a `Q8_0` row, the scalar formula.
+fn dot_scalar_q4_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q4_0_BYTES).zip(y) {
+        let mut si = 0i32;
+        for j in 0..QK / 2 {
+            let q = b[2 + j];
+            si += (i32::from(q & 0x0f) - 8) * i32::from(y.qs[j])
+                + (i32::from(q >> 4) - 8) * i32::from(y.qs[j + QK / 2]);
+        }
+        sum += si as f32 * f16_at(b, 0) * y.d;
+    }
+    sum
 }
 
 /// One dot product of a `Q8_0` row (`blocks` × [`Q8_0_BYTES`]) with a `Q8_0` row, the scalar formula.
@@ -212,7 +238,8 @@ fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
 #[allow(unsafe_code)]
 pub(crate) mod x86 {
     use super::{
-        ActTile, BlockQ8_1, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK, WeightTile,
+        ActTile, BlockQ8_1, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK,
+        WeightTile,
     };
     use std::arch::x86_64::*;
 
@@ -315,25 +342,24 @@ pub(crate) mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// One Q5_0 row against one Q8_0 row (decode), row after row as `dot_q4_1`: per
-    /// block the unsigned q (0..31) times the activations summed to i32 lanes by `$prod` and scaled by d·d'; the
-    /// offset of 16 comes off as 16·d·d'·Σq', accumulated as a scalar.
+    /// One Q5_0 (or Q4_0) row against one Q8_0 row (decode), row after row as `dot_q4_1`: per block the
+    /// unsigned q (`$load`: 0..31, or 0..15) times the activations summed to i32 lanes by `$prod` and scaled by
+    /// d·d'; the offset (`$off`: 16, or 8) comes off as off·d·d'·Σq', accumulated as a scalar.
     macro_rules! dot_q5_0 {
-        ($name:ident, $features:literal, $prod:expr) => {
+        ($name:ident, $features:literal, $bytes:expr, $load:expr, $off:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-                let row = &w.as_chunks::<Q5_0_BYTES>().0[..y.len()];
+                let row = &w.as_chunks::<$bytes>().0[..y.len()];
                 let mut acc = _mm256_setzero_ps();
                 let mut offset = 0f32;
                 for (b, yb) in row.iter().zip(y) {
                     let dw = u16::from_le_bytes([b[0], b[1]]);
                     let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw))));
                     let scale = dw * yb.d;
-                    offset = scale.mul_add(16.0 * yb.sum as f32, offset);
+                    offset = scale.mul_add($off * yb.sum as f32, offset);
                     // SAFETY: `qs` is 32 bytes.
                     let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
-                    let q = _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6]));
-                    let p = $prod(q, qy);
+                    let p = $prod($load(b), qy);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc);
                 }
                 hsum(acc) - offset
@@ -341,13 +367,36 @@ pub(crate) mod x86 {
         };
     }
 
-    dot_q5_0!(dot_q5_0_avx2, "avx2,fma,f16c", |qx, qy| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(qx, qy),
-        _mm256_set1_epi16(1)
-    ));
+    dot_q5_0!(
+        dot_q5_0_avx2,
+        "avx2,fma,f16c",
+        Q5_0_BYTES,
+        |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
+        16.0,
+        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    );
     dot_q5_0!(
         dot_q5_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q5_0_BYTES,
+        |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
+        16.0,
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+    );
+    dot_q5_0!(
+        dot_q4_0_avx2,
+        "avx2,fma,f16c",
+        Q4_0_BYTES,
+        |b: &[u8; Q4_0_BYTES]| nibbles(&b[2..]),
+        8.0,
+        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    );
+    dot_q5_0!(
+        dot_q4_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q4_0_BYTES,
+        |b: &[u8; Q4_0_BYTES]| nibbles(&b[2..]),
+        8.0,
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
@@ -541,6 +590,26 @@ pub(crate) mod x86 {
         ),
         |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
+    // Q4_0: as Q5_0 with the nibbles alone and an offset of 8 (bias −Σq' in each lane).
+    tile!(
+        tile_q4_0_avx2,
+        "avx2,fma,f16c",
+        Q4_0_BYTES,
+        false,
+        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
+        |(qx, _), qy, bias| _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
+            bias
+        )
+    );
+    tile!(
+        tile_q4_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q4_0_BYTES,
+        false,
+        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
+        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
+    );
     // Q8_0 with AVX2: |q|·(q' with q's sign), as `dot_q8_0` (`maddubs` would saturate on q + 128).
     tile!(
         tile_q8_0_avx2,
@@ -656,6 +725,13 @@ pub(crate) mod x86 {
         |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
     tile8!(
+        tile8_q4_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q4_0_BYTES,
+        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
+        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
+    );
+    tile8!(
         tile8_q8_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q8_0_BYTES,
@@ -740,6 +816,7 @@ impl Activations {
         // q + 128 (see `x86::tile_q8_0_vnni`).
         let per_lane = match format {
             Format::Q5_0 => -2,
+            Format::Q4_0 => -1,
             #[cfg(target_arch = "x86_64")]
             Format::Q8_0 if kernel == Kernel::Vnni => -16,
             _ => 0,
@@ -921,6 +998,8 @@ impl Kernel {
             (Self::Vnni, Format::Q8_0) => unsafe { x86::tile8_q8_0_vnni(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::tile8_q5_0_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q4_0) => unsafe { x86::tile8_q4_0_vnni(w, x) },
             _ => self.tile(format, w, x),
         }
     }
@@ -929,7 +1008,7 @@ impl Kernel {
     fn sums_blocks(self, format: Format) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self == Self::Vnni {
-            return matches!(format, Format::Q8_0 | Format::Q5_0);
+            return matches!(format, Format::Q8_0 | Format::Q5_0 | Format::Q4_0);
         }
         let _ = format;
         false
@@ -960,6 +1039,10 @@ impl Kernel {
             (Self::Avx2, Format::Q5_0) => unsafe { x86::tile_q5_0_avx2(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::tile_q5_0_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q4_0) => unsafe { x86::tile_q4_0_avx2(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q4_0) => unsafe { x86::tile_q4_0_vnni(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q8_0) => unsafe { x86::tile_q8_0_avx2(w, x) },
             #[cfg(target_arch = "x86_64")]
@@ -998,6 +1081,10 @@ impl Kernel {
             (Self::Avx2, Format::Q5_0) => unsafe { x86::dot_q5_0_avx2(w, y) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_0) => unsafe { x86::dot_q5_0_vnni(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q4_0) => unsafe { x86::dot_q4_0_avx2(w, y) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q4_0) => unsafe { x86::dot_q4_0_vnni(w, y) },
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2 | Self::Vnni, Format::Q8_0) => self.dot_q8_0(w, y),
         }
@@ -1350,69 +1437,78 @@ mod tests {
         }
     }
 
-    /// Q5_1 blocks as candle writes them (`QTensor::quantize`, the GGUF layout): every kernel this CPU has gives
-    /// the scalar formula's products for 1 to 9 rows of x, and the formula is the product of candle's dequantized
-    /// weights (d·q + m) with the rounded activations.
+    /// Q5_1 and Q4_0 blocks as candle writes them (`QTensor::quantize`, the GGUF layout): every kernel this CPU
+    /// has gives the scalar formula's products for 1 to 9 rows of x, and the formula is the product of candle's
+    /// dequantized weights (d·q + m, d·(q − 8)) with the rounded activations.
     #[test]
-    fn q5_1_kernels_agree_with_candle_s_dequantized_weights() {
+    fn q5_1_and_q4_0_kernels_agree_with_candle_s_dequantized_weights() {
         use candle_core::quantized::{GgmlDType, QTensor};
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(51);
         let (n, k) = (21, 192);
-        let dense: Vec<f32> = (0..n * k)
-            .map(|i| rng.random_range(-0.05f32..0.08) + if i % 64 < 3 { 0.3 } else { 0.0 })
-            .collect();
-        let t = candle_core::Tensor::from_vec(dense, (n, k), &candle_core::Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q5_1).unwrap();
-        let w = q.data().unwrap().into_owned();
-        assert_eq!(w.len(), n * k / QK * Q5_1_BYTES);
-        let wd: Vec<f32> = q
-            .dequantize(&candle_core::Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for m in [1, 2, 5, 9] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 10.0 } else { 1.0 })
+        for (ty, format) in [
+            (GgmlDType::Q5_1, Format::Q5_1),
+            (GgmlDType::Q4_0, Format::Q4_0),
+        ] {
+            let dense: Vec<f32> = (0..n * k)
+                .map(|i| rng.random_range(-0.05f32..0.08) + if i % 64 < 3 { 0.3 } else { 0.0 })
                 .collect();
-            let mut want = vec![0f32; m * n];
-            matmul_t(Kernel::Scalar, Format::Q5_1, &x, m, k, &w, n, &mut want);
-            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-            for kernel in Kernel::all_here() {
-                let mut got = vec![0f32; m * n];
-                matmul_t(kernel, Format::Q5_1, &x, m, k, &w, n, &mut got);
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * scale,
-                        "{a} vs {b} (m = {m}, {kernel:?})"
-                    );
-                }
-            }
-            let zero = BlockQ8_1 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; QK],
-                sum: 0,
-                bias: 0,
-            };
-            let mut yq = vec![zero; m * k / QK];
-            for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
-                quantize_row_q8_1(x, y);
-            }
-            for (r, y) in yq.chunks_exact(k / QK).enumerate() {
-                for c in 0..n {
-                    let mut e = 0f64;
-                    for (bi, y) in y.iter().enumerate() {
-                        for j in 0..QK {
-                            let wv = f64::from(wd[c * k + bi * QK + j]);
-                            e += wv * f64::from(y.qs[j]) * f64::from(y.d);
-                        }
+            let t =
+                candle_core::Tensor::from_vec(dense, (n, k), &candle_core::Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, ty).unwrap();
+            let w = q.data().unwrap().into_owned();
+            assert_eq!(w.len(), n * k / QK * format.block_bytes());
+            let wd: Vec<f32> = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for m in [1, 2, 5, 9] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 10.0 } else { 1.0 })
+                    .collect();
+                let mut want = vec![0f32; m * n];
+                matmul_t(Kernel::Scalar, format, &x, m, k, &w, n, &mut want);
+                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for kernel in Kernel::all_here() {
+                    let mut got = vec![0f32; m * n];
+                    matmul_t(kernel, format, &x, m, k, &w, n, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{a} vs {b} ({format:?}, m = {m}, {kernel:?})"
+                        );
                     }
-                    // s = d·Σq is rounded to f16: the minimum's term is within an f16 ulp of the exact one.
-                    let got = f64::from(want[r * n + c]);
-                    assert!((got - e).abs() < 2e-3 * f64::from(scale), "{got} vs {e}");
+                }
+                let zero = BlockQ8_1 {
+                    d: 0.0,
+                    s: 0.0,
+                    qs: [0; QK],
+                    sum: 0,
+                    bias: 0,
+                };
+                let mut yq = vec![zero; m * k / QK];
+                for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
+                    quantize_row_q8_1(x, y);
+                }
+                for (r, y) in yq.chunks_exact(k / QK).enumerate() {
+                    for c in 0..n {
+                        let mut e = 0f64;
+                        for (bi, y) in y.iter().enumerate() {
+                            for j in 0..QK {
+                                let wv = f64::from(wd[c * k + bi * QK + j]);
+                                e += wv * f64::from(y.qs[j]) * f64::from(y.d);
+                            }
+                        }
+                        // s = d·Σq is rounded to f16: the minimum's term is within an f16 ulp of the exact one.
+                        let got = f64::from(want[r * n + c]);
+                        assert!(
+                            (got - e).abs() < 2e-3 * f64::from(scale),
+                            "{got} vs {e} ({format:?})"
+                        );
+                    }
                 }
             }
         }
@@ -1443,7 +1539,13 @@ mod tests {
     fn prompt_tiles_agree_with_the_scalar_formula_for_every_shape() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(41);
-        for format in [Format::Q4_1, Format::Q5_0, Format::Q8_0, Format::Q5_1] {
+        for format in [
+            Format::Q4_1,
+            Format::Q5_0,
+            Format::Q8_0,
+            Format::Q5_1,
+            Format::Q4_0,
+        ] {
             for (n, k) in [(37, 96), (19, 576)] {
                 let w = random_weight(&mut rng, format, n, k);
                 for m in (2..=20).chain([31]) {
