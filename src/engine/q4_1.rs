@@ -343,26 +343,29 @@ pub(crate) mod x86 {
     }
 
     /// One Q5_0 (or Q4_0) row against one Q8_0 row (decode), row after row as `dot_q4_1`: per block the
-    /// unsigned q (`$load`: 0..31, or 0..15) times the activations summed to i32 lanes by `$prod` and scaled by
-    /// d·d'; the offset (`$off`: 16, or 8) comes off as off·d·d'·Σq', accumulated as a scalar.
+    /// unsigned q (`$load`: 0..31, or 0..15) times the activations summed to i32 lanes by `$prod`, which starts
+    /// from the block's `bias` (the offset of 16, or 8, times Σq', taken off in the integers), then scaled by d·d'
+    /// into four accumulators (block i into i % 4): a single chain of FMAs (4 cycles each) bounded the loop, as did
+    /// the offset's own scalar chain before it moved into the integers.
     macro_rules! dot_q5_0 {
-        ($name:ident, $features:literal, $bytes:expr, $load:expr, $off:expr, $prod:expr) => {
+        ($name:ident, $features:literal, $bytes:expr, $load:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(w: &[u8], y: &[BlockQ8_1]) -> f32 {
                 let row = &w.as_chunks::<$bytes>().0[..y.len()];
-                let mut acc = _mm256_setzero_ps();
-                let mut offset = 0f32;
-                for (b, yb) in row.iter().zip(y) {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (i, (b, yb)) in row.iter().zip(y).enumerate() {
                     let dw = u16::from_le_bytes([b[0], b[1]]);
                     let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(dw))));
-                    let scale = dw * yb.d;
-                    offset = scale.mul_add($off * yb.sum as f32, offset);
                     // SAFETY: `qs` is 32 bytes.
                     let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
-                    let p = $prod($load(b), qy);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc);
+                    let p = $prod($load(b), qy, _mm256_set1_epi32(yb.bias));
+                    let scale = _mm256_set1_ps(dw * yb.d);
+                    acc[i % 4] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[i % 4]);
                 }
-                hsum(acc) - offset
+                hsum(_mm256_add_ps(
+                    _mm256_add_ps(acc[0], acc[1]),
+                    _mm256_add_ps(acc[2], acc[3]),
+                ))
             }
         };
     }
@@ -372,32 +375,34 @@ pub(crate) mod x86 {
         "avx2,fma,f16c",
         Q5_0_BYTES,
         |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-        16.0,
-        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |qx, qy, bias| _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
+            bias
+        )
     );
     dot_q5_0!(
         dot_q5_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_0_BYTES,
         |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-        16.0,
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        |qx, qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
     dot_q5_0!(
         dot_q4_0_avx2,
         "avx2,fma,f16c",
         Q4_0_BYTES,
         |b: &[u8; Q4_0_BYTES]| nibbles(&b[2..]),
-        8.0,
-        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |qx, qy, bias| _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
+            bias
+        )
     );
     dot_q5_0!(
         dot_q4_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q4_0_BYTES,
         |b: &[u8; Q4_0_BYTES]| nibbles(&b[2..]),
-        8.0,
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        |qx, qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
 
     /// One Q8_0 row against one Q8_0 row, as llama.cpp's `ggml_vec_dot_q8_0_q8_0`: per block, the signed bytes
@@ -821,7 +826,8 @@ impl Activations {
             Format::Q8_0 if kernel == Kernel::Vnni => -16,
             _ => 0,
         };
-        if tiles && per_lane != 0 {
+        // (The one-row Q5_0 and Q4_0 kernels use it too.)
+        if kernel != Kernel::Scalar && per_lane != 0 {
             for b in &mut blocks {
                 b.bias = per_lane * b.sum;
             }
