@@ -1238,6 +1238,50 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// `x · Wᵀ` by the scalar formula, after checking that every kernel this CPU has gives it within 1e-5 of the
+    /// largest output (random signs cancel: errors are measured against the largest output, not each one).
+    fn scalar_checked(
+        format: Format,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[u8],
+        n: usize,
+    ) -> Vec<f32> {
+        let mut want = vec![0f32; m * n];
+        matmul_t(Kernel::Scalar, format, x, m, k, w, n, &mut want);
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        for kernel in Kernel::all_here() {
+            let mut got = vec![0f32; m * n];
+            matmul_t(kernel, format, x, m, k, w, n, &mut got);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{a} vs {b} at ({}, {}) ({format:?}, n = {n}, k = {k}, m = {m}, {kernel:?})",
+                    i / n,
+                    i % n
+                );
+            }
+        }
+        want
+    }
+
+    /// The rows of x (each `k` wide) rounded as the kernels round them.
+    fn rounded(x: &[f32], k: usize) -> Vec<BlockQ8_1> {
+        let zero = BlockQ8_1 {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK],
+            sum: 0,
+            bias: 0,
+        };
+        let mut yq = vec![zero; x.len() / QK];
+        for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
+            quantize_row_q8_1(x, y);
+        }
+        yq
+    }
+
     fn block(d: f32, m: f32, q: impl Fn(usize) -> u8) -> Vec<u8> {
         let mut b = Vec::with_capacity(Q4_1_BYTES);
         b.extend(f16::from_f32(d).to_le_bytes());
@@ -1264,30 +1308,9 @@ mod tests {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
                 .collect();
-            let mut want = vec![0f32; m * n];
-            matmul_t(Kernel::Scalar, Format::Q4_1, &x, m, k, &w, n, &mut want);
-            for kernel in Kernel::all_here() {
-                let mut got = vec![0f32; m * n];
-                matmul_t(kernel, Format::Q4_1, &x, m, k, &w, n, &mut got);
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                        "{a} vs {b} (m = {m}, {kernel:?})"
-                    );
-                }
-            }
+            let want = scalar_checked(Format::Q4_1, &x, m, k, &w, n);
             // And the scalar formula is the product with the dequantized weight and the rounded activations.
-            let mut yq = vec![
-                BlockQ8_1 {
-                    d: 0.0,
-                    s: 0.0,
-                    qs: [0; QK],
-                    sum: 0,
-                    bias: 0,
-                };
-                k / QK
-            ];
-            quantize_row_q8_1(&x[..k], &mut yq);
+            let yq = rounded(&x[..k], k);
             for c in 0..n {
                 let mut r = 0f64;
                 for (bi, y) in yq.iter().enumerate() {
@@ -1334,27 +1357,8 @@ mod tests {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
                 .collect();
-            let mut want = vec![0f32; m * n];
-            matmul_t(Kernel::Scalar, Format::Q5_0, &x, m, k, &w, n, &mut want);
-            for kernel in Kernel::all_here() {
-                let mut got = vec![0f32; m * n];
-                matmul_t(kernel, Format::Q5_0, &x, m, k, &w, n, &mut got);
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                        "{a} vs {b} (m = {m}, {kernel:?})"
-                    );
-                }
-            }
-            let zero = BlockQ8_1 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; QK],
-                sum: 0,
-                bias: 0,
-            };
-            let mut yq = vec![zero; k / QK];
-            quantize_row_q8_1(&x[..k], &mut yq);
+            let want = scalar_checked(Format::Q5_0, &x, m, k, &w, n);
+            let yq = rounded(&x[..k], k);
             for c in 0..n {
                 let mut r = 0f64;
                 for (bi, y) in yq.iter().enumerate() {
@@ -1399,31 +1403,9 @@ mod tests {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| rng.random_range(-1f32..1.0) * if i % 5 == 0 { 30.0 } else { 1.0 })
                     .collect();
-                let mut want = vec![0f32; m * n];
-                matmul_t(Kernel::Scalar, Format::Q8_0, &x, m, k, &w, n, &mut want);
-                // Random signs cancel: errors are measured against the largest output, not each one.
+                let want = scalar_checked(Format::Q8_0, &x, m, k, &w, n);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for kernel in Kernel::all_here() {
-                    let mut got = vec![0f32; m * n];
-                    matmul_t(kernel, Format::Q8_0, &x, m, k, &w, n, &mut got);
-                    for (a, b) in got.iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * scale,
-                            "{a} vs {b} (n = {n}, k = {k}, m = {m}, {kernel:?})"
-                        );
-                    }
-                }
-                let zero = BlockQ8_1 {
-                    d: 0.0,
-                    s: 0.0,
-                    qs: [0; QK],
-                    sum: 0,
-                    bias: 0,
-                };
-                let mut yq = vec![zero; m * k / QK];
-                for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
-                    quantize_row_q8_1(x, y);
-                }
+                let yq = rounded(&x, k);
                 for (r, y) in yq.chunks_exact(k / QK).enumerate() {
                     for c in 0..n {
                         let mut e = 0f64;
@@ -1475,30 +1457,9 @@ mod tests {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 10.0 } else { 1.0 })
                     .collect();
-                let mut want = vec![0f32; m * n];
-                matmul_t(Kernel::Scalar, format, &x, m, k, &w, n, &mut want);
+                let want = scalar_checked(format, &x, m, k, &w, n);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for kernel in Kernel::all_here() {
-                    let mut got = vec![0f32; m * n];
-                    matmul_t(kernel, format, &x, m, k, &w, n, &mut got);
-                    for (a, b) in got.iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * scale,
-                            "{a} vs {b} ({format:?}, m = {m}, {kernel:?})"
-                        );
-                    }
-                }
-                let zero = BlockQ8_1 {
-                    d: 0.0,
-                    s: 0.0,
-                    qs: [0; QK],
-                    sum: 0,
-                    bias: 0,
-                };
-                let mut yq = vec![zero; m * k / QK];
-                for (y, x) in yq.chunks_exact_mut(k / QK).zip(x.chunks_exact(k)) {
-                    quantize_row_q8_1(x, y);
-                }
+                let yq = rounded(&x, k);
                 for (r, y) in yq.chunks_exact(k / QK).enumerate() {
                     for c in 0..n {
                         let mut e = 0f64;
