@@ -143,91 +143,63 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// One dot product of a `format` row with a row of rounded activations, the scalar formula.
-fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
+/// A block's 32 integer weights in value order, its scale `d` and its minimum (0 where the format has none): the
+/// weights are `d·q + m`. Nibbles: value j in the low nibble of byte j, value j + 16 in its high nibble; fifth bits:
+/// bit j of a 32-bit word for value j; Q4_0's and Q5_0's offsets (8, 16) are taken off q.
+fn block_values(format: Format, b: &[u8]) -> ([i32; QK], f32, f32) {
+    let mut q = [0i32; QK];
+    let nibbles = |q: &mut [i32; QK], at: usize| {
+        for j in 0..QK / 2 {
+            q[j] = i32::from(b[at + j] & 0x0f);
+            q[j + QK / 2] = i32::from(b[at + j] >> 4);
+        }
+    };
+    let fifth = |q: &mut [i32; QK], at: usize| {
+        let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        for (j, q) in q.iter_mut().enumerate() {
+            *q |= (((qh >> j) & 1) << 4) as i32;
+        }
+    };
+    let (d, mut m) = (f16_at(b, 0), 0.0);
     match format {
-        Format::Q4_1 => dot_scalar_q4_1(w, y),
-        Format::Q5_0 => dot_scalar_q5_0(w, y),
-        Format::Q8_0 => dot_scalar_q8_0(w, y),
-        Format::Q5_1 => dot_scalar_q5_1(w, y),
-        Format::Q4_0 => dot_scalar_q4_0(w, y),
-    }
-}
-
-/// One dot product of a `Q4_0` row (`blocks` × [`Q4_0_BYTES`]) with a `Q8_0` row, the scalar formula.
-fn dot_scalar_q4_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q4_0_BYTES).zip(y) {
-        let mut si = 0i32;
-        for j in 0..QK / 2 {
-            let q = b[2 + j];
-            si += (i32::from(q & 0x0f) - 8) * i32::from(y.qs[j])
-                + (i32::from(q >> 4) - 8) * i32::from(y.qs[j + QK / 2]);
+        Format::Q4_0 => {
+            nibbles(&mut q, 2);
+            q.iter_mut().for_each(|q| *q -= 8);
         }
-        sum += si as f32 * f16_at(b, 0) * y.d;
-    }
-    sum
-}
-
-/// One dot product of a `Q8_0` row (`blocks` × [`Q8_0_BYTES`]) with a `Q8_0` row, the scalar formula.
-fn dot_scalar_q8_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(y) {
-        let si: i32 = b[2..]
-            .iter()
-            .zip(&y.qs)
-            .map(|(&q, &qy)| i32::from(q.cast_signed()) * i32::from(qy))
-            .sum();
-        sum += si as f32 * f16_at(b, 0) * y.d;
-    }
-    sum
-}
-
-/// One dot product of a `Q5_0` row (`blocks` × [`Q5_0_BYTES`]) with a `Q8_0` row, the scalar formula.
-fn dot_scalar_q5_0(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q5_0_BYTES).zip(y) {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut si = 0i32;
-        for j in 0..QK / 2 {
-            let q = b[6 + j];
-            let lo = i32::from(q & 0x0f) | (((qh >> j) & 1) << 4) as i32;
-            let hi = i32::from(q >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
-            si += (lo - 16) * i32::from(y.qs[j]) + (hi - 16) * i32::from(y.qs[j + QK / 2]);
+        Format::Q4_1 => {
+            nibbles(&mut q, 4);
+            m = f16_at(b, 2);
         }
-        sum += si as f32 * f16_at(b, 0) * y.d;
+        Format::Q5_0 => {
+            nibbles(&mut q, 6);
+            fifth(&mut q, 2);
+            q.iter_mut().for_each(|q| *q -= 16);
+        }
+        Format::Q5_1 => {
+            nibbles(&mut q, 8);
+            fifth(&mut q, 4);
+            m = f16_at(b, 2);
+        }
+        Format::Q8_0 => {
+            for (q, &v) in q.iter_mut().zip(&b[2..]) {
+                *q = i32::from(v.cast_signed());
+            }
+        }
     }
-    sum
+    (q, d, m)
 }
 
-/// One dot product of a `Q5_1` row (`blocks` × [`Q5_1_BYTES`]) with a `Q8_1` row, the scalar formula.
-fn dot_scalar_q5_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+/// One dot product of a `format` row with a row of rounded activations, the scalar formula: per block the exact
+/// integer sum times d·d', plus m·s' where the weight has a minimum.
+fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q5_1_BYTES).zip(y) {
-        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let mut si = 0i32;
-        for j in 0..QK / 2 {
-            let q = b[8 + j];
-            let lo = i32::from(q & 0x0f) | (((qh >> j) & 1) << 4) as i32;
-            let hi = i32::from(q >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
-            si += lo * i32::from(y.qs[j]) + hi * i32::from(y.qs[j + QK / 2]);
+    for (b, y) in w.chunks_exact(format.block_bytes()).zip(y) {
+        let (q, d, m) = block_values(format, b);
+        let si: i32 = q.iter().zip(&y.qs).map(|(&q, &qy)| q * i32::from(qy)).sum();
+        sum += si as f32 * d * y.d;
+        if format.has_min() {
+            sum += m * y.s;
         }
-        sum += si as f32 * f16_at(b, 0) * y.d + f16_at(b, 2) * y.s;
-    }
-    sum
-}
-
-/// One dot product of a `Q4_1` row (`blocks` × [`Q4_1_BYTES`]) with a `Q8_1` row, the scalar formula.
-fn dot_scalar_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(y) {
-        let mut si = 0i32;
-        for j in 0..QK / 2 {
-            let q = b[4 + j];
-            si += i32::from(q & 0x0f) * i32::from(y.qs[j])
-                + i32::from(q >> 4) * i32::from(y.qs[j + QK / 2]);
-        }
-        sum += si as f32 * f16_at(b, 0) * y.d + f16_at(b, 2) * y.s;
     }
     sum
 }
@@ -1060,7 +1032,7 @@ impl Kernel {
     #[allow(unsafe_code)]
     fn dot_q8_0(self, w: &[u8], y: &[BlockQ8_1]) -> f32 {
         match self {
-            Self::Scalar => dot_scalar_q8_0(w, y),
+            Self::Scalar => dot_scalar(Format::Q8_0, w, y),
             // SAFETY: `detect` saw the features these kernels are compiled for.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { x86::dot_q8_0_avx2(w, y) },
