@@ -115,7 +115,7 @@ fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
 }
 
 /// Training's rule (`ops::quantized_linear`): under `QUANTIZED_DENSE_MIN_ROWS` rows the product rounds x to 8
-/// bits (llama.cpp's kernels, termtune's own for Q4_1 and Q8_0 here); from that many rows on (training steps) it is
+/// bits (llama.cpp's kernels, termtune's own for Q4_1, Q8_0 and Q4_K here); from that many rows on (training steps) it is
 /// the exact product with W dequantized, tracked or not, for Q4_1, Q8_0, Q4_K and Q3_K. Inference's rule
 /// (`ops::quantized_linear_for_inference`, the KV-cached forward): an untracked x times a weight of a type with
 /// termtune's own kernels (Q4_1; with AVX2 also Q8_0 and Q4_K; not Q3_K, which is candle's) runs them for any

@@ -297,6 +297,17 @@ impl Batch {
             }
             spans.push((p, lc, lr));
         }
+        // Attention holds rows x length² scores: k rows up to twice `max_len` (short prompts, long answers) can
+        // hold up to twice the scores of 2k rows of `max_len`, which the memory estimate counts. Shared only while
+        // they hold no more (a shared row is the prompt once and both answers from its last token).
+        let longest = spans
+            .iter()
+            .map(|&(p, lc, lr)| lc + lr + 1 - p)
+            .max()
+            .unwrap_or(0);
+        if longest * longest > 2 * max_len * max_len {
+            return None;
+        }
         let pad_id = (0..self.input_ids.len())
             .find(|&j| self.attention_mask[j] == 0)
             .map_or(0, |j| self.input_ids[j]);
@@ -326,12 +337,6 @@ impl Batch {
             branches.push(branch_ids);
         }
         let mut out = collate(&rows.iter().collect::<Vec<_>>(), pad_id, true);
-        // Attention holds rows x length² scores: k rows up to twice `max_len` (short prompts, long answers) can
-        // hold up to twice the scores of 2k rows of `max_len`, which the memory estimate counts. Shared only while
-        // they hold no more.
-        if out.seq_len * out.seq_len > 2 * max_len * max_len {
-            return None;
-        }
         out.seq_index.clone_from(&self.seq_index);
         for b in &mut branches {
             b.resize(out.seq_len, 0);

@@ -295,19 +295,24 @@ impl KvCache {
 
     /// Keep only the batch rows `rows` (in that order): batched generation drops finished rows.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        // The row indices, made once on the cache's device (all layers share it).
+        let mut idx: Option<Tensor> = None;
         for slot in &mut self.kv {
             let Some(cache) = slot else { continue };
             let (Some(k), Some(v)) = (cache.k()?, cache.v()?) else {
                 continue;
             };
-            let idx = Tensor::from_vec(
-                rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
-                rows.len(),
-                k.device(),
-            )?;
+            let idx = match &idx {
+                Some(idx) => idx,
+                None => idx.insert(Tensor::from_vec(
+                    rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+                    rows.len(),
+                    k.device(),
+                )?),
+            };
             let (k, v) = (
-                k.contiguous()?.index_select(&idx, 0)?,
-                v.contiguous()?.index_select(&idx, 0)?,
+                k.contiguous()?.index_select(idx, 0)?,
+                v.contiguous()?.index_select(idx, 0)?,
             );
             let mut kept =
                 candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(1));

@@ -200,8 +200,9 @@ impl CpuKernels {
     }
 }
 
-/// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is candle's quantized matmul
-/// (the same kernels as [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W` with W
+/// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is termtune's integer kernels on the
+/// CPU where [`CpuKernels`] has them, else candle's quantized matmul (the kernels of
+/// [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W` with W
 /// dequantized for that one product and dropped (candle has no transposed quantized matmul).
 pub struct QuantizedLinear {
     /// (out, in).
@@ -265,10 +266,10 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
     quantized_linear_rows(x, w, QUANTIZED_DENSE_MIN_ROWS)
 }
 
-/// [`quantized_linear`] for inference (the KV-cached forward of chat and generation): on the CPU, a `Q4_1`,
-/// `Q5_0`, `Q5_1` or `Q8_0` weight and an untracked x run [`q4_1`]'s integer kernels for any number of rows, as llama.cpp
-/// does (its prompt tiles: [`q4_1::matmul_t`]), instead of dequantizing every weight for a prompt of 64 tokens or
-/// more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
+/// [`quantized_linear`] for inference (the KV-cached forward of chat and generation): on the CPU, a weight of a
+/// type [`CpuKernels`] multiplies and an untracked x run those integer kernels for any number of rows, as llama.cpp
+/// does (their prompt tiles: [`q4_1::matmul_t`], [`kquants::matmul_t`]), instead of dequantizing every weight for
+/// a prompt of 64 tokens or more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
 /// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].
 pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {

@@ -95,8 +95,8 @@ impl Format {
     }
 }
 
-/// One block of activations rounded to 8 bits: `x ≈ d·q`, `s = d·Σq` (f16-rounded, Q4_1's minimum term), and
-/// `Σq` exactly (Q5_0's offset of 16). 48 bytes.
+/// One block of activations rounded to 8 bits: `x ≈ d·q`, `s = d·Σq` (f16-rounded, Q4_1's and Q5_1's minimum
+/// term), and `Σq` exactly (Q5_0's and Q4_0's offsets). 48 bytes.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct BlockQ8_1 {
@@ -104,7 +104,8 @@ pub struct BlockQ8_1 {
     s: f32,
     qs: [i8; QK],
     sum: i32,
-    /// What the prompt tiles add to each of the integer dot product's 8 lanes (see [`Activations`]).
+    /// What the tiles and the one-row Q5_0/Q4_0 kernels add to each of the integer dot product's 8 lanes (see
+    /// [`Activations`]).
     bias: i32,
 }
 
@@ -226,6 +227,28 @@ pub(crate) mod x86 {
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
+    /// Unsigned bytes times signed bytes, summed in fours to 8 i32 lanes (AVX2: `maddubs`, then `madd` with ones;
+    /// at most 2·31·127 per pair, no saturation for the 4- and 5-bit formats).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_us8(qx: __m256i, qy: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+    }
+
+    /// A Q5_0 block's 32 unsigned q (0..31) as bytes, in value order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_0_values(b: &[u8; Q5_0_BYTES]) -> __m256i {
+        _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6]))
+    }
+
+    /// A Q5_1 block's 32 unsigned q (0..31) as bytes, in value order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_1_values(b: &[u8; Q5_1_BYTES]) -> __m256i {
+        _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8]))
+    }
+
     #[target_feature(enable = "avx2")]
     pub fn quantize_row_q8_1_avx2(x: &[f32], out: &mut [BlockQ8_1]) {
         super::quantize_row_q8_1_impl(x, out);
@@ -238,8 +261,8 @@ pub(crate) mod x86 {
     /// the second lane of a 128-bit vector. One chain of FMAs, llama.cpp's order of the float additions (its
     /// greedy answer on SmolLM2's Q4_1 file is `tests/chat_smollm2.rs`'s token for token; four chains, blocks i,
     /// i + 4, … into one accumulator, changed it and were no faster): SmolLM2's Q4_1 file decoded at 88–90
-    /// tokens/s with four rows side by side (the previous prompt kernel, since replaced by `tile!`), 117–127 with this (two threads, `scripts/bench_decode.py`: 0.76–0.88× llama.cpp's
-    /// decode speed before, 1.14–1.18× here). Q5_1 (`ggml_vec_dot_q5_1_q8_1`) is the same with the fifth bits
+    /// tokens/s with four rows side by side (the previous prompt kernel, since replaced by `tile!`), 117–127 with
+    /// this (two threads, `scripts/bench_decode.py`: 0.76–0.88× llama.cpp's decode speed before, 1.14–1.18× here). Q5_1 (`ggml_vec_dot_q5_1_q8_1`) is the same with the fifth bits
     /// or'ed into the nibbles (`$load`: a block's 32 unsigned q as bytes).
     macro_rules! dot_q4_1 {
         ($name:ident, $features:literal, $bytes:expr, $load:expr, $prod:expr) => {
@@ -272,7 +295,7 @@ pub(crate) mod x86 {
         "avx2,fma,f16c",
         Q4_1_BYTES,
         |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
-        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |qx, qy| dot_us8(qx, qy)
     );
     dot_q4_1!(
         dot_q4_1_vnni,
@@ -285,14 +308,14 @@ pub(crate) mod x86 {
         dot_q5_1_avx2,
         "avx2,fma,f16c",
         Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
-        |qx, qy| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
+        |qx, qy| dot_us8(qx, qy)
     );
     dot_q4_1!(
         dot_q5_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
+        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
         |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
 
@@ -346,17 +369,14 @@ pub(crate) mod x86 {
         dot_q5_0_avx2,
         "avx2,fma,f16c",
         Q5_0_BYTES,
-        |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-        |qx, qy, bias| _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
-            bias
-        )
+        |b: &[u8; Q5_0_BYTES]| q5_0_values(b),
+        |qx, qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
     );
     dot_q5_0!(
         dot_q5_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_0_BYTES,
-        |b: &[u8; Q5_0_BYTES]| _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
+        |b: &[u8; Q5_0_BYTES]| q5_0_values(b),
         |qx, qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
     dot_q5_0!(
@@ -364,10 +384,7 @@ pub(crate) mod x86 {
         "avx2,fma,f16c",
         Q4_0_BYTES,
         |b: &[u8; Q4_0_BYTES]| nibbles(&b[2..]),
-        |qx, qy, bias| _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
-            bias
-        )
+        |qx, qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
     );
     dot_q5_0!(
         dot_q4_0_vnni,
@@ -507,7 +524,7 @@ pub(crate) mod x86 {
         Q4_1_BYTES,
         true,
         |b: &[u8; Q4_1_BYTES]| (nibbles(&b[4..]), _mm256_setzero_si256()),
-        |(qx, _), qy, _bias| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |(qx, _), qy, _bias| dot_us8(qx, qy)
     );
     tile!(
         tile_q4_1_vnni,
@@ -523,21 +540,15 @@ pub(crate) mod x86 {
         "avx2,fma,f16c",
         Q5_1_BYTES,
         true,
-        |b: &[u8; Q5_1_BYTES]| (
-            _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
-            _mm256_setzero_si256()
-        ),
-        |(qx, _), qy, _bias| _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        |b: &[u8; Q5_1_BYTES]| (q5_1_values(b), _mm256_setzero_si256()),
+        |(qx, _), qy, _bias| dot_us8(qx, qy)
     );
     tile!(
         tile_q5_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_1_BYTES,
         true,
-        |b: &[u8; Q5_1_BYTES]| (
-            _mm256_or_si256(nibbles(&b[8..]), fifth_bits(&b[4..8])),
-            _mm256_setzero_si256()
-        ),
+        |b: &[u8; Q5_1_BYTES]| (q5_1_values(b), _mm256_setzero_si256()),
         |(qx, _), qy, _bias| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
     // Q5_0: the unsigned q (0..31) times the activations; the offset of 16 is the bias, −2·Σq' in each of the 8
@@ -547,24 +558,15 @@ pub(crate) mod x86 {
         "avx2,fma,f16c",
         Q5_0_BYTES,
         false,
-        |b: &[u8; Q5_0_BYTES]| (
-            _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-            _mm256_setzero_si256()
-        ),
-        |(qx, _), qy, bias| _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
-            bias
-        )
+        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
+        |(qx, _), qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
     );
     tile!(
         tile_q5_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_0_BYTES,
         false,
-        |b: &[u8; Q5_0_BYTES]| (
-            _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-            _mm256_setzero_si256()
-        ),
+        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
         |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
     // Q4_0: as Q5_0 with the nibbles alone and an offset of 8 (bias −Σq' in each lane).
@@ -574,10 +576,7 @@ pub(crate) mod x86 {
         Q4_0_BYTES,
         false,
         |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1)),
-            bias
-        )
+        |(qx, _), qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
     );
     tile!(
         tile_q4_0_vnni,
@@ -695,10 +694,7 @@ pub(crate) mod x86 {
         tile8_q5_0_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_0_BYTES,
-        |b: &[u8; Q5_0_BYTES]| (
-            _mm256_or_si256(nibbles(&b[6..]), fifth_bits(&b[2..6])),
-            _mm256_setzero_si256()
-        ),
+        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
         |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
     );
     tile8!(
@@ -774,20 +770,11 @@ impl Activations {
         round_rows(x, k, &mut blocks, kb, quantize_row_q8_1);
         let tiles = m > 1 && kernel != Kernel::Scalar;
         let stride = m + 8;
-        let block_major = |f: fn(&BlockQ8_1) -> f32| {
-            let mut v = vec![0f32; kb * stride];
-            for (r, row) in blocks.chunks_exact(kb).enumerate() {
-                for (i, b) in row.iter().enumerate() {
-                    v[i * stride + r] = f(b);
-                }
-            }
-            v
-        };
         let (mut s, mut d) = (Vec::new(), Vec::new());
         if tiles && format.has_min() {
-            s = block_major(|b| b.s);
+            s = block_major(&blocks, kb, stride, |b| b.s);
         } else if tiles {
-            d = block_major(|b| b.d);
+            d = block_major(&blocks, kb, stride, |b| b.d);
         }
         // The blocks' `bias`: Q5_0's offset, −2·Σq' per lane (−16·Σq' in all); Q8_0's −16·Σq' per lane for VNNI's
         // q + 128 (see `x86::tile_q8_0_vnni`).
@@ -826,6 +813,23 @@ impl Activations {
             stride: self.stride,
         }
     }
+}
+
+/// `f` of each block of rows of `kb` blocks, block-major: block i of row r at `i·stride + r`, zero past the last
+/// row (`stride` ≥ rows + 8, so a tile's 8 rows of one block read as one vector).
+pub(crate) fn block_major<B>(
+    blocks: &[B],
+    kb: usize,
+    stride: usize,
+    f: impl Fn(&B) -> f32,
+) -> Vec<f32> {
+    let mut v = vec![0f32; kb * stride];
+    for (r, row) in blocks.chunks_exact(kb).enumerate() {
+        for (i, b) in row.iter().enumerate() {
+            v[i * stride + r] = f(b);
+        }
+    }
+    v
 }
 
 /// Rounds the `x.len() / k` rows of x (each `k` wide) into `kb` blocks each of `out` with `round`: a prompt's rows
@@ -917,8 +921,13 @@ impl Kernel {
         out
     }
 
-    /// The fastest kernel this CPU has.
+    /// The fastest kernel this CPU has (looked up once: every quantized product asks).
     pub fn detect() -> Self {
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512vnni")
