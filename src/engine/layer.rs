@@ -377,6 +377,9 @@ impl Kernels {
             };
             return Ok(ops::fused::attention(q, k, v, bias, scale)?);
         }
+        if self == Self::Inference && ops::cached_attention::applies(q, k, v) {
+            return Ok(ops::cached_attention::attention(q, k, v, bias, scale)?);
+        }
         // GQA without copying K/V: query heads j·n_rep..(j+1)·n_rep share kv head j, so view q as
         // (b, nkv, n_rep·t, hd) and multiply against the nkv heads directly (same as HF `repeat_kv`).
         let n_rep = nh / nkv;

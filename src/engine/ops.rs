@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tenso
 use super::bnb4::Bnb4Tensor;
 use super::{kquants, q4_1};
 
+pub mod cached_attention;
 pub mod fused;
 pub mod generic;
 
