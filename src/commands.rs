@@ -828,7 +828,7 @@ pub fn env_report() -> String {
     let _ = writeln!(
         out,
         "GGUF kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): {} (weights kept quantized)",
-        crate::engine::q4_1::Kernel::detect().name()
+        crate::engine::legacy_quants::Kernel::detect().name()
     );
     let logical = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let _ = writeln!(

@@ -135,8 +135,8 @@ fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_t
         let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
         let wd = q.dequantize(&CPU).unwrap();
         // Q8_0 and the K-quants where termtune's kernels are SIMD (an x86 CPU with AVX2); candle's elsewhere.
-        let simd =
-            termtune::engine::q4_1::Kernel::detect() != termtune::engine::q4_1::Kernel::Scalar;
+        let simd = termtune::engine::legacy_quants::Kernel::detect()
+            != termtune::engine::legacy_quants::Kernel::Scalar;
         let integer_inference = ty == GgmlDType::Q4_1 || (simd && ty != GgmlDType::Q3K);
         for rows in [1, 7, n - 1, n, 3 * n] {
             let x = Tensor::randn(0f32, 1.0, (rows, 512), &CPU).unwrap();

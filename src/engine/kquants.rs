@@ -9,19 +9,19 @@
 //! candle 0.11 has AVX2 dot products for these types, but multiplies on rayon's pool with a row-at-a-time driver:
 //! a q4_k_m file of a 230M-parameter llama shape (1024 wide, 2816 intermediate) decoded at 0.57× llama.cpp's
 //! tokens/s and, with a 94-token prompt multiplied by dequantized weights, prefilled at 0.24× (2-core AVX-512
-//! CPU, `scripts/bench_decode.py`). Here the products run on the same pool and driver as [`q4_1`]'s
-//! ([`q4_1::for_each_column_group`]), one weight row against 1 (decode) to 8 rows of x at a time (a prompt), so a
+//! CPU, `scripts/bench_decode.py`). Here the products run on the same pool and driver as [`legacy_quants`]'s
+//! ([`legacy_quants::for_each_column_group`]), one weight row against 1 (decode) to 8 rows of x at a time (a prompt), so a
 //! weight block is unpacked once for all of them; with AVX-512 (BW, VNNI) 64 values per instruction. The same file
 //! now decodes at 0.94–1.07× llama.cpp's tokens/s and prefills at 0.73–0.85× (llama.cpp repacks Q4_K for its
 //! prompt GEMM); q5_k_m 1.35× and 0.65×, q6_k 1.11–1.20× and 0.75–0.78× (0.96×/0.16× and 1.04×/0.26× before). The
 //! decode kernel for a 2816 × 1024 Q4_K weight in cache: 81.6 µs with the 256-bit kernel, 70.5 with 512-bit
 //! vectors, 47.1 once the scales' unpacking was inlined (a call per block spilled the accumulators).
 //!
-//! [`q4_1`]: super::q4_1
+//! [`legacy_quants`]: super::legacy_quants
 
 use half::f16;
 
-use super::q4_1::{self, Kernel};
+use super::legacy_quants::{self, Kernel};
 
 /// Values per block (weights and activations).
 pub const QK_K: usize = 256;
@@ -213,7 +213,7 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8K]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::super::q4_1::x86::hsum8_epi32;
+    use super::super::legacy_quants::x86::hsum8_epi32;
     use super::{BlockQ8K, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K, Rows};
     use std::arch::x86_64::*;
 
@@ -716,7 +716,7 @@ fn tile<const RN: usize>(kernel: Kernel, format: Format, w: &[u8], y: &Rows<'_, 
 
 /// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `format` tensor of shape (n, k), `k` a multiple of
 /// [`QK_K`]. The activations are rounded once; the work items are groups of output columns
-/// ([`q4_1::for_each_column_group`]); in each, every weight row meets 8 rows of x at a time while 8 are left
+/// ([`legacy_quants::for_each_column_group`]); in each, every weight row meets 8 rows of x at a time while 8 are left
 /// (4 with AVX2 alone: half the registers), then 4, 2, 1.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_t(
@@ -746,12 +746,12 @@ pub fn matmul_t(
         return;
     }
     let mut acts = vec![ZERO; m * kb];
-    q4_1::round_rows(x, k, &mut acts, kb, quantize_row_q8k);
+    legacy_quants::round_rows(x, k, &mut acts, kb, quantize_row_q8k);
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
     // The rows' d' block-major for the 8-row tiles (8 readable from each tile's first row: zero-padded).
     let stride = m + 8;
     let d = if m >= 8 {
-        q4_1::block_major(&acts, kb, stride, |b| b.d)
+        legacy_quants::block_major(&acts, kb, stride, |b| b.d)
     } else {
         Vec::new()
     };
@@ -759,8 +759,8 @@ pub fn matmul_t(
     let max_rows = if kernel == Kernel::Avx2 { 4 } else { 8 };
     #[cfg(not(target_arch = "x86_64"))]
     let max_rows = 8;
-    q4_1::for_each_column_group(n, dst, |c0, cols, out| {
-        for (r0, rows) in q4_1::row_tiles(m, max_rows) {
+    legacy_quants::for_each_column_group(n, dst, |c0, cols, out| {
+        for (r0, rows) in legacy_quants::row_tiles(m, max_rows) {
             macro_rules! rows_of {
                 ($rn:literal) => {{
                     let y = Rows::<$rn> {

@@ -18,12 +18,12 @@ pub mod gguf;
 pub mod hub;
 pub mod kquants;
 pub mod layer;
+pub mod legacy_quants;
 pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod profile;
-pub mod q4_1;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -12,7 +12,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
-use super::{kquants, q4_1};
+use super::{kquants, legacy_quants};
 
 pub mod cached_attention;
 pub mod fused;
@@ -163,10 +163,10 @@ impl CustomOp1 for FrozenLinear {
 
 /// The llama.cpp kernels ported here for a GGML block type on the CPU (`None`: candle's own). candle's Q4_1, Q5_0
 /// and Q5_1 products are scalar loops, its Q4_0 and Q8_0 products are slower than llama.cpp's, and its K-quant
-/// products run a row at a time on rayon's pool: [`q4_1`] and [`kquants`] instead.
+/// products run a row at a time on rayon's pool: [`legacy_quants`] and [`kquants`] instead.
 #[derive(Clone, Copy)]
 enum CpuKernels {
-    Legacy(q4_1::Format),
+    Legacy(legacy_quants::Format),
     K(kquants::Format),
 }
 
@@ -175,9 +175,9 @@ impl CpuKernels {
     /// prompt); Q4_0, Q8_0 and the K-quants only where these kernels are SIMD (AVX2 or better): elsewhere (an ARM
     /// CPU) candle's NEON kernels are the faster ones.
     fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
-        let simd = q4_1::Kernel::detect() != q4_1::Kernel::Scalar;
-        match q4_1::Format::of(dtype) {
-            Some(q4_1::Format::Q8_0 | q4_1::Format::Q4_0) if !simd => None,
+        let simd = legacy_quants::Kernel::detect() != legacy_quants::Kernel::Scalar;
+        match legacy_quants::Format::of(dtype) {
+            Some(legacy_quants::Format::Q8_0 | legacy_quants::Format::Q4_0) if !simd => None,
             Some(f) => Some(Self::Legacy(f)),
             None => kquants::Format::of(dtype).filter(|_| simd).map(Self::K),
         }
@@ -186,16 +186,16 @@ impl CpuKernels {
     /// Values per block: k must be a multiple of it.
     fn block(self) -> usize {
         match self {
-            Self::Legacy(_) => q4_1::QK,
+            Self::Legacy(_) => legacy_quants::QK,
             Self::K(_) => kquants::QK_K,
         }
     }
 
     /// `dst (m × n) = x (m × k) · Wᵀ`, `w` the raw blocks of W (n, k).
     fn matmul_t(self, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, dst: &mut [f32]) {
-        let kernel = q4_1::Kernel::detect();
+        let kernel = legacy_quants::Kernel::detect();
         match self {
-            Self::Legacy(f) => q4_1::matmul_t(kernel, f, x, m, k, w, n, dst),
+            Self::Legacy(f) => legacy_quants::matmul_t(kernel, f, x, m, k, w, n, dst),
             Self::K(f) => kquants::matmul_t(kernel, f, x, m, k, w, n, dst),
         }
     }
@@ -259,7 +259,7 @@ impl CustomOp1 for QuantizedLinear {
 pub const QUANTIZED_DENSE_MIN_ROWS: usize = 64;
 
 /// `x · Wᵀ` for x of any rank ≥ 2 and a quantized W (out, in). Under [`QUANTIZED_DENSE_MIN_ROWS`] rows:
-/// [`QuantizedLinear`] when x is tracked (dX only), candle's quantized matmul (or [`q4_1`]'s) without a graph
+/// [`QuantizedLinear`] when x is tracked (dX only), candle's quantized matmul (or [`legacy_quants`]'s) without a graph
 /// otherwise; the kernels take f32 (and on the CPU f16/bf16) inputs, other dtypes (f64 in gradient checks, half
 /// types on a GPU) go through f32 and come back in their own dtype. From that many rows on: [`frozen_linear`] with
 /// W dequantized for the product (in x's dtype) and dropped.
@@ -269,7 +269,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
 
 /// [`quantized_linear`] for inference (the KV-cached forward of chat and generation): on the CPU, a weight of a
 /// type [`CpuKernels`] multiplies and an untracked x run those integer kernels for any number of rows, as llama.cpp
-/// does (their prompt tiles: [`q4_1::matmul_t`], [`kquants::matmul_t`]), instead of dequantizing every weight for
+/// does (their prompt tiles: [`legacy_quants::matmul_t`], [`kquants::matmul_t`]), instead of dequantizing every weight for
 /// a prompt of 64 tokens or more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
 /// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].

@@ -1,4 +1,5 @@
-//! `x · Wᵀ` on the CPU for a GGML `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` weight, the way llama.cpp computes it:
+//! `x · Wᵀ` on the CPU for a GGML `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` weight (llama.cpp's "legacy" formats:
+//! 32-wide blocks with their own scale; the 256-wide K-quants are [`super::kquants`]), the way llama.cpp computes it:
 //! the activations are rounded to 8-bit blocks (32 int8 and an f16 scale; for Q4_1 and Q5_1 also the f16
 //! `s = d·Σq` that folds in the weight's minimum, for Q5_0 and Q4_0 the exact Σq that takes off their offset of 16
 //! or 8) and each 32-wide block of the dot product is an integer sum scaled by both blocks' scales. candle 0.11 has
@@ -1182,13 +1183,17 @@ pub fn matmul_t(
 ) {
     assert!(
         k.is_multiple_of(QK),
-        "q4_1: k = {k} is not a multiple of {QK}"
+        "legacy_quants: k = {k} is not a multiple of {QK}"
     );
     let kb = k / QK;
     let row_bytes = kb * format.block_bytes();
-    assert_eq!(w.len(), n * row_bytes, "q4_1: weight bytes for ({n}, {k})");
-    assert_eq!(x.len(), m * k, "q4_1: input length");
-    assert_eq!(dst.len(), m * n, "q4_1: output length");
+    assert_eq!(
+        w.len(),
+        n * row_bytes,
+        "legacy_quants: weight bytes for ({n}, {k})"
+    );
+    assert_eq!(x.len(), m * k, "legacy_quants: input length");
+    assert_eq!(dst.len(), m * n, "legacy_quants: output length");
     if m == 0 || n == 0 {
         return;
     }
