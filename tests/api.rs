@@ -316,6 +316,7 @@ fn plain_and_streamed_answers_equal_the_chat_sessions() {
         v["usage"]["total_tokens"],
         prompt_tokens + expected.tokens.len()
     );
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
     let r = chat(
         addr,
@@ -327,7 +328,15 @@ fn plain_and_streamed_answers_equal_the_chat_sessions() {
     let (text, f, usage) = streamed(&r);
     assert_eq!(text, expected.text);
     assert_eq!(f, finish);
-    assert_eq!(usage.unwrap()["completion_tokens"], expected.tokens.len());
+    // The same prompt again: the model kept all of it but the last token (read for the first logits), and
+    // answers as it did without.
+    let usage = usage.unwrap();
+    assert_eq!(usage["completion_tokens"], expected.tokens.len());
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens - 1
+    );
 
     // `stop` cuts the answer before the sequence, and says "stop".
     let cut: String = expected.text.chars().skip(3).take(2).collect();

@@ -906,6 +906,78 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     }
 }
 
+/// A prompt cache reads only the tokens after those it holds and answers as a fresh generation does: a follow-up
+/// turn (the first prompt, its answer, more tokens), a prompt that leaves the held tokens part-way (the cache is
+/// truncated), the same prompt again (all but its last token held), an unrelated prompt (nothing reused).
+#[test]
+fn prompt_cache_reuses_the_shared_prefix_and_answers_as_a_fresh_generation() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, tok) = build(
+        d.path(),
+        &TinyOpts::default(),
+        DType::F32,
+        &Finetune::Frozen,
+    );
+    let ids = |text: &str| tok.encode(text, false).unwrap().get_ids().to_vec();
+    let first = ids("<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n");
+    let params = GenerationParams {
+        max_new_tokens: 7,
+        ..GenerationParams::default()
+    };
+    let fresh = |prompt: &[u32]| {
+        generate::generate_timed(
+            &m,
+            prompt,
+            &params,
+            &[],
+            None,
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+    };
+    let mut cache = generate::PromptCache::default();
+    let cached = |prompt: &[u32], cache: &mut generate::PromptCache| {
+        generate::generate_cached(&m, prompt, &params, &[], None, cache, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+    };
+    let (a, _, t) = cached(&first, &mut cache);
+    assert_eq!(a, fresh(&first).0);
+    assert_eq!((t.prompt_tokens, t.cached_tokens), (first.len(), 0));
+    // The prompt and the answer's tokens read after it (the last one sampled, never read).
+    assert_eq!(cache.len(), first.len() + a.len() - 1);
+    let mut follow = first.clone();
+    follow.extend(&a);
+    follow.extend(ids(
+        "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n",
+    ));
+    let (b, _, t) = cached(&follow, &mut cache);
+    assert_eq!(b, fresh(&follow).0);
+    assert_eq!(t.cached_tokens, first.len() + a.len() - 1);
+    assert_eq!(t.prompt_tokens, follow.len() - t.cached_tokens);
+    // Leaving the held tokens part-way: the first 5 are reused.
+    let mut branch = follow[..5].to_vec();
+    branch.extend(ids("bye now"));
+    assert_ne!(branch[5], follow[5]);
+    let (c, _, t) = cached(&branch, &mut cache);
+    assert_eq!(c, fresh(&branch).0);
+    assert_eq!(t.cached_tokens, 5);
+    // The same prompt again: all but its last token (read for the first logits).
+    let (c2, _, t) = cached(&branch, &mut cache);
+    assert_eq!(
+        (c2, t.cached_tokens, t.prompt_tokens),
+        (c, branch.len() - 1, 1)
+    );
+    // Nothing shared.
+    let other = ids("zzz");
+    assert_ne!(other[0], branch[0]);
+    let (e, _, t) = cached(&other, &mut cache);
+    assert_eq!((e, t.cached_tokens), (fresh(&other).0, 0));
+    cache.clear();
+    assert!(cache.is_empty());
+}
+
 #[test]
 fn greedy_generation_matches_argmax_and_stops_and_cancels() {
     let d = tempfile::tempdir().unwrap();

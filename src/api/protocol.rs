@@ -437,6 +437,9 @@ impl Finish {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Of the prompt's tokens, those whose keys and values the model kept from the previous request (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
 }
 
@@ -446,6 +449,7 @@ impl Usage {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         })
     }
 }
@@ -726,6 +730,7 @@ mod tests {
         }];
         let usage = Usage {
             prompt_tokens: 3,
+            cached_tokens: 0,
             completion_tokens: 4,
         };
         let v = tool_completion(&h, &calls, usage);

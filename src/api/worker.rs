@@ -241,6 +241,7 @@ fn answer(session: &ChatSession, job: &Job) -> Outcome {
     };
     let usage = Usage {
         prompt_tokens,
+        cached_tokens: answer.timing.cached_tokens,
         completion_tokens: answer.tokens.len(),
     };
     if job

@@ -11,13 +11,14 @@ pub mod worker;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, TryLockError};
 
 use candle_core::Device;
 
 use crate::config::Preset;
 use crate::data::{ChatPrompt, Encoder, Message, Role};
 use crate::engine::adapter::{apply_adapters, parse_adapter_list};
-use crate::engine::generate::{ChatAnswer, GenerationParams, stream_answer};
+use crate::engine::generate::{ChatAnswer, GenerationParams, PromptCache, stream_answer};
 use crate::engine::source::{SourceKind, SourceProgress};
 use crate::engine::{Finetune, Model};
 use crate::resolve::{self, PresetModel};
@@ -137,6 +138,8 @@ pub struct ChatSession {
     pub system: Option<String>,
     pub history: Vec<Message>,
     pub info: LoadedInfo,
+    /// The last answer's KV cache: the next prompt reads only what follows the tokens it shares with it.
+    prompt_cache: Mutex<PromptCache>,
 }
 
 impl ChatSession {
@@ -158,6 +161,7 @@ impl ChatSession {
             system: preset.default_system.clone(),
             history: Vec::new(),
             info,
+            prompt_cache: Mutex::new(PromptCache::default()),
         })
     }
 
@@ -236,6 +240,18 @@ impl ChatSession {
         cancel: Option<&AtomicBool>,
         on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<ChatAnswer, ChatError> {
+        // One generation at a time reuses the cache (a second, concurrent one starts from nothing).
+        let mut fresh = PromptCache::default();
+        let mut held = match self.prompt_cache.try_lock() {
+            Ok(held) => Some(held),
+            // A generation that panicked took the cache out before it could leave one: nothing stale is held.
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let prompt_cache = match held.as_deref_mut() {
+            Some(held) => held,
+            None => &mut fresh,
+        };
         Ok(stream_answer(
             &self.model,
             &self.encoder.tokenizer,
@@ -243,6 +259,7 @@ impl ChatSession {
             params,
             &prompt.stop_ids,
             cancel,
+            prompt_cache,
             on_text,
         )?)
     }

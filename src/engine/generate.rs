@@ -69,7 +69,10 @@ pub enum StopReason {
 /// forward passes of the tokens after it (one each, the stop token's included).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GenerationTiming {
+    /// Prompt tokens read (those after the ones a [`PromptCache`] already held).
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from a [`PromptCache`] (not read again).
+    pub cached_tokens: usize,
     pub prompt: Duration,
     /// Forward passes after the prompt's.
     pub decoded_tokens: usize,
@@ -90,10 +93,16 @@ impl GenerationTiming {
     pub fn decode_tokens_per_sec(&self) -> f64 {
         Self::per_sec(self.decoded_tokens, self.decode)
     }
-    /// `prompt 104 tokens in 0.41 s (253.7 tokens/s); decode 127 tokens in 1.62 s (78.4 tokens/s)`.
+    /// `prompt 104 tokens in 0.41 s (253.7 tokens/s); decode 127 tokens in 1.62 s (78.4 tokens/s)`, with
+    /// `prompt 12 tokens (+ 230 cached) in …` when a [`PromptCache`] held the first 230.
     pub fn describe(&self) -> String {
+        let cached = if self.cached_tokens > 0 {
+            format!(" (+ {} cached)", self.cached_tokens)
+        } else {
+            String::new()
+        };
         format!(
-            "prompt {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens in {:.2} s ({:.1} tokens/s)",
+            "prompt {} tokens{cached} in {:.2} s ({:.1} tokens/s); decode {} tokens in {:.2} s ({:.1} tokens/s)",
             self.prompt_tokens,
             self.prompt.as_secs_f64(),
             self.prompt_tokens_per_sec(),
@@ -124,20 +133,109 @@ pub fn generate_timed(
     params: &GenerationParams,
     stop_ids: &[u32],
     cancel: Option<&AtomicBool>,
-    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, StopReason, GenerationTiming)> {
+    let mut fresh = PromptCache::default();
+    generate_cached(
+        model, prompt_ids, params, stop_ids, cancel, &mut fresh, on_token,
+    )
+}
+
+/// The KV cache a generation leaves behind and the tokens in it (the prompt and the answer's tokens read after
+/// it), for the next generation of the same model: a prompt that starts with some of those tokens reads only the
+/// tokens after them, as llama.cpp's server reuses a slot's cache (a chat's earlier turns and system prompt are
+/// not read again each turn). The kept keys and values were computed when those tokens were read (a prompt's
+/// product tiles or a decode step's kernels), so a reused prefix equals a recomputed one up to the order of float
+/// additions.
+#[derive(Default)]
+pub struct PromptCache {
+    held: Option<(Vec<u32>, KvCache)>,
+}
+
+impl PromptCache {
+    /// Forgets what is held (its memory too).
+    pub fn clear(&mut self) {
+        self.held = None;
+    }
+
+    /// Tokens whose keys and values are held.
+    pub fn len(&self) -> usize {
+        self.held.as_ref().map_or(0, |(ids, _)| ids.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cache for `prompt_ids` and how many of its first tokens it holds: the longest common prefix, short of
+    /// the prompt's last token (its forward pass gives the first logits); the rest is truncated away.
+    fn take_for(&mut self, model: &Model, prompt_ids: &[u32]) -> Result<(KvCache, usize)> {
+        let Some((ids, mut cache)) = self.held.take() else {
+            return Ok((KvCache::new(model.layers.len()), 0));
+        };
+        let common = ids
+            .iter()
+            .zip(prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt_ids.len().saturating_sub(1));
+        if cache.seq_len != ids.len() || cache.num_layers() != model.layers.len() {
+            return Ok((KvCache::new(model.layers.len()), 0));
+        }
+        cache.truncate(common)?;
+        Ok((cache, common))
+    }
+}
+
+/// [`generate_timed`] starting from what `prompt_cache` holds of the prompt, leaving it the cache of this
+/// generation (emptied if the generation fails).
+pub fn generate_cached(
+    model: &Model,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    prompt_cache: &mut PromptCache,
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<(Vec<u32>, StopReason, GenerationTiming)> {
     if prompt_ids.is_empty() {
         return Err(EngineError::Invalid(
             "generation needs a non-empty prompt".into(),
         ));
     }
+    let (mut cache, cached) = prompt_cache.take_for(model, prompt_ids)?;
+    let mut read: Vec<u32> = prompt_ids[..cached].to_vec();
+    let out = generate_with(
+        model,
+        prompt_ids,
+        params,
+        stop_ids,
+        cancel,
+        (&mut cache, cached, &mut read),
+        on_token,
+    )?;
+    prompt_cache.held = Some((read, cache));
+    Ok(out)
+}
+
+/// The generation loop: the prompt from `cached` on is read into `cache` (which holds its first `cached` tokens),
+/// every token read is appended to `read`.
+fn generate_with(
+    model: &Model,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    stop_ids: &[u32],
+    cancel: Option<&AtomicBool>,
+    (cache, cached, read): (&mut KvCache, usize, &mut Vec<u32>),
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, StopReason, GenerationTiming)> {
     let mut lp = LogitsProcessor::from_sampling(params.seed, params.sampling());
-    let mut cache = KvCache::new(model.layers.len());
     let mut context: Vec<u32> = prompt_ids.to_vec();
     let mut out = Vec::new();
-    let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
+    let mut input_ids: Vec<u32> = prompt_ids[cached..].to_vec();
     let mut timing = GenerationTiming {
-        prompt_tokens: prompt_ids.len(),
+        prompt_tokens: prompt_ids.len() - cached,
+        cached_tokens: cached,
         ..GenerationTiming::default()
     };
     let start = Instant::now();
@@ -158,7 +256,9 @@ pub fn generate_timed(
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Ok((out, StopReason::Cancelled, done(&mut timing, first, step)));
         }
-        let logits = model.forward_cached(&input, &mut cache, true)?;
+        let input = Tensor::new(input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
+        let logits = model.forward_cached(&input, cache, true)?;
+        read.append(&mut input_ids);
         let mut logits = Model::last_logits(&logits)?.to_dtype(DType::F32)?;
         if params.repetition_penalty != 1.0 {
             logits = candle_transformers::utils::apply_repeat_penalty(
@@ -181,7 +281,7 @@ pub fn generate_timed(
             let t = done(&mut timing, first, step + 1);
             return Ok((out, StopReason::Cancelled, t));
         }
-        input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
+        input_ids.push(next);
     }
     let t = done(&mut timing, first, params.max_new_tokens);
     Ok((out, StopReason::MaxTokens, t))
@@ -372,12 +472,15 @@ pub fn chat_completion(
         params,
         stop_ids,
         cancel,
+        &mut PromptCache::default(),
         on_text,
     )
 }
 
-/// Generates after `prompt_ids` and streams the answer as text pieces to `on_text` (complete UTF-8 only; return
-/// `Break` to stop). The one detokenising loop of `termtune chat`, the chat pane and `termtune api`.
+/// Generates after `prompt_ids` (from what `prompt_cache` holds of them) and streams the answer as text pieces to
+/// `on_text` (complete UTF-8 only; return `Break` to stop). The one detokenising loop of `termtune chat`, the chat
+/// pane and `termtune api`.
+#[allow(clippy::too_many_arguments)]
 pub fn stream_answer(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -385,17 +488,19 @@ pub fn stream_answer(
     params: &GenerationParams,
     stop_ids: &[u32],
     cancel: Option<&AtomicBool>,
+    prompt_cache: &mut PromptCache,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<ChatAnswer> {
     let mut streamer = TextStreamer::new(tokenizer);
     let mut text = String::new();
     let mut err: Option<EngineError> = None;
-    let (tokens, stop, timing) = generate_timed(
+    let (tokens, stop, timing) = generate_cached(
         model,
         prompt_ids,
         params,
         stop_ids,
         cancel,
+        prompt_cache,
         |id| match streamer.push(id) {
             Ok(Some(piece)) => {
                 text.push_str(&piece);

@@ -288,6 +288,11 @@ impl KvCache {
             seq_len: 0,
         }
     }
+    /// Decoder layers it has room for.
+    pub fn num_layers(&self) -> usize {
+        self.kv.len()
+    }
+
     pub fn reset(&mut self) {
         self.kv.iter_mut().for_each(|x| *x = None);
         self.seq_len = 0;
@@ -319,6 +324,34 @@ impl KvCache {
             kept.append(&k, &v)?;
             *cache = kept;
         }
+        Ok(())
+    }
+
+    /// Keep only the first `len` positions (a prompt that shares them with what the cache holds reads only what
+    /// follows). The kept keys and values are copied into a cache of the same room.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.seq_len {
+            return Ok(());
+        }
+        if len == 0 {
+            self.reset();
+            return Ok(());
+        }
+        for slot in &mut self.kv {
+            let Some(cache) = slot else { continue };
+            let (Some(k), Some(v)) = (cache.k()?, cache.v()?) else {
+                continue;
+            };
+            let (k, v) = (
+                k.narrow(2, 0, len)?.contiguous()?,
+                v.narrow(2, 0, len)?.contiguous()?,
+            );
+            let mut kept =
+                candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(len));
+            kept.append(&k, &v)?;
+            *cache = kept;
+        }
+        self.seq_len = len;
         Ok(())
     }
 }
