@@ -5,7 +5,7 @@
 //!   (`Backend::generic_only`) against finite differences in f64 and against the fused path in f32.
 //! - On a CUDA device (when one is present; otherwise each test prints "no CUDA device: skipped"): every kernel,
 //!   the loss, logits and every LoRA gradient against the CPU in f32 (1e-4 relative) and bf16, finite differences
-//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), greedy generation against the CPU, a 4-bit
+//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), greedy generation against the CPU (and with a prompt cache against a fresh one), a 4-bit
 //!   (QLoRA) run and a GGUF base kept in each block type against the CPU, and dpo, orpo, kto and rm runs against
 //!   the CPU runs.
 //!   Run them on a GPU machine with a CUDA build: `scripts/build-cuda.sh test --release --test integration gpu::`.
@@ -735,6 +735,36 @@ fn cuda_greedy_generation_matches_the_cpu() {
         ids
     };
     assert_eq!(greedy(&dev), greedy(&CPU));
+    // A prompt cache on the GPU (its keys and values truncated and appended to there) answers as a fresh
+    // generation: a follow-up prompt and one that leaves the held tokens part-way.
+    let m = load(d.path(), DType::F32, &dev, &lora(4));
+    let params = termtune::engine::generate::GenerationParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let run = |prompt: &[u32], cache: &mut termtune::engine::generate::PromptCache| {
+        termtune::engine::generate::generate_cached(&m, prompt, &params, &[], None, cache, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
+    };
+    let mut cache = termtune::engine::generate::PromptCache::default();
+    let first: Vec<u32> = vec![5, 70, 71, 100, 33, 8, 9];
+    let (a, _, _) = run(&first, &mut cache);
+    let mut follow = first.clone();
+    follow.extend(&a);
+    follow.extend([12, 13, 14]);
+    let mut branch = first[..4].to_vec();
+    branch.extend([40, 41]);
+    for prompt in [follow, branch] {
+        let (got, _, t) = run(&prompt, &mut cache);
+        assert!(t.cached_tokens > 0);
+        let (want, _, _) = run(
+            &prompt,
+            &mut termtune::engine::generate::PromptCache::default(),
+        );
+        assert_eq!(got, want);
+    }
 }
 
 #[test]
