@@ -474,6 +474,7 @@ mod chat {
             stats: AnswerStats {
                 tokens: 3,
                 prompt_tokens: 9,
+                cached_tokens: 0,
                 tokens_per_s: 10.0,
                 stop: StopReason::MaxTokens,
             },

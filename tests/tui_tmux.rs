@@ -513,6 +513,15 @@ fn chat_with_the_tiny_model_in_tmux() {
     tmux.wait_for("the copy message", 10, |s| s.contains("copied via OSC 52"));
     let buffer = String::from_utf8(tmux.cmd(&["show-buffer"]).stdout).unwrap();
     assert!(buffer.starts_with("ok the cat"), "clipboard: {buffer:?}");
+    // A second turn reads only what follows the tokens the first one left in the KV cache.
+    tmux.keys(&["i"]);
+    tmux.keys(&["-l", "again"]);
+    tmux.keys(&["Enter"]);
+    let s = tmux.wait_for("the second answer's numbers", 120, |s| {
+        s.contains(" cached) · ")
+    });
+    assert!(s.matches("you › ").count() >= 2, "{s}");
+    tmux.keys(&["Escape"]);
     // Quit (the preset is unchanged, so no question).
     tmux.keys(&["q"]);
     let s = tmux.wait_for("termtune to exit", 30, |s| s.contains("TERMTUNE_EXIT="));

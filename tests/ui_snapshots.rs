@@ -768,6 +768,7 @@ mod chat {
             stats: AnswerStats {
                 tokens,
                 prompt_tokens: 31,
+                cached_tokens: 0,
                 tokens_per_s: 23.4,
                 stop: StopReason::Stop(2),
             },

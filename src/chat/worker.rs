@@ -82,8 +82,10 @@ pub struct LoadedTarget {
 pub struct AnswerStats {
     /// New tokens generated (the stop token excluded).
     pub tokens: usize,
-    /// Tokens of the rendered prompt the model read first.
+    /// Tokens of the rendered prompt.
     pub prompt_tokens: usize,
+    /// Of them, those the previous answer left in the KV cache (not read again).
+    pub cached_tokens: usize,
     /// `tokens` over the whole answer's wall time (prompt processing included).
     pub tokens_per_s: f64,
     pub stop: StopReason,
@@ -364,6 +366,7 @@ fn answer(
             stats: AnswerStats {
                 tokens: 0,
                 prompt_tokens: 0,
+                cached_tokens: 0,
                 tokens_per_s: 0.0,
                 stop: StopReason::Cancelled,
             },
@@ -399,6 +402,7 @@ fn answer(
                 stats: AnswerStats {
                     tokens: a.tokens.len(),
                     prompt_tokens,
+                    cached_tokens: a.timing.cached_tokens,
                     tokens_per_s,
                     stop: a.stop,
                 },

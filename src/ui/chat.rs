@@ -225,10 +225,15 @@ fn turn_rows(t: &Turn, width: usize, theme: &Theme) -> Vec<Line<'static>> {
         rows.push(Line::styled(
             clip(
                 &format!(
-                    "  {} tokens · {:.1} tok/s · prompt {} tokens · {}",
+                    "  {} tokens · {:.1} tok/s · prompt {} tokens{} · {}",
                     s.tokens,
                     s.tokens_per_s,
                     s.prompt_tokens,
+                    if s.cached_tokens > 0 {
+                        format!(" ({} cached)", s.cached_tokens)
+                    } else {
+                        String::new()
+                    },
                     stop_label(s.stop)
                 ),
                 width,
