@@ -12,8 +12,10 @@
 //! CPU, `scripts/bench_decode.py`). Here the products run on the same pool and driver as [`legacy_quants`]'s
 //! ([`legacy_quants::for_each_column_group`]), one weight row against 1 (decode) to 8 rows of x at a time (a prompt), so a
 //! weight block is unpacked once for all of them; with AVX-512 (BW, VNNI) 64 values per instruction. The same file
-//! now decodes at 0.94–1.07× llama.cpp's tokens/s and prefills at 0.73–0.85× (llama.cpp repacks Q4_K for its
-//! prompt GEMM); q5_k_m 1.35× and 0.65×, q6_k 1.11–1.20× and 0.75–0.78× (0.96×/0.16× and 1.04×/0.26× before). The
+//! then decoded at 0.94–1.07× llama.cpp's tokens/s and prefilled at 0.73–0.85× (llama.cpp repacks Q4_K for its
+//! prompt GEMM); q5_k_m 1.35× and 0.65×, q6_k 1.11–1.20× and 0.75–0.78× (0.96×/0.16× and 1.04×/0.26× before); with
+//! decode attention reading the KV cache in place (`ops::cached_attention`) 1.03–1.13× (README has the current
+//! figures). The
 //! decode kernel for a 2816 × 1024 Q4_K weight in cache: 81.6 µs with the 256-bit kernel, 70.5 with 512-bit
 //! vectors, 47.1 once the scales' unpacking was inlined (a call per block spilled the accumulators).
 //!

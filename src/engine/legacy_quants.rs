@@ -10,7 +10,7 @@
 //! candle's own rounding of x), 61 tokens/s decoding the Q8_0 file on one thread against 104 here (two threads,
 //! `scripts/bench_decode.py`: 0.71× llama.cpp's decode speed before, 1.04× here); its Q4_0 product runs a row at a
 //! time on rayon's pool (a q4_0 file of `scripts/random_llama_gguf.py`'s shape: 0.39× llama.cpp's decode and 0.24×
-//! its prompt tokens/s before, 0.89× and 0.72× here; SmolLM2 q4_0 0.49× → 0.94×, 0.32× → 0.73×; llama.cpp repacks
+//! its prompt tokens/s before, 0.89× and 0.72× here (0.85–0.99× with `ops::cached_attention`); SmolLM2 q4_0 0.49× → 0.94×, 0.32× → 0.73×; llama.cpp repacks
 //! Q4_0 8 rows at a time). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
 //! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`; Q5_1's is Q4_1's with the fifth bits, Q4_0's Q5_0's
 //! without), with AVX-512 VNNI's byte dot product where the CPU has it, and the scalar formulas elsewhere. The
