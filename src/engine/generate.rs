@@ -145,8 +145,10 @@ pub fn generate_timed(
 /// it), for the next generation of the same model: a prompt that starts with some of those tokens reads only the
 /// tokens after them, as llama.cpp's server reuses a slot's cache (a chat's earlier turns and system prompt are
 /// not read again each turn). The kept keys and values were computed when those tokens were read (a prompt's
-/// product tiles or a decode step's kernels), so a reused prefix equals a recomputed one up to the order of float
-/// additions.
+/// product tiles or a decode step's kernels): with dense weights a reused prefix equals a recomputed one up to the
+/// order of float additions (`tests/chat_smollm2.rs`); with a quantized GGUF each product rounds its activations to
+/// 8 bits, so an answer's tokens read one at a time differ from a fresh read of them by a rounding step here and
+/// there (2–3 % of the largest logit on SmolLM2's Q4_1 file), as llama.cpp's cached slots do.
 #[derive(Default)]
 pub struct PromptCache {
     held: Option<(Vec<u32>, KvCache)>,
