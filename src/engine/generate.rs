@@ -176,15 +176,15 @@ impl PromptCache {
         let Some((ids, mut cache)) = self.held.take() else {
             return Ok((KvCache::new(model.layers.len()), 0));
         };
+        if cache.seq_len != ids.len() || cache.num_layers() != model.layers.len() {
+            return Ok((KvCache::new(model.layers.len()), 0));
+        }
         let common = ids
             .iter()
             .zip(prompt_ids)
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt_ids.len().saturating_sub(1));
-        if cache.seq_len != ids.len() || cache.num_layers() != model.layers.len() {
-            return Ok((KvCache::new(model.layers.len()), 0));
-        }
         cache.truncate(common)?;
         Ok((cache, common))
     }

@@ -302,33 +302,21 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         // The row indices, made once on the cache's device (all layers share it).
         let mut idx: Option<Tensor> = None;
-        for slot in &mut self.kv {
-            let Some(cache) = slot else { continue };
-            let (Some(k), Some(v)) = (cache.k()?, cache.v()?) else {
-                continue;
-            };
+        self.rebuild(|z| {
             let idx = match &idx {
                 Some(idx) => idx,
                 None => idx.insert(Tensor::from_vec(
                     rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
                     rows.len(),
-                    k.device(),
+                    z.device(),
                 )?),
             };
-            let (k, v) = (
-                k.contiguous()?.index_select(idx, 0)?,
-                v.contiguous()?.index_select(idx, 0)?,
-            );
-            let mut kept =
-                candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(1));
-            kept.append(&k, &v)?;
-            *cache = kept;
-        }
-        Ok(())
+            Ok(z.contiguous()?.index_select(idx, 0)?)
+        })
     }
 
     /// Keep only the first `len` positions (a prompt that shares them with what the cache holds reads only what
-    /// follows). The kept keys and values are copied into a cache of the same room.
+    /// follows).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len >= self.seq_len {
             return Ok(());
@@ -337,21 +325,25 @@ impl KvCache {
             self.reset();
             return Ok(());
         }
+        self.rebuild(|z| Ok(z.narrow(2, 0, len)?.contiguous()?))?;
+        self.seq_len = len;
+        Ok(())
+    }
+
+    /// Each layer's keys and values replaced by `keep` of them (each of K and V), copied into a cache of the same
+    /// room.
+    fn rebuild(&mut self, mut keep: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<()> {
         for slot in &mut self.kv {
             let Some(cache) = slot else { continue };
             let (Some(k), Some(v)) = (cache.k()?, cache.v()?) else {
                 continue;
             };
-            let (k, v) = (
-                k.narrow(2, 0, len)?.contiguous()?,
-                v.narrow(2, 0, len)?.contiguous()?,
-            );
+            let (k, v) = (keep(&k)?, keep(&v)?);
             let mut kept =
-                candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(len));
+                candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len().max(1));
             kept.append(&k, &v)?;
             *cache = kept;
         }
-        self.seq_len = len;
         Ok(())
     }
 }

@@ -198,8 +198,8 @@ struct Head<K, V> {
 }
 
 impl<'a, K: Fn(usize) -> &'a [f32], V: Fn(usize) -> &'a [f32]> Head<K, V> {
-    /// One query row: scores `scale·q·k + bias`, softmax as `fused`'s masked softmax (the maximum taken off,
-    /// exponents below −87 as 0), then `o = Σ p·v`.
+    /// One query row: scores `scale·q·k + bias`, their softmax (`fused::softmax_row`, the training path's), then
+    /// `o = Σ p·v`.
     fn row(&self, q: &[f32], bias: Option<&[f32]>, o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
@@ -222,28 +222,14 @@ impl<'a, K: Fn(usize) -> &'a [f32], V: Fn(usize) -> &'a [f32]> Head<K, V> {
         dot: impl Fn(&[f32], &[f32]) -> f32,
         axpy: impl Fn(f32, &[f32], &mut [f32]),
     ) {
-        let mut p = vec![0f32; self.s];
-        let mut m = f32::NEG_INFINITY;
-        for (pos, pv) in p.iter_mut().enumerate() {
-            let score = dot(q, (self.k)(pos)) * self.scale + bias.map_or(0.0, |b| b[pos]);
-            *pv = score;
-            m = m.max(score);
-        }
+        let mut p: Vec<f32> = (0..self.s)
+            .map(|pos| dot(q, (self.k)(pos)) * self.scale + bias.map_or(0.0, |b| b[pos]))
+            .collect();
+        super::fused::softmax_row(&mut p);
         o.fill(0.0);
-        if m == f32::NEG_INFINITY {
-            // Every position masked: nothing to attend to (no row of termtune's masks is so).
-            return;
-        }
-        let mut sum = 0f32;
-        for pv in &mut p {
-            let d = *pv - m;
-            *pv = if d < -87.0 { 0.0 } else { d.exp() };
-            sum += *pv;
-        }
-        let inv = 1.0 / sum;
         for (pos, &pv) in p.iter().enumerate() {
             if pv != 0.0 {
-                axpy(pv * inv, (self.v)(pos), o);
+                axpy(pv, (self.v)(pos), o);
             }
         }
     }

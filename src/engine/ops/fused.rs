@@ -283,29 +283,38 @@ fn softmax_kernel<T: Float + Send + Sync>(
             let ti = row % t;
             let bi = row / (h * t);
             let br = &bias[(if bb == 1 { 0 } else { bi } * t + ti) * s..][..s];
-            let mut m = T::neg_infinity();
             for i in 0..s {
-                let v = xr[i] * scale + br[i];
-                o[i] = v;
-                if v > m {
-                    m = v;
-                }
+                o[i] = xr[i] * scale + br[i];
             }
-            // Masked entries (bias −1e9) would send expf down its slow underflow path; below −87 the exponential
-            // is under f32's smallest normal number (and negligible next to the row maximum's 1 in f64 too).
-            let floor = T::from(-87.0).unwrap_or(T::neg_infinity());
-            let mut sum = T::zero();
-            for v in o.iter_mut() {
-                let d = *v - m;
-                *v = if d < floor { T::zero() } else { d.exp() };
-                sum = sum + *v;
-            }
-            let inv = T::one() / sum;
-            for v in o.iter_mut() {
-                *v = *v * inv;
-            }
+            softmax_row(o);
         });
     out
+}
+
+/// Softmax of one row of (scaled, masked) scores in place: the row's maximum taken off, exponents below −87 as 0,
+/// then normalised. A row with every entry −∞ (nothing to attend to) becomes zeros. Also the decode attention's
+/// (`super::cached_attention`).
+pub(crate) fn softmax_row<T: Float>(row: &mut [T]) {
+    let m = row
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    if m == T::neg_infinity() {
+        row.fill(T::zero());
+        return;
+    }
+    // Masked entries (bias −1e9) would send expf down its slow underflow path; below −87 the exponential is under
+    // f32's smallest normal number (and negligible next to the row maximum's 1 in f64 too).
+    let floor = T::from(-87.0).unwrap_or(T::neg_infinity());
+    let mut sum = T::zero();
+    for v in row.iter_mut() {
+        let d = *v - m;
+        *v = if d < floor { T::zero() } else { d.exp() };
+        sum = sum + *v;
+    }
+    let inv = T::one() / sum;
+    for v in row.iter_mut() {
+        *v = *v * inv;
+    }
 }
 
 fn softmax_bwd_kernel<T: Float + Send + Sync>(y: &[T], g: &[T], s: usize, scale: T) -> Vec<T> {
