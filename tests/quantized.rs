@@ -14,6 +14,7 @@ use termtune::engine::gguf::{load_gguf, load_gguf_quantized};
 use termtune::engine::memory::BaseStorage;
 use termtune::engine::model::{KvCache, Weight};
 use termtune::engine::ops;
+use termtune::engine::qweight::QWeight;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::{ModelFiles, load_hf_folder, load_hf_folder_with};
 use termtune::engine::{AttnMask, Finetune, LoraSpec, LoraTargets, Model};
@@ -71,7 +72,9 @@ pub fn tiny_pair(dir: &std::path::Path, ty: GgmlDType) -> (ModelFiles, ModelFile
         dense
             .tensors
             .insert(name.clone(), q.dequantize(&CPU).unwrap());
-        quant.quantized.insert(name, Arc::new(q));
+        quant
+            .quantized
+            .insert(name, QWeight::new(Arc::new(q)).unwrap());
     }
     (quant, dense)
 }
@@ -96,7 +99,7 @@ fn cached_logits(m: &Model) -> (Tensor, Tensor) {
 #[test]
 fn quantized_linear_backward_is_the_product_with_the_dequantized_weight() {
     let w = Tensor::randn(0f32, 0.05, (96, 256), &CPU).unwrap();
-    let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).unwrap());
+    let q = QWeight::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).unwrap())).unwrap();
     let wd = q.dequantize(&CPU).unwrap();
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 256), &CPU).unwrap())
         .unwrap();
@@ -128,11 +131,12 @@ fn training_multiplies_many_rows_by_the_dequantized_weight_and_inference_keeps_t
     for ty in [
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
         GgmlDType::Q4K,
         GgmlDType::Q3K,
     ] {
         let w = Tensor::randn(0f32, 0.05, (72, 512), &CPU).unwrap();
-        let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
+        let q = QWeight::new(Arc::new(QTensor::quantize(&w, ty).unwrap())).unwrap();
         let wd = q.dequantize(&CPU).unwrap();
         // Q8_0 and the K-quants where termtune's kernels are SIMD (an x86 CPU with AVX2); candle's elsewhere.
         let simd = termtune::engine::legacy_quants::Kernel::detect()
@@ -538,8 +542,8 @@ fn quantization_bit_8_trains_lora_over_q8_0_linears_close_to_the_dense_base() {
     assert_eq!(streamed.quantized.len(), n);
     for (name, q) in &files.quantized {
         assert_eq!(
-            streamed.quantized[name].data().unwrap(),
-            q.data().unwrap(),
+            streamed.quantized[name].gguf_bytes().unwrap(),
+            q.gguf_bytes().unwrap(),
             "{name}"
         );
     }

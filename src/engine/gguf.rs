@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value as Json, json};
 use tokenizers::Tokenizer;
 
+use super::qweight::QWeight;
 use super::tokenizer::{self, TokenizerError, as_u64};
 
 /// `general.architecture` values [`load_gguf`] accepts (Mistral GGUFs are written as `llama`).
@@ -81,8 +82,9 @@ pub struct GgufModel {
     /// HF tensor names (`model.layers.N.self_attn.q_proj.weight`, …) in HF row order, in the requested dtype.
     pub tensors: HashMap<String, Tensor>,
     /// With [`load_gguf_quantized`]: the 2-D tensors stored in a quantized GGML type (Q4_0, Q4_1, Q4_K, Q5_K,
-    /// Q6_K, Q8_0, …), kept in that type under their HF names, in HF row order (none of them is in `tensors`).
-    pub quantized: HashMap<String, Arc<QTensor>>,
+    /// Q6_K, Q8_0, …), kept in that type under their HF names, in HF row order (none of them is in `tensors`;
+    /// Q4_0 on the CPU packed, [`QWeight::new`]).
+    pub quantized: HashMap<String, QWeight>,
     pub tokenizer: Tokenizer,
     /// Equivalent of HF `tokenizer_config.json`: `chat_template`, `bos_token`, `eos_token`, `add_bos_token`, …
     pub tokenizer_config: Json,
@@ -300,7 +302,8 @@ fn read_gguf(
                     .tensor(&mut reader, name, device)
                     .map_err(|e| tensor_err(name, e))?,
             };
-            quantized.insert(hf, Arc::new(q));
+            let q = QWeight::new(Arc::new(q)).map_err(|e| tensor_err(name, e))?;
+            quantized.insert(hf, q);
             continue;
         }
         let q = ct

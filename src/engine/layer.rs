@@ -19,13 +19,13 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
 use super::bnb4::Bnb4Tensor;
 use super::error::Result;
 use super::ops;
 use super::profile::span;
+use super::qweight::QWeight;
 
 type R<T> = candle_core::Result<T>;
 
@@ -35,10 +35,10 @@ pub enum Weight {
     Frozen(Tensor),
     Trainable(Var),
     /// A frozen 2-D weight (out, in) kept quantized (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, … from a GGUF file):
-    /// linears multiply with candle's quantized kernels ([`QMatMul`]), embeddings look rows up with its
-    /// quantized embedding, and a dense copy exists only transiently (the input gradient, merging, export).
-    /// [`QMatMul`]: candle_core::quantized::QMatMul
-    Quantized(Arc<QTensor>),
+    /// linears multiply with termtune's integer kernels on the CPU ([`ops::quantized_linear`]) or candle's
+    /// quantized ones, embeddings look rows up dequantized, and a dense copy exists only transiently (the input
+    /// gradient, merging, export).
+    Quantized(QWeight),
     /// A frozen 2-D weight (out, in) in bitsandbytes' 4-bit layout (`quantization_bit: 4`, NF4 or FP4, blocks of
     /// 64): linears dequantize it for each product ([`ops::bnb4_linear`]), no dense copy is kept.
     Bnb4(Arc<Bnb4Tensor>),
@@ -67,7 +67,7 @@ impl Weight {
         match self {
             Self::Frozen(t) => t.dims(),
             Self::Trainable(v) => v.dims(),
-            Self::Quantized(q) => q.shape().dims(),
+            Self::Quantized(q) => q.dims(),
             Self::Bnb4(q) => q.dims(),
         }
     }

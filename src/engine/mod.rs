@@ -24,6 +24,7 @@ pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod profile;
+pub mod qweight;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

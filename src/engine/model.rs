@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use super::qweight::QWeight;
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
@@ -385,7 +385,7 @@ pub struct Model {
 
 struct Loader<'a> {
     tensors: &'a HashMap<String, Tensor>,
-    quantized: &'a HashMap<String, Arc<QTensor>>,
+    quantized: &'a HashMap<String, QWeight>,
     bnb4: &'a HashMap<String, Arc<Bnb4Tensor>>,
     dtype: DType,
     device: &'a Device,
@@ -394,7 +394,7 @@ struct Loader<'a> {
 /// A base tensor as loaded: dense, or kept in its GGML block format.
 enum Loaded {
     Dense(Tensor),
-    Quantized(Arc<QTensor>),
+    Quantized(QWeight),
     Bnb4(Arc<Bnb4Tensor>),
 }
 
@@ -426,7 +426,7 @@ impl Loader<'_> {
         } else {
             self.quantized
                 .get(name)
-                .map(|q| (q.shape().dims(), q.device(), Loaded::Quantized(q.clone())))
+                .map(|q| (q.dims(), q.device(), Loaded::Quantized(q.clone())))
         };
         if let Some((dims, device, loaded)) = kept {
             Self::check(name, dims, shape)?;
@@ -493,7 +493,7 @@ impl Model {
     pub fn from_parts(
         cfg: ModelConfig,
         tensors: &HashMap<String, Tensor>,
-        quantized: &HashMap<String, Arc<QTensor>>,
+        quantized: &HashMap<String, QWeight>,
         bnb4: &HashMap<String, Arc<Bnb4Tensor>>,
         dtype: DType,
         device: &Device,

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
+use super::qweight::QWeight;
 use candle_core::backend::BackendStorage;
-use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
@@ -202,12 +202,12 @@ impl CpuKernels {
 }
 
 /// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is termtune's integer kernels on the
-/// CPU where [`CpuKernels`] has them, else candle's quantized matmul (the kernels of
-/// [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W` with W
-/// dequantized for that one product and dropped (candle has no transposed quantized matmul).
+/// CPU where [`CpuKernels`] has them (a packed Q4_0 weight its own, [`PackedQ4_0::matmul_t`]), else candle's
+/// quantized matmul (the kernels of [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W`
+/// with W dequantized for that one product and dropped (candle has no transposed quantized matmul).
 pub struct QuantizedLinear {
     /// (out, in).
-    pub w: Arc<QTensor>,
+    pub w: QWeight,
 }
 
 impl CustomOp1 for QuantizedLinear {
@@ -216,20 +216,34 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(kernels) = CpuKernels::of(self.w.dtype()) else {
-            return self.w.cpu_fwd(s, l);
-        };
         let (n, k) = self.w.shape().dims2()?;
         let (m, kx) = l.shape().dims2()?;
-        if kx != k || !k.is_multiple_of(kernels.block()) {
-            return self.w.cpu_fwd(s, l);
-        }
-        let (CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            return self.w.cpu_fwd(s, l);
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(x), Some((a, b))) if kx == k => Some(&x[a..b]),
+            _ => None,
         };
-        let w = self.w.data()?;
+        let q = match &self.w {
+            QWeight::Q4_0x8(p) => {
+                let Some(x) = x else {
+                    candle_core::bail!(
+                        "quantized-linear: a packed Q4_0 weight takes contiguous f32 rows of {k}"
+                    )
+                };
+                let mut out = vec![0f32; m * n];
+                p.matmul_t(x, m, &mut out);
+                return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+            }
+            QWeight::Blocks(q) => q,
+        };
+        let (Some(kernels), Some(x)) = (CpuKernels::of(q.dtype()), x) else {
+            return q.cpu_fwd(s, l);
+        };
+        if !k.is_multiple_of(kernels.block()) {
+            return q.cpu_fwd(s, l);
+        }
+        let w = q.data()?;
         let mut out = vec![0f32; m * n];
-        kernels.matmul_t(&x[a..b], m, k, &w, n, &mut out);
+        kernels.matmul_t(x, m, k, &w, n, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -239,7 +253,14 @@ impl CustomOp1 for QuantizedLinear {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.w.cuda_fwd(s, l)
+        match &self.w {
+            QWeight::Blocks(q) => q.cuda_fwd(s, l),
+            QWeight::Q4_0x8(_) => {
+                candle_core::bail!(
+                    "quantized-linear: a packed Q4_0 weight is on the CPU, the input on a GPU"
+                )
+            }
+        }
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -263,7 +284,7 @@ pub const QUANTIZED_DENSE_MIN_ROWS: usize = 64;
 /// otherwise; the kernels take f32 (and on the CPU f16/bf16) inputs, other dtypes (f64 in gradient checks, half
 /// types on a GPU) go through f32 and come back in their own dtype. From that many rows on: [`frozen_linear`] with
 /// W dequantized for the product (in x's dtype) and dropped.
-pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+pub fn quantized_linear(x: &Tensor, w: &QWeight) -> candle_core::Result<Tensor> {
     quantized_linear_rows(x, w, QUANTIZED_DENSE_MIN_ROWS)
 }
 
@@ -273,7 +294,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Ten
 /// a prompt of 64 tokens or more. SmolLM2's files, `scripts/bench_decode.py FILE --threads 2 --reps 6` (2-core AVX-512 VNNI CPU, 94-token
 /// prompt): prompt tokens/s against llama.cpp's, Q8_0 0.49× → 0.88×, Q4_1 0.94× → 1.74× (289 tokens: 0.75× →
 /// 0.99×, 1.09× → 1.66×); a LoRA step (x tracked) keeps the dense product. Elsewhere it is [`quantized_linear`].
-pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+pub fn quantized_linear_for_inference(x: &Tensor, w: &QWeight) -> candle_core::Result<Tensor> {
     let integer = x.device().is_cpu() && CpuKernels::of(w.dtype()).is_some() && !x.track_op();
     let dense_min_rows = if integer {
         usize::MAX
@@ -286,7 +307,7 @@ pub fn quantized_linear_for_inference(x: &Tensor, w: &Arc<QTensor>) -> candle_co
 /// [`quantized_linear`] with the dense product from `dense_min_rows` rows of x on.
 fn quantized_linear_rows(
     x: &Tensor,
-    w: &Arc<QTensor>,
+    w: &QWeight,
     dense_min_rows: usize,
 ) -> candle_core::Result<Tensor> {
     let dims = x.dims();

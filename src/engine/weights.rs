@@ -16,6 +16,7 @@ use super::arch::LINEAR_LEAVES;
 use super::bnb4::Bnb4Tensor;
 use super::error::{EngineError, Result};
 use super::memory::BaseStorage;
+use super::qweight::QWeight;
 
 /// A model as loaded from disk: HF config, HF-named tensors and (when present) tokenizer files.
 pub struct ModelFiles {
@@ -23,9 +24,10 @@ pub struct ModelFiles {
     pub config: Value,
     /// Tensors in HF names, converted to the requested dtype, on the requested device.
     pub tensors: HashMap<String, Tensor>,
-    /// Tensors in HF names kept in a GGML block format (a GGUF file's quantized weights), on the requested
-    /// device; none of them is also in `tensors`. Empty for a safetensors folder.
-    pub quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// Tensors in HF names kept in a GGML block format (a GGUF file's quantized weights, `quantization_bit`'s
+    /// GGML types), on the requested device (Q4_0 on the CPU packed, [`QWeight::new`]); none of them is also in
+    /// `tensors`.
+    pub quantized: HashMap<String, QWeight>,
     /// Tensors in HF names kept in bitsandbytes' 4-bit layout (`quantization_bit: 4`), on the requested device;
     /// none of them is also in `tensors`. Empty as loaded from disk.
     pub bnb4: HashMap<String, std::sync::Arc<super::bnb4::Bnb4Tensor>>,
@@ -410,7 +412,7 @@ impl ModelFiles {
         match to {
             BaseStorage::Linears(dtype) => {
                 let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, dtype, device)?;
-                self.quantized.insert(name, Arc::new(q));
+                self.quantized.insert(name, QWeight::new(Arc::new(q))?);
             }
             BaseStorage::Bnb4(kind, double) => {
                 let q = Bnb4Tensor::quantize_onto(&t, kind, double, device)
@@ -451,11 +453,7 @@ impl ModelFiles {
             }
         }
         for q in self.quantized.values_mut() {
-            if !q.device().same_device(device) {
-                let storage =
-                    candle_core::quantized::QStorage::from_data(q.data()?, device, q.dtype())?;
-                *q = Arc::new(QTensor::new(storage, q.shape().clone())?);
-            }
+            *q = q.to_device(device)?;
         }
         for q in self.bnb4.values_mut() {
             if !q.device().same_device(device) {
