@@ -8,11 +8,13 @@
 //! VNNI tiles only for rows a multiple of 256 wide, and SmolLM2's are 576 wide but for `down_proj`: the others, the
 //! tied lm_head too, run its one-row AVX2 loop (one chain of FMAs, an out-of-line f16 conversion per block,
 //! candle's own rounding of x), 61 tokens/s decoding the Q8_0 file on one thread against 104 here (two threads,
-//! `scripts/bench_decode.py`: 0.71× llama.cpp's decode speed before, 1.04× here); its Q4_0 product runs a row at a
+//! `scripts/bench_decode.py`: 0.71× llama.cpp's decode speed before, 1.04× here, 1.23–1.26× with the rows packed
+//! eight side by side, [`pack_x8`]; prompt 0.94× → 1.05–1.07×); its Q4_0 product runs a row at a
 //! time on rayon's pool (a q4_0 file of `scripts/random_llama_gguf.py`'s shape: 0.39× llama.cpp's decode and 0.24×
 //! its prompt tokens/s before, 0.89× and 0.72× with one row at a time (0.85–0.99× with `ops::cached_attention`),
-//! 1.18× and 0.95× with the rows packed eight side by side ([`pack_q4_0x8`], as llama.cpp's x86 build repacks
-//! Q4_0; SmolLM2 q4_0 0.49× → 0.86× → 1.23×, 0.32× → 0.70× → 1.00×). These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
+//! 1.14× and 1.13× with the rows packed eight side by side ([`pack_x8`], as llama.cpp's x86 build repacks
+//! Q4_0; SmolLM2 q4_0 0.49× → 0.86× → 1.18×, 0.32× → 0.70× → 0.93–0.95×). Packed, Q5_0 too: SmolLM2's q4_k_m
+//! (mostly Q5_0) 1.10× → 1.27× and 0.94× → 1.04×. These are llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1`,
 //! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`; Q5_1's is Q4_1's with the fifth bits, Q4_0's Q5_0's
 //! without), with AVX-512 VNNI's byte dot product where the CPU has it, and the scalar formulas elsewhere. The
 //! activation rounding follows llama.cpp's x86 `quantize_row_q8_1` / `quantize_row_q8_0` (scale `amax/127`,
@@ -213,8 +215,8 @@ fn dot_scalar(format: Format, w: &[u8], y: &[BlockQ8_1]) -> f32 {
 #[allow(unsafe_code)]
 pub(crate) mod x86 {
     use super::{
-        ActTile, BlockQ8_1, Q4_0_BYTES, Q4_0X8_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES,
-        Q8_0_BYTES, QK, WeightTile,
+        ActTile, BlockQ8_1, Q4_0_BYTES, Q4_0X8_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_0X8_BYTES,
+        Q5_1_BYTES, Q8_0_BYTES, Q8_0X8_BYTES, QK, WeightTile,
     };
     use std::arch::x86_64::*;
 
@@ -743,66 +745,199 @@ pub(crate) mod x86 {
         ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
     }
 
-    /// Eight Q4_0 rows packed side by side ([`super::pack_q4_0x8`]) against one Q8_0 row: per block, lane r of
-    /// each product is row r's, so the eight dot products need no horizontal sums — the scales of the eight rows
-    /// convert in one instruction, and each 32-byte load of nibbles feeds two products (low nibbles: values
-    /// 4c..4c + 3 of each row, against the activations' four bytes broadcast; high nibbles: values 16 + 4c..).
-    /// Each block's integer sum starts from 8·`bias` (the offset of 8 times Σq', taken off in the integers), two
-    /// chains per block, two blocks in flight. llama.cpp's x86 build repacks Q4_0 the same way
-    /// (`ggml_gemv_q4_0_8x8_q8_0`); one row at a time (`dot_q5_0!`) a decode product (2816 × 1024) took 60–67 µs
-    /// in cache and 74–85 µs streamed from memory, this 21–23 µs and 53–59 µs.
-    macro_rules! gemv_q4_0x8 {
-        ($name:ident, $features:literal, $prod:expr) => {
+    /// The fifth bits of values `at..at + 4` (`at` a multiple of 4) of eight packed Q5_0 rows as 0 or 16 in bytes
+    /// 0..3 of each lane, `qh` holding row r's 32 fifth bits in lane r: the byte holding the four bits copied to
+    /// the lane's four bytes, each byte masked to its own bit, compared, masked to 16.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fifth_bits_x8(qh: __m256i, at: usize) -> __m256i {
+        let byte = (at / 8) as i8;
+        let spread = _mm256_setr_epi8(
+            byte,
+            byte,
+            byte,
+            byte,
+            byte + 4,
+            byte + 4,
+            byte + 4,
+            byte + 4,
+            byte + 8,
+            byte + 8,
+            byte + 8,
+            byte + 8,
+            byte + 12,
+            byte + 12,
+            byte + 12,
+            byte + 12,
+            byte,
+            byte,
+            byte,
+            byte,
+            byte + 4,
+            byte + 4,
+            byte + 4,
+            byte + 4,
+            byte + 8,
+            byte + 8,
+            byte + 8,
+            byte + 8,
+            byte + 12,
+            byte + 12,
+            byte + 12,
+            byte + 12,
+        );
+        let first = if at.is_multiple_of(8) {
+            0x0804_0201
+        } else {
+            0x8040_2010_u32 as i32
+        };
+        let bits = _mm256_set1_epi32(first);
+        let set = _mm256_cmpeq_epi8(
+            _mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bits),
+            bits,
+        );
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// `RN` rows of activations against eight packed rows ([`super::pack_x8`]), as llama.cpp's x86 build
+    /// multiplies its repacked Q4_0 (`ggml_gemv_q4_0_8x8_q8_0`, `ggml_gemm_…`): per block each weight vector is
+    /// decoded once (`$decode`: eight vectors of 32 bytes, lane r row r's four values, with the offsets of the four
+    /// activation bytes each meets, broadcast) and serves the `RN` rows of x; per row and block the integer sums
+    /// start from `$bias` of the block's `bias` (the formats' offsets, or VNNI's q + 128, taken off in the
+    /// integers), two chains, are scaled by d·d' (the eight rows' scales converted in one instruction) and
+    /// accumulated in f32 lanes, lane r row r's: no horizontal sums, one scale conversion per eight rows. One row
+    /// of x is a decode step. Against the one-row kernels on the plain layout (`dot_q5_0!`, `dot_q8_0!`; a
+    /// 2816 × 1024 product on this 2-core Zen 4, medians of 7): decode Q4_0 60–67 → 21–23 µs in cache and 74–85
+    /// → 53–59 µs streamed from memory, Q5_0 88 → 41 and 100 → 71 µs, Q8_0 92 → 27 µs in cache (streamed, both
+    /// ~130 µs: memory-bound); 64 rows of x, against the plain layout's tiles (`tile8!`): Q4_0 2.0–2.4 → 1.0–1.1
+    /// ms, Q5_0 2.1–2.3 → 1.2–1.4 ms, Q8_0 1.7–2.3 → 1.0–1.1 ms.
+    macro_rules! gemm_x8 {
+        ($name:ident, $features:literal, $bytes:expr, $decode:expr, $bias:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
-            pub fn $name(g: &[u8], y: &[BlockQ8_1]) -> [f32; 8] {
-                let blocks = &g.as_chunks::<Q4_0X8_BYTES>().0[..y.len()];
-                let m4 = _mm256_set1_epi8(0x0f);
-                let block = |acc: __m256, b: &[u8; Q4_0X8_BYTES], yb: &BlockQ8_1| {
-                    // SAFETY: bytes 0..16 are the eight f16 scales; `q(c)` reads bytes 16 + 32c..48 + 32c < 144.
+            pub fn $name<const RN: usize>(g: &[u8], ys: [&[BlockQ8_1]; RN]) -> [[f32; 8]; RN] {
+                let kb = ys[0].len();
+                let blocks = &g.as_chunks::<{ $bytes }>().0[..kb];
+                let mut acc = [_mm256_setzero_ps(); RN];
+                for (i, b) in blocks.iter().enumerate() {
+                    // SAFETY: bytes 0..16 are the eight f16 scales.
                     let d = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().cast())) };
-                    let q =
-                        |c: usize| unsafe { _mm256_loadu_si256(b[16 + 32 * c..].as_ptr().cast()) };
-                    let yv = |at: usize| {
-                        let four: [i8; 4] =
-                            [yb.qs[at], yb.qs[at + 1], yb.qs[at + 2], yb.qs[at + 3]];
-                        _mm256_set1_epi32(i32::from_le_bytes(four.map(|v| v as u8)))
-                    };
-                    let mut lo = _mm256_set1_epi32(8 * yb.bias);
-                    let mut hi = _mm256_setzero_si256();
-                    for c in 0..4 {
-                        let l = q(c);
-                        let ql = _mm256_and_si256(l, m4);
-                        let qh = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
-                        lo = $prod(lo, ql, yv(4 * c));
-                        hi = $prod(hi, qh, yv(16 + 4 * c));
+                    let (w, at): ([__m256i; 8], [usize; 8]) = $decode(b);
+                    for j in 0..RN {
+                        let yb = &ys[j][i];
+                        let yv = |at: usize| {
+                            let four = [yb.qs[at], yb.qs[at + 1], yb.qs[at + 2], yb.qs[at + 3]];
+                            _mm256_set1_epi32(i32::from_le_bytes(four.map(|v| v as u8)))
+                        };
+                        let mut even = _mm256_set1_epi32($bias(yb.bias));
+                        let mut odd = _mm256_setzero_si256();
+                        for v in (0..8).step_by(2) {
+                            even = $prod(even, w[v], yv(at[v]));
+                            odd = $prod(odd, w[v + 1], yv(at[v + 1]));
+                        }
+                        let p = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                        acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(yb.d)), p, acc[j]);
                     }
-                    let p = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
-                    _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(yb.d)), p, acc)
-                };
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let (b2, rest) = blocks.as_chunks::<2>();
-                let (y2, yrest) = y.as_chunks::<2>();
-                for (b, yb) in b2.iter().zip(y2) {
-                    a0 = block(a0, &b[0], &yb[0]);
-                    a1 = block(a1, &b[1], &yb[1]);
                 }
-                for (b, yb) in rest.iter().zip(yrest) {
-                    a0 = block(a0, b, yb);
+                let mut out = [[0f32; 8]; RN];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    // SAFETY: `o` is 8 f32.
+                    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
                 }
-                let mut out = [0f32; 8];
-                // SAFETY: `out` is 8 f32.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
                 out
             }
         };
     }
 
-    gemv_q4_0x8!(gemv_q4_0x8_avx2, "avx2,fma,f16c", |acc, qx, qy| {
-        _mm256_add_epi32(acc, dot_us8(qx, qy))
-    });
-    gemv_q4_0x8!(
-        gemv_q4_0x8_vnni,
+    /// Q4_0's (or Q5_0's, `q5`) eight weight vectors of a packed block: the low and high nibbles of each of the
+    /// four 32-byte groups (values 4c.. and 16 + 4c.. of each row), Q5_0's with their fifth bits.
+    #[inline(always)]
+    fn nibble_vectors<const BYTES: usize>(b: &[u8; BYTES], q5: bool) -> ([__m256i; 8], [usize; 8]) {
+        let qs = if q5 { 48 } else { 16 };
+        // SAFETY: the callers are compiled with AVX2; bytes qs + 32c..qs + 32 + 32c ≤ BYTES, Q5_0's 16..48.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let qh = if q5 {
+                _mm256_loadu_si256(b[16..].as_ptr().cast())
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut w = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let l = _mm256_loadu_si256(b[qs + 32 * c..].as_ptr().cast());
+                w[2 * c] = _mm256_and_si256(l, m4);
+                w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+                if q5 {
+                    w[2 * c] = _mm256_or_si256(w[2 * c], fifth_bits_x8(qh, 4 * c));
+                    w[2 * c + 1] = _mm256_or_si256(w[2 * c + 1], fifth_bits_x8(qh, 16 + 4 * c));
+                }
+            }
+            (w, [0, 16, 4, 20, 8, 24, 12, 28])
+        }
+    }
+
+    /// Q8_0's eight weight vectors of a packed block (values 4c..4c + 3 of each row), `flip`ped to q + 128 for
+    /// VNNI's unsigned operand.
+    #[inline(always)]
+    fn q8_vectors(b: &[u8; Q8_0X8_BYTES], flip: bool) -> ([__m256i; 8], [usize; 8]) {
+        // SAFETY: the callers are compiled with AVX2; bytes 16 + 32c..48 + 32c ≤ 272.
+        unsafe {
+            let x = _mm256_set1_epi8(if flip { -128 } else { 0 });
+            let w = std::array::from_fn(|c| {
+                _mm256_xor_si256(_mm256_loadu_si256(b[16 + 32 * c..].as_ptr().cast()), x)
+            });
+            (w, [0, 4, 8, 12, 16, 20, 24, 28])
+        }
+    }
+
+    gemm_x8!(
+        gemm_q4_0x8_avx2,
+        "avx2,fma,f16c",
+        Q4_0X8_BYTES,
+        |b| nibble_vectors(b, false),
+        |bias: i32| 8 * bias,
+        |acc, qx, qy| _mm256_add_epi32(acc, dot_us8(qx, qy))
+    );
+    gemm_x8!(
+        gemm_q4_0x8_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q4_0X8_BYTES,
+        |b| nibble_vectors(b, false),
+        |bias: i32| 8 * bias,
+        |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
+    );
+    gemm_x8!(
+        gemm_q5_0x8_avx2,
+        "avx2,fma,f16c",
+        Q5_0X8_BYTES,
+        |b| nibble_vectors(b, true),
+        |bias: i32| 8 * bias,
+        |acc, qx, qy| _mm256_add_epi32(acc, dot_us8(qx, qy))
+    );
+    gemm_x8!(
+        gemm_q5_0x8_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q5_0X8_BYTES,
+        |b| nibble_vectors(b, true),
+        |bias: i32| 8 * bias,
+        |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
+    );
+    gemm_x8!(
+        gemm_q8_0x8_avx2,
+        "avx2,fma,f16c",
+        Q8_0X8_BYTES,
+        |b| q8_vectors(b, false),
+        |_bias: i32| 0,
+        |acc, qx, qy| _mm256_add_epi32(
+            acc,
+            dot_us8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+        )
+    );
+    gemm_x8!(
+        gemm_q8_0x8_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        Q8_0X8_BYTES,
+        |b| q8_vectors(b, true),
+        |bias: i32| 8 * bias,
         |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
     );
 
@@ -1300,25 +1435,40 @@ pub fn matmul_t(
     });
 }
 
-/// Bytes of one block of eight Q4_0 rows packed side by side ([`pack_q4_0x8`]).
+/// Bytes of one block of eight Q4_0 rows packed side by side ([`pack_x8`]).
 pub const Q4_0X8_BYTES: usize = 8 * Q4_0_BYTES;
+/// Bytes of one block of eight Q5_0 rows packed side by side ([`pack_x8`]).
+pub const Q5_0X8_BYTES: usize = 8 * Q5_0_BYTES;
+/// Bytes of one block of eight Q8_0 rows packed side by side ([`pack_x8`]).
+pub const Q8_0X8_BYTES: usize = 8 * Q8_0_BYTES;
 
-/// Q4_0 rows (`n` of `kb` blocks, the GGUF layout) with their blocks eight rows side by side, as llama.cpp's x86
-/// build repacks Q4_0 on load: for rows 8g..8g + 7 and block b, 144 bytes — the eight f16 scales, then for c in
-/// 0..4 the bytes 4c..4c + 3 of each row's 16 nibble bytes, row after row (so 32 bytes hold values 4c..4c + 3 of
-/// the eight rows in their low nibbles and values 16 + 4c.. in their high ones); the `n % 8` last rows follow in
-/// the GGUF layout. The same bytes, moved: [`unpack_q4_0x8`] gives the input back.
-pub fn pack_q4_0x8(w: &[u8], n: usize, kb: usize) -> Vec<u8> {
-    let row = kb * Q4_0_BYTES;
-    assert_eq!(w.len(), n * row, "pack_q4_0x8: weight bytes for {n} rows");
+impl Format {
+    /// Whether [`pack_x8`] packs the format (its blocks are an f16 scale, then whole groups of 4 bytes).
+    pub fn packs_x8(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q5_0 | Self::Q8_0)
+    }
+}
+
+/// Rows of a Q4_0, Q5_0 or Q8_0 weight (`n` of `kb` blocks, the GGUF layout) with their blocks eight rows side by
+/// side, as llama.cpp's x86 build repacks Q4_0 and Q8_0 on load: for rows 8g..8g + 7 and block b, the eight f16
+/// scales, then for each group c of four bytes after a block's scale (Q4_0: four of nibbles; Q5_0: its 32 fifth
+/// bits, then four of nibbles; Q8_0: eight of quants) those bytes of each row, row after row — so 32 bytes of
+/// quants hold values 4c..4c + 3 of the eight rows, lane r row r's (the nibbles also values 16 + 4c.. in their high
+/// halves). The `n % 8` last rows follow in the GGUF layout. The same bytes, moved: [`unpack_x8`] gives the input
+/// back.
+pub fn pack_x8(format: Format, w: &[u8], n: usize, kb: usize) -> Vec<u8> {
+    assert!(format.packs_x8(), "pack_x8: {format:?}");
+    let bytes = format.block_bytes();
+    let row = kb * bytes;
+    assert_eq!(w.len(), n * row, "pack_x8: weight bytes for {n} rows");
     let mut out = Vec::with_capacity(w.len());
     for g in 0..n / 8 {
         for b in 0..kb {
-            let blk = |r: usize| &w[(8 * g + r) * row + b * Q4_0_BYTES..][..Q4_0_BYTES];
+            let blk = |r: usize| &w[(8 * g + r) * row + b * bytes..][..bytes];
             for r in 0..8 {
                 out.extend_from_slice(&blk(r)[..2]);
             }
-            for c in 0..4 {
+            for c in 0..(bytes - 2) / 4 {
                 for r in 0..8 {
                     out.extend_from_slice(&blk(r)[2 + 4 * c..][..4]);
                 }
@@ -1329,15 +1479,22 @@ pub fn pack_q4_0x8(w: &[u8], n: usize, kb: usize) -> Vec<u8> {
     out
 }
 
-/// The GGUF layout of rows packed by [`pack_q4_0x8`].
-pub fn unpack_q4_0x8(p: &[u8], n: usize, kb: usize) -> Vec<u8> {
-    let row = kb * Q4_0_BYTES;
-    assert_eq!(p.len(), n * row, "unpack_q4_0x8: packed bytes for {n} rows");
+/// The GGUF layout of rows packed by [`pack_x8`].
+pub fn unpack_x8(format: Format, p: &[u8], n: usize, kb: usize) -> Vec<u8> {
+    let bytes = format.block_bytes();
+    let row = kb * bytes;
+    assert_eq!(p.len(), n * row, "unpack_x8: packed bytes for {n} rows");
     let mut out = vec![0u8; p.len()];
     for r in 0..n / 8 * 8 {
         for b in 0..kb {
-            out[r * row + b * Q4_0_BYTES..][..Q4_0_BYTES]
-                .copy_from_slice(&q4_0x8_block(p, kb, r, b));
+            x8_block(
+                format,
+                p,
+                kb,
+                r,
+                b,
+                &mut out[r * row + b * bytes..][..bytes],
+            );
         }
     }
     let tail = n / 8 * 8 * row;
@@ -1345,46 +1502,62 @@ pub fn unpack_q4_0x8(p: &[u8], n: usize, kb: usize) -> Vec<u8> {
     out
 }
 
-/// Block `b` of row `r` (in a group of eight) of rows packed by [`pack_q4_0x8`], in the GGUF layout.
-pub fn q4_0x8_block(p: &[u8], kb: usize, r: usize, b: usize) -> [u8; Q4_0_BYTES] {
+/// Block `b` of row `r` (in a group of eight) of rows packed by [`pack_x8`], in the GGUF layout, into `out`.
+pub fn x8_block(format: Format, p: &[u8], kb: usize, r: usize, b: usize, out: &mut [u8]) {
+    let bytes = format.block_bytes();
     let (g, lane) = (r / 8, r % 8);
-    let packed = &p[(g * kb + b) * Q4_0X8_BYTES..][..Q4_0X8_BYTES];
-    let mut out = [0u8; Q4_0_BYTES];
+    let packed = &p[(g * kb + b) * 8 * bytes..][..8 * bytes];
     out[..2].copy_from_slice(&packed[2 * lane..][..2]);
-    for c in 0..4 {
+    for c in 0..(bytes - 2) / 4 {
         out[2 + 4 * c..][..4].copy_from_slice(&packed[16 + 32 * c + 4 * lane..][..4]);
     }
-    out
 }
 
 impl Kernel {
-    /// One block of eight packed Q4_0 rows' `kb` blocks against one row of activations: the eight products.
+    /// Eight packed rows' `kb` blocks (one group of [`pack_x8`]) against `RN` rows of activations: the `RN × 8`
+    /// products.
     #[allow(unsafe_code)]
-    fn gemv_q4_0x8(self, g: &[u8], y: &[BlockQ8_1]) -> [f32; 8] {
-        match self {
-            Self::Scalar => std::array::from_fn(|r| {
-                let row: Vec<u8> = (0..y.len())
-                    .flat_map(|b| q4_0x8_block(g, y.len(), r, b))
-                    .collect();
-                dot_scalar(Format::Q4_0, &row, y)
-            }),
+    fn gemm_x8<const RN: usize>(
+        self,
+        format: Format,
+        g: &[u8],
+        ys: [&[BlockQ8_1]; RN],
+    ) -> [[f32; 8]; RN] {
+        match (self, format) {
             // SAFETY: `detect` saw the features these kernels are compiled for.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::gemv_q4_0x8_avx2(g, y) },
+            (Self::Avx2, Format::Q4_0) => unsafe { x86::gemm_q4_0x8_avx2(g, ys) },
             #[cfg(target_arch = "x86_64")]
-            Self::Vnni => unsafe { x86::gemv_q4_0x8_vnni(g, y) },
+            (Self::Vnni, Format::Q4_0) => unsafe { x86::gemm_q4_0x8_vnni(g, ys) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q5_0) => unsafe { x86::gemm_q5_0x8_avx2(g, ys) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q5_0) => unsafe { x86::gemm_q5_0x8_vnni(g, ys) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q8_0) => unsafe { x86::gemm_q8_0x8_avx2(g, ys) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q8_0) => unsafe { x86::gemm_q8_0x8_vnni(g, ys) },
+            _ => ys.map(|y| {
+                std::array::from_fn(|r| {
+                    let mut row = vec![0u8; y.len() * format.block_bytes()];
+                    for (b, out) in row.chunks_exact_mut(format.block_bytes()).enumerate() {
+                        x8_block(format, g, y.len(), r, b, out);
+                    }
+                    dot_scalar(format, &row, y)
+                })
+            }),
         }
     }
 }
 
-/// `dst (m × n) = x (m × k) · Wᵀ` for `w` a Q4_0 weight (n, k) packed by [`pack_q4_0x8`]: the activations rounded
-/// once, the work items groups of output columns as [`matmul_t`]'s; each eight packed rows meet every row of x in
-/// turn (their 144·k/32 bytes stay in the L1 cache across x's rows), the `n % 8` last rows run the one-row
-/// kernel. For prompts this beats [`matmul_t`]'s tiles on the plain layout too (94 rows of x, 2816 × 1024:
-/// 2.5–3.1 → 1.6–1.9 ms).
+/// `dst (m × n) = x (m × k) · Wᵀ` for `w` a Q4_0, Q5_0 or Q8_0 weight (n, k) packed by [`pack_x8`]: the activations
+/// rounded once, the work items groups of output columns as [`matmul_t`]'s; each eight packed rows meet the rows
+/// of x four at a time (two with AVX2, which has half the registers; `x86::gemm_x8!`: their bytes, 8·k/32 blocks,
+/// stay in the L1 cache across x's rows), the `n % 8` last rows run the one-row kernel.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_t_q4_0x8(
+pub fn matmul_t_x8(
     kernel: Kernel,
+    format: Format,
     x: &[f32],
     m: usize,
     k: usize,
@@ -1392,14 +1565,16 @@ pub fn matmul_t_q4_0x8(
     n: usize,
     dst: &mut [f32],
 ) {
+    assert!(format.packs_x8(), "matmul_t_x8: {format:?}");
     assert!(
         k.is_multiple_of(QK),
         "legacy_quants: k = {k} is not a multiple of {QK}"
     );
     let kb = k / QK;
+    let row_bytes = kb * format.block_bytes();
     assert_eq!(
         w.len(),
-        n * kb * Q4_0_BYTES,
+        n * row_bytes,
         "legacy_quants: packed weight bytes for ({n}, {k})"
     );
     assert_eq!(x.len(), m * k, "legacy_quants: input length");
@@ -1407,26 +1582,35 @@ pub fn matmul_t_q4_0x8(
     if m == 0 || n == 0 {
         return;
     }
-    let acts = Activations::new(kernel, Format::Q4_0, x, m, k);
-    let group_bytes = kb * Q4_0X8_BYTES;
+    let acts = Activations::new(kernel, format, x, m, k);
+    let group_bytes = 8 * row_bytes;
+    let max_rows = kernel.max_tile_rows() / 2;
     let packed_rows = n / 8 * 8;
     const _: () = assert!(COLS_PER_ITEM.is_multiple_of(8));
     for_each_column_group(n, dst, |c0, cols, out| {
         let packed_end = (c0 + cols).min(packed_rows);
         for g in (c0..packed_end).step_by(8).map(|c| c / 8) {
             let gw = &w[g * group_bytes..(g + 1) * group_bytes];
-            for r in 0..m {
-                let v = kernel.gemv_q4_0x8(gw, acts.row(r));
-                for (j, v) in v.iter().enumerate() {
-                    out[r * n + 8 * g + j].store(v.to_bits(), Ordering::Relaxed);
+            let store = |r0: usize, v: &[[f32; 8]]| {
+                for (r, v) in v.iter().enumerate() {
+                    for (j, v) in v.iter().enumerate() {
+                        out[(r0 + r) * n + 8 * g + j].store(v.to_bits(), Ordering::Relaxed);
+                    }
+                }
+            };
+            for (r0, tile) in row_tiles(m, max_rows) {
+                let rows: [_; 4] = std::array::from_fn(|j| acts.row((r0 + j).min(m - 1)));
+                match tile {
+                    4 => store(r0, &kernel.gemm_x8::<4>(format, gw, rows)),
+                    2 => store(r0, &kernel.gemm_x8::<2>(format, gw, [rows[0], rows[1]])),
+                    _ => store(r0, &kernel.gemm_x8::<1>(format, gw, [rows[0]])),
                 }
             }
         }
-        let row_bytes = kb * Q4_0_BYTES;
         for c in packed_end.max(c0)..c0 + cols {
             let wr = &w[c * row_bytes..(c + 1) * row_bytes];
             for r in 0..m {
-                let v = kernel.dot(Format::Q4_0, wr, acts.row(r));
+                let v = kernel.dot(format, wr, acts.row(r));
                 out[r * n + c].store(v.to_bits(), Ordering::Relaxed);
             }
         }
@@ -1681,43 +1865,48 @@ mod tests {
         }
     }
 
-    /// Q4_0 packed eight rows at a time: unpacking gives the GGUF bytes back, each block reads back where it
-    /// came from, and every kernel this CPU has multiplies the packed weight as the scalar formula multiplies the
-    /// plain one (row counts below 8, a multiple of 8 and neither, so the plain last rows and the work items'
-    /// edges run; 1 to 20 rows of x).
+    /// Q4_0, Q5_0 and Q8_0 packed eight rows at a time: unpacking gives the GGUF bytes back, each block reads back where
+    /// it came from, and every kernel this CPU has multiplies the packed weight as the scalar formula multiplies
+    /// the plain one (row counts below 8, a multiple of 8 and neither, so the plain last rows and the work items'
+    /// edges run; 1 to 20 rows of x; Q8_0's quants include −128).
     #[test]
-    fn packed_q4_0_multiplies_as_the_plain_layout() {
+    fn packed_rows_multiply_as_the_plain_layout() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(43);
-        for (n, k) in [(5, 64), (8, 96), (40, 96), (37, 576)] {
-            let kb = k / QK;
-            let w = random_weight(&mut rng, Format::Q4_0, n, k);
-            let p = pack_q4_0x8(&w, n, kb);
-            assert_eq!(p.len(), w.len());
-            assert_eq!(unpack_q4_0x8(&p, n, kb), w, "({n}, {k})");
-            for r in 0..n / 8 * 8 {
-                for b in 0..kb {
-                    let at = (r * kb + b) * Q4_0_BYTES;
-                    assert_eq!(q4_0x8_block(&p, kb, r, b)[..], w[at..at + Q4_0_BYTES]);
+        for format in [Format::Q4_0, Format::Q5_0, Format::Q8_0] {
+            let bytes = format.block_bytes();
+            for (n, k) in [(5, 64), (8, 96), (40, 96), (37, 576)] {
+                let kb = k / QK;
+                let w = random_weight(&mut rng, format, n, k);
+                let p = pack_x8(format, &w, n, kb);
+                assert_eq!(p.len(), w.len());
+                assert_eq!(unpack_x8(format, &p, n, kb), w, "{format:?} ({n}, {k})");
+                for r in 0..n / 8 * 8 {
+                    for b in 0..kb {
+                        let at = (r * kb + b) * bytes;
+                        let mut got = vec![0u8; bytes];
+                        x8_block(format, &p, kb, r, b, &mut got);
+                        assert_eq!(got[..], w[at..at + bytes]);
+                    }
                 }
-            }
-            for m in [1, 2, 3, 8, 9, 20] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 20.0 } else { 1.0 })
-                    .collect();
-                let mut want = vec![0f32; m * n];
-                matmul_t(Kernel::Scalar, Format::Q4_0, &x, m, k, &w, n, &mut want);
-                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for kernel in Kernel::all_here() {
-                    let mut got = vec![f32::NAN; m * n];
-                    matmul_t_q4_0x8(kernel, &x, m, k, &p, n, &mut got);
-                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * scale,
-                            "{a} vs {b} at ({}, {}) (n = {n}, k = {k}, m = {m}, {kernel:?})",
-                            i / n,
-                            i % n
-                        );
+                for m in [1, 2, 3, 8, 9, 20] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| rng.random_range(-1f32..1.0) * if i % 7 == 0 { 20.0 } else { 1.0 })
+                        .collect();
+                    let mut want = vec![0f32; m * n];
+                    matmul_t(Kernel::Scalar, format, &x, m, k, &w, n, &mut want);
+                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                    for kernel in Kernel::all_here() {
+                        let mut got = vec![f32::NAN; m * n];
+                        matmul_t_x8(kernel, format, &x, m, k, &p, n, &mut got);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * scale,
+                                "{a} vs {b} at ({}, {}) ({format:?}, n = {n}, k = {k}, m = {m}, {kernel:?})",
+                                i / n,
+                                i % n
+                            );
+                        }
                     }
                 }
             }

@@ -202,7 +202,7 @@ impl CpuKernels {
 }
 
 /// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is termtune's integer kernels on the
-/// CPU where [`CpuKernels`] has them (a packed Q4_0 weight its own, [`PackedQ4_0::matmul_t`]), else candle's
+/// CPU where [`CpuKernels`] has them (a packed Q4_0, Q5_0 or Q8_0 weight its own, [`super::qweight::PackedRows::matmul_t`]), else candle's
 /// quantized matmul (the kernels of [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W`
 /// with W dequantized for that one product and dropped (candle has no transposed quantized matmul).
 pub struct QuantizedLinear {
@@ -223,10 +223,10 @@ impl CustomOp1 for QuantizedLinear {
             _ => None,
         };
         let q = match &self.w {
-            QWeight::Q4_0x8(p) => {
+            QWeight::Packed(p) => {
                 let Some(x) = x else {
                     candle_core::bail!(
-                        "quantized-linear: a packed Q4_0 weight takes contiguous f32 rows of {k}"
+                        "quantized-linear: a packed weight takes contiguous f32 rows of {k}"
                     )
                 };
                 let mut out = vec![0f32; m * n];
@@ -255,9 +255,9 @@ impl CustomOp1 for QuantizedLinear {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         match &self.w {
             QWeight::Blocks(q) => q.cuda_fwd(s, l),
-            QWeight::Q4_0x8(_) => {
+            QWeight::Packed(_) => {
                 candle_core::bail!(
-                    "quantized-linear: a packed Q4_0 weight is on the CPU, the input on a GPU"
+                    "quantized-linear: a packed weight is on the CPU, the input on a GPU"
                 )
             }
         }
