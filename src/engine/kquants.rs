@@ -731,19 +731,9 @@ pub fn matmul_t(
     n: usize,
     dst: &mut [f32],
 ) {
-    assert!(
-        k.is_multiple_of(QK_K),
-        "kquants: k = {k} is not a multiple of {QK_K}"
-    );
     let kb = k / QK_K;
-    let row_bytes = kb * format.block_bytes();
-    assert_eq!(
-        w.len(),
-        n * row_bytes,
-        "kquants: weight bytes for ({n}, {k})"
-    );
-    assert_eq!(x.len(), m * k, "kquants: input length");
-    assert_eq!(dst.len(), m * n, "kquants: output length");
+    let row_bytes =
+        legacy_quants::check_product("kquants", QK_K, format.block_bytes(), x, m, k, w, n, dst);
     if m == 0 || n == 0 {
         return;
     }

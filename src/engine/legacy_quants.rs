@@ -25,9 +25,9 @@
 //! x per inner loop (llamafile's tinyBLAS shape), with the activations rounded once per product on the pool's
 //! threads and the weight's f16 scales converted once per work item. Q4_1's tiles (`x86::tile!`) repeat the decode
 //! kernel's operations for each output, so a prompt row's product is bit for bit the one it has alone, in
-//! llama.cpp's order of the float additions (`tests/chat_smollm2.rs`); Q8_0 and Q5_0 with VNNI (`x86::tile8!`) sum
-//! each pair's block to one integer and scale 8 pairs at once, one chain per output in block order (the scalar
-//! formula's). The KV-cached forward runs these for a prompt of any length (`ops::quantized_linear_for_inference`;
+//! llama.cpp's order of the float additions (`tests/chat_smollm2.rs`). Q4_0, Q5_0 and Q8_0 weights are packed eight
+//! rows side by side on load instead ([`pack_x8`], [`matmul_t_x8`]; their tiles on the GGUF layout, `tile8!`, were
+//! dropped). The KV-cached forward runs these for a prompt of any length (`ops::quantized_linear_for_inference`;
 //! training keeps the dense product from `ops::QUANTIZED_DENSE_MIN_ROWS` rows on): with
 //! `scripts/bench_decode.py FILE --threads 2 --reps 6` (94-token prompt, before and after binaries interleaved)
 //! termtune's prompt tokens/s went from 0.49× llama.cpp's to 0.88× on SmolLM2's Q8_0 file and from 0.94× to 1.74×
@@ -463,13 +463,13 @@ pub(crate) mod x86 {
     /// A tile of the product for prompts (several rows of x): `RM` weight rows against `RN` activation rows, the
     /// `RM·RN` dot products side by side, so that each weight block is unpacked once for `RN` rows of x and each
     /// activation block loaded once for `RM` weight rows (llamafile's tinyBLAS `tinyBLAS_Q0_AVX` tiles the same
-    /// way). Per block and pair: the integer dot product by `$prod` (8 i32 lanes; `$load` prepares the weight
-    /// block, the activation block's `bias` is added to each lane), scaled by d·d' (`d` the weight scales as f32,
-    /// d' the activations') and accumulated in f32 lanes, one chain of FMAs per output in block order. Q4_1 and
-    /// Q5_1 (`$mins`) also sum m·s' per block in block order and add it after the lanes' sum: `dot_q4_1`'s
-    /// operations, so each output is bit for bit the decode kernel's (and llama.cpp's order of the float additions).
+    /// way). For Q4_1 and Q5_1 (the formats kept in the GGUF layout). Per block and pair: the integer dot product
+    /// by `$prod` (8 i32 lanes; `$load` prepares the weight block), scaled by d·d' (`d` the weight scales as f32,
+    /// d' the activations') and accumulated in f32 lanes, one chain of FMAs per output in block order; m·s' summed
+    /// per block in block order and added after the lanes' sum: `dot_q4_1`'s operations, so each output is bit for
+    /// bit the decode kernel's (and llama.cpp's order of the float additions).
     macro_rules! tile {
-        ($name:ident, $features:literal, $bytes:expr, $mins:expr, $load:expr, $prod:expr) => {
+        ($name:ident, $features:literal, $bytes:expr, $load:expr, $prod:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name<const RM: usize, const RN: usize>(
                 w: &WeightTile<'_, RM>,
@@ -480,19 +480,19 @@ pub(crate) mod x86 {
                 let kb = x.y[0].len();
                 for r in 0..RM {
                     assert!(w.q[r].len() == kb * $bytes && w.d[r].len() == kb);
-                    assert!(!$mins || w.m[r].len() == kb);
+                    assert!(w.m[r].len() == kb);
                 }
                 for j in 0..RN {
                     assert!(x.y[j].len() == kb);
                 }
-                assert!(!$mins || kb == 0 || x.s.len() >= (kb - 1) * x.stride + 8);
+                assert!(kb == 0 || x.s.len() >= (kb - 1) * x.stride + 8);
                 let mut acc = [[_mm256_setzero_ps(); RN]; RM];
                 let mut mins = [_mm256_setzero_ps(); RM];
                 // Plain loops over the constant RM and RN (unrolled): `array::from_fn`'s closures would not be
                 // inlined into this function's target features.
                 let zero = _mm256_setzero_si256();
                 for i in 0..kb {
-                    let mut wq = [(zero, zero); RM];
+                    let mut wq = [zero; RM];
                     let mut wd = [_mm256_setzero_ps(); RM];
                     for r in 0..RM {
                         // SAFETY: i < kb; the row has kb blocks and kb scales (asserted).
@@ -500,15 +500,13 @@ pub(crate) mod x86 {
                         wq[r] = $load(b);
                         wd[r] = _mm256_set1_ps(unsafe { *w.d[r].as_ptr().add(i) });
                     }
-                    if $mins {
-                        // s' of the RN rows for block i (lanes past RN belong to other rows: unused).
-                        // SAFETY: 8 readable f32 from i·stride (asserted).
-                        let s = unsafe { _mm256_loadu_ps(x.s.as_ptr().add(i * x.stride)) };
-                        for r in 0..RM {
-                            // SAFETY: i < kb, kb minima (asserted).
-                            let m = _mm256_set1_ps(unsafe { *w.m[r].as_ptr().add(i) });
-                            mins[r] = _mm256_add_ps(mins[r], _mm256_mul_ps(m, s));
-                        }
+                    // s' of the RN rows for block i (lanes past RN belong to other rows: unused).
+                    // SAFETY: 8 readable f32 from i·stride (asserted).
+                    let s = unsafe { _mm256_loadu_ps(x.s.as_ptr().add(i * x.stride)) };
+                    for r in 0..RM {
+                        // SAFETY: i < kb, kb minima (asserted).
+                        let m = _mm256_set1_ps(unsafe { *w.m[r].as_ptr().add(i) });
+                        mins[r] = _mm256_add_ps(mins[r], _mm256_mul_ps(m, s));
                     }
                     for j in 0..RN {
                         // SAFETY: i < kb, kb blocks in the row (asserted).
@@ -516,9 +514,8 @@ pub(crate) mod x86 {
                         // SAFETY: `qs` is 32 bytes.
                         let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
                         let dy = _mm256_set1_ps(yb.d);
-                        let bias = _mm256_set1_epi32(yb.bias);
                         for r in 0..RM {
-                            let p = _mm256_cvtepi32_ps($prod(wq[r], qy, bias));
+                            let p = _mm256_cvtepi32_ps($prod(wq[r], qy));
                             acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(wd[r], dy), p, acc[r][j]);
                         }
                     }
@@ -543,101 +540,31 @@ pub(crate) mod x86 {
         tile_q4_1_avx2,
         "avx2,fma,f16c",
         Q4_1_BYTES,
-        true,
-        |b: &[u8; Q4_1_BYTES]| (nibbles(&b[4..]), _mm256_setzero_si256()),
-        |(qx, _), qy, _bias| dot_us8(qx, qy)
+        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+        |qx, qy| dot_us8(qx, qy)
     );
     tile!(
         tile_q4_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q4_1_BYTES,
-        true,
-        |b: &[u8; Q4_1_BYTES]| (nibbles(&b[4..]), _mm256_setzero_si256()),
-        |(qx, _), qy, _bias| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
     // Q5_1: Q4_1's tile with the fifth bits or'ed into the nibbles (q 0..31, still an unsigned byte).
     tile!(
         tile_q5_1_avx2,
         "avx2,fma,f16c",
         Q5_1_BYTES,
-        true,
-        |b: &[u8; Q5_1_BYTES]| (q5_1_values(b), _mm256_setzero_si256()),
-        |(qx, _), qy, _bias| dot_us8(qx, qy)
+        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
+        |qx, qy| dot_us8(qx, qy)
     );
     tile!(
         tile_q5_1_vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Q5_1_BYTES,
-        true,
-        |b: &[u8; Q5_1_BYTES]| (q5_1_values(b), _mm256_setzero_si256()),
-        |(qx, _), qy, _bias| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
+        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
     );
-    // Q5_0: the unsigned q (0..31) times the activations; the offset of 16 is the bias, −2·Σq' in each of the 8
-    // lanes (−16·Σq' in all), so the integer sum is Σ(q − 16)·q', llama.cpp's.
-    tile!(
-        tile_q5_0_avx2,
-        "avx2,fma,f16c",
-        Q5_0_BYTES,
-        false,
-        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
-    );
-    tile!(
-        tile_q5_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q5_0_BYTES,
-        false,
-        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
-    );
-    // Q4_0: as Q5_0 with the nibbles alone and an offset of 8 (bias −Σq' in each lane).
-    tile!(
-        tile_q4_0_avx2,
-        "avx2,fma,f16c",
-        Q4_0_BYTES,
-        false,
-        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_add_epi32(dot_us8(qx, qy), bias)
-    );
-    tile!(
-        tile_q4_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q4_0_BYTES,
-        false,
-        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
-    );
-    // Q8_0 with AVX2: |q|·(q' with q's sign), as `dot_q8_0` (`maddubs` would saturate on q + 128).
-    tile!(
-        tile_q8_0_avx2,
-        "avx2,fma,f16c",
-        Q8_0_BYTES,
-        false,
-        |b: &[u8; Q8_0_BYTES]| {
-            // SAFETY: bytes 2..34 of a 34-byte block.
-            let q = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
-            (_mm256_sign_epi8(q, q), q)
-        },
-        |(ax, qx): (__m256i, __m256i), qy, _bias| _mm256_madd_epi16(
-            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)),
-            _mm256_set1_epi16(1)
-        )
-    );
-    // Q8_0 with VNNI: q + 128 (an unsigned byte: q xor 0x80) times q', and the bias −16·Σq' in each lane takes off
-    // 128·Σq': one instruction per pair instead of two sign flips and the product.
-    tile!(
-        tile_q8_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q8_0_BYTES,
-        false,
-        |b: &[u8; Q8_0_BYTES]| {
-            // SAFETY: bytes 2..34 of a 34-byte block.
-            let q = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
-            (_mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)), q)
-        },
-        |(ux, _), qy, bias| _mm256_dpbusd_epi32(bias, ux, qy)
-    );
-
     /// The 8 lanes' sums of 8 vectors, in one vector (lane j: the sum of `p[j]`'s lanes).
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -650,92 +577,6 @@ pub(crate) mod x86 {
             _mm256_permute2x128_si256(a, b, 0x31),
         )
     }
-
-    /// [`tile!`] for 8 rows of x and a format without Q4_1's minimum (Q8_0, Q5_0): each pair's integer dot
-    /// product is summed to one i32 per block (exact), the 8 rows' sums of a weight row side by side in one
-    /// vector, converted and scaled by d·d' (d' of the 8 rows in one vector) and accumulated with one FMA: one
-    /// chain per output, block after block, the scalar formula's order (`Σ sumi·d·d'`). Instead of a conversion,
-    /// a product and a broadcast of the scale and an FMA for each pair, 9 instructions of horizontal sums per
-    /// 8 pairs. Four weight rows per tile rather than two made SmolLM2's Q8_0 prompt about 5% faster.
-    macro_rules! tile8 {
-        ($name:ident, $features:literal, $bytes:expr, $load:expr, $prod:expr) => {
-            #[target_feature(enable = $features)]
-            pub fn $name<const RM: usize>(
-                w: &WeightTile<'_, RM>,
-                x: &ActTile<'_, 8>,
-            ) -> [[f32; 8]; RM] {
-                let kb = x.y[0].len();
-                for r in 0..RM {
-                    assert!(w.q[r].len() == kb * $bytes && w.d[r].len() == kb);
-                }
-                for j in 0..8 {
-                    assert!(x.y[j].len() == kb);
-                }
-                assert!(kb == 0 || x.d.len() >= (kb - 1) * x.stride + 8);
-                let mut acc = [_mm256_setzero_ps(); RM];
-                let zero = _mm256_setzero_si256();
-                for i in 0..kb {
-                    let mut wq = [(zero, zero); RM];
-                    for r in 0..RM {
-                        // SAFETY: i < kb; the row has kb blocks (asserted).
-                        let b = unsafe { &*w.q[r].as_ptr().add(i * $bytes).cast::<[u8; $bytes]>() };
-                        wq[r] = $load(b);
-                    }
-                    let mut p = [[zero; 8]; RM];
-                    for j in 0..8 {
-                        // SAFETY: i < kb, kb blocks in the row (asserted).
-                        let yb = unsafe { &*x.y[j].as_ptr().add(i) };
-                        // SAFETY: `qs` is 32 bytes.
-                        let qy = unsafe { _mm256_loadu_si256(yb.qs.as_ptr().cast()) };
-                        let bias = _mm256_set1_epi32(yb.bias);
-                        for r in 0..RM {
-                            p[r][j] = $prod(wq[r], qy, bias);
-                        }
-                    }
-                    // SAFETY: 8 readable f32 from i·stride (asserted).
-                    let dy = unsafe { _mm256_loadu_ps(x.d.as_ptr().add(i * x.stride)) };
-                    for r in 0..RM {
-                        // SAFETY: i < kb, kb scales (asserted).
-                        let dw = _mm256_set1_ps(unsafe { *w.d[r].as_ptr().add(i) });
-                        let sumi = _mm256_cvtepi32_ps(hsum8_epi32(p[r]));
-                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy), sumi, acc[r]);
-                    }
-                }
-                let mut out = [[0f32; 8]; RM];
-                for r in 0..RM {
-                    // SAFETY: 8 f32.
-                    unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-                }
-                out
-            }
-        };
-    }
-
-    tile8!(
-        tile8_q5_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q5_0_BYTES,
-        |b: &[u8; Q5_0_BYTES]| (q5_0_values(b), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
-    );
-    tile8!(
-        tile8_q4_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q4_0_BYTES,
-        |b: &[u8; Q4_0_BYTES]| (nibbles(&b[2..]), _mm256_setzero_si256()),
-        |(qx, _), qy, bias| _mm256_dpbusd_epi32(bias, qx, qy)
-    );
-    tile8!(
-        tile8_q8_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q8_0_BYTES,
-        |b: &[u8; Q8_0_BYTES]| {
-            // SAFETY: bytes 2..34 of a 34-byte block.
-            let q = unsafe { _mm256_loadu_si256(b[2..].as_ptr().cast()) };
-            (_mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)), q)
-        },
-        |(ux, _), qy, bias| _mm256_dpbusd_epi32(bias, ux, qy)
-    );
 
     #[inline(always)]
     fn hsum(v: __m256) -> f32 {
@@ -752,40 +593,10 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2")]
     fn fifth_bits_x8(qh: __m256i, at: usize) -> __m256i {
         let byte = (at / 8) as i8;
-        let spread = _mm256_setr_epi8(
-            byte,
-            byte,
-            byte,
-            byte,
-            byte + 4,
-            byte + 4,
-            byte + 4,
-            byte + 4,
-            byte + 8,
-            byte + 8,
-            byte + 8,
-            byte + 8,
-            byte + 12,
-            byte + 12,
-            byte + 12,
-            byte + 12,
-            byte,
-            byte,
-            byte,
-            byte,
-            byte + 4,
-            byte + 4,
-            byte + 4,
-            byte + 4,
-            byte + 8,
-            byte + 8,
-            byte + 8,
-            byte + 8,
-            byte + 12,
-            byte + 12,
-            byte + 12,
-            byte + 12,
-        );
+        // Byte i of each 128-bit half reads byte `byte` of its own 32-bit lane.
+        let spread: [i8; 32] = std::array::from_fn(|i| byte + 4 * (i % 16 / 4) as i8);
+        // SAFETY: `spread` is 32 bytes.
+        let spread = unsafe { _mm256_loadu_si256(spread.as_ptr().cast()) };
         let first = if at.is_multiple_of(8) {
             0x0804_0201
         } else {
@@ -809,7 +620,7 @@ pub(crate) mod x86 {
     /// of x is a decode step. Against the one-row kernels on the plain layout (`dot_q5_0!`, `dot_q8_0!`; a
     /// 2816 × 1024 product on this 2-core Zen 4, medians of 7): decode Q4_0 60–67 → 21–23 µs in cache and 74–85
     /// → 53–59 µs streamed from memory, Q5_0 88 → 41 and 100 → 71 µs, Q8_0 92 → 27 µs in cache (streamed, both
-    /// ~130 µs: memory-bound); 64 rows of x, against the plain layout's tiles (`tile8!`): Q4_0 2.0–2.4 → 1.0–1.1
+    /// ~130 µs: memory-bound); 64 rows of x, against the GGUF layout's tiles (`tile8!`, since dropped): Q4_0 2.0–2.4 → 1.0–1.1
     /// ms, Q5_0 2.1–2.3 → 1.2–1.4 ms, Q8_0 1.7–2.3 → 1.0–1.1 ms.
     macro_rules! gemm_x8 {
         ($name:ident, $features:literal, $bytes:expr, $decode:expr, $bias:expr, $prod:expr) => {
@@ -953,12 +764,10 @@ pub struct WeightTile<'a, const RM: usize> {
 }
 
 /// `RN` rows of rounded activations: the other side of a tile. `s` (Q4_1, Q5_1) holds s' block-major: the row j's of
-/// block i at `s[i·stride + j]`, 8 readable from each, so a tile loads its rows' s' for one block as one vector;
-/// `d` (Q8_0, Q5_0) holds d' so.
+/// block i at `s[i·stride + j]`, 8 readable from each, so a tile loads its rows' s' for one block as one vector.
 pub struct ActTile<'a, const RN: usize> {
     y: [&'a [BlockQ8_1]; RN],
     s: &'a [f32],
-    d: &'a [f32],
     stride: usize,
 }
 
@@ -968,8 +777,6 @@ struct Activations {
     kb: usize,
     /// Q4_1 and Q5_1: s' block-major (see [`ActTile`]), `stride` = m + 8 (zero-padded).
     s: Vec<f32>,
-    /// Q8_0 and Q5_0: d' block-major, as `s`.
-    d: Vec<f32>,
     stride: usize,
 }
 
@@ -987,14 +794,13 @@ impl Activations {
         round_rows(x, k, &mut blocks, kb, quantize_row_q8_1);
         let tiles = m > 1 && kernel != Kernel::Scalar;
         let stride = m + 8;
-        let (mut s, mut d) = (Vec::new(), Vec::new());
-        if tiles && format.has_min() {
-            s = block_major(&blocks, kb, stride, |b| b.s);
-        } else if tiles {
-            d = block_major(&blocks, kb, stride, |b| b.d);
-        }
-        // The blocks' `bias`: Q5_0's offset, −2·Σq' per lane (−16·Σq' in all); Q8_0's −16·Σq' per lane for VNNI's
-        // q + 128 (see `x86::tile_q8_0_vnni`).
+        let s = if tiles && format.has_min() {
+            block_major(&blocks, kb, stride, |b| b.s)
+        } else {
+            Vec::new()
+        };
+        // The blocks' `bias`, added to each of a one-row kernel's 8 lanes (8 of it to a packed row's, `x86::gemm_x8!`):
+        // Q5_0's offset, −2·Σq' per lane (−16·Σq' in all), Q4_0's −Σq'; Q8_0's −16·Σq' per lane for VNNI's q + 128.
         let per_lane = match format {
             Format::Q5_0 => -2,
             Format::Q4_0 => -1,
@@ -1002,7 +808,6 @@ impl Activations {
             Format::Q8_0 if kernel == Kernel::Vnni => -16,
             _ => 0,
         };
-        // (The one-row Q5_0 and Q4_0 kernels use it too.)
         if kernel != Kernel::Scalar && per_lane != 0 {
             for b in &mut blocks {
                 b.bias = per_lane * b.sum;
@@ -1012,7 +817,6 @@ impl Activations {
             blocks,
             kb,
             s,
-            d,
             stride,
         }
     }
@@ -1026,7 +830,6 @@ impl Activations {
         ActTile {
             y: std::array::from_fn(|j| self.row(r0 + j)),
             s: self.s.get(r0..).unwrap_or(&[]),
-            d: self.d.get(r0..).unwrap_or(&[]),
             stride: self.stride,
         }
     }
@@ -1187,38 +990,9 @@ impl Kernel {
         }
     }
 
-    /// The `RM × 8` dot products of a tile of 8 rows of x: `x86::tile8!` for Q8_0 and Q5_0 with VNNI, else
-    /// [`Self::tile`].
-    #[allow(unsafe_code)]
-    fn tile8<const RM: usize>(
-        self,
-        format: Format,
-        w: &WeightTile<'_, RM>,
-        x: &ActTile<'_, 8>,
-    ) -> [[f32; 8]; RM] {
-        match (self, format) {
-            // SAFETY: `detect` saw the features these kernels are compiled for.
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q8_0) => unsafe { x86::tile8_q8_0_vnni(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q5_0) => unsafe { x86::tile8_q5_0_vnni(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q4_0) => unsafe { x86::tile8_q4_0_vnni(w, x) },
-            _ => self.tile(format, w, x),
-        }
-    }
-
-    /// Whether [`Self::tile8`] has its own kernel for `format`.
-    fn sums_blocks(self, format: Format) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self == Self::Vnni {
-            return matches!(format, Format::Q8_0 | Format::Q5_0 | Format::Q4_0);
-        }
-        let _ = format;
-        false
-    }
-
-    /// The `RM × RN` dot products of a tile (see `x86::tile!`).
+    /// The `RM × RN` dot products of a tile (see `x86::tile!`; Q4_0, Q5_0 and Q8_0 weights are packed on a CPU
+    /// with these kernels, [`matmul_t_x8`]: a tile of theirs here, a weight of fewer than 8 rows, is the scalar
+    /// formula's).
     #[allow(unsafe_code)]
     fn tile<const RM: usize, const RN: usize>(
         self,
@@ -1227,9 +1001,6 @@ impl Kernel {
         x: &ActTile<'_, RN>,
     ) -> [[f32; RN]; RM] {
         match (self, format) {
-            (Self::Scalar, _) => {
-                std::array::from_fn(|r| std::array::from_fn(|j| dot_scalar(format, w.q[r], x.y[j])))
-            }
             // SAFETY: `detect` saw the features these kernels are compiled for.
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q4_1) => unsafe { x86::tile_q4_1_avx2(w, x) },
@@ -1239,18 +1010,9 @@ impl Kernel {
             (Self::Avx2, Format::Q5_1) => unsafe { x86::tile_q5_1_avx2(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Vnni, Format::Q5_1) => unsafe { x86::tile_q5_1_vnni(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q5_0) => unsafe { x86::tile_q5_0_avx2(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q5_0) => unsafe { x86::tile_q5_0_vnni(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q4_0) => unsafe { x86::tile_q4_0_avx2(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q4_0) => unsafe { x86::tile_q4_0_vnni(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q8_0) => unsafe { x86::tile_q8_0_avx2(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q8_0) => unsafe { x86::tile_q8_0_vnni(w, x) },
+            _ => {
+                std::array::from_fn(|r| std::array::from_fn(|j| dot_scalar(format, w.q[r], x.y[j])))
+            }
         }
     }
 
@@ -1295,14 +1057,12 @@ impl Kernel {
     }
 }
 
-/// Columns of the output one work item computes (a multiple of [`TILE_W`] and [`TILE8_W`]).
+/// Columns of the output one work item computes (a multiple of [`TILE_W`] and of the 8 packed rows of
+/// [`matmul_t_x8`]).
 const COLS_PER_ITEM: usize = 16;
 
 /// Weight rows of a tile.
 const TILE_W: usize = 2;
-
-/// Weight rows of a `x86::tile8!` tile (its accumulators are one vector per weight row, not one per pair).
-const TILE8_W: usize = 4;
 
 /// The weight side of the tiles of one work item: its rows' f16 scales converted once (not once per tile of x).
 struct ItemWeights<'a> {
@@ -1364,11 +1124,41 @@ fn tile_rows<const RM: usize, const RN: usize>(
     }
 }
 
+/// The shapes every quantized product checks (a mismatch is a bug in the caller, not bad input): `k` a multiple of
+/// the format's `block` values, `w` the blocks (`block_bytes` each) of an (n, k) weight, x (m × k) and dst (m × n).
+/// Returns the bytes of one weight row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_product(
+    what: &str,
+    block: usize,
+    block_bytes: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+    dst: &[f32],
+) -> usize {
+    assert!(
+        k.is_multiple_of(block),
+        "{what}: k = {k} is not a multiple of {block}"
+    );
+    let row_bytes = k / block * block_bytes;
+    assert_eq!(
+        w.len(),
+        n * row_bytes,
+        "{what}: weight bytes for ({n}, {k})"
+    );
+    assert_eq!(x.len(), m * k, "{what}: input length");
+    assert_eq!(dst.len(), m * n, "{what}: output length");
+    row_bytes
+}
+
 /// `dst (m × n) = x (m × k) · Wᵀ` for `w` the raw bytes of a `format` tensor of shape (n, k), `k` a multiple of
 /// [`QK`]. The activations are rounded once. The work items are groups of output columns (each weight row is read
-/// once for all m rows of x, [`for_each_column_group`]). One row of x (decoding) runs the one-row kernels; more (a prompt) run
-/// tiles of [`TILE_W`] weight rows ([`TILE8_W`] in `x86::tile8!`) × 8, then 4, 2, 1 rows of x (at most 4 with
-/// AVX2, which has half the registers).
+/// once for all m rows of x, [`for_each_column_group`]). One row of x (decoding) runs the one-row kernels; more (a
+/// prompt) run tiles of [`TILE_W`] weight rows × 8, then 4, 2, 1 rows of x (at most 4 with AVX2, which has half the
+/// registers).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_t(
     kernel: Kernel,
@@ -1380,19 +1170,18 @@ pub fn matmul_t(
     n: usize,
     dst: &mut [f32],
 ) {
-    assert!(
-        k.is_multiple_of(QK),
-        "legacy_quants: k = {k} is not a multiple of {QK}"
-    );
     let kb = k / QK;
-    let row_bytes = kb * format.block_bytes();
-    assert_eq!(
-        w.len(),
-        n * row_bytes,
-        "legacy_quants: weight bytes for ({n}, {k})"
+    let row_bytes = check_product(
+        "legacy_quants",
+        QK,
+        format.block_bytes(),
+        x,
+        m,
+        k,
+        w,
+        n,
+        dst,
     );
-    assert_eq!(x.len(), m * k, "legacy_quants: input length");
-    assert_eq!(dst.len(), m * n, "legacy_quants: output length");
     if m == 0 || n == 0 {
         return;
     }
@@ -1425,7 +1214,6 @@ pub fn matmul_t(
                 };
             }
             match rows {
-                8 if kernel.sums_blocks(format) => rows_of!(TILE8_W, 8, tile8),
                 8 => rows_of!(TILE_W, 8, tile),
                 4 => rows_of!(TILE_W, 4, tile),
                 2 => rows_of!(TILE_W, 2, tile),
@@ -1566,19 +1354,7 @@ pub fn matmul_t_x8(
     dst: &mut [f32],
 ) {
     assert!(format.packs_x8(), "matmul_t_x8: {format:?}");
-    assert!(
-        k.is_multiple_of(QK),
-        "legacy_quants: k = {k} is not a multiple of {QK}"
-    );
-    let kb = k / QK;
-    let row_bytes = kb * format.block_bytes();
-    assert_eq!(
-        w.len(),
-        n * row_bytes,
-        "legacy_quants: packed weight bytes for ({n}, {k})"
-    );
-    assert_eq!(x.len(), m * k, "legacy_quants: input length");
-    assert_eq!(dst.len(), m * n, "legacy_quants: output length");
+    let row_bytes = check_product("matmul_t_x8", QK, format.block_bytes(), x, m, k, w, n, dst);
     if m == 0 || n == 0 {
         return;
     }
@@ -1932,19 +1708,14 @@ mod tests {
 
     /// The prompt tiles (every shape: 8, 4, 2 and 1 rows of x, and a weight row count that is odd and not a
     /// multiple of the work item's 16, so the tiles' ragged edges run) give the scalar formula's products for
-    /// every format and kernel, for 2 to 20 rows of x; Q4_1's and Q5_1's are bit for bit the one-row decode
-    /// kernel's (its order of the float additions, llama.cpp's).
+    /// Q4_1 and Q5_1 (the formats with tiles on the GGUF layout; the others are packed,
+    /// `packed_rows_multiply_as_the_plain_layout`) and every kernel, for 2 to 20 rows of x, bit for bit the one-row
+    /// decode kernel's (its order of the float additions, llama.cpp's).
     #[test]
     fn prompt_tiles_agree_with_the_scalar_formula_for_every_shape() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(41);
-        for format in [
-            Format::Q4_1,
-            Format::Q5_0,
-            Format::Q8_0,
-            Format::Q5_1,
-            Format::Q4_0,
-        ] {
+        for format in [Format::Q4_1, Format::Q5_1] {
             for (n, k) in [(37, 96), (19, 576)] {
                 let w = random_weight(&mut rng, format, n, k);
                 for m in (2..=20).chain([31]) {
@@ -1964,9 +1735,6 @@ mod tests {
                                 i / n,
                                 i % n
                             );
-                        }
-                        if !format.has_min() {
-                            continue;
                         }
                         for (r, x) in x.chunks_exact(k).enumerate() {
                             let mut one = vec![0f32; n];
