@@ -85,16 +85,7 @@ fn padded_batch() -> (Tensor, AttnMask, Tensor) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    termtune::engine::testing::max_abs_diff(a, b).unwrap()
 }
 
 fn all_variants() -> Vec<TinyOpts> {

@@ -83,7 +83,7 @@ pub struct GgufModel {
     pub tensors: HashMap<String, Tensor>,
     /// With [`load_gguf_quantized`]: the 2-D tensors stored in a quantized GGML type (Q4_0, Q4_1, Q4_K, Q5_K,
     /// Q6_K, Q8_0, …), kept in that type under their HF names, in HF row order (none of them is in `tensors`;
-    /// Q4_0 on the CPU packed, [`QWeight::new`]).
+    /// Q4_0, Q5_0 and Q8_0 on the CPU packed, [`QWeight::new`]).
     pub quantized: HashMap<String, QWeight>,
     pub tokenizer: Tokenizer,
     /// Equivalent of HF `tokenizer_config.json`: `chat_template`, `bos_token`, `eos_token`, `add_bos_token`, …

@@ -294,33 +294,47 @@ pub(crate) mod x86 {
         };
     }
 
-    dot_q4_1!(
+    /// Instantiates `$mac` (`dot_q4_1!`, `tile!`) for Q4_1 (the nibbles) and Q5_1 (the fifth bits or'ed in: q
+    /// 0..31, still an unsigned byte), each with AVX2 (`maddubs` + `madd`) and with VNNI (`vpdpbusd`).
+    macro_rules! q4_1_and_q5_1 {
+        ($mac:ident, $q4_avx2:ident, $q4_vnni:ident, $q5_avx2:ident, $q5_vnni:ident) => {
+            $mac!(
+                $q4_avx2,
+                "avx2,fma,f16c",
+                Q4_1_BYTES,
+                |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+                |qx, qy| dot_us8(qx, qy)
+            );
+            $mac!(
+                $q4_vnni,
+                "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+                Q4_1_BYTES,
+                |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
+                |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+            );
+            $mac!(
+                $q5_avx2,
+                "avx2,fma,f16c",
+                Q5_1_BYTES,
+                |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
+                |qx, qy| dot_us8(qx, qy)
+            );
+            $mac!(
+                $q5_vnni,
+                "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+                Q5_1_BYTES,
+                |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
+                |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+            );
+        };
+    }
+
+    q4_1_and_q5_1!(
+        dot_q4_1,
         dot_q4_1_avx2,
-        "avx2,fma,f16c",
-        Q4_1_BYTES,
-        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
-        |qx, qy| dot_us8(qx, qy)
-    );
-    dot_q4_1!(
         dot_q4_1_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q4_1_BYTES,
-        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
-    );
-    dot_q4_1!(
         dot_q5_1_avx2,
-        "avx2,fma,f16c",
-        Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
-        |qx, qy| dot_us8(qx, qy)
-    );
-    dot_q4_1!(
-        dot_q5_1_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        dot_q5_1_vnni
     );
 
     /// A Q5_0 block's fifth bits (4 bytes) as 32 bytes of 0x10 (bit set) or 0, in value order (llama.cpp's
@@ -535,36 +549,14 @@ pub(crate) mod x86 {
         };
     }
 
-    // Q4_1: the nibbles are unsigned bytes, the activations signed: `maddubs` + `madd` (AVX2) or `vpdpbusd`.
-    tile!(
+    q4_1_and_q5_1!(
+        tile,
         tile_q4_1_avx2,
-        "avx2,fma,f16c",
-        Q4_1_BYTES,
-        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
-        |qx, qy| dot_us8(qx, qy)
-    );
-    tile!(
         tile_q4_1_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q4_1_BYTES,
-        |b: &[u8; Q4_1_BYTES]| nibbles(&b[4..]),
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
-    );
-    // Q5_1: Q4_1's tile with the fifth bits or'ed into the nibbles (q 0..31, still an unsigned byte).
-    tile!(
         tile_q5_1_avx2,
-        "avx2,fma,f16c",
-        Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
-        |qx, qy| dot_us8(qx, qy)
+        tile_q5_1_vnni
     );
-    tile!(
-        tile_q5_1_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q5_1_BYTES,
-        |b: &[u8; Q5_1_BYTES]| q5_1_values(b),
-        |qx, qy| _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
-    );
+
     /// The 8 lanes' sums of 8 vectors, in one vector (lane j: the sum of `p[j]`'s lanes).
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -700,38 +692,31 @@ pub(crate) mod x86 {
         }
     }
 
-    gemm_x8!(
-        gemm_q4_0x8_avx2,
-        "avx2,fma,f16c",
-        Q4_0X8_BYTES,
-        |b| nibble_vectors(b, false),
-        |bias: i32| 8 * bias,
-        |acc, qx, qy| _mm256_add_epi32(acc, dot_us8(qx, qy))
-    );
-    gemm_x8!(
-        gemm_q4_0x8_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q4_0X8_BYTES,
-        |b| nibble_vectors(b, false),
-        |bias: i32| 8 * bias,
-        |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
-    );
-    gemm_x8!(
-        gemm_q5_0x8_avx2,
-        "avx2,fma,f16c",
-        Q5_0X8_BYTES,
-        |b| nibble_vectors(b, true),
-        |bias: i32| 8 * bias,
-        |acc, qx, qy| _mm256_add_epi32(acc, dot_us8(qx, qy))
-    );
-    gemm_x8!(
-        gemm_q5_0x8_vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        Q5_0X8_BYTES,
-        |b| nibble_vectors(b, true),
-        |bias: i32| 8 * bias,
-        |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
-    );
+    /// `gemm_x8!` for Q4_0 or Q5_0 (`$q5`), with AVX2 and with VNNI: the nibbles (0..15, or 0..31 with the fifth
+    /// bits) are unsigned bytes, the activations signed; 8·`bias` takes off the offset of 8 (or 16).
+    macro_rules! nibble_gemm {
+        ($avx2:ident, $vnni:ident, $bytes:expr, $q5:literal) => {
+            gemm_x8!(
+                $avx2,
+                "avx2,fma,f16c",
+                $bytes,
+                |b| nibble_vectors(b, $q5),
+                |bias: i32| 8 * bias,
+                |acc, qx, qy| _mm256_add_epi32(acc, dot_us8(qx, qy))
+            );
+            gemm_x8!(
+                $vnni,
+                "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+                $bytes,
+                |b| nibble_vectors(b, $q5),
+                |bias: i32| 8 * bias,
+                |acc, qx, qy| _mm256_dpbusd_epi32(acc, qx, qy)
+            );
+        };
+    }
+
+    nibble_gemm!(gemm_q4_0x8_avx2, gemm_q4_0x8_vnni, Q4_0X8_BYTES, false);
+    nibble_gemm!(gemm_q5_0x8_avx2, gemm_q5_0x8_vnni, Q5_0X8_BYTES, true);
     gemm_x8!(
         gemm_q8_0x8_avx2,
         "avx2,fma,f16c",

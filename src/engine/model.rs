@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::qweight::QWeight;
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
@@ -20,6 +19,7 @@ use super::error::{EngineError, Result};
 use super::layer::{self, LayerCtx, LayerIo, Pass};
 pub use super::layer::{Kernels, Layer, Linear, LoraPair, Weight};
 use super::ops;
+use super::qweight::QWeight;
 
 pub use super::arch::LINEAR_LEAVES;
 

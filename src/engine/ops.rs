@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use super::qweight::QWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Storage, Tensor};
 
 use super::bnb4::Bnb4Tensor;
+use super::qweight::QWeight;
 use super::{kquants, legacy_quants};
 
 pub mod cached_attention;
@@ -202,8 +202,8 @@ impl CpuKernels {
 }
 
 /// `y = x · Wᵀ` with W frozen and quantized (a GGML block format): the forward is termtune's integer kernels on the
-/// CPU where [`CpuKernels`] has them (a packed Q4_0, Q5_0 or Q8_0 weight its own, [`super::qweight::PackedRows::matmul_t`]), else candle's
-/// quantized matmul (the kernels of [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W`
+/// CPU where [`CpuKernels`] has them (a packed Q4_0, Q5_0 or Q8_0 weight its own,
+/// [`super::qweight::PackedRows::matmul_t`]), else candle's quantized matmul (the kernels of [`candle_core::quantized::QMatMul`]); the backward yields dX only, `gy · W`
 /// with W dequantized for that one product and dropped (candle has no transposed quantized matmul).
 pub struct QuantizedLinear {
     /// (out, in).

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -17,6 +17,12 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::arch::ArchKind;
 use super::error::{EngineError, Result};
 use super::weights::save_safetensors;
+
+/// The largest |a − b| of two tensors of one shape, computed in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?;
+    Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
 
 /// Shape and variant of the tiny model.
 #[derive(Debug, Clone)]

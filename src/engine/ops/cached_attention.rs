@@ -406,16 +406,7 @@ mod tests {
                     scale,
                 )
                 .unwrap();
-                let diff = (f64_of(&got) - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = crate::engine::testing::max_abs_diff(&got, &want).unwrap();
                 assert!(diff < 1e-5, "{:?}: max |Δ| {diff}", (b, nh, nkv, t, s, hd));
             }
         }
