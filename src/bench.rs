@@ -13,7 +13,7 @@ use crate::data::prepare_dataset;
 use crate::engine::source::SourceKind;
 use crate::engine::{Finetune, Model};
 use crate::resolve;
-use crate::trainer::optim::{AdamW, AdamWConfig, Param};
+use crate::trainer::optim::{AdamW, AdamWConfig, param_groups};
 use crate::trainer::run::{batch_tensors, host_inputs, peak_rss_gib, u32_mask};
 
 /// What to measure.
@@ -132,7 +132,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
     let wanted = opts.warmup + opts.steps;
     let mut batches = Vec::new();
     for epoch in 0..wanted as u64 {
-        let more = data.epoch_batches(opts.batch_size, false, p.seed, epoch);
+        let more = data.epoch_batches(opts.batch_size, crate::data::Sampler::Random, p.seed, epoch);
         if more.is_empty() {
             break;
         }
@@ -264,15 +264,7 @@ fn measure(
     checkpointing: bool,
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Vec<StepTime>, String> {
-    let params: Vec<Param> = model
-        .trainable_vars()
-        .into_iter()
-        .map(|(name, var)| Param {
-            name,
-            var,
-            decay: true,
-        })
-        .collect();
+    let params = param_groups(model.trainable_vars(), None);
     let mut opt = AdamW::new(params, AdamWConfig::default()).map_err(|e| e.to_string())?;
     let mut times = Vec::new();
     for (i, b) in batches.iter().enumerate() {

@@ -137,6 +137,25 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
             },
             p.lora_rank
         );
+        if p.use_dora {
+            let _ = writeln!(
+                out,
+                "#   DoRA: a trained magnitude per adapted output row (use_dora)"
+            );
+        }
+        if let Some(r) = p.loraplus_lr_ratio {
+            let _ = writeln!(
+                out,
+                "#   LoRA+: lora_B learns at {:e} (learning_rate x loraplus_lr_ratio {r})",
+                p.learning_rate * r
+            );
+        }
+    }
+    if let Some(a) = p.neftune_noise_alpha {
+        let _ = writeln!(
+            out,
+            "#   NEFTune: training embeddings get noise of {a} / sqrt(length x hidden) (neftune_noise_alpha)"
+        );
     }
     if !loaded.notes.is_empty() {
         let _ = writeln!(

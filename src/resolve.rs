@@ -96,6 +96,7 @@ pub fn lora_spec(p: &Preset) -> Result<LoraSpec, crate::engine::EngineError> {
         dropout: p.lora_dropout as f32,
         targets: LoraTargets::parse(&p.lora_target)?,
         use_rslora: p.use_rslora,
+        use_dora: p.use_dora,
         seed: p.seed,
     })
 }

@@ -52,9 +52,9 @@ const CASES: &[(&str, &[&str])] = &[
     (
         "invalid_unsupported_key.yaml",
         &[
-            "invalid_unsupported_key.yaml:3:11:",
-            "`use_dora: true` is not supported yet",
-            "DoRA",
+            "invalid_unsupported_key.yaml:3:13:",
+            "`use_galore: true` is not supported yet",
+            "GaLore",
             "remove the key (or set it to false)",
         ],
     ),
@@ -106,6 +106,21 @@ const CASES: &[(&str, &[&str])] = &[
     (
         "invalid_rslora_without_lora.yaml",
         &[":4:", "`use_rslora` is only valid for LoRA training"],
+    ),
+    (
+        "invalid_peft_variants_without_lora.yaml",
+        &[
+            ":4:",
+            "`use_dora` is only valid for LoRA training",
+            ":5:",
+            "`loraplus_lr_ratio` is only valid for LoRA training",
+            ":6:",
+            "`neftune_noise_alpha` must be a number ≥ 0",
+        ],
+    ),
+    (
+        "invalid_loraplus_ratio.yaml",
+        &[":3:", "`loraplus_lr_ratio` must be a positive number"],
     ),
     (
         "invalid_adapter_without_lora.yaml",

@@ -391,21 +391,55 @@ fn openai_messages_with_tool_calls_and_merged_tool_results() {
     );
 }
 
+/// `disable_shuffling` (LLaMA-Factory's `SequentialSampler`): dataset order every epoch, over `group_by_length` too.
+#[test]
+fn disable_shuffling_keeps_the_dataset_order_every_epoch() {
+    use termtune::data::Sampler;
+    let lengths: Vec<usize> = (0..60).map(|i| (i * 37) % 101).collect();
+    assert_eq!(Sampler::of(true, true), Sampler::Sequential);
+    assert_eq!(Sampler::of(true, false), Sampler::LengthGrouped);
+    assert_eq!(Sampler::of(false, false), Sampler::Random);
+    for epoch in 0..3 {
+        let order = termtune::data::pack::epoch_order(&lengths, 4, Sampler::Sequential, 42, epoch);
+        assert_eq!(order, (0..60).collect::<Vec<_>>());
+        let shuffled = termtune::data::pack::epoch_order(&lengths, 4, Sampler::Random, 42, epoch);
+        assert_ne!(shuffled, order);
+    }
+}
+
 #[test]
 fn length_grouped_order_is_a_seeded_permutation_with_the_longest_first() {
     let lengths: Vec<usize> = (0..400).map(|i| (i * 37) % 101).collect();
-    let order = termtune::data::pack::epoch_order(&lengths, 4, true, 42, 0);
+    let order = termtune::data::pack::epoch_order(
+        &lengths,
+        4,
+        termtune::data::Sampler::LengthGrouped,
+        42,
+        0,
+    );
     let mut sorted = order.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (0..400).collect::<Vec<_>>());
     assert_eq!(lengths[order[0]], 100);
     assert_eq!(
         order,
-        termtune::data::pack::epoch_order(&lengths, 4, true, 42, 0)
+        termtune::data::pack::epoch_order(
+            &lengths,
+            4,
+            termtune::data::Sampler::LengthGrouped,
+            42,
+            0
+        )
     );
     assert_ne!(
         order,
-        termtune::data::pack::epoch_order(&lengths, 4, true, 42, 1)
+        termtune::data::pack::epoch_order(
+            &lengths,
+            4,
+            termtune::data::Sampler::LengthGrouped,
+            42,
+            1
+        )
     );
 }
 

@@ -209,7 +209,7 @@ fn sft_pipeline_packs_counts_and_reuses_the_cache() {
     opts.overwrite_cache = true;
     assert!(!prepare_dataset(&opts, &enc).unwrap().from_cache);
 
-    let batches = first.epoch_batches(2, true, 42, 0);
+    let batches = first.epoch_batches(2, termtune::data::Sampler::LengthGrouped, 42, 0);
     assert_eq!(batches.len(), first.train.len().div_ceil(2));
     assert!(batches.iter().all(|b| b.block_diagonal && b.seq_len == 256));
 }
@@ -392,7 +392,7 @@ fn stage_options_are_validated() {
         assert!(n > 0);
         assert_eq!(pair[0].input_ids[..n], pair[1].input_ids[..n]);
     }
-    let batches = k.epoch_batches(4, false, 1, 0);
+    let batches = k.epoch_batches(4, termtune::data::Sampler::Random, 1, 0);
     assert_eq!(batches[0].batch_size, 8);
     assert_eq!(batches[0].kto_tags.len(), 4);
     // dpo: each pair is its chosen and its rejected sequence, sharing the prompt; a batch of k pairs is the k
@@ -415,7 +415,7 @@ fn stage_options_are_validated() {
         );
         assert_ne!(pair[0].input_ids, pair[1].input_ids);
     }
-    let batches = d.epoch_batches(3, false, 1, 0);
+    let batches = d.epoch_batches(3, termtune::data::Sampler::Random, 1, 0);
     assert_eq!(batches.len(), 100);
     assert_eq!(batches[0].batch_size, 6);
 }

@@ -25,6 +25,7 @@ fn lora(targets: &str, r: usize) -> Finetune {
         dropout: 0.0,
         targets: LoraTargets::parse(targets).unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     })
 }
@@ -1572,6 +1573,7 @@ fn lora_dropout_masks_are_seeded_and_every_path_sees_the_same_ones() {
         dropout: 0.3,
         targets: LoraTargets::parse("all").unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     });
     let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F64, &ft);

@@ -108,6 +108,7 @@ fn bench_lora_step_smollm2_shape() {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 0,
     };
     let mut model = Model::from_tensors(
@@ -284,6 +285,7 @@ fn bench_memory_over_steps() {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 0,
     };
     let mut model = Model::from_tensors(

@@ -40,6 +40,7 @@ fn base_and_adapter(root: &Path, seed: u64, r: usize) -> (PathBuf, PathBuf, Mode
         dropout: 0.0,
         targets: LoraTargets::parse("all").unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed,
     };
     let model = Model::from_files(&files, DType::F32, &CPU, &Finetune::Lora(spec)).unwrap();

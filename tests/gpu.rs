@@ -192,6 +192,7 @@ fn lora(r: usize) -> Finetune {
         dropout: 0.0,
         targets: LoraTargets::parse("all").unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     })
 }
@@ -809,6 +810,7 @@ fn cuda_lora_dropout_is_seeded_and_checkpointing_sees_the_same_masks() {
         dropout: 0.25,
         targets: LoraTargets::parse("all").unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     });
     let mut m = load(d.path(), DType::F32, &dev, &ft);

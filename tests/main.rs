@@ -34,6 +34,7 @@ mod identity_smollm2;
 mod kto_rm;
 mod lf_demo_data;
 mod nf4;
+mod peft_variants;
 mod predict;
 mod predict_metrics;
 mod pref;

@@ -294,6 +294,7 @@ fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     });
     let ids: Vec<u32> = (0..2 * 16u32).map(|i| (i * 29 + 3) % 300).collect();
@@ -369,6 +370,7 @@ fn the_memory_estimate_counts_4bit_linears() {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 0,
     });
     let dense = base_weight_bytes(&cfg, &ft, DType::BF16, BaseStorage::Dense);

@@ -43,6 +43,7 @@ fn lora(r: usize) -> Finetune {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     })
 }

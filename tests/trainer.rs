@@ -204,24 +204,41 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
 
 #[test]
 fn resume_matches_the_uninterrupted_run() {
-    // Also with LoRA dropout: its masks follow (seed, step, micro-batch), so a resumed run draws the same ones.
-    for (tag, dropout) in [("", "lora_dropout: 0.0"), ("-dropout", "lora_dropout: 0.2")] {
-        resume_matches_with(tag, dropout);
+    // Also with LoRA dropout: its masks follow (seed, step, micro-batch), so a resumed run draws the same ones; and
+    // with DoRA's magnitudes, LoRA+'s learning-rate groups and NEFTune's noise (drawn as the masks are).
+    for (tag, options) in [
+        ("", &["lora_dropout: 0.0"][..]),
+        ("-dropout", &["lora_dropout: 0.2"][..]),
+        (
+            "-dora",
+            &[
+                "lora_dropout: 0.1",
+                "use_dora: true",
+                "loraplus_lr_ratio: 16",
+                "neftune_noise_alpha: 5",
+            ][..],
+        ),
+    ] {
+        resume_matches_with(tag, options);
     }
 }
 
-fn resume_matches_with(tag: &str, dropout: &str) {
+fn resume_matches_with(tag: &str, options: &[&str]) {
+    let dropout = options.join(", ");
     let f = fixture(10);
     let (straight_dir, split_dir) = (format!("straight{tag}"), format!("split{tag}"));
     let straight = preset(
         &f,
         &straight_dir,
         &[
-            "max_steps: 4",
-            "lr_scheduler_type: cosine",
-            "warmup_steps: 1",
-            dropout,
-        ],
+            &[
+                "max_steps: 4",
+                "lr_scheduler_type: cosine",
+                "warmup_steps: 1",
+            ],
+            options,
+        ]
+        .concat(),
     );
     let (r, e_straight) = run(&straight, &[]);
     r.unwrap();
@@ -230,11 +247,14 @@ fn resume_matches_with(tag: &str, dropout: &str) {
         &f,
         &split_dir,
         &[
-            "max_steps: 4",
-            "lr_scheduler_type: cosine",
-            "warmup_steps: 1",
-            dropout,
-        ],
+            &[
+                "max_steps: 4",
+                "lr_scheduler_type: cosine",
+                "warmup_steps: 1",
+            ],
+            options,
+        ]
+        .concat(),
     );
     let (r, e_first) = run(&split, &[(2, TrainCommand::Stop { save: true })]);
     assert!(matches!(r.unwrap(), Outcome::Stopped(_)));
@@ -269,6 +289,30 @@ fn resume_matches_with(tag: &str, dropout: &str) {
         adapter(&f.root.join(&split_dir)),
     );
     assert_eq!(wa, wb, "{dropout}: final adapters differ");
+}
+
+/// LoRA+ (`loraplus_lr_ratio`): lora_B learns at learning_rate × the ratio. Adam's first step moves each entry by
+/// its learning rate (m̂/√v̂ = ±1), and lora_A not at all (its gradient is 0 while B = 0): so after one step every
+/// lora_B entry is ±lr·ratio, and ±lr without LoRA+.
+#[test]
+fn loraplus_gives_lora_b_the_ratio_of_the_learning_rate() {
+    let f = fixture(4);
+    let mut max_b = Vec::new();
+    for (out, extra) in [("plain", "seed: 3"), ("plus", "loraplus_lr_ratio: 16")] {
+        let loaded = preset(&f, out, &["max_steps: 1", extra]);
+        let (r, _) = run(&loaded, &[]);
+        r.unwrap();
+        let mut b_max = 0f32;
+        for (name, v) in adapter(&f.root.join(out)) {
+            let m = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            if name.ends_with("lora_B.weight") {
+                b_max = b_max.max(m);
+            }
+        }
+        max_b.push(b_max);
+    }
+    assert!((max_b[0] - 1e-2).abs() < 1e-5, "{max_b:?}");
+    assert!((max_b[1] - 16e-2).abs() < 1e-4, "{max_b:?}");
 }
 
 #[test]
@@ -332,6 +376,7 @@ fn training_changes_only_the_adapter() {
         dropout: 0.0,
         targets: LoraTargets::All,
         use_rslora: false,
+        use_dora: false,
         seed: 1,
     };
     let model = Model::from_files(
@@ -402,6 +447,7 @@ fn training_changes_only_the_adapter() {
             name: name.clone(),
             var: var.clone(),
             decay: true,
+            lr_scale: 1.0,
         })
         .collect();
     let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();

@@ -459,6 +459,16 @@ pub const KEYS: &[KeySpec] = &[
         "Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.",
     ),
     imp(
+        "use_dora",
+        Method,
+        "DoRA: a trainable magnitude per output rescales each adapted weight row (PEFT's use_dora).",
+    ),
+    imp(
+        "loraplus_lr_ratio",
+        Method,
+        "LoRA+: lora_B (and DoRA magnitudes) learn at learning_rate x this ratio (16 is the paper's).",
+    ),
+    imp(
         "create_new_adapter",
         Method,
         "With adapter_name_or_path: merge the given adapters and train a fresh one.",
@@ -643,7 +653,6 @@ pub const KEYS: &[KeySpec] = &[
         "null",
         "training extra modules fully next to LoRA (modules_to_save) is not supported yet",
     ),
-    uns("use_dora", Method, "false", "DoRA is not supported yet"),
     uns(
         "pissa_init",
         Method,
@@ -662,17 +671,10 @@ pub const KEYS: &[KeySpec] = &[
         "false",
         "PiSSA initialisation is not supported yet",
     ),
-    uns(
-        "loraplus_lr_ratio",
-        Method,
-        "null",
-        "LoRA+ learning-rate groups are not supported yet",
-    ),
-    uns(
+    noe(
         "loraplus_lr_embedding",
         Method,
-        "1.0e-06",
-        "LoRA+ learning-rate groups are not supported yet",
+        "LoRA+'s learning rate of LoRA on embedding layers, which termtune does not adapt",
     ),
     uns(
         "use_llama_pro",
@@ -725,11 +727,10 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "At evaluation, also the token accuracy (argmax = label) per example, averaged: eval_accuracy.",
     ),
-    uns(
+    imp(
         "disable_shuffling",
         Method,
-        "false",
-        "an unshuffled data order is not supported yet",
+        "Train on the examples in dataset order, every epoch (no shuffle, no length grouping).",
     ),
     uns(
         "early_stopping_steps",
@@ -1099,11 +1100,10 @@ pub const KEYS: &[KeySpec] = &[
         Train,
         "termtune normalises the loss by label tokens across the whole accumulated batch",
     ),
-    uns(
+    imp(
         "neftune_noise_alpha",
         Train,
-        "null",
-        "NEFTune embedding noise is not supported yet",
+        "NEFTune: uniform noise of alpha/sqrt(length x hidden) on the input embeddings while training (5 is usual).",
     ),
     uns(
         "label_smoothing_factor",

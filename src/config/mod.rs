@@ -479,7 +479,8 @@ pub fn to_yaml(loaded: &Loaded) -> String {
                 Class::Implemented => {
                     let Some(v) = current.get(&key) else { continue };
                     let differs = defaults.get(&key) != Some(v);
-                    let lora_only = spec.name.starts_with("lora_") || spec.name == "use_rslora";
+                    let lora_only = spec.name.starts_with("lora_")
+                        || matches!(spec.name, "use_rslora" | "use_dora");
                     let show_default = ALWAYS_WRITTEN.contains(&spec.name)
                         || (lora_only
                             && loaded.preset.finetuning_type == FinetuningType::Lora

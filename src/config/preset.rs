@@ -258,6 +258,9 @@ pub struct Preset {
     pub lora_dropout: f64,
     pub lora_target: String,
     pub use_rslora: bool,
+    pub use_dora: bool,
+    /// LoRA+: lora_B's learning rate is `learning_rate × loraplus_lr_ratio` (None: one learning rate).
+    pub loraplus_lr_ratio: Option<f64>,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
     pub pref_beta: f64,
@@ -317,6 +320,8 @@ pub struct Preset {
     pub warmup_ratio: f64,
     pub warmup_steps: u64,
     pub weight_decay: f64,
+    /// NEFTune's alpha: noise on the input embeddings while training (None: off).
+    pub neftune_noise_alpha: Option<f64>,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -335,6 +340,8 @@ pub struct Preset {
     pub per_device_eval_batch_size: usize,
     pub do_predict: bool,
     pub compute_accuracy: bool,
+    /// Train in dataset order (LLaMA-Factory's `SequentialSampler`).
+    pub disable_shuffling: bool,
     pub predict_with_generate: Option<bool>,
     // ### generation
     pub do_sample: bool,
@@ -377,6 +384,8 @@ impl Default for Preset {
             lora_dropout: 0.0,
             lora_target: "all".into(),
             use_rslora: false,
+            use_dora: false,
+            loraplus_lr_ratio: None,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
             pref_beta: 0.1,
@@ -429,6 +438,7 @@ impl Default for Preset {
             warmup_ratio: 0.0,
             warmup_steps: 0,
             weight_decay: 0.0,
+            neftune_noise_alpha: None,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
@@ -446,6 +456,7 @@ impl Default for Preset {
             per_device_eval_batch_size: 8,
             do_predict: false,
             compute_accuracy: false,
+            disable_shuffling: false,
             predict_with_generate: None,
             do_sample: true,
             temperature: 0.95,

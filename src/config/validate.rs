@@ -172,6 +172,26 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`use_rslora` is only valid for LoRA training (finetuning_type: lora)".into(),
         );
     }
+    if p.use_dora && !lora {
+        bad(
+            "use_dora",
+            "`use_dora` is only valid for LoRA training (finetuning_type: lora)".into(),
+        );
+    }
+    if let Some(r) = p.loraplus_lr_ratio {
+        if !lora {
+            bad(
+                "loraplus_lr_ratio",
+                "`loraplus_lr_ratio` is only valid for LoRA training (finetuning_type: lora)"
+                    .into(),
+            );
+        } else if !(r.is_finite() && r > 0.0) {
+            bad(
+                "loraplus_lr_ratio",
+                format!("`loraplus_lr_ratio` must be a positive number (16 is usual), got {r}"),
+            );
+        }
+    }
     if p.adapter_name_or_path.is_some() && !lora {
         bad(
             "adapter_name_or_path",
@@ -335,6 +355,14 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         bad(
             "warmup_ratio",
             format!("`warmup_ratio` must be in [0, 1], got {}", p.warmup_ratio),
+        );
+    }
+    if let Some(a) = p.neftune_noise_alpha
+        && !(a.is_finite() && a >= 0.0)
+    {
+        bad(
+            "neftune_noise_alpha",
+            format!("`neftune_noise_alpha` must be a number ≥ 0 (5 is usual), got {a}"),
         );
     }
     if p.weight_decay < 0.0 {

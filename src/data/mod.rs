@@ -9,12 +9,12 @@
 //! For the engine:
 //! ```no_run
 //! # fn demo(tokenizer: tokenizers::Tokenizer, tokenizer_config: serde_json::Value) -> Result<(), termtune::data::DataError> {
-//! use termtune::data::{DataOptions, Encoder, Message, Role, prepare_dataset};
+//! use termtune::data::{DataOptions, Encoder, Message, Role, Sampler, prepare_dataset};
 //! let opts = DataOptions { dataset: vec!["identity".into()], template: Some("qwen".into()), ..DataOptions::default() };
 //! let enc = Encoder::new(&opts, &tokenizer, &tokenizer_config)?; // warnings in enc.warnings
 //! // enc.added_tokens: new tokens (e.g. a replaced eos) → grow the embeddings; use enc.tokenizer from now on.
 //! let data = prepare_dataset(&opts, &enc)?; // cached on disk; data.stats for the UI
-//! for batch in data.epoch_batches(opts.per_device_train_batch_size, false, opts.seed, 0) {
+//! for batch in data.epoch_batches(opts.per_device_train_batch_size, Sampler::Random, opts.seed, 0) {
 //!     // batch.input_ids / labels / position_ids (row-major batch_size × seq_len); with
 //!     // batch.block_diagonal attention stays inside one sequence_ids run (neat packing), else a
 //!     // causal + padding (attention_mask) mask.
@@ -45,7 +45,7 @@ use std::path::PathBuf;
 pub use convert::{Example, Message, Role};
 pub use encoder::{ChatPrompt, Encoder};
 pub use error::DataError;
-pub use pack::{Batch, PackedSequence};
+pub use pack::{Batch, PackedSequence, Sampler};
 pub use pipeline::{PreparedDataset, prepare_dataset};
 pub use process::{IGNORE_INDEX, TokenizedExample};
 pub use reader::{SkipReason, SkipRecord};

@@ -413,19 +413,44 @@ pub fn collate(items: &[&PackedSequence], pad_id: u32, block_diagonal: bool) -> 
     batch
 }
 
-/// The order of sequence indexes for `epoch`: a seeded shuffle (seed + epoch), or with `group_by_length`
-/// Hugging Face's `LengthGroupedSampler` (megabatches of 50 batches sorted by length, longest first).
+/// How an epoch orders the training sequences: the Hugging Face Trainer's train samplers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampler {
+    /// A seeded shuffle (seed + epoch): `RandomSampler`.
+    Random,
+    /// `group_by_length`: `LengthGroupedSampler` (megabatches of 50 batches sorted by length, longest first).
+    LengthGrouped,
+    /// LLaMA-Factory's `disable_shuffling`: `SequentialSampler`, dataset order every epoch (it wins over
+    /// `group_by_length`, as in LLaMA-Factory's `_get_train_sampler`).
+    Sequential,
+}
+
+impl Sampler {
+    /// The sampler of the keys `group_by_length` and `disable_shuffling`.
+    pub fn of(group_by_length: bool, disable_shuffling: bool) -> Self {
+        match (disable_shuffling, group_by_length) {
+            (true, _) => Self::Sequential,
+            (false, true) => Self::LengthGrouped,
+            (false, false) => Self::Random,
+        }
+    }
+}
+
+/// The order of sequence indexes for `epoch` under `sampler`.
 pub fn epoch_order(
     lengths: &[usize],
     batch_size: usize,
-    group_by_length: bool,
+    sampler: Sampler,
     seed: u64,
     epoch: u64,
 ) -> Vec<usize> {
-    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(epoch));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
+    if sampler == Sampler::Sequential {
+        return order;
+    }
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(epoch));
     order.shuffle(&mut rng);
-    if !group_by_length || lengths.is_empty() {
+    if sampler == Sampler::Random || lengths.is_empty() {
         return order;
     }
     let batch_size = batch_size.max(1);

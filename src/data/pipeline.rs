@@ -13,7 +13,8 @@ use super::cache::{self, CacheKey, CachedData};
 use super::convert::{Example, convert};
 use super::encoder::Encoder;
 use super::pack::{
-    Batch, PackedSequence, collate, epoch_batches, epoch_order, pack_pretrain, pack_supervised,
+    Batch, PackedSequence, Sampler, collate, epoch_batches, epoch_order, pack_pretrain,
+    pack_supervised,
 };
 use super::process::{
     FeedbackExample, MaskOptions, PairwiseExample, TokenizedExample, encode_feedback,
@@ -443,11 +444,11 @@ impl PreparedDataset {
         }
     }
 
-    /// The training batches of `epoch` (seeded shuffle, optionally length-grouped).
+    /// The training batches of `epoch` in the order of `sampler` (seeded by `seed` and the epoch).
     pub fn epoch_batches(
         &self,
         batch_size: usize,
-        group_by_length: bool,
+        sampler: Sampler,
         seed: u64,
         epoch: u64,
     ) -> Vec<Batch> {
@@ -459,7 +460,7 @@ impl PreparedDataset {
         } else {
             self.train.iter().map(PackedSequence::len).collect()
         };
-        let order = epoch_order(&lengths, batch_size, group_by_length, seed, epoch);
+        let order = epoch_order(&lengths, batch_size, sampler, seed, epoch);
         self.batches(&self.train, &self.train_tags, &order, batch_size)
     }
 

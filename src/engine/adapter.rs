@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{EngineError, Result};
-use super::model::{LoraPair, LoraSpec, LoraTargets, Model, lora_scale};
+use super::model::{Dora, LoraPair, LoraSpec, LoraTargets, Model, lora_scale};
 use super::weights::{read_json, save_safetensors};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -128,7 +128,7 @@ impl AdapterConfig {
             inference_mode: true,
             init_lora_weights: Value::Bool(true),
             use_rslora: spec.use_rslora,
-            use_dora: false,
+            use_dora: spec.use_dora,
             rank_pattern: serde_json::Map::new(),
             alpha_pattern: serde_json::Map::new(),
             layers_to_transform: Value::Null,
@@ -166,11 +166,13 @@ impl AdapterConfig {
     }
 }
 
-/// An adapter read from disk: its config and `(A, B)` per HF module path (`model.layers.0.self_attn.q_proj`).
+/// An adapter read from disk: its config, `(A, B)` per HF module path (`model.layers.0.self_attn.q_proj`) and, for
+/// a DoRA adapter (`use_dora`), the magnitude vector of each of those modules.
 pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub pairs: HashMap<String, (Tensor, Tensor)>,
+    pub magnitudes: HashMap<String, Tensor>,
 }
 
 fn adapter_err(dir: &Path, why: impl Into<String>) -> EngineError {
@@ -203,12 +205,6 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
             ),
         ));
     }
-    if config.use_dora {
-        return Err(adapter_err(
-            dir,
-            "`use_dora: true` adapters are not supported yet",
-        ));
-    }
     if !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
         return Err(adapter_err(
             dir,
@@ -238,6 +234,7 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
         .map_err(|e| adapter_err(dir, format!("cannot read {WEIGHTS_FILE}: {e}")))?;
     let mut a_map = HashMap::new();
     let mut b_map = HashMap::new();
+    let mut magnitudes = HashMap::new();
     for (name, t) in tensors {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             return Err(adapter_err(
@@ -248,15 +245,30 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
         // PEFT strips the adapter name on save; accept `.default.` too (written by some older tools).
         let rest = rest
             .replace(".lora_A.default.weight", ".lora_A.weight")
-            .replace(".lora_B.default.weight", ".lora_B.weight");
+            .replace(".lora_B.default.weight", ".lora_B.weight")
+            .replace(
+                ".lora_magnitude_vector.default.weight",
+                ".lora_magnitude_vector",
+            );
         if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             a_map.insert(m.to_string(), t);
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             b_map.insert(m.to_string(), t);
+        } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
+            // PEFT saves DoRA's magnitude as `<module>.lora_magnitude_vector` (its `.weight` stripped).
+            if !config.use_dora {
+                return Err(adapter_err(
+                    dir,
+                    format!(
+                        "tensor `{name}` is a DoRA magnitude but {CONFIG_FILE} does not say `use_dora: true`"
+                    ),
+                ));
+            }
+            magnitudes.insert(m.to_string(), t);
         } else {
             return Err(adapter_err(
                 dir,
-                format!("tensor `{name}` is not a lora_A/lora_B weight"),
+                format!("tensor `{name}` is not a lora_A/lora_B weight or a DoRA magnitude"),
             ));
         }
     }
@@ -270,10 +282,27 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
     if let Some(m) = b_map.keys().next() {
         return Err(adapter_err(dir, format!("`{m}` has lora_B but no lora_A")));
     }
+    if config.use_dora {
+        if let Some(m) = pairs.keys().find(|m| !magnitudes.contains_key(*m)) {
+            return Err(adapter_err(
+                dir,
+                format!(
+                    "`{m}` has no `lora_magnitude_vector` but {CONFIG_FILE} says `use_dora: true`; the file is incomplete"
+                ),
+            ));
+        }
+        if let Some(m) = magnitudes.keys().find(|m| !pairs.contains_key(*m)) {
+            return Err(adapter_err(
+                dir,
+                format!("`{m}` has a DoRA magnitude but no lora_A/lora_B"),
+            ));
+        }
+    }
     Ok(Adapter {
         dir: dir.to_path_buf(),
         config,
         pairs,
+        magnitudes,
     })
 }
 
@@ -297,6 +326,17 @@ impl Adapter {
                         "`{m}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] weight; adapter for another base?",
                         a.dims(),
                         b.dims()
+                    ),
+                ));
+            }
+            if let Some(mag) = self.magnitudes.get(m)
+                && mag.dims() != [out]
+            {
+                return Err(adapter_err(
+                    &self.dir,
+                    format!(
+                        "`{m}`: lora_magnitude_vector {:?} does not fit a [{out}, {inp}] weight; adapter for another base?",
+                        mag.dims()
                     ),
                 ));
             }
@@ -325,6 +365,12 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
                 format!("{PREFIX}{}.lora_B.weight", lin.name),
                 l.b.as_detached_tensor().to_dtype(DType::F32)?,
             );
+            if let Some(d) = &l.dora {
+                tensors.insert(
+                    format!("{PREFIX}{}.lora_magnitude_vector", lin.name),
+                    d.magnitude.as_detached_tensor().to_dtype(DType::F32)?,
+                );
+            }
         }
     }
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
@@ -337,7 +383,8 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
         .map_err(|e| EngineError::io(format!("writing {}", dir.join(CONFIG_FILE).display()), e))
 }
 
-/// Merge an adapter into the frozen base weights: `W ← W + s·B·A` (in f32, stored back in the model dtype).
+/// Merge an adapter into the frozen base weights: `W ← W + s·B·A`, DoRA's rescaled row by row
+/// ([`super::layer::lora_merged`]), in f32, stored back in the model dtype.
 pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
     let (dev, dtype) = (model.device.clone(), model.dtype);
     let ad = read_adapter(dir, &dev)?;
@@ -348,9 +395,15 @@ pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
             .linear_mut(m)
             .ok_or_else(|| adapter_err(dir, format!("module `{m}` missing")))?;
         let w = lin.weight.detached()?;
-        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         // A quantized base is dequantized: the merged weight is dense, in the model dtype.
-        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+        let merged = super::layer::lora_merged(
+            &w,
+            &a.to_dtype(DType::F32)?,
+            &b.to_dtype(DType::F32)?,
+            scale,
+            ad.magnitudes.get(m),
+        )?
+        .to_dtype(dtype)?;
         match &lin.weight {
             super::model::Weight::Frozen(_)
             | super::model::Weight::Quantized(_)
@@ -382,6 +435,7 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
         dropout: ad.config.lora_dropout as f32,
         targets,
         use_rslora: ad.config.use_rslora,
+        use_dora: ad.config.use_dora,
         seed: 0,
     };
     if model.lora.is_some() {
@@ -395,15 +449,23 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
     for (m, (a, b)) in &ad.pairs {
         let av = Var::from_tensor(&a.to_dtype(dt)?)?;
         let bv = Var::from_tensor(&b.to_dtype(dt)?)?;
+        let mv = match ad.magnitudes.get(m) {
+            Some(t) => Some(Var::from_tensor(&t.to_dtype(dt)?)?),
+            None => None,
+        };
         if let Some(lin) = model.linear_mut(m) {
             lin.lora = Some(LoraPair {
                 a: av.clone(),
                 b: bv.clone(),
                 scale,
                 dropout: spec.dropout,
+                dora: mv.clone().map(|magnitude| Dora {
+                    magnitude,
+                    fixed: None,
+                }),
             });
         }
-        made.push((m.clone(), av, bv));
+        made.push((m.clone(), av, bv, mv));
     }
     {
         let mut data = model
@@ -411,9 +473,12 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
             .data()
             .lock()
             .map_err(|_| EngineError::Invalid("lora varmap poisoned".into()))?;
-        for (m, av, bv) in made {
+        for (m, av, bv, mv) in made {
             data.insert(format!("{PREFIX}{m}.lora_A.weight"), av);
             data.insert(format!("{PREFIX}{m}.lora_B.weight"), bv);
+            if let Some(mv) = mv {
+                data.insert(format!("{PREFIX}{m}.lora_magnitude_vector"), mv);
+            }
         }
     }
     model.lora = Some(spec);
@@ -452,6 +517,7 @@ pub fn apply_adapters(
         [one] if quantized_base => {
             note("applying the adapter beside the quantized base (unmerged)".into());
             load_adapter_trainable(model, one)?;
+            model.fix_dora()?;
             Ok(false)
         }
         _ => {

@@ -89,13 +89,78 @@ impl Weight {
     }
 }
 
-/// A LoRA pair on one linear (A: (r, in), B: (out, r)), f32 (f64 when the model is f64).
+/// A LoRA pair on one linear (A: (r, in), B: (out, r)), f32 (f64 when the model is f64), with DoRA's magnitude
+/// when `use_dora`.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
     pub dropout: f32,
+    pub dora: Option<Dora>,
+}
+
+/// DoRA (PEFT's `use_dora`): the linear's output row j is rescaled to `m_j / ‖W_j + s·(B·A)_j‖`, m (out) a trainable
+/// magnitude initialised to the row norms of W. As in PEFT (and the DoRA paper, §4.3) the norm is detached: no
+/// gradient flows through it.
+#[derive(Debug, Clone)]
+pub struct Dora {
+    /// m (out), in the LoRA dtype.
+    pub magnitude: Var,
+    /// `m / ‖W + s·B·A‖` fixed once for inference ([`LoraPair::fix_dora`]: the weights no longer change), so a
+    /// decode step does not recompute the norms; `None` while training.
+    pub fixed: Option<Tensor>,
+}
+
+impl LoraPair {
+    /// The DoRA column factor `m / ‖W + s·B·A‖` (out) of this pair over the base weight `w`: tracked through m when
+    /// `track`, the norm detached.
+    fn dora_factor(&self, dora: &Dora, w: &Weight, track: bool) -> Result<Tensor> {
+        if let (Some(c), false) = (&dora.fixed, track) {
+            return Ok(c.clone());
+        }
+        let norm = lora_row_norms(
+            &w.detached()?,
+            &self.a.as_detached_tensor(),
+            &self.b.as_detached_tensor(),
+            self.scale,
+        )?;
+        let m = if track {
+            dora.magnitude.as_tensor().clone()
+        } else {
+            dora.magnitude.as_detached_tensor()
+        };
+        Ok(m.div(&norm)?)
+    }
+}
+
+/// `‖W + s·B·A‖` of each output row (out), in A's dtype (PEFT's `DoraLinearLayer.get_weight_norm`), detached.
+pub fn lora_row_norms(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let delta = (b.matmul(a)? * scale)?;
+    Ok((w.to_dtype(a.dtype())? + delta)?
+        .sqr()?
+        .sum(1)?
+        .sqrt()?
+        .detach())
+}
+
+/// `W + s·B·A`, or with DoRA's magnitude m `(m / ‖W + s·B·A‖) ⊙ (W + s·B·A)` row by row (PEFT's merge), in A's dtype:
+/// the one merge of a LoRA pair into its base weight (export, stacked adapters, `merge_lora`).
+pub fn lora_merged(
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    magnitude: Option<&Tensor>,
+) -> Result<Tensor> {
+    let full = (w.to_dtype(a.dtype())? + (b.matmul(a)? * scale)?)?;
+    Ok(match magnitude {
+        None => full,
+        Some(m) => {
+            let norm = full.sqr()?.sum(1)?.sqrt()?;
+            full.broadcast_mul(&m.to_dtype(a.dtype())?.div(&norm)?.unsqueeze(1)?)?
+        }
+    })
 }
 
 /// A linear layer with optional bias and LoRA.
@@ -171,6 +236,7 @@ impl Linear {
         if let (Kernels::Fused, true, Weight::Frozen(w), Some(l), None) =
             (kernels, pass.track, &self.weight, &self.lora, &mask)
             && x.dtype() == l.a.dtype()
+            && l.dora.is_none()
         {
             let op = ops::LoraLinear {
                 w: w.clone(),
@@ -184,16 +250,19 @@ impl Linear {
             }
             return Ok((y.reshape(out_dims)?, None));
         }
-        let mut y = match &self.weight {
-            Weight::Frozen(w) => ops::frozen_linear(&x, w)?,
-            // The KV-cached inference pass: the integer kernels for a prompt's rows too (llama.cpp's way).
-            Weight::Quantized(q) if kernels == Kernels::Inference => {
-                ops::quantized_linear_for_inference(&x, q)?
-            }
-            Weight::Quantized(q) => ops::quantized_linear(&x, q)?,
-            Weight::Bnb4(q) => ops::bnb4_linear(&x, q)?,
-            Weight::Trainable(_) => ops::linear(&x, &weight(&self.weight)?)?,
+        let base = |x: &Tensor| -> Result<Tensor> {
+            Ok(match &self.weight {
+                Weight::Frozen(w) => ops::frozen_linear(x, w)?,
+                // The KV-cached inference pass: the integer kernels for a prompt's rows too (llama.cpp's way).
+                Weight::Quantized(q) if kernels == Kernels::Inference => {
+                    ops::quantized_linear_for_inference(x, q)?
+                }
+                Weight::Quantized(q) => ops::quantized_linear(x, q)?,
+                Weight::Bnb4(q) => ops::bnb4_linear(x, q)?,
+                Weight::Trainable(_) => ops::linear(x, &weight(&self.weight)?)?,
+            })
         };
+        let mut y = base(&x)?;
         let mut xa = None;
         if let Some(l) = &self.lora {
             let (a, b) = if pass.track {
@@ -207,8 +276,22 @@ impl Linear {
             }
             let xa_ = ops::linear(&xl, &a)?;
             // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
-            let d = ops::linear(&(&xa_ * l.scale)?, &b)?.to_dtype(y.dtype())?;
-            y = add(&y, &d)?;
+            let d = ops::linear(&(&xa_ * l.scale)?, &b)?;
+            let d = match &l.dora {
+                None => d,
+                // PEFT's DoRA: y = base(x) + (c − 1)·base(x⊙m) + c·s·B·A·(x⊙m), c = m / ‖W + s·B·A‖ per output, in
+                // the LoRA dtype (base(x⊙m) is base(x) without dropout).
+                Some(dora) => {
+                    let c = l.dora_factor(dora, &self.weight, pass.track)?;
+                    let yd = match &mask {
+                        None => y.clone(),
+                        Some(_) => base(&xl.to_dtype(x.dtype())?)?,
+                    };
+                    let yd = yd.to_dtype(d.dtype())?;
+                    (yd.broadcast_mul(&(&c - 1.0)?)? + d.broadcast_mul(&c)?)?
+                }
+            };
+            y = add(&y, &d.to_dtype(y.dtype())?)?;
             xa = Some(xa_);
         }
         if let Some(b) = &self.bias {
@@ -253,17 +336,37 @@ impl Linear {
         }
     }
 
-    /// `W0 + s·B·A` (dtype of W0; f32 for a quantized W0, which is dequantized), or W0 when there is no LoRA.
+    /// `W0 + s·B·A` (DoRA: rescaled row by row, [`lora_merged`]) in the dtype of W0 (f32 for a quantized W0, which
+    /// is dequantized), or W0 when there is no LoRA.
     pub fn merged_weight(&self) -> Result<Tensor> {
         let w = self.weight.detached()?;
         match &self.lora {
             None => Ok(w),
             Some(l) => {
-                let delta =
-                    (l.b.as_detached_tensor().matmul(&l.a.as_detached_tensor())? * l.scale)?;
-                Ok((w.to_dtype(delta.dtype())? + delta)?.to_dtype(w.dtype())?)
+                let m = l.dora.as_ref().map(|d| d.magnitude.as_detached_tensor());
+                Ok(lora_merged(
+                    &w,
+                    &l.a.as_detached_tensor(),
+                    &l.b.as_detached_tensor(),
+                    l.scale,
+                    m.as_ref(),
+                )?
+                .to_dtype(w.dtype())?)
             }
         }
+    }
+
+    /// Fixes DoRA's factor for inference (the weights no longer change): decode steps reuse it.
+    pub fn fix_dora(&mut self) -> Result<()> {
+        if let Some(l) = &self.lora
+            && let Some(d) = &l.dora
+        {
+            let c = l.dora_factor(d, &self.weight, false)?;
+            if let Some(Some(d)) = self.lora.as_mut().map(|l| l.dora.as_mut()) {
+                d.fixed = Some(c);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -658,6 +761,9 @@ pub fn layer_vars(l: &Layer) -> Vec<Var> {
         if let Some(p) = &lin.lora {
             push(&Weight::Trainable(p.a.clone()));
             push(&Weight::Trainable(p.b.clone()));
+            if let Some(d) = &p.dora {
+                push(&Weight::Trainable(d.magnitude.clone()));
+            }
         }
         push(&lin.weight);
         if let Some(b) = &lin.bias {
@@ -718,10 +824,13 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
 /// Whether the hand-written layer backward covers `l`: frozen (plain or quantized) base linears, frozen biases (LoRA, with dropout too,
-/// allowed), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the kernels).
-/// Other layers backpropagate through a recomputed candle graph.
+/// allowed; not DoRA), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the
+/// kernels). Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
     ctx.kernels == Kernels::Fused
+        && l.linears()
+            .iter()
+            .all(|lin| lin.lora.as_ref().is_none_or(|p| p.dora.is_none()))
         && l.q_norm.is_none()
         && l.k_norm.is_none()
         && matches!(l.input_norm, Weight::Frozen(_))

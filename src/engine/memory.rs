@@ -178,7 +178,7 @@ pub fn param_counts(cfg: &ModelConfig, ft: &Finetune) -> (u64, u64) {
                 .iter()
                 .zip(super::arch::LINEAR_LEAVES)
                 .filter(|(_, name)| spec.targets.contains(name))
-                .map(|((i, o), _)| spec.r * (i + o))
+                .map(|((i, o), _)| spec.r * (i + o) + if spec.use_dora { *o } else { 0 })
                 .sum();
             l * per_layer_lora
         }
@@ -315,6 +315,7 @@ mod tests {
             dropout: 0.0,
             targets: LoraTargets::parse("all").unwrap(),
             use_rslora: false,
+            use_dora: false,
             seed: 0,
         })
     }

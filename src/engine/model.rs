@@ -17,7 +17,7 @@ use super::arch::ModelConfig;
 use super::bnb4::Bnb4Tensor;
 use super::error::{EngineError, Result};
 use super::layer::{self, LayerCtx, LayerIo, Pass};
-pub use super::layer::{Kernels, Layer, Linear, LoraPair, Weight};
+pub use super::layer::{Dora, Kernels, Layer, Linear, LoraPair, Weight};
 use super::ops;
 use super::qweight::QWeight;
 
@@ -79,6 +79,8 @@ pub struct LoraSpec {
     pub dropout: f32,
     pub targets: LoraTargets,
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): a trainable magnitude per output row ([`super::layer::Dora`]).
+    pub use_dora: bool,
     /// Seed for the kaiming-uniform init of A.
     pub seed: u64,
 }
@@ -379,6 +381,10 @@ pub struct Model {
     pub manual_backward: bool,
     /// Seed of the LoRA dropout masks of the next training forward; the trainer sets a fresh one per micro-batch.
     pub dropout_seed: u64,
+    /// NEFTune (`neftune_noise_alpha`): training forwards add uniform noise of magnitude α/√(t·hidden) to the
+    /// input embeddings (t: the batch's padded length, as transformers' hook computes it), drawn from
+    /// `dropout_seed`. Inference never adds it.
+    pub neftune_alpha: Option<f64>,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -626,6 +632,7 @@ impl Model {
             unpad: true,
             manual_backward: true,
             dropout_seed: 0,
+            neftune_alpha: None,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device.is_cpu())),
             inv_freq,
             trainable,
@@ -690,6 +697,27 @@ impl Model {
                 let (out, inp) = dims2(&lin.name, lin.weight.dims())?;
                 let a = Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?;
                 let b = Var::zeros((out, spec.r), dt, &dev)?;
+                let dora = if spec.use_dora {
+                    // PEFT's `dora_init`: m = ‖W + s·B·A‖ per row with B = 0, computed as the forward computes it
+                    // (the factor m / ‖…‖ is exactly 1 at the start).
+                    let m = super::layer::lora_row_norms(
+                        &lin.weight.detached()?,
+                        a.as_tensor(),
+                        b.as_tensor(),
+                        scale,
+                    )?;
+                    let magnitude = Var::from_tensor(&m)?;
+                    data.insert(
+                        format!("base_model.model.{}.lora_magnitude_vector", lin.name),
+                        magnitude.clone(),
+                    );
+                    Some(Dora {
+                        magnitude,
+                        fixed: None,
+                    })
+                } else {
+                    None
+                };
                 data.insert(
                     format!("base_model.model.{}.lora_A.weight", lin.name),
                     a.clone(),
@@ -703,6 +731,7 @@ impl Model {
                     b,
                     scale,
                     dropout: spec.dropout,
+                    dora,
                 });
             }
         }
@@ -836,7 +865,22 @@ impl Model {
                 w.index_select(&ids, 0)?
             }
         };
-        Ok(rows.reshape((b, t, self.cfg.hidden_size))?)
+        let rows = rows.reshape((b, t, self.cfg.hidden_size))?;
+        match self.neftune_alpha {
+            Some(alpha) if train && alpha > 0.0 => {
+                let magnitude = alpha / ((t * self.cfg.hidden_size) as f64).sqrt();
+                let noise = ops::uniform_noise(
+                    rows.shape(),
+                    magnitude,
+                    self.dropout_seed,
+                    "neftune",
+                    rows.dtype(),
+                    rows.device(),
+                )?;
+                Ok(rows.add(&noise)?)
+            }
+            _ => Ok(rows),
+        }
     }
 
     /// Final hidden states (after the last norm), (b, t, hidden), on the training path (every op differentiable).
@@ -1299,6 +1343,14 @@ impl Model {
         out
     }
 
+    /// Fixes every DoRA factor for inference ([`Linear::fix_dora`]): the weights must not change afterwards.
+    pub fn fix_dora(&mut self) -> Result<()> {
+        for l in self.linears_mut() {
+            l.fix_dora()?;
+        }
+        Ok(())
+    }
+
     /// Sets the dropout of every LoRA pair (TRL's preference trainers switch dropout off).
     pub fn set_lora_dropout(&mut self, dropout: f32) {
         for l in self.linears_mut() {
@@ -1545,5 +1597,58 @@ pub(crate) fn dims2(name: &str, dims: &[usize]) -> Result<(usize, usize)> {
         d => Err(EngineError::Invalid(format!(
             "{name}: a linear weight is 2-D, this one has shape {d:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::engine::testing::{TinyOpts, tiny_llama};
+
+    /// NEFTune adds U(−α/√(t·hidden), α/√(t·hidden)) to every input embedding of a training forward (t: the padded
+    /// length, as transformers' hook), drawn from `dropout_seed`; inference embeddings stay exact.
+    #[test]
+    fn neftune_noise_has_transformers_magnitude_and_only_in_training() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = TinyOpts::default();
+        tiny_llama(d.path(), 1, &opts).unwrap();
+        let files =
+            super::super::weights::load_hf_folder(d.path(), DType::F32, &Device::Cpu).unwrap();
+        let mut m = Model::from_files(&files, DType::F32, &Device::Cpu, &Finetune::Frozen).unwrap();
+        let t = 50;
+        let ids: Vec<u32> = (0..2 * t as u32).map(|i| (i * 7) % 300).collect();
+        let ids = Tensor::from_vec(ids, (2, t), &Device::Cpu).unwrap();
+        let clean = m.embed(&ids, false, None).unwrap();
+        assert_eq!(
+            crate::engine::testing::max_abs_diff(&clean, &m.embed(&ids, true, None).unwrap())
+                .unwrap(),
+            0.0
+        );
+        m.neftune_alpha = Some(5.0);
+        m.dropout_seed = 3;
+        assert_eq!(
+            crate::engine::testing::max_abs_diff(&clean, &m.embed(&ids, false, None).unwrap())
+                .unwrap(),
+            0.0
+        );
+        let noise = (m.embed(&ids, true, None).unwrap() - &clean).unwrap();
+        let noise = noise.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mag = 5.0 / ((t * opts.hidden_size) as f32).sqrt();
+        let max = noise.iter().fold(0f32, |a, x| a.max(x.abs()));
+        assert!(
+            max <= mag * 1.0001 && max > 0.99 * mag,
+            "max |noise| {max} vs {mag}"
+        );
+        let mean_abs = noise.iter().map(|x| x.abs()).sum::<f32>() / noise.len() as f32;
+        assert!(
+            (mean_abs / mag - 0.5).abs() < 0.02,
+            "mean |noise| {mean_abs} vs {mag} / 2"
+        );
+        let again = (m.embed(&ids, true, None).unwrap() - &clean).unwrap();
+        assert_eq!(
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            noise
+        );
     }
 }

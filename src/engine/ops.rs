@@ -75,14 +75,7 @@ pub fn lora_dropout_mask(
     device: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
-    // FNV-1a of the module name, then SplitMix64 of the mix: distinct, well-spread keys per module and seed.
-    let name = module.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let mut z = (seed ^ name.rotate_left(17)).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    let key = z ^ (z >> 31);
+    let key = draw_key(seed, module);
     let keep = 1.0 / (1.0 - f64::from(p));
     if device.is_cpu() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(key);
@@ -94,6 +87,43 @@ pub fn lora_dropout_mask(
     device.set_seed(key)?;
     let u = Tensor::rand(0f32, 1f32, shape, device)?;
     (u.ge(f64::from(p))?.to_dtype(DType::F32)? * keep)?.to_dtype(dtype)
+}
+
+/// Uniform noise in [−`magnitude`, `magnitude`) of `shape`, drawn from (`seed`, `key`) as
+/// [`lora_dropout_mask`] draws its masks: the same pair gives the same noise (NEFTune's embedding noise).
+pub fn uniform_noise(
+    shape: &Shape,
+    magnitude: f64,
+    seed: u64,
+    key: &str,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let key = draw_key(seed, key);
+    let u = if device.is_cpu() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.random::<f32>())
+            .collect();
+        Tensor::from_vec(v, shape, device)?
+    } else {
+        device.set_seed(key)?;
+        Tensor::rand(0f32, 1f32, shape, device)?
+    };
+    u.affine(2.0 * magnitude, -magnitude)?.to_dtype(dtype)
+}
+
+/// FNV-1a of `module`, then SplitMix64 of its mix with `seed`: distinct, well-spread generator keys per module and
+/// seed.
+fn draw_key(seed: u64, module: &str) -> u64 {
+    let name = module.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut z = (seed ^ name.rotate_left(17)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// `y = x · Wᵀ` with W frozen: backward yields dX only (no weight gradient, no leaf in the GradStore).

@@ -28,12 +28,35 @@ impl Default for AdamWConfig {
     }
 }
 
-/// One trainable tensor: its name (the adapter or checkpoint key), the `Var`, and whether weight
-/// decay applies (Hugging Face exempts biases and norm weights).
+/// One trainable tensor: its name (the adapter or checkpoint key), the `Var`, whether weight decay applies
+/// (Hugging Face exempts biases and norm weights), and its learning rate as a multiple of the schedule's (a
+/// parameter group's: LoRA+ gives lora_B `loraplus_lr_ratio`).
 pub struct Param {
     pub name: String,
     pub var: Var,
     pub decay: bool,
+    pub lr_scale: f64,
+}
+
+/// The trainable tensors as the optimizer's parameters, with Hugging Face's weight-decay rule (biases and norm
+/// weights exempt) and LLaMA-Factory's LoRA+ groups (`create_loraplus_optimizer`: with `loraplus_lr_ratio`, lora_B and
+/// every 1-D parameter — DoRA's magnitudes, biases — learn at learning_rate × the ratio, the rest at learning_rate).
+pub fn param_groups(vars: Vec<(String, Var)>, loraplus_lr_ratio: Option<f64>) -> Vec<Param> {
+    vars.into_iter()
+        .map(|(name, var)| {
+            let decay = !(name.ends_with(".bias") || name.contains("norm"));
+            let lr_scale = match loraplus_lr_ratio {
+                Some(r) if name.contains("lora_B") || var.rank() == 1 => r,
+                _ => 1.0,
+            };
+            Param {
+                name,
+                var,
+                decay,
+                lr_scale,
+            }
+        })
+        .collect()
 }
 
 struct Moments {
@@ -103,6 +126,7 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let lr = lr * p.lr_scale;
             let g = g.to_dtype(DType::F32)?;
             mom.m = ((&mom.m * beta1)? + (&g * (1.0 - beta1))?)?;
             mom.v = ((&mom.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -232,6 +256,7 @@ mod tests {
                     var: Var::from_tensor(&Tensor::from_vec(data, (3, 4), &Device::Cpu).unwrap())
                         .unwrap(),
                     decay: true,
+                    lr_scale: 1.0,
                 }
             })
             .collect()
@@ -300,6 +325,58 @@ mod tests {
         }
     }
 
+    /// A parameter's `lr_scale` is its group's learning rate (LoRA+): each parameter of ours moves as candle-nn's
+    /// AdamW moves it alone at `lr × lr_scale` (the test loss is a sum of one term per parameter).
+    #[test]
+    fn lr_scale_gives_each_parameter_its_groups_learning_rate() {
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let scales = [1.0, 16.0, 0.25];
+        let mut ours_p = params(3);
+        for (p, s) in ours_p.iter_mut().zip(scales) {
+            p.lr_scale = s;
+        }
+        let mut ours = AdamW::new(ours_p, cfg).unwrap();
+        let theirs_p = params(3);
+        let mut theirs: Vec<candle_nn::AdamW> = theirs_p
+            .iter()
+            .zip(scales)
+            .map(|(p, s)| {
+                candle_nn::AdamW::new(
+                    vec![p.var.clone()],
+                    candle_nn::ParamsAdamW {
+                        lr: 1e-2 * s,
+                        weight_decay: 0.1,
+                        ..candle_nn::ParamsAdamW::default()
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        for _ in 0..5 {
+            let g = loss(ours.params()).backward().unwrap();
+            ours.step(&g, 1e-2).unwrap();
+            let g = loss(&theirs_p).backward().unwrap();
+            for opt in &mut theirs {
+                opt.step(&g).unwrap();
+            }
+        }
+        let start = params(3);
+        for ((a, b), s) in ours.params().iter().zip(&theirs_p).zip(&start) {
+            let diff =
+                crate::engine::testing::max_abs_diff(a.var.as_tensor(), b.var.as_tensor()).unwrap();
+            let moved =
+                crate::engine::testing::max_abs_diff(a.var.as_tensor(), s.var.as_tensor()).unwrap();
+            assert!(
+                diff < 1e-6 && moved > 1e-3,
+                "{}: {diff} (moved {moved})",
+                a.name
+            );
+        }
+    }
+
     #[test]
     fn save_and_load_resume_exactly() {
         let dir = tempfile::tempdir().unwrap();
@@ -319,6 +396,7 @@ mod tests {
                 name: p.name.clone(),
                 var: Var::from_tensor(&p.var.as_tensor().copy().unwrap()).unwrap(),
                 decay: p.decay,
+                lr_scale: p.lr_scale,
             })
             .collect();
         let mut b = AdamW::new(b_params, cfg).unwrap();

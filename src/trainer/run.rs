@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{self, FinetuningType, IntervalStrategy, Loaded, Preset};
-use crate::data::{self, Batch, Encoder, PreparedDataset};
+use crate::data::{self, Batch, Encoder, PreparedDataset, Sampler};
 use crate::engine::adapter::{
     load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
 };
@@ -23,7 +23,7 @@ use crate::fsutil::{human_bytes, write_file};
 use crate::resolve;
 
 use super::checkpoint::{PendingCheckpoint, estimate_checkpoint_bytes, latest_checkpoint, rotate};
-use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm};
+use super::optim::{AdamW, AdamWConfig, Param, clip_grad_norm, param_groups};
 use super::pref::{
     BatchLoss, KtoConfig, KtoExample, PairLogps, PrefConfig, StageMetrics, kto_loss,
     preference_loss, reward_pair_loss,
@@ -546,6 +546,7 @@ fn build_model(
     let mut model = model;
     // LLaMA-Factory's default: recompute each layer in the backward instead of keeping its activations.
     model.checkpointing = !p.disable_gradient_checkpointing;
+    model.neftune_alpha = p.neftune_noise_alpha;
     Ok(model)
 }
 
@@ -717,14 +718,7 @@ impl<'a> Trainer<'a> {
         {
             vars.extend(head.vars());
         }
-        let params: Vec<Param> = vars
-            .into_iter()
-            .map(|(name, var)| {
-                // Hugging Face exempts biases and norm weights from weight decay.
-                let decay = !(name.ends_with(".bias") || name.contains("norm"));
-                Param { name, var, decay }
-            })
-            .collect();
+        let params = param_groups(vars, p.loraplus_lr_ratio);
         if params.is_empty() {
             return Err(TrainError::Invalid(
                 "nothing to train: the model has no trainable parameters".into(),
@@ -797,7 +791,7 @@ impl<'a> Trainer<'a> {
         let within = step % self.updates_per_epoch;
         let batches = self.data.epoch_batches(
             self.p.per_device_train_batch_size,
-            self.p.group_by_length,
+            Sampler::of(self.p.group_by_length, self.p.disable_shuffling),
             self.p.data_seed_resolved(),
             epoch,
         );

@@ -86,6 +86,7 @@ pub fn tiny_lora_f64(dir: &Path, kernels: Kernels) -> Model {
         dropout: 0.0,
         targets: LoraTargets::parse("all").unwrap(),
         use_rslora: false,
+        use_dora: false,
         seed: 7,
     });
     let mut m = Model::from_files(&files, DType::F64, &Device::Cpu, &ft).unwrap();
