@@ -689,6 +689,38 @@ fn quantization_bit_4_trains_lora_over_nf4_linears_like_the_dequantized_base() {
         rel < 1e-5,
         "4-bit + unmerged adapter vs dequantized + merged: {rel}"
     );
+
+    // QDoRA (`use_dora` over the 4-bit base): DoRA's norms are taken of the dequantized weights, so training follows
+    // the dense run over them, and chat (unmerged, its factor fixed once) answers as the merged dense model.
+    let nf4_dora = step_losses(&sft_preset(
+        root,
+        "nf4_dora",
+        &["max_steps: 4", "quantization_bit: 4", "use_dora: true"],
+    ));
+    let deq_dora = step_losses(&sft_preset(
+        root,
+        "deq_dora",
+        &[
+            "max_steps: 4",
+            "use_dora: true",
+            &format!("model_name_or_path: {}", deq.display()),
+        ],
+    ));
+    for (i, (b, d)) in nf4_dora.iter().zip(&deq_dora).enumerate() {
+        assert!(
+            (b - d).abs() < 1e-4 * d.abs().max(1.0),
+            "step {}: QDoRA {b} vs DoRA over the dequantized weights {d}",
+            i + 1
+        );
+    }
+    let adapter = format!("adapter_name_or_path: {}", root.join("nf4_dora").display());
+    let q = chat(&["quantization_bit: 4", &adapter]);
+    assert!(!q.info.merged, "{}", q.info);
+    let d = chat(&[&format!("model_name_or_path: {}", deq.display()), &adapter]);
+    let (lq, _) = cached_logits(&q.model);
+    let (ld, _) = cached_logits(&d.model);
+    let rel = max_abs_diff(&lq, &ld) / max_abs(&ld);
+    assert!(rel < 1e-5, "QDoRA unmerged vs dequantized + merged: {rel}");
 }
 
 /// The memory estimate holds the quantized linears at Q8_0's 8.5 bits per weight, the rest dense.
