@@ -16,6 +16,8 @@ use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{ArchKind, AttnMask, EngineError, Finetune, LoraSpec, LoraTargets, Model};
 
+use crate::tiny_util::{ids, padded_batch};
+
 const CPU: Device = Device::Cpu;
 
 fn lora(targets: &str, r: usize) -> Finetune {
@@ -61,28 +63,6 @@ fn randomize_b(model: &Model, seed: u64) {
                 .unwrap();
         }
     }
-}
-
-fn ids(v: &[u32], b: usize) -> Tensor {
-    Tensor::from_vec(v.to_vec(), (b, v.len() / b), &CPU).unwrap()
-}
-
-/// Two rows, the second right-padded by two, with the first position of each unlabelled (as the collator does):
-/// (input_ids, padding mask, labels).
-fn padded_batch() -> (Tensor, AttnMask, Tensor) {
-    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-    let mask = AttnMask::Padding {
-        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
-    };
-    let labels = Tensor::new(
-        &[
-            [-100i64, 70, 71, 100, 33, 9],
-            [-100, 12, 40, 41, -100, -100],
-        ],
-        &CPU,
-    )
-    .unwrap();
-    (input, mask, labels)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

@@ -1,19 +1,18 @@
 //! PEFT's LoRA variants on a tiny seeded random model (CPU, seconds): DoRA (`use_dora`) against PEFT's goldens,
 //! finite differences, its adapter format, merge and the quantized base; NEFTune's embedding noise.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use termtune::engine::adapter;
 use termtune::engine::model::Kernels;
 use termtune::engine::ops;
-use termtune::engine::qweight::QWeight;
 use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
-use termtune::engine::{ArchKind, AttnMask, Finetune, LoraSpec, LoraTargets, Model};
+use termtune::engine::{ArchKind, Finetune, LoraSpec, LoraTargets, Model};
+
+use crate::tiny_util::{padded_batch, quantized_pair};
 
 const CPU: Device = Device::Cpu;
 
@@ -60,27 +59,6 @@ fn trained(model: &Model, seed: u64) {
             v.set(&v.as_tensor().mul(&f).unwrap()).unwrap();
         }
     }
-}
-
-fn ids(v: &[u32], b: usize) -> Tensor {
-    Tensor::from_vec(v.to_vec(), (b, v.len() / b), &CPU).unwrap()
-}
-
-/// The padded batch of `engine::dump_reference_fixture`: (input_ids, mask, labels).
-fn padded_batch() -> (Tensor, AttnMask, Tensor) {
-    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-    let mask = AttnMask::Padding {
-        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU).unwrap(),
-    };
-    let labels = Tensor::new(
-        &[
-            [-100i64, 70, 71, 100, 33, 9],
-            [-100, 12, 40, 41, -100, -100],
-        ],
-        &CPU,
-    )
-    .unwrap();
-    (input, mask, labels)
 }
 
 fn mean_loss(m: &Model, train: bool) -> Tensor {
@@ -235,6 +213,7 @@ fn dora_magnitude_gradients_match_finite_differences_and_a_fresh_adapter_is_the_
         (Kernels::Pure, false, false),
         (Kernels::Fused, true, true),
         (Kernels::Fused, false, true),
+        (Kernels::Fused, true, false),
     ] {
         m.kernels = kernels;
         m.checkpointing = ckpt;
@@ -335,25 +314,7 @@ fn dora_adapters_round_trip_merge_and_run_over_a_quantized_base() {
     assert!(diff < 1e-4, "merged DoRA logits differ by {diff}");
 
     // Over a Q8_0 base (unmerged): as the dense base holding the same dequantized weights.
-    let mut quant = load_hf_folder(d.path(), DType::F32, &CPU).unwrap();
-    let mut dense = load_hf_folder(d.path(), DType::F32, &CPU).unwrap();
-    let names: Vec<String> = quant
-        .tensors
-        .keys()
-        .filter(|n| n.contains(".layers."))
-        .filter(|n| quant.tensors[*n].rank() == 2)
-        .cloned()
-        .collect();
-    for name in names {
-        let t = quant.tensors.remove(&name).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
-        dense
-            .tensors
-            .insert(name.clone(), q.dequantize(&CPU).unwrap());
-        quant
-            .quantized
-            .insert(name, QWeight::new(Arc::new(q)).unwrap());
-    }
+    let (quant, dense) = quantized_pair(d.path(), GgmlDType::Q8_0, |n| n.contains(".layers."));
     let mut qm = Model::from_files(&quant, DType::F32, &CPU, &Finetune::Frozen).unwrap();
     let mut notes = Vec::new();
     let merged_in = adapter::apply_adapters(&mut qm, &[out.path().to_path_buf()], true, &mut |n| {
@@ -383,41 +344,53 @@ fn dora_adapters_round_trip_merge_and_run_over_a_quantized_base() {
 }
 
 /// With LoRA dropout, DoRA's base term is recomputed on the dropped input (PEFT's forward when dropout is on):
-/// training draws the masks of its seed (checkpointing's recomputation the same ones); inference has none.
+/// training draws the masks of its seed, and every path sees the same ones: candle's graph (pure kernels), the
+/// hand-written backward with and without checkpointing (also with the generic kernels CUDA runs) and the
+/// checkpointed graph give one loss and one set of gradients (f64). Inference has no dropout.
 #[test]
-fn dora_with_dropout_is_seeded_and_only_in_training() {
+fn dora_with_dropout_is_seeded_and_every_backward_agrees() {
     let d = tempfile::tempdir().unwrap();
     let mut m = build(d.path(), &TinyOpts::default(), DType::F64, &dora(4, 0.3));
     trained(&m, 2);
     m.dropout_seed = 11;
-    let plain = mean_loss(&m, true).to_scalar::<f64>().unwrap();
-    m.checkpointing = true;
-    let grads_of = |m: &Model| {
-        let g = mean_loss(m, true).backward().unwrap();
-        m.trainable_vars()
+    let run = |m: &Model| {
+        let loss = mean_loss(m, true);
+        let g = loss.backward().unwrap();
+        let grads: Vec<Vec<f64>> = m
+            .trainable_vars()
             .iter()
             .map(|(_, v)| {
-                g.get(v)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
+                let g = g.get(v).unwrap().flatten_all().unwrap();
+                g.to_vec1::<f64>().unwrap()
             })
-            .collect::<Vec<_>>()
+            .collect();
+        (loss.to_scalar::<f64>().unwrap(), grads)
     };
-    let ckpt = mean_loss(&m, true).to_scalar::<f64>().unwrap();
-    assert!((plain - ckpt).abs() < 1e-12, "{plain} vs {ckpt}");
-    let g1 = grads_of(&m);
-    m.checkpointing = false;
-    let g0 = grads_of(&m);
-    for (a, b) in g0.iter().zip(&g1) {
-        let scale = a.iter().fold(1e-9f64, |m, x| m.max(x.abs()));
-        let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff / scale < 1e-10,
-            "checkpointed gradient differs by {diff}"
-        );
+    m.kernels = Kernels::Pure;
+    let (l0, g0) = run(&m);
+    assert_eq!(g0.len(), 2 * 7 * 3);
+    m.kernels = Kernels::Fused;
+    for (generic, ckpt, manual) in [
+        (false, true, true),
+        (false, false, true),
+        (false, true, false),
+        (true, true, true),
+        (true, false, true),
+    ] {
+        m.checkpointing = ckpt;
+        m.manual_backward = manual;
+        let (l, g) = if generic {
+            ops::Backend::generic_only(|| run(&m))
+        } else {
+            run(&m)
+        };
+        let what = (generic, ckpt, manual);
+        assert!((l - l0).abs() < 1e-12, "{what:?}: loss {l} vs {l0}");
+        for (a, b) in g0.iter().zip(&g) {
+            let scale = a.iter().fold(1e-9f64, |m, x| m.max(x.abs()));
+            let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff / scale < 1e-10, "{what:?}: gradient differs by {diff}");
+        }
     }
     let eval = mean_loss(&m, false).to_scalar::<f64>().unwrap();
     let mut no_dropout = build(d.path(), &TinyOpts::default(), DType::F64, &dora(4, 0.0));
@@ -428,7 +401,7 @@ fn dora_with_dropout_is_seeded_and_only_in_training() {
         (eval - want).abs() < 1e-12,
         "inference {eval} vs no dropout {want}"
     );
-    assert!((plain - want).abs() > 1e-6, "dropout changed nothing");
+    assert!((l0 - want).abs() > 1e-6, "dropout changed nothing");
 }
 
 /// NEFTune's noise (`ops::uniform_noise`): uniform in [−mag, mag), centred, the same for a seed, another for

@@ -59,25 +59,7 @@ pub fn tiny_pair(dir: &std::path::Path, ty: GgmlDType) -> (ModelFiles, ModelFile
         ..TinyOpts::default()
     };
     tiny_llama(dir, 99, &opts).unwrap();
-    let mut quant = load_hf_folder(dir, DType::F32, &CPU).unwrap();
-    let mut dense = load_hf_folder(dir, DType::F32, &CPU).unwrap();
-    let names: Vec<String> = quant
-        .tensors
-        .iter()
-        .filter(|(_, t)| t.rank() == 2)
-        .map(|(n, _)| n.clone())
-        .collect();
-    for name in names {
-        let t = quant.tensors.remove(&name).unwrap();
-        let q = QTensor::quantize(&t, ty).unwrap();
-        dense
-            .tensors
-            .insert(name.clone(), q.dequantize(&CPU).unwrap());
-        quant
-            .quantized
-            .insert(name, QWeight::new(Arc::new(q)).unwrap());
-    }
-    (quant, dense)
+    crate::tiny_util::quantized_pair(dir, ty, |_| true)
 }
 
 pub fn prompt() -> Vec<u32> {

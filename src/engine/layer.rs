@@ -113,11 +113,17 @@ pub struct Dora {
 }
 
 impl LoraPair {
-    /// The DoRA column factor `m / ‖W + s·B·A‖` (out) of this pair over the base weight `w`: tracked through m when
-    /// `track`, the norm detached.
-    fn dora_factor(&self, dora: &Dora, w: &Weight, track: bool) -> Result<Tensor> {
+    /// The DoRA row factor `c = m / ‖W + s·B·A‖` (out) of this pair over the base weight `w`, tracked through m
+    /// when `track` (the norm is detached), and the norm it divided by (`None` when the factor was fixed for
+    /// inference).
+    fn dora_factor(
+        &self,
+        dora: &Dora,
+        w: &Weight,
+        track: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if let (Some(c), false) = (&dora.fixed, track) {
-            return Ok(c.clone());
+            return Ok((c.clone(), None));
         }
         let norm = lora_row_norms(
             &w.detached()?,
@@ -130,8 +136,24 @@ impl LoraPair {
         } else {
             dora.magnitude.as_detached_tensor()
         };
-        Ok(m.div(&norm)?)
+        Ok((m.div(&norm)?, Some(norm)))
     }
+}
+
+/// What a linear's forward keeps of its LoRA for the hand-written backward ([`Linear::backward`]).
+pub(crate) struct LoraActs {
+    /// (x⊙mask)·Aᵀ, (rows, r).
+    xa: Tensor,
+    /// DoRA: z = W·(x⊙mask) + s·B·A·(x⊙mask) (rows, out; the output before the factor, without bias), the factor c
+    /// and the norm ‖W + s·B·A‖ (out), all in the LoRA dtype.
+    dora: Option<(Tensor, Tensor, Tensor)>,
+}
+
+/// The gradients of one linear's LoRA from the hand-written backward: A, B and DoRA's magnitude.
+pub(crate) struct LoraGrad {
+    da: Tensor,
+    db: Tensor,
+    dm: Option<Tensor>,
 }
 
 /// `‖W + s·B·A‖` of each output row (out), in A's dtype (PEFT's `DoraLinearLayer.get_weight_norm`), detached.
@@ -209,15 +231,15 @@ impl Linear {
     /// mask of `dropout_seed` when `pass.dropout`. LoRA runs in its own dtype (f32 over a bf16 base, as PEFT keeps
     /// adapters) and is added in the base's. `pass.track` records the graph through tracked weights (else all
     /// weights are detached). The fused kernel set multiplies a frozen base with LoRA and no dropout as one op
-    /// ([`ops::LoraLinear`]: its graph keeps only x). Also returns (x⊙m)·Aᵀ as (rows, r) for the hand-written
-    /// backward ([`Self::backward`]) when there is LoRA and the one op did not run.
+    /// ([`ops::LoraLinear`]: its graph keeps only x). Also returns what the hand-written backward
+    /// ([`Self::backward`]) needs of the LoRA ([`LoraActs`]) when there is LoRA and the one op did not run.
     pub(crate) fn apply(
         &self,
         x: &Tensor,
         kernels: Kernels,
         pass: Pass,
         dropout_seed: u64,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<LoraActs>)> {
         let dims = x.dims();
         let Some((&k, rest)) = dims.split_last() else {
             return Err(super::error::EngineError::Invalid(format!(
@@ -277,22 +299,28 @@ impl Linear {
             let xa_ = ops::linear(&xl, &a)?;
             // Scale the rank-r intermediate (n × r) rather than the (n × out) result: same value, r/out the work.
             let d = ops::linear(&(&xa_ * l.scale)?, &b)?;
-            let d = match &l.dora {
-                None => d,
+            let (d, dora) = match &l.dora {
+                None => (d, None),
                 // PEFT's DoRA: y = base(x) + (c − 1)·base(x⊙m) + c·s·B·A·(x⊙m), c = m / ‖W + s·B·A‖ per output, in
                 // the LoRA dtype (base(x⊙m) is base(x) without dropout).
                 Some(dora) => {
-                    let c = l.dora_factor(dora, &self.weight, pass.track)?;
+                    let (c, norm) = l.dora_factor(dora, &self.weight, pass.track)?;
                     let yd = match &mask {
                         None => y.clone(),
                         Some(_) => base(&xl.to_dtype(x.dtype())?)?,
                     };
                     let yd = yd.to_dtype(d.dtype())?;
-                    (yd.broadcast_mul(&(&c - 1.0)?)? + d.broadcast_mul(&c)?)?
+                    let out = (yd.broadcast_mul(&(&c - 1.0)?)? + d.broadcast_mul(&c)?)?;
+                    // Kept for the hand-written backward (untracked passes only: a tracked one has its graph).
+                    let keep = match norm {
+                        Some(norm) if !pass.track => Some(((yd + d)?, c, norm)),
+                        _ => None,
+                    };
+                    (out, keep)
                 }
             };
             y = add(&y, &d.to_dtype(y.dtype())?)?;
-            xa = Some(xa_);
+            xa = Some(LoraActs { xa: xa_, dora });
         }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&weight(b)?)?;
@@ -300,40 +328,82 @@ impl Linear {
         Ok((y.reshape(out_dims)?, xa))
     }
 
-    /// (dX, LoRA (dA, dB)) of [`Self::apply`] on 2-D x for the incoming gradient `gy` (rows, out), graph-free
-    /// (frozen base and bias); `xa` is what the forward returned. The dropout mask is drawn again from the same
-    /// seed (no copy kept). A quantized base is dequantized for the input gradient's one product and dropped.
+    /// (dX, LoRA (dA, dB, DoRA's dm)) of [`Self::apply`] on 2-D x for the incoming gradient `gy` (rows, out),
+    /// graph-free (frozen base and bias); `acts` is what the forward kept. The dropout mask is drawn again from
+    /// the same seed (no copy kept). A quantized base is dequantized for the input gradient's product and dropped.
+    ///
+    /// DoRA, y = base(x) + (c − 1)·W·xd + c·s·B·A·xd with xd = x⊙mask and c = m / n (n the detached norm): with
+    /// g' = c⊙gy, dA and dB are LoRA's for g'; dm = Σ_rows(gy⊙z) / n with z = W·xd + s·B·A·xd; and
+    /// dX = gy·W + [((c − 1)⊙gy)·W + s·(g'·B)·A]⊙mask, which is LoRA's dX for g' (g'·W + s·(g'·B)·A⊙mask) plus
+    /// ((1 − c)⊙gy)·W⊙(1 − mask) (zero without dropout).
     pub(crate) fn backward(
         &self,
         x: &Tensor,
-        xa: Option<&Tensor>,
+        acts: Option<&LoraActs>,
         gy: &Tensor,
         dropout_seed: u64,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    ) -> Result<(Tensor, Option<LoraGrad>)> {
         let w = self.weight.detached()?.to_dtype(gy.dtype())?;
-        match &self.lora {
-            Some(p) => {
-                let mask = self.dropout_mask(x, true, dropout_seed)?;
-                let g = ops::lora_linear_backward(
-                    x,
-                    Some(&w),
-                    &p.a.as_detached_tensor(),
-                    &p.b.as_detached_tensor(),
-                    p.scale,
-                    mask.as_ref(),
-                    xa,
-                    gy,
-                )?;
-                match g.dx {
-                    Some(dx) => Ok((dx, Some((g.da, g.db)))),
-                    None => Err(super::error::EngineError::Invalid(format!(
-                        "{}: LoRA backward gave no input gradient",
-                        self.name
-                    ))),
-                }
+        let Some(p) = &self.lora else {
+            return Ok((gy.matmul(&w)?, None));
+        };
+        let mask = self.dropout_mask(x, true, dropout_seed)?;
+        let dora = match (&p.dora, acts.and_then(|a| a.dora.as_ref())) {
+            (None, _) => None,
+            (Some(_), Some(kept)) => Some(kept),
+            (Some(_), None) => {
+                return Err(super::error::EngineError::Invalid(format!(
+                    "{}: the DoRA backward needs the forward's activations",
+                    self.name
+                )));
             }
-            None => Ok((gy.matmul(&w)?, None)),
-        }
+        };
+        let g = match dora {
+            None => gy.clone(),
+            Some((_, c, _)) => gy
+                .to_dtype(c.dtype())?
+                .broadcast_mul(c)?
+                .to_dtype(gy.dtype())?,
+        };
+        let grads = ops::lora_linear_backward(
+            x,
+            Some(&w),
+            &p.a.as_detached_tensor(),
+            &p.b.as_detached_tensor(),
+            p.scale,
+            mask.as_ref(),
+            acts.map(|a| &a.xa),
+            &g,
+        )?;
+        let Some(mut dx) = grads.dx else {
+            return Err(super::error::EngineError::Invalid(format!(
+                "{}: LoRA backward gave no input gradient",
+                self.name
+            )));
+        };
+        let dm = match dora {
+            None => None,
+            Some((z, c, norm)) => {
+                let gyl = gy.to_dtype(z.dtype())?;
+                if let Some(m) = &mask {
+                    let h = gyl
+                        .broadcast_mul(&c.affine(-1.0, 1.0)?)?
+                        .to_dtype(gy.dtype())?
+                        .matmul(&w)?;
+                    let keep = m.affine(-1.0, 1.0)?.to_dtype(h.dtype())?;
+                    dx = add(&dx, &h.mul(&keep)?)?;
+                }
+                Some(gyl.mul(z)?.sum(0)?.div(norm)?)
+            }
+        };
+        Ok((
+            dx,
+            Some(LoraGrad {
+                da: grads.da,
+                db: grads.db,
+                dm,
+            }),
+        ))
     }
 
     /// `W0 + s·B·A` (DoRA: rescaled row by row, [`lora_merged`]) in the dtype of W0 (f32 for a quantized W0, which
@@ -361,7 +431,7 @@ impl Linear {
         if let Some(l) = &self.lora
             && let Some(d) = &l.dora
         {
-            let c = l.dora_factor(d, &self.weight, false)?;
+            let (c, _) = l.dora_factor(d, &self.weight, false)?;
             if let Some(Some(d)) = self.lora.as_mut().map(|l| l.dora.as_mut()) {
                 d.fixed = Some(c);
             }
@@ -824,13 +894,10 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
 /// Whether the hand-written layer backward covers `l`: frozen (plain or quantized) base linears, frozen biases (LoRA, with dropout too,
-/// allowed; not DoRA), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the
+/// allowed; DoRA too), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the
 /// kernels). Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
     ctx.kernels == Kernels::Fused
-        && l.linears()
-            .iter()
-            .all(|lin| lin.lora.as_ref().is_none_or(|p| p.dora.is_none()))
         && l.q_norm.is_none()
         && l.k_norm.is_none()
         && matches!(l.input_norm, Weight::Frozen(_))
@@ -849,7 +916,7 @@ pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
 pub struct Saved {
     x: Tensor,
     hn1: Tensor,
-    xa: [Option<Tensor>; 7],
+    xa: [Option<LoraActs>; 7],
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -871,13 +938,13 @@ impl CheckpointedLayer {
         let dev = gy.device();
         let add =
             |a: &Tensor, b: &Tensor| span("residual add", dev, || ops::fused::add_untracked(a, b));
-        let lin_bwd = |lin: &Linear, x: &Tensor, xa: Option<&Tensor>, g: &Tensor| {
+        let lin_bwd = |lin: &Linear, x: &Tensor, xa: Option<&LoraActs>, g: &Tensor| {
             span("linear + LoRA backward", dev, || {
                 lin.backward(x, xa, g, ctx.dropout_seed)
             })
         };
         let gy = gy.reshape((m, hsz))?;
-        let mut lora: [Option<(Tensor, Tensor)>; 7] = Default::default();
+        let mut lora: [Option<LoraGrad>; 7] = Default::default();
         let (d_act, gd) = lin_bwd(&l.down, &sv.act, sv.xa[6].as_ref(), &gy)?;
         lora[6] = gd;
         let (dg, du) = span("swiglu backward", dev, || {
@@ -936,9 +1003,10 @@ impl CheckpointedLayer {
             })?,
         )?;
         let mut grads = Vec::new();
-        for (da, db) in lora.into_iter().flatten() {
-            grads.push(da);
-            grads.push(db);
+        for g in lora.into_iter().flatten() {
+            grads.push(g.da);
+            grads.push(g.db);
+            grads.extend(g.dm);
         }
         Ok((dx, grads))
     }

@@ -47,6 +47,60 @@ pub fn same_answer_rows(n: usize, output: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Token ids `v` as a (b, len / b) batch.
+pub fn ids(v: &[u32], b: usize) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (b, v.len() / b), &Device::Cpu).unwrap()
+}
+
+/// Two rows, the second right-padded by two, with the first position of each unlabelled (as the collator does):
+/// (input_ids, padding mask, labels). The batch of `tests/engine_reference.py`'s fixtures.
+pub fn padded_batch() -> (Tensor, termtune::engine::AttnMask, Tensor) {
+    let input = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
+    let mask = termtune::engine::AttnMask::Padding {
+        attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu)
+            .unwrap(),
+    };
+    let labels = Tensor::new(
+        &[
+            [-100i64, 70, 71, 100, 33, 9],
+            [-100, 12, 40, 41, -100, -100],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    (input, mask, labels)
+}
+
+/// The model folder `dir` as two model files: the 2-D weights that `quantize` names held in `ty` blocks, and the
+/// same weights dequantized (dense f32).
+pub fn quantized_pair(
+    dir: &Path,
+    ty: candle_core::quantized::GgmlDType,
+    quantize: impl Fn(&str) -> bool,
+) -> (
+    termtune::engine::weights::ModelFiles,
+    termtune::engine::weights::ModelFiles,
+) {
+    let mut quant = load_hf_folder(dir, DType::F32, &Device::Cpu).unwrap();
+    let mut dense = load_hf_folder(dir, DType::F32, &Device::Cpu).unwrap();
+    let names: Vec<String> = quant
+        .tensors
+        .iter()
+        .filter(|(n, t)| t.rank() == 2 && quantize(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        let t = quant.tensors.remove(&name).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(&t, ty).unwrap();
+        dense
+            .tensors
+            .insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
+        let q = termtune::engine::qweight::QWeight::new(std::sync::Arc::new(q)).unwrap();
+        quant.quantized.insert(name, q);
+    }
+    (quant, dense)
+}
+
 /// The largest absolute difference of two f32 tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
