@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dora", type=int, default=0, help="1: use_dora")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -63,6 +64,7 @@ def main() -> int:
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=0.0,
+        use_dora=bool(args.dora),
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )

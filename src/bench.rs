@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub batch_size: usize,
     pub cutoff_len: usize,
     pub lora_rank: u32,
+    /// DoRA (`use_dora: true`) on both sides.
+    pub dora: bool,
     /// Measured steps (after `warmup`).
     pub steps: usize,
     pub warmup: usize,
@@ -75,7 +77,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<String, String> {
     let preset_text = format!(
         "model_name_or_path: {:?}\ndataset: {}\ndataset_dir: {:?}\ncutoff_len: {}\nmax_samples: {}\n\
-         per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\n{}{}",
+         per_device_train_batch_size: {}\nlora_rank: {}\nlora_target: all\nlearning_rate: 1.0e-4\nuse_dora: {}\n{}{}",
         opts.model,
         opts.dataset,
         opts.dataset_dir.display().to_string(),
@@ -83,6 +85,7 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
         opts.examples,
         opts.batch_size,
         opts.lora_rank,
+        opts.dora,
         opts.template
             .as_ref()
             .map(|t| format!("template: {t}\n"))
@@ -448,6 +451,7 @@ fn run_reference(
         .args(["--rank", &opts.lora_rank.to_string()])
         .args(["--alpha", &(opts.lora_rank * 2).to_string()])
         .args(["--warmup", &opts.warmup.to_string()])
+        .args(["--dora", if opts.dora { "1" } else { "0" }])
         .args(["--device", &setup.device])
         .args([
             "--dtype",
@@ -577,7 +581,8 @@ fn report(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "LoRA r {} on all linear layers, {setup}, batch {} x cutoff {}{}, {measured} measured steps after {} warm-up",
+        "{} r {} on all linear layers, {setup}, batch {} x cutoff {}{}, {measured} measured steps after {} warm-up",
+        if opts.dora { "DoRA" } else { "LoRA" },
         opts.lora_rank,
         opts.batch_size,
         opts.cutoff_len,

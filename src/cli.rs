@@ -139,6 +139,9 @@ pub struct BenchArgs {
     pub cutoff_len: usize,
     #[arg(long, default_value_t = 8)]
     pub lora_rank: u32,
+    /// DoRA (`use_dora: true`) instead of plain LoRA, on both sides.
+    #[arg(long)]
+    pub dora: bool,
     /// Measured optimizer steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,

@@ -754,6 +754,7 @@ fn bench(args: &crate::cli::BenchArgs) -> ExitCode {
         batch_size: args.batch_size,
         cutoff_len: args.cutoff_len,
         lora_rank: args.lora_rank,
+        dora: args.dora,
         steps: args.steps,
         warmup: 1,
         packing: args.packing,

@@ -156,12 +156,18 @@ impl AdapterConfig {
         lora_scale(self.lora_alpha, self.r, self.use_rslora)
     }
 
-    /// Target leaf names when `target_modules` is a list.
+    /// Target leaf names when `target_modules` is a list (full module paths, as PEFT writes them for
+    /// "all-linear", reduced to their leaves, each once).
     pub fn target_leaves(&self) -> Option<Vec<String>> {
         self.target_modules.as_array().map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
+            let mut leaves: Vec<String> = Vec::new();
+            for v in a.iter().filter_map(|v| v.as_str()) {
+                let leaf = v.rsplit('.').next().unwrap_or(v);
+                if !leaves.iter().any(|l| l == leaf) {
+                    leaves.push(leaf.to_string());
+                }
+            }
+            leaves
         })
     }
 }
@@ -422,13 +428,21 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
     let dev = model.device.clone();
     let ad = read_adapter(dir, &dev)?;
     ad.check(model)?;
-    let leaves = ad.config.target_leaves().ok_or_else(|| {
+    // The modules the file adapts, by leaf name: PEFT's `target_modules` may be leaf names, full module paths
+    // (PEFT 0.21 writes those for "all-linear") or a regex, and the tensors say the same in every case.
+    let mut leaves: Vec<&str> = ad
+        .pairs
+        .keys()
+        .map(|m| m.rsplit('.').next().unwrap_or(m))
+        .collect();
+    leaves.sort_unstable();
+    leaves.dedup();
+    let targets = LoraTargets::parse(&leaves.join(",")).map_err(|e| {
         adapter_err(
             dir,
-            "`target_modules` is a regex; only a list of leaf names can be resumed",
+            format!("{e}: termtune adapts only the decoder's linear layers"),
         )
     })?;
-    let targets = LoraTargets::parse(&leaves.join(","))?;
     let spec = LoraSpec {
         r: ad.config.r,
         alpha: ad.config.lora_alpha,

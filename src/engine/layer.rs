@@ -156,14 +156,10 @@ pub(crate) struct LoraGrad {
     dm: Option<Tensor>,
 }
 
-/// `‖W + s·B·A‖` of each output row (out), in A's dtype (PEFT's `DoraLinearLayer.get_weight_norm`), detached.
+/// `‖W + s·B·A‖` of each output row (out), in A's dtype (PEFT's `DoraLinearLayer.get_weight_norm`), detached
+/// ([`ops::fused::lora_row_norms`]).
 pub fn lora_row_norms(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let delta = (b.matmul(a)? * scale)?;
-    Ok((w.to_dtype(a.dtype())? + delta)?
-        .sqr()?
-        .sum(1)?
-        .sqrt()?
-        .detach())
+    Ok(ops::fused::lora_row_norms(w, a, b, scale)?)
 }
 
 /// `W + s·B·A`, or with DoRA's magnitude m `(m / ‖W + s·B·A‖) ⊙ (W + s·B·A)` row by row (PEFT's merge), in A's dtype:
@@ -310,13 +306,17 @@ impl Linear {
                         Some(_) => base(&xl.to_dtype(x.dtype())?)?,
                     };
                     let yd = yd.to_dtype(d.dtype())?;
-                    let out = (yd.broadcast_mul(&(&c - 1.0)?)? + d.broadcast_mul(&c)?)?;
-                    // Kept for the hand-written backward (untracked passes only: a tracked one has its graph).
-                    let keep = match norm {
-                        Some(norm) if !pass.track => Some(((yd + d)?, c, norm)),
-                        _ => None,
-                    };
-                    (out, keep)
+                    if pass.track {
+                        (
+                            (yd.broadcast_mul(&(&c - 1.0)?)? + d.broadcast_mul(&c)?)?,
+                            None,
+                        )
+                    } else {
+                        // Graph-free: c⊙z − yd with z = yd + d, z kept for the hand-written backward.
+                        let z = ops::fused::add_untracked(&yd, &d)?;
+                        let out = ops::fused::dora_term(&z, &yd, &c)?;
+                        (out, norm.map(|n| (z, c, n)))
+                    }
                 }
             };
             y = add(&y, &d.to_dtype(y.dtype())?)?;
@@ -358,12 +358,12 @@ impl Linear {
                 )));
             }
         };
-        let g = match dora {
-            None => gy.clone(),
-            Some((_, c, _)) => gy
-                .to_dtype(c.dtype())?
-                .broadcast_mul(c)?
-                .to_dtype(gy.dtype())?,
+        let (g, dc) = match dora {
+            None => (gy.clone(), None),
+            Some((z, c, _)) => {
+                let (g, dc) = ops::fused::dora_backward(&gy.to_dtype(z.dtype())?, z, c)?;
+                (g.to_dtype(gy.dtype())?, Some(dc))
+            }
         };
         let grads = ops::lora_linear_backward(
             x,
@@ -381,20 +381,20 @@ impl Linear {
                 self.name
             )));
         };
-        let dm = match dora {
-            None => None,
-            Some((z, c, norm)) => {
-                let gyl = gy.to_dtype(z.dtype())?;
+        let dm = match (dora, dc) {
+            (Some((_, c, norm)), Some(dc)) => {
                 if let Some(m) = &mask {
-                    let h = gyl
+                    let h = gy
+                        .to_dtype(c.dtype())?
                         .broadcast_mul(&c.affine(-1.0, 1.0)?)?
                         .to_dtype(gy.dtype())?
                         .matmul(&w)?;
                     let keep = m.affine(-1.0, 1.0)?.to_dtype(h.dtype())?;
                     dx = add(&dx, &h.mul(&keep)?)?;
                 }
-                Some(gyl.mul(z)?.sum(0)?.div(norm)?)
+                Some(dc.div(norm)?)
             }
+            _ => None,
         };
         Ok((
             dx,

@@ -968,3 +968,236 @@ pub fn add_untracked(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         (a.detach() + b.detach())?.detach().contiguous()
     }
 }
+
+// ---------------------------------------------------------------------------------------------- DoRA
+
+/// `‖W + s·B·A‖` of each row of W (out, in) for A (r, in) and B (out, r), in A's dtype, detached: DoRA's weight norm.
+/// The CPU kernel builds one row of W + s·B·A at a time in a scratch row (r axpys) and sums its squares in f64,
+/// never forming the matrix.
+pub fn lora_row_norms(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> R<Tensor> {
+    if Backend::of(a) == Backend::Generic {
+        return generic::lora_row_norms(w, a, b, scale);
+    }
+    let w = w.to_dtype(a.dtype())?.contiguous()?;
+    w.apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &DoraNorm { scale })
+}
+
+struct DoraNorm {
+    scale: f64,
+}
+
+impl CustomOp3 for DoraNorm {
+    fn name(&self) -> &'static str {
+        "fused-dora-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(w: &[T], a: &[T], b: &[T], r: usize, scale: f64) -> Vec<T> {
+            let inp = a.len() / r.max(1);
+            let s = T::from(scale).unwrap_or(T::one());
+            let mut out = vec![T::zero(); w.len() / inp.max(1)];
+            out.par_iter_mut().enumerate().for_each_init(
+                || vec![T::zero(); inp],
+                |row, (j, o)| {
+                    row.copy_from_slice(&w[j * inp..(j + 1) * inp]);
+                    for (k, &bjk) in b[j * r..(j + 1) * r].iter().enumerate() {
+                        let c = s * bjk;
+                        for (x, &y) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                            *x = *x + c * y;
+                        }
+                    }
+                    let sq = row
+                        .iter()
+                        .fold(0f64, |acc, &v| acc + (v * v).to_f64().unwrap_or(0.0));
+                    *o = T::from(sq.sqrt()).unwrap_or(T::zero());
+                },
+            );
+            out
+        }
+        let (out, inp) = l1.shape().dims2()?;
+        let (r, ainp) = l2.shape().dims2()?;
+        if ainp != inp || l3.shape().dims2()? != (out, r) {
+            candle_core::bail!(
+                "dora-norm: W {:?}, A {:?}, B {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let n = "dora-norm";
+        let norms = match (s1, s2, s3) {
+            (CpuStorage::F32(w), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(k(
+                contig(w, l1, n)?,
+                contig(a, l2, n)?,
+                contig(b, l3, n)?,
+                r,
+                self.scale,
+            )),
+            (CpuStorage::F64(w), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(k(
+                contig(w, l1, n)?,
+                contig(a, l2, n)?,
+                contig(b, l3, n)?,
+                r,
+                self.scale,
+            )),
+            _ => candle_core::bail!("dora-norm: dtype mismatch"),
+        };
+        Ok((norms, Shape::from(out)))
+    }
+}
+
+/// DoRA's output term `c⊙z − yd` (rows, out) for z = yd + d and the row factor c (out), graph-free, in one
+/// parallel pass on the CPU.
+pub fn dora_term(z: &Tensor, yd: &Tensor, c: &Tensor) -> R<Tensor> {
+    if Backend::of(z) == Backend::Generic || z.dtype() != yd.dtype() || z.dtype() != c.dtype() {
+        return generic::dora_term(z, yd, c);
+    }
+    z.contiguous()?
+        .apply_op3_no_bwd(&yd.contiguous()?, &c.contiguous()?, &DoraTerm)
+}
+
+struct DoraTerm;
+
+impl CustomOp3 for DoraTerm {
+    fn name(&self) -> &'static str {
+        "fused-dora-term"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        fn k<T: Float + Send + Sync>(z: &[T], yd: &[T], c: &[T]) -> Vec<T> {
+            let d = c.len().max(1);
+            let mut out = vec![T::zero(); z.len()];
+            out.par_chunks_mut(d)
+                .zip(z.par_chunks(d).zip(yd.par_chunks(d)))
+                .for_each(|(o, (zr, yr))| {
+                    for i in 0..o.len() {
+                        o[i] = c[i] * zr[i] - yr[i];
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&l3.shape().elem_count()) {
+            candle_core::bail!(
+                "dora-term: z {:?}, yd {:?}, c {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let n = "dora-term";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(z), CpuStorage::F32(y), CpuStorage::F32(c)) => {
+                CpuStorage::F32(k(contig(z, l1, n)?, contig(y, l2, n)?, contig(c, l3, n)?))
+            }
+            (CpuStorage::F64(z), CpuStorage::F64(y), CpuStorage::F64(c)) => {
+                CpuStorage::F64(k(contig(z, l1, n)?, contig(y, l2, n)?, contig(c, l3, n)?))
+            }
+            _ => candle_core::bail!("dora-term: dtype mismatch"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `gy⊙c` (rows, out) and `Σ_rows gy⊙z` (out) for 2-D gy and z and the row factor c: the pieces of DoRA's backward,
+/// graph-free, in one parallel pass on the CPU (the sums in f64).
+pub fn dora_backward(gy: &Tensor, z: &Tensor, c: &Tensor) -> R<(Tensor, Tensor)> {
+    if Backend::of(gy) == Backend::Generic || gy.dtype() != z.dtype() || gy.dtype() != c.dtype() {
+        return generic::dora_backward(gy, z, c);
+    }
+    let (rows, out) = gy.dims2()?;
+    let both = gy
+        .contiguous()?
+        .apply_op3_no_bwd(&z.contiguous()?, &c.contiguous()?, &DoraBwd)?;
+    Ok((
+        both.narrow(0, 0, rows * out)?.reshape((rows, out))?,
+        both.narrow(0, rows * out, out)?,
+    ))
+}
+
+struct DoraBwd;
+
+impl CustomOp3 for DoraBwd {
+    fn name(&self) -> &'static str {
+        "fused-dora-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        /// Rows per parallel task of the column sums.
+        const ROWS: usize = 32;
+        fn k<T: Float + Send + Sync>(gy: &[T], z: &[T], c: &[T]) -> Vec<T> {
+            let d = c.len().max(1);
+            let n = gy.len();
+            let mut out = vec![T::zero(); n + d];
+            let (g, _) = out.split_at_mut(n);
+            let sums = g
+                .par_chunks_mut(d * ROWS)
+                .zip(gy.par_chunks(d * ROWS).zip(z.par_chunks(d * ROWS)))
+                .map(|(o, (gr, zr))| {
+                    let mut s = vec![0f64; d];
+                    for ((o, gr), zr) in o.chunks_mut(d).zip(gr.chunks(d)).zip(zr.chunks(d)) {
+                        for i in 0..d {
+                            o[i] = gr[i] * c[i];
+                            s[i] += (gr[i] * zr[i]).to_f64().unwrap_or(0.0);
+                        }
+                    }
+                    s
+                })
+                .reduce(
+                    || vec![0f64; d],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += y;
+                        }
+                        a
+                    },
+                );
+            for (o, s) in out[n..].iter_mut().zip(sums) {
+                *o = T::from(s).unwrap_or(T::zero());
+            }
+            out
+        }
+        if l1.shape() != l2.shape() || l1.shape().dims2()?.1 != l3.shape().elem_count() {
+            candle_core::bail!(
+                "dora-bwd: gy {:?}, z {:?}, c {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let n = "dora-bwd";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(z), CpuStorage::F32(c)) => {
+                CpuStorage::F32(k(contig(g, l1, n)?, contig(z, l2, n)?, contig(c, l3, n)?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(z), CpuStorage::F64(c)) => {
+                CpuStorage::F64(k(contig(g, l1, n)?, contig(z, l2, n)?, contig(c, l3, n)?))
+            }
+            _ => candle_core::bail!("dora-bwd: dtype mismatch"),
+        };
+        Ok((
+            out,
+            Shape::from(l1.shape().elem_count() + l3.shape().elem_count()),
+        ))
+    }
+}

@@ -157,3 +157,23 @@ pub fn cross_entropy_sum_and_grad(
     let onehot = tg.broadcast_eq(&cols)?.to_dtype(p.dtype())?;
     Ok((loss, Some((p - onehot)?)))
 }
+
+/// `‖W + s·B·A‖` of each row (out), in A's dtype, detached: DoRA's weight norm (PEFT's `get_weight_norm`).
+pub fn lora_row_norms(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> R<Tensor> {
+    let delta = (b.matmul(a)? * scale)?;
+    Ok((w.to_dtype(a.dtype())? + delta)?
+        .sqr()?
+        .sum(1)?
+        .sqrt()?
+        .detach())
+}
+
+/// DoRA's output term `c⊙z − yd` (rows, out) for z = yd + d and the row factor c (out), graph-free.
+pub fn dora_term(z: &Tensor, yd: &Tensor, c: &Tensor) -> R<Tensor> {
+    Ok((z.broadcast_mul(c)? - yd)?.detach())
+}
+
+/// `gy⊙c` (rows, out) and `Σ_rows gy⊙z` (out): the pieces of DoRA's backward, graph-free.
+pub fn dora_backward(gy: &Tensor, z: &Tensor, c: &Tensor) -> R<(Tensor, Tensor)> {
+    Ok((gy.broadcast_mul(c)?.detach(), gy.mul(z)?.sum(0)?.detach()))
+}
