@@ -349,6 +349,7 @@ fn describe(ev: &TrainEvent) -> Option<String> {
     Some(match ev {
         TrainEvent::Loading { what } => format!("termtune: {what}"),
         TrainEvent::Warning(w) => format!("termtune: warning: {w}"),
+        TrainEvent::Note(n) => format!("termtune: {n}"),
         TrainEvent::Resuming {
             checkpoint,
             step,

@@ -123,6 +123,24 @@ const CASES: &[(&str, &[&str])] = &[
         &[":3:", "`loraplus_lr_ratio` must be a positive number"],
     ),
     (
+        "invalid_best_model.yaml",
+        &[
+            ":6:",
+            "`save_steps` (25) must be a multiple of `eval_steps` (10)",
+            ":8:",
+            "`metric_for_best_model: bleu` is not a metric this run evaluates",
+            ":9:",
+            "`early_stopping_steps` must be at least 1",
+        ],
+    ),
+    (
+        "invalid_early_stopping_without_best.yaml",
+        &[
+            ":5:",
+            "`early_stopping_steps` needs `load_best_model_at_end: true`",
+        ],
+    ),
+    (
         "invalid_adapter_without_lora.yaml",
         &[
             ":2:",

@@ -130,6 +130,7 @@ fn the_event_sequence_of_a_run() {
         .map(|e| match e {
             TrainEvent::Loading { .. } => "loading",
             TrainEvent::Warning(_) => "warning",
+            TrainEvent::Note(_) => "note",
             TrainEvent::Resuming { .. } => "resuming",
             TrainEvent::Started { .. } => "started",
             TrainEvent::StepFinished(_) => "step",
@@ -289,6 +290,72 @@ fn resume_matches_with(tag: &str, options: &[&str]) {
         adapter(&f.root.join(&split_dir)),
     );
     assert_eq!(wa, wb, "{dropout}: final adapters differ");
+}
+
+/// `load_best_model_at_end` + `early_stopping_steps` (the Hugging Face Trainer's EarlyStoppingCallback): with
+/// `greater_is_better: true` on eval_loss, which training lowers, the first evaluation stays the best, the next two
+/// bring no improvement and the run stops after step 3 of 10; it ends with checkpoint-1's weights (kept by the
+/// rotation although `save_total_limit` is 1), whose evaluation is the run's, and trainer_state.json names it.
+#[test]
+fn early_stopping_ends_with_the_best_checkpoint() {
+    let f = fixture(12);
+    let loaded = preset(
+        &f,
+        "best",
+        &[
+            "max_steps: 10",
+            "val_size: 0.25",
+            "eval_strategy: steps",
+            "eval_steps: 1",
+            "save_steps: 1",
+            "save_total_limit: 1",
+            "load_best_model_at_end: true",
+            "greater_is_better: true",
+            "early_stopping_steps: 2",
+        ],
+    );
+    let (r, events) = run(&loaded, &[]);
+    let summary = match r.unwrap() {
+        Outcome::Finished(s) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(summary.steps, 3);
+    let evals: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::EvalFinished { eval_loss, .. } => Some(*eval_loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals.len(), 3);
+    assert!(evals[1] < evals[0] && evals[2] < evals[0], "{evals:?}");
+    let notes: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Note(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert!(notes[0].contains("early stopping at step 3"), "{notes:?}");
+    assert!(notes[1].contains("step 1"), "{notes:?}");
+    let out = f.root.join("best");
+    assert_eq!(checkpoint_steps(&out), [1, 3]);
+    assert_eq!(adapter(&out), adapter(&out.join("checkpoint-1")));
+    assert_ne!(adapter(&out), adapter(&out.join("checkpoint-3")));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert!((state["best_metric"].as_f64().unwrap() - evals[0]).abs() < 1e-9);
+    assert!(
+        state["best_model_checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("checkpoint-1")
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
+    assert!((results["eval_loss"].as_f64().unwrap() - evals[0]).abs() < 1e-3);
 }
 
 /// LoRA+ (`loraplus_lr_ratio`): lora_B learns at learning_rate × the ratio. Adam's first step moves each entry by

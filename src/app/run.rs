@@ -298,6 +298,7 @@ impl RunState {
                 self.note(what.clone());
             }
             TrainEvent::Warning(w) => self.note(format!("warning: {w}")),
+            TrainEvent::Note(n) => self.note(n.clone()),
             TrainEvent::Resuming {
                 checkpoint, step, ..
             } => self.note(format!(

@@ -732,11 +732,10 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "Train on the examples in dataset order, every epoch (no shuffle, no length grouping).",
     ),
-    uns(
+    imp(
         "early_stopping_steps",
         Method,
-        "null",
-        "early stopping is not supported yet; stop the run from the TUI instead",
+        "Stop when metric_for_best_model has not improved for this many evaluations (needs load_best_model_at_end).",
     ),
     // ### dataset
     imp(
@@ -1156,23 +1155,20 @@ pub const KEYS: &[KeySpec] = &[
         Eval,
         "Predict by generating (LLaMA-Factory's predict files and metrics); termtune's predict always generates.",
     ),
-    uns(
+    imp(
         "load_best_model_at_end",
         Eval,
-        "false",
-        "keeping the best checkpoint is not supported yet",
+        "Finish with the weights of the checkpoint whose evaluation scored best (save_strategy = eval_strategy; the best checkpoint survives save_total_limit).",
     ),
-    uns(
+    imp(
         "metric_for_best_model",
         Eval,
-        "null",
-        "keeping the best checkpoint is not supported yet",
+        "The evaluation metric that picks the best checkpoint: eval_loss (the default), eval_accuracy, or a stage metric such as eval_rewards/accuracies.",
     ),
-    uns(
+    imp(
         "greater_is_better",
         Eval,
-        "null",
-        "keeping the best checkpoint is not supported yet",
+        "Whether a larger metric_for_best_model is better (default: false for metrics ending in loss, else true).",
     ),
     uns(
         "generation_max_length",

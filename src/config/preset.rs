@@ -340,6 +340,14 @@ pub struct Preset {
     pub per_device_eval_batch_size: usize,
     pub do_predict: bool,
     pub compute_accuracy: bool,
+    /// Keep the best checkpoint's weights at the end (Hugging Face's `load_best_model_at_end`).
+    pub load_best_model_at_end: bool,
+    /// The metric that ranks checkpoints (None: eval_loss).
+    pub metric_for_best_model: Option<String>,
+    /// None: the metric's default direction ([`Preset::best_metric`]).
+    pub greater_is_better: Option<bool>,
+    /// Evaluations without improvement before the run stops (`EarlyStoppingCallback`'s patience).
+    pub early_stopping_steps: Option<u64>,
     /// Train in dataset order (LLaMA-Factory's `SequentialSampler`).
     pub disable_shuffling: bool,
     pub predict_with_generate: Option<bool>,
@@ -456,6 +464,10 @@ impl Default for Preset {
             per_device_eval_batch_size: 8,
             do_predict: false,
             compute_accuracy: false,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
+            early_stopping_steps: None,
             disable_shuffling: false,
             predict_with_generate: None,
             do_sample: true,
@@ -538,6 +550,19 @@ impl Preset {
 
     /// Whether training has a validation split (`val_size` or `eval_dataset`): then termtune evaluates, at the
     /// latest after the last step (LLaMA-Factory's `do_eval: true`).
+    /// The metric that ranks checkpoints as the Hugging Face Trainer names it (`eval_` prefixed; `eval_loss` by
+    /// default) and whether larger is better (`greater_is_better`, else: not for a metric ending in `loss`).
+    pub fn best_metric(&self) -> (String, bool) {
+        let name = self.metric_for_best_model.as_deref().unwrap_or("loss");
+        let name = if name.starts_with("eval_") {
+            name.to_string()
+        } else {
+            format!("eval_{name}")
+        };
+        let greater = self.greater_is_better.unwrap_or(!name.ends_with("loss"));
+        (name, greater)
+    }
+
     pub fn has_validation_split(&self) -> bool {
         self.val_size > 0.0 || !self.eval_datasets().is_empty()
     }

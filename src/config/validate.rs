@@ -418,6 +418,61 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     if p.eval_steps == Some(0) {
         bad("eval_steps", "`eval_steps` must be at least 1".into());
     }
+    if p.early_stopping_steps == Some(0) {
+        bad(
+            "early_stopping_steps",
+            "`early_stopping_steps` must be at least 1 (evaluations without improvement)".into(),
+        );
+    } else if p.early_stopping_steps.is_some() && !p.load_best_model_at_end {
+        bad(
+            "early_stopping_steps",
+            "`early_stopping_steps` needs `load_best_model_at_end: true` (as the Hugging Face Trainer's EarlyStoppingCallback)".into(),
+        );
+    }
+    if p.load_best_model_at_end && purpose == Purpose::Train {
+        if p.eval_strategy == IntervalStrategy::No {
+            bad(
+                "load_best_model_at_end",
+                "`load_best_model_at_end` needs evaluations: set `eval_strategy: steps` (or epoch) and `val_size` or `eval_dataset`".into(),
+            );
+        } else if p.save_strategy != p.eval_strategy {
+            bad(
+                "load_best_model_at_end",
+                format!(
+                    "`load_best_model_at_end` needs `save_strategy` to match `eval_strategy` ({}), so that each evaluated step has its checkpoint",
+                    format!("{:?}", p.eval_strategy).to_lowercase()
+                ),
+            );
+        } else if p.eval_strategy == IntervalStrategy::Steps
+            && !p.save_steps.is_multiple_of(p.eval_steps_resolved().max(1))
+        {
+            bad(
+                "save_steps",
+                format!(
+                    "with `load_best_model_at_end`, `save_steps` ({}) must be a multiple of `eval_steps` ({})",
+                    p.save_steps,
+                    p.eval_steps_resolved()
+                ),
+            );
+        }
+    }
+    if p.load_best_model_at_end || p.metric_for_best_model.is_some() {
+        let (metric, _) = p.best_metric();
+        let stage_metric = matches!(p.stage, Stage::Dpo | Stage::Kto | Stage::Rm)
+            && ["eval_rewards/", "eval_logps/", "eval_logits/"]
+                .iter()
+                .any(|pre| metric.starts_with(pre));
+        let accuracy = metric == "eval_accuracy" && (p.compute_accuracy || p.stage == Stage::Rm);
+        if !(metric == "eval_loss" || accuracy || stage_metric) {
+            bad(
+                "metric_for_best_model",
+                format!(
+                    "`metric_for_best_model: {}` is not a metric this run evaluates: use loss, accuracy (with `compute_accuracy: true`) or, for dpo, kto and rm, a stage metric such as rewards/accuracies",
+                    p.metric_for_best_model.as_deref().unwrap_or("loss")
+                ),
+            );
+        }
+    }
 
     // ### generation
     if p.temperature < 0.0 {

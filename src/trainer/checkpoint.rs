@@ -79,12 +79,25 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<(u64, PathBuf)> {
     list_checkpoints(output_dir).pop()
 }
 
-/// Deletes the oldest checkpoints beyond `limit`; returns the folders removed.
-pub fn rotate(output_dir: &Path, limit: u32) -> std::io::Result<Vec<PathBuf>> {
+/// Deletes the oldest checkpoints beyond `limit`, never `best`; returns the folders removed.
+pub fn rotate(output_dir: &Path, limit: u32, best: Option<&Path>) -> std::io::Result<Vec<PathBuf>> {
     let all = list_checkpoints(output_dir);
-    let excess = all.len().saturating_sub(limit as usize);
+    // The Hugging Face Trainer never removes the best checkpoint (`load_best_model_at_end`), and keeps two when
+    // the limit is one and the best is not the newest.
+    let best = best.filter(|b| all.iter().any(|(_, p)| p == b));
+    let newest_is_best = best.is_some_and(|b| all.last().is_some_and(|(_, p)| p == b));
+    let limit = if best.is_some() && limit == 1 && !newest_is_best {
+        2
+    } else {
+        limit as usize
+    };
+    let excess = all.len().saturating_sub(limit);
     let mut removed = Vec::new();
-    for (_, path) in all.into_iter().take(excess) {
+    for (_, path) in all
+        .into_iter()
+        .filter(|(_, p)| Some(p.as_path()) != best)
+        .take(excess)
+    {
         std::fs::remove_dir_all(&path)?;
         removed.push(path);
     }
@@ -141,9 +154,29 @@ mod tests {
         for s in [10, 2, 30, 20] {
             write_complete(dir.path(), s);
         }
-        let removed = rotate(dir.path(), 2).unwrap();
+        let removed = rotate(dir.path(), 2, None).unwrap();
         assert_eq!(removed.len(), 2);
         let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
         assert_eq!(steps, [20, 30]);
+    }
+
+    /// As the Hugging Face Trainer's `_sorted_checkpoints`: the best checkpoint survives, and a limit of 1 keeps
+    /// the newest beside it.
+    #[test]
+    fn rotation_never_removes_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let steps = |d: &Path| -> Vec<u64> { list_checkpoints(d).iter().map(|c| c.0).collect() };
+        for s in [1, 2, 3, 4] {
+            write_complete(dir.path(), s);
+        }
+        let best = dir.path().join("checkpoint-2");
+        rotate(dir.path(), 2, Some(&best)).unwrap();
+        assert_eq!(steps(dir.path()), [2, 4]);
+        write_complete(dir.path(), 5);
+        rotate(dir.path(), 1, Some(&best)).unwrap();
+        assert_eq!(steps(dir.path()), [2, 5]);
+        let best = dir.path().join("checkpoint-5");
+        rotate(dir.path(), 1, Some(&best)).unwrap();
+        assert_eq!(steps(dir.path()), [5]);
     }
 }

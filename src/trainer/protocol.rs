@@ -77,6 +77,8 @@ pub enum TrainEvent {
     },
     /// Something the user should know but that does not stop the run.
     Warning(String),
+    /// What the run decided on its own (early stopping, the best checkpoint's weights).
+    Note(String),
     /// Resuming from a checkpoint (and why it was chosen).
     Resuming {
         checkpoint: PathBuf,

@@ -571,6 +571,10 @@ struct Trainer<'a> {
     last_eval: Option<f64>,
     /// `compute_accuracy`: the last evaluation's token accuracy.
     last_accuracy: Option<f64>,
+    /// `load_best_model_at_end`: the best `metric_for_best_model` so far and its step.
+    best: Option<(f64, u64)>,
+    /// `early_stopping_steps`: evaluations since the best one.
+    patience: u64,
     tokenizer_files: TokenizerFiles,
     /// Stages dpo, kto and rm: the objective, the reference and the metrics since the last log line.
     pref: Option<Preference>,
@@ -768,6 +772,8 @@ impl<'a> Trainer<'a> {
             pending_losses: Vec::new(),
             last_eval: None,
             last_accuracy: None,
+            best: None,
+            patience: 0,
             tokenizer_files,
             pref,
         })
@@ -781,6 +787,14 @@ impl<'a> Trainer<'a> {
         self.history.clone_from(&state.log_history);
         self.last_eval = state.log_history.iter().rev().find_map(|h| h.eval_loss);
         self.last_accuracy = state.log_history.iter().rev().find_map(|h| h.eval_accuracy);
+        self.best = state.best_metric.zip(
+            state
+                .best_model_checkpoint
+                .as_deref()
+                .and_then(|c| c.rsplit("checkpoint-").next())
+                .and_then(|n| n.parse().ok()),
+        );
+        self.patience = state.termtune.early_stopping_patience_counter;
         Ok(())
     }
 
@@ -891,6 +905,7 @@ impl<'a> Trainer<'a> {
             self.pending_losses.push(metrics.loss);
 
             let mut eval_loss = None;
+            let mut early_stop = false;
             let eval_due = match self.p.eval_strategy {
                 IntervalStrategy::Steps => step % self.p.eval_steps_resolved() == 0,
                 IntervalStrategy::Epoch => step % self.updates_per_epoch == 0,
@@ -920,6 +935,9 @@ impl<'a> Trainer<'a> {
                 self.last_accuracy = accuracy;
                 eval_loss = Some(l);
                 emit(TrainEvent::EvalFinished { step, eval_loss: l });
+                if self.p.load_best_model_at_end && self.track_best(step)? {
+                    early_stop = true;
+                }
             }
             let log_due = step % self.p.logging_steps == 0 || step == self.total_steps;
             if log_due || eval_loss.is_some() {
@@ -940,6 +958,17 @@ impl<'a> Trainer<'a> {
                 let dir = self.save_checkpoint_waiting(commands, emit)?;
                 emit(TrainEvent::CheckpointSaved { step, dir });
             }
+            if early_stop {
+                let (name, _) = self.p.best_metric();
+                emit(TrainEvent::Note(format!(
+                    "early stopping at step {step}: {name} has not improved for {} evaluations (early_stopping_steps)",
+                    self.patience
+                )));
+                break;
+            }
+        }
+        if self.p.load_best_model_at_end {
+            self.load_best(emit)?;
         }
         self.save_final()?;
         if let Ok(log) = super::runlog::read_log(&self.out) {
@@ -964,6 +993,89 @@ impl<'a> Trainer<'a> {
         self.write_results(&summary)?;
         emit(TrainEvent::Finished(summary.clone()));
         Ok(Outcome::Finished(summary))
+    }
+
+    /// `load_best_model_at_end`, after an evaluation at `step`: whether `metric_for_best_model` improved on the best
+    /// so far (strictly, as the Hugging Face Trainer), which then becomes the best; true when
+    /// `early_stopping_steps` evaluations in a row brought no improvement.
+    fn track_best(&mut self, step: u64) -> Result<bool, TrainError> {
+        let (name, greater) = self.p.best_metric();
+        let value = match name.as_str() {
+            "eval_loss" => self.last_eval,
+            "eval_accuracy" => self.last_accuracy,
+            other => self
+                .pref
+                .as_ref()
+                .and_then(|p| p.last_eval.as_ref())
+                .and_then(|m| m.get(other.trim_start_matches("eval_"))),
+        }
+        .ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "`metric_for_best_model`: the evaluation at step {step} gave no `{name}`"
+            ))
+        })?;
+        let improved = match self.best {
+            None => true,
+            Some((best, _)) if greater => value > best,
+            Some((best, _)) => value < best,
+        };
+        if improved {
+            self.best = Some((value, step));
+            self.patience = 0;
+        } else {
+            self.patience += 1;
+        }
+        Ok(self
+            .p
+            .early_stopping_steps
+            .is_some_and(|n| self.patience >= n))
+    }
+
+    /// `load_best_model_at_end`: the trainable weights of the best evaluation's checkpoint, and its evaluation as
+    /// the run's (`eval_results.json`); a warning and the last weights when that step has no checkpoint.
+    fn load_best(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<(), TrainError> {
+        let Some((value, step)) = self.best else {
+            return Ok(());
+        };
+        let (name, _) = self.p.best_metric();
+        if step != self.step {
+            let dir = self.out.join(super::checkpoint::checkpoint_name(step));
+            let file = dir.join(if self.p.finetuning_type == FinetuningType::Lora {
+                "adapter_model.safetensors"
+            } else {
+                "model.safetensors"
+            });
+            if !file.is_file() {
+                emit(TrainEvent::Warning(format!(
+                    "the best evaluation ({name} {value:.4} at step {step}) has no checkpoint ({} is missing): keeping the last weights",
+                    file.display()
+                )));
+                return Ok(());
+            }
+            let tensors = candle_core::safetensors::load(&file, &self.model.device)?;
+            for (key, var) in self.model.trainable_vars() {
+                let t = tensors.get(&key).ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "{}: tensor {key} is missing; the checkpoint belongs to another run",
+                        file.display()
+                    ))
+                })?;
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+            if let Some(h) = self
+                .history
+                .iter()
+                .rev()
+                .find(|h| h.step == step && h.eval_loss.is_some())
+            {
+                self.last_eval = h.eval_loss;
+                self.last_accuracy = h.eval_accuracy;
+            }
+        }
+        emit(TrainEvent::Note(format!(
+            "the final weights are the best evaluation's: step {step}, {name} {value:.4} (load_best_model_at_end)"
+        )));
+        Ok(())
     }
 
     /// One optimizer update: forward + backward over the accumulated micro-batches with the loss
@@ -1364,8 +1476,13 @@ impl<'a> Trainer<'a> {
     fn trainer_state(&self) -> TrainerState {
         #[allow(clippy::cast_precision_loss)]
         TrainerState {
-            best_metric: None,
-            best_model_checkpoint: None,
+            best_metric: self.best.map(|(v, _)| v),
+            best_model_checkpoint: self.best.map(|(_, s)| {
+                self.out
+                    .join(super::checkpoint::checkpoint_name(s))
+                    .display()
+                    .to_string()
+            }),
             epoch: self.step as f64 / self.updates_per_epoch as f64,
             eval_steps: self.p.eval_steps_resolved(),
             global_step: self.step,
@@ -1386,6 +1503,7 @@ impl<'a> Trainer<'a> {
                 micro_batches_done: self.step * self.p.gradient_accumulation_steps as u64,
                 elapsed_secs: self.elapsed_before.as_secs_f64(),
                 dropout_seed: self.p.seed,
+                early_stopping_patience_counter: self.patience,
             },
         }
     }
@@ -1560,7 +1678,11 @@ impl<'a> Trainer<'a> {
             .commit()
             .map_err(io_err(format!("finishing checkpoint-{}", self.step)))?;
         if let Some(limit) = self.p.save_total_limit {
-            rotate(&self.out, limit).map_err(io_err("removing old checkpoints"))?;
+            let best = self
+                .best
+                .map(|(_, s)| self.out.join(super::checkpoint::checkpoint_name(s)));
+            rotate(&self.out, limit, best.as_deref())
+                .map_err(io_err("removing old checkpoints"))?;
         }
         Ok(dir)
     }

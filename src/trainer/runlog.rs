@@ -153,6 +153,10 @@ pub struct ResumeState {
     pub elapsed_secs: f64,
     /// Seed of the dropout random stream at this point.
     pub dropout_seed: u64,
+    /// `early_stopping_steps`: evaluations since the best one (the Hugging Face EarlyStoppingCallback's
+    /// `early_stopping_patience_counter`).
+    #[serde(default)]
+    pub early_stopping_patience_counter: u64,
 }
 
 impl TrainerState {
