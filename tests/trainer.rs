@@ -358,6 +358,41 @@ fn early_stopping_ends_with_the_best_checkpoint() {
     assert!((results["eval_loss"].as_f64().unwrap() - evals[0]).abs() < 1e-3);
 }
 
+/// The best checkpoint and the patience count survive a stop and resume: stopped after step 2, the resumed run
+/// still stops after step 3 and ends with checkpoint-1's weights, as the uninterrupted run.
+#[test]
+fn early_stopping_resumes_with_its_best_and_patience() {
+    let f = fixture(12);
+    let opts = [
+        "max_steps: 10",
+        "val_size: 0.25",
+        "eval_strategy: steps",
+        "eval_steps: 1",
+        "save_steps: 1",
+        "load_best_model_at_end: true",
+        "greater_is_better: true",
+        "early_stopping_steps: 2",
+    ];
+    let (r, _) = run(&preset(&f, "straight", &opts), &[]);
+    r.unwrap();
+    let split = preset(&f, "split", &opts);
+    let (r, _) = run(&split, &[(2, TrainCommand::Stop { save: true })]);
+    assert!(matches!(r.unwrap(), Outcome::Stopped(_)));
+    let (r, events) = run(&split, &[]);
+    match r.unwrap() {
+        Outcome::Finished(s) => assert_eq!(s.steps, 3),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Note(n) if n.contains("early stopping at step 3")))
+    );
+    let (a, b) = (f.root.join("straight"), f.root.join("split"));
+    assert_eq!(adapter(&a), adapter(&b));
+    assert_eq!(adapter(&b), adapter(&b.join("checkpoint-1")));
+}
+
 /// LoRA+ (`loraplus_lr_ratio`): lora_B learns at learning_rate × the ratio. Adam's first step moves each entry by
 /// its learning rate (m̂/√v̂ = ±1), and lora_A not at all (its gradient is 0 while B = 0): so after one step every
 /// lora_B entry is ±lr·ratio, and ±lr without LoRA+.
