@@ -6,9 +6,9 @@
 #                                       # stripped and gzipped into .gpu/, plus SmolLM2's tokenizer files
 #   scripts/gpu-check.sh                # on the GPU machine, from the repository root (.gpu/ carried along)
 #   scripts/gpu-check.sh tests oom      # some sections only: env tests models train dropout chat tui bench oom
-#                                       # export quant pref bench8b dpo8b packed (default: all but quant, pref,
-#                                       # bench8b, dpo8b and packed: 10 minutes per call; the 8b ones write 16 GB
-#                                       # of weights)
+#                                       # export quant pref dora bench8b dpo8b packed (default: all but quant, pref,
+#                                       # dora, bench8b, dpo8b and packed: 10 minutes per call; the 8b ones write
+#                                       # 16 GB of weights)
 #
 # What it runs (each step time-limited; a failing step does not stop the others): nvidia-smi, `termtune env`,
 # the GPU tests (`integration gpu::`), a short `termtune train` of the quickstart preset on CUDA, the TUI in tmux
@@ -16,8 +16,8 @@
 # SmolLM2-135M-shaped and a llama-1B-shaped model (random bf16 weights, SmolLM2's tokenizer) beside PyTorch +
 # PEFT on the same batches; `quant`: GGUF bases (q4_1, q8_0) trained and chatted on CUDA vs the CPU, and
 # quantization_bit 4 / 8 vs bf16 on the llama-1B shape (time, peak memory, losses, the adapter on PEFT); `pref`:
-# the dpo preset on CUDA and its step time vs SFT on the same sequences; `dpo8b`: presets/llama3.1-8b-dpo.yaml on
-# the 8B shape. Output: stdout, and files under $OUT (default /tmp/gpu-check).
+# the dpo preset on CUDA and its step time vs SFT on the same sequences; `dora`: `termtune bench --dora` beside
+# PEFT's DoRA on the SmolLM2 and llama-1B shapes; `dpo8b`: presets/llama3.1-8b-dpo.yaml on the 8B shape. Output: stdout, and files under $OUT (default /tmp/gpu-check).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -113,7 +113,7 @@ fi
 # Random bf16 weights with SmolLM2's tokenizer: SmolLM2-135M's shape, a llama-1B shape and (bench8b)
 # Llama-3.1-8B's shape.
 models="smollm2"
-want bench && models="$models llama1b"
+{ want bench || want dora; } && models="$models llama1b"
 want bench8b && models="$models llama8b"
 want dpo8b && models="$models llama8b"
 want quant && models="$models llama1b"
@@ -213,6 +213,15 @@ if want bench; then
     timeout 150 "$tt" --device cuda bench --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 \
       --steps 5 --examples 100 2>"$OUT/bench-$model.err" | tee "$OUT/bench-$model.txt"
     tail -5 "$OUT/bench-$model.err"
+  done
+fi
+
+if want dora; then
+  for model in smollm2 llama1b; do
+    step "bench $model with DoRA (CUDA, bf16) beside PyTorch + PEFT's DoRA"
+    timeout 200 "$tt" --device cuda bench --dora --model "$work/models/$model" --cutoff-len 1024 --batch-size 4 \
+      --steps 5 --examples 100 2>"$OUT/bench-dora-$model.err" | tee "$OUT/bench-dora-$model.txt"
+    tail -5 "$OUT/bench-dora-$model.err"
   done
 fi
 

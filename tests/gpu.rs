@@ -197,6 +197,17 @@ fn lora(r: usize) -> Finetune {
     })
 }
 
+/// DoRA (`use_dora`) on every linear: its factor, norms and backward take the generic kernels off the CPU.
+fn dora(r: usize) -> Finetune {
+    match lora(r) {
+        Finetune::Lora(spec) => Finetune::Lora(LoraSpec {
+            use_dora: true,
+            ..spec
+        }),
+        other => other,
+    }
+}
+
 fn tiny(dir: &Path, opts: &TinyOpts) {
     tiny_llama(dir, 1234, opts).unwrap();
 }
@@ -340,6 +351,7 @@ fn generic_training_path_matches_the_fused_path_in_f32() {
     ] {
         compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &ft);
     }
+    compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &dora(4));
 }
 
 /// Finite differences on a few LoRA entries of the model on `dev` in f64.
@@ -445,6 +457,8 @@ fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
         ] {
             compare_finetune_with_cpu(d.path(), &dev, DType::F32, 1e-4, false, &ft);
         }
+        compare_finetune_with_cpu(d.path(), &dev, DType::F32, 1e-4, false, &dora(4));
+        compare_finetune_with_cpu(d.path(), &dev, DType::BF16, 5e-2, false, &dora(4));
     }
 }
 
