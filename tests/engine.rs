@@ -1166,49 +1166,7 @@ fn dump_reference_fixture() {
         let (m, _) = build(&dir.join("model"), &opts, DType::F32, &lora("all", 4));
         randomize_b(&m, 21);
         adapter::save_adapter(&m, &dir.join("adapter"), "model").unwrap();
-        let input = [5u32, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43];
-        let x = ids(&input, 2);
-        let mask = AttnMask::Padding {
-            attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU)
-                .unwrap(),
-        };
-        let labels = Tensor::new(
-            &[
-                [-100i64, 70, 71, 100, 33, 9],
-                [-100, 12, 40, 41, -100, -100],
-            ],
-            &CPU,
-        )
-        .unwrap();
-        let logits = m.forward(&x, &mask, false).unwrap();
-        let (s, n) = m.forward_loss(&x, &mask, &labels, true).unwrap();
-        let loss = (s / n as f64).unwrap();
-        let g = loss.backward().unwrap();
-        let mut grads = serde_json::Map::new();
-        for (n, v) in m.trainable_vars() {
-            if n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj") {
-                grads.insert(
-                    n,
-                    serde_json::json!(
-                        g.get(&v)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                    ),
-                );
-            }
-        }
-        let out = serde_json::json!({
-            "input_ids": [[5, 70, 71, 100, 33, 9], [250, 12, 40, 41, 42, 43]],
-            "attention_mask": [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]],
-            "labels": [[-100, 70, 71, 100, 33, 9], [-100, 12, 40, 41, -100, -100]],
-            "logits": logits.to_vec3::<f32>().unwrap(),
-            "loss": loss.to_scalar::<f32>().unwrap(),
-            "grads": grads,
-        });
-        std::fs::write(dir.join("ours.json"), out.to_string()).unwrap();
+        crate::tiny_util::write_reference_case(&dir, &m);
     }
 }
 

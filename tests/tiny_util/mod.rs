@@ -71,6 +71,32 @@ pub fn padded_batch() -> (Tensor, termtune::engine::AttnMask, Tensor) {
     (input, mask, labels)
 }
 
+/// Writes `dir/ours.json` for `tests/engine_reference.py`: the padded batch, `m`'s logits of it, its masked mean
+/// loss and the gradients of layers.0.self_attn.q_proj's and layers.1.mlp.down_proj's trainable tensors (f32).
+pub fn write_reference_case(dir: &Path, m: &Model) {
+    let (x, mask, labels) = padded_batch();
+    let logits = m.forward(&x, &mask, false).unwrap();
+    let (s, n) = m.forward_loss(&x, &mask, &labels, true).unwrap();
+    let loss = (s / n as f64).unwrap();
+    let g = loss.backward().unwrap();
+    let mut grads = serde_json::Map::new();
+    for (n, v) in m.trainable_vars() {
+        if n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj") {
+            let g = g.get(&v).unwrap().flatten_all().unwrap();
+            grads.insert(n, json!(g.to_vec1::<f32>().unwrap()));
+        }
+    }
+    let out = json!({
+        "input_ids": x.to_vec2::<u32>().unwrap(),
+        "attention_mask": [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]],
+        "labels": labels.to_vec2::<i64>().unwrap(),
+        "logits": logits.to_vec3::<f32>().unwrap(),
+        "loss": loss.to_scalar::<f32>().unwrap(),
+        "grads": grads,
+    });
+    std::fs::write(dir.join("ours.json"), out.to_string()).unwrap();
+}
+
 /// The model folder `dir` as two model files: the 2-D weights that `quantize` names held in `ty` blocks, and the
 /// same weights dequantized (dense f32).
 pub fn quantized_pair(

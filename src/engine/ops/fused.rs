@@ -26,6 +26,32 @@ fn held<T: candle_core::WithDType>(t: &Tensor) -> R<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
+/// A three-input CPU kernel on one float dtype: binds `$a, $b, $c` to the contiguous f32 (or f64) slices of the
+/// three storages and wraps `$body`'s `Vec` in the matching `CpuStorage`; other dtypes are an error naming `$what`.
+macro_rules! float3 {
+    ($what:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(z)) => {
+                let ($a, $b, $c) = (
+                    contig(x, $l1, $what)?,
+                    contig(y, $l2, $what)?,
+                    contig(z, $l3, $what)?,
+                );
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(z)) => {
+                let ($a, $b, $c) = (
+                    contig(x, $l1, $what)?,
+                    contig(y, $l2, $what)?,
+                    contig(z, $l3, $what)?,
+                );
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: dtype mismatch", $what),
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------- RMSNorm
 
 fn rms_rows<T: Float + Send + Sync>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
@@ -133,26 +159,13 @@ impl CustomOp3 for RmsNormBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        let n = "rms-bwd";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(rms_bwd_rows(
-                    contig(x, l1, n)?,
-                    contig(w, l2, n)?,
-                    contig(g, l3, n)?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(rms_bwd_rows(
-                    contig(x, l1, n)?,
-                    contig(w, l2, n)?,
-                    contig(g, l3, n)?,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("fused-rms-norm-bwd: dtype mismatch"),
-        };
+        let out = float3!(
+            "fused-rms-norm-bwd",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, g| rms_bwd_rows(x, w, g, self.eps)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -491,16 +504,13 @@ impl CustomOp3 for SwiGluBwd {
                 });
             out
         }
-        let n = "swiglu-bwd";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(y)) => {
-                CpuStorage::F32(k(contig(g, l1, n)?, contig(u, l2, n)?, contig(y, l3, n)?))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(y)) => {
-                CpuStorage::F64(k(contig(g, l1, n)?, contig(u, l2, n)?, contig(y, l3, n)?))
-            }
-            _ => candle_core::bail!("fused-swiglu-bwd: dtype mismatch"),
-        };
+        let out = float3!(
+            "fused-swiglu-bwd",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |g, u, y| k(g, u, y)
+        );
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))
@@ -1031,24 +1041,13 @@ impl CustomOp3 for DoraNorm {
                 l3.shape()
             )
         }
-        let n = "dora-norm";
-        let norms = match (s1, s2, s3) {
-            (CpuStorage::F32(w), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(k(
-                contig(w, l1, n)?,
-                contig(a, l2, n)?,
-                contig(b, l3, n)?,
-                r,
-                self.scale,
-            )),
-            (CpuStorage::F64(w), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(k(
-                contig(w, l1, n)?,
-                contig(a, l2, n)?,
-                contig(b, l3, n)?,
-                r,
-                self.scale,
-            )),
-            _ => candle_core::bail!("dora-norm: dtype mismatch"),
-        };
+        let norms = float3!(
+            "fused-dora-norm",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |w, a, b| k(w, a, b, r, self.scale)
+        );
         Ok((norms, Shape::from(out)))
     }
 }
@@ -1098,16 +1097,13 @@ impl CustomOp3 for DoraTerm {
                 l3.shape()
             )
         }
-        let n = "dora-term";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(z), CpuStorage::F32(y), CpuStorage::F32(c)) => {
-                CpuStorage::F32(k(contig(z, l1, n)?, contig(y, l2, n)?, contig(c, l3, n)?))
-            }
-            (CpuStorage::F64(z), CpuStorage::F64(y), CpuStorage::F64(c)) => {
-                CpuStorage::F64(k(contig(z, l1, n)?, contig(y, l2, n)?, contig(c, l3, n)?))
-            }
-            _ => candle_core::bail!("dora-term: dtype mismatch"),
-        };
+        let out = float3!(
+            "fused-dora-term",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |z, y, c| k(z, y, c)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -1185,16 +1181,9 @@ impl CustomOp3 for DoraBwd {
                 l3.shape()
             )
         }
-        let n = "dora-bwd";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(z), CpuStorage::F32(c)) => {
-                CpuStorage::F32(k(contig(g, l1, n)?, contig(z, l2, n)?, contig(c, l3, n)?))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(z), CpuStorage::F64(c)) => {
-                CpuStorage::F64(k(contig(g, l1, n)?, contig(z, l2, n)?, contig(c, l3, n)?))
-            }
-            _ => candle_core::bail!("dora-bwd: dtype mismatch"),
-        };
+        let out = float3!("fused-dora-bwd", (s1, l1), (s2, l2), (s3, l3), |g, z, c| k(
+            g, z, c
+        ));
         Ok((
             out,
             Shape::from(l1.shape().elem_count() + l3.shape().elem_count()),
