@@ -122,6 +122,14 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
         termtune::data::ValSize::Fraction(0.1)
     );
     assert_eq!(p.eval_steps_resolved(), 500);
+    // LLaMA-Factory 0.9.5's examples/extras/loraplus/llama3_lora_sft.yaml, unchanged.
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/llama3_lora_sft_loraplus.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert_eq!(loaded.preset.loraplus_lr_ratio, Some(16.0));
 }
 
 #[test]
