@@ -254,8 +254,18 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
         cfg.intermediate_size,
     );
     // What the hand-written backward keeps per token and layer: x, both normed inputs, q, k, v, the attention
-    // output, the residual, gate, up and their product (LoRA's x·Aᵀ is small).
-    let kept_per_token = u(4 * h + 2 * q + 2 * kv + 3 * ff) * bytes;
+    // output, the residual, gate, up and their product (LoRA's x·Aᵀ is small); with DoRA also each adapted
+    // linear's output before its factor (f32).
+    let dora_outputs = match ft {
+        Finetune::Lora(spec) if spec.use_dora => layer_linears(cfg)
+            .iter()
+            .zip(super::arch::LINEAR_LEAVES)
+            .filter(|(_, name)| spec.targets.contains(name))
+            .map(|((_, o), _)| *o)
+            .sum::<usize>(),
+        _ => 0,
+    };
+    let kept_per_token = u(4 * h + 2 * q + 2 * kv + 3 * ff) * bytes + u(dora_outputs) * 4;
     let activations = if run.checkpointing {
         tokens * u(l * h) * bytes + tokens * kept_per_token
     } else {
@@ -318,6 +328,35 @@ mod tests {
             use_dora: false,
             seed: 0,
         })
+    }
+
+    /// DoRA adds one magnitude per adapted output row (q, k, v, o, gate, up, down: 4096 + 1024 + 1024 + 4096 +
+    /// 14336 + 14336 + 4096 per layer) and keeps each adapted linear's pre-factor output (f32) for the backward.
+    #[test]
+    fn dora_adds_its_magnitudes_and_kept_outputs() {
+        let c = llama_8b();
+        let dora = match lora_all(16) {
+            Finetune::Lora(spec) => Finetune::Lora(LoraSpec {
+                use_dora: true,
+                ..spec
+            }),
+            other => other,
+        };
+        let outputs = 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096;
+        assert_eq!(
+            param_counts(&c, &dora).0,
+            param_counts(&c, &lora_all(16)).0 + 32 * outputs
+        );
+        let run = RunShape {
+            dtype: DType::BF16,
+            base: BaseStorage::Dense,
+            batch: 2,
+            seq_len: 1024,
+            checkpointing: false,
+            head_chunk_rows: Some(1024),
+        };
+        let (a, b) = (estimate(&c, &lora_all(16), &run), estimate(&c, &dora, &run));
+        assert_eq!(b.activations - a.activations, 2 * 1024 * 32 * outputs * 4);
     }
 
     #[test]
