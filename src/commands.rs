@@ -151,6 +151,17 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
             );
         }
     }
+    if p.load_best_model_at_end {
+        let (metric, greater) = p.best_metric();
+        let _ = writeln!(
+            out,
+            "#   best checkpoint: ranked by {metric} ({} is better), its weights kept at the end{}",
+            if greater { "higher" } else { "lower" },
+            p.early_stopping_steps
+                .map(|n| format!("; early stopping after {n} evaluations without improvement"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(a) = p.neftune_noise_alpha {
         let _ = writeln!(
             out,
