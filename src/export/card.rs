@@ -107,6 +107,9 @@ pub fn model_card(cfg: &AdapterConfig, preset: &Preset, base_name: &str) -> Stri
         if cfg.use_rslora { ", rsLoRA" } else { "" }
     ));
     s.push_str(&format!("| lora_dropout | {} |\n", cfg.lora_dropout));
+    if cfg.use_dora {
+        s.push_str("| DoRA | yes: a magnitude vector per adapted module (`use_dora`) |\n");
+    }
     s.push_str(&format!("| target modules | {} |\n", targets(cfg)));
     s.push_str(&format!("| dataset | {dataset} |\n"));
     s.push_str(&format!("| chat template | {template} |\n\n"));
@@ -121,19 +124,58 @@ pub fn model_card(cfg: &AdapterConfig, preset: &Preset, base_name: &str) -> Stri
     s.push_str(
         "model = model.merge_and_unload()  # optional: fold the adapter into the weights\n```\n\n",
     );
-    s.push_str("vLLM:\n\n```sh\n");
-    s.push_str(&format!(
-        "vllm serve {base_name} --enable-lora --max-lora-rank {} --lora-modules my-adapter=PATH/TO/THIS/FOLDER\n```\n\n",
-        cfg.r.max(8).next_power_of_two()
-    ));
-    s.push_str("llama.cpp (convert the adapter to GGUF, then load it on top of a GGUF of the same base):\n\n```sh\n");
-    s.push_str(&format!(
-        "python convert_lora_to_gguf.py PATH/TO/THIS/FOLDER --base-model-id {base_name} --outfile adapter.gguf\n"
-    ));
-    s.push_str("llama-cli -m base.gguf --lora adapter.gguf\n```\n\n");
+    if cfg.use_dora {
+        // vLLM refuses DoRA adapters ("vLLM does not yet support DoRA") and llama.cpp's LoRA GGUF has no
+        // magnitude vector: both take the merged model instead.
+        s.push_str(
+            "vLLM and llama.cpp serve plain LoRA adapters only: for them, export the merged model (`termtune export` \
+             without `--adapter-only`, `export_format: gguf` for llama.cpp).\n\n",
+        );
+    } else {
+        s.push_str("vLLM:\n\n```sh\n");
+        s.push_str(&format!(
+            "vllm serve {base_name} --enable-lora --max-lora-rank {} --lora-modules my-adapter=PATH/TO/THIS/FOLDER\n```\n\n",
+            cfg.r.max(8).next_power_of_two()
+        ));
+        s.push_str("llama.cpp (convert the adapter to GGUF, then load it on top of a GGUF of the same base):\n\n```sh\n");
+        s.push_str(&format!(
+            "python convert_lora_to_gguf.py PATH/TO/THIS/FOLDER --base-model-id {base_name} --outfile adapter.gguf\n"
+        ));
+        s.push_str("llama-cli -m base.gguf --lora adapter.gguf\n```\n\n");
+    }
     s.push_str(
         "termtune / LLaMA-Factory: set `adapter_name_or_path: PATH/TO/THIS/FOLDER` next to ",
     );
     s.push_str(&format!("`model_name_or_path: {base_name}`.\n"));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::engine::{LoraSpec, LoraTargets};
+
+    /// A DoRA adapter's card says so and sends vLLM and llama.cpp users to the merged export (neither serves DoRA
+    /// adapters); a plain LoRA card keeps their recipes.
+    #[test]
+    fn a_dora_card_says_dora_and_points_servers_to_the_merged_model() {
+        let spec = |use_dora| LoraSpec {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: LoraTargets::All,
+            use_rslora: false,
+            use_dora,
+            seed: 0,
+        };
+        let p = Preset::default();
+        let dora = model_card(&AdapterConfig::for_spec(&spec(true), "base"), &p, "base");
+        assert!(dora.contains("| DoRA | yes"), "{dora}");
+        assert!(dora.contains("export the merged model"), "{dora}");
+        assert!(!dora.contains("--lora-modules"), "{dora}");
+        let lora = model_card(&AdapterConfig::for_spec(&spec(false), "base"), &p, "base");
+        assert!(!lora.contains("DoRA"), "{lora}");
+        assert!(lora.contains("--lora-modules") && lora.contains("convert_lora_to_gguf.py"));
+    }
 }
