@@ -134,6 +134,13 @@ const CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "invalid_best_model_rm.yaml",
+        &[
+            ":6:",
+            "`load_best_model_at_end` is not available for `stage: rm`",
+        ],
+    ),
+    (
         "invalid_early_stopping_without_best.yaml",
         &[
             ":5:",

@@ -67,6 +67,27 @@ fn mean_loss(m: &Model, train: bool) -> Tensor {
     (s / n as f64).unwrap()
 }
 
+/// logits[0, 5, :4] of the padded batch equal `want` to 1e-4.
+fn assert_logits_0_5(m: &Model, want: &[f64], what: &str) {
+    let (x, mask, _) = padded_batch();
+    let logits = m.forward(&x, &mask, false).unwrap();
+    let got = logits
+        .get(0)
+        .unwrap()
+        .get(5)
+        .unwrap()
+        .narrow(0, 0, 4)
+        .unwrap();
+    let got = got.to_vec1::<f32>().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (f64::from(*g) - w).abs() < 1e-4,
+            "{what}: logits {got:?} vs {want:?}"
+        );
+    }
+}
+
 fn qwen2() -> TinyOpts {
     TinyOpts {
         arch: ArchKind::Qwen2,
@@ -110,21 +131,7 @@ fn dora_matches_peft_goldens() {
             (l - want_loss).abs() < 1e-4 * want_loss.abs(),
             "{name}: loss {l} vs PEFT {want_loss}"
         );
-        let (x, mask, _) = padded_batch();
-        let logits = m.forward(&x, &mask, false).unwrap();
-        let got = logits
-            .get(0)
-            .unwrap()
-            .get(5)
-            .unwrap()
-            .narrow(0, 0, 4)
-            .unwrap();
-        for (g, w) in got.to_vec1::<f32>().unwrap().iter().zip(want_logits) {
-            assert!(
-                (g - w).abs() < 1e-4,
-                "{name}: logits {got} vs PEFT {want_logits:?}"
-            );
-        }
+        assert_logits_0_5(&m, &want_logits.map(f64::from), &format!("{name}: PEFT"));
         let grads = loss.backward().unwrap();
         let vars = m.trainable_vars();
         for (suffix, want) in [
@@ -457,26 +464,12 @@ fn a_dora_adapter_written_by_peft_gives_peft_logits() {
     let mut live = build(d.path(), &qwen2(), DType::F32, &Finetune::Frozen);
     adapter::load_adapter_trainable(&mut live, &fixture).unwrap();
     assert_eq!(live.trainable_vars().len(), 2 * 7 * 3);
-    let (x, mask, _) = padded_batch();
     for (what, m) in [("merged", &merged), ("unmerged", &live)] {
         let loss = f64::from(mean_loss(m, false).to_scalar::<f32>().unwrap());
         assert!(
             (loss - want_loss).abs() < 1e-4 * want_loss,
             "{what}: loss {loss} vs PEFT {want_loss}"
         );
-        let logits = m.forward(&x, &mask, false).unwrap();
-        let got = logits
-            .get(0)
-            .unwrap()
-            .get(5)
-            .unwrap()
-            .narrow(0, 0, 4)
-            .unwrap();
-        for (g, w) in got.to_vec1::<f32>().unwrap().iter().zip(&want_logits) {
-            assert!(
-                (f64::from(*g) - w).abs() < 1e-4,
-                "{what}: logits {got} vs PEFT {want_logits:?}"
-            );
-        }
+        assert_logits_0_5(m, &want_logits, &format!("{what}: PEFT"));
     }
 }

@@ -960,3 +960,56 @@ fn the_memory_estimate_counts_the_reference_model() {
     p.ref_model_quantization_bit = None;
     assert_eq!(bytes(&p), 0, "kto with lora: the adapter off");
 }
+
+/// `metric_for_best_model` on a stage's metrics: KTO's `rewards/margins` (derived from chosen − rejected, as it is
+/// logged) ranks checkpoints; a name the evaluation did not log stops the run at the first evaluation with the
+/// names it did log.
+#[test]
+fn stage_metrics_rank_the_best_checkpoint() {
+    let (_d, root) = fixture(16);
+    let best = [
+        "max_steps: 2",
+        "val_size: 0.25",
+        "eval_strategy: steps",
+        "eval_steps: 1",
+        "save_steps: 1",
+        "load_best_model_at_end: true",
+    ];
+    let kto = crate::tiny_util::preference_preset(
+        &root,
+        "kto",
+        "feedback",
+        &[&best[..], &["metric_for_best_model: rewards/margins"]].concat(),
+    )
+    .unwrap();
+    let (r, steps) = train(&kto);
+    r.unwrap();
+    assert_eq!(steps.len(), 2);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("out/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["best_metric"].as_f64().is_some(), "{state}");
+
+    let dpo = crate::tiny_util::preference_preset(
+        &root,
+        "dpo",
+        "prefs",
+        &[
+            &best[..],
+            &[
+                "metric_for_best_model: rewards/nonesuch",
+                "output_dir: out2",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let (r, steps) = train(&dpo);
+    let e = r.unwrap_err();
+    assert_eq!(steps.len(), 1);
+    assert!(
+        e.contains("eval_rewards/nonesuch") && e.contains("eval_rewards/accuracies"),
+        "{e}"
+    );
+}

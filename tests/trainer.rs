@@ -400,8 +400,8 @@ fn early_stopping_resumes_with_its_best_and_patience() {
 fn loraplus_gives_lora_b_the_ratio_of_the_learning_rate() {
     let f = fixture(4);
     let mut max_b = Vec::new();
-    for (out, extra) in [("plain", "seed: 3"), ("plus", "loraplus_lr_ratio: 16")] {
-        let loaded = preset(&f, out, &["max_steps: 1", extra]);
+    for (out, extra) in [("plain", &[][..]), ("plus", &["loraplus_lr_ratio: 16"][..])] {
+        let loaded = preset(&f, out, &[&["max_steps: 1"][..], extra].concat());
         let (r, _) = run(&loaded, &[]);
         r.unwrap();
         let mut b_max = 0f32;

@@ -430,7 +430,13 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         );
     }
     if p.load_best_model_at_end && purpose == Purpose::Train {
-        if p.eval_strategy == IntervalStrategy::No {
+        if p.stage == Stage::Rm {
+            // LLaMA-Factory refuses it for rm (the value head is saved beside the adapter, not restored with it).
+            bad(
+                "load_best_model_at_end",
+                "`load_best_model_at_end` is not available for `stage: rm` (as in LLaMA-Factory): remove it".into(),
+            );
+        } else if p.eval_strategy == IntervalStrategy::No {
             bad(
                 "load_best_model_at_end",
                 "`load_best_model_at_end` needs evaluations: set `eval_strategy: steps` (or epoch) and `val_size` or `eval_dataset`".into(),
@@ -458,16 +464,16 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     }
     if p.load_best_model_at_end || p.metric_for_best_model.is_some() {
         let (metric, _) = p.best_metric();
-        let stage_metric = matches!(p.stage, Stage::Dpo | Stage::Kto | Stage::Rm)
+        let stage_metric = matches!(p.stage, Stage::Dpo | Stage::Kto)
             && ["eval_rewards/", "eval_logps/", "eval_logits/"]
                 .iter()
                 .any(|pre| metric.starts_with(pre));
-        let accuracy = metric == "eval_accuracy" && (p.compute_accuracy || p.stage == Stage::Rm);
+        let accuracy = metric == "eval_accuracy" && p.compute_accuracy;
         if !(metric == "eval_loss" || accuracy || stage_metric) {
             bad(
                 "metric_for_best_model",
                 format!(
-                    "`metric_for_best_model: {}` is not a metric this run evaluates: use loss, accuracy (with `compute_accuracy: true`) or, for dpo, kto and rm, a stage metric such as rewards/accuracies",
+                    "`metric_for_best_model: {}` is not a metric this run evaluates: use loss, accuracy (with `compute_accuracy: true`) or, for dpo and kto, a stage metric such as rewards/accuracies",
                     p.metric_for_best_model.as_deref().unwrap_or("loss")
                 ),
             );

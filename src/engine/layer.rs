@@ -107,7 +107,7 @@ pub struct LoraPair {
 pub struct Dora {
     /// m (out), in the LoRA dtype.
     pub magnitude: Var,
-    /// `m / ‖W + s·B·A‖` fixed once for inference ([`LoraPair::fix_dora`]: the weights no longer change), so a
+    /// `m / ‖W + s·B·A‖` fixed once for inference ([`Linear::fix_dora`]: the weights no longer change), so a
     /// decode step does not recompute the norms; `None` while training.
     pub fixed: Option<Tensor>,
 }

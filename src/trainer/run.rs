@@ -2,7 +2,7 @@
 //! evaluate, checkpoint, resume, and write LLaMA-Factory's run folder. The caller owns the thread;
 //! commands arrive on a channel between optimizer steps, events leave through a callback.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -529,17 +529,7 @@ fn build_model(
     } else {
         let m = Model::from_files(files, dtype, device, &resolve::finetune(p)?)?;
         if let Some(dir) = resume_dir {
-            let path = dir.join("model.safetensors");
-            let tensors = candle_core::safetensors::load(&path, device)?;
-            for (name, var) in m.trainable_vars() {
-                let t = tensors.get(&name).ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "{}: tensor {name} is missing; the checkpoint belongs to another model",
-                        path.display()
-                    ))
-                })?;
-                var.set(&t.to_dtype(var.dtype())?)?;
-            }
+            set_trainable_from(&m, &dir.join("model.safetensors"))?;
         }
         m
     };
@@ -548,6 +538,22 @@ fn build_model(
     model.checkpointing = !p.disable_gradient_checkpointing;
     model.neftune_alpha = p.neftune_noise_alpha;
     Ok(model)
+}
+
+/// Sets every trainable tensor of `m` (LoRA with its DoRA magnitudes, or the trained base weights) to its value in
+/// the checkpoint file `path` (adapter_model.safetensors or model.safetensors), by name.
+fn set_trainable_from(m: &Model, path: &Path) -> Result<(), TrainError> {
+    let tensors = candle_core::safetensors::load(path, &m.device)?;
+    for (name, var) in m.trainable_vars() {
+        let t = tensors.get(&name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: tensor {name} is missing; the checkpoint belongs to another model",
+                path.display()
+            ))
+        })?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }
 
 /// The state of a run between steps.
@@ -1000,18 +1006,20 @@ impl<'a> Trainer<'a> {
     /// `early_stopping_steps` evaluations in a row brought no improvement.
     fn track_best(&mut self, step: u64) -> Result<bool, TrainError> {
         let (name, greater) = self.p.best_metric();
-        let value = match name.as_str() {
-            "eval_loss" => self.last_eval,
-            "eval_accuracy" => self.last_accuracy,
-            other => self
-                .pref
-                .as_ref()
-                .and_then(|p| p.last_eval.as_ref())
-                .and_then(|m| m.get(other.trim_start_matches("eval_"))),
-        }
-        .ok_or_else(|| {
+        // What this evaluation logged, under its logged names (a stage's as `values` writes them, KTO's derived
+        // `rewards/margins` included).
+        let mut logged: BTreeMap<String, f64> = self
+            .pref
+            .as_ref()
+            .and_then(|p| p.last_eval.as_ref())
+            .map(|m| m.values("eval_"))
+            .unwrap_or_default();
+        logged.extend(self.last_eval.map(|v| ("eval_loss".to_string(), v)));
+        logged.extend(self.last_accuracy.map(|v| ("eval_accuracy".to_string(), v)));
+        let value = logged.get(&name).copied().ok_or_else(|| {
             TrainError::Invalid(format!(
-                "`metric_for_best_model`: the evaluation at step {step} gave no `{name}`"
+                "`metric_for_best_model`: the evaluation at step {step} logged no `{name}`; it logged {}",
+                logged.keys().cloned().collect::<Vec<_>>().join(", ")
             ))
         })?;
         let improved = match self.best {
@@ -1052,16 +1060,7 @@ impl<'a> Trainer<'a> {
                 )));
                 return Ok(());
             }
-            let tensors = candle_core::safetensors::load(&file, &self.model.device)?;
-            for (key, var) in self.model.trainable_vars() {
-                let t = tensors.get(&key).ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "{}: tensor {key} is missing; the checkpoint belongs to another run",
-                        file.display()
-                    ))
-                })?;
-                var.set(&t.to_dtype(var.dtype())?)?;
-            }
+            set_trainable_from(&self.model, &file)?;
             if let Some(h) = self
                 .history
                 .iter()
