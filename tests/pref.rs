@@ -991,16 +991,14 @@ fn stage_metrics_rank_the_best_checkpoint() {
     .unwrap();
     assert!(state["best_metric"].as_f64().is_some(), "{state}");
 
+    let out2 = format!("output_dir: {}", root.join("out2").display());
     let dpo = crate::tiny_util::preference_preset(
         &root,
         "dpo",
         "prefs",
         &[
             &best[..],
-            &[
-                "metric_for_best_model: rewards/nonesuch",
-                "output_dir: out2",
-            ],
+            &["metric_for_best_model: rewards/nonesuch", out2.as_str()],
         ]
         .concat(),
     )
