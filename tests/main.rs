@@ -21,6 +21,7 @@ mod data_bad_rows;
 mod data_bench;
 mod data_datasets;
 mod data_labels_packing;
+mod data_tabular;
 mod engine;
 mod engine_bench;
 mod export;

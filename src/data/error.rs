@@ -41,7 +41,7 @@ pub enum DataError {
     )]
     MissingFile { name: String, path: PathBuf },
     #[error(
-        "`{path}`: unsupported file type `{ext}`; use .json (array) or .jsonl (JSON lines){extra}"
+        "`{path}`: unsupported file type `{ext}`; use .json (array), .jsonl (JSON lines), .csv, .parquet, .arrow or .txt{extra}"
     )]
     UnsupportedFileType {
         path: PathBuf,
@@ -56,6 +56,12 @@ pub enum DataError {
         "`{path}` is not a JSON array or JSON lines file: {message}; fix the file (a .json file must hold one array of objects)"
     )]
     MalformedFile { path: PathBuf, message: String },
+    #[error("`{path}`: {message}; {fix}")]
+    BadTable {
+        path: PathBuf,
+        message: String,
+        fix: String,
+    },
     #[error("dataset `{name}`: {message}")]
     Unsupported { name: String, message: String },
     #[error(

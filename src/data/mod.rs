@@ -37,6 +37,7 @@ pub mod pyjson;
 pub mod reader;
 pub mod registry;
 pub mod stats;
+pub mod tabular;
 pub mod template;
 pub mod tools;
 

@@ -20,7 +20,7 @@ use super::process::{
     FeedbackExample, MaskOptions, PairwiseExample, TokenizedExample, encode_feedback,
     encode_pairwise, encode_pretrain, encode_supervised,
 };
-use super::reader::{JsonlStream, RawRow, SkipRecord, data_files, read_file};
+use super::reader::{RawRow, RowStream, SkipRecord, data_files, read_file};
 use super::registry::{DatasetAttr, resolve_all};
 use super::stats::{DatasetStats, Preview, spans};
 use super::{DataError, DataOptions, MixStrategy, Stage, ValSize};
@@ -805,7 +805,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
 pub struct StreamingDataset<'a> {
     enc: &'a Encoder,
     opts: DataOptions,
-    sources: Vec<(DatasetAttr, JsonlStream)>,
+    sources: Vec<(DatasetAttr, RowStream)>,
     current: usize,
     buffer: Vec<Example>,
     rng: StdRng,
@@ -849,7 +849,7 @@ pub fn stream_dataset<'a>(
     for attr in resolve_all(&opts.dataset_dir, &opts.dataset)? {
         check_stage(&attr, opts.stage)?;
         let files = data_files(&attr.name, &attr.path)?;
-        sources.push((attr, JsonlStream::new(files)?));
+        sources.push((attr, RowStream::new(files)?));
     }
     Ok(StreamingDataset {
         enc,

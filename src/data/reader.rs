@@ -2,8 +2,9 @@
 //!
 //! `.json` holding an array is split into its elements by a byte scanner, so one broken element (bad
 //! JSON, invalid UTF-8) skips only that row; a `.json` that is not an array and `.jsonl` are read as
-//! JSON Lines (like Hugging Face `datasets`); `.txt` gives one `{"text": line}` row per non-empty line.
-//! A folder is read file by file (sorted) and all files must have the same type.
+//! JSON Lines (like Hugging Face `datasets`); `.txt` gives one `{"text": line}` row per non-empty line;
+//! `.csv`, `.parquet` and `.arrow` are read by [`super::tabular`]. A folder is read file by file (sorted) and all
+//! files must have the same type (LLaMA-Factory's rule: `.json` and `.jsonl` count as one).
 
 use std::fmt;
 use std::io::BufRead;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::DataError;
+use super::tabular::{TableKind, TableRows};
 
 /// Where a row came from: `row N` of a JSON array or `line N` of a JSON Lines / text file (1-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,6 +145,20 @@ enum FileKind {
     Json,
     Jsonl,
     Text,
+    Table(TableKind),
+}
+
+impl FileKind {
+    /// LLaMA-Factory's loader type (`FILEEXT2TYPE`): `.json` and `.jsonl` are both `json`.
+    fn loader(self) -> &'static str {
+        match self {
+            FileKind::Json | FileKind::Jsonl => "json",
+            FileKind::Text => "text",
+            FileKind::Table(TableKind::Csv) => "csv",
+            FileKind::Table(TableKind::Parquet) => "parquet",
+            FileKind::Table(TableKind::Arrow) => "arrow",
+        }
+    }
 }
 
 fn file_kind(path: &Path) -> Result<FileKind, DataError> {
@@ -155,12 +171,9 @@ fn file_kind(path: &Path) -> Result<FileKind, DataError> {
         "json" => Ok(FileKind::Json),
         "jsonl" => Ok(FileKind::Jsonl),
         "txt" => Ok(FileKind::Text),
-        "csv" | "parquet" | "arrow" => Err(DataError::UnsupportedFileType {
-            path: path.to_path_buf(),
-            ext,
-            extra: " (csv/parquet/arrow are not supported yet; convert the file to JSON Lines)"
-                .into(),
-        }),
+        "csv" => Ok(FileKind::Table(TableKind::Csv)),
+        "parquet" => Ok(FileKind::Table(TableKind::Parquet)),
+        "arrow" => Ok(FileKind::Table(TableKind::Arrow)),
         _ => Err(DataError::UnsupportedFileType {
             path: path.to_path_buf(),
             ext,
@@ -204,25 +217,17 @@ pub fn data_files(name: &str, path: &Path) -> Result<Vec<PathBuf>, DataError> {
             path: path.to_path_buf(),
         });
     }
-    let mut exts: Vec<String> = files
-        .iter()
-        .map(|f| {
-            f.extension()
-                .and_then(|e| e.to_str())
-                .unwrap_or("")
-                .to_ascii_lowercase()
-        })
-        .collect();
-    exts.sort();
-    exts.dedup();
-    if exts.len() > 1 {
+    let mut loaders = Vec::with_capacity(files.len());
+    for f in &files {
+        loaders.push(file_kind(f)?.loader());
+    }
+    loaders.sort_unstable();
+    loaders.dedup();
+    if loaders.len() > 1 {
         return Err(DataError::MixedFolder {
             path: path.to_path_buf(),
-            types: exts.join(", "),
+            types: loaders.join(", "),
         });
-    }
-    for f in &files {
-        file_kind(f)?;
     }
     Ok(files)
 }
@@ -230,6 +235,9 @@ pub fn data_files(name: &str, path: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// Rows of one file: parsed rows and skipped rows, in file order.
 pub fn read_file(path: &Path) -> Result<Vec<Result<RawRow, SkipRecord>>, DataError> {
     let kind = file_kind(path)?;
+    if let FileKind::Table(table) = kind {
+        return TableRows::open(path, table)?.collect();
+    }
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let file = Arc::new(path.to_path_buf());
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
@@ -241,7 +249,7 @@ pub fn read_file(path: &Path) -> Result<Vec<Result<RawRow, SkipRecord>>, DataErr
             .map(|(i, elem)| parse_element(elem, &file, Location::Row(i + 1)))
             .collect(),
         (FileKind::Text, _) => read_text_lines(&bytes, &file),
-        _ => bytes
+        (FileKind::Json | FileKind::Jsonl | FileKind::Table(_), _) => bytes
             .split(|&b| b == b'\n')
             .enumerate()
             .filter(|(_, line)| line.iter().any(|b| !b.is_ascii_whitespace()))
@@ -349,18 +357,30 @@ pub fn split_json_array(bytes: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-/// Streaming reader of JSON Lines files with bounded memory: one line at a time.
-pub struct JsonlStream {
+/// One open file of a [`RowStream`].
+enum OpenFile {
+    Lines {
+        file: Arc<PathBuf>,
+        reader: std::io::BufReader<std::fs::File>,
+        line_no: usize,
+        text: bool,
+    },
+    Table(TableRows),
+}
+
+/// Streaming reader with bounded memory: JSON Lines and text one line at a time, CSV / Parquet / Arrow one
+/// chunk at a time. A `.json` file holding an array cannot be streamed (refused by [`RowStream::new`]).
+pub struct RowStream {
     files: Vec<PathBuf>,
-    current: Option<(Arc<PathBuf>, std::io::BufReader<std::fs::File>, usize)>,
+    current: Option<OpenFile>,
     buf: Vec<u8>,
 }
 
-impl JsonlStream {
-    /// Opens a stream over `files`; every file must be JSON Lines (`.jsonl`, or `.json` not holding an array).
+impl RowStream {
+    /// Opens a stream over `files`.
     pub fn new(files: Vec<PathBuf>) -> Result<Self, DataError> {
         for f in &files {
-            if file_kind(f)? == FileKind::Text {
+            if !matches!(file_kind(f)?, FileKind::Json | FileKind::Jsonl) {
                 continue;
             }
             let mut head = [0u8; 64];
@@ -378,50 +398,72 @@ impl JsonlStream {
         }
         let mut files = files;
         files.reverse();
-        Ok(JsonlStream {
+        Ok(RowStream {
             files,
             current: None,
             buf: Vec::new(),
         })
     }
+
+    fn open(path: PathBuf) -> Result<OpenFile, DataError> {
+        let kind = file_kind(&path)?;
+        if let FileKind::Table(table) = kind {
+            return Ok(OpenFile::Table(TableRows::open(&path, table)?));
+        }
+        let file = std::fs::File::open(&path).map_err(|e| DataError::io(&path, e))?;
+        Ok(OpenFile::Lines {
+            file: Arc::new(path),
+            reader: std::io::BufReader::new(file),
+            line_no: 0,
+            text: kind == FileKind::Text,
+        })
+    }
 }
 
-impl Iterator for JsonlStream {
+impl Iterator for RowStream {
     type Item = Result<Result<RawRow, SkipRecord>, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if self.current.is_none() {
                 let path = self.files.pop()?;
-                let file = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) => return Some(Err(DataError::io(path, e))),
-                };
-                self.current = Some((Arc::new(path), std::io::BufReader::new(file), 0));
+                match Self::open(path) {
+                    Ok(open) => self.current = Some(open),
+                    Err(e) => return Some(Err(e)),
+                }
             }
-            let (file, reader, line_no) = self.current.as_mut()?;
-            self.buf.clear();
-            match reader.read_until(b'\n', &mut self.buf) {
-                Ok(0) => {
-                    self.current = None;
-                }
-                Ok(_) => {
-                    *line_no += 1;
-                    if self.buf.iter().all(u8::is_ascii_whitespace) {
-                        continue;
+            match self.current.as_mut()? {
+                OpenFile::Table(rows) => match rows.next() {
+                    Some(item) => return Some(item),
+                    None => self.current = None,
+                },
+                OpenFile::Lines {
+                    file,
+                    reader,
+                    line_no,
+                    text,
+                } => {
+                    self.buf.clear();
+                    match reader.read_until(b'\n', &mut self.buf) {
+                        Ok(0) => self.current = None,
+                        Ok(_) => {
+                            *line_no += 1;
+                            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                                continue;
+                            }
+                            let location = Location::Line(*line_no);
+                            if *text {
+                                let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+                                return Some(Ok(text_row(line, file, location)));
+                            }
+                            return Some(Ok(parse_element(&self.buf, file, location)));
+                        }
+                        Err(e) => {
+                            let path = file.as_ref().clone();
+                            self.current = None;
+                            return Some(Err(DataError::io(path, e)));
+                        }
                     }
-                    let is_text = file.extension().and_then(|e| e.to_str()) == Some("txt");
-                    let location = Location::Line(*line_no);
-                    if is_text {
-                        let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
-                        return Some(Ok(text_row(line, file, location)));
-                    }
-                    return Some(Ok(parse_element(&self.buf, file, location)));
-                }
-                Err(e) => {
-                    let path = file.as_ref().clone();
-                    self.current = None;
-                    return Some(Err(DataError::io(path, e)));
                 }
             }
         }
