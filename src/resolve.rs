@@ -60,7 +60,16 @@ pub fn data_options(p: &Preset) -> DataOptions {
         max_steps: usize::try_from(p.max_steps).ok().filter(|s| *s > 0),
         overwrite_cache: p.overwrite_cache,
         tokenized_path: p.tokenized_path.clone().map(Into::into),
+        hub: Some(dataset_hub_options(p)),
     }
+}
+
+/// How hub datasets are reached: as the model (environment, `cache_dir`, `hf_hub_token`), at the repo's `main`
+/// (LLaMA-Factory passes no revision to `load_dataset`; `model_revision` is the model's).
+pub fn dataset_hub_options(p: &Preset) -> HubOptions {
+    let mut hub = ModelRef::of(p).hub_options();
+    hub.revision = "main".into();
+    hub
 }
 
 /// `{{name}}` / `{{author}}` fillings from `identity_name` / `identity_author` (LLaMA-Factory leaves

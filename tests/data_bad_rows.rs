@@ -224,7 +224,8 @@ fn missing_file_and_hub_entries_are_errors_with_the_fix() {
         .unwrap_err()
         .to_string();
     assert!(
-        m.contains("someone/some_set") && m.contains("not supported yet"),
+        m.contains("(Hugging Face Hub `someone/some_set`): offline mode is on")
+            && m.contains("run once online"),
         "{m}"
     );
 }

@@ -209,11 +209,12 @@ fn err(names: &[&str], stage: Stage) -> String {
 
 #[test]
 fn registry_errors_name_the_file_and_the_fix() {
+    // A hub entry, offline with an empty cache.
     let m = err(&["alpaca_en"], Stage::Sft);
     assert!(
-        m.contains("`alpaca_en`")
-            && m.contains("llamafactory/alpaca_en")
-            && m.contains("file_name"),
+        m.starts_with(
+            "dataset `alpaca_en` (Hugging Face Hub `llamafactory/alpaca_en`): offline mode is on"
+        ) && m.contains("huggingface-cli download --repo-type dataset llamafactory/alpaca_en"),
         "{m}"
     );
     // A registered file that is not there (the demo's own dataset_info.json, without its data files).
@@ -290,11 +291,15 @@ fn a_folder_of_same_type_files_is_one_dataset() {
     .unwrap();
     let l = load_examples(&options(tmp.path(), &["parts"], None, tmp.path())).unwrap();
     assert_eq!(l.train.len(), 3);
+    // .json and .jsonl are one type (LLaMA-Factory's `json` loader); text is another.
     std::fs::write(dir.join("c.json"), "[]").unwrap();
+    let l = load_examples(&options(tmp.path(), &["parts"], None, tmp.path())).unwrap();
+    assert_eq!(l.train.len(), 3);
+    std::fs::write(dir.join("d.txt"), "plain text\n").unwrap();
     let m = load_examples(&options(tmp.path(), &["parts"], None, tmp.path()))
         .unwrap_err()
         .to_string();
-    assert!(m.contains("mixes file types (json, jsonl)"), "{m}");
+    assert!(m.contains("mixes file types (json, text)"), "{m}");
 }
 
 #[test]

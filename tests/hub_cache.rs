@@ -45,7 +45,7 @@ fn populate(cache: &Path, id: &str, files: &[(&str, &str)]) -> PathBuf {
 }
 
 /// An endpoint where nothing listens (a port just released by the OS).
-fn dead_endpoint() -> String {
+pub(crate) fn dead_endpoint() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);
@@ -221,6 +221,26 @@ fn serve_logged(
     max: usize,
     auth: Arc<Mutex<Vec<String>>>,
 ) -> String {
+    let files = files.into_iter().map(|(n, b)| (n.to_string(), b)).collect();
+    serve_repo(
+        format!("/api/models/{ID}/revision/main"),
+        format!("/{ID}/resolve/main/"),
+        files,
+        max,
+        auth,
+    )
+}
+
+/// The loopback Hub for one repository: `info` answers the repo-info request (siblings = `files`),
+/// `resolve` prefixes the file downloads (`/{id}/resolve/main/` for a model, `/datasets/{id}/resolve/main/` for a
+/// dataset). Serves at most `max` connections, recording each request's `Authorization` header in `auth`.
+pub(crate) fn serve_repo(
+    info: String,
+    resolve: String,
+    files: Vec<(String, Vec<u8>)>,
+    max: usize,
+    auth: Arc<Mutex<Vec<String>>>,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -247,7 +267,7 @@ fn serve_logged(
                 }
             }
             auth.lock().unwrap().push(authorization);
-            let (status, headers, body) = if path == format!("/api/models/{ID}/revision/main") {
+            let (status, headers, body) = if path == info {
                 let siblings: Vec<_> = files
                     .iter()
                     .map(|(n, _)| serde_json::json!({"rfilename": n}))
@@ -258,7 +278,7 @@ fn serve_logged(
                     String::from("Content-Type: application/json\r\n"),
                     body.into_bytes(),
                 )
-            } else if let Some(name) = path.strip_prefix(&format!("/{ID}/resolve/main/")) {
+            } else if let Some(name) = path.strip_prefix(resolve.as_str()) {
                 match files.iter().position(|(n, _)| *n == name) {
                     Some(i) => {
                         let data = &files[i].1;

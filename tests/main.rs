@@ -20,6 +20,7 @@ mod config_errors;
 mod data_bad_rows;
 mod data_bench;
 mod data_datasets;
+mod data_hub;
 mod data_labels_packing;
 mod data_tabular;
 mod engine;

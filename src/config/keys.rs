@@ -152,7 +152,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "cache_dir",
         Model,
-        "Where hub models are cached (default: the Hugging Face cache, HF_HOME).",
+        "Where hub models and datasets are cached (default: the Hugging Face cache, HF_HOME).",
     ),
     imp(
         "model_revision",
@@ -162,7 +162,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "hf_hub_token",
         Model,
-        "Token for gated or private hub models (default: HF_TOKEN).",
+        "Token for gated or private hub models and datasets (default: HF_TOKEN).",
     ),
     imp(
         "infer_dtype",
@@ -751,7 +751,7 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "dataset_dir",
         Dataset,
-        "Folder holding dataset_info.json and the data files.",
+        "Folder holding dataset_info.json and the data files; ONLINE: dataset names are Hugging Face Hub ids.",
     ),
     imp(
         "template",

@@ -28,10 +28,19 @@ pub enum DataError {
         path: PathBuf,
         known: String,
     },
-    #[error(
-        "dataset `{name}` points to a hub (`{url}`), which termtune does not load (offline, not supported yet); download it and register it with `file_name` in dataset_info.json"
-    )]
-    HubDataset { name: String, url: String },
+    #[error("dataset `{name}` comes from {what} (`{url}`), which termtune does not load; {fix}")]
+    OtherSource {
+        name: String,
+        what: &'static str,
+        url: String,
+        fix: &'static str,
+    },
+    #[error("dataset `{name}` (Hugging Face Hub `{repo}`): {message}")]
+    Hub {
+        name: String,
+        repo: String,
+        message: String,
+    },
     #[error(
         "dataset `{name}` has no `file_name` in dataset_info.json; add `\"file_name\": \"your_file.json\"`"
     )]

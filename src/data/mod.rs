@@ -29,6 +29,7 @@ pub mod cache;
 pub mod convert;
 pub mod encoder;
 pub mod error;
+pub mod hub;
 pub mod jinja;
 pub mod pack;
 pub mod pipeline;
@@ -37,7 +38,6 @@ pub mod pyjson;
 pub mod reader;
 pub mod registry;
 pub mod stats;
-pub mod tabular;
 pub mod template;
 pub mod tools;
 
@@ -214,6 +214,8 @@ pub struct DataOptions {
     /// Folder of the tokenised-dataset cache (default: `$TERMTUNE_CACHE`, `$XDG_CACHE_HOME/termtune` or
     /// `~/.cache/termtune`, then `datasets/`). Entries are keyed by contents, so one folder serves all runs.
     pub tokenized_path: Option<PathBuf>,
+    /// How to reach the Hugging Face Hub for hub datasets (`None`: from the environment, as for models).
+    pub hub: Option<crate::engine::hub::HubOptions>,
 }
 
 impl Default for DataOptions {
@@ -247,6 +249,7 @@ impl Default for DataOptions {
             max_steps: None,
             overwrite_cache: false,
             tokenized_path: None,
+            hub: None,
         }
     }
 }

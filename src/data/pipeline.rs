@@ -21,9 +21,10 @@ use super::process::{
     encode_pairwise, encode_pretrain, encode_supervised,
 };
 use super::reader::{RawRow, RowStream, SkipRecord, data_files, read_file};
-use super::registry::{DatasetAttr, resolve_all};
+use super::registry::{DataSource, DatasetAttr, resolve_all};
 use super::stats::{DatasetStats, Preview, spans};
 use super::{DataError, DataOptions, MixStrategy, Stage, ValSize};
+use crate::engine::hub::HubOptions;
 
 /// How many skipped rows are reported with file and place.
 pub const FIRST_SKIPS: usize = 5;
@@ -85,8 +86,19 @@ pub struct LoadedExamples {
 /// Raw rows of one dataset after `num_samples` and `max_samples`.
 type Rows = Vec<Result<RawRow, SkipRecord>>;
 
+/// The data files of a dataset: local ones, or a hub dataset's (downloaded into the hub cache when needed).
+fn attr_files(attr: &DatasetAttr, opts: &DataOptions) -> Result<Vec<PathBuf>, DataError> {
+    match &attr.source {
+        DataSource::Local(path) => data_files(&attr.name, path),
+        DataSource::Hub(src) => {
+            let hub = opts.hub.clone().unwrap_or_else(HubOptions::from_env);
+            super::hub::dataset_files(&attr.name, src, &attr.split, &hub)
+        }
+    }
+}
+
 fn dataset_rows(attr: &DatasetAttr, opts: &DataOptions) -> Result<(Vec<PathBuf>, Rows), DataError> {
-    let files = data_files(&attr.name, &attr.path)?;
+    let files = attr_files(attr, opts)?;
     let mut rows = Vec::new();
     for f in &files {
         rows.extend(read_file(f)?);
@@ -647,7 +659,7 @@ pub fn prepare_dataset(opts: &DataOptions, enc: &Encoder) -> Result<PreparedData
     names.extend(opts.eval_dataset.iter().cloned());
     for attr in resolve_all(&opts.dataset_dir, &names)? {
         key.add_str(&format!("{attr:?}"));
-        for f in data_files(&attr.name, &attr.path)? {
+        for f in attr_files(&attr, opts)? {
             key.add_file(&f)?;
         }
     }
@@ -848,7 +860,7 @@ pub fn stream_dataset<'a>(
     let mut sources = Vec::new();
     for attr in resolve_all(&opts.dataset_dir, &opts.dataset)? {
         check_stage(&attr, opts.stage)?;
-        let files = data_files(&attr.name, &attr.path)?;
+        let files = attr_files(&attr, opts)?;
         sources.push((attr, RowStream::new(files)?));
     }
     Ok(StreamingDataset {

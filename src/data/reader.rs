@@ -3,7 +3,7 @@
 //! `.json` holding an array is split into its elements by a byte scanner, so one broken element (bad
 //! JSON, invalid UTF-8) skips only that row; a `.json` that is not an array and `.jsonl` are read as
 //! JSON Lines (like Hugging Face `datasets`); `.txt` gives one `{"text": line}` row per non-empty line;
-//! `.csv`, `.parquet` and `.arrow` are read by [`super::tabular`]. A folder is read file by file (sorted) and all
+//! `.csv`, `.parquet` and `.arrow` are read by [`tabular`]. A folder is read file by file (sorted) and all
 //! files must have the same type (LLaMA-Factory's rule: `.json` and `.jsonl` count as one).
 
 use std::fmt;
@@ -14,7 +14,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::DataError;
-use super::tabular::{TableKind, TableRows};
+use tabular::{TableKind, TableRows};
+
+pub mod tabular;
 
 /// Where a row came from: `row N` of a JSON array or `line N` of a JSON Lines / text file (1-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

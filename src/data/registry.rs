@@ -5,6 +5,19 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::DataError;
+use super::hub::HubSource;
+
+/// Where a dataset's rows are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DataSource {
+    /// `file_name`: a file or folder, absolute or under `dataset_dir`.
+    Local(PathBuf),
+    /// `hf_hub_url` (with `subset`, `folder`), or a name under `dataset_dir: ONLINE`.
+    Hub(HubSource),
+}
+
+/// LLaMA-Factory's `dataset_dir` value that makes every dataset name a Hugging Face Hub id.
+pub const ONLINE: &str = "ONLINE";
 
 /// `formatting` of a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,8 +31,7 @@ pub enum Formatting {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DatasetAttr {
     pub name: String,
-    /// Absolute or `dataset_dir`-relative path of the file or folder.
-    pub path: PathBuf,
+    pub source: DataSource,
     pub formatting: Formatting,
     pub ranking: bool,
     pub num_samples: Option<usize>,
@@ -49,11 +61,11 @@ pub struct DatasetAttr {
 }
 
 impl DatasetAttr {
-    fn new(name: &str, path: PathBuf, formatting: Formatting) -> Self {
+    fn new(name: &str, source: DataSource, formatting: Formatting) -> Self {
         let openai = formatting == Formatting::Openai;
         DatasetAttr {
             name: name.to_string(),
-            path,
+            source,
             formatting,
             ranking: false,
             num_samples: None,
@@ -109,6 +121,12 @@ pub fn registry_path(dataset_dir: &Path) -> PathBuf {
 
 /// Reads and parses `dataset_dir/dataset_info.json`.
 pub fn load_registry(dataset_dir: &Path) -> Result<serde_json::Map<String, Value>, DataError> {
+    if dataset_dir.to_string_lossy().starts_with("REMOTE:") {
+        return Err(DataError::Option {
+            key: "dataset_dir",
+            message: "`REMOTE:<repo>` (a dataset_info.json on the Hub) is not read; download that dataset_info.json into a folder and set `dataset_dir` to it (its `hf_hub_url` entries then download as usual)".into(),
+        });
+    }
     let path = registry_path(dataset_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -148,14 +166,22 @@ pub fn resolve(
             .map(|(k, _)| k.as_str())
             .collect();
         known.sort_unstable();
+        let on_hub = registry
+            .values()
+            .filter(|v| v.get("file_name").is_none() && v.get("hf_hub_url").is_some())
+            .count();
+        let mut known = if known.is_empty() {
+            "none with `file_name`".to_string()
+        } else {
+            known.join(", ")
+        };
+        if on_hub > 0 {
+            known.push_str(&format!(", and {on_hub} on the Hugging Face Hub"));
+        }
         return Err(DataError::UnknownDataset {
             name: name.to_string(),
             path: registry_file.to_path_buf(),
-            known: if known.is_empty() {
-                "none with `file_name`".into()
-            } else {
-                known.join(", ")
-            },
+            known,
         });
     };
     let Some(entry) = entry.as_object() else {
@@ -169,26 +195,7 @@ pub fn resolve(
                 Some(_) => Err(malformed(format!("`{name}.{key}` must be a string"))),
             }
         };
-    for hub in [
-        "hf_hub_url",
-        "ms_hub_url",
-        "om_hub_url",
-        "script_url",
-        "cloud_file_name",
-    ] {
-        // LLaMA-Factory gives hub entries priority over `file_name`.
-        if let Some(url) = get_str(entry, hub)? {
-            return Err(DataError::HubDataset {
-                name: name.to_string(),
-                url,
-            });
-        }
-    }
-    let Some(file_name) = get_str(entry, "file_name")? else {
-        return Err(DataError::NoFileName {
-            name: name.to_string(),
-        });
-    };
+    let source = source_of(name, dataset_dir, &|key| get_str(entry, key))?;
     let formatting = match get_str(entry, "formatting")?.as_deref() {
         None | Some("alpaca") => Formatting::Alpaca,
         Some("sharegpt") => Formatting::Sharegpt,
@@ -199,7 +206,7 @@ pub fn resolve(
             )));
         }
     };
-    let mut attr = DatasetAttr::new(name, dataset_dir.join(file_name), formatting);
+    let mut attr = DatasetAttr::new(name, source, formatting);
     match entry.get("ranking") {
         None | Some(Value::Null) => {}
         Some(Value::Bool(b)) => attr.ranking = *b,
@@ -284,8 +291,86 @@ pub fn resolve(
     Ok(attr)
 }
 
-/// Resolves every name of `names` through `dataset_dir/dataset_info.json`.
+/// Where an entry's rows are, with LLaMA-Factory's precedence: a hub URL before `file_name` (ModelScope's or
+/// Modelers' when `USE_MODELSCOPE_HUB` / `USE_OPENMIND_HUB` is set or the entry has no `hf_hub_url`), then
+/// `script_url`, `cloud_file_name`, `file_name`.
+fn source_of(
+    name: &str,
+    dataset_dir: &Path,
+    get_str: &dyn Fn(&str) -> Result<Option<String>, DataError>,
+) -> Result<DataSource, DataError> {
+    let env_on = |k: &str| {
+        std::env::var(k).is_ok_and(|v| {
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "1" | "true" | "y" | "yes" | "on"
+            )
+        })
+    };
+    let hf = get_str("hf_hub_url")?;
+    let ms = get_str("ms_hub_url")?;
+    let om = get_str("om_hub_url")?;
+    let other = |what: &'static str, url: String, fix: &'static str| DataError::OtherSource {
+        name: name.to_string(),
+        what,
+        url,
+        fix,
+    };
+    const HF_ONLY: &str = "termtune downloads datasets from the Hugging Face Hub only: give the entry its `hf_hub_url` (and unset USE_MODELSCOPE_HUB / USE_OPENMIND_HUB), or download the files and register them with `file_name`";
+    if let Some(url) = ms.filter(|_| env_on("USE_MODELSCOPE_HUB") || hf.is_none()) {
+        return Err(other("ModelScope", url, HF_ONLY));
+    }
+    if let Some(url) = om.filter(|_| env_on("USE_OPENMIND_HUB") || hf.is_none()) {
+        return Err(other("Modelers (openMind)", url, HF_ONLY));
+    }
+    if let Some(repo) = hf {
+        return Ok(DataSource::Hub(HubSource {
+            repo,
+            subset: get_str("subset")?,
+            folder: get_str("folder")?,
+        }));
+    }
+    if let Some(url) = get_str("script_url")? {
+        return Err(other(
+            "a loading script",
+            url,
+            "dataset scripts are not run; download the data files and register them with `file_name`",
+        ));
+    }
+    if let Some(url) = get_str("cloud_file_name")? {
+        return Err(other(
+            "cloud storage",
+            url,
+            "download the file and register it with `file_name`",
+        ));
+    }
+    match get_str("file_name")? {
+        Some(file_name) => Ok(DataSource::Local(dataset_dir.join(file_name))),
+        None => Err(DataError::NoFileName {
+            name: name.to_string(),
+        }),
+    }
+}
+
+/// A dataset named by its hub id (`dataset_dir: ONLINE`): LLaMA-Factory's defaults (alpaca columns, `train`).
+pub fn online(name: &str) -> DatasetAttr {
+    DatasetAttr::new(
+        name,
+        DataSource::Hub(HubSource {
+            repo: name.to_string(),
+            subset: None,
+            folder: None,
+        }),
+        Formatting::Alpaca,
+    )
+}
+
+/// Resolves every name of `names` through `dataset_dir/dataset_info.json` (with `dataset_dir: ONLINE`, each
+/// name is a Hugging Face Hub dataset id).
 pub fn resolve_all(dataset_dir: &Path, names: &[String]) -> Result<Vec<DatasetAttr>, DataError> {
+    if dataset_dir == Path::new(ONLINE) {
+        return Ok(names.iter().map(|n| online(n.trim())).collect());
+    }
     let registry = load_registry(dataset_dir)?;
     let file = registry_path(dataset_dir);
     names

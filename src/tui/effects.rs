@@ -85,9 +85,13 @@ impl Effects {
             Effect::ListPresets => self.send(Msg::PresetList(config::list_presets())),
             Effect::OpenRunFolder(dir) => self.open_run_folder(dir),
             Effect::ListDatasets(dir) => self.send(Msg::Datasets(
-                crate::data::registry::load_registry(&dir)
-                    .map(|m| m.keys().cloned().collect())
-                    .map_err(|e| e.to_string()),
+                if dir == std::path::Path::new(crate::data::registry::ONLINE) {
+                    Err("dataset_dir ONLINE: type Hugging Face Hub dataset ids (org/name) in `dataset`".into())
+                } else {
+                    crate::data::registry::load_registry(&dir)
+                        .map(|m| m.keys().cloned().collect())
+                        .map_err(|e| e.to_string())
+                },
             )),
             Effect::ProbeModel(model) => {
                 if let Err(e) = self.background("probe", move |tx| probe(&model, tx)) {

@@ -126,6 +126,14 @@ pub fn options(
         dataset_dir: dataset_dir.to_path_buf(),
         template: template.map(str::to_string),
         tokenized_path: Some(cache.to_path_buf()),
+        // Hermetic: hub datasets come from an empty cache, offline (tests/data_hub.rs serves a Hub on loopback).
+        hub: Some(termtune::engine::hub::HubOptions {
+            cache_dir: cache.join("hub"),
+            endpoint: "http://127.0.0.1:9".into(),
+            token: None,
+            offline: true,
+            revision: "main".into(),
+        }),
         ..DataOptions::default()
     }
 }

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use serde_json::{Map, Number, Value};
 
-use super::DataError;
-use super::reader::{Location, RawRow, SkipReason, SkipRecord, parse_element};
+use super::{Location, RawRow, SkipReason, SkipRecord, parse_element};
+use crate::data::DataError;
 
 /// The tabular file types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
