@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use termtune::data::hub::{HubSource, choose_files};
-use termtune::data::pipeline::load_examples;
+use termtune::data::pipeline::{fetch_hub_datasets, load_examples};
 use termtune::data::{DataError, DataOptions};
-use termtune::engine::hub::HubOptions;
+use termtune::engine::hub::{HubOptions, HubProgress};
 
 use crate::data_util::options;
 use crate::hub_cache::{dead_endpoint, serve_repo};
@@ -167,6 +167,27 @@ fn a_hub_dataset_downloads_into_the_cache_then_loads_offline() {
     )
     .unwrap();
     assert_eq!(want.len(), 16);
+    // A run fetches first, reporting the downloads (the train shard and the card; not the test shard).
+    let mut events = Vec::new();
+    let fetch_opts = DataOptions {
+        hub: Some(hub(hub_cache.path(), false, &endpoint)),
+        ..options(reg.path(), &["alpaca_hub"], None, data_cache.path())
+    };
+    fetch_hub_datasets(&fetch_opts, &mut |p| events.push(p.clone())).unwrap();
+    let shard = "data/train-00000-of-00001.parquet".to_string();
+    assert!(events.contains(&HubProgress::Start {
+        file: shard.clone(),
+        bytes: fixture("alpaca.parquet").len() as u64
+    }));
+    assert!(events.contains(&HubProgress::Done { file: shard }));
+    assert!(events.contains(&HubProgress::Done {
+        file: "README.md".into()
+    }));
+    assert!(
+        !events
+            .iter()
+            .any(|e| format!("{e:?}").contains("test-0000"))
+    );
     let got = load(
         reg.path(),
         "alpaca_hub",

@@ -26,7 +26,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use serde_json::Value;
 
 use super::DataError;
-use crate::engine::hub::{HubOptions, looks_like_hub_id};
+use crate::engine::hub::{Forward, HubOptions, HubProgress, looks_like_hub_id};
 
 /// Where a hub dataset is: LLaMA-Factory's `hf_hub_url`, `subset` (the `name` of `load_dataset`) and `folder`
 /// (its `data_dir`).
@@ -392,12 +392,13 @@ fn cached_snapshot(repo: &str, opts: &HubOptions) -> Option<PathBuf> {
     snap.is_dir().then_some(snap)
 }
 
-/// The local paths of the data files of `src`'s `split`, downloaded when needed.
+/// The local paths of the data files of `src`'s `split`, downloaded when needed (with `progress`).
 pub fn dataset_files(
     name: &str,
     src: &HubSource,
     split: &str,
     opts: &HubOptions,
+    progress: &mut dyn FnMut(&HubProgress),
 ) -> Result<Vec<PathBuf>, DataError> {
     let fail = |message: String| DataError::Hub {
         name: name.to_string(),
@@ -443,12 +444,21 @@ pub fn dataset_files(
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let cache = Cache::new(opts.cache_dir.clone()).repo(repo_id);
-    let fetch = |file: &str| -> Result<PathBuf, DataError> {
+    let mut fetch = |file: &str| -> Result<PathBuf, DataError> {
         if let Some(p) = cache.get(file) {
+            progress(&HubProgress::Cached {
+                file: file.to_string(),
+            });
             return Ok(p);
         }
         tracing::info!(dataset = name, repo = %src.repo, file, "downloading");
-        repo.get(file).map_err(|e| {
+        let forward = Forward {
+            file: file.to_string(),
+            done: 0,
+            total: 0,
+            sink: &mut *progress,
+        };
+        repo.download_with_progress(file, forward).map_err(|e| {
             fail(format!(
                 "downloading `{file}` from {} into {} failed ({e})",
                 opts.endpoint,

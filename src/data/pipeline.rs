@@ -24,7 +24,7 @@ use super::reader::{RawRow, RowStream, SkipRecord, data_files, read_file};
 use super::registry::{DataSource, DatasetAttr, resolve_all};
 use super::stats::{DatasetStats, Preview, spans};
 use super::{DataError, DataOptions, MixStrategy, Stage, ValSize};
-use crate::engine::hub::HubOptions;
+use crate::engine::hub::{HubOptions, HubProgress};
 
 /// How many skipped rows are reported with file and place.
 pub const FIRST_SKIPS: usize = 5;
@@ -92,9 +92,26 @@ fn attr_files(attr: &DatasetAttr, opts: &DataOptions) -> Result<Vec<PathBuf>, Da
         DataSource::Local(path) => data_files(&attr.name, path),
         DataSource::Hub(src) => {
             let hub = opts.hub.clone().unwrap_or_else(HubOptions::from_env);
-            super::hub::dataset_files(&attr.name, src, &attr.split, &hub)
+            super::hub::dataset_files(&attr.name, src, &attr.split, &hub, &mut |_| {})
         }
     }
+}
+
+/// Downloads the hub datasets of `dataset` and `eval_dataset` that the cache lacks, with `progress` (a run does
+/// this before loading the model, so a wrong split or subset fails early and downloads are shown).
+pub fn fetch_hub_datasets(
+    opts: &DataOptions,
+    progress: &mut dyn FnMut(&HubProgress),
+) -> Result<(), DataError> {
+    let hub = opts.hub.clone().unwrap_or_else(HubOptions::from_env);
+    for names in [&opts.dataset, &opts.eval_dataset] {
+        for attr in resolve_all(&opts.dataset_dir, names)? {
+            if let DataSource::Hub(src) = &attr.source {
+                super::hub::dataset_files(&attr.name, src, &attr.split, &hub, progress)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn dataset_rows(attr: &DatasetAttr, opts: &DataOptions) -> Result<(Vec<PathBuf>, Rows), DataError> {

@@ -218,11 +218,12 @@ fn shards_of_index(text: &str) -> Result<Vec<String>, String> {
     Ok(files)
 }
 
-struct Forward<'a> {
-    file: String,
-    done: u64,
-    total: u64,
-    sink: &'a mut dyn FnMut(&HubProgress),
+/// hf-hub's download progress → [`HubProgress`] events for `file`.
+pub(crate) struct Forward<'a> {
+    pub file: String,
+    pub done: u64,
+    pub total: u64,
+    pub sink: &'a mut dyn FnMut(&HubProgress),
 }
 
 impl Progress for Forward<'_> {

@@ -292,6 +292,10 @@ fn run_training_here(
         };
         emit(TrainEvent::Loading { what });
     };
+    // Hub datasets first: a wrong split or subset fails before the model loads.
+    data::pipeline::fetch_hub_datasets(&opts, &mut |hp| {
+        progress(SourceProgress::Hub(hp.clone()));
+    })?;
     let resolve::PresetModel {
         files,
         base_name,
