@@ -190,6 +190,18 @@ const CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "invalid_scheduler_kwargs.yaml",
+        &[
+            "`lr_scheduler_kwargs`: `decay_type` must be linear, cosine or 1-sqrt",
+            "`min_lr_rate` is not a setting of `warmup_stable_decay` (it takes num_decay_steps, num_stable_steps, min_lr_ratio, num_cycles, warmup_type, decay_type)",
+            "`warmup_stable_decay` needs `lr_scheduler_kwargs: {num_decay_steps: N}`",
+        ],
+    ),
+    (
+        "invalid_cosine_min_lr.yaml",
+        &["`cosine_with_min_lr` needs `lr_scheduler_kwargs: {min_lr_rate: 0.1}`"],
+    ),
+    (
         "invalid_bf16_and_fp16.yaml",
         &[":4:", "`bf16` and `fp16` cannot both be true"],
     ),

@@ -994,12 +994,12 @@ pub const KEYS: &[KeySpec] = &[
     imp(
         "lr_scheduler_type",
         Train,
-        "Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.",
+        "Learning-rate schedule (transformers' formulas): linear, cosine, cosine_with_restarts, cosine_with_min_lr, polynomial, constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay.",
     ),
     imp(
         "lr_scheduler_kwargs",
         Train,
-        "Extra schedule settings (num_cycles for cosine_with_restarts, power and lr_end for polynomial).",
+        "Schedule settings: num_cycles (cosine kinds); power, lr_end (polynomial); min_lr_rate or min_lr (cosine_with_min_lr, required); timescale (inverse_sqrt); num_decay_steps (required), num_stable_steps, min_lr_ratio, warmup_type, decay_type (warmup_stable_decay).",
     ),
     imp(
         "warmup_ratio",

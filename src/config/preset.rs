@@ -91,6 +91,23 @@ impl FinetuningType {
     }
 }
 
+/// One value of `lr_scheduler_kwargs`: a number (`min_lr_rate: 0.1`) or a name (`decay_type: linear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SchedulerArg {
+    Number(f64),
+    Text(String),
+}
+
+impl SchedulerArg {
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            SchedulerArg::Number(v) => Some(*v),
+            SchedulerArg::Text(_) => None,
+        }
+    }
+}
+
 /// Learning-rate schedule (`lr_scheduler_type`), Hugging Face's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -119,6 +136,9 @@ impl SchedulerType {
                 | SchedulerType::Polynomial
                 | SchedulerType::Constant
                 | SchedulerType::ConstantWithWarmup
+                | SchedulerType::InverseSqrt
+                | SchedulerType::CosineWithMinLr
+                | SchedulerType::WarmupStableDecay
         )
     }
 }
@@ -316,7 +336,7 @@ pub struct Preset {
     pub num_train_epochs: f64,
     pub max_steps: i64,
     pub lr_scheduler_type: SchedulerType,
-    pub lr_scheduler_kwargs: BTreeMap<String, f64>,
+    pub lr_scheduler_kwargs: BTreeMap<String, SchedulerArg>,
     pub warmup_ratio: f64,
     pub warmup_steps: u64,
     pub weight_decay: f64,

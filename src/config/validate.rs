@@ -338,17 +338,11 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     if !p.lr_scheduler_type.is_supported() {
         bad(
             "lr_scheduler_type",
-            "this `lr_scheduler_type` is not supported yet; use linear, cosine, cosine_with_restarts, polynomial, constant or constant_with_warmup".into(),
+            "`reduce_lr_on_plateau` is not supported yet; use linear, cosine, cosine_with_restarts, cosine_with_min_lr, polynomial, constant, constant_with_warmup, inverse_sqrt or warmup_stable_decay".into(),
         );
-    }
-    for k in p.lr_scheduler_kwargs.keys() {
-        if !matches!(k.as_str(), "num_cycles" | "power" | "lr_end") {
-            bad(
-                "lr_scheduler_kwargs",
-                format!(
-                    "`lr_scheduler_kwargs`: unknown setting `{k}`; termtune reads num_cycles, power and lr_end"
-                ),
-            );
+    } else {
+        for (key, message) in scheduler_kwargs_problems(p) {
+            bad(key, message);
         }
     }
     if !(0.0..=1.0).contains(&p.warmup_ratio) {
@@ -641,4 +635,98 @@ fn validate_dpo_loss(p: &Preset, bad: &mut impl FnMut(&str, String)) {
             "`pref_loss: kto_pair` was removed from TRL (LLaMA-Factory's trainer no longer runs it); use sigmoid, hinge, ipo, orpo or simpo, or `stage: kto` for unpaired data".into(),
         );
     }
+}
+
+/// `lr_scheduler_kwargs` checked against what the schedule's transformers function takes (an unknown key is a
+/// TypeError there; a missing required one a ValueError).
+fn scheduler_kwargs_problems(p: &Preset) -> Vec<(&'static str, String)> {
+    use super::preset::{SchedulerArg, SchedulerType as S};
+    let (allowed, required): (&[&str], &[&str]) = match p.lr_scheduler_type {
+        S::Cosine | S::CosineWithRestarts => (&["num_cycles"], &[]),
+        S::Polynomial => (&["power", "lr_end"], &[]),
+        S::InverseSqrt => (&["timescale"], &[]),
+        S::CosineWithMinLr => (&["num_cycles", "min_lr", "min_lr_rate"], &[]),
+        S::WarmupStableDecay => (
+            &[
+                "num_decay_steps",
+                "num_stable_steps",
+                "min_lr_ratio",
+                "num_cycles",
+                "warmup_type",
+                "decay_type",
+            ],
+            &["num_decay_steps"],
+        ),
+        S::Linear | S::Constant | S::ConstantWithWarmup | S::ReduceLrOnPlateau => (&[], &[]),
+    };
+    let kind = serde_json::to_value(p.lr_scheduler_type)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let takes = if allowed.is_empty() {
+        "takes none".to_string()
+    } else {
+        format!("takes {}", allowed.join(", "))
+    };
+    let mut out = Vec::new();
+    let kw = &p.lr_scheduler_kwargs;
+    for (k, v) in kw {
+        if !allowed.contains(&k.as_str()) {
+            out.push((
+                "lr_scheduler_kwargs",
+                format!("`lr_scheduler_kwargs`: `{k}` is not a setting of `{kind}` (it {takes})"),
+            ));
+            continue;
+        }
+        let curve = matches!(k.as_str(), "warmup_type" | "decay_type");
+        match (v, curve) {
+            (SchedulerArg::Text(t), true)
+                if matches!(t.as_str(), "linear" | "cosine" | "1-sqrt") => {}
+            (_, true) => out.push((
+                "lr_scheduler_kwargs",
+                format!("`lr_scheduler_kwargs`: `{k}` must be linear, cosine or 1-sqrt"),
+            )),
+            (SchedulerArg::Text(t), false) => out.push((
+                "lr_scheduler_kwargs",
+                format!("`lr_scheduler_kwargs`: `{k}` must be a number, got `{t}`"),
+            )),
+            (SchedulerArg::Number(x), false) => {
+                let whole = matches!(
+                    k.as_str(),
+                    "num_decay_steps" | "num_stable_steps" | "timescale"
+                );
+                if !x.is_finite() || *x < 0.0 || (whole && x.fract() != 0.0) {
+                    out.push((
+                        "lr_scheduler_kwargs",
+                        format!(
+                            "`lr_scheduler_kwargs`: `{k}` must be {} ≥ 0, got {x}",
+                            if whole { "a whole number" } else { "a number" }
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for r in required {
+        if !kw.contains_key(*r) {
+            out.push((
+                "lr_scheduler_kwargs",
+                format!("`{kind}` needs `lr_scheduler_kwargs: {{{r}: N}}` (the steps of the final decay)"),
+            ));
+        }
+    }
+    if p.lr_scheduler_type == S::CosineWithMinLr {
+        match (kw.contains_key("min_lr"), kw.contains_key("min_lr_rate")) {
+            (true, true) => out.push((
+                "lr_scheduler_kwargs",
+                "`cosine_with_min_lr`: set one of `min_lr` and `min_lr_rate`, not both".into(),
+            )),
+            (false, false) => out.push((
+                "lr_scheduler_kwargs",
+                "`cosine_with_min_lr` needs `lr_scheduler_kwargs: {min_lr_rate: 0.1}` (the floor as a fraction of learning_rate) or `{min_lr: 1.0e-6}`".into(),
+            )),
+            _ => {}
+        }
+    }
+    out
 }

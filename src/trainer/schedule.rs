@@ -8,7 +8,7 @@
 
 use std::f64::consts::PI;
 
-use crate::config::{Preset, SchedulerType};
+use crate::config::{Preset, SchedulerArg, SchedulerType};
 
 /// A resolved schedule: everything `lr_at` needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +23,36 @@ pub struct Schedule {
     pub power: f64,
     /// polynomial only: the rate reached at the end.
     pub lr_end: f64,
+    /// cosine_with_min_lr (`min_lr_rate`, or `min_lr` / `learning_rate`) and warmup_stable_decay
+    /// (`min_lr_ratio`): the floor as a fraction of the peak.
+    pub min_lr_rate: f64,
+    /// inverse_sqrt: `timescale` (default: the warm-up steps, or 10 000 without warm-up).
+    pub timescale: f64,
+    /// warmup_stable_decay: `num_stable_steps` (default: total − warm-up − decay) and `num_decay_steps`.
+    pub stable_steps: u64,
+    pub decay_steps: u64,
+    /// warmup_stable_decay: `warmup_type` (linear) and `decay_type` (cosine).
+    pub warmup_curve: Curve,
+    pub decay_curve: Curve,
+}
+
+/// The shape of warmup_stable_decay's warm-up and decay (`linear`, `cosine`, `1-sqrt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Curve {
+    Linear,
+    Cosine,
+    OneMinusSqrt,
+}
+
+impl Curve {
+    pub fn parse(s: &str) -> Option<Curve> {
+        Some(match s {
+            "linear" => Curve::Linear,
+            "cosine" => Curve::Cosine,
+            "1-sqrt" => Curve::OneMinusSqrt,
+            _ => return None,
+        })
+    }
 }
 
 /// Hugging Face's `get_warmup_steps`: `warmup_steps` if > 0, else `ceil(total * warmup_ratio)`.
@@ -73,19 +103,47 @@ pub fn updates_per_epoch(num_examples: usize, batch_size: usize, grad_accum: usi
 impl Schedule {
     /// The schedule of a preset for a run of `total_steps` updates.
     pub fn from_preset(p: &Preset, total_steps: u64) -> Schedule {
-        let kw = |k: &str| p.lr_scheduler_kwargs.get(k).copied();
+        let kw = |k: &str| p.lr_scheduler_kwargs.get(k).and_then(SchedulerArg::number);
+        let curve = |k: &str, default: Curve| match p.lr_scheduler_kwargs.get(k) {
+            Some(SchedulerArg::Text(t)) => Curve::parse(t).unwrap_or(default),
+            _ => default,
+        };
         let num_cycles = kw("num_cycles").unwrap_or(match p.lr_scheduler_type {
             SchedulerType::CosineWithRestarts => 1.0,
             _ => 0.5,
         });
+        let warmup = warmup_steps(total_steps, p.warmup_steps, p.warmup_ratio);
+        // Validation makes these whole numbers ≥ 0.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let steps = |k: &str| kw(k).map(|v| v as u64);
+        let decay_steps = steps("num_decay_steps").unwrap_or(0);
+        let min_lr_rate = match p.lr_scheduler_type {
+            SchedulerType::WarmupStableDecay => kw("min_lr_ratio").unwrap_or(0.0),
+            _ => kw("min_lr_rate")
+                .or_else(|| kw("min_lr").map(|m| m / p.learning_rate))
+                .unwrap_or(0.0),
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let timescale =
+            kw("timescale").unwrap_or(if warmup > 0 { warmup as f64 } else { 10_000.0 });
         Schedule {
             kind: p.lr_scheduler_type,
             peak_lr: p.learning_rate,
             total_steps,
-            warmup_steps: warmup_steps(total_steps, p.warmup_steps, p.warmup_ratio),
+            warmup_steps: warmup,
             num_cycles,
             power: kw("power").unwrap_or(1.0),
             lr_end: kw("lr_end").unwrap_or(1e-7),
+            min_lr_rate,
+            timescale,
+            stable_steps: steps("num_stable_steps").unwrap_or_else(|| {
+                total_steps
+                    .saturating_sub(warmup)
+                    .saturating_sub(decay_steps)
+            }),
+            decay_steps,
+            warmup_curve: curve("warmup_type", Curve::Linear),
+            decay_curve: curve("decay_type", Curve::Cosine),
         }
     }
 
@@ -114,6 +172,23 @@ impl Schedule {
                     (0.5 * (1.0 + (PI * self.num_cycles * 2.0 * progress).cos())).max(0.0)
                 }
             }
+            SchedulerType::CosineWithMinLr => {
+                if in_warmup {
+                    warmup_factor
+                } else {
+                    let f = 0.5 * (1.0 + (PI * self.num_cycles * 2.0 * progress).cos());
+                    (f * (1.0 - self.min_lr_rate) + self.min_lr_rate).max(0.0)
+                }
+            }
+            SchedulerType::InverseSqrt => {
+                if in_warmup {
+                    warmup_factor
+                } else {
+                    let shift = self.timescale - warm;
+                    1.0 / ((step + shift) / self.timescale).sqrt()
+                }
+            }
+            SchedulerType::WarmupStableDecay => self.wsd(s),
             SchedulerType::CosineWithRestarts => {
                 if in_warmup {
                     warmup_factor
@@ -147,6 +222,34 @@ impl Schedule {
         };
         self.peak_lr * factor
     }
+
+    /// transformers' `_get_wsd_scheduler_lambda`.
+    #[allow(clippy::cast_precision_loss)]
+    fn wsd(&self, s: u64) -> f64 {
+        let floor = self.min_lr_rate;
+        let scaled = |f: f64| (f * (1.0 - floor) + floor).max(0.0);
+        if s < self.warmup_steps {
+            let p = s as f64 / (self.warmup_steps as f64).max(1.0);
+            return scaled(match self.warmup_curve {
+                Curve::Linear => p,
+                Curve::Cosine => 0.5 * (1.0 - (PI * p).cos()),
+                Curve::OneMinusSqrt => 1.0 - (1.0 - p).sqrt(),
+            });
+        }
+        if s < self.warmup_steps + self.stable_steps {
+            return 1.0;
+        }
+        if s < self.warmup_steps + self.stable_steps + self.decay_steps {
+            let p = (s - self.warmup_steps - self.stable_steps) as f64
+                / (self.decay_steps as f64).max(1.0);
+            return scaled(match self.decay_curve {
+                Curve::Linear => 1.0 - p,
+                Curve::Cosine => 0.5 * (1.0 + (PI * self.num_cycles * 2.0 * p).cos()),
+                Curve::OneMinusSqrt => 1.0 - p.sqrt(),
+            });
+        }
+        floor
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +269,12 @@ mod tests {
             },
             power: 1.0,
             lr_end: 1e-7,
+            min_lr_rate: 0.0,
+            timescale: 10.0,
+            stable_steps: 0,
+            decay_steps: 0,
+            warmup_curve: Curve::Linear,
+            decay_curve: Curve::Cosine,
         }
     }
 
@@ -231,6 +340,255 @@ mod tests {
         let s = sched(SchedulerType::Constant, 100, 10);
         assert_eq!(s.lr_at(0), 1e-3);
         assert_eq!(s.lr_at(99), 1e-3);
+    }
+
+    /// transformers 5.25's `get_scheduler` (scripts/lr_schedule_reference.py): peak 1e-3, 20 steps, 4 warm-up
+    /// steps, the rate after each of 0..=21 scheduler steps.
+    #[test]
+    fn matches_transformers() {
+        let n = SchedulerArg::Number;
+        let t = |s: &str| SchedulerArg::Text(s.to_string());
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(SchedulerType, Vec<(&str, SchedulerArg)>, &[f64])> = vec![
+            // inverse_sqrt {}
+            (
+                SchedulerType::InverseSqrt,
+                vec![],
+                &[
+                    0.0,
+                    0.00025,
+                    0.0005,
+                    0.00075,
+                    0.001,
+                    0.0008944271909999159,
+                    0.0008164965809277262,
+                    0.0007559289460184544,
+                    0.0007071067811865475,
+                    0.0006666666666666666,
+                    0.0006324555320336759,
+                    0.0006030226891555273,
+                    0.0005773502691896259,
+                    0.0005547001962252292,
+                    0.0005345224838248488,
+                    0.0005163977794943222,
+                    0.0005,
+                    0.0004850712500726659,
+                    0.00047140452079103175,
+                    0.0004588314677411235,
+                    0.00044721359549995795,
+                    0.0004364357804719848,
+                ],
+            ),
+            // inverse_sqrt {'timescale': 7}
+            (
+                SchedulerType::InverseSqrt,
+                vec![("timescale", n(7.0))],
+                &[
+                    0.0,
+                    0.00025,
+                    0.0005,
+                    0.00075,
+                    0.001,
+                    0.0009354143466934853,
+                    0.0008819171036881969,
+                    0.0008366600265340755,
+                    0.0007977240352174658,
+                    0.0007637626158259734,
+                    0.0007337993857053429,
+                    0.0007071067811865475,
+                    0.0006831300510639731,
+                    0.0006614378277661477,
+                    0.000641688947919748,
+                    0.0006236095644623236,
+                    0.0006069769786668839,
+                    0.0005916079783099616,
+                    0.0005773502691896259,
+                    0.0005640760748177663,
+                    0.0005516772843673705,
+                    0.0005400617248673218,
+                ],
+            ),
+            // cosine_with_min_lr {'min_lr_rate': 0.1}
+            (
+                SchedulerType::CosineWithMinLr,
+                vec![("min_lr_rate", n(0.1))],
+                &[
+                    0.0,
+                    0.00025,
+                    0.0005,
+                    0.00075,
+                    0.001,
+                    0.0009913533761814538,
+                    0.000965745789630079,
+                    0.0009241613255361454,
+                    0.0008681980515339464,
+                    0.000800006604858821,
+                    0.0007222075445642904,
+                    0.0006377906449072578,
+                    0.00055,
+                    0.0004622093550927423,
+                    0.0003777924554357096,
+                    0.00029999339514117913,
+                    0.00023180194846605365,
+                    0.0001758386744638546,
+                    0.00013425421036992097,
+                    0.00010864662381854631,
+                    0.0001,
+                    0.00010864662381854631,
+                ],
+            ),
+            // cosine_with_min_lr {'min_lr': 0.0002, 'num_cycles': 0.75}
+            (
+                SchedulerType::CosineWithMinLr,
+                vec![("min_lr", n(2e-4)), ("num_cycles", n(0.75))],
+                &[
+                    0.0,
+                    0.00025,
+                    0.0005,
+                    0.00075,
+                    0.001,
+                    0.0009827761342928835,
+                    0.0009325878449210182,
+                    0.0008537573136654582,
+                    0.000753073372946036,
+                    0.0006392068561318244,
+                    0.0005219638711935488,
+                    0.00041144130526960096,
+                    0.00031715728752538104,
+                    0.00024723149426065806,
+                    0.00020768588783870784,
+                    0.00020192610933112123,
+                    0.00023044818699548527,
+                    0.0002907958186549052,
+                    0.00037777190679215915,
+                    0.0004838861290982151,
+                    0.0005999999999999998,
+                    0.0007161138709017849,
+                ],
+            ),
+            // warmup_stable_decay {'num_decay_steps': 6}
+            (
+                SchedulerType::WarmupStableDecay,
+                vec![("num_decay_steps", n(6.0))],
+                &[
+                    0.0,
+                    0.00025,
+                    0.0005,
+                    0.00075,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.0009330127018922195,
+                    0.00075,
+                    0.0005,
+                    0.0002500000000000001,
+                    6.698729810778065e-05,
+                    0.0,
+                    0.0,
+                ],
+            ),
+            // warmup_stable_decay {'num_decay_steps': 5, 'num_stable_steps': 8, 'min_lr_ratio': 0.05, 'warmup_type': 'cosine', 'decay_type': '1-sqrt'}
+            (
+                SchedulerType::WarmupStableDecay,
+                vec![
+                    ("num_decay_steps", n(5.0)),
+                    ("num_stable_steps", n(8.0)),
+                    ("min_lr_ratio", n(0.05)),
+                    ("warmup_type", t("cosine")),
+                    ("decay_type", t("1-sqrt")),
+                ],
+                &[
+                    5e-05,
+                    0.0001891242789363899,
+                    0.000525,
+                    0.0008608757210636101,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.00057514708427504,
+                    0.0003991672445680079,
+                    0.00026413316422059074,
+                    0.00015029416855007993,
+                    5e-05,
+                    5e-05,
+                    5e-05,
+                    5e-05,
+                    5e-05,
+                ],
+            ),
+            // warmup_stable_decay {'num_decay_steps': 10, 'warmup_type': '1-sqrt', 'decay_type': 'linear'}
+            (
+                SchedulerType::WarmupStableDecay,
+                vec![
+                    ("num_decay_steps", n(10.0)),
+                    ("warmup_type", t("1-sqrt")),
+                    ("decay_type", t("linear")),
+                ],
+                &[
+                    0.0,
+                    0.0001339745962155614,
+                    0.00029289321881345245,
+                    0.0005,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.001,
+                    0.0009000000000000001,
+                    0.0008,
+                    0.0007,
+                    0.0006,
+                    0.0005,
+                    0.0004,
+                    0.00030000000000000003,
+                    0.00019999999999999996,
+                    9.999999999999998e-05,
+                    0.0,
+                    0.0,
+                ],
+            ),
+        ];
+        for (kind, kwargs, want) in cases {
+            let p = Preset {
+                lr_scheduler_type: kind,
+                lr_scheduler_kwargs: kwargs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                learning_rate: 1e-3,
+                warmup_steps: 4,
+                ..Preset::default()
+            };
+            assert!(
+                crate::config::validate(&p, crate::config::Purpose::Train)
+                    .iter()
+                    .all(|i| i.key != "lr_scheduler_kwargs" && i.key != "lr_scheduler_type")
+            );
+            let s = Schedule::from_preset(&p, 20);
+            for (step, w) in want.iter().enumerate() {
+                let got = s.lr_at(step as u64);
+                assert!(
+                    (got - w).abs() <= 1e-15 + 1e-12 * w.abs(),
+                    "{kind:?} step {step}: {got} vs {w}"
+                );
+            }
+        }
     }
 
     #[test]
