@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Reference for termtune's learning-rate schedules: prints, for transformers' `get_scheduler` with the
-schedules and `scheduler_specific_kwargs` below (peak 1e-3, 20 steps, 4 warm-up steps), the rate after each of
-steps 0..=21 (LambdaLR's lr after `s` calls of `step()`), as the Rust literals of
+"""Reference for termtune's learning-rate schedules: writes tests/fixtures/lr_schedule_reference.json, for
+transformers' `get_scheduler` with the schedules and `scheduler_specific_kwargs` below (peak 1e-3, 20 steps,
+4 warm-up steps), the rate after each of steps 0..=21 (LambdaLR's lr after `s` calls of `step()`); read by
 src/trainer/schedule.rs's `matches_transformers` test.
 
 Usage: python scripts/lr_schedule_reference.py   (pip install torch transformers)
 """
 
+import json
+import os
+
 import torch
+import transformers
 from transformers import get_scheduler
 
 CASES = [
@@ -21,6 +25,7 @@ CASES = [
     ("warmup_stable_decay", {"num_decay_steps": 10, "warmup_type": "1-sqrt", "decay_type": "linear"}),
 ]
 
+out = {"transformers": transformers.__version__, "peak_lr": 1e-3, "total_steps": 20, "warmup_steps": 4, "cases": []}
 for name, kwargs in CASES:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1e-3)
@@ -30,5 +35,7 @@ for name, kwargs in CASES:
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    print(f"// {name} {kwargs}")
-    print("&[" + ", ".join(repr(x) for x in lrs) + "],")
+    out["cases"].append({"lr_scheduler_type": name, "lr_scheduler_kwargs": kwargs, "lr": lrs})
+path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "lr_schedule_reference.json")
+with open(path, "w") as f:
+    json.dump(out, f, indent=1)

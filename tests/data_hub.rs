@@ -12,7 +12,7 @@ use termtune::data::{DataError, DataOptions};
 use termtune::engine::hub::{HubOptions, HubProgress};
 
 use crate::data_util::options;
-use crate::hub_cache::{dead_endpoint, serve_repo};
+use crate::hub_cache::{dead_endpoint, opts as hub, serve_repo};
 
 #[test]
 fn data_files_are_chosen_as_hugging_face_datasets_chooses_them() {
@@ -84,16 +84,6 @@ fn fixture(name: &str) -> Vec<u8> {
             .join(name),
     )
     .unwrap()
-}
-
-fn hub(cache: &Path, offline: bool, endpoint: &str) -> HubOptions {
-    HubOptions {
-        cache_dir: cache.to_path_buf(),
-        endpoint: endpoint.to_string(),
-        token: None,
-        offline,
-        revision: "main".into(),
-    }
 }
 
 /// A registry with `alpaca_hub` → REPO and `alpaca_local` → the same rows as a local parquet file.

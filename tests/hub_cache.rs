@@ -15,7 +15,7 @@ use termtune::engine::hub::{
 const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 const SHA: &str = "12fd25f77366fa6b3b4b768ec3050bf629380bac";
 
-fn opts(cache: &Path, offline: bool, endpoint: &str) -> HubOptions {
+pub(crate) fn opts(cache: &Path, offline: bool, endpoint: &str) -> HubOptions {
     HubOptions {
         cache_dir: cache.to_path_buf(),
         endpoint: endpoint.to_string(),
