@@ -345,6 +345,7 @@ mod tests {
     /// transformers' `get_scheduler` (tests/fixtures/lr_schedule_reference.json, from
     /// scripts/lr_schedule_reference.py): the rate after each scheduler step, for the newer schedules.
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn matches_transformers() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
