@@ -326,3 +326,34 @@ fn every_entry_of_llamafactorys_registry_resolves_or_says_why_not() {
     assert_eq!((local, hub, media), (10, 80, 13));
     assert_eq!(other, vec![("deepctrl".to_string(), "ModelScope")]);
 }
+
+#[test]
+fn a_missing_or_gated_repo_says_so() {
+    // The Hub answers 404 for a repo it does not have (and for a private one without a token).
+    let endpoint = serve_repo(
+        "/api/datasets/other/repo/revision/main".into(),
+        "/datasets/other/repo/resolve/main/".into(),
+        Vec::new(),
+        4,
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let reg = registry(&[]);
+    let hub_cache = tempfile::tempdir().unwrap();
+    let data_cache = tempfile::tempdir().unwrap();
+    let e = load(
+        reg.path(),
+        "alpaca_hub",
+        hub(hub_cache.path(), false, &endpoint),
+        data_cache.path(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "dataset `alpaca_hub` (Hugging Face Hub `{REPO}`): the Hub at {endpoint} has no such dataset, and the hub cache ("
+        )) && e.ends_with(
+            "does not hold it; fix `hf_hub_url` in dataset_info.json (a private repo also needs HF_TOKEN or `hf_hub_token`)"
+        ),
+        "{e}"
+    );
+}

@@ -410,12 +410,15 @@ pub fn dataset_files(
             "not a hub dataset id (expected `organisation/name`); fix `hf_hub_url` in dataset_info.json".into(),
         ));
     }
-    let from_cache = |why: &str| -> Result<Vec<PathBuf>, DataError> {
+    let download_fix = format!(
+        "run once online (or download it with `huggingface-cli download --repo-type dataset {}`)",
+        src.repo
+    );
+    let from_cache = |why: &str, fix: &str| -> Result<Vec<PathBuf>, DataError> {
         let Some(snap) = cached_snapshot(&src.repo, opts) else {
             return Err(fail(format!(
-                "{why}, and the hub cache ({}) does not hold it; run once online (or download it with `huggingface-cli download --repo-type dataset {}`)",
+                "{why}, and the hub cache ({}) does not hold it; {fix}",
                 opts.cache_dir.display(),
-                src.repo
             )));
         };
         let listed = snapshot_files(&snap);
@@ -424,7 +427,7 @@ pub fn dataset_files(
         Ok(files.iter().map(|f| snap.join(f)).collect())
     };
     if opts.offline {
-        return from_cache("offline mode is on (HF_HUB_OFFLINE)");
+        return from_cache("offline mode is on (HF_HUB_OFFLINE)", &download_fix);
     }
     let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
         .with_endpoint(opts.endpoint.clone())
@@ -437,9 +440,26 @@ pub fn dataset_files(
     let info = match repo.info() {
         Ok(info) => info,
         Err(e) => {
-            let why = format!("the Hub at {} did not answer ({e})", opts.endpoint);
+            // The Hub's answer, when it gave one (hf-hub reports `http status: N`).
+            let text = e.to_string();
+            let (why, fix) = if text.contains("status: 404") {
+                (
+                    format!("the Hub at {} has no such dataset", opts.endpoint),
+                    "fix `hf_hub_url` in dataset_info.json (a private repo also needs HF_TOKEN or `hf_hub_token`)".to_string(),
+                )
+            } else if text.contains("status: 401") || text.contains("status: 403") {
+                (
+                    format!("the Hub at {} refused access ({text})", opts.endpoint),
+                    "the dataset is gated or private: accept its terms on its Hub page and set HF_TOKEN (or `hf_hub_token`)".to_string(),
+                )
+            } else {
+                (
+                    format!("the Hub at {} did not answer ({text})", opts.endpoint),
+                    download_fix.clone(),
+                )
+            };
             tracing::warn!(dataset = name, repo = %src.repo, "{why}; trying the hub cache");
-            return from_cache(&why);
+            return from_cache(&why, &fix);
         }
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
