@@ -202,6 +202,13 @@ const CASES: &[(&str, &[&str])] = &[
         &["`cosine_with_min_lr` needs `lr_scheduler_kwargs: {min_lr_rate: 0.1}`"],
     ),
     (
+        "invalid_label_smoothing_dpo.yaml",
+        &[
+            ":4:",
+            "`label_smoothing_factor` smooths the language-model loss of sft and pt; stage `dpo` computes its own loss (TRL's), so it would have no effect: remove it",
+        ],
+    ),
+    (
         "invalid_bf16_and_fp16.yaml",
         &[":4:", "`bf16` and `fp16` cannot both be true"],
     ),

@@ -741,25 +741,27 @@ fn right_padding_does_not_change_real_positions() {
     );
 }
 
+/// `a` equals `b` to 1e-5 relative to b's largest entry.
+fn close(a: &Tensor, b: &Tensor, what: &str) {
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-6);
+    let d = max_abs_diff(a, b);
+    assert!(d / scale < 1e-5, "{what}: max diff {d} (scale {scale})");
+}
+
 /// Each fused kernel against its pure-op version: values and input gradients (f32, tolerance 1e-5 relative).
 #[test]
 fn fused_kernels_match_pure_ops_values_and_gradients() {
-    let close = |a: &Tensor, b: &Tensor, what: &str| {
-        let scale = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1e-6);
-        let d = max_abs_diff(a, b);
-        assert!(d / scale < 1e-5, "{what}: max diff {d} (scale {scale})");
-    };
     let r = |shape: &[usize], seed: u64| {
         let n: usize = shape.iter().product();
         let t = seeded((1, n), seed, 1.0, DType::F32)
@@ -843,7 +845,7 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     // Cross-entropy.
     let x = r(&[6, 13], 12);
     let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], &CPU).unwrap();
-    let f = ops::fused::cross_entropy_sum(&x, &tg).unwrap();
+    let f = ops::fused::cross_entropy_sum(&x, &tg, 0.0).unwrap();
     let q = ops::nll_sum_pure(&x, &tg, &Tensor::ones(6, DType::F32, &CPU).unwrap()).unwrap();
     close(&f, &q, "ce value");
     let gf = (f * 0.7).unwrap().backward().unwrap();
@@ -876,6 +878,104 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     for (n, v) in m.trainable_vars() {
         close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
     }
+}
+
+/// `label_smoothing_factor`: the fused, generic and pure losses equal transformers' `LabelSmoother` (epsilon 0.1,
+/// scripts/label_smoothing_reference.py), the fused gradient equals finite differences, and on a whole model the
+/// fused and pure paths give the same loss and LoRA gradients.
+#[test]
+fn label_smoothing_matches_transformers() {
+    let x: Vec<f64> = (0..5)
+        .flat_map(|i| {
+            (0..11).map(move |j| 3.0 * (0.37 * f64::from(i) + 0.11 * f64::from(j * j)).sin())
+        })
+        .collect();
+    let x = Tensor::from_vec(x, (5, 11), &CPU).unwrap();
+    let tg = Tensor::new(&[1u32, 4, 7, 10, 2], &CPU).unwrap();
+    // LabelSmoother sums the smoothed term in float32 (`dtype=torch.float32`), hence 1e-7 relative.
+    let want = 3.5150883855563304;
+    let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
+    let fused = ops::fused::cross_entropy_sum(&x, &tg, 0.1).unwrap();
+    assert!(
+        (per_token(&fused) / want - 1.0).abs() < 1e-7,
+        "{}",
+        per_token(&fused)
+    );
+    let (with_grad, g) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
+    assert!((per_token(&with_grad) - per_token(&fused)).abs() < 1e-12);
+    let generic = ops::generic::cross_entropy_sum(&x, &tg, 0.1).unwrap();
+    assert!((per_token(&generic) - per_token(&fused)).abs() < 1e-12);
+    let (_, gg) = ops::generic::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
+    // Central differences of the loss sum, entry by entry.
+    let g = g.unwrap().to_vec2::<f64>().unwrap();
+    let gg = gg.unwrap().to_vec2::<f64>().unwrap();
+    let base = x.to_vec2::<f64>().unwrap();
+    let h = 1e-6;
+    for i in 0..5 {
+        for j in 0..11 {
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i][j] += d;
+                let t = Tensor::new(v, &CPU).unwrap();
+                ops::fused::cross_entropy_sum(&t, &tg, 0.1)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (g[i][j] - fd).abs() < 1e-7,
+                "({i},{j}): {} vs {fd}",
+                g[i][j]
+            );
+            assert!(
+                (gg[i][j] - fd).abs() < 1e-7,
+                "generic ({i},{j}): {} vs {fd}",
+                gg[i][j]
+            );
+        }
+    }
+    // The autograd backward of the fused op agrees with the returned gradient.
+    let v = Var::from_tensor(&x).unwrap();
+    let grads = ops::fused::cross_entropy_sum(v.as_tensor(), &tg, 0.1)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = grads.get(v.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+    for i in 0..5 {
+        for j in 0..11 {
+            assert!((gb[i][j] - g[i][j]).abs() < 1e-12);
+        }
+    }
+
+    // A whole model: fused and pure (candle autograd) agree with smoothing on.
+    let d = tempfile::tempdir().unwrap();
+    let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
+    randomize_b(&m, 4);
+    m.label_smoothing = 0.1;
+    let x = ids(&[5, 6, 7, 8, 9, 10], 1);
+    let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
+    let (lf, _) = m
+        .forward_loss(&x, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let gf = lf.backward().unwrap();
+    m.kernels = Kernels::Pure;
+    let (lq, _) = m
+        .forward_loss(&x, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let gq = lq.backward().unwrap();
+    close(&lf, &lq, "smoothed model loss");
+    for (n, v) in m.trainable_vars() {
+        close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
+    }
+    // And smoothing changes the loss (the test would notice it being ignored).
+    m.label_smoothing = 0.0;
+    let (l0, _) = m
+        .forward_loss(&x, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let diff = (scalar(&l0) - scalar(&lq)).abs();
+    assert!(diff > 1e-3, "{diff}");
 }
 
 /// A prompt cache reads only the tokens after those it holds and answers as a fresh generation does: a follow-up

@@ -161,9 +161,19 @@ fn kernel_diffs(dev: &Device, dtype: DType, generic: bool) -> Vec<(&'static str,
     check("cross_entropy", &|d, dt| {
         let x = seeded(&[6, 13], 12, dt, d);
         let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
-        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, true).unwrap();
+        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.0, true).unwrap();
         vec![
-            ops::fused::cross_entropy_sum(&x, &tg).unwrap(),
+            ops::fused::cross_entropy_sum(&x, &tg, 0.0).unwrap(),
+            loss,
+            grad.unwrap(),
+        ]
+    });
+    check("cross_entropy label-smoothed", &|d, dt| {
+        let x = seeded(&[6, 13], 12, dt, d);
+        let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
+        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
+        vec![
+            ops::fused::cross_entropy_sum(&x, &tg, 0.1).unwrap(),
             loss,
             grad.unwrap(),
         ]

@@ -1104,11 +1104,10 @@ pub const KEYS: &[KeySpec] = &[
         Train,
         "NEFTune: uniform noise of alpha/sqrt(length x hidden) on the input embeddings while training (5 is usual).",
     ),
-    uns(
+    imp(
         "label_smoothing_factor",
         Train,
-        "0.0",
-        "label smoothing is not supported yet",
+        "Label smoothing ε (transformers' LabelSmoother): each token's loss is (1-ε)·nll + ε·mean over the vocabulary of -log p; sft and pt.",
     ),
     uns("torch_empty_cache_steps", Train, "null", "not supported"),
     // ### eval

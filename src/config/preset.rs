@@ -342,6 +342,7 @@ pub struct Preset {
     pub weight_decay: f64,
     /// NEFTune's alpha: noise on the input embeddings while training (None: off).
     pub neftune_noise_alpha: Option<f64>,
+    pub label_smoothing_factor: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -467,6 +468,7 @@ impl Default for Preset {
             warmup_steps: 0,
             weight_decay: 0.0,
             neftune_noise_alpha: None,
+            label_smoothing_factor: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,

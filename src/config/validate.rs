@@ -359,6 +359,24 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             format!("`neftune_noise_alpha` must be a number ≥ 0 (5 is usual), got {a}"),
         );
     }
+    let eps = p.label_smoothing_factor;
+    if !(eps.is_finite() && (0.0..1.0).contains(&eps)) {
+        bad(
+            "label_smoothing_factor",
+            format!("`label_smoothing_factor` must be in [0, 1) (0.1 is usual), got {eps}"),
+        );
+    } else if eps > 0.0 && !matches!(p.stage, Stage::Sft | Stage::Pt) {
+        bad(
+            "label_smoothing_factor",
+            format!(
+                "`label_smoothing_factor` smooths the language-model loss of sft and pt; stage `{}` computes its own loss (TRL's), so it would have no effect: remove it",
+                serde_json::to_value(p.stage)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+        );
+    }
     if p.weight_decay < 0.0 {
         bad("weight_decay", "`weight_decay` must be ≥ 0".into());
     }

@@ -527,10 +527,25 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 // ---------------------------------------------------------------------------------------------- cross-entropy
 
-/// Σ_rows −log softmax(logits)[target]; logits (n, v), targets (n) u32. Backward recomputes the softmax.
-struct CrossEntropy;
+/// Σ_rows of the (label-smoothed) token loss `(1 − ε)·(lse − x[target]) + ε·(lse − mean(x))` (transformers'
+/// `LabelSmoother`: ε of the mass spread evenly over the vocabulary; ε = 0 is plain cross-entropy); logits (n, v),
+/// targets (n) u32. Backward recomputes the softmax.
+struct CrossEntropy {
+    eps: f64,
+}
 
-fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize) -> T {
+/// The weight of the target (1 − ε) and of every vocabulary entry (ε / v) in a smoothed row.
+fn smoothing<T: Float>(eps: f64, v: usize) -> (T, T) {
+    #[allow(clippy::cast_precision_loss)]
+    let spread = eps / v as f64;
+    (
+        T::from(1.0 - eps).unwrap_or_else(T::one),
+        T::from(spread).unwrap_or_else(T::zero),
+    )
+}
+
+fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, eps: f64) -> T {
+    let (keep, spread) = smoothing::<T>(eps, v);
     x.par_chunks(v)
         .zip(tg.par_iter())
         .map(|(r, &t)| {
@@ -538,12 +553,18 @@ fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize) -> T {
                 .iter()
                 .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
             let lse = r.iter().fold(T::zero(), |a, &b| a + (b - m).exp()).ln() + m;
-            lse - r[t as usize]
+            if eps == 0.0 {
+                lse - r[t as usize]
+            } else {
+                let sum = r.iter().fold(T::zero(), |a, &b| a + b);
+                lse - keep * r[t as usize] - spread * sum
+            }
         })
         .reduce(T::zero, |a, b| a + b)
 }
 
-fn ce_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, scale: T) -> Vec<T> {
+fn ce_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, scale: T, eps: f64) -> Vec<T> {
+    let (keep, spread) = smoothing::<T>(eps, v);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(v)
         .zip(x.par_chunks(v).zip(tg.par_iter()))
@@ -557,10 +578,11 @@ fn ce_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, scale: T) -> Ve
                 sum = sum + o[i];
             }
             let inv = scale / sum;
+            let shift = scale * spread;
             for oi in o.iter_mut() {
-                *oi = *oi * inv;
+                *oi = *oi * inv - shift;
             }
-            o[t as usize] = o[t as usize] - scale;
+            o[t as usize] = o[t as usize] - scale * keep;
         });
     out
 }
@@ -592,8 +614,12 @@ impl CustomOp2 for CrossEntropy {
         let (_, v) = l1.shape().dims2()?;
         let tg = targets_of(s2, l2, v)?;
         let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(vec![ce_fwd(contig(x, l1, "ce")?, tg, v)]),
-            CpuStorage::F64(x) => CpuStorage::F64(vec![ce_fwd(contig(x, l1, "ce")?, tg, v)]),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.eps)])
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.eps)])
+            }
             _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
         };
         Ok((out, Shape::from(())))
@@ -607,7 +633,13 @@ impl CustomOp2 for CrossEntropy {
     ) -> R<(Option<Tensor>, Option<Tensor>)> {
         let scale = gy.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((
-            Some(x.apply_op2_no_bwd(tg, &CrossEntropyBwd { scale })?),
+            Some(x.apply_op2_no_bwd(
+                tg,
+                &CrossEntropyBwd {
+                    scale,
+                    eps: self.eps,
+                },
+            )?),
             None,
         ))
     }
@@ -615,6 +647,7 @@ impl CustomOp2 for CrossEntropy {
 
 struct CrossEntropyBwd {
     scale: f64,
+    eps: f64,
 }
 
 impl CustomOp2 for CrossEntropyBwd {
@@ -631,29 +664,42 @@ impl CustomOp2 for CrossEntropyBwd {
         let (_, v) = l1.shape().dims2()?;
         let tg = targets_of(s2, l2, v)?;
         let out = match s1 {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale as f32))
+            CpuStorage::F32(x) => CpuStorage::F32(ce_bwd(
+                contig(x, l1, "ce")?,
+                tg,
+                v,
+                self.scale as f32,
+                self.eps,
+            )),
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale, self.eps))
             }
-            CpuStorage::F64(x) => CpuStorage::F64(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale)),
             _ => candle_core::bail!("fused-cross-entropy-bwd: only f32/f64"),
         };
         Ok((out, l1.shape().clone()))
     }
 }
 
-/// Sum of token cross-entropies: logits (n, v) f32/f64, targets (n) u32 (all counted). Fused; the backward
-/// recomputes the softmax instead of keeping an (n, v) log-softmax alive.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+/// Sum of token cross-entropies, label-smoothed by `eps` (0: none): logits (n, v) f32/f64, targets (n) u32 (all
+/// counted). Fused; the backward recomputes the softmax instead of keeping an (n, v) log-softmax alive.
+pub fn cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     if Backend::of(logits) == Backend::Generic {
-        return generic::cross_entropy_sum(logits, targets);
+        return generic::cross_entropy_sum(logits, targets, eps);
     }
-    logits
-        .contiguous()?
-        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
+    logits.contiguous()?.apply_op2(
+        &targets.to_dtype(DType::U32)?.contiguous()?,
+        CrossEntropy { eps },
+    )
 }
 
-/// Cross-entropy rows in one pass: writes softmax − one-hot into `o` and returns Σ (lse − x[target]).
-fn ce_fwd_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, o: &mut [T]) -> T {
+/// Cross-entropy rows in one pass: writes softmax − (1 − ε)·one-hot − ε/v into `o` and returns the summed
+/// (smoothed) loss.
+fn ce_fwd_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, eps: f64, o: &mut [T]) -> T {
+    let (keep, spread) = smoothing::<T>(eps, v);
     o.par_chunks_mut(v)
         .zip(x.par_chunks(v).zip(tg.par_iter()))
         .map(|(o, (r, &t))| {
@@ -667,16 +713,23 @@ fn ce_fwd_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, o: &mut [T]
             }
             let inv = T::one() / sum;
             for oi in o.iter_mut() {
-                *oi = *oi * inv;
+                *oi = *oi * inv - spread;
             }
-            o[t as usize] = o[t as usize] - T::one();
-            sum.ln() + m - r[t as usize]
+            o[t as usize] = o[t as usize] - keep;
+            let lse = sum.ln() + m;
+            if eps == 0.0 {
+                lse - r[t as usize]
+            } else {
+                let total = r.iter().fold(T::zero(), |a, &b| a + b);
+                lse - keep * r[t as usize] - spread * total
+            }
         })
         .reduce(T::zero, |a, b| a + b)
 }
 
 /// Output: the gradient of Σ cross-entropy wrt the logits; the loss sum is left in `loss`.
 struct CrossEntropyWithGrad {
+    eps: f64,
     loss: std::sync::Mutex<f64>,
 }
 
@@ -697,13 +750,13 @@ impl CustomOp2 for CrossEntropyWithGrad {
             CpuStorage::F32(x) => {
                 let x = contig(x, l1, "ce")?;
                 let mut o = vec![0f32; x.len()];
-                let l = ce_fwd_bwd(x, tg, v, &mut o);
+                let l = ce_fwd_bwd(x, tg, v, self.eps, &mut o);
                 (CpuStorage::F32(o), f64::from(l))
             }
             CpuStorage::F64(x) => {
                 let x = contig(x, l1, "ce")?;
                 let mut o = vec![0f64; x.len()];
-                let l = ce_fwd_bwd(x, tg, v, &mut o);
+                let l = ce_fwd_bwd(x, tg, v, self.eps, &mut o);
                 (CpuStorage::F64(o), l)
             }
             _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
@@ -716,24 +769,26 @@ impl CustomOp2 for CrossEntropyWithGrad {
     }
 }
 
-/// The summed cross-entropy of `logits` (n, v) against `targets` (n) u32 and, when `grad`, its gradient with
-/// respect to the logits (softmax − one-hot, from the same exponentials), both without a graph (for the chunked
-/// lm_head loss).
+/// The summed cross-entropy (label-smoothed by `eps`) of `logits` (n, v) against `targets` (n) u32 and, when
+/// `grad`, its gradient with respect to the logits (softmax − (1 − ε)·one-hot − ε/v, from the same exponentials),
+/// both without a graph (for the chunked lm_head loss).
 pub fn cross_entropy_sum_and_grad(
     logits: &Tensor,
     targets: &Tensor,
+    eps: f64,
     grad: bool,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     if Backend::of(logits) == Backend::Generic {
-        return generic::cross_entropy_sum_and_grad(logits, targets, grad);
+        return generic::cross_entropy_sum_and_grad(logits, targets, eps, grad);
     }
     let x = logits.detach().contiguous()?;
     let tg = targets.to_dtype(DType::U32)?.contiguous()?;
     if !grad {
-        let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy)?;
+        let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy { eps })?;
         return Ok((loss.to_dtype(DType::F64)?, None));
     }
     let op = CrossEntropyWithGrad {
+        eps,
         loss: std::sync::Mutex::new(0.0),
     };
     let d = x.apply_op2_no_bwd(&tg, &op)?;

@@ -130,24 +130,36 @@ fn lse_and_picked(x: &Tensor, targets: &Tensor) -> R<(Tensor, Tensor)> {
     Ok((lse, picked))
 }
 
-/// Σ_rows −log softmax(logits)[target], differentiable; logits (n, v), targets (n) u32.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> R<Tensor> {
+/// Σ_rows of the token loss `lse − (1 − ε)·x[target] − ε·mean(x)` (ε = 0: −log softmax(logits)[target]),
+/// differentiable; logits (n, v), targets (n) u32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, eps: f64) -> R<Tensor> {
     let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let (lse, picked) = lse_and_picked(&x, targets)?;
-    (lse - picked)?.sum_all()
+    smoothed_sum(&x, &lse, &picked, eps)
 }
 
-/// The summed cross-entropy (a scalar tensor, f64, left on the device: no host round trip) and, with `grad`, its
-/// gradient with respect to the logits (softmax − one-hot, f32), both without a graph.
+/// Σ_rows `lse − (1 − ε)·picked − ε·mean(x)`.
+fn smoothed_sum(x: &Tensor, lse: &Tensor, picked: &Tensor, eps: f64) -> R<Tensor> {
+    if eps == 0.0 {
+        return (lse - picked)?.sum_all();
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    ((lse - (picked * (1.0 - eps))?)? - (mean * eps)?)?.sum_all()
+}
+
+/// The summed cross-entropy, label-smoothed by `eps` (a scalar tensor, f64, left on the device: no host round
+/// trip) and, with `grad`, its gradient with respect to the logits (softmax − (1 − ε)·one-hot − ε/v, f32), both
+/// without a graph.
 pub fn cross_entropy_sum_and_grad(
     logits: &Tensor,
     targets: &Tensor,
+    eps: f64,
     grad: bool,
 ) -> R<(Tensor, Option<Tensor>)> {
     let x = logits.detach().to_dtype(compute_dtype(logits.dtype()))?;
     let (n, v) = x.dims2()?;
     let (lse, picked) = lse_and_picked(&x, targets)?;
-    let loss = (&lse - &picked)?.sum_all()?.to_dtype(DType::F64)?;
+    let loss = smoothed_sum(&x, &lse, &picked, eps)?.to_dtype(DType::F64)?;
     if !grad {
         return Ok((loss, None));
     }
@@ -155,7 +167,9 @@ pub fn cross_entropy_sum_and_grad(
     let cols = Tensor::arange(0u32, v as u32, x.device())?.reshape((1, v))?;
     let tg = targets.to_dtype(DType::U32)?.reshape((n, 1))?;
     let onehot = tg.broadcast_eq(&cols)?.to_dtype(p.dtype())?;
-    Ok((loss, Some((p - onehot)?)))
+    #[allow(clippy::cast_precision_loss)]
+    let spread = eps / v as f64;
+    Ok((loss, Some(((p - (onehot * (1.0 - eps))?)? - spread)?)))
 }
 
 /// `‖W + s·B·A‖` of each row (out), in A's dtype, detached: DoRA's weight norm (PEFT's `get_weight_norm`).

@@ -1,0 +1,20 @@
+#!/usr/bin/env python3
+"""Reference for `label_smoothing_factor`: transformers' `LabelSmoother` (epsilon 0.1) on fixed logits, the number
+asserted by tests/engine.rs's `label_smoothing_matches_transformers` (logits x[i][j] = 3·sin(0.37·i + 0.11·j²),
+6 tokens × 11 vocabulary, targets (3·i + 1) mod 11, the last one ignored with -100; the loss is normalised by the
+5 counted tokens, as the Trainer does with `num_items_in_batch`).
+
+Usage: python scripts/label_smoothing_reference.py   (pip install torch transformers)
+"""
+
+import math
+
+import torch
+import transformers
+from transformers.trainer_pt_utils import LabelSmoother
+
+x = torch.tensor([[3 * math.sin(0.37 * i + 0.11 * j * j) for j in range(11)] for i in range(6)], dtype=torch.float64)
+labels = torch.tensor([(3 * i + 1) % 11 for i in range(5)] + [-100])
+loss = LabelSmoother(epsilon=0.1)({"logits": x.unsqueeze(0)}, labels.unsqueeze(0), num_items_in_batch=5)
+print("transformers", transformers.__version__)
+print(repr(loss.item()))
