@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference for `label_smoothing_factor`: transformers' `LabelSmoother` (epsilon 0.1) on fixed logits, the number
+"""Reference for `label_smoothing_factor` and `use_dft_loss`: transformers' `LabelSmoother` (epsilon 0.1) on fixed logits, the number
 asserted by tests/engine.rs's `label_smoothing_matches_transformers` (logits x[i][j] = 3·sin(0.37·i + 0.11·j²),
 6 tokens × 11 vocabulary, targets (3·i + 1) mod 11, the last one ignored with -100; the loss is normalised by the
 5 counted tokens, as the Trainer does with `num_items_in_batch`).
@@ -18,3 +18,10 @@ labels = torch.tensor([(3 * i + 1) % 11 for i in range(5)] + [-100])
 loss = LabelSmoother(epsilon=0.1)({"logits": x.unsqueeze(0)}, labels.unsqueeze(0), num_items_in_batch=5)
 print("transformers", transformers.__version__)
 print(repr(loss.item()))
+
+# LLaMA-Factory's `use_dft_loss` (`_dft_cross_entropy` of llamafactory 0.9.5's train/trainer_utils.py, transcribed):
+# each token's cross-entropy weighted by its detached probability, normalised by num_items_in_batch.
+per_token = torch.nn.functional.cross_entropy(x, labels, ignore_index=-100, reduction="none")
+valid = per_token[labels != -100]
+dft = (valid * torch.exp(-valid).detach()).sum() / 5
+print("dft", repr(dft.item()))

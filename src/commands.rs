@@ -168,6 +168,19 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
             "#   NEFTune: training embeddings get noise of {a} / sqrt(length x hidden) (neftune_noise_alpha)"
         );
     }
+    if p.label_smoothing_factor > 0.0 {
+        let _ = writeln!(
+            out,
+            "#   loss: label-smoothed by {} (transformers' LabelSmoother; label_smoothing_factor), eval_loss too",
+            p.label_smoothing_factor
+        );
+    }
+    if p.use_dft_loss {
+        let _ = writeln!(
+            out,
+            "#   loss: DFT, each answer token's cross-entropy times its probability (use_dft_loss), eval_loss too"
+        );
+    }
     if !loaded.notes.is_empty() {
         let _ = writeln!(
             out,

@@ -209,6 +209,13 @@ const CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "invalid_dft_with_smoothing.yaml",
+        &[
+            ":3:",
+            "`use_dft_loss` replaces the loss, so `label_smoothing_factor` would be ignored (as in LLaMA-Factory): set one of them",
+        ],
+    ),
+    (
         "invalid_bf16_and_fp16.yaml",
         &[":4:", "`bf16` and `fp16` cannot both be true"],
     ),

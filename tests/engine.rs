@@ -845,7 +845,7 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     // Cross-entropy.
     let x = r(&[6, 13], 12);
     let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], &CPU).unwrap();
-    let f = ops::fused::cross_entropy_sum(&x, &tg, 0.0).unwrap();
+    let f = ops::fused::cross_entropy_sum(&x, &tg, ops::TokenLoss::PLAIN).unwrap();
     let q = ops::nll_sum_pure(&x, &tg, &Tensor::ones(6, DType::F32, &CPU).unwrap()).unwrap();
     close(&f, &q, "ce value");
     let gf = (f * 0.7).unwrap().backward().unwrap();
@@ -880,6 +880,11 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     }
 }
 
+const SMOOTH: ops::TokenLoss = ops::TokenLoss {
+    smoothing: 0.1,
+    dft: false,
+};
+
 /// `label_smoothing_factor`: the fused, generic and pure losses equal transformers' `LabelSmoother` (epsilon 0.1,
 /// scripts/label_smoothing_reference.py), the fused gradient equals finite differences, and on a whole model the
 /// fused and pure paths give the same loss and LoRA gradients.
@@ -895,17 +900,17 @@ fn label_smoothing_matches_transformers() {
     // LabelSmoother sums the smoothed term in float32 (`dtype=torch.float32`), hence 1e-7 relative.
     let want = 3.5150883855563304;
     let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
-    let fused = ops::fused::cross_entropy_sum(&x, &tg, 0.1).unwrap();
+    let fused = ops::fused::cross_entropy_sum(&x, &tg, SMOOTH).unwrap();
     assert!(
         (per_token(&fused) / want - 1.0).abs() < 1e-7,
         "{}",
         per_token(&fused)
     );
-    let (with_grad, g) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
+    let (with_grad, g) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, SMOOTH, true).unwrap();
     assert!((per_token(&with_grad) - per_token(&fused)).abs() < 1e-12);
-    let generic = ops::generic::cross_entropy_sum(&x, &tg, 0.1).unwrap();
+    let generic = ops::generic::cross_entropy_sum(&x, &tg, SMOOTH).unwrap();
     assert!((per_token(&generic) - per_token(&fused)).abs() < 1e-12);
-    let (_, gg) = ops::generic::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
+    let (_, gg) = ops::generic::cross_entropy_sum_and_grad(&x, &tg, SMOOTH, true).unwrap();
     // Central differences of the loss sum, entry by entry.
     let g = g.unwrap().to_vec2::<f64>().unwrap();
     let gg = gg.unwrap().to_vec2::<f64>().unwrap();
@@ -917,7 +922,7 @@ fn label_smoothing_matches_transformers() {
                 let mut v = base.clone();
                 v[i][j] += d;
                 let t = Tensor::new(v, &CPU).unwrap();
-                ops::fused::cross_entropy_sum(&t, &tg, 0.1)
+                ops::fused::cross_entropy_sum(&t, &tg, SMOOTH)
                     .unwrap()
                     .to_scalar::<f64>()
                     .unwrap()
@@ -937,7 +942,7 @@ fn label_smoothing_matches_transformers() {
     }
     // The autograd backward of the fused op agrees with the returned gradient.
     let v = Var::from_tensor(&x).unwrap();
-    let grads = ops::fused::cross_entropy_sum(v.as_tensor(), &tg, 0.1)
+    let grads = ops::fused::cross_entropy_sum(v.as_tensor(), &tg, SMOOTH)
         .unwrap()
         .backward()
         .unwrap();
@@ -952,7 +957,7 @@ fn label_smoothing_matches_transformers() {
     let d = tempfile::tempdir().unwrap();
     let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
     randomize_b(&m, 4);
-    m.label_smoothing = 0.1;
+    m.token_loss = SMOOTH;
     let x = ids(&[5, 6, 7, 8, 9, 10], 1);
     let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
     let (lf, _) = m
@@ -969,13 +974,79 @@ fn label_smoothing_matches_transformers() {
         close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
     }
     // And smoothing changes the loss (the test would notice it being ignored).
-    m.label_smoothing = 0.0;
+    m.token_loss = ops::TokenLoss::PLAIN;
     let (l0, _) = m
         .forward_loss(&x, &AttnMask::Causal, &labels, true)
         .unwrap();
     let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let diff = (scalar(&l0) - scalar(&lq)).abs();
     assert!(diff > 1e-3, "{diff}");
+}
+
+/// `use_dft_loss`: fused and generic losses equal LLaMA-Factory's `_dft_cross_entropy`
+/// (scripts/label_smoothing_reference.py), their gradients are the detached-weight gradient p[t]·(softmax −
+/// one-hot), and on a whole model fused and pure paths agree.
+#[test]
+fn dft_loss_matches_llamafactory() {
+    let dft = ops::TokenLoss {
+        smoothing: 0.0,
+        dft: true,
+    };
+    let x: Vec<f64> = (0..5)
+        .flat_map(|i| {
+            (0..11).map(move |j| 3.0 * (0.37 * f64::from(i) + 0.11 * f64::from(j * j)).sin())
+        })
+        .collect();
+    let x = Tensor::from_vec(x, (5, 11), &CPU).unwrap();
+    let tg = Tensor::new(&[1u32, 4, 7, 10, 2], &CPU).unwrap();
+    let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
+    let want = 0.15932908285716707;
+    let fused = ops::fused::cross_entropy_sum(&x, &tg, dft).unwrap();
+    assert!(
+        (per_token(&fused) - want).abs() < 1e-12,
+        "{}",
+        per_token(&fused)
+    );
+    let generic = ops::generic::cross_entropy_sum(&x, &tg, dft).unwrap();
+    assert!((per_token(&generic) - want).abs() < 1e-12);
+    let (_, g) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, dft, true).unwrap();
+    let (_, gg) = ops::generic::cross_entropy_sum_and_grad(&x, &tg, dft, true).unwrap();
+    // The expected gradient, by hand: p[t]·(softmax − one-hot) per row.
+    let rows = x.to_vec2::<f64>().unwrap();
+    let t = tg.to_vec1::<u32>().unwrap();
+    let (g, gg) = (
+        g.unwrap().to_vec2::<f64>().unwrap(),
+        gg.unwrap().to_vec2::<f64>().unwrap(),
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let z: f64 = r.iter().map(|v| v.exp()).sum();
+        let pt = r[t[i] as usize].exp() / z;
+        for (j, v) in r.iter().enumerate() {
+            let onehot = if j == t[i] as usize { 1.0 } else { 0.0 };
+            let want = pt * (v.exp() / z - onehot);
+            assert!((g[i][j] - want).abs() < 1e-12, "({i},{j})");
+            assert!((gg[i][j] - want).abs() < 1e-12, "generic ({i},{j})");
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
+    randomize_b(&m, 5);
+    m.token_loss = dft;
+    let x = ids(&[5, 6, 7, 8, 9, 10], 1);
+    let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
+    let (lf, _) = m
+        .forward_loss(&x, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let gf = lf.backward().unwrap();
+    m.kernels = Kernels::Pure;
+    let (lq, _) = m
+        .forward_loss(&x, &AttnMask::Causal, &labels, true)
+        .unwrap();
+    let gq = lq.backward().unwrap();
+    close(&lf, &lq, "dft model loss");
+    for (n, v) in m.trainable_vars() {
+        close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
+    }
 }
 
 /// A prompt cache reads only the tokens after those it holds and answers as a fresh generation does: a follow-up

@@ -252,7 +252,7 @@ fn bench_kernels_fused_vs_pure() {
     let ones = Tensor::ones(1020, DType::F32, &dev).unwrap();
     time(
         "cross-entropy fused",
-        &|| ops::fused::cross_entropy_sum(&l, &tg, 0.0).unwrap(),
+        &|| ops::fused::cross_entropy_sum(&l, &tg, ops::TokenLoss::PLAIN).unwrap(),
         &l,
     );
     time(

@@ -161,23 +161,41 @@ fn kernel_diffs(dev: &Device, dtype: DType, generic: bool) -> Vec<(&'static str,
     check("cross_entropy", &|d, dt| {
         let x = seeded(&[6, 13], 12, dt, d);
         let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
-        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.0, true).unwrap();
+        let (loss, grad) =
+            ops::fused::cross_entropy_sum_and_grad(&x, &tg, ops::TokenLoss::PLAIN, true).unwrap();
         vec![
-            ops::fused::cross_entropy_sum(&x, &tg, 0.0).unwrap(),
+            ops::fused::cross_entropy_sum(&x, &tg, ops::TokenLoss::PLAIN).unwrap(),
             loss,
             grad.unwrap(),
         ]
     });
-    check("cross_entropy label-smoothed", &|d, dt| {
-        let x = seeded(&[6, 13], 12, dt, d);
-        let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
-        let (loss, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, 0.1, true).unwrap();
-        vec![
-            ops::fused::cross_entropy_sum(&x, &tg, 0.1).unwrap(),
-            loss,
-            grad.unwrap(),
-        ]
-    });
+    for (name, loss) in [
+        (
+            "cross_entropy label-smoothed",
+            ops::TokenLoss {
+                smoothing: 0.1,
+                dft: false,
+            },
+        ),
+        (
+            "cross_entropy dft",
+            ops::TokenLoss {
+                smoothing: 0.0,
+                dft: true,
+            },
+        ),
+    ] {
+        check(name, &|d, dt| {
+            let x = seeded(&[6, 13], 12, dt, d);
+            let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
+            let (sum, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, loss, true).unwrap();
+            vec![
+                ops::fused::cross_entropy_sum(&x, &tg, loss).unwrap(),
+                sum,
+                grad.unwrap(),
+            ]
+        });
+    }
     out
 }
 

@@ -130,6 +130,15 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
     )
     .unwrap();
     assert_eq!(loaded.preset.loraplus_lr_ratio, Some(16.0));
+    // examples/extras/dft/qwen2_full_sft.yaml, unchanged.
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/qwen2_full_sft_dft.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert!(loaded.preset.use_dft_loss);
+    assert_eq!(loaded.preset.finetuning_type, config::FinetuningType::Full);
 }
 
 #[test]

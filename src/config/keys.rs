@@ -692,11 +692,10 @@ pub const KEYS: &[KeySpec] = &[
         "Adam-mini is not supported yet",
     ),
     uns("use_muon", Method, "false", "Muon is not supported yet"),
-    uns(
+    imp(
         "use_dft_loss",
         Method,
-        "false",
-        "the DFT loss is not supported yet",
+        "DFT loss (LLaMA-Factory): each answer token's cross-entropy weighted by its probability (detached); stage sft.",
     ),
     uns(
         "use_asft_loss",

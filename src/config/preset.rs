@@ -343,6 +343,8 @@ pub struct Preset {
     /// NEFTune's alpha: noise on the input embeddings while training (None: off).
     pub neftune_noise_alpha: Option<f64>,
     pub label_smoothing_factor: f64,
+    /// LLaMA-Factory's DFT loss (stage sft).
+    pub use_dft_loss: bool,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -469,6 +471,7 @@ impl Default for Preset {
             weight_decay: 0.0,
             neftune_noise_alpha: None,
             label_smoothing_factor: 0.0,
+            use_dft_loss: false,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,

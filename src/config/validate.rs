@@ -377,6 +377,17 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             ),
         );
     }
+    if p.use_dft_loss && p.stage != Stage::Sft {
+        bad(
+            "use_dft_loss",
+            "`use_dft_loss` is LLaMA-Factory's SFT loss: set `stage: sft` or remove it".into(),
+        );
+    } else if p.use_dft_loss && p.label_smoothing_factor > 0.0 {
+        bad(
+            "use_dft_loss",
+            "`use_dft_loss` replaces the loss, so `label_smoothing_factor` would be ignored (as in LLaMA-Factory): set one of them".into(),
+        );
+    }
     if p.weight_decay < 0.0 {
         bad("weight_decay", "`weight_decay` must be ≥ 0".into());
     }

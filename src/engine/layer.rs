@@ -1299,7 +1299,7 @@ pub fn head_chunk_rows(vocab: usize, on_cpu: bool) -> usize {
     (floats / vocab.max(1)).max(1)
 }
 
-/// Σ over rows of `−log softmax(hs · wᵀ)[target]` (label-smoothed by `eps`), with `hs` (n, hidden), `w`
+/// Σ over rows of the token loss ([`ops::TokenLoss`]; plain: `−log softmax(hs · wᵀ)[target]`), with `hs` (n, hidden), `w`
 /// (vocab, hidden) frozen, targets (n) u32, computed `chunk` rows at a time (logits never exceed chunk × vocab), on
 /// any device; the loss stays on the device. The result is a scalar that backpropagates into `hs` only.
 pub fn head_loss_chunked(
@@ -1307,13 +1307,14 @@ pub fn head_loss_chunked(
     w: &Tensor,
     targets: &[u32],
     chunk: usize,
-    eps: f64,
+    token_loss: ops::TokenLoss,
 ) -> Result<Tensor> {
     let need_grad = hs.track_op();
     let mut loss = Tensor::zeros((), DType::F64, hs.device())?;
     let mut grads = Vec::new();
     for_head_chunks(hs, w, targets, chunk, |logits, tg, _| {
-        let (l, dlogits) = ops::fused::cross_entropy_sum_and_grad(logits, tg, eps, need_grad)?;
+        let (l, dlogits) =
+            ops::fused::cross_entropy_sum_and_grad(logits, tg, token_loss, need_grad)?;
         loss = (&loss + l)?;
         if let Some(d) = dlogits {
             grads.push(d.to_dtype(w.dtype())?.matmul(w)?);
@@ -1380,7 +1381,8 @@ pub fn head_logps_surrogate(
     let mut grads = Vec::new();
     for_head_chunks(hs, w, targets, chunk, |logits, tg, start| {
         // d logp / d logits = one-hot − softmax = −(softmax − one-hot).
-        let (_, g) = ops::fused::cross_entropy_sum_and_grad(logits, tg, 0.0, true)?;
+        let (_, g) =
+            ops::fused::cross_entropy_sum_and_grad(logits, tg, ops::TokenLoss::PLAIN, true)?;
         let g = g.ok_or_else(|| {
             super::error::EngineError::Invalid("the cross-entropy gradient is missing".into())
         })?;

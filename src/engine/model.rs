@@ -385,10 +385,10 @@ pub struct Model {
     /// input embeddings (t: the batch's padded length, as transformers' hook computes it), drawn from
     /// `dropout_seed`. Inference never adds it.
     pub neftune_alpha: Option<f64>,
-    /// `label_smoothing_factor` ε: the language-model loss is transformers' `LabelSmoother`'s,
-    /// `(1 − ε)·(−log p[target]) + ε·mean_v(−log p[v])` per token (0: plain cross-entropy), in training and
-    /// evaluation alike.
-    pub label_smoothing: f64,
+    /// The language-model loss per token, in training and evaluation alike: `label_smoothing_factor` ε
+    /// (transformers' `LabelSmoother`, `(1 − ε)·(−log p[target]) + ε·mean_v(−log p[v])`) and `use_dft_loss`
+    /// (LLaMA-Factory's DFT, `p[target]·(−log p[target])` with p detached). Default: plain cross-entropy.
+    pub token_loss: ops::TokenLoss,
     inv_freq: Tensor,
     trainable: Vec<(String, Var)>,
 }
@@ -637,7 +637,7 @@ impl Model {
             manual_backward: true,
             dropout_seed: 0,
             neftune_alpha: None,
-            label_smoothing: 0.0,
+            token_loss: ops::TokenLoss::PLAIN,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device.is_cpu())),
             inv_freq,
             trainable,
@@ -1128,22 +1128,33 @@ impl Model {
             && let Some(w) = self.frozen_head()?
         {
             let loss = super::profile::span("lm_head + cross-entropy", &self.device, || {
-                layer::head_loss_chunked(&hs, &w, &tgt, chunk, self.label_smoothing)
+                layer::head_loss_chunked(&hs, &w, &tgt, chunk, self.token_loss)
             })?;
             return Ok((loss, n));
         }
         let logits = self.logits(&hs, train)?;
         let targets = Tensor::from_vec(tgt, n, &self.device)?;
-        let eps = self.label_smoothing;
+        let token_loss = self.token_loss;
         let loss = if self.fused() {
-            ops::fused::cross_entropy_sum(&logits, &targets, eps)?
+            ops::fused::cross_entropy_sum(&logits, &targets, token_loss)?
         } else {
-            let nll = ops::nll_sum_pure(&logits, &targets, &Tensor::ones(n, cdt, &self.device)?)?;
+            let logp = ops::log_softmax_pure(&logits)?;
+            // DFT: each token weighted by its (detached) probability; 1 otherwise.
+            let weights = if token_loss.dft {
+                logp.gather(&targets.unsqueeze(1)?, 1)?
+                    .squeeze(1)?
+                    .exp()?
+                    .detach()
+            } else {
+                Tensor::ones(n, cdt, &self.device)?
+            };
+            let nll = ops::nll_sum_pure(&logits, &targets, &weights)?;
+            let eps = token_loss.smoothing;
             if eps == 0.0 {
                 nll
             } else {
                 // transformers' LabelSmoother: (1 − ε)·nll + ε·mean over the vocabulary of −log p.
-                let uniform = ops::log_softmax_pure(&logits)?.mean(1)?.sum_all()?.neg()?;
+                let uniform = (logp.mean(1)? * &weights)?.sum_all()?.neg()?;
                 ((nll * (1.0 - eps))? + (uniform * eps)?)?
             }
         };

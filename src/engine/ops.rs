@@ -18,6 +18,23 @@ pub mod cached_attention;
 pub mod fused;
 pub mod generic;
 
+/// The per-token language-model loss: cross-entropy, label-smoothed by `smoothing` (transformers' `LabelSmoother`:
+/// `(1 − ε)·nll + ε·mean_v(−log p[v])`), and with `dft` weighted by the target's probability, detached
+/// (LLaMA-Factory's `use_dft_loss`: `p[target]·nll`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenLoss {
+    pub smoothing: f64,
+    pub dft: bool,
+}
+
+impl TokenLoss {
+    /// Plain cross-entropy.
+    pub const PLAIN: TokenLoss = TokenLoss {
+        smoothing: 0.0,
+        dft: false,
+    };
+}
+
 /// Which implementation of the training kernels runs for a tensor, chosen here per device and dtype and nowhere
 /// else: the public functions of [`fused`] dispatch on it, so the model code names one kernel set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -541,7 +541,10 @@ fn build_model(
     // LLaMA-Factory's default: recompute each layer in the backward instead of keeping its activations.
     model.checkpointing = !p.disable_gradient_checkpointing;
     model.neftune_alpha = p.neftune_noise_alpha;
-    model.label_smoothing = p.label_smoothing_factor;
+    model.token_loss = crate::engine::ops::TokenLoss {
+        smoothing: p.label_smoothing_factor,
+        dft: p.use_dft_loss,
+    };
     Ok(model)
 }
 

@@ -8,7 +8,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
 
-use super::{Backend, generic};
+use super::{Backend, TokenLoss, generic};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -527,11 +527,11 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 // ---------------------------------------------------------------------------------------------- cross-entropy
 
-/// Σ_rows of the (label-smoothed) token loss `(1 − ε)·(lse − x[target]) + ε·(lse − mean(x))` (transformers'
-/// `LabelSmoother`: ε of the mass spread evenly over the vocabulary; ε = 0 is plain cross-entropy); logits (n, v),
-/// targets (n) u32. Backward recomputes the softmax.
+/// Σ_rows of the token loss of [`TokenLoss`]: `(1 − ε)·(lse − x[target]) + ε·(lse − mean(x))` (transformers'
+/// `LabelSmoother`: ε of the mass spread evenly over the vocabulary; ε = 0 is plain cross-entropy), times
+/// p[target] (detached) with DFT; logits (n, v), targets (n) u32. Backward recomputes the softmax.
 struct CrossEntropy {
-    eps: f64,
+    loss: TokenLoss,
 }
 
 /// The weight of the target (1 − ε) and of every vocabulary entry (ε / v) in a smoothed row.
@@ -544,45 +544,85 @@ fn smoothing<T: Float>(eps: f64, v: usize) -> (T, T) {
     )
 }
 
-fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, eps: f64) -> T {
-    let (keep, spread) = smoothing::<T>(eps, v);
+/// One row's loss and its weight: (`lse − keep·x[t] − spread·Σx`, DFT's p[t] or 1), given its max and Σ exp.
+fn ce_row<T: Float>(
+    r: &[T],
+    t: usize,
+    m: T,
+    sum_exp: T,
+    keep: T,
+    spread: T,
+    loss: TokenLoss,
+) -> (T, T) {
+    let lse = sum_exp.ln() + m;
+    let plain = lse - r[t];
+    let value = if loss.smoothing == 0.0 {
+        plain
+    } else {
+        lse - keep * r[t] - spread * r.iter().fold(T::zero(), |a, &b| a + b)
+    };
+    let weight = if loss.dft { (-plain).exp() } else { T::one() };
+    (value, weight)
+}
+
+fn row_max<T: Float>(r: &[T]) -> T {
+    r.iter()
+        .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a })
+}
+
+fn ce_fwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, loss: TokenLoss) -> T {
+    let (keep, spread) = smoothing::<T>(loss.smoothing, v);
     x.par_chunks(v)
         .zip(tg.par_iter())
         .map(|(r, &t)| {
-            let m = r
-                .iter()
-                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
-            let lse = r.iter().fold(T::zero(), |a, &b| a + (b - m).exp()).ln() + m;
-            if eps == 0.0 {
-                lse - r[t as usize]
-            } else {
-                let sum = r.iter().fold(T::zero(), |a, &b| a + b);
-                lse - keep * r[t as usize] - spread * sum
-            }
+            let m = row_max(r);
+            let sum_exp = r.iter().fold(T::zero(), |a, &b| a + (b - m).exp());
+            let (value, weight) = ce_row(r, t as usize, m, sum_exp, keep, spread, loss);
+            weight * value
         })
         .reduce(T::zero, |a, b| a + b)
 }
 
-fn ce_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, scale: T, eps: f64) -> Vec<T> {
-    let (keep, spread) = smoothing::<T>(eps, v);
+/// Writes `scale·w·(softmax − keep·one-hot − spread)` of one row into `o`; returns the row's weighted loss.
+fn ce_row_grad<T: Float>(
+    o: &mut [T],
+    r: &[T],
+    t: usize,
+    scale: T,
+    keep: T,
+    spread: T,
+    loss: TokenLoss,
+) -> T {
+    let m = row_max(r);
+    let mut sum = T::zero();
+    for (oi, &ri) in o.iter_mut().zip(r) {
+        *oi = (ri - m).exp();
+        sum = sum + *oi;
+    }
+    let (value, weight) = ce_row(r, t, m, sum, keep, spread, loss);
+    let s = scale * weight;
+    let inv = s / sum;
+    let shift = s * spread;
+    for oi in o.iter_mut() {
+        *oi = *oi * inv - shift;
+    }
+    o[t] = o[t] - s * keep;
+    weight * value
+}
+
+fn ce_bwd<T: Float + Send + Sync>(
+    x: &[T],
+    tg: &[u32],
+    v: usize,
+    scale: T,
+    loss: TokenLoss,
+) -> Vec<T> {
+    let (keep, spread) = smoothing::<T>(loss.smoothing, v);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(v)
         .zip(x.par_chunks(v).zip(tg.par_iter()))
         .for_each(|(o, (r, &t))| {
-            let m = r
-                .iter()
-                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
-            let mut sum = T::zero();
-            for i in 0..v {
-                o[i] = (r[i] - m).exp();
-                sum = sum + o[i];
-            }
-            let inv = scale / sum;
-            let shift = scale * spread;
-            for oi in o.iter_mut() {
-                *oi = *oi * inv - shift;
-            }
-            o[t as usize] = o[t as usize] - scale * keep;
+            ce_row_grad(o, r, t as usize, scale, keep, spread, loss);
         });
     out
 }
@@ -615,10 +655,10 @@ impl CustomOp2 for CrossEntropy {
         let tg = targets_of(s2, l2, v)?;
         let out = match s1 {
             CpuStorage::F32(x) => {
-                CpuStorage::F32(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.eps)])
+                CpuStorage::F32(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.loss)])
             }
             CpuStorage::F64(x) => {
-                CpuStorage::F64(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.eps)])
+                CpuStorage::F64(vec![ce_fwd(contig(x, l1, "ce")?, tg, v, self.loss)])
             }
             _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
         };
@@ -637,7 +677,7 @@ impl CustomOp2 for CrossEntropy {
                 tg,
                 &CrossEntropyBwd {
                     scale,
-                    eps: self.eps,
+                    loss: self.loss,
                 },
             )?),
             None,
@@ -647,7 +687,7 @@ impl CustomOp2 for CrossEntropy {
 
 struct CrossEntropyBwd {
     scale: f64,
-    eps: f64,
+    loss: TokenLoss,
 }
 
 impl CustomOp2 for CrossEntropyBwd {
@@ -669,10 +709,10 @@ impl CustomOp2 for CrossEntropyBwd {
                 tg,
                 v,
                 self.scale as f32,
-                self.eps,
+                self.loss,
             )),
             CpuStorage::F64(x) => {
-                CpuStorage::F64(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale, self.eps))
+                CpuStorage::F64(ce_bwd(contig(x, l1, "ce")?, tg, v, self.scale, self.loss))
             }
             _ => candle_core::bail!("fused-cross-entropy-bwd: only f32/f64"),
         };
@@ -680,57 +720,42 @@ impl CustomOp2 for CrossEntropyBwd {
     }
 }
 
-/// Sum of token cross-entropies, label-smoothed by `eps` (0: none): logits (n, v) f32/f64, targets (n) u32 (all
-/// counted). Fused; the backward recomputes the softmax instead of keeping an (n, v) log-softmax alive.
+/// Sum of the token losses of [`TokenLoss`] (plain cross-entropy, label-smoothed, DFT-weighted): logits (n, v)
+/// f32/f64, targets (n) u32 (all counted). Fused; the backward recomputes the softmax instead of keeping an (n, v)
+/// log-softmax alive.
 pub fn cross_entropy_sum(
     logits: &Tensor,
     targets: &Tensor,
-    eps: f64,
+    loss: TokenLoss,
 ) -> candle_core::Result<Tensor> {
     if Backend::of(logits) == Backend::Generic {
-        return generic::cross_entropy_sum(logits, targets, eps);
+        return generic::cross_entropy_sum(logits, targets, loss);
     }
     logits.contiguous()?.apply_op2(
         &targets.to_dtype(DType::U32)?.contiguous()?,
-        CrossEntropy { eps },
+        CrossEntropy { loss },
     )
 }
 
-/// Cross-entropy rows in one pass: writes softmax − (1 − ε)·one-hot − ε/v into `o` and returns the summed
-/// (smoothed) loss.
-fn ce_fwd_bwd<T: Float + Send + Sync>(x: &[T], tg: &[u32], v: usize, eps: f64, o: &mut [T]) -> T {
-    let (keep, spread) = smoothing::<T>(eps, v);
+/// Token-loss rows in one pass: writes the gradient wrt the logits into `o` and returns the summed loss.
+fn ce_fwd_bwd<T: Float + Send + Sync>(
+    x: &[T],
+    tg: &[u32],
+    v: usize,
+    loss: TokenLoss,
+    o: &mut [T],
+) -> T {
+    let (keep, spread) = smoothing::<T>(loss.smoothing, v);
     o.par_chunks_mut(v)
         .zip(x.par_chunks(v).zip(tg.par_iter()))
-        .map(|(o, (r, &t))| {
-            let m = r
-                .iter()
-                .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
-            let mut sum = T::zero();
-            for i in 0..v {
-                o[i] = (r[i] - m).exp();
-                sum = sum + o[i];
-            }
-            let inv = T::one() / sum;
-            for oi in o.iter_mut() {
-                *oi = *oi * inv - spread;
-            }
-            o[t as usize] = o[t as usize] - keep;
-            let lse = sum.ln() + m;
-            if eps == 0.0 {
-                lse - r[t as usize]
-            } else {
-                let total = r.iter().fold(T::zero(), |a, &b| a + b);
-                lse - keep * r[t as usize] - spread * total
-            }
-        })
+        .map(|(o, (r, &t))| ce_row_grad(o, r, t as usize, T::one(), keep, spread, loss))
         .reduce(T::zero, |a, b| a + b)
 }
 
 /// Output: the gradient of Σ cross-entropy wrt the logits; the loss sum is left in `loss`.
 struct CrossEntropyWithGrad {
-    eps: f64,
-    loss: std::sync::Mutex<f64>,
+    loss: TokenLoss,
+    sum: std::sync::Mutex<f64>,
 }
 
 impl CustomOp2 for CrossEntropyWithGrad {
@@ -746,57 +771,57 @@ impl CustomOp2 for CrossEntropyWithGrad {
     ) -> R<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
         let tg = targets_of(s2, l2, v)?;
-        let (out, loss) = match s1 {
+        let (out, total) = match s1 {
             CpuStorage::F32(x) => {
                 let x = contig(x, l1, "ce")?;
                 let mut o = vec![0f32; x.len()];
-                let l = ce_fwd_bwd(x, tg, v, self.eps, &mut o);
+                let l = ce_fwd_bwd(x, tg, v, self.loss, &mut o);
                 (CpuStorage::F32(o), f64::from(l))
             }
             CpuStorage::F64(x) => {
                 let x = contig(x, l1, "ce")?;
                 let mut o = vec![0f64; x.len()];
-                let l = ce_fwd_bwd(x, tg, v, self.eps, &mut o);
+                let l = ce_fwd_bwd(x, tg, v, self.loss, &mut o);
                 (CpuStorage::F64(o), l)
             }
             _ => candle_core::bail!("fused-cross-entropy: only f32/f64"),
         };
-        match self.loss.lock() {
-            Ok(mut g) => *g = loss,
+        match self.sum.lock() {
+            Ok(mut g) => *g = total,
             Err(_) => candle_core::bail!("fused-cross-entropy: poisoned loss cell"),
         }
         Ok((out, l1.shape().clone()))
     }
 }
 
-/// The summed cross-entropy (label-smoothed by `eps`) of `logits` (n, v) against `targets` (n) u32 and, when
-/// `grad`, its gradient with respect to the logits (softmax − (1 − ε)·one-hot − ε/v, from the same exponentials),
-/// both without a graph (for the chunked lm_head loss).
+/// The summed token loss ([`TokenLoss`]) of `logits` (n, v) against `targets` (n) u32 and, when `grad`, its
+/// gradient with respect to the logits (w·(softmax − (1 − ε)·one-hot − ε/v), w = DFT's detached p[target] or 1,
+/// from the same exponentials), both without a graph (for the chunked lm_head loss).
 pub fn cross_entropy_sum_and_grad(
     logits: &Tensor,
     targets: &Tensor,
-    eps: f64,
+    loss: TokenLoss,
     grad: bool,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     if Backend::of(logits) == Backend::Generic {
-        return generic::cross_entropy_sum_and_grad(logits, targets, eps, grad);
+        return generic::cross_entropy_sum_and_grad(logits, targets, loss, grad);
     }
     let x = logits.detach().contiguous()?;
     let tg = targets.to_dtype(DType::U32)?.contiguous()?;
     if !grad {
-        let loss = x.apply_op2_no_bwd(&tg, &CrossEntropy { eps })?;
-        return Ok((loss.to_dtype(DType::F64)?, None));
+        let sum = x.apply_op2_no_bwd(&tg, &CrossEntropy { loss })?;
+        return Ok((sum.to_dtype(DType::F64)?, None));
     }
     let op = CrossEntropyWithGrad {
-        eps,
-        loss: std::sync::Mutex::new(0.0),
+        loss,
+        sum: std::sync::Mutex::new(0.0),
     };
     let d = x.apply_op2_no_bwd(&tg, &op)?;
-    let loss = match op.loss.lock() {
+    let total = match op.sum.lock() {
         Ok(g) => *g,
         Err(_) => candle_core::bail!("fused-cross-entropy: poisoned loss cell"),
     };
-    Ok((Tensor::new(loss, x.device())?, Some(d)))
+    Ok((Tensor::new(total, x.device())?, Some(d)))
 }
 
 // ---------------------------------------------------------------------------------------------- attention

@@ -6,7 +6,7 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::{compute_dtype, rms_norm_pure, rope_pure, softmax_pure, swiglu_pure};
+use super::{TokenLoss, compute_dtype, rms_norm_pure, rope_pure, softmax_pure, swiglu_pure};
 
 type R<T> = candle_core::Result<T>;
 
@@ -130,46 +130,65 @@ fn lse_and_picked(x: &Tensor, targets: &Tensor) -> R<(Tensor, Tensor)> {
     Ok((lse, picked))
 }
 
-/// Σ_rows of the token loss `lse − (1 − ε)·x[target] − ε·mean(x)` (ε = 0: −log softmax(logits)[target]),
-/// differentiable; logits (n, v), targets (n) u32.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, eps: f64) -> R<Tensor> {
+/// Σ_rows of the [`TokenLoss`]: `w·(lse − (1 − ε)·x[target] − ε·mean(x))` with w = DFT's p[target] (detached)
+/// or 1, differentiable; logits (n, v), targets (n) u32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, loss: TokenLoss) -> R<Tensor> {
     let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let (lse, picked) = lse_and_picked(&x, targets)?;
-    smoothed_sum(&x, &lse, &picked, eps)
+    token_loss_sum(&x, &lse, &picked, loss)
 }
 
-/// Σ_rows `lse − (1 − ε)·picked − ε·mean(x)`.
-fn smoothed_sum(x: &Tensor, lse: &Tensor, picked: &Tensor, eps: f64) -> R<Tensor> {
-    if eps == 0.0 {
-        return (lse - picked)?.sum_all();
+/// Σ_rows `w·(lse − (1 − ε)·picked − ε·mean(x))`.
+fn token_loss_sum(x: &Tensor, lse: &Tensor, picked: &Tensor, loss: TokenLoss) -> R<Tensor> {
+    let eps = loss.smoothing;
+    let rows = if eps == 0.0 {
+        (lse - picked)?
+    } else {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        ((lse - (picked * (1.0 - eps))?)? - (mean * eps)?)?
+    };
+    match dft_weight(lse, picked, loss)? {
+        Some(w) => (rows * w)?.sum_all(),
+        None => rows.sum_all(),
     }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    ((lse - (picked * (1.0 - eps))?)? - (mean * eps)?)?.sum_all()
 }
 
-/// The summed cross-entropy, label-smoothed by `eps` (a scalar tensor, f64, left on the device: no host round
-/// trip) and, with `grad`, its gradient with respect to the logits (softmax − (1 − ε)·one-hot − ε/v, f32), both
-/// without a graph.
+/// DFT's per-row weight p[target] = exp(picked − lse), detached (None without DFT).
+fn dft_weight(lse: &Tensor, picked: &Tensor, loss: TokenLoss) -> R<Option<Tensor>> {
+    if !loss.dft {
+        return Ok(None);
+    }
+    Ok(Some((picked - lse)?.exp()?.detach()))
+}
+
+/// The summed [`TokenLoss`] (a scalar tensor, f64, left on the device: no host round trip) and, with `grad`, its
+/// gradient with respect to the logits (w·(softmax − (1 − ε)·one-hot − ε/v), f32), both without a graph.
 pub fn cross_entropy_sum_and_grad(
     logits: &Tensor,
     targets: &Tensor,
-    eps: f64,
+    loss: TokenLoss,
     grad: bool,
 ) -> R<(Tensor, Option<Tensor>)> {
     let x = logits.detach().to_dtype(compute_dtype(logits.dtype()))?;
     let (n, v) = x.dims2()?;
     let (lse, picked) = lse_and_picked(&x, targets)?;
-    let loss = smoothed_sum(&x, &lse, &picked, eps)?.to_dtype(DType::F64)?;
+    let total = token_loss_sum(&x, &lse, &picked, loss)?.to_dtype(DType::F64)?;
     if !grad {
-        return Ok((loss, None));
+        return Ok((total, None));
     }
     let p = x.broadcast_sub(&lse)?.exp()?;
     let cols = Tensor::arange(0u32, v as u32, x.device())?.reshape((1, v))?;
     let tg = targets.to_dtype(DType::U32)?.reshape((n, 1))?;
     let onehot = tg.broadcast_eq(&cols)?.to_dtype(p.dtype())?;
+    let eps = loss.smoothing;
     #[allow(clippy::cast_precision_loss)]
     let spread = eps / v as f64;
-    Ok((loss, Some(((p - (onehot * (1.0 - eps))?)? - spread)?)))
+    let g = ((p - (onehot * (1.0 - eps))?)? - spread)?;
+    let g = match dft_weight(&lse, &picked, loss)? {
+        Some(w) => g.broadcast_mul(&w)?,
+        None => g,
+    };
+    Ok((total, Some(g)))
 }
 
 /// `‖W + s·B·A‖` of each row (out), in A's dtype, detached: DoRA's weight norm (PEFT's `get_weight_norm`).
