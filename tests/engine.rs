@@ -852,17 +852,20 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     let gq = (q * 0.7).unwrap().backward().unwrap();
     close(gf.get(&x).unwrap(), gq.get(&x).unwrap(), "ce dx");
     // Whole model: loss and every LoRA gradient, fused vs pure.
+    model_loss_fused_and_pure(ArchKind::Qwen3, ops::TokenLoss::PLAIN, 4);
+}
+
+/// A tiny model's loss with `token_loss`: the fused and the pure (candle autograd) paths give the same loss and
+/// LoRA gradients; returns the loss.
+fn model_loss_fused_and_pure(arch: ArchKind, token_loss: ops::TokenLoss, seed: u64) -> f64 {
     let d = tempfile::tempdir().unwrap();
-    let (mut m, _) = build(
-        d.path(),
-        &TinyOpts {
-            arch: ArchKind::Qwen3,
-            ..TinyOpts::default()
-        },
-        DType::F32,
-        &lora("all", 4),
-    );
-    randomize_b(&m, 4);
+    let opts = TinyOpts {
+        arch,
+        ..TinyOpts::default()
+    };
+    let (mut m, _) = build(d.path(), &opts, DType::F32, &lora("all", 4));
+    randomize_b(&m, seed);
+    m.token_loss = token_loss;
     let x = ids(&[5, 6, 7, 8, 9, 10], 1);
     let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
     let (lf, _) = m
@@ -878,6 +881,7 @@ fn fused_kernels_match_pure_ops_values_and_gradients() {
     for (n, v) in m.trainable_vars() {
         close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
     }
+    lq.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 const SMOOTH: ops::TokenLoss = ops::TokenLoss {
@@ -885,18 +889,26 @@ const SMOOTH: ops::TokenLoss = ops::TokenLoss {
     dft: false,
 };
 
-/// `label_smoothing_factor`: the fused, generic and pure losses equal transformers' `LabelSmoother` (epsilon 0.1,
-/// scripts/label_smoothing_reference.py), the fused gradient equals finite differences, and on a whole model the
-/// fused and pure paths give the same loss and LoRA gradients.
-#[test]
-fn label_smoothing_matches_transformers() {
+/// The logits and targets of scripts/label_smoothing_reference.py: x[i][j] = 3·sin(0.37·i + 0.11·j²), 5 counted
+/// tokens × 11, targets (3·i + 1) mod 11.
+fn reference_logits() -> (Tensor, Tensor) {
     let x: Vec<f64> = (0..5)
         .flat_map(|i| {
             (0..11).map(move |j| 3.0 * (0.37 * f64::from(i) + 0.11 * f64::from(j * j)).sin())
         })
         .collect();
-    let x = Tensor::from_vec(x, (5, 11), &CPU).unwrap();
-    let tg = Tensor::new(&[1u32, 4, 7, 10, 2], &CPU).unwrap();
+    (
+        Tensor::from_vec(x, (5, 11), &CPU).unwrap(),
+        Tensor::new(&[1u32, 4, 7, 10, 2], &CPU).unwrap(),
+    )
+}
+
+/// `label_smoothing_factor`: the fused, generic and pure losses equal transformers' `LabelSmoother` (epsilon 0.1,
+/// scripts/label_smoothing_reference.py), the fused gradient equals finite differences, and on a whole model the
+/// fused and pure paths give the same loss and LoRA gradients.
+#[test]
+fn label_smoothing_matches_transformers() {
+    let (x, tg) = reference_logits();
     // LabelSmoother sums the smoothed term in float32 (`dtype=torch.float32`), hence 1e-7 relative.
     let want = 3.5150883855563304;
     let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
@@ -953,34 +965,13 @@ fn label_smoothing_matches_transformers() {
         }
     }
 
-    // A whole model: fused and pure (candle autograd) agree with smoothing on.
-    let d = tempfile::tempdir().unwrap();
-    let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
-    randomize_b(&m, 4);
-    m.token_loss = SMOOTH;
-    let x = ids(&[5, 6, 7, 8, 9, 10], 1);
-    let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
-    let (lf, _) = m
-        .forward_loss(&x, &AttnMask::Causal, &labels, true)
-        .unwrap();
-    let gf = lf.backward().unwrap();
-    m.kernels = Kernels::Pure;
-    let (lq, _) = m
-        .forward_loss(&x, &AttnMask::Causal, &labels, true)
-        .unwrap();
-    let gq = lq.backward().unwrap();
-    close(&lf, &lq, "smoothed model loss");
-    for (n, v) in m.trainable_vars() {
-        close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
-    }
-    // And smoothing changes the loss (the test would notice it being ignored).
-    m.token_loss = ops::TokenLoss::PLAIN;
-    let (l0, _) = m
-        .forward_loss(&x, &AttnMask::Causal, &labels, true)
-        .unwrap();
-    let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-    let diff = (scalar(&l0) - scalar(&lq)).abs();
-    assert!(diff > 1e-3, "{diff}");
+    // A whole model: fused and pure (candle autograd) agree with smoothing on, and smoothing changes the loss
+    // (the test would notice it being ignored).
+    let (smoothed, plain) = (
+        model_loss_fused_and_pure(ArchKind::Llama, SMOOTH, 4),
+        model_loss_fused_and_pure(ArchKind::Llama, ops::TokenLoss::PLAIN, 4),
+    );
+    assert!((smoothed - plain).abs() > 1e-3, "{smoothed} vs {plain}");
 }
 
 /// `use_dft_loss`: fused and generic losses equal LLaMA-Factory's `_dft_cross_entropy`
@@ -992,13 +983,7 @@ fn dft_loss_matches_llamafactory() {
         smoothing: 0.0,
         dft: true,
     };
-    let x: Vec<f64> = (0..5)
-        .flat_map(|i| {
-            (0..11).map(move |j| 3.0 * (0.37 * f64::from(i) + 0.11 * f64::from(j * j)).sin())
-        })
-        .collect();
-    let x = Tensor::from_vec(x, (5, 11), &CPU).unwrap();
-    let tg = Tensor::new(&[1u32, 4, 7, 10, 2], &CPU).unwrap();
+    let (x, tg) = reference_logits();
     let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
     let want = 0.15932908285716707;
     let fused = ops::fused::cross_entropy_sum(&x, &tg, dft).unwrap();
@@ -1028,25 +1013,7 @@ fn dft_loss_matches_llamafactory() {
             assert!((gg[i][j] - want).abs() < 1e-12, "generic ({i},{j})");
         }
     }
-    let d = tempfile::tempdir().unwrap();
-    let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F32, &lora("all", 4));
-    randomize_b(&m, 5);
-    m.token_loss = dft;
-    let x = ids(&[5, 6, 7, 8, 9, 10], 1);
-    let labels = Tensor::new(&[[5i64, 6, 7, 8, 9, 10]], &CPU).unwrap();
-    let (lf, _) = m
-        .forward_loss(&x, &AttnMask::Causal, &labels, true)
-        .unwrap();
-    let gf = lf.backward().unwrap();
-    m.kernels = Kernels::Pure;
-    let (lq, _) = m
-        .forward_loss(&x, &AttnMask::Causal, &labels, true)
-        .unwrap();
-    let gq = lq.backward().unwrap();
-    close(&lf, &lq, "dft model loss");
-    for (n, v) in m.trainable_vars() {
-        close(gf.get(&v).unwrap(), gq.get(&v).unwrap(), &n);
-    }
+    model_loss_fused_and_pure(ArchKind::Llama, dft, 5);
 }
 
 /// A prompt cache reads only the tokens after those it holds and answers as a fresh generation does: a follow-up
