@@ -16,7 +16,7 @@ use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{ArchKind, AttnMask, EngineError, Finetune, LoraSpec, LoraTargets, Model};
 
-use crate::tiny_util::{ids, padded_batch};
+use crate::tiny_util::{assert_logits_0_5, ids, padded_batch};
 
 const CPU: Device = Device::Cpu;
 
@@ -1345,42 +1345,18 @@ fn matches_transformers_and_peft_goldens() {
         let d = tempfile::tempdir().unwrap();
         let (m, _) = build(d.path(), &opts, DType::F32, &lora("all", 4));
         randomize_b(&m, 21);
-        let x = ids(&[5, 70, 71, 100, 33, 9, 250, 12, 40, 41, 42, 43], 2);
-        let mask = AttnMask::Padding {
-            attention_mask: Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &CPU)
-                .unwrap(),
-        };
-        let labels = Tensor::new(
-            &[
-                [-100i64, 70, 71, 100, 33, 9],
-                [-100, 12, 40, 41, -100, -100],
-            ],
-            &CPU,
-        )
-        .unwrap();
+        let (x, mask, labels) = padded_batch();
         let (s, n) = m.forward_loss(&x, &mask, &labels, false).unwrap();
         let loss = (s / n as f64).unwrap().to_scalar::<f32>().unwrap();
         assert!(
             (loss - want_loss).abs() < 1e-4 * want_loss.abs(),
             "{name}: loss {loss} vs transformers {want_loss}"
         );
-        let logits = m.forward(&x, &mask, false).unwrap();
-        let got = logits
-            .get(0)
-            .unwrap()
-            .get(5)
-            .unwrap()
-            .narrow(0, 0, 4)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(got.len(), want_logits.len(), "{name}: logits compared");
-        for (g, w) in got.iter().zip(want_logits) {
-            assert!(
-                (g - w).abs() < 1e-4,
-                "{name}: logits {got:?} vs transformers {want_logits:?}"
-            );
-        }
+        assert_logits_0_5(
+            &m,
+            &want_logits.map(f64::from),
+            &format!("{name}: transformers"),
+        );
     }
 }
 

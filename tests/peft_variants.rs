@@ -12,7 +12,7 @@ use termtune::engine::testing::{TinyOpts, tiny_llama};
 use termtune::engine::weights::load_hf_folder;
 use termtune::engine::{ArchKind, Finetune, LoraSpec, LoraTargets, Model};
 
-use crate::tiny_util::{padded_batch, quantized_pair};
+use crate::tiny_util::{assert_logits_0_5, padded_batch, quantized_pair};
 
 const CPU: Device = Device::Cpu;
 
@@ -65,27 +65,6 @@ fn mean_loss(m: &Model, train: bool) -> Tensor {
     let (input, mask, labels) = padded_batch();
     let (s, n) = m.forward_loss(&input, &mask, &labels, train).unwrap();
     (s / n as f64).unwrap()
-}
-
-/// logits[0, 5, :4] of the padded batch equal `want` to 1e-4.
-fn assert_logits_0_5(m: &Model, want: &[f64], what: &str) {
-    let (x, mask, _) = padded_batch();
-    let logits = m.forward(&x, &mask, false).unwrap();
-    let got = logits
-        .get(0)
-        .unwrap()
-        .get(5)
-        .unwrap()
-        .narrow(0, 0, 4)
-        .unwrap();
-    let got = got.to_vec1::<f32>().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(want) {
-        assert!(
-            (f64::from(*g) - w).abs() < 1e-4,
-            "{what}: logits {got:?} vs {want:?}"
-        );
-    }
 }
 
 fn qwen2() -> TinyOpts {

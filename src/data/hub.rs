@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use globset::{Glob, GlobMatcher};
+use globset::{Glob, GlobSetBuilder};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use serde_json::Value;
@@ -73,19 +73,13 @@ fn hidden(file: &str) -> bool {
         .any(|part| part.starts_with('.') || part.starts_with("__"))
 }
 
-fn glob(pattern: &str) -> Result<GlobMatcher, String> {
-    Glob::new(pattern)
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("bad data_files pattern `{pattern}`: {e}"))
-}
-
-/// `*` and `?` stay within one path part, as in fsspec's glob.
-fn matches(pattern: &str, file: &str) -> Result<bool, String> {
-    let g = globset::GlobBuilder::new(pattern)
+/// A pattern's matcher; `*` and `?` stay within one path part and `**/` also matches no folder, as in fsspec's
+/// glob. Each pattern is compiled once and run over every file.
+fn glob(pattern: &str) -> Result<Glob, String> {
+    globset::GlobBuilder::new(pattern)
         .literal_separator(true)
         .build()
-        .map_err(|e| format!("bad data_files pattern `{pattern}`: {e}"))?;
-    Ok(g.compile_matcher().is_match(file))
+        .map_err(|e| format!("bad data_files pattern `{pattern}`: {e}"))
 }
 
 /// The split → files of a repo without `configs:`, by `datasets`' default patterns; `files` are relative to the
@@ -93,12 +87,11 @@ fn matches(pattern: &str, file: &str) -> Result<bool, String> {
 fn default_splits(files: &[String]) -> Result<BTreeMap<String, Vec<String>>, String> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // `data/{split}-00000-of-00001*.*`: the split is whatever comes before the shard numbers.
-    let sharded = glob("data/*-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*")?;
+    let sharded =
+        glob("data/*-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*")?.compile_matcher();
     for f in files {
         if sharded.is_match(f)
-            && let Some(name) = f.strip_prefix("data/")
-            && !name.contains('/')
-            && let Some(split) = shard_split(name)
+            && let Some(split) = f.strip_prefix("data/").and_then(shard_split)
         {
             out.entry(split).or_default().push(f.clone());
         }
@@ -115,19 +108,18 @@ fn default_splits(files: &[String]) -> Result<BTreeMap<String, Vec<String>>, Str
     let name_patterns = ["**/{k}{s}*", "**/*{s}{k}{s}*"];
     for patterns in [&dir_patterns[..], &name_patterns[..]] {
         for (split, keywords) in SPLITS {
-            for f in files {
-                let mut hit = false;
-                for k in *keywords {
-                    for p in patterns {
-                        let p = p.replace("{k}", k).replace("{s}", SEP);
-                        if matches(&p, f)? || (p.starts_with("**/") && matches(&p[3..], f)?) {
-                            hit = true;
-                        }
-                    }
+            let mut set = GlobSetBuilder::new();
+            for k in *keywords {
+                for p in patterns {
+                    set.add(glob(&p.replace("{k}", k).replace("{s}", SEP))?);
                 }
-                if hit {
-                    out.entry((*split).to_string()).or_default().push(f.clone());
-                }
+            }
+            let set = set
+                .build()
+                .map_err(|e| format!("bad split patterns: {e}"))?;
+            let hits: Vec<String> = files.iter().filter(|f| set.is_match(f)).cloned().collect();
+            if !hits.is_empty() {
+                out.insert((*split).to_string(), hits);
             }
         }
         if !out.is_empty() {
@@ -288,10 +280,13 @@ pub fn choose_files(
             match chosen.get("data_files") {
                 Some(df) => {
                     for (split, patterns) in config_patterns(df)? {
+                        // Files in pattern order, each once.
                         let mut hits = Vec::new();
+                        let mut seen = std::collections::HashSet::new();
                         for p in &patterns {
-                            for f in &files {
-                                if matches(p, f)? && !hits.contains(f) {
+                            let m = glob(p)?.compile_matcher();
+                            for f in files.iter().filter(|f| m.is_match(f)) {
+                                if seen.insert(f) {
                                     hits.push(f.clone());
                                 }
                             }

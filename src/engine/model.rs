@@ -1139,16 +1139,14 @@ impl Model {
             ops::fused::cross_entropy_sum(&logits, &targets, token_loss)?
         } else {
             let logp = ops::log_softmax_pure(&logits)?;
+            let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
             // DFT: each token weighted by its (detached) probability; 1 otherwise.
             let weights = if token_loss.dft {
-                logp.gather(&targets.unsqueeze(1)?, 1)?
-                    .squeeze(1)?
-                    .exp()?
-                    .detach()
+                picked.exp()?.detach()
             } else {
                 Tensor::ones(n, cdt, &self.device)?
             };
-            let nll = ops::nll_sum_pure(&logits, &targets, &weights)?;
+            let nll = (&picked * &weights)?.sum_all()?.neg()?;
             let eps = token_loss.smoothing;
             if eps == 0.0 {
                 nll

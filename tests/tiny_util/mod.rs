@@ -71,6 +71,28 @@ pub fn padded_batch() -> (Tensor, termtune::engine::AttnMask, Tensor) {
     (input, mask, labels)
 }
 
+/// logits[0, 5, :4] of the padded batch equal `want` to 1e-4.
+pub fn assert_logits_0_5(m: &Model, want: &[f64], what: &str) {
+    let (x, mask, _) = padded_batch();
+    let logits = m.forward(&x, &mask, false).unwrap();
+    let got = logits
+        .get(0)
+        .unwrap()
+        .get(5)
+        .unwrap()
+        .narrow(0, 0, 4)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: logits compared");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (f64::from(*g) - w).abs() < 1e-4,
+            "{what}: logits {got:?} vs {want:?}"
+        );
+    }
+}
+
 /// Writes `dir/ours.json` for `tests/engine_reference.py`: the padded batch, `m`'s logits of it, its masked mean
 /// loss and the gradients of layers.0.self_attn.q_proj's and layers.1.mlp.down_proj's trainable tensors (f32).
 pub fn write_reference_case(dir: &Path, m: &Model) {
