@@ -89,6 +89,10 @@ fn all_variants() -> Vec<TinyOpts> {
             arch: ArchKind::Mistral,
             ..TinyOpts::default()
         },
+        TinyOpts {
+            arch: ArchKind::Gemma3,
+            ..TinyOpts::default()
+        },
     ]
 }
 
@@ -100,7 +104,10 @@ fn tiny_folder_loads_every_variant_and_gives_finite_logits() {
         assert_eq!(m.cfg.arch, opts.arch);
         assert_eq!(m.lm_head.is_none(), opts.tie_word_embeddings);
         assert_eq!(m.cfg.qkv_bias, opts.arch == ArchKind::Qwen2);
-        assert_eq!(m.cfg.qk_norm, opts.arch == ArchKind::Qwen3);
+        assert_eq!(
+            m.cfg.qk_norm,
+            matches!(opts.arch, ArchKind::Qwen3 | ArchKind::Gemma3)
+        );
         let enc = tok
             .encode("<|im_start|>user\nhello there<|im_end|>", false)
             .unwrap();
@@ -1299,6 +1306,13 @@ fn dump_reference_fixture() {
                 ..TinyOpts::default()
             },
         ),
+        (
+            "gemma3",
+            TinyOpts {
+                arch: ArchKind::Gemma3,
+                ..TinyOpts::default()
+            },
+        ),
     ] {
         let dir = root.join(name);
         let (m, _) = build(&dir.join("model"), &opts, DType::F32, &lora("all", 4));
@@ -1311,7 +1325,10 @@ fn dump_reference_fixture() {
 /// Golden values from transformers 5.24.0 + peft 0.21.2 + torch 2.15.0 (CPU, f32, eager attention), produced by
 /// `tests/engine_reference.py` on the fixture of `dump_reference_fixture` (seed 1234 models, LoRA r4 all, B seeded
 /// 21): the masked mean loss of the padded batch and logits[0, -1, :4]. The same script reported max |logits diff|
-/// ≤ 1.4e-5 over all valid positions and LoRA gradients within 1.3e-6 relative.
+/// ≤ 1.4e-5 over all valid positions and LoRA gradients within 1.3e-6 relative. gemma3 (transformers 5.25.0, same
+/// script): a 3-position sliding window on layer 0 with its own RoPE base, linear RoPE scaling on layer 1, a score
+/// scale of 1/√24; logits within 5.8e-6, gradients within 9.2e-7 relative (changing any of those four settings in
+/// the reference's config moves its logits by 0.46 to 2.9).
 #[test]
 fn matches_transformers_and_peft_goldens() {
     let cases = [
@@ -1339,6 +1356,15 @@ fn matches_transformers_and_peft_goldens() {
             },
             6.048663,
             [-0.540_908_4, -0.826_565_6, -0.695_282_2, 1.666_353_1],
+        ),
+        (
+            "gemma3",
+            TinyOpts {
+                arch: ArchKind::Gemma3,
+                ..TinyOpts::default()
+            },
+            29.303873,
+            [2.256_14, -0.810_907_7, 2.695_704_5, -5.062_42],
         ),
     ];
     for (name, opts, want_loss, want_logits) in cases {
@@ -1544,7 +1570,7 @@ fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
             }
         }
     }
-    assert_eq!(compared, 5 * 5 * 2 * 7);
+    assert_eq!(compared, all_variants().len() * 5 * 2 * 7);
 }
 
 #[test]

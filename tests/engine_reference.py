@@ -4,7 +4,8 @@
    (engine::dump_reference_fixture and peft_variants::dump_dora_reference_fixture)
 2. python tests/engine_reference.py /tmp/ref
 
-For each tiny model (llama tied, qwen2 with qkv bias, qwen3 with q/k norm and untied head; llama and qwen2 with a
+For each tiny model (llama tied, qwen2 with qkv bias, qwen3 with q/k norm and untied head, gemma3 with its sliding
+window, two RoPE bases, (1 + w) norms and GeGLU; llama and qwen2 with a
 DoRA adapter) it loads the folder with AutoModelForCausalLM, the adapter with PeftModel.from_pretrained, and compares
 logits (padded batch), the masked loss and the LoRA gradients with the values termtune wrote (ours.json). Prints max
 differences and the golden values the tests hard-code.

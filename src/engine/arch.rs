@@ -22,11 +22,15 @@ pub enum ArchKind {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Gemma 3's text model (`gemma3_text`: gemma-3-270m, gemma-3-1b): (1 + w) RMSNorms, norms before and after
+    /// attention and MLP, GeGLU, q/k norms, √hidden-scaled embeddings, sliding-window layers with their own RoPE base.
+    Gemma3,
 }
 
 impl ArchKind {
     /// `model_type` strings accepted in config.json.
-    pub const SUPPORTED: &'static [&'static str] = &["llama", "mistral", "qwen2", "qwen3"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
 
     pub fn from_model_type(s: &str) -> Result<Self> {
         match s {
@@ -34,6 +38,12 @@ impl ArchKind {
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "gemma3_text" => Ok(Self::Gemma3),
+            "gemma3" => Err(EngineError::key(
+                "model_type",
+                "`gemma3` is Gemma 3's image-and-text model (Gemma3ForConditionalGeneration: gemma-3-4b and larger); \
+                 termtune trains and runs Gemma 3's text-only models (`gemma3_text`: gemma-3-270m, gemma-3-1b)",
+            )),
             other => Err(EngineError::UnsupportedModelType {
                 found: other.to_string(),
                 supported: Self::SUPPORTED.join(", "),
@@ -47,6 +57,33 @@ impl ArchKind {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3_text",
+        }
+    }
+}
+
+/// The MLP gate's activation (`hidden_act`; Gemma's `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU with the tanh approximation).
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation names termtune computes.
+    pub const SUPPORTED: &'static str = "silu, gelu_pytorch_tanh";
+
+    fn parse(key: &str, name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Self::Silu),
+            // transformers' `gelu_new` is the same tanh formula.
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
+            other => Err(EngineError::key(
+                key,
+                format!("activation {other:?} is not supported (supported: {})", Self::SUPPORTED),
+            )),
         }
     }
 }
@@ -99,8 +136,25 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (llama `mlp_bias`).
     pub mlp_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (qwen3).
+    /// Per-head RMSNorm on q and k before RoPE (qwen3, gemma3).
     pub qk_norm: bool,
+    /// The MLP gate's activation.
+    pub activation: Activation,
+    /// Every RMSNorm multiplies by (1 + weight), in float32 (Gemma).
+    pub norm_offset: bool,
+    /// Gemma 3's four norms per layer: the attention output and the MLP output are normalised before their residual
+    /// adds (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP input norm is
+    /// `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// The input embeddings are multiplied by this, rounded to the model dtype (Gemma: √hidden_size).
+    pub embed_scale: Option<f64>,
+    /// Scale of the attention scores: 1/√head_dim, Gemma's 1/√query_pre_attn_scalar.
+    pub attn_scale: f64,
+    /// Per layer, its sliding window: a query sees the `w` positions that end at itself (transformers'
+    /// `kv_idx > q_idx - sliding_window`); none: every earlier position.
+    pub layer_windows: Vec<Option<usize>>,
+    /// The RoPE base of the sliding-window layers, unscaled, where it is not `rope_theta` (Gemma 3's local base).
+    pub local_rope_theta: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub torch_dtype: Option<String>,
@@ -169,7 +223,7 @@ impl ModelConfig {
         let model_type = v.get("model_type").and_then(Value::as_str).ok_or_else(|| {
             EngineError::key(
                 "model_type",
-                "missing; expected one of llama, mistral, qwen2, qwen3",
+                format!("missing; expected one of {}", ArchKind::SUPPORTED.join(", ")),
             )
         })?;
         let arch = ArchKind::from_model_type(model_type)?;
@@ -187,6 +241,8 @@ impl ModelConfig {
         }
         let head_dim = match opt_usize(v, "head_dim")? {
             Some(d) => d,
+            // Gemma3TextConfig's default.
+            None if arch == ArchKind::Gemma3 => 256,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(EngineError::key(
@@ -200,7 +256,12 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(EngineError::key("head_dim", "must be even for RoPE"));
         }
-        let (rope_theta, rope_scaling) = rope_settings(v)?;
+        let (rope_theta, rope_scaling, local_rope_theta) = if arch == ArchKind::Gemma3 {
+            gemma3_rope_settings(v)?
+        } else {
+            let (t, s) = rope_settings(v)?;
+            (t, s, None)
+        };
         let rope_freq_factors = match v.get("gguf_rope_freqs") {
             None | Some(Value::Null) => None,
             Some(Value::Array(xs)) => {
@@ -228,17 +289,51 @@ impl ModelConfig {
         let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             ArchKind::Qwen2 => (true, false),
-            ArchKind::Qwen3 => (attention_bias, attention_bias),
+            ArchKind::Qwen3 | ArchKind::Gemma3 => (attention_bias, attention_bias),
             ArchKind::Llama | ArchKind::Mistral => (attention_bias, attention_bias),
         };
         let mlp_bias = opt_bool(v, "mlp_bias")?.unwrap_or(false);
-        let default_tie = false;
+        let gemma = arch == ArchKind::Gemma3;
+        // transformers' defaults where a key is absent: Gemma3TextConfig ties the embeddings, the others do not.
+        let default_tie = gemma;
+        let num_layers = get_usize(v, "num_hidden_layers")?;
+        let activation = if gemma {
+            // Gemma3TextConfig reads `hidden_activation` only.
+            let name = opt_str(v, "hidden_activation")?.unwrap_or("gelu_pytorch_tanh");
+            Activation::parse("hidden_activation", name)?
+        } else {
+            Activation::parse("hidden_act", opt_str(v, "hidden_act")?.unwrap_or("silu"))?
+        };
+        let attn_scale = if gemma {
+            for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if opt_f64(v, key)?.is_some() {
+                    return Err(EngineError::key(
+                        key,
+                        "logit soft-capping (Gemma 2) is not supported; Gemma 3 checkpoints have it null",
+                    ));
+                }
+            }
+            if opt_bool(v, "use_bidirectional_attention")? == Some(true) {
+                return Err(EngineError::key(
+                    "use_bidirectional_attention",
+                    "bidirectional attention (an embedding model's) is not supported: termtune trains causal language models",
+                ));
+            }
+            let s = opt_f64(v, "query_pre_attn_scalar")?.unwrap_or(256.0);
+            if !(s.is_finite() && s > 0.0) {
+                return Err(EngineError::key("query_pre_attn_scalar", "must be > 0"));
+            }
+            1.0 / s.sqrt()
+        } else {
+            1.0 / (head_dim as f64).sqrt()
+        };
+        let layer_windows = layer_windows(v, arch, num_layers)?;
         Ok(Self {
             arch,
             vocab_size: get_usize(v, "vocab_size")?,
             hidden_size,
             intermediate_size: get_usize(v, "intermediate_size")?,
-            num_layers: get_usize(v, "num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -251,7 +346,14 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: arch == ArchKind::Qwen3,
+            qk_norm: matches!(arch, ArchKind::Qwen3 | ArchKind::Gemma3),
+            activation,
+            norm_offset: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            attn_scale,
+            layer_windows,
+            local_rope_theta,
             bos_token_id: token_ids(v, "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(v, "eos_token_id")?,
             torch_dtype: v
@@ -280,6 +382,201 @@ impl ModelConfig {
             None => scaled,
         }
     }
+
+    /// Inverse RoPE frequencies of the sliding-window layers when they have their own base (unscaled).
+    pub fn local_rope_inv_freq(&self) -> Option<Vec<f64>> {
+        let d = self.head_dim;
+        self.local_rope_theta.map(|theta| {
+            (0..d / 2)
+                .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+                .collect()
+        })
+    }
+
+    /// Whether layer `i` uses the sliding-window layers' RoPE base.
+    pub fn layer_is_local(&self, i: usize) -> bool {
+        self.local_rope_theta.is_some() && self.layer_windows.get(i).is_some_and(Option::is_some)
+    }
+}
+
+fn opt_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(EngineError::key(key, "expected a text")),
+    }
+}
+
+/// Each layer's sliding window, as transformers builds its masks: Gemma 3 from `layer_types` (or the older
+/// `sliding_window_pattern`: every n-th layer full) with `sliding_window`; Mistral every layer when
+/// `sliding_window` is set (transformers' default 4096 when the key is absent); Qwen2/Qwen3 only with
+/// `use_sliding_window`, the layers `layer_types` marks (or those from `max_window_layers` on); Llama none.
+fn layer_windows(v: &Value, arch: ArchKind, n: usize) -> Result<Vec<Option<usize>>> {
+    let layer_types = match v.get("layer_types") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(xs)) => {
+            let kinds = xs
+                .iter()
+                .map(|x| match x.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(EngineError::key(
+                        "layer_types",
+                        format!(
+                            "{x} is not a layer type termtune knows (sliding_attention, full_attention)"
+                        ),
+                    )),
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            if kinds.len() != n {
+                return Err(EngineError::key(
+                    "layer_types",
+                    format!("{} entries for {n} layers (num_hidden_layers)", kinds.len()),
+                ));
+            }
+            Some(kinds)
+        }
+        Some(_) => return Err(EngineError::key("layer_types", "expected a list")),
+    };
+    let window = |default: Option<usize>| -> Result<Option<usize>> {
+        let w = match v.get("sliding_window") {
+            None => default,
+            Some(Value::Null) => None,
+            Some(_) => opt_usize(v, "sliding_window")?,
+        };
+        if w == Some(0) {
+            return Err(EngineError::key("sliding_window", "must be > 0"));
+        }
+        Ok(w)
+    };
+    let every = |w: Option<usize>, sliding: &dyn Fn(usize) -> bool| -> Vec<Option<usize>> {
+        (0..n).map(|i| w.filter(|_| sliding(i))).collect()
+    };
+    Ok(match arch {
+        ArchKind::Llama => vec![None; n],
+        ArchKind::Mistral => every(window(Some(4096))?, &|_| true),
+        ArchKind::Qwen2 | ArchKind::Qwen3 => {
+            let w = if opt_bool(v, "use_sliding_window")?.unwrap_or(false) {
+                window(Some(4096))?
+            } else {
+                None
+            };
+            let from = opt_usize(v, "max_window_layers")?.unwrap_or(28);
+            match &layer_types {
+                Some(kinds) => every(w, &|i| kinds[i]),
+                None => every(w, &|i| i >= from),
+            }
+        }
+        ArchKind::Gemma3 => {
+            let w = window(Some(4096))?;
+            let kinds = match layer_types {
+                Some(kinds) => kinds,
+                None => {
+                    let pattern = opt_usize(v, "sliding_window_pattern")?.unwrap_or(6);
+                    if pattern == 0 {
+                        return Err(EngineError::key("sliding_window_pattern", "must be > 0"));
+                    }
+                    (0..n).map(|i| (i + 1) % pattern != 0).collect()
+                }
+            };
+            if w.is_none() && kinds.iter().any(|s| *s) {
+                return Err(EngineError::key(
+                    "sliding_window",
+                    "null, but `layer_types` has sliding_attention layers: set the window size",
+                ));
+            }
+            every(w, &|i| kinds[i])
+        }
+    })
+}
+
+/// Gemma 3's two RoPE settings: (global base, global scaling, local base). transformers 4 wrote `rope_theta`
+/// (default 1 000 000), `rope_local_base_freq` (default 10 000) and `rope_scaling` (the global layers'); transformers 5
+/// writes `rope_parameters` with one object per layer type (`full_attention`, `sliding_attention`). Where both
+/// layouts give a value they must agree. The sliding layers' RoPE is never scaled.
+fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f64>)> {
+    let mut legacy = serde_json::Map::new();
+    for k in ["rope_theta", "rope_scaling", "partial_rotary_factor"] {
+        if let Some(x) = v.get(k) {
+            legacy.insert(k.to_string(), x.clone());
+        }
+    }
+    let (mut global, mut scaling) = rope_settings(&Value::Object(legacy))?;
+    let global_given = opt_f64(v, "rope_theta")?.is_some();
+    if !global_given {
+        global = 1_000_000.0;
+    }
+    let mut local = opt_f64(v, "rope_local_base_freq")?;
+    let nested = match v.get("rope_parameters") {
+        Some(Value::Object(m)) if m.contains_key("full_attention") || m.contains_key("sliding_attention") => {
+            Some(m)
+        }
+        Some(Value::Object(_)) => {
+            return Err(EngineError::key(
+                "rope_parameters",
+                "Gemma 3 keeps one RoPE object per layer type: expected `full_attention` and `sliding_attention`",
+            ));
+        }
+        None | Some(Value::Null) => None,
+        Some(_) => return Err(EngineError::key("rope_parameters", "expected an object")),
+    };
+    if let Some(m) = nested {
+        for k in m.keys() {
+            if k != "full_attention" && k != "sliding_attention" {
+                return Err(EngineError::key(
+                    format!("rope_parameters.{k}"),
+                    "not a layer type (full_attention, sliding_attention)",
+                ));
+            }
+        }
+        let part = |k: &str| -> Result<Option<(Option<f64>, Option<RopeScaling>)>> {
+            match m.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Object(o)) => Ok(Some(rope_object(o, &format!("rope_parameters.{k}"))?)),
+                Some(_) => Err(EngineError::key(format!("rope_parameters.{k}"), "expected an object")),
+            }
+        };
+        if let Some((theta, s)) = part("full_attention")? {
+            if let Some(t) = theta {
+                if global_given && t != global {
+                    return Err(EngineError::key(
+                        "rope_theta",
+                        format!("`rope_theta` {global} and `rope_parameters.full_attention.rope_theta` {t} disagree; keep one"),
+                    ));
+                }
+                global = t;
+            }
+            if scaling.is_some() && s != scaling {
+                return Err(EngineError::key(
+                    "rope_scaling",
+                    "`rope_scaling` and `rope_parameters.full_attention` give different RoPE scaling; keep one",
+                ));
+            }
+            scaling = s;
+        }
+        if let Some((theta, s)) = part("sliding_attention")? {
+            if s.is_some() {
+                return Err(EngineError::key(
+                    "rope_parameters.sliding_attention.rope_type",
+                    "scaled RoPE on the sliding-window layers is not supported (Gemma 3 uses the default there)",
+                ));
+            }
+            if let Some(t) = theta {
+                if local.is_some_and(|l| l != t) {
+                    return Err(EngineError::key(
+                        "rope_local_base_freq",
+                        "`rope_local_base_freq` and `rope_parameters.sliding_attention.rope_theta` disagree; keep one",
+                    ));
+                }
+                local = Some(t);
+            }
+        }
+    }
+    let local = local.unwrap_or(10_000.0);
+    if !(local.is_finite() && local > 0.0) {
+        return Err(EngineError::key("rope_local_base_freq", "must be > 0"));
+    }
+    Ok((global, scaling, Some(local)))
 }
 
 /// transformers `_compute_llama3_parameters` on the unscaled inverse frequencies.
@@ -751,5 +1048,128 @@ mod tests {
         }
         let e = err(&tiny(serde_json::json!({"gguf_rope_freqs": [1.0, 2.0]})));
         assert!(e.contains("`gguf_rope_freqs`"), "{e}");
+    }
+
+    /// google/gemma-3-1b-it's config.json (transformers 4.50 layout).
+    fn gemma3_1b() -> serde_json::Value {
+        serde_json::json!({"architectures":["Gemma3ForCausalLM"],"attention_bias":false,
+            "attention_dropout":0.0,"attn_logit_softcapping":null,"bos_token_id":2,"cache_implementation":"hybrid",
+            "eos_token_id":[1,106],"final_logit_softcapping":null,"head_dim":256,
+            "hidden_activation":"gelu_pytorch_tanh","hidden_size":1152,"initializer_range":0.02,
+            "intermediate_size":6912,"max_position_embeddings":32768,"model_type":"gemma3_text",
+            "num_attention_heads":4,"num_hidden_layers":26,"num_key_value_heads":1,"pad_token_id":0,
+            "query_pre_attn_scalar":256,"rms_norm_eps":1e-06,"rope_local_base_freq":10000,"rope_scaling":null,
+            "rope_theta":1000000,"sliding_window":512,"sliding_window_pattern":6,"torch_dtype":"bfloat16",
+            "use_cache":true,"vocab_size":262144})
+    }
+
+    #[test]
+    fn gemma3_1b_reads_every_setting_that_changes_the_numbers() {
+        let c = ModelConfig::from_hf_config(&gemma3_1b()).unwrap();
+        assert_eq!(c.arch, ArchKind::Gemma3);
+        assert_eq!((c.head_dim, c.num_kv_heads), (256, 1));
+        assert!(c.tie_word_embeddings && c.qk_norm && c.norm_offset && c.sandwich_norms);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(c.embed_scale, Some(1152f64.sqrt()));
+        assert_eq!(c.attn_scale, 1.0 / 16.0);
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.rope_scaling, None);
+        let full: Vec<usize> = (0..26).filter(|&i| c.layer_windows[i].is_none()).collect();
+        assert_eq!(full, [5, 11, 17, 23]);
+        assert!(c.layer_windows.iter().flatten().all(|&w| w == 512));
+        assert!(c.layer_is_local(0) && !c.layer_is_local(5));
+        assert_eq!(c.eos_token_ids, [1, 106]);
+    }
+
+    #[test]
+    fn gemma3_transformers_5_layout_reads_as_the_4_layout() {
+        // What transformers 5.25 writes for the tiny test model (`save_pretrained` of the 4.x-style config).
+        let v4 = serde_json::json!({"model_type":"gemma3_text","vocab_size":320,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0,"head_dim":16,"hidden_activation":"gelu_pytorch_tanh",
+            "query_pre_attn_scalar":24,"sliding_window":3,"layer_types":["sliding_attention","full_attention"],
+            "rope_local_base_freq":100.0,"rope_scaling":{"rope_type":"linear","factor":2.0}});
+        let v5 = serde_json::json!({"_sliding_window_pattern":6,"attention_bias":false,
+            "attn_logit_softcapping":null,"final_logit_softcapping":null,"head_dim":16,
+            "hidden_activation":"gelu_pytorch_tanh","hidden_size":64,"intermediate_size":128,
+            "layer_types":["sliding_attention","full_attention"],"model_type":"gemma3_text",
+            "num_attention_heads":4,"num_hidden_layers":2,"num_key_value_heads":2,"query_pre_attn_scalar":24,
+            "rms_norm_eps":1e-06,"rope_parameters":{"full_attention":{"factor":2.0,"rope_theta":10000.0,
+            "rope_type":"linear"},"sliding_attention":{"rope_theta":100.0,"rope_type":"default"}},
+            "sliding_window":3,"tie_word_embeddings":true,"use_bidirectional_attention":false,"vocab_size":320});
+        let (a, b) = (
+            ModelConfig::from_hf_config(&v4).unwrap(),
+            ModelConfig::from_hf_config(&v5).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(a.local_rope_theta, Some(100.0));
+        assert_eq!(a.layer_windows, [Some(3), None]);
+        // The two layouts disagreeing is an error naming both keys.
+        let mut both = v5.clone();
+        both["rope_local_base_freq"] = serde_json::json!(50.0);
+        let e = err(&both);
+        assert!(e.contains("rope_local_base_freq") && e.contains("sliding_attention"), "{e}");
+    }
+
+    #[test]
+    fn gemma_settings_termtune_does_not_compute_are_errors_naming_them() {
+        let with = |k: &str, x: serde_json::Value| {
+            let mut v = gemma3_1b();
+            v[k] = x;
+            err(&v)
+        };
+        let e = with("final_logit_softcapping", serde_json::json!(30.0));
+        assert!(e.contains("`final_logit_softcapping`"), "{e}");
+        let e = with("attn_logit_softcapping", serde_json::json!(50.0));
+        assert!(e.contains("`attn_logit_softcapping`"), "{e}");
+        let e = with("use_bidirectional_attention", serde_json::json!(true));
+        assert!(e.contains("`use_bidirectional_attention`"), "{e}");
+        let e = with("hidden_activation", serde_json::json!("gelu"));
+        assert!(e.contains("`hidden_activation`") && e.contains("gelu_pytorch_tanh"), "{e}");
+        let e = with("layer_types", serde_json::json!(["sliding_attention"]));
+        assert!(e.contains("`layer_types`") && e.contains("26 layers"), "{e}");
+        let e = with("model_type", serde_json::json!("gemma3"));
+        assert!(e.contains("gemma3_text") && e.contains("gemma-3-1b"), "{e}");
+        // A llama-family config with another activation is refused too (it was silently SwiGLU).
+        let e = err(&tiny(serde_json::json!({"hidden_act": "gelu"})));
+        assert!(e.contains("`hidden_act`"), "{e}");
+    }
+
+    #[test]
+    fn sliding_windows_follow_transformers_per_family() {
+        let windows = |extra: serde_json::Value| {
+            let mut v = tiny(extra);
+            v["num_hidden_layers"] = serde_json::json!(2);
+            ModelConfig::from_hf_config(&v).unwrap().layer_windows
+        };
+        // A llama has no windows, whatever the keys say.
+        assert_eq!(windows(serde_json::json!({"sliding_window": 4})), [None, None]);
+        let mistral = |w: serde_json::Value| {
+            windows(serde_json::json!({"model_type": "mistral", "sliding_window": w}))
+        };
+        assert_eq!(mistral(serde_json::json!(4)), [Some(4), Some(4)]);
+        assert_eq!(mistral(serde_json::Value::Null), [None, None]);
+        assert_eq!(
+            windows(serde_json::json!({"model_type": "mistral"})),
+            [Some(4096), Some(4096)]
+        );
+        let qwen = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"model_type": "qwen2", "sliding_window": 8});
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            windows(v)
+        };
+        assert_eq!(qwen(serde_json::json!({})), [None, None]);
+        assert_eq!(
+            qwen(serde_json::json!({"use_sliding_window": true, "max_window_layers": 1})),
+            [None, Some(8)]
+        );
+        assert_eq!(
+            qwen(serde_json::json!({"use_sliding_window": true,
+                "layer_types": ["sliding_attention", "full_attention"]})),
+            [Some(8), None]
+        );
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 
+use super::arch::Activation;
 use super::bnb4::Bnb4Tensor;
 use super::error::Result;
 use super::ops;
@@ -453,7 +454,12 @@ fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub input_norm: Weight,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's `pre_feedforward_layernorm`).
     pub post_norm: Weight,
+    /// Gemma 3: the attention output's norm before the residual add (its `post_attention_layernorm`).
+    pub attn_out_norm: Option<Weight>,
+    /// Gemma 3: the MLP output's norm before the residual add (`post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<Weight>,
     pub q_norm: Option<Weight>,
     pub k_norm: Option<Weight>,
     pub q: Linear,
@@ -466,6 +472,27 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// The layer's norms with their Hugging Face names (under `model.layers.N.`).
+    pub fn named_norms(&self) -> Vec<(&'static str, &Weight)> {
+        let mut out = vec![("input_layernorm", &self.input_norm)];
+        match (&self.attn_out_norm, &self.mlp_out_norm) {
+            (Some(a), Some(m)) => out.extend([
+                ("post_attention_layernorm", a),
+                ("pre_feedforward_layernorm", &self.post_norm),
+                ("post_feedforward_layernorm", m),
+            ]),
+            _ => out.push(("post_attention_layernorm", &self.post_norm)),
+        }
+        out.extend(self.q_norm.iter().map(|w| ("self_attn.q_norm", w)));
+        out.extend(self.k_norm.iter().map(|w| ("self_attn.k_norm", w)));
+        out
+    }
+
+    /// Every norm weight of the layer.
+    pub fn norms(&self) -> impl Iterator<Item = &Weight> {
+        self.named_norms().into_iter().map(|(_, w)| w)
+    }
+
     pub fn linears(&self) -> [&Linear; 7] {
         [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
@@ -585,10 +612,13 @@ impl Kernels {
             .reshape((b, nh, t, hd))?)
     }
 
-    fn swiglu(self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Fused => ops::fused::swiglu(g, u)?,
-            Self::Pure | Self::Inference => ops::swiglu_pure(g, u)?,
+    /// The gated MLP activation `act(g) · u`: SwiGLU (fused kernel or pure ops), or GeGLU (candle's tanh GELU,
+    /// which has its backward, in every kernel set).
+    fn glu(self, activation: Activation, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        Ok(match (activation, self) {
+            (Activation::Silu, Self::Fused) => ops::fused::swiglu(g, u)?,
+            (Activation::Silu, Self::Pure | Self::Inference) => ops::swiglu_pure(g, u)?,
+            (Activation::GeluTanh, _) => (g.gelu()? * u)?,
         })
     }
 }
@@ -618,6 +648,11 @@ pub struct LayerCtx {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub eps: f64,
+    /// RMSNorms multiply by (1 + w) in float32 (Gemma).
+    pub norm_offset: bool,
+    pub activation: Activation,
+    /// Scale of the attention scores.
+    pub attn_scale: f64,
     /// The model dtype.
     pub dtype: DType,
     pub kernels: Kernels,
@@ -684,16 +719,26 @@ impl Unpad {
     }
 }
 
-/// RMSNorm with `kernels`; `track` follows a trainable weight (else detached).
+/// RMSNorm with `kernels`; `track` follows a trainable weight (else detached). With `offset` (Gemma) the weight
+/// applies as (1 + w), and the norm and that product run in the compute dtype before rounding to x's
+/// (transformers' `Gemma3RMSNorm`: `(norm(x.float()) * (1 + w.float())).type_as(x)`).
 pub(crate) fn rms_norm(
     kernels: Kernels,
     eps: f64,
     x: &Tensor,
     w: &Weight,
     track: bool,
+    offset: bool,
 ) -> Result<Tensor> {
     let w = if track { w.tensor()? } else { w.detached()? };
-    kernels.rms_norm(x, &w, eps)
+    if !offset {
+        return kernels.rms_norm(x, &w, eps);
+    }
+    let cdt = ops::compute_dtype(x.dtype());
+    let w = (w.to_dtype(cdt)? + 1.0)?;
+    Ok(kernels
+        .rms_norm(&x.to_dtype(cdt)?, &w, eps)?
+        .to_dtype(x.dtype())?)
 }
 
 /// The decoder layer, the one definition of it: training (tracked), the checkpoint op's graph-free passes and
@@ -728,7 +773,7 @@ pub fn forward(
     let dev = x.device();
     let norm = |x: &Tensor, w: &Weight| {
         span("rms_norm", dev, || {
-            rms_norm(kernels, ctx.eps, x, w, pass.track)
+            rms_norm(kernels, ctx.eps, x, w, pass.track, ctx.norm_offset)
         })
     };
     let lin =
@@ -776,9 +821,8 @@ pub fn forward(
             cache.append(&k.contiguous()?, &v)?
         }
     };
-    let scale = 1.0 / (hd as f64).sqrt();
     let att = span("attention", dev, || {
-        kernels.attention(&q, &k, &v, io.bias, scale, ctx.dtype)
+        kernels.attention(&q, &k, &v, io.bias, ctx.attn_scale, ctx.dtype)
     })?;
     let y = att.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     let y = match io.pad {
@@ -789,12 +833,20 @@ pub fn forward(
             .unsqueeze(0)?,
     };
     let (o, xa_o) = lin(&l.o, &y)?;
+    let o = match &l.attn_out_norm {
+        Some(w) => norm(&o, w)?,
+        None => o,
+    };
     let x2 = add(x, &o)?;
     let hn2 = norm(&x2, &l.post_norm)?;
     let (g, xa_g) = lin(&l.gate, &hn2)?;
     let (u, xa_u) = lin(&l.up, &hn2)?;
-    let act = span("swiglu", dev, || kernels.swiglu(&g, &u))?;
+    let act = span("swiglu", dev, || kernels.glu(ctx.activation, &g, &u))?;
     let (d, xa_d) = lin(&l.down, &act)?;
+    let d = match &l.mlp_out_norm {
+        Some(w) => norm(&d, w)?,
+        None => d,
+    };
     let out = add(&x2, &d)?;
     if let Some(keep) = keep {
         let rows = |z: &Tensor| -> Result<Tensor> {
@@ -840,11 +892,7 @@ pub fn layer_vars(l: &Layer) -> Vec<Var> {
             push(b);
         }
     }
-    for w in [&l.input_norm, &l.post_norm]
-        .into_iter()
-        .chain(l.q_norm.as_ref())
-        .chain(l.k_norm.as_ref())
-    {
+    for w in l.norms() {
         push(w);
     }
     out
@@ -894,10 +942,14 @@ fn wrap(e: super::error::EngineError) -> candle_core::Error {
 // ---------------------------------------------------------------------------------------------- hand-written backward
 
 /// Whether the hand-written layer backward covers `l`: frozen (plain or quantized) base linears, frozen biases (LoRA, with dropout too,
-/// allowed; DoRA too), frozen norms, no q/k norm, the fused kernel set (any device: [`ops::Backend`] picks the
-/// kernels). Other layers backpropagate through a recomputed candle graph.
+/// allowed; DoRA too), frozen plain norms, no q/k norm nor Gemma's extra norms, SwiGLU, the fused kernel set (any
+/// device: [`ops::Backend`] picks the kernels). Other layers backpropagate through a recomputed candle graph.
 pub fn manual_ok(ctx: &LayerCtx, l: &Layer) -> bool {
     ctx.kernels == Kernels::Fused
+        && !ctx.norm_offset
+        && ctx.activation == Activation::Silu
+        && l.attn_out_norm.is_none()
+        && l.mlp_out_norm.is_none()
         && l.q_norm.is_none()
         && l.k_norm.is_none()
         && matches!(l.input_norm, Weight::Frozen(_))
@@ -970,9 +1022,8 @@ impl CheckpointedLayer {
                 .index_add(&p.real, &dy, 0)?,
         };
         let dy = dy.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let (dq, dk, dv) = span("attention backward", dev, || {
-            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, scale, &dy)
+            ops::fused::attention_backward(&sv.q, &sv.k, &sv.v, &self.bias, ctx.attn_scale, &dy)
         })?;
         let rope_bwd = |d: &Tensor| {
             span("rope backward", dev, || {

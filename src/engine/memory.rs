@@ -289,33 +289,15 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::engine::arch::ArchKind;
     use crate::engine::model::{LoraSpec, LoraTargets};
 
     fn llama_8b() -> ModelConfig {
-        ModelConfig {
-            arch: ArchKind::Llama,
-            vocab_size: 128_256,
-            hidden_size: 4096,
-            intermediate_size: 14_336,
-            num_layers: 32,
-            num_heads: 32,
-            num_kv_heads: 8,
-            head_dim: 128,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500_000.0,
-            rope_scaling: None,
-            rope_freq_factors: None,
-            max_position_embeddings: 131_072,
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            qk_norm: false,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            torch_dtype: None,
-        }
+        ModelConfig::from_hf_config(&serde_json::json!({
+            "model_type": "llama", "vocab_size": 128_256, "hidden_size": 4096, "intermediate_size": 14_336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+            "rope_theta": 500_000.0, "max_position_embeddings": 131_072, "tie_word_embeddings": false
+        }))
+        .unwrap()
     }
 
     fn lora_all(r: usize) -> Finetune {

@@ -351,6 +351,12 @@ impl KvCache {
 }
 
 /// The model. Base weights are plain tensors unless trainable (freeze/full); LoRA lives in `lora_vars`.
+/// RoPE (cos, sin) tables of one batch's positions: the global ones, and the sliding-window layers' own.
+struct RopeTables {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
 pub struct Model {
     pub cfg: ModelConfig,
     pub device: Device,
@@ -390,6 +396,8 @@ pub struct Model {
     /// (LLaMA-Factory's DFT, `p[target]·(−log p[target])` with p detached). Default: plain cross-entropy.
     pub token_loss: ops::TokenLoss,
     inv_freq: Tensor,
+    /// The sliding-window layers' own inverse frequencies (Gemma 3's local RoPE base).
+    local_inv_freq: Option<Tensor>,
     trainable: Vec<(String, Var)>,
 }
 
@@ -583,7 +591,16 @@ impl Model {
             let up = lin("up_proj", "mlp", ff, h, cfg.mlp_bias)?;
             let down = lin("down_proj", "mlp", h, ff, cfg.mlp_bias)?;
             let input_norm = weight(&format!("{p}.input_layernorm.weight"), &[h], tr)?;
-            let post_norm = weight(&format!("{p}.post_attention_layernorm.weight"), &[h], tr)?;
+            let mut norm = |leaf: &str| weight(&format!("{p}.{leaf}.weight"), &[h], tr);
+            let (post_norm, attn_out_norm, mlp_out_norm) = if cfg.sandwich_norms {
+                (
+                    norm("pre_feedforward_layernorm")?,
+                    Some(norm("post_attention_layernorm")?),
+                    Some(norm("post_feedforward_layernorm")?),
+                )
+            } else {
+                (norm("post_attention_layernorm")?, None, None)
+            };
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
                     Some(weight(&format!("{p}.self_attn.q_norm.weight"), &[hd], tr)?),
@@ -595,6 +612,8 @@ impl Model {
             layers.push(Layer {
                 input_norm,
                 post_norm,
+                attn_out_norm,
+                mlp_out_norm,
                 q_norm,
                 k_norm,
                 q,
@@ -619,8 +638,12 @@ impl Model {
             })
         };
         let cfg_vocab = cfg.vocab_size;
-        let inv_freq: Vec<f32> = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
-        let inv_freq = Tensor::new(inv_freq, device)?;
+        let freq_tensor = |f: Vec<f64>| -> Result<Tensor> {
+            let f: Vec<f32> = f.into_iter().map(|f| f as f32).collect();
+            Ok(Tensor::new(f, device)?)
+        };
+        let inv_freq = freq_tensor(cfg.rope_inv_freq())?;
+        let local_inv_freq = cfg.local_rope_inv_freq().map(freq_tensor).transpose()?;
         let mut model = Self {
             cfg,
             device: device.clone(),
@@ -640,6 +663,7 @@ impl Model {
             token_loss: ops::TokenLoss::PLAIN,
             head_chunk_rows: Some(layer::head_chunk_rows(cfg_vocab, device.is_cpu())),
             inv_freq,
+            local_inv_freq,
             trainable,
         };
         if let Finetune::Lora(spec) = finetune {
@@ -768,7 +792,7 @@ impl Model {
             total += l.weight.elem_count();
         }
         for l in &self.layers {
-            total += l.input_norm.elem_count() + l.post_norm.elem_count();
+            total += l.norms().map(Weight::elem_count).sum::<usize>();
             for lin in l.linears() {
                 total += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Weight::elem_count);
             }
@@ -790,29 +814,68 @@ impl Model {
 
     /// The final norm: the decoder layer's RMSNorm ([`layer::rms_norm`]), one implementation.
     fn rms_norm(&self, x: &Tensor, w: &Weight, train: bool) -> Result<Tensor> {
-        layer::rms_norm(self.kernels, self.cfg.rms_norm_eps, x, w, train)
+        layer::rms_norm(
+            self.kernels,
+            self.cfg.rms_norm_eps,
+            x,
+            w,
+            train,
+            self.cfg.norm_offset,
+        )
     }
 
-    /// cos/sin tables for positions (b, t) → (b, 1, t, d/2) in `dtype`.
-    fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables for positions (b, t) → (b, 1, t, d/2) in `dtype`: the global ones, and the sliding-window
+    /// layers' own when they have a RoPE base of their own.
+    fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<RopeTables> {
         let (b, t) = positions.dims2()?;
-        let half = self.inv_freq.dim(0)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
-        let ang = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
-        let cos = ang.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
-        let sin = ang.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
-        Ok((cos, sin))
+        let table = |inv_freq: &Tensor| -> Result<(Tensor, Tensor)> {
+            let half = inv_freq.dim(0)?;
+            let ang = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
+            let cos = ang.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
+            let sin = ang.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
+            Ok((cos, sin))
+        };
+        Ok(RopeTables {
+            global: table(&self.inv_freq)?,
+            local: self.local_inv_freq.as_ref().map(table).transpose()?,
+        })
+    }
+
+    /// Layer `i`'s (cos, sin).
+    fn layer_rope<'a>(&self, tables: &'a RopeTables, i: usize) -> (&'a Tensor, &'a Tensor) {
+        match &tables.local {
+            Some((c, s)) if self.cfg.layer_is_local(i) => (c, s),
+            _ => (&tables.global.0, &tables.global.1),
+        }
+    }
+
+    /// The sliding windows of the layers that are narrower than `s` keys (a wider window masks nothing more).
+    fn narrow_windows(&self, s: usize) -> Vec<usize> {
+        let mut w: Vec<usize> = self
+            .cfg
+            .layer_windows
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&w| w < s)
+            .collect();
+        w.sort_unstable();
+        w.dedup();
+        w
     }
 
     /// Additive attention bias (b, 1, t, t) in `dtype`: 0 where allowed, a large negative elsewhere.
-    /// Allowed: key ≤ query, same example (seq id), key not padding, and with `branch` the key in the shared prefix
-    /// (branch 0) or in the query's branch; a query always sees itself (no empty rows).
+    /// Allowed: key ≤ query, same example (seq id), key not padding, with `branch` the key in the shared prefix
+    /// (branch 0) or in the query's branch, and with `window` the key among the `window` positions ending at the
+    /// query; a query always sees itself (no empty rows).
     fn mask_bias(
         &self,
         b: usize,
         t: usize,
         seq: Option<&[Vec<u32>]>,
         branch: Option<&[Vec<u32>]>,
+        window: Option<usize>,
         dtype: DType,
     ) -> Result<Tensor> {
         let neg = -1e9f32;
@@ -823,6 +886,7 @@ impl Model {
                 for k in 0..t {
                     let allowed = k == q
                         || (k < q
+                            && window.is_none_or(|w| q - k < w)
                             && match seq {
                                 None => true,
                                 Some(s) => s[bi][k] != 0 && s[bi][k] == s[bi][q],
@@ -871,6 +935,15 @@ impl Model {
             }
         };
         let rows = rows.reshape((b, t, self.cfg.hidden_size))?;
+        // Gemma's √hidden scale, rounded to the model dtype as transformers' `embed_scale.to(weight.dtype)`; NEFTune
+        // noise comes after it (its hook sees the embedding module's output).
+        let rows = match self.cfg.embed_scale {
+            Some(scale) => {
+                let scale = Tensor::new(scale as f32, rows.device())?.to_dtype(rows.dtype())?;
+                rows.broadcast_mul(&scale)?
+            }
+            None => rows,
+        };
         match self.neftune_alpha {
             Some(alpha) if train && alpha > 0.0 => {
                 let magnitude = alpha / ((t * self.cfg.hidden_size) as f64).sqrt();
@@ -969,11 +1042,24 @@ impl Model {
                 },
             ),
         };
-        let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
+        let rope = self.rope_tables(&positions, self.dtype)?;
         // The rows whose zeros are padding (the padding mask, or the example ids of a packed batch): unpadding and
         // its row map come from them.
         let pad_rows = if unpad { seq.clone() } else { None };
-        let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), cdt)?;
+        let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), None, cdt)?;
+        let windowed = self
+            .narrow_windows(t)
+            .into_iter()
+            .map(|w| {
+                let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), Some(w), cdt)?;
+                Ok((w, bias))
+            })
+            .collect::<Result<HashMap<usize, Tensor>>>()?;
+        let layer_bias = |i: usize| -> &Tensor {
+            self.cfg.layer_windows[i]
+                .and_then(|w| windowed.get(&w))
+                .unwrap_or(&bias)
+        };
         let pad = match &pad_rows {
             Some(m) => layer::Unpad::from_mask(m, &self.device)?,
             None => None,
@@ -986,7 +1072,9 @@ impl Model {
                 .unsqueeze(0)?;
         }
         let ctx = self.layer_ctx();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = self.layer_rope(&rope, i);
+            let bias = layer_bias(i);
             // The layer op: with checkpointing (recompute in the backward), or without it when the hand-written
             // backward covers the layer (activations kept); else candle's graph through the plain forward.
             let manual = self.manual_backward && layer::manual_ok(&ctx, layer);
@@ -996,18 +1084,18 @@ impl Model {
                     &ctx,
                     layer,
                     &x,
-                    &cos,
-                    &sin,
-                    &bias,
+                    cos,
+                    sin,
+                    bias,
                     pad.as_ref(),
                     manual,
                     keep,
                 )?
             } else {
                 let io = LayerIo {
-                    cos: &cos,
-                    sin: &sin,
-                    bias: Some(&bias),
+                    cos,
+                    sin,
+                    bias: Some(bias),
                     pad: pad.as_ref(),
                     cache: None,
                 };
@@ -1041,6 +1129,9 @@ impl Model {
             num_kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
             eps: self.cfg.rms_norm_eps,
+            norm_offset: self.cfg.norm_offset,
+            activation: self.cfg.activation,
+            attn_scale: self.cfg.attn_scale,
             dtype: self.dtype,
             kernels: self.kernels,
             dropout_seed: self.dropout_seed,
@@ -1436,10 +1527,11 @@ impl Model {
         } else {
             Tensor::arange(past as u32, s as u32, &self.device)?.reshape((1, t))?
         };
-        let (cos, sin) = self.rope_tables(&positions, self.dtype)?;
+        let rope = self.rope_tables(&positions, self.dtype)?;
         // Causal among the new tokens; every cached one is visible, except a row's padding (which only
-        // sees itself, so that no softmax row is empty). One new token and no padding: nothing to mask.
-        let bias = if t > 1 || padded {
+        // sees itself, so that no softmax row is empty) and, for a sliding-window layer, the keys before its
+        // window. One new token, no padding and no window to apply: nothing to mask.
+        let cached_bias = |window: Option<usize>| -> Result<Tensor> {
             let rows = if padded { b } else { 1 };
             let mut v = vec![0f32; rows * t * s];
             for r in 0..rows {
@@ -1447,16 +1539,25 @@ impl Model {
                 for q in 0..t {
                     let qpos = past + q;
                     for k in 0..s {
-                        if k > qpos || (k < pad && k != qpos) {
+                        let outside = window.is_some_and(|w| k + w <= qpos);
+                        if k > qpos || (k < pad && k != qpos) || (outside && k != qpos) {
                             v[(r * t + q) * s + k] = f32::NEG_INFINITY;
                         }
                     }
                 }
             }
-            Some(Tensor::from_vec(v, (rows, 1, t, s), &self.device)?)
+            Ok(Tensor::from_vec(v, (rows, 1, t, s), &self.device)?)
+        };
+        let bias = if t > 1 || padded {
+            Some(cached_bias(None)?)
         } else {
             None
         };
+        let windowed = self
+            .narrow_windows(s)
+            .into_iter()
+            .map(|w| Ok((w, cached_bias(Some(w))?)))
+            .collect::<Result<HashMap<usize, Tensor>>>()?;
         // candle-nn's fused inference kernels, where the dtype has them (f64 runs the pure ops).
         let ctx = LayerCtx {
             kernels: if self.dtype == DType::F64 {
@@ -1467,11 +1568,15 @@ impl Model {
             ..self.layer_ctx()
         };
         let mut x = self.embed(ids, false, None)?;
-        for (l, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
+        for (i, (l, slot)) in self.layers.iter().zip(cache.kv.iter_mut()).enumerate() {
+            let (cos, sin) = self.layer_rope(&rope, i);
+            let bias = self.cfg.layer_windows[i]
+                .and_then(|w| windowed.get(&w))
+                .or(bias.as_ref());
             let io = LayerIo {
-                cos: &cos,
-                sin: &sin,
-                bias: bias.as_ref(),
+                cos,
+                sin,
+                bias,
                 pad: None,
                 cache: Some(slot),
             };
@@ -1483,7 +1588,14 @@ impl Model {
         } else {
             x
         };
-        let x = layer::rms_norm(ctx.kernels, ctx.eps, &x, &self.norm, false)?;
+        let x = layer::rms_norm(
+            ctx.kernels,
+            ctx.eps,
+            &x,
+            &self.norm,
+            false,
+            ctx.norm_offset,
+        )?;
         self.logits(&x, false)
     }
 
@@ -1548,19 +1660,8 @@ impl Model {
         }
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.insert(
-                format!("{p}.input_layernorm.weight"),
-                l.input_norm.detached()?,
-            );
-            out.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.detached()?,
-            );
-            if let Some(w) = &l.q_norm {
-                out.insert(format!("{p}.self_attn.q_norm.weight"), w.detached()?);
-            }
-            if let Some(w) = &l.k_norm {
-                out.insert(format!("{p}.self_attn.k_norm.weight"), w.detached()?);
+            for (leaf, w) in l.named_norms() {
+                out.insert(format!("{p}.{leaf}.weight"), w.detached()?);
             }
             for lin in l.linears() {
                 out.insert(format!("{}.weight", lin.name), lin.merged_weight()?);

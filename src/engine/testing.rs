@@ -194,6 +194,9 @@ pub fn tiny_llama(dir: &Path, seed: u64, opts: &TinyOpts) -> Result<Tokenizer> {
         rand_tensor(&mut rng, &[v, h], 0.0, 0.5)?,
     );
     let qkv_bias = opts.arch == ArchKind::Qwen2;
+    // Gemma's norms multiply by (1 + w): weights around 0 there, around 1 elsewhere.
+    let gemma = opts.arch == ArchKind::Gemma3;
+    let norm_mean = if gemma { 0.0 } else { 1.0 };
     for i in 0..nl {
         let p = format!("model.layers.{i}");
         let lin = |rng: &mut StdRng,
@@ -246,28 +249,36 @@ pub fn tiny_llama(dir: &Path, seed: u64, opts: &TinyOpts) -> Result<Tokenizer> {
                 );
             }
         }
-        if opts.arch == ArchKind::Qwen3 {
+        if matches!(opts.arch, ArchKind::Qwen3 | ArchKind::Gemma3) {
             t.insert(
                 format!("{p}.self_attn.q_norm.weight"),
-                rand_tensor(&mut rng, &[hd], 1.0, 0.1)?,
+                rand_tensor(&mut rng, &[hd], norm_mean, 0.1)?,
             );
             t.insert(
                 format!("{p}.self_attn.k_norm.weight"),
-                rand_tensor(&mut rng, &[hd], 1.0, 0.1)?,
+                rand_tensor(&mut rng, &[hd], norm_mean, 0.1)?,
             );
         }
         t.insert(
             format!("{p}.input_layernorm.weight"),
-            rand_tensor(&mut rng, &[h], 1.0, 0.1)?,
+            rand_tensor(&mut rng, &[h], norm_mean, 0.1)?,
         );
         t.insert(
             format!("{p}.post_attention_layernorm.weight"),
-            rand_tensor(&mut rng, &[h], 1.0, 0.1)?,
+            rand_tensor(&mut rng, &[h], norm_mean, 0.1)?,
         );
+        if gemma {
+            for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                t.insert(
+                    format!("{p}.{n}.weight"),
+                    rand_tensor(&mut rng, &[h], norm_mean, 0.1)?,
+                );
+            }
+        }
     }
     t.insert(
         "model.norm.weight".to_string(),
-        rand_tensor(&mut rng, &[h], 1.0, 0.1)?,
+        rand_tensor(&mut rng, &[h], norm_mean, 0.1)?,
     );
     if !opts.tie_word_embeddings {
         t.insert(
@@ -279,7 +290,8 @@ pub fn tiny_llama(dir: &Path, seed: u64, opts: &TinyOpts) -> Result<Tokenizer> {
     let mut config = json!({
         "architectures": [match opts.arch {
             ArchKind::Llama => "LlamaForCausalLM", ArchKind::Mistral => "MistralForCausalLM",
-            ArchKind::Qwen2 => "Qwen2ForCausalLM", ArchKind::Qwen3 => "Qwen3ForCausalLM" }],
+            ArchKind::Qwen2 => "Qwen2ForCausalLM", ArchKind::Qwen3 => "Qwen3ForCausalLM",
+            ArchKind::Gemma3 => "Gemma3ForCausalLM" }],
         "model_type": opts.arch.model_type(),
         "vocab_size": v, "hidden_size": h, "intermediate_size": ff, "num_hidden_layers": nl,
         "num_attention_heads": nh, "num_key_value_heads": nkv, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -288,6 +300,22 @@ pub fn tiny_llama(dir: &Path, seed: u64, opts: &TinyOpts) -> Result<Tokenizer> {
     });
     if opts.arch == ArchKind::Qwen3 {
         config["head_dim"] = json!(hd);
+    }
+    if gemma {
+        // Every Gemma 3 feature where a tiny batch sees it: layer 0 slides over 3 positions with its own RoPE
+        // base, layer 1 attends to everything with linearly scaled RoPE; the score scale is not 1/√head_dim.
+        let extra = json!({
+            "head_dim": hd, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 24,
+            "sliding_window": 3, "layer_types": (0..nl)
+                .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+                .collect::<Vec<_>>(),
+            "rope_local_base_freq": 100.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "final_logit_softcapping": null, "attn_logit_softcapping": null, "rms_norm_eps": 1e-6,
+        });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.remove("hidden_act");
+            c.extend(e.clone());
+        }
     }
     let write = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = dir.join(name);

@@ -215,6 +215,11 @@ pub fn write_gguf(
         ArchKind::Llama | ArchKind::Mistral => "llama",
         ArchKind::Qwen2 => "qwen2",
         ArchKind::Qwen3 => "qwen3",
+        ArchKind::Gemma3 => {
+            return Err(ExportError::Unsupported(
+                "GGUF export of a Gemma 3 model is not supported yet".into(),
+            ));
+        }
     };
     let permute = arch == "llama";
     let k = |s: &str| format!("{arch}.{s}");

@@ -19,7 +19,7 @@ use crate::config::{self, ExportFormat, GgufType, Preset};
 use crate::data::DataError;
 use crate::engine::adapter::{merge_adapter, parse_adapter_list};
 use crate::engine::source::{SourceError, SourceKind, SourceProgress};
-use crate::engine::{EngineError, Finetune, Model};
+use crate::engine::{ArchKind, EngineError, Finetune, Model, ModelConfig};
 use crate::fsutil::StagedDir;
 use crate::resolve::{self, PresetModel};
 
@@ -159,6 +159,11 @@ pub fn export_cancellable(
         tokenizer,
     } = resolve::load_model(preset, load_dtype, device, &mut src_progress)?;
     stop_if(cancelled)?;
+    if gguf_out && ModelConfig::from_hf_config(&files.config)?.arch == ArchKind::Gemma3 {
+        return Err(ExportError::Unsupported(
+            "GGUF export of a Gemma 3 model is not supported yet (llama.cpp's gemma3 layout differs from the llama/qwen one termtune writes); export a merged Hugging Face folder instead (remove `export_format: gguf`) and convert it with llama.cpp's convert_hf_to_gguf.py".into(),
+        ));
+    }
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
     let out_dtype = export_dtype(preset, config_dtype(&files.config));
