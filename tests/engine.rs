@@ -178,7 +178,8 @@ fn unsupported_model_type_and_bad_lora_target_are_clear_errors() {
 }
 
 /// Finite-difference check of dLoss/dA and dLoss/dB (f64) through embedding, RMSNorm, q/k norm (qwen3), RoPE,
-/// GQA attention with a padding mask, SwiGLU, untied lm_head and the masked loss, for both kernel sets.
+/// GQA attention with a padding mask, SwiGLU (GeGLU and Gemma 3's norms and window), untied lm_head and the masked
+/// loss, for both kernel sets.
 /// Tolerance: relative error < 1e-3 (observed ~1e-8); central differences with h = 1e-5.
 #[test]
 fn lora_gradients_match_finite_differences_f64() {
@@ -203,6 +204,14 @@ fn lora_gradients_match_finite_differences_f64() {
         (
             TinyOpts {
                 arch: ArchKind::Mistral,
+                ..TinyOpts::default()
+            },
+            Kernels::Fused,
+        ),
+        // Gemma 3: (1 + w) norms around attention and MLP, GeGLU, the sliding window, the embedding scale.
+        (
+            TinyOpts {
+                arch: ArchKind::Gemma3,
                 ..TinyOpts::default()
             },
             Kernels::Fused,

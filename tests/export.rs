@@ -31,8 +31,18 @@ fn preset(lines: &[String]) -> Preset {
 /// A tiny base folder and one trained-looking adapter on it (LoRA on q,k,v,o,gate,up,down with seeded non-zero
 /// B). Returns (base dir, adapter dir, base + unmerged adapter model in f32).
 fn base_and_adapter(root: &Path, seed: u64, r: usize) -> (PathBuf, PathBuf, Model) {
+    base_and_adapter_of(root, seed, r, &TinyOpts::default())
+}
+
+/// [`base_and_adapter`] on the tiny model of `opts`.
+fn base_and_adapter_of(
+    root: &Path,
+    seed: u64,
+    r: usize,
+    opts: &TinyOpts,
+) -> (PathBuf, PathBuf, Model) {
     let base = root.join("base");
-    tiny_llama(&base, 1234, &TinyOpts::default()).unwrap();
+    tiny_llama(&base, 1234, opts).unwrap();
     let files = load_hf_folder(&base, DType::F32, &CPU).unwrap();
     let spec = LoraSpec {
         r,
@@ -360,6 +370,64 @@ fn refusals_explain_and_write_nothing() {
     ]);
     export::export(&p, &CPU, &mut |_| {}).unwrap();
     assert!(empty.join("model.safetensors").is_file());
+}
+
+/// Gemma 3's four norms per layer are written under their own names (the merged folder reloads to the logits of
+/// base + adapter, and the loader reads names as transformers does: `engine::matches_transformers_and_peft_goldens`);
+/// a GGUF export is refused with the fix and writes nothing.
+#[test]
+fn a_gemma3_export_keeps_its_norms_and_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = TinyOpts {
+        arch: termtune::engine::ArchKind::Gemma3,
+        ..TinyOpts::default()
+    };
+    let (base, ad, reference) = base_and_adapter_of(tmp.path(), 11, 8, &opts);
+    let out = tmp.path().join("merged");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", ad.display()),
+        format!("export_dir: {}", out.display()),
+        "infer_dtype: float32".into(),
+    ]);
+    export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let mut names: Vec<String> = load_hf_folder(&out, DType::F32, &CPU)
+        .unwrap()
+        .tensors
+        .into_keys()
+        .filter(|n| n.starts_with("model.layers.0.") && n.contains("norm"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.0.post_feedforward_layernorm.weight",
+            "model.layers.0.pre_feedforward_layernorm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+        ]
+    );
+    let exported = load_back(&out);
+    let diff = max_abs_diff(&logits(&reference), &logits(&exported));
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    assert!(max_abs_diff(&logits(&reference), &logits(&load_back(&base))) > 1e-2);
+
+    let gguf_out = tmp.path().join("gguf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("export_dir: {}", gguf_out.display()),
+        "export_format: gguf".into(),
+    ]);
+    let err = export::export(&p, &CPU, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Gemma 3") && err.contains("convert_hf_to_gguf.py"),
+        "{err}"
+    );
+    assert_only(tmp.path(), &["adapter", "base", "merged"]);
 }
 
 #[test]

@@ -365,21 +365,31 @@ fn compare_finetune_with_cpu(
     }
 }
 
+/// The tiny Gemma 3 (sliding window, two RoPE bases, (1 + w) norms, GeGLU).
+fn gemma3() -> TinyOpts {
+    TinyOpts {
+        arch: ArchKind::Gemma3,
+        ..TinyOpts::default()
+    }
+}
+
 #[test]
 fn generic_training_path_matches_the_fused_path_in_f32() {
-    let d = tempfile::tempdir().unwrap();
-    tiny(d.path(), &TinyOpts::default());
-    compare_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true);
-    // Freeze and full fine-tuning: trainable base weights and norms take candle's graph on every device.
-    for ft in [
-        Finetune::Freeze {
-            trainable_layers: 1,
-        },
-        Finetune::Full,
-    ] {
-        compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &ft);
+    for opts in [TinyOpts::default(), gemma3()] {
+        let d = tempfile::tempdir().unwrap();
+        tiny(d.path(), &opts);
+        compare_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true);
+        // Freeze and full fine-tuning: trainable base weights and norms take candle's graph on every device.
+        for ft in [
+            Finetune::Freeze {
+                trainable_layers: 1,
+            },
+            Finetune::Full,
+        ] {
+            compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &ft);
+        }
+        compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &dora(4));
     }
-    compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &dora(4));
 }
 
 /// Finite differences on a few LoRA entries of the model on `dev` in f64.
@@ -440,9 +450,11 @@ fn finite_differences(dir: &Path, dev: &Device, generic: bool) {
 
 #[test]
 fn generic_training_path_matches_finite_differences_f64() {
-    let d = tempfile::tempdir().unwrap();
-    tiny(d.path(), &TinyOpts::default());
-    finite_differences(d.path(), &CPU, true);
+    for opts in [TinyOpts::default(), gemma3()] {
+        let d = tempfile::tempdir().unwrap();
+        tiny(d.path(), &opts);
+        finite_differences(d.path(), &CPU, true);
+    }
 }
 
 #[test]
@@ -470,6 +482,7 @@ fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
             arch: ArchKind::Qwen2,
             ..TinyOpts::default()
         },
+        gemma3(),
     ] {
         let d = tempfile::tempdir().unwrap();
         tiny(d.path(), &opts);
@@ -493,9 +506,11 @@ fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
 #[test]
 fn cuda_gradients_match_finite_differences_f64() {
     let Some(dev) = cuda() else { return };
-    let d = tempfile::tempdir().unwrap();
-    tiny(d.path(), &TinyOpts::default());
-    finite_differences(d.path(), &dev, false);
+    for opts in [TinyOpts::default(), gemma3()] {
+        let d = tempfile::tempdir().unwrap();
+        tiny(d.path(), &opts);
+        finite_differences(d.path(), &dev, false);
+    }
 }
 
 fn train_losses(root: &Path, device: &Device, extra: &str) -> Vec<f64> {
@@ -758,26 +773,31 @@ fn cuda_preference_and_reward_runs_follow_the_cpu_runs() {
 #[test]
 fn cuda_greedy_generation_matches_the_cpu() {
     let Some(dev) = cuda() else { return };
+    // Gemma 3's sliding-window layer masks the cache's older keys while decoding.
+    let g = tempfile::tempdir().unwrap();
+    tiny(g.path(), &gemma3());
     let d = tempfile::tempdir().unwrap();
     tiny(d.path(), &TinyOpts::default());
-    let greedy = |device: &Device| -> Vec<u32> {
-        let m = load(d.path(), DType::F32, device, &lora(4));
-        let mut ids: Vec<u32> = vec![5, 70, 71, 100, 33];
-        let mut cache = termtune::engine::KvCache::new(2);
-        let mut next = Tensor::new(ids.as_slice(), device)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        for _ in 0..24 {
-            let logits = m.forward_cached(&next, &mut cache, true).unwrap();
-            let last = Model::last_logits(&logits).unwrap();
-            let id = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            ids.push(id);
-            next = Tensor::new(&[[id]], device).unwrap();
-        }
-        ids
-    };
-    assert_eq!(greedy(&dev), greedy(&CPU));
+    for dir in [g.path(), d.path()] {
+        let greedy = |device: &Device| -> Vec<u32> {
+            let m = load(dir, DType::F32, device, &lora(4));
+            let mut ids: Vec<u32> = vec![5, 70, 71, 100, 33];
+            let mut cache = termtune::engine::KvCache::new(2);
+            let mut next = Tensor::new(ids.as_slice(), device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            for _ in 0..24 {
+                let logits = m.forward_cached(&next, &mut cache, true).unwrap();
+                let last = Model::last_logits(&logits).unwrap();
+                let id = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+                ids.push(id);
+                next = Tensor::new(&[[id]], device).unwrap();
+            }
+            ids
+        };
+        assert_eq!(greedy(&dev), greedy(&CPU), "{}", dir.display());
+    }
     // A prompt cache on the GPU (its keys and values truncated and appended to there) answers as a fresh
     // generation: a follow-up prompt and one that leaves the held tokens part-way.
     let m = load(d.path(), DType::F32, &dev, &lora(4));

@@ -316,6 +316,10 @@ fn llama2_gemma_phi4_smollm2_renderings() {
         )
     );
     assert_eq!(
+        render("gemma3", Some("<s>"), "</s>", &sys()),
+        render("gemma", Some("<s>"), "</s>", &sys())
+    );
+    assert_eq!(
         render("phi4", None, "<|endoftext|>", &sys()),
         (
             "<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hi!<|im_end|>"

@@ -167,6 +167,7 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "default",
     "empty",
     "gemma",
+    "gemma3",
     "llama2",
     "llama3",
     "mistral",
@@ -225,7 +226,8 @@ pub fn builtin(name: &str) -> Option<Template> {
                 ..Reg::default()
             },
         ),
-        "gemma" => register(
+        // LLaMA-Factory's gemma3 is gemma's text format (plus an image plugin termtune does not use).
+        "gemma" | "gemma3" => register(
             name,
             Reg {
                 user: Some(vec![t(

@@ -82,7 +82,10 @@ impl Activation {
             "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
             other => Err(EngineError::key(
                 key,
-                format!("activation {other:?} is not supported (supported: {})", Self::SUPPORTED),
+                format!(
+                    "activation {other:?} is not supported (supported: {})",
+                    Self::SUPPORTED
+                ),
             )),
         }
     }
@@ -223,7 +226,10 @@ impl ModelConfig {
         let model_type = v.get("model_type").and_then(Value::as_str).ok_or_else(|| {
             EngineError::key(
                 "model_type",
-                format!("missing; expected one of {}", ArchKind::SUPPORTED.join(", ")),
+                format!(
+                    "missing; expected one of {}",
+                    ArchKind::SUPPORTED.join(", ")
+                ),
             )
         })?;
         let arch = ArchKind::from_model_type(model_type)?;
@@ -508,7 +514,9 @@ fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f
     }
     let mut local = opt_f64(v, "rope_local_base_freq")?;
     let nested = match v.get("rope_parameters") {
-        Some(Value::Object(m)) if m.contains_key("full_attention") || m.contains_key("sliding_attention") => {
+        Some(Value::Object(m))
+            if m.contains_key("full_attention") || m.contains_key("sliding_attention") =>
+        {
             Some(m)
         }
         Some(Value::Object(_)) => {
@@ -532,8 +540,13 @@ fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f
         let part = |k: &str| -> Result<Option<(Option<f64>, Option<RopeScaling>)>> {
             match m.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(Value::Object(o)) => Ok(Some(rope_object(o, &format!("rope_parameters.{k}"))?)),
-                Some(_) => Err(EngineError::key(format!("rope_parameters.{k}"), "expected an object")),
+                Some(Value::Object(o)) => {
+                    Ok(Some(rope_object(o, &format!("rope_parameters.{k}"))?))
+                }
+                Some(_) => Err(EngineError::key(
+                    format!("rope_parameters.{k}"),
+                    "expected an object",
+                )),
             }
         };
         if let Some((theta, s)) = part("full_attention")? {
@@ -541,7 +554,9 @@ fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f
                 if global_given && t != global {
                     return Err(EngineError::key(
                         "rope_theta",
-                        format!("`rope_theta` {global} and `rope_parameters.full_attention.rope_theta` {t} disagree; keep one"),
+                        format!(
+                            "`rope_theta` {global} and `rope_parameters.full_attention.rope_theta` {t} disagree; keep one"
+                        ),
                     ));
                 }
                 global = t;
@@ -1109,7 +1124,10 @@ mod tests {
         let mut both = v5.clone();
         both["rope_local_base_freq"] = serde_json::json!(50.0);
         let e = err(&both);
-        assert!(e.contains("rope_local_base_freq") && e.contains("sliding_attention"), "{e}");
+        assert!(
+            e.contains("rope_local_base_freq") && e.contains("sliding_attention"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1126,9 +1144,15 @@ mod tests {
         let e = with("use_bidirectional_attention", serde_json::json!(true));
         assert!(e.contains("`use_bidirectional_attention`"), "{e}");
         let e = with("hidden_activation", serde_json::json!("gelu"));
-        assert!(e.contains("`hidden_activation`") && e.contains("gelu_pytorch_tanh"), "{e}");
+        assert!(
+            e.contains("`hidden_activation`") && e.contains("gelu_pytorch_tanh"),
+            "{e}"
+        );
         let e = with("layer_types", serde_json::json!(["sliding_attention"]));
-        assert!(e.contains("`layer_types`") && e.contains("26 layers"), "{e}");
+        assert!(
+            e.contains("`layer_types`") && e.contains("26 layers"),
+            "{e}"
+        );
         let e = with("model_type", serde_json::json!("gemma3"));
         assert!(e.contains("gemma3_text") && e.contains("gemma-3-1b"), "{e}");
         // A llama-family config with another activation is refused too (it was silently SwiGLU).
@@ -1144,7 +1168,10 @@ mod tests {
             ModelConfig::from_hf_config(&v).unwrap().layer_windows
         };
         // A llama has no windows, whatever the keys say.
-        assert_eq!(windows(serde_json::json!({"sliding_window": 4})), [None, None]);
+        assert_eq!(
+            windows(serde_json::json!({"sliding_window": 4})),
+            [None, None]
+        );
         let mistral = |w: serde_json::Value| {
             windows(serde_json::json!({"model_type": "mistral", "sliding_window": w}))
         };

@@ -1588,14 +1588,7 @@ impl Model {
         } else {
             x
         };
-        let x = layer::rms_norm(
-            ctx.kernels,
-            ctx.eps,
-            &x,
-            &self.norm,
-            false,
-            ctx.norm_offset,
-        )?;
+        let x = layer::rms_norm(ctx.kernels, ctx.eps, &x, &self.norm, false, ctx.norm_offset)?;
         self.logits(&x, false)
     }
 
