@@ -25,3 +25,24 @@ per_token = torch.nn.functional.cross_entropy(x, labels, ignore_index=-100, redu
 valid = per_token[labels != -100]
 dft = (valid * torch.exp(-valid).detach()).sum() / 5
 print("dft", repr(dft.item()))
+
+# LLaMA-Factory's `use_eaft_loss` (`_eaft_cross_entropy` of llamafactory 0.9.5, imported from its source when the
+# sdist is unpacked at LF_SRC, e.g. LF_SRC=/tmp/lf/llamafactory-0.9.5/src; needs omegaconf and trl<=0.24):
+# a vocabulary of 29 (EAFT reads the 20 largest logits), x[i][j] = 3·sin(0.37·i + 0.11·j²) for 5 tokens, with
+# x[2][5] set to x[2][7] (a tie among the largest), targets (3·i + 1) mod 29, normalised by the 5 counted tokens.
+import os
+import sys
+
+if os.environ.get("LF_SRC"):
+    os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+    sys.path.insert(0, os.environ["LF_SRC"])
+    from llamafactory.train.trainer_utils import _eaft_cross_entropy
+
+    x29 = torch.tensor([[3 * math.sin(0.37 * i + 0.11 * j * j) for j in range(29)] for i in range(5)], dtype=torch.float64)
+    x29[2][5] = x29[2][7]
+    t29 = torch.tensor([(3 * i + 1) % 29 for i in range(5)])
+    for alpha in (1.0, 0.5):
+        v = x29.clone().requires_grad_(True)
+        loss = _eaft_cross_entropy(v, t29, num_items_in_batch=torch.tensor(5), alpha=alpha)
+        loss.backward()
+        print(f"eaft alpha {alpha}", repr(loss.item()), "grad[2][:4]", [repr(g) for g in v.grad[2][:4].tolist()])

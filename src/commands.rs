@@ -181,6 +181,13 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
             "#   loss: DFT, each answer token's cross-entropy times its probability (use_dft_loss), eval_loss too"
         );
     }
+    if p.use_eaft_loss {
+        let _ = writeln!(
+            out,
+            "#   loss: EAFT, each answer token's cross-entropy times (entropy of its 20 largest logits / 3)^{} (use_eaft_loss, eaft_alpha), eval_loss too",
+            p.eaft_alpha
+        );
+    }
     if !loaded.notes.is_empty() {
         let _ = writeln!(
             out,

@@ -216,6 +216,15 @@ const CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "invalid_eaft.yaml",
+        &[
+            ":4:",
+            "`use_dft_loss` and `use_eaft_loss` each replace the loss (LLaMA-Factory would silently use DFT): set one of them",
+            ":5:",
+            "`eaft_alpha` must be a number ≥ 0 (1.0 is LLaMA-Factory's default), got -1",
+        ],
+    ),
+    (
         "invalid_bf16_and_fp16.yaml",
         &[":4:", "`bf16` and `fp16` cannot both be true"],
     ),

@@ -902,7 +902,7 @@ fn model_loss_fused_and_pure(arch: ArchKind, token_loss: ops::TokenLoss, seed: u
 
 const SMOOTH: ops::TokenLoss = ops::TokenLoss {
     smoothing: 0.1,
-    dft: false,
+    ..ops::TokenLoss::PLAIN
 };
 
 /// The logits and targets of scripts/label_smoothing_reference.py: x[i][j] = 3·sin(0.37·i + 0.11·j²), 5 counted
@@ -996,8 +996,8 @@ fn label_smoothing_matches_transformers() {
 #[test]
 fn dft_loss_matches_llamafactory() {
     let dft = ops::TokenLoss {
-        smoothing: 0.0,
         dft: true,
+        ..ops::TokenLoss::PLAIN
     };
     let (x, tg) = reference_logits();
     let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
@@ -1030,6 +1030,85 @@ fn dft_loss_matches_llamafactory() {
         }
     }
     model_loss_fused_and_pure(ArchKind::Llama, dft, 5);
+}
+
+/// `use_eaft_loss`: fused, generic and pure losses and gradients equal LLaMA-Factory's own `_eaft_cross_entropy`
+/// (imported from the 0.9.5 sdist by scripts/label_smoothing_reference.py, torch autograd for the gradient) on 5
+/// tokens × 29 logits with a tie among a row's largest, for eaft_alpha 1 and 0.5; on a whole model fused and pure
+/// paths agree.
+#[test]
+fn eaft_loss_matches_llamafactory() {
+    let mut rows: Vec<Vec<f64>> = (0..5)
+        .map(|i| {
+            (0..29)
+                .map(|j| 3.0 * (0.37 * f64::from(i) + 0.11 * f64::from(j * j)).sin())
+                .collect()
+        })
+        .collect();
+    rows[2][5] = rows[2][7];
+    let x = Tensor::new(rows, &CPU).unwrap();
+    let tg = Tensor::new(&[1u32, 4, 7, 10, 13], &CPU).unwrap();
+    let cases = [
+        (
+            1.0,
+            3.665850329133606,
+            [
+                0.008009691416503893,
+                0.010090856492985889,
+                0.01697270622906116,
+                0.020488218626107186,
+            ],
+        ),
+        (
+            0.5,
+            3.953291760461009,
+            [
+                0.008623370422235304,
+                0.010863988247704213,
+                0.018273105076107868,
+                0.022057965696483744,
+            ],
+        ),
+    ];
+    for (alpha, want, want_grad) in cases {
+        let eaft = ops::TokenLoss {
+            eaft: Some(alpha),
+            ..ops::TokenLoss::PLAIN
+        };
+        let per_token = |t: &Tensor| t.to_scalar::<f64>().unwrap() / 5.0;
+        let fused = ops::fused::cross_entropy_sum(&x, &tg, eaft).unwrap();
+        let generic = ops::generic::cross_entropy_sum(&x, &tg, eaft).unwrap();
+        for (what, got) in [("fused", &fused), ("generic", &generic)] {
+            assert!(
+                (per_token(got) - want).abs() < 1e-12,
+                "{what} alpha {alpha}: {} vs {want}",
+                per_token(got)
+            );
+        }
+        let (_, g) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, eaft, true).unwrap();
+        let (_, gg) = ops::generic::cross_entropy_sum_and_grad(&x, &tg, eaft, true).unwrap();
+        for (what, g) in [("fused", g), ("generic", gg)] {
+            let row: Vec<f64> = g.unwrap().get(2).unwrap().to_vec1().unwrap();
+            for (j, w) in want_grad.iter().enumerate() {
+                assert!(
+                    (row[j] / 5.0 - w).abs() < 1e-12,
+                    "{what} alpha {alpha} grad[2][{j}]: {} vs {w}",
+                    row[j] / 5.0
+                );
+            }
+        }
+        // The weight is not the plain loss's 1: the test would notice EAFT being ignored.
+        let plain = ops::fused::cross_entropy_sum(&x, &tg, ops::TokenLoss::PLAIN).unwrap();
+        assert!((per_token(&plain) - want).abs() > 0.1);
+    }
+    model_loss_fused_and_pure(
+        ArchKind::Llama,
+        ops::TokenLoss {
+            eaft: Some(1.0),
+            ..ops::TokenLoss::PLAIN
+        },
+        6,
+    );
 }
 
 /// A prompt cache reads only the tokens after those it holds and answers as a fresh generation does: a follow-up

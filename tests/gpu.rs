@@ -174,20 +174,28 @@ fn kernel_diffs(dev: &Device, dtype: DType, generic: bool) -> Vec<(&'static str,
             "cross_entropy label-smoothed",
             ops::TokenLoss {
                 smoothing: 0.1,
-                dft: false,
+                ..ops::TokenLoss::PLAIN
             },
         ),
         (
             "cross_entropy dft",
             ops::TokenLoss {
-                smoothing: 0.0,
                 dft: true,
+                ..ops::TokenLoss::PLAIN
+            },
+        ),
+        (
+            "cross_entropy eaft",
+            ops::TokenLoss {
+                eaft: Some(0.5),
+                ..ops::TokenLoss::PLAIN
             },
         ),
     ] {
         check(name, &|d, dt| {
-            let x = seeded(&[6, 13], 12, dt, d);
-            let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 1], d).unwrap();
+            // 29 columns: EAFT reads the 20 largest of each row.
+            let x = seeded(&[6, 29], 12, dt, d);
+            let tg = Tensor::new(&[0u32, 12, 5, 5, 7, 28], d).unwrap();
             let (sum, grad) = ops::fused::cross_entropy_sum_and_grad(&x, &tg, loss, true).unwrap();
             vec![
                 ops::fused::cross_entropy_sum(&x, &tg, loss).unwrap(),

@@ -139,6 +139,15 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
     .unwrap();
     assert!(loaded.preset.use_dft_loss);
     assert_eq!(loaded.preset.finetuning_type, config::FinetuningType::Full);
+    // examples/extras/eaft/qwen25_05b_eaft_full.yaml, unchanged.
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/qwen25_05b_eaft_full.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert!(loaded.preset.use_eaft_loss && !loaded.preset.use_dft_loss);
+    assert_eq!(loaded.preset.eaft_alpha, 1.0);
 }
 
 #[test]

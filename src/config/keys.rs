@@ -709,17 +709,15 @@ pub const KEYS: &[KeySpec] = &[
         "0.1",
         "the ASFT loss is not supported yet",
     ),
-    uns(
+    imp(
         "use_eaft_loss",
         Method,
-        "false",
-        "the EAFT loss is not supported yet",
+        "EAFT loss (LLaMA-Factory): each answer token's cross-entropy weighted by (entropy of its 20 largest logits / 3)^eaft_alpha (detached); stage sft.",
     ),
-    uns(
+    imp(
         "eaft_alpha",
         Method,
-        "1.0",
-        "the EAFT loss is not supported yet",
+        "EAFT's exponent on the entropy weight.",
     ),
     imp(
         "compute_accuracy",

@@ -345,6 +345,9 @@ pub struct Preset {
     pub label_smoothing_factor: f64,
     /// LLaMA-Factory's DFT loss (stage sft).
     pub use_dft_loss: bool,
+    /// LLaMA-Factory's EAFT loss (stage sft): each token's cross-entropy times (top-20 entropy / 3)^eaft_alpha.
+    pub use_eaft_loss: bool,
+    pub eaft_alpha: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -472,6 +475,8 @@ impl Default for Preset {
             neftune_noise_alpha: None,
             label_smoothing_factor: 0.0,
             use_dft_loss: false,
+            use_eaft_loss: false,
+            eaft_alpha: 1.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,

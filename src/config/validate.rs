@@ -388,6 +388,33 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`use_dft_loss` replaces the loss, so `label_smoothing_factor` would be ignored (as in LLaMA-Factory): set one of them".into(),
         );
     }
+    if p.use_eaft_loss {
+        if p.stage != Stage::Sft {
+            bad(
+                "use_eaft_loss",
+                "`use_eaft_loss` is LLaMA-Factory's SFT loss: set `stage: sft` or remove it".into(),
+            );
+        } else if p.use_dft_loss {
+            bad(
+                "use_eaft_loss",
+                "`use_dft_loss` and `use_eaft_loss` each replace the loss (LLaMA-Factory would silently use DFT): set one of them".into(),
+            );
+        } else if p.label_smoothing_factor > 0.0 {
+            bad(
+                "use_eaft_loss",
+                "`use_eaft_loss` replaces the loss, so `label_smoothing_factor` would be ignored (as in LLaMA-Factory): set one of them".into(),
+            );
+        }
+    }
+    if !(p.eaft_alpha.is_finite() && p.eaft_alpha >= 0.0) {
+        bad(
+            "eaft_alpha",
+            format!(
+                "`eaft_alpha` must be a number ≥ 0 (1.0 is LLaMA-Factory's default), got {}",
+                p.eaft_alpha
+            ),
+        );
+    }
     if p.weight_decay < 0.0 {
         bad("weight_decay", "`weight_decay` must be ≥ 0".into());
     }

@@ -265,7 +265,17 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
             .sum::<usize>(),
         _ => 0,
     };
-    let kept_per_token = u(4 * h + 2 * q + 2 * kv + 3 * ff) * bytes + u(dora_outputs) * 4;
+    // Layers the hand-written backward does not cover keep a little more in candle's graph: q and k before their
+    // norms (qwen3, gemma3), the attention and MLP outputs before Gemma's norms around them, GeGLU's GELU output.
+    let graph_extra = if cfg.qk_norm { q + kv } else { 0 }
+        + if cfg.sandwich_norms { 2 * h } else { 0 }
+        + if cfg.activation == super::arch::Activation::GeluTanh {
+            ff
+        } else {
+            0
+        };
+    let kept_per_token =
+        u(4 * h + 2 * q + 2 * kv + 3 * ff + graph_extra) * bytes + u(dora_outputs) * 4;
     let activations = if run.checkpointing {
         tokens * u(l * h) * bytes + tokens * kept_per_token
     } else {

@@ -1231,9 +1231,11 @@ impl Model {
         } else {
             let logp = ops::log_softmax_pure(&logits)?;
             let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-            // DFT: each token weighted by its (detached) probability; 1 otherwise.
+            // DFT: each token weighted by its (detached) probability; EAFT by its top-k entropy; 1 otherwise.
             let weights = if token_loss.dft {
                 picked.exp()?.detach()
+            } else if let Some(alpha) = token_loss.eaft {
+                ops::generic::eaft_weights(&logits, alpha)?.squeeze(1)?
             } else {
                 Tensor::ones(n, cdt, &self.device)?
             };

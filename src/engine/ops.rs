@@ -19,12 +19,14 @@ pub mod fused;
 pub mod generic;
 
 /// The per-token language-model loss: cross-entropy, label-smoothed by `smoothing` (transformers' `LabelSmoother`:
-/// `(1 − ε)·nll + ε·mean_v(−log p[v])`), and with `dft` weighted by the target's probability, detached
-/// (LLaMA-Factory's `use_dft_loss`: `p[target]·nll`).
+/// `(1 − ε)·nll + ε·mean_v(−log p[v])`), with `dft` weighted by the target's probability, detached
+/// (LLaMA-Factory's `use_dft_loss`: `p[target]·nll`), or with `eaft: Some(α)` weighted by the entropy of the row's
+/// 20 largest logits, detached (LLaMA-Factory's `use_eaft_loss`: `(H_top20 / 3)^α · nll`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TokenLoss {
     pub smoothing: f64,
     pub dft: bool,
+    pub eaft: Option<f64>,
 }
 
 impl TokenLoss {
@@ -32,8 +34,12 @@ impl TokenLoss {
     pub const PLAIN: TokenLoss = TokenLoss {
         smoothing: 0.0,
         dft: false,
+        eaft: None,
     };
 }
+
+/// How many of a row's largest logits EAFT's entropy reads (LLaMA-Factory's `torch.topk(..., k=20)`).
+pub const EAFT_TOP_K: usize = 20;
 
 /// Which implementation of the training kernels runs for a tensor, chosen here per device and dtype and nowhere
 /// else: the public functions of [`fused`] dispatch on it, so the model code names one kernel set.

@@ -544,6 +544,7 @@ fn build_model(
     model.token_loss = crate::engine::ops::TokenLoss {
         smoothing: p.label_smoothing_factor,
         dft: p.use_dft_loss,
+        eaft: p.use_eaft_loss.then_some(p.eaft_alpha),
     };
     Ok(model)
 }

@@ -529,7 +529,8 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Σ_rows of the token loss of [`TokenLoss`]: `(1 − ε)·(lse − x[target]) + ε·(lse − mean(x))` (transformers'
 /// `LabelSmoother`: ε of the mass spread evenly over the vocabulary; ε = 0 is plain cross-entropy), times
-/// p[target] (detached) with DFT; logits (n, v), targets (n) u32. Backward recomputes the softmax.
+/// p[target] (detached) with DFT or EAFT's entropy weight; logits (n, v), targets (n) u32. Backward recomputes
+/// the softmax.
 struct CrossEntropy {
     loss: TokenLoss,
 }
@@ -544,7 +545,8 @@ fn smoothing<T: Float>(eps: f64, v: usize) -> (T, T) {
     )
 }
 
-/// One row's loss and its weight: (`lse − keep·x[t] − spread·Σx`, DFT's p[t] or 1), given its max and Σ exp.
+/// One row's loss and its weight: (`lse − keep·x[t] − spread·Σx`, DFT's p[t], EAFT's weight or 1), given its max
+/// and Σ exp.
 fn ce_row<T: Float>(
     r: &[T],
     t: usize,
@@ -561,8 +563,40 @@ fn ce_row<T: Float>(
     } else {
         lse - keep * r[t] - spread * r.iter().fold(T::zero(), |a, &b| a + b)
     };
-    let weight = if loss.dft { (-plain).exp() } else { T::one() };
+    let weight = if loss.dft {
+        (-plain).exp()
+    } else if let Some(alpha) = loss.eaft {
+        eaft_weight(r, alpha)
+    } else {
+        T::one()
+    };
     (value, weight)
+}
+
+/// EAFT's row weight `(H / 3)^α`, H the entropy of the softmax over the row's [`super::EAFT_TOP_K`] largest logits
+/// (LLaMA-Factory's `_eaft_cross_entropy`; ties count once each, as `torch.topk` returns them).
+fn eaft_weight<T: Float>(r: &[T], alpha: f64) -> T {
+    let k = super::EAFT_TOP_K.min(r.len());
+    // The k largest, descending (insertion into a short sorted list: most values fall below its end).
+    let mut top: Vec<T> = Vec::with_capacity(k + 1);
+    for &x in r {
+        if top.len() == k && top.last().is_some_and(|&l| x <= l) {
+            continue;
+        }
+        let at = top.iter().position(|&y| x > y).unwrap_or(top.len());
+        top.insert(at, x);
+        top.truncate(k);
+    }
+    let Some(&m) = top.first() else {
+        return T::one();
+    };
+    let lse = top.iter().fold(T::zero(), |a, &y| a + (y - m).exp()).ln() + m;
+    let h = top.iter().fold(T::zero(), |a, &y| {
+        let lp = y - lse;
+        a - lp.exp() * lp
+    });
+    let h = h.max(T::zero()) / T::from(3.0).unwrap_or_else(T::one);
+    h.powf(T::from(alpha).unwrap_or_else(T::one))
 }
 
 fn row_max<T: Float>(r: &[T]) -> T {

@@ -130,8 +130,8 @@ fn lse_and_picked(x: &Tensor, targets: &Tensor) -> R<(Tensor, Tensor)> {
     Ok((lse, picked))
 }
 
-/// Σ_rows of the [`TokenLoss`]: `w·(lse − (1 − ε)·x[target] − ε·mean(x))` with w = DFT's p[target] (detached)
-/// or 1, differentiable; logits (n, v), targets (n) u32.
+/// Σ_rows of the [`TokenLoss`]: `w·(lse − (1 − ε)·x[target] − ε·mean(x))` with w = DFT's p[target] or EAFT's
+/// weight (detached) or 1, differentiable; logits (n, v), targets (n) u32.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, loss: TokenLoss) -> R<Tensor> {
     let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let (lse, picked) = lse_and_picked(&x, targets)?;
@@ -147,18 +147,46 @@ fn token_loss_sum(x: &Tensor, lse: &Tensor, picked: &Tensor, loss: TokenLoss) ->
         let mean = x.mean_keepdim(D::Minus1)?;
         ((lse - (picked * (1.0 - eps))?)? - (mean * eps)?)?
     };
-    match dft_weight(lse, picked, loss)? {
+    match row_weight(x, lse, picked, loss)? {
         Some(w) => (rows * w)?.sum_all(),
         None => rows.sum_all(),
     }
 }
 
-/// DFT's per-row weight p[target] = exp(picked − lse), detached (None without DFT).
-fn dft_weight(lse: &Tensor, picked: &Tensor, loss: TokenLoss) -> R<Option<Tensor>> {
-    if !loss.dft {
-        return Ok(None);
+/// The per-row weight (n, 1), detached: DFT's p[target] = exp(picked − lse), EAFT's [`eaft_weights`]; None for
+/// the others.
+fn row_weight(x: &Tensor, lse: &Tensor, picked: &Tensor, loss: TokenLoss) -> R<Option<Tensor>> {
+    if loss.dft {
+        return Ok(Some((picked - lse)?.exp()?.detach()));
     }
-    Ok(Some((picked - lse)?.exp()?.detach()))
+    match loss.eaft {
+        Some(alpha) => Ok(Some(eaft_weights(x, alpha)?)),
+        None => Ok(None),
+    }
+}
+
+/// EAFT's weight per row of `x` (n, v), (n, 1) detached: `(H / 3)^α` with H the entropy of the softmax over the row's
+/// [`super::EAFT_TOP_K`] largest logits (LLaMA-Factory's `_eaft_cross_entropy`). candle has no top-k: the largest
+/// value is taken k times, each time masking only the first position that holds it (so ties count once each, as
+/// `torch.topk` returns them).
+pub fn eaft_weights(x: &Tensor, alpha: f64) -> R<Tensor> {
+    let x = x.detach();
+    let (n, v) = x.dims2()?;
+    let k = super::EAFT_TOP_K.min(v);
+    let neg = Tensor::full(f32::NEG_INFINITY, (n, 1), x.device())?.to_dtype(x.dtype())?;
+    let mut rest = x;
+    let mut top = Vec::with_capacity(k);
+    for _ in 0..k {
+        top.push(rest.max_keepdim(D::Minus1)?);
+        let at = rest.argmax_keepdim(D::Minus1)?;
+        rest = rest.scatter_add(&at, &neg, 1)?;
+    }
+    let top = Tensor::cat(&top, 1)?;
+    let m = top.narrow(1, 0, 1)?;
+    let lse = (top.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
+    let lp = top.broadcast_sub(&lse)?;
+    let h = (lp.exp()? * &lp)?.sum_keepdim(1)?.neg()?.relu()?;
+    Ok((h / 3.0)?.powf(alpha)?.detach())
 }
 
 /// The summed [`TokenLoss`] (a scalar tensor, f64, left on the device: no host round trip) and, with `grad`, its
@@ -184,7 +212,7 @@ pub fn cross_entropy_sum_and_grad(
     #[allow(clippy::cast_precision_loss)]
     let spread = eps / v as f64;
     let g = ((p - (onehot * (1.0 - eps))?)? - spread)?;
-    let g = match dft_weight(&lse, &picked, loss)? {
+    let g = match row_weight(&x, &lse, &picked, loss)? {
         Some(w) => g.broadcast_mul(&w)?,
         None => g,
     };
