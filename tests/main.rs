@@ -33,6 +33,7 @@ mod gguf_smollm2;
 mod gpu;
 mod hub_cache;
 mod identity_smollm2;
+mod image_text;
 mod kto_rm;
 mod lf_demo_data;
 mod nf4;

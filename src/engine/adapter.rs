@@ -248,6 +248,8 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
                 format!("tensor `{name}` does not start with `{PREFIX}`"),
             ));
         };
+        // An image-and-text model's modules (either transformers layout) as termtune names them.
+        let rest = super::arch::text_tensor_name(false, rest).unwrap_or_else(|| rest.to_string());
         // PEFT strips the adapter name on save; accept `.default.` too (written by some older tools).
         let rest = rest
             .replace(".lora_A.default.weight", ".lora_A.weight")
@@ -361,26 +363,37 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
     std::fs::create_dir_all(dir)
         .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
     let mut tensors = HashMap::new();
+    let image_text = model.cfg.image_text;
     for lin in model.linears() {
         if let Some(l) = &lin.lora {
+            // The module as PEFT names it on the checkpoint (an image-and-text model's under `language_model.`).
+            let module = super::arch::checkpoint_name(image_text, &lin.name);
             tensors.insert(
-                format!("{PREFIX}{}.lora_A.weight", lin.name),
+                format!("{PREFIX}{module}.lora_A.weight"),
                 l.a.as_detached_tensor().to_dtype(DType::F32)?,
             );
             tensors.insert(
-                format!("{PREFIX}{}.lora_B.weight", lin.name),
+                format!("{PREFIX}{module}.lora_B.weight"),
                 l.b.as_detached_tensor().to_dtype(DType::F32)?,
             );
             if let Some(d) = &l.dora {
                 tensors.insert(
-                    format!("{PREFIX}{}.lora_magnitude_vector", lin.name),
+                    format!("{PREFIX}{module}.lora_magnitude_vector"),
                     d.magnitude.as_detached_tensor().to_dtype(DType::F32)?,
                 );
             }
         }
     }
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let cfg = AdapterConfig::for_spec(spec, base_model_name_or_path);
+    let mut cfg = AdapterConfig::for_spec(spec, base_model_name_or_path);
+    if image_text {
+        // LLaMA-Factory's pattern for a model with a vision tower: the leaf names anywhere but in the vision tower
+        // (a plain list would make PEFT wrap the tower's q_proj, k_proj, … too).
+        cfg.target_modules = Value::String(format!(
+            "^(?!.*vision_tower).*(?:{}).*",
+            spec.targets.leaves().join("|")
+        ));
+    }
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| EngineError::Json {
         context: CONFIG_FILE.into(),
         source: e,

@@ -29,8 +29,14 @@ pub enum ArchKind {
 
 impl ArchKind {
     /// `model_type` strings accepted in config.json.
-    pub const SUPPORTED: &'static [&'static str] =
-        &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma3_text",
+        "gemma3",
+    ];
 
     pub fn from_model_type(s: &str) -> Result<Self> {
         match s {
@@ -38,12 +44,8 @@ impl ArchKind {
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
-            "gemma3_text" => Ok(Self::Gemma3),
-            "gemma3" => Err(EngineError::key(
-                "model_type",
-                "`gemma3` is Gemma 3's image-and-text model (Gemma3ForConditionalGeneration: gemma-3-4b and larger); \
-                 termtune trains and runs Gemma 3's text-only models (`gemma3_text`: gemma-3-270m, gemma-3-1b)",
-            )),
+            // Gemma 3's image-and-text checkpoints: termtune runs their text model (see `ModelConfig::image_text`).
+            "gemma3_text" | "gemma3" => Ok(Self::Gemma3),
             other => Err(EngineError::UnsupportedModelType {
                 found: other.to_string(),
                 supported: Self::SUPPORTED.join(", "),
@@ -161,6 +163,56 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub torch_dtype: Option<String>,
+    /// The text model of an image-and-text checkpoint (Gemma 3 4B and larger, `Gemma3ForConditionalGeneration`):
+    /// its weights are stored under `language_model.` ([`text_tensor_name`], [`checkpoint_name`]), the vision
+    /// tower and projector are left on disk (and copied through by an export), adapters name its modules as PEFT
+    /// does on that checkpoint.
+    pub image_text: bool,
+}
+
+/// Whether a config.json is an image-and-text checkpoint whose text model termtune runs.
+pub fn is_image_text(config: &Value) -> bool {
+    config.get("model_type").and_then(Value::as_str) == Some("gemma3")
+}
+
+/// termtune's name for a tensor or module of a checkpoint (`model.layers.0…`, `lm_head…`), or `None` for what
+/// termtune does not run (an image-and-text checkpoint's vision tower and projector). The text model's names as
+/// transformers 4 stores them (`language_model.model.…`, also how transformers 5 saves) and as transformers 5
+/// names them in memory (`model.language_model.…`, what PEFT 0.21 writes into an adapter) both map.
+pub fn text_tensor_name(image_text: bool, name: &str) -> Option<String> {
+    if let Some(rest) = name
+        .strip_prefix("language_model.model.")
+        .or_else(|| name.strip_prefix("model.language_model."))
+    {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.lm_head") {
+        return Some(format!("lm_head{rest}"));
+    }
+    if image_text && !name.starts_with("lm_head") {
+        return None;
+    }
+    Some(name.to_string())
+}
+
+/// The checkpoint's name of termtune's tensor or module `name` (inverse of [`text_tensor_name`], in the stored
+/// layout: transformers 4's, which transformers 5 reads and writes too).
+pub fn checkpoint_name(image_text: bool, name: &str) -> String {
+    if image_text {
+        format!("language_model.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Gemma3TextConfig's defaults for the keys an image-and-text checkpoint's `text_config` may leave out (its
+/// config.json writes only what differs from them).
+fn gemma3_text_defaults() -> Value {
+    serde_json::json!({
+        "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "bos_token_id": 2, "eos_token_id": 1,
+    })
 }
 
 fn get_usize(v: &Value, key: &str) -> Result<usize> {
@@ -233,6 +285,38 @@ impl ModelConfig {
             )
         })?;
         let arch = ArchKind::from_model_type(model_type)?;
+        if model_type == "gemma3" {
+            // The text model of Gemma3ForConditionalGeneration: its `text_config` over Gemma3TextConfig's defaults,
+            // the checkpoint's own token ids and dtype where it gives them.
+            let Some(Value::Object(text)) = v.get("text_config") else {
+                return Err(EngineError::key(
+                    "text_config",
+                    "missing; a `gemma3` (image-and-text) config.json keeps its language model's settings there",
+                ));
+            };
+            let mut merged = gemma3_text_defaults();
+            if let Value::Object(m) = &mut merged {
+                m.extend(text.clone());
+                for k in ["bos_token_id", "eos_token_id", "torch_dtype", "dtype"] {
+                    if let Some(x) = v.get(k).filter(|x| !x.is_null()) {
+                        m.insert(k.to_string(), x.clone());
+                    }
+                }
+                match m.get("model_type").and_then(Value::as_str) {
+                    None | Some("gemma3_text") => {}
+                    Some(other) => {
+                        return Err(EngineError::key(
+                            "text_config.model_type",
+                            format!("{other:?}: expected gemma3_text"),
+                        ));
+                    }
+                }
+                m.insert("model_type".into(), Value::String("gemma3_text".into()));
+            }
+            let mut c = Self::from_hf_config(&merged)?;
+            c.image_text = true;
+            return Ok(c);
+        }
         let hidden_size = get_usize(v, "hidden_size")?;
         let num_heads = get_usize(v, "num_attention_heads")?;
         if num_heads == 0 {
@@ -367,6 +451,7 @@ impl ModelConfig {
                 .or_else(|| v.get("dtype"))
                 .and_then(Value::as_str)
                 .map(String::from),
+            image_text: false,
         })
     }
 
@@ -1096,6 +1181,59 @@ mod tests {
         assert_eq!(c.eos_token_ids, [1, 106]);
     }
 
+    /// google/gemma-3-4b-it's config.json: its `text_config` gives only what differs from Gemma3TextConfig.
+    #[test]
+    fn gemma3_4b_image_text_config_reads_its_text_model() {
+        let v = serde_json::json!({"architectures":["Gemma3ForConditionalGeneration"],"boi_token_index":255999,
+            "eoi_token_index":256000,"eos_token_id":[1,106],"image_token_index":262144,"initializer_range":0.02,
+            "mm_tokens_per_image":256,"model_type":"gemma3","text_config":{"hidden_size":2560,
+            "intermediate_size":10240,"model_type":"gemma3_text","num_hidden_layers":34,
+            "rope_scaling":{"factor":8.0,"rope_type":"linear"},"sliding_window":1024},"torch_dtype":"bfloat16",
+            "vision_config":{"hidden_size":1152,"image_size":896,"intermediate_size":4304,
+            "model_type":"siglip_vision_model","num_attention_heads":16,"num_hidden_layers":27,"patch_size":14,
+            "vision_use_head":false}});
+        let c = ModelConfig::from_hf_config(&v).unwrap();
+        assert!(c.image_text && c.arch == ArchKind::Gemma3);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (8, 4, 256));
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.num_layers),
+            (262_208, 2560, 34)
+        );
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        let full: Vec<usize> = (0..34).filter(|&i| c.layer_windows[i].is_none()).collect();
+        assert_eq!(full, [5, 11, 17, 23, 29]);
+        assert!(c.layer_windows.iter().flatten().all(|&w| w == 1024));
+        assert_eq!(c.eos_token_ids, [1, 106]);
+        assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+        assert!(c.tie_word_embeddings && c.attn_scale == 1.0 / 16.0);
+        // Names: the text model's (either transformers layout) map, the vision tower and projector do not.
+        assert_eq!(
+            text_tensor_name(true, "language_model.model.layers.3.mlp.up_proj.weight").as_deref(),
+            Some("model.layers.3.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            text_tensor_name(true, "model.language_model.norm.weight").as_deref(),
+            Some("model.norm.weight")
+        );
+        assert_eq!(
+            text_tensor_name(true, "vision_tower.vision_model.post_layernorm.weight"),
+            None
+        );
+        assert_eq!(
+            text_tensor_name(true, "multi_modal_projector.mm_soft_emb_norm.weight"),
+            None
+        );
+        assert_eq!(
+            checkpoint_name(true, "model.layers.3.mlp.up_proj"),
+            "language_model.model.layers.3.mlp.up_proj"
+        );
+        assert_eq!(
+            text_tensor_name(false, "model.norm.weight").as_deref(),
+            Some("model.norm.weight")
+        );
+    }
+
     #[test]
     fn gemma3_transformers_5_layout_reads_as_the_4_layout() {
         // What transformers 5.25 writes for the tiny test model (`save_pretrained` of the 4.x-style config).
@@ -1154,7 +1292,7 @@ mod tests {
             "{e}"
         );
         let e = with("model_type", serde_json::json!("gemma3"));
-        assert!(e.contains("gemma3_text") && e.contains("gemma-3-1b"), "{e}");
+        assert!(e.contains("`text_config`"), "{e}");
         // A llama-family config with another activation is refused too (it was silently SwiGLU).
         let e = err(&tiny(serde_json::json!({"hidden_act": "gelu"})));
         assert!(e.contains("`hidden_act`"), "{e}");

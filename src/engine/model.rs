@@ -517,6 +517,11 @@ impl Model {
         device: &Device,
         finetune: &Finetune,
     ) -> Result<Self> {
+        if cfg.image_text && matches!(finetune, Finetune::Full | Finetune::Freeze { .. }) {
+            return Err(EngineError::Invalid(
+                "full and freeze fine-tuning of an image-and-text checkpoint (Gemma 3 4B and larger) are not supported yet: termtune runs its text model only, and a saved model would lack the vision tower; use `finetuning_type: lora` (the adapter loads in PEFT on the whole checkpoint, and an export merges it and copies the vision tower through)".into(),
+            ));
+        }
         let ld = Loader {
             tensors,
             quantized,

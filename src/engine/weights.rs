@@ -130,19 +130,27 @@ pub fn load_safetensors(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for_each_safetensor(files, dtype, device, &mut |name, t| {
-        out.insert(name, t);
-        Ok(())
-    })?;
+    for_each_safetensor(
+        files,
+        dtype,
+        device,
+        &|n| Some(n.to_string()),
+        &mut |name, t| {
+            out.insert(name, t);
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
-/// Hands every tensor of `files` (memory-mapped), converted to `dtype` on `device`, to `f`, one at a time: the
-/// caller decides what to keep of each before the next is read.
+/// Hands every tensor of `files` (memory-mapped) that `rename` keeps, under the name it gives, converted to
+/// `dtype` on `device`, to `f`, one at a time: the caller decides what to keep of each before the next is read.
+/// A tensor `rename` drops is never read.
 fn for_each_safetensor(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
+    rename: &dyn Fn(&str) -> Option<String>,
     f: &mut dyn FnMut(String, Tensor) -> Result<()>,
 ) -> Result<()> {
     for p in files {
@@ -167,15 +175,37 @@ fn for_each_safetensor(
     let mut names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
     names.sort();
     for name in names {
+        let Some(to) = rename(&name) else { continue };
         let t = st.load(&name, device)?;
         let t = if t.dtype() == dtype {
             t
         } else {
             t.to_dtype(dtype)?
         };
-        f(name, t)?;
+        f(to, t)?;
     }
     Ok(())
+}
+
+/// The tensors of an image-and-text checkpoint's folder that are not its text model (the vision tower and the
+/// projector), under their stored names, in `dtype` on the CPU: what an export copies through.
+pub fn load_other_tensors(dir: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    let others = |n: &str| match super::arch::text_tensor_name(true, n) {
+        Some(_) => None,
+        None => Some(n.to_string()),
+    };
+    for_each_safetensor(
+        &safetensors_files(dir)?,
+        dtype,
+        &Device::Cpu,
+        &others,
+        &mut |name, t| {
+            out.insert(name, t);
+            Ok(())
+        },
+    )?;
+    Ok(out)
 }
 
 /// Load a local Hugging Face folder: config.json, weights, tokenizer files.
@@ -241,9 +271,16 @@ pub fn load_hf_folder_with(
     } else {
         Device::Cpu
     };
-    for_each_safetensor(&safetensors_files(dir)?, dtype, &read_on, &mut |name, t| {
-        out.insert_tensor(name, t, to, device)
-    })?;
+    // An image-and-text checkpoint: its text model only, under termtune's names.
+    let image_text = super::arch::is_image_text(&out.config);
+    let rename = |n: &str| super::arch::text_tensor_name(image_text, n);
+    for_each_safetensor(
+        &safetensors_files(dir)?,
+        dtype,
+        &read_on,
+        &rename,
+        &mut |name, t| out.insert_tensor(name, t, to, device),
+    )?;
     Ok(out)
 }
 

@@ -167,7 +167,22 @@ pub fn write_folder(
             .map_err(|e| ExportError::Unsupported(format!("cannot write tokenizer.json: {e}")))?;
     }
     if from_folder {
-        for extra in ["special_tokens_map.json", "chat_template.jinja"] {
+        // An image-and-text checkpoint's processor files travel too, so the export stays usable with images.
+        let processor: &[&str] = if crate::engine::arch::is_image_text(&input.files.config) {
+            &[
+                "preprocessor_config.json",
+                "processor_config.json",
+                "chat_template.json",
+                "tokenizer.model",
+            ]
+        } else {
+            &[]
+        };
+        for extra in ["special_tokens_map.json", "chat_template.jinja"]
+            .iter()
+            .chain(processor)
+        {
+            let extra = *extra;
             let p = src_dir.join(extra);
             if p.is_file()
                 && !(extra == "chat_template.jinja" && has_template(input.tokenizer_config))

@@ -195,8 +195,21 @@ pub fn export_cancellable(
         stop_if(cancelled)?;
     }
     stop_if(cancelled)?;
-    let tensors = model.merged_tensors()?;
+    let mut tensors = model.merged_tensors()?;
+    let image_text = model.cfg.image_text;
     drop(model);
+    if image_text {
+        // The text model under the checkpoint's names, and the vision tower and projector copied through from
+        // the base's files (in the export dtype, as the rest).
+        tensors = tensors
+            .into_iter()
+            .map(|(n, t)| (crate::engine::arch::checkpoint_name(true, &n), t))
+            .collect();
+        progress("copying the vision tower and projector of the image-and-text checkpoint");
+        tensors.extend(crate::engine::weights::load_other_tensors(
+            &files.dir, out_dtype,
+        )?);
+    }
 
     let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
     let tokenizer_config = hf::tokenizer_config_with_template(preset, &encoder, &files)?;
