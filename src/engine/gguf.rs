@@ -22,7 +22,7 @@ use super::qweight::QWeight;
 use super::tokenizer::{self, TokenizerError, as_u64};
 
 /// `general.architecture` values [`load_gguf`] accepts (Mistral GGUFs are written as `llama`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -272,7 +272,7 @@ fn read_gguf(
         if name == "rope_freqs.weight" {
             continue; // folded into the config (rope_scaling / gguf_rope_freqs)
         }
-        let Some(hf) = hf_tensor_name(name) else {
+        let Some(hf) = hf_tensor_name_for(&arch, name) else {
             return Err(GgufError::UnknownTensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
@@ -313,6 +313,10 @@ fn read_gguf(
         if let Some(h) = heads {
             t = unpermute_qk(&t, h).map_err(|e| tensor_err(name, e))?;
         }
+        if arch == "gemma3_text" && name.ends_with("norm.weight") {
+            // llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its norm multiplies by the weight).
+            t = (t - 1.0).map_err(|e| tensor_err(name, e))?;
+        }
         let t = t.to_dtype(dtype).map_err(|e| tensor_err(name, e))?;
         tensors.insert(hf, t);
     }
@@ -330,8 +334,15 @@ fn read_gguf(
     })
 }
 
-/// The HF name of a GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
+/// The HF name of a GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`) of the llama
+/// family's layout.
 pub fn hf_tensor_name(gguf: &str) -> Option<String> {
+    hf_tensor_name_for("llama", gguf)
+}
+
+/// [`hf_tensor_name`] for the HF `model_type` `arch`: Gemma 3's `ffn_norm` is its pre-feedforward norm, and its
+/// `post_attention_norm` / `post_ffw_norm` the norms after attention and MLP.
+pub fn hf_tensor_name_for(arch: &str, gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -348,8 +359,12 @@ pub fn hf_tensor_name(gguf: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
+    let gemma = arch == "gemma3_text";
     let hf = match part {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -492,6 +507,7 @@ pub fn hf_config(
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         other => {
             return Err(GgufError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -545,7 +561,11 @@ pub fn hf_config(
     cfg.insert("num_attention_heads".into(), json!(n_head));
     cfg.insert("num_key_value_heads".into(), json!(n_kv));
     cfg.insert("head_dim".into(), json!(head_dim));
-    cfg.insert("hidden_act".into(), json!("silu"));
+    if arch == "gemma3" {
+        gemma3_settings(&m, hidden, n_head, head_dim, &mut cfg)?;
+    } else {
+        cfg.insert("hidden_act".into(), json!("silu"));
+    }
     cfg.insert(
         "rms_norm_eps".into(),
         m.opt_f64(&k("attention.layer_norm_rms_epsilon"))?
@@ -591,6 +611,83 @@ pub fn hf_config(
     cfg.insert("torch_dtype".into(), json!("float32"));
     rope_scaling(&m, &arch, &mut cfg)?;
     Ok(Json::Object(cfg))
+}
+
+/// Gemma 3's settings as llama.cpp reads them (`llama_model_gemma3::load_arch_hparams`): a sliding window when
+/// `attention.sliding_window` is set, on the layers `attention.sliding_window_pattern` marks (a list, or every
+/// n-th layer full; n = 6 when absent), with their own RoPE base `rope.freq_base_swa` (10 000 when absent) and no
+/// scaling; scores scaled by 1/√head_dim, or 1/√(hidden / heads) for the 62-layer 27B; logit soft-capping read so
+/// that it is refused.
+fn gemma3_settings(
+    m: &Meta<'_>,
+    hidden: u64,
+    n_head: u64,
+    head_dim: u64,
+    cfg: &mut Map<String, Json>,
+) -> Result<(), GgufError> {
+    let k = |s: &str| format!("gemma3.{s}");
+    let layers = m.u64(&k("block_count"))?;
+    cfg.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    let scalar = if layers == 62 {
+        hidden / n_head
+    } else {
+        head_dim
+    };
+    cfg.insert("query_pre_attn_scalar".into(), json!(scalar));
+    let window = m
+        .opt_u64(&k("attention.sliding_window"))?
+        .filter(|&w| w > 0);
+    let sliding: Vec<bool> = match (window, m.md.get(&k("attention.sliding_window_pattern"))) {
+        (None, _) => vec![false; layers as usize],
+        (Some(_), Some(Value::Array(xs))) => xs
+            .iter()
+            .map(|x| match x {
+                Value::Bool(b) => Ok(*b),
+                _ => Err(GgufError::BadValue {
+                    path: m.path.to_path_buf(),
+                    key: k("attention.sliding_window_pattern"),
+                    why: "expected a list of booleans".into(),
+                }),
+            })
+            .collect::<Result<_, _>>()?,
+        (Some(_), _) => {
+            let n = m
+                .opt_u64(&k("attention.sliding_window_pattern"))?
+                .unwrap_or(6);
+            (0..layers).map(|i| n == 0 || i % n < n - 1).collect()
+        }
+    };
+    if sliding.len() != layers as usize {
+        return Err(GgufError::Invalid {
+            path: m.path.to_path_buf(),
+            message: format!(
+                "`{}` has {} entries for {layers} layers",
+                k("attention.sliding_window_pattern"),
+                sliding.len()
+            ),
+        });
+    }
+    let types: Vec<&str> = sliding
+        .iter()
+        .map(|&s| {
+            if s {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
+    cfg.insert("layer_types".into(), json!(types));
+    cfg.insert("sliding_window".into(), json!(window));
+    cfg.insert(
+        "rope_local_base_freq".into(),
+        m.opt_f64(&k("rope.freq_base_swa"))?
+            .unwrap_or(json!(10000.0)),
+    );
+    if let Some(cap) = m.opt_f64(&k("final_logit_softcapping"))? {
+        cfg.insert("final_logit_softcapping".into(), cap);
+    }
+    Ok(())
 }
 
 fn rope_scaling(m: &Meta<'_>, arch: &str, cfg: &mut Map<String, Json>) -> Result<(), GgufError> {
