@@ -68,6 +68,16 @@ fn base_and_adapter_of(
     (base, ad, model)
 }
 
+/// The preset that merges `adapter` into `base` in float32 and exports to `out`.
+pub(crate) fn merge_preset(base: &Path, adapter: &Path, out: &Path) -> Preset {
+    preset(&[
+        format!("model_name_or_path: {}", base.display()),
+        format!("adapter_name_or_path: {}", adapter.display()),
+        format!("export_dir: {}", out.display()),
+        "infer_dtype: float32".into(),
+    ])
+}
+
 fn logits(model: &Model) -> Tensor {
     let ids = Tensor::from_vec(PROMPT.to_vec(), (1, PROMPT.len()), &CPU).unwrap();
     model
@@ -116,12 +126,7 @@ fn f32_export_gives_the_logits_of_base_plus_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let (base, ad, reference) = base_and_adapter(tmp.path(), 11, 8);
     let out = tmp.path().join("merged");
-    let p = preset(&[
-        format!("model_name_or_path: {}", base.display()),
-        format!("adapter_name_or_path: {}", ad.display()),
-        format!("export_dir: {}", out.display()),
-        "infer_dtype: float32".into(),
-    ]);
+    let p = merge_preset(&base, &ad, &out);
     let mut lines = Vec::new();
     let report = export::export(&p, &CPU, &mut |l| lines.push(l.to_string())).unwrap();
     assert!(
@@ -384,12 +389,7 @@ fn a_gemma3_export_keeps_its_norms_and_gguf_is_refused() {
     };
     let (base, ad, reference) = base_and_adapter_of(tmp.path(), 11, 8, &opts);
     let out = tmp.path().join("merged");
-    let p = preset(&[
-        format!("model_name_or_path: {}", base.display()),
-        format!("adapter_name_or_path: {}", ad.display()),
-        format!("export_dir: {}", out.display()),
-        "infer_dtype: float32".into(),
-    ]);
+    let p = merge_preset(&base, &ad, &out);
     export::export(&p, &CPU, &mut |_| {}).unwrap();
     let mut names: Vec<String> = load_hf_folder(&out, DType::F32, &CPU)
         .unwrap()
@@ -1089,12 +1089,7 @@ fn a_float32_export_of_a_bf16_base_merges_in_f32() {
         .insert("torch_dtype".into(), "bfloat16".into());
     std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
     let out = tmp.path().join("merged");
-    let p = preset(&[
-        format!("model_name_or_path: {}", base.display()),
-        format!("adapter_name_or_path: {}", ad.display()),
-        format!("export_dir: {}", out.display()),
-        "infer_dtype: float32".into(),
-    ]);
+    let p = merge_preset(&base, &ad, &out);
     export::export(&p, &CPU, &mut |_| {}).unwrap();
     let written = candle_core::safetensors::load(out.join("model.safetensors"), &CPU).unwrap();
     let want = reference.merged_tensors().unwrap();

@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use termtune::config::{self, Purpose};
 use termtune::engine::testing::{TinyOpts, max_abs_diff, tiny_llama};
 use termtune::engine::weights::{load_hf_folder, save_safetensors};
 use termtune::engine::{
@@ -188,19 +187,7 @@ fn adapters_and_exports_of_an_image_text_checkpoint_keep_its_layout() {
     }
 
     let out = tmp.path().join("merged");
-    let p = config::parse(
-        &[
-            format!("model_name_or_path: {}", it.display()),
-            format!("adapter_name_or_path: {}", ad.display()),
-            format!("export_dir: {}", out.display()),
-            "infer_dtype: float32".to_string(),
-        ]
-        .join("\n"),
-        &[],
-        Purpose::Export,
-    )
-    .unwrap()
-    .preset;
+    let p = crate::export::merge_preset(&it, &ad, &out);
     let mut lines = Vec::new();
     termtune::export::export(&p, &CPU, &mut |l| lines.push(l.to_string())).unwrap();
     assert!(
