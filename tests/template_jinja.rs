@@ -232,18 +232,24 @@ fn no_template_and_no_chat_template_falls_back_to_empty_with_a_warning() {
 }
 
 #[test]
-fn qwen2_5_chat_template_renders_like_python_jinja2_with_hf_settings() {
+fn qwen2_5_and_gemma3_chat_templates_render_like_python_jinja2_with_hf_settings() {
     // Reference: tests/fixtures/data/reference/jinja_reference.json, rendered by Python Jinja2 3.1.6 with
-    // transformers' environment (make_jinja_reference.py in the same folder).
+    // transformers' environment (make_jinja_reference.py in the same folder). Gemma 3's folds the system prompt
+    // into the first user turn and reads list contents' text parts.
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/reference");
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("jinja_reference.json")).unwrap()).unwrap();
     let cases = reference["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 12);
     for case in cases {
         let source = std::fs::read_to_string(dir.join(case["template"].as_str().unwrap())).unwrap();
-        let j = JinjaTemplate::new(&source, "", "<|im_end|>").unwrap();
+        let j = JinjaTemplate::new(
+            &source,
+            case["bos_token"].as_str().unwrap(),
+            case["eos_token"].as_str().unwrap(),
+        )
+        .unwrap();
         let tools = (!case["tools"].is_null()).then(|| &case["tools"]);
         let got = j
             .render(

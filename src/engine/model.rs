@@ -855,6 +855,11 @@ impl Model {
         }
     }
 
+    /// Layer `i`'s sliding window, if it has one.
+    fn layer_window(&self, i: usize) -> Option<usize> {
+        self.cfg.layer_windows.get(i).copied().flatten()
+    }
+
     /// The sliding windows of the layers that are narrower than `s` keys (a wider window masks nothing more).
     fn narrow_windows(&self, s: usize) -> Vec<usize> {
         let mut w: Vec<usize> = self
@@ -1061,7 +1066,7 @@ impl Model {
             })
             .collect::<Result<HashMap<usize, Tensor>>>()?;
         let layer_bias = |i: usize| -> &Tensor {
-            self.cfg.layer_windows[i]
+            self.layer_window(i)
                 .and_then(|w| windowed.get(&w))
                 .unwrap_or(&bias)
         };
@@ -1577,7 +1582,8 @@ impl Model {
         let mut x = self.embed(ids, false, None)?;
         for (i, (l, slot)) in self.layers.iter().zip(cache.kv.iter_mut()).enumerate() {
             let (cos, sin) = self.layer_rope(&rope, i);
-            let bias = self.cfg.layer_windows[i]
+            let bias = self
+                .layer_window(i)
                 .and_then(|w| windowed.get(&w))
                 .or(bias.as_ref());
             let io = LayerIo {
