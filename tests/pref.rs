@@ -308,15 +308,26 @@ fn pairs_sharing_their_prompt_give_each_answer_the_numbers_of_its_own_row() {
     assert!(unshared.share_prompts(7).is_none());
     assert!(unshared.share_prompts(8).is_some());
 
+    // Gemma 3's layer 0 slides over 3 positions: a rejected answer after the chosen one must count its window
+    // from the shared prompt (positions), not from the row's start.
+    let gemma = termtune::engine::testing::TinyOpts {
+        arch: termtune::engine::ArchKind::Gemma3,
+        ..termtune::engine::testing::TinyOpts::default()
+    };
+    let llama = termtune::engine::testing::TinyOpts::default();
     let cases = [
-        (Kernels::Fused, Some(3), false),
-        (Kernels::Fused, None, true),
-        (Kernels::Pure, None, false),
+        (Kernels::Fused, Some(3), false, &llama),
+        (Kernels::Fused, None, true, &llama),
+        (Kernels::Pure, None, false, &llama),
+        (Kernels::Fused, Some(3), false, &gemma),
     ];
-    for (kernels, chunk, checkpointing) in cases {
-        let what = format!("{kernels:?} chunk {chunk:?} checkpointing {checkpointing}");
+    for (kernels, chunk, checkpointing, opts) in cases {
+        let what = format!(
+            "{:?} {kernels:?} chunk {chunk:?} checkpointing {checkpointing}",
+            opts.arch
+        );
         let d = tempfile::tempdir().unwrap();
-        let mut m = tiny(d.path(), kernels);
+        let mut m = crate::tiny_util::tiny_lora_f64_of(d.path(), kernels, opts);
         m.head_chunk_rows = chunk;
         m.checkpointing = checkpointing;
         let a = trainer_logps(&m, &unshared, true);

@@ -878,14 +878,16 @@ impl Model {
     /// Additive attention bias (b, 1, t, t) in `dtype`: 0 where allowed, a large negative elsewhere.
     /// Allowed: key ≤ query, same example (seq id), key not padding, with `branch` the key in the shared prefix
     /// (branch 0) or in the query's branch, and with `window` the key among the `window` positions ending at the
-    /// query; a query always sees itself (no empty rows).
+    /// query — by position ids when given (a branch after another counts from the shared prefix, as when each is
+    /// its own sequence), else by index; a query always sees itself (no empty rows).
+    #[allow(clippy::too_many_arguments)]
     fn mask_bias(
         &self,
         b: usize,
         t: usize,
         seq: Option<&[Vec<u32>]>,
         branch: Option<&[Vec<u32>]>,
-        window: Option<usize>,
+        window: Option<(usize, Option<&[Vec<u32>]>)>,
         dtype: DType,
     ) -> Result<Tensor> {
         let neg = -1e9f32;
@@ -894,9 +896,13 @@ impl Model {
         for bi in 0..bb {
             for q in 0..t {
                 for k in 0..t {
+                    let in_window = |(w, pos): (usize, Option<&[Vec<u32>]>)| match pos {
+                        Some(p) => i64::from(p[bi][q]) - i64::from(p[bi][k]) < w as i64,
+                        None => q - k < w,
+                    };
                     let allowed = k == q
                         || (k < q
-                            && window.is_none_or(|w| q - k < w)
+                            && window.is_none_or(in_window)
                             && match seq {
                                 None => true,
                                 Some(s) => s[bi][k] != 0 && s[bi][k] == s[bi][q],
@@ -1057,11 +1063,19 @@ impl Model {
         // its row map come from them.
         let pad_rows = if unpad { seq.clone() } else { None };
         let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), None, cdt)?;
-        let windowed = self
-            .narrow_windows(t)
+        let narrow = self.narrow_windows(t);
+        // A packed batch's windows count positions (a branch restarts after the shared prefix).
+        let pos_rows = match mask {
+            AttnMask::Packed { position_ids, .. } if !narrow.is_empty() => {
+                Some(position_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?)
+            }
+            _ => None,
+        };
+        let windowed = narrow
             .into_iter()
             .map(|w| {
-                let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), Some(w), cdt)?;
+                let window = Some((w, pos_rows.as_deref()));
+                let bias = self.mask_bias(b, t, seq.as_deref(), branch.as_deref(), window, cdt)?;
                 Ok((w, bias))
             })
             .collect::<Result<HashMap<usize, Tensor>>>()?;

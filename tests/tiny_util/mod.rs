@@ -180,7 +180,12 @@ pub fn llama_8b_config() -> termtune::engine::ModelConfig {
 /// The tiny model (seed 1234) in f64 with LoRA r 4 on every linear layer whose B matrices are random (a trained
 /// adapter: the policy differs from the base), running `kernels`.
 pub fn tiny_lora_f64(dir: &Path, kernels: Kernels) -> Model {
-    tiny_llama(dir, 1234, &TinyOpts::default()).unwrap();
+    tiny_lora_f64_of(dir, kernels, &TinyOpts::default())
+}
+
+/// [`tiny_lora_f64`] on the tiny model of `opts`.
+pub fn tiny_lora_f64_of(dir: &Path, kernels: Kernels, opts: &TinyOpts) -> Model {
+    tiny_llama(dir, 1234, opts).unwrap();
     let files = load_hf_folder(dir, DType::F64, &Device::Cpu).unwrap();
     let ft = Finetune::Lora(LoraSpec {
         r: 4,
