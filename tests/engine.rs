@@ -1323,9 +1323,16 @@ fn stop_ids_merge_config_and_generation_config() {
 
 #[test]
 fn bf16_training_path_runs_and_tracks_f32() {
+    // Gemma 3 too: its (1 + w) norms run in f32 and round once, its embedding scale rounds to bf16.
+    for arch in [ArchKind::Qwen2, ArchKind::Gemma3] {
+        bf16_tracks_f32(arch);
+    }
+}
+
+fn bf16_tracks_f32(arch: ArchKind) {
     let d = tempfile::tempdir().unwrap();
     let opts = TinyOpts {
-        arch: ArchKind::Qwen2,
+        arch,
         ..TinyOpts::default()
     };
     let (m32, _) = build(d.path(), &opts, DType::F32, &lora("all", 4));
@@ -1351,7 +1358,7 @@ fn bf16_training_path_runs_and_tracks_f32() {
     // bf16 has ~3 significant digits; 2% on a summed loss of 5 tokens is generous but catches layout bugs.
     assert!(
         (a - b).abs() / a.abs() < 2e-2,
-        "f32 loss {a} vs bf16 loss {b}"
+        "{arch:?}: f32 loss {a} vs bf16 loss {b}"
     );
     let g = l16.backward().unwrap();
     for (n, v) in m16.trainable_vars() {
