@@ -379,9 +379,10 @@ fn refusals_explain_and_write_nothing() {
 
 /// Gemma 3's four norms per layer are written under their own names (the merged folder reloads to the logits of
 /// base + adapter, and the loader reads names as transformers does: `engine::matches_transformers_and_peft_goldens`);
-/// a GGUF export is refused with the fix and writes nothing.
+/// a GGUF export of a model whose score scale llama.cpp would not compute is refused with the fix and writes
+/// nothing.
 #[test]
-fn a_gemma3_export_keeps_its_norms_and_gguf_is_refused() {
+fn a_gemma3_export_keeps_its_norms_and_gguf_refuses_other_numbers() {
     let tmp = tempfile::tempdir().unwrap();
     let opts = TinyOpts {
         arch: termtune::engine::ArchKind::Gemma3,
@@ -424,10 +425,74 @@ fn a_gemma3_export_keeps_its_norms_and_gguf_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("Gemma 3") && err.contains("convert_hf_to_gguf.py"),
+        err.contains("llama.cpp scales a Gemma 3's attention scores by 1/√16")
+            && err.contains("safetensors"),
         "{err}"
     );
     assert_only(tmp.path(), &["adapter", "base", "merged"]);
+}
+
+/// A Gemma 3 GGUF written by llama.cpp's own converter (tests/fixtures/tiny_gemma3.gguf), read and exported again
+/// as f16, is that file: every gemma3 setting, every tensor's name, type and bytes (the norms back to 1 + w).
+#[test]
+fn a_gemma3_gguf_exports_back_to_what_llama_cpps_converter_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_gemma3.gguf");
+    let out = tmp.path().join("gguf");
+    let p = preset(&[
+        format!("model_name_or_path: {}", src.display()),
+        format!("export_dir: {}", out.display()),
+        "export_format: gguf".into(),
+        "export_gguf_type: f16".into(),
+        "template: chatml".into(),
+    ]);
+    let report = export::export(&p, &CPU, &mut |_| {}).unwrap();
+    let file = report
+        .files
+        .iter()
+        .find(|f| f.ends_with(".gguf"))
+        .unwrap()
+        .clone();
+    let read = |p: &Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        (c, f)
+    };
+    let (want, mut fw) = read(&src);
+    let (got, mut fg) = read(&out.join(&file));
+    for (k, v) in &want.metadata {
+        if k.starts_with("gemma3.") || k == "general.architecture" {
+            assert_eq!(
+                format!("{:?}", got.metadata.get(k)),
+                format!("{:?}", Some(v)),
+                "{k}"
+            );
+        }
+    }
+    let mut names: Vec<&String> = want.tensor_infos.keys().collect();
+    names.sort();
+    assert_eq!(names.len(), got.tensor_infos.len());
+    for name in names {
+        let (a, b) = (&want.tensor_infos[name], &got.tensor_infos[name]);
+        assert_eq!(
+            (a.ggml_dtype, a.shape.dims()),
+            (b.ggml_dtype, b.shape.dims()),
+            "{name}"
+        );
+        let ta = want
+            .tensor(&mut fw, name, &CPU)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec();
+        let tb = got
+            .tensor(&mut fg, name, &CPU)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec();
+        assert!(ta == tb, "{name}: bytes differ");
+    }
 }
 
 #[test]

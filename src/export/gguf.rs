@@ -167,6 +167,13 @@ pub fn hub_id_from_metadata(md: &HashMap<String, Value>) -> Option<String> {
 /// The GGUF name of an HF tensor (`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`); the inverse
 /// of [`crate::engine::gguf::hf_tensor_name`].
 pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    gguf_tensor_name_for("llama", hf)
+}
+
+/// [`gguf_tensor_name`] for the GGUF architecture `arch` (Gemma 3's four norms have their own names); the inverse
+/// of [`crate::engine::gguf::hf_tensor_name_for`].
+pub fn gguf_tensor_name_for(arch: &str, hf: &str) -> Option<String> {
+    let gemma = arch == "gemma3";
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -179,6 +186,9 @@ pub fn gguf_tensor_name(hf: &str) -> Option<String> {
     let (part, suffix) = rest.rsplit_once('.')?;
     let g = match part {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -215,12 +225,9 @@ pub fn write_gguf(
         ArchKind::Llama | ArchKind::Mistral => "llama",
         ArchKind::Qwen2 => "qwen2",
         ArchKind::Qwen3 => "qwen3",
-        ArchKind::Gemma3 => {
-            return Err(ExportError::Unsupported(
-                "GGUF export of a Gemma 3 model is not supported yet".into(),
-            ));
-        }
+        ArchKind::Gemma3 => "gemma3",
     };
+    let gemma = arch == "gemma3";
     let permute = arch == "llama";
     let k = |s: &str| format!("{arch}.{s}");
     let mut md: Vec<(String, Value)> = vec![
@@ -243,9 +250,12 @@ pub fn write_gguf(
         (k("rope.dimension_count"), u32v(cfg.head_dim)),
         (k("vocab_size"), u32v(cfg.vocab_size)),
     ];
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size {
+    if gemma || cfg.head_dim * cfg.num_heads != cfg.hidden_size {
         md.push((k("attention.key_length"), u32v(cfg.head_dim)));
         md.push((k("attention.value_length"), u32v(cfg.head_dim)));
+    }
+    if gemma {
+        md.extend(gemma3_metadata(&cfg)?);
     }
     if input.config.get("gguf_rope_freqs").is_some() {
         return Err(ExportError::Unsupported(
@@ -284,14 +294,18 @@ pub fn write_gguf(
     // No separate output tensor: llama.cpp treats the embedding as the output when picking types.
     let tied = !input.tensors.contains_key("lm_head.weight");
     for (i, hf) in names.iter().enumerate() {
-        let g = gguf_tensor_name(hf).ok_or_else(|| {
+        let g = gguf_tensor_name_for(arch, hf).ok_or_else(|| {
             ExportError::Unsupported(format!(
-                "tensor `{hf}` has no llama.cpp name; GGUF export supports llama, mistral, qwen2 and qwen3 weights"
+                "tensor `{hf}` has no llama.cpp name; GGUF export supports llama, mistral, qwen2, qwen3 and gemma3 weights"
             ))
         })?;
         let mut t = input.tensors[hf]
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?;
+        if gemma && g.ends_with("norm.weight") {
+            // llama.cpp's Gemma norms multiply by the stored weight: convert_hf_to_gguf.py stores 1 + w.
+            t = (t + 1.0)?;
+        }
         if permute {
             if g.ends_with(".attn_q.weight") || g.ends_with(".attn_q.bias") {
                 t = permute_qk(&t, cfg.num_heads)?;
@@ -359,6 +373,47 @@ pub fn write_gguf(
     w.flush()
         .map_err(|e| ExportError::io(format!("writing {}", path.display()), e))?;
     Ok(())
+}
+
+/// Gemma 3's settings in llama.cpp's keys (what `convert_hf_to_gguf.py` writes, read back as
+/// [`crate::engine::gguf`] reads them): the sliding window, the local RoPE base, and the per-layer pattern when it is
+/// not llama.cpp's default (every 6th layer global). llama.cpp fixes the score scale (1/√head_dim; 1/√(hidden/heads)
+/// for the 62-layer 27B): a model with another `query_pre_attn_scalar` is refused, not exported to other numbers.
+fn gemma3_metadata(cfg: &ModelConfig) -> Result<Vec<(String, Value)>, ExportError> {
+    let k = |s: &str| format!("gemma3.{s}");
+    let scalar = if cfg.num_layers == 62 {
+        (cfg.hidden_size / cfg.num_heads) as f64
+    } else {
+        cfg.head_dim as f64
+    };
+    if (cfg.attn_scale * scalar.sqrt() - 1.0).abs() > 1e-9 {
+        return Err(ExportError::Unsupported(format!(
+            "llama.cpp scales a Gemma 3's attention scores by 1/√{scalar}, this model by {}; GGUF export would change its numbers: export safetensors instead",
+            cfg.attn_scale
+        )));
+    }
+    let mut md = Vec::new();
+    let windows: Vec<usize> = cfg.layer_windows.iter().flatten().copied().collect();
+    if let Some(&w) = windows.first() {
+        if windows.iter().any(|&x| x != w) {
+            return Err(ExportError::Unsupported(
+                "the layers have different sliding windows; llama.cpp's gemma3 takes one".into(),
+            ));
+        }
+        md.push((k("attention.sliding_window"), u32v(w)));
+        let sliding: Vec<bool> = cfg.layer_windows.iter().map(Option::is_some).collect();
+        let default: Vec<bool> = (0..cfg.num_layers).map(|i| i % 6 < 5).collect();
+        if sliding != default {
+            md.push((
+                k("attention.sliding_window_pattern"),
+                Value::Array(sliding.into_iter().map(Value::Bool).collect()),
+            ));
+        }
+    }
+    if let Some(theta) = cfg.local_rope_theta {
+        md.push((k("rope.freq_base_swa"), f32v(theta)));
+    }
+    Ok(md)
 }
 
 /// Every `tokenizer.*` key of a GGUF base, as is.

@@ -19,7 +19,7 @@ use crate::config::{self, ExportFormat, GgufType, Preset};
 use crate::data::DataError;
 use crate::engine::adapter::{merge_adapter, parse_adapter_list};
 use crate::engine::source::{SourceError, SourceKind, SourceProgress};
-use crate::engine::{ArchKind, EngineError, Finetune, Model, ModelConfig};
+use crate::engine::{EngineError, Finetune, Model};
 use crate::fsutil::StagedDir;
 use crate::resolve::{self, PresetModel};
 
@@ -159,11 +159,6 @@ pub fn export_cancellable(
         tokenizer,
     } = resolve::load_model(preset, load_dtype, device, &mut src_progress)?;
     stop_if(cancelled)?;
-    if gguf_out && ModelConfig::from_hf_config(&files.config)?.arch == ArchKind::Gemma3 {
-        return Err(ExportError::Unsupported(
-            "GGUF export of a Gemma 3 model is not supported yet (llama.cpp's gemma3 layout differs from the llama/qwen one termtune writes); export a merged Hugging Face folder instead (remove `export_format: gguf`) and convert it with llama.cpp's convert_hf_to_gguf.py".into(),
-        ));
-    }
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);
     let out_dtype = export_dtype(preset, config_dtype(&files.config));
@@ -198,9 +193,10 @@ pub fn export_cancellable(
     let mut tensors = model.merged_tensors()?;
     let image_text = model.cfg.image_text;
     drop(model);
-    if image_text {
+    if image_text && !gguf_out {
         // The text model under the checkpoint's names, and the vision tower and projector copied through from
-        // the base's files (in the export dtype, as the rest).
+        // the base's files (in the export dtype, as the rest). A GGUF holds the text model alone, as llama.cpp's
+        // converter writes it (the vision tower goes to its separate mmproj file).
         tensors = tensors
             .into_iter()
             .map(|(n, t)| (crate::engine::arch::checkpoint_name(true, &n), t))
