@@ -920,6 +920,7 @@ fn host_inputs_give_what_the_tensors_give() {
             attention_mask: (i == 0).then_some(attention.as_slice()),
             sequence_ids: (i == 1).then_some(seq.as_slice()),
             branch_ids: None,
+            position_ids: None,
         };
         let run = |h: Option<&termtune::engine::HostInputs>| {
             let (s, n) = m

@@ -471,17 +471,26 @@ pub struct Layer {
     pub down: Linear,
 }
 
+/// The MLP input norm's Hugging Face name in a plain layer.
+pub const POST_ATTENTION_NORM: &str = "post_attention_layernorm";
+
+/// Gemma 3's names of the attention output's norm, the MLP input's and the MLP output's.
+pub const SANDWICH_NORMS: [&str; 3] = [
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+];
+
 impl Layer {
     /// The layer's norms with their Hugging Face names (under `model.layers.N.`).
     pub fn named_norms(&self) -> Vec<(&'static str, &Weight)> {
         let mut out = vec![("input_layernorm", &self.input_norm)];
         match (&self.attn_out_norm, &self.mlp_out_norm) {
-            (Some(a), Some(m)) => out.extend([
-                ("post_attention_layernorm", a),
-                ("pre_feedforward_layernorm", &self.post_norm),
-                ("post_feedforward_layernorm", m),
-            ]),
-            _ => out.push(("post_attention_layernorm", &self.post_norm)),
+            (Some(a), Some(m)) => {
+                let [attn_out, pre_ff, mlp_out] = SANDWICH_NORMS;
+                out.extend([(attn_out, a), (pre_ff, &self.post_norm), (mlp_out, m)]);
+            }
+            _ => out.push((POST_ATTENTION_NORM, &self.post_norm)),
         }
         out.extend(self.q_norm.iter().map(|w| ("self_attn.q_norm", w)));
         out.extend(self.k_norm.iter().map(|w| ("self_attn.k_norm", w)));

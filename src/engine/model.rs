@@ -144,6 +144,8 @@ pub struct HostInputs<'a> {
     pub sequence_ids: Option<&'a [u32]>,
     /// The branch ids (`AttnMask::Packed` with `branch_ids`).
     pub branch_ids: Option<&'a [u32]>,
+    /// The position ids (`AttnMask::Packed`; read for sliding windows).
+    pub position_ids: Option<&'a [u32]>,
 }
 
 /// Rows of a (b, t) row-major host slice.
@@ -350,13 +352,13 @@ impl KvCache {
     }
 }
 
-/// The model. Base weights are plain tensors unless trainable (freeze/full); LoRA lives in `lora_vars`.
 /// RoPE (cos, sin) tables of one batch's positions: the global ones, and the sliding-window layers' own.
 struct RopeTables {
     global: (Tensor, Tensor),
     local: Option<(Tensor, Tensor)>,
 }
 
+/// The model. Base weights are plain tensors unless trainable (freeze/full); LoRA lives in `lora_vars`.
 pub struct Model {
     pub cfg: ModelConfig,
     pub device: Device,
@@ -598,13 +600,10 @@ impl Model {
             let input_norm = weight(&format!("{p}.input_layernorm.weight"), &[h], tr)?;
             let mut norm = |leaf: &str| weight(&format!("{p}.{leaf}.weight"), &[h], tr);
             let (post_norm, attn_out_norm, mlp_out_norm) = if cfg.sandwich_norms {
-                (
-                    norm("pre_feedforward_layernorm")?,
-                    Some(norm("post_attention_layernorm")?),
-                    Some(norm("post_feedforward_layernorm")?),
-                )
+                let [attn_out, pre_ff, mlp_out] = layer::SANDWICH_NORMS;
+                (norm(pre_ff)?, Some(norm(attn_out)?), Some(norm(mlp_out)?))
             } else {
-                (norm("post_attention_layernorm")?, None, None)
+                (norm(layer::POST_ATTENTION_NORM)?, None, None)
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
@@ -1067,7 +1066,7 @@ impl Model {
         // A packed batch's windows count positions (a branch restarts after the shared prefix).
         let pos_rows = match mask {
             AttnMask::Packed { position_ids, .. } if !narrow.is_empty() => {
-                Some(position_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?)
+                Some(host_rows(host.and_then(|h| h.position_ids), position_ids)?)
             }
             _ => None,
         };
@@ -1566,7 +1565,7 @@ impl Model {
                     let qpos = past + q;
                     for k in 0..s {
                         let outside = window.is_some_and(|w| k + w <= qpos);
-                        if k > qpos || (k < pad && k != qpos) || (outside && k != qpos) {
+                        if k > qpos || (k < pad && k != qpos) || outside {
                             v[(r * t + q) * s + k] = f32::NEG_INFINITY;
                         }
                     }

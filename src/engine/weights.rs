@@ -129,17 +129,21 @@ pub fn load_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    load_renamed(files, dtype, device, &|n| Some(n.to_string()))
+}
+
+/// The tensors of `files` that `rename` keeps, under the names it gives, in `dtype` on `device`.
+fn load_renamed(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    rename: &dyn Fn(&str) -> Option<String>,
+) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for_each_safetensor(
-        files,
-        dtype,
-        device,
-        &|n| Some(n.to_string()),
-        &mut |name, t| {
-            out.insert(name, t);
-            Ok(())
-        },
-    )?;
+    for_each_safetensor(files, dtype, device, rename, &mut |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -190,22 +194,11 @@ fn for_each_safetensor(
 /// The tensors of an image-and-text checkpoint's folder that are not its text model (the vision tower and the
 /// projector), under their stored names, in `dtype` on the CPU: what an export copies through.
 pub fn load_other_tensors(dir: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
     let others = |n: &str| match super::arch::text_tensor_name(true, n) {
         Some(_) => None,
         None => Some(n.to_string()),
     };
-    for_each_safetensor(
-        &safetensors_files(dir)?,
-        dtype,
-        &Device::Cpu,
-        &others,
-        &mut |name, t| {
-            out.insert(name, t);
-            Ok(())
-        },
-    )?;
-    Ok(out)
+    load_renamed(&safetensors_files(dir)?, dtype, &Device::Cpu, &others)
 }
 
 /// Load a local Hugging Face folder: config.json, weights, tokenizer files.

@@ -1986,6 +1986,7 @@ pub fn host_inputs<'a>(b: &'a Batch, attention_mask: &'a [u32]) -> crate::engine
         attention_mask: (!b.block_diagonal).then_some(attention_mask),
         sequence_ids: b.block_diagonal.then_some(b.sequence_ids.as_slice()),
         branch_ids: (!b.branch_ids.is_empty()).then_some(b.branch_ids.as_slice()),
+        position_ids: b.block_diagonal.then_some(b.position_ids.as_slice()),
     }
 }
 
