@@ -166,28 +166,49 @@ fn row_weight(x: &Tensor, lse: &Tensor, picked: &Tensor, loss: TokenLoss) -> R<O
 }
 
 /// EAFT's weight per row of `x` (n, v), (n, 1) detached: `(H / 3)^α` with H the entropy of the softmax over the row's
-/// [`super::EAFT_TOP_K`] largest logits (LLaMA-Factory's `_eaft_cross_entropy`). candle has no top-k: the largest
-/// value is taken k times, each time masking only the first position that holds it (so ties count once each, as
+/// [`super::EAFT_TOP_K`] largest logits (LLaMA-Factory's `_eaft_cross_entropy`; ties count once each, as
 /// `torch.topk` returns them).
 pub fn eaft_weights(x: &Tensor, alpha: f64) -> R<Tensor> {
     let x = x.detach();
-    let (n, v) = x.dims2()?;
-    let k = super::EAFT_TOP_K.min(v);
-    let neg = Tensor::full(f32::NEG_INFINITY, (n, 1), x.device())?.to_dtype(x.dtype())?;
-    let mut rest = x;
-    let mut top = Vec::with_capacity(k);
-    for _ in 0..k {
-        top.push(rest.max_keepdim(D::Minus1)?);
-        let at = rest.argmax_keepdim(D::Minus1)?;
-        rest = rest.scatter_add(&at, &neg, 1)?;
-    }
-    let top = Tensor::cat(&top, 1)?;
+    let v = x.dim(1)?;
+    let top = top_k_values(&x, super::EAFT_TOP_K.min(v))?;
     let m = top.narrow(1, 0, 1)?;
     let lse = (top.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
     let lp = top.broadcast_sub(&lse)?;
     let h = (lp.exp()? * &lp)?.sum_keepdim(1)?.neg()?.relu()?;
     Ok((h / 3.0)?.powf(alpha)?.detach())
 }
+
+/// The `k` largest values of each row of `x` (n, v), descending (n, k); `k` ≤ v. candle sorts a row in one GPU
+/// block (1024 threads, the padded row in shared memory), so rows are cut into pieces of [`SORT_PIECE`] columns (the
+/// last padded with −∞), each piece sorted and cut to its `k` largest, until one piece is left.
+fn top_k_values(x: &Tensor, k: usize) -> R<Tensor> {
+    let mut rest = x.contiguous()?;
+    loop {
+        let (n, v) = rest.dims2()?;
+        if v <= SORT_PIECE {
+            return rest.sort_last_dim(false)?.0.narrow(1, 0, k);
+        }
+        let pieces = v.div_ceil(SORT_PIECE);
+        let pad = pieces * SORT_PIECE - v;
+        let full = if pad == 0 {
+            rest
+        } else {
+            let neg = Tensor::full(f32::NEG_INFINITY, (n, pad), x.device())?.to_dtype(x.dtype())?;
+            Tensor::cat(&[rest, neg], 1)?
+        };
+        let (sorted, _) = full
+            .reshape((n * pieces, SORT_PIECE))?
+            .sort_last_dim(false)?;
+        rest = sorted
+            .narrow(1, 0, k)?
+            .reshape((n, pieces * k))?
+            .contiguous()?;
+    }
+}
+
+/// Columns [`top_k_values`] sorts at once.
+const SORT_PIECE: usize = 1024;
 
 /// The summed [`TokenLoss`] (a scalar tensor, f64, left on the device: no host round trip) and, with `grad`, its
 /// gradient with respect to the logits (w·(softmax − (1 − ε)·one-hot − ε/v), f32), both without a graph.
