@@ -114,7 +114,14 @@ pub fn run(opts: &BenchOptions, note: &mut (dyn FnMut(&str) + Send)) -> Result<S
             note(&l);
         }
     };
-    let src = resolve::load_model(p, dtype, &device, &mut progress).map_err(|e| e.to_string())?;
+    let src = resolve::load_model(
+        p,
+        crate::config::Purpose::Train,
+        dtype,
+        &device,
+        &mut progress,
+    )
+    .map_err(|e| e.to_string())?;
     let reference_model = match &src.kind {
         SourceKind::Mirror { path, .. } => path.clone(),
         _ => src.files.dir.clone(),

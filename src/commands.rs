@@ -61,6 +61,7 @@ fn check(args: &CheckArgs) -> ExitCode {
             if args.no_data && args.preview.is_none() {
                 return ExitCode::SUCCESS;
             }
+            print!("{}", context_report(&loaded.preset));
             print!("{}", memory_report(&loaded.preset));
             print!("{}", disk_report(&loaded.preset));
             match dataset_report(&loaded.preset, args.preview) {
@@ -195,6 +196,44 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
         );
         for note in &loaded.notes {
             let _ = writeln!(out, "#   {}: {}", note.key, note.reason);
+        }
+    }
+    out
+}
+
+/// `# context`: what `rope_scaling` does to the model in training, or a warning when `cutoff_len` exceeds the
+/// model's positions without it; empty when neither applies or the model's config.json is not at hand without a
+/// download.
+pub fn context_report(p: &config::Preset) -> String {
+    let mut out = String::new();
+    let hub = crate::resolve::ModelRef::of(p).hub_options();
+    let Some(mut config) = crate::engine::source::config_json(&p.model_name_or_path, &hub) else {
+        return out;
+    };
+    match crate::resolve::extend_context(p, Purpose::Train, &mut config) {
+        Ok(Some(ext)) => {
+            let kind = p.rope_scaling.map_or("", |k| k.as_str());
+            let _ = writeln!(out, "\n# context\n#   {}", ext.describe(kind));
+        }
+        Ok(None) => {
+            let written = config.get("max_position_embeddings").is_some()
+                || config
+                    .get("text_config")
+                    .is_some_and(|t| t.get("max_position_embeddings").is_some());
+            if let (true, Ok(cfg)) = (written, crate::engine::ModelConfig::from_hf_config(&config))
+            {
+                let positions = cfg.max_position_embeddings;
+                if p.cutoff_len > positions {
+                    let _ = writeln!(
+                        out,
+                        "\n# context\n# warning: cutoff_len {} exceeds the model's {positions} positions; set rope_scaling (linear, yarn or llama3) to extend them",
+                        p.cutoff_len
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "\n# context\n# {e}");
         }
     }
     out

@@ -177,16 +177,18 @@ pub struct PresetModel {
     pub tokenizer: LoadedTokenizer,
 }
 
-/// Loads the preset's model in `dtype` on `device` (a model without a tokenizer is refused: nothing
+/// Loads the preset's model in `dtype` on `device` for `purpose` (a model without a tokenizer is refused: nothing
 /// termtune does works without one).
 pub fn load_model(
     p: &Preset,
+    purpose: config::Purpose,
     dtype: DType,
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<PresetModel, SourceError> {
     load_model_to(
         p,
+        purpose,
         dtype,
         device,
         crate::engine::memory::BaseStorage::Dense,
@@ -194,9 +196,39 @@ pub fn load_model(
     )
 }
 
+/// The length `rope_scaling` extends the context to for `purpose`, as LLaMA-Factory sets `model_max_length`:
+/// `cutoff_len` in training; in chat, predict and export `cutoff_len` only when the preset sets it other than
+/// LLaMA-Factory's default 2048 (its export rule; `None` makes the factor 2, its inference rule).
+pub fn rope_target(p: &Preset, purpose: config::Purpose) -> Option<usize> {
+    match purpose {
+        config::Purpose::Train => Some(p.cutoff_len),
+        _ => (p.cutoff_len != Preset::default().cutoff_len).then_some(p.cutoff_len),
+    }
+}
+
+/// `rope_scaling` applied to a model's config.json for `purpose` ([`crate::engine::rope_ext`]); `None` without the key.
+pub fn extend_context(
+    p: &Preset,
+    purpose: config::Purpose,
+    config: &mut serde_json::Value,
+) -> Result<Option<crate::engine::rope_ext::ContextExtension>, SourceError> {
+    let Some(kind) = p.rope_scaling else {
+        return Ok(None);
+    };
+    crate::engine::rope_ext::extend_context(config, kind.as_str(), rope_target(p, purpose))
+        .map(Some)
+        .map_err(|e| {
+            SourceError::Engine(crate::engine::EngineError::File {
+                path: p.model_name_or_path.clone().into(),
+                why: format!("`rope_scaling: {}`: {e}", kind.as_str()),
+            })
+        })
+}
+
 /// [`load_model`] with the decoder linear weights held as `to` ([`source::load_model_quantizing`]).
 fn load_model_to(
     p: &Preset,
+    purpose: config::Purpose,
     dtype: DType,
     device: &Device,
     to: crate::engine::memory::BaseStorage,
@@ -204,7 +236,7 @@ fn load_model_to(
 ) -> Result<PresetModel, SourceError> {
     let model = ModelRef::of(p);
     let LoadedSource {
-        files,
+        mut files,
         kind,
         base_name,
     } = source::load_model_quantizing(
@@ -216,6 +248,10 @@ fn load_model_to(
         to,
         progress,
     )?;
+    if let Some(ext) = extend_context(p, purpose, &mut files.config)? {
+        let kind = p.rope_scaling.map_or("", |k| k.as_str());
+        progress(SourceProgress::Note(ext.describe(kind)));
+    }
     let tokenizer = LoadedTokenizer {
         tokenizer: files
             .tokenizer
@@ -432,15 +468,16 @@ pub fn reference_config(p: &Preset) -> Option<crate::engine::ModelConfig> {
 /// the host nor a GPU ever holds the base dense; a note says how many and the memory they now take.
 pub fn load_base(
     p: &Preset,
+    purpose: config::Purpose,
     dtype: DType,
     device: &Device,
     progress: &mut dyn FnMut(SourceProgress),
 ) -> Result<PresetModel, SourceError> {
     let to = base_storage_over(p, crate::engine::memory::BaseStorage::Dense);
     if to == crate::engine::memory::BaseStorage::Dense {
-        return load_model(p, dtype, device, progress);
+        return load_model(p, purpose, dtype, device, progress);
     }
-    let m = load_model_to(p, dtype, device, to, progress)?;
+    let m = load_model_to(p, purpose, dtype, device, to, progress)?;
     let (n, bytes) = m.files.quantized_size();
     progress(SourceProgress::Note(format!(
         "quantization_bit {}: {n} linear weights quantized to {} ({})",
@@ -506,9 +543,15 @@ mod tests {
             model_name_or_path: model.display().to_string(),
             ..Preset::default()
         };
-        let full = load_model(&p, DType::F32, &Device::Cpu, &mut |_| {})
-            .err()
-            .unwrap();
+        let full = load_model(
+            &p,
+            config::Purpose::Train,
+            DType::F32,
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .err()
+        .unwrap();
         let only = load_tokenizer(&p, &mut |_| {}).err().unwrap();
         for err in [full, only] {
             assert!(matches!(err, SourceError::NoTokenizer(_)), "{err}");

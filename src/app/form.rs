@@ -46,6 +46,12 @@ const MIX: &[&str] = &[
 ];
 const INTERVAL: &[&str] = &["no", "steps", "epoch"];
 const INFER_DTYPE: &[&str] = &["auto", "float32", "float16", "bfloat16"];
+/// `rope_scaling`: none, then the kinds the engine computes.
+static ROPE_SCALING: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    std::iter::once("")
+        .chain(crate::engine::rope_ext::KINDS.iter().copied())
+        .collect()
+});
 const EXPORT_FORMAT: &[&str] = &["safetensors", "gguf"];
 const GGUF_TYPE: &[&str] = &["f32", "f16", "q8_0", "q4_k_m", "q4_0", "q4_1"];
 /// Chat templates: the tokenizer's own (empty), then the data pipeline's built-ins (one list, so the
@@ -73,6 +79,7 @@ pub fn kind_of(key: &str, default: &Value) -> FieldKind {
         "mix_strategy" => FieldKind::Select(MIX),
         "save_strategy" | "eval_strategy" => FieldKind::Select(INTERVAL),
         "infer_dtype" => FieldKind::Select(INFER_DTYPE),
+        "rope_scaling" => FieldKind::Select(ROPE_SCALING.as_slice()),
         "export_format" => FieldKind::Select(EXPORT_FORMAT),
         "export_gguf_type" => FieldKind::Select(GGUF_TYPE),
         "template" => FieldKind::Select(TEMPLATES.as_slice()),

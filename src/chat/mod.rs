@@ -53,7 +53,13 @@ fn load_parts(
         kind,
         base_name,
         tokenizer,
-    } = resolve::load_base(preset, dtype, device, progress)?;
+    } = resolve::load_base(
+        preset,
+        crate::config::Purpose::Chat,
+        dtype,
+        device,
+        progress,
+    )?;
     let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
     let adapters = preset
         .adapter_name_or_path

@@ -325,11 +325,10 @@ pub const KEYS: &[KeySpec] = &[
         "null",
         "on-the-fly quantization is not supported yet",
     ),
-    uns(
+    imp(
         "rope_scaling",
         Model,
-        "null",
-        "extending the context with RoPE scaling is not supported yet (a model's own llama3 scaling from config.json is)",
+        "Extend the context: linear, yarn or llama3 RoPE scaling by ceil(cutoff_len / the model's length) in training (off when cutoff_len fits), 2 in chat and export unless cutoff_len is set other than 2048, as LLaMA-Factory; replaces the model's own scaling. dynamic is refused.",
     ),
     uns(
         "resize_vocab",

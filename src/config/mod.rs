@@ -18,7 +18,8 @@ use serde_norway::{Mapping, Value};
 pub use keys::{Class, Group, KEYS, KeySpec};
 pub use preset::{
     ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy, PrefLoss,
-    Preset, QuantizationMethod, QuantizationType, SchedulerArg, SchedulerType, Stage, comma_list,
+    Preset, QuantizationMethod, QuantizationType, RopeScalingArg, SchedulerArg, SchedulerType,
+    Stage, comma_list,
 };
 pub use validate::{Purpose, validate};
 

@@ -219,6 +219,28 @@ pub enum QuantizationType {
     Fp4,
 }
 
+/// `rope_scaling`: extend the model's context with this RoPE scaling (LLaMA-Factory's `configure_rope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeScalingArg {
+    Linear,
+    /// Refused: its frequencies change with each batch's length.
+    Dynamic,
+    Yarn,
+    Llama3,
+}
+
+impl RopeScalingArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Linear => "linear",
+            Self::Dynamic => "dynamic",
+            Self::Yarn => "yarn",
+            Self::Llama3 => "llama3",
+        }
+    }
+}
+
 /// `export_format` (termtune only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -267,6 +289,8 @@ pub struct Preset {
     pub double_quantization: bool,
     /// termtune only: load a GGUF base dequantized (transformers' numbers) instead of in its block types.
     pub gguf_dequantize: bool,
+    /// `rope_scaling`: extend the context (None: the model's own RoPE).
+    pub rope_scaling: Option<RopeScalingArg>,
     pub identity_name: Option<String>,
     pub identity_author: Option<String>,
     pub disable_gradient_checkpointing: bool,
@@ -408,6 +432,7 @@ impl Default for Preset {
             quantization_type: QuantizationType::Nf4,
             double_quantization: true,
             gguf_dequantize: false,
+            rope_scaling: None,
             identity_name: None,
             identity_author: None,
             disable_gradient_checkpointing: false,

@@ -2,7 +2,8 @@
 //! Every rule adds to one list: all problems are reported at once.
 
 use super::preset::{
-    FinetuningType, IntervalStrategy, PrefLoss, Preset, QuantizationMethod, Stage, comma_list,
+    FinetuningType, IntervalStrategy, PrefLoss, Preset, QuantizationMethod, RopeScalingArg, Stage,
+    comma_list,
 };
 use super::{ConfigIssue, Origin};
 
@@ -94,6 +95,12 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "quantization_bit",
             format!("`quantization_bit` must be 4 or 8 (bitsandbytes), got {b}"),
         ),
+    }
+    if p.rope_scaling == Some(RopeScalingArg::Dynamic) {
+        bad(
+            "rope_scaling",
+            "`rope_scaling: dynamic` is not supported: dynamic NTK changes the RoPE frequencies with each batch's length (transformers keeps the longest seen), and LLaMA-Factory itself warns that it may not work well with fine-tuning; use `linear`, `yarn` or `llama3`".into(),
+        );
     }
     if p.quantization_method != QuantizationMethod::Bnb {
         bad(
@@ -561,6 +568,15 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         bad(
             "export_size",
             "`export_size` (GB per shard) must be > 0".into(),
+        );
+    }
+    if purpose == Purpose::Export
+        && p.export_format == super::preset::ExportFormat::Gguf
+        && p.rope_scaling == Some(RopeScalingArg::Yarn)
+    {
+        bad(
+            "rope_scaling",
+            "GGUF export does not write YaRN RoPE scaling yet: set `export_format: safetensors`, or train with `rope_scaling: linear`".into(),
         );
     }
     if purpose == Purpose::Export && p.export_dir.is_none() {

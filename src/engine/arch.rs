@@ -102,8 +102,34 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// YaRN RoPE scaling (`rope_type: "yarn"`), its optional keys resolved as transformers 5 resolves them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnRopeScaling {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    /// `beta_fast` (32 when absent): rotations below which a frequency is interpolated.
+    pub beta_fast: f64,
+    /// `beta_slow` (1 when absent): rotations above which a frequency is kept.
+    pub beta_slow: f64,
+    /// cos and sin are multiplied by it: `attention_factor`, else 0.1·ln(factor) + 1 (with `mscale` and
+    /// `mscale_all_dim`, the ratio of the two such values).
+    pub attention_factor: f64,
+    /// `truncate` (true when absent): the correction range rounded outwards to whole frequencies.
+    pub truncate: bool,
+}
+
+impl YarnRopeScaling {
+    /// transformers' `yarn_get_mscale`.
+    pub fn mscale(scale: f64, mscale: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * scale.ln() + 1.0
+        }
+    }
+}
+
 /// RoPE frequency scaling, from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
-/// Each kind leaves the attention scaling at 1 (transformers' `attention_factor` of these kinds).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
     /// `rope_type: "linear"`: every inverse frequency divided by `factor`
@@ -111,10 +137,23 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// `rope_type: "llama3"` (transformers `_compute_llama3_parameters`).
     Llama3(Llama3RopeScaling),
+    /// `rope_type: "yarn"` (transformers `_compute_yarn_parameters`): the only kind with an attention factor.
+    Yarn(YarnRopeScaling),
+}
+
+impl RopeScaling {
+    /// The scaling factor.
+    pub fn factor(&self) -> f64 {
+        match self {
+            Self::Linear { factor } => *factor,
+            Self::Llama3(s) => s.factor,
+            Self::Yarn(s) => s.factor,
+        }
+    }
 }
 
 /// The `rope_type`s termtune computes (`default` is plain RoPE).
-pub const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3";
+pub const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3, yarn";
 
 /// Everything the model builder needs from config.json.
 #[derive(Debug, Clone, PartialEq)]
@@ -456,8 +495,8 @@ impl ModelConfig {
     }
 
     /// Inverse RoPE frequencies (length head_dim/2), with the scaling applied as in transformers
-    /// (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), then a GGUF file's
-    /// per-frequency divisors. The attention scaling of every supported kind is 1.
+    /// (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`, `_compute_yarn_parameters`),
+    /// then a GGUF file's per-frequency divisors.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
         let base: Vec<f64> = (0..d / 2)
@@ -467,10 +506,20 @@ impl ModelConfig {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
             Some(RopeScaling::Llama3(s)) => llama3_inv_freq(base, &s),
+            Some(RopeScaling::Yarn(s)) => yarn_inv_freq(base, &s, self.rope_theta),
         };
         match &self.rope_freq_factors {
             Some(fs) => scaled.iter().zip(fs).map(|(f, d)| f / d).collect(),
             None => scaled,
+        }
+    }
+
+    /// What the global layers' cos and sin are multiplied by (transformers' `attention_scaling`): YaRN's attention
+    /// factor, else 1.
+    pub fn rope_attention_factor(&self) -> f64 {
+        match self.rope_scaling {
+            Some(RopeScaling::Yarn(s)) => s.attention_factor,
+            _ => 1.0,
         }
     }
 
@@ -587,7 +636,13 @@ fn layer_windows(v: &Value, arch: ArchKind, n: usize) -> Result<Vec<Option<usize
 /// layouts give a value they must agree. The sliding layers' RoPE is never scaled.
 fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f64>)> {
     let mut legacy = serde_json::Map::new();
-    for k in ["rope_theta", "rope_scaling", "partial_rotary_factor"] {
+    for k in [
+        "rope_theta",
+        "rope_scaling",
+        "partial_rotary_factor",
+        "max_position_embeddings",
+        "original_max_position_embeddings",
+    ] {
         if let Some(x) = v.get(k) {
             legacy.insert(k.to_string(), x.clone());
         }
@@ -626,7 +681,7 @@ fn gemma3_rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>, Option<f
             match m.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Object(o)) => {
-                    Ok(Some(rope_object(o, &format!("rope_parameters.{k}"))?))
+                    Ok(Some(rope_object(o, &format!("rope_parameters.{k}"), v)?))
                 }
                 Some(_) => Err(EngineError::key(
                     format!("rope_parameters.{k}"),
@@ -700,6 +755,34 @@ fn llama3_inv_freq(base: Vec<f64>, s: &Llama3RopeScaling) -> Vec<f64> {
         .collect()
 }
 
+/// transformers `_compute_yarn_parameters` on the unscaled inverse frequencies (`base[i]` = θ^(−2i/d)): each
+/// frequency between the interpolated (÷ factor) and the kept one by a ramp over the correction range.
+fn yarn_inv_freq(base: Vec<f64>, s: &YarnRopeScaling, theta: f64) -> Vec<f64> {
+    let dim = (base.len() * 2) as f64;
+    let old = s.original_max_position_embeddings as f64;
+    let correction_dim = |rotations: f64| {
+        dim * (old / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (correction_dim(s.beta_fast), correction_dim(s.beta_slow));
+    if s.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let low = low.max(0.0);
+    let mut high = high.min(dim - 1.0);
+    if low == high {
+        high += 0.001;
+    }
+    base.into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let keep = 1.0 - ramp;
+            f / s.factor * (1.0 - keep) + f * keep
+        })
+        .collect()
+}
+
 /// The keys a `rope_type` reads besides `rope_type`/`type`, `rope_theta` and a neutral `partial_rotary_factor`;
 /// `None` for a type termtune does not compute.
 fn rope_type_keys(kind: &str) -> Option<&'static [&'static str]> {
@@ -712,6 +795,16 @@ fn rope_type_keys(kind: &str) -> Option<&'static [&'static str]> {
             "high_freq_factor",
             "original_max_position_embeddings",
         ]),
+        "yarn" => Some(&[
+            "factor",
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        ]),
         _ => None,
     }
 }
@@ -719,9 +812,13 @@ fn rope_type_keys(kind: &str) -> Option<&'static [&'static str]> {
 /// Reads one RoPE object, `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5), named `key` in
 /// messages: its own `rope_theta`, if any, and its scaling. Every key that is present must be one this
 /// `rope_type` reads: an unknown type or key would change the frequencies, so it is an error, never ignored.
+///
+/// `config` is the whole config.json: where llama3 or yarn lack `original_max_position_embeddings`, transformers 5
+/// takes the top-level `original_max_position_embeddings`, else `max_position_embeddings`.
 fn rope_object(
     obj: &serde_json::Map<String, Value>,
     key: &str,
+    config: &Value,
 ) -> Result<(Option<f64>, Option<RopeScaling>)> {
     let name = |k: &str| format!("{key}.{k}");
     let text = |k: &str| match obj.get(k) {
@@ -740,6 +837,14 @@ fn rope_object(
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => "default",
     };
+    if kind == "dynamic" {
+        return Err(EngineError::key(
+            name("rope_type"),
+            format!(
+                "rope_type \"dynamic\" is not supported: its frequencies change with each batch's length (transformers keeps the longest length seen so far), so no fixed table computes it (supported: {SUPPORTED_ROPE_TYPES})"
+            ),
+        ));
+    }
     let Some(reads) = rope_type_keys(kind) else {
         return Err(EngineError::key(
             name("rope_type"),
@@ -792,17 +897,90 @@ fn rope_object(
             format!("missing; rope_type {kind:?} needs it"),
         )),
     };
+    // The pretraining length: this object's, else the config's top-level one, else max_position_embeddings.
+    let original = || -> Result<f64> {
+        let own = number("original_max_position_embeddings")?;
+        let top = opt_f64(config, "original_max_position_embeddings")?;
+        let n = match (own, top) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(EngineError::key(
+                    name("original_max_position_embeddings"),
+                    format!("{a} and the top-level `original_max_position_embeddings` {b} disagree; keep one"),
+                ));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => opt_f64(config, "max_position_embeddings")?.ok_or_else(|| {
+                EngineError::key(
+                    name("original_max_position_embeddings"),
+                    format!("missing, and no max_position_embeddings to take it from; rope_type {kind:?} needs it"),
+                )
+            })?,
+        };
+        if n >= 1.0 && n.fract() == 0.0 {
+            Ok(n)
+        } else {
+            Err(EngineError::key(
+                name("original_max_position_embeddings"),
+                "must be a whole number > 0",
+            ))
+        }
+    };
     let scaling = match kind {
         "linear" => Some(RopeScaling::Linear {
             factor: positive("factor")?,
         }),
+        "yarn" => {
+            let original = original()?;
+            let factor = match number("factor")? {
+                Some(f) if f > 0.0 => f,
+                Some(_) => return Err(EngineError::key(name("factor"), "must be > 0")),
+                // transformers: the ratio of the two lengths when `factor` is null.
+                None => opt_f64(config, "max_position_embeddings")?.unwrap_or(original) / original,
+            };
+            let attention_factor = match number("attention_factor")? {
+                Some(a) if a > 0.0 => a,
+                Some(_) => return Err(EngineError::key(name("attention_factor"), "must be > 0")),
+                None => match (number("mscale")?, number("mscale_all_dim")?) {
+                    // transformers tests both for truth: a 0 is as absent.
+                    (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                        YarnRopeScaling::mscale(factor, m) / YarnRopeScaling::mscale(factor, all)
+                    }
+                    _ => YarnRopeScaling::mscale(factor, 1.0),
+                },
+            };
+            let truncate = match obj.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(EngineError::key(name("truncate"), "expected true or false"));
+                }
+            };
+            // transformers: `get("beta_fast") or 32`, so a 0 is as absent.
+            let beta = |k: &str, default: f64| -> Result<f64> {
+                Ok(number(k)?.filter(|b| *b != 0.0).unwrap_or(default))
+            };
+            let s = YarnRopeScaling {
+                factor,
+                original_max_position_embeddings: original as usize,
+                beta_fast: beta("beta_fast", 32.0)?,
+                beta_slow: beta("beta_slow", 1.0)?,
+                attention_factor,
+                truncate,
+            };
+            if !(s.beta_fast > 0.0 && s.beta_slow > 0.0) {
+                return Err(EngineError::key(
+                    name("beta_fast"),
+                    "beta_fast and beta_slow must be > 0",
+                ));
+            }
+            Some(RopeScaling::Yarn(s))
+        }
         "llama3" => {
             let s = Llama3RopeScaling {
                 factor: positive("factor")?,
                 low_freq_factor: positive("low_freq_factor")?,
                 high_freq_factor: positive("high_freq_factor")?,
-                original_max_position_embeddings: positive("original_max_position_embeddings")?
-                    as usize,
+                original_max_position_embeddings: original()? as usize,
             };
             if s.high_freq_factor <= s.low_freq_factor {
                 return Err(EngineError::key(
@@ -827,10 +1005,10 @@ fn rope_settings(v: &Value) -> Result<(f64, Option<RopeScaling>)> {
         Some(_) => Err(EngineError::key(k, "expected an object or null")),
     };
     let legacy = object("rope_scaling")?
-        .map(|m| rope_object(m, "rope_scaling"))
+        .map(|m| rope_object(m, "rope_scaling", v))
         .transpose()?;
     let params = object("rope_parameters")?
-        .map(|m| rope_object(m, "rope_parameters"))
+        .map(|m| rope_object(m, "rope_parameters", v))
         .transpose()?;
     if let Some(p) = opt_f64(v, "partial_rotary_factor")?
         && p != 1.0
@@ -1036,8 +1214,71 @@ mod tests {
     }
 
     #[test]
+    fn yarn_keys_resolve_as_in_transformers_5() {
+        let yarn = |obj: serde_json::Value, top: serde_json::Value| {
+            let mut v = tiny(serde_json::json!({"rope_scaling": obj}));
+            for (k, x) in top.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            match ModelConfig::from_hf_config(&v).map(|c| c.rope_scaling) {
+                Ok(Some(RopeScaling::Yarn(s))) => Ok(s),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        // Defaults: betas 32/1, truncation, attention factor 0.1 ln(factor) + 1, length = max_position_embeddings.
+        let s = yarn(
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            serde_json::json!({"max_position_embeddings": 4096}),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.beta_fast,
+                s.beta_slow,
+                s.truncate,
+                s.original_max_position_embeddings
+            ),
+            (32.0, 1.0, true, 4096)
+        );
+        assert!((s.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+        // mscale / mscale_all_dim; a null factor is the ratio of the two lengths (DeepSeek's configs).
+        let s = yarn(
+            serde_json::json!({"type": "yarn", "factor": null, "original_max_position_embeddings": 1024,
+                "mscale": 1.0, "mscale_all_dim": 0.5}),
+            serde_json::json!({"max_position_embeddings": 8192}),
+        )
+        .unwrap();
+        assert_eq!(s.factor, 8.0);
+        let want = (0.1 * 8f64.ln() + 1.0) / (0.05 * 8f64.ln() + 1.0);
+        assert!((s.attention_factor - want).abs() < 1e-15);
+        // The top-level pretraining length (Phi-3's place) agrees with the object's or is an error.
+        let e = yarn(
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+            serde_json::json!({"original_max_position_embeddings": 128}),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("original_max_position_embeddings") && e.contains("disagree"),
+            "{e}"
+        );
+        let e = yarn(
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0, "truncate": "no"}),
+            serde_json::json!({}),
+        )
+        .unwrap_err();
+        assert!(e.contains("rope_scaling.truncate"), "{e}");
+        let e = yarn(
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "extra": 1}),
+            serde_json::json!({}),
+        )
+        .unwrap_err();
+        assert!(e.contains("rope_scaling.extra"), "{e}");
+    }
+
+    #[test]
     fn unknown_rope_types_are_errors_naming_them() {
-        for kind in ["dynamic", "yarn", "longrope", "mrope", "proportional", "su"] {
+        for kind in ["dynamic", "longrope", "mrope", "proportional", "su"] {
             for key in ["rope_scaling", "rope_parameters"] {
                 let v = tiny(serde_json::json!({key: {"rope_type": kind, "factor": 2.0,
                     "original_max_position_embeddings": 64}}));
@@ -1045,7 +1286,7 @@ mod tests {
                 assert!(
                     e.contains(&format!("`{key}.rope_type`"))
                         && e.contains(&format!("{kind:?}"))
-                        && e.contains("default, linear, llama3"),
+                        && e.contains("default, linear, llama3, yarn"),
                     "{e}"
                 );
             }

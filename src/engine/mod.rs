@@ -25,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod profile;
 pub mod qweight;
+pub mod rope_ext;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -833,16 +833,27 @@ impl Model {
     fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<RopeTables> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
-        let table = |inv_freq: &Tensor| -> Result<(Tensor, Tensor)> {
+        // transformers multiplies cos and sin by the attention factor (YaRN's; 1 otherwise) in float32.
+        let table = |inv_freq: &Tensor, factor: f64| -> Result<(Tensor, Tensor)> {
             let half = inv_freq.dim(0)?;
             let ang = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
-            let cos = ang.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
-            let sin = ang.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
-            Ok((cos, sin))
+            let (mut cos, mut sin) = (ang.cos()?, ang.sin()?);
+            if factor != 1.0 {
+                cos = cos.affine(factor, 0.0)?;
+                sin = sin.affine(factor, 0.0)?;
+            }
+            Ok((
+                cos.to_dtype(dtype)?.unsqueeze(1)?,
+                sin.to_dtype(dtype)?.unsqueeze(1)?,
+            ))
         };
         Ok(RopeTables {
-            global: table(&self.inv_freq)?,
-            local: self.local_inv_freq.as_ref().map(table).transpose()?,
+            global: table(&self.inv_freq, self.cfg.rope_attention_factor())?,
+            local: self
+                .local_inv_freq
+                .as_ref()
+                .map(|f| table(f, 1.0))
+                .transpose()?,
         })
     }
 

@@ -263,6 +263,11 @@ pub fn write_gguf(
         ));
     }
 
+    if let Some(RopeScaling::Yarn(_)) = cfg.rope_scaling {
+        return Err(ExportError::Unsupported(
+            "the model's RoPE has YaRN scaling (rope_scaling: yarn), which GGUF export does not write yet; export safetensors (export_format: safetensors), or use linear scaling".into(),
+        ));
+    }
     // Linear rope scaling: llama.cpp's own metadata keys (read back by termtune's GGUF loader).
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
         md.push((k("rope.scaling.type"), Value::String("linear".into())));

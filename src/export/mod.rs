@@ -157,7 +157,13 @@ pub fn export_cancellable(
         kind,
         base_name,
         tokenizer,
-    } = resolve::load_model(preset, load_dtype, device, &mut src_progress)?;
+    } = resolve::load_model(
+        preset,
+        crate::config::Purpose::Export,
+        load_dtype,
+        device,
+        &mut src_progress,
+    )?;
     stop_if(cancelled)?;
     let gguf_path = gguf_source_path(preset, &kind);
     let base_name = hub_id_for(&kind, &base_name, gguf_path.as_deref(), &adapters);

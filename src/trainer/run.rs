@@ -301,7 +301,13 @@ fn run_training_here(
         base_name,
         tokenizer,
         ..
-    } = resolve::load_base(p, dtype, device, &mut progress)?;
+    } = resolve::load_base(
+        p,
+        crate::config::Purpose::Train,
+        dtype,
+        device,
+        &mut progress,
+    )?;
     if let Some(line) = memory_check(p, &files.config, device)? {
         emit(line);
     }
@@ -668,7 +674,13 @@ fn reference_model(
         SourceProgress::Note(n) => progress(SourceProgress::Note(format!("ref_model: {n}"))),
         other => progress(other),
     };
-    let loaded = resolve::load_base(rp, dtype, device, &mut progress)?;
+    let loaded = resolve::load_base(
+        rp,
+        crate::config::Purpose::Train,
+        dtype,
+        device,
+        &mut progress,
+    )?;
     let files = &loaded.files;
     let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
     let adapters = rp

@@ -103,7 +103,7 @@ pub(super) fn render_fields(frame: &mut Frame, inner: Rect, app: &App, theme: &T
             focus_row = lines.len();
         }
         let value_width = width.saturating_sub(LABEL_WIDTH + 3);
-        let value = display_value(&f.kind, &f.value, i == focused, app.check_cursor);
+        let value = display_value(f.key, &f.kind, &f.value, i == focused, app.check_cursor);
         let value_style = if f.issue.is_some() {
             theme.danger
         } else if f.edited {
@@ -168,8 +168,15 @@ pub(super) fn render_fields(frame: &mut Frame, inner: Rect, app: &App, theme: &T
     }
 }
 
-/// How a value shows: toggles as [x]/[ ], selects with arrows, checklists with every option.
-fn display_value(kind: &FieldKind, value: &str, focused: bool, check_cursor: usize) -> String {
+/// How a value shows: toggles as [x]/[ ], selects with arrows (an empty choice as what it means for `key`),
+/// checklists with every option.
+fn display_value(
+    key: &str,
+    kind: &FieldKind,
+    value: &str,
+    focused: bool,
+    check_cursor: usize,
+) -> String {
     match kind {
         FieldKind::Toggle => {
             if value == "true" {
@@ -179,7 +186,11 @@ fn display_value(kind: &FieldKind, value: &str, focused: bool, check_cursor: usi
             }
         }
         FieldKind::Select(_) => {
-            let v = if value.is_empty() { "(auto)" } else { value };
+            let v = match (value.is_empty(), key) {
+                (false, _) => value,
+                (true, "rope_scaling") => "(off)",
+                (true, _) => "(auto)",
+            };
             if focused {
                 format!("◀ {v} ▶")
             } else {
