@@ -1021,3 +1021,88 @@ fn compute_accuracy_reports_lfs_token_accuracy() {
     let want = per_example.iter().sum::<f64>() / per_example.len() as f64;
     assert!((reported - want).abs() < 1e-9, "{reported} vs {want}");
 }
+
+/// Freeze and full fine-tuning leave model folders, as `save_pretrained` writes them: config.json (the model's, in
+/// the saved weights' dtype) and generation_config.json beside model.safetensors, in the run folder and in each
+/// checkpoint, so termtune (`model_name_or_path`) and transformers load them; the tokenizer_config.json keeps the
+/// model's own keys (add_bos_token, model_max_length) with the template's chat template and training's right padding.
+#[test]
+fn freeze_and_full_runs_are_model_folders() {
+    use termtune::engine::weights::load_hf_folder;
+    use termtune::engine::{AttnMask, Finetune, Model};
+    let f = fixture(8);
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let source = read(&f.root.join("model/config.json"));
+    let logits = |dir: &Path| -> Vec<f32> {
+        let files = load_hf_folder(dir, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let m = Model::from_files(
+            &files,
+            candle_core::DType::F32,
+            &Device::Cpu,
+            &Finetune::Frozen,
+        )
+        .unwrap();
+        let x = Tensor::from_vec((3..19u32).collect::<Vec<_>>(), (1, 16), &Device::Cpu).unwrap();
+        let l = m.forward(&x, &AttnMask::Causal, false).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let base = logits(&f.root.join("model"));
+    for (out, extra) in [
+        ("full", &["finetuning_type: full"][..]),
+        (
+            "freeze",
+            &["finetuning_type: freeze", "freeze_trainable_layers: 1"][..],
+        ),
+    ] {
+        let loaded = preset(
+            &f,
+            out,
+            &[extra, &["max_steps: 2", "save_steps: 2"]].concat(),
+        );
+        let (r, _) = run(&loaded, &[]);
+        r.unwrap();
+        let dir = f.root.join(out);
+        for d in [dir.clone(), dir.join("checkpoint-2")] {
+            let mut config = read(&d.join("config.json"));
+            assert_eq!(config["torch_dtype"], "float32", "{out}");
+            assert_eq!(config["dtype"], "float32", "{out}");
+            let map = config.as_object_mut().unwrap();
+            for k in ["torch_dtype", "dtype", "use_cache"] {
+                map.remove(k);
+            }
+            let mut want = source.clone();
+            for k in ["torch_dtype", "dtype", "use_cache"] {
+                want.as_object_mut().unwrap().remove(k);
+            }
+            assert_eq!(config, want, "{out}: the model's config.json");
+            assert!(d.join("generation_config.json").is_file(), "{out}");
+        }
+        let trained = logits(&dir);
+        assert_eq!(trained, logits(&dir.join("checkpoint-2")), "{out}");
+        let moved = trained
+            .iter()
+            .zip(&base)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "{out}: the saved weights are the trained ones ({moved})"
+        );
+        let tok = read(&dir.join("tokenizer_config.json"));
+        let src_tok = read(&f.root.join("model/tokenizer_config.json"));
+        for k in ["model_max_length", "add_bos_token", "tokenizer_class"] {
+            assert_eq!(tok[k], src_tok[k], "{out}: tokenizer_config.json keeps {k}");
+        }
+        // chatml replaces the tokenizer's own template, as LLaMA-Factory's fix_jinja_template does.
+        assert!(
+            tok["chat_template"].as_str().is_some_and(
+                |t| t.contains("<|im_start|>assistant") && t != src_tok["chat_template"]
+            ),
+            "{out}: {}",
+            tok["chat_template"]
+        );
+        assert_eq!(tok["padding_side"], "right");
+    }
+}

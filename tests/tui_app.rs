@@ -464,6 +464,7 @@ mod chat {
                 source: "folder".into(),
                 template: "chatml".into(),
                 adapter: None,
+                run_model: None,
             },
         })
     }

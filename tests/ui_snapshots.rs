@@ -751,6 +751,7 @@ mod chat {
                     targets: "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj".into(),
                     step: Some(step),
                 }),
+                run_model: None,
             },
         })
     }
@@ -795,6 +796,26 @@ mod chat {
         a.update(loaded(0, None));
         a.update(key('i'));
         snap("chat_empty", &a);
+    }
+
+    #[test]
+    fn chat_with_a_full_fine_tuning_runs_model() {
+        let mut a = chat_app();
+        a.update(Msg::Chat(ChatEvent::Loaded {
+            slot: 0,
+            info: LoadedTarget {
+                model: "saves/full/checkpoint-40".into(),
+                source: "folder".into(),
+                template: "smollm2".into(),
+                adapter: None,
+                run_model: Some(termtune::chat::worker::RunModel {
+                    path: PathBuf::from("saves/full/checkpoint-40"),
+                    step: Some(40),
+                }),
+            },
+        }));
+        a.update(key('i'));
+        snap("chat_run_model", &a);
     }
 
     #[test]

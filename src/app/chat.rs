@@ -43,7 +43,7 @@ pub enum LineEdit {
 
 /// Rows the picker shows after the listed targets: type an adapter folder, type a run folder.
 pub const PICKER_EXTRA_ROWS: [&str; 2] = [
-    "other adapter folder… (type its path)",
+    "other adapter or model folder… (type its path)",
     "another run's output_dir… (list its checkpoints)",
 ];
 

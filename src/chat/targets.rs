@@ -12,11 +12,32 @@ use std::path::{Path, PathBuf};
 use crate::engine::adapter::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
 use crate::trainer::checkpoint::list_checkpoints;
 
-/// What a chat slot runs: the preset's base model alone, or with one adapter merged in.
+/// What a chat slot runs: the preset's base model alone, with one adapter merged in, or a model folder a freeze or
+/// full fine-tuning run wrote (in place of the base).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatTarget {
     Base,
     Adapter(PathBuf),
+    Model(PathBuf),
+}
+
+/// Whether `dir` is a saved model (config.json and safetensors weights, no adapter_config.json): a freeze or full
+/// fine-tuning run folder or checkpoint.
+pub fn is_model_folder(dir: &Path) -> bool {
+    !dir.join(CONFIG_FILE).is_file()
+        && dir.join("config.json").is_file()
+        && (dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file())
+}
+
+/// A typed folder as a target: a model folder is chatted with in place of the base, anything else as an adapter
+/// (whose problems [`describe_adapter`] names).
+pub fn folder_target(dir: PathBuf) -> ChatTarget {
+    if is_model_folder(&dir) {
+        ChatTarget::Model(dir)
+    } else {
+        ChatTarget::Adapter(dir)
+    }
 }
 
 /// One entry of the target picker.
@@ -113,22 +134,32 @@ pub fn list_targets(output_dir: &Path) -> Vec<TargetEntry> {
         label: "base model, no adapter".into(),
         target: ChatTarget::Base,
     }];
+    let step = adapter_step(output_dir).map_or_else(String::new, |s| format!(" (step {s})"));
     if output_dir.join(CONFIG_FILE).is_file() && output_dir.join(WEIGHTS_FILE).is_file() {
-        let step = adapter_step(output_dir).map_or_else(String::new, |s| format!(" (step {s})"));
         out.push(TargetEntry {
             label: format!("final adapter{step}  {}", output_dir.display()),
             target: ChatTarget::Adapter(output_dir.to_path_buf()),
+        });
+    } else if is_model_folder(output_dir) {
+        out.push(TargetEntry {
+            label: format!("final model{step}  {}", output_dir.display()),
+            target: ChatTarget::Model(output_dir.to_path_buf()),
         });
     }
     let mut checkpoints = list_checkpoints(output_dir);
     checkpoints.reverse();
     for (step, dir) in checkpoints {
-        if dir.join(CONFIG_FILE).is_file() {
-            out.push(TargetEntry {
-                label: format!("checkpoint-{step}  {}", dir.display()),
-                target: ChatTarget::Adapter(dir),
-            });
-        }
+        let target = if dir.join(CONFIG_FILE).is_file() {
+            ChatTarget::Adapter(dir.clone())
+        } else if is_model_folder(&dir) {
+            ChatTarget::Model(dir.clone())
+        } else {
+            continue;
+        };
+        out.push(TargetEntry {
+            label: format!("checkpoint-{step}  {}", dir.display()),
+            target,
+        });
     }
     out
 }
@@ -176,6 +207,39 @@ mod tests {
             ]
         );
         assert!(t[1].label.starts_with("final adapter (step 30)"));
+    }
+
+    #[test]
+    fn a_freeze_or_full_run_offers_its_model_and_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        for d in [out.to_path_buf(), out.join("checkpoint-4")] {
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("config.json"), "{}").unwrap();
+            std::fs::write(d.join("model.safetensors"), b"").unwrap();
+            std::fs::write(d.join("trainer_state.json"), r#"{"global_step":4}"#).unwrap();
+        }
+        let t = list_targets(out);
+        let targets: Vec<&ChatTarget> = t.iter().map(|e| &e.target).collect();
+        assert_eq!(
+            targets,
+            [
+                &ChatTarget::Base,
+                &ChatTarget::Model(out.to_path_buf()),
+                &ChatTarget::Model(out.join("checkpoint-4")),
+            ]
+        );
+        assert!(
+            t[1].label.starts_with("final model (step 4)"),
+            "{}",
+            t[1].label
+        );
+        assert_eq!(
+            folder_target(out.to_path_buf()),
+            ChatTarget::Model(out.to_path_buf())
+        );
+        let other = out.join("nope");
+        assert_eq!(folder_target(other.clone()), ChatTarget::Adapter(other));
     }
 
     #[test]

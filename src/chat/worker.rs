@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::targets::{AdapterInfo, ChatTarget, describe_adapter};
+use super::targets::{AdapterInfo, ChatTarget, adapter_step, describe_adapter, folder_target};
 use super::{ChatError, ChatSession};
 use crate::config::Preset;
 use crate::data::{Message, Role};
@@ -75,6 +75,16 @@ pub struct LoadedTarget {
     pub template: String,
     /// None: the base model, no adapter.
     pub adapter: Option<AdapterInfo>,
+    /// Set when the slot runs a freeze or full fine-tuning run's model in place of the base.
+    pub run_model: Option<RunModel>,
+}
+
+/// A freeze or full fine-tuning run's model folder (or checkpoint) a slot runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunModel {
+    pub path: std::path::PathBuf,
+    /// Optimizer step: `global_step` of its `trainer_state.json`, else the `checkpoint-N` name.
+    pub step: Option<u64>,
 }
 
 /// Numbers about one answer.
@@ -225,6 +235,7 @@ pub fn run_worker(
                             preset.model_name_or_path,
                             p.display()
                         ),
+                        ChatTarget::Model(p) => format!("loading {}", p.display()),
                     },
                 });
                 match load(&preset, &target, device, &mut |what| {
@@ -327,11 +338,20 @@ fn load(
     device: &Device,
     note: &mut dyn FnMut(String),
 ) -> Result<(ChatSession, LoadedTarget), String> {
-    let adapter = match target {
+    let mut p = preset.clone();
+    // A typed folder may be a freeze or full fine-tuning run's model rather than an adapter.
+    let target = match target {
+        ChatTarget::Adapter(dir) => folder_target(dir.clone()),
+        other => other.clone(),
+    };
+    let adapter = match &target {
         ChatTarget::Base => None,
         ChatTarget::Adapter(dir) => Some(describe_adapter(dir).map_err(|e| e.to_string())?),
+        ChatTarget::Model(dir) => {
+            p.model_name_or_path = dir.display().to_string();
+            None
+        }
     };
-    let mut p = preset.clone();
     p.adapter_name_or_path = adapter.as_ref().map(|a| a.path.display().to_string());
     let session = ChatSession::load(&p, device, &mut |progress| {
         if let SourceProgress::Note(line) = progress {
@@ -344,6 +364,13 @@ fn load(
         source: source_label(&session.info.source, session.info.quantized_base),
         template: session.info.template.clone(),
         adapter,
+        run_model: match &target {
+            ChatTarget::Model(dir) => Some(RunModel {
+                path: dir.clone(),
+                step: adapter_step(dir),
+            }),
+            _ => None,
+        },
     };
     Ok((session, info))
 }

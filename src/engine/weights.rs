@@ -342,6 +342,43 @@ fn raw(t: &Tensor) -> Result<RawTensor> {
     })
 }
 
+/// `torch_dtype` spelling of a dtype.
+pub fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// The `config.json` of a saved model folder whose weights are in `dt`: the model's config with the dtype in both
+/// spellings, so that transformers 4 (`torch_dtype`) and 5 (`dtype`, which wins there) read the dtype of these
+/// weights, never a source's value copied alongside.
+pub fn saved_config(config: &Value, dt: DType) -> Value {
+    let mut config = config.clone();
+    if let Value::Object(map) = &mut config {
+        map.insert("torch_dtype".into(), Value::from(dtype_name(dt)));
+        map.insert("dtype".into(), Value::from(dtype_name(dt)));
+        map.insert("use_cache".into(), Value::Bool(true));
+    }
+    config
+}
+
+/// The source's `generation_config.json`, or one built from the config's special token ids.
+pub fn generation_config(source: &Value, config: &Value) -> Value {
+    if source.is_object() {
+        return source.clone();
+    }
+    let mut g = serde_json::Map::new();
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config.get(k) {
+            g.insert(k.into(), v.clone());
+        }
+    }
+    Value::Object(g)
+}
+
 /// Write tensors to a safetensors file with metadata `{"format": "pt"}` (what PyTorch/PEFT write and expect).
 ///
 /// Written here rather than with `safetensors::serialize_to_file`, which stages the file in an owner-only (0600)

@@ -15,7 +15,7 @@ use crate::data::encoder::config_chat_template;
 use crate::data::template::{Slot, TemplateClass};
 use crate::engine::ModelFiles;
 use crate::engine::source::SourceKind;
-use crate::engine::weights::save_safetensors;
+use crate::engine::weights::{self, save_safetensors};
 
 /// What [`write_folder`] writes.
 pub struct FolderInput<'a> {
@@ -29,16 +29,6 @@ pub struct FolderInput<'a> {
     pub tokenizer: &'a tokenizers::Tokenizer,
     /// `tokenizer_config.json` to write (with the chat template).
     pub tokenizer_config: &'a Json,
-}
-
-/// `torch_dtype` spelling of a dtype.
-pub fn dtype_name(dt: DType) -> &'static str {
-    match dt {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        DType::F64 => "float64",
-        _ => "float32",
-    }
 }
 
 /// Tensor names in the order `save_pretrained` writes a llama-family state dict: embeddings, layers in numeric
@@ -144,15 +134,10 @@ pub fn write_folder(
     }
 
     progress("writing config.json, tokenizer and generation config");
-    let mut config = input.files.config.clone();
-    if let Json::Object(map) = &mut config {
-        // Both spellings, so that transformers 4 (`torch_dtype`) and 5 (`dtype`, which wins there) read the
-        // dtype of these weights, never a source's value copied alongside.
-        map.insert("torch_dtype".into(), json!(dtype_name(dt)));
-        map.insert("dtype".into(), json!(dtype_name(dt)));
-        map.insert("use_cache".into(), json!(true));
-    }
-    write_json(&dir.join("config.json"), &config)?;
+    write_json(
+        &dir.join("config.json"),
+        &weights::saved_config(&input.files.config, dt),
+    )?;
     // The tokenizer: the source's own tokenizer.json byte for byte when it came from a folder, else the
     // tokenizer termtune built (from GGUF metadata).
     let src_dir = &input.files.dir;
@@ -194,7 +179,7 @@ pub fn write_folder(
     write_json(&dir.join("tokenizer_config.json"), input.tokenizer_config)?;
     write_json(
         &dir.join("generation_config.json"),
-        &generation_config(&input.files.generation_config, &input.files.config),
+        &weights::generation_config(&input.files.generation_config, &input.files.config),
     )?;
     Ok(())
 }
@@ -209,20 +194,6 @@ fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
     std::fs::read(from)
         .and_then(|bytes| crate::fsutil::write_file(to, bytes))
         .map_err(|e| ExportError::io(format!("copying {} to {}", from.display(), to.display()), e))
-}
-
-/// The source's `generation_config.json`, or one built from the config's special token ids.
-pub fn generation_config(source: &Json, config: &Json) -> Json {
-    if source.is_object() {
-        return source.clone();
-    }
-    let mut g = Map::new();
-    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-        if let Some(v) = config.get(k) {
-            g.insert(k.into(), v.clone());
-        }
-    }
-    Json::Object(g)
 }
 
 /// `tokenizer_config.json` for the export: the source's, with `padding_side: left` (LLaMA-Factory saves it so)

@@ -288,7 +288,7 @@ pub fn export_cancellable(
                 progress(&format!("copied the reward model's {file}"));
             }
             stop_if(cancelled)?;
-            Ok(hf::dtype_name(out_dtype).to_string())
+            Ok(crate::engine::weights::dtype_name(out_dtype).to_string())
         }
     })()?;
     finish(staged)?;

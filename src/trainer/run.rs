@@ -407,7 +407,16 @@ fn run_training_here(
         ));
     }
 
-    let mut trainer = Trainer::new(loaded, model, dataset, base_name, out_dir, &encoder, stage)?;
+    let folder_files = FolderFiles::new(p, &encoder, &files)?;
+    let mut trainer = Trainer::new(
+        loaded,
+        model,
+        dataset,
+        base_name,
+        out_dir,
+        folder_files,
+        stage,
+    )?;
     if let Some((dir, state, why)) = resume {
         trainer.restore(&dir, &state)?;
         emit(TrainEvent::Resuming {
@@ -596,7 +605,7 @@ struct Trainer<'a> {
     best: Option<(f64, u64)>,
     /// `early_stopping_steps`: evaluations since the best one.
     patience: u64,
-    tokenizer_files: TokenizerFiles,
+    folder_files: FolderFiles,
     /// Stages dpo, kto and rm: the objective, the reference and the metrics since the last log line.
     pref: Option<Preference>,
 }
@@ -725,9 +734,32 @@ fn value_head(
 }
 
 /// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
-struct TokenizerFiles {
+/// What a saved folder carries besides the weights: the tokenizer files, and for freeze and full fine-tuning the
+/// model's `config.json` and `generation_config.json` (the folder is then a model transformers and termtune load).
+struct FolderFiles {
     tokenizer_json: Option<String>,
     tokenizer_config: serde_json::Value,
+    /// The model's config.json as trained (a `rope_scaling` extension included).
+    config: serde_json::Value,
+    generation_config: serde_json::Value,
+}
+
+impl FolderFiles {
+    fn new(
+        p: &config::Preset,
+        encoder: &Encoder,
+        files: &crate::engine::ModelFiles,
+    ) -> Result<Self, TrainError> {
+        Ok(Self {
+            tokenizer_json: encoder.tokenizer.to_string(false).ok(),
+            tokenizer_config: run_tokenizer_config(p, encoder, files)?,
+            config: files.config.clone(),
+            generation_config: crate::engine::weights::generation_config(
+                &files.generation_config,
+                &files.config,
+            ),
+        })
+    }
 }
 
 impl<'a> Trainer<'a> {
@@ -737,7 +769,7 @@ impl<'a> Trainer<'a> {
         data: PreparedDataset,
         base_name: String,
         out: PathBuf,
-        encoder: &Encoder,
+        folder_files: FolderFiles,
         pref: Option<Preference>,
     ) -> Result<Self, TrainError> {
         let p = &loaded.preset;
@@ -777,10 +809,6 @@ impl<'a> Trainer<'a> {
             p.per_device_train_batch_size,
             p.gradient_accumulation_steps,
         );
-        let tokenizer_files = TokenizerFiles {
-            tokenizer_json: encoder.tokenizer.to_string(false).ok(),
-            tokenizer_config: tokenizer_config_with_template(encoder),
-        };
         Ok(Trainer {
             loaded,
             p,
@@ -801,7 +829,7 @@ impl<'a> Trainer<'a> {
             last_accuracy: None,
             best: None,
             patience: 0,
-            tokenizer_files,
+            folder_files,
             pref,
         })
     }
@@ -1535,6 +1563,26 @@ impl<'a> Trainer<'a> {
         } else {
             let tensors: HashMap<String, Tensor> = self.model.merged_tensors()?;
             save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+            // A model folder, as save_pretrained writes it: config.json in the weights' dtype, generation_config.json.
+            let dt = tensors
+                .get("model.embed_tokens.weight")
+                .map_or(DType::F32, Tensor::dtype);
+            let json = |v: &serde_json::Value| {
+                serde_json::to_string_pretty(v).unwrap_or_else(|_| "{}".into())
+            };
+            write_file(
+                &dir.join("config.json"),
+                json(&crate::engine::weights::saved_config(
+                    &self.folder_files.config,
+                    dt,
+                )),
+            )
+            .map_err(io_err("writing config.json"))?;
+            write_file(
+                &dir.join("generation_config.json"),
+                json(&self.folder_files.generation_config),
+            )
+            .map_err(io_err("writing generation_config.json"))?;
         }
         if let Some(Preference {
             objective: Objective::Rm(head),
@@ -1543,11 +1591,11 @@ impl<'a> Trainer<'a> {
         {
             head.save(dir)?;
         }
-        if let Some(tok) = &self.tokenizer_files.tokenizer_json {
+        if let Some(tok) = &self.folder_files.tokenizer_json {
             write_file(&dir.join("tokenizer.json"), tok)
                 .map_err(io_err("writing tokenizer.json"))?;
         }
-        let cfg = serde_json::to_string_pretty(&self.tokenizer_files.tokenizer_config)
+        let cfg = serde_json::to_string_pretty(&self.folder_files.tokenizer_config)
             .unwrap_or_else(|_| "{}".into());
         write_file(&dir.join("tokenizer_config.json"), cfg)
             .map_err(io_err("writing tokenizer_config.json"))?;
@@ -1573,7 +1621,7 @@ impl<'a> Trainer<'a> {
     fn checkpoint_bytes(&self) -> u64 {
         let (trainable, _) = self.model.param_counts();
         let tokenizer = self
-            .tokenizer_files
+            .folder_files
             .tokenizer_json
             .as_ref()
             .map_or(0, |t| t.len() as u64);
@@ -1817,10 +1865,17 @@ fn disk_full_cause(e: &TrainError) -> Option<(Option<PathBuf>, Option<u64>)> {
     None
 }
 
-/// The tokenizer config saved with adapters: the original, with the chat template in use written
-/// in (so PEFT/vLLM users chat with the same template the adapter was trained with).
-fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
-    let mut cfg = serde_json::json!({});
+/// The tokenizer_config.json a run folder and its checkpoints carry, as LLaMA-Factory saves its patched tokenizer:
+/// the model's own (add_bos_token, model_max_length, … kept), with the preset's template written in as Jinja as an
+/// export writes it (so PEFT, vLLM and transformers users chat with the template the weights were trained with),
+/// the special tokens the template fixed, and training's right padding.
+fn run_tokenizer_config(
+    p: &config::Preset,
+    encoder: &Encoder,
+    files: &crate::engine::ModelFiles,
+) -> Result<serde_json::Value, TrainError> {
+    let mut cfg = crate::export::hf::tokenizer_config_with_template(p, encoder, files)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
     if let Some(obj) = cfg.as_object_mut() {
         obj.insert("eos_token".into(), serde_json::json!(encoder.eos.0));
         if let Some((bos, _)) = &encoder.bos {
@@ -1828,7 +1883,7 @@ fn tokenizer_config_with_template(encoder: &Encoder) -> serde_json::Value {
         }
         obj.insert("padding_side".into(), serde_json::json!("right"));
     }
-    cfg
+    Ok(cfg)
 }
 
 /// A batch as the model takes it: its tensors and the host copy of its padding mask (with the batch, the host

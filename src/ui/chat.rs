@@ -103,13 +103,23 @@ fn header(
                 "{} ({}) · template {}",
                 info.model, info.source, info.template
             );
-            match &info.adapter {
-                None => (
+            match (&info.adapter, &info.run_model) {
+                (None, Some(run)) => {
+                    let step = run
+                        .step
+                        .map_or_else(String::new, |s| format!("step {s} · "));
+                    (
+                        format!("{name} ▸ trained model {}", run.path.display()),
+                        format!("{step}{model}"),
+                        theme.ok,
+                    )
+                }
+                (None, None) => (
                     format!("{name} ▸ base model, no adapter"),
                     model,
                     theme.field_value,
                 ),
-                Some(a) => {
+                (Some(a), _) => {
                     let step = a.step.map_or_else(String::new, |s| format!("step {s} · "));
                     (
                         format!("{name} ▸ adapter {}", a.path.display()),
