@@ -42,6 +42,14 @@ fn logits(dir: &Path) -> Result<Vec<f32>, String> {
     Ok(l.flatten_all().unwrap().to_vec1::<f32>().unwrap())
 }
 
+/// The largest difference between two logit lists.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 #[test]
 fn old_and_new_rope_layouts_give_identical_logits() {
     let d = tempfile::tempdir().unwrap();
@@ -95,11 +103,7 @@ fn old_and_new_rope_layouts_give_identical_logits() {
             "{kind}: the layouts give different logits"
         );
         // The settings reach the model: the logits are not those of plain RoPE at theta 10000.
-        let moved = a
-            .iter()
-            .zip(&plain)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let moved = max_diff(&a, &plain);
         assert!(moved > 1e-4, "{kind}: logits equal plain RoPE's ({moved})");
     }
 
@@ -190,11 +194,7 @@ fn yarn_matches_transformers_goldens() {
                 );
             }
         }
-        let moved = got
-            .iter()
-            .zip(&plain)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let moved = max_diff(&got, &plain);
         assert!(moved > 1e-3, "{name}: logits equal plain RoPE's ({moved})");
     }
 }
