@@ -91,6 +91,12 @@ pub fn finetune(p: &Preset) -> Result<Finetune, crate::engine::EngineError> {
         FinetuningType::Lora | FinetuningType::Oft => Finetune::Lora(lora_spec(p)?),
         FinetuningType::Freeze => Finetune::Freeze {
             trainable_layers: p.freeze_trainable_layers,
+            modules: config::comma_list(&p.freeze_trainable_modules),
+            extra: p
+                .freeze_extra_modules
+                .as_deref()
+                .map(config::comma_list)
+                .unwrap_or_default(),
         },
         FinetuningType::Full => Finetune::Full,
     })

@@ -216,6 +216,17 @@ const CASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "invalid_freeze_modules.yaml",
+        &[
+            ":4:",
+            "`freeze_trainable_modules`: unknown module `attention`; choose from all, self_attn, mlp",
+            ":5:",
+            "`freeze_extra_modules`: unknown module `vision_tower`; choose from embed_tokens, norm, lm_head",
+            ":6:",
+            "`rope_scaling: dynamic` is not supported",
+        ],
+    ),
+    (
         "invalid_eaft.yaml",
         &[
             ":4:",

@@ -508,30 +508,14 @@ fn freeze_and_full_expose_the_right_trainable_vars() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path(), 3, &TinyOpts::default()).unwrap();
     let files = load_hf_folder(d.path(), DType::F32, &CPU).unwrap();
-    let last = Model::from_files(
-        &files,
-        DType::F32,
-        &CPU,
-        &Finetune::Freeze {
-            trainable_layers: 1,
-        },
-    )
-    .unwrap();
+    let last = Model::from_files(&files, DType::F32, &CPU, &Finetune::freeze(1)).unwrap();
     let names: Vec<String> = last.trainable_vars().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names.len(), 9);
     assert!(
         names.iter().all(|n| n.starts_with("model.layers.1.")),
         "{names:?}"
     );
-    let first = Model::from_files(
-        &files,
-        DType::F32,
-        &CPU,
-        &Finetune::Freeze {
-            trainable_layers: -1,
-        },
-    )
-    .unwrap();
+    let first = Model::from_files(&files, DType::F32, &CPU, &Finetune::freeze(-1)).unwrap();
     assert!(
         first
             .trainable_vars()
@@ -1609,12 +1593,8 @@ fn checkpointing_chunked_head_loss_and_unpadding_match_the_plain_path() {
     let finetunes = [
         lora("all", 4),
         lora("q_proj,v_proj", 2),
-        Finetune::Freeze {
-            trainable_layers: 1,
-        },
-        Finetune::Freeze {
-            trainable_layers: -1,
-        },
+        Finetune::freeze(1),
+        Finetune::freeze(-1),
         Finetune::Full,
     ];
     let mut compared = 0;
@@ -1788,4 +1768,112 @@ fn lora_dropout_masks_are_seeded_and_every_path_sees_the_same_ones() {
     m.dropout_seed = 11;
     let b = m.forward(&input, &mask, false).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// Freeze's `freeze_trainable_modules` / `freeze_extra_modules` train exactly the weights LLaMA-Factory 0.9.5's own
+/// `_setup_freeze_tuning` marks trainable on the same tiny llama (`scripts/freeze_modules_reference.py` printed the
+/// lists): `norm` also takes every layer's norms (LF matches by substring), and a tied model has no `lm_head`.
+#[test]
+fn freeze_modules_train_what_llamafactory_trains() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path(), 3, &TinyOpts::default()).unwrap();
+    let files = load_hf_folder(d.path(), DType::F32, &CPU).unwrap();
+    let freeze = |layers: i64, modules: &str, extra: &str| Finetune::Freeze {
+        trainable_layers: layers,
+        modules: termtune::config::comma_list(modules),
+        extra: termtune::config::comma_list(extra),
+    };
+    let names = |ft: &Finetune| -> Result<Vec<String>, String> {
+        let m = Model::from_files(&files, DType::F32, &CPU, ft).map_err(|e| e.to_string())?;
+        let mut n: Vec<String> = m.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        n.sort();
+        Ok(n)
+    };
+    let l = |i: usize, rest: &[&str]| -> Vec<String> {
+        rest.iter()
+            .map(|r| format!("model.layers.{i}.{r}.weight"))
+            .collect()
+    };
+    let attn = [
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ];
+    let mlp = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"];
+    let norms = ["input_layernorm", "post_attention_layernorm"];
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // (1, all): the last layer whole.
+    let want = sorted([l(1, &attn), l(1, &mlp), l(1, &norms)].concat());
+    assert_eq!(names(&freeze(1, "all", "")).unwrap(), want);
+    assert_eq!(names(&Finetune::freeze(1)).unwrap(), want);
+    // (1, mlp; embed_tokens, norm): the last MLP, the embedding, and every norm.
+    let want = sorted(
+        [
+            vec![
+                "model.embed_tokens.weight".to_string(),
+                "model.norm.weight".to_string(),
+            ],
+            l(0, &norms),
+            l(1, &norms),
+            l(1, &mlp),
+        ]
+        .concat(),
+    );
+    assert_eq!(names(&freeze(1, "mlp", "embed_tokens,norm")).unwrap(), want);
+    // (-1, self_attn + post_attention_layernorm): the first layer's attention and its second norm.
+    let want = sorted([l(0, &attn), l(0, &["post_attention_layernorm"])].concat());
+    assert_eq!(
+        names(&freeze(-1, "self_attn,post_attention_layernorm", "")).unwrap(),
+        want
+    );
+    // A tied model has no lm_head to train; an untied one does.
+    let e = names(&freeze(2, "input_layernorm", "lm_head")).unwrap_err();
+    assert!(
+        e.contains("freeze_extra_modules")
+            && e.contains("lm_head")
+            && e.contains("embed_tokens, norm"),
+        "{e}"
+    );
+    let u = tempfile::tempdir().unwrap();
+    tiny_llama(
+        u.path(),
+        3,
+        &TinyOpts {
+            tie_word_embeddings: false,
+            ..TinyOpts::default()
+        },
+    )
+    .unwrap();
+    let untied = load_hf_folder(u.path(), DType::F32, &CPU).unwrap();
+    let m = Model::from_files(
+        &untied,
+        DType::F32,
+        &CPU,
+        &freeze(2, "input_layernorm", "lm_head"),
+    )
+    .unwrap();
+    let mut got: Vec<String> = m.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    got.sort();
+    let want = sorted(
+        [
+            vec!["lm_head.weight".to_string()],
+            l(0, &["input_layernorm"]),
+            l(1, &["input_layernorm"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(got, want);
+    // The memory estimate counts the same parameters.
+    let (trainable, _) =
+        termtune::engine::memory::param_counts(&m.cfg, &freeze(2, "input_layernorm", "lm_head"));
+    let counted: usize = m
+        .trainable_vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    assert_eq!(trainable, counted as u64);
 }

@@ -388,12 +388,7 @@ fn generic_training_path_matches_the_fused_path_in_f32() {
         tiny(d.path(), &opts);
         compare_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true);
         // Freeze and full fine-tuning: trainable base weights and norms take candle's graph on every device.
-        for ft in [
-            Finetune::Freeze {
-                trainable_layers: 1,
-            },
-            Finetune::Full,
-        ] {
+        for ft in [Finetune::freeze(1), Finetune::Full] {
             compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &ft);
         }
         compare_finetune_with_cpu(d.path(), &CPU, DType::F32, 1e-4, true, &dora(4));
@@ -498,12 +493,7 @@ fn cuda_logits_loss_and_lora_gradients_match_the_cpu() {
         compare_with_cpu(d.path(), &dev, DType::F32, 1e-4, false);
         // bf16 base with f32 LoRA: within bf16's resolution over two layers.
         compare_with_cpu(d.path(), &dev, DType::BF16, 5e-2, false);
-        for ft in [
-            Finetune::Freeze {
-                trainable_layers: 1,
-            },
-            Finetune::Full,
-        ] {
+        for ft in [Finetune::freeze(1), Finetune::Full] {
             compare_finetune_with_cpu(d.path(), &dev, DType::F32, 1e-4, false, &ft);
         }
         compare_finetune_with_cpu(d.path(), &dev, DType::F32, 1e-4, false, &dora(4));

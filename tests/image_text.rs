@@ -115,12 +115,7 @@ fn the_text_model_of_an_image_text_checkpoint_is_the_text_model() {
     let diff = max_abs_diff(&logits(&m), &logits(&load(&text, &Finetune::Frozen))).unwrap();
     assert_eq!(diff, 0.0);
     // Full and freeze fine-tuning would save a model without its vision tower: refused, naming the fix.
-    for ft in [
-        Finetune::Full,
-        Finetune::Freeze {
-            trainable_layers: 1,
-        },
-    ] {
+    for ft in [Finetune::Full, Finetune::freeze(1)] {
         let err = Model::from_files(&files, DType::F32, &CPU, &ft)
             .err()
             .unwrap()

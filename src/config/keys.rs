@@ -477,17 +477,15 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "freeze: the last n decoder layers are trained (negative: the first n).",
     ),
-    uns(
+    imp(
         "freeze_trainable_modules",
         Method,
-        "all",
-        "choosing parts of the trainable layers is not supported yet: freeze trains whole layers",
+        "freeze: the parts of the trainable layers that are trained, comma separated: all, or self_attn, mlp, input_layernorm, post_attention_layernorm (Gemma 3: its four norms).",
     ),
-    uns(
+    imp(
         "freeze_extra_modules",
         Method,
-        "null",
-        "training modules outside the layers (embed_tokens, norm) is not supported yet",
+        "freeze: modules outside the layers trained too, comma separated: embed_tokens, norm, lm_head (untied). Matched by name as LLaMA-Factory does, so norm also trains every layer's norms.",
     ),
     noe(
         "deepspeed",

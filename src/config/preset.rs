@@ -307,6 +307,10 @@ pub struct Preset {
     pub loraplus_lr_ratio: Option<f64>,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
+    /// `freeze_trainable_modules`: comma separated, `all` by default.
+    pub freeze_trainable_modules: String,
+    /// `freeze_extra_modules`: comma separated, none by default.
+    pub freeze_extra_modules: Option<String>,
     pub pref_beta: f64,
     pub pref_ftx: f64,
     pub pref_loss: PrefLoss,
@@ -447,6 +451,8 @@ impl Default for Preset {
             loraplus_lr_ratio: None,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
+            freeze_trainable_modules: "all".into(),
+            freeze_extra_modules: None,
             pref_beta: 0.1,
             pref_ftx: 0.0,
             pref_loss: PrefLoss::Sigmoid,

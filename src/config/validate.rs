@@ -205,6 +205,48 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             "`adapter_name_or_path` is only valid with `finetuning_type: lora`".into(),
         );
     }
+    if p.finetuning_type == FinetuningType::Freeze {
+        // The names of the models termtune builds (the engine checks them against the model it loads).
+        for (key, list, known) in [
+            (
+                "freeze_trainable_modules",
+                Some(p.freeze_trainable_modules.as_str()),
+                &[
+                    "all",
+                    "self_attn",
+                    "mlp",
+                    "input_layernorm",
+                    "post_attention_layernorm",
+                    "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm",
+                ][..],
+            ),
+            (
+                "freeze_extra_modules",
+                p.freeze_extra_modules.as_deref(),
+                &["embed_tokens", "norm", "lm_head"][..],
+            ),
+        ] {
+            let names = list.map(comma_list).unwrap_or_default();
+            if key == "freeze_trainable_modules" && names.is_empty() {
+                bad(
+                    key,
+                    "`freeze_trainable_modules` is empty: name `all` or the parts to train".into(),
+                );
+            }
+            for m in names {
+                if !known.contains(&m.as_str()) {
+                    bad(
+                        key,
+                        format!(
+                            "`{key}`: unknown module `{m}`; choose from {}",
+                            known.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
     if p.finetuning_type == FinetuningType::Freeze && p.freeze_trainable_layers == 0 {
         bad(
             "freeze_trainable_layers",

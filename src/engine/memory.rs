@@ -160,6 +160,37 @@ fn layer_linears(c: &ModelConfig) -> [(usize, usize); 7] {
     [(h, q), (h, kv), (h, kv), (q, h), (h, ff), (h, ff), (ff, h)]
 }
 
+/// Freeze fine-tuning's trainable parameters of `cfg` (the weights [`Finetune::trains`] picks, by their Hugging Face
+/// names; the estimate's parameter set: linears, embedding, lm_head, the two norms per layer and the final one):
+/// (all, those in matrices).
+fn freeze_trainable(cfg: &ModelConfig, ft: &Finetune) -> (usize, usize) {
+    let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
+    let mut matrices = vec![("model.embed_tokens.weight".to_string(), v * h)];
+    if !cfg.tie_word_embeddings {
+        matrices.push(("lm_head.weight".to_string(), v * h));
+    }
+    let mut norms = vec!["model.norm.weight".to_string()];
+    for i in 0..l {
+        for ((inp, out), leaf) in layer_linears(cfg).iter().zip(super::arch::LINEAR_LEAVES) {
+            let part = if matches!(leaf, "gate_proj" | "up_proj" | "down_proj") {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            matrices.push((format!("model.layers.{i}.{part}.{leaf}.weight"), inp * out));
+        }
+        norms.push(format!("model.layers.{i}.input_layernorm.weight"));
+        norms.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+    }
+    let m: usize = matrices
+        .iter()
+        .filter(|(n, _)| ft.trains(n, l))
+        .map(|(_, c)| c)
+        .sum();
+    let n = norms.iter().filter(|n| ft.trains(n, l)).count() * h;
+    (m + n, m)
+}
+
 fn u(x: usize) -> u64 {
     x as u64
 }
@@ -182,12 +213,7 @@ pub fn param_counts(cfg: &ModelConfig, ft: &Finetune) -> (u64, u64) {
                 .sum();
             l * per_layer_lora
         }
-        Finetune::Freeze { trainable_layers } => {
-            let n = usize::try_from(trainable_layers.unsigned_abs())
-                .unwrap_or(l)
-                .min(l);
-            n * per_layer
-        }
+        Finetune::Freeze { .. } => freeze_trainable(cfg, ft).0,
         Finetune::Full => params,
     };
     (u(trainable), u(params))
@@ -219,12 +245,7 @@ pub fn base_weight_bytes(cfg: &ModelConfig, ft: &Finetune, dtype: DType, base: B
     let dense_matrices = match ft {
         Finetune::Frozen | Finetune::Lora(_) => 0,
         Finetune::Full => matrices,
-        Finetune::Freeze { trainable_layers } => {
-            let n = usize::try_from(trainable_layers.unsigned_abs())
-                .unwrap_or(l)
-                .min(l);
-            u(n * layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>())
-        }
+        Finetune::Freeze { .. } => u(freeze_trainable(cfg, ft).1),
     };
     #[allow(
         clippy::cast_precision_loss,

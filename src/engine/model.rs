@@ -106,11 +106,72 @@ pub enum Finetune {
     /// Nothing trainable (inference).
     Frozen,
     Lora(LoraSpec),
-    /// LLaMA-Factory `freeze`: the last n decoder layers are trainable (n < 0: the first |n|).
+    /// LLaMA-Factory `freeze`: in the last n decoder layers (n < 0: the first |n|) the `modules` (`all`, or names
+    /// of a layer's parts: `self_attn`, `mlp`, a norm) are trainable, and the `extra` modules outside the layers
+    /// (`embed_tokens`, `norm`, `lm_head`), matched as LLaMA-Factory matches them ([`Finetune::trains`]).
     Freeze {
         trainable_layers: i64,
+        modules: Vec<String>,
+        extra: Vec<String>,
     },
     Full,
+}
+
+impl Finetune {
+    /// LLaMA-Factory's default freeze: every part of the last `trainable_layers` layers.
+    pub fn freeze(trainable_layers: i64) -> Self {
+        Self::Freeze {
+            trainable_layers,
+            modules: vec!["all".into()],
+            extra: Vec::new(),
+        }
+    }
+
+    /// Whether the base weight `name` (a Hugging Face tensor name) of a model with `num_layers` layers is trained
+    /// in place (LoRA's own weights aside). Freeze follows LLaMA-Factory's `_setup_freeze_tuning`: a weight is
+    /// trainable when its name contains `.{layer}.{module}` (`.{layer}.` for `all`) for a trainable layer, or an
+    /// extra module's name anywhere — so `norm` also takes every layer's norms, as it does there.
+    pub fn trains(&self, name: &str, num_layers: usize) -> bool {
+        match self {
+            Self::Full => true,
+            Self::Frozen | Self::Lora(_) => false,
+            Self::Freeze {
+                trainable_layers,
+                modules,
+                extra,
+            } => {
+                let n = *trainable_layers;
+                let layers = if n >= 0 {
+                    num_layers.saturating_sub(n.unsigned_abs() as usize)..num_layers
+                } else {
+                    0..(n.unsigned_abs() as usize).min(num_layers)
+                };
+                let in_layer = layers.into_iter().any(|i| {
+                    modules.iter().any(|m| {
+                        let part = if m == "all" { "" } else { m.as_str() };
+                        name.contains(&format!(".{i}.{part}"))
+                    })
+                });
+                in_layer || extra.iter().any(|e| name.contains(e.as_str()))
+            }
+        }
+    }
+}
+
+/// The module names freeze fine-tuning may name for `cfg`, as LLaMA-Factory lists them from the parameters: a
+/// layer's parts, and the modules outside the layers (`lm_head` only when it is not the tied embedding).
+pub fn freeze_module_names(cfg: &ModelConfig) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut hidden = vec!["self_attn", "mlp", "input_layernorm"];
+    if cfg.sandwich_norms {
+        hidden.extend(layer::SANDWICH_NORMS);
+    } else {
+        hidden.push(layer::POST_ATTENTION_NORM);
+    }
+    let mut outer = vec!["embed_tokens", "norm"];
+    if !cfg.tie_word_embeddings {
+        outer.push("lm_head");
+    }
+    (hidden, outer)
 }
 
 /// Attention layout of a batch.
@@ -539,25 +600,27 @@ impl Model {
             cfg.intermediate_size,
         );
         let nl = cfg.num_layers;
-        let trainable_layer = |i: usize| -> bool {
-            match finetune {
-                Finetune::Full => true,
-                Finetune::Freeze {
-                    trainable_layers: n,
-                } => {
-                    let n = *n;
-                    if n >= 0 {
-                        i + (n as usize).min(nl) >= nl
-                    } else {
-                        i < n.unsigned_abs() as usize
+        if let Finetune::Freeze { modules, extra, .. } = finetune {
+            let (hidden, outer) = freeze_module_names(&cfg);
+            for (key, names, known) in [
+                ("freeze_trainable_modules", modules, &hidden),
+                ("freeze_extra_modules", extra, &outer),
+            ] {
+                for m in names {
+                    if !(known.contains(&m.as_str())
+                        || (key == "freeze_trainable_modules" && m == "all"))
+                    {
+                        return Err(EngineError::Invalid(format!(
+                            "`{key}`: module `{m}` is not found in this model; choose from {}",
+                            known.join(", ")
+                        )));
                     }
                 }
-                _ => false,
             }
-        };
+        }
         let mut trainable: Vec<(String, Var)> = Vec::new();
-        let mut weight = |name: &str, shape: &[usize], train: bool| -> Result<Weight> {
-            if train {
+        let mut weight = |name: &str, shape: &[usize]| -> Result<Weight> {
+            if finetune.trains(name, nl) {
                 let v = Var::from_tensor(&ld.get(name, shape)?)?;
                 trainable.push((name.to_string(), v.clone()));
                 return Ok(Weight::Trainable(v));
@@ -568,18 +631,16 @@ impl Model {
                 Loaded::Bnb4(q) => Weight::Bnb4(q),
             })
         };
-        let full = matches!(finetune, Finetune::Full);
-        let embed = weight("model.embed_tokens.weight", &[cfg.vocab_size, h], full)?;
+        let embed = weight("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(nl);
         for i in 0..nl {
-            let tr = trainable_layer(i);
             let p = format!("model.layers.{i}");
             let mut lin =
                 |leaf: &str, sub: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                     let name = format!("{p}.{sub}.{leaf}");
-                    let w = weight(&format!("{name}.weight"), &[out, inp], tr)?;
+                    let w = weight(&format!("{name}.weight"), &[out, inp])?;
                     let b = if bias {
-                        Some(weight(&format!("{name}.bias"), &[out], tr)?)
+                        Some(weight(&format!("{name}.bias"), &[out])?)
                     } else {
                         None
                     };
@@ -597,8 +658,8 @@ impl Model {
             let gate = lin("gate_proj", "mlp", ff, h, cfg.mlp_bias)?;
             let up = lin("up_proj", "mlp", ff, h, cfg.mlp_bias)?;
             let down = lin("down_proj", "mlp", h, ff, cfg.mlp_bias)?;
-            let input_norm = weight(&format!("{p}.input_layernorm.weight"), &[h], tr)?;
-            let mut norm = |leaf: &str| weight(&format!("{p}.{leaf}.weight"), &[h], tr);
+            let input_norm = weight(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let mut norm = |leaf: &str| weight(&format!("{p}.{leaf}.weight"), &[h]);
             let (post_norm, attn_out_norm, mlp_out_norm) = if cfg.sandwich_norms {
                 let [attn_out, pre_ff, mlp_out] = layer::SANDWICH_NORMS;
                 (norm(pre_ff)?, Some(norm(attn_out)?), Some(norm(mlp_out)?))
@@ -607,8 +668,8 @@ impl Model {
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
-                    Some(weight(&format!("{p}.self_attn.q_norm.weight"), &[hd], tr)?),
-                    Some(weight(&format!("{p}.self_attn.k_norm.weight"), &[hd], tr)?),
+                    Some(weight(&format!("{p}.self_attn.q_norm.weight"), &[hd])?),
+                    Some(weight(&format!("{p}.self_attn.k_norm.weight"), &[hd])?),
                 )
             } else {
                 (None, None)
@@ -629,11 +690,11 @@ impl Model {
                 down,
             });
         }
-        let norm = weight("model.norm.weight", &[h], full)?;
+        let norm = weight("model.norm.weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            let w = weight("lm_head.weight", &[cfg.vocab_size, h], full)?;
+            let w = weight("lm_head.weight", &[cfg.vocab_size, h])?;
             Some(Linear {
                 name: "lm_head".into(),
                 weight: w,
