@@ -1079,6 +1079,15 @@ fn freeze_and_full_runs_are_model_folders() {
             assert_eq!(config, want, "{out}: the model's config.json");
             assert!(d.join("generation_config.json").is_file(), "{out}");
         }
+        // Named as an adapter by mistake, the folder says what it is and how to use it.
+        let e = termtune::engine::adapter::read_adapter(&dir, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("model folder") && e.contains("model_name_or_path"),
+            "{e}"
+        );
         let trained = logits(&dir);
         assert_eq!(trained, logits(&dir.join("checkpoint-2")), "{out}");
         let moved = trained

@@ -192,10 +192,15 @@ fn adapter_err(dir: &Path, why: impl Into<String>) -> EngineError {
 pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.exists() {
-        return Err(adapter_err(
-            dir,
-            format!("missing {CONFIG_FILE}; is this a PEFT LoRA adapter folder?"),
-        ));
+        // A freeze or full fine-tuning run leaves a whole model, which replaces the base rather than adding to it.
+        let why = if dir.join("config.json").is_file() {
+            format!(
+                "missing {CONFIG_FILE}: this is a model folder (a freeze or full fine-tuning run's output), not an adapter; give it as the model (`model_name_or_path`, or `--model`) with no adapter"
+            )
+        } else {
+            format!("missing {CONFIG_FILE}; is this a PEFT LoRA adapter folder?")
+        };
+        return Err(adapter_err(dir, why));
     }
     let config: AdapterConfig =
         serde_json::from_value(read_json(&cfg_path)?).map_err(|e| EngineError::Json {
