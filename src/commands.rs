@@ -211,25 +211,18 @@ pub fn context_report(p: &config::Preset) -> String {
         return out;
     };
     match crate::resolve::extend_context(p, Purpose::Train, &mut config) {
-        Ok(Some(ext)) => {
-            let kind = p.rope_scaling.map_or("", |k| k.as_str());
-            let _ = writeln!(out, "\n# context\n#   {}", ext.describe(kind));
+        Ok(Some(line)) => {
+            let _ = writeln!(out, "\n# context\n#   {line}");
         }
         Ok(None) => {
-            let written = config.get("max_position_embeddings").is_some()
-                || config
-                    .get("text_config")
-                    .is_some_and(|t| t.get("max_position_embeddings").is_some());
-            if let (true, Ok(cfg)) = (written, crate::engine::ModelConfig::from_hf_config(&config))
+            if let Ok(Some(positions)) = crate::engine::rope_ext::written_positions(&config)
+                && p.cutoff_len > positions
             {
-                let positions = cfg.max_position_embeddings;
-                if p.cutoff_len > positions {
-                    let _ = writeln!(
-                        out,
-                        "\n# context\n# warning: cutoff_len {} exceeds the model's {positions} positions; set rope_scaling (linear, yarn or llama3) to extend them",
-                        p.cutoff_len
-                    );
-                }
+                let _ = writeln!(
+                    out,
+                    "\n# context\n# warning: cutoff_len {} exceeds the model's {positions} positions; set rope_scaling (linear, yarn or llama3) to extend them",
+                    p.cutoff_len
+                );
             }
         }
         Err(e) => {

@@ -212,23 +212,23 @@ pub fn rope_target(p: &Preset, purpose: config::Purpose) -> Option<usize> {
     }
 }
 
-/// `rope_scaling` applied to a model's config.json for `purpose` ([`crate::engine::rope_ext`]); `None` without the key.
+/// `rope_scaling` applied to a model's config.json for `purpose` ([`crate::engine::rope_ext`]): the line saying what
+/// it did, `None` without the key.
 pub fn extend_context(
     p: &Preset,
     purpose: config::Purpose,
     config: &mut serde_json::Value,
-) -> Result<Option<crate::engine::rope_ext::ContextExtension>, SourceError> {
-    let Some(kind) = p.rope_scaling else {
+) -> Result<Option<String>, SourceError> {
+    let Some(kind) = p.rope_scaling.map(config::RopeScalingArg::as_str) else {
         return Ok(None);
     };
-    crate::engine::rope_ext::extend_context(config, kind.as_str(), rope_target(p, purpose))
-        .map(Some)
-        .map_err(|e| {
-            SourceError::Engine(crate::engine::EngineError::File {
-                path: p.model_name_or_path.clone().into(),
-                why: format!("`rope_scaling: {}`: {e}", kind.as_str()),
-            })
-        })
+    match crate::engine::rope_ext::extend_context(config, kind, rope_target(p, purpose)) {
+        Ok(ext) => Ok(Some(ext.describe(kind))),
+        Err(e) => Err(SourceError::Engine(crate::engine::EngineError::File {
+            path: p.model_name_or_path.clone().into(),
+            why: format!("`rope_scaling: {kind}`: {e}"),
+        })),
+    }
 }
 
 /// [`load_model`] with the decoder linear weights held as `to` ([`source::load_model_quantizing`]).
@@ -254,9 +254,8 @@ fn load_model_to(
         to,
         progress,
     )?;
-    if let Some(ext) = extend_context(p, purpose, &mut files.config)? {
-        let kind = p.rope_scaling.map_or("", |k| k.as_str());
-        progress(SourceProgress::Note(ext.describe(kind)));
+    if let Some(line) = extend_context(p, purpose, &mut files.config)? {
+        progress(SourceProgress::Note(line));
     }
     let tokenizer = LoadedTokenizer {
         tokenizer: files

@@ -367,3 +367,41 @@ fn check_estimates_training_memory_from_config_json() {
     );
     assert!(stdout.contains("at batch 2 x cutoff_len 64"), "{stdout}");
 }
+
+#[test]
+fn check_says_what_rope_scaling_does_and_warns_past_the_models_length() {
+    // The tiny model has 512 positions: 1500 tokens need rope_scaling, which check then states; without it, a warning.
+    let dir = tempfile::tempdir().unwrap();
+    crate::tiny_util::tiny_model_and_toy_data(dir.path(), &crate::tiny_util::varied_rows(4));
+    let check = |extra: &str| -> String {
+        let preset = dir.path().join("p.yaml");
+        std::fs::write(
+            &preset,
+            format!(
+                "model_name_or_path: {}\ndataset: toy\ndataset_dir: {}\ntemplate: chatml\ncutoff_len: 1500\n{extra}",
+                dir.path().join("model").display(),
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_termtune"))
+            .args(["--device", "cpu", "check"])
+            .arg(&preset)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let warned = check("");
+    assert!(
+        warned.contains(
+            "# warning: cutoff_len 1500 exceeds the model's 512 positions; set rope_scaling"
+        ),
+        "{warned}"
+    );
+    let scaled = check("rope_scaling: yarn\n");
+    assert!(
+        scaled.contains("#   rope_scaling yarn: factor 3 (512 → 1536 positions)"),
+        "{scaled}"
+    );
+    assert!(!scaled.contains("# warning: cutoff_len"), "{scaled}");
+}

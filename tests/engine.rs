@@ -1867,6 +1867,36 @@ fn freeze_modules_train_what_llamafactory_trains() {
         .concat(),
     );
     assert_eq!(got, want);
+    // The preset's lists of names are the union of what the engine accepts over the architectures.
+    let mut layer: Vec<&str> = vec!["all"];
+    let mut outer: Vec<&str> = Vec::new();
+    for opts in [
+        TinyOpts::default(),
+        TinyOpts {
+            tie_word_embeddings: false,
+            ..TinyOpts::default()
+        },
+        TinyOpts {
+            arch: ArchKind::Gemma3,
+            ..TinyOpts::default()
+        },
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        tiny_llama(d.path(), 3, &opts).unwrap();
+        let cfg = load_hf_folder(d.path(), DType::F32, &CPU).unwrap().config;
+        let (h, o) = termtune::engine::model::freeze_module_names(
+            &termtune::engine::ModelConfig::from_hf_config(&cfg).unwrap(),
+        );
+        layer.extend(h.iter().filter(|n| !layer.contains(n)).collect::<Vec<_>>());
+        outer.extend(o.iter().filter(|n| !outer.contains(n)).collect::<Vec<_>>());
+    }
+    layer.sort_unstable();
+    outer.sort_unstable();
+    let mut want_layer = termtune::config::FREEZE_LAYER_MODULES.to_vec();
+    let mut want_outer = termtune::config::FREEZE_EXTRA_MODULES.to_vec();
+    want_layer.sort_unstable();
+    want_outer.sort_unstable();
+    assert_eq!((layer, outer), (want_layer, want_outer));
     // The memory estimate counts the same parameters.
     let (trainable, _) =
         termtune::engine::memory::param_counts(&m.cfg, &freeze(2, "input_layernorm", "lm_head"));

@@ -21,7 +21,7 @@ pub use preset::{
     Preset, QuantizationMethod, QuantizationType, RopeScalingArg, SchedulerArg, SchedulerType,
     Stage, comma_list,
 };
-pub use validate::{Purpose, validate};
+pub use validate::{FREEZE_EXTRA_MODULES, FREEZE_LAYER_MODULES, Purpose, validate};
 
 /// Where a value came from, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,21 @@ pub enum Purpose {
 /// Optimizers that are AdamW with decoupled weight decay, which termtune implements.
 const ADAMW_NAMES: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf"];
 
+/// `freeze_trainable_modules`' names over every architecture termtune builds (the engine checks a name against the
+/// model it loads, `engine::model::freeze_module_names`; a test keeps the two lists equal).
+pub const FREEZE_LAYER_MODULES: &[&str] = &[
+    "all",
+    "self_attn",
+    "mlp",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+];
+
+/// `freeze_extra_modules`' names (lm_head only on an untied model).
+pub const FREEZE_EXTRA_MODULES: &[&str] = &["embed_tokens", "norm", "lm_head"];
+
 /// Every problem of `p` for `purpose`. Issues carry the key; [`super::parse`] adds its location.
 pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
     let mut out = Vec::new();
@@ -206,25 +221,16 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         );
     }
     if p.finetuning_type == FinetuningType::Freeze {
-        // The names of the models termtune builds (the engine checks them against the model it loads).
         for (key, list, known) in [
             (
                 "freeze_trainable_modules",
                 Some(p.freeze_trainable_modules.as_str()),
-                &[
-                    "all",
-                    "self_attn",
-                    "mlp",
-                    "input_layernorm",
-                    "post_attention_layernorm",
-                    "pre_feedforward_layernorm",
-                    "post_feedforward_layernorm",
-                ][..],
+                FREEZE_LAYER_MODULES,
             ),
             (
                 "freeze_extra_modules",
                 p.freeze_extra_modules.as_deref(),
-                &["embed_tokens", "norm", "lm_head"][..],
+                FREEZE_EXTRA_MODULES,
             ),
         ] {
             let names = list.map(comma_list).unwrap_or_default();

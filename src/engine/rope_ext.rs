@@ -60,28 +60,15 @@ pub fn extend_context(
         ));
     }
     let current = ModelConfig::from_hf_config(config)?;
-    let image_text = current.image_text;
-    let text = text_part(config, image_text)?;
     let from = match current.rope_scaling {
         Some(RopeScaling::Llama3(s)) => s.original_max_position_embeddings,
         Some(RopeScaling::Yarn(s)) => s.original_max_position_embeddings,
-        _ => match text.get("max_position_embeddings") {
-            Some(Value::Number(n)) => n
-                .as_f64()
-                .filter(|f| *f >= 1.0 && f.fract() == 0.0)
-                .map(|f| f as usize)
-                .ok_or_else(|| {
-                    EngineError::key("max_position_embeddings", "must be a whole number > 0")
-                })?,
-            // A Gemma 3 image-and-text config leaves its text model's length at the class default.
-            _ if image_text => current.max_position_embeddings,
-            _ => {
-                return Err(EngineError::key(
-                    "max_position_embeddings",
-                    "missing: the length rope_scaling would extend is unknown",
-                ));
-            }
-        },
+        _ => positions_of(config, &current).ok_or_else(|| {
+            EngineError::key(
+                "max_position_embeddings",
+                "missing: the length rope_scaling would extend is unknown",
+            )
+        })?,
     };
     let factor = match target {
         Some(t) if t <= from => {
@@ -102,12 +89,32 @@ pub fn extend_context(
             "original_max_position_embeddings": from, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     };
     let to = from * factor as usize;
-    write_scaling(text, &object)?;
+    let text = text_part(config, current.image_text)?;
+    write_scaling(text, &object);
     text.insert("max_position_embeddings".into(), json!(to));
     let scaling = ModelConfig::from_hf_config(config)?
         .rope_scaling
         .ok_or_else(|| EngineError::key("rope_scaling", "the scaling did not reach the config"))?;
     Ok(ContextExtension::Extended { scaling, from, to })
+}
+
+/// The model's `max_position_embeddings` as its config.json gives it (a `gemma3` image-and-text checkpoint: its text
+/// model's, Gemma3TextConfig's default when `text_config` leaves it out); `None` when the file does not say.
+pub fn written_positions(config: &Value) -> Result<Option<usize>> {
+    Ok(positions_of(config, &ModelConfig::from_hf_config(config)?))
+}
+
+/// [`written_positions`] of a config already read as `current`.
+fn positions_of(config: &Value, current: &ModelConfig) -> Option<usize> {
+    let text = if current.image_text {
+        config.get("text_config")
+    } else {
+        Some(config)
+    };
+    let written = text
+        .and_then(|t| t.get("max_position_embeddings"))
+        .is_some_and(|m| !m.is_null());
+    (written || current.image_text).then_some(current.max_position_embeddings)
 }
 
 /// The object that holds the text model's settings.
@@ -126,7 +133,7 @@ fn text_part(config: &mut Value, image_text: bool) -> Result<&mut Map<String, Va
 /// Puts `object` where the config keeps its (global) RoPE scaling: `rope_parameters` (transformers 5; for Gemma 3
 /// its `full_attention` part), keeping its `rope_theta`, and `rope_scaling` (transformers 4) where that is the layout
 /// or also present.
-fn write_scaling(text: &mut Map<String, Value>, object: &Value) -> Result<()> {
+fn write_scaling(text: &mut Map<String, Value>, object: &Value) {
     let with_theta = |old: Option<&Value>| {
         let mut o = object.clone();
         if let (Some(map), Some(theta)) = (o.as_object_mut(), old.and_then(|p| p.get("rope_theta")))
@@ -149,7 +156,6 @@ fn write_scaling(text: &mut Map<String, Value>, object: &Value) -> Result<()> {
     if !wrote || text.get("rope_scaling").is_some_and(|s| !s.is_null()) {
         text.insert("rope_scaling".into(), object.clone());
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -203,7 +203,7 @@ pub fn tokenizer_config_with_template(
     preset: &Preset,
     encoder: &Encoder,
     files: &ModelFiles,
-) -> Result<Json, ExportError> {
+) -> Json {
     let mut cfg = match &files.tokenizer_config {
         Json::Object(m) => m.clone(),
         _ => Map::new(),
@@ -213,7 +213,7 @@ pub fn tokenizer_config_with_template(
     if preset.template.is_some() && (own.is_none() || encoder.template.replace_jinja_template) {
         cfg.insert("chat_template".into(), json!(jinja_from_template(encoder)));
     }
-    Ok(Json::Object(cfg))
+    Json::Object(cfg)
 }
 
 fn jinja_escape(s: &str) -> String {

@@ -214,7 +214,7 @@ pub fn export_cancellable(
     }
 
     let encoder = resolve::encoder(&resolve::data_options(preset), &tokenizer)?;
-    let tokenizer_config = hf::tokenizer_config_with_template(preset, &encoder, &files)?;
+    let tokenizer_config = hf::tokenizer_config_with_template(preset, &encoder, &files);
 
     let bytes_per = |dt: DType| dt.size_in_bytes() as u64;
     let elems: u64 = tensors.values().map(|t| t.elem_count() as u64).sum();

@@ -407,7 +407,7 @@ fn run_training_here(
         ));
     }
 
-    let folder_files = FolderFiles::new(p, &encoder, &files)?;
+    let folder_files = FolderFiles::new(p, &encoder, &files);
     let mut trainer = Trainer::new(
         loaded,
         model,
@@ -733,7 +733,6 @@ fn value_head(
     Ok(ValueHead::new(hidden, p.seed, &model.device)?)
 }
 
-/// Tokenizer files copied next to adapters and checkpoints (LLaMA-Factory saves them too).
 /// What a saved folder carries besides the weights: the tokenizer files, and for freeze and full fine-tuning the
 /// model's `config.json` and `generation_config.json` (the folder is then a model transformers and termtune load).
 struct FolderFiles {
@@ -745,20 +744,16 @@ struct FolderFiles {
 }
 
 impl FolderFiles {
-    fn new(
-        p: &config::Preset,
-        encoder: &Encoder,
-        files: &crate::engine::ModelFiles,
-    ) -> Result<Self, TrainError> {
-        Ok(Self {
+    fn new(p: &config::Preset, encoder: &Encoder, files: &crate::engine::ModelFiles) -> Self {
+        Self {
             tokenizer_json: encoder.tokenizer.to_string(false).ok(),
-            tokenizer_config: run_tokenizer_config(p, encoder, files)?,
+            tokenizer_config: run_tokenizer_config(p, encoder, files),
             config: files.config.clone(),
             generation_config: crate::engine::weights::generation_config(
                 &files.generation_config,
                 &files.config,
             ),
-        })
+        }
     }
 }
 
@@ -1873,9 +1868,8 @@ fn run_tokenizer_config(
     p: &config::Preset,
     encoder: &Encoder,
     files: &crate::engine::ModelFiles,
-) -> Result<serde_json::Value, TrainError> {
-    let mut cfg = crate::export::hf::tokenizer_config_with_template(p, encoder, files)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+) -> serde_json::Value {
+    let mut cfg = crate::export::hf::tokenizer_config_with_template(p, encoder, files);
     if let Some(obj) = cfg.as_object_mut() {
         obj.insert("eos_token".into(), serde_json::json!(encoder.eos.0));
         if let Some((bos, _)) = &encoder.bos {
@@ -1883,7 +1877,7 @@ fn run_tokenizer_config(
         }
         obj.insert("padding_side".into(), serde_json::json!("right"));
     }
-    Ok(cfg)
+    cfg
 }
 
 /// A batch as the model takes it: its tensors and the host copy of its padding mask (with the batch, the host
