@@ -144,6 +144,26 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
                 "#   DoRA: a trained magnitude per adapted output row (use_dora)"
             );
         }
+        if p.pissa_init {
+            let _ = writeln!(
+                out,
+                "#   PiSSA: A and B start as each adapted weight's {} principal singular directions ({}), the base keeps the residual{}",
+                p.lora_rank,
+                if p.pissa_iter == -1 {
+                    "exact SVD".to_string()
+                } else {
+                    format!("randomized SVD, {} subspace iterations", p.pissa_iter)
+                },
+                if p.pissa_convert {
+                    "; pissa_converted/ is a plain LoRA for the original base"
+                } else {
+                    ""
+                }
+            );
+            if let Some(w) = p.pissa_warning() {
+                let _ = writeln!(out, "# warning: {w}");
+            }
+        }
         if let Some(r) = p.loraplus_lr_ratio {
             let _ = writeln!(
                 out,

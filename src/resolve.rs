@@ -113,6 +113,7 @@ pub fn lora_spec(p: &Preset) -> Result<LoraSpec, crate::engine::EngineError> {
         use_rslora: p.use_rslora,
         use_dora: p.use_dora,
         seed: p.seed,
+        init: crate::engine::pissa::LoraInit::from_preset(p.pissa_init, p.pissa_iter),
     })
 }
 

@@ -29,6 +29,7 @@ fn lora(targets: &str, r: usize) -> Finetune {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     })
 }
 
@@ -1728,6 +1729,7 @@ fn lora_dropout_masks_are_seeded_and_every_path_sees_the_same_ones() {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     });
     let (mut m, _) = build(d.path(), &TinyOpts::default(), DType::F64, &ft);
     randomize_b(&m, 21);

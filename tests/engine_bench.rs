@@ -110,6 +110,7 @@ fn bench_lora_step_smollm2_shape() {
         use_rslora: false,
         use_dora: false,
         seed: 0,
+        init: Default::default(),
     };
     let mut model = Model::from_tensors(
         cfg,
@@ -287,6 +288,7 @@ fn bench_memory_over_steps() {
         use_rslora: false,
         use_dora: false,
         seed: 0,
+        init: Default::default(),
     };
     let mut model = Model::from_tensors(
         cfg,

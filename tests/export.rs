@@ -52,6 +52,7 @@ fn base_and_adapter_of(
         use_rslora: false,
         use_dora: false,
         seed,
+        init: Default::default(),
     };
     let model = Model::from_files(&files, DType::F32, &CPU, &Finetune::Lora(spec)).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);

@@ -5,7 +5,7 @@
 //!   (`Backend::generic_only`) against finite differences in f64 and against the fused path in f32.
 //! - On a CUDA device (when one is present; otherwise each test prints "no CUDA device: skipped"): every kernel,
 //!   the loss, logits and every LoRA gradient against the CPU in f32 (1e-4 relative) and bf16, finite differences
-//!   in f64, a 20-step LoRA run against the CPU run (1 % per step), greedy generation against the CPU (and with a prompt cache against a fresh one), a 4-bit
+//!   in f64, a 20-step LoRA run (and a PiSSA one) against the CPU run (1 % per step), greedy generation against the CPU (and with a prompt cache against a fresh one), a 4-bit
 //!   (QLoRA) run and a GGUF base kept in each block type against the CPU, and dpo, orpo, kto and rm runs against
 //!   the CPU runs.
 //!   Run them on a GPU machine with a CUDA build: `scripts/build-cuda.sh test --release --test integration gpu::`.
@@ -230,6 +230,7 @@ fn lora(r: usize) -> Finetune {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     })
 }
 
@@ -545,7 +546,12 @@ fn cuda_lora_run_follows_the_cpu_run() {
     let Some(dev) = cuda() else { return };
     let d = tempfile::tempdir().unwrap();
     tiny_model_and_toy_data(d.path(), &varied_rows(64));
-    for extra in ["", "disable_gradient_checkpointing: true\n"] {
+    for extra in [
+        "",
+        "disable_gradient_checkpointing: true\n",
+        // PiSSA: the decomposition on the host, the residual and the training on the device.
+        "pissa_init: true\npissa_convert: true\n",
+    ] {
         let cpu = train_losses(d.path(), &CPU, extra);
         let gpu = train_losses(d.path(), &dev, extra);
         assert_eq!(cpu.len(), 20);
@@ -872,6 +878,7 @@ fn cuda_lora_dropout_is_seeded_and_checkpointing_sees_the_same_masks() {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     });
     let mut m = load(d.path(), DType::F32, &dev, &ft);
     m.dropout_seed = 9;

@@ -70,6 +70,7 @@ fn lora() -> Finetune {
         use_rslora: false,
         use_dora: false,
         seed: 3,
+        init: Default::default(),
     })
 }
 

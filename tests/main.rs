@@ -38,6 +38,7 @@ mod kto_rm;
 mod lf_demo_data;
 mod nf4;
 mod peft_variants;
+mod pissa;
 mod predict;
 mod predict_metrics;
 mod pref;

@@ -296,6 +296,7 @@ fn lora_gradients_over_a_4bit_base_equal_the_dequantized_base() {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     });
     let ids: Vec<u32> = (0..2 * 16u32).map(|i| (i * 29 + 3) % 300).collect();
     let input = Tensor::from_vec(ids.clone(), (2, 16), &Device::Cpu).unwrap();
@@ -372,6 +373,7 @@ fn the_memory_estimate_counts_4bit_linears() {
         use_rslora: false,
         use_dora: false,
         seed: 0,
+        init: Default::default(),
     });
     let dense = base_weight_bytes(&cfg, &ft, DType::BF16, BaseStorage::Dense);
     let linears: u64 = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336);

@@ -29,6 +29,7 @@ fn dora(r: usize, dropout: f32) -> Finetune {
         use_rslora: false,
         use_dora: true,
         seed: 7,
+        init: Default::default(),
     })
 }
 

@@ -45,6 +45,7 @@ fn lora(r: usize) -> Finetune {
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     })
 }
 

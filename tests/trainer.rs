@@ -206,7 +206,7 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
 #[test]
 fn resume_matches_the_uninterrupted_run() {
     // Also with LoRA dropout: its masks follow (seed, step, micro-batch), so a resumed run draws the same ones; and
-    // with DoRA's magnitudes, LoRA+'s learning-rate groups and NEFTune's noise (drawn as the masks are).
+    // with DoRA's magnitudes, LoRA+'s learning-rate groups and NEFTune's noise (drawn as the masks are), and PiSSA.
     for (tag, options) in [
         ("", &["lora_dropout: 0.0"][..]),
         ("-dropout", &["lora_dropout: 0.2"][..]),
@@ -219,6 +219,8 @@ fn resume_matches_the_uninterrupted_run() {
                 "neftune_noise_alpha: 5",
             ][..],
         ),
+        // PiSSA: the checkpoint's adapter makes the residual again when it is loaded; pissa_init/ is kept.
+        ("-pissa", &["pissa_init: true", "pissa_convert: true"][..]),
     ] {
         resume_matches_with(tag, options);
     }
@@ -480,6 +482,7 @@ fn training_changes_only_the_adapter() {
         use_rslora: false,
         use_dora: false,
         seed: 1,
+        init: Default::default(),
     };
     let model = Model::from_files(
         &files,

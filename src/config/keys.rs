@@ -468,6 +468,21 @@ pub const KEYS: &[KeySpec] = &[
         "LoRA+: lora_B (and DoRA magnitudes) learn at learning_rate x this ratio (16 is the paper's).",
     ),
     imp(
+        "pissa_init",
+        Method,
+        "PiSSA: A and B start as each weight's r principal singular directions and the base keeps the residual (PEFT's init_lora_weights pissa).",
+    ),
+    imp(
+        "pissa_iter",
+        Method,
+        "PiSSA's SVD: subspace iterations of the randomized SVD (16), or -1 for the exact SVD.",
+    ),
+    imp(
+        "pissa_convert",
+        Method,
+        "PiSSA: also write pissa_init/ (the start) and pissa_converted/ (a plain rank-2r LoRA for the original base) in output_dir.",
+    ),
+    imp(
         "create_new_adapter",
         Method,
         "With adapter_name_or_path: merge the given adapters and train a fresh one.",
@@ -649,24 +664,6 @@ pub const KEYS: &[KeySpec] = &[
         Method,
         "null",
         "training extra modules fully next to LoRA (modules_to_save) is not supported yet",
-    ),
-    uns(
-        "pissa_init",
-        Method,
-        "false",
-        "PiSSA initialisation is not supported yet",
-    ),
-    uns(
-        "pissa_iter",
-        Method,
-        "16",
-        "PiSSA initialisation is not supported yet",
-    ),
-    uns(
-        "pissa_convert",
-        Method,
-        "false",
-        "PiSSA initialisation is not supported yet",
     ),
     noe(
         "loraplus_lr_embedding",

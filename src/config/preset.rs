@@ -305,6 +305,12 @@ pub struct Preset {
     pub use_dora: bool,
     /// LoRA+: lora_B's learning rate is `learning_rate × loraplus_lr_ratio` (None: one learning rate).
     pub loraplus_lr_ratio: Option<f64>,
+    /// PiSSA (`pissa_init`): a new adapter starts from the weights' principal part, the base keeps the residual.
+    pub pissa_init: bool,
+    /// `pissa_iter`: the randomized SVD's subspace iterations, or -1 for the exact SVD.
+    pub pissa_iter: i64,
+    /// `pissa_convert`: also write `pissa_init/` and `pissa_converted/` (a plain LoRA on the original base).
+    pub pissa_convert: bool,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
     /// `freeze_trainable_modules`: comma separated, `all` by default.
@@ -449,6 +455,9 @@ impl Default for Preset {
             use_rslora: false,
             use_dora: false,
             loraplus_lr_ratio: None,
+            pissa_init: false,
+            pissa_iter: 16,
+            pissa_convert: false,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
             freeze_trainable_modules: "all".into(),
@@ -574,6 +583,15 @@ impl Preset {
 
     pub fn datasets(&self) -> Vec<String> {
         self.dataset.as_deref().map(comma_list).unwrap_or_default()
+    }
+
+    /// A PiSSA run whose adapter other tools cannot load as trained: PEFT re-runs the randomized SVD with a fresh
+    /// random sketch each time it loads a `pissa_niter_N` adapter (termtune re-draws the same one), and the top-r
+    /// subspace of a real weight is rarely converged after N iterations.
+    pub fn pissa_warning(&self) -> Option<String> {
+        (self.pissa_init && self.pissa_iter >= 0 && !self.pissa_convert).then(|| {
+            "the PiSSA adapter loads as trained in termtune, which re-draws the same randomized SVD, but PEFT (vLLM, LLaMA-Factory) draws a new one each time it loads it, giving another model: set `pissa_convert: true` for pissa_converted/, a plain LoRA any tool loads, or `pissa_iter: -1` (the exact SVD)".to_string()
+        })
     }
 
     /// Whether the stage scores against a reference model: dpo with a reference loss (not orpo or simpo), kto.

@@ -214,6 +214,7 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
             );
         }
     }
+    validate_pissa(p, &mut bad);
     if p.adapter_name_or_path.is_some() && !lora {
         bad(
             "adapter_name_or_path",
@@ -849,4 +850,56 @@ fn scheduler_kwargs_problems(p: &Preset) -> Vec<(&'static str, String)> {
         }
     }
     out
+}
+
+/// PiSSA's keys: LLaMA-Factory's rules (LoRA only, not on a quantized base, not where the reference is the base
+/// with the adapter off, which PiSSA turns into the residual), and termtune's where LLaMA-Factory would silently do
+/// something else (`pissa_init` beside an adapter it continues, `pissa_convert` without PiSSA).
+fn validate_pissa(p: &Preset, bad: &mut impl FnMut(&str, String)) {
+    if p.pissa_iter < -1 {
+        bad(
+            "pissa_iter",
+            format!(
+                "`pissa_iter` is the randomized SVD's number of subspace iterations (16 by default), or -1 for the exact SVD; got {}",
+                p.pissa_iter
+            ),
+        );
+    }
+    if p.pissa_convert && !p.pissa_init {
+        bad(
+            "pissa_convert",
+            "`pissa_convert` converts a PiSSA adapter into a plain LoRA: set `pissa_init: true` or remove it".into(),
+        );
+    }
+    if !p.pissa_init {
+        return;
+    }
+    if p.finetuning_type != FinetuningType::Lora {
+        bad(
+            "pissa_init",
+            "`pissa_init` is only valid for LoRA training (finetuning_type: lora)".into(),
+        );
+        return;
+    }
+    if p.quantization_bit.is_some() {
+        bad(
+            "pissa_init",
+            "PiSSA cannot start from a quantized base (LLaMA-Factory's rule: the residual must stay in 16 bits); remove `quantization_bit` or `pissa_init`".into(),
+        );
+    }
+    if p.uses_reference() && p.ref_model.is_none() {
+        bad(
+            "pissa_init",
+            format!(
+                "stage {} scores against the base with the adapter off, which PiSSA makes the residual model; set `ref_model` to the base's path, or remove `pissa_init`",
+                p.stage.as_str()
+            ),
+        );
+    }
+    if p.adapter_name_or_path.is_some() && !p.create_new_adapter {
+        bad(
+            "pissa_init",
+            "with `adapter_name_or_path` the run continues that adapter (its own adapter_config.json says how it started); set `create_new_adapter: true` to start a PiSSA adapter on the merged model, or remove `pissa_init`".into(),
+        );
+    }
 }

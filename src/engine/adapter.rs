@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::error::{EngineError, Result};
 use super::model::{Dora, LoraPair, LoraSpec, LoraTargets, Model, lora_scale};
+use super::pissa::LoraInit;
 use super::weights::{read_json, save_safetensors};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -126,7 +127,7 @@ impl AdapterConfig {
             bias: "none".into(),
             fan_in_fan_out: false,
             inference_mode: true,
-            init_lora_weights: Value::Bool(true),
+            init_lora_weights: spec.init.peft_value(),
             use_rslora: spec.use_rslora,
             use_dora: spec.use_dora,
             rank_pattern: serde_json::Map::new(),
@@ -173,10 +174,12 @@ impl AdapterConfig {
 }
 
 /// An adapter read from disk: its config, `(A, B)` per HF module path (`model.layers.0.self_attn.q_proj`) and, for
-/// a DoRA adapter (`use_dora`), the magnitude vector of each of those modules.
+/// a DoRA adapter (`use_dora`), the magnitude vector of each of those modules. `init` says whether the base must
+/// first become PiSSA's residual (`init_lora_weights: "pissa…"`), as PEFT's loading does.
 pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
+    pub init: LoraInit,
     pub pairs: HashMap<String, (Tensor, Tensor)>,
     pub magnitudes: HashMap<String, Tensor>,
 }
@@ -216,6 +219,8 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
             ),
         ));
     }
+    let init =
+        LoraInit::from_peft(&config.init_lora_weights).map_err(|why| adapter_err(dir, why))?;
     if !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
         return Err(adapter_err(
             dir,
@@ -314,12 +319,32 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
     Ok(Adapter {
         dir: dir.to_path_buf(),
         config,
+        init,
         pairs,
         magnitudes,
     })
 }
 
 impl Adapter {
+    /// A PiSSA adapter's base: each adapted weight becomes its residual ([`super::pissa::decompose`] with the
+    /// adapter's rank and scale), as PEFT's loading does before it reads A and B. Nothing for other adapters.
+    fn prepare_base(&self, model: &mut Model) -> Result<()> {
+        if self.init == LoraInit::Default {
+            return Ok(());
+        }
+        let (scale, dtype) = (self.config.scale(), model.dtype);
+        let mut modules: Vec<&String> = self.pairs.keys().collect();
+        modules.sort();
+        for m in modules {
+            let lin = model
+                .linear_mut(m)
+                .ok_or_else(|| adapter_err(&self.dir, format!("module `{m}` missing")))?;
+            lin.pissa_residual(self.config.r, scale, self.init, dtype)
+                .map_err(|e| adapter_err(&self.dir, format!("a PiSSA adapter: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Check every pair against the model's linear shapes.
     fn check(&self, model: &mut Model) -> Result<()> {
         for (m, (a, b)) in &self.pairs {
@@ -361,6 +386,18 @@ impl Adapter {
 /// Save the model's trainable LoRA as a PEFT adapter folder (created if needed). LoRA tensors are written in
 /// f32 (as LLaMA-Factory does, trainable params are upcast).
 pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
+    let init = model.lora.as_ref().map_or(LoraInit::Default, |s| s.init);
+    save_adapter_as(model, dir, base_model_name_or_path, init)
+}
+
+/// [`save_adapter`] with `init_lora_weights` written as `init` says: LLaMA-Factory's `pissa_init/` folder is the
+/// PiSSA adapter's start saved as a plain one (`true`), which PEFT's conversion then subtracts.
+pub fn save_adapter_as(
+    model: &Model,
+    dir: &Path,
+    base_model_name_or_path: &str,
+    init: LoraInit,
+) -> Result<()> {
     let spec = model
         .lora
         .as_ref()
@@ -391,6 +428,7 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
     }
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
     let mut cfg = AdapterConfig::for_spec(spec, base_model_name_or_path);
+    cfg.init_lora_weights = init.peft_value();
     if image_text {
         // LLaMA-Factory's pattern for a model with a vision tower: the leaf names anywhere but in the vision tower
         // (a plain list would make PEFT wrap the tower's q_proj, k_proj, … too).
@@ -399,12 +437,83 @@ pub fn save_adapter(model: &Model, dir: &Path, base_model_name_or_path: &str) ->
             spec.targets.leaves().join("|")
         ));
     }
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| EngineError::Json {
+    write_config(&cfg, dir)
+}
+
+fn write_config(cfg: &AdapterConfig, dir: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(cfg).map_err(|e| EngineError::Json {
         context: CONFIG_FILE.into(),
         source: e,
     })?;
     crate::fsutil::write_file(&dir.join(CONFIG_FILE), text + "\n")
         .map_err(|e| EngineError::io(format!("writing {}", dir.join(CONFIG_FILE).display()), e))
+}
+
+/// PEFT's PiSSA-to-LoRA conversion (`save_pretrained(path_initial_model_for_weight_conversion=…)`, LLaMA-Factory's
+/// `pissa_convert`): the trained PiSSA adapter `trained` and its start `initial` (saved as a plain adapter) give
+/// `ΔW = s·(B·A − B₀·A₀) = s·[B | −B₀]·[A ; A₀]`, a plain LoRA of rank 2r on the original base, written to `out`
+/// with `lora_alpha` doubled (×√2 with rsLoRA) so the scale is unchanged; DoRA magnitudes are kept as trained.
+pub fn convert_pissa(trained: &Path, initial: &Path, out: &Path) -> Result<()> {
+    let cpu = candle_core::Device::Cpu;
+    let ad = read_adapter(trained, &cpu)?;
+    let start = read_adapter(initial, &cpu)?;
+    if ad.init == LoraInit::Default {
+        return Err(adapter_err(
+            trained,
+            "not a PiSSA adapter (`init_lora_weights` is not pissa…): it needs no conversion",
+        ));
+    }
+    if start.init != LoraInit::Default || start.config.r != ad.config.r {
+        return Err(adapter_err(
+            initial,
+            format!(
+                "not the start of {} (it must be a plain adapter of the same rank, as LLaMA-Factory's pissa_init/ is)",
+                trained.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(out)
+        .map_err(|e| EngineError::io(format!("creating {}", out.display()), e))?;
+    // The tensors under their names in the files (an image-and-text model's keep their `language_model.` part).
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &cpu)
+            .map_err(|e| adapter_err(dir, format!("cannot read {WEIGHTS_FILE}: {e}")))
+    };
+    let (now, then) = (load(trained)?, load(initial)?);
+    let mut tensors = HashMap::new();
+    for (name, t) in now {
+        let t = t.to_dtype(DType::F32)?;
+        let is_a = name.ends_with(".lora_A.weight");
+        if !is_a && !name.ends_with(".lora_B.weight") {
+            tensors.insert(name, t);
+            continue;
+        }
+        let t0 = then
+            .get(&name)
+            .ok_or_else(|| {
+                adapter_err(
+                    initial,
+                    format!("`{name}` is missing; it is the start of another adapter"),
+                )
+            })?
+            .to_dtype(DType::F32)?;
+        let joined = if is_a {
+            Tensor::cat(&[&t, &t0], 0)?
+        } else {
+            Tensor::cat(&[&t, &t0.neg()?], 1)?
+        };
+        tensors.insert(name, joined);
+    }
+    save_safetensors(&tensors, &out.join(WEIGHTS_FILE))?;
+    let mut cfg = ad.config.clone();
+    cfg.r *= 2;
+    cfg.lora_alpha *= if cfg.use_rslora {
+        std::f64::consts::SQRT_2
+    } else {
+        2.0
+    };
+    cfg.init_lora_weights = Value::Bool(true);
+    write_config(&cfg, out)
 }
 
 /// Merge an adapter into the frozen base weights: `W ← W + s·B·A`, DoRA's rescaled row by row
@@ -413,6 +522,7 @@ pub fn merge_adapter(model: &mut Model, dir: &Path) -> Result<()> {
     let (dev, dtype) = (model.device.clone(), model.dtype);
     let ad = read_adapter(dir, &dev)?;
     ad.check(model)?;
+    ad.prepare_base(model)?;
     let scale = ad.config.scale();
     for (m, (a, b)) in &ad.pairs {
         let lin = model
@@ -446,6 +556,12 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
     let dev = model.device.clone();
     let ad = read_adapter(dir, &dev)?;
     ad.check(model)?;
+    if model.lora.is_some() {
+        return Err(EngineError::Invalid(
+            "the model already has a trainable LoRA".into(),
+        ));
+    }
+    ad.prepare_base(model)?;
     // The modules the file adapts, by leaf name: PEFT's `target_modules` may be leaf names, full module paths
     // (PEFT 0.21 writes those for "all-linear") or a regex, and the tensors say the same in every case.
     let mut leaves: Vec<&str> = ad
@@ -469,12 +585,8 @@ pub fn load_adapter_trainable(model: &mut Model, dir: &Path) -> Result<()> {
         use_rslora: ad.config.use_rslora,
         use_dora: ad.config.use_dora,
         seed: 0,
+        init: ad.init,
     };
-    if model.lora.is_some() {
-        return Err(EngineError::Invalid(
-            "the model already has a trainable LoRA".into(),
-        ));
-    }
     let dt = model.lora_dtype();
     let scale = spec.scale();
     let mut made = Vec::new();

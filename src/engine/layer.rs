@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storag
 
 use super::arch::Activation;
 use super::bnb4::Bnb4Tensor;
-use super::error::Result;
+use super::error::{EngineError, Result};
 use super::ops;
 use super::profile::span;
 use super::qweight::QWeight;
@@ -193,6 +193,35 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// PiSSA ([`super::pissa::decompose`]): the weight becomes its residual, stored in `dtype`; returns the
+    /// starting `(A, B)` in f32. A quantized or trainable weight is refused (PEFT decomposes only float weights).
+    pub fn pissa_residual(
+        &mut self,
+        r: usize,
+        scale: f64,
+        init: super::pissa::LoraInit,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let w = match &self.weight {
+            Weight::Frozen(w) => w,
+            Weight::Quantized(_) => {
+                return Err(EngineError::Invalid(format!(
+                    "PiSSA needs the base weights in float (f32, f16 or bf16), and `{}` is held in a GGUF file's quantized blocks: set `gguf_dequantize: true`, or remove `pissa_init`",
+                    self.name
+                )));
+            }
+            Weight::Bnb4(_) | Weight::Trainable(_) => {
+                return Err(EngineError::Invalid(format!(
+                    "PiSSA needs the base weights in float (f32, f16 or bf16) and frozen; `{}` is quantized or trained",
+                    self.name
+                )));
+            }
+        };
+        let d = super::pissa::decompose(w, r, scale, init, &self.name)?;
+        self.weight = Weight::Frozen(d.residual.to_dtype(dtype)?);
+        Ok((d.a, d.b))
+    }
+
     /// Inference or a plain tracked forward (`train`: tracked weights, LoRA dropout with `dropout_seed`), with the
     /// pure candle ops: what the lm_head uses.
     pub(crate) fn forward(&self, x: &Tensor, train: bool, dropout_seed: u64) -> Result<Tensor> {

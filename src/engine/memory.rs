@@ -340,6 +340,7 @@ mod tests {
             use_rslora: false,
             use_dora: false,
             seed: 0,
+            init: Default::default(),
         })
     }
 

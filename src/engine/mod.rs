@@ -23,6 +23,7 @@ pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod ops;
+pub mod pissa;
 pub mod profile;
 pub mod qweight;
 pub mod rope_ext;

@@ -19,6 +19,7 @@ use super::error::{EngineError, Result};
 use super::layer::{self, LayerCtx, LayerIo, Pass};
 pub use super::layer::{Dora, Kernels, Layer, Linear, LoraPair, Weight};
 use super::ops;
+use super::pissa::LoraInit;
 use super::qweight::QWeight;
 
 pub use super::arch::LINEAR_LEAVES;
@@ -83,6 +84,8 @@ pub struct LoraSpec {
     pub use_dora: bool,
     /// Seed for the kaiming-uniform init of A.
     pub seed: u64,
+    /// How A and B start: PEFT's default, or PiSSA (which also turns each adapted base weight into its residual).
+    pub init: LoraInit,
 }
 
 impl LoraSpec {
@@ -765,7 +768,9 @@ impl Model {
         }
     }
 
-    /// Attach fresh LoRA pairs (A kaiming-uniform from `spec.seed`, B zero) to the target modules.
+    /// Attach fresh LoRA pairs to the target modules: A kaiming-uniform from `spec.seed` and B zero, or with PiSSA
+    /// ([`super::pissa::decompose`]) the weight's principal part, the base weight becoming its residual (in the model
+    /// dtype, as PEFT stores it back).
     pub fn add_lora(&mut self, spec: &LoraSpec) -> Result<()> {
         if self.lora.is_some() {
             return Err(EngineError::Invalid(
@@ -789,11 +794,22 @@ impl Model {
                     continue;
                 }
                 let (out, inp) = dims2(&lin.name, lin.weight.dims())?;
-                let a = Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?;
-                let b = Var::zeros((out, spec.r), dt, &dev)?;
+                let (a, b) = match spec.init {
+                    LoraInit::Default => (
+                        Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?,
+                        Var::zeros((out, spec.r), dt, &dev)?,
+                    ),
+                    LoraInit::Pissa { .. } => {
+                        let (a, b) = lin.pissa_residual(spec.r, scale, spec.init, self.dtype)?;
+                        (
+                            Var::from_tensor(&a.to_dtype(dt)?)?,
+                            Var::from_tensor(&b.to_dtype(dt)?)?,
+                        )
+                    }
+                };
                 let dora = if spec.use_dora {
-                    // PEFT's `dora_init`: m = ‖W + s·B·A‖ per row with B = 0, computed as the forward computes it
-                    // (the factor m / ‖…‖ is exactly 1 at the start).
+                    // PEFT's `dora_init`: m = ‖W + s·B·A‖ per row (B = 0, or PiSSA's residual and principal part),
+                    // computed as the forward computes it (the factor m / ‖…‖ is exactly 1 at the start).
                     let m = super::layer::lora_row_norms(
                         &lin.weight.detached()?,
                         a.as_tensor(),

@@ -168,6 +168,7 @@ mod tests {
             use_rslora: false,
             use_dora,
             seed: 0,
+            init: Default::default(),
         };
         let p = Preset::default();
         let dora = model_card(&AdapterConfig::for_spec(&spec(true), "base"), &p, "base");

@@ -13,8 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{self, FinetuningType, IntervalStrategy, Loaded, Preset};
 use crate::data::{self, Batch, Encoder, PreparedDataset, Sampler};
 use crate::engine::adapter::{
-    load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
+    convert_pissa, load_adapters_for_training, merge_adapters, parse_adapter_list, save_adapter,
+    save_adapter_as,
 };
+use crate::engine::pissa::LoraInit;
 use crate::engine::source::SourceProgress;
 use crate::engine::value_head::VALUE_HEAD_FILE;
 use crate::engine::weights::save_safetensors;
@@ -311,6 +313,19 @@ fn run_training_here(
     if let Some(line) = memory_check(p, &files.config, device)? {
         emit(line);
     }
+    if let Some(w) = p.pissa_warning() {
+        emit(TrainEvent::Warning(w));
+    }
+    if p.pissa_init && resume.is_none() {
+        emit(TrainEvent::Loading {
+            what: match p.pissa_iter {
+                -1 => "PiSSA: the exact SVD of each adapted weight".into(),
+                n => format!(
+                    "PiSSA: a randomized SVD of each adapted weight ({n} subspace iterations)"
+                ),
+            },
+        });
+    }
     let mut model = build_model(
         p,
         &files,
@@ -417,6 +432,23 @@ fn run_training_here(
         folder_files,
         stage,
     )?;
+    if p.pissa_convert {
+        // LLaMA-Factory's PissaConvertCallback: the start, saved as a plain adapter, for the conversion at the end.
+        let start = trainer.out.join(PISSA_INIT_DIR);
+        if resume.is_none() {
+            save_adapter_as(
+                &trainer.model,
+                &start,
+                &trainer.base_name,
+                LoraInit::Default,
+            )?;
+        } else if !start.join(crate::engine::adapter::CONFIG_FILE).is_file() {
+            return Err(TrainError::Invalid(format!(
+                "pissa_convert needs {} (the adapter's start, written when the run began) to convert at the end, and it is missing; train afresh or remove pissa_convert",
+                start.display()
+            )));
+        }
+    }
     if let Some((dir, state, why)) = resume {
         trainer.restore(&dir, &state)?;
         emit(TrainEvent::Resuming {
@@ -506,6 +538,10 @@ fn prepare_output_dir(out: &Path, p: &Preset) -> Result<(), TrainError> {
     }
     Ok(())
 }
+
+/// LLaMA-Factory's folders of `pissa_convert`: the PiSSA adapter's start, and the plain LoRA it converts to.
+pub const PISSA_INIT_DIR: &str = "pissa_init";
+pub const PISSA_CONVERTED_DIR: &str = "pissa_converted";
 
 /// The model with its trainable part: fresh LoRA, adapters to continue, or freeze/full. When
 /// resuming, the checkpoint's weights replace the fresh ones.
@@ -1021,6 +1057,14 @@ impl<'a> Trainer<'a> {
             self.load_best(emit)?;
         }
         self.save_final()?;
+        if self.p.pissa_convert {
+            let converted = self.out.join(PISSA_CONVERTED_DIR);
+            convert_pissa(&self.out, &self.out.join(PISSA_INIT_DIR), &converted)?;
+            emit(TrainEvent::Note(format!(
+                "PiSSA converted to a plain LoRA for the original base: {}",
+                converted.display()
+            )));
+        }
         if let Ok(log) = super::runlog::read_log(&self.out) {
             if let Err(e) = super::plot::plot_loss(&log, &self.out.join("training_loss.png")) {
                 emit(TrainEvent::Warning(format!(

@@ -195,6 +195,7 @@ pub fn tiny_lora_f64_of(dir: &Path, kernels: Kernels, opts: &TinyOpts) -> Model 
         use_rslora: false,
         use_dora: false,
         seed: 7,
+        init: Default::default(),
     });
     let mut m = Model::from_files(&files, DType::F64, &Device::Cpu, &ft).unwrap();
     m.kernels = kernels;
