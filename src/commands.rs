@@ -172,6 +172,12 @@ pub fn check_report(name: &str, loaded: &config::Loaded) -> String {
             );
         }
     }
+    if p.use_muon {
+        let _ = writeln!(
+            out,
+            "#   optimizer: Muon (use_muon) for the 2-D weights but embeddings and lm_head, at learning_rate x 0.2 x sqrt(larger side); AdamW for the rest; weight_decay on all"
+        );
+    }
     if p.load_best_model_at_end {
         let (metric, greater) = p.best_metric();
         let _ = writeln!(

@@ -417,6 +417,7 @@ pub fn memory_estimate(
             cfg.vocab_size,
             on_cpu,
         )),
+        muon: p.use_muon,
     };
     let mut est = crate::engine::memory::estimate(cfg, &ft, &run);
     est.reference = reference_weight_bytes(p, cfg, ref_cfg, dtype, base);

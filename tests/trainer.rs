@@ -221,6 +221,8 @@ fn resume_matches_the_uninterrupted_run() {
         ),
         // PiSSA: the checkpoint's adapter makes the residual again when it is loaded; pissa_init/ is kept.
         ("-pissa", &["pissa_init: true", "pissa_convert: true"][..]),
+        // Muon: its momentum buffers are in the checkpoint's optimizer state.
+        ("-muon", &["use_muon: true", "weight_decay: 0.1"][..]),
     ] {
         resume_matches_with(tag, options);
     }
@@ -417,6 +419,56 @@ fn loraplus_gives_lora_b_the_ratio_of_the_learning_rate() {
     }
     assert!((max_b[0] - 1e-2).abs() < 1e-5, "{max_b:?}");
     assert!((max_b[1] - 16e-2).abs() < 1e-4, "{max_b:?}");
+}
+
+/// `use_muon`: LLaMA-Factory's split (LoRA's A and B all Muon; a full run's embedding and norms AdamW, its hidden
+/// matrices Muon), said at the start; the run trains (the loss falls on a small set) and differs from AdamW's.
+#[test]
+fn muon_trains_lora_and_full_runs() {
+    let f = fixture(4);
+    for (tag, extra) in [("lora", &[][..]), ("full", &["finetuning_type: full"][..])] {
+        let train = |out: &str, muon: bool| {
+            let mut options = vec!["max_steps: 6", "learning_rate: 2.0e-2"];
+            options.extend_from_slice(extra);
+            if muon {
+                options.push("use_muon: true");
+            }
+            run(&preset(&f, out, &options), &[])
+        };
+        let (r, events) = train(&format!("muon-{tag}"), true);
+        r.unwrap();
+        let said = events
+            .iter()
+            .find_map(|e| match e {
+                TrainEvent::Loading { what } if what.starts_with("optimizer: Muon") => {
+                    Some(what.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{tag}: the optimizer line is missing"));
+        let counts: Vec<usize> = said.split(' ').filter_map(|w| w.parse().ok()).collect();
+        assert!(counts[0] > 0, "{tag}: {said}");
+        assert_eq!(counts[1] == 0, tag == "lora", "{tag}: {said}");
+        let muon = losses(&events);
+        assert!(muon[5] < 0.8 * muon[0], "{tag}: {muon:?}");
+        let (r, events) = train(&format!("adamw-{tag}"), false);
+        r.unwrap();
+        let adamw = losses(&events);
+        assert!(
+            (muon[5] - adamw[5]).abs() > 1e-3,
+            "{tag}: {muon:?} vs {adamw:?}"
+        );
+    }
+    // LoRA+ picks the optimizer too: refused together, naming both.
+    let text = "model_name_or_path: m\ndataset: toy\ntemplate: chatml\nuse_muon: true\nloraplus_lr_ratio: 16\n";
+    let err = format!(
+        "{:?}",
+        config::parse(text, &[], Purpose::Train).unwrap_err()
+    );
+    assert!(
+        err.contains("use_muon") && err.contains("loraplus_lr_ratio"),
+        "{err}"
+    );
 }
 
 #[test]

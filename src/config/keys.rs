@@ -685,7 +685,11 @@ pub const KEYS: &[KeySpec] = &[
         "false",
         "Adam-mini is not supported yet",
     ),
-    uns("use_muon", Method, "false", "Muon is not supported yet"),
+    imp(
+        "use_muon",
+        Method,
+        "Muon (LLaMA-Factory's): 2-D weights but embeddings and lm_head follow Newton-Schulz-orthogonalised momentum, the rest AdamW.",
+    ),
     imp(
         "use_dft_loss",
         Method,

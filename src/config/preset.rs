@@ -311,6 +311,8 @@ pub struct Preset {
     pub pissa_iter: i64,
     /// `pissa_convert`: also write `pissa_init/` and `pissa_converted/` (a plain LoRA on the original base).
     pub pissa_convert: bool,
+    /// `use_muon`: LLaMA-Factory's Muon optimizer in place of AdamW.
+    pub use_muon: bool,
     pub create_new_adapter: bool,
     pub freeze_trainable_layers: i64,
     /// `freeze_trainable_modules`: comma separated, `all` by default.
@@ -458,6 +460,7 @@ impl Default for Preset {
             pissa_init: false,
             pissa_iter: 16,
             pissa_convert: false,
+            use_muon: false,
             create_new_adapter: false,
             freeze_trainable_layers: 2,
             freeze_trainable_modules: "all".into(),

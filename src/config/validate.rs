@@ -215,6 +215,12 @@ pub fn validate(p: &Preset, purpose: Purpose) -> Vec<ConfigIssue> {
         }
     }
     validate_pissa(p, &mut bad);
+    if p.use_muon && p.loraplus_lr_ratio.is_some() {
+        bad(
+            "use_muon",
+            "`use_muon` and `loraplus_lr_ratio` each choose the optimizer (LLaMA-Factory would silently use LoRA+'s AdamW): set one of them".into(),
+        );
+    }
     if p.adapter_name_or_path.is_some() && !lora {
         bad(
             "adapter_name_or_path",

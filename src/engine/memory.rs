@@ -150,6 +150,8 @@ pub struct RunShape {
     pub checkpointing: bool,
     /// Rows of logits at once (`None`: all).
     pub head_chunk_rows: Option<usize>,
+    /// `use_muon`: the hidden matrices keep one f32 momentum buffer instead of AdamW's two moments.
+    pub muon: bool,
 }
 
 /// Parameters of each linear of one decoder layer: (in, out) in `LINEAR_LEAVES` order (q, k, v, o, gate, up,
@@ -162,8 +164,8 @@ fn layer_linears(c: &ModelConfig) -> [(usize, usize); 7] {
 
 /// Freeze fine-tuning's trainable parameters of `cfg` (the weights [`Finetune::trains`] picks, by their Hugging Face
 /// names; the estimate's parameter set: linears, embedding, lm_head, the two norms per layer and the final one):
-/// (all, those in matrices).
-fn freeze_trainable(cfg: &ModelConfig, ft: &Finetune) -> (usize, usize) {
+/// (all, those in matrices, those in matrices other than the embedding and lm_head).
+fn freeze_trainable(cfg: &ModelConfig, ft: &Finetune) -> (usize, usize, usize) {
     let (h, l, v) = (cfg.hidden_size, cfg.num_layers, cfg.vocab_size);
     let mut matrices = vec![("model.embed_tokens.weight".to_string(), v * h)];
     if !cfg.tie_word_embeddings {
@@ -182,13 +184,32 @@ fn freeze_trainable(cfg: &ModelConfig, ft: &Finetune) -> (usize, usize) {
         norms.push(format!("model.layers.{i}.input_layernorm.weight"));
         norms.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
     }
-    let m: usize = matrices
-        .iter()
-        .filter(|(n, _)| ft.trains(n, l))
+    let trained = || matrices.iter().filter(|(n, _)| ft.trains(n, l));
+    let m: usize = trained().map(|(_, c)| c).sum();
+    let hidden: usize = trained()
+        .filter(|(n, _)| n.starts_with("model.layers."))
         .map(|(_, c)| c)
         .sum();
     let n = norms.iter().filter(|n| ft.trains(n, l)).count() * h;
-    (m + n, m)
+    (m + n, m, hidden)
+}
+
+/// The trainable parameters Muon updates (the optimizer's rule: 2-D, neither embedding nor lm_head): LoRA's A and B, or the decoder layers' trained matrices.
+fn muon_params(cfg: &ModelConfig, ft: &Finetune) -> usize {
+    let l = cfg.num_layers;
+    match ft {
+        Finetune::Frozen => 0,
+        Finetune::Lora(spec) => {
+            l * layer_linears(cfg)
+                .iter()
+                .zip(super::arch::LINEAR_LEAVES)
+                .filter(|(_, name)| spec.targets.contains(name))
+                .map(|((i, o), _)| spec.r * (i + o))
+                .sum::<usize>()
+        }
+        Finetune::Freeze { .. } => freeze_trainable(cfg, ft).2,
+        Finetune::Full => l * layer_linears(cfg).iter().map(|(i, o)| i * o).sum::<usize>(),
+    }
 }
 
 fn u(x: usize) -> u64 {
@@ -267,6 +288,10 @@ pub fn estimate(cfg: &ModelConfig, ft: &Finetune, run: &RunShape) -> MemoryEstim
         Finetune::Frozen => 0,
         Finetune::Lora(_) => trainable_params * 16,
         Finetune::Freeze { .. } | Finetune::Full => trainable_params * (bytes + 8),
+    } - if run.muon {
+        u(muon_params(cfg, ft)) * 4
+    } else {
+        0
     };
     let tokens = u(run.batch * run.seq_len);
     let (q, kv, ff) = (
@@ -368,6 +393,7 @@ mod tests {
             seq_len: 1024,
             checkpointing: false,
             head_chunk_rows: Some(1024),
+            muon: false,
         };
         let (a, b) = (estimate(&c, &lora_all(16), &run), estimate(&c, &dora, &run));
         assert_eq!(b.activations - a.activations, 2 * 1024 * 32 * outputs * 4);
@@ -383,6 +409,7 @@ mod tests {
             seq_len: 2048,
             checkpointing: true,
             head_chunk_rows: Some(1024),
+            muon: false,
         };
         assert_eq!(param_counts(&c, &lora_all(16)), (41_943_040, 8_030_261_248));
         assert_eq!(param_counts(&c, &Finetune::Full).0, 8_030_261_248);
@@ -391,6 +418,9 @@ mod tests {
         assert_eq!(e.weights, 8_030_261_248 * 2);
         // LoRA r 16 on all 7 linears: 41.9 M parameters (PEFT's print_trainable_parameters), 16 bytes each.
         assert_eq!(e.trainable, 41_943_040 * 16);
+        // Muon keeps one buffer for each of LoRA's A and B instead of AdamW's two moments.
+        let muon = estimate(&c, &lora_all(16), &RunShape { muon: true, ..run });
+        assert_eq!(muon.trainable, 41_943_040 * 12);
         let off = estimate(
             &c,
             &lora_all(16),

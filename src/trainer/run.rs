@@ -432,6 +432,16 @@ fn run_training_here(
         folder_files,
         stage,
     )?;
+    if p.use_muon {
+        // LLaMA-Factory's "Using Muon optimizer with N Muon params and M AdamW params".
+        let muon = trainer.opt.muon_params();
+        emit(TrainEvent::Loading {
+            what: format!(
+                "optimizer: Muon for {muon} matrices, AdamW for {} other tensors (use_muon)",
+                trainer.opt.params().len() - muon
+            ),
+        });
+    }
     if p.pissa_convert {
         // LLaMA-Factory's PissaConvertCallback: the start, saved as a plain adapter, for the conversion at the end.
         let start = trainer.out.join(PISSA_INIT_DIR);
@@ -825,6 +835,7 @@ impl<'a> Trainer<'a> {
                 beta2: p.adam_beta2,
                 eps: p.adam_epsilon,
                 weight_decay: p.weight_decay,
+                muon: p.use_muon,
             },
         )?;
         let n = data.train_examples();
