@@ -148,6 +148,23 @@ fn llamafactory_example_files_load_with_only_no_effect_notes() {
     .unwrap();
     assert!(loaded.preset.use_eaft_loss && !loaded.preset.use_dft_loss);
     assert_eq!(loaded.preset.eaft_alpha, 1.0);
+    // examples/extras/pissa/llama3_lora_sft.yaml and examples/extras/muon/qwen2_full_sft.yaml, unchanged.
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/llama3_lora_sft_pissa.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    let p = &loaded.preset;
+    assert!(p.pissa_init && p.pissa_convert && p.pissa_iter == 16);
+    let loaded = config::load(
+        &root().join("tests/fixtures/lf_examples/qwen2_full_sft_muon.yaml"),
+        &[],
+        Purpose::Train,
+    )
+    .unwrap();
+    assert!(loaded.preset.use_muon);
+    assert_eq!(loaded.preset.finetuning_type, config::FinetuningType::Full);
 }
 
 #[test]
