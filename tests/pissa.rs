@@ -239,6 +239,57 @@ fn pissa_convert_writes_a_plain_lora_for_the_original_base() {
     }
 }
 
+/// `termtune export --adapter-only` of a PiSSA adapter trained without `pissa_convert`: the exported folder is the
+/// conversion (its start decomposed again from the base), a plain rank-2r LoRA that over the original base is the
+/// trained model, with the tokenizer files and a model card; a plain adapter is still copied as it is.
+#[test]
+fn adapter_only_export_converts_a_pissa_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    tiny_model_and_toy_data(root, &varied_rows(8));
+    let run = root.join("run");
+    let (r, _) = train_steps(&loaded(root, "run", &["pissa_init: true"]));
+    r.unwrap();
+    let out = root.join("exported");
+    let text = format!(
+        "model_name_or_path: {}\nadapter_name_or_path: {}\nexport_dir: {}\ntemplate: chatml\n",
+        root.join("model").display(),
+        run.display(),
+        out.display()
+    );
+    let p = config::parse(&text, &[], Purpose::Export).unwrap().preset;
+    let mut lines = Vec::new();
+    let report = termtune::export::export_adapter(&p, &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("is a PiSSA adapter: converting")),
+        "{lines:?}"
+    );
+    for f in [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    ] {
+        assert!(
+            report.files.iter().any(|x| x == f),
+            "{f}: {:?}",
+            report.files
+        );
+    }
+    assert!(!out.join(".pissa").exists());
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["init_lora_weights"], Value::Bool(true));
+    assert_eq!(cfg["r"], 8);
+    let mut pissa = model(&root.join("model"), &Finetune::Frozen);
+    merge_adapter(&mut pissa, &run).unwrap();
+    let mut converted = model(&root.join("model"), &Finetune::Frozen);
+    merge_adapter(&mut converted, &out).unwrap();
+    let d = max_abs_diff(&logits(&converted), &logits(&pissa));
+    assert!(d < 1e-4, "exported conversion vs the PiSSA adapter: {d}");
+}
+
 /// LLaMA-Factory's rules and termtune's where LLaMA-Factory would silently do something else, each naming the key.
 #[test]
 fn pissa_keys_are_checked() {

@@ -449,6 +449,43 @@ fn write_config(cfg: &AdapterConfig, dir: &Path) -> Result<()> {
         .map_err(|e| EngineError::io(format!("writing {}", dir.join(CONFIG_FILE).display()), e))
 }
 
+/// The start of the PiSSA adapter `trained` over `model`'s weights (the base it was trained on, not yet made the
+/// residual), as LLaMA-Factory's `pissa_init/` holds it: A₀ and B₀ of each adapted weight, decomposed again
+/// exactly as training did (same rank, scale, SVD and seeds), written to `out` as a plain adapter under the trained
+/// file's tensor names. With it [`convert_pissa`] converts an adapter trained without `pissa_convert`.
+pub fn pissa_start(model: &Model, trained: &Path, out: &Path) -> Result<()> {
+    let ad = read_adapter(trained, &candle_core::Device::Cpu)?;
+    if ad.init == LoraInit::Default {
+        return Err(adapter_err(trained, "not a PiSSA adapter"));
+    }
+    let scale = ad.config.scale();
+    let mut tensors = HashMap::new();
+    for lin in model.linears() {
+        if !ad.pairs.contains_key(&lin.name) {
+            continue;
+        }
+        let super::model::Weight::Frozen(w) = &lin.weight else {
+            return Err(adapter_err(
+                trained,
+                format!(
+                    "`{}` of the base is not a float weight to decompose",
+                    lin.name
+                ),
+            ));
+        };
+        let d = super::pissa::decompose(w, ad.config.r, scale, ad.init, &lin.name)?;
+        let module = super::arch::checkpoint_name(model.cfg.image_text, &lin.name);
+        tensors.insert(format!("{PREFIX}{module}.lora_A.weight"), d.a);
+        tensors.insert(format!("{PREFIX}{module}.lora_B.weight"), d.b);
+    }
+    std::fs::create_dir_all(out)
+        .map_err(|e| EngineError::io(format!("creating {}", out.display()), e))?;
+    save_safetensors(&tensors, &out.join(WEIGHTS_FILE))?;
+    let mut cfg = ad.config;
+    cfg.init_lora_weights = Value::Bool(true);
+    write_config(&cfg, out)
+}
+
 /// PEFT's PiSSA-to-LoRA conversion (`save_pretrained(path_initial_model_for_weight_conversion=…)`, LLaMA-Factory's
 /// `pissa_convert`): the trained PiSSA adapter `trained` and its start `initial` (saved as a plain adapter) give
 /// `ΔW = s·(B·A − B₀·A₀) = s·[B | −B₀]·[A ; A₀]`, a plain LoRA of rank 2r on the original base, written to `out`

@@ -10,7 +10,8 @@ use crate::config::Preset;
 use crate::engine::adapter::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
 
 /// Files of an adapter folder that travel with the export (training state such as optimizer moments does not).
-const COPIED: &[&str] = &[
+/// The files of an adapter folder an adapter-only export copies.
+pub(crate) const COPIED: &[&str] = &[
     WEIGHTS_FILE,
     "tokenizer.json",
     "tokenizer_config.json",

@@ -331,7 +331,25 @@ pub fn export_adapter_cancellable(
     );
     stop_if(cancelled)?;
     let staged = stage(&dir)?;
-    card::write_adapter_folder(adapter, staged.dir(), preset, &base_name, progress)?;
+    let init = crate::engine::adapter::read_adapter(adapter, &Device::Cpu)?.init;
+    if init == crate::engine::pissa::LoraInit::Default {
+        card::write_adapter_folder(adapter, staged.dir(), preset, &base_name, progress)?;
+    } else {
+        // A PiSSA adapter only means something over the residual its loader re-makes, and other tools re-draw
+        // the randomized SVD: the folder gets PEFT's conversion, a plain LoRA for the original base.
+        let work = staged.dir().join(".pissa");
+        pissa_converted(preset, &adapters, &work, progress)?;
+        stop_if(cancelled)?;
+        card::write_adapter_folder(
+            &work.join("converted"),
+            staged.dir(),
+            preset,
+            &base_name,
+            progress,
+        )?;
+        std::fs::remove_dir_all(&work)
+            .map_err(|e| ExportError::io(format!("removing {}", work.display()), e))?;
+    }
     stop_if(cancelled)?;
     finish(staged)?;
     progress(&format!("exported the adapter to {}", dir.display()));
@@ -343,6 +361,54 @@ pub fn export_adapter_cancellable(
         base_name,
         dequantized_base: None,
     })
+}
+
+/// The last of `adapters`, a PiSSA adapter, converted to a plain LoRA in `work/converted` (with the original
+/// folder's tokenizer files): the base (with the earlier adapters merged) loaded in f32 on the CPU, its start
+/// decomposed again ([`crate::engine::adapter::pissa_start`], `work/start`), then PEFT's conversion.
+fn pissa_converted(
+    preset: &Preset,
+    adapters: &[PathBuf],
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ExportError> {
+    let Some((adapter, earlier)) = adapters.split_last() else {
+        return Err(ExportError::NoAdapterToExport);
+    };
+    progress(&format!(
+        "{} is a PiSSA adapter: converting it to a plain LoRA of twice its rank for the original base (PEFT's conversion; other tools would decompose the base again, differently)",
+        adapter.display()
+    ));
+    let PresetModel { files, .. } = resolve::load_model(
+        preset,
+        crate::config::Purpose::Export,
+        DType::F32,
+        &Device::Cpu,
+        &mut |p| {
+            if let SourceProgress::Note(line) = p {
+                progress(&line);
+            }
+        },
+    )?;
+    let mut model = Model::from_files(&files, DType::F32, &Device::Cpu, &Finetune::Frozen)?;
+    for a in earlier {
+        merge_adapter(&mut model, a)?;
+    }
+    let (start, converted) = (work.join("start"), work.join("converted"));
+    crate::engine::adapter::pissa_start(&model, adapter, &start)?;
+    drop(model);
+    crate::engine::adapter::convert_pissa(adapter, &start, &converted)?;
+    for f in card::COPIED
+        .iter()
+        .filter(|f| **f != crate::engine::adapter::WEIGHTS_FILE)
+    {
+        let p = adapter.join(f);
+        if p.is_file() {
+            std::fs::copy(&p, converted.join(f))
+                .map_err(|e| ExportError::io(format!("copying {}", p.display()), e))?;
+        }
+    }
+    Ok(())
 }
 
 fn stop_if(cancelled: &dyn Fn() -> bool) -> Result<(), ExportError> {
