@@ -593,7 +593,7 @@ impl Preset {
     /// subspace of a real weight is rarely converged after N iterations.
     pub fn pissa_warning(&self) -> Option<String> {
         (self.pissa_init && self.pissa_iter >= 0 && !self.pissa_convert).then(|| {
-            "the PiSSA adapter loads as trained in termtune, which re-draws the same randomized SVD, but PEFT (vLLM, LLaMA-Factory) draws a new one each time it loads it, giving another model: set `pissa_convert: true` for pissa_converted/, a plain LoRA any tool loads, or `pissa_iter: -1` (the exact SVD)".to_string()
+            "the PiSSA adapter loads as trained in termtune, which re-draws the same randomized SVD, but PEFT (vLLM, LLaMA-Factory) draws a new one each time it loads it, giving another model: for other tools set `pissa_convert: true` (pissa_converted/, a plain LoRA) or export it with `termtune export --adapter-only` (which converts it); or use `pissa_iter: -1` (the exact SVD)".to_string()
         })
     }
 
