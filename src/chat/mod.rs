@@ -49,7 +49,7 @@ fn load_parts(
 ) -> Result<(Model, Encoder, LoadedInfo), ChatError> {
     let dtype = resolve::infer_dtype(preset, device);
     let PresetModel {
-        files,
+        mut files,
         kind,
         base_name,
         tokenizer,
@@ -61,12 +61,13 @@ fn load_parts(
         progress,
     )?;
     let mut model = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
+    let quantized_base = files.is_quantized();
+    files.release_weights();
     let adapters = preset
         .adapter_name_or_path
         .as_deref()
         .map(parse_adapter_list)
         .unwrap_or_default();
-    let quantized_base = files.is_quantized();
     let merged = apply_adapters(&mut model, &adapters, quantized_base, &mut |n| {
         progress(SourceProgress::Note(n));
     })?;

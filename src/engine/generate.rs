@@ -565,8 +565,9 @@ pub fn load_chat_model(
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<ChatModel> {
-    let files = super::weights::load_hf_folder(model_dir, dtype, device)?;
+    let mut files = super::weights::load_hf_folder(model_dir, dtype, device)?;
     let mut model = Model::from_files(&files, dtype, device, &super::model::Finetune::Frozen)?;
+    files.release_weights();
     super::adapter::merge_adapters(&mut model, adapters)?;
     let tokenizer = files
         .tokenizer

@@ -445,6 +445,15 @@ fn quantizes(name: &str, dims: &[usize], to: BaseStorage) -> bool {
 }
 
 impl ModelFiles {
+    /// Drops the weights, keeping the configs and tokenizer, once a [`super::Model`] holds them: the model shares
+    /// their storage, so kept they would pin a second copy of every weight it then replaces (an adapter merged,
+    /// PiSSA's residual, a trained copy), doubling the peak memory of those layers.
+    pub fn release_weights(&mut self) {
+        self.tensors.clear();
+        self.quantized.clear();
+        self.bnb4.clear();
+    }
+
     /// Whether some weights are held quantized (a GGUF's blocks, `quantization_bit`).
     pub fn is_quantized(&self) -> bool {
         !self.quantized.is_empty() || !self.bnb4.is_empty()

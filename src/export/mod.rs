@@ -153,7 +153,7 @@ pub fn export_cancellable(
         }
     };
     let PresetModel {
-        files,
+        mut files,
         kind,
         base_name,
         tokenizer,
@@ -185,6 +185,7 @@ pub fn export_cancellable(
         None => None,
     };
     let mut model = Model::from_files(&files, load_dtype, device, &Finetune::Frozen)?;
+    files.release_weights();
     for (i, a) in adapters.iter().enumerate() {
         progress(&format!(
             "merging adapter {}/{}: {}",
@@ -379,7 +380,7 @@ fn pissa_converted(
         "{} is a PiSSA adapter: converting it to a plain LoRA of twice its rank for the original base (PEFT's conversion; other tools would decompose the base again, differently)",
         adapter.display()
     ));
-    let PresetModel { files, .. } = resolve::load_model(
+    let PresetModel { mut files, .. } = resolve::load_model(
         preset,
         crate::config::Purpose::Export,
         DType::F32,
@@ -391,6 +392,7 @@ fn pissa_converted(
         },
     )?;
     let mut model = Model::from_files(&files, DType::F32, &Device::Cpu, &Finetune::Frozen)?;
+    files.release_weights();
     for a in earlier {
         merge_adapter(&mut model, a)?;
     }

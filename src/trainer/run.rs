@@ -299,7 +299,7 @@ fn run_training_here(
         progress(SourceProgress::Hub(hp.clone()));
     })?;
     let resolve::PresetModel {
-        files,
+        mut files,
         base_name,
         tokenizer,
         ..
@@ -328,7 +328,7 @@ fn run_training_here(
     }
     let mut model = build_model(
         p,
-        &files,
+        &mut files,
         dtype,
         device,
         resume.as_ref().map(|r| r.0.as_path()),
@@ -396,6 +396,9 @@ fn run_training_here(
             })
         }
     };
+    // The model and a frozen reference hold what they use of the loaded weights (a full or freeze run's Vars are
+    // copies); the rest of the run reads only the files' configs.
+    files.release_weights();
 
     // Data.
     emit(TrainEvent::Loading {
@@ -557,7 +560,7 @@ pub const PISSA_CONVERTED_DIR: &str = "pissa_converted";
 /// resuming, the checkpoint's weights replace the fresh ones.
 fn build_model(
     p: &Preset,
-    files: &crate::engine::ModelFiles,
+    files: &mut crate::engine::ModelFiles,
     dtype: DType,
     device: &Device,
     resume_dir: Option<&Path>,
@@ -570,6 +573,9 @@ fn build_model(
     let lora = p.finetuning_type == FinetuningType::Lora;
     let model = if lora {
         let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
+        // A LoRA run needs no other copy of the base (its reference is the model with the adapter off, or
+        // `ref_model`): released before merging or PiSSA replaces any weight.
+        files.release_weights();
         match (resume_dir, adapters.as_slice()) {
             (Some(dir), _) => {
                 // The checkpoint holds the adapter being trained; earlier adapters were merged.
@@ -736,14 +742,16 @@ fn reference_model(
         device,
         &mut progress,
     )?;
-    let files = &loaded.files;
-    let mut m = Model::from_files(files, dtype, device, &Finetune::Frozen)?;
+    let mut files = loaded.files;
+    let mut m = Model::from_files(&files, dtype, device, &Finetune::Frozen)?;
+    let quantized = files.is_quantized();
+    files.release_weights();
     let adapters = rp
         .adapter_name_or_path
         .as_deref()
         .map(parse_adapter_list)
         .unwrap_or_default();
-    crate::engine::adapter::apply_adapters(&mut m, &adapters, files.is_quantized(), &mut |n| {
+    crate::engine::adapter::apply_adapters(&mut m, &adapters, quantized, &mut |n| {
         progress(SourceProgress::Note(n));
     })?;
     if m.cfg.vocab_size != policy.cfg.vocab_size {
