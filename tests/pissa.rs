@@ -185,17 +185,22 @@ fn pissa_convert_writes_a_plain_lora_for_the_original_base() {
     tiny_model_and_toy_data(root, &varied_rows(8));
     let (r, plain) = train_steps(&loaded(root, "plain", &[]));
     r.unwrap();
-    for (out, iter) in [("fast", "16"), ("exact", "-1")] {
+    // rsLoRA's scale alpha/√r: the conversion keeps it with alpha × √2 (PEFT's rule), checked by the logits below;
+    // LoRA+ rides along (its learning rates do not touch the conversion).
+    for (out, iter, extra) in [
+        ("fast", "16", &[][..]),
+        ("exact", "-1", &[][..]),
+        (
+            "rslora",
+            "16",
+            &["use_rslora: true", "loraplus_lr_ratio: 4"][..],
+        ),
+    ] {
         let run = root.join(out);
-        let (r, steps) = train_steps(&loaded(
-            root,
-            out,
-            &[
-                "pissa_init: true",
-                &format!("pissa_iter: {iter}"),
-                "pissa_convert: true",
-            ],
-        ));
+        let iter_line = format!("pissa_iter: {iter}");
+        let mut options = vec!["pissa_init: true", &iter_line, "pissa_convert: true"];
+        options.extend_from_slice(extra);
+        let (r, steps) = train_steps(&loaded(root, out, &options));
         r.unwrap();
         assert!(
             (steps[0].loss - plain[0].loss).abs() < 1e-4,
@@ -220,9 +225,17 @@ fn pissa_convert_writes_a_plain_lora_for_the_original_base() {
         let conv = read_json(&run.join("pissa_converted/adapter_config.json"));
         assert_eq!(conv["init_lora_weights"], Value::Bool(true), "{out}");
         assert_eq!(conv["r"], 8);
-        assert_eq!(
-            conv["lora_alpha"],
-            2.0 * cfg["lora_alpha"].as_f64().unwrap()
+        let alpha_factor = if out == "rslora" {
+            std::f64::consts::SQRT_2
+        } else {
+            2.0
+        };
+        // (serde_json reads floats to within an ulp, not exactly round-trip)
+        let want_alpha = alpha_factor * cfg["lora_alpha"].as_f64().unwrap();
+        assert!(
+            (conv["lora_alpha"].as_f64().unwrap() - want_alpha).abs() < 1e-9,
+            "{out}: {} vs {want_alpha}",
+            conv["lora_alpha"]
         );
 
         let mut pissa = model(&root.join("model"), &Finetune::Frozen);

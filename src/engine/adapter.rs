@@ -191,8 +191,9 @@ fn adapter_err(dir: &Path, why: impl Into<String>) -> EngineError {
     }
 }
 
-/// Read a PEFT adapter folder (tensors onto `device`, kept in their stored dtype).
-pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter> {
+/// An adapter folder's `adapter_config.json` and what its `init_lora_weights` means for loading, without reading
+/// the weights; every setting termtune cannot load as PEFT would is refused here, with the fix.
+pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraInit)> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.exists() {
         // A freeze or full fine-tuning run leaves a whole model, which replaces the base rather than adding to it.
@@ -237,6 +238,12 @@ pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter>
             "`modules_to_save` (full-weight extra modules) is not supported yet",
         ));
     }
+    Ok((config, init))
+}
+
+/// Read a PEFT adapter folder (tensors onto `device`, kept in their stored dtype).
+pub fn read_adapter(dir: &Path, device: &candle_core::Device) -> Result<Adapter> {
+    let (config, init) = read_adapter_config(dir)?;
     let w_path = dir.join(WEIGHTS_FILE);
     if !w_path.exists() {
         if dir.join("adapter_model.bin").exists() {
@@ -329,17 +336,15 @@ impl Adapter {
     /// A PiSSA adapter's base: each adapted weight becomes its residual ([`super::pissa::decompose`] with the
     /// adapter's rank and scale), as PEFT's loading does before it reads A and B. Nothing for other adapters.
     fn prepare_base(&self, model: &mut Model) -> Result<()> {
-        if self.init == LoraInit::Default {
+        let LoraInit::Pissa { niter } = self.init else {
             return Ok(());
-        }
+        };
         let (scale, dtype) = (self.config.scale(), model.dtype);
-        let mut modules: Vec<&String> = self.pairs.keys().collect();
-        modules.sort();
-        for m in modules {
+        for m in self.pairs.keys() {
             let lin = model
                 .linear_mut(m)
                 .ok_or_else(|| adapter_err(&self.dir, format!("module `{m}` missing")))?;
-            lin.pissa_residual(self.config.r, scale, self.init, dtype)
+            lin.pissa_residual(self.config.r, scale, niter, dtype)
                 .map_err(|e| adapter_err(&self.dir, format!("a PiSSA adapter: {e}")))?;
         }
         Ok(())
@@ -455,9 +460,9 @@ fn write_config(cfg: &AdapterConfig, dir: &Path) -> Result<()> {
 /// file's tensor names. With it [`convert_pissa`] converts an adapter trained without `pissa_convert`.
 pub fn pissa_start(model: &Model, trained: &Path, out: &Path) -> Result<()> {
     let ad = read_adapter(trained, &candle_core::Device::Cpu)?;
-    if ad.init == LoraInit::Default {
+    let LoraInit::Pissa { niter } = ad.init else {
         return Err(adapter_err(trained, "not a PiSSA adapter"));
-    }
+    };
     let scale = ad.config.scale();
     let mut tensors = HashMap::new();
     for lin in model.linears() {
@@ -473,7 +478,7 @@ pub fn pissa_start(model: &Model, trained: &Path, out: &Path) -> Result<()> {
                 ),
             ));
         };
-        let d = super::pissa::decompose(w, ad.config.r, scale, ad.init, &lin.name)?;
+        let d = super::pissa::decompose(w, ad.config.r, scale, niter, &lin.name)?;
         let module = super::arch::checkpoint_name(model.cfg.image_text, &lin.name);
         tensors.insert(format!("{PREFIX}{module}.lora_A.weight"), d.a);
         tensors.insert(format!("{PREFIX}{module}.lora_B.weight"), d.b);
@@ -492,15 +497,15 @@ pub fn pissa_start(model: &Model, trained: &Path, out: &Path) -> Result<()> {
 /// with `lora_alpha` doubled (×√2 with rsLoRA) so the scale is unchanged; DoRA magnitudes are kept as trained.
 pub fn convert_pissa(trained: &Path, initial: &Path, out: &Path) -> Result<()> {
     let cpu = candle_core::Device::Cpu;
-    let ad = read_adapter(trained, &cpu)?;
-    let start = read_adapter(initial, &cpu)?;
-    if ad.init == LoraInit::Default {
+    let (config, init) = read_adapter_config(trained)?;
+    let (start_config, start_init) = read_adapter_config(initial)?;
+    if init == LoraInit::Default {
         return Err(adapter_err(
             trained,
             "not a PiSSA adapter (`init_lora_weights` is not pissa…): it needs no conversion",
         ));
     }
-    if start.init != LoraInit::Default || start.config.r != ad.config.r {
+    if start_init != LoraInit::Default || start_config.r != config.r {
         return Err(adapter_err(
             initial,
             format!(
@@ -542,7 +547,7 @@ pub fn convert_pissa(trained: &Path, initial: &Path, out: &Path) -> Result<()> {
         tensors.insert(name, joined);
     }
     save_safetensors(&tensors, &out.join(WEIGHTS_FILE))?;
-    let mut cfg = ad.config.clone();
+    let mut cfg = config;
     cfg.r *= 2;
     cfg.lora_alpha *= if cfg.use_rslora {
         std::f64::consts::SQRT_2

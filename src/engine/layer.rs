@@ -193,13 +193,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// PiSSA ([`super::pissa::decompose`]): the weight becomes its residual, stored in `dtype`; returns the
+    /// PiSSA ([`super::pissa::decompose`], `niter` as there): the weight becomes its residual, stored in `dtype`; returns the
     /// starting `(A, B)` in f32. A quantized or trainable weight is refused (PEFT decomposes only float weights).
     pub fn pissa_residual(
         &mut self,
         r: usize,
         scale: f64,
-        init: super::pissa::LoraInit,
+        niter: Option<usize>,
         dtype: DType,
     ) -> Result<(Tensor, Tensor)> {
         let w = match &self.weight {
@@ -217,7 +217,7 @@ impl Linear {
                 )));
             }
         };
-        let d = super::pissa::decompose(w, r, scale, init, &self.name)?;
+        let d = super::pissa::decompose(w, r, scale, niter, &self.name)?;
         self.weight = Weight::Frozen(d.residual.to_dtype(dtype)?);
         Ok((d.a, d.b))
     }

@@ -799,8 +799,8 @@ impl Model {
                         Var::from_tensor(&kaiming_a(&mut rng, spec.r, inp, dt, &dev)?)?,
                         Var::zeros((out, spec.r), dt, &dev)?,
                     ),
-                    LoraInit::Pissa { .. } => {
-                        let (a, b) = lin.pissa_residual(spec.r, scale, spec.init, self.dtype)?;
+                    LoraInit::Pissa { niter } => {
+                        let (a, b) = lin.pissa_residual(spec.r, scale, niter, self.dtype)?;
                         (
                             Var::from_tensor(&a.to_dtype(dt)?)?,
                             Var::from_tensor(&b.to_dtype(dt)?)?,

@@ -332,7 +332,7 @@ pub fn export_adapter_cancellable(
     );
     stop_if(cancelled)?;
     let staged = stage(&dir)?;
-    let init = crate::engine::adapter::read_adapter(adapter, &Device::Cpu)?.init;
+    let (_, init) = crate::engine::adapter::read_adapter_config(adapter)?;
     if init == crate::engine::pissa::LoraInit::Default {
         card::write_adapter_folder(adapter, staged.dir(), preset, &base_name, progress)?;
     } else {
